@@ -1,0 +1,45 @@
+// Shared helpers for fastmeta's C++ kernels.
+#pragma once
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <limits>
+#include <vector>
+
+namespace fastmeta {
+
+// A tensor seen as `period` contiguous elements repeated over leading (broadcast) dims:
+// either a contiguous tensor of the full size (period == numel of the output), a contiguous
+// tensor of the trailing shape broadcast over leading dims (e.g. a meta-parameter [*shape]
+// expanded to [T, *shape]), or a single element (period == 1).
+struct Periodic {
+  at::Tensor base;   // contiguous storage that is read
+  int64_t period;    // out[j] reads base[j % period]
+};
+
+// FASTMETA_POISON=1 (tests): outputs are filled with NaN before a kernel writes them, so an
+// element the kernel forgets to write fails the comparison with the reference.
+inline bool poison_outputs() {
+  const char* v = std::getenv("FASTMETA_POISON");
+  return v != nullptr && v[0] == '1';
+}
+inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+  if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+// Materializes `t` expanded to `shape` in the cheapest periodic form.
+Periodic as_periodic(const at::Tensor& t, at::IntArrayRef shape);
+
+std::vector<at::Tensor> inner_update_scalar_cpu(at::TensorList params, at::TensorList grads, double lr);
+std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::TensorList grads, at::TensorList lrs);
+
+std::vector<at::Tensor> mlp_inner_loop_cpu(
+    const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+    at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
+
+}  // namespace fastmeta

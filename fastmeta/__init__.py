@@ -1,0 +1,19 @@
+"""fastmeta: fast MAML-style meta-learning for PyTorch.
+
+- ``MAML`` / ``MetaSGD``: drop-in replacements for learn2learn's, with the parameter update done in
+  one fused op call.
+- ``BatchedMAML``: a whole meta-batch of tasks (leading dim T) in one call, with exact
+  (second-order) meta-gradients.
+- ``explain(model)``: how a model is lowered; ``set_backend`` / ``use_backend``: backend choice.
+"""
+from .backend import BackendUnavailable, get_backend, set_backend, use_backend
+from .batched import BatchedMAML
+from .maml import MAML, MetaSGD, clone_module
+from .plan import UnsupportedModule, explain
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MAML", "MetaSGD", "BatchedMAML", "explain", "clone_module", "set_backend", "get_backend",
+    "use_backend", "BackendUnavailable", "UnsupportedModule", "__version__",
+]

@@ -1,0 +1,44 @@
+"""Argument checks shared by the ops and the public API. Each raises before any compute, with the
+argument's name and the shapes involved."""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+
+def tensor(name: str, t, dim: int | None = None, min_dim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if dim is not None and t.dim() != dim:
+        raise ValueError(f"{name}: expected {dim} dims, got shape {tuple(t.shape)}")
+    if min_dim is not None and t.dim() < min_dim:
+        raise ValueError(f"{name}: expected at least {min_dim} dims, got shape {tuple(t.shape)}")
+    return t
+
+
+def floating(name: str, t: torch.Tensor) -> None:
+    if not t.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")
+
+
+def same_device_dtype(names_tensors, what="tensors") -> None:
+    ref_name, ref = names_tensors[0]
+    for name, t in names_tensors[1:]:
+        if t.device != ref.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but {ref_name} has dtype {ref.dtype}")
+
+
+def lr_value(name: str, lr):
+    """A learning rate: a real number or a tensor (returned unchanged)."""
+    if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):
+        raise TypeError(f"{name}: expected a number or a tensor, got {type(lr).__name__}")
+    if isinstance(lr, torch.Tensor) and not lr.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {lr.dtype}")
+    return lr
+
+
+def shapes(ts) -> str:
+    return "[" + ", ".join(str(tuple(t.shape)) if t is not None else "None" for t in ts) + "]"

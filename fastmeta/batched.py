@@ -1,0 +1,219 @@
+"""BatchedMAML: a whole meta-batch of tasks in one call.
+
+    meta = fastmeta.BatchedMAML(model, inner_lr=0.01, inner_steps=5)
+    loss = meta(xs, ys, xq, yq)        # xs [T, K, ...], ys [T, K, ...], xq [T, Q, ...], yq [T, Q, ...]
+    loss.backward()                    # model.parameters() get the exact meta-gradient
+    opt.step()
+
+The loss is the mean over tasks of each task's query loss after ``inner_steps`` SGD steps on its
+support set, every step starting from the meta-parameters (MAML, Finn et al. 2017). Second order
+unless ``first_order``. ``learn_inner_lr=True`` learns one inner learning rate per parameter entry
+(Meta-SGD, Li et al. 2017), registered as parameters of this module.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import nn
+
+from . import _checks, ops, plan
+from .backend import select
+
+_LOSSES = ("mse", "cross_entropy")
+
+
+class BatchedMAML(nn.Module):
+    """MAML / Meta-SGD over a meta-batch with a leading task dim T (see module docstring).
+
+    Args:
+        model: the network; its parameters are the meta-parameters.
+        inner_lr: inner-loop learning rate (a number, or a tensor, e.g. a learnable scalar).
+        inner_steps: number of inner SGD steps (>= 0).
+        first_order: drop the second-order terms (FO-MAML).
+        loss: 'mse', 'cross_entropy', or a callable loss(pred, target) for one task's batch.
+        learn_inner_lr: Meta-SGD: per-parameter learned inner rates, initialised to inner_lr.
+        strict: raise if a module of ``model`` has no batched lowering instead of using vmap.
+        check_finite: raise if a support loss becomes non-finite during adaptation (syncs).
+    """
+
+    def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
+                 loss="mse", learn_inner_lr: bool = False, strict: bool = False,
+                 check_finite: bool = False):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        _checks.lr_value("inner_lr", inner_lr)
+        if isinstance(inner_lr, torch.Tensor) and inner_lr.numel() != 1:
+            raise ValueError(f"inner_lr: a tensor inner_lr must have one element, got shape "
+                             f"{tuple(inner_lr.shape)} (use learn_inner_lr=True for per-parameter rates)")
+        if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral):
+            raise TypeError(f"inner_steps: expected an int, got {type(inner_steps).__name__}")
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps: must be >= 0, got {inner_steps}")
+        if not (callable(loss) or loss in _LOSSES):
+            raise ValueError(f"loss: expected one of {_LOSSES} or a callable, got {loss!r}")
+        self.model = model
+        self.inner_steps = int(inner_steps)
+        self.first_order = bool(first_order)
+        self.loss = loss
+        self.strict = bool(strict)
+        self.check_finite = bool(check_finite)
+        self.program = plan.lower(model, strict=self.strict)
+        params = dict(model.named_parameters())
+        self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
+        if learn_inner_lr:
+            lr0 = float(inner_lr) if not isinstance(inner_lr, torch.Tensor) else float(inner_lr.detach())
+            self.lrs = nn.ParameterDict({
+                self._lr_key(n): nn.Parameter(torch.full_like(params[n].detach(), lr0))
+                for n in self._adapt_names})
+            self.inner_lr = None
+        else:
+            self.lrs = None
+            self.inner_lr = inner_lr
+
+    # -- helpers --------------------------------------------------------------------------------
+    @staticmethod
+    def _lr_key(name: str) -> str:
+        return name.replace(".", "__")
+
+    def _lr_list(self):
+        if self.lrs is not None:
+            return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
+        return self.inner_lr
+
+    def _meta_params(self) -> dict:
+        return dict(self.model.named_parameters())
+
+    def _task_loss(self, pred, target):
+        if self.loss == "mse":
+            return ops.mse(pred, target)
+        if self.loss == "cross_entropy":
+            T = pred.shape[0]
+            return ops.cross_entropy(pred.reshape(T, -1, pred.shape[-1]), target.reshape(T, -1))
+        from torch.func import vmap
+        out = vmap(self.loss)(pred, target)
+        if out.dim() != 1:
+            raise ValueError(f"loss: a callable loss must return a scalar per task, got shape "
+                             f"{tuple(out.shape[1:])} per task")
+        return out
+
+    def _check_batch(self, **named):
+        items = [(k, v) for k, v in named.items() if v is not None]
+        for k, v in items:
+            _checks.tensor(k, v, min_dim=2)
+        T = items[0][1].shape[0]
+        if any(v.shape[0] != T for _, v in items):
+            desc = ", ".join(f"{k} {tuple(v.shape)}" for k, v in items)
+            raise ValueError(f"BatchedMAML: the task dim T differs between {desc}")
+        pairs = [("xs", "ys"), ("xq", "yq")]
+        for a, b in pairs:
+            if a in named and b in named and named[a] is not None and named[b] is not None:
+                if named[a].shape[1] != named[b].shape[1]:
+                    raise ValueError(f"BatchedMAML: {a} {tuple(named[a].shape)} and {b} "
+                                     f"{tuple(named[b].shape)} differ in samples per task")
+        p = next(iter(self.model.parameters()), None)
+        for k, v in items:
+            is_target = k.startswith("y")
+            if p is not None and v.device != p.device:
+                raise ValueError(f"{k} is on {v.device} but the model's parameters are on {p.device}")
+            if is_target and self.loss == "cross_entropy":
+                if v.is_floating_point() or v.is_complex() or v.dtype == torch.bool:
+                    raise TypeError(f"{k}: cross_entropy needs integer class labels, got dtype {v.dtype}")
+            elif is_target and self.loss == "mse":
+                if p is not None and v.dtype != p.dtype:
+                    raise TypeError(f"{k} has dtype {v.dtype} but the model's parameters are {p.dtype}")
+            elif not is_target and v.is_floating_point() and p is not None and v.dtype != p.dtype:
+                raise TypeError(f"{k} has dtype {v.dtype} but the model's parameters are {p.dtype}")
+        return T
+
+    # -- the inner loop -------------------------------------------------------------------------
+    def _adapt(self, xs, ys, first_order: bool, create_graph: bool):
+        T = xs.shape[0]
+        P = {n: p.unsqueeze(0).expand(T, *p.shape) for n, p in self._meta_params().items()}
+        lr = self._lr_list()
+        names = self._adapt_names
+        for step in range(self.inner_steps):
+            if first_order or not create_graph:
+                probe = dict(P)
+                probe.update({n: P[n].detach().requires_grad_() for n in names})
+                losses = self._task_loss(self.program(probe, xs), ys)
+                grads = torch.autograd.grad(losses.sum(), [probe[n] for n in names], allow_unused=True)
+            else:
+                losses = self._task_loss(self.program(P, xs), ys)
+                grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=True,
+                                            allow_unused=True)
+            if self.check_finite:
+                bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+                if bad:
+                    raise ValueError(f"BatchedMAML: non-finite support loss at inner step {step} for "
+                                     f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
+            grads = [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
+            new = ops.inner_update([P[n] for n in names], grads, lr)
+            P.update(zip(names, new))
+        return P
+
+    def _fused_mlp_ok(self) -> bool:
+        spec = self.program.mlp
+        if spec is None or self.loss not in _LOSSES or self.check_finite:
+            return False
+        if isinstance(self.inner_lr, torch.Tensor):
+            return False
+        p = next(iter(self.model.parameters()))
+        # an explicitly requested backend that the op has but cannot run raises here, with the reason
+        return select("mlp_inner_loop", p.device.type) != "torch"
+
+    def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
+        """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
+        self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
+        with torch.enable_grad():
+            if self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3:
+                spec = self.program.mlp
+                params = self._meta_params()
+                lr = self._lr_list()
+                lr = lr if isinstance(lr, list) else float(lr)
+                return ops.mlp_inner_loop(xs, ys, xq, yq, [params[n] for n in spec.param_names], lr,
+                                          self.inner_steps, spec.activations, spec.negative_slope,
+                                          self.loss, self.first_order)
+            P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
+            return self._task_loss(self.program(P, xq), yq)
+
+    def forward(self, xs, ys, xq, yq) -> torch.Tensor:
+        """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
+        return self.task_losses(xs, ys, xq, yq).mean()
+
+    def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:
+        """Adapted per-task parameters, name -> [T, *shape] (non-adapted ones as broadcast views).
+
+        create_graph (default: not first_order and grad mode on) keeps the graph so that a loss
+        on the result can be backpropagated to the meta-parameters.
+        """
+        self._check_batch(xs=xs, ys=ys)
+        fo = self.first_order if first_order is None else bool(first_order)
+        if create_graph is None:
+            create_graph = (not fo) and torch.is_grad_enabled()
+        grad_on = torch.is_grad_enabled()
+        with torch.enable_grad():
+            P = self._adapt(xs, ys, fo, create_graph)
+        if not grad_on:
+            P = {n: t.detach() for n, t in P.items()}
+        return P
+
+    def predict(self, params: dict, x: torch.Tensor) -> torch.Tensor:
+        """The model's output [T, N, ...] on x [T, N, ...] with per-task params from adapt()."""
+        _checks.tensor("x", x, min_dim=2)
+        if not isinstance(params, dict):
+            raise TypeError(f"params: expected the dict returned by adapt(), got {type(params).__name__}")
+        missing = [n for n in self.program.names if n not in params]
+        if missing:
+            raise ValueError(f"params: missing {missing}")
+        for n in self.program.names:
+            if params[n].shape[0] != x.shape[0]:
+                raise ValueError(f"params[{n!r}] {tuple(params[n].shape)} has T={params[n].shape[0]} but "
+                                 f"x {tuple(x.shape)} has T={x.shape[0]}")
+        return self.program(params, x)
+
+    def extra_repr(self) -> str:
+        lr = "learned" if self.lrs is not None else self.inner_lr
+        return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
+                f"loss={self.loss if isinstance(self.loss, str) else 'callable'}")

@@ -1,0 +1,156 @@
+"""``python -m fastmeta.bench``: the provider x workload x order matrix through fastmeta.harness.
+
+Prints medians, the ratio of each provider's time to the naive loop's and to torch.compile's (how
+many times faster fastmeta-style rows are), peak memory (CUDA) and first-call time (compilation /
+JIT, reported separately). Sized for the machine: on a CPU the conv workload runs with fewer tasks.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+
+from . import harness as H
+
+DEFAULT_PROVIDERS = ["fastmeta", "maml", "loop", "vmap", "compile"]
+GPU_EXTRA = ["vmap_graph"]
+
+
+def _progress(i, n, label, t0):
+    width = 24
+    done = int(width * i / max(n, 1))
+    sys.stderr.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n} {time.perf_counter() - t0:6.1f}s {label:<40}")
+    sys.stderr.flush()
+
+
+def default_tasks(workload: str, device: str) -> int:
+    if device == "cuda":
+        return {"sine": 25, "omniglot": 32, "miniimagenet": 32}[workload]
+    return {"sine": 25, "omniglot": 8, "miniimagenet": 2}[workload]
+
+
+def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, reps=10, max_seconds=8.0,
+               progress=True, dtype=torch.float32):
+    # the naive loop runs first where present: it is the reference of every row's max rel err
+    providers = sorted(providers, key=lambda p: p != "loop")
+    jobs = [(w, o, p) for w in workloads for o in orders for p in providers]
+    results, t0 = [], time.perf_counter()
+    refs = {}
+    for i, (wname, order, prov) in enumerate(jobs):
+        if progress:
+            _progress(i, len(jobs), f"{wname}/{order}/{prov}", t0)
+        why = H.provider_available(prov, device)
+        T = tasks or default_tasks(wname, device)
+        w = H.make_workload(wname, tasks=T, steps=steps, device=device, dtype=dtype)
+        if why is not None:
+            results.append(H.Result(wname, order, prov, T, w.steps, None, None, None, 0, f"skipped: {why}"))
+            continue
+        r, grads = H.run_one(prov, w, order == "first", reps=reps, max_seconds=max_seconds,
+                             reference=refs.get((wname, order)))
+        if grads is not None and (wname, order) not in refs:
+            refs[(wname, order)] = [g.detach() for g in grads]
+        results.append(r)
+    if progress:
+        _progress(len(jobs), len(jobs), "done", t0)
+        sys.stderr.write("\n")
+    return results
+
+
+def table(results) -> str:
+    by = {(r.workload, r.order, r.provider): r for r in results}
+    rows = ["| workload | order | T | S | provider | median ms | x vs loop | x vs compile | first call ms | peak MB | max rel err |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        loop = by.get((r.workload, r.order, "loop"))
+        comp = by.get((r.workload, r.order, "compile"))
+        def ratio(base):
+            if base is None or base.median_ms is None or r.median_ms is None:
+                return "-"
+            return f"{base.median_ms / r.median_ms:.2f}"
+        med = f"{r.median_ms:.3f}" if r.median_ms is not None else (r.error or "-")
+        rows.append(f"| {r.workload} | {r.order} | {r.tasks} | {r.steps} | {r.provider} | {med} | {ratio(loop)} | "
+                    f"{ratio(comp)} | {r.first_call_ms:.0f} | " if r.median_ms is not None else
+                    f"| {r.workload} | {r.order} | {r.tasks} | {r.steps} | {r.provider} | {med} | - | - | - | ")
+        rows[-1] += (f"{r.peak_mem_mb:.1f}" if r.peak_mem_mb is not None else "-") + " | " + \
+            (f"{r.max_rel_err:.1e}" if r.max_rel_err is not None else "-") + " |"
+    return "\n".join(rows)
+
+
+def machine() -> str:
+    import platform
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:
+        tv = "none"
+    return (f"{dev}; {torch.get_num_threads()} threads; torch {torch.__version__}; triton {tv}; "
+            f"python {platform.python_version()}; {time.strftime('%Y-%m-%d')}")
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r.workload, r.order) for r in results})
+    fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.5), squeeze=False)
+    for ax, (w, o) in zip(axes[0], groups):
+        rows = [r for r in results if r.workload == w and r.order == o and r.median_ms]
+        loop = next((r.median_ms for r in rows if r.provider == "loop"), None)
+        if loop is None:
+            continue
+        ax.bar([r.provider for r in rows], [loop / r.median_ms for r in rows])
+        ax.set_yscale("log")
+        ax.set_title(f"{w} {o} order: x vs loop")
+        ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastmeta.bench", description=__doc__)
+    ap.add_argument("--workload", default=None, help="comma list of sine,omniglot,miniimagenet "
+                    "(default: sine,omniglot; miniimagenet on GPU too)")
+    ap.add_argument("--order", default="second,first", help="comma list of first,second")
+    ap.add_argument("--providers", default=None, help="comma list, e.g. fastmeta,fastmeta-torch,loop,vmap,compile")
+    ap.add_argument("--tasks", type=int, default=None, help="meta-batch size T (default: per workload/device)")
+    ap.add_argument("--steps", type=int, default=None, help="inner steps S (default: per workload)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--max-seconds", type=float, default=8.0, help="time budget per row")
+    ap.add_argument("--json", default=None, help="write the results as JSON to this file")
+    ap.add_argument("--plot", default=None, help="write a bar chart of ratios (needs matplotlib)")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    workloads = (args.workload.split(",") if args.workload else
+                 ["sine", "omniglot"] + (["miniimagenet"] if device == "cuda" else []))
+    orders = args.order.split(",")
+    for o in orders:
+        if o not in ("first", "second"):
+            ap.error(f"--order: expected first and/or second, got {o!r}")
+    providers = args.providers.split(",") if args.providers else \
+        DEFAULT_PROVIDERS + (GPU_EXTRA if device == "cuda" else [])
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    results = run_matrix(workloads, orders, providers, device, args.tasks, args.steps, args.reps,
+                         args.max_seconds, progress=not args.no_progress)
+    print(f"machine: {machine()}")
+    print(table(results))
+    if args.json:
+        import dataclasses
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine(), "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
+    if args.plot:
+        plot(results, args.plot)
+    failed = [r for r in results if r.error and not r.error.startswith("skipped")]
+    return 1 if failed and all(r.median_ms is None for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""The one timing harness behind ``python -m fastmeta.bench``, the pytest-benchmark suites in
+benchmarks/ and ``python -m fastmeta.profile``: workloads, providers and a synchronizing timer.
+
+A provider turns a workload into ``step() -> list[Tensor]``: one meta-iteration (inner loops of all
+tasks, query losses, meta-gradient), returning the meta-gradient of the model's parameters (the
+mean over tasks of each task's query-loss gradient). Providers:
+
+  fastmeta[-<backend>]  BatchedMAML (backend auto or forced)
+  maml                  fastmeta.MAML driven like learn2learn (clone/adapt per task)
+  loop                  the naive per-task loop with autograd.grad(create_graph=True)
+  l2l, higher           learn2learn / higher loops, when installed
+  vmap                  torch.func vmap over tasks of grad-based inner loops
+  compile               torch.compile(vmap(grad)) of the same function
+  vmap_graph            the vmap meta-step captured in a CUDA graph (CUDA only)
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+# ---------------------------------------------------------------------------------------------
+# Workloads (Finn et al. 2017 shapes)
+# ---------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    xs: torch.Tensor
+    ys: torch.Tensor
+    xq: torch.Tensor
+    yq: torch.Tensor
+    inner_lr: float
+    steps: int
+    loss: str
+
+    @property
+    def tasks(self):
+        return self.xs.shape[0]
+
+    def loss_fn(self, pred, target):
+        if self.loss == "mse":
+            return F.mse_loss(pred, target)
+        return F.cross_entropy(pred, target)
+
+
+def sine_mlp(hidden=40):
+    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, 1))
+
+
+def conv4(in_ch, channels, ways, image):
+    blocks, c = [], in_ch
+    for _ in range(4):
+        blocks += [nn.Conv2d(c, channels, 3, padding=1), nn.BatchNorm2d(channels, track_running_stats=False),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+        c = channels
+    side = image
+    for _ in range(4):
+        side //= 2
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels * side * side, ways))
+
+
+def make_workload(name: str, tasks: int | None = None, steps: int | None = None, device="cpu",
+                  dtype=torch.float32, seed: int = 0, hidden: int = 40) -> Workload:
+    """sine (1-40-40-1, K=Q=10, T=25, S=5, lr 0.01), omniglot (conv4 64ch 1x28x28 5-way 1-shot,
+    15 query/class, T=32, S=1, lr 0.4) or miniimagenet (conv4 32ch 3x84x84 5-way 5-shot, 15 query,
+    T=32, S=5, lr 0.01). Data are random draws of the right shapes (sine: real sine tasks)."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    if name == "sine":
+        T, S = tasks or 25, 5 if steps is None else steps
+        amp = torch.rand(T, 1, 1, generator=g) * 4.9 + 0.1
+        phase = torch.rand(T, 1, 1, generator=g) * torch.pi
+        xs = torch.rand(T, 10, 1, generator=g) * 10 - 5
+        xq = torch.rand(T, 10, 1, generator=g) * 10 - 5
+        ys, yq = amp * torch.sin(xs - phase), amp * torch.sin(xq - phase)
+        model, lr, loss = sine_mlp(hidden), 0.01, "mse"
+    elif name in ("omniglot", "miniimagenet"):
+        if name == "omniglot":
+            T, S, C, side, ch, shots, lr = tasks or 32, 1 if steps is None else steps, 1, 28, 64, 1, 0.4
+        else:
+            T, S, C, side, ch, shots, lr = tasks or 32, 5 if steps is None else steps, 3, 84, 32, 5, 0.01
+        ways, query = 5, 15
+        xs = torch.randn(T, ways * shots, C, side, side, generator=g)
+        xq = torch.randn(T, ways * query, C, side, side, generator=g)
+        ys = torch.arange(ways).repeat_interleave(shots).expand(T, -1).contiguous()
+        yq = torch.arange(ways).repeat_interleave(query).expand(T, -1).contiguous()
+        model, loss = conv4(C, ch, ways, side), "cross_entropy"
+    else:
+        raise ValueError(f"workload: expected 'sine', 'omniglot' or 'miniimagenet', got {name!r}")
+    model = model.to(device=device, dtype=dtype)
+    cast = lambda t: t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)  # noqa: E731
+    return Workload(name, model, cast(xs), cast(ys), cast(xq), cast(yq), lr, S, loss)
+
+
+# ---------------------------------------------------------------------------------------------
+# Providers
+# ---------------------------------------------------------------------------------------------
+def _params(w: Workload):
+    return [p for p in w.model.parameters()]
+
+
+def _fastmeta(w: Workload, first_order: bool, backend: str | None = None):
+    import fastmeta
+
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss)
+    params = _params(w)
+
+    def step():
+        with fastmeta.use_backend(backend):
+            loss = meta(w.xs, w.ys, w.xq, w.yq)
+            return list(torch.autograd.grad(loss, params))
+    return step
+
+
+def _loop(w: Workload, first_order: bool):
+    from torch.func import functional_call
+
+    names = [n for n, _ in w.model.named_parameters()]
+    params = _params(w)
+
+    def step():
+        total = 0.0
+        for t in range(w.tasks):
+            p = dict(zip(names, params))
+            for _ in range(w.steps):
+                loss = w.loss_fn(functional_call(w.model, p, (w.xs[t],)), w.ys[t])
+                g = torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
+                p = {n: v - w.inner_lr * gi for (n, v), gi in zip(p.items(), g)}
+            total = total + w.loss_fn(functional_call(w.model, p, (w.xq[t],)), w.yq[t])
+        return list(torch.autograd.grad(total / w.tasks, params))
+    return step
+
+
+def _maml(w: Workload, first_order: bool):
+    import fastmeta
+
+    maml = fastmeta.MAML(w.model, lr=w.inner_lr, first_order=first_order)
+    return _clone_adapt_loop(w, maml)
+
+
+def _l2l(w: Workload, first_order: bool):
+    import learn2learn as l2l
+
+    return _clone_adapt_loop(w, l2l.algorithms.MAML(w.model, lr=w.inner_lr, first_order=first_order))
+
+
+def _clone_adapt_loop(w: Workload, maml):
+    params = _params(w)
+
+    def step():
+        total = 0.0
+        for t in range(w.tasks):
+            learner = maml.clone()
+            for _ in range(w.steps):
+                learner.adapt(w.loss_fn(learner(w.xs[t]), w.ys[t]))
+            total = total + w.loss_fn(learner(w.xq[t]), w.yq[t])
+        return list(torch.autograd.grad(total / w.tasks, params))
+    return step
+
+
+def _higher(w: Workload, first_order: bool):
+    import higher
+
+    params = _params(w)
+    opt = torch.optim.SGD(w.model.parameters(), lr=w.inner_lr)
+
+    def step():
+        total = 0.0
+        for t in range(w.tasks):
+            with higher.innerloop_ctx(w.model, opt, copy_initial_weights=False,
+                                      track_higher_grads=not first_order) as (fmodel, diffopt):
+                for _ in range(w.steps):
+                    diffopt.step(w.loss_fn(fmodel(w.xs[t]), w.ys[t]))
+                total = total + w.loss_fn(fmodel(w.xq[t]), w.yq[t])
+        return list(torch.autograd.grad(total / w.tasks, params))
+    return step
+
+
+def _vmap_meta_grad_fn(w: Workload, first_order: bool):
+    """A pure function params -> meta-gradient, built from torch.func transforms."""
+    from torch.func import functional_call, grad, vmap
+
+    model = w.model
+    buffers = dict(model.named_buffers())
+
+    def loss_at(p, x, y):
+        out = functional_call(model, (p, buffers), (x.unsqueeze(0) if False else x,))
+        return w.loss_fn(out, y)
+
+    def task_loss(p, xs, ys, xq, yq):
+        for _ in range(w.steps):
+            probe = {n: v.detach() for n, v in p.items()} if first_order else p
+            g = grad(loss_at)(probe, xs, ys)
+            p = {n: p[n] - w.inner_lr * g[n] for n in p}
+        return loss_at(p, xq, yq)
+
+    def meta_loss(p, xs, ys, xq, yq):
+        return vmap(task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(p, xs, ys, xq, yq).mean()
+
+    return grad(meta_loss)
+
+
+def _vmap(w: Workload, first_order: bool):
+    fn = _vmap_meta_grad_fn(w, first_order)
+    names = [n for n, _ in w.model.named_parameters()]
+    p = {n: v.detach() for n, v in w.model.named_parameters()}
+
+    def step():
+        g = fn(p, w.xs, w.ys, w.xq, w.yq)
+        return [g[n] for n in names]
+    return step
+
+
+def _compile(w: Workload, first_order: bool):
+    fn = torch.compile(_vmap_meta_grad_fn(w, first_order))
+    names = [n for n, _ in w.model.named_parameters()]
+    p = {n: v.detach() for n, v in w.model.named_parameters()}
+
+    def step():
+        g = fn(p, w.xs, w.ys, w.xq, w.yq)
+        return [g[n] for n in names]
+    return step
+
+
+def _vmap_graph(w: Workload, first_order: bool):
+    if w.xs.device.type != "cuda":
+        raise RuntimeError("vmap_graph needs CUDA tensors")
+    fn = _vmap_meta_grad_fn(w, first_order)
+    names = [n for n, _ in w.model.named_parameters()]
+    p = {n: v.detach().clone() for n, v in w.model.named_parameters()}
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(p, w.xs, w.ys, w.xq, w.yq)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn(p, w.xs, w.ys, w.xq, w.yq)
+
+    def step():
+        graph.replay()
+        return [out[n] for n in names]
+    return step
+
+
+PROVIDERS: dict[str, Callable] = {
+    "fastmeta": _fastmeta, "maml": _maml, "loop": _loop, "l2l": _l2l, "higher": _higher,
+    "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
+}
+
+
+def provider_available(name: str, device: str) -> str | None:
+    """None if provider ``name`` can run on ``device``, else why not."""
+    base = name.split("-")[0]
+    if base not in PROVIDERS:
+        return f"unknown provider {name!r}"
+    if base == "l2l" and importlib.util.find_spec("learn2learn") is None:
+        return "learn2learn not installed"
+    if base == "higher" and importlib.util.find_spec("higher") is None:
+        return "higher not installed"
+    if base == "vmap_graph" and device != "cuda":
+        return "CUDA graphs need a GPU"
+    if base == "fastmeta" and "-" in name:
+        from .backend import why_unavailable
+        return why_unavailable(name.split("-", 1)[1], device)
+    return None
+
+
+def make_step(name: str, w: Workload, first_order: bool):
+    base, _, backend = name.partition("-")
+    if base == "fastmeta":
+        return _fastmeta(w, first_order, backend or None)
+    return PROVIDERS[base](w, first_order)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_step(step, device="cpu", warmup: int = 2, reps: int = 10, max_seconds: float = 10.0):
+    """Median and all wall times (ms) of step(), synchronized on CUDA; reps shrink to fit max_seconds."""
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    times = []
+    budget_end = time.perf_counter() + max_seconds
+    for i in range(reps):
+        t0 = time.perf_counter()
+        step()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+        if time.perf_counter() > budget_end and i >= 2:
+            break
+    return statistics.median(times), times
+
+
+def max_rel_err(got, want) -> float:
+    """Largest per-tensor relative error; a tensor whose true value is (near) zero (e.g. a conv
+    bias cancelled by BatchNorm) is measured against 1e-2 of the whole gradient's norm instead."""
+    total = float(torch.sqrt(sum((w.double() ** 2).sum() for w in want)))
+    errs = []
+    for g, w in zip(got, want):
+        scale = max(float(w.double().norm()), 1e-2 * total, 1e-30)
+        errs.append(float((g.double() - w.double()).norm()) / scale)
+    return max(errs)
+
+
+@dataclasses.dataclass
+class Result:
+    workload: str
+    order: str
+    provider: str
+    tasks: int
+    steps: int
+    median_ms: float | None
+    first_call_ms: float | None
+    peak_mem_mb: float | None
+    reps: int
+    error: str | None = None
+    max_rel_err: float | None = None
+
+
+def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_seconds=10.0,
+            reference=None) -> tuple[Result, list | None]:
+    """Builds and times one provider; first_call_ms includes compilation (torch.compile, JIT)."""
+    device = w.xs.device.type
+    order = "first" if first_order else "second"
+    try:
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base_mem = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        step = make_step(name, w, first_order)
+        grads = step()
+        _sync(device)
+        first = (time.perf_counter() - t0) * 1e3
+        med, times = time_step(step, device, warmup=max(warmup - 1, 0), reps=reps, max_seconds=max_seconds)
+        peak = None
+        if device == "cuda":
+            peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        err = None if reference is None else max_rel_err(grads, reference)
+        return Result(w.name, order, name, w.tasks, w.steps, med, first, peak, len(times), None, err), grads
+    except Exception as e:  # reported in the table, never hidden
+        return Result(w.name, order, name, w.tasks, w.steps, None, None, None, 0,
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"), None

@@ -1,0 +1,215 @@
+"""Drop-in replacements for learn2learn 0.2.0's ``algorithms.MAML`` and ``algorithms.MetaSGD``.
+
+Same constructor signatures, methods and semantics:
+
+    maml = fastmeta.MAML(model, lr=0.5, first_order=False)
+    for task in tasks:
+        learner = maml.clone()             # a differentiable copy sharing the graph with model
+        learner.adapt(loss(learner(xs), ys))
+        loss(learner(xq), yq).backward()   # meta-gradient lands in model's parameters' .grad
+
+``clone()`` copies the module structure with every parameter replaced by ``p.clone()`` (so 2nd-order
+meta-gradients reach the original parameters); a parameter shared by several submodules stays
+shared; buffers are shared with the original unless they require grad (then cloned). ``adapt()``
+takes the gradient of ``loss`` w.r.t. all parameters (only those requiring grad with
+``allow_nograd``; unused ones allowed with ``allow_unused``) and replaces each parameter ``p`` by
+``p - lr * g``, for all of them in one call of the ``inner_update`` op. Parameters whose gradient is
+None are left as they are. Attributes not found on the wrapper are looked up on the wrapped module.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import _checks, ops
+
+
+class BaseLearner(nn.Module):
+    """Wraps ``module``; unknown attributes are forwarded to it."""
+
+    def __init__(self, module: nn.Module | None = None):
+        super().__init__()
+        self.module = module
+
+    def __getattr__(self, attr):
+        try:
+            return super().__getattr__(attr)
+        except AttributeError:
+            return getattr(self.__dict__["_modules"]["module"], attr)
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+
+def clone_module(module, memo: dict | None = None):
+    """A copy of ``module`` whose parameters are differentiable clones of the original ones.
+
+    Tensors shared by several places (parameters, grad-requiring buffers) stay shared in the copy;
+    buffers that do not require grad are the original tensors.
+    """
+    if memo is None:
+        memo = {}
+    if not isinstance(module, nn.Module):
+        return module
+    if id(module) in memo:
+        return memo[id(module)]
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = module._parameters.copy()
+    clone._buffers = module._buffers.copy()
+    clone._modules = module._modules.copy()
+    memo[id(module)] = clone
+    for key, p in module._parameters.items():
+        if p is not None:
+            if id(p) not in memo:
+                memo[id(p)] = p.clone()
+            clone._parameters[key] = memo[id(p)]
+    for key, b in module._buffers.items():
+        if b is not None and b.requires_grad:
+            if id(b) not in memo:
+                memo[id(b)] = b.clone()
+            clone._buffers[key] = memo[id(b)]
+    for key, m in module._modules.items():
+        clone._modules[key] = clone_module(m, memo)
+    if hasattr(clone, "flatten_parameters"):
+        clone = clone._apply(lambda x: x)
+    return clone
+
+
+def _replace_params(module: nn.Module, new: dict, seen: set) -> None:
+    """Swaps every parameter tensor t of the module tree for new[id(t)] where present."""
+    if id(module) in seen:
+        return
+    seen.add(id(module))
+    for key, p in module._parameters.items():
+        if p is not None and id(p) in new:
+            module._parameters[key] = new[id(p)]
+    for m in module._modules.values():
+        if m is not None:
+            _replace_params(m, new, seen)
+    if hasattr(module, "flatten_parameters"):
+        module._apply(lambda x: x)
+
+
+def update_module(module: nn.Module, params: list, grads: list, lr) -> nn.Module:
+    """In the module tree, replaces each parameter p with a gradient g by p - lr * g (one op call).
+
+    lr: a number or tensor for all parameters, or a list with one rate per parameter (Meta-SGD).
+    """
+    idx = [i for i, g in enumerate(grads) if g is not None]
+    if not idx:
+        return module
+    per_param = isinstance(lr, (list, tuple))
+    updated = ops.inner_update([params[i] for i in idx], [grads[i] for i in idx],
+                               [lr[i] for i in idx] if per_param else lr)
+    _replace_params(module, {id(params[i]): u for i, u in zip(idx, updated)}, set())
+    return module
+
+
+def _gradients(loss, module, second_order, allow_unused, allow_nograd, who):
+    params = list(module.parameters())
+    if allow_nograd:
+        diff = [p for p in params if p.requires_grad]
+        got = torch.autograd.grad(loss, diff, retain_graph=second_order, create_graph=second_order,
+                                  allow_unused=allow_unused) if diff else []
+        it = iter(got)
+        return params, [next(it) if p.requires_grad else None for p in params]
+    frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+    if frozen:
+        raise RuntimeError(f"{who}.adapt: parameter(s) at position(s) {frozen} do not require grad; "
+                           "pass allow_nograd=True to leave them unadapted")
+    try:
+        grads = torch.autograd.grad(loss, params, retain_graph=second_order, create_graph=second_order,
+                                    allow_unused=allow_unused)
+    except RuntimeError as e:
+        raise RuntimeError(f"{who}.adapt: {e} (maybe pass allow_unused=True and/or allow_nograd=True)") from e
+    return params, list(grads)
+
+
+class MAML(BaseLearner):
+    """learn2learn-compatible MAML (Finn et al. 2017): ``clone()`` then ``adapt(loss)``.
+
+    Args:
+        model: the module to meta-learn.
+        lr: the inner (fast-adaptation) learning rate, a number or a tensor.
+        first_order: use the first-order approximation in adapt().
+        allow_unused: allow parameters that the loss does not use (default: allow_nograd).
+        allow_nograd: leave parameters with requires_grad=False unadapted instead of raising.
+    """
+
+    def __init__(self, model: nn.Module, lr, first_order: bool = False, allow_unused=None,
+                 allow_nograd: bool = False):
+        super().__init__(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        _checks.lr_value("lr", lr)
+        self.lr = lr
+        self.first_order = first_order
+        self.allow_nograd = allow_nograd
+        self.allow_unused = allow_nograd if allow_unused is None else allow_unused
+
+    def adapt(self, loss, first_order=None, allow_unused=None, allow_nograd=None):
+        """One inner SGD step on ``loss``, in place on this learner's module."""
+        first_order = self.first_order if first_order is None else first_order
+        allow_unused = self.allow_unused if allow_unused is None else allow_unused
+        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        _checks.tensor("loss", loss)
+        if loss.numel() != 1:
+            raise ValueError(f"loss: expected a scalar, got shape {tuple(loss.shape)}")
+        params, grads = _gradients(loss, self.module, not first_order, allow_unused, allow_nograd, "MAML")
+        self.module = update_module(self.module, params, grads, self.lr)
+
+    def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
+        """A MAML learner around a differentiable copy of the module (see clone_module)."""
+        return MAML(clone_module(self.module), lr=self.lr,
+                    first_order=self.first_order if first_order is None else first_order,
+                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+
+
+class MetaSGD(BaseLearner):
+    """learn2learn-compatible Meta-SGD (Li et al. 2017): MAML with a learned rate per parameter entry.
+
+    Args:
+        model: the module to meta-learn.
+        lr: initial value of every learned rate.
+        first_order: use the first-order approximation in adapt().
+        lrs: the rates to use (one tensor per parameter); default: new parameters filled with lr.
+    """
+
+    def __init__(self, model: nn.Module, lr=1.0, first_order: bool = False, lrs=None):
+        super().__init__(model)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        _checks.lr_value("lr", lr)
+        if lrs is None:
+            lrs = nn.ParameterList([nn.Parameter(torch.ones_like(p) * lr) for p in model.parameters()])
+        else:
+            params = list(model.parameters())
+            if len(lrs) != len(params):
+                raise ValueError(f"lrs: {len(lrs)} rates for {len(params)} parameters")
+            for i, (l, p) in enumerate(zip(lrs, params)):
+                if not isinstance(l, torch.Tensor):
+                    raise TypeError(f"lrs[{i}]: expected a tensor, got {type(l).__name__}")
+                try:
+                    torch.broadcast_shapes(l.shape, p.shape)
+                except RuntimeError:
+                    raise ValueError(f"lrs[{i}] {tuple(l.shape)} does not broadcast to parameter "
+                                     f"{tuple(p.shape)}") from None
+        self.lrs = lrs
+        self.first_order = first_order
+
+    def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
+        """A MetaSGD learner around a differentiable copy of the module and of the rates."""
+        return MetaSGD(clone_module(self.module), lrs=[l.clone() for l in self.lrs],
+                       first_order=self.first_order if first_order is None else first_order)
+
+    def adapt(self, loss, first_order=None, allow_unused=None, allow_nograd=None):
+        """One inner step theta <- theta - lrs * grad(loss), in place on this learner's module."""
+        first_order = self.first_order if first_order is None else first_order
+        _checks.tensor("loss", loss)
+        if loss.numel() != 1:
+            raise ValueError(f"loss: expected a scalar, got shape {tuple(loss.shape)}")
+        params, grads = _gradients(loss, self.module, not first_order, bool(allow_unused),
+                                   bool(allow_nograd), "MetaSGD")
+        self.module = update_module(self.module, params, grads, list(self.lrs))

@@ -1,0 +1,179 @@
+"""``mlp_inner_loop``: the whole MAML inner loop of an MLP for T tasks, and its meta-gradient.
+
+    losses = mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope,
+                            loss, first_order)                                   -> [T]
+
+xs [T, K, I], xq [T, Q, I]; ys, yq [T, K, O] float (loss='mse') or [T, K] integer labels
+(loss='cross_entropy'); params = [W_1 [d_1, d_0], b_1 [d_1], ..., W_L, b_L] (the meta-parameters,
+shared by all tasks); lr a real number or one tensor per parameter of its shape (Meta-SGD);
+activations[l] in (None, 'relu', 'leaky_relu', 'tanh', 'sigmoid') after layer l.
+
+For each task: S steps theta <- theta - lr * grad L_support(theta) from the meta-parameters, then
+the query loss L_query(theta_S), returned per task. Backward gives the exact meta-gradient
+d L_query / d theta_0 (second order, or first order) and d L_query / d lr.
+
+The ``cpp`` backend returns the meta-gradient directly from one C++ call (reverse pass over the
+steps with closed-form Hessian-vector products, csrc/mlp_inner_loop.cpp); it is therefore
+differentiable once only. The reference, ``mlp_inner_loop_ref``, unrolls the loop with autograd
+and is differentiable to any order.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from .. import _checks
+from ..backend import register_op, select
+from .batched_linear import ACTIVATIONS, batched_linear_ref
+from .task_loss import cross_entropy_ref, mse_ref
+
+IMPLEMENTED = ("torch", "cpp")
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
+_ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+_LOSS_CODE = {"mse": 0, "cross_entropy": 1}
+
+
+def _mlp(x, params, activations, negative_slope):
+    for l, act in enumerate(activations):
+        x = batched_linear_ref(x, params[2 * l], params[2 * l + 1], act, negative_slope)
+    return x
+
+
+def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
+                       loss="mse", first_order=False):
+    """Pure-PyTorch reference: the inner loop unrolled under autograd. Returns the query losses [T]."""
+    loss_fn = mse_ref if loss == "mse" else cross_entropy_ref
+    T = xs.shape[0]
+    theta = [p.unsqueeze(0).expand(T, *p.shape) for p in params]
+    with torch.enable_grad():
+        for _ in range(steps):
+            if first_order:
+                probe = [t.detach().requires_grad_() for t in theta]
+                total = loss_fn(_mlp(xs, probe, activations, negative_slope), ys).sum()
+                grads = torch.autograd.grad(total, probe)
+            else:
+                total = loss_fn(_mlp(xs, theta, activations, negative_slope), ys).sum()
+                grads = torch.autograd.grad(total, theta, create_graph=True)
+            if isinstance(lr, (list, tuple)):
+                theta = [t - l * g for t, l, g in zip(theta, lr, grads)]
+            else:
+                theta = [t - lr * g for t, g in zip(theta, grads)]
+        return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
+
+
+_registered = False
+
+
+def _register_cpp():
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake("fastmeta::mlp_inner_loop")
+    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
+        T = xs.shape[0]
+        outs = [xs.new_empty(T)]
+        outs += [xs.new_empty(T, *p.shape) for p in params]
+        if need_lr_grad:
+            outs += [xs.new_empty(T, *p.shape) for p in params]
+        return outs
+
+    def setup(ctx, inputs, output):
+        params, lrs = inputs[4], inputs[5]
+        ctx.n = len(params)
+        ctx.n_lrs = len(lrs)
+        ctx.need_lr_grad = inputs[12]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, grad_outs):
+        if torch.is_grad_enabled():  # create_graph=True: a derivative of the meta-gradient is wanted
+            raise RuntimeError("fastmeta::mlp_inner_loop returns the meta-gradient directly and is "
+                               "differentiable once only; use fastmeta.use_backend('torch') for "
+                               "higher-order derivatives of the meta-loss")
+        go = grad_outs[0]
+        saved = ctx.saved_tensors
+        def reduce(d):
+            return torch.tensordot(go.to(d.dtype), d, dims=([0], [0]))
+        dparams = [reduce(d) for d in saved[: ctx.n]]
+        if ctx.need_lr_grad:
+            dlrs = [reduce(d) for d in saved[ctx.n:]]
+        else:
+            dlrs = [None] * ctx.n_lrs
+        return (None, None, None, None, dparams, dlrs) + (None,) * 7
+
+    torch.library.register_autograd("fastmeta::mlp_inner_loop", backward, setup_context=setup)
+
+
+def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
+    for name, t in (("xs", xs), ("xq", xq)):
+        _checks.tensor(name, t, dim=3)
+        _checks.floating(name, t)
+    if loss not in _LOSS_CODE:
+        raise ValueError(f"mlp_inner_loop: loss must be 'mse' or 'cross_entropy', got {loss!r}")
+    T = xs.shape[0]
+    for name, t in (("ys", ys), ("xq", xq), ("yq", yq)):
+        _checks.tensor(name, t)
+        if t.shape[0] != T:
+            raise ValueError(f"mlp_inner_loop: {name} {tuple(t.shape)} has T={t.shape[0]} but xs "
+                             f"{tuple(xs.shape)} has T={T}")
+    if not isinstance(params, (list, tuple)) or len(params) == 0 or len(params) % 2:
+        raise ValueError("mlp_inner_loop: params must be a list [W_1, b_1, ..., W_L, b_L]")
+    if len(activations) != len(params) // 2:
+        raise ValueError(f"mlp_inner_loop: {len(activations)} activations for {len(params) // 2} layers")
+    for a in activations:
+        if a not in ACTIVATIONS:
+            raise ValueError(f"mlp_inner_loop: activation {a!r} not in {ACTIVATIONS}")
+    width = xs.shape[2]
+    for l in range(len(params) // 2):
+        W, b = params[2 * l], params[2 * l + 1]
+        if W.dim() != 2 or W.shape[1] != width or b.shape != (W.shape[0],):
+            raise ValueError(f"mlp_inner_loop: layer {l} has W {tuple(W.shape)}, b {tuple(b.shape)}; "
+                             f"expected W [O, {width}], b [O]")
+        _checks.same_device_dtype([("xs", xs), (f"params[{2 * l}]", W), (f"params[{2 * l + 1}]", b)])
+        width = W.shape[0]
+    if loss == "mse":
+        for name, y, x in (("ys", ys, xs), ("yq", yq, xq)):
+            if tuple(y.shape) != (x.shape[0], x.shape[1], width):
+                raise ValueError(f"mlp_inner_loop: {name} {tuple(y.shape)} must be "
+                                 f"[T, {x.shape[1]}, {width}] for mse")
+    else:
+        for name, y, x in (("ys", ys, xs), ("yq", yq, xq)):
+            if y.is_floating_point() or tuple(y.shape) != tuple(x.shape[:2]):
+                raise ValueError(f"mlp_inner_loop: {name} {tuple(y.shape)} ({y.dtype}) must be integer "
+                                 f"labels [T, {x.shape[1]}] for cross_entropy")
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != len(params) or any(tuple(l.shape) != tuple(p.shape) for l, p in zip(lr, params)):
+            raise ValueError(f"mlp_inner_loop: per-parameter lr shapes {_checks.shapes(lr)} must equal "
+                             f"the params' {_checks.shapes(params)}")
+    elif not isinstance(lr, numbers.Real) or isinstance(lr, bool):
+        raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got {type(lr).__name__}")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"mlp_inner_loop: steps must be an int >= 0, got {steps!r}")
+
+
+def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
+                   loss="mse", first_order=False):
+    """Query losses [T] after the inner loop; backward is the exact meta-gradient (see module doc)."""
+    _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+    if loss == "cross_entropy":
+        C = params[-2].shape[0]
+        for name, y in (("ys", ys), ("yq", yq)):
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+                raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+    backend = select("mlp_inner_loop", xs.device.type)
+    if backend == "torch":
+        return mlp_inner_loop_ref(xs, ys, xq, yq, list(params), lr, steps, activations,
+                                  negative_slope, loss, first_order)
+    _register_cpp()
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else []
+    need_lr_grad = any(l.requires_grad for l in lrs) and torch.is_grad_enabled()
+    y_cast = (lambda y: y.long()) if loss == "cross_entropy" else (lambda y: y)
+    outs = torch.ops.fastmeta.mlp_inner_loop(
+        xs, y_cast(ys), xq, y_cast(yq), list(params), lrs, float(lr) if not lrs else 0.0, steps,
+        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss],
+        bool(first_order), need_lr_grad)
+    return outs[0]

@@ -1,0 +1,263 @@
+"""The planner: lowers an ``nn.Module`` into a batched per-task program.
+
+A program maps per-task parameters P (name -> [T, *shape], at step 0 broadcast views of the
+meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], using fastmeta's
+batched ops. (Nested) ``nn.Sequential``s of Linear, Conv2d, BatchNorm1d/2d, ReLU, LeakyReLU, Tanh,
+Sigmoid, MaxPool2d, AvgPool2d, Flatten and Identity are lowered module by module; a Linear followed
+by an activation becomes one fused ``batched_linear``. Any other module runs through a
+``torch.func`` vmap of ``functional_call`` over the task dim (exact, but slower and heavier); a model
+that is not a Sequential runs that way as a whole. ``explain(model)`` says which path each module
+takes and why; ``lower(model, strict=True)`` raises instead of falling back.
+
+BatchNorm uses per-task (transductive) batch statistics when the module is in training mode or
+keeps no running statistics, as MAML does; in eval mode with running statistics it uses those.
+Running statistics are not updated by batched programs.
+
+An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid /
+Identity, all parameters trainable and unshared) is also recorded as an ``MLPSpec``, which lets
+BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op.
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import ops
+
+_ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+
+
+class UnsupportedModule(TypeError):
+    """Raised by strict lowering when a module has no batched lowering."""
+
+
+@dataclasses.dataclass
+class Step:
+    path: str                    # dotted module path ('' for the whole model)
+    kind: str                    # what it lowers to, for explain()
+    run: Callable                # (x, P) -> x
+    fallback: str | None = None  # reason when this step is a vmap fallback
+
+
+@dataclasses.dataclass
+class MLPSpec:
+    param_names: list            # [W_1, b_1, ..., W_L, b_L] canonical names
+    activations: list            # per layer
+    negative_slope: float
+
+
+@dataclasses.dataclass
+class Program:
+    steps: list
+    names: list                  # canonical parameter names, model.named_parameters() order
+    mlp: MLPSpec | None
+    mlp_reason: str              # why the fused MLP path does or does not apply
+
+    def __call__(self, P: dict, x: torch.Tensor) -> torch.Tensor:
+        for step in self.steps:
+            x = step.run(x, P)
+        return x
+
+    @property
+    def fallbacks(self):
+        return [s for s in self.steps if s.fallback]
+
+
+def _canonical_names(model: nn.Module) -> dict:
+    """id(parameter) -> its first name in model.named_parameters() (shared ones map to one name)."""
+    return {id(p): n for n, p in model.named_parameters()}
+
+
+def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
+    from torch.func import functional_call, vmap
+
+    rel = {n: canon[id(p)] for n, p in module.named_parameters(remove_duplicate=False)}
+
+    def run(x, P):
+        def one(params, xt):
+            return functional_call(module, params, (xt,))
+        sub = {n: P[c] for n, c in rel.items()}
+        return vmap(one, randomness="different")(sub, x)
+
+    return Step(path, f"vmap({type(module).__name__})", run, fallback=reason)
+
+
+def _flatten_dims(m: nn.Flatten, path: str):
+    if m.start_dim == 0 or (m.start_dim < 0 and m.end_dim >= 0):
+        return None
+    start = m.start_dim + 1 if m.start_dim > 0 else m.start_dim
+    end = m.end_dim + 1 if m.end_dim >= 0 else m.end_dim
+    return start, end
+
+
+def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
+    """(Step, consumed_next) for a leaf module, or (None, reason) when it has no lowering."""
+    name = lambda p: canon[id(p)]  # noqa: E731
+    if isinstance(m, nn.Linear):
+        act, slope, consumed = None, 0.01, False
+        if nxt is not None and type(nxt) in _ACT_MODULES:
+            act, consumed = _ACT_MODULES[type(nxt)], True
+            slope = getattr(nxt, "negative_slope", 0.01)
+        w, b = name(m.weight), (name(m.bias) if m.bias is not None else None)
+
+        def run(x, P, w=w, b=b, act=act, slope=slope):
+            shape = x.shape
+            y = ops.batched_linear(x.reshape(shape[0], -1, shape[-1]), P[w], P[b] if b else None, act, slope)
+            return y.reshape(*shape[:-1], y.shape[-1])
+        return Step(path, "batched_linear" + (f"+{act}" if act else ""), run), consumed
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != "zeros":
+            return None, f"Conv2d padding_mode={m.padding_mode!r} (only 'zeros' is lowered)"
+        w, b = name(m.weight), (name(m.bias) if m.bias is not None else None)
+
+        def run(x, P, m=m, w=w, b=b):
+            return ops.batched_conv2d(x, P[w], P[b] if b else None, m.stride, m.padding, m.dilation, m.groups)
+        return Step(path, "batched_conv2d", run), False
+    if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+        w = name(m.weight) if m.weight is not None else None
+        b = name(m.bias) if m.bias is not None else None
+
+        def run(x, P, m=m, w=w, b=b):
+            use_running = (not m.training) and m.track_running_stats and m.running_mean is not None
+            return ops.batched_batch_norm(x, P[w] if w else None, P[b] if b else None, m.eps,
+                                          m.running_mean if use_running else None,
+                                          m.running_var if use_running else None)
+        return Step(path, "batched_batch_norm", run), False
+    if type(m) in _ACT_MODULES or isinstance(m, nn.Identity):
+        return Step(path, type(m).__name__, lambda x, P, m=m: m(x)), False
+    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+        if getattr(m, "return_indices", False):
+            return None, "MaxPool2d(return_indices=True)"
+
+        def run(x, P, m=m):
+            T, N = x.shape[:2]
+            if x.transpose(0, 1).is_contiguous():  # task-inner layout (conv/BN output): keep it
+                y = m(x.transpose(0, 1).reshape(N, -1, *x.shape[3:]))
+                return y.view(N, T, x.shape[2], *y.shape[2:]).transpose(0, 1)
+            y = m(x.reshape(T * N, *x.shape[2:]))
+            return y.view(T, N, *y.shape[1:])
+        return Step(path, type(m).__name__, run), False
+    if isinstance(m, nn.Flatten):
+        dims = _flatten_dims(m, path)
+        if dims is None:
+            return None, f"Flatten(start_dim={m.start_dim}, end_dim={m.end_dim}) would mix samples"
+        return Step(path, "flatten", lambda x, P, d=dims: x.flatten(*d)), False
+    return None, f"{type(m).__name__} has no batched lowering"
+
+
+def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps: list, leaves: list):
+    mods = list(seq.named_children())
+    i = 0
+    while i < len(mods):
+        key, m = mods[i]
+        path = f"{prefix}{key}"
+        if isinstance(m, nn.Sequential):
+            _lower_seq(m, path + ".", canon, strict, steps, leaves)
+            i += 1
+            continue
+        nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+        step, extra = _lower_leaf(m, path, canon, nxt)
+        if step is None:
+            if strict:
+                raise UnsupportedModule(f"strict lowering: module {path!r} ({type(m).__name__}): {extra}")
+            step = _vmap_step(m, path, canon, extra)
+            extra = False
+        steps.append(step)
+        leaves.append(m)
+        if extra:
+            leaves.append(nxt)
+        i += 2 if extra else 1
+
+
+def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
+    if any(s.fallback for s in steps):
+        return None, "a module falls back to vmap"
+    names, acts, slopes = [], [], set()
+    for m in leaves:
+        if isinstance(m, nn.Linear):
+            if m.bias is None:
+                return None, "a Linear layer has no bias"
+            names += [canon[id(m.weight)], canon[id(m.bias)]]
+            acts.append(None)
+        elif type(m) in _ACT_MODULES:
+            if not acts or acts[-1] is not None:
+                return None, "an activation does not directly follow a Linear layer"
+            acts[-1] = _ACT_MODULES[type(m)]
+            if isinstance(m, nn.LeakyReLU):
+                slopes.add(float(m.negative_slope))
+        elif isinstance(m, nn.Identity):
+            continue
+        else:
+            return None, f"{type(m).__name__} is not part of an MLP"
+    if not names:
+        return None, "no Linear layer"
+    params = dict(model.named_parameters())
+    if len(set(names)) != len(names) or len(names) != len(params):
+        return None, "parameters are shared between layers"
+    if any(not params[n].requires_grad for n in names):
+        return None, "some parameters do not require grad"
+    if len(slopes) > 1:
+        return None, "LeakyReLU layers use different negative slopes"
+    return MLPSpec(names, acts, slopes.pop() if slopes else 0.01), "MLP of Linear layers"
+
+
+_cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def lower(model: nn.Module, strict: bool = False) -> Program:
+    """The batched program of ``model`` (cached per module; the module's structure must not change)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    key = (strict, tuple(id(m) for m in model.modules()), tuple(id(p) for p in model.parameters()))
+    hit = _cache.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    canon = _canonical_names(model)
+    steps, leaves = [], []
+    if isinstance(model, nn.Sequential):
+        _lower_seq(model, "", canon, strict, steps, leaves)
+    else:
+        step, reason = None, (f"{type(model).__name__} has a custom forward (only nn.Sequential "
+                              "containers are lowered module by module)")
+        if not list(model.children()):
+            step, reason = _lower_leaf(model, "", canon, None)
+        if step is None:
+            if strict:
+                raise UnsupportedModule(f"strict lowering: model ({type(model).__name__}): {reason}")
+            step = _vmap_step(model, "", canon, reason)
+        else:
+            leaves.append(model)
+        steps.append(step)
+    mlp, why = _mlp_spec(model, leaves, steps, canon)
+    prog = Program(steps, list(canon.values()), mlp, why)
+    _cache[model] = (key, prog)
+    return prog
+
+
+def explain(model: nn.Module) -> str:
+    """A human-readable account of how fastmeta runs ``model``: each module's path and why."""
+    from .backend import BackendUnavailable, select
+
+    prog = lower(model)
+    lines = [f"fastmeta plan for {type(model).__name__}:"]
+    for s in prog.steps:
+        where = s.path or "<model>"
+        if s.fallback:
+            lines.append(f"  {where:<24} -> {s.kind}  [torch.func fallback: {s.fallback}]")
+        else:
+            lines.append(f"  {where:<24} -> {s.kind}")
+    if prog.mlp is not None:
+        try:
+            dev = next(model.parameters()).device.type
+            backend = select("mlp_inner_loop", dev)
+        except (StopIteration, BackendUnavailable) as e:
+            backend = f"unavailable ({e})"
+        lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend}) for loss 'mse' or "
+                     "'cross_entropy'")
+    else:
+        lines.append(f"  whole inner loop: step by step ({prog.mlp_reason})")
+    return "\n".join(lines)

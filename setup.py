@@ -1,0 +1,88 @@
+"""Build of fastmeta._C (csrc/) with torch's C++ extension tooling.
+
+CPU kernels are always built; CUDA kernels (csrc/*.cu) when torch has CUDA and nvcc is found
+(FASTMETA_BUILD_CUDA=auto|0|1). A missing compiler or a failed build never fails the install:
+fastmeta then runs on its torch backend and `python -m fastmeta.info` shows the reason, which is
+written to fastmeta/_build_status.json next to the package.
+"""
+import glob
+import json
+import os
+import platform
+import traceback
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _status_path():
+    return os.path.join(HERE, "fastmeta", "_build_status.json")
+
+
+def _write_status(**status):
+    with open(_status_path(), "w") as f:
+        json.dump(status, f, indent=1)
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except Exception as e:  # torch not importable at build time: pure-Python install
+        _write_status(cpp=False, cuda=False, reason=f"torch not importable at build time: {e}")
+        return [], {}
+
+    want_cuda = os.environ.get("FASTMETA_BUILD_CUDA", "auto").lower()
+    has_cuda = torch.version.cuda is not None and CUDA_HOME is not None
+    if want_cuda == "1" and not has_cuda:
+        raise RuntimeError("FASTMETA_BUILD_CUDA=1 but torch has no CUDA or nvcc was not found "
+                           f"(torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME})")
+    build_cuda = has_cuda and want_cuda != "0"
+    if not build_cuda:
+        why_no_cuda = ("FASTMETA_BUILD_CUDA=0" if want_cuda == "0" else
+                       f"torch.version.cuda={torch.version.cuda}, CUDA_HOME={CUDA_HOME}")
+    else:
+        why_no_cuda = None
+
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    # -fopenmp: at::parallel_for is a header template that only runs in parallel when the
+    # extension itself is compiled with OpenMP (torch's CPU wheels use GNU OpenMP too).
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64") and os.environ.get("FASTMETA_NATIVE", "1") == "1":
+        cxx.append("-march=native")
+    extra = {"cxx": cxx}
+    macros = []
+    if build_cuda:
+        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        arch = os.environ.get("FASTMETA_CUDA_ARCH", "")
+        nvcc = ["-O3", "-std=c++17", "-lineinfo"]
+        if arch:
+            nvcc += [f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+        extra["nvcc"] = nvcc
+        macros.append(("FASTMETA_WITH_CUDA", "1"))
+        ext = CUDAExtension("fastmeta._C", sources, extra_compile_args=extra, define_macros=macros,
+                            extra_link_args=["-fopenmp"])
+    else:
+        ext = CppExtension("fastmeta._C", sources, extra_compile_args=extra, define_macros=macros,
+                           extra_link_args=["-fopenmp"])
+
+    class TolerantBuild(BuildExtension):
+        """Builds fastmeta._C; on failure records why and lets the install go on."""
+
+        def build_extensions(self):
+            try:
+                super().build_extensions()
+            except Exception as e:
+                _write_status(cpp=False, cuda=False,
+                              reason=f"C++ build failed: {type(e).__name__}: {e}",
+                              log=traceback.format_exc()[-4000:])
+                return
+            _write_status(cpp=True, cuda=build_cuda, reason=None, no_cuda_reason=why_no_cuda,
+                          torch=torch.__version__)
+
+    return [ext], {"build_ext": TolerantBuild.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

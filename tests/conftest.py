@@ -1,0 +1,88 @@
+"""Shared fixtures: seeding, tolerances, the naive per-task oracle, comparison with a report."""
+import os
+
+os.environ.setdefault("FASTMETA_POISON", "1")  # C++ outputs start as NaN: unwritten elements fail
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+# Relative tolerances of a meta-gradient against the per-task autograd loop. float64: the two
+# compute the same sums in different orders, so only rounding differs (~1e-15 per op); float32:
+# S steps of second-order products amplify rounding to ~1e-6..1e-5.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
+
+
+@pytest.fixture(autouse=True)
+def seed():
+    torch.manual_seed(1234)
+    yield
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def assert_rel_close(got, want, rtol, what=""):
+    """Per-tensor relative (Frobenius) error check with a report of where and how much.
+
+    A tensor whose true value is (near) zero, e.g. the gradient of a conv bias that BatchNorm
+    cancels, has no meaningful relative error: its error is measured against 1e-2 of the norm of
+    the whole list instead."""
+    assert len(got) == len(want), f"{what}: {len(got)} tensors vs {len(want)}"
+    total = float(torch.sqrt(sum((w.double() ** 2).sum() for w in want)))
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.shape == w.shape, f"{what}[{i}]: shape {tuple(g.shape)} vs {tuple(w.shape)}"
+        assert torch.isfinite(g).all(), f"{what}[{i}]: non-finite values at {(~torch.isfinite(g)).nonzero()[:5].tolist()}"
+        scale = max(float(w.double().norm()), 1e-2 * total, 1e-30)
+        err = float((g.double() - w.double()).norm()) / scale
+        if err > rtol:
+            idx = (g - w).abs().argmax()
+            raise AssertionError(f"{what}[{i}] {tuple(g.shape)}: relative error {err:.3e} > {rtol:.0e}; "
+                                 f"worst at flat index {int(idx)}: {float(g.flatten()[idx])!r} vs "
+                                 f"{float(w.flatten()[idx])!r}")
+
+
+def task_loss(kind, pred, target):
+    if kind == "mse":
+        return F.mse_loss(pred, target)
+    if kind == "cross_entropy":
+        return F.cross_entropy(pred, target)
+    return kind(pred, target)
+
+
+def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=False, lrs=None):
+    """The oracle: a naive per-task loop with autograd.grad(create_graph=True).
+
+    lr: a number (or tensor), or lrs: dict name -> per-parameter rate (Meta-SGD).
+    Returns (meta-loss, grads of model params, grads of lrs or None)."""
+    named = dict(model.named_parameters())
+    adapt = [n for n, p in named.items() if p.requires_grad]
+    T = xs.shape[0]
+    total = 0.0
+    for t in range(T):
+        p = dict(named)
+        for _ in range(steps):
+            l = task_loss(loss, functional_call(model, p, (xs[t],)), ys[t])
+            g = torch.autograd.grad(l, [p[n] for n in adapt], create_graph=not first_order,
+                                    retain_graph=True, allow_unused=True)
+            for n, gi in zip(adapt, g):
+                if gi is None:
+                    continue
+                rate = lrs[n] if lrs is not None else lr
+                p[n] = p[n] - rate * gi
+        total = total + task_loss(loss, functional_call(model, p, (xq[t],)), yq[t])
+    meta = total / T
+    inputs = [named[n] for n in adapt] + (list(lrs.values()) if lrs is not None else [])
+    g = torch.autograd.grad(meta, inputs, allow_unused=True)
+    g = [torch.zeros_like(i) if gi is None else gi for i, gi in zip(inputs, g)]
+    return meta.detach(), g[: len(adapt)], (g[len(adapt):] if lrs is not None else None)
+
+
+def has_cpp():
+    from fastmeta.backend import why_unavailable
+    return why_unavailable("cpp", "cpu") is None
+
+
+requires_cpp = pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")

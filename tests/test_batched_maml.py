@@ -1,0 +1,215 @@
+"""BatchedMAML's meta-gradient against the naive per-task autograd loop."""
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+
+BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp)]
+
+
+def mlp(widths=(2, 37, 23, 3), act=nn.Tanh, dtype=torch.float64):
+    layers = []
+    for i in range(len(widths) - 1):
+        layers.append(nn.Linear(widths[i], widths[i + 1]))
+        if i < len(widths) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def regression_batch(T, K, Q, din, dout, dtype):
+    return (torch.randn(T, K, din, dtype=dtype), torch.randn(T, K, dout, dtype=dtype),
+            torch.randn(T, Q, din, dtype=dtype), torch.randn(T, Q, dout, dtype=dtype))
+
+
+def classification_batch(T, K, Q, din, C, dtype):
+    return (torch.randn(T, K, din, dtype=dtype), torch.randint(0, C, (T, K)),
+            torch.randn(T, Q, din, dtype=dtype), torch.randint(0, C, (T, Q)))
+
+
+def meta_grads(meta, model, batch):
+    loss = meta(*batch)
+    params = [p for p in model.parameters() if p.requires_grad]
+    extra = ([meta.lrs[n.replace(".", "__")] for n, p in model.named_parameters() if p.requires_grad]
+             if meta.lrs is not None else [])
+    g = torch.autograd.grad(loss, params + extra)
+    return loss.detach(), list(g[: len(params)]), list(g[len(params):])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2, 5])
+def test_mlp_mse(backend, dtype, first_order, steps):
+    model = mlp(dtype=dtype)
+    batch = regression_batch(3, 7, 5, 2, 3, dtype)
+    want_loss, want, _ = loop_meta_grads(model, *batch, 0.05, steps, "mse", first_order)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.05, steps, first_order=first_order)
+        loss, got, _ = meta_grads(meta, model, batch)
+    assert_rel_close([loss], [want_loss], RTOL[dtype], "meta-loss")
+    assert_rel_close(got, want, RTOL[dtype], "meta-grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Sigmoid, lambda: nn.LeakyReLU(0.1)])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_cross_entropy(backend, act, first_order):
+    dtype = torch.float64
+    model = mlp((4, 37, 5), act=act, dtype=dtype)
+    batch = classification_batch(3, 10, 6, 4, 5, dtype)
+    _, want, _ = loop_meta_grads(model, *batch, 0.3, 3, "cross_entropy", first_order)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.3, 3, first_order=first_order, loss="cross_entropy")
+        _, got, _ = meta_grads(meta, model, batch)
+    assert_rel_close(got, want, RTOL[dtype], "meta-grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_meta_sgd(backend, first_order, dtype):
+    model = mlp((1, 13, 1), act=nn.ReLU, dtype=dtype)
+    batch = regression_batch(3, 10, 10, 1, 1, dtype)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.02, 3, first_order=first_order, learn_inner_lr=True)
+        with torch.no_grad():  # distinct rates per entry, so a mix-up of entries shows
+            for l in meta.lrs.values():
+                l.uniform_(0.01, 0.05)
+        lrs = {n: meta.lrs[n.replace(".", "__")] for n, _ in model.named_parameters()}
+        _, want, want_lr = loop_meta_grads(model, *batch, None, 3, "mse", first_order, lrs=lrs)
+        _, got, got_lr = meta_grads(meta, model, batch)
+    assert {id(p) for p in meta.lrs.values()} <= {id(p) for p in meta.parameters()}
+    assert_rel_close(got, want, RTOL[dtype], "meta-grad")
+    assert_rel_close(got_lr, want_lr, RTOL[dtype], "lr-grad")
+
+
+def conv_net(ch=3, classes=5, dtype=torch.float64, track=False):
+    blocks, c = [], 1
+    for _ in range(4):
+        blocks += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch, track_running_stats=track),
+                   nn.ReLU(), nn.MaxPool2d(2)]
+        c = ch
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(ch, classes)).to(dtype)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv4_batchnorm(first_order, steps, dtype):
+    model = conv_net(dtype=dtype)
+    T, K, Q = 3, 5, 4
+    batch = (torch.randn(T, K, 1, 16, 16, dtype=dtype), torch.randint(0, 5, (T, K)),
+             torch.randn(T, Q, 1, 16, 16, dtype=dtype), torch.randint(0, 5, (T, Q)))
+    _, want, _ = loop_meta_grads(model, *batch, 0.4, steps, "cross_entropy", first_order)
+    meta = fastmeta.BatchedMAML(model, 0.4, steps, first_order=first_order, loss="cross_entropy")
+    _, got, _ = meta_grads(meta, model, batch)
+    assert_rel_close(got, want, RTOL[dtype], "meta-grad")
+
+
+def test_conv_mse_tracked_bn_and_meta_sgd():
+    """BatchNorm with running stats in training mode uses batch stats (as the loop does); MSE head."""
+    model = conv_net(ch=2, classes=3, track=True)
+    T = 2
+    batch = (torch.randn(T, 4, 1, 16, 16, dtype=torch.float64), torch.randn(T, 4, 3, dtype=torch.float64),
+             torch.randn(T, 3, 1, 16, 16, dtype=torch.float64), torch.randn(T, 3, 3, dtype=torch.float64))
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=True)
+    lrs = {n: meta.lrs[n.replace(".", "__")] for n, _ in model.named_parameters()}
+    _, got, got_lr = meta_grads(meta, model, batch)
+    _, want, want_lr = loop_meta_grads(model, *batch, None, 2, "mse", False, lrs=lrs)
+    assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
+    assert_rel_close(got_lr, want_lr, RTOL[torch.float64], "lr-grad")
+
+
+def test_zero_steps_is_plain_query_loss():
+    model = mlp()
+    batch = regression_batch(3, 4, 4, 2, 3, torch.float64)
+    meta = fastmeta.BatchedMAML(model, 0.1, 0)
+    _, got, _ = meta_grads(meta, model, batch)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 0)
+    assert_rel_close(got, want, 1e-12, "meta-grad")
+
+
+def test_callable_loss_and_fallback_module():
+    class Scale(nn.Module):  # no batched lowering: runs through the vmap fallback
+        def __init__(self):
+            super().__init__()
+            self.s = nn.Parameter(torch.tensor([1.5, 0.5, 2.0], dtype=torch.float64))
+
+        def forward(self, x):
+            return x * self.s
+
+    model = nn.Sequential(nn.Linear(2, 3), Scale(), nn.Tanh(), nn.Linear(3, 2)).to(torch.float64)
+    huber = lambda p, y: torch.nn.functional.smooth_l1_loss(p, y)  # noqa: E731
+    batch = regression_batch(3, 6, 5, 2, 2, torch.float64)
+    meta = fastmeta.BatchedMAML(model, 0.2, 2, loss=huber)
+    assert "vmap(Scale)" in fastmeta.explain(model)
+    _, got, _ = meta_grads(meta, model, batch)
+    _, want, _ = loop_meta_grads(model, *batch, 0.2, 2, huber)
+    assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
+
+
+def test_custom_module_whole_model_fallback():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(2, 8)
+            self.b = nn.Linear(8, 1)
+
+        def forward(self, x):
+            return self.b(torch.sin(self.a(x))) + x[..., :1]
+
+    model = Net().to(torch.float64)
+    batch = regression_batch(3, 5, 5, 2, 1, torch.float64)
+    meta = fastmeta.BatchedMAML(model, 0.1, 3)
+    _, got, _ = meta_grads(meta, model, batch)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 3)
+    assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
+    with pytest.raises(fastmeta.UnsupportedModule, match="custom forward"):
+        fastmeta.BatchedMAML(model, 0.1, 3, strict=True)
+
+
+def test_frozen_and_unused_parameters():
+    model = mlp((2, 9, 3))
+    model[0].bias.requires_grad_(False)
+    batch = regression_batch(2, 5, 5, 2, 3, torch.float64)
+    meta = fastmeta.BatchedMAML(model, 0.1, 2)
+    _, got, _ = meta_grads(meta, model, batch)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 2)
+    assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
+    P = meta.adapt(batch[0], batch[1])
+    assert torch.equal(P["0.bias"][1], model[0].bias)  # frozen: not adapted
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adapt_and_predict_match_the_loss(backend):
+    model = mlp((2, 11, 3), act=nn.ReLU)
+    batch = regression_batch(3, 5, 4, 2, 3, torch.float64)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.1, 3)
+        P = meta.adapt(batch[0], batch[1])
+        assert all(P[n].shape == (3, *p.shape) for n, p in model.named_parameters())
+        pred = meta.predict(P, batch[2])
+        per_task = ((pred - batch[3]) ** 2).flatten(1).mean(1)
+        torch.testing.assert_close(per_task, meta.task_losses(*batch).detach(), rtol=1e-12, atol=1e-12)
+        with torch.no_grad():  # evaluation: adapt still works, result carries no graph
+            P2 = meta.adapt(batch[0], batch[1])
+        assert not any(t.requires_grad for t in P2.values())
+        torch.testing.assert_close(P2["0.weight"], P["0.weight"].detach())
+
+
+def test_meta_training_reduces_loss():
+    from fastmeta.harness import make_workload
+
+    w = make_workload("sine", tasks=8, steps=2, dtype=torch.float64)
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps)
+    opt = torch.optim.Adam(meta.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss = meta(w.xs, w.ys, w.xq, w.yq)
+        loss.backward()
+        opt.step()
+        first = first if first is not None else loss.item()
+    assert loss.item() < 0.7 * first

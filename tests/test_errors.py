@@ -1,0 +1,102 @@
+"""Bad input raises ValueError/TypeError naming the argument and the shapes, before any compute."""
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import ops
+
+
+def setup(loss="mse"):
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss=loss)
+    xs, xq = torch.randn(4, 5, 2, dtype=torch.float64), torch.randn(4, 6, 2, dtype=torch.float64)
+    if loss == "mse":
+        ys, yq = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+    else:
+        ys, yq = torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (4, 6))
+    return model, meta, xs, ys, xq, yq
+
+
+def test_task_dim_mismatch_names_all_shapes():
+    _, meta, xs, ys, xq, yq = setup()
+    with pytest.raises(ValueError, match=r"task dim T differs.*xq \(3, 6, 2\)"):
+        meta(xs, ys, xq[:3], yq)
+    with pytest.raises(ValueError, match=r"xs \(4, 5, 2\) and ys \(4, 4, 3\)"):
+        meta(xs, ys[:, :4], xq, yq)
+
+
+def test_cross_entropy_needs_integer_labels():
+    _, meta, xs, ys, xq, yq = setup("cross_entropy")
+    with pytest.raises(TypeError, match="ys: cross_entropy needs integer class labels"):
+        meta(xs, ys.double(), xq, yq)
+
+
+def test_device_and_dtype_mismatch():
+    _, meta, xs, ys, xq, yq = setup()
+    with pytest.raises(TypeError, match="xs has dtype torch.float32"):
+        meta(xs.float(), ys, xq, yq)
+    with pytest.raises(TypeError, match="yq has dtype torch.float32"):
+        meta(xs, ys, xq, yq.float())
+    with pytest.raises(ValueError, match="xq is on meta"):
+        meta(xs, ys, xq.to("meta"), yq)
+
+
+def test_constructor_arguments():
+    model = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="inner_steps: must be >= 0, got -1"):
+        fastmeta.BatchedMAML(model, 0.1, -1)
+    with pytest.raises(TypeError, match="inner_steps"):
+        fastmeta.BatchedMAML(model, 0.1, 1.5)
+    with pytest.raises(TypeError, match="inner_lr: expected a number or a tensor, got str"):
+        fastmeta.BatchedMAML(model, "0.1")
+    with pytest.raises(ValueError, match="inner_lr: a tensor inner_lr must have one element"):
+        fastmeta.BatchedMAML(model, torch.ones(3))
+    with pytest.raises(ValueError, match="loss"):
+        fastmeta.BatchedMAML(model, 0.1, loss="hinge")
+    with pytest.raises(TypeError, match="model"):
+        fastmeta.BatchedMAML(42, 0.1)
+
+
+def test_non_finite_loss_with_check_finite():
+    model = nn.Sequential(nn.Linear(2, 3)).double()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, check_finite=True)
+    xs = torch.randn(3, 4, 2, dtype=torch.float64)
+    xs[1, 0, 0] = float("inf")
+    y = torch.randn(3, 4, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"non-finite support loss at inner step 0 for task\(s\) \[1\]"):
+        meta(xs, y, xs, y)
+
+
+def test_strict_unsupported_module():
+    model = nn.Sequential(nn.Linear(2, 3), nn.GELU(), nn.Linear(3, 1))
+    with pytest.raises(fastmeta.UnsupportedModule, match=r"module '1' \(GELU\)"):
+        fastmeta.BatchedMAML(model, 0.1, strict=True)
+    assert isinstance(fastmeta.UnsupportedModule("x"), TypeError)
+    fastmeta.BatchedMAML(model, 0.1)  # not strict: falls back
+
+
+def test_op_argument_errors():
+    with pytest.raises(ValueError, match=r"params has 2 tensors but grads has 1"):
+        ops.inner_update([torch.ones(2), torch.ones(3)], [torch.ones(2)], 0.1)
+    with pytest.raises(ValueError, match=r"params\[0\] \(2,\) and grads\[0\] \(3,\) do not broadcast"):
+        ops.inner_update([torch.ones(2)], [torch.ones(3)], 0.1)
+    with pytest.raises(TypeError, match="lr: expected a number or a tensor"):
+        ops.inner_update([torch.ones(2)], [torch.ones(2)], "x")
+    with pytest.raises(ValueError, match=r"lr\[0\] \(3,\) does not broadcast to grads\[0\] \(2,\)"):
+        ops.inner_update([torch.ones(2)], [torch.ones(2)], [torch.ones(3)])
+    with pytest.raises(ValueError, match=r"W \(3, 4\) does not match x \(2, 5, 3\)"):
+        ops.batched_linear(torch.ones(2, 5, 3), torch.ones(3, 4))
+    with pytest.raises(TypeError, match="labels must be integer"):
+        ops.cross_entropy(torch.ones(2, 3, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"weight \(2, 4, 2, 3, 3\) with groups=1 expects 2 input channels"):
+        ops.batched_conv2d(torch.ones(2, 1, 3, 5, 5), torch.ones(2, 4, 2, 3, 3))
+
+
+def test_predict_argument_errors():
+    _, meta, xs, ys, xq, yq = setup()
+    P = meta.adapt(xs, ys)
+    with pytest.raises(ValueError, match=r"has T=4 but x \(2, 6, 2\) has T=2"):
+        meta.predict(P, xq[:2])
+    with pytest.raises(TypeError, match="params"):
+        meta.predict([1], xq)

@@ -1,0 +1,92 @@
+"""The fused mlp_inner_loop op (cpp) against its reference, forward and meta-gradient."""
+import pytest
+import torch
+
+import fastmeta
+from fastmeta import ops
+from conftest import RTOL, assert_rel_close, requires_cpp
+
+pytestmark = requires_cpp
+
+
+def make(widths, T, K, Q, loss, dtype):
+    params = []
+    for i in range(len(widths) - 1):
+        params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).requires_grad_(),
+                   (0.1 * torch.randn(widths[i + 1], dtype=dtype)).requires_grad_()]
+    xs, xq = torch.randn(T, K, widths[0], dtype=dtype), torch.randn(T, Q, widths[0], dtype=dtype)
+    if loss == "mse":
+        ys, yq = torch.randn(T, K, widths[-1], dtype=dtype), torch.randn(T, Q, widths[-1], dtype=dtype)
+    else:
+        ys, yq = torch.randint(0, widths[-1], (T, K)), torch.randint(0, widths[-1], (T, Q))
+    return params, (xs, ys, xq, yq)
+
+
+def both(params, batch, lr, steps, acts, loss, first_order, slope=0.01):
+    lr_list = lr if isinstance(lr, list) else []
+    out = {}
+    for backend in ("torch", "cpp"):
+        with fastmeta.use_backend(backend):
+            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order)
+        w = torch.randn(losses.shape[0], dtype=losses.dtype, generator=torch.Generator().manual_seed(0))
+        g = torch.autograd.grad((losses * w).sum(), params + lr_list)
+        out[backend] = (losses.detach(), list(g))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("T", [1, 3, 25])
+def test_sine_shapes(dtype, first_order, T):
+    params, batch = make((1, 40, 37, 1), T, 10, 10, "mse", dtype)
+    r = both(params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order)
+    assert_rel_close([r["cpp"][0]], [r["torch"][0]], RTOL[dtype] / 10, "losses")
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[dtype], "meta-grad")
+
+
+@pytest.mark.parametrize("acts", [["tanh", "sigmoid", None], ["leaky_relu", "leaky_relu", "tanh"],
+                                  [None, "sigmoid", "relu"]])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_activations_and_losses(acts, loss, first_order):
+    params, batch = make((3, 37, 11, 5), 3, 7, 9, loss, torch.float64)
+    r = both(params, batch, 0.1, 3, acts, loss, first_order, slope=0.2)
+    assert_rel_close([r["cpp"][0]], [r["torch"][0]], 1e-12, "losses")
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_sgd_rates(dtype, first_order):
+    params, batch = make((2, 37, 3), 3, 6, 5, "mse", dtype)
+    lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
+    r = both(params, batch, lrs, 4, ["tanh", None], "mse", first_order)
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[dtype], "meta-grad and lr-grad")
+
+
+def test_zero_steps_and_single_layer():
+    params, batch = make((4, 3), 2, 5, 5, "cross_entropy", torch.float64)
+    for steps in (0, 2):
+        r = both(params, batch, 0.5, steps, [None], "cross_entropy", False)
+        assert_rel_close(r["cpp"][1], r["torch"][1], 1e-10, "meta-grad")
+
+
+def test_once_differentiable_is_reported():
+    params, batch = make((1, 5, 1), 2, 4, 4, "mse", torch.float64)
+    with fastmeta.use_backend("cpp"):
+        loss = ops.mlp_inner_loop(*batch, params, 0.1, 2, ["relu", None]).mean()
+    g = torch.autograd.grad(loss, params, create_graph=False)
+    assert all(t.shape == p.shape for t, p in zip(g, params))
+    with fastmeta.use_backend("cpp"):
+        loss = ops.mlp_inner_loop(*batch, params, 0.1, 2, ["relu", None]).mean()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, params, create_graph=True)
+
+
+def test_bad_labels_raise():
+    params, batch = make((2, 4, 3), 2, 4, 4, "cross_entropy", torch.float64)
+    xs, ys, xq, yq = batch
+    with pytest.raises(ValueError, match="labels outside"):
+        ops.mlp_inner_loop(xs, ys + 3, xq, yq, params, 0.1, 1, ["relu", None], loss="cross_entropy")
+    with pytest.raises(ValueError, match="T="):
+        ops.mlp_inner_loop(xs, ys, xq[:1], yq[:1], params, 0.1, 1, ["relu", None], loss="cross_entropy")
