@@ -7,7 +7,7 @@
 TORCH_LIBRARY(fastmeta, m) {
   m.def("inner_update_scalar(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]");
   m.def("inner_update_tensor(Tensor[] params, Tensor[] grads, Tensor[] lrs) -> Tensor[]");
-  // Returns [loss[T], dparams_0[T,...], ..., dlrs_0[T,...], ...] (see csrc/mlp_inner_loop.cpp).
+  // Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] (see csrc/mlp_inner_loop.cpp).
   m.def("mlp_inner_loop(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
         "bool need_lr_grad) -> Tensor[]");

@@ -1,7 +1,8 @@
 // The whole MAML inner loop of an MLP for T tasks, with the exact meta-gradient, CPU.
 //
-// Per task t (tasks run in parallel, one task's weights and activations in a per-thread workspace
-// that is allocated once per chunk of tasks, never per step):
+// Per task t (tasks run W at a time in SIMD lanes, groups of W tasks in parallel threads; each
+// group's weights and activations live in a per-thread workspace allocated once per chunk of
+// groups, never per step):
 //   theta_0 = theta (the meta-parameters), for s < S:  g_s = grad L_sup(theta_s),
 //   theta_{s+1} = theta_s - alpha (.) g_s;   loss_t = L_query(theta_S).
 // Meta-gradient by a reverse pass over the steps (Finn et al. 2017, eq. 1; Li et al. 2017 for
@@ -21,7 +22,8 @@
 // params = [W_1 [d_1,d_0], b_1 [d_1], ..., W_L, b_L] shared by all tasks; lrs empty (scalar lr) or
 // one tensor per parameter of its shape (Meta-SGD). acts[l]: 0 none, 1 relu, 2 leaky relu,
 // 3 tanh, 4 sigmoid. loss: 0 mse (mean over all elements), 1 cross-entropy (mean over rows).
-// Returns [loss [T], dparam_i [T, *shape_i] ..., (need_lr_grad) dlr_i [T, *shape_i] ...].
+// Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] with P the parameter count and each row the
+// concatenation of a task's flattened [dW_1, db_1, ..., dW_L, db_L] (dlr only when need_lr_grad).
 #include "common.h"
 
 #include <c10/util/irange.h>
@@ -32,305 +34,430 @@
 namespace fastmeta {
 namespace {
 
+// Tasks are processed W at a time, one task per SIMD lane: every per-task quantity is stored as
+// [..., W] with the lane innermost, so each scalar operation of one task's inner loop becomes one
+// vector operation over W tasks, with no horizontal reductions and no short-loop overhead.
+#if defined(__AVX512F__)
+constexpr int kVecBytes = 64;
+#else
+constexpr int kVecBytes = 64;
+#endif
+
+#define FM_LANES _Pragma("omp simd") for (int l = 0; l < W; ++l)
+
 enum Act : int64_t { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4 };
 
-template <typename T>
-inline T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  T acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-template <typename T>
-inline void axpy(T alpha, const T* __restrict x, T* __restrict y, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
 struct Net {
-  int64_t L;
-  std::vector<int64_t> d;        // widths d_0..d_L
-  std::vector<int64_t> offW, offb;  // offsets of W_l, b_l (l = 1..L, stored at l-1) in a flat vector
+  int64_t L = 0;
+  std::vector<int64_t> d;           // widths d_0..d_L
+  std::vector<int64_t> offW, offb;  // offsets of W_l, b_l (stored at l-1) in a flat parameter vector
   std::vector<int64_t> acts;
-  int64_t P;                     // total parameter count
-  double slope;
+  int64_t P = 0;                    // total parameter count
+  double slope = 0.01;
 };
 
-// One step's stored activations for N rows: z_l, a_l, da_l, dz_l for l = 1..L (index l-1).
+// One forward/backward's stored activations: z_l, a_l, da_l, dz_l (l = 1..L at index l-1), each
+// [N, d_l, W].
 template <typename T>
 struct Acts {
   std::vector<T*> z, a, da, dz;
 };
 
-template <typename T>
-class Task {
+// A per-thread workspace, kept between calls (threads of the pool persist), so that a call
+// allocates and page-faults nothing in steady state.
+inline void* workspace(size_t bytes) {
+  struct Buf {
+    void* p = nullptr;
+    size_t n = 0;
+    ~Buf() { std::free(p); }
+  };
+  thread_local Buf buf;
+  if (buf.n < bytes) {
+    std::free(buf.p);
+    buf.n = ((bytes + 4095) / 4096) * 4096;
+    buf.p = std::aligned_alloc(64, buf.n);
+    TORCH_CHECK(buf.p != nullptr, "mlp_inner_loop: cannot allocate a workspace of ", bytes, " bytes");
+  }
+  return buf.p;
+}
+
+// C[m, p] (+)= sum_k A(m, k) B(k, p) over lane vectors, for the small matrices of an MLP step.
+// Element (i, j) of X lives at X + (i * s_i + j * s_j) * W; C starts from C itself (accumulate),
+// from init[p] (a bias), or from zero. Register-blocked MB x PB so that MB * PB independent
+// accumulator chains hide the FMA latency and each loaded A/B vector is used PB/MB times.
+template <typename T, int W, int MB, int PB>
+inline void gemm_block(const T* __restrict A, int64_t sam, int64_t sak, const T* __restrict B,
+                       int64_t sbk, int64_t sbp, int64_t K, T* __restrict C, int64_t scm, int64_t scp,
+                       const T* __restrict init, bool accumulate) {
+  T acc[MB][PB][W];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < PB; ++j)
+      FM_LANES acc[i][j][l] = accumulate ? C[(i * scm + j * scp) * W + l]
+                                         : (init != nullptr ? init[j * W + l] : T(0));
+  for (int64_t k = 0; k < K; ++k) {
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const T* a = A + (i * sam + k * sak) * W;
+#pragma GCC unroll 8
+      for (int j = 0; j < PB; ++j) {
+        const T* b = B + (k * sbk + j * sbp) * W;
+        FM_LANES acc[i][j][l] += a[l] * b[l];
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < PB; ++j) FM_LANES C[(i * scm + j * scp) * W + l] = acc[i][j][l];
+}
+
+template <typename T, int W>
+void gemm(const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk, int64_t sbp, int64_t M,
+          int64_t Pn, int64_t K, T* C, int64_t scm, int64_t scp, const T* init, bool accumulate) {
+  constexpr int MB = 5, PB = 4;
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB) {
+    int64_t p = 0;
+    for (; p + PB <= Pn; p += PB)
+      gemm_block<T, W, MB, PB>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
+                               C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
+    for (; p < Pn; ++p)
+      gemm_block<T, W, MB, 1>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
+                              C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
+  }
+  for (; m < M; ++m) {
+    int64_t p = 0;
+    for (; p + PB <= Pn; p += PB)
+      gemm_block<T, W, 1, PB>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
+                              C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
+    for (; p < Pn; ++p)
+      gemm_block<T, W, 1, 1>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
+                             C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
+  }
+}
+
+template <typename T, int W>
+class Group {
  public:
-  Task(const Net& net, int64_t K, int64_t Q, int64_t S) : net_(net), K_(K), S_(S) {
+  Group(const Net& net, int64_t K, int64_t Q, int64_t S) : net_(net), K_(K), Q_(Q), S_(S) {
     int64_t sumd = 0;
     for (int64_t l = 1; l <= net.L; ++l) sumd += net.d[l];
-    const int64_t per_step = 4 * K * sumd;
-    const int64_t NQ = std::max(K, Q);
+    const int64_t NQ = std::max(K, Q), P = net.P;
     dmax_ = *std::max_element(net.d.begin(), net.d.end());
-    buf_.resize((S + 1) * net.P + S * net.P + S * per_step + 4 * NQ * sumd + 2 * K * sumd +
-                2 * K * dmax_ + 4 * net.P);
-    T* p = buf_.data();
-    theta = p; p += (S + 1) * net.P;
-    g = p; p += S * net.P;
+    const int64_t I = net.d[0], D = net.d[net.L];
+    const int64_t n = (S + 1) * P + S * P + S * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
+                      2 * K * dmax_ + 4 * P + K * I + Q * I + (K + Q) * D + K * D;
+    T* p = static_cast<T*>(workspace(static_cast<size_t>(n) * W * sizeof(T)));
+    auto take = [&](int64_t count) { T* q = p; p += count * W; return q; };
+    theta = take((S + 1) * P);
+    g = take(S * P);
     steps.resize(S);
-    for (int64_t s = 0; s < S; ++s) p = carve(steps[s], K, p);
-    p = carve(query, NQ, p);
+    for (int64_t s = 0; s < S; ++s) carve(steps[s], K, take);
+    carve(query, NQ, take);
     Rz.resize(net.L); Ra.resize(net.L);
-    for (int64_t l = 1; l <= net.L; ++l) { Rz[l - 1] = p; p += K * net.d[l]; Ra[l - 1] = p; p += K * net.d[l]; }
-    Rda = p; p += K * dmax_;
-    Rdz = p; p += K * dmax_;
-    v = p; p += net.P; u = p; p += net.P; h = p; p += net.P; dlr = p; p += net.P;
+    for (int64_t l = 1; l <= net.L; ++l) { Rz[l - 1] = take(K * net.d[l]); Ra[l - 1] = take(K * net.d[l]); }
+    Rda = take(K * dmax_); Rdz = take(K * dmax_);
+    v = take(P); u = take(P); h = take(P); dlr = take(P);
+    xs = take(K * I); xq = take(Q * I); ys = take(K * D); yq = take(Q * D); scratch = take(K * D);
   }
+  Group(const Group&) = delete;
+  Group& operator=(const Group&) = delete;
 
-  T *theta, *g, *v, *u, *h, *dlr;
+  T *theta, *g, *v, *u, *h, *dlr, *xs, *xq, *ys, *yq, *scratch;
   std::vector<Acts<T>> steps;
   Acts<T> query;
 
-  // z_l, a_l for rows x [N, d_0] at parameters th.
+  // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for rows x [N, d_0, W] at parameters th [P, W].
   void forward(const T* th, const T* x, int64_t N, Acts<T>& A) const {
     for (int64_t l = 1; l <= net_.L; ++l) {
       const int64_t din = net_.d[l - 1], dout = net_.d[l];
-      const T* W = th + net_.offW[l - 1];
-      const T* b = th + net_.offb[l - 1];
+      const T* Wl = th + net_.offW[l - 1] * W;
+      const T* b = th + net_.offb[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
       T* z = A.z[l - 1];
-      T* a = A.a[l - 1];
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t o = 0; o < dout; ++o) z[n * dout + o] = b[o] + dot(ain + n * din, W + o * din, din);
-      activate(net_.acts[l - 1], z, a, N * dout);
+      // z[n, o] = b[o] + sum_i ain[n, i] W[o, i]
+      gemm<T, W>(ain, din, 1, Wl, 1, din, N, dout, din, z, dout, 1, b, false);
+      activate(net_.acts[l - 1], z, A.a[l - 1], N * dout);
     }
   }
 
   void activate(int64_t act, const T* z, T* a, int64_t n) const {
     const T slope = static_cast<T>(net_.slope);
+    const int64_t m = n * W;
     switch (act) {
-      case kRelu: for (int64_t i = 0; i < n; ++i) a[i] = z[i] > 0 ? z[i] : T(0); break;
-      case kLeaky: for (int64_t i = 0; i < n; ++i) a[i] = z[i] > 0 ? z[i] : slope * z[i]; break;
-      case kTanh: for (int64_t i = 0; i < n; ++i) a[i] = std::tanh(z[i]); break;
-      case kSigmoid: for (int64_t i = 0; i < n; ++i) a[i] = T(1) / (T(1) + std::exp(-z[i])); break;
-      default: std::copy(z, z + n, a);
+      case kRelu:
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) a[i] = z[i] > T(0) ? z[i] : T(0);
+        break;
+      case kLeaky:
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) a[i] = z[i] > T(0) ? z[i] : slope * z[i];
+        break;
+      case kTanh: for (int64_t i = 0; i < m; ++i) a[i] = std::tanh(z[i]); break;
+      case kSigmoid: for (int64_t i = 0; i < m; ++i) a[i] = T(1) / (T(1) + std::exp(-z[i])); break;
+      default: std::copy(z, z + m, a);
     }
   }
 
-  // s'(z) and s''(z) of activation act, from z and a = s(z).
-  inline T d1(int64_t act, T z, T a) const {
+  // out = s'(z) * in elementwise over m lanes-elements; s' from z and a = s(z).
+  void mul_d1(int64_t act, const T* z, const T* a, const T* in, T* out, int64_t n) const {
+    const T slope = static_cast<T>(net_.slope);
+    const int64_t m = n * W;
     switch (act) {
-      case kRelu: return z > 0 ? T(1) : T(0);
-      case kLeaky: return z > 0 ? T(1) : static_cast<T>(net_.slope);
-      case kTanh: return T(1) - a * a;
-      case kSigmoid: return a * (T(1) - a);
-      default: return T(1);
-    }
-  }
-  inline T d2(int64_t act, T a) const {
-    switch (act) {
-      case kTanh: return T(-2) * a * (T(1) - a * a);
-      case kSigmoid: return a * (T(1) - a) * (T(1) - T(2) * a);
-      default: return T(0);
+      case kRelu:
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) out[i] = z[i] > T(0) ? in[i] : T(0);
+        break;
+      case kLeaky:
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) out[i] = z[i] > T(0) ? in[i] : slope * in[i];
+        break;
+      case kTanh:
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) out[i] = (T(1) - a[i] * a[i]) * in[i];
+        break;
+      case kSigmoid:
+#pragma omp simd
+        for (int64_t i = 0; i < m; ++i) out[i] = a[i] * (T(1) - a[i]) * in[i];
+        break;
+      default: std::copy(in, in + m, out);
     }
   }
 
-  // Loss of a_L against y and its gradient into A.da[L-1]. yf float targets or yl labels.
-  T loss_grad(Acts<T>& A, int64_t N, const T* yf, const int64_t* yl, int64_t loss) const {
+  // Loss of a_L against targets y [N, D, W] (mse) or labels (cross-entropy, as T values in y) and
+  // its gradient into A.da[L-1]; returns the per-lane loss in loss_out[W].
+  void loss_grad(Acts<T>& A, int64_t N, const T* y, int64_t loss, T* loss_out) const {
     const int64_t D = net_.d[net_.L];
     const T* a = A.a[net_.L - 1];
     T* da = A.da[net_.L - 1];
-    T total = 0;
+    T total[W];
+    FM_LANES total[l] = T(0);
     if (loss == 0) {
       const T scale = T(2) / static_cast<T>(N * D);
       for (int64_t i = 0; i < N * D; ++i) {
-        const T diff = a[i] - yf[i];
-        total += diff * diff;
-        da[i] = scale * diff;
+        FM_LANES {
+          const T diff = a[i * W + l] - y[i * W + l];
+          total[l] += diff * diff;
+          da[i * W + l] = scale * diff;
+        }
       }
-      return total / static_cast<T>(N * D);
+      FM_LANES loss_out[l] = total[l] / static_cast<T>(N * D);
+      return;
     }
     const T invN = T(1) / static_cast<T>(N);
     for (int64_t n = 0; n < N; ++n) {
-      const T* row = a + n * D;
-      T* drow = da + n * D;
-      const T m = *std::max_element(row, row + D);
-      T sum = 0;
-      for (int64_t c = 0; c < D; ++c) { drow[c] = std::exp(row[c] - m); sum += drow[c]; }
-      const T inv = T(1) / sum;
-      for (int64_t c = 0; c < D; ++c) drow[c] *= inv * invN;
-      drow[yl[n]] -= invN;
-      total += std::log(sum) + m - row[yl[n]];
-    }
-    return total * invN;
-  }
-
-  // Backward from A.da[L-1]: fills dz_l, da_l (l < L) and the gradient gr (flat, P).
-  void backward(const T* th, const T* x, int64_t N, Acts<T>& A, T* gr) const {
-    std::fill(gr, gr + net_.P, T(0));
-    for (int64_t l = net_.L; l >= 1; --l) {
-      const int64_t din = net_.d[l - 1], dout = net_.d[l], act = net_.acts[l - 1];
-      const T* W = th + net_.offW[l - 1];
-      const T* ain = l == 1 ? x : A.a[l - 2];
-      const T *z = A.z[l - 1], *a = A.a[l - 1], *da = A.da[l - 1];
-      T* dz = A.dz[l - 1];
-      for (int64_t i = 0; i < N * dout; ++i) dz[i] = d1(act, z[i], a[i]) * da[i];
-      T* gW = gr + net_.offW[l - 1];
-      T* gb = gr + net_.offb[l - 1];
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t o = 0; o < dout; ++o) {
-          const T dzo = dz[n * dout + o];
-          gb[o] += dzo;
-          axpy(dzo, ain + n * din, gW + o * din, din);
-        }
-      if (l > 1) {
-        T* dprev = A.da[l - 2];
-        std::fill(dprev, dprev + N * din, T(0));
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t o = 0; o < dout; ++o) axpy(dz[n * dout + o], W + o * din, dprev + n * din, din);
+      const T* row = a + n * D * W;
+      T* drow = da + n * D * W;
+      T m[W], sum[W];
+      FM_LANES { m[l] = row[l]; sum[l] = T(0); }
+      for (int64_t c = 1; c < D; ++c) FM_LANES m[l] = std::max(m[l], row[c * W + l]);
+      for (int64_t c = 0; c < D; ++c)
+        for (int l = 0; l < W; ++l) { drow[c * W + l] = std::exp(row[c * W + l] - m[l]); sum[l] += drow[c * W + l]; }
+      for (int64_t c = 0; c < D; ++c) FM_LANES drow[c * W + l] *= invN / sum[l];
+      for (int l = 0; l < W; ++l) {
+        const int64_t label = static_cast<int64_t>(y[n * W + l]);
+        drow[label * W + l] -= invN;
+        total[l] += std::log(sum[l]) + m[l] - row[label * W + l];
       }
     }
+    FM_LANES loss_out[l] = total[l] * invN;
   }
 
-  // hv = H u: Hessian of the support loss at th (activations A of that step) times u.
+  // Backward from A.da[L-1]: dz_l, da_l (l < L) and the gradient gr [P, W].
+  void backward(const T* th, const T* x, int64_t N, Acts<T>& A, T* gr) const {
+    for (int64_t l = net_.L; l >= 1; --l) {
+      const int64_t din = net_.d[l - 1], dout = net_.d[l];
+      const T* Wl = th + net_.offW[l - 1] * W;
+      const T* ain = l == 1 ? x : A.a[l - 2];
+      T* dz = A.dz[l - 1];
+      mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], A.da[l - 1], dz, N * dout);
+      outer(dz, ain, N, dout, din, gr + net_.offW[l - 1] * W, gr + net_.offb[l - 1] * W, nullptr, nullptr);
+      if (l > 1) back_matmul(dz, Wl, N, dout, din, A.da[l - 2], nullptr, nullptr);
+    }
+  }
+
+  // gW[o,i] = sum_n dz[n,o] ain[n,i] (+ sum_n dz2[n,o] ain2[n,i]);  gb[o] = sum_n dz[n,o].
+  static void outer(const T* dz, const T* ain, int64_t N, int64_t dout, int64_t din, T* gW, T* gb,
+                    const T* dz2, const T* ain2) {
+    for (int64_t o = 0; o < dout; ++o) {
+      T accb[W];
+      FM_LANES accb[l] = T(0);
+      for (int64_t n = 0; n < N; ++n) FM_LANES accb[l] += dz[(n * dout + o) * W + l];
+      FM_LANES gb[o * W + l] = accb[l];
+    }
+    gemm<T, W>(dz, 1, dout, ain, din, 1, dout, din, N, gW, din, 1, nullptr, false);
+    if (dz2 != nullptr) gemm<T, W>(dz2, 1, dout, ain2, din, 1, dout, din, N, gW, din, 1, nullptr, true);
+  }
+
+  // out[n,i] = sum_o dz[n,o] Wl[o,i] (+ sum_o dz2[n,o] W2[o,i]).
+  static void back_matmul(const T* dz, const T* Wl, int64_t N, int64_t dout, int64_t din, T* out,
+                          const T* dz2, const T* W2) {
+    gemm<T, W>(dz, dout, 1, Wl, din, 1, N, din, dout, out, din, 1, nullptr, false);
+    if (dz2 != nullptr) gemm<T, W>(dz2, dout, 1, W2, din, 1, N, din, dout, out, din, 1, nullptr, true);
+  }
+
+  // hv = H u: the Hessian of the support loss at th (activations A of that step) times u.
   void hvp(const T* th, const T* x, const Acts<T>& A, const T* du, int64_t loss, T* hv) {
     const int64_t N = K_, L = net_.L;
-    std::fill(hv, hv + net_.P, T(0));
     for (int64_t l = 1; l <= L; ++l) {  // R-forward
-      const int64_t din = net_.d[l - 1], dout = net_.d[l], act = net_.acts[l - 1];
-      const T* W = th + net_.offW[l - 1];
-      const T* dW = du + net_.offW[l - 1];
-      const T* db = du + net_.offb[l - 1];
+      const int64_t din = net_.d[l - 1], dout = net_.d[l];
+      const T* Wl = th + net_.offW[l - 1] * W;
+      const T* dW = du + net_.offW[l - 1] * W;
+      const T* db = du + net_.offb[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
-      const T *z = A.z[l - 1], *a = A.a[l - 1];
+      const T* rain = l == 1 ? nullptr : Ra[l - 2];
       T* rz = Rz[l - 1];
-      T* ra = Ra[l - 1];
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t o = 0; o < dout; ++o) {
-          T acc = db[o] + dot(ain + n * din, dW + o * din, din);
-          if (l > 1) acc += dot(Ra[l - 2] + n * din, W + o * din, din);
-          rz[n * dout + o] = acc;
-        }
-      for (int64_t i = 0; i < N * dout; ++i) ra[i] = d1(act, z[i], a[i]) * rz[i];
+      gemm<T, W>(ain, din, 1, dW, 1, din, N, dout, din, rz, dout, 1, db, false);
+      if (rain != nullptr) gemm<T, W>(rain, din, 1, Wl, 1, din, N, dout, din, rz, dout, 1, nullptr, true);
+      mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], rz, Ra[l - 1], N * dout);
     }
     const int64_t D = net_.d[L];
     const T* raL = Ra[L - 1];
     if (loss == 0) {
       const T scale = T(2) / static_cast<T>(N * D);
-      for (int64_t i = 0; i < N * D; ++i) Rda[i] = scale * raL[i];
+#pragma omp simd
+      for (int64_t i = 0; i < N * D * W; ++i) Rda[i] = scale * raL[i];
     } else {
+      // Rd = (diag(p) - p p^T) Ra / N per row, p = softmax(a_L) = N * da + onehot.
       const T invN = T(1) / static_cast<T>(N);
+      const T* aL = A.a[L - 1];
       for (int64_t n = 0; n < N; ++n) {
-        // p = softmax(a_L[n]) recovered from the stored gradient: da = (p - onehot) / N.
-        const T* row = A.a[L - 1] + n * D;
-        const T m = *std::max_element(row, row + D);
-        T sum = 0;
-        for (int64_t c = 0; c < D; ++c) { Rdz[c] = std::exp(row[c] - m); sum += Rdz[c]; }
-        T pr = 0;
-        for (int64_t c = 0; c < D; ++c) { Rdz[c] /= sum; pr += Rdz[c] * raL[n * D + c]; }
-        for (int64_t c = 0; c < D; ++c) Rda[n * D + c] = Rdz[c] * (raL[n * D + c] - pr) * invN;
+        T m[W], sum[W], pr[W];
+        FM_LANES { m[l] = aL[n * D * W + l]; sum[l] = T(0); pr[l] = T(0); }
+        for (int64_t c = 1; c < D; ++c) FM_LANES m[l] = std::max(m[l], aL[(n * D + c) * W + l]);
+        for (int64_t c = 0; c < D; ++c)
+          for (int l = 0; l < W; ++l) { scratch[c * W + l] = std::exp(aL[(n * D + c) * W + l] - m[l]); sum[l] += scratch[c * W + l]; }
+        for (int64_t c = 0; c < D; ++c)
+          FM_LANES { scratch[c * W + l] /= sum[l]; pr[l] += scratch[c * W + l] * raL[(n * D + c) * W + l]; }
+        for (int64_t c = 0; c < D; ++c)
+          FM_LANES Rda[(n * D + c) * W + l] = scratch[c * W + l] * (raL[(n * D + c) * W + l] - pr[l]) * invN;
       }
     }
     for (int64_t l = L; l >= 1; --l) {  // R-backward
       const int64_t din = net_.d[l - 1], dout = net_.d[l], act = net_.acts[l - 1];
-      const T* W = th + net_.offW[l - 1];
-      const T* dW = du + net_.offW[l - 1];
+      const T* Wl = th + net_.offW[l - 1] * W;
+      const T* dW = du + net_.offW[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
       const T *z = A.z[l - 1], *a = A.a[l - 1], *da = A.da[l - 1], *dz = A.dz[l - 1];
       const T* rz = Rz[l - 1];
-      for (int64_t i = 0; i < N * dout; ++i)
-        Rdz[i] = d2(act, a[i]) * rz[i] * da[i] + d1(act, z[i], a[i]) * Rda[i];
-      T* hW = hv + net_.offW[l - 1];
-      T* hb = hv + net_.offb[l - 1];
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t o = 0; o < dout; ++o) {
-          hb[o] += Rdz[n * dout + o];
-          axpy(Rdz[n * dout + o], ain + n * din, hW + o * din, din);
-          if (l > 1) axpy(dz[n * dout + o], Ra[l - 2] + n * din, hW + o * din, din);
+      mul_d1(act, z, a, Rda, Rdz, N * dout);
+      if (act == kTanh || act == kSigmoid) {  // + s''(z) Rz da
+        const int64_t m = N * dout * W;
+        if (act == kTanh) {
+#pragma omp simd
+          for (int64_t i = 0; i < m; ++i) Rdz[i] += T(-2) * a[i] * (T(1) - a[i] * a[i]) * rz[i] * da[i];
+        } else {
+#pragma omp simd
+          for (int64_t i = 0; i < m; ++i) Rdz[i] += a[i] * (T(1) - a[i]) * (T(1) - T(2) * a[i]) * rz[i] * da[i];
         }
-      if (l > 1) {
-        std::fill(Rda, Rda + N * din, T(0));
-        for (int64_t n = 0; n < N; ++n)
-          for (int64_t o = 0; o < dout; ++o) {
-            axpy(Rdz[n * dout + o], W + o * din, Rda + n * din, din);
-            axpy(dz[n * dout + o], dW + o * din, Rda + n * din, din);
-          }
       }
+      outer(Rdz, ain, N, dout, din, hv + net_.offW[l - 1] * W, hv + net_.offb[l - 1] * W,
+            l > 1 ? dz : nullptr, l > 1 ? Ra[l - 2] : nullptr);
+      if (l > 1) back_matmul(Rdz, Wl, N, dout, din, Rda, dz, dW);
     }
   }
 
  private:
-  T* carve(Acts<T>& A, int64_t N, T* p) {
+  template <typename Take>
+  void carve(Acts<T>& A, int64_t N, Take& take) {
     for (auto* vec : {&A.z, &A.a, &A.da, &A.dz}) {
       vec->resize(net_.L);
-      for (int64_t l = 1; l <= net_.L; ++l) { (*vec)[l - 1] = p; p += N * net_.d[l]; }
+      for (int64_t l = 1; l <= net_.L; ++l) (*vec)[l - 1] = take(N * net_.d[l]);
     }
-    return p;
   }
 
   const Net& net_;
-  int64_t K_, S_, dmax_;
-  std::vector<T> buf_;
+  int64_t K_, Q_, S_, dmax_;
   std::vector<T*> Rz, Ra;
   T *Rda, *Rdz;
 };
 
-template <typename T>
+// Copies rows src[t] ([n] values each) of the group's tasks into dst [n, W] (lane = task).
+template <typename T, int W, typename S>
+void gather(const S* src, int64_t n, const int64_t* tasks, T* dst) {
+  for (int l = 0; l < W; ++l) {
+    const S* row = src + tasks[l] * n;
+    for (int64_t i = 0; i < n; ++i) dst[i * W + l] = static_cast<T>(row[i]);
+  }
+}
+
+template <typename T, int W>
 void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
          const at::Tensor& yq, const std::vector<at::Tensor>& params, const T* lrflat, T lr,
          int64_t S, int64_t loss, bool first_order, bool need_lr_grad, T* loss_out, T* dtheta_out,
          T* dlr_out) {
   const int64_t Tn = xs.size(0), K = xs.size(1), Q = xq.size(1), I = net.d[0], D = net.d[net.L];
-  const int64_t ystride = loss == 0 ? K * D : K, yqstride = loss == 0 ? Q * D : Q;
-  const T* xsp = xs.data_ptr<T>();
-  const T* xqp = xq.data_ptr<T>();
-  const T* ysf = loss == 0 ? ys.data_ptr<T>() : nullptr;
-  const T* yqf = loss == 0 ? yq.data_ptr<T>() : nullptr;
-  const int64_t* ysl = loss == 1 ? ys.data_ptr<int64_t>() : nullptr;
-  const int64_t* yql = loss == 1 ? yq.data_ptr<int64_t>() : nullptr;
-  std::vector<T> theta0(net.P);
+  const int64_t P = net.P;
+  std::vector<T> theta0(P);
   for (int64_t l = 1; l <= net.L; ++l) {
-    const auto& W = params[2 * (l - 1)];
+    const auto& Wt = params[2 * (l - 1)];
     const auto& b = params[2 * (l - 1) + 1];
-    std::copy(W.data_ptr<T>(), W.data_ptr<T>() + W.numel(), theta0.begin() + net.offW[l - 1]);
+    std::copy(Wt.data_ptr<T>(), Wt.data_ptr<T>() + Wt.numel(), theta0.begin() + net.offW[l - 1]);
     std::copy(b.data_ptr<T>(), b.data_ptr<T>() + b.numel(), theta0.begin() + net.offb[l - 1]);
   }
-  at::parallel_for(0, Tn, 1, [&](int64_t begin, int64_t end) {
-    Task<T> tk(net, K, Q, S);
-    const int64_t P = net.P;
-    for (int64_t t = begin; t < end; ++t) {
-      const T* x = xsp + t * K * I;
-      const T* y = ysf ? ysf + t * ystride : nullptr;
-      const int64_t* yl = ysl ? ysl + t * ystride : nullptr;
-      std::copy(theta0.begin(), theta0.end(), tk.theta);
+  const int64_t groups = (Tn + W - 1) / W;
+  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+    Group<T, W> gp(net, K, Q, S);
+    for (int64_t grp = begin; grp < end; ++grp) {
+      int64_t tasks[W];
+      for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
+      gather<T, W>(xs.data_ptr<T>(), K * I, tasks, gp.xs);
+      gather<T, W>(xq.data_ptr<T>(), Q * I, tasks, gp.xq);
+      if (loss == 0) {
+        gather<T, W>(ys.data_ptr<T>(), K * D, tasks, gp.ys);
+        gather<T, W>(yq.data_ptr<T>(), Q * D, tasks, gp.yq);
+      } else {
+        gather<T, W>(ys.data_ptr<int64_t>(), K, tasks, gp.ys);
+        gather<T, W>(yq.data_ptr<int64_t>(), Q, tasks, gp.yq);
+      }
+      for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
+      T lane_loss[W];
       for (int64_t s = 0; s < S; ++s) {
-        const T* th = tk.theta + s * P;
-        T* gs = tk.g + s * P;
-        tk.forward(th, x, K, tk.steps[s]);
-        tk.loss_grad(tk.steps[s], K, y, yl, loss);
-        tk.backward(th, x, K, tk.steps[s], gs);
-        T* next = tk.theta + (s + 1) * P;
-        if (lrflat) for (int64_t j = 0; j < P; ++j) next[j] = th[j] - lrflat[j] * gs[j];
-        else for (int64_t j = 0; j < P; ++j) next[j] = th[j] - lr * gs[j];
+        const T* th = gp.theta + s * P * W;
+        T* gs = gp.g + s * P * W;
+        gp.forward(th, gp.xs, K, gp.steps[s]);
+        gp.loss_grad(gp.steps[s], K, gp.ys, loss, lane_loss);
+        gp.backward(th, gp.xs, K, gp.steps[s], gs);
+        T* next = gp.theta + (s + 1) * P * W;
+        if (lrflat) {
+          for (int64_t j = 0; j < P; ++j) FM_LANES next[j * W + l] = th[j * W + l] - lrflat[j] * gs[j * W + l];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < P * W; ++j) next[j] = th[j] - lr * gs[j];
+        }
       }
-      const T* xqt = xqp + t * Q * I;
-      const T* thS = tk.theta + S * P;
-      tk.forward(thS, xqt, Q, tk.query);
-      loss_out[t] = tk.loss_grad(tk.query, Q, yqf ? yqf + t * yqstride : nullptr,
-                                 yql ? yql + t * yqstride : nullptr, loss);
-      tk.backward(thS, xqt, Q, tk.query, tk.v);
-      std::fill(tk.dlr, tk.dlr + P, T(0));
+      const T* thS = gp.theta + S * P * W;
+      gp.forward(thS, gp.xq, Q, gp.query);
+      gp.loss_grad(gp.query, Q, gp.yq, loss, lane_loss);
+      gp.backward(thS, gp.xq, Q, gp.query, gp.v);
+      std::fill(gp.dlr, gp.dlr + P * W, T(0));
       for (int64_t s = S - 1; s >= 0; --s) {
-        const T* gs = tk.g + s * P;
-        if (need_lr_grad) for (int64_t j = 0; j < P; ++j) tk.dlr[j] -= gs[j] * tk.v[j];
+        const T* gs = gp.g + s * P * W;
+        if (need_lr_grad) {
+#pragma omp simd
+          for (int64_t j = 0; j < P * W; ++j) gp.dlr[j] -= gs[j] * gp.v[j];
+        }
         if (first_order) continue;
-        if (lrflat) for (int64_t j = 0; j < P; ++j) tk.u[j] = lrflat[j] * tk.v[j];
-        else for (int64_t j = 0; j < P; ++j) tk.u[j] = lr * tk.v[j];
-        tk.hvp(tk.theta + s * P, x, tk.steps[s], tk.u, loss, tk.h);
-        for (int64_t j = 0; j < P; ++j) tk.v[j] -= tk.h[j];
+        if (lrflat) {
+          for (int64_t j = 0; j < P; ++j) FM_LANES gp.u[j * W + l] = lrflat[j] * gp.v[j * W + l];
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < P * W; ++j) gp.u[j] = lr * gp.v[j];
+        }
+        gp.hvp(gp.theta + s * P * W, gp.xs, gp.steps[s], gp.u, loss, gp.h);
+#pragma omp simd
+        for (int64_t j = 0; j < P * W; ++j) gp.v[j] -= gp.h[j];
       }
-      std::copy(tk.v, tk.v + P, dtheta_out + t * P);
-      if (need_lr_grad) std::copy(tk.dlr, tk.dlr + P, dlr_out + t * P);
+      for (int l = 0; l < W; ++l) {
+        const int64_t t = grp * W + l;
+        if (t >= Tn) break;
+        loss_out[t] = lane_loss[l];
+        for (int64_t j = 0; j < P; ++j) dtheta_out[t * P + j] = gp.v[j * W + l];
+        if (need_lr_grad)
+          for (int64_t j = 0; j < P; ++j) dlr_out[t * P + j] = gp.dlr[j * W + l];
+      }
     }
   });
 }
@@ -380,22 +507,13 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
     TORCH_CHECK(lrflat.numel() == net.P, "mlp_inner_loop: lrs must match the params' shapes");
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "mlp_inner_loop_cpu", [&] {
-    run<scalar_t>(net, xs, ys, xq, yq, params, lrflat.defined() ? lrflat.data_ptr<scalar_t>() : nullptr,
+    constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
+    run<scalar_t, W>(net, xs, ys, xq, yq, params, lrflat.defined() ? lrflat.data_ptr<scalar_t>() : nullptr,
                   static_cast<scalar_t>(lr), steps, loss, first_order, need_lr_grad,
                   loss_out.data_ptr<scalar_t>(), dtheta.data_ptr<scalar_t>(),
                   need_lr_grad ? dlr.data_ptr<scalar_t>() : nullptr);
   });
-  std::vector<at::Tensor> outs{loss_out};
-  auto split = [&](const at::Tensor& flat) {
-    for (int64_t l = 0; l < L; ++l) {
-      outs.push_back(flat.narrow(1, net.offW[l], params[2 * l].numel())
-                         .clone(at::MemoryFormat::Contiguous).view({Tn, net.d[l + 1], net.d[l]}));
-      outs.push_back(flat.narrow(1, net.offb[l], net.d[l + 1]).clone(at::MemoryFormat::Contiguous));
-    }
-  };
-  split(dtheta);
-  if (need_lr_grad) split(dlr);
-  return outs;
+  return {loss_out, dtheta, dlr};
 }
 
 }  // namespace fastmeta

@@ -19,6 +19,7 @@ and is differentiable to any order.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -74,38 +75,42 @@ def _register_cpp():
 
     @torch.library.register_fake("fastmeta::mlp_inner_loop")
     def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
-        T = xs.shape[0]
-        outs = [xs.new_empty(T)]
-        outs += [xs.new_empty(T, *p.shape) for p in params]
-        if need_lr_grad:
-            outs += [xs.new_empty(T, *p.shape) for p in params]
-        return outs
+        T, P = xs.shape[0], sum(p.numel() for p in params)
+        return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
 
-    def setup(ctx, inputs, output):
-        params, lrs = inputs[4], inputs[5]
-        ctx.n = len(params)
-        ctx.n_lrs = len(lrs)
-        ctx.need_lr_grad = inputs[12]
-        ctx.mark_non_differentiable(*output[1:])
-        ctx.save_for_backward(*output[1:])
 
-    def backward(ctx, grad_outs):
+class _FusedMLPInnerLoop(torch.autograd.Function):
+    """Autograd of fastmeta::mlp_inner_loop: the op returns the per-task meta-gradients with the
+    losses, so backward is a weighted sum over tasks; it is differentiable once only."""
+
+    @staticmethod
+    def forward(ctx, xs, ys, xq, yq, lr, steps, acts, slope, loss, first_order, n, need_lr_grad, *tensors):
+        params, lrs = list(tensors[:n]), list(tensors[n:])
+        outs = torch.ops.fastmeta.mlp_inner_loop(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope,
+                                                 loss, first_order, need_lr_grad)
+        ctx.shapes = [p.shape for p in params]
+        ctx.n_lrs, ctx.need_lr_grad = len(lrs), need_lr_grad
+        ctx.save_for_backward(outs[1], outs[2])
+        return outs[0]
+
+    @staticmethod
+    def backward(ctx, go):
         if torch.is_grad_enabled():  # create_graph=True: a derivative of the meta-gradient is wanted
             raise RuntimeError("fastmeta::mlp_inner_loop returns the meta-gradient directly and is "
                                "differentiable once only; use fastmeta.use_backend('torch') for "
                                "higher-order derivatives of the meta-loss")
-        go = grad_outs[0]
-        saved = ctx.saved_tensors
-        def reduce(d):
-            return torch.tensordot(go.to(d.dtype), d, dims=([0], [0]))
-        dparams = [reduce(d) for d in saved[: ctx.n]]
-        if ctx.need_lr_grad:
-            dlrs = [reduce(d) for d in saved[ctx.n:]]
-        else:
-            dlrs = [None] * ctx.n_lrs
-        return (None, None, None, None, dparams, dlrs) + (None,) * 7
+        dtheta, dlr = ctx.saved_tensors
+        go = go.to(dtheta.dtype)
 
-    torch.library.register_autograd("fastmeta::mlp_inner_loop", backward, setup_context=setup)
+        def split(flat):  # sum_t go[t] * d[t], then one view per parameter
+            total = torch.mv(flat.t(), go)
+            return list(torch.split(total, [math.prod(s) for s in ctx.shapes]))
+        grads = [g.view(s) for g, s in zip(split(dtheta), ctx.shapes)]
+        if ctx.need_lr_grad:
+            grads += [g.view(s) for g, s in zip(split(dlr), ctx.shapes)]
+        else:
+            grads += [None] * ctx.n_lrs
+        return (None,) * 12 + tuple(grads)
 
 
 def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
@@ -172,8 +177,7 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     need_lr_grad = any(l.requires_grad for l in lrs) and torch.is_grad_enabled()
     y_cast = (lambda y: y.long()) if loss == "cross_entropy" else (lambda y: y)
-    outs = torch.ops.fastmeta.mlp_inner_loop(
-        xs, y_cast(ys), xq, y_cast(yq), list(params), lrs, float(lr) if not lrs else 0.0, steps,
-        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss],
-        bool(first_order), need_lr_grad)
-    return outs[0]
+    return _FusedMLPInnerLoop.apply(
+        xs, y_cast(ys), xq, y_cast(yq), float(lr) if not lrs else 0.0, steps,
+        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order),
+        len(params), need_lr_grad, *params, *lrs)
