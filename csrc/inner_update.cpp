@@ -23,22 +23,40 @@ Periodic as_periodic(const at::Tensor& t, at::IntArrayRef shape) {
   return {v.contiguous(), n};
 }
 
+// out[i] = p[i % pp] - lr[i % lp] * g[i], pp and lp periods that divide n (trailing shapes of the
+// output, so the shorter one divides the longer). Runs in blocks of L = min(pp, lp) elements whose
+// inner loop is contiguous in all operands, so it vectorizes.
 template <typename scalar_t>
 static void update_one(const Periodic& p, const at::Tensor& g, const Periodic& lr, at::Tensor& out) {
   const scalar_t* pp = p.base.data_ptr<scalar_t>();
   const scalar_t* gp = g.data_ptr<scalar_t>();
   const scalar_t* lp = lr.base.data_ptr<scalar_t>();
   scalar_t* op = out.data_ptr<scalar_t>();
-  const int64_t n = g.numel(), pp_n = p.period, lr_n = lr.period;
-  at::parallel_for(0, n, 1 << 15, [&](int64_t begin, int64_t end) {
-    if (pp_n == n && lr_n == 1) {
-      const scalar_t a = lp[0];
-      for (int64_t j = begin; j < end; ++j) op[j] = pp[j] - a * gp[j];
-    } else if (lr_n == 1) {
-      const scalar_t a = lp[0];
-      for (int64_t j = begin; j < end; ++j) op[j] = pp[j % pp_n] - a * gp[j];
-    } else {
-      for (int64_t j = begin; j < end; ++j) op[j] = pp[j % pp_n] - lp[j % lr_n] * gp[j];
+  const int64_t n = g.numel(), pn = p.period, ln = lr.period;
+  if (ln == 1) {  // one rate: blocks of the parameter's period
+    const scalar_t a = lp[0];
+    at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+      int64_t i = begin;
+      while (i < end) {
+        const int64_t j0 = i % pn, stop = std::min(end, i + (pn - j0));
+        const scalar_t* pr = pp + j0 - i;
+#pragma omp simd
+        for (int64_t k = i; k < stop; ++k) op[k] = pr[k] - a * gp[k];
+        i = stop;
+      }
+    });
+    return;
+  }
+  const int64_t L = std::min(pn, ln);
+  at::parallel_for(0, n, 1 << 14, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    while (i < end) {
+      const int64_t j0 = i % L, stop = std::min(end, i + (L - j0));
+      const scalar_t* pr = pp + (i % pn) - i;
+      const scalar_t* lr_ = lp + (i % ln) - i;
+#pragma omp simd
+      for (int64_t k = i; k < stop; ++k) op[k] = pr[k] - lr_[k] * gp[k];
+      i = stop;
     }
   });
 }

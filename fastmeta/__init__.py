@@ -5,15 +5,17 @@
 - ``BatchedMAML``: a whole meta-batch of tasks (leading dim T) in one call, with exact
   (second-order) meta-gradients.
 - ``explain(model)``: how a model is lowered; ``set_backend`` / ``use_backend``: backend choice.
+- ``profile(...)``: per-phase times, op and launch counts, memory and a trace of meta-iterations.
 """
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .batched import BatchedMAML
 from .maml import MAML, MetaSGD, clone_module
 from .plan import UnsupportedModule, explain
+from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) is the profiler)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAML", "MetaSGD", "BatchedMAML", "explain", "clone_module", "set_backend", "get_backend",
-    "use_backend", "BackendUnavailable", "UnsupportedModule", "__version__",
+    "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "__version__",
 ]

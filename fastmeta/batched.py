@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import _checks, ops, plan
+from ._phases import phase
 from .backend import select
 
 _LOSSES = ("mse", "cross_entropy")
@@ -137,20 +138,25 @@ class BatchedMAML(nn.Module):
             if first_order or not create_graph:
                 probe = dict(P)
                 probe.update({n: P[n].detach().requires_grad_() for n in names})
-                losses = self._task_loss(self.program(probe, xs), ys)
-                grads = torch.autograd.grad(losses.sum(), [probe[n] for n in names], allow_unused=True)
+                with phase("inner_forward"):
+                    losses = self._task_loss(self.program(probe, xs), ys)
+                with phase("inner_backward"):
+                    grads = torch.autograd.grad(losses.sum(), [probe[n] for n in names], allow_unused=True)
             else:
-                losses = self._task_loss(self.program(P, xs), ys)
-                grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=True,
-                                            allow_unused=True)
+                with phase("inner_forward"):
+                    losses = self._task_loss(self.program(P, xs), ys)
+                with phase("inner_backward"):
+                    grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=True,
+                                                allow_unused=True)
             if self.check_finite:
                 bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
                 if bad:
                     raise ValueError(f"BatchedMAML: non-finite support loss at inner step {step} for "
                                      f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
-            grads = [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
-            new = ops.inner_update([P[n] for n in names], grads, lr)
-            P.update(zip(names, new))
+            with phase("update"):
+                grads = [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
+                new = ops.inner_update([P[n] for n in names], grads, lr)
+                P.update(zip(names, new))
         return P
 
     def _fused_mlp_ok(self) -> bool:
@@ -172,11 +178,13 @@ class BatchedMAML(nn.Module):
                 params = self._meta_params()
                 lr = self._lr_list()
                 lr = lr if isinstance(lr, list) else float(lr)
-                return ops.mlp_inner_loop(xs, ys, xq, yq, [params[n] for n in spec.param_names], lr,
-                                          self.inner_steps, spec.activations, spec.negative_slope,
-                                          self.loss, self.first_order)
+                with phase("fused_inner_loop"):
+                    return ops.mlp_inner_loop(xs, ys, xq, yq, [params[n] for n in spec.param_names], lr,
+                                              self.inner_steps, spec.activations, spec.negative_slope,
+                                              self.loss, self.first_order)
             P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
-            return self._task_loss(self.program(P, xq), yq)
+            with phase("query_forward"):
+                return self._task_loss(self.program(P, xq), yq)
 
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""

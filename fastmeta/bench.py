@@ -15,8 +15,6 @@ import torch
 
 from . import harness as H
 
-DEFAULT_PROVIDERS = ["fastmeta", "maml", "loop", "vmap", "compile"]
-GPU_EXTRA = ["vmap_graph"]
 
 
 def _progress(i, n, label, t0):
@@ -34,9 +32,13 @@ def default_tasks(workload: str, device: str) -> int:
 
 def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, reps=10, max_seconds=8.0,
                progress=True, dtype=torch.float32):
-    # the naive loop runs first where present: it is the reference of every row's max rel err
-    providers = sorted(providers, key=lambda p: p != "loop")
-    jobs = [(w, o, p) for w in workloads for o in orders for p in providers]
+    """providers: a list, or None for each workload's default set (harness.default_providers)."""
+    jobs = []
+    for w in workloads:
+        provs = providers if providers is not None else H.default_providers(w, device)
+        # the naive loop runs first where present: it is the reference of every row's max rel err
+        provs = sorted(provs, key=lambda p: p != "loop")
+        jobs += [(w, o, p) for o in orders for p in provs]
     results, t0 = [], time.perf_counter()
     refs = {}
     for i, (wname, order, prov) in enumerate(jobs):
@@ -116,7 +118,8 @@ def main(argv=None) -> int:
     ap.add_argument("--workload", default=None, help="comma list of sine,omniglot,miniimagenet "
                     "(default: sine,omniglot; miniimagenet on GPU too)")
     ap.add_argument("--order", default="second,first", help="comma list of first,second")
-    ap.add_argument("--providers", default=None, help="comma list, e.g. fastmeta,fastmeta-torch,loop,vmap,compile")
+    ap.add_argument("--providers", default=None, help="comma list, e.g. fastmeta,fastmeta-torch,loop,vmap,"
+                    "compile (default: per workload and device, see fastmeta.harness.default_providers)")
     ap.add_argument("--tasks", type=int, default=None, help="meta-batch size T (default: per workload/device)")
     ap.add_argument("--steps", type=int, default=None, help="inner steps S (default: per workload)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
@@ -133,8 +136,7 @@ def main(argv=None) -> int:
     for o in orders:
         if o not in ("first", "second"):
             ap.error(f"--order: expected first and/or second, got {o!r}")
-    providers = args.providers.split(",") if args.providers else \
-        DEFAULT_PROVIDERS + (GPU_EXTRA if device == "cuda" else [])
+    providers = args.providers.split(",") if args.providers else None
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False

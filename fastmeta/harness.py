@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._phases import phase
+
 
 # ---------------------------------------------------------------------------------------------
 # Workloads (Finn et al. 2017 shapes)
@@ -68,6 +70,16 @@ def conv4(in_ch, channels, ways, image):
     return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(channels * side * side, ways))
 
 
+def sine_tasks(T: int, generator: torch.Generator, K: int = 10, Q: int = 10):
+    """T sine regression tasks (Finn et al. 2017): amplitude in [0.1, 5], phase in [0, pi],
+    x uniform in [-5, 5]; returns xs [T, K, 1], ys, xq [T, Q, 1], yq."""
+    amp = torch.rand(T, 1, 1, generator=generator) * 4.9 + 0.1
+    phase = torch.rand(T, 1, 1, generator=generator) * torch.pi
+    xs = torch.rand(T, K, 1, generator=generator) * 10 - 5
+    xq = torch.rand(T, Q, 1, generator=generator) * 10 - 5
+    return xs, amp * torch.sin(xs - phase), xq, amp * torch.sin(xq - phase)
+
+
 def make_workload(name: str, tasks: int | None = None, steps: int | None = None, device="cpu",
                   dtype=torch.float32, seed: int = 0, hidden: int = 40) -> Workload:
     """sine (1-40-40-1, K=Q=10, T=25, S=5, lr 0.01), omniglot (conv4 64ch 1x28x28 5-way 1-shot,
@@ -77,11 +89,7 @@ def make_workload(name: str, tasks: int | None = None, steps: int | None = None,
     torch.manual_seed(seed)
     if name == "sine":
         T, S = tasks or 25, 5 if steps is None else steps
-        amp = torch.rand(T, 1, 1, generator=g) * 4.9 + 0.1
-        phase = torch.rand(T, 1, 1, generator=g) * torch.pi
-        xs = torch.rand(T, 10, 1, generator=g) * 10 - 5
-        xq = torch.rand(T, 10, 1, generator=g) * 10 - 5
-        ys, yq = amp * torch.sin(xs - phase), amp * torch.sin(xq - phase)
+        xs, ys, xq, yq = sine_tasks(T, g)
         model, lr, loss = sine_mlp(hidden), 0.01, "mse"
     elif name in ("omniglot", "miniimagenet"):
         if name == "omniglot":
@@ -117,7 +125,8 @@ def _fastmeta(w: Workload, first_order: bool, backend: str | None = None):
     def step():
         with fastmeta.use_backend(backend):
             loss = meta(w.xs, w.ys, w.xq, w.yq)
-            return list(torch.autograd.grad(loss, params))
+            with phase("outer_backward"):
+                return list(torch.autograd.grad(loss, params))
     return step
 
 
@@ -132,11 +141,16 @@ def _loop(w: Workload, first_order: bool):
         for t in range(w.tasks):
             p = dict(zip(names, params))
             for _ in range(w.steps):
-                loss = w.loss_fn(functional_call(w.model, p, (w.xs[t],)), w.ys[t])
-                g = torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
-                p = {n: v - w.inner_lr * gi for (n, v), gi in zip(p.items(), g)}
-            total = total + w.loss_fn(functional_call(w.model, p, (w.xq[t],)), w.yq[t])
-        return list(torch.autograd.grad(total / w.tasks, params))
+                with phase("inner_forward"):
+                    loss = w.loss_fn(functional_call(w.model, p, (w.xs[t],)), w.ys[t])
+                with phase("inner_backward"):
+                    g = torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
+                with phase("update"):
+                    p = {n: v - w.inner_lr * gi for (n, v), gi in zip(p.items(), g)}
+            with phase("query_forward"):
+                total = total + w.loss_fn(functional_call(w.model, p, (w.xq[t],)), w.yq[t])
+        with phase("outer_backward"):
+            return list(torch.autograd.grad(total / w.tasks, params))
     return step
 
 
@@ -161,9 +175,13 @@ def _clone_adapt_loop(w: Workload, maml):
         for t in range(w.tasks):
             learner = maml.clone()
             for _ in range(w.steps):
-                learner.adapt(w.loss_fn(learner(w.xs[t]), w.ys[t]))
-            total = total + w.loss_fn(learner(w.xq[t]), w.yq[t])
-        return list(torch.autograd.grad(total / w.tasks, params))
+                with phase("inner_forward"):
+                    loss = w.loss_fn(learner(w.xs[t]), w.ys[t])
+                learner.adapt(loss)  # its gradient and update phases are marked inside fastmeta.MAML
+            with phase("query_forward"):
+                total = total + w.loss_fn(learner(w.xq[t]), w.yq[t])
+        with phase("outer_backward"):
+            return list(torch.autograd.grad(total / w.tasks, params))
     return step
 
 
@@ -257,6 +275,17 @@ PROVIDERS: dict[str, Callable] = {
     "fastmeta": _fastmeta, "maml": _maml, "loop": _loop, "l2l": _l2l, "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
 }
+
+
+def default_providers(workload: str, device: str) -> list:
+    """Providers compared by default, sized for the device: on a CPU the conv workloads compare
+    fastmeta with the naive loop only (vmap and torch.compile take minutes per row on 2 cores)."""
+    if device == "cuda":
+        return ["fastmeta", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
+                "vmap_graph", "compile", "l2l", "higher"]
+    if workload == "sine":
+        return ["fastmeta", "fastmeta-cpp", "fastmeta-torch", "maml", "loop", "vmap", "compile", "l2l", "higher"]
+    return ["fastmeta", "loop"]
 
 
 def provider_available(name: str, device: str) -> str | None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from . import _checks, ops
+from ._phases import phase
 
 
 class BaseLearner(nn.Module):
@@ -156,8 +157,10 @@ class MAML(BaseLearner):
         _checks.tensor("loss", loss)
         if loss.numel() != 1:
             raise ValueError(f"loss: expected a scalar, got shape {tuple(loss.shape)}")
-        params, grads = _gradients(loss, self.module, not first_order, allow_unused, allow_nograd, "MAML")
-        self.module = update_module(self.module, params, grads, self.lr)
+        with phase("inner_backward"):
+            params, grads = _gradients(loss, self.module, not first_order, allow_unused, allow_nograd, "MAML")
+        with phase("update"):
+            self.module = update_module(self.module, params, grads, self.lr)
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
         """A MAML learner around a differentiable copy of the module (see clone_module)."""
@@ -210,6 +213,8 @@ class MetaSGD(BaseLearner):
         _checks.tensor("loss", loss)
         if loss.numel() != 1:
             raise ValueError(f"loss: expected a scalar, got shape {tuple(loss.shape)}")
-        params, grads = _gradients(loss, self.module, not first_order, bool(allow_unused),
-                                   bool(allow_nograd), "MetaSGD")
-        self.module = update_module(self.module, params, grads, list(self.lrs))
+        with phase("inner_backward"):
+            params, grads = _gradients(loss, self.module, not first_order, bool(allow_unused),
+                                       bool(allow_nograd), "MetaSGD")
+        with phase("update"):
+            self.module = update_module(self.module, params, grads, list(self.lrs))

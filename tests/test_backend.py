@@ -32,7 +32,8 @@ def test_explicit_unavailable_backend_raises_with_reason():
 def test_auto_falls_back_quietly():
     with fastmeta.use_backend("auto"):
         assert backend.select("batched_linear", "cpu") == "torch"
-        assert backend.select("inner_update", "cpu") == ("cpp" if has_cpp() else "torch")
+        assert backend.select("inner_update", "cpu") == "torch"  # measured faster than cpp on CPU
+        assert backend.select("mlp_inner_loop", "cpu") == ("cpp" if has_cpp() else "torch")
         assert backend.select("inner_update", "cuda") in ("torch", "triton", "cuda")
 
 

@@ -9,7 +9,8 @@ Backward (differentiable again, so second-order MAML composes):
     d_theta_i = d_theta'_i (summed to theta_i's shape),  d_g_i = -lr_i * d_theta'_i,
     d_lr_i = -sum(g_i * d_theta'_i) (summed to lr_i's shape).
 
-Backends: ``torch`` (two torch._foreach calls), ``cpp`` (fastmeta._C, one call for all tensors).
+Backends: ``torch`` (torch._foreach ops, autograd-native), ``cpp`` (fastmeta._C, one call for all
+tensors, autograd by a Function whose backward uses differentiable torch ops).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .. import _checks
 from ..backend import register_op, select
 
 IMPLEMENTED = ("torch", "cpp")
-AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+AUTO = {"cpu": ("torch", "cpp"), "cuda": ("torch",)}  # torch foreach measured faster on CPU (RESULTS.md)
 register_op("inner_update", IMPLEMENTED, AUTO)
 
 
@@ -74,16 +75,16 @@ def _check(params, grads, lr):
 
 
 def _torch_impl(params, grads, lr):
+    if isinstance(lr, float):  # one foreach call, autograd-native (twice differentiable)
+        return list(torch._foreach_add(params, grads, alpha=-lr))
     if isinstance(lr, torch.Tensor):  # foreach's Tensor-scalar overload has no autograd for lr
         lr = [lr] * len(grads)
-    if isinstance(lr, (list, tuple)):
-        lr = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype, device=g.device)
-              for l, g in zip(lr, grads)]
-        return list(torch._foreach_sub(params, torch._foreach_mul(grads, lr)))
+    lr = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype, device=g.device)
+          for l, g in zip(lr, grads)]
     return list(torch._foreach_sub(params, torch._foreach_mul(grads, lr)))
 
 
-# ---- C++ op registration (fake kernels and autograd for fastmeta::inner_update_*) -------------
+# ---- C++ op: fake kernels for torch.compile, autograd as a Function (cheap per call) ------------
 _registered = False
 
 
@@ -101,60 +102,76 @@ def _register_cpp():
     def _(params, grads, lrs):
         return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
 
-    def setup_scalar(ctx, inputs, output):
-        params, grads, lr = inputs
-        ctx.lr = lr
-        ctx.shapes = [p.shape for p in params]
 
-    def backward_scalar(ctx, grad_outs):
+class _CppInnerUpdate(torch.autograd.Function):
+    """theta' = theta - lr * g by fastmeta::inner_update_*; backward with differentiable torch ops:
+    d_theta = d_out (summed to theta's shape), d_g = -lr * d_out, d_lr = -sum(g * d_out)."""
+
+    @staticmethod
+    def forward(ctx, n, lr, *tensors):
+        params, grads, lrs = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
+        if lrs:
+            outs = torch.ops.fastmeta.inner_update_tensor(params, grads, lrs)
+            ctx.save_for_backward(*grads, *lrs)
+        else:
+            outs = torch.ops.fastmeta.inner_update_scalar(params, grads, lr)
+        ctx.n, ctx.lr, ctx.has_lrs = n, lr, bool(lrs)
+        ctx.shapes = [p.shape for p in params]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grad_outs):
+        n = ctx.n
         dp = [None if go is None else go.sum_to_size(s) for go, s in zip(grad_outs, ctx.shapes)]
-        dg = [None if go is None else go * (-ctx.lr) for go in grad_outs]
-        return dp, dg, None
-
-    def setup_tensor(ctx, inputs, output):
-        params, grads, lrs = inputs
-        ctx.shapes = [p.shape for p in params]
-        ctx.save_for_backward(*grads, *lrs)
-        ctx.n = len(grads)
-
-    def backward_tensor(ctx, grad_outs):
+        if not ctx.has_lrs:
+            dg = [None if go is None else go * (-ctx.lr) for go in grad_outs]
+            return (None, None, *dp, *dg)
         saved = ctx.saved_tensors
-        grads, lrs = saved[: ctx.n], saved[ctx.n:]
-        dp, dg, dl = [], [], []
-        for go, s, g, l in zip(grad_outs, ctx.shapes, grads, lrs):
-            if go is None:
-                dp.append(None), dg.append(None), dl.append(None)
-                continue
-            dp.append(go.sum_to_size(s))
-            dg.append(-(l * go))
-            dl.append(-(g * go).sum_to_size(l.shape))
-        return dp, dg, dl
-
-    torch.library.register_autograd("fastmeta::inner_update_scalar", backward_scalar,
-                                    setup_context=setup_scalar)
-    torch.library.register_autograd("fastmeta::inner_update_tensor", backward_tensor,
-                                    setup_context=setup_tensor)
+        grads, lrs = saved[:n], saved[n:]
+        dg = [None if go is None else -(l * go) for go, l in zip(grad_outs, lrs)]
+        dl = [None if go is None else -(g * go).sum_to_size(l.shape) for go, g, l in zip(grad_outs, grads, lrs)]
+        return (None, None, *dp, *dg, *dl)
 
 
 def _cpp_impl(params, grads, lr):
     _register_cpp()
+    n = len(grads)
     if isinstance(lr, (list, tuple)):
         lrs = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype)
                for l, g in zip(lr, grads)]
-        return list(torch.ops.fastmeta.inner_update_tensor(list(params), list(grads), lrs))
+        return list(_CppInnerUpdate.apply(n, 0.0, *params, *grads, *lrs))
     if isinstance(lr, torch.Tensor):
-        lrs = [lr.reshape(())] * len(grads)
-        return list(torch.ops.fastmeta.inner_update_tensor(list(params), list(grads), lrs))
-    return list(torch.ops.fastmeta.inner_update_scalar(list(params), list(grads), float(lr)))
+        return list(_CppInnerUpdate.apply(n, 0.0, *params, *grads, *([lr.reshape(())] * n)))
+    return list(_CppInnerUpdate.apply(n, float(lr), *params, *grads))
+
+
+def _fast_check(params, grads, lr) -> bool:
+    """The cheap checks of every call; False sends the call to the full check (which raises)."""
+    if not isinstance(params, (list, tuple)) or not isinstance(grads, (list, tuple)) or len(params) != len(grads):
+        return False
+    for p, g in zip(params, grads):
+        if not isinstance(p, torch.Tensor) or not isinstance(g, torch.Tensor):
+            return False
+        if p.shape != g.shape:
+            if p.dim() > g.dim() or tuple(p.shape) != tuple(g.shape[g.dim() - p.dim():]):
+                return False
+        if p.dtype != g.dtype or p.device != g.device:
+            return False
+    if isinstance(lr, float):
+        return True
+    if isinstance(lr, (list, tuple)):
+        return False  # per-parameter rates: the full check
+    return isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point()
 
 
 def inner_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr) -> list:
     """theta' = theta - lr * g for every tensor, in one op call (see module docstring)."""
-    _check(params, grads, lr)
-    if len(params) == 0:
-        return []
     if isinstance(lr, numbers.Real) and not isinstance(lr, bool):
         lr = float(lr)
+    if not _fast_check(params, grads, lr):
+        _check(params, grads, lr)
+    if len(params) == 0:
+        return []
     backend = select("inner_update", grads[0].device.type)
     if backend == "cpp":
         return _cpp_impl(params, grads, lr)
