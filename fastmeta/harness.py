@@ -7,6 +7,7 @@ mean over tasks of each task's query-loss gradient). Providers:
 
   fastmeta[-<backend>]  BatchedMAML (backend auto or forced)
   maml                  fastmeta.MAML driven like learn2learn (clone/adapt per task)
+  maml_pertensor        the same loop with learn2learn's per-tensor Python update step
   loop                  the naive per-task loop with autograd.grad(create_graph=True)
   l2l, higher           learn2learn / higher loops, when installed
   vmap                  torch.func vmap over tasks of grad-based inner loops
@@ -161,6 +162,27 @@ def _maml(w: Workload, first_order: bool):
     return _clone_adapt_loop(w, maml)
 
 
+def _maml_pertensor(w: Workload, first_order: bool):
+    """fastmeta.MAML's clone/adapt loop with learn2learn 0.2.0's update step instead of the fused
+    op: one Python-level ``p + (-lr * g)`` per parameter tensor (what l2l's maml_update does)."""
+    import fastmeta
+    from fastmeta import maml as fm
+
+    class PerTensorMAML(fastmeta.MAML):
+        def adapt(self, loss, first_order=None, allow_unused=None, allow_nograd=None):
+            fo = self.first_order if first_order is None else first_order
+            params = list(self.module.parameters())
+            grads = torch.autograd.grad(loss, params, retain_graph=not fo, create_graph=not fo)
+            new = {id(p): p + (-self.lr * g) for p, g in zip(params, grads)}
+            fm._replace_params(self.module, new, set())
+
+        def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
+            return PerTensorMAML(fm.clone_module(self.module), lr=self.lr,
+                                 first_order=self.first_order if first_order is None else first_order)
+
+    return _clone_adapt_loop(w, PerTensorMAML(w.model, lr=w.inner_lr, first_order=first_order))
+
+
 def _l2l(w: Workload, first_order: bool):
     import learn2learn as l2l
 
@@ -194,10 +216,10 @@ def _higher(w: Workload, first_order: bool):
     def step():
         total = 0.0
         for t in range(w.tasks):
-            with higher.innerloop_ctx(w.model, opt, copy_initial_weights=False,
-                                      track_higher_grads=not first_order) as (fmodel, diffopt):
-                for _ in range(w.steps):
-                    diffopt.step(w.loss_fn(fmodel(w.xs[t]), w.ys[t]))
+            with higher.innerloop_ctx(w.model, opt, copy_initial_weights=False) as (fmodel, diffopt):
+                for _ in range(w.steps):  # first order: the inner gradients are detached
+                    diffopt.step(w.loss_fn(fmodel(w.xs[t]), w.ys[t]),
+                                 grad_callback=(lambda gs: [g.detach() for g in gs]) if first_order else None)
                 total = total + w.loss_fn(fmodel(w.xq[t]), w.yq[t])
         return list(torch.autograd.grad(total / w.tasks, params))
     return step
@@ -272,7 +294,8 @@ def _vmap_graph(w: Workload, first_order: bool):
 
 
 PROVIDERS: dict[str, Callable] = {
-    "fastmeta": _fastmeta, "maml": _maml, "loop": _loop, "l2l": _l2l, "higher": _higher,
+    "fastmeta": _fastmeta, "maml": _maml, "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
+    "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
 }
 
@@ -284,7 +307,8 @@ def default_providers(workload: str, device: str) -> list:
         return ["fastmeta", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
                 "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
-        return ["fastmeta", "fastmeta-cpp", "fastmeta-torch", "maml", "loop", "vmap", "compile", "l2l", "higher"]
+        return ["fastmeta", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap", "compile",
+                "l2l", "higher"]
     return ["fastmeta", "loop"]
 
 
