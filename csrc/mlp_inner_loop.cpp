@@ -141,20 +141,25 @@ void gemm(const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk, int64_t
 template <typename T, int W>
 class Group {
  public:
-  Group(const Net& net, int64_t K, int64_t Q, int64_t S) : net_(net), K_(K), Q_(Q), S_(S) {
+  // Slots: first order keeps two parameter sets (ping-pong) and one step's activations; the
+  // per-step gradients are kept only when the learned rates need them.
+  Group(const Net& net, int64_t K, int64_t Q, int64_t S, bool first_order, bool keep_grads)
+      : net_(net), K_(K), Q_(Q), S_(S), fo_(first_order), keep_g_(keep_grads) {
     int64_t sumd = 0;
     for (int64_t l = 1; l <= net.L; ++l) sumd += net.d[l];
     const int64_t NQ = std::max(K, Q), P = net.P;
     dmax_ = *std::max_element(net.d.begin(), net.d.end());
     const int64_t I = net.d[0], D = net.d[net.L];
-    const int64_t n = (S + 1) * P + S * P + S * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
+    const int64_t n_theta = first_order ? 2 : S + 1, n_g = keep_grads ? std::max<int64_t>(S, 1) : 1;
+    const int64_t n_steps = first_order ? std::min<int64_t>(S, 1) : S;
+    const int64_t n = n_theta * P + n_g * P + n_steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
                       2 * K * dmax_ + 4 * P + K * I + Q * I + (K + Q) * D + K * D;
     T* p = static_cast<T*>(workspace(static_cast<size_t>(n) * W * sizeof(T)));
     auto take = [&](int64_t count) { T* q = p; p += count * W; return q; };
-    theta = take((S + 1) * P);
-    g = take(S * P);
-    steps.resize(S);
-    for (int64_t s = 0; s < S; ++s) carve(steps[s], K, take);
+    theta = take(n_theta * P);
+    g = take(n_g * P);
+    steps.resize(n_steps);
+    for (int64_t s = 0; s < n_steps; ++s) carve(steps[s], K, take);
     carve(query, NQ, take);
     Rz.resize(net.L); Ra.resize(net.L);
     for (int64_t l = 1; l <= net.L; ++l) { Rz[l - 1] = take(K * net.d[l]); Ra[l - 1] = take(K * net.d[l]); }
@@ -166,6 +171,10 @@ class Group {
   Group& operator=(const Group&) = delete;
 
   T *theta, *g, *v, *u, *h, *dlr, *xs, *xq, *ys, *yq, *scratch;
+  // Where step s keeps its parameters theta_s [P, W], gradient g_s and activations.
+  T* theta_at(int64_t s) const { return theta + (fo_ ? (s & 1) : s) * net_.P * W; }
+  T* g_at(int64_t s) const { return g + (keep_g_ ? s : 0) * net_.P * W; }
+  Acts<T>& acts_at(int64_t s) { return steps[fo_ ? 0 : s]; }
   std::vector<Acts<T>> steps;
   Acts<T> query;
 
@@ -370,6 +379,7 @@ class Group {
 
   const Net& net_;
   int64_t K_, Q_, S_, dmax_;
+  bool fo_, keep_g_;
   std::vector<T*> Rz, Ra;
   T *Rda, *Rdz;
 };
@@ -399,7 +409,7 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
   }
   const int64_t groups = (Tn + W - 1) / W;
   at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
-    Group<T, W> gp(net, K, Q, S);
+    Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad);
     for (int64_t grp = begin; grp < end; ++grp) {
       int64_t tasks[W];
       for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
@@ -415,12 +425,12 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
       for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
       T lane_loss[W];
       for (int64_t s = 0; s < S; ++s) {
-        const T* th = gp.theta + s * P * W;
-        T* gs = gp.g + s * P * W;
-        gp.forward(th, gp.xs, K, gp.steps[s]);
-        gp.loss_grad(gp.steps[s], K, gp.ys, loss, lane_loss);
-        gp.backward(th, gp.xs, K, gp.steps[s], gs);
-        T* next = gp.theta + (s + 1) * P * W;
+        const T* th = gp.theta_at(s);
+        T* gs = gp.g_at(s);
+        gp.forward(th, gp.xs, K, gp.acts_at(s));
+        gp.loss_grad(gp.acts_at(s), K, gp.ys, loss, lane_loss);
+        gp.backward(th, gp.xs, K, gp.acts_at(s), gs);
+        T* next = gp.theta_at(s + 1);
         if (lrflat) {
           for (int64_t j = 0; j < P; ++j) FM_LANES next[j * W + l] = th[j * W + l] - lrflat[j] * gs[j * W + l];
         } else {
@@ -428,13 +438,13 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
           for (int64_t j = 0; j < P * W; ++j) next[j] = th[j] - lr * gs[j];
         }
       }
-      const T* thS = gp.theta + S * P * W;
+      const T* thS = gp.theta_at(S);
       gp.forward(thS, gp.xq, Q, gp.query);
       gp.loss_grad(gp.query, Q, gp.yq, loss, lane_loss);
       gp.backward(thS, gp.xq, Q, gp.query, gp.v);
       std::fill(gp.dlr, gp.dlr + P * W, T(0));
       for (int64_t s = S - 1; s >= 0; --s) {
-        const T* gs = gp.g + s * P * W;
+        const T* gs = gp.g_at(s);
         if (need_lr_grad) {
 #pragma omp simd
           for (int64_t j = 0; j < P * W; ++j) gp.dlr[j] -= gs[j] * gp.v[j];
@@ -446,7 +456,7 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 #pragma omp simd
           for (int64_t j = 0; j < P * W; ++j) gp.u[j] = lr * gp.v[j];
         }
-        gp.hvp(gp.theta + s * P * W, gp.xs, gp.steps[s], gp.u, loss, gp.h);
+        gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.u, loss, gp.h);
 #pragma omp simd
         for (int64_t j = 0; j < P * W; ++j) gp.v[j] -= gp.h[j];
       }

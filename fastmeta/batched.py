@@ -19,7 +19,7 @@ from torch import nn
 
 from . import _checks, ops, plan
 from ._phases import phase
-from .backend import select
+from .backend import get_backend, select
 
 _LOSSES = ("mse", "cross_entropy")
 
@@ -61,6 +61,7 @@ class BatchedMAML(nn.Module):
         self.strict = bool(strict)
         self.check_finite = bool(check_finite)
         self.program = plan.lower(model, strict=self.strict)
+        self._last_sig, self._last_fused = None, False
         params = dict(model.named_parameters())
         self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
         if learn_inner_lr:
@@ -85,6 +86,10 @@ class BatchedMAML(nn.Module):
 
     def _meta_params(self) -> dict:
         return dict(self.model.named_parameters())
+
+    @property
+    def _first_param(self):
+        return next(iter(self.model.parameters()))
 
     def _task_loss(self, pred, target):
         if self.loss == "mse":
@@ -169,22 +174,42 @@ class BatchedMAML(nn.Module):
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
         return select("mlp_inner_loop", p.device.type) != "torch"
 
+    def _signature(self, xs, ys, xq, yq):
+        """What the argument checks depend on: shapes, dtypes and devices of the batch and of the
+        parameters, the requested backend. A call with the signature of the last checked call skips
+        the checks (they would pass again); the label range check of cross-entropy still runs."""
+        p = self._first_param
+        return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
+                yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr))
+
     def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
         """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
-        self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
+        try:
+            sig = self._signature(xs, ys, xq, yq)
+        except AttributeError:  # not tensors: the full check raises the right error
+            sig = None
+        if sig is None or sig != self._last_sig:
+            self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
+            fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
+            checked = False
+        else:
+            fused, checked = self._last_fused, True
         with torch.enable_grad():
-            if self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3:
+            if fused:
                 spec = self.program.mlp
                 params = self._meta_params()
                 lr = self._lr_list()
                 lr = lr if isinstance(lr, list) else float(lr)
                 with phase("fused_inner_loop"):
-                    return ops.mlp_inner_loop(xs, ys, xq, yq, [params[n] for n in spec.param_names], lr,
-                                              self.inner_steps, spec.activations, spec.negative_slope,
-                                              self.loss, self.first_order)
-            P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
-            with phase("query_forward"):
-                return self._task_loss(self.program(P, xq), yq)
+                    out = ops.mlp_inner_loop(xs, ys, xq, yq, [params[n] for n in spec.param_names], lr,
+                                             self.inner_steps, spec.activations, spec.negative_slope,
+                                             self.loss, self.first_order, _checked=checked)
+            else:
+                P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
+                with phase("query_forward"):
+                    out = self._task_loss(self.program(P, xq), yq)
+        self._last_sig, self._last_fused = sig, fused
+        return out
 
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""

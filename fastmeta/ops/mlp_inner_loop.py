@@ -161,9 +161,12 @@ def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
 
 
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
-                   loss="mse", first_order=False):
-    """Query losses [T] after the inner loop; backward is the exact meta-gradient (see module doc)."""
-    _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+                   loss="mse", first_order=False, _checked=False):
+    """Query losses [T] after the inner loop; backward is the exact meta-gradient (see module doc).
+
+    _checked: the caller has checked arguments of these very shapes, dtypes and devices before."""
+    if not _checked:
+        _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
     if loss == "cross_entropy":
         C = params[-2].shape[0]
         for name, y in (("ys", ys), ("yq", yq)):
