@@ -12,9 +12,9 @@ For each task: S steps theta <- theta - lr * grad L_support(theta) from the meta
 the query loss L_query(theta_S), returned per task. Backward gives the exact meta-gradient
 d L_query / d theta_0 (second order, or first order) and d L_query / d lr.
 
-The ``cpp`` backend returns the meta-gradient directly from one C++ call (reverse pass over the
-steps with closed-form Hessian-vector products, csrc/mlp_inner_loop.cpp); it is therefore
-differentiable once only. The reference, ``mlp_inner_loop_ref``, unrolls the loop with autograd
+The ``cpp`` backend (csrc/mlp_inner_loop.cpp) and the ``triton`` backend (kernels/mlp_inner_loop.py,
+one program per task) return the meta-gradient directly from one call (reverse pass over the steps
+with closed-form Hessian-vector products); they are therefore differentiable once only. The reference, ``mlp_inner_loop_ref``, unrolls the loop with autograd
 and is differentiable to any order.
 """
 from __future__ import annotations
@@ -29,8 +29,8 @@ from ..backend import register_op, select
 from .batched_linear import ACTIVATIONS, batched_linear_ref
 from .task_loss import cross_entropy_ref, mse_ref
 
-IMPLEMENTED = ("torch", "cpp")
-AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+IMPLEMENTED = ("torch", "cpp", "triton")
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
 register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
 _ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
@@ -79,15 +79,48 @@ def _register_cpp():
         return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
 
 
+_triton_registered = False
+
+
+def _register_triton():
+    """fastmeta::mlp_inner_loop_triton: the Triton kernel as a torch.library custom op with a fake."""
+    global _triton_registered
+    if _triton_registered:
+        return
+    _triton_registered = True
+    from ..kernels.mlp_inner_loop import mlp_inner_loop_fwd
+
+    @torch.library.custom_op("fastmeta::mlp_inner_loop_triton", mutates_args=())
+    def _op(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, params: list[torch.Tensor],
+            lrs: list[torch.Tensor], lr: float, steps: int, acts: list[int], negative_slope: float, loss: int,
+            first_order: bool, need_lr_grad: bool) -> list[torch.Tensor]:
+        return mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss,
+                                  first_order, need_lr_grad)
+
+    @_op.register_fake
+    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
+        T, P = xs.shape[0], sum(p.numel() for p in params)
+        return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
+
+
+def _kernel(backend):
+    if backend == "cpp":
+        _register_cpp()
+        return torch.ops.fastmeta.mlp_inner_loop
+    _register_triton()
+    return torch.ops.fastmeta.mlp_inner_loop_triton
+
+
 class _FusedMLPInnerLoop(torch.autograd.Function):
-    """Autograd of fastmeta::mlp_inner_loop: the op returns the per-task meta-gradients with the
-    losses, so backward is a weighted sum over tasks; it is differentiable once only."""
+    """Autograd of the fused ops (fastmeta::mlp_inner_loop, ::mlp_inner_loop_triton): they return the
+    per-task meta-gradients with the losses, so backward is a weighted sum over tasks; it is
+    differentiable once only."""
 
     @staticmethod
-    def forward(ctx, xs, ys, xq, yq, lr, steps, acts, slope, loss, first_order, n, need_lr_grad, *tensors):
+    def forward(ctx, kernel, xs, ys, xq, yq, lr, steps, acts, slope, loss, first_order, n, need_lr_grad,
+                *tensors):
         params, lrs = list(tensors[:n]), list(tensors[n:])
-        outs = torch.ops.fastmeta.mlp_inner_loop(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope,
-                                                 loss, first_order, need_lr_grad)
+        outs = kernel(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad)
         ctx.shapes = [p.shape for p in params]
         ctx.n_lrs, ctx.need_lr_grad = len(lrs), need_lr_grad
         ctx.save_for_backward(outs[1], outs[2])
@@ -110,7 +143,7 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
             grads += [g.view(s) for g, s in zip(split(dlr), ctx.shapes)]
         else:
             grads += [None] * ctx.n_lrs
-        return (None,) * 12 + tuple(grads)
+        return (None,) * 13 + tuple(grads)
 
 
 def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
@@ -176,11 +209,10 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
     if backend == "torch":
         return mlp_inner_loop_ref(xs, ys, xq, yq, list(params), lr, steps, activations,
                                   negative_slope, loss, first_order)
-    _register_cpp()
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     need_lr_grad = any(l.requires_grad for l in lrs) and torch.is_grad_enabled()
     y_cast = (lambda y: y.long()) if loss == "cross_entropy" else (lambda y: y)
     return _FusedMLPInnerLoop.apply(
-        xs, y_cast(ys), xq, y_cast(yq), float(lr) if not lrs else 0.0, steps,
+        _kernel(backend), xs, y_cast(ys), xq, y_cast(yq), float(lr) if not lrs else 0.0, steps,
         [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order),
         len(params), need_lr_grad, *params, *lrs)

@@ -1,0 +1,355 @@
+"""Triton: the whole MAML inner loop of an MLP, one program per task, with the exact meta-gradient.
+
+Same math and output contract as csrc/mlp_inner_loop.cpp (see fastmeta/ops/mlp_inner_loop.py):
+for task t, S steps theta_{s+1} = theta_s - lr (.) grad L_sup(theta_s), the query loss at theta_S,
+and a reverse pass v_s = v_{s+1} - H_s (lr (.) v_{s+1}) whose Hessian-vector products are computed in
+closed form (Pearlmutter's R-operator, forward-over-reverse on the stored activations of step s).
+
+Layout: every layer is padded to one square tile, W_l [DP, DP] and b_l [DP] (DP a power of two >= 16,
+at least the widest layer), and a batch of rows to BK (>= 16). Padding is masked to zero after every
+activation, so padded rows and columns never reach a gradient. Each task owns a slice of a global
+scratch buffer: the parameters of every step, the per-step gradients and activations.
+
+    x  [BK, DP]  --W_l [DP, DP], b_l-->  z_l = a_{l-1} W_l^T + b_l,   a_l = act_l(z_l)
+    backward:   dz_l = act'(z_l) da_l,   gW_l = dz_l^T a_{l-1},   da_{l-1} = dz_l W_l
+    R-forward:  Rz_l = Ra_{l-1} W_l^T + a_{l-1} dW_l^T + db_l,   Ra_l = act'(z_l) Rz_l
+    R-backward: Rdz_l = act''(z_l) Rz_l da_l + act'(z_l) Rda_l,
+                hW_l = Rdz_l^T a_{l-1} + dz_l^T Ra_{l-1},   Rda_{l-1} = Rdz_l W_l + dz_l dW_l
+
+All products are tl.dot with input_precision='ieee' (no TF32), so float32 results match the
+reference to rounding.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _act_fwd(z, code, slope):
+    """act(z) for code 0 none, 1 relu, 2 leaky relu, 3 tanh, 4 sigmoid."""
+    sig = tl.sigmoid(z)
+    th = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+    out = tl.where(code == 1, tl.maximum(z, 0.0), z)
+    out = tl.where(code == 2, tl.where(z > 0, z, slope * z), out)
+    out = tl.where(code == 3, th, out)
+    out = tl.where(code == 4, sig, out)
+    return out
+
+
+@triton.jit
+def _act_d1(z, a, code, slope):
+    """act'(z), from z and a = act(z)."""
+    d = tl.where(code == 1, tl.where(z > 0, 1.0, 0.0), 1.0)
+    d = tl.where(code == 2, tl.where(z > 0, 1.0, slope), d)
+    d = tl.where(code == 3, 1.0 - a * a, d)
+    d = tl.where(code == 4, a * (1.0 - a), d)
+    return d
+
+
+@triton.jit
+def _act_d2(a, code):
+    """act''(z), from a = act(z) (zero for the piecewise-linear activations)."""
+    d = tl.where(code == 3, -2.0 * a * (1.0 - a * a), 0.0)
+    d = tl.where(code == 4, a * (1.0 - a) * (1.0 - 2.0 * a), d)
+    return d
+
+
+@triton.jit
+def _dot(a, b):
+    return tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
+def _forward(th_ptr, x, act_ptr, rows, cols, dims_ptr, n_rows, slope, L: tl.constexpr, DP: tl.constexpr,
+             BK: tl.constexpr):
+    """Forward through L layers at parameters th_ptr; stores z_l, a_l to act_ptr [4, L, BK, DP]
+    (slots: z, a, da, dz). Returns a_L."""
+    a = x
+    wr = tl.arange(0, DP)
+    for l in tl.static_range(L):
+        W = tl.load(th_ptr + l * (DP * DP + DP) + wr[:, None] * DP + wr[None, :])
+        b = tl.load(th_ptr + l * (DP * DP + DP) + DP * DP + wr)
+        z = _dot(a, tl.trans(W)) + b[None, :]
+        code = tl.load(dims_ptr + 2 * (L + 1) + l)
+        dout = tl.load(dims_ptr + l + 1)
+        keep = (rows[:, None] < n_rows) & (cols[None, :] < dout)
+        a = tl.where(keep, _act_fwd(z, code, slope), 0.0)
+        z = tl.where(keep, z, 0.0)
+        tl.store(act_ptr + (0 * L + l) * BK * DP + rows[:, None] * DP + cols[None, :], z)
+        tl.store(act_ptr + (1 * L + l) * BK * DP + rows[:, None] * DP + cols[None, :], a)
+    return a
+
+
+@triton.jit
+def _loss_grad(aL, y_ptr, rows, cols, n_rows, dout, LOSS: tl.constexpr, DP: tl.constexpr):
+    """(per-row-summed loss [BK], dloss/da_L [BK, DP]) for mse (mean over rows*dout) or
+    cross-entropy (mean over rows); y_ptr: targets [n_rows, dout] or labels [n_rows]."""
+    rmask = rows < n_rows
+    keep = rmask[:, None] & (cols[None, :] < dout)
+    if LOSS == 0:
+        y = tl.load(y_ptr + rows[:, None] * dout + cols[None, :], mask=keep, other=0.0)
+        diff = tl.where(keep, aL - y, 0.0)
+        scale = 1.0 / (n_rows * dout).to(aL.dtype)
+        return tl.sum(diff * diff, axis=1) * scale, 2.0 * diff * scale
+    label = tl.load(y_ptr + rows, mask=rmask, other=0)
+    logits = tl.where(keep, aL, float("-inf"))
+    m = tl.max(logits, axis=1)
+    m = tl.where(rmask, m, 0.0)
+    e = tl.where(keep, tl.exp(logits - m[:, None]), 0.0)
+    ssum = tl.sum(e, axis=1)
+    ssum = tl.where(rmask, ssum, 1.0)
+    p = e / ssum[:, None]
+    onehot = tl.where(cols[None, :] == label[:, None], 1.0, 0.0)
+    picked = tl.sum(tl.where(keep, aL * onehot, 0.0), axis=1)
+    inv_n = 1.0 / n_rows.to(aL.dtype)
+    loss = tl.where(rmask, tl.log(ssum) + m - picked, 0.0) * inv_n
+    return loss, tl.where(keep, (p - onehot) * inv_n, 0.0)
+
+
+@triton.jit
+def _backward(th_ptr, x, act_ptr, g_ptr, da, rows, cols, dims_ptr, n_rows, slope, L: tl.constexpr,
+              DP: tl.constexpr, BK: tl.constexpr):
+    """Backward from da = dloss/da_L: stores da_l, dz_l to act_ptr and the gradient to g_ptr."""
+    wr = tl.arange(0, DP)
+    for i in tl.static_range(L):
+        l = L - 1 - i
+        base = act_ptr + rows[:, None] * DP + cols[None, :]
+        z = tl.load(base + (0 * L + l) * BK * DP)
+        a = tl.load(base + (1 * L + l) * BK * DP)
+        code = tl.load(dims_ptr + 2 * (L + 1) + l)
+        dz = _act_d1(z, a, code, slope) * da
+        tl.store(base + (2 * L + l) * BK * DP, da)
+        tl.store(base + (3 * L + l) * BK * DP, dz)
+        if l == 0:
+            a_prev = x
+        else:
+            a_prev = tl.load(base + (1 * L + l - 1) * BK * DP)
+        gW = _dot(tl.trans(dz), a_prev)
+        gb = tl.sum(dz, axis=0)
+        tl.store(g_ptr + l * (DP * DP + DP) + wr[:, None] * DP + wr[None, :], gW)
+        tl.store(g_ptr + l * (DP * DP + DP) + DP * DP + wr, gb)
+        if l > 0:
+            W = tl.load(th_ptr + l * (DP * DP + DP) + wr[:, None] * DP + wr[None, :])
+            dprev = tl.load(dims_ptr + l)
+            keep = (rows[:, None] < n_rows) & (cols[None, :] < dprev)
+            da = tl.where(keep, _dot(dz, W), 0.0)
+
+
+@triton.jit
+def _hvp(th_ptr, u_ptr, h_ptr, x, act_ptr, r_ptr, rows, cols, dims_ptr, n_rows, slope, LOSS: tl.constexpr,
+         L: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr):
+    """h = H u at th (activations of that step in act_ptr); r_ptr: scratch [2, L, BK, DP] (Rz, Ra)."""
+    wr = tl.arange(0, DP)
+    base = rows[:, None] * DP + cols[None, :]
+    ra = tl.zeros((BK, DP), dtype=x.dtype)
+    for l in tl.static_range(L):  # R-forward
+        lo = l * (DP * DP + DP)
+        W = tl.load(th_ptr + lo + wr[:, None] * DP + wr[None, :])
+        dW = tl.load(u_ptr + lo + wr[:, None] * DP + wr[None, :])
+        db = tl.load(u_ptr + lo + DP * DP + wr)
+        if l == 0:
+            a_prev = x
+        else:
+            a_prev = tl.load(act_ptr + (1 * L + l - 1) * BK * DP + base)
+        rz = _dot(a_prev, tl.trans(dW)) + db[None, :]
+        if l > 0:
+            rz += _dot(ra, tl.trans(W))
+        z = tl.load(act_ptr + (0 * L + l) * BK * DP + base)
+        a = tl.load(act_ptr + (1 * L + l) * BK * DP + base)
+        code = tl.load(dims_ptr + 2 * (L + 1) + l)
+        dout = tl.load(dims_ptr + l + 1)
+        keep = (rows[:, None] < n_rows) & (cols[None, :] < dout)
+        rz = tl.where(keep, rz, 0.0)
+        ra = tl.where(keep, _act_d1(z, a, code, slope) * rz, 0.0)
+        tl.store(r_ptr + (0 * L + l) * BK * DP + base, rz)
+        tl.store(r_ptr + (1 * L + l) * BK * DP + base, ra)
+    tl.debug_barrier()
+    dL = tl.load(dims_ptr + L)
+    keepL = (rows[:, None] < n_rows) & (cols[None, :] < dL)
+    if LOSS == 0:
+        rda = tl.where(keepL, ra * (2.0 / (n_rows * dL).to(ra.dtype)), 0.0)
+    else:
+        aL = tl.load(act_ptr + (1 * L + L - 1) * BK * DP + base)
+        logits = tl.where(keepL, aL, float("-inf"))
+        m = tl.where(rows < n_rows, tl.max(logits, axis=1), 0.0)
+        e = tl.where(keepL, tl.exp(logits - m[:, None]), 0.0)
+        ssum = tl.where(rows < n_rows, tl.sum(e, axis=1), 1.0)
+        p = e / ssum[:, None]
+        pr = tl.sum(p * ra, axis=1)
+        rda = tl.where(keepL, p * (ra - pr[:, None]) * (1.0 / n_rows.to(ra.dtype)), 0.0)
+    for i in tl.static_range(L):  # R-backward
+        l = L - 1 - i
+        lo = l * (DP * DP + DP)
+        z = tl.load(act_ptr + (0 * L + l) * BK * DP + base)
+        a = tl.load(act_ptr + (1 * L + l) * BK * DP + base)
+        da = tl.load(act_ptr + (2 * L + l) * BK * DP + base)
+        dz = tl.load(act_ptr + (3 * L + l) * BK * DP + base)
+        rz = tl.load(r_ptr + (0 * L + l) * BK * DP + base)
+        code = tl.load(dims_ptr + 2 * (L + 1) + l)
+        rdz = _act_d2(a, code) * rz * da + _act_d1(z, a, code, slope) * rda
+        if l == 0:
+            a_prev = x
+        else:
+            a_prev = tl.load(act_ptr + (1 * L + l - 1) * BK * DP + base)
+        hW = _dot(tl.trans(rdz), a_prev)
+        if l > 0:
+            ra_prev = tl.load(r_ptr + (1 * L + l - 1) * BK * DP + base)
+            hW += _dot(tl.trans(dz), ra_prev)
+        tl.store(h_ptr + lo + wr[:, None] * DP + wr[None, :], hW)
+        tl.store(h_ptr + lo + DP * DP + wr, tl.sum(rdz, axis=0))
+        if l > 0:
+            W = tl.load(th_ptr + lo + wr[:, None] * DP + wr[None, :])
+            dW = tl.load(u_ptr + lo + wr[:, None] * DP + wr[None, :])
+            dprev = tl.load(dims_ptr + l)
+            keep = (rows[:, None] < n_rows) & (cols[None, :] < dprev)
+            rda = tl.where(keep, _dot(rdz, W) + _dot(dz, dW), 0.0)
+
+
+@triton.jit
+def _mlp_inner_loop_kernel(
+    xs_ptr, ys_ptr, xq_ptr, yq_ptr,   # [T, K, I], [T, K, D] or [T, K], [T, Q, I], [T, Q, D] or [T, Q]
+    theta0_ptr, lr_ptr, hyper_ptr,    # padded meta-parameters [PP]; padded rates [PP]; [lr, slope]
+    dims_ptr,                         # int32 [2 (L + 1) + L]: widths, (unused), activation codes
+    scratch_ptr,                      # [T, SCRATCH] per-task workspace
+    loss_ptr, dtheta_ptr, dlr_ptr,    # [T], [T, PP], [T, PP]
+    K, Q,
+    S: tl.constexpr, L: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, LOSS: tl.constexpr,
+    PER_PARAM_LR: tl.constexpr, FIRST_ORDER: tl.constexpr, NEED_LR_GRAD: tl.constexpr,
+    SCRATCH: tl.constexpr, PP: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    lr_scalar = tl.load(hyper_ptr)   # in the data's dtype (a float argument would be float32)
+    slope = tl.load(hyper_ptr + 1)
+    rows = tl.arange(0, BK)
+    cols = tl.arange(0, DP)
+    din = tl.load(dims_ptr)
+    dout = tl.load(dims_ptr + L)
+    ws = scratch_ptr + t * SCRATCH
+    theta = ws                                  # [S + 1, PP]
+    grads = theta + (S + 1) * PP                # [S, PP]
+    acts = grads + S * PP                       # [S + 1, 4, L, BK, DP]  (slot S: the query)
+    rbuf = acts + (S + 1) * 4 * L * BK * DP     # [2, L, BK, DP]
+    vbuf = rbuf + 2 * L * BK * DP               # v, u, h: [3, PP]
+    ubuf = vbuf + PP
+    hbuf = ubuf + PP
+    offs = tl.arange(0, BLOCK_P)
+    for p0 in range(0, PP, BLOCK_P):
+        m = p0 + offs < PP
+        tl.store(theta + p0 + offs, tl.load(theta0_ptr + p0 + offs, mask=m), mask=m)
+    xmask = (rows[:, None] < K) & (cols[None, :] < din)
+    x = tl.load(xs_ptr + t * K * din + rows[:, None] * din + cols[None, :], mask=xmask, other=0.0)
+    if LOSS == 0:
+        y_s = ys_ptr + t * K * dout
+        y_q = yq_ptr + t * Q * dout
+    else:
+        y_s = ys_ptr + t * K
+        y_q = yq_ptr + t * Q
+    for s in range(S):
+        th = theta + s * PP
+        act = acts + s * 4 * L * BK * DP
+        aL = _forward(th, x, act, rows, cols, dims_ptr, K, slope, L, DP, BK)
+        tl.debug_barrier()
+        _, da = _loss_grad(aL, y_s, rows, cols, K, dout, LOSS, DP)
+        _backward(th, x, act, grads + s * PP, da, rows, cols, dims_ptr, K, slope, L, DP, BK)
+        tl.debug_barrier()
+        for p0 in range(0, PP, BLOCK_P):
+            m = p0 + offs < PP
+            g = tl.load(grads + s * PP + p0 + offs, mask=m, other=0.0)
+            if PER_PARAM_LR:
+                rate = tl.load(lr_ptr + p0 + offs, mask=m, other=0.0)
+            else:
+                rate = lr_scalar
+            tl.store(th + PP + p0 + offs, tl.load(th + p0 + offs, mask=m) - rate * g, mask=m)
+        tl.debug_barrier()
+    thS = theta + S * PP
+    qact = acts + S * 4 * L * BK * DP
+    xqmask = (rows[:, None] < Q) & (cols[None, :] < din)
+    xq = tl.load(xq_ptr + t * Q * din + rows[:, None] * din + cols[None, :], mask=xqmask, other=0.0)
+    aL = _forward(thS, xq, qact, rows, cols, dims_ptr, Q, slope, L, DP, BK)
+    tl.debug_barrier()
+    lq, da = _loss_grad(aL, y_q, rows, cols, Q, dout, LOSS, DP)
+    tl.store(loss_ptr + t, tl.sum(lq, axis=0))
+    _backward(thS, xq, qact, vbuf, da, rows, cols, dims_ptr, Q, slope, L, DP, BK)
+    tl.debug_barrier()
+    if NEED_LR_GRAD:
+        for p0 in range(0, PP, BLOCK_P):
+            m = p0 + offs < PP
+            tl.store(dlr_ptr + t * PP + p0 + offs, tl.zeros((BLOCK_P,), dtype=x.dtype), mask=m)
+    for i in range(S):
+        s = S - 1 - i
+        for p0 in range(0, PP, BLOCK_P):
+            m = p0 + offs < PP
+            v = tl.load(vbuf + p0 + offs, mask=m, other=0.0)
+            if NEED_LR_GRAD:
+                g = tl.load(grads + s * PP + p0 + offs, mask=m, other=0.0)
+                acc = tl.load(dlr_ptr + t * PP + p0 + offs, mask=m, other=0.0)
+                tl.store(dlr_ptr + t * PP + p0 + offs, acc - g * v, mask=m)
+            if PER_PARAM_LR:
+                rate = tl.load(lr_ptr + p0 + offs, mask=m, other=0.0)
+            else:
+                rate = lr_scalar
+            tl.store(ubuf + p0 + offs, rate * v, mask=m)
+        tl.debug_barrier()
+        if not FIRST_ORDER:
+            _hvp(theta + s * PP, ubuf, hbuf, x, acts + s * 4 * L * BK * DP, rbuf, rows, cols, dims_ptr, K,
+                 slope, LOSS, L, DP, BK)
+            tl.debug_barrier()
+            for p0 in range(0, PP, BLOCK_P):
+                m = p0 + offs < PP
+                v = tl.load(vbuf + p0 + offs, mask=m, other=0.0)
+                h = tl.load(hbuf + p0 + offs, mask=m, other=0.0)
+                tl.store(vbuf + p0 + offs, v - h, mask=m)
+            tl.debug_barrier()
+    for p0 in range(0, PP, BLOCK_P):
+        m = p0 + offs < PP
+        tl.store(dtheta_ptr + t * PP + p0 + offs, tl.load(vbuf + p0 + offs, mask=m, other=0.0), mask=m)
+
+
+def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order,
+                       need_lr_grad):
+    """Host launcher with the C++ op's contract: returns [loss [T], dtheta [T, P], dlr [T or 0, P]]."""
+    import torch
+
+    T, K, I = xs.shape
+    Q = xq.shape[1]
+    L = len(params) // 2
+    widths = [I] + [params[2 * l].shape[0] for l in range(L)]
+    DP = max(16, triton.next_power_of_2(max(widths)))
+    BK = max(16, triton.next_power_of_2(max(K, Q)))
+    LS = DP * DP + DP
+    PP = L * LS
+    dev, dt = xs.device, xs.dtype
+
+    def pad(flat_list):  # [W_1, b_1, ...] -> padded [PP]
+        out = torch.zeros(L, LS, device=dev, dtype=dt)
+        for l in range(L):
+            W, b = flat_list[2 * l], flat_list[2 * l + 1]
+            o, i = W.shape
+            out[l, : DP * DP].view(DP, DP)[:o, :i] = W
+            out[l, DP * DP: DP * DP + o] = b
+        return out.reshape(-1)
+
+    def unpad(buf):  # [T, PP] -> [T, P] in the C++ op's flat order
+        buf = buf.view(T, L, LS)
+        parts = []
+        for l in range(L):
+            o, i = params[2 * l].shape
+            parts.append(buf[:, l, : DP * DP].reshape(T, DP, DP)[:, :o, :i].reshape(T, -1))
+            parts.append(buf[:, l, DP * DP: DP * DP + o])
+        return torch.cat(parts, dim=1)
+
+    theta0 = pad([p.detach() for p in params])
+    lr_buf = pad([l.detach() for l in lrs]) if lrs else theta0  # unused unless PER_PARAM_LR
+    hyper = torch.tensor([float(lr), float(negative_slope)], dtype=dt, device=dev)
+    dims = torch.tensor(widths + [0] * (L + 1) + list(acts), dtype=torch.int32, device=dev)
+    scratch_per_task = (steps + 1) * PP + steps * PP + (steps + 1) * 4 * L * BK * DP + 2 * L * BK * DP + 3 * PP
+    scratch = torch.empty(T, scratch_per_task, device=dev, dtype=dt)
+    loss_out = torch.empty(T, device=dev, dtype=dt)
+    dtheta = torch.empty(T, PP, device=dev, dtype=dt)
+    dlr = torch.empty(T if need_lr_grad else 1, PP, device=dev, dtype=dt)
+    _mlp_inner_loop_kernel[(T,)](
+        xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), theta0, lr_buf, hyper, dims,
+        scratch, loss_out, dtheta, dlr, K, Q,
+        S=steps, L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=bool(lrs), FIRST_ORDER=bool(first_order),
+        NEED_LR_GRAD=bool(need_lr_grad), SCRATCH=scratch_per_task, PP=PP, BLOCK_P=1024, num_warps=4)
+    dlr_out = unpad(dlr) if need_lr_grad else dtheta.new_empty(0, sum(p.numel() for p in params))
+    return [loss_out, unpad(dtheta), dlr_out]

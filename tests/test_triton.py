@@ -1,0 +1,87 @@
+"""Triton kernels against their references. On a CPU they run under TRITON_INTERPRET=1 (set in
+conftest.py before triton is imported) at small shapes; on a GPU, on the device."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import ops
+from fastmeta.backend import why_unavailable
+from conftest import RTOL, assert_rel_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(why_unavailable("triton", DEVICE) is not None,
+                                reason=f"triton unavailable: {why_unavailable('triton', DEVICE)}")
+
+
+def make(widths, T, K, Q, loss, dtype):
+    params = []
+    for i in range(len(widths) - 1):
+        params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).to(DEVICE).requires_grad_(),
+                   (0.1 * torch.randn(widths[i + 1], dtype=dtype)).to(DEVICE).requires_grad_()]
+    xs = torch.randn(T, K, widths[0], dtype=dtype, device=DEVICE)
+    xq = torch.randn(T, Q, widths[0], dtype=dtype, device=DEVICE)
+    if loss == "mse":
+        ys = torch.randn(T, K, widths[-1], dtype=dtype, device=DEVICE)
+        yq = torch.randn(T, Q, widths[-1], dtype=dtype, device=DEVICE)
+    else:
+        ys = torch.randint(0, widths[-1], (T, K), device=DEVICE)
+        yq = torch.randint(0, widths[-1], (T, Q), device=DEVICE)
+    return params, (xs, ys, xq, yq)
+
+
+def compare(params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01):
+    lr_list = lr if isinstance(lr, list) else []
+    out = {}
+    for backend in ("torch", "triton"):
+        with fastmeta.use_backend(backend):
+            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order)
+        w = torch.linspace(0.5, 1.5, losses.shape[0], dtype=losses.dtype, device=losses.device)
+        out[backend] = (losses.detach(), list(torch.autograd.grad((losses * w).sum(), params + lr_list)))
+    assert_rel_close([out["triton"][0]], [out["torch"][0]], rtol, "losses")
+    assert_rel_close(out["triton"][1], out["torch"][1], rtol, "meta-grad")
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_inner_loop_sine_widths(first_order, T, dtype):
+    params, batch = make((1, 40, 37, 1), T, 10, 10, "mse", dtype)
+    compare(params, batch, 0.01, 3, ["relu", "relu", None], "mse", first_order, RTOL[dtype])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_inner_loop_cross_entropy_smooth_activations(first_order):
+    params, batch = make((3, 37, 11, 5), 3, 7, 9, "cross_entropy", torch.float64)
+    compare(params, batch, 0.1, 2, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy", first_order,
+            RTOL[torch.float64], slope=0.2)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_inner_loop_meta_sgd(first_order):
+    params, batch = make((2, 37, 3), 3, 6, 5, "mse", torch.float64)
+    lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
+    compare(params, batch, lrs, 3, ["tanh", None], "mse", first_order, RTOL[torch.float64])
+
+
+def test_batched_maml_picks_triton_when_asked():
+    model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
+    model = model.double().to(DEVICE)
+    T = 3
+    g = torch.Generator().manual_seed(3)
+    xs, xq = (torch.rand(T, 10, 1, generator=g, dtype=torch.float64) * 10 - 5 for _ in range(2))
+    ys, yq = torch.sin(xs), torch.sin(xq)
+    xs, ys, xq, yq = (t.to(DEVICE) for t in (xs, ys, xq, yq))
+    grads = {}
+    for backend in ("torch", "triton"):
+        with fastmeta.use_backend(backend):
+            meta = fastmeta.BatchedMAML(model, 0.01, 2)
+            grads[backend] = torch.autograd.grad(meta(xs, ys, xq, yq), list(model.parameters()))
+    assert_rel_close(list(grads["triton"]), list(grads["torch"]), RTOL[torch.float64], "meta-grad")
+
+
+def test_interpreter_is_on_without_a_gpu():
+    if DEVICE == "cpu":
+        assert os.environ.get("TRITON_INTERPRET") == "1"
