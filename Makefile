@@ -7,7 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.fastmeta-installed
-SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/*.cu)
+SOURCES := $(wildcard setup.py pyproject.toml csrc/*.cpp csrc/*.h csrc/cuda/*)
 
 .PHONY: test bench venv clean gpu-check
 

@@ -54,7 +54,8 @@ def _extensions():
     extra = {"cxx": cxx}
     macros = []
     if build_cuda:
-        sources += sorted(glob.glob(os.path.join("csrc", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+        sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
         arch = os.environ.get("FASTMETA_CUDA_ARCH", "")
         nvcc = ["-O3", "-std=c++17", "-lineinfo"]
         if arch:
@@ -71,14 +72,35 @@ def _extensions():
         """Builds fastmeta._C; on failure records why and lets the install go on."""
 
         def build_extensions(self):
+            cuda_built, no_cuda = build_cuda, why_no_cuda
             try:
                 super().build_extensions()
             except Exception as e:
-                _write_status(cpp=False, cuda=False,
-                              reason=f"C++ build failed: {type(e).__name__}: {e}",
-                              log=traceback.format_exc()[-4000:])
+                if not build_cuda:
+                    _write_status(cpp=False, cuda=False,
+                                  reason=f"C++ build failed: {type(e).__name__}: {e}",
+                                  log=traceback.format_exc()[-4000:])
+                    return
+                # the CUDA part failed: keep the CPU kernels
+                no_cuda = f"CUDA build failed: {type(e).__name__}: {e}"
+                log = traceback.format_exc()[-4000:]
+                cuda_built = False
+                for ext in self.extensions:
+                    ext.sources = [src for src in ext.sources if os.sep + "cuda" + os.sep not in src]
+                    ext.define_macros = [m for m in ext.define_macros if m[0] != "FASTMETA_WITH_CUDA"]
+                    if isinstance(ext.extra_compile_args, dict):
+                        ext.extra_compile_args = ext.extra_compile_args["cxx"]
+                try:
+                    super().build_extensions()
+                except Exception as e2:
+                    _write_status(cpp=False, cuda=False,
+                                  reason=f"C++ build failed: {type(e2).__name__}: {e2}",
+                                  log=traceback.format_exc()[-4000:])
+                    return
+                _write_status(cpp=True, cuda=False, reason=None, no_cuda_reason=no_cuda, log=log,
+                              torch=torch.__version__)
                 return
-            _write_status(cpp=True, cuda=build_cuda, reason=None, no_cuda_reason=why_no_cuda,
+            _write_status(cpp=True, cuda=cuda_built, reason=None, no_cuda_reason=no_cuda,
                           torch=torch.__version__)
 
     return [ext], {"build_ext": TolerantBuild.with_options(use_ninja=True)}

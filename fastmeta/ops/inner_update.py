@@ -9,8 +9,9 @@ Backward (differentiable again, so second-order MAML composes):
     d_theta_i = d_theta'_i (summed to theta_i's shape),  d_g_i = -lr_i * d_theta'_i,
     d_lr_i = -sum(g_i * d_theta'_i) (summed to lr_i's shape).
 
-Backends: ``torch`` (torch._foreach ops, autograd-native), ``cpp`` (fastmeta._C, one call for all
-tensors, autograd by a Function whose backward uses differentiable torch ops).
+Backends: ``torch`` (torch._foreach ops, autograd-native), ``cpp`` / ``cuda`` (fastmeta._C, one call
+and on CUDA one launch for all tensors, autograd by a Function whose backward uses differentiable
+torch ops).
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ import torch
 from .. import _checks
 from ..backend import register_op, select
 
-IMPLEMENTED = ("torch", "cpp")
-AUTO = {"cpu": ("torch", "cpp"), "cuda": ("torch",)}  # torch foreach measured faster on CPU (RESULTS.md)
+IMPLEMENTED = ("torch", "cpp", "cuda")
+# torch's foreach measured faster than cpp on CPU (benchmarks/RESULTS.md); on CUDA, torch's foreach
+# is multi-tensor too and stays first until benchmarks/bench_ops.py has measured the cuda kernel.
+AUTO = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda")}
 register_op("inner_update", IMPLEMENTED, AUTO)
 
 
@@ -137,7 +140,7 @@ def _cpp_impl(params, grads, lr):
     _register_cpp()
     n = len(grads)
     if isinstance(lr, (list, tuple)):
-        lrs = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype)
+        lrs = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype, device=g.device)
                for l, g in zip(lr, grads)]
         return list(_CppInnerUpdate.apply(n, 0.0, *params, *grads, *lrs))
     if isinstance(lr, torch.Tensor):
@@ -173,6 +176,6 @@ def inner_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     if len(params) == 0:
         return []
     backend = select("inner_update", grads[0].device.type)
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # fastmeta::inner_update_* has a CPU and a CUDA kernel
         return _cpp_impl(params, grads, lr)
     return _torch_impl(params, grads, lr)
