@@ -1,5 +1,6 @@
 """Named phases of a meta-iteration, marked with torch.profiler record_function ranges (and NVTX
-ranges on CUDA while fastmeta.profile asks for them). Cheap when no profiler is running."""
+ranges on CUDA while fastmeta.profile asks for them). Free when no profiler is running: the range
+is only opened while one is (a record_function costs ~6 us per use otherwise)."""
 from __future__ import annotations
 
 import contextlib
@@ -9,10 +10,11 @@ import torch
 PHASES = ("inner_forward", "inner_backward", "update", "query_forward", "fused_inner_loop",
           "outer_backward")
 _nvtx = {"on": False}
+_profiling = torch._C._autograd._profiler_enabled
 
 
 @contextlib.contextmanager
-def phase(name: str):
+def _range(name: str):
     with torch.autograd.profiler.record_function(f"fastmeta.{name}"):
         if _nvtx["on"]:
             torch.cuda.nvtx.range_push(f"fastmeta.{name}")
@@ -22,3 +24,10 @@ def phase(name: str):
                 torch.cuda.nvtx.range_pop()
         else:
             yield
+
+
+def phase(name: str):
+    """A context manager marking phase ``name`` (a no-op unless a profiler runs)."""
+    if _profiling() or _nvtx["on"]:
+        return _range(name)
+    return contextlib.nullcontext()
