@@ -41,9 +41,10 @@ def main(argv=None):
         fmd.init_from_env()
     rank = torch.distributed.get_rank() if distributed else 0
     dtype = getattr(torch, args.dtype)
+    device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu"
     try:
         torch.manual_seed(args.seed)  # the same meta-parameters on every rank
-        model = sine_mlp().to(dtype)
+        model = sine_mlp().to(device=device, dtype=dtype)
         meta = fastmeta.BatchedMAML(model, args.inner_lr, args.steps, first_order=args.first_order)
         opt = torch.optim.Adam(meta.parameters(), lr=args.lr)
         reducer = fmd.MetaGradReducer(meta.parameters())
@@ -51,7 +52,7 @@ def main(argv=None):
         for it in range(args.iterations):
             t0 = time.perf_counter()
             g = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-            xs, ys, xq, yq = (t.to(dtype) for t in sine_tasks(args.tasks, g))
+            xs, ys, xq, yq = (t.to(device=device, dtype=dtype) for t in sine_tasks(args.tasks, g))
             loss = meta(xs[part], ys[part], xq[part], yq[part])
             global_loss = reducer.backward(loss, num_tasks=part.stop - part.start)
             opt.step()
