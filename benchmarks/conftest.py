@@ -47,6 +47,8 @@ def _reference(w, first_order):
 def run_provider(benchmark):
     def run(provider, workload, first_order, tasks=None, steps=None):
         why = H.provider_available(provider, DEVICE)
+        if why is None and not os.environ.get("FASTMETA_BENCH_PROVIDERS"):
+            why = H.default_skip(provider, workload, DEVICE)
         if why is not None:
             pytest.skip(why)
         w = H.make_workload(workload, tasks=tasks, steps=steps, device=DEVICE)
@@ -72,6 +74,9 @@ def run_provider(benchmark):
                     max_rel_err_vs_loop=H.max_rel_err(grads, ref))
         if DEVICE == "cuda":
             info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            info["peak_mem_mb"] = H.cpu_peak_mb(step, fused=provider in ("fastmeta", "fastmeta-cpp")
+                                                and workload == "sine")
         benchmark.extra_info.update(info)
         tol = 1e-3 if w.name == "sine" else 1e-2
         if provider.split("-")[0] in ("vmap", "compile", "vmap_graph") and w.name != "sine" and not first_order:

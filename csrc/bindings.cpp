@@ -20,6 +20,8 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("workspace_bytes", &fastmeta::workspace_bytes,
+        "bytes held by the per-thread workspaces of the fused CPU kernels");
   m.def("has_cuda", []() {
 #ifdef FASTMETA_WITH_CUDA
     return true;

@@ -37,6 +37,9 @@ Periodic as_periodic(const at::Tensor& t, at::IntArrayRef shape);
 std::vector<at::Tensor> inner_update_scalar_cpu(at::TensorList params, at::TensorList grads, double lr);
 std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::TensorList grads, at::TensorList lrs);
 
+// Bytes held by the per-thread workspaces of mlp_inner_loop (kept between calls).
+int64_t workspace_bytes();
+
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,

@@ -29,6 +29,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 
 namespace fastmeta {
@@ -65,16 +66,23 @@ struct Acts {
 
 // A per-thread workspace, kept between calls (threads of the pool persist), so that a call
 // allocates and page-faults nothing in steady state.
+std::atomic<int64_t> g_workspace_bytes{0};  // all threads' workspaces, for memory reports
+
 inline void* workspace(size_t bytes) {
   struct Buf {
     void* p = nullptr;
     size_t n = 0;
-    ~Buf() { std::free(p); }
+    ~Buf() {
+      std::free(p);
+      g_workspace_bytes -= static_cast<int64_t>(n);
+    }
   };
   thread_local Buf buf;
   if (buf.n < bytes) {
     std::free(buf.p);
+    g_workspace_bytes -= static_cast<int64_t>(buf.n);
     buf.n = ((bytes + 4095) / 4096) * 4096;
+    g_workspace_bytes += static_cast<int64_t>(buf.n);
     buf.p = std::aligned_alloc(64, buf.n);
     TORCH_CHECK(buf.p != nullptr, "mlp_inner_loop: cannot allocate a workspace of ", bytes, " bytes");
   }
@@ -473,6 +481,8 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 }
 
 }  // namespace
+
+int64_t workspace_bytes() { return g_workspace_bytes.load(); }
 
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_, const at::Tensor& yq_,

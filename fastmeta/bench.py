@@ -33,9 +33,9 @@ def default_tasks(workload: str, device: str) -> int:
 def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, reps=10, max_seconds=8.0,
                progress=True, dtype=torch.float32):
     """providers: a list, or None for each workload's default set (harness.default_providers)."""
-    jobs = []
+    jobs, explicit = [], providers is not None
     for w in workloads:
-        provs = providers if providers is not None else H.default_providers(w, device)
+        provs = providers if explicit else H.default_providers(w, device)
         # the naive loop runs first where present: it is the reference of every row's max rel err
         provs = sorted(provs, key=lambda p: p != "loop")
         jobs += [(w, o, p) for o in orders for p in provs]
@@ -44,7 +44,7 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
     for i, (wname, order, prov) in enumerate(jobs):
         if progress:
             _progress(i, len(jobs), f"{wname}/{order}/{prov}", t0)
-        why = H.provider_available(prov, device)
+        why = H.provider_available(prov, device) or (None if explicit else H.default_skip(prov, wname, device))
         T = tasks or default_tasks(wname, device)
         w = H.make_workload(wname, tasks=T, steps=steps, device=device, dtype=dtype)
         if why is not None:

@@ -16,6 +16,7 @@ mean over tasks of each task's query-loss gradient). Providers:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import statistics
@@ -301,15 +302,21 @@ PROVIDERS: dict[str, Callable] = {
 
 
 def default_providers(workload: str, device: str) -> list:
-    """Providers compared by default, sized for the device: on a CPU the conv workloads compare
-    fastmeta with the naive loop only (vmap and torch.compile take minutes per row on 2 cores)."""
+    """Providers compared by default (see default_skip for rows that a CPU leaves out)."""
     if device == "cuda":
         return ["fastmeta", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
                 "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
         return ["fastmeta", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap", "compile",
                 "l2l", "higher"]
-    return ["fastmeta", "loop"]
+    return ["fastmeta", "loop", "vmap", "compile"]
+
+
+def default_skip(provider: str, workload: str, device: str) -> str | None:
+    """Why a default row is not run on this device (an explicit --providers list runs it anyway)."""
+    if device == "cpu" and workload != "sine" and provider == "compile":
+        return "torch.compile of conv4 MAML takes over 10 minutes to compile on a 2-core CPU"
+    return None
 
 
 def provider_available(name: str, device: str) -> str | None:
@@ -372,6 +379,41 @@ def max_rel_err(got, want) -> float:
     return max(errs)
 
 
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences file descriptor 2 (where the profiler library logs its start and stop)."""
+    import os
+    import sys
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def cpu_peak_mb(step, fused: bool = False) -> float | None:
+    """Peak CPU memory of one step(): tensors allocated by ops (seen by torch.profiler), plus, for
+    a step that runs the fused C++ kernel, the workspaces it keeps per thread."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from .profile import Profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()  # (it ran before; the profiler's own start/stop lines on fd 2 are dropped)
+    peak = Profile._cpu_peak_mb(prof.events()) or 0.0
+    if fused:
+        try:
+            from . import _C
+            peak += _C.workspace_bytes() / 2**20
+        except ImportError:
+            pass
+    return peak
+
+
 @dataclasses.dataclass
 class Result:
     workload: str
@@ -405,6 +447,8 @@ def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_se
         peak = None
         if device == "cuda":
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
+        else:
+            peak = cpu_peak_mb(step, fused=name in ("fastmeta", "fastmeta-cpp") and w.name == "sine")
         err = None if reference is None else max_rel_err(grads, reference)
         return Result(w.name, order, name, w.tasks, w.steps, med, first, peak, len(times), None, err), grads
     except Exception as e:  # reported in the table, never hidden

@@ -95,7 +95,7 @@ def conv_net(ch=3, classes=5, dtype=torch.float64, track=False):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("steps", [1, 2])
+@pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_conv4_batchnorm(first_order, steps, dtype):
     model = conv_net(dtype=dtype)

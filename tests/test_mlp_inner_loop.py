@@ -90,3 +90,18 @@ def test_bad_labels_raise():
         ops.mlp_inner_loop(xs, ys + 3, xq, yq, params, 0.1, 1, ["relu", None], loss="cross_entropy")
     with pytest.raises(ValueError, match="T="):
         ops.mlp_inner_loop(xs, ys, xq[:1], yq[:1], params, 0.1, 1, ["relu", None], loss="cross_entropy")
+
+
+def test_gradcheck_reference_twice_and_fused_once():
+    from torch.autograd import gradcheck, gradgradcheck
+    params, batch = make((2, 5, 2), 2, 4, 3, "mse", torch.float64)
+    lrs = [torch.empty_like(p).uniform_(0.05, 0.2).requires_grad_() for p in params]
+    n = len(params)
+
+    def f(*ts):
+        return ops.mlp_inner_loop(*batch, list(ts[:n]), list(ts[n:]), 2, ["tanh", None], loss="mse")
+    with fastmeta.use_backend("torch"):
+        assert gradcheck(f, params + lrs)
+        assert gradgradcheck(f, params + lrs)
+    with fastmeta.use_backend("cpp"):
+        assert gradcheck(f, params + lrs)
