@@ -1,0 +1,44 @@
+"""The Triton kernels compile for the GPU (sm_90, ptxas included) without a GPU: catches what the
+interpreter lets through (types, layouts, shared memory) before a GPU session runs them. Runs in a
+subprocess, since this test process has TRITON_INTERPRET=1 on a machine without a GPU."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fastmeta.kernels import mlp_inner_loop as K
+dtype, loss, meta_sgd = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+ptrs = ["xs_ptr", "ys_ptr", "xq_ptr", "yq_ptr", "theta0_ptr", "lr_ptr", "hyper_ptr", "scratch_ptr", "loss_ptr",
+        "dtheta_ptr", "dlr_ptr"]
+sig = {n: "*" + dtype for n in ptrs}
+if loss == 1:
+    sig["ys_ptr"] = sig["yq_ptr"] = "*i64"
+sig.update(dims_ptr="*i32", K="i32", Q="i32")
+DP, BK, L = 64, 16, 3
+const = dict(S=5, L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=meta_sgd, FIRST_ORDER=False, NEED_LR_GRAD=meta_sgd,
+             SCRATCH=1 << 20, PP=L * (DP * DP + DP), BLOCK_P=1024)
+sig.update({n: "constexpr" for n in const})
+k = triton.compile(triton.compiler.ASTSource(fn=K._mlp_inner_loop_kernel, signature=sig, constexprs=const),
+                   target=GPUTarget("cuda", 90, 32))
+print(json.dumps({"cubin": len(k.asm.get("cubin", b"")), "shared": k.metadata.shared}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,loss,meta_sgd", [("fp32", 0, False), ("fp32", 1, True)])
+def test_mlp_inner_loop_compiles_for_sm90(dtype, loss, meta_sgd):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", SCRIPT, dtype, str(loss), "1" if meta_sgd else "0"],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    info = json.loads(out.stdout.strip().splitlines()[-1])
+    assert info["cubin"] > 0
+    assert info["shared"] <= 227 * 1024, f"needs {info['shared']} bytes of shared memory"
