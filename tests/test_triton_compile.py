@@ -42,3 +42,26 @@ def test_mlp_inner_loop_compiles_for_sm90(dtype, loss, meta_sgd):
     info = json.loads(out.stdout.strip().splitlines()[-1])
     assert info["cubin"] > 0
     assert info["shared"] <= 227 * 1024, f"needs {info['shared']} bytes of shared memory"
+
+
+LINEAR = r'''
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from fastmeta.kernels import batched_linear as K
+sig = dict(x_ptr="*fp32", w_ptr="*fp32", b_ptr="*fp32", y_ptr="*fp32", slope_ptr="*fp32", N="i32", O="i32",
+           sx_t="i64", sx_n="i64", sx_i="i64", sw_t="i64", sw_o="i64", sw_i="i64", sb_t="i64", sb_o="i64")
+const = dict(I=40, HAS_BIAS=True, ACT=1, BLOCK_N=16, BLOCK_O=64, BLOCK_I=32)
+sig.update({n: "constexpr" for n in const})
+k = triton.compile(triton.compiler.ASTSource(fn=K._batched_linear_fwd_kernel, signature=sig, constexprs=const),
+                   target=GPUTarget("cuda", 90, 32))
+print(json.dumps({"cubin": len(k.asm.get("cubin", b"")), "shared": k.metadata.shared}))
+'''
+
+
+@pytest.mark.slow
+def test_batched_linear_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", LINEAR], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0

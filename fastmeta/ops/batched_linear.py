@@ -4,8 +4,10 @@
     -> [T, N, O]
 
 A weight without the task dim is shared by all tasks (step 0 of an inner loop). act is one of
-None, 'relu', 'leaky_relu', 'tanh', 'sigmoid'. Backward is autograd of the reference (differentiable
-twice). Backends: ``torch``.
+None, 'relu', 'leaky_relu', 'tanh', 'sigmoid'. Backends: ``torch`` (autograd of the reference,
+differentiable twice) and ``triton`` (kernels/batched_linear.py: the GEMM with bias and activation
+fused in its epilogue, registered as fastmeta::batched_linear_triton; its backward uses
+differentiable torch ops on the saved output, so second order composes).
 """
 from __future__ import annotations
 
@@ -15,8 +17,9 @@ import torch.nn.functional as F
 from .. import _checks
 from ..backend import register_op, select
 
-IMPLEMENTED = ("torch",)
-AUTO = {"cpu": ("torch",), "cuda": ("torch",)}
+IMPLEMENTED = ("torch", "triton")
+# triton stays second on CUDA until the GPU benchmark has measured it against cuBLAS + epilogue ops
+AUTO = {"cpu": ("torch",), "cuda": ("torch", "triton")}
 register_op("batched_linear", IMPLEMENTED, AUTO)
 ACTIVATIONS = (None, "relu", "leaky_relu", "tanh", "sigmoid")
 
@@ -67,8 +70,70 @@ def _check(x, W, b, activation):
         raise ValueError(f"batched_linear: activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
+_CODES = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+_registered = False
+
+
+def _register_triton():
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    from ..kernels.batched_linear import batched_linear_fwd
+
+    @torch.library.custom_op("fastmeta::batched_linear_triton", mutates_args=())
+    def _op(x: torch.Tensor, W: torch.Tensor, b: torch.Tensor | None, act: int, negative_slope: float) -> torch.Tensor:
+        return batched_linear_fwd(x, W, b, act, negative_slope)
+
+    @_op.register_fake
+    def _(x, W, b, act, negative_slope):
+        return x.new_empty(x.shape[0], x.shape[1], W.shape[-2])
+
+
+def _act_grad(y, activation, negative_slope):
+    """act'(z) from y = act(z), with differentiable torch ops (for slope > 0, y > 0 iff z > 0)."""
+    if activation is None:
+        return None
+    if activation == "relu":
+        return (y > 0).to(y.dtype)
+    if activation == "leaky_relu":
+        return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, negative_slope))
+    if activation == "tanh":
+        return 1 - y * y
+    return y * (1 - y)
+
+
+class _TritonBatchedLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, W, b, activation, negative_slope):
+        _register_triton()
+        y = torch.ops.fastmeta.batched_linear_triton(x, W, b, _CODES[activation], float(negative_slope))
+        ctx.save_for_backward(x, W, y)
+        ctx.activation, ctx.slope, ctx.has_b = activation, negative_slope, b is not None
+        ctx.b_shape = None if b is None else b.shape
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, W, y = ctx.saved_tensors
+        d = _act_grad(y, ctx.activation, ctx.slope)
+        dz = gy if d is None else gy * d
+        dx = torch.matmul(dz, W)  # W [T, O, I] or [O, I]
+        dW = torch.matmul(dz.transpose(-1, -2), x)
+        if W.dim() == 2:
+            dW = dW.sum(0)
+        db = None
+        if ctx.has_b:
+            db = dz.sum(1)
+            if len(ctx.b_shape) == 1:
+                db = db.sum(0)
+        return dx, dW, db, None, None
+
+
 def batched_linear(x, W, b=None, activation=None, negative_slope=0.01):
     """Per-task linear + activation (see module docstring)."""
     _check(x, W, b, activation)
-    select("batched_linear", x.device.type)
+    backend = select("batched_linear", x.device.type)
+    if backend == "triton" and not (activation == "leaky_relu" and negative_slope <= 0):
+        return _TritonBatchedLinear.apply(x, W, b, activation, negative_slope)
     return batched_linear_ref(x, W, b, activation, negative_slope)
