@@ -19,10 +19,13 @@ def no_tf32():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "torch", "triton", "cuda"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("tasks", [25, 1000])
 def test_sine_on_gpu(backend, first_order, tasks):
+    from fastmeta.backend import why_unavailable
+    if backend == "cuda" and why_unavailable("cuda", "cuda"):
+        pytest.fail(f"the cuda backend did not build: {why_unavailable('cuda', 'cuda')}")
     w = H.make_workload("sine", tasks=tasks, device="cuda")
     with fastmeta.use_backend(backend):
         meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order)
@@ -50,7 +53,7 @@ def test_inner_update_on_gpu():
     from fastmeta import ops
     p = [torch.randn(3, 37, device="cuda"), torch.randn(5, device="cuda").expand(4, 5)]
     g = [torch.randn(3, 37, device="cuda"), torch.randn(4, 5, device="cuda")]
-    for backend in ("auto", "torch"):
+    for backend in ("auto", "torch", "cuda"):
         with fastmeta.use_backend(backend):
             out = ops.inner_update(p, g, 0.3)
         for o, w in zip(out, ops.inner_update_ref(p, g, 0.3)):

@@ -71,10 +71,81 @@ std::vector<at::Tensor> inner_update_tensor_cuda(at::TensorList params, at::Tens
   return outs;
 }
 
+template <typename T>
+void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+              const std::vector<at::Tensor>& params, const at::Tensor& lrflat, double lr, int64_t steps,
+              at::IntArrayRef acts, double slope, int64_t loss, bool first_order, at::Tensor& loss_out,
+              at::Tensor& dtheta, at::Tensor& dlr, const at::Tensor& theta0) {
+  cuda::MLPArgs<T> a{};
+  const int L = static_cast<int>(params.size() / 2);
+  a.L = L;
+  int64_t off = 0;
+  a.dims[0] = static_cast<int>(params[0].size(1));
+  for (int l = 0; l < L; ++l) {
+    a.dims[l + 1] = static_cast<int>(params[2 * l].size(0));
+    a.acts[l] = static_cast<int>(acts[l]);
+    a.off_w[l] = off; off += params[2 * l].numel();
+    a.off_b[l] = off; off += params[2 * l + 1].numel();
+  }
+  a.P = off;
+  a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
+  a.loss = static_cast<int>(loss); a.first_order = first_order;
+  a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
+  a.xs = xs.data_ptr<T>(); a.xq = xq.data_ptr<T>();
+  if (loss == 0) { a.ys_f = ys.data_ptr<T>(); a.yq_f = yq.data_ptr<T>(); }
+  else { a.ys_l = ys.data_ptr<int64_t>(); a.yq_l = yq.data_ptr<int64_t>(); }
+  a.theta0 = theta0.data_ptr<T>();
+  a.lrs = lrflat.defined() ? lrflat.data_ptr<T>() : nullptr;
+  a.scratch_per_task = cuda::mlp_scratch_per_task(a.dims, L, a.K, a.Q, steps, a.P);
+  at::Tensor scratch = at::empty({a.num_tasks, a.scratch_per_task}, xs.options());
+  a.scratch = scratch.data_ptr<T>();
+  a.loss_out = loss_out.data_ptr<T>();
+  a.dtheta = dtheta.data_ptr<T>();
+  a.dlr = dlr.numel() ? dlr.data_ptr<T>() : nullptr;
+  C10_CUDA_CHECK(cuda::launch_mlp_inner_loop<T>(a, c10::cuda::getCurrentCUDAStream()));
+}
+
+std::vector<at::Tensor> mlp_inner_loop_cuda(
+    const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_, const at::Tensor& yq_,
+    at::TensorList params_, at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
+  TORCH_CHECK(params_.size() % 2 == 0 && !params_.empty(), "mlp_inner_loop: params must be [W_1, b_1, ...]");
+  const int64_t L = static_cast<int64_t>(params_.size() / 2);
+  TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_inner_loop (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
+  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
+  TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
+  const c10::cuda::CUDAGuard guard(xs_.device());
+  std::vector<at::Tensor> params, flat;
+  for (const auto& p : params_) {
+    params.push_back(p.contiguous());
+    flat.push_back(params.back().reshape({-1}));
+  }
+  const at::Tensor theta0 = at::cat(flat);
+  at::Tensor lrflat;
+  if (!lrs_.empty()) {
+    std::vector<at::Tensor> lf;
+    for (const auto& t : lrs_) lf.push_back(t.to(xs_.scalar_type()).contiguous().reshape({-1}));
+    lrflat = at::cat(lf);
+    TORCH_CHECK(lrflat.numel() == theta0.numel(), "mlp_inner_loop: lrs must match the params' shapes");
+  }
+  const at::Tensor xs = xs_.contiguous(), xq = xq_.contiguous(), ys = ys_.contiguous(), yq = yq_.contiguous();
+  const int64_t Tn = xs.size(0), P = theta0.numel();
+  auto opts = xs.options();
+  at::Tensor loss_out = new_output({Tn}, opts);
+  at::Tensor dtheta = new_output({Tn, P}, opts);
+  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, P}, opts);
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_inner_loop_cuda", [&] {
+    mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrflat, lr, steps, acts, negative_slope, loss, first_order,
+                       loss_out, dtheta, dlr, theta0);
+  });
+  return {loss_out, dtheta, dlr};
+}
+
 }  // namespace
 }  // namespace fastmeta
 
 TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
+  m.impl("mlp_inner_loop", &fastmeta::mlp_inner_loop_cuda);
   m.impl("inner_update_scalar", &fastmeta::inner_update_scalar_cuda);
   m.impl("inner_update_tensor", &fastmeta::inner_update_tensor_cuda);
 }

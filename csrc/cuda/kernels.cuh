@@ -35,3 +35,40 @@ cudaError_t launch_inner_update(const UpdateTensor<T>* tensors, const UpdateChun
 
 }  // namespace cuda
 }  // namespace fastmeta
+
+namespace fastmeta {
+namespace cuda {
+
+// The fused MLP inner loop (csrc/cuda/mlp_inner_loop.cu): one thread block per task.
+// Layer l (0-based) has W at theta + off_w[l] ([dims[l+1], dims[l]]) and b at theta + off_b[l].
+constexpr int kMaxLayers = 8;
+
+template <typename T>
+struct MLPArgs {
+  const T* xs; const T* ys_f; const int64_t* ys_l;   // [T, K, I]; [T, K, D] (mse) or [T, K] (ce)
+  const T* xq; const T* yq_f; const int64_t* yq_l;   // [T, Q, I]; [T, Q, D] or [T, Q]
+  const T* theta0;                                    // [P] meta-parameters, flat
+  const T* lrs;                                       // [P] per-parameter rates or nullptr
+  T lr;                                               // scalar rate when lrs == nullptr
+  T slope;                                            // leaky relu slope
+  T* scratch;                                         // [T, scratch_per_task]
+  int64_t scratch_per_task;
+  T* loss_out;                                        // [T]
+  T* dtheta;                                          // [T, P]
+  T* dlr;                                             // [T, P] or nullptr
+  int64_t num_tasks, K, Q, steps, P;
+  int L, loss;                                        // loss: 0 mse, 1 cross-entropy
+  bool first_order;
+  int dims[kMaxLayers + 1];
+  int acts[kMaxLayers];
+  int64_t off_w[kMaxLayers], off_b[kMaxLayers];
+};
+
+// Workspace elements one task needs (the caller allocates num_tasks times this).
+int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P);
+
+template <typename T>
+cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastmeta

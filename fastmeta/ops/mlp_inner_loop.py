@@ -12,8 +12,8 @@ For each task: S steps theta <- theta - lr * grad L_support(theta) from the meta
 the query loss L_query(theta_S), returned per task. Backward gives the exact meta-gradient
 d L_query / d theta_0 (second order, or first order) and d L_query / d lr.
 
-The ``cpp`` backend (csrc/mlp_inner_loop.cpp) and the ``triton`` backend (kernels/mlp_inner_loop.py,
-one program per task) return the meta-gradient directly from one call (reverse pass over the steps
+The ``cpp`` backend (csrc/mlp_inner_loop.cpp), the ``cuda`` backend (csrc/cuda/mlp_inner_loop.cu,
+one thread block per task) and the ``triton`` backend (kernels/mlp_inner_loop.py, one program per task) return the meta-gradient directly from one call (reverse pass over the steps
 with closed-form Hessian-vector products); they are therefore differentiable once only. The reference, ``mlp_inner_loop_ref``, unrolls the loop with autograd
 and is differentiable to any order.
 """
@@ -29,8 +29,9 @@ from ..backend import register_op, select
 from .batched_linear import ACTIVATIONS, batched_linear_ref
 from .task_loss import cross_entropy_ref, mse_ref
 
-IMPLEMENTED = ("torch", "cpp", "triton")
-AUTO = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
+IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
+# on CUDA the Triton kernel goes first until the GPU benchmark has compared it with the cuda one
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("triton", "cuda", "torch")}
 register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
 _ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
@@ -104,7 +105,7 @@ def _register_triton():
 
 
 def _kernel(backend):
-    if backend == "cpp":
+    if backend in ("cpp", "cuda"):  # fastmeta::mlp_inner_loop has a CPU and a CUDA kernel
         _register_cpp()
         return torch.ops.fastmeta.mlp_inner_loop
     _register_triton()
