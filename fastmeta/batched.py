@@ -182,38 +182,49 @@ class BatchedMAML(nn.Module):
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr))
 
-    def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
-        """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
+    def _prepare(self, xs, ys, xq, yq):
+        """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
+        checked before (the checks then are skipped)."""
         try:
             sig = self._signature(xs, ys, xq, yq)
         except AttributeError:  # not tensors: the full check raises the right error
             sig = None
-        if sig is None or sig != self._last_sig:
-            self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
-            fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
-            checked = False
-        else:
-            fused, checked = self._last_fused, True
+        if sig is not None and sig == self._last_sig:
+            return self._last_fused, True
+        self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
+        fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
+        self._last_sig, self._last_fused = sig, fused
+        return fused, False
+
+    def _fused_args(self):
+        spec = self.program.mlp
+        params = self._meta_params()
+        lr = self._lr_list()
+        lr = lr if isinstance(lr, list) else float(lr)
+        return [params[n] for n in spec.param_names], lr, spec
+
+    def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
+        """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
+        fused, checked = self._prepare(xs, ys, xq, yq)
         with torch.enable_grad():
             if fused:
-                spec = self.program.mlp
-                params = self._meta_params()
-                lr = self._lr_list()
-                lr = lr if isinstance(lr, list) else float(lr)
+                params, lr, spec = self._fused_args()
                 with phase("fused_inner_loop"):
-                    out = ops.mlp_inner_loop(xs, ys, xq, yq, [params[n] for n in spec.param_names], lr,
-                                             self.inner_steps, spec.activations, spec.negative_slope,
-                                             self.loss, self.first_order, _checked=checked)
-            else:
-                P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
-                with phase("query_forward"):
-                    out = self._task_loss(self.program(P, xq), yq)
-        self._last_sig, self._last_fused = sig, fused
-        return out
+                    return ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
+                                              spec.negative_slope, self.loss, self.first_order, _checked=checked)
+            P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
+            with phase("query_forward"):
+                return self._task_loss(self.program(P, xq), yq)
 
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
-        return self.task_losses(xs, ys, xq, yq).mean()
+        fused, checked = self._prepare(xs, ys, xq, yq)
+        if not fused:
+            return self.task_losses(xs, ys, xq, yq).mean()
+        params, lr, spec = self._fused_args()
+        with torch.enable_grad(), phase("fused_inner_loop"):
+            return ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
+                                     spec.negative_slope, self.loss, self.first_order, _checked=checked)
 
     def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:
         """Adapted per-task parameters, name -> [T, *shape] (non-adapted ones as broadcast views).

@@ -217,3 +217,27 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
         _kernel(backend), xs, y_cast(ys), xq, y_cast(yq), float(lr) if not lrs else 0.0, steps,
         [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order),
         len(params), need_lr_grad, *params, *lrs)
+
+
+def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01, loss="mse",
+                  first_order=False, _checked=False):
+    """The mean over tasks of mlp_inner_loop's query losses (a scalar). On the cpp / cuda backends
+    one C++ op, fastmeta::mlp_meta_loss, whose autograd is in C++ too (no Python on the backward
+    path); elsewhere mlp_inner_loop(...).mean()."""
+    if not _checked:
+        _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+    backend = select("mlp_inner_loop", xs.device.type)
+    if backend not in ("cpp", "cuda"):
+        return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
+                              first_order, _checked=True).mean()
+    if loss == "cross_entropy":
+        C = params[-2].shape[0]
+        for name, y in (("ys", ys), ("yq", yq)):
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+                raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+        ys, yq = ys.long(), yq.long()
+    _register_cpp()
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else []
+    return torch.ops.fastmeta.mlp_meta_loss(
+        xs, ys, xq, yq, list(params), lrs, float(lr) if not lrs else 0.0, steps,
+        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order))
