@@ -105,3 +105,22 @@ def test_gradcheck_reference_twice_and_fused_once():
         assert gradgradcheck(f, params + lrs)
     with fastmeta.use_backend("cpp"):
         assert gradcheck(f, params + lrs)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_meta_loss_op_matches_mean_of_task_losses(loss):
+    params, batch = make((3, 37, 4), 5, 6, 7, loss, torch.float64)
+    lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
+    with fastmeta.use_backend("cpp"):
+        got = ops.mlp_meta_loss(*batch, params, lrs, 3, ["sigmoid", None], loss=loss)
+        g_got = torch.autograd.grad(got, params + lrs)
+    with fastmeta.use_backend("torch"):
+        want = ops.mlp_inner_loop(*batch, params, lrs, 3, ["sigmoid", None], loss=loss).mean()
+        g_want = torch.autograd.grad(want, params + lrs)
+    assert got.dim() == 0
+    assert_rel_close([got.detach()], [want.detach()], 1e-12, "meta-loss")
+    assert_rel_close(list(g_got), list(g_want), 1e-10, "meta-grad and lr-grad")
+    with fastmeta.use_backend("cpp"):
+        again = ops.mlp_meta_loss(*batch, params, lrs, 3, ["sigmoid", None], loss=loss)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(again, params, create_graph=True)
