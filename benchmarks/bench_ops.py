@@ -8,7 +8,7 @@ from fastmeta import harness as H, ops
 from fastmeta.backend import why_unavailable
 from conftest import DEVICE
 
-BACKENDS = ["torch", "cpp"] if DEVICE == "cpu" else ["torch", "cuda"]
+BACKENDS = ["torch", "cpp"] if DEVICE == "cpu" else ["torch", "cuda", "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -65,3 +65,24 @@ def test_batched_linear_compiles_for_sm90():
     out = subprocess.run([sys.executable, "-c", LINEAR], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0
+
+
+UPDATE = r'''
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from fastmeta.kernels import inner_update as K
+sig = dict(table_ptr="*i64", chunks_ptr="*i64", ref_ptr="*fp32", CHUNK="constexpr", BLOCK="constexpr")
+k = triton.compile(triton.compiler.ASTSource(fn=K._inner_update_kernel, signature=sig,
+                                             constexprs=dict(CHUNK=K.CHUNK, BLOCK=1024)),
+                   target=GPUTarget("cuda", 90, 32))
+print(json.dumps({"cubin": len(k.asm.get("cubin", b""))}))
+'''
+
+
+@pytest.mark.slow
+def test_inner_update_compiles_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", UPDATE], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0

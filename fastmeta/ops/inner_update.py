@@ -10,8 +10,8 @@ Backward (differentiable again, so second-order MAML composes):
     d_lr_i = -sum(g_i * d_theta'_i) (summed to lr_i's shape).
 
 Backends: ``torch`` (torch._foreach ops, autograd-native), ``cpp`` / ``cuda`` (fastmeta._C, one call
-and on CUDA one launch for all tensors, autograd by a Function whose backward uses differentiable
-torch ops).
+and on CUDA one launch for all tensors) and ``triton`` (kernels/inner_update.py, one launch for all
+tensors); these three get autograd from a Function whose backward uses differentiable torch ops.
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ import torch
 from .. import _checks
 from ..backend import register_op, select
 
-IMPLEMENTED = ("torch", "cpp", "cuda")
+IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 # torch's foreach measured faster than cpp on CPU (benchmarks/RESULTS.md); on CUDA, torch's foreach
 # is multi-tensor too and stays first until benchmarks/bench_ops.py has measured the cuda kernel.
-AUTO = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda")}
+AUTO = {"cpu": ("torch", "cpp"), "cuda": ("torch", "cuda", "triton")}
 register_op("inner_update", IMPLEMENTED, AUTO)
 
 
@@ -106,14 +106,39 @@ def _register_cpp():
         return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
 
 
+_triton_registered = False
+
+
+def _register_triton():
+    global _triton_registered
+    if _triton_registered:
+        return
+    _triton_registered = True
+    from ..kernels.inner_update import inner_update_fwd
+
+    @torch.library.custom_op("fastmeta::inner_update_triton", mutates_args=())
+    def _op(params: list[torch.Tensor], grads: list[torch.Tensor], lrs: list[torch.Tensor],
+            lr: float) -> list[torch.Tensor]:
+        return inner_update_fwd(params, grads, lr, lrs)
+
+    @_op.register_fake
+    def _(params, grads, lrs, lr):
+        return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
+
+
 class _CppInnerUpdate(torch.autograd.Function):
-    """theta' = theta - lr * g by fastmeta::inner_update_*; backward with differentiable torch ops:
-    d_theta = d_out (summed to theta's shape), d_g = -lr * d_out, d_lr = -sum(g * d_out)."""
+    """theta' = theta - lr * g by fastmeta::inner_update_* (or ::inner_update_triton); backward with
+    differentiable torch ops: d_theta = d_out (summed to theta's shape), d_g = -lr * d_out,
+    d_lr = -sum(g * d_out)."""
 
     @staticmethod
-    def forward(ctx, n, lr, *tensors):
+    def forward(ctx, n, lr, triton_kernel, *tensors):
         params, grads, lrs = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
-        if lrs:
+        if triton_kernel:
+            outs = torch.ops.fastmeta.inner_update_triton(params, grads, lrs, lr)
+            if lrs:
+                ctx.save_for_backward(*grads, *lrs)
+        elif lrs:
             outs = torch.ops.fastmeta.inner_update_tensor(params, grads, lrs)
             ctx.save_for_backward(*grads, *lrs)
         else:
@@ -128,24 +153,27 @@ class _CppInnerUpdate(torch.autograd.Function):
         dp = [None if go is None else go.sum_to_size(s) for go, s in zip(grad_outs, ctx.shapes)]
         if not ctx.has_lrs:
             dg = [None if go is None else go * (-ctx.lr) for go in grad_outs]
-            return (None, None, *dp, *dg)
+            return (None, None, None, *dp, *dg)
         saved = ctx.saved_tensors
         grads, lrs = saved[:n], saved[n:]
         dg = [None if go is None else -(l * go) for go, l in zip(grad_outs, lrs)]
         dl = [None if go is None else -(g * go).sum_to_size(l.shape) for go, g, l in zip(grad_outs, grads, lrs)]
-        return (None, None, *dp, *dg, *dl)
+        return (None, None, None, *dp, *dg, *dl)
 
 
-def _cpp_impl(params, grads, lr):
-    _register_cpp()
+def _cpp_impl(params, grads, lr, triton_kernel=False):
+    if triton_kernel:
+        _register_triton()
+    else:
+        _register_cpp()
     n = len(grads)
     if isinstance(lr, (list, tuple)):
         lrs = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype, device=g.device)
                for l, g in zip(lr, grads)]
-        return list(_CppInnerUpdate.apply(n, 0.0, *params, *grads, *lrs))
+        return list(_CppInnerUpdate.apply(n, 0.0, triton_kernel, *params, *grads, *lrs))
     if isinstance(lr, torch.Tensor):
-        return list(_CppInnerUpdate.apply(n, 0.0, *params, *grads, *([lr.reshape(())] * n)))
-    return list(_CppInnerUpdate.apply(n, float(lr), *params, *grads))
+        return list(_CppInnerUpdate.apply(n, 0.0, triton_kernel, *params, *grads, *([lr.reshape(())] * n)))
+    return list(_CppInnerUpdate.apply(n, float(lr), triton_kernel, *params, *grads))
 
 
 def _fast_check(params, grads, lr) -> bool:
@@ -176,6 +204,6 @@ def inner_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     if len(params) == 0:
         return []
     backend = select("inner_update", grads[0].device.type)
-    if backend in ("cpp", "cuda"):  # fastmeta::inner_update_* has a CPU and a CUDA kernel
-        return _cpp_impl(params, grads, lr)
+    if backend in ("cpp", "cuda", "triton"):  # fastmeta::inner_update_* has a CPU and a CUDA kernel
+        return _cpp_impl(params, grads, lr, triton_kernel=backend == "triton")
     return _torch_impl(params, grads, lr)
