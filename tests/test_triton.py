@@ -124,3 +124,28 @@ def test_batched_maml_conv_free_model_runs_on_triton_linear():
             meta = fastmeta.BatchedMAML(model, 0.1, 2, check_finite=True)  # check_finite: step by step
             grads[backend] = torch.autograd.grad(meta(xs, ys, xq, yq), list(model.parameters()))
     assert_rel_close(list(grads["triton"]), list(grads["torch"]), 1e-10, "meta-grad")
+
+
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
+def test_task_losses_and_their_first_and_second_derivatives(kind):
+    d = dict(dtype=torch.float64, device=DEVICE)
+    T, N, C = 3, 7, 5
+    pred = torch.randn(T, N, C, **d, requires_grad=True)
+    if kind == "mse":
+        target = torch.randn(T, N, C, **d)
+        fn, ref = ops.mse, ops.mse_ref
+    else:
+        target = torch.randint(0, C, (T, N), device=DEVICE)
+        fn, ref = ops.cross_entropy, ops.cross_entropy_ref
+    with fastmeta.use_backend("triton"):
+        got = fn(pred, target)
+    want = ref(pred, target)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    w = torch.linspace(0.5, 1.5, T, **d)
+    g_fast = torch.autograd.grad((got * w).sum(), pred, retain_graph=True)[0]  # the kernel's gradient
+    g_want = torch.autograd.grad((want * w).sum(), pred, create_graph=True)[0]
+    torch.testing.assert_close(g_fast, g_want, rtol=1e-12, atol=1e-12)
+    g_graph = torch.autograd.grad((got * w).sum(), pred, create_graph=True)[0]  # differentiable path
+    h_got = torch.autograd.grad((g_graph ** 3).sum(), pred)[0]
+    h_want = torch.autograd.grad((g_want ** 3).sum(), pred)[0]
+    torch.testing.assert_close(h_got, h_want, rtol=1e-10, atol=1e-12)

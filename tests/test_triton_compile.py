@@ -86,3 +86,27 @@ def test_inner_update_compiles_for_sm90():
     out = subprocess.run([sys.executable, "-c", UPDATE], capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0
+
+
+LOSSES = r'''
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from fastmeta.kernels import task_loss as K
+t = GPUTarget("cuda", 90, 32)
+a = triton.compile(triton.compiler.ASTSource(
+    fn=K._mse_fwd_kernel, signature=dict(pred_ptr="*fp32", target_ptr="*fp32", loss_ptr="*fp32", grad_ptr="*fp32",
+                                         M="constexpr", BLOCK="constexpr"), constexprs=dict(M=10, BLOCK=16)), target=t)
+b = triton.compile(triton.compiler.ASTSource(
+    fn=K._ce_fwd_kernel, signature=dict(z_ptr="*fp32", y_ptr="*i64", loss_ptr="*fp32", grad_ptr="*fp32", C="i32",
+                                        N="constexpr", BLOCK_C="constexpr"), constexprs=dict(N=75, BLOCK_C=16)), target=t)
+print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b"")))}))
+'''
+
+
+@pytest.mark.slow
+def test_task_losses_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", LOSSES], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0
