@@ -32,3 +32,47 @@ def test_inner_update(benchmark, backend, workload, tasks):
     out = benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
     for o, w in zip(out, ops.inner_update_ref(params, grads, 0.01)):
         torch.testing.assert_close(o, w)
+
+
+LINEAR_BACKENDS = ["torch"] + (["triton"] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("tasks", [25, 1000])
+def test_batched_linear_relu(benchmark, backend, tasks):
+    """The sine MLP's hidden layer (40 -> 40, K=10 rows) for T tasks, forward and backward."""
+    x = torch.randn(tasks, 10, 40, device=DEVICE, requires_grad=True)
+    W = torch.randn(tasks, 40, 40, device=DEVICE, requires_grad=True)
+    b = torch.randn(tasks, 40, device=DEVICE, requires_grad=True)
+    benchmark.group = f"batched_linear-T{tasks}"
+    benchmark.extra_info.update(backend=backend, device=DEVICE)
+
+    def run():
+        with fastmeta.use_backend(backend):
+            y = ops.batched_linear(x, W, b, "relu")
+        g = torch.autograd.grad(y.sum(), (x, W, b))
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return g
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
+def test_task_loss(benchmark, backend, kind):
+    """Per-task loss and its gradient for T=1000 tasks (sine shape / 5-way 15-query shape)."""
+    if kind == "mse":
+        pred, target, fn = torch.randn(1000, 10, 1, device=DEVICE, requires_grad=True), torch.randn(1000, 10, 1, device=DEVICE), ops.mse
+    else:
+        pred = torch.randn(1000, 75, 5, device=DEVICE, requires_grad=True)
+        target, fn = torch.randint(0, 5, (1000, 75), device=DEVICE), ops.cross_entropy
+    benchmark.group = f"task_loss-{kind}"
+    benchmark.extra_info.update(backend=backend, device=DEVICE)
+
+    def run():
+        with fastmeta.use_backend(backend):
+            g = torch.autograd.grad(fn(pred, target).sum(), pred)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return g
+    benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
