@@ -250,8 +250,8 @@ def _vmap_meta_grad_fn(w: Workload, first_order: bool):
     return grad(meta_loss)
 
 
-def _vmap(w: Workload, first_order: bool):
-    fn = _vmap_meta_grad_fn(w, first_order)
+def _functional_step(w: Workload, fn):
+    """step() calling fn(params, batch) -> {name: meta-gradient} on detached meta-parameters."""
     names = [n for n, _ in w.model.named_parameters()]
     p = {n: v.detach() for n, v in w.model.named_parameters()}
 
@@ -259,17 +259,14 @@ def _vmap(w: Workload, first_order: bool):
         g = fn(p, w.xs, w.ys, w.xq, w.yq)
         return [g[n] for n in names]
     return step
+
+
+def _vmap(w: Workload, first_order: bool):
+    return _functional_step(w, _vmap_meta_grad_fn(w, first_order))
 
 
 def _compile(w: Workload, first_order: bool):
-    fn = torch.compile(_vmap_meta_grad_fn(w, first_order))
-    names = [n for n, _ in w.model.named_parameters()]
-    p = {n: v.detach() for n, v in w.model.named_parameters()}
-
-    def step():
-        g = fn(p, w.xs, w.ys, w.xq, w.yq)
-        return [g[n] for n in names]
-    return step
+    return _functional_step(w, torch.compile(_vmap_meta_grad_fn(w, first_order)))
 
 
 def _vmap_graph(w: Workload, first_order: bool):

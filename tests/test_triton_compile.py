@@ -10,6 +10,14 @@ import pytest
 
 pytest.importorskip("triton")
 
+
+def compile_in_subprocess(script: str, *args: str) -> dict:
+    """Runs a compile script without TRITON_INTERPRET; returns its last stdout line as JSON."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
 SCRIPT = r'''
 import json, sys
 import triton
@@ -35,11 +43,7 @@ print(json.dumps({"cubin": len(k.asm.get("cubin", b"")), "shared": k.metadata.sh
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype,loss,meta_sgd", [("fp32", 0, False), ("fp32", 1, True)])
 def test_mlp_inner_loop_compiles_for_sm90(dtype, loss, meta_sgd):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", SCRIPT, dtype, str(loss), "1" if meta_sgd else "0"],
-                         capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    info = json.loads(out.stdout.strip().splitlines()[-1])
+    info = compile_in_subprocess(SCRIPT, dtype, str(loss), "1" if meta_sgd else "0")
     assert info["cubin"] > 0
     assert info["shared"] <= 227 * 1024, f"needs {info['shared']} bytes of shared memory"
 
@@ -61,10 +65,7 @@ print(json.dumps({"cubin": len(k.asm.get("cubin", b"")), "shared": k.metadata.sh
 
 @pytest.mark.slow
 def test_batched_linear_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", LINEAR], capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0
+    assert compile_in_subprocess(LINEAR)["cubin"] > 0
 
 
 UPDATE = r'''
@@ -82,10 +83,7 @@ print(json.dumps({"cubin": len(k.asm.get("cubin", b""))}))
 
 @pytest.mark.slow
 def test_inner_update_compiles_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", UPDATE], capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0
+    assert compile_in_subprocess(UPDATE)["cubin"] > 0
 
 
 LOSSES = r'''
@@ -106,7 +104,4 @@ print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubi
 
 @pytest.mark.slow
 def test_task_losses_compile_for_sm90():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", LOSSES], capture_output=True, text=True, timeout=600, env=env)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert json.loads(out.stdout.strip().splitlines()[-1])["cubin"] > 0
+    assert compile_in_subprocess(LOSSES)["cubin"] > 0

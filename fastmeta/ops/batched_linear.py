@@ -11,6 +11,8 @@ differentiable torch ops on the saved output, so second order composes).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -71,14 +73,8 @@ def _check(x, W, b, activation):
 
 
 _CODES = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
-_registered = False
-
-
+@functools.cache
 def _register_triton():
-    global _registered
-    if _registered:
-        return
-    _registered = True
     from ..kernels.batched_linear import batched_linear_fwd
 
     @torch.library.custom_op("fastmeta::batched_linear_triton", mutates_args=())

@@ -15,6 +15,7 @@ tensors); these three get autograd from a Function whose backward uses different
 """
 from __future__ import annotations
 
+import functools
 import numbers
 from typing import Sequence
 
@@ -88,15 +89,8 @@ def _torch_impl(params, grads, lr):
 
 
 # ---- C++ op: fake kernels for torch.compile, autograd as a Function (cheap per call) ------------
-_registered = False
-
-
+@functools.cache
 def _register_cpp():
-    global _registered
-    if _registered:
-        return
-    _registered = True
-
     @torch.library.register_fake("fastmeta::inner_update_scalar")
     def _(params, grads, lr):
         return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
@@ -106,14 +100,8 @@ def _register_cpp():
         return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
 
 
-_triton_registered = False
-
-
+@functools.cache
 def _register_triton():
-    global _triton_registered
-    if _triton_registered:
-        return
-    _triton_registered = True
     from ..kernels.inner_update import inner_update_fwd
 
     @torch.library.custom_op("fastmeta::inner_update_triton", mutates_args=())

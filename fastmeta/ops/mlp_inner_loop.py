@@ -19,6 +19,7 @@ and is differentiable to any order.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -65,30 +66,17 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
         return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
 
 
-_registered = False
-
-
+@functools.cache
 def _register_cpp():
-    global _registered
-    if _registered:
-        return
-    _registered = True
-
     @torch.library.register_fake("fastmeta::mlp_inner_loop")
     def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
         T, P = xs.shape[0], sum(p.numel() for p in params)
         return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
 
 
-_triton_registered = False
-
-
+@functools.cache
 def _register_triton():
     """fastmeta::mlp_inner_loop_triton: the Triton kernel as a torch.library custom op with a fake."""
-    global _triton_registered
-    if _triton_registered:
-        return
-    _triton_registered = True
     from ..kernels.mlp_inner_loop import mlp_inner_loop_fwd
 
     @torch.library.custom_op("fastmeta::mlp_inner_loop_triton", mutates_args=())

@@ -10,6 +10,8 @@ when a graph of the backward is wanted, so second order composes).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,14 +34,8 @@ def cross_entropy_ref(logits, labels):
     return F.cross_entropy(logits.reshape(T * N, C), labels.reshape(T * N), reduction="none").view(T, N).mean(1)
 
 
-_registered = False
-
-
+@functools.cache
 def _register_triton():
-    global _registered
-    if _registered:
-        return
-    _registered = True
     from ..kernels.task_loss import cross_entropy_fwd, mse_fwd
 
     @torch.library.custom_op("fastmeta::mse_triton", mutates_args=())
