@@ -175,12 +175,13 @@ class BatchedMAML(nn.Module):
         return select("mlp_inner_loop", p.device.type) != "torch"
 
     def _signature(self, xs, ys, xq, yq):
-        """What the argument checks depend on: shapes, dtypes and devices of the batch and of the
-        parameters, the requested backend. A call with the signature of the last checked call skips
+        """What the argument checks and the fused-path choice depend on: shapes, dtypes and devices
+        of the batch and of the parameters, the requested backend, inner_lr, loss, check_finite. A call with the signature of the last checked call skips
         the checks (they would pass again); the label range check of cross-entropy still runs."""
         p = self._first_param
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
-                yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr))
+                yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
+                id(self.loss), self.check_finite)
 
     def _prepare(self, xs, ys, xq, yq):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was

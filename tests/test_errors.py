@@ -100,3 +100,16 @@ def test_predict_argument_errors():
         meta.predict(P, xq[:2])
     with pytest.raises(TypeError, match="params"):
         meta.predict([1], xq)
+
+
+def test_settings_changed_after_a_call_take_effect():
+    """A batch of an already checked signature skips the checks, but not a changed setting."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2)
+    xs = torch.randn(3, 4, 2, dtype=torch.float64)
+    y = torch.randn(3, 4, 3, dtype=torch.float64)
+    meta(xs, y, xs, y)
+    xs[1, 0, 0] = float("inf")
+    meta.check_finite = True
+    with pytest.raises(ValueError, match="non-finite support loss"):
+        meta(xs, y, xs, y)
