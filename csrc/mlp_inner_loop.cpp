@@ -401,11 +401,30 @@ void gather(const S* src, int64_t n, const int64_t* tasks, T* dst) {
   }
 }
 
+// Where run() writes its results: per task (loss [T], dtheta [T, P], dlr [T, P]) or, with
+// per_group, the sums over each group's tasks (loss [G], dtheta [G, P], dlr [G, P]) for a caller
+// that wants only the task mean (mlp_meta_grad); dlr is null unless need_lr_grad.
+template <typename T>
+struct Out {
+  bool per_group;
+  T *loss, *dtheta, *dlr;
+};
+
+// dst[j] = sum_l src[j, l] mask[l] for src [n, W].
+template <typename T, int W>
+void lane_sums(const T* src, int64_t n, const T* mask, T* dst) {
+  for (int64_t j = 0; j < n; ++j) {
+    T s = T(0);
+#pragma omp simd reduction(+ : s)
+    for (int l = 0; l < W; ++l) s += src[j * W + l] * mask[l];
+    dst[j] = s;
+  }
+}
+
 template <typename T, int W>
 void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
          const at::Tensor& yq, const std::vector<at::Tensor>& params, const T* lrflat, T lr,
-         int64_t S, int64_t loss, bool first_order, bool need_lr_grad, T* loss_out, T* dtheta_out,
-         T* dlr_out) {
+         int64_t S, int64_t loss, bool first_order, bool need_lr_grad, const Out<T>& out) {
   const int64_t Tn = xs.size(0), K = xs.size(1), Q = xq.size(1), I = net.d[0], D = net.d[net.L];
   const int64_t P = net.P;
   std::vector<T> theta0(P);
@@ -468,16 +487,78 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 #pragma omp simd
         for (int64_t j = 0; j < P * W; ++j) gp.v[j] -= gp.h[j];
       }
-      for (int l = 0; l < W; ++l) {
-        const int64_t t = grp * W + l;
-        if (t >= Tn) break;
-        loss_out[t] = lane_loss[l];
-        for (int64_t j = 0; j < P; ++j) dtheta_out[t * P + j] = gp.v[j * W + l];
-        if (need_lr_grad)
-          for (int64_t j = 0; j < P; ++j) dlr_out[t * P + j] = gp.dlr[j * W + l];
+      const int valid = static_cast<int>(std::min<int64_t>(W, Tn - grp * W));
+      if (out.per_group) {  // sums over the group's real tasks (padding lanes masked out)
+        T mask[W];
+        FM_LANES mask[l] = l < valid ? T(1) : T(0);
+        T total = T(0);
+        for (int l = 0; l < valid; ++l) total += lane_loss[l];
+        out.loss[grp] = total;
+        lane_sums<T, W>(gp.v, P, mask, out.dtheta + grp * P);
+        if (need_lr_grad) lane_sums<T, W>(gp.dlr, P, mask, out.dlr + grp * P);
+      } else {
+        for (int l = 0; l < valid; ++l) {
+          const int64_t t = grp * W + l;
+          out.loss[t] = lane_loss[l];
+          for (int64_t j = 0; j < P; ++j) out.dtheta[t * P + j] = gp.v[j * W + l];
+          if (need_lr_grad)
+            for (int64_t j = 0; j < P; ++j) out.dlr[t * P + j] = gp.dlr[j * W + l];
+        }
       }
     }
   });
+}
+
+// The arguments of one call, checked and made contiguous, shared by the two entry points.
+struct Call {
+  Net net;
+  std::vector<at::Tensor> params;
+  at::Tensor xs, ys, xq, yq, lrflat;
+};
+
+Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+             at::TensorList params, at::TensorList lrs, int64_t steps, at::IntArrayRef acts,
+             double negative_slope, int64_t loss) {
+  TORCH_CHECK(params.size() % 2 == 0 && !params.empty(), "mlp_inner_loop: params must be [W_1, b_1, ...]");
+  const int64_t L = static_cast<int64_t>(params.size() / 2);
+  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
+  TORCH_CHECK(lrs.empty() || lrs.size() == params.size(), "mlp_inner_loop: lrs must be empty or one per param");
+  TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
+  TORCH_CHECK(steps >= 0, "mlp_inner_loop: steps must be >= 0");
+  Call c;
+  Net& net = c.net;
+  net.L = L;
+  net.slope = negative_slope;
+  net.acts.assign(acts.begin(), acts.end());
+  net.d.push_back(params[0].size(1));
+  int64_t off = 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor W = params[2 * l].contiguous(), b = params[2 * l + 1].contiguous();
+    TORCH_CHECK(W.dim() == 2 && b.dim() == 1 && b.size(0) == W.size(0) && W.size(1) == net.d.back(),
+                "mlp_inner_loop: layer ", l, " has W ", W.sizes(), " and b ", b.sizes());
+    net.d.push_back(W.size(0));
+    net.offW.push_back(off); off += W.numel();
+    net.offb.push_back(off); off += b.numel();
+    c.params.push_back(W); c.params.push_back(b);
+  }
+  net.P = off;
+  c.xs = xs.contiguous(); c.xq = xq.contiguous();
+  c.ys = ys.contiguous(); c.yq = yq.contiguous();
+  if (!lrs.empty()) {
+    std::vector<at::Tensor> flat;
+    for (const auto& t : lrs) flat.push_back(t.to(xs.scalar_type()).contiguous().reshape({-1}));
+    c.lrflat = at::cat(flat);
+    TORCH_CHECK(c.lrflat.numel() == net.P, "mlp_inner_loop: lrs must match the params' shapes");
+  }
+  return c;
+}
+
+template <typename T>
+void dispatch_run(const Call& c, double lr, int64_t steps, int64_t loss, bool first_order, bool need_lr_grad,
+                  const Out<T>& out) {
+  constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
+  run<T, W>(c.net, c.xs, c.ys, c.xq, c.yq, c.params, c.lrflat.defined() ? c.lrflat.data_ptr<T>() : nullptr,
+            static_cast<T>(lr), steps, loss, first_order, need_lr_grad, out);
 }
 
 }  // namespace
@@ -485,55 +566,66 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 int64_t workspace_bytes() { return g_workspace_bytes.load(); }
 
 std::vector<at::Tensor> mlp_inner_loop_cpu(
-    const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_, const at::Tensor& yq_,
-    at::TensorList params_, at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
+    const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+    at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
-  TORCH_CHECK(params_.size() % 2 == 0 && !params_.empty(), "mlp_inner_loop: params must be [W_1, b_1, ...]");
-  const int64_t L = static_cast<int64_t>(params_.size() / 2);
-  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
-  TORCH_CHECK(lrs_.empty() || lrs_.size() == params_.size(), "mlp_inner_loop: lrs must be empty or one per param");
-  TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
-  TORCH_CHECK(steps >= 0, "mlp_inner_loop: steps must be >= 0");
-  const auto dtype = xs_.scalar_type();
-  Net net;
-  net.L = L;
-  net.slope = negative_slope;
-  net.acts.assign(acts.begin(), acts.end());
-  net.d.push_back(params_[0].size(1));
-  int64_t off = 0;
-  std::vector<at::Tensor> params;
-  for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor W = params_[2 * l].contiguous(), b = params_[2 * l + 1].contiguous();
-    TORCH_CHECK(W.dim() == 2 && b.dim() == 1 && b.size(0) == W.size(0) && W.size(1) == net.d.back(),
-                "mlp_inner_loop: layer ", l, " has W ", W.sizes(), " and b ", b.sizes());
-    net.d.push_back(W.size(0));
-    net.offW.push_back(off); off += W.numel();
-    net.offb.push_back(off); off += b.numel();
-    params.push_back(W); params.push_back(b);
-  }
-  net.P = off;
-  const at::Tensor xs = xs_.contiguous(), xq = xq_.contiguous();
-  const at::Tensor ys = ys_.contiguous(), yq = yq_.contiguous();
-  const int64_t Tn = xs.size(0);
-  auto opts = xs.options();
+  const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss);
+  const int64_t Tn = c.xs.size(0), P = c.net.P;
+  auto opts = c.xs.options();
   at::Tensor loss_out = new_output({Tn}, opts);
-  at::Tensor dtheta = new_output({Tn, net.P}, opts);
-  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, net.P}, opts);
-  at::Tensor lrflat;
-  if (!lrs_.empty()) {
-    std::vector<at::Tensor> flat;
-    for (const auto& t : lrs_) flat.push_back(t.to(dtype).contiguous().reshape({-1}));
-    lrflat = at::cat(flat);
-    TORCH_CHECK(lrflat.numel() == net.P, "mlp_inner_loop: lrs must match the params' shapes");
-  }
-  AT_DISPATCH_FLOATING_TYPES(dtype, "mlp_inner_loop_cpu", [&] {
-    constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
-    run<scalar_t, W>(net, xs, ys, xq, yq, params, lrflat.defined() ? lrflat.data_ptr<scalar_t>() : nullptr,
-                  static_cast<scalar_t>(lr), steps, loss, first_order, need_lr_grad,
-                  loss_out.data_ptr<scalar_t>(), dtheta.data_ptr<scalar_t>(),
-                  need_lr_grad ? dlr.data_ptr<scalar_t>() : nullptr);
+  at::Tensor dtheta = new_output({Tn, P}, opts);
+  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, P}, opts);
+  AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_inner_loop_cpu", [&] {
+    dispatch_run<scalar_t>(c, lr, steps, loss, first_order, need_lr_grad,
+                           Out<scalar_t>{false, loss_out.data_ptr<scalar_t>(), dtheta.data_ptr<scalar_t>(),
+                                         need_lr_grad ? dlr.data_ptr<scalar_t>() : nullptr});
   });
   return {loss_out, dtheta, dlr};
+}
+
+std::vector<at::Tensor> mlp_meta_grad_cpu(
+    const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+    at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
+  const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss);
+  const int64_t Tn = c.xs.size(0), P = c.net.P;
+  TORCH_CHECK(Tn > 0, "mlp_meta_loss: needs at least one task, got xs ", xs.sizes());
+  auto opts = c.xs.options();
+  at::Tensor loss_mean = at::empty({}, opts);
+  at::Tensor gflat = at::empty({(need_lr_grad ? 2 : 1) * P}, opts);
+  AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_meta_grad_cpu", [&] {
+    constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
+    const int64_t G = (Tn + W - 1) / W;
+    // per-group sums, then their sum in group order (the result does not depend on threads)
+    std::vector<scalar_t> part((1 + (need_lr_grad ? 2 : 1) * P) * G);
+    scalar_t* pl = part.data();
+    scalar_t* pg = pl + G;
+    scalar_t* pd = need_lr_grad ? pg + G * P : nullptr;
+    dispatch_run<scalar_t>(c, lr, steps, loss, first_order, need_lr_grad, Out<scalar_t>{true, pl, pg, pd});
+    const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(Tn);
+    scalar_t* og = gflat.data_ptr<scalar_t>();
+    scalar_t total = 0;
+    for (int64_t g = 0; g < G; ++g) total += pl[g];
+    *loss_mean.data_ptr<scalar_t>() = total * inv_t;
+    for (int64_t k = 0; k < (pd ? 2 : 1); ++k) {
+      const scalar_t* src = k == 0 ? pg : pd;
+      scalar_t* dst = og + k * P;
+      std::copy(src, src + P, dst);
+      for (int64_t g = 1; g < G; ++g) {
+        for (int64_t j = 0; j < P; ++j) dst[j] += src[g * P + j];
+      }
+      for (int64_t j = 0; j < P; ++j) dst[j] *= inv_t;
+    }
+  });
+  // [loss, d loss / d param_i (shaped like params), d loss / d lr_i when need_lr_grad]: views of gflat
+  std::vector<at::Tensor> outs{loss_mean};
+  int64_t off = 0;
+  for (int64_t k = 0; k < (need_lr_grad ? 2 : 1); ++k)
+    for (const auto& p : c.params) {
+      outs.push_back(gflat.narrow(0, off, p.numel()).view(p.sizes()));
+      off += p.numel();
+    }
+  return outs;
 }
 
 }  // namespace fastmeta

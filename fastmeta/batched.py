@@ -61,7 +61,7 @@ class BatchedMAML(nn.Module):
         self.strict = bool(strict)
         self.check_finite = bool(check_finite)
         self.program = plan.lower(model, strict=self.strict)
-        self._last_sig, self._last_fused = None, False
+        self._last_sig, self._last_fused, self._direct = None, False, None
         params = dict(model.named_parameters())
         self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
         if learn_inner_lr:
@@ -170,6 +170,8 @@ class BatchedMAML(nn.Module):
             return False
         if isinstance(self.inner_lr, torch.Tensor):
             return False
+        if len(self._adapt_names) != len(self.program.names):  # frozen parameters are not adapted
+            return False
         p = next(iter(self.model.parameters()))
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
         return select("mlp_inner_loop", p.device.type) != "torch"
@@ -195,6 +197,11 @@ class BatchedMAML(nn.Module):
         self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
         fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
         self._last_sig, self._last_fused = sig, fused
+        self._direct = None
+        if fused and self.program.mlp.param_names == self.program.names and self.lrs is None:
+            # the one C++ op with its C++ autograd (cpp / cuda backends): a call with this
+            # signature goes straight to it (forward's fast path)
+            self._direct = ops.mlp_meta_loss_direct(self.program.mlp, self.loss, xs.device.type)
         return fused, False
 
     def _fused_args(self):
@@ -220,6 +227,10 @@ class BatchedMAML(nn.Module):
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
         fused, checked = self._prepare(xs, ys, xq, yq)
+        if checked and self._direct is not None:
+            with torch.enable_grad():
+                return self._direct(xs, ys, xq, yq, list(self.model.parameters()), float(self.inner_lr),
+                                    self.inner_steps, self.first_order)
         if not fused:
             return self.task_losses(xs, ys, xq, yq).mean()
         params, lr, spec = self._fused_args()

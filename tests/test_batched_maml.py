@@ -213,3 +213,29 @@ def test_meta_training_reduces_loss():
         opt.step()
         first = first if first is not None else loss.item()
     assert loss.item() < 0.7 * first
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_repeated_calls_follow_attribute_changes(backend):
+    """A second call with a batch of the same signature skips the checks (and on cpp takes the op
+    directly); changes of inner_lr, inner_steps, first_order and of the parameters still count."""
+    model = mlp((2, 13, 3), act=nn.ReLU, dtype=torch.float32)
+    batch = regression_batch(19, 5, 4, 2, 3, torch.float32)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.05, 2)
+        for lr, steps, fo in [(0.05, 2, False), (0.05, 2, False), (0.1, 2, False), (0.1, 3, False),
+                              (0.1, 3, True)]:
+            meta.inner_lr, meta.inner_steps, meta.first_order = lr, steps, fo
+            loss, got, _ = meta_grads(meta, model, batch)
+            want_loss, want, _ = loop_meta_grads(model, *batch, lr, steps, "mse", fo)
+            assert_rel_close([loss], [want_loss], RTOL[torch.float32], f"meta-loss {lr} {steps} {fo}")
+            assert_rel_close(got, want, RTOL[torch.float32], f"meta-grad {lr} {steps} {fo}")
+        assert (meta._direct is not None) == (backend == "cpp")
+        with torch.no_grad():
+            model[0].weight.mul_(1.5)
+        model[2].weight = nn.Parameter(model[2].weight.detach() * 0.5)
+        loss, got, _ = meta_grads(meta, model, batch)
+        want_loss, want, _ = loop_meta_grads(model, *batch, 0.1, 3, "mse", True)
+        assert_rel_close(got, want, RTOL[torch.float32], "meta-grad after the parameters changed")
+        meta(*batch).backward()  # .backward() fills .grad with what autograd.grad returns
+        assert_rel_close([p.grad for p in model.parameters()], want, RTOL[torch.float32], ".grad")

@@ -107,6 +107,32 @@ def test_gradcheck_reference_twice_and_fused_once():
         assert gradcheck(f, params + lrs)
 
 
+@pytest.mark.parametrize("T", [5, 37])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("lr_kind", ["scalar", "learned", "frozen"])
+def test_meta_loss_op_reduces_over_groups_and_scales(T, dtype, lr_kind):
+    """The task mean is reduced inside the CPU kernel over groups of tasks (padding lanes masked
+    out); backward scales it by the incoming gradient and accumulates into .grad."""
+    params, batch = make((2, 19, 3), T, 5, 4, "mse", dtype)
+    if lr_kind == "scalar":
+        lr, extra = 0.05, []
+    else:
+        lr = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_(lr_kind == "learned") for p in params]
+        extra = lr if lr_kind == "learned" else []
+    outs = {}
+    for backend in ("cpp", "torch"):
+        with fastmeta.use_backend(backend):
+            meta = ops.mlp_meta_loss(*batch, params, lr, 3, ["tanh", None])
+        for t in params + extra:
+            t.grad = torch.ones_like(t)  # backward accumulates onto what is there
+        (2.5 * meta).backward()
+        outs[backend] = (meta.detach(), [t.grad.clone() for t in params + extra])
+        if lr_kind == "frozen":
+            assert all(l.grad is None for l in lr)
+    assert_rel_close([outs["cpp"][0]], [outs["torch"][0]], RTOL[dtype] / 10, "meta-loss")
+    assert_rel_close(outs["cpp"][1], outs["torch"][1], RTOL[dtype], "2.5 * meta-grad + 1")
+
+
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 def test_meta_loss_op_matches_mean_of_task_losses(loss):
     params, batch = make((3, 37, 4), 5, 6, 7, loss, torch.float64)

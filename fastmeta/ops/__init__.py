@@ -6,7 +6,7 @@ from .batched_linear import batched_linear, batched_linear_ref
 from .task_loss import mse, mse_ref, cross_entropy, cross_entropy_ref
 from .batched_conv2d import batched_conv2d, batched_conv2d_ref
 from .batched_batch_norm import batched_batch_norm, batched_batch_norm_ref
-from .mlp_inner_loop import mlp_inner_loop, mlp_inner_loop_ref, mlp_meta_loss
+from .mlp_inner_loop import mlp_inner_loop, mlp_inner_loop_ref, mlp_meta_loss, mlp_meta_loss_direct
 
 __all__ = [
     "inner_update", "inner_update_ref", "batched_linear", "batched_linear_ref", "mse", "mse_ref",
