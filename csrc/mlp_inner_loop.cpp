@@ -29,6 +29,9 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 #include <atomic>
 #include <cmath>
 
@@ -89,62 +92,182 @@ inline void* workspace(size_t bytes) {
   return buf.p;
 }
 
-// C[m, p] (+)= sum_k A(m, k) B(k, p) over lane vectors, for the small matrices of an MLP step.
-// Element (i, j) of X lives at X + (i * s_i + j * s_j) * W; C starts from C itself (accumulate),
-// from init[p] (a bias), or from zero. Register-blocked MB x PB so that MB * PB independent
-// accumulator chains hide the FMA latency and each loaded A/B vector is used PB/MB times.
+// One product sum_k A(m, k) B(k, p) over lane vectors: element (i, j) of X lives at
+// X + (i * s_i + j * s_j) * W.
+template <typename T>
+struct Prod {
+  const T* A;
+  int64_t sam, sak;
+  const T* B;
+  int64_t sbk, sbp, K;
+};
+
+// What a gemm does with its product acc at C[m, p] (lane vectors at C + (m * scm + p * scp) * W):
+//   C = acc (+ init[p], a bias) by default;  C += acc with accumulate;
+//   C = base - rate * acc with base (laid out like C): an SGD step written by the kernel that
+//   computes the gradient, rate the scalar alpha or, with rates, the per-entry (not per-lane)
+//   rates[m * scm + p * scp].
+template <typename T>
+struct Epi {
+  const T* init = nullptr;
+  bool accumulate = false;
+  const T* base = nullptr;
+  T alpha = T(0);
+  const T* rates = nullptr;
+};
+
+// One SIMD register of lanes, where the lanes fill an AVX-512 register (the product loop below is
+// written with it so that each A and B vector is loaded once per k, not once per use).
+template <typename T>
+struct Vec;
+#if defined(__AVX512F__)
+template <>
+struct Vec<float> {
+  using R = __m512;
+  static R zero() { return _mm512_setzero_ps(); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R set1(float v) { return _mm512_set1_ps(v); }
+};
+template <>
+struct Vec<double> {
+  using R = __m512d;
+  static R zero() { return _mm512_setzero_pd(); }
+  static R load(const double* p) { return _mm512_loadu_pd(p); }
+  static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
+  static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R set1(double v) { return _mm512_set1_pd(v); }
+};
+constexpr bool kHaveVec = true;
+#else
+constexpr bool kHaveVec = false;
+#endif
+
+// C[m, p] for an MB x PB register block: MB * PB independent accumulator chains hide the FMA
+// latency and each loaded A/B vector is used PB/MB times. x2 (optional) adds a second product
+// into the same accumulators (pairs such as dz^T a + dz'^T a' of the second-order pass).
 template <typename T, int W, int MB, int PB>
-inline void gemm_block(const T* __restrict A, int64_t sam, int64_t sak, const T* __restrict B,
-                       int64_t sbk, int64_t sbp, int64_t K, T* __restrict C, int64_t scm, int64_t scp,
-                       const T* __restrict init, bool accumulate) {
-  T acc[MB][PB][W];
+inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p, T* C, int64_t scm,
+                       int64_t scp, const Epi<T>& e) {
+  if constexpr (kHaveVec && W * sizeof(T) == 64) {
+    using V = Vec<T>;
+    typename V::R r[MB][PB];
 #pragma GCC unroll 8
-  for (int i = 0; i < MB; ++i)
+    for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < PB; ++j)
-      FM_LANES acc[i][j][l] = accumulate ? C[(i * scm + j * scp) * W + l]
-                                         : (init != nullptr ? init[j * W + l] : T(0));
-  for (int64_t k = 0; k < K; ++k) {
+      for (int j = 0; j < PB; ++j) r[i][j] = V::zero();
+    auto product = [&](const Prod<T>& q) {
+      const T* __restrict A = q.A + m * q.sam * W;
+      const T* __restrict B = q.B + p * q.sbp * W;
+      for (int64_t k = 0; k < q.K; ++k) {
+        typename V::R a[MB], b[PB];
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i) {
-      const T* a = A + (i * sam + k * sak) * W;
+        for (int i = 0; i < MB; ++i) a[i] = V::load(A + (i * q.sam + k * q.sak) * W);
+#pragma GCC unroll 8
+        for (int j = 0; j < PB; ++j) b[j] = V::load(B + (k * q.sbk + j * q.sbp) * W);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+          for (int j = 0; j < PB; ++j) r[i][j] = V::fma(a[i], b[j], r[i][j]);
+      }
+    };
+    product(x);
+    if (x2 != nullptr) product(*x2);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
       for (int j = 0; j < PB; ++j) {
-        const T* b = B + (k * sbk + j * sbp) * W;
-        FM_LANES acc[i][j][l] += a[l] * b[l];
+        const int64_t at = (m + i) * scm + (p + j) * scp;
+        T* c = C + at * W;
+        if (e.base != nullptr) {
+          V::store(c, V::fnma(V::set1(e.rates != nullptr ? e.rates[at] : e.alpha), r[i][j], V::load(e.base + at * W)));
+        } else if (e.accumulate) {
+          V::store(c, V::add(V::load(c), r[i][j]));
+        } else if (e.init != nullptr) {
+          V::store(c, V::add(V::load(e.init + (p + j) * W), r[i][j]));
+        } else {
+          V::store(c, r[i][j]);
+        }
       }
-    }
+    return;
+  }
+  T acc[MB][PB][W];
+  {
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+      for (int j = 0; j < PB; ++j) FM_LANES acc[i][j][l] = T(0);
+    auto product = [&](const Prod<T>& q) {
+      const T* __restrict A = q.A + m * q.sam * W;
+      const T* __restrict B = q.B + p * q.sbp * W;
+      for (int64_t k = 0; k < q.K; ++k) {
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) {
+          const T* a = A + (i * q.sam + k * q.sak) * W;
+#pragma GCC unroll 8
+          for (int j = 0; j < PB; ++j) {
+            const T* b = B + (k * q.sbk + j * q.sbp) * W;
+            FM_LANES acc[i][j][l] += a[l] * b[l];
+          }
+        }
+      }
+    };
+    product(x);
+    if (x2 != nullptr) product(*x2);
   }
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-    for (int j = 0; j < PB; ++j) FM_LANES C[(i * scm + j * scp) * W + l] = acc[i][j][l];
+    for (int j = 0; j < PB; ++j) {
+      const int64_t at = (m + i) * scm + (p + j) * scp;
+      T* c = C + at * W;
+      if (e.base != nullptr) {
+        const T rate = e.rates != nullptr ? e.rates[at] : e.alpha;
+        const T* bs = e.base + at * W;
+        FM_LANES c[l] = bs[l] - rate * acc[i][j][l];
+      } else if (e.accumulate) {
+        FM_LANES c[l] += acc[i][j][l];
+      } else if (e.init != nullptr) {
+        const T* in = e.init + (p + j) * W;
+        FM_LANES c[l] = in[l] + acc[i][j][l];
+      } else {
+        FM_LANES c[l] = acc[i][j][l];
+      }
+    }
 }
 
 template <typename T, int W>
-void gemm(const T* A, int64_t sam, int64_t sak, const T* B, int64_t sbk, int64_t sbp, int64_t M,
-          int64_t Pn, int64_t K, T* C, int64_t scm, int64_t scp, const T* init, bool accumulate) {
+void gemm(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
+          const Epi<T>& e = Epi<T>()) {
   constexpr int MB = 5, PB = 4;
   int64_t m = 0;
   for (; m + MB <= M; m += MB) {
     int64_t p = 0;
-    for (; p + PB <= Pn; p += PB)
-      gemm_block<T, W, MB, PB>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
-                               C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
-    for (; p < Pn; ++p)
-      gemm_block<T, W, MB, 1>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
-                              C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
+    for (; p + PB <= Pn; p += PB) gemm_block<T, W, MB, PB>(x, x2, m, p, C, scm, scp, e);
+    for (; p < Pn; ++p) gemm_block<T, W, MB, 1>(x, x2, m, p, C, scm, scp, e);
   }
   for (; m < M; ++m) {
     int64_t p = 0;
-    for (; p + PB <= Pn; p += PB)
-      gemm_block<T, W, 1, PB>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
-                              C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
-    for (; p < Pn; ++p)
-      gemm_block<T, W, 1, 1>(A + m * sam * W, sam, sak, B + p * sbp * W, sbk, sbp, K,
-                             C + (m * scm + p * scp) * W, scm, scp, init ? init + p * W : nullptr, accumulate);
+    for (; p + PB <= Pn; p += PB) gemm_block<T, W, 1, PB>(x, x2, m, p, C, scm, scp, e);
+    for (; p < Pn; ++p) gemm_block<T, W, 1, 1>(x, x2, m, p, C, scm, scp, e);
   }
 }
+
+// Where a backward pass writes a parameter-shaped result r [P, W] (a gradient or a Hessian-vector
+// product): out = r, or with base out = base - rate (.) r (rate the scalar alpha or rates[P]);
+// out may be base itself (in place).
+template <typename T>
+struct Sink {
+  T* out;
+  const T* base = nullptr;
+  T alpha = T(0);
+  const T* rates = nullptr;
+};
 
 template <typename T, int W>
 class Group {
@@ -158,10 +281,10 @@ class Group {
     const int64_t NQ = std::max(K, Q), P = net.P;
     dmax_ = *std::max_element(net.d.begin(), net.d.end());
     const int64_t I = net.d[0], D = net.d[net.L];
-    const int64_t n_theta = first_order ? 2 : S + 1, n_g = keep_grads ? std::max<int64_t>(S, 1) : 1;
+    const int64_t n_theta = first_order ? 2 : S + 1, n_g = keep_grads ? S : 0;
     const int64_t n_steps = first_order ? std::min<int64_t>(S, 1) : S;
     const int64_t n = n_theta * P + n_g * P + n_steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
-                      2 * K * dmax_ + 4 * P + K * I + Q * I + (K + Q) * D + K * D;
+                      2 * K * dmax_ + 3 * P + K * I + Q * I + (K + Q) * D + K * D;
     T* p = static_cast<T*>(workspace(static_cast<size_t>(n) * W * sizeof(T)));
     auto take = [&](int64_t count) { T* q = p; p += count * W; return q; };
     theta = take(n_theta * P);
@@ -172,13 +295,13 @@ class Group {
     Rz.resize(net.L); Ra.resize(net.L);
     for (int64_t l = 1; l <= net.L; ++l) { Rz[l - 1] = take(K * net.d[l]); Ra[l - 1] = take(K * net.d[l]); }
     Rda = take(K * dmax_); Rdz = take(K * dmax_);
-    v = take(P); u = take(P); h = take(P); dlr = take(P);
+    v = take(P); u = take(P); dlr = take(P);
     xs = take(K * I); xq = take(Q * I); ys = take(K * D); yq = take(Q * D); scratch = take(K * D);
   }
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
 
-  T *theta, *g, *v, *u, *h, *dlr, *xs, *xq, *ys, *yq, *scratch;
+  T *theta, *g, *v, *u, *dlr, *xs, *xq, *ys, *yq, *scratch;
   // Where step s keeps its parameters theta_s [P, W], gradient g_s and activations.
   T* theta_at(int64_t s) const { return theta + (fo_ ? (s & 1) : s) * net_.P * W; }
   T* g_at(int64_t s) const { return g + (keep_g_ ? s : 0) * net_.P * W; }
@@ -195,7 +318,9 @@ class Group {
       const T* ain = l == 1 ? x : A.a[l - 2];
       T* z = A.z[l - 1];
       // z[n, o] = b[o] + sum_i ain[n, i] W[o, i]
-      gemm<T, W>(ain, din, 1, Wl, 1, din, N, dout, din, z, dout, 1, b, false);
+      Epi<T> e;
+      e.init = b;
+      gemm<T, W>(N, dout, Prod<T>{ain, din, 1, Wl, 1, din, din}, nullptr, z, dout, 1, e);
       activate(net_.acts[l - 1], z, A.a[l - 1], N * dout);
     }
   }
@@ -282,41 +407,49 @@ class Group {
     FM_LANES loss_out[l] = total[l] * invN;
   }
 
-  // Backward from A.da[L-1]: dz_l, da_l (l < L) and the gradient gr [P, W].
-  void backward(const T* th, const T* x, int64_t N, Acts<T>& A, T* gr) const {
+  // Backward from A.da[L-1]: dz_l, da_l (l < L) and the gradient, written to sink (e.g. as the
+  // SGD step theta - alpha (.) gradient).
+  void backward(const T* th, const T* x, int64_t N, Acts<T>& A, const Sink<T>& sink) const {
     for (int64_t l = net_.L; l >= 1; --l) {
       const int64_t din = net_.d[l - 1], dout = net_.d[l];
       const T* Wl = th + net_.offW[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
       T* dz = A.dz[l - 1];
       mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], A.da[l - 1], dz, N * dout);
-      outer(dz, ain, N, dout, din, gr + net_.offW[l - 1] * W, gr + net_.offb[l - 1] * W, nullptr, nullptr);
-      if (l > 1) back_matmul(dz, Wl, N, dout, din, A.da[l - 2], nullptr, nullptr);
+      if (l > 1) gemm<T, W>(N, din, Prod<T>{dz, dout, 1, Wl, din, 1, dout}, nullptr, A.da[l - 2], din, 1);
+      outer(Prod<T>{dz, 1, dout, ain, din, 1, N}, nullptr, l, sink);
     }
   }
 
-  // gW[o,i] = sum_n dz[n,o] ain[n,i] (+ sum_n dz2[n,o] ain2[n,i]);  gb[o] = sum_n dz[n,o].
-  static void outer(const T* dz, const T* ain, int64_t N, int64_t dout, int64_t din, T* gW, T* gb,
-                    const T* dz2, const T* ain2) {
+  // Layer l's part of a parameter-shaped result: W_l [dout, din] = the product x (+ x2) over the
+  // N rows, b_l = sum over rows of x's A (dz [N, dout]), written to sink.
+  void outer(const Prod<T>& x, const Prod<T>* x2, int64_t l, const Sink<T>& sink) const {
+    const int64_t din = net_.d[l - 1], dout = net_.d[l], N = x.K;
+    const int64_t oW = net_.offW[l - 1], ob = net_.offb[l - 1];
+    Epi<T> e;
+    e.base = sink.base != nullptr ? sink.base + oW * W : nullptr;
+    e.alpha = sink.alpha;
+    e.rates = sink.rates != nullptr ? sink.rates + oW : nullptr;
+    gemm<T, W>(dout, din, x, x2, sink.out + oW * W, din, 1, e);
+    const T* dz = x.A;
     for (int64_t o = 0; o < dout; ++o) {
       T accb[W];
       FM_LANES accb[l] = T(0);
       for (int64_t n = 0; n < N; ++n) FM_LANES accb[l] += dz[(n * dout + o) * W + l];
-      FM_LANES gb[o * W + l] = accb[l];
+      T* out = sink.out + (ob + o) * W;
+      if (sink.base != nullptr) {
+        const T r = sink.rates != nullptr ? sink.rates[ob + o] : sink.alpha;
+        const T* bs = sink.base + (ob + o) * W;
+        FM_LANES out[l] = bs[l] - r * accb[l];
+      } else {
+        FM_LANES out[l] = accb[l];
+      }
     }
-    gemm<T, W>(dz, 1, dout, ain, din, 1, dout, din, N, gW, din, 1, nullptr, false);
-    if (dz2 != nullptr) gemm<T, W>(dz2, 1, dout, ain2, din, 1, dout, din, N, gW, din, 1, nullptr, true);
   }
 
-  // out[n,i] = sum_o dz[n,o] Wl[o,i] (+ sum_o dz2[n,o] W2[o,i]).
-  static void back_matmul(const T* dz, const T* Wl, int64_t N, int64_t dout, int64_t din, T* out,
-                          const T* dz2, const T* W2) {
-    gemm<T, W>(dz, dout, 1, Wl, din, 1, N, din, dout, out, din, 1, nullptr, false);
-    if (dz2 != nullptr) gemm<T, W>(dz2, dout, 1, W2, din, 1, N, din, dout, out, din, 1, nullptr, true);
-  }
-
-  // hv = H u: the Hessian of the support loss at th (activations A of that step) times u.
-  void hvp(const T* th, const T* x, const Acts<T>& A, const T* du, int64_t loss, T* hv) {
+  // H u, the Hessian of the support loss at th (activations A of that step) times u, written to
+  // sink; sink may write over u itself (each layer's part of u is read before it is written).
+  void hvp(const T* th, const T* x, const Acts<T>& A, const T* du, int64_t loss, const Sink<T>& sink) {
     const int64_t N = K_, L = net_.L;
     for (int64_t l = 1; l <= L; ++l) {  // R-forward
       const int64_t din = net_.d[l - 1], dout = net_.d[l];
@@ -326,8 +459,10 @@ class Group {
       const T* ain = l == 1 ? x : A.a[l - 2];
       const T* rain = l == 1 ? nullptr : Ra[l - 2];
       T* rz = Rz[l - 1];
-      gemm<T, W>(ain, din, 1, dW, 1, din, N, dout, din, rz, dout, 1, db, false);
-      if (rain != nullptr) gemm<T, W>(rain, din, 1, Wl, 1, din, N, dout, din, rz, dout, 1, nullptr, true);
+      Epi<T> e;
+      e.init = db;
+      const Prod<T> x2{rain, din, 1, Wl, 1, din, din};
+      gemm<T, W>(N, dout, Prod<T>{ain, din, 1, dW, 1, din, din}, rain != nullptr ? &x2 : nullptr, rz, dout, 1, e);
       mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], rz, Ra[l - 1], N * dout);
     }
     const int64_t D = net_.d[L];
@@ -370,9 +505,14 @@ class Group {
           for (int64_t i = 0; i < m; ++i) Rdz[i] += a[i] * (T(1) - a[i]) * (T(1) - T(2) * a[i]) * rz[i] * da[i];
         }
       }
-      outer(Rdz, ain, N, dout, din, hv + net_.offW[l - 1] * W, hv + net_.offb[l - 1] * W,
-            l > 1 ? dz : nullptr, l > 1 ? Ra[l - 2] : nullptr);
-      if (l > 1) back_matmul(Rdz, Wl, N, dout, din, Rda, dz, dW);
+      if (l > 1) {  // Rda_{l-1} = Rdz W_l + dz dW_l, before the sink may overwrite dW_l
+        const Prod<T> x2{dz, dout, 1, dW, din, 1, dout};
+        gemm<T, W>(N, din, Prod<T>{Rdz, dout, 1, Wl, din, 1, dout}, &x2, Rda, din, 1);
+        const Prod<T> h2{dz, 1, dout, Ra[l - 2], din, 1, N};
+        outer(Prod<T>{Rdz, 1, dout, ain, din, 1, N}, &h2, l, sink);
+      } else {
+        outer(Prod<T>{Rdz, 1, dout, ain, din, 1, N}, nullptr, l, sink);
+      }
     }
   }
 
@@ -453,11 +593,15 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
       T lane_loss[W];
       for (int64_t s = 0; s < S; ++s) {
         const T* th = gp.theta_at(s);
-        T* gs = gp.g_at(s);
+        T* next = gp.theta_at(s + 1);
         gp.forward(th, gp.xs, K, gp.acts_at(s));
         gp.loss_grad(gp.acts_at(s), K, gp.ys, loss, lane_loss);
-        gp.backward(th, gp.xs, K, gp.acts_at(s), gs);
-        T* next = gp.theta_at(s + 1);
+        if (!need_lr_grad) {  // the backward pass writes theta_{s+1} = theta_s - alpha (.) g_s directly
+          gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{next, th, lr, lrflat});
+          continue;
+        }
+        T* gs = gp.g_at(s);  // the learned rates' gradient needs every g_s
+        gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{gs});
         if (lrflat) {
           for (int64_t j = 0; j < P; ++j) FM_LANES next[j * W + l] = th[j * W + l] - lrflat[j] * gs[j * W + l];
         } else {
@@ -468,24 +612,23 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
       const T* thS = gp.theta_at(S);
       gp.forward(thS, gp.xq, Q, gp.query);
       gp.loss_grad(gp.query, Q, gp.yq, loss, lane_loss);
-      gp.backward(thS, gp.xq, Q, gp.query, gp.v);
-      std::fill(gp.dlr, gp.dlr + P * W, T(0));
+      gp.backward(thS, gp.xq, Q, gp.query, Sink<T>{gp.v});
+      if (need_lr_grad) std::fill(gp.dlr, gp.dlr + P * W, T(0));
       for (int64_t s = S - 1; s >= 0; --s) {
-        const T* gs = gp.g_at(s);
         if (need_lr_grad) {
+          const T* gs = gp.g_at(s);
 #pragma omp simd
           for (int64_t j = 0; j < P * W; ++j) gp.dlr[j] -= gs[j] * gp.v[j];
         }
         if (first_order) continue;
+        // v_s = v_{s+1} - H_s (alpha (.) v_{s+1}), in place: with a scalar alpha H_s is applied to
+        // v itself and scaled by alpha as it is subtracted; Meta-SGD first forms u = alpha (.) v.
         if (lrflat) {
           for (int64_t j = 0; j < P; ++j) FM_LANES gp.u[j * W + l] = lrflat[j] * gp.v[j * W + l];
+          gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.u, loss, Sink<T>{gp.v, gp.v, T(1)});
         } else {
-#pragma omp simd
-          for (int64_t j = 0; j < P * W; ++j) gp.u[j] = lr * gp.v[j];
+          gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.v, loss, Sink<T>{gp.v, gp.v, lr});
         }
-        gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.u, loss, gp.h);
-#pragma omp simd
-        for (int64_t j = 0; j < P * W; ++j) gp.v[j] -= gp.h[j];
       }
       const int valid = static_cast<int>(std::min<int64_t>(W, Tn - grp * W));
       if (out.per_group) {  // sums over the group's real tasks (padding lanes masked out)
