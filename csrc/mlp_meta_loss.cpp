@@ -9,6 +9,8 @@
 
 #include "common.h"
 
+#include <cstdlib>
+
 namespace fastmeta {
 namespace {
 
@@ -49,7 +51,10 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     std::vector<at::Tensor> outs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      outs = xs.is_cpu() ? mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
+      // FASTMETA_META_GRAD_ROWS=1 (tests): the per-task-rows path on CPU too, so CI checks it
+      const char* rows_env = std::getenv("FASTMETA_META_GRAD_ROWS");
+      const bool rows = !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
+      outs = !rows ? mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
                                              need_lr_grad)
                          : meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss,
                                                first_order, need_lr_grad);

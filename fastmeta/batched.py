@@ -176,20 +176,20 @@ class BatchedMAML(nn.Module):
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
         return select("mlp_inner_loop", p.device.type) != "torch"
 
-    def _signature(self, xs, ys, xq, yq):
+    def _signature(self, xs, ys, xq, yq, p=None):
         """What the argument checks and the fused-path choice depend on: shapes, dtypes and devices
         of the batch and of the parameters, the requested backend, inner_lr, loss, check_finite. A call with the signature of the last checked call skips
         the checks (they would pass again); the label range check of cross-entropy still runs."""
-        p = self._first_param
+        p = self._first_param if p is None else p
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
                 id(self.loss), self.check_finite)
 
-    def _prepare(self, xs, ys, xq, yq):
+    def _prepare(self, xs, ys, xq, yq, p=None):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
-        checked before (the checks then are skipped)."""
+        checked before (the checks then are skipped). p: the first parameter, if at hand."""
         try:
-            sig = self._signature(xs, ys, xq, yq)
+            sig = self._signature(xs, ys, xq, yq, p)
         except AttributeError:  # not tensors: the full check raises the right error
             sig = None
         if sig is not None and sig == self._last_sig:
@@ -226,11 +226,12 @@ class BatchedMAML(nn.Module):
 
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
-        fused, checked = self._prepare(xs, ys, xq, yq)
+        params = list(self.model.parameters())
+        fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
         if checked and self._direct is not None:
             with torch.enable_grad():
-                return self._direct(xs, ys, xq, yq, list(self.model.parameters()), float(self.inner_lr),
-                                    self.inner_steps, self.first_order)
+                return self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
+                                    self.first_order)
         if not fused:
             return self.task_losses(xs, ys, xq, yq).mean()
         params, lr, spec = self._fused_args()

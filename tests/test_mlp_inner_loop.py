@@ -110,9 +110,12 @@ def test_gradcheck_reference_twice_and_fused_once():
 @pytest.mark.parametrize("T", [5, 37])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("lr_kind", ["scalar", "learned", "frozen"])
-def test_meta_loss_op_reduces_over_groups_and_scales(T, dtype, lr_kind):
+@pytest.mark.parametrize("rows", ["0", "1"])
+def test_meta_loss_op_reduces_over_groups_and_scales(T, dtype, lr_kind, rows, monkeypatch):
     """The task mean is reduced inside the CPU kernel over groups of tasks (padding lanes masked
-    out); backward scales it by the incoming gradient and accumulates into .grad."""
+    out), or from the per-task rows of mlp_inner_loop (the CUDA path, forced here with
+    FASTMETA_META_GRAD_ROWS=1); backward scales it by the incoming gradient and accumulates."""
+    monkeypatch.setenv("FASTMETA_META_GRAD_ROWS", rows)
     params, batch = make((2, 19, 3), T, 5, 4, "mse", dtype)
     if lr_kind == "scalar":
         lr, extra = 0.05, []
