@@ -29,9 +29,9 @@ TAIL=15 run_step "gpu tests" 150 tests.log python -m pytest -q -x -rs tests/test
 TAIL=45 run_step "op benchmarks" 45 bench_ops.txt python -m pytest -q benchmarks/bench_ops.py --benchmark-only \
   --benchmark-json "$OUT/bench_ops.json" --benchmark-columns=median,iqr,rounds
 run_step "sine T=25" 150 bench_sine_T25.txt python -m fastmeta.bench --workload sine --tasks 25 --no-progress \
-  --max-seconds 4 --json "$OUT/bench_sine_T25.json"
+  --max-seconds 4 --min-seconds 0.3 --json "$OUT/bench_sine_T25.json"
 run_step "sine T=1000" 100 bench_sine_T1000.txt python -m fastmeta.bench --workload sine --tasks 1000 --no-progress \
-  --providers fastmeta,fastmeta-triton,fastmeta-cuda,fastmeta-torch,vmap,vmap_graph,compile --max-seconds 4 \
+  --providers fastmeta,fastmeta-triton,fastmeta-cuda,fastmeta-torch,vmap,vmap_graph,compile --max-seconds 4 --min-seconds 0.3 \
   --json "$OUT/bench_sine_T1000.json"
 run_step "conv" 150 bench_conv.txt python -m fastmeta.bench --workload omniglot,miniimagenet --order second \
   --no-progress --providers fastmeta,loop,vmap,compile --reps 5 --max-seconds 4 --json "$OUT/bench_conv.json"

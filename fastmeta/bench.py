@@ -31,7 +31,7 @@ def default_tasks(workload: str, device: str) -> int:
 
 
 def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, reps=10, max_seconds=8.0,
-               progress=True, dtype=torch.float32):
+               progress=True, dtype=torch.float32, min_seconds=1.0):
     """providers: a list, or None for each workload's default set (harness.default_providers)."""
     jobs, explicit = [], providers is not None
     for w in workloads:
@@ -51,7 +51,7 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
             results.append(H.Result(wname, order, prov, T, w.steps, None, None, None, 0, f"skipped: {why}"))
             continue
         r, grads = H.run_one(prov, w, order == "first", reps=reps, max_seconds=max_seconds,
-                             reference=refs.get((wname, order)))
+                             reference=refs.get((wname, order)), min_seconds=min_seconds)
         if grads is not None and (wname, order) not in refs:
             refs[(wname, order)] = [g.detach() for g in grads]
         results.append(r)
@@ -135,7 +135,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tasks", type=int, default=None, help="meta-batch size T (default: per workload/device)")
     ap.add_argument("--steps", type=int, default=None, help="inner steps S (default: per workload)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=10, help="timed calls per row, at least")
+    ap.add_argument("--min-seconds", type=float, default=1.0,
+                    help="a fast row keeps being timed for this long (2000 calls at most)")
     ap.add_argument("--max-seconds", type=float, default=8.0, help="time budget per row")
     ap.add_argument("--json", default=None, help="write the results as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a bar chart of ratios (needs matplotlib)")
@@ -153,7 +155,7 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
     results = run_matrix(workloads, orders, providers, device, args.tasks, args.steps, args.reps,
-                         args.max_seconds, progress=not args.no_progress)
+                         args.max_seconds, progress=not args.no_progress, min_seconds=args.min_seconds)
     print(f"machine: {machine()}")
     print(table(results))
     if args.json:

@@ -348,19 +348,27 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def time_step(step, device="cpu", warmup: int = 2, reps: int = 10, max_seconds: float = 10.0):
-    """Median and all wall times (ms) of step(), synchronized on CUDA; reps shrink to fit max_seconds."""
+def time_step(step, device="cpu", warmup: int = 2, reps: int = 10, max_seconds: float = 10.0,
+              min_seconds: float = 1.0, max_reps: int = 2000):
+    """Median and all wall times (ms) of step(), synchronized on CUDA. At least ``reps`` timed
+    calls (fewer only when they overrun max_seconds, with 3 at least); a step that is fast keeps
+    being timed up to min_seconds of calls (max_reps at most), so the median of a sub-millisecond
+    step rests on hundreds of samples rather than a handful."""
     for _ in range(warmup):
         step()
     _sync(device)
     times = []
-    budget_end = time.perf_counter() + max_seconds
-    for i in range(reps):
+    start = time.perf_counter()
+    budget_end = start + max_seconds
+    for i in range(max_reps):
         t0 = time.perf_counter()
         step()
         _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-        if time.perf_counter() > budget_end and i >= 2:
+        t1 = time.perf_counter()
+        times.append((t1 - t0) * 1e3)
+        if i + 1 >= reps and t1 - start >= min_seconds:
+            break
+        if t1 > budget_end and i >= 2:
             break
     return statistics.median(times), times
 
@@ -429,7 +437,7 @@ class Result:
 
 
 def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_seconds=10.0,
-            reference=None) -> tuple[Result, list | None]:
+            reference=None, min_seconds=1.0) -> tuple[Result, list | None]:
     """Builds and times one provider; first_call_ms includes compilation (torch.compile, JIT)."""
     device = w.xs.device.type
     order = "first" if first_order else "second"
@@ -442,7 +450,8 @@ def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_se
         grads = step()
         _sync(device)
         first = (time.perf_counter() - t0) * 1e3
-        med, times = time_step(step, device, warmup=max(warmup - 1, 0), reps=reps, max_seconds=max_seconds)
+        med, times = time_step(step, device, warmup=max(warmup - 1, 0), reps=reps, max_seconds=max_seconds,
+                               min_seconds=min_seconds)
         peak = None
         if device == "cuda":
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
