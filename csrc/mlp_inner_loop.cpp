@@ -128,6 +128,12 @@ struct Vec<float> {
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
+  // c + a b with both factors in registers: GCC would otherwise fold a load of a into every FMA
+  // that uses it (PB loads of each A vector per k instead of one)
+  static R fma_rr(R a, R b, R c) {
+    asm("vfmadd231ps %2, %1, %0" : "+v"(c) : "v"(a), "v"(b));
+    return c;
+  }
   static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R set1(float v) { return _mm512_set1_ps(v); }
@@ -139,6 +145,10 @@ struct Vec<double> {
   static R load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
   static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
+  static R fma_rr(R a, R b, R c) {
+    asm("vfmadd231pd %2, %1, %0" : "+v"(c) : "v"(a), "v"(b));
+    return c;
+  }
   static R fnma(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
   static R set1(double v) { return _mm512_set1_pd(v); }
@@ -173,7 +183,7 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
 #pragma GCC unroll 8
         for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-          for (int j = 0; j < PB; ++j) r[i][j] = V::fma(a[i], b[j], r[i][j]);
+          for (int j = 0; j < PB; ++j) r[i][j] = V::fma_rr(a[i], b[j], r[i][j]);
       }
     };
     product(x);
