@@ -103,14 +103,13 @@ struct Prod {
 };
 
 // What a gemm does with its product acc at C[m, p] (lane vectors at C + (m * scm + p * scp) * W):
-//   C = acc (+ init[p], a bias) by default;  C += acc with accumulate;
+//   C = acc (+ init[p], a bias) by default;
 //   C = base - rate * acc with base (laid out like C): an SGD step written by the kernel that
 //   computes the gradient, rate the scalar alpha or, with rates, the per-entry (not per-lane)
 //   rates[m * scm + p * scp].
 template <typename T>
 struct Epi {
   const T* init = nullptr;
-  bool accumulate = false;
   const T* base = nullptr;
   T alpha = T(0);
   const T* rates = nullptr;
@@ -127,7 +126,6 @@ struct Vec<float> {
   static R zero() { return _mm512_setzero_ps(); }
   static R load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   // c + a b with both factors in registers: GCC would otherwise fold a load of a into every FMA
   // that uses it (PB loads of each A vector per k instead of one)
   static R fma_rr(R a, R b, R c) {
@@ -144,7 +142,6 @@ struct Vec<double> {
   static R zero() { return _mm512_setzero_pd(); }
   static R load(const double* p) { return _mm512_loadu_pd(p); }
   static void store(double* p, R v) { _mm512_storeu_pd(p, v); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_pd(a, b, c); }
   static R fma_rr(R a, R b, R c) {
     asm("vfmadd231pd %2, %1, %0" : "+v"(c) : "v"(a), "v"(b));
     return c;
@@ -196,8 +193,6 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
         T* c = C + at * W;
         if (e.base != nullptr) {
           V::store(c, V::fnma(V::set1(e.rates != nullptr ? e.rates[at] : e.alpha), r[i][j], V::load(e.base + at * W)));
-        } else if (e.accumulate) {
-          V::store(c, V::add(V::load(c), r[i][j]));
         } else if (e.init != nullptr) {
           V::store(c, V::add(V::load(e.init + (p + j) * W), r[i][j]));
         } else {
@@ -240,8 +235,6 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
         const T rate = e.rates != nullptr ? e.rates[at] : e.alpha;
         const T* bs = e.base + at * W;
         FM_LANES c[l] = bs[l] - rate * acc[i][j][l];
-      } else if (e.accumulate) {
-        FM_LANES c[l] += acc[i][j][l];
       } else if (e.init != nullptr) {
         const T* in = e.init + (p + j) * W;
         FM_LANES c[l] = in[l] + acc[i][j][l];

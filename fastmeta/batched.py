@@ -109,6 +109,8 @@ class BatchedMAML(nn.Module):
         for k, v in items:
             _checks.tensor(k, v, min_dim=2)
         T = items[0][1].shape[0]
+        if T == 0:
+            raise ValueError(f"BatchedMAML: {items[0][0]} {tuple(items[0][1].shape)} has no tasks (T=0)")
         if any(v.shape[0] != T for _, v in items):
             desc = ", ".join(f"{k} {tuple(v.shape)}" for k, v in items)
             raise ValueError(f"BatchedMAML: the task dim T differs between {desc}")
@@ -229,7 +231,7 @@ class BatchedMAML(nn.Module):
         params = list(self.model.parameters())
         fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
         if checked and self._direct is not None:
-            with torch.enable_grad():
+            with torch.enable_grad(), phase("fused_inner_loop"):
                 return self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
                                     self.first_order)
         if not fused:

@@ -26,6 +26,13 @@ def test_task_dim_mismatch_names_all_shapes():
         meta(xs, ys[:, :4], xq, yq)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_empty_meta_batch(backend):
+    _, meta, xs, ys, xq, yq = setup()
+    with fastmeta.use_backend(backend), pytest.raises(ValueError, match=r"xs \(0, 5, 2\) has no tasks"):
+        meta(xs[:0], ys[:0], xq[:0], yq[:0])
+
+
 def test_cross_entropy_needs_integer_labels():
     _, meta, xs, ys, xq, yq = setup("cross_entropy")
     with pytest.raises(TypeError, match="ys: cross_entropy needs integer class labels"):

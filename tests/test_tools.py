@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fastmeta
+from conftest import requires_cpp
 from fastmeta import harness as H
 from fastmeta.profile import profile
 
@@ -83,6 +84,22 @@ def test_profiler_phases_sum_to_the_total(provider):
     assert abs(phases + s["other_ms"] - s["mean_ms"]) <= 0.05 * s["mean_ms"] + 1e-3
     assert s["other_ms"] < 0.35 * s["mean_ms"], prof.table()
     assert s["op_calls"] > 0 and s["iterations"] == 3
+
+
+@requires_cpp
+def test_profiler_sees_the_fused_op_on_repeated_calls():
+    """From the second call on BatchedMAML takes the fused op directly; the profiler still sees
+    its phase."""
+    w = H.make_workload("sine", tasks=4, steps=2)
+    step = H.make_step("fastmeta", w, False)
+    step()
+    with profile() as prof:
+        for _ in range(2):
+            with prof.iteration():
+                step()
+    s = prof.summary()
+    assert {"fused_inner_loop", "outer_backward"} <= set(s["phases_ms"]), prof.table()
+    assert s["phases_ms"]["fused_inner_loop"] > 0
 
 
 def test_profile_on_a_users_own_loop():

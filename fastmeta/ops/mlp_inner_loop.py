@@ -233,15 +233,14 @@ def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
 
 def mlp_meta_loss_direct(spec, loss, device_type):
     """fastmeta::mlp_meta_loss bound to an MLP spec and a loss, for arguments already checked
-    (BatchedMAML's repeated calls), or None where the op does not run (backend neither cpp nor
-    cuda). The returned f(xs, ys, xq, yq, params, lr, steps, first_order) takes a scalar lr."""
-    if select("mlp_inner_loop", device_type) not in ("cpp", "cuda"):
+    (BatchedMAML's repeated calls), or None where that does not apply: a backend other than cpp /
+    cuda, or cross-entropy (its labels are range-checked on every call, see mlp_meta_loss).
+    The returned f(xs, ys, xq, yq, params, lr, steps, first_order) takes a scalar lr."""
+    if loss != "mse" or select("mlp_inner_loop", device_type) not in ("cpp", "cuda"):
         return None
     _register_cpp()
     op = torch.ops.fastmeta.mlp_meta_loss.default
     acts, slope, code = [_ACT_CODE[a] for a in spec.activations], float(spec.negative_slope), _LOSS_CODE[loss]
-    if loss == "cross_entropy":
-        return None  # its labels are range-checked on every call (mlp_meta_loss)
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
         return op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order)
