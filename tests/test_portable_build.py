@@ -1,0 +1,75 @@
+"""fastmeta._C built without -march=native (FASTMETA_NATIVE=0, no AVX-512): the fused MLP kernel
+then takes its portable register-tile code, which a build on an AVX-512 machine never runs. The
+extension is built into a temporary copy of the package and checked against the torch reference
+in a subprocess (second and first order, Meta-SGD, float32 and float64, the meta-loss op)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import requires_cpp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SCRIPT = r'''
+import json, os, torch
+import fastmeta
+from fastmeta import ops
+assert fastmeta.__file__.startswith(os.getcwd()), fastmeta.__file__  # the copy built here
+assert fastmeta.backend.build_status()["cpp"], fastmeta.backend.build_status()
+
+def rel(a, b):
+    return max(float((x - y).norm() / y.norm().clamp_min(1e-30)) for x, y in zip(a, b))
+
+errs = {}
+torch.manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    for fo in (False, True):
+        for meta_sgd in (False, True):
+            widths = (2, 37, 11, 3)
+            params = []
+            for i in range(3):
+                params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).requires_grad_(),
+                           (0.1 * torch.randn(widths[i + 1], dtype=dtype)).requires_grad_()]
+            lr = [torch.full_like(p, 0.05).requires_grad_() for p in params] if meta_sgd else 0.05
+            extra = lr if meta_sgd else []
+            T = 19
+            batch = (torch.randn(T, 7, 2, dtype=dtype), torch.randn(T, 7, 3, dtype=dtype),
+                     torch.randn(T, 5, 2, dtype=dtype), torch.randn(T, 5, 3, dtype=dtype))
+            out = {}
+            for backend in ("cpp", "torch"):
+                with fastmeta.use_backend(backend):
+                    losses = ops.mlp_inner_loop(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo)
+                    meta = ops.mlp_meta_loss(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo)
+                w = torch.linspace(0.5, 1.5, T, dtype=dtype)
+                g = torch.autograd.grad((losses * w).sum(), params + extra)
+                gm = torch.autograd.grad(meta, params + extra)
+                out[backend] = [losses.detach(), meta.detach().reshape(1)] + list(g) + list(gm)
+            errs[f"{dtype} fo={fo} meta_sgd={meta_sgd}"] = rel(out["cpp"], out["torch"])
+print(json.dumps(errs))
+'''
+
+
+@requires_cpp
+@pytest.mark.slow
+def test_portable_kernel_matches_the_reference(tmp_path):
+    for name in ("setup.py", "pyproject.toml", "csrc", "fastmeta", "kernels"):
+        src = os.path.join(ROOT, name)
+        ignore = shutil.ignore_patterns("*.so", "__pycache__", "_build_status.json")
+        (shutil.copytree(src, tmp_path / name, ignore=ignore) if os.path.isdir(src)
+         else shutil.copy(src, tmp_path / name))
+    env = dict(os.environ, FASTMETA_NATIVE="0", FASTMETA_BUILD_CUDA="0", PYTHONPATH=str(tmp_path))
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stderr[-3000:]
+    (tmp_path / "fastmeta" / "_build_status.json").write_text(json.dumps({"cpp": True, "cuda": False}))
+    run = subprocess.run([sys.executable, "-c", SCRIPT], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    errs = json.loads(run.stdout.strip().splitlines()[-1])
+    for case, err in errs.items():
+        limit = 1e-4 if "float32" in case else 1e-9
+        assert err < limit, f"portable kernel vs reference, {case}: rel err {err:.2e}"
