@@ -204,7 +204,7 @@ def _hvp(th_ptr, u_ptr, h_ptr, x, act_ptr, r_ptr, rows, cols, dims_ptr, n_rows, 
             rda = tl.where(keep, _dot(rdz, W) + _dot(dz, dW), 0.0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["K", "Q"])  # K or Q == 1 must stay a runtime value
 def _mlp_inner_loop_kernel(
     xs_ptr, ys_ptr, xq_ptr, yq_ptr,   # [T, K, I], [T, K, D] or [T, K], [T, Q, I], [T, Q, D] or [T, Q]
     theta0_ptr, lr_ptr, hyper_ptr,    # padded meta-parameters [PP]; padded rates [PP]; [lr, slope]

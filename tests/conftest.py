@@ -48,6 +48,23 @@ def assert_rel_close(got, want, rtol, what=""):
                                  f"{float(w.flatten()[idx])!r}")
 
 
+def make_mlp_batch(widths, T, K, Q, loss, dtype, device="cpu"):
+    """Meta-parameters [W_1, b_1, ...] of an MLP with these widths and a batch (xs, ys, xq, yq) of T
+    tasks (K support, Q query rows; MSE targets or class labels)."""
+    params = []
+    for i in range(len(widths) - 1):
+        params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).to(device).requires_grad_(),
+                   (0.1 * torch.randn(widths[i + 1], dtype=dtype)).to(device).requires_grad_()]
+    xs = torch.randn(T, K, widths[0], dtype=dtype).to(device)
+    xq = torch.randn(T, Q, widths[0], dtype=dtype).to(device)
+    if loss == "mse":
+        ys = torch.randn(T, K, widths[-1], dtype=dtype).to(device)
+        yq = torch.randn(T, Q, widths[-1], dtype=dtype).to(device)
+    else:
+        ys, yq = torch.randint(0, widths[-1], (T, K)).to(device), torch.randint(0, widths[-1], (T, Q)).to(device)
+    return params, (xs, ys, xq, yq)
+
+
 def task_loss(kind, pred, target):
     if kind == "mse":
         return F.mse_loss(pred, target)

@@ -5,7 +5,7 @@ import torch
 
 import fastmeta
 from fastmeta import harness as H
-from conftest import assert_rel_close, loop_meta_grads
+from conftest import RTOL, assert_rel_close, loop_meta_grads, make_mlp_batch
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
@@ -58,3 +58,81 @@ def test_inner_update_on_gpu():
             out = ops.inner_update(p, g, 0.3)
         for o, w in zip(out, ops.inner_update_ref(p, g, 0.3)):
             torch.testing.assert_close(o, w, rtol=1e-6, atol=1e-6)  # FMA contraction: not bit-exact
+
+
+def _fused_vs_reference(backend, params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01):
+    """The backend's mlp_inner_loop against the torch reference on the GPU: per-task losses, and
+    the meta-gradient (and learned-lr gradient) of a weighted sum of them."""
+    from fastmeta import ops
+    lr_list = lr if isinstance(lr, list) else []
+    out = {}
+    for b in ("torch", backend):
+        with fastmeta.use_backend(b):
+            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order)
+        w = torch.linspace(0.5, 1.5, losses.shape[0], dtype=losses.dtype, device=losses.device)
+        out[b] = (losses.detach(), list(torch.autograd.grad((losses * w).sum(), params + lr_list)))
+    assert_rel_close([out[backend][0]], [out["torch"][0]], rtol, f"{backend} losses")
+    assert_rel_close(out[backend][1], out["torch"][1], rtol, f"{backend} meta-grad")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("T", [1, 3, 25])
+def test_mlp_kernels_odd_widths_on_gpu(backend, dtype, first_order, T):
+    from fastmeta.backend import why_unavailable
+    if why_unavailable(backend, "cuda"):
+        pytest.fail(f"{backend} unavailable: {why_unavailable(backend, 'cuda')}")
+    params, batch = make_mlp_batch((1, 40, 37, 1), T, 10, 10, "mse", dtype, "cuda")
+    _fused_vs_reference(backend, params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order, RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_kernels_cross_entropy_and_meta_sgd_on_gpu(backend, first_order):
+    params, batch = make_mlp_batch((3, 37, 11, 5), 3, 7, 9, "cross_entropy", torch.float64, "cuda")
+    _fused_vs_reference(backend, params, batch, 0.1, 3, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy",
+                        first_order, RTOL[torch.float64], slope=0.2)
+    for dtype in (torch.float64, torch.float32):
+        params, batch = make_mlp_batch((2, 37, 3), 3, 6, 5, "mse", dtype, "cuda")
+        lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
+        _fused_vs_reference(backend, params, batch, lrs, 4, ["tanh", None], "mse", first_order, RTOL[dtype])
+
+
+@pytest.mark.parametrize("lr_kind", ["scalar", "learned"])
+def test_meta_loss_op_on_gpu(lr_kind):
+    """fastmeta::mlp_meta_loss on CUDA (per-task rows of the cuda kernel summed in C++) against the
+    mean of the reference's task losses, with a non-unit incoming gradient."""
+    from fastmeta import ops
+    params, batch = make_mlp_batch((1, 40, 37, 1), 37, 10, 10, "mse", torch.float64, "cuda")
+    lr = [torch.full_like(p, 0.02).requires_grad_() for p in params] if lr_kind == "learned" else 0.02
+    extra = lr if isinstance(lr, list) else []
+    got, want = {}, {}
+    for b, out in (("cuda", got), ("torch", want)):
+        with fastmeta.use_backend(b):
+            loss = ops.mlp_meta_loss(*batch, params, lr, 3, ["tanh", "relu", None])
+        out["loss"] = loss.detach()
+        out["grads"] = list(torch.autograd.grad(2.5 * loss, params + extra))
+    assert got["loss"].dim() == 0
+    assert_rel_close([got["loss"]], [want["loss"]], 1e-10, "meta-loss")
+    assert_rel_close(got["grads"], want["grads"], 1e-10, "meta-grad")
+
+
+def test_inner_update_meta_sgd_gradgrad_on_gpu():
+    """The cuda inner_update with per-parameter rates: values, and gradcheck / gradgradcheck of its
+    differentiable backward (float64)."""
+    from fastmeta import ops
+    p = [torch.randn(3, 37, device="cuda", dtype=torch.float64, requires_grad=True),
+         torch.randn(5, device="cuda", dtype=torch.float64, requires_grad=True)]
+    g = [torch.randn(3, 37, device="cuda", dtype=torch.float64, requires_grad=True),
+         torch.randn(2, 5, device="cuda", dtype=torch.float64, requires_grad=True)]
+    lrs = [torch.rand(3, 37, device="cuda", dtype=torch.float64, requires_grad=True),
+           torch.rand(5, device="cuda", dtype=torch.float64, requires_grad=True)]
+
+    def f(*args):
+        with fastmeta.use_backend("cuda"):
+            return tuple(ops.inner_update(list(args[0:2]), list(args[2:4]), list(args[4:6])))
+    for o, w in zip(f(*p, *g, *lrs), ops.inner_update_ref(p, g, lrs)):
+        torch.testing.assert_close(o, w, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(f, (*p, *g, *lrs))
+    assert torch.autograd.gradgradcheck(f, (*p, *g, *lrs))

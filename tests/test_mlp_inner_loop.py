@@ -4,22 +4,13 @@ import torch
 
 import fastmeta
 from fastmeta import ops
-from conftest import RTOL, assert_rel_close, requires_cpp
+from conftest import RTOL, assert_rel_close, make_mlp_batch, requires_cpp
 
 pytestmark = requires_cpp
 
 
 def make(widths, T, K, Q, loss, dtype):
-    params = []
-    for i in range(len(widths) - 1):
-        params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).requires_grad_(),
-                   (0.1 * torch.randn(widths[i + 1], dtype=dtype)).requires_grad_()]
-    xs, xq = torch.randn(T, K, widths[0], dtype=dtype), torch.randn(T, Q, widths[0], dtype=dtype)
-    if loss == "mse":
-        ys, yq = torch.randn(T, K, widths[-1], dtype=dtype), torch.randn(T, Q, widths[-1], dtype=dtype)
-    else:
-        ys, yq = torch.randint(0, widths[-1], (T, K)), torch.randint(0, widths[-1], (T, Q))
-    return params, (xs, ys, xq, yq)
+    return make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
 
 
 def both(params, batch, lr, steps, acts, loss, first_order, slope=0.01):

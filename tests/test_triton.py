@@ -9,7 +9,7 @@ from torch import nn
 import fastmeta
 from fastmeta import ops
 from fastmeta.backend import why_unavailable
-from conftest import RTOL, assert_rel_close
+from conftest import RTOL, assert_rel_close, make_mlp_batch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(why_unavailable("triton", DEVICE) is not None,
@@ -17,19 +17,7 @@ pytestmark = pytest.mark.skipif(why_unavailable("triton", DEVICE) is not None,
 
 
 def make(widths, T, K, Q, loss, dtype):
-    params = []
-    for i in range(len(widths) - 1):
-        params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).to(DEVICE).requires_grad_(),
-                   (0.1 * torch.randn(widths[i + 1], dtype=dtype)).to(DEVICE).requires_grad_()]
-    xs = torch.randn(T, K, widths[0], dtype=dtype, device=DEVICE)
-    xq = torch.randn(T, Q, widths[0], dtype=dtype, device=DEVICE)
-    if loss == "mse":
-        ys = torch.randn(T, K, widths[-1], dtype=dtype, device=DEVICE)
-        yq = torch.randn(T, Q, widths[-1], dtype=dtype, device=DEVICE)
-    else:
-        ys = torch.randint(0, widths[-1], (T, K), device=DEVICE)
-        yq = torch.randint(0, widths[-1], (T, Q), device=DEVICE)
-    return params, (xs, ys, xq, yq)
+    return make_mlp_batch(widths, T, K, Q, loss, dtype, DEVICE)
 
 
 def compare(params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01):
