@@ -55,6 +55,11 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
         if grads is not None and (wname, order) not in refs:
             refs[(wname, order)] = [g.detach() for g in grads]
         results.append(r)
+        if not progress:  # one line per finished row, so a run cut short still reports what it measured
+            sys.stderr.write(f"row {wname}/{order}/T{T}/{prov}: " + (
+                r.error or f"median {r.median_ms:.3f} ms, first call {r.first_call_ms:.0f} ms, "
+                f"peak {r.peak_mem_mb} MB, max rel err {r.max_rel_err}") + "\n")
+            sys.stderr.flush()
     if progress:
         _progress(len(jobs), len(jobs), "done", t0)
         sys.stderr.write("\n")
