@@ -46,7 +46,8 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
 
 // The task mean of mlp_inner_loop, reduced inside the kernel: [mean query loss (0-dim), the mean
-// meta-gradient one tensor per parameter (its shape), and when need_lr_grad the same for the lrs].
+// meta-gradient flat ([P], the params' elements in order), followed when need_lr_grad by the lrs'
+// ([2P] in all)].
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,

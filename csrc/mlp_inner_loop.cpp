@@ -763,15 +763,8 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
       for (int64_t j = 0; j < P; ++j) dst[j] *= inv_t;
     }
   });
-  // [loss, d loss / d param_i (shaped like params), d loss / d lr_i when need_lr_grad]: views of gflat
-  std::vector<at::Tensor> outs{loss_mean};
-  int64_t off = 0;
-  for (int64_t k = 0; k < (need_lr_grad ? 2 : 1); ++k)
-    for (const auto& p : c.params) {
-      outs.push_back(gflat.narrow(0, off, p.numel()).view(p.sizes()));
-      off += p.numel();
-    }
-  return outs;
+  // [loss, [d loss / d params (, d loss / d lrs)] flat, in the params' order]
+  return {loss_mean, gflat};
 }
 
 }  // namespace fastmeta

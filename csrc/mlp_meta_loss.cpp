@@ -6,6 +6,7 @@
 // directly).
 #include <torch/autograd.h>
 #include <torch/library.h>
+#include <c10/util/accumulate.h>
 
 #include "common.h"
 
@@ -17,8 +18,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// [mean loss, per-parameter mean meta-gradients (, per-parameter lr gradients)] from the per-task
-// op, for devices whose kernel returns per-task rows.
+// [mean loss, flat mean meta-gradient (, flat mean lr gradient)] as mlp_meta_grad_cpu returns it,
+// from the per-task op, for devices whose kernel returns per-task rows (two reductions).
 std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                             const at::Tensor& yq, at::TensorList params, at::TensorList lrs,
                                             double lr, int64_t steps, at::IntArrayRef acts, double slope,
@@ -29,16 +30,24 @@ std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tens
                                                       const at::Tensor&, at::TensorList, at::TensorList, double,
                                                       int64_t, at::IntArrayRef, double, int64_t, bool, bool)>();
   const auto rows = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
-  std::vector<at::Tensor> outs{rows[0].mean()};
-  for (int k = 1; k <= (need_lr_grad ? 2 : 1); ++k) {
-    const at::Tensor flat = rows[k].mean(0);
-    int64_t off = 0;
-    for (const auto& p : params) {
-      outs.push_back(flat.narrow(0, off, p.numel()).view(p.sizes()));
-      off += p.numel();
+  const at::Tensor grads = need_lr_grad ? at::cat({rows[1], rows[2]}, 1) : rows[1];
+  return {rows[0].mean(), grads.mean(0)};
+}
+
+// The flat gradient g split into one tensor per parameter (views), shaped as recorded in `shapes`
+// (for each parameter its number of dimensions, then its sizes), `copies` times over.
+variable_list split_flat(const at::Tensor& g, const std::vector<int64_t>& shapes, int copies) {
+  variable_list out;
+  int64_t off = 0;
+  for (int k = 0; k < copies; ++k) {
+    for (size_t i = 0; i < shapes.size(); i += 1 + shapes[i]) {
+      const at::IntArrayRef sizes(shapes.data() + i + 1, static_cast<size_t>(shapes[i]));
+      const int64_t n = c10::multiply_integers(sizes);
+      out.push_back(g.narrow(0, off, n).view(sizes));
+      off += n;
     }
   }
-  return outs;
+  return out;
 }
 
 class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
@@ -59,25 +68,34 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
                          : meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss,
                                                first_order, need_lr_grad);
     }
-    ctx->save_for_backward(variable_list(outs.begin() + 1, outs.end()));
+    ctx->save_for_backward({outs[1]});
+    std::vector<int64_t> shapes;
+    for (const auto& p : params) {
+      shapes.push_back(p.dim());
+      shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
+    }
+    ctx->saved_data["shapes"] = shapes;
     ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
+    ctx->saved_data["lr_grads"] = need_lr_grad;
     return outs[0];
   }
 
-  // One gradient per forward input: 4 data tensors (none), the params, the lrs, 6 non-tensors.
+  // One gradient per forward input: 4 data tensors (none), the params, the lrs, 6 non-tensors. The
+  // flat meta-gradient is scaled by the incoming gradient in one op (none for a CPU 1), then split.
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "fastmeta::mlp_meta_loss returns the meta-gradient directly and is differentiable once only; "
                 "use fastmeta.use_backend('torch') for higher-order derivatives of the meta-loss");
-    variable_list saved = ctx->get_saved_variables();
+    at::Tensor flat = ctx->get_saved_variables()[0];
     const int64_t n_lrs = ctx->saved_data["n_lrs"].toInt();
+    const bool lr_grads = ctx->saved_data["lr_grads"].toBool();
     const at::Tensor& go = grad_out[0];
     const bool unit = go.is_cpu() && go.numel() == 1 && go.item<double>() == 1.0;
+    if (!unit) flat = flat * go;
     variable_list grads(4);
-    for (auto& g : saved) grads.push_back(unit ? std::move(g) : g * go);
-    // saved holds the lrs' gradients too exactly when there are lrs and they needed one
-    const bool lr_grads_saved = n_lrs > 0 && saved.size() == static_cast<size_t>(2 * n_lrs);
-    grads.resize(grads.size() + (lr_grads_saved ? 0 : n_lrs) + 6);
+    for (auto& g : split_flat(flat, ctx->saved_data["shapes"].toIntVector(), lr_grads ? 2 : 1))
+      grads.push_back(std::move(g));
+    grads.resize(grads.size() + (lr_grads ? 0 : n_lrs) + 6);
     return grads;
   }
 };
