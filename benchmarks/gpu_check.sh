@@ -2,16 +2,16 @@
 # The one GPU check of a session (run on the lent GPU machine by the device tool, from the
 # repository root): install, the GPU tests, the GPU benchmark matrix, op benchmarks. Steps run in
 # order of importance, each with its own timeout, inside a total budget (GPU_CHECK_SECONDS, default
-# 440 s) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
+# 540 s) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
 # and logs.tgz (every full log and the benchmark JSONs): few files, as the device tool returns 8.
-# GPU_CHECK_STEPS picks steps (default: all), e.g. GPU_CHECK_STEPS="install tests sine25".
+# GPU_CHECK_STEPS picks steps (default: all, see STEPS below), e.g. GPU_CHECK_STEPS="install gputests sine25".
 set -uo pipefail
 OUT=${OUT:-/tmp/fastmeta_gpu}
 LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
-TOTAL=${GPU_CHECK_SECONDS:-440}
-STEPS=${GPU_CHECK_STEPS:-"install info tests sine25 sine1000 prof ops omniglot miniimagenet"}
+TOTAL=${GPU_CHECK_SECONDS:-540}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu omniglot miniimagenet tritontests ops convcompile"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -36,24 +36,32 @@ run_step() {
   nvcc --version | tail -1; } >> "$SUMMARY" 2>&1
 TAIL=8 run_step install 240 install.log python -m pip install --no-build-isolation --no-deps -v -e .
 TAIL=30 run_step info 30 info.txt sh -c 'python -m fastmeta.info; cat fastmeta/_build_status.json'
-TAIL=40 run_step tests 170 tests.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=120 \
-  tests/test_gpu.py tests/test_triton.py tests/test_ops.py
+TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=120 \
+  tests/test_gpu.py
 BENCH="python -m fastmeta.bench --workload sine --no-progress --max-seconds 3 --min-seconds 0.3"
 run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 \
-  --providers fastmeta,fastmeta-triton,fastmeta-cuda,fastmeta-torch,loop,vmap,vmap_graph,compile \
+  --providers fastmeta,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T25.json"
 run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 \
-  --providers fastmeta,fastmeta-triton,fastmeta-cuda,fastmeta-torch,vmap,vmap_graph,compile \
+  --providers fastmeta,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T1000.json"
-TAIL=60 run_step prof 60 profile.txt sh -c 'for b in triton cuda; do for o in second first; do
-  python -m fastmeta.profile --workload sine --tasks 25 --provider fastmeta-$b --order $o --iterations 20 --trace ""
-  done; done'
+TAIL=12 run_step probe 60 probe.txt python benchmarks/gpu_probe.py
+# ncu on one launch of the CUDA kernel (clocks left as they are: --clock-control none)
+NCU="ncu --clock-control none --target-processes all --kernel-name regex:mlp_inner_loop --launch-skip 2 \
+  --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section MemoryWorkloadAnalysis"
+TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
+  $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"
+# conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
+CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
+TAIL=8 run_step omniglot 60 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,loop,vmap \
+  --json "$LOG/bench_omniglot.json"
+TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
+  --providers fastmeta,loop,vmap --json "$LOG/bench_miniimagenet.json"
+TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=100 \
+  tests/test_triton.py tests/test_ops.py
 TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
   --benchmark-only --benchmark-json "$LOG/bench_ops.json" --benchmark-columns=median,iqr,rounds
-# conv: one row per line as it finishes (a step cut short still reports); torch.compile last
-CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
-TAIL=12 run_step omniglot 100 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,loop,vmap,compile \
-  --json "$LOG/bench_omniglot.json"
-TAIL=12 run_step miniimagenet 100 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta,loop,vmap,compile --json "$LOG/bench_miniimagenet.json"
+TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CONV --workload omniglot --providers loop,fastmeta,compile \
+  --json "$LOG/bench_conv_compile.json"
 echo "== done (t=$(( $(date +%s) - start ))s)" | tee -a "$SUMMARY"

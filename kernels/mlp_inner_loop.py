@@ -204,17 +204,17 @@ def _hvp(th_ptr, u_ptr, h_ptr, x, act_ptr, r_ptr, rows, cols, dims_ptr, n_rows, 
             rda = tl.where(keep, _dot(rdz, W) + _dot(dz, dW), 0.0)
 
 
-@triton.jit(do_not_specialize=["K", "Q"])  # K or Q == 1 must stay a runtime value
+@triton.jit(do_not_specialize=["K", "Q", "S"])  # runtime values: a new K, Q or S needs no new compile
 def _mlp_inner_loop_kernel(
     xs_ptr, ys_ptr, xq_ptr, yq_ptr,   # [T, K, I], [T, K, D] or [T, K], [T, Q, I], [T, Q, D] or [T, Q]
     theta0_ptr, lr_ptr, hyper_ptr,    # padded meta-parameters [PP]; padded rates [PP]; [lr, slope]
     dims_ptr,                         # int32 [2 (L + 1) + L]: widths, (unused), activation codes
     scratch_ptr,                      # [T, SCRATCH] per-task workspace
     loss_ptr, dtheta_ptr, dlr_ptr,    # [T], [T, PP], [T, PP]
-    K, Q,
-    S: tl.constexpr, L: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, LOSS: tl.constexpr,
+    K, Q, S, SCRATCH,                 # rows, inner steps, workspace elements per task
+    L: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, LOSS: tl.constexpr,
     PER_PARAM_LR: tl.constexpr, FIRST_ORDER: tl.constexpr, NEED_LR_GRAD: tl.constexpr,
-    SCRATCH: tl.constexpr, PP: tl.constexpr, BLOCK_P: tl.constexpr,
+    PP: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     lr_scalar = tl.load(hyper_ptr)   # in the data's dtype (a float argument would be float32)
@@ -243,7 +243,8 @@ def _mlp_inner_loop_kernel(
     else:
         y_s = ys_ptr + t * K
         y_q = yq_ptr + t * Q
-    for s in range(S):
+    s = 0
+    while s < S:  # S is a runtime value (the interpreter cannot range() over one)
         th = theta + s * PP
         act = acts + s * 4 * L * BK * DP
         aL = _forward(th, x, act, rows, cols, dims_ptr, K, slope, L, DP, BK)
@@ -260,6 +261,7 @@ def _mlp_inner_loop_kernel(
                 rate = lr_scalar
             tl.store(th + PP + p0 + offs, tl.load(th + p0 + offs, mask=m) - rate * g, mask=m)
         tl.debug_barrier()
+        s += 1
     thS = theta + S * PP
     qact = acts + S * 4 * L * BK * DP
     xqmask = (rows[:, None] < Q) & (cols[None, :] < din)
@@ -274,8 +276,8 @@ def _mlp_inner_loop_kernel(
         for p0 in range(0, PP, BLOCK_P):
             m = p0 + offs < PP
             tl.store(dlr_ptr + t * PP + p0 + offs, tl.zeros((BLOCK_P,), dtype=x.dtype), mask=m)
-    for i in range(S):
-        s = S - 1 - i
+    s = S - 1
+    while s >= 0:
         for p0 in range(0, PP, BLOCK_P):
             m = p0 + offs < PP
             v = tl.load(vbuf + p0 + offs, mask=m, other=0.0)
@@ -299,6 +301,7 @@ def _mlp_inner_loop_kernel(
                 h = tl.load(hbuf + p0 + offs, mask=m, other=0.0)
                 tl.store(vbuf + p0 + offs, v - h, mask=m)
             tl.debug_barrier()
+        s -= 1
     for p0 in range(0, PP, BLOCK_P):
         m = p0 + offs < PP
         tl.store(dtheta_ptr + t * PP + p0 + offs, tl.load(vbuf + p0 + offs, mask=m, other=0.0), mask=m)
@@ -348,8 +351,8 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
     dlr = torch.empty(T if need_lr_grad else 1, PP, device=dev, dtype=dt)
     _mlp_inner_loop_kernel[(T,)](
         xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), theta0, lr_buf, hyper, dims,
-        scratch, loss_out, dtheta, dlr, K, Q,
-        S=steps, L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=bool(lrs), FIRST_ORDER=bool(first_order),
-        NEED_LR_GRAD=bool(need_lr_grad), SCRATCH=scratch_per_task, PP=PP, BLOCK_P=1024, num_warps=4)
+        scratch, loss_out, dtheta, dlr, K, Q, steps, scratch_per_task,
+        L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=bool(lrs), FIRST_ORDER=bool(first_order),
+        NEED_LR_GRAD=bool(need_lr_grad), PP=PP, BLOCK_P=1024, num_warps=4)
     dlr_out = unpad(dlr) if need_lr_grad else dtheta.new_empty(0, sum(p.numel() for p in params))
     return [loss_out, unpad(dtheta), dlr_out]

@@ -41,12 +41,24 @@ def test_sine_on_gpu(backend, first_order, tasks):
 
 @pytest.mark.parametrize("first_order", [False, True])
 def test_omniglot_on_gpu(first_order):
+    """The conv path on the GPU against the per-task loop. cuDNN's float32 convolutions (TF32 off)
+    round differently in the two, so both float32 meta-gradients are also measured against the loop
+    in float64: fastmeta passes within 1e-4 of the float32 loop, or else no further from the float64
+    result than 2x the float32 loop's own distance from it."""
+    import copy
     w = H.make_workload("omniglot", tasks=4, device="cuda")
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss="cross_entropy")
-    got = torch.autograd.grad(meta(w.xs, w.ys, w.xq, w.yq), list(w.model.parameters()))
+    got = list(torch.autograd.grad(meta(w.xs, w.ys, w.xq, w.yq), list(w.model.parameters())))
     _, want, _ = loop_meta_grads(w.model, w.xs, w.ys, w.xq, w.yq, w.inner_lr, w.steps, "cross_entropy",
                                  first_order)
-    assert_rel_close(list(got), want, 1e-4, "meta-grad")
+    m64 = copy.deepcopy(w.model).double()
+    _, exact, _ = loop_meta_grads(m64, w.xs.double(), w.ys, w.xq.double(), w.yq, w.inner_lr, w.steps,
+                                  "cross_entropy", first_order)
+    err_fm, err_loop = H.max_rel_err(got, exact), H.max_rel_err(list(want), exact)
+    try:
+        assert_rel_close(got, list(want), 1e-4, "meta-grad vs the float32 loop")
+    except AssertionError as e:
+        assert err_fm <= 2 * err_loop, (f"{e}; vs float64: fastmeta {err_fm:.2e}, float32 loop {err_loop:.2e}")
 
 
 def test_inner_update_on_gpu():

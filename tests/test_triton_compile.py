@@ -29,10 +29,10 @@ ptrs = ["xs_ptr", "ys_ptr", "xq_ptr", "yq_ptr", "theta0_ptr", "lr_ptr", "hyper_p
 sig = {n: "*" + dtype for n in ptrs}
 if loss == 1:
     sig["ys_ptr"] = sig["yq_ptr"] = "*i64"
-sig.update(dims_ptr="*i32", K="i32", Q="i32")
+sig.update(dims_ptr="*i32", K="i32", Q="i32", S="i32", SCRATCH="i32")
 DP, BK, L = 64, 16, 3
-const = dict(S=5, L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=meta_sgd, FIRST_ORDER=False, NEED_LR_GRAD=meta_sgd,
-             SCRATCH=1 << 20, PP=L * (DP * DP + DP), BLOCK_P=1024)
+const = dict(L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=meta_sgd, FIRST_ORDER=False, NEED_LR_GRAD=meta_sgd,
+             PP=L * (DP * DP + DP), BLOCK_P=1024)
 sig.update({n: "constexpr" for n in const})
 k = triton.compile(triton.compiler.ASTSource(fn=K._mlp_inner_loop_kernel, signature=sig, constexprs=const),
                    target=GPUTarget("cuda", 90, 32))

@@ -114,7 +114,12 @@ class Profile:
                 except ImportError:
                     pass
         ka = self._prof.key_averages()
-        key = "self_cuda_time_total" if self.device == "cuda" else "self_cpu_time_total"
+        if self.device == "cuda":  # kernels' own GPU time (older torch: self_cuda_time_total)
+            key = "self_device_time_total"
+            if ka and not hasattr(ka[0], key):
+                key = "self_cuda_time_total"
+        else:
+            key = "self_cpu_time_total"
         hot = sorted(ka, key=lambda k: getattr(k, key, 0), reverse=True)
         hot = [(k.key, getattr(k, key, 0) / 1e3 / n, k.count / n) for k in hot
                if not k.key.startswith("fastmeta.") and not k.key.startswith("ProfilerStep")][: self.top]
