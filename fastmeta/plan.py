@@ -172,6 +172,35 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
     return None, f"{type(m).__name__} has no batched lowering"
 
 
+def _is_bn_relu_pool(mods: list) -> bool:
+    """BatchNorm2d -> ReLU -> MaxPool2d(2) (stride 2, no padding), the tail of a conv4 block."""
+    if len(mods) < 3:
+        return False
+    bn, act, pool = mods[:3]
+    pair = lambda v, want: v == want or v == (want, want)  # noqa: E731
+    return (isinstance(bn, nn.BatchNorm2d) and type(act) is nn.ReLU and type(pool) is nn.MaxPool2d
+            and pair(pool.kernel_size, 2) and pair(pool.stride, 2) and pair(pool.padding, 0)
+            and pair(pool.dilation, 1) and not pool.ceil_mode and not pool.return_indices)
+
+
+def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
+    """One step for BatchNorm2d -> ReLU -> MaxPool2d(2): the fused bn_relu_pool op when the
+    BatchNorm uses batch statistics, else the three steps one after the other (eval mode with
+    running statistics)."""
+    bn = mods[0]
+    parts = [_lower_leaf(m, path, canon, None)[0] for m in mods]
+    w = canon[id(bn.weight)] if bn.weight is not None else None
+    b = canon[id(bn.bias)] if bn.bias is not None else None
+
+    def run(x, P):
+        if (not bn.training) and bn.track_running_stats and bn.running_mean is not None:
+            for part in parts:
+                x = part.run(x, P)
+            return x
+        return ops.bn_relu_pool(x, P[w] if w else None, P[b] if b else None, bn.eps)
+    return Step(path, "bn_relu_pool", run)
+
+
 def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps: list, leaves: list):
     mods = list(seq.named_children())
     i = 0
@@ -181,6 +210,11 @@ def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps
         if isinstance(m, nn.Sequential):
             _lower_seq(m, path + ".", canon, strict, steps, leaves)
             i += 1
+            continue
+        if _is_bn_relu_pool([mod for _, mod in mods[i:i + 3]]):
+            steps.append(_bn_relu_pool_step([mod for _, mod in mods[i:i + 3]], path, canon))
+            leaves.extend(mod for _, mod in mods[i:i + 3])
+            i += 3
             continue
         nxt = mods[i + 1][1] if i + 1 < len(mods) else None
         step, extra = _lower_leaf(m, path, canon, nxt)
@@ -275,6 +309,14 @@ def explain(model: nn.Module) -> str:
             lines.append(f"  {where:<24} -> {s.kind}")
     if prog.has_conv:
         lines.append("  on CPU: tasks pass through the conv program one at a time (activations stay in cache)")
+    if any(s.kind == "bn_relu_pool" for s in prog.steps):
+        try:
+            dev = next(model.parameters()).device.type
+            backend = select("bn_relu_pool", dev)
+        except (StopIteration, BackendUnavailable) as e:
+            backend = f"unavailable ({e})"
+        lines.append(f"  bn_relu_pool: BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op "
+                     f"(backend {backend})")
     if prog.mlp is not None:
         try:
             dev = next(model.parameters()).device.type

@@ -64,4 +64,9 @@ def test_explain_reports_paths():
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                          nn.Linear(2, 3))
     text = fastmeta.explain(conv)
-    assert "batched_conv2d" in text and "batched_batch_norm" in text and "step by step" in text
+    assert "batched_conv2d" in text and "bn_relu_pool" in text and "step by step" in text
+    assert "backend cpp" in text or not has_cpp()
+    # a pooling that is not 2x2 / stride 2 keeps the separate steps
+    conv[3] = nn.MaxPool2d(3, stride=1)
+    text = fastmeta.explain(conv)
+    assert "batched_batch_norm" in text and "bn_relu_pool" not in text

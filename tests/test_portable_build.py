@@ -1,7 +1,8 @@
 """fastmeta._C built without -march=native (FASTMETA_NATIVE=0, no AVX-512): the fused MLP kernel
 then takes its portable register-tile code, which a build on an AVX-512 machine never runs. The
 extension is built into a temporary copy of the package and checked against the torch reference
-in a subprocess (second and first order, Meta-SGD, float32 and float64, the meta-loss op)."""
+in a subprocess (second and first order, Meta-SGD, float32 and float64, the meta-loss op; and
+bn_relu_pool, whose pooling windows also have an AVX-512 and a generic form)."""
 import json
 import os
 import shutil
@@ -49,6 +50,17 @@ for dtype in (torch.float32, torch.float64):
                 gm = torch.autograd.grad(meta, params + extra)
                 out[backend] = [losses.detach(), meta.detach().reshape(1)] + list(g) + list(gm)
             errs[f"{dtype} fo={fo} meta_sgd={meta_sgd}"] = rel(out["cpp"], out["torch"])
+    # bn_relu_pool's generic window code (the AVX-512 build runs its intrinsics), integer-valued
+    # inputs so that windows hold ties
+    x = torch.randint(-3, 4, (2, 5, 3, 9, 7)).to(dtype).requires_grad_()
+    wb = [torch.rand(3, dtype=dtype).add(0.5).requires_grad_(), torch.randn(2, 3, dtype=dtype).requires_grad_()]
+    out = {}
+    for backend in ("cpp", "torch"):
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, *wb)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
+        out[backend] = [y.detach()] + list(torch.autograd.grad(y, [x] + wb, gy))
+    errs[f"{dtype} bn_relu_pool"] = rel(out["cpp"], out["torch"])
 print(json.dumps(errs))
 '''
 

@@ -1,0 +1,345 @@
+// fastmeta::bn_relu_pool: per-task BatchNorm (batch statistics) -> ReLU -> MaxPool2d(2) in one pass
+// over the activations, and its backward, on CPU. The conv4 block of few-shot learning spends more
+// time in these three memory-bound ops (five full passes forward, six backward, int64 pool indices)
+// than in its convolutions; fused, the forward reads x twice and writes the pooled output and a
+// one-byte window index, the backward reads x twice and writes dx once.
+//
+//   x [T, N, C, H, W] (contiguous), weight/bias [T, C]; per task t and channel c over (N, H, W):
+//   mean, var (biased), invstd = 1 / sqrt(var + eps), z = x * (w invstd) + (b - mean w invstd),
+//   y = max over each 2x2 window (stride 2, floor) of relu(z): [T, N, C, H/2, W/2]; idx in 0..3 is the
+//   window position of the first maximum (max_pool2d's choice; where every z <= 0, y = 0 and the
+//   gradient is 0 whatever idx says).
+//   Backward: g_z = gy at (window, idx) where y > 0, else 0; dbias = sum g_z, dweight = sum g_z xhat,
+//   dx = w invstd (g_z - dbias / M - xhat dweight / M), M = N H W.
+//
+// Statistics and reductions accumulate in double. First-order only: fastmeta/ops/bn_relu_pool.py
+// recomputes through differentiable torch ops when a graph of the backward is wanted.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <tuple>
+
+#include "common.h"
+
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+namespace fastmeta {
+namespace {
+
+struct Dims {
+  int64_t T, N, C, H, W, Ho, Wo;
+  int64_t plane() const { return H * W; }
+  int64_t out_plane() const { return Ho * Wo; }
+};
+
+Dims check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() == 5, "bn_relu_pool: x must be [T, N, C, H, W], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "bn_relu_pool: x must be float32 or float64, got ", x.scalar_type());
+  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), x.size(3) / 2, x.size(4) / 2};
+  TORCH_CHECK(d.N * d.H * d.W > 0, "bn_relu_pool: x ", x.sizes(), " has no elements per channel");
+  for (const auto* p : {&weight, &bias}) {
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == d.T && p->size(1) == d.C && p->scalar_type() == x.scalar_type(),
+                "bn_relu_pool: weight and bias must be [T=", d.T, ", C=", d.C, "] of x's dtype, got ", p->sizes());
+  }
+  return d;
+}
+
+// Windows [j0, j0 + n) of output row i: rows r0, r1 of the input (x of one plane). Generic form;
+// the AVX-512 float form below does 16 windows a step (a conv4 row has 14, 7, 3 or 1 windows, too
+// few for a compiler's vector loop over j).
+template <typename T>
+inline void pool_windows(const T* r0, const T* r1, int64_t n, T scale, T shift, T* yo, uint8_t* io) {
+  for (int64_t j = 0; j < n; ++j) {
+    // the first maximum of the window in row-major order, as max_pool2d picks it. (A NaN here means
+    // the whole channel is NaN, its statistics being NaN: every window is then NaN and its last
+    // position wins, as in max_pool2d, which "!(z <= best)" also gives.)
+    const T z0 = r0[2 * j] * scale + shift, z1 = r0[2 * j + 1] * scale + shift;
+    const T z2 = r1[2 * j] * scale + shift, z3 = r1[2 * j + 1] * scale + shift;
+    bool u = !(z1 <= z0);
+    T best = u ? z1 : z0;
+    int k = u ? 1 : 0;
+    u = !(z2 <= best);
+    best = u ? z2 : best;
+    k = u ? 2 : k;
+    u = !(z3 <= best);
+    best = u ? z3 : best;
+    k = u ? 3 : k;
+    yo[j] = !(best <= T(0)) ? best : T(0);
+    io[j] = static_cast<uint8_t>(k);
+  }
+}
+
+// Backward sums of windows [0, n) of one output row: sum g_z and sum g_z (x - mean).
+template <typename T>
+inline void window_sums(const T* r0, const T* r1, int64_t n, const T* g, const T* yo, const uint8_t* io, T mean,
+                        double& sg, double& sgx) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int k = io[j];
+    const T xv = k == 0 ? r0[2 * j] : k == 1 ? r0[2 * j + 1] : k == 2 ? r1[2 * j] : r1[2 * j + 1];
+    const double gz = yo[j] > T(0) ? static_cast<double>(g[j]) : 0.0;
+    sg += gz;
+    sgx += gz * (static_cast<double>(xv) - static_cast<double>(mean));
+  }
+}
+
+// dx rows q0, q1 += wi g_z at each window's maximum, windows [0, n) of one output row.
+template <typename T>
+inline void window_scatter(T* q0, T* q1, int64_t n, const T* g, const T* yo, const uint8_t* io, T wi) {
+  for (int64_t j = 0; j < n; ++j) {
+    const int k = io[j];
+    (k < 2 ? q0 : q1)[2 * j + (k & 1)] += yo[j] > T(0) ? wi * g[j] : T(0);
+  }
+}
+
+#ifdef __AVX512F__
+// 16 windows a step: the even / odd columns of a row pair are split apart with two permutes.
+struct Pairs {
+  __m512 even, odd;
+};
+
+inline Pairs load_pairs(const float* r, int cnt) {  // columns [0, 2 cnt) of r, cnt <= 16
+  const __mmask16 lo = cnt >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * cnt)) - 1);
+  const __mmask16 hi = cnt > 8 ? static_cast<__mmask16>((1u << (2 * cnt - 16)) - 1) : 0;
+  const __m512 a = _mm512_maskz_loadu_ps(lo, r), b = _mm512_maskz_loadu_ps(hi, r + 16);
+  const __m512i ev = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+  const __m512i od = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
+  return {_mm512_permutex2var_ps(a, ev, b), _mm512_permutex2var_ps(a, od, b)};
+}
+
+inline void store_pairs(float* r, int cnt, __m512 even, __m512 odd) {  // r[0, 2 cnt) = interleave
+  const __mmask16 lo = cnt >= 8 ? 0xFFFF : static_cast<__mmask16>((1u << (2 * cnt)) - 1);
+  const __mmask16 hi = cnt > 8 ? static_cast<__mmask16>((1u << (2 * cnt - 16)) - 1) : 0;
+  const __m512i il = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i ih = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  _mm512_mask_storeu_ps(r, lo, _mm512_permutex2var_ps(even, il, odd));
+  _mm512_mask_storeu_ps(r + 16, hi, _mm512_permutex2var_ps(even, ih, odd));
+}
+
+template <>
+inline void pool_windows<float>(const float* r0, const float* r1, int64_t n, float scale, float shift, float* yo,
+                                uint8_t* io) {
+  const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
+    const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+    const Pairs a = load_pairs(r0 + 2 * j0, cnt), b = load_pairs(r1 + 2 * j0, cnt);
+    const __m512 z0 = _mm512_fmadd_ps(a.even, sc, sh), z1 = _mm512_fmadd_ps(a.odd, sc, sh);
+    const __m512 z2 = _mm512_fmadd_ps(b.even, sc, sh), z3 = _mm512_fmadd_ps(b.odd, sc, sh);
+    __mmask16 u = _mm512_cmp_ps_mask(z1, z0, _CMP_NLE_UQ);
+    __m512 best = _mm512_mask_blend_ps(u, z0, z1);
+    __m512i k = _mm512_maskz_set1_epi32(u, 1);
+    u = _mm512_cmp_ps_mask(z2, best, _CMP_NLE_UQ);
+    best = _mm512_mask_blend_ps(u, best, z2);
+    k = _mm512_mask_set1_epi32(k, u, 2);
+    u = _mm512_cmp_ps_mask(z3, best, _CMP_NLE_UQ);
+    best = _mm512_mask_blend_ps(u, best, z3);
+    k = _mm512_mask_set1_epi32(k, u, 3);
+    const __mmask16 pos = _mm512_cmp_ps_mask(best, zero, _CMP_NLE_UQ);
+    _mm512_mask_storeu_ps(yo + j0, m, _mm512_maskz_mov_ps(pos, best));
+    _mm512_mask_cvtepi32_storeu_epi8(io + j0, m, k);
+  }
+}
+
+// k (16 window indices), the mask of windows passing the ReLU and their gradients g_z
+struct WindowGrad {
+  __m512i k;
+  __m512 gz;
+};
+
+inline WindowGrad window_grad(const float* g, const float* yo, const uint8_t* io, int cnt) {
+  const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
+  const __m512i k = _mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(m, io));
+  const __mmask16 pos = _mm512_cmp_ps_mask(_mm512_maskz_loadu_ps(m, yo), _mm512_setzero_ps(), _CMP_GT_OQ);
+  return {k, _mm512_maskz_loadu_ps(pos, g)};
+}
+
+template <>
+inline void window_sums<float>(const float* r0, const float* r1, int64_t n, const float* g, const float* yo,
+                               const uint8_t* io, float mean, double& sg, double& sgx) {
+  const __m512 mv = _mm512_set1_ps(mean);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
+    const WindowGrad w = window_grad(g + j0, yo + j0, io + j0, cnt);
+    const Pairs a = load_pairs(r0 + 2 * j0, cnt), b = load_pairs(r1 + 2 * j0, cnt);
+    __m512 xv = a.even;
+    xv = _mm512_mask_mov_ps(xv, _mm512_cmpeq_epi32_mask(w.k, _mm512_set1_epi32(1)), a.odd);
+    xv = _mm512_mask_mov_ps(xv, _mm512_cmpeq_epi32_mask(w.k, _mm512_set1_epi32(2)), b.even);
+    xv = _mm512_mask_mov_ps(xv, _mm512_cmpeq_epi32_mask(w.k, _mm512_set1_epi32(3)), b.odd);
+    const __m512 gx = _mm512_mul_ps(w.gz, _mm512_sub_ps(xv, mv));
+    // in double: the two halves of each vector
+    const __m512d g0 = _mm512_cvtps_pd(_mm512_castps512_ps256(w.gz));
+    const __m512d g1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(w.gz), 1)));
+    const __m512d x0 = _mm512_cvtps_pd(_mm512_castps512_ps256(gx));
+    const __m512d x1 = _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(gx), 1)));
+    sg += _mm512_reduce_add_pd(_mm512_add_pd(g0, g1));
+    sgx += _mm512_reduce_add_pd(_mm512_add_pd(x0, x1));
+  }
+}
+
+template <>
+inline void window_scatter<float>(float* q0, float* q1, int64_t n, const float* g, const float* yo,
+                                  const uint8_t* io, float wi) {
+  const __m512 wv = _mm512_set1_ps(wi);
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
+    const WindowGrad w = window_grad(g + j0, yo + j0, io + j0, cnt);
+    const __m512 v = _mm512_mul_ps(w.gz, wv);
+    __m512 add[4];
+    for (int q = 0; q < 4; ++q) add[q] = _mm512_maskz_mov_ps(_mm512_cmpeq_epi32_mask(w.k, _mm512_set1_epi32(q)), v);
+    const Pairs a = load_pairs(q0 + 2 * j0, cnt), b = load_pairs(q1 + 2 * j0, cnt);
+    store_pairs(q0 + 2 * j0, cnt, _mm512_add_ps(a.even, add[0]), _mm512_add_ps(a.odd, add[1]));
+    store_pairs(q1 + 2 * j0, cnt, _mm512_add_ps(b.even, add[2]), _mm512_add_ps(b.odd, add[3]));
+  }
+}
+#endif
+
+template <typename T>
+void forward_impl(const Dims& d, const T* x, const T* w, const T* b, double eps, T* y, uint8_t* idx, T* mean_out,
+                  T* invstd_out) {
+  const int64_t M = d.N * d.plane();
+  at::parallel_for(0, d.T * d.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tc = begin; tc < end; ++tc) {
+      const int64_t t = tc / d.C, c = tc % d.C;
+      auto in_plane = [&](int64_t n) { return x + ((t * d.N + n) * d.C + c) * d.plane(); };
+      double sum = 0;
+      for (int64_t n = 0; n < d.N; ++n) {
+        const T* p = in_plane(n);
+        double s = 0;
+        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < d.plane(); ++i) s += p[i];
+        sum += s;
+      }
+      const double mean = sum / static_cast<double>(M);
+      double sq = 0;
+      for (int64_t n = 0; n < d.N; ++n) {
+        const T* p = in_plane(n);
+        double s = 0;
+        _Pragma("omp simd reduction(+ : s)") for (int64_t i = 0; i < d.plane(); ++i) {
+          const double dv = static_cast<double>(p[i]) - mean;
+          s += dv * dv;
+        }
+        sq += s;
+      }
+      const double invstd = 1.0 / std::sqrt(sq / static_cast<double>(M) + eps);
+      mean_out[tc] = static_cast<T>(mean);
+      invstd_out[tc] = static_cast<T>(invstd);
+      const T scale = static_cast<T>(static_cast<double>(w[tc]) * invstd);
+      const T shift = static_cast<T>(static_cast<double>(b[tc]) - mean * static_cast<double>(w[tc]) * invstd);
+      for (int64_t n = 0; n < d.N; ++n) {
+        const T* p = in_plane(n);
+        const int64_t o = ((t * d.N + n) * d.C + c) * d.out_plane();
+        for (int64_t i = 0; i < d.Ho; ++i) {
+          const T* r0 = p + 2 * i * d.W;
+          pool_windows<T>(r0, r0 + d.W, d.Wo, scale, shift, y + o + i * d.Wo, idx + o + i * d.Wo);
+        }
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward_impl(const Dims& d, const T* gy, const T* x, const T* w, const uint8_t* idx, const T* y,
+                   const T* mean_in, const T* invstd_in, T* dx, T* dw, T* db) {
+  const int64_t M = d.N * d.plane();
+  at::parallel_for(0, d.T * d.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tc = begin; tc < end; ++tc) {
+      const int64_t t = tc / d.C, c = tc % d.C;
+      const double mean = mean_in[tc], invstd = invstd_in[tc];
+      // sums over the window maxima that pass the ReLU (g_z is zero elsewhere)
+      double sum_g = 0, sum_gx = 0;
+      for (int64_t n = 0; n < d.N; ++n) {
+        const int64_t pl = ((t * d.N + n) * d.C + c);
+        const T* p = x + pl * d.plane();
+        const int64_t o = pl * d.out_plane();
+        for (int64_t i = 0; i < d.Ho; ++i) {
+          const T* r0 = p + 2 * i * d.W;
+          const int64_t oi = o + i * d.Wo;
+          double sg = 0, sgx = 0;
+          window_sums<T>(r0, r0 + d.W, d.Wo, gy + oi, y + oi, idx + oi, static_cast<T>(mean), sg, sgx);
+          sum_g += sg;
+          sum_gx += sgx * invstd;
+        }
+      }
+      db[tc] = static_cast<T>(sum_g);
+      dw[tc] = static_cast<T>(sum_gx);
+      const double wi = static_cast<double>(w[tc]) * invstd;
+      // dx = wi * g_z - wi * (sum_g / M) - wi * xhat * (sum_gx / M), xhat = (x - mean) invstd
+      const T a = static_cast<T>(-wi * invstd * sum_gx / static_cast<double>(M));  // per unit (x - mean)
+      const T c0 = static_cast<T>(-wi * sum_g / static_cast<double>(M));
+      const T m = static_cast<T>(mean), wiT = static_cast<T>(wi);
+      for (int64_t n = 0; n < d.N; ++n) {
+        const int64_t pl = ((t * d.N + n) * d.C + c);
+        const T* p = x + pl * d.plane();
+        T* q = dx + pl * d.plane();
+        _Pragma("omp simd") for (int64_t i = 0; i < d.plane(); ++i) q[i] = c0 + a * (p[i] - m);
+        const int64_t o = pl * d.out_plane();
+        for (int64_t i = 0; i < d.Ho; ++i) {
+          T* q0 = q + 2 * i * d.W;
+          const int64_t oi = o + i * d.Wo;
+          window_scatter<T>(q0, q0 + d.W, d.Wo, gy + oi, y + oi, idx + oi, wiT);
+        }
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(const at::Tensor& x_,
+                                                                           const at::Tensor& weight_,
+                                                                           const at::Tensor& bias_, double eps) {
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), bias = bias_.contiguous();
+  const Dims d = check(x, weight, bias);
+  at::Tensor y = new_output({d.T, d.N, d.C, d.Ho, d.Wo}, x.options());
+  at::Tensor idx = at::empty({d.T, d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
+  at::Tensor mean = new_output({d.T, d.C}, x.options());
+  at::Tensor invstd = new_output({d.T, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_cpu", [&] {
+    forward_impl<scalar_t>(d, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), eps,
+                           y.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), mean.data_ptr<scalar_t>(),
+                           invstd.data_ptr<scalar_t>());
+  });
+  return {y, idx, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
+    const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_,
+    const at::Tensor& y_, const at::Tensor& mean_, const at::Tensor& invstd_) {
+  const at::Tensor gy = gy_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor idx = idx_.contiguous(), y = y_.contiguous(), mean = mean_.contiguous(),
+                   invstd = invstd_.contiguous();
+  const Dims d = check(x, weight, weight);
+  TORCH_CHECK(gy.sizes() == y.sizes() && idx.sizes() == y.sizes() && y.size(0) == d.T && y.size(3) == d.Ho &&
+                  y.size(4) == d.Wo && idx.scalar_type() == at::kByte && gy.scalar_type() == x.scalar_type(),
+              "bn_relu_pool_backward: gy ", gy.sizes(), ", idx ", idx.sizes(), " and y ", y.sizes(),
+              " must be [T, N, C, H/2, W/2] for x ", x.sizes());
+  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dw = new_output({d.T, d.C}, x.options());
+  at::Tensor db = new_output({d.T, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
+    backward_impl<scalar_t>(d, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
+                            idx.data_ptr<uint8_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
+                            invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+                            db.data_ptr<scalar_t>());
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace
+}  // namespace fastmeta
+
+TORCH_LIBRARY_FRAGMENT(fastmeta, m) {
+  // [y [T, N, C, H/2, W/2], idx uint8 (same shape), mean [T, C], invstd [T, C]]
+  m.def("bn_relu_pool(Tensor x, Tensor weight, Tensor bias, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  // [dx, dweight [T, C], dbias [T, C]]
+  m.def("bn_relu_pool_backward(Tensor gy, Tensor x, Tensor weight, Tensor idx, Tensor y, Tensor mean, "
+        "Tensor invstd) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("bn_relu_pool", &fastmeta::bn_relu_pool_cpu);
+  m.impl("bn_relu_pool_backward", &fastmeta::bn_relu_pool_backward_cpu);
+}

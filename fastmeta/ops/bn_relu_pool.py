@@ -1,0 +1,103 @@
+"""``bn_relu_pool``: per-task BatchNorm (batch statistics) -> ReLU -> MaxPool2d(2), the tail of a
+conv4 block, as one op.
+
+    x [T, N, C, H, W]; weight, bias [T, C] or [C] or None  ->  [T, N, C, H // 2, W // 2]
+
+The reference composes batched_batch_norm (training-mode statistics of each task's own batch),
+relu and max_pool2d(2); PyTorch differentiates it twice. Backend ``cpp``: fastmeta::bn_relu_pool
+(csrc/bn_relu_pool.cpp), one pass over the activations forward and one backward, float32/64 on CPU.
+Its backward runs the C++ kernel when no graph of the backward is wanted (the query loss, the
+outer backward, first-order inner steps) and recomputes through differentiable torch ops when one is
+(the create_graph=True inner steps of second-order MAML), so second order composes; the recompute
+reads each window at the position the forward chose. The planner lowers BatchNorm2d -> ReLU ->
+MaxPool2d(2) onto this op (BatchNorm with batch statistics; eval mode with running statistics keeps
+the three separate steps).
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from .. import _checks
+from ..backend import register_op, select
+from .batched_batch_norm import batched_batch_norm
+
+IMPLEMENTED = ("torch", "cpp")
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+register_op("bn_relu_pool", IMPLEMENTED, AUTO)
+
+
+def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
+    T, N, C, H, W = x.shape
+    y = F.relu(batched_batch_norm(x, weight, bias, eps))
+    y = F.max_pool2d(y.reshape(T * N, C, H, W), 2)
+    return y.view(T, N, C, *y.shape[2:])
+
+
+def _pool_at(r, idx):
+    """The 2x2 windows of r [T, N, C, H, W] read at the positions idx [T, N, C, H/2, W/2] (0..3,
+    row-major) that the forward chose: the recomputed backward routes the gradient where the fused
+    forward took its maximum, even where float32 rounding would make max_pool2d pick another
+    element of a near-tie."""
+    T, N, C, Ho, Wo = idx.shape
+    win = r[..., : 2 * Ho, : 2 * Wo].reshape(T, N, C, Ho, 2, Wo, 2).permute(0, 1, 2, 3, 5, 4, 6)
+    return win.reshape(T, N, C, Ho, Wo, 4).gather(-1, idx.long().unsqueeze(-1)).squeeze(-1)
+
+
+@functools.cache
+def _register_cpp():
+    @torch.library.register_fake("fastmeta::bn_relu_pool")
+    def _(x, weight, bias, eps):
+        T, N, C, H, W = x.shape
+        y = x.new_empty(T, N, C, H // 2, W // 2)
+        return y, y.new_empty(y.shape, dtype=torch.uint8), x.new_empty(T, C), x.new_empty(T, C)
+
+    @torch.library.register_fake("fastmeta::bn_relu_pool_backward")
+    def _(gy, x, weight, idx, y, mean, invstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+class _BNReLUPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, bias, idx, y, mean, invstd)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias, idx, y, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, via the reference
+            inputs = [t for t, n in zip((x, weight, bias), need) if n]
+            yr = _pool_at(F.relu(batched_batch_norm(x, weight, bias, ctx.eps)), idx)
+            grads = iter(torch.autograd.grad(yr, inputs, gy, create_graph=True, allow_unused=True))
+            return tuple(next(grads) if n else None for n in need) + (None,)
+        dx, dw, db = torch.ops.fastmeta.bn_relu_pool_backward(gy, x, weight, idx, y, mean, invstd)
+        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), None
+
+
+def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
+    """Per-task BatchNorm -> ReLU -> MaxPool2d(2) (see module docstring)."""
+    _checks.tensor("x", x, dim=5)
+    T, N, C, H, W = x.shape
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) not in ((T, C), (C,)):
+            raise ValueError(f"bn_relu_pool: {name} {tuple(p.shape)} must be [T={T}, C={C}] or [C={C}] for x "
+                             f"{tuple(x.shape)}")
+    _checks.same_device_dtype([("x", x)] + [(n, p) for n, p in (("weight", weight), ("bias", bias)) if p is not None])
+    if H < 2 or W < 2:
+        raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
+    backend = select("bn_relu_pool", x.device.type)
+    if backend != "cpp" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+        return bn_relu_pool_ref(x, weight, bias, eps)
+    _register_cpp()
+
+    def per_task(p, fill):
+        if p is None:
+            return x.new_full((T, C), fill)
+        return p if p.dim() == 2 else p.expand(T, C)
+    return _BNReLUPool.apply(x, per_task(weight, 1.0), per_task(bias, 0.0), float(eps))

@@ -1,0 +1,119 @@
+"""bn_relu_pool (cpp) against its reference (batched_batch_norm -> relu -> max_pool2d(2)): values,
+gradients, the differentiable backward of second order, ties in the pooling windows, odd sizes, and
+the planner's use of it."""
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import ops
+from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+
+pytestmark = requires_cpp
+
+
+def both(x, weight, bias, eps=1e-5):
+    """Outputs and gradients (w.r.t. x and the given weight/bias) of cpp and torch."""
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    out = {}
+    for backend in ("cpp", "torch"):
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, weight, bias, eps)
+        gy = torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view(y.shape)
+        out[backend] = [y.detach()] + list(torch.autograd.grad(y, inputs, gy))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(1, 4, 3, 5, 5), (3, 2, 17, 7, 7), (2, 6, 8, 28, 28), (1, 3, 5, 9, 6),
+                                   (3, 5, 4, 2, 3)])
+@pytest.mark.parametrize("affine", ["shared", "per_task", "none"])
+def test_matches_reference(dtype, shape, affine):
+    T, N, C, H, W = shape
+    x = (3 * torch.randn(*shape, dtype=dtype) + 1).requires_grad_()
+    weight = bias = None
+    if affine == "shared":
+        weight, bias = torch.rand(C, dtype=dtype).add(0.5).requires_grad_(), torch.randn(C, dtype=dtype).requires_grad_()
+    elif affine == "per_task":
+        weight = torch.rand(T, C, dtype=dtype).add(0.5).requires_grad_()
+        bias = torch.randn(T, C, dtype=dtype).requires_grad_()
+    r = both(x, weight, bias)
+    assert r["cpp"][0].shape == (T, N, C, H // 2, W // 2)
+    assert_rel_close(r["cpp"], r["torch"], RTOL[dtype] / 10, "values and gradients")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_ties_take_the_first_maximum(dtype):
+    """Integer-valued inputs: most windows hold equal maxima; the gradient must reach the element
+    max_pool2d picks (the first in row-major order)."""
+    x = torch.randint(-2, 3, (2, 6, 5, 8, 8)).to(dtype).requires_grad_()
+    weight = torch.ones(5, dtype=dtype, requires_grad=True)
+    r = both(x, weight, None)
+    assert_rel_close(r["cpp"], r["torch"], RTOL[dtype] / 10, "values and gradients")
+
+
+def test_second_order_gradcheck():
+    x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
+    bias = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+
+    def f(x, weight, bias):
+        with fastmeta.use_backend("cpp"):
+            return ops.bn_relu_pool(x, weight, bias)
+    assert torch.autograd.gradcheck(f, (x, weight, bias))
+    assert torch.autograd.gradgradcheck(f, (x, weight, bias))
+
+
+def test_bad_input_is_named():
+    x = torch.randn(2, 3, 4, 6, 6)
+    with pytest.raises(ValueError, match="weight"):
+        ops.bn_relu_pool(x, torch.ones(5))
+    with pytest.raises(ValueError, match="bias"):
+        ops.bn_relu_pool(x, None, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="2x2"):
+        ops.bn_relu_pool(torch.randn(1, 2, 3, 1, 4))
+    with pytest.raises(ValueError, match="x"):
+        ops.bn_relu_pool(torch.randn(2, 3, 6, 6))
+
+
+def conv_net(ch, dtype, track=False):
+    blocks, c = [], 1
+    for _ in range(3):
+        blocks += [nn.Conv2d(c, ch, 3, padding=1), nn.BatchNorm2d(ch, track_running_stats=track), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+        c = ch
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(ch, 4)).to(dtype)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_maml_uses_it_and_matches_the_loop(first_order, dtype):
+    """Odd sizes (9x9 images, 17 channels), T=3, through BatchedMAML (where the planner fuses the
+    three modules) against the per-task loop."""
+    model = conv_net(17, dtype)
+    assert "bn_relu_pool" in fastmeta.explain(model)
+    T, K, Q = 3, 4, 5
+    batch = (torch.randn(T, K, 1, 9, 9, dtype=dtype), torch.randint(0, 4, (T, K)),
+             torch.randn(T, Q, 1, 9, 9, dtype=dtype), torch.randint(0, 4, (T, Q)))
+    params = list(model.parameters())
+    _, want, _ = loop_meta_grads(model, *batch, 0.3, 2, "cross_entropy", first_order)
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss="cross_entropy")
+    got = torch.autograd.grad(meta(*batch), params)
+    assert_rel_close(list(got), want, RTOL[dtype], "meta-grad")
+
+
+def test_eval_mode_running_statistics_stay_unfused():
+    """BatchNorm in eval mode with running statistics: the block runs as three steps and matches
+    the loop (the fused op computes batch statistics only)."""
+    model = conv_net(3, torch.float64, track=True)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    model.eval()
+    batch = (torch.randn(2, 3, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (2, 3)),
+             torch.randn(2, 3, 1, 8, 8, dtype=torch.float64), torch.randint(0, 4, (2, 3)))
+    _, want, _ = loop_meta_grads(model, *batch, 0.3, 1, "cross_entropy", False)
+    meta = fastmeta.BatchedMAML(model, 0.3, 1, loss="cross_entropy")
+    got = torch.autograd.grad(meta(*batch), list(model.parameters()))
+    assert_rel_close(list(got), want, RTOL[torch.float64], "meta-grad")
