@@ -40,10 +40,14 @@ def _pool_at(r, idx):
     """The 2x2 windows of r [T, N, C, H, W] read at the positions idx [T, N, C, H/2, W/2] (0..3,
     row-major) that the forward chose: the recomputed backward routes the gradient where the fused
     forward took its maximum, even where float32 rounding would make max_pool2d pick another
-    element of a near-tie."""
-    T, N, C, Ho, Wo = idx.shape
-    win = r[..., : 2 * Ho, : 2 * Wo].reshape(T, N, C, Ho, 2, Wo, 2).permute(0, 1, 2, 3, 5, 4, 6)
-    return win.reshape(T, N, C, Ho, Wo, 4).gather(-1, idx.long().unsqueeze(-1)).squeeze(-1)
+    element of a near-tie. One gather on the flattened planes (no copy of the windows)."""
+    T, N, C, H, W = r.shape
+    Ho, Wo = idx.shape[-2:]
+    rows = torch.arange(Ho, device=r.device).mul_(2 * W).view(Ho, 1)
+    cols = torch.arange(Wo, device=r.device).mul_(2).view(1, Wo)
+    offset = torch.tensor([0, 1, W, W + 1], device=r.device)
+    pos = (rows + cols) + offset[idx.long()]
+    return r.flatten(3).gather(-1, pos.flatten(3)).view(T, N, C, Ho, Wo)
 
 
 @functools.cache
