@@ -11,7 +11,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu omniglot miniimagenet tritontests ops convcompile"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu omniglot miniimagenet convprof tritontests ops convcompile"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -58,6 +58,9 @@ TAIL=8 run_step omniglot 60 bench_omniglot.txt $CONV --workload omniglot --provi
   --json "$LOG/bench_omniglot.json"
 TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
   --providers fastmeta,loop,vmap --json "$LOG/bench_miniimagenet.json"
+# where the conv path's GPU time goes (hot kernels by their own device time)
+TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot --provider fastmeta \
+  --order second --iterations 3 --trace ""
 TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=100 \
   tests/test_triton.py tests/test_ops.py
 TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
