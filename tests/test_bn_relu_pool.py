@@ -117,3 +117,16 @@ def test_eval_mode_running_statistics_stay_unfused():
     meta = fastmeta.BatchedMAML(model, 0.3, 1, loss="cross_entropy")
     got = torch.autograd.grad(meta(*batch), list(model.parameters()))
     assert_rel_close(list(got), want, RTOL[torch.float64], "meta-grad")
+
+
+def test_fake_kernels_and_schema():
+    """torch.library.opcheck: schema, and the fake (meta) kernels against the real outputs."""
+    from fastmeta.ops.bn_relu_pool import _register_cpp
+    _register_cpp()
+    x = torch.randn(2, 3, 4, 7, 6)
+    w, b = torch.rand(2, 4).add(0.5), torch.randn(2, 4)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool.default, (x, w, b, 1e-5), test_utils=utils)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_backward.default,
+                          (torch.randn_like(y), x, w, idx, y, mean, invstd), test_utils=utils)
