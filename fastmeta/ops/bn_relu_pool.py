@@ -15,7 +15,9 @@ the three separate steps).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,20 @@ from .batched_batch_norm import batched_batch_norm
 IMPLEMENTED = ("torch", "cpp")
 AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
+_state = threading.local()
+
+
+@contextlib.contextmanager
+def differentiated_twice():
+    """Within it, bn_relu_pool runs its reference: for a forward whose backward will itself be
+    differentiated (the support pass of second-order MAML), where the fused op's backward would
+    recompute the reference anyway."""
+    old = getattr(_state, "twice", False)
+    _state.twice = True
+    try:
+        yield
+    finally:
+        _state.twice = old
 
 
 def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
@@ -96,7 +112,8 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
     if H < 2 or W < 2:
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
     backend = select("bn_relu_pool", x.device.type)
-    if backend != "cpp" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+    if (backend != "cpp" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
+            or getattr(_state, "twice", False)):
         return bn_relu_pool_ref(x, weight, bias, eps)
     _register_cpp()
 
