@@ -309,22 +309,17 @@ def explain(model: nn.Module) -> str:
             lines.append(f"  {where:<24} -> {s.kind}")
     if prog.has_conv:
         lines.append("  on CPU: tasks pass through the conv program one at a time (activations stay in cache)")
+    def backend_of(op):  # what the op runs on for the model's device
+        try:
+            return select(op, next(model.parameters()).device.type)
+        except (StopIteration, BackendUnavailable) as e:
+            return f"unavailable ({e})"
     if any(s.kind == "bn_relu_pool" for s in prog.steps):
-        try:
-            dev = next(model.parameters()).device.type
-            backend = select("bn_relu_pool", dev)
-        except (StopIteration, BackendUnavailable) as e:
-            backend = f"unavailable ({e})"
         lines.append(f"  bn_relu_pool: BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op "
-                     f"(backend {backend})")
+                     f"(backend {backend_of('bn_relu_pool')})")
     if prog.mlp is not None:
-        try:
-            dev = next(model.parameters()).device.type
-            backend = select("mlp_inner_loop", dev)
-        except (StopIteration, BackendUnavailable) as e:
-            backend = f"unavailable ({e})"
-        lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend}) for loss 'mse' or "
-                     "'cross_entropy'")
+        lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
+                     "loss 'mse' or 'cross_entropy'")
     else:
         lines.append(f"  whole inner loop: step by step ({prog.mlp_reason})")
     return "\n".join(lines)
