@@ -2,11 +2,14 @@
 the op's time per call back to back (CUDA events), the host's time to issue one call, and one whole
 BatchedMAML meta-iteration, for the sine workload (1-40-40-1, K=Q=10, S=5, float32).
 
-    python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,triton] [--ncu-target BACKEND,T]
+    python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,cuda-smem,triton] [--ncu-target B,T]
+
+cuda-smem is the CUDA kernel with FASTMETA_CUDA_MLP_SMEM=1 (each task's workspace in shared memory).
 
 --ncu-target runs just a few calls of one configuration (second order), for an ncu run to profile.
 """
 import argparse
+import os
 import statistics
 import time
 
@@ -18,8 +21,16 @@ from fastmeta import harness as H, ops
 ACTS = ["relu", "relu", None]
 
 
+def variant(backend):
+    """'cuda-smem': the cuda backend with FASTMETA_CUDA_MLP_SMEM=1 (workspace in shared memory)."""
+    name, _, var = backend.partition("-")
+    os.environ["FASTMETA_CUDA_MLP_SMEM"] = "1" if var == "smem" else "0"
+    return name
+
+
 def raw_call(w, backend, first_order):
     params = [p.detach() for p in w.model.parameters()]
+    backend = variant(backend)
 
     def call():
         with fastmeta.use_backend(backend), torch.no_grad():
@@ -54,7 +65,7 @@ def events_us(call, n=50):
 
 
 def step_us(w, backend, first_order, n=100):
-    step = H.make_step(f"fastmeta-{backend}", w, first_order)
+    step = H.make_step(f"fastmeta-{variant(backend)}", w, first_order)
     for _ in range(5):
         step()
     ts = []
@@ -70,12 +81,12 @@ def step_us(w, backend, first_order, n=100):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="25,1000")
-    ap.add_argument("--backends", default="cuda,triton")
+    ap.add_argument("--backends", default="cuda,cuda-smem,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     if args.ncu_target:
-        backend, T = args.ncu_target.split(",")
+        backend, T = args.ncu_target.rsplit(",", 1)
         call = raw_call(H.make_workload("sine", tasks=int(T), device="cuda"), backend, False)
         for _ in range(4):
             call()

@@ -148,3 +148,17 @@ def test_inner_update_meta_sgd_gradgrad_on_gpu():
         torch.testing.assert_close(o, w, rtol=1e-12, atol=1e-12)
     assert torch.autograd.gradcheck(f, (*p, *g, *lrs))
     assert torch.autograd.gradgradcheck(f, (*p, *g, *lrs))
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_cuda_kernel_with_shared_memory_workspace(first_order, monkeypatch):
+    """FASTMETA_CUDA_MLP_SMEM=1: the CUDA kernel keeps each task's workspace in shared memory
+    (where it fits; float64 sine widths do not and take the global one): same results."""
+    monkeypatch.setenv("FASTMETA_CUDA_MLP_SMEM", "1")
+    for dtype in (torch.float32, torch.float64):
+        params, batch = make_mlp_batch((1, 40, 37, 1), 25, 10, 10, "mse", dtype, "cuda")
+        _fused_vs_reference("cuda", params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order, RTOL[dtype])
+    params, batch = make_mlp_batch((3, 37, 11, 5), 3, 7, 9, "cross_entropy", torch.float64, "cuda")
+    lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
+    _fused_vs_reference("cuda", params, batch, lrs, 3, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy",
+                        first_order, RTOL[torch.float64], slope=0.2)

@@ -4,6 +4,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -97,8 +98,15 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.theta0 = theta0.data_ptr<T>();
   a.lrs = lrflat.defined() ? lrflat.data_ptr<T>() : nullptr;
   a.scratch_per_task = cuda::mlp_scratch_per_task(a.dims, L, a.K, a.Q, steps, a.P);
-  at::Tensor scratch = at::empty({a.num_tasks, a.scratch_per_task}, xs.options());
-  a.scratch = scratch.data_ptr<T>();
+  // FASTMETA_CUDA_MLP_SMEM=1: each task's workspace in its block's shared memory where it fits
+  const char* smem_env = std::getenv("FASTMETA_CUDA_MLP_SMEM");
+  if (smem_env != nullptr && smem_env[0] == '1') {
+    int limit = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, xs.device().index()));
+    a.smem = cuda::mlp_smem_bytes<T>(a.scratch_per_task, true) <= static_cast<size_t>(limit);
+  }
+  at::Tensor scratch = at::empty({a.smem ? 0 : a.num_tasks, a.scratch_per_task}, xs.options());
+  a.scratch = a.smem ? nullptr : scratch.data_ptr<T>();
   a.loss_out = loss_out.data_ptr<T>();
   a.dtheta = dtheta.data_ptr<T>();
   a.dlr = dlr.numel() ? dlr.data_ptr<T>() : nullptr;

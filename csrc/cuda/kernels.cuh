@@ -59,13 +59,19 @@ struct MLPArgs {
   int64_t num_tasks, K, Q, steps, P;
   int L, loss;                                        // loss: 0 mse, 1 cross-entropy
   bool first_order;
+  bool smem;                                          // workspace in shared memory (scratch unused)
   int dims[kMaxLayers + 1];
   int acts[kMaxLayers];
   int64_t off_w[kMaxLayers], off_b[kMaxLayers];
 };
 
-// Workspace elements one task needs (the caller allocates num_tasks times this).
+// Workspace elements one task needs (the caller allocates num_tasks times this, or none when the
+// workspace goes to shared memory: see mlp_smem_bytes).
 int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P);
+
+// Dynamic shared memory of one block: its reduction buffer, and with smem its whole workspace.
+template <typename T>
+size_t mlp_smem_bytes(int64_t scratch_per_task, bool smem);
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);

@@ -6,7 +6,8 @@
 //
 // A block's threads share every small GEMM of a step: each thread computes whole output elements
 // (a row-column dot product), phases are separated by __syncthreads(). Weights and activations of
-// a task live in its slice of a global workspace (small enough to stay in L2).
+// a task live in its slice of a global workspace (small enough to stay in L2), or, with
+// MLPArgs::smem (FASTMETA_CUDA_MLP_SMEM=1, where it fits), in the block's shared memory.
 #include <algorithm>
 
 #include "kernels.cuh"
@@ -266,7 +267,7 @@ __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
   int dmax = 0;
   for (int l = 0; l <= A.L; ++l) dmax = max(dmax, A.dims[l]);
   const int64_t NQ = max(K, Q);
-  T* w = A.scratch + t * A.scratch_per_task;
+  T* w = A.smem ? red + blockDim.x : A.scratch + t * A.scratch_per_task;
   T* theta = w; w += (S + 1) * P;
   T* g = w; w += S * P;
   T* steps_base = w; w += S * 4 * K * sumd;
@@ -332,14 +333,28 @@ int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64
   return (steps + 1) * P + steps * P + steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd + 2 * K * dmax + 4 * P;
 }
 
+constexpr int kThreads = 256;
+
+template <typename T>
+size_t mlp_smem_bytes(int64_t scratch_per_task, bool smem) {
+  return kThreads * sizeof(T) + (smem ? static_cast<size_t>(scratch_per_task) * sizeof(T) : 0);
+}
+
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
   if (args.num_tasks == 0) return cudaSuccess;
-  constexpr int kThreads = 256;
-  mlp_inner_loop_kernel<T><<<static_cast<unsigned>(args.num_tasks), kThreads, kThreads * sizeof(T), stream>>>(args);
+  const size_t shmem = mlp_smem_bytes<T>(args.scratch_per_task, args.smem);
+  if (args.smem) {  // above 48 KB a kernel must opt in to its dynamic shared memory
+    const cudaError_t e = cudaFuncSetAttribute(mlp_inner_loop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               static_cast<int>(shmem));
+    if (e != cudaSuccess) return e;
+  }
+  mlp_inner_loop_kernel<T><<<static_cast<unsigned>(args.num_tasks), kThreads, shmem, stream>>>(args);
   return cudaGetLastError();
 }
 
+template size_t mlp_smem_bytes<float>(int64_t, bool);
+template size_t mlp_smem_bytes<double>(int64_t, bool);
 template cudaError_t launch_mlp_inner_loop<float>(const MLPArgs<float>&, cudaStream_t);
 template cudaError_t launch_mlp_inner_loop<double>(const MLPArgs<double>&, cudaStream_t);
 
