@@ -24,7 +24,7 @@
 
 #include "common.h"
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
 #endif
 
@@ -97,7 +97,7 @@ inline void window_scatter(T* q0, T* q1, int64_t n, const T* g, const T* yo, con
   }
 }
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 // 16 windows a step: the even / odd columns of a row pair are split apart with two permutes.
 struct Pairs {
   __m512 even, odd;
