@@ -50,7 +50,7 @@ Dims check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   return d;
 }
 
-// Windows [j0, j0 + n) of output row i: rows r0, r1 of the input (x of one plane). Generic form;
+// The n windows of one output row, over input rows r0 and r1 (of one plane of x). Generic form;
 // the AVX-512 float form below does 16 windows a step (a conv4 row has 14, 7, 3 or 1 windows, too
 // few for a compiler's vector loop over j).
 template <typename T>
