@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .ops._layout import per_sample_2d
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 
@@ -156,14 +157,7 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
         if getattr(m, "return_indices", False):
             return None, "MaxPool2d(return_indices=True)"
 
-        def run(x, P, m=m):
-            T, N = x.shape[:2]
-            if x.transpose(0, 1).is_contiguous():  # task-inner layout (conv/BN output): keep it
-                y = m(x.transpose(0, 1).reshape(N, -1, *x.shape[3:]))
-                return y.view(N, T, x.shape[2], *y.shape[2:]).transpose(0, 1)
-            y = m(x.reshape(T * N, *x.shape[2:]))
-            return y.view(T, N, *y.shape[1:])
-        return Step(path, type(m).__name__, run), False
+        return Step(path, type(m).__name__, lambda x, P, m=m: per_sample_2d(x, m)), False
     if isinstance(m, nn.Flatten):
         dims = _flatten_dims(m, path)
         if dims is None:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .. import _checks
 from ..backend import register_op, select
+from ._layout import per_sample_2d
 from .batched_batch_norm import batched_batch_norm
 
 IMPLEMENTED = ("torch", "cpp")
@@ -46,10 +47,7 @@ def differentiated_twice():
 
 
 def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
-    T, N, C, H, W = x.shape
-    y = F.relu(batched_batch_norm(x, weight, bias, eps))
-    y = F.max_pool2d(y.reshape(T * N, C, H, W), 2)
-    return y.view(T, N, C, *y.shape[2:])
+    return per_sample_2d(F.relu(batched_batch_norm(x, weight, bias, eps)), lambda b: F.max_pool2d(b, 2))
 
 
 def _pool_at(r, idx):
