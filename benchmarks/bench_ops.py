@@ -76,3 +76,34 @@ def test_task_loss(benchmark, backend, kind):
             torch.cuda.synchronize()
         return g
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+
+
+BRP_BACKENDS = ["torch"] + (["cpp"] if DEVICE == "cpu" else [])
+
+
+@pytest.mark.parametrize("backend", BRP_BACKENDS)
+@pytest.mark.parametrize("size", [28, 14, 7, 3])
+def test_bn_relu_pool(benchmark, backend, size):
+    """BatchNorm -> ReLU -> MaxPool2d(2) of one Omniglot query pass (75 images, 64 channels, one
+    task at a time as on CPU), forward and backward."""
+    why = why_unavailable(backend, DEVICE)
+    if why:
+        pytest.skip(why)
+    x = torch.randn(1, 75, 64, size, size, device=DEVICE, requires_grad=True)
+    w = torch.rand(64, device=DEVICE).add(0.5).requires_grad_()
+    b = torch.randn(64, device=DEVICE, requires_grad=True)
+    benchmark.group = f"bn_relu_pool-{size}x{size}"
+    benchmark.extra_info.update(backend=backend, device=DEVICE)
+
+    def run():
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, w, b)
+        g = torch.autograd.grad(y, (x, w, b), torch.ones_like(y))
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return g
+    out = benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+    with fastmeta.use_backend("torch"):
+        y = ops.bn_relu_pool(x, w, b)
+    for got, want in zip(out, torch.autograd.grad(y, (x, w, b), torch.ones_like(y))):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
