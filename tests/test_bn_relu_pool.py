@@ -74,6 +74,8 @@ def test_bad_input_is_named():
         ops.bn_relu_pool(torch.randn(1, 2, 3, 1, 4))
     with pytest.raises(ValueError, match="x"):
         ops.bn_relu_pool(torch.randn(2, 3, 6, 6))
+    with pytest.raises(TypeError, match="weight"):
+        ops.bn_relu_pool(x, torch.ones(4, dtype=torch.float64))
 
 
 def conv_net(ch, dtype, track=False):

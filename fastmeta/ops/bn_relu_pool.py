@@ -47,6 +47,7 @@ def differentiated_twice():
 
 
 def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
+    """The reference: batched_batch_norm (batch statistics), relu, max_pool2d(2) per sample."""
     return per_sample_2d(F.relu(batched_batch_norm(x, weight, bias, eps)), lambda b: F.max_pool2d(b, 2))
 
 
