@@ -75,7 +75,7 @@ def run_provider(benchmark):
         if DEVICE == "cuda":
             info["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
-            info["peak_mem_mb"] = H.cpu_peak_mb(step, fused=provider in ("fastmeta", "fastmeta-cpp")
+            info["peak_mem_mb"] = H.cpu_peak_mb(step, fused=provider in H._FUSED_CPU
                                                 and workload == "sine")
         benchmark.extra_info.update(info)
         tol = 1e-3 if w.name == "sine" else 1e-2

@@ -11,6 +11,11 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("mlp_inner_loop(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
         "bool need_lr_grad) -> Tensor[]");
+  // [mean query loss, the mean meta-gradient flat (then the lrs' when need_lr_grad)], no autograd
+  // (csrc/mlp_meta_loss.cpp).
+  m.def("mlp_meta_grad(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
+        "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
+        "bool need_lr_grad) -> Tensor[]");
   // The mean query loss with its autograd in C++ (csrc/mlp_meta_loss.cpp).
   m.def("mlp_meta_loss(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order) -> Tensor");

@@ -107,12 +107,16 @@ struct Prod {
 //   C = base - rate * acc with base (laid out like C): an SGD step written by the kernel that
 //   computes the gradient, rate the scalar alpha or, with rates, the per-entry (not per-lane)
 //   rates[m * scm + p * scp].
+//   C = s'(gate) * acc with gate (laid out like C) the pre-activations z of a ReLU (leaky when
+//   slope != 0) layer: a backward product written straight as that layer's dz.
 template <typename T>
 struct Epi {
   const T* init = nullptr;
   const T* base = nullptr;
   T alpha = T(0);
   const T* rates = nullptr;
+  const T* gate = nullptr;
+  T slope = T(0);
 };
 
 // One SIMD register of lanes, where the lanes fill an AVX-512 register (the product loop below is
@@ -134,6 +138,13 @@ struct Vec<float> {
   }
   static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  // v where z > 0, else slope * v (0 for slope 0, whatever v is)
+  static R gate(R z, R v, float slope) {
+    const auto pos = _mm512_cmp_ps_mask(z, zero(), _CMP_GT_OQ);
+    return slope == float(0) ? _mm512_maskz_mov_ps(pos, v) : _mm512_mask_blend_ps(pos, _mm512_mul_ps(set1(slope), v), v);
+  }
+  static float hsum(R a) { return _mm512_reduce_add_ps(a); }
   static R set1(float v) { return _mm512_set1_ps(v); }
 };
 template <>
@@ -148,6 +159,13 @@ struct Vec<double> {
   }
   static R fnma(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
+  // v where z > 0, else slope * v (0 for slope 0, whatever v is)
+  static R gate(R z, R v, double slope) {
+    const auto pos = _mm512_cmp_pd_mask(z, zero(), _CMP_GT_OQ);
+    return slope == double(0) ? _mm512_maskz_mov_pd(pos, v) : _mm512_mask_blend_pd(pos, _mm512_mul_pd(set1(slope), v), v);
+  }
+  static double hsum(R a) { return _mm512_reduce_add_pd(a); }
   static R set1(double v) { return _mm512_set1_pd(v); }
 };
 constexpr bool kHaveVec = true;
@@ -193,6 +211,8 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
         T* c = C + at * W;
         if (e.base != nullptr) {
           V::store(c, V::fnma(V::set1(e.rates != nullptr ? e.rates[at] : e.alpha), r[i][j], V::load(e.base + at * W)));
+        } else if (e.gate != nullptr) {
+          V::store(c, V::gate(V::load(e.gate + at * W), r[i][j], e.slope));
         } else if (e.init != nullptr) {
           V::store(c, V::add(V::load(e.init + (p + j) * W), r[i][j]));
         } else {
@@ -235,6 +255,9 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
         const T rate = e.rates != nullptr ? e.rates[at] : e.alpha;
         const T* bs = e.base + at * W;
         FM_LANES c[l] = bs[l] - rate * acc[i][j][l];
+      } else if (e.gate != nullptr) {
+        const T* g = e.gate + at * W;
+        FM_LANES c[l] = g[l] > T(0) ? acc[i][j][l] : (e.slope == T(0) ? T(0) : e.slope * acc[i][j][l]);
       } else if (e.init != nullptr) {
         const T* in = e.init + (p + j) * W;
         FM_LANES c[l] = in[l] + acc[i][j][l];
@@ -287,7 +310,7 @@ class Group {
     const int64_t n_theta = first_order ? 2 : S + 1, n_g = keep_grads ? S : 0;
     const int64_t n_steps = first_order ? std::min<int64_t>(S, 1) : S;
     const int64_t n = n_theta * P + n_g * P + n_steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
-                      2 * K * dmax_ + 3 * P + K * I + Q * I + (K + Q) * D + K * D;
+                      2 * K * dmax_ + 3 * P + K * I + Q * I + (K + Q) * D + K * D + dmax_;
     T* p = static_cast<T*>(workspace(static_cast<size_t>(n) * W * sizeof(T)));
     auto take = [&](int64_t count) { T* q = p; p += count * W; return q; };
     theta = take(n_theta * P);
@@ -300,11 +323,12 @@ class Group {
     Rda = take(K * dmax_); Rdz = take(K * dmax_);
     v = take(P); u = take(P); dlr = take(P);
     xs = take(K * I); xq = take(Q * I); ys = take(K * D); yq = take(Q * D); scratch = take(K * D);
+    bsum = take(dmax_);
   }
   Group(const Group&) = delete;
   Group& operator=(const Group&) = delete;
 
-  T *theta, *g, *v, *u, *dlr, *xs, *xq, *ys, *yq, *scratch;
+  T *theta, *g, *v, *u, *dlr, *xs, *xq, *ys, *yq, *scratch, *bsum;
   // Where step s keeps its parameters theta_s [P, W], gradient g_s and activations.
   T* theta_at(int64_t s) const { return theta + (fo_ ? (s & 1) : s) * net_.P * W; }
   T* g_at(int64_t s) const { return g + (keep_g_ ? s : 0) * net_.P * W; }
@@ -334,11 +358,11 @@ class Group {
     switch (act) {
       case kRelu:
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) a[i] = z[i] > T(0) ? z[i] : T(0);
+        for (int64_t i = 0; i < m; ++i) { const T v = z[i]; a[i] = v > T(0) ? v : T(0); }
         break;
       case kLeaky:
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) a[i] = z[i] > T(0) ? z[i] : slope * z[i];
+        for (int64_t i = 0; i < m; ++i) { const T v = z[i]; a[i] = v > T(0) ? v : slope * v; }
         break;
       case kTanh: for (int64_t i = 0; i < m; ++i) a[i] = std::tanh(z[i]); break;
       case kSigmoid: for (int64_t i = 0; i < m; ++i) a[i] = T(1) / (T(1) + std::exp(-z[i])); break;
@@ -346,18 +370,20 @@ class Group {
     }
   }
 
-  // out = s'(z) * in elementwise over m lanes-elements; s' from z and a = s(z).
+  // out = s'(z) * in elementwise over m lanes-elements; s' from z and a = s(z). The piecewise
+  // cases read `in` unconditionally: written as `z > 0 ? in[i] : 0` GCC emits a masked load whose
+  // merge operand it spills to the stack every iteration.
   void mul_d1(int64_t act, const T* z, const T* a, const T* in, T* out, int64_t n) const {
     const T slope = static_cast<T>(net_.slope);
     const int64_t m = n * W;
     switch (act) {
       case kRelu:
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) out[i] = z[i] > T(0) ? in[i] : T(0);
+        for (int64_t i = 0; i < m; ++i) { const T v = in[i]; out[i] = z[i] > T(0) ? v : T(0); }
         break;
       case kLeaky:
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) out[i] = z[i] > T(0) ? in[i] : slope * in[i];
+        for (int64_t i = 0; i < m; ++i) { const T v = in[i]; out[i] = z[i] > T(0) ? v : slope * v; }
         break;
       case kTanh:
 #pragma omp simd
@@ -412,17 +438,35 @@ class Group {
 
   // Backward from A.da[L-1]: dz_l, da_l (l < L) and the gradient, written to sink (e.g. as the
   // SGD step theta - alpha (.) gradient).
+  // Below the top layer, a ReLU / leaky ReLU / linear layer's dz is written by the product that
+  // gives its da (s' applied in the gemm's epilogue, one pass less over the activations); its da
+  // is then not stored (only the second derivative terms of tanh and sigmoid read it).
   void backward(const T* th, const T* x, int64_t N, Acts<T>& A, const Sink<T>& sink) const {
     for (int64_t l = net_.L; l >= 1; --l) {
       const int64_t din = net_.d[l - 1], dout = net_.d[l];
       const T* Wl = th + net_.offW[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
       T* dz = A.dz[l - 1];
-      mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], A.da[l - 1], dz, N * dout);
-      if (l > 1) gemm<T, W>(N, din, Prod<T>{dz, dout, 1, Wl, din, 1, dout}, nullptr, A.da[l - 2], din, 1);
+      if (l == net_.L || !piecewise_linear(net_.acts[l - 1]))
+        mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], A.da[l - 1], dz, N * dout);
+      if (l > 1) {
+        const int64_t below = net_.acts[l - 2];
+        Epi<T> e;
+        T* out = A.da[l - 2];
+        if (piecewise_linear(below)) {
+          out = A.dz[l - 2];
+          if (below != kNone) {
+            e.gate = A.z[l - 2];
+            e.slope = below == kLeaky ? static_cast<T>(net_.slope) : T(0);
+          }
+        }
+        gemm<T, W>(N, din, Prod<T>{dz, dout, 1, Wl, din, 1, dout}, nullptr, out, din, 1, e);
+      }
       outer(Prod<T>{dz, 1, dout, ain, din, 1, N}, nullptr, l, sink);
     }
   }
+
+  static bool piecewise_linear(int64_t act) { return act == kNone || act == kRelu || act == kLeaky; }
 
   // Layer l's part of a parameter-shaped result: W_l [dout, din] = the product x (+ x2) over the
   // N rows, b_l = sum over rows of x's A (dz [N, dout]), written to sink.
@@ -434,11 +478,17 @@ class Group {
     e.alpha = sink.alpha;
     e.rates = sink.rates != nullptr ? sink.rates + oW : nullptr;
     gemm<T, W>(dout, din, x, x2, sink.out + oW * W, din, 1, e);
+    // the row sums of dz row by row (dout * W independent sums, no dependency chain per entry)
     const T* dz = x.A;
+    const int64_t m = dout * W;
+    std::fill(bsum, bsum + m, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const T* row = dz + n * m;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) bsum[i] += row[i];
+    }
     for (int64_t o = 0; o < dout; ++o) {
-      T accb[W];
-      FM_LANES accb[l] = T(0);
-      for (int64_t n = 0; n < N; ++n) FM_LANES accb[l] += dz[(n * dout + o) * W + l];
+      const T* accb = bsum + o * W;
       T* out = sink.out + (ob + o) * W;
       if (sink.base != nullptr) {
         const T r = sink.rates != nullptr ? sink.rates[ob + o] : sink.alpha;
@@ -556,6 +606,12 @@ struct Out {
 // dst[j] = sum_l src[j, l] mask[l] for src [n, W].
 template <typename T, int W>
 void lane_sums(const T* src, int64_t n, const T* mask, T* dst) {
+  if constexpr (kHaveVec && W * sizeof(T) == 64) {  // one in-register reduction per entry
+    using V = Vec<T>;
+    const typename V::R m = V::load(mask);
+    for (int64_t j = 0; j < n; ++j) dst[j] = V::hsum(V::mul(V::load(src + j * W), m));
+    return;
+  }
   for (int64_t j = 0; j < n; ++j) {
     T s = T(0);
 #pragma omp simd reduction(+ : s)

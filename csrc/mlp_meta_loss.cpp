@@ -1,7 +1,12 @@
-// fastmeta::mlp_meta_loss: the mean query loss over T tasks after the fused inner loop, with its
-// autograd in C++ (no Python on the backward path). Forward runs the fused kernel and keeps the
-// task-mean meta-gradient (on CPU reduced inside the kernel; on CUDA fastmeta::mlp_inner_loop's
-// per-task rows summed here); backward scales it by the incoming gradient (returned as is when
+// fastmeta::mlp_meta_grad and fastmeta::mlp_meta_loss: the mean query loss over T tasks after the
+// fused inner loop and its task-mean meta-gradient.
+//
+// mlp_meta_grad returns both as plain tensors (no autograd): on CPU reduced inside the kernel, on
+// CUDA fastmeta::mlp_inner_loop's per-task rows summed here. It serves callers that want the
+// gradient itself (BatchedMAML.value_and_grad) and mlp_meta_loss's forward.
+//
+// mlp_meta_loss returns the loss with its autograd in C++ (no Python on the backward path):
+// forward keeps the meta-gradient, backward scales it by the incoming gradient (returned as is when
 // that is a CPU 1, the usual loss.backward()). Differentiable once (it returns the meta-gradient
 // directly).
 #include <torch/autograd.h>
@@ -34,6 +39,20 @@ std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tens
   return {rows[0].mean(), grads.mean(0)};
 }
 
+// [mean loss, flat mean meta-gradient (, flat mean lr gradient)] on any device: on CPU reduced
+// inside the kernel, or (FASTMETA_META_GRAD_ROWS=1, for the tests) from per-task rows as on CUDA,
+// so that CI checks that path too.
+std::vector<at::Tensor> meta_grad_flat(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                       const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
+                                       int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
+                                       bool first_order, bool need_lr_grad) {
+  const char* rows_env = std::getenv("FASTMETA_META_GRAD_ROWS");
+  const bool rows = !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
+  if (rows)
+    return meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+  return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+}
+
 // The flat gradient g split into one tensor per parameter (views), shaped as recorded in `shapes`
 // (for each parameter its number of dimensions, then its sizes), `copies` times over.
 variable_list split_flat(const at::Tensor& g, const std::vector<int64_t>& shapes, int copies) {
@@ -50,6 +69,36 @@ variable_list split_flat(const at::Tensor& g, const std::vector<int64_t>& shapes
   return out;
 }
 
+// fastmeta::mlp_meta_grad: [mean loss, one gradient per parameter (, one per rate)], the gradients
+// views of one buffer (CPU and CUDA).
+std::vector<at::Tensor> mlp_meta_grad(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                      const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
+                                      int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
+                                      bool first_order, bool need_lr_grad) {
+  auto outs = meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+  std::vector<int64_t> shapes;
+  for (const auto& p : params) {
+    shapes.push_back(p.dim());
+    shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
+  }
+  std::vector<at::Tensor> result{outs[0]};
+  for (auto& g : split_flat(outs[1], shapes, need_lr_grad ? 2 : 1)) result.push_back(std::move(g));
+  return result;
+}
+
+// Autograd key: the results are values, not functions of the inputs to differentiate, so it goes
+// below autograd at once (no graph node; the outputs do not require grad).
+std::vector<at::Tensor> mlp_meta_grad_no_autograd(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                                  const at::Tensor& yq, at::TensorList params, at::TensorList lrs,
+                                                  double lr, int64_t steps, at::IntArrayRef acts, double slope,
+                                                  int64_t loss, bool first_order, bool need_lr_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmeta::mlp_meta_grad", "")
+                       .typed<decltype(mlp_meta_grad)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+}
+
 class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
@@ -60,13 +109,7 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     std::vector<at::Tensor> outs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      // FASTMETA_META_GRAD_ROWS=1 (tests): the per-task-rows path on CPU too, so CI checks it
-      const char* rows_env = std::getenv("FASTMETA_META_GRAD_ROWS");
-      const bool rows = !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
-      outs = !rows ? mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
-                                             need_lr_grad)
-                         : meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss,
-                                               first_order, need_lr_grad);
+      outs = meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
     }
     ctx->save_for_backward({outs[1]});
     std::vector<int64_t> shapes;
@@ -111,4 +154,20 @@ at::Tensor mlp_meta_loss(const at::Tensor& xs, const at::Tensor& ys, const at::T
 
 TORCH_LIBRARY_IMPL(fastmeta, CompositeImplicitAutograd, m) {
   m.impl("mlp_meta_loss", &fastmeta::mlp_meta_loss);
+}
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("mlp_meta_grad", &fastmeta::mlp_meta_grad);
+}
+
+// Its results are values, not functions of the inputs to differentiate: below autograd at once
+// (no graph node, outputs that do not require grad).
+TORCH_LIBRARY_IMPL(fastmeta, Autograd, m) {
+  m.impl("mlp_meta_grad", &fastmeta::mlp_meta_grad_no_autograd);
+}
+
+// Registered for the CUDA key here (no device code: it calls fastmeta::mlp_inner_loop, whose CUDA
+// kernel is in csrc/cuda, and reduces its rows with ATen).
+TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
+  m.impl("mlp_meta_grad", &fastmeta::mlp_meta_grad);
 }

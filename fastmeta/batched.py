@@ -62,7 +62,7 @@ class BatchedMAML(nn.Module):
         self.strict = bool(strict)
         self.check_finite = bool(check_finite)
         self.program = plan.lower(model, strict=self.strict)
-        self._last_sig, self._last_fused, self._direct = None, False, None
+        self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
         params = dict(model.named_parameters())
         self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
         if learn_inner_lr:
@@ -84,6 +84,21 @@ class BatchedMAML(nn.Module):
         if self.lrs is not None:
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
+
+    def _param_list(self) -> list:
+        """list(self.parameters()) by a walk over the modules listed at construction (the walk
+        of nn.Module.parameters() costs more than the fused op's own overhead on small models);
+        a parameter replaced or added on one of those modules is seen, as in parameters()."""
+        mods = self.__dict__.get("_walk")
+        if mods is None:
+            mods = self.__dict__["_walk"] = [m._parameters for m in self.modules()]
+        seen, out = set(), []
+        for d in mods:
+            for p in d.values():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
 
     def _meta_params(self) -> dict:
         return dict(self.model.named_parameters())
@@ -200,11 +215,12 @@ class BatchedMAML(nn.Module):
         self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
         fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
         self._last_sig, self._last_fused = sig, fused
-        self._direct = None
+        self._direct = self._direct_grad = None
         if fused and self.program.mlp.param_names == self.program.names and self.lrs is None:
             # the one C++ op with its C++ autograd (cpp / cuda backends): a call with this
-            # signature goes straight to it (forward's fast path)
+            # signature goes straight to it (forward's and value_and_grad's fast paths)
             self._direct = ops.mlp_meta_loss_direct(self.program.mlp, self.loss, xs.device.type)
+            self._direct_grad = ops.mlp_meta_grad_direct(self.program.mlp, self.loss, xs.device.type)
         return fused, False
 
     def _fused_args(self):
@@ -241,6 +257,42 @@ class BatchedMAML(nn.Module):
         with torch.enable_grad(), phase("fused_inner_loop"):
             return ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
                                      spec.negative_slope, self.loss, self.first_order, _checked=checked)
+
+    def value_and_grad(self, xs, ys, xq, yq) -> tuple[torch.Tensor, list]:
+        """(loss, grads): forward's loss (detached) and its gradient with respect to each of
+        ``self.parameters()`` in that order (None for one that does not require grad): the values
+        ``torch.autograd.grad(self(xs, ys, xq, yq), params)`` gives, not differentiable further.
+
+        Where the fused MLP op runs (cpp / cuda backends), the meta-gradient comes straight out of
+        the kernel and no autograd graph is built, which saves the autograd engine's time per step:
+
+            loss, grads = meta.value_and_grad(xs, ys, xq, yq)
+            for p, g in zip(meta.parameters(), grads):
+                p.grad = g
+            opt.step()
+        """
+        params = self._param_list()
+        fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
+        if checked and self._direct_grad is not None:
+            with phase("fused_inner_loop"):
+                return self._direct_grad(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
+                                         self.first_order)
+        wanted = [p for p in params if p.requires_grad]
+        if fused:
+            fparams, lr, spec = self._fused_args()
+            with phase("fused_inner_loop"):
+                value, g, glr = ops.mlp_meta_grad(xs, ys, xq, yq, fparams, lr, self.inner_steps, spec.activations,
+                                                  spec.negative_slope, self.loss, self.first_order,
+                                                  _checked=checked)
+            by_id = dict(zip(map(id, fparams), g))
+            if glr is not None:
+                by_id.update(zip(map(id, lr), glr))
+            if all(id(p) in by_id for p in wanted):
+                return value, [by_id.get(id(p)) if p.requires_grad else None for p in params]
+        with torch.enable_grad():
+            value = self(xs, ys, xq, yq)
+            grads = iter(torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True))
+        return value.detach(), [next(grads) if p.requires_grad else None for p in params]
 
     def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:
         """Adapted per-task parameters, name -> [T, *shape] (non-adapted ones as broadcast views).

@@ -132,6 +132,19 @@ def _fastmeta(w: Workload, first_order: bool, backend: str | None = None):
     return step
 
 
+def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None):
+    """BatchedMAML.value_and_grad: the loss and the meta-gradient as values (no autograd graph
+    where the fused op runs)."""
+    import fastmeta
+
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss)
+
+    def step():
+        with fastmeta.use_backend(backend):
+            return meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)[1]
+    return step
+
+
 def _loop(w: Workload, first_order: bool):
     from torch.func import functional_call
 
@@ -292,7 +305,7 @@ def _vmap_graph(w: Workload, first_order: bool):
 
 
 PROVIDERS: dict[str, Callable] = {
-    "fastmeta": _fastmeta, "maml": _maml, "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
+    "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "maml": _maml, "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
 }
@@ -301,12 +314,17 @@ PROVIDERS: dict[str, Callable] = {
 def default_providers(workload: str, device: str) -> list:
     """Providers compared by default (see default_skip for rows that a CPU leaves out)."""
     if device == "cuda":
-        return ["fastmeta", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
-                "vmap_graph", "compile", "l2l", "higher"]
+        vg = ["fastmeta_vg"] if workload == "sine" else []  # elsewhere it is autograd.grad of forward
+        return ["fastmeta"] + vg + ["fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
+                                    "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
-        return ["fastmeta", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap", "compile",
-                "l2l", "higher"]
+        return ["fastmeta", "fastmeta_vg", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap",
+                "compile", "l2l", "higher"]
     return ["fastmeta", "loop", "vmap", "compile"]
+
+
+# providers whose CPU step runs the fused C++ kernel (its per-thread workspace counts in peak memory)
+_FUSED_CPU = ("fastmeta", "fastmeta-cpp", "fastmeta_vg", "fastmeta_vg-cpp")
 
 
 def default_skip(provider: str, workload: str, device: str) -> str | None:
@@ -327,7 +345,7 @@ def provider_available(name: str, device: str) -> str | None:
         return "higher not installed"
     if base == "vmap_graph" and device != "cuda":
         return "CUDA graphs need a GPU"
-    if base == "fastmeta" and "-" in name:
+    if base in ("fastmeta", "fastmeta_vg") and "-" in name:
         from .backend import why_unavailable
         return why_unavailable(name.split("-", 1)[1], device)
     return None
@@ -335,8 +353,8 @@ def provider_available(name: str, device: str) -> str | None:
 
 def make_step(name: str, w: Workload, first_order: bool):
     base, _, backend = name.partition("-")
-    if base == "fastmeta":
-        return _fastmeta(w, first_order, backend or None)
+    if base in ("fastmeta", "fastmeta_vg"):
+        return PROVIDERS[base](w, first_order, backend or None)
     return PROVIDERS[base](w, first_order)
 
 
@@ -456,7 +474,7 @@ def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_se
         if device == "cuda":
             peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**20
         else:
-            peak = cpu_peak_mb(step, fused=name in ("fastmeta", "fastmeta-cpp") and w.name == "sine")
+            peak = cpu_peak_mb(step, fused=name in _FUSED_CPU and w.name == "sine")
         err = None if reference is None else max_rel_err(grads, reference)
         return Result(w.name, order, name, w.tasks, w.steps, med, first, peak, len(times), None, err), grads
     except Exception as e:  # reported in the table, never hidden

@@ -239,3 +239,65 @@ def test_repeated_calls_follow_attribute_changes(backend):
         assert_rel_close(got, want, RTOL[torch.float32], "meta-grad after the parameters changed")
         meta(*batch).backward()  # .backward() fills .grad with what autograd.grad returns
         assert_rel_close([p.grad for p in model.parameters()], want, RTOL[torch.float32], ".grad")
+
+
+def _value_and_grad_vs_autograd(meta, batch, rtol):
+    """value_and_grad against torch.autograd.grad of forward: same loss, one gradient per
+    parameter of meta.parameters() (None where it does not require grad), not requiring grad."""
+    params = list(meta.parameters())
+    loss, grads = meta.value_and_grad(*batch)
+    assert len(grads) == len(params)
+    assert not loss.requires_grad and all(g is None or not g.requires_grad for g in grads)
+    wanted = [p for p in params if p.requires_grad]
+    want_loss = meta(*batch)
+    want = torch.autograd.grad(want_loss, wanted, allow_unused=True, materialize_grads=True)
+    assert [g is None for g in grads] == [not p.requires_grad for p in params]
+    assert all(g.shape == p.shape for g, p in zip(grads, params) if g is not None)
+    assert_rel_close([loss], [want_loss.detach()], rtol, "loss")
+    assert_rel_close([g for g in grads if g is not None], list(want), rtol, "meta-grad")
+    return loss, grads
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("case", ["mse", "cross_entropy", "meta_sgd", "frozen", "callable_loss", "tensor_lr"])
+def test_value_and_grad_matches_autograd(backend, first_order, case):
+    """value_and_grad gives forward's loss and the gradients autograd gives, on the fused op's
+    fast path (mse, scalar lr), its other fused cases (cross-entropy, Meta-SGD's rates) and the
+    unfused ones (a frozen parameter, a callable loss, a tensor inner_lr)."""
+    dtype = torch.float64
+    model = mlp((3, 37, 11, 4), act=nn.ReLU, dtype=dtype)
+    batch = regression_batch(5, 6, 7, 3, 4, dtype)
+    kw, lr = {}, 0.05
+    if case == "cross_entropy":
+        batch = classification_batch(5, 6, 7, 3, 4, dtype)
+        kw["loss"] = "cross_entropy"
+    elif case == "meta_sgd":
+        kw["learn_inner_lr"] = True
+    elif case == "frozen":
+        model[2].bias.requires_grad_(False)
+    elif case == "callable_loss":
+        kw["loss"] = lambda pred, y: ((pred - y) ** 2).mean()
+    elif case == "tensor_lr":
+        lr = nn.Parameter(torch.tensor(0.05, dtype=dtype))
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, lr, 3, first_order=first_order, **kw)
+        for _ in range(2):  # the second call has the signature of the first (checks skipped)
+            _value_and_grad_vs_autograd(meta, batch, RTOL[dtype])
+        if backend == "cpp" and case == "mse":
+            assert meta._direct_grad is not None  # the fast path ran
+    if case == "meta_sgd":
+        assert len(list(meta.parameters())) == 2 * len(list(model.parameters()))
+
+
+@requires_cpp
+def test_value_and_grad_follows_replaced_parameters():
+    """value_and_grad's parameter walk sees a parameter replaced on its module, as parameters() does."""
+    model = mlp((2, 13, 3), act=nn.ReLU, dtype=torch.float32)
+    batch = regression_batch(19, 5, 4, 2, 3, torch.float32)
+    meta = fastmeta.BatchedMAML(model, 0.05, 2)
+    _value_and_grad_vs_autograd(meta, batch, RTOL[torch.float32])
+    model[2].weight = nn.Parameter(model[2].weight.detach() * 0.5)
+    _, grads = _value_and_grad_vs_autograd(meta, batch, RTOL[torch.float32])
+    want_loss, want, _ = loop_meta_grads(model, *batch, 0.05, 2, "mse", False)
+    assert_rel_close(grads, want, RTOL[torch.float32], "meta-grad vs the loop")

@@ -37,6 +37,9 @@ def test_sine_on_gpu(backend, first_order, tasks):
                                  "mse", first_order)
     assert_rel_close(list(sub), want, 1e-4, "meta-grad")
     assert all(torch.isfinite(g).all() for g in got)
+    with fastmeta.use_backend(backend):  # value_and_grad: the same gradients as values
+        _, vg = meta.value_and_grad(w.xs[:n], w.ys[:n], w.xq[:n], w.yq[:n])
+    assert_rel_close(list(vg), list(sub), 1e-5, "value_and_grad vs autograd")
 
 
 @pytest.mark.parametrize("first_order", [False, True])
@@ -128,6 +131,11 @@ def test_meta_loss_op_on_gpu(lr_kind):
     assert got["loss"].dim() == 0
     assert_rel_close([got["loss"]], [want["loss"]], 1e-10, "meta-loss")
     assert_rel_close(got["grads"], want["grads"], 1e-10, "meta-grad")
+    with fastmeta.use_backend("cuda"):  # fastmeta::mlp_meta_grad: the same values, no graph
+        loss, g, glr = ops.mlp_meta_grad(*batch, params, lr, 3, ["tanh", "relu", None])
+    assert not loss.requires_grad and loss.is_cuda
+    assert_rel_close([loss], [want["loss"]], 1e-10, "mlp_meta_grad loss")
+    assert_rel_close([2.5 * t for t in list(g) + list(glr or [])], want["grads"], 1e-10, "mlp_meta_grad")
 
 
 def test_inner_update_meta_sgd_gradgrad_on_gpu():

@@ -144,3 +144,38 @@ def test_meta_loss_op_matches_mean_of_task_losses(loss):
         again = ops.mlp_meta_loss(*batch, params, lrs, 3, ["sigmoid", None], loss=loss)
     with pytest.raises(RuntimeError, match="differentiable once"):
         torch.autograd.grad(again, params, create_graph=True)
+
+
+@pytest.mark.parametrize("rows", ["0", "1"])
+@pytest.mark.parametrize("lr_kind", ["scalar", "learned"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_grad_op_returns_the_meta_gradient(rows, lr_kind, first_order, monkeypatch):
+    """fastmeta::mlp_meta_grad (through ops.mlp_meta_grad): the mean query loss and one gradient
+    per parameter (and per rate), equal to autograd's through the reference, without a graph;
+    reduced in the kernel or (rows=1) from per-task rows as on CUDA."""
+    monkeypatch.setenv("FASTMETA_META_GRAD_ROWS", rows)
+    params, batch = make((3, 37, 2), 19, 5, 4, "mse", torch.float64)
+    lr = 0.05 if lr_kind == "scalar" else [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_()
+                                           for p in params]
+    extra = lr if isinstance(lr, list) else []
+    with fastmeta.use_backend("cpp"):
+        loss, g, glr = ops.mlp_meta_grad(*batch, params, lr, 3, ["relu", None], first_order=first_order)
+    with fastmeta.use_backend("torch"):
+        want = ops.mlp_inner_loop(*batch, params, lr, 3, ["relu", None], first_order=first_order).mean()
+        g_want = torch.autograd.grad(want, params + extra)
+    assert loss.dim() == 0 and not loss.requires_grad and not any(t.requires_grad for t in g)
+    assert [t.shape for t in g] == [p.shape for p in params]
+    assert_rel_close([loss], [want.detach()], 1e-12, "meta-loss")
+    assert_rel_close(list(g) + (list(glr) if extra else []), list(g_want), 1e-10, "meta-grad")
+    assert (glr is None) == (lr_kind == "scalar")
+
+
+def test_meta_grad_op_fake_kernel():
+    """torch.library.opcheck of fastmeta::mlp_meta_grad: schema, fake kernel against the outputs."""
+    params, batch = make((2, 9, 3), 3, 4, 5, "mse", torch.float32)
+    lrs = [torch.full_like(p, 0.1) for p in params]
+    ops.mlp_meta_grad(*batch, params, 0.1, 2, ["tanh", None])  # registers the fake
+    utils = ("test_schema", "test_faketensor")
+    for lr_list, need in (([], False), (lrs, True)):
+        torch.library.opcheck(torch.ops.fastmeta.mlp_meta_grad.default,
+                              (*batch, params, lr_list, 0.1, 2, [3, 0], 0.01, 0, False, need), test_utils=utils)

@@ -75,6 +75,13 @@ def _register_cpp():
         return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
 
 
+    @torch.library.register_fake("fastmeta::mlp_meta_grad")
+    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
+        like = list(params) * (2 if need_lr_grad else 1)  # the gradients are views of one buffer
+        flat = xs.new_empty(sum(p.numel() for p in like))
+        return [xs.new_empty(())] + [g.view(p.shape) for g, p in zip(flat.split([p.numel() for p in like]), like)]
+
+
 @functools.cache
 def _register_triton():
     """fastmeta::mlp_inner_loop_triton: the Triton kernel as a torch.library custom op with a fake."""
@@ -245,4 +252,52 @@ def mlp_meta_loss_direct(spec, loss, device_type):
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
         return op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order)
+    return call
+
+
+def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01, loss="mse",
+                  first_order=False, _checked=False):
+    """(loss, grads, lr_grads): mlp_meta_loss's value (detached) and its gradient with respect to
+    each of params (and, with a list lr, each of the rates; else lr_grads is None), computed
+    without an autograd graph on the cpp / cuda backends (fastmeta::mlp_meta_grad returns them
+    from the kernel); elsewhere by torch.autograd.grad of mlp_meta_loss."""
+    if not _checked:
+        _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else []
+    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda"):
+        with torch.enable_grad():
+            value = mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
+                                  first_order, _checked=True)
+            wrt = list(params) + lrs
+            grads = torch.autograd.grad(value, wrt, allow_unused=True, materialize_grads=True)
+        grads = [g.detach() for g in grads]
+        return value.detach(), grads[:len(params)], (grads[len(params):] if lrs else None)
+    if loss == "cross_entropy":
+        C = params[-2].shape[0]
+        for name, y in (("ys", ys), ("yq", yq)):
+            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+                raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+        ys, yq = ys.long(), yq.long()
+    _register_cpp()
+    out = torch.ops.fastmeta.mlp_meta_grad(
+        xs, ys, xq, yq, list(params), lrs, float(lr) if not lrs else 0.0, steps,
+        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order),
+        bool(lrs))
+    n = len(params)
+    return out[0], out[1:1 + n], (out[1 + n:] if lrs else None)
+
+
+def mlp_meta_grad_direct(spec, loss, device_type):
+    """mlp_meta_grad bound to an MLP spec and a loss for arguments already checked, on the cpp /
+    cuda backends with a scalar lr and mse (as mlp_meta_loss_direct), else None. The returned
+    f(xs, ys, xq, yq, params, lr, steps, first_order) gives (loss, grads)."""
+    if loss != "mse" or select("mlp_inner_loop", device_type) not in ("cpp", "cuda"):
+        return None
+    _register_cpp()
+    op = torch.ops.fastmeta.mlp_meta_grad.default
+    acts, slope, code = [_ACT_CODE[a] for a in spec.activations], float(spec.negative_slope), _LOSS_CODE[loss]
+
+    def call(xs, ys, xq, yq, params, lr, steps, first_order):
+        out = op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order, False)
+        return out[0], out[1:]
     return call
