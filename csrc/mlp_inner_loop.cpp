@@ -203,22 +203,33 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
     };
     product(x);
     if (x2 != nullptr) product(*x2);
+    // the epilogue's kind is chosen once per block (the fields of e read into locals: the stores
+    // to C would otherwise make the compiler reload and test them for every entry)
+    const T *base = e.base, *rates = e.rates, *gate = e.gate, *init = e.init;
+    const T slope = e.slope;
+    auto each = [&](auto&& f) {
 #pragma GCC unroll 8
-    for (int i = 0; i < MB; ++i)
+      for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < PB; ++j) {
-        const int64_t at = (m + i) * scm + (p + j) * scp;
-        T* c = C + at * W;
-        if (e.base != nullptr) {
-          V::store(c, V::fnma(V::set1(e.rates != nullptr ? e.rates[at] : e.alpha), r[i][j], V::load(e.base + at * W)));
-        } else if (e.gate != nullptr) {
-          V::store(c, V::gate(V::load(e.gate + at * W), r[i][j], e.slope));
-        } else if (e.init != nullptr) {
-          V::store(c, V::add(V::load(e.init + (p + j) * W), r[i][j]));
-        } else {
-          V::store(c, r[i][j]);
+        for (int j = 0; j < PB; ++j) {
+          const int64_t at = (m + i) * scm + (p + j) * scp;
+          f(C + at * W, at, j, r[i][j]);
         }
-      }
+    };
+    if (base != nullptr && rates != nullptr) {
+      each([&](T* c, int64_t at, int, typename V::R acc) {
+        V::store(c, V::fnma(V::set1(rates[at]), acc, V::load(base + at * W)));
+      });
+    } else if (base != nullptr) {
+      const typename V::R alpha = V::set1(e.alpha);
+      each([&](T* c, int64_t at, int, typename V::R acc) { V::store(c, V::fnma(alpha, acc, V::load(base + at * W))); });
+    } else if (gate != nullptr) {
+      each([&](T* c, int64_t at, int, typename V::R acc) { V::store(c, V::gate(V::load(gate + at * W), acc, slope)); });
+    } else if (init != nullptr) {
+      each([&](T* c, int64_t, int j, typename V::R acc) { V::store(c, V::add(V::load(init + (p + j) * W), acc)); });
+    } else {
+      each([&](T* c, int64_t, int, typename V::R acc) { V::store(c, acc); });
+    }
     return;
   }
   T acc[MB][PB][W];
