@@ -11,7 +11,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu omniglot miniimagenet convprof tritontests ops convcompile"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu omniglot omniglot_cudnnbench miniimagenet convprof tritontests ops convcompile"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -40,10 +40,10 @@ TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cach
   tests/test_gpu.py
 BENCH="python -m fastmeta.bench --workload sine --no-progress --max-seconds 3 --min-seconds 0.3"
 run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 \
-  --providers fastmeta,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
+  --providers fastmeta,fastmeta_vg,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T25.json"
 run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 \
-  --providers fastmeta,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
+  --providers fastmeta,fastmeta_vg,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T1000.json"
 TAIL=12 run_step probe 60 probe.txt python benchmarks/gpu_probe.py
 # ncu on one launch of the CUDA kernel (clocks left as they are: --clock-control none)
@@ -56,6 +56,9 @@ TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-
 CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
 TAIL=8 run_step omniglot 60 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,loop,vmap \
   --json "$LOG/bench_omniglot.json"
+# the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
+TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV --workload omniglot \
+  --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"
 TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
   --providers fastmeta,loop,vmap --json "$LOG/bench_miniimagenet.json"
 # where the conv path's GPU time goes (hot kernels by their own device time)

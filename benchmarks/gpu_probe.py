@@ -1,6 +1,7 @@
 """Where the time of the fused GPU MLP path goes: the kernel's own device time (torch.profiler),
-the op's time per call back to back (CUDA events), the host's time to issue one call, and one whole
-BatchedMAML meta-iteration, for the sine workload (1-40-40-1, K=Q=10, S=5, float32).
+the op's time per call back to back (CUDA events), the host's time to issue one call, one whole
+BatchedMAML meta-iteration (loss and torch.autograd.grad) and one BatchedMAML.value_and_grad, for
+the sine workload (1-40-40-1, K=Q=10, S=5, float32).
 
     python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,cuda-smem,triton] [--ncu-target B,T]
 
@@ -64,8 +65,8 @@ def events_us(call, n=50):
     return start.elapsed_time(end) / n * 1e3, host
 
 
-def step_us(w, backend, first_order, n=100):
-    step = H.make_step(f"fastmeta-{variant(backend)}", w, first_order)
+def step_us(w, backend, first_order, n=100, provider="fastmeta"):
+    step = H.make_step(f"{provider}-{variant(backend)}", w, first_order)
     for _ in range(5):
         step()
     ts = []
@@ -92,8 +93,9 @@ def main():
             call()
         torch.cuda.synchronize()
         return
-    print("| T | order | backend | kernel us | op us (back to back) | host us per call | meta-iteration us |")
-    print("|---|---|---|---|---|---|---|")
+    print("| T | order | backend | kernel us | op us (back to back) | host us per call | meta-iteration us "
+          "| value_and_grad us |")
+    print("|---|---|---|---|---|---|---|---|")
     for T in [int(t) for t in args.tasks.split(",")]:
         w = H.make_workload("sine", tasks=T, device="cuda")
         for first_order in (False, True):
@@ -104,8 +106,10 @@ def main():
                 k, names = kernel_us(call)
                 op, host = events_us(call)
                 st = step_us(w, backend, first_order)
+                vg = step_us(w, backend, first_order, provider="fastmeta_vg")
                 order = "first" if first_order else "second"
-                print(f"| {T} | {order} | {backend} | {k:.1f} | {op:.1f} | {host:.1f} | {st:.1f} |", flush=True)
+                print(f"| {T} | {order} | {backend} | {k:.1f} | {op:.1f} | {host:.1f} | {st:.1f} | {vg:.1f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":

@@ -147,6 +147,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a bar chart of ratios (needs matplotlib)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True for every provider (cuDNN picks its "
+                         "convolution algorithms by timing them on first use)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     workloads = (args.workload.split(",") if args.workload else
@@ -159,9 +162,11 @@ def main(argv=None) -> int:
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
     results = run_matrix(workloads, orders, providers, device, args.tasks, args.steps, args.reps,
                          args.max_seconds, progress=not args.no_progress, min_seconds=args.min_seconds)
-    print(f"machine: {machine()}")
+    print(f"machine: {machine()}" + (", cudnn.benchmark on" if args.cudnn_benchmark else ""))
     print(table(results))
     if args.json:
         import dataclasses
