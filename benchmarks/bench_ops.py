@@ -58,6 +58,41 @@ def test_batched_linear_relu(benchmark, backend, tasks):
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS)
+@pytest.mark.parametrize("shape", ["omniglot-l2", "miniimagenet-l1"])
+def test_batched_conv2d_second_order(benchmark, backend, shape):
+    """One per-task 3x3 conv (padding 1) of a second-order inner step: forward, the gradients with
+    create_graph, and the second derivative (what MAML's meta-gradient runs through it).
+    omniglot-l2: T=32 tasks x 80 images, 64 -> 64 channels, 14x14; miniimagenet-l1: T=32 x 100
+    images, 3 -> 32 channels, 84x84 (T=2 on CPU)."""
+    T = 32 if DEVICE == "cuda" else 2
+    N, C, O, H = {"omniglot-l2": (80, 64, 64, 14), "miniimagenet-l1": (100, 3, 32, 84)}[shape]
+    x = torch.randn(T, N, C, H, H, device=DEVICE, requires_grad=True)
+    w = (0.1 * torch.randn(T, O, C, 3, 3, device=DEVICE)).requires_grad_()
+    r = torch.randn(T, N, O, H, H, device=DEVICE)
+    benchmark.group = f"batched_conv2d-{shape}"
+    benchmark.extra_info.update(backend=backend, device=DEVICE, tasks=T)
+
+    def run():
+        with fastmeta.use_backend(backend):
+            y = ops.batched_conv2d(x, w, None, 1, 1)
+            gx, gw = torch.autograd.grad((y * r).sum(), (x, w), create_graph=True)
+            h = torch.autograd.grad((gx * gx).sum() + (gw * gw).sum(), (x, w))
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return h
+    out = run()
+    if backend != "torch":  # the row is timed only if it agrees with the torch backend
+        with fastmeta.use_backend("torch"):
+            y = ops.batched_conv2d(x, w, None, 1, 1)
+            gx, gw = torch.autograd.grad((y * r).sum(), (x, w), create_graph=True)
+            want = torch.autograd.grad((gx * gx).sum() + (gw * gw).sum(), (x, w))
+        err = H.max_rel_err(list(out), list(want))
+        benchmark.extra_info["max_rel_err_vs_torch"] = err
+        assert err < 1e-4, f"{backend} conv second derivative disagrees with torch: {err:.2e}"
+    benchmark.pedantic(run, rounds=10, iterations=1, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS)
 @pytest.mark.parametrize("kind", ["mse", "cross_entropy"])
 def test_task_loss(benchmark, backend, kind):
     """Per-task loss and its gradient for T=1000 tasks (sine shape / 5-way 15-query shape)."""

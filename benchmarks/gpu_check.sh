@@ -54,13 +54,13 @@ TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-
   $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"
 # conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
 CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
-TAIL=8 run_step omniglot 60 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,loop,vmap \
+TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,fastmeta-triton,loop,vmap \
   --json "$LOG/bench_omniglot.json"
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV --workload omniglot \
   --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"
 TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta,loop,vmap --json "$LOG/bench_miniimagenet.json"
+  --providers fastmeta,fastmeta-triton,loop,vmap --json "$LOG/bench_miniimagenet.json"
 # where the conv path's GPU time goes (hot kernels by their own device time)
 TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot --provider fastmeta \
   --order second --iterations 3 --trace ""

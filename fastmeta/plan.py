@@ -308,6 +308,9 @@ def explain(model: nn.Module) -> str:
             return select(op, next(model.parameters()).device.type)
         except (StopIteration, BackendUnavailable) as e:
             return f"unavailable ({e})"
+    if prog.has_conv:
+        lines.append(f"  batched_conv2d: the convolutions of all tasks' weights at once (backend "
+                     f"{backend_of('batched_conv2d')})")
     if any(s.kind == "bn_relu_pool" for s in prog.steps):
         lines.append(f"  bn_relu_pool: BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op "
                      f"(backend {backend_of('bn_relu_pool')})")

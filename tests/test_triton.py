@@ -137,3 +137,100 @@ def test_task_losses_and_their_first_and_second_derivatives(kind):
     h_got = torch.autograd.grad((g_graph ** 3).sum(), pred)[0]
     h_want = torch.autograd.grad((g_want ** 3).sum(), pred)[0]
     torch.testing.assert_close(h_got, h_want, rtol=1e-10, atol=1e-12)
+
+
+def _conv_case(T, N, C, H, W, O, k, pad, shared, bias, dtype):
+    g = torch.Generator().manual_seed(T * 100 + C)
+    d = dict(dtype=dtype)
+    x = torch.randn(T, N, C, H, W, generator=g, **d).to(DEVICE).requires_grad_()
+    w = torch.randn(*(() if shared else (T,)), O, C, k, k, generator=g, **d).to(DEVICE).requires_grad_()
+    b = None if bias is None else torch.randn(*((O,) if bias == "shared" else (T, O)), generator=g, **d).to(
+        DEVICE).requires_grad_()
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", [
+    # T, N, C, H, W, O, k, padding, shared weight, bias
+    (1, 2, 3, 5, 5, 17, 3, 1, False, "task"),
+    (3, 1, 17, 7, 7, 3, 3, 1, True, "shared"),
+    (3, 2, 3, 7, 5, 4, 3, 0, False, None),
+    (2, 1, 2, 6, 6, 5, 3, 2, False, "task"),
+])
+def test_batched_conv2d_triton_matches_reference_to_second_order(case, dtype):
+    """The Triton implicit-GEMM conv and its weight gradient against the grouped-conv reference:
+    values, first derivatives (input, weight, bias) and second derivatives, for odd image sizes,
+    3 and 17 channels, T in {1, 3}, paddings 0-2, weights per task or shared (stride 0 over T)."""
+    x, w, b = _conv_case(*case, dtype)
+    pad = case[7]
+    with fastmeta.use_backend("triton"):
+        y = ops.batched_conv2d(x, w, b, 1, pad)
+    want = ops.batched_conv2d_ref(x, w, b, 1, pad)
+    rtol = RTOL[dtype]
+    assert_rel_close([y.detach()], [want.detach()], rtol, "conv")
+    ins = [t for t in (x, w, b) if t is not None]
+    r = torch.linspace(-1, 1, y.numel(), dtype=dtype, device=DEVICE).view_as(y)
+    g1 = torch.autograd.grad((y * r).sum(), ins, create_graph=True)
+    g2 = torch.autograd.grad((want * r).sum(), ins, create_graph=True)
+    assert_rel_close([g.detach() for g in g1], [g.detach() for g in g2], rtol, "first derivatives")
+
+    def second(gs):  # a function of the input and weight gradients, differentiated again
+        return (gs[0] ** 2).sum() + (gs[1] * gs[1].detach().flip(-1)).sum()
+    h1 = torch.autograd.grad(second(g1), [x, w])
+    h2 = torch.autograd.grad(second(g2), [x, w])
+    assert_rel_close(list(h1), list(h2), rtol, "second derivatives")
+
+
+def test_batched_conv2d_triton_falls_back_outside_its_configurations():
+    """stride 2, dilation 2, groups 2: the torch path (the same values as the reference)."""
+    x, w, _ = _conv_case(2, 1, 4, 7, 7, 4, 3, 1, False, None, torch.float64)
+    for kw in (dict(stride=2, padding=1), dict(dilation=2, padding=2), dict(groups=2, padding=1)):
+        ww = w[:, :, :2] if kw.get("groups") == 2 else w
+        with fastmeta.use_backend("triton"):
+            y = ops.batched_conv2d(x, ww, None, **kw)
+        torch.testing.assert_close(y, ops.batched_conv2d_ref(x, ww, None, **kw))
+
+
+def test_batched_conv2d_triton_fake_kernels():
+    """torch.library.opcheck of fastmeta::batched_conv2d_triton / ::conv_wgrad_triton: schema and fake
+    kernels against the real outputs."""
+    from fastmeta.ops.batched_conv2d import _register_triton
+    _register_triton()
+    x, w, _ = _conv_case(2, 1, 3, 5, 6, 4, 3, 1, False, None, torch.float32)
+    x, w = x.detach(), w.detach()
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastmeta.batched_conv2d_triton.default, (x, w, 1, 0), test_utils=utils)
+    gy = torch.randn(2, 1, 4, 5, 6, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastmeta.conv_wgrad_triton.default, (x, gy, 3, 3, 1, 1), test_utils=utils)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_batched_maml_conv_block_on_triton_conv(first_order, meta_sgd):
+    """A conv block (Conv 3x3 -> BatchNorm -> ReLU -> MaxPool2d(2)) and a linear head through
+    BatchedMAML with the triton backend, against the naive per-task loop (float64)."""
+    from conftest import loop_meta_grads
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, padding=1), nn.BatchNorm2d(5), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(5 * 3 * 3, 4)).double().to(DEVICE)
+    d = dict(dtype=torch.float64, device=DEVICE)
+    T = 2
+    xs, xq = torch.randn(T, 3, 3, 7, 7, **d), torch.randn(T, 2, 3, 7, 7, **d)
+    ys, yq = torch.randint(0, 4, (T, 3), device=DEVICE), torch.randint(0, 4, (T, 2), device=DEVICE)
+    with fastmeta.use_backend("triton"):
+        meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order, loss="cross_entropy",
+                                    learn_inner_lr=meta_sgd)
+        loss = meta(xs, ys, xq, yq)
+        lr_list = [meta.lrs[name.replace(".", "__")] for name, _ in model.named_parameters()] if meta_sgd else []
+        got = torch.autograd.grad(loss, list(model.parameters()) + lr_list)
+        assert "batched_conv2d: the convolutions of all tasks' weights at once (backend triton)" in \
+            fastmeta.explain(model)
+    n = len(list(model.parameters()))
+    lrs = None
+    if meta_sgd:
+        lrs = {name: meta.lrs[name.replace(".", "__")] for name, _ in model.named_parameters()}
+    want_loss, want, want_lr = loop_meta_grads(model, xs, ys, xq, yq, 0.1, 2, "cross_entropy", first_order, lrs=lrs)
+    assert_rel_close([loss.detach()], [want_loss.detach()], 1e-10, "meta-loss")
+    assert_rel_close(list(got[:n]), list(want), 1e-9, "meta-grad")
+    if meta_sgd:
+        assert_rel_close(list(got[n:]), list(want_lr), 1e-9, "lr-grad")

@@ -1,0 +1,152 @@
+"""Triton: per-task 2-d convolution (stride 1) as an implicit GEMM with the task as a batch dim,
+and its weight gradient.
+
+    conv:   y[t, n, o, i, j]    = sum_{c, a, b} w[t, o, c, a, b] x[t, n, c, i + a - P, j + b - P]
+    wgrad:  gw[t, o, c, a, b]   = sum_{n, i, j} gy[t, n, o, i, j] x[t, n, c, i + a - P, j + b - P]
+
+x [T, N, C, H, W], w [T, O, C, KH, KW] (stride 0 over T for weights shared by all tasks), zero
+padding P on each side (the same in both dims here: P = (ph, pw)), stride 1, no dilation.
+
+conv: grid (T, cdiv(N*HO*WO, BLOCK_M), cdiv(O, BLOCK_O)); a program's rows are output pixels
+(n, i, j), its columns output channels, and the reduction runs over (c, a, b) in BLOCK_K steps,
+gathering the input patch of each (row, k) pair with a masked load (the zero padding). wgrad: grid
+(T, cdiv(O, BLOCK_O), cdiv(C*KH*KW, BLOCK_K)); the reduction runs over the output pixels. Both
+accumulate with tl.dot(input_precision='ieee') (no TF32) in float32, or float64 for float64 inputs.
+
+The two are enough for any derivative order (fastmeta/ops/batched_conv2d.py): the input gradient of
+conv is conv of gy with the flipped, transposed weights and padding K-1-P, and the derivatives of
+wgrad are conv again.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, y_ptr,
+    N, C, H, W, O, HO, WO,
+    sx_t, sx_n, sx_c, sx_h, sx_w,
+    sw_t, sw_o, sw_c, sw_h, sw_w,
+    KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ro = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    M = N * HO * WO
+    K = C * KH * KW
+    n = rm // (HO * WO)
+    rest = rm % (HO * WO)
+    oi = rest // WO
+    oj = rest % WO
+    acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float64 if F64 else tl.float32)
+    k0 = 0
+    while k0 < K:  # (a while loop: the interpreter cannot range() over a value computed in the kernel)
+        rk = k0 + tl.arange(0, BLOCK_K)
+        c = rk // (KH * KW)
+        ab = rk % (KH * KW)
+        a = ab // KW
+        b = ab % KW
+        hi = oi[:, None] + a[None, :] - PH
+        wj = oj[:, None] + b[None, :] - PW
+        xmask = ((rm[:, None] < M) & (rk[None, :] < K) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))
+        xt = tl.load(x_ptr + t * sx_t + n[:, None].to(tl.int64) * sx_n + c[None, :] * sx_c + hi * sx_h
+                     + wj * sx_w, mask=xmask, other=0.0)
+        wt = tl.load(w_ptr + t * sw_t + ro[None, :] * sw_o + c[:, None] * sw_c + a[:, None] * sw_h
+                     + b[:, None] * sw_w, mask=(ro[None, :] < O) & (rk[:, None] < K), other=0.0)
+        acc += tl.dot(xt, wt, input_precision="ieee")
+        k0 += BLOCK_K
+    # y [T, N, O, HO, WO] contiguous
+    yoff = (t * N * O + n[:, None].to(tl.int64) * O + ro[None, :]) * (HO * WO) + oi[:, None] * WO + oj[:, None]
+    tl.store(y_ptr + yoff, acc, mask=(rm[:, None] < M) & (ro[None, :] < O))
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    x_ptr, g_ptr, gw_ptr,
+    N, C, H, W, O, HO, WO,
+    sx_t, sx_n, sx_c, sx_h, sx_w,
+    sg_t, sg_n, sg_o, sg_h, sg_w,
+    KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
+    BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    M = N * HO * WO
+    K = C * KH * KW
+    c = rk // (KH * KW)
+    ab = rk % (KH * KW)
+    a = ab // KW
+    b = ab % KW
+    acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float64 if F64 else tl.float32)
+    m0 = 0
+    while m0 < M:
+        rm = m0 + tl.arange(0, BLOCK_M)
+        n = rm // (HO * WO)
+        rest = rm % (HO * WO)
+        oi = rest // WO
+        oj = rest % WO
+        # gy^T tile [BLOCK_O, BLOCK_M]
+        gt = tl.load(g_ptr + t * sg_t + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h
+                     + oj[None, :] * sg_w, mask=(ro[:, None] < O) & (rm[None, :] < M), other=0.0)
+        hi = oi[:, None] + a[None, :] - PH
+        wj = oj[:, None] + b[None, :] - PW
+        xmask = ((rm[:, None] < M) & (rk[None, :] < K) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))
+        xt = tl.load(x_ptr + t * sx_t + n[:, None].to(tl.int64) * sx_n + c[None, :] * sx_c + hi * sx_h
+                     + wj * sx_w, mask=xmask, other=0.0)
+        acc += tl.dot(gt, xt, input_precision="ieee")
+        m0 += BLOCK_M
+    # gw [T, O, C, KH, KW] contiguous = [T, O, K]
+    tl.store(gw_ptr + (t * O + ro[:, None]) * K + rk[None, :], acc, mask=(ro[:, None] < O) & (rk[None, :] < K))
+
+
+def _strides5(t, T):
+    """Strides of a [T, ...] 5-d tensor, or of a 4-d tensor shared by all T tasks (stride 0)."""
+    return tuple(t.stride()) if t.dim() == 5 else (0,) + tuple(t.stride())
+
+
+def _block(n, lo, hi):
+    return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
+
+
+def conv_fwd(x, w, padding):
+    """y [T, N, O, HO, WO] (contiguous) for x [T, N, C, H, W], w [T, O, C, KH, KW] or [O, C, KH, KW]."""
+    import torch
+
+    T, N, C, H, W = x.shape
+    O, KH, KW = w.shape[-4], w.shape[-2], w.shape[-1]
+    PH, PW = padding
+    HO, WO = H + 2 * PH - KH + 1, W + 2 * PW - KW + 1
+    y = torch.empty(T, N, O, HO, WO, device=x.device, dtype=x.dtype)
+    if y.numel() == 0:
+        return y
+    M, K = N * HO * WO, C * KH * KW
+    BLOCK_M, BLOCK_O, BLOCK_K = _block(M, 16, 64), _block(O, 16, 64), _block(K, 16, 32)
+    grid = (T, triton.cdiv(M, BLOCK_M), triton.cdiv(O, BLOCK_O))
+    _conv_fwd_kernel[grid](
+        x, w, y, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(w, T),
+        KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K,
+        F64=x.dtype == torch.float64)
+    return y
+
+
+def conv_wgrad(x, gy, kernel_size, padding):
+    """gw [T, O, C, KH, KW] (contiguous) for x [T, N, C, H, W] and gy [T, N, O, HO, WO]."""
+    import torch
+
+    T, N, C, H, W = x.shape
+    O, HO, WO = gy.shape[2], gy.shape[3], gy.shape[4]
+    KH, KW = kernel_size
+    PH, PW = padding
+    gw = torch.empty(T, O, C, KH, KW, device=x.device, dtype=x.dtype)
+    M, K = N * HO * WO, C * KH * KW
+    if M == 0:
+        return gw.zero_()
+    BLOCK_O, BLOCK_K, BLOCK_M = _block(O, 16, 64), _block(K, 16, 64), _block(M, 16, 32)
+    grid = (T, triton.cdiv(O, BLOCK_O), triton.cdiv(K, BLOCK_K))
+    _conv_wgrad_kernel[grid](
+        x, gy, gw, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(gy, T),
+        KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        F64=x.dtype == torch.float64)
+    return gw
