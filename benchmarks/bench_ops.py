@@ -113,18 +113,19 @@ def test_task_loss(benchmark, backend, kind):
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
 
 
-BRP_BACKENDS = ["torch"] + (["cpp"] if DEVICE == "cpu" else [])
+BRP_BACKENDS = ["torch"] + (["cpp"] if DEVICE == "cpu" else ["triton"])
 
 
 @pytest.mark.parametrize("backend", BRP_BACKENDS)
 @pytest.mark.parametrize("size", [28, 14, 7, 3])
 def test_bn_relu_pool(benchmark, backend, size):
-    """BatchNorm -> ReLU -> MaxPool2d(2) of one Omniglot query pass (75 images, 64 channels, one
-    task at a time as on CPU), forward and backward."""
+    """BatchNorm -> ReLU -> MaxPool2d(2) of one Omniglot query pass (75 images, 64 channels; one
+    task at a time as on CPU, all 32 tasks of the meta-batch at once on a GPU), forward and backward."""
     why = why_unavailable(backend, DEVICE)
     if why:
         pytest.skip(why)
-    x = torch.randn(1, 75, 64, size, size, device=DEVICE, requires_grad=True)
+    T = 32 if DEVICE == "cuda" else 1
+    x = torch.randn(T, 75, 64, size, size, device=DEVICE, requires_grad=True)
     w = torch.rand(64, device=DEVICE).add(0.5).requires_grad_()
     b = torch.randn(64, device=DEVICE, requires_grad=True)
     benchmark.group = f"bn_relu_pool-{size}x{size}"

@@ -234,3 +234,66 @@ def test_batched_maml_conv_block_on_triton_conv(first_order, meta_sgd):
     assert_rel_close(list(got[:n]), list(want), 1e-9, "meta-grad")
     if meta_sgd:
         assert_rel_close(list(got[n:]), list(want_lr), 1e-9, "lr-grad")
+
+
+def _bn_relu_pool_both(x, weight, bias):
+    """Outputs and gradients (w.r.t. x and the given weight/bias) of the triton and torch backends."""
+    inputs = [t for t in (x, weight, bias) if t is not None]
+    out = {}
+    for backend in ("triton", "torch"):
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, weight, bias)
+        gy = torch.linspace(-1, 2, y.numel(), dtype=y.dtype, device=y.device).view(y.shape)
+        out[backend] = [y.detach()] + list(torch.autograd.grad(y, inputs, gy))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,affine", [((1, 4, 3, 5, 5), "shared"), ((3, 2, 17, 7, 7), "per_task"),
+                                          ((1, 3, 5, 9, 6), "none"), ((3, 5, 4, 2, 3), "per_task")])
+def test_bn_relu_pool_triton_matches_reference(dtype, shape, affine):
+    """The Triton BatchNorm -> ReLU -> MaxPool2d(2) against the reference: values, and gradients of x,
+    weight and bias, odd sizes (5x5, 7x7, 9x6, 2x3), 3 and 17 channels, T in {1, 3}."""
+    T, N, C, H, W = shape
+    d = dict(dtype=dtype, device=DEVICE)
+    x = (3 * torch.randn(*shape, **d) + 1).requires_grad_()
+    weight = bias = None
+    if affine == "shared":
+        weight = torch.rand(C, **d).add(0.5).requires_grad_()
+        bias = torch.randn(C, **d).requires_grad_()
+    elif affine == "per_task":
+        weight, bias = torch.rand(T, C, **d).add(0.5).requires_grad_(), torch.randn(T, C, **d).requires_grad_()
+    r = _bn_relu_pool_both(x, weight, bias)
+    assert r["triton"][0].shape == (T, N, C, H // 2, W // 2)
+    assert_rel_close(r["triton"], r["torch"], RTOL[dtype] / 10, "values and gradients")
+
+
+def test_bn_relu_pool_triton_ties_and_second_order():
+    """Integer-valued inputs (ties in most windows: the gradient reaches the first maximum, as
+    max_pool2d's), and a second derivative through the op (its recomputed backward)."""
+    d = dict(dtype=torch.float64, device=DEVICE)
+    x = torch.randint(-2, 3, (2, 6, 5, 8, 8), device=DEVICE).to(torch.float64).requires_grad_()
+    weight = torch.ones(5, **d, requires_grad=True)
+    r = _bn_relu_pool_both(x, weight, None)
+    assert_rel_close(r["triton"], r["torch"], 1e-12, "values and gradients with ties")
+    x = torch.randn(2, 3, 4, 5, 5, **d, requires_grad=True)
+    weight = torch.rand(4, **d).add(0.5).requires_grad_()
+    hs = {}
+    for backend in ("triton", "torch"):
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, weight, None)
+        gx, gw = torch.autograd.grad((y * y.detach().flip(-1)).sum(), (x, weight), create_graph=True)
+        hs[backend] = list(torch.autograd.grad((gx ** 2).sum() + (gw ** 2).sum(), (x, weight)))
+    assert_rel_close(hs["triton"], hs["torch"], 1e-10, "second derivatives")
+
+
+def test_bn_relu_pool_triton_fake_kernels():
+    from fastmeta.ops.bn_relu_pool import _register_triton
+    _register_triton()
+    x = torch.randn(2, 3, 4, 6, 5, device=DEVICE)
+    w, b = torch.rand(2, 4, device=DEVICE) + 0.5, torch.randn(2, 4, device=DEVICE)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_triton.default, (x, w, b, 1e-5), test_utils=utils)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool_triton(x, w, b, 1e-5)
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_backward_triton.default,
+                          (torch.randn_like(y), x, w, idx, y, mean, invstd), test_utils=utils)

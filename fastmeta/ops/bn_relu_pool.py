@@ -6,6 +6,8 @@ conv4 block, as one op.
 The reference composes batched_batch_norm (training-mode statistics of each task's own batch),
 relu and max_pool2d(2); PyTorch differentiates it twice. Backend ``cpp``: fastmeta::bn_relu_pool
 (csrc/bn_relu_pool.cpp), one pass over the activations forward and one backward, float32/64 on CPU.
+Backend ``triton``: fastmeta::bn_relu_pool_triton (kernels/bn_relu_pool.py), the same contract, one
+program per (task, channel).
 Its backward runs the C++ kernel when no graph of the backward is wanted (the query loss, the
 outer backward, first-order inner steps) and recomputes through differentiable torch ops when one is
 (the create_graph=True inner steps of second-order MAML), so second order composes; the recompute
@@ -27,8 +29,9 @@ from ..backend import register_op, select
 from ._layout import per_sample_2d
 from .batched_batch_norm import batched_batch_norm
 
-IMPLEMENTED = ("torch", "cpp")
-AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch",)}
+IMPLEMENTED = ("torch", "cpp", "triton")
+# triton stays second on CUDA until a GPU run has timed it against the torch ops
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch", "triton")}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
 _state = threading.local()
 
@@ -78,10 +81,45 @@ def _register_cpp():
         return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
+@functools.cache
+def _register_triton():
+    from ..kernels.bn_relu_pool import bn_relu_pool_bwd, bn_relu_pool_fwd
+
+    @torch.library.custom_op("fastmeta::bn_relu_pool_triton", mutates_args=())
+    def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return bn_relu_pool_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
+
+    @_fwd.register_fake
+    def _(x, weight, bias, eps):
+        T, N, C, H, W = x.shape
+        y = x.new_empty(T, N, C, H // 2, W // 2)
+        return y, y.new_empty(y.shape, dtype=torch.uint8), x.new_empty(T, C), x.new_empty(T, C)
+
+    @torch.library.custom_op("fastmeta::bn_relu_pool_backward_triton", mutates_args=())
+    def _bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
+             mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return bn_relu_pool_bwd(gy.contiguous(), x.contiguous(), weight.contiguous(), idx, y, mean, invstd)
+
+    @_bwd.register_fake
+    def _(gy, x, weight, idx, y, mean, invstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _kernels(backend):
+    """(forward op, backward op) of the fused backend: C++ (cpp) or Triton (triton)."""
+    if backend == "triton":
+        _register_triton()
+        return torch.ops.fastmeta.bn_relu_pool_triton, torch.ops.fastmeta.bn_relu_pool_backward_triton
+    _register_cpp()
+    return torch.ops.fastmeta.bn_relu_pool, torch.ops.fastmeta.bn_relu_pool_backward
+
+
 class _BNReLUPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, backend):
+        fwd, ctx.bwd = _kernels(backend)
+        y, idx, mean, invstd = fwd(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, idx, y, mean, invstd)
         ctx.eps = eps
         return y
@@ -94,9 +132,9 @@ class _BNReLUPool(torch.autograd.Function):
             inputs = [t for t, n in zip((x, weight, bias), need) if n]
             yr = _pool_at(F.relu(batched_batch_norm(x, weight, bias, ctx.eps)), idx)
             grads = iter(torch.autograd.grad(yr, inputs, gy, create_graph=True, allow_unused=True))
-            return tuple(next(grads) if n else None for n in need) + (None,)
-        dx, dw, db = torch.ops.fastmeta.bn_relu_pool_backward(gy, x, weight, idx, y, mean, invstd)
-        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), None
+            return tuple(next(grads) if n else None for n in need) + (None, None)
+        dx, dw, db = ctx.bwd(gy, x, weight, idx, y, mean, invstd)
+        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), None, None
 
 
 def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
@@ -111,13 +149,12 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
     if H < 2 or W < 2:
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
     backend = select("bn_relu_pool", x.device.type)
-    if (backend != "cpp" or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
+    if (backend not in ("cpp", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
             or getattr(_state, "twice", False)):
         return bn_relu_pool_ref(x, weight, bias, eps)
-    _register_cpp()
 
     def per_task(p, fill):
         if p is None:
             return x.new_full((T, C), fill)
         return p if p.dim() == 2 else p.expand(T, C)
-    return _BNReLUPool.apply(x, per_task(weight, 1.0), per_task(bias, 0.0), float(eps))
+    return _BNReLUPool.apply(x, per_task(weight, 1.0), per_task(bias, 0.0), float(eps), backend)
