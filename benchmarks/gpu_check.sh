@@ -11,7 +11,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu omniglot omniglot_cudnnbench miniimagenet convprof tritontests ops convcompile"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu tritonconv omniglot omniglot_cudnnbench miniimagenet convprof tritontests ops convcompile"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -52,6 +52,9 @@ NCU="ncu --clock-control none --target-processes all --kernel-name regex:mlp_inn
   --section MemoryWorkloadAnalysis"
 TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
   $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"
+# the Triton conv-path kernels against their references on the device, before their timed rows
+TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=80 \
+  tests/test_triton.py -k "conv or bn_relu_pool"
 # conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
 CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
 TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,fastmeta-triton,loop,vmap \
@@ -65,7 +68,7 @@ TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimag
 TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot --provider fastmeta \
   --order second --iterations 3 --trace ""
 TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=100 \
-  tests/test_triton.py tests/test_ops.py
+  tests/test_triton.py tests/test_ops.py -k "not conv and not bn_relu_pool"
 TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
   --benchmark-only --benchmark-json "$LOG/bench_ops.json" --benchmark-columns=median,iqr,rounds
 TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CONV --workload omniglot --providers loop,fastmeta,compile \
