@@ -40,10 +40,10 @@ TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cach
   tests/test_gpu.py
 BENCH="python -m fastmeta.bench --workload sine --no-progress --max-seconds 3 --min-seconds 0.3"
 run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 \
-  --providers fastmeta,fastmeta_vg,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
+  --providers fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T25.json"
 run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 \
-  --providers fastmeta,fastmeta_vg,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
+  --providers fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T1000.json"
 TAIL=12 run_step probe 60 probe.txt python benchmarks/gpu_probe.py
 # ncu on one launch of the CUDA kernel (clocks left as they are: --clock-control none)
@@ -57,13 +57,13 @@ TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs -
   tests/test_triton.py -k "conv or bn_relu_pool"
 # conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
 CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
-TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,fastmeta-triton,loop,vmap \
+TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,fastmeta_graph,fastmeta-triton,fastmeta_graph-triton,loop,vmap \
   --json "$LOG/bench_omniglot.json"
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV --workload omniglot \
   --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"
 TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta,fastmeta-triton,loop,vmap --json "$LOG/bench_miniimagenet.json"
+  --providers fastmeta,fastmeta_graph,fastmeta-triton,loop,vmap --json "$LOG/bench_miniimagenet.json"
 # where the conv path's GPU time goes (hot kernels by their own device time)
 TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot --provider fastmeta \
   --order second --iterations 3 --trace ""

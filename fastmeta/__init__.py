@@ -5,10 +5,12 @@
 - ``BatchedMAML``: a whole meta-batch of tasks (leading dim T) in one call, with exact
   (second-order) meta-gradients.
 - ``explain(model)``: how a model is lowered; ``set_backend`` / ``use_backend``: backend choice.
+- ``graphed(meta, xs, ys, xq, yq)``: a BatchedMAML meta-step captured in one CUDA graph.
 - ``profile(...)``: per-phase times, op and launch counts, memory and a trace of meta-iterations.
 """
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .batched import BatchedMAML
+from .graphs import GraphedStep, graphed
 from .maml import MAML, MetaSGD, clone_module
 from .plan import UnsupportedModule, explain
 from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) is the profiler)
@@ -16,6 +18,6 @@ from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) i
 __version__ = "0.1.0"
 
 __all__ = [
-    "MAML", "MetaSGD", "BatchedMAML", "explain", "clone_module", "set_backend", "get_backend",
+    "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "clone_module", "set_backend", "get_backend",
     "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "__version__",
 ]

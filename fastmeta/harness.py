@@ -145,6 +145,22 @@ def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None):
     return step
 
 
+def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None):
+    """fastmeta.graphed: BatchedMAML.value_and_grad captured in one CUDA graph, replayed per step."""
+    import fastmeta
+
+    if w.xs.device.type != "cuda":
+        raise RuntimeError("fastmeta_graph needs CUDA tensors")
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss)
+        graphed = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
+
+    def step():
+        with fastmeta.use_backend(backend):
+            return graphed(w.xs, w.ys, w.xq, w.yq)[1]
+    return step
+
+
 def _loop(w: Workload, first_order: bool):
     from torch.func import functional_call
 
@@ -305,7 +321,7 @@ def _vmap_graph(w: Workload, first_order: bool):
 
 
 PROVIDERS: dict[str, Callable] = {
-    "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "maml": _maml, "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
+    "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "fastmeta_graph": _fastmeta_graph, "maml": _maml, "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
 }
@@ -315,7 +331,7 @@ def default_providers(workload: str, device: str) -> list:
     """Providers compared by default (see default_skip for rows that a CPU leaves out)."""
     if device == "cuda":
         vg = ["fastmeta_vg"] if workload == "sine" else []  # elsewhere it is autograd.grad of forward
-        return ["fastmeta"] + vg + ["fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
+        return ["fastmeta"] + vg + ["fastmeta_graph", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
                                     "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
         return ["fastmeta", "fastmeta_vg", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap",
@@ -343,9 +359,9 @@ def provider_available(name: str, device: str) -> str | None:
         return "learn2learn not installed"
     if base == "higher" and importlib.util.find_spec("higher") is None:
         return "higher not installed"
-    if base == "vmap_graph" and device != "cuda":
+    if base in ("vmap_graph", "fastmeta_graph") and device != "cuda":
         return "CUDA graphs need a GPU"
-    if base in ("fastmeta", "fastmeta_vg") and "-" in name:
+    if base in ("fastmeta", "fastmeta_vg", "fastmeta_graph") and "-" in name:
         from .backend import why_unavailable
         return why_unavailable(name.split("-", 1)[1], device)
     return None
@@ -353,7 +369,7 @@ def provider_available(name: str, device: str) -> str | None:
 
 def make_step(name: str, w: Workload, first_order: bool):
     base, _, backend = name.partition("-")
-    if base in ("fastmeta", "fastmeta_vg"):
+    if base in ("fastmeta", "fastmeta_vg", "fastmeta_graph"):
         return PROVIDERS[base](w, first_order, backend or None)
     return PROVIDERS[base](w, first_order)
 

@@ -301,3 +301,12 @@ def test_value_and_grad_follows_replaced_parameters():
     _, grads = _value_and_grad_vs_autograd(meta, batch, RTOL[torch.float32])
     want_loss, want, _ = loop_meta_grads(model, *batch, 0.05, 2, "mse", False)
     assert_rel_close(grads, want, RTOL[torch.float32], "meta-grad vs the loop")
+
+
+def test_graphed_needs_a_batched_maml_and_cuda_tensors():
+    model = mlp((2, 9, 3))
+    batch = regression_batch(2, 5, 5, 2, 3, torch.float64)
+    with pytest.raises(ValueError, match="CUDA graphs need CUDA tensors, xs is on cpu"):
+        fastmeta.graphed(fastmeta.BatchedMAML(model, 0.1, 2), *batch)
+    with pytest.raises(TypeError, match="BatchedMAML"):
+        fastmeta.graphed(model, *batch)

@@ -192,6 +192,11 @@ def inner_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
     if len(params) == 0:
         return []
     backend = select("inner_update", grads[0].device.type)
+    if backend in ("cuda", "triton") and grads[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        # captured into a CUDA graph (fastmeta.graphed): the fused kernel's host-side tables would be
+        # read again at every replay; the per-tensor torch ops are graph-safe (and a replay has no
+        # launch cost to save)
+        return _torch_impl(params, grads, lr)
     if backend in ("cpp", "cuda", "triton"):  # fastmeta::inner_update_* has a CPU and a CUDA kernel
         return _cpp_impl(params, grads, lr, triton_kernel=backend == "triton")
     return _torch_impl(params, grads, lr)

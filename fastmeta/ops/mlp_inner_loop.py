@@ -19,9 +19,11 @@ and is differentiable to any order.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
+import threading
 
 import torch
 
@@ -65,6 +67,30 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
             else:
                 theta = [t - lr * g for t, g in zip(theta, grads)]
         return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
+
+
+_labels = threading.local()
+
+
+@contextlib.contextmanager
+def labels_checked():
+    """Within it the fused ops skip their label range check (a device sync): for a caller that
+    checked the labels itself, e.g. fastmeta.graphed before copying a batch into a CUDA graph."""
+    old = getattr(_labels, "skip", False)
+    _labels.skip = True
+    try:
+        yield
+    finally:
+        _labels.skip = old
+
+
+def check_labels(ys, yq, C):
+    """Cross-entropy labels must lie in [0, C): checked on the values (one sync per tensor)."""
+    if getattr(_labels, "skip", False):
+        return
+    for name, y in (("ys", ys), ("yq", yq)):
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
+            raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
 
 
 @functools.cache
@@ -198,10 +224,7 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
     if not _checked:
         _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
     if loss == "cross_entropy":
-        C = params[-2].shape[0]
-        for name, y in (("ys", ys), ("yq", yq)):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-                raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+        check_labels(ys, yq, params[-2].shape[0])
     backend = select("mlp_inner_loop", xs.device.type)
     if backend == "torch":
         return mlp_inner_loop_ref(xs, ys, xq, yq, list(params), lr, steps, activations,
@@ -227,10 +250,7 @@ def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
         return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
                               first_order, _checked=True).mean()
     if loss == "cross_entropy":
-        C = params[-2].shape[0]
-        for name, y in (("ys", ys), ("yq", yq)):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-                raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+        check_labels(ys, yq, params[-2].shape[0])
         ys, yq = ys.long(), yq.long()
     _register_cpp()
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
@@ -273,10 +293,7 @@ def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
         grads = [g.detach() for g in grads]
         return value.detach(), grads[:len(params)], (grads[len(params):] if lrs else None)
     if loss == "cross_entropy":
-        C = params[-2].shape[0]
-        for name, y in (("ys", ys), ("yq", yq)):
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-                raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+        check_labels(ys, yq, params[-2].shape[0])
         ys, yq = ys.long(), yq.long()
     _register_cpp()
     out = torch.ops.fastmeta.mlp_meta_grad(

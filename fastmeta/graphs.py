@@ -1,0 +1,108 @@
+"""``fastmeta.graphed``: a BatchedMAML meta-step captured in one CUDA graph.
+
+    step = fastmeta.graphed(meta, xs, ys, xq, yq)   # warms up, then captures meta.value_and_grad
+    for xs, ys, xq, yq in batches:                  # batches of the captured shapes and dtypes
+        loss, grads = step(xs, ys, xq, yq)          # copies the batch in, replays the graph
+        for p, g in zip(meta.parameters(), grads):
+            p.grad = g
+        opt.step()                                  # updates the parameters in place
+
+A replay issues the whole meta-step (every kernel of the inner loops, the query losses and the
+meta-gradient) with one launch, so a step costs its kernels' time and no host time per op: what
+capturing a vmap meta-step in a CUDA graph does for stock PyTorch, for fastmeta's own step.
+
+What a graph fixes at capture, and what breaks it:
+- the batch's shapes, dtypes and device: another batch shape raises (capture another step for it);
+- the parameters' storage: optimizers update in place, which the next replay reads; a parameter
+  replaced by another tensor (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``)
+  raises, as does a change of inner_lr, inner_steps, first_order or the backend;
+- the outputs: ``loss`` and ``grads`` are the graph's own buffers, overwritten by the next replay
+  (clone them to keep them); parameters that do not require grad have None.
+Cross-entropy labels are range-checked on the host before each replay (one sync); check_finite
+(which syncs inside the step) cannot be captured.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _checks
+from .backend import get_backend
+from .ops.mlp_inner_loop import check_labels, labels_checked
+
+
+class GraphedStep:
+    """See the module docstring; made by :func:`graphed`."""
+
+    def __init__(self, meta, xs, ys, xq, yq, warmup: int = 3):
+        from .batched import BatchedMAML
+        if not isinstance(meta, BatchedMAML):
+            raise TypeError(f"graphed: meta must be a fastmeta.BatchedMAML, got {type(meta).__name__}")
+        batch = {"xs": xs, "ys": ys, "xq": xq, "yq": yq}
+        for name, t in batch.items():
+            _checks.tensor(name, t, min_dim=2)
+            if t.device.type != "cuda":
+                raise ValueError(f"graphed: CUDA graphs need CUDA tensors, {name} is on {t.device}")
+        if meta.check_finite:
+            raise ValueError("graphed: check_finite=True syncs with the host inside the step and cannot be "
+                             "captured; construct the BatchedMAML with check_finite=False")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"graphed: warmup must be an int >= 1, got {warmup!r}")
+        self.meta = meta
+        self._static = {n: t.detach().clone() for n, t in batch.items()}
+        self._check_labels(batch)
+        self._params = list(meta.parameters())
+        self._config = self._current_config()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), labels_checked():
+            for _ in range(warmup):  # autograd, the allocator and Triton compile outside the capture
+                meta.value_and_grad(*self._static.values())
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), labels_checked():
+            self.loss, self.grads = meta.value_and_grad(*self._static.values())
+
+    def _current_config(self):
+        m = self.meta
+        return (m.inner_lr if not isinstance(m.inner_lr, torch.Tensor) else id(m.inner_lr), m.inner_steps,
+                m.first_order, get_backend())
+
+    def _check_labels(self, batch):
+        # (the fused MLP op range-checks labels with a sync; inside the capture it is told not to)
+        if self.meta.loss == "cross_entropy" and self.meta.program.mlp is not None:
+            check_labels(batch["ys"], batch["yq"], _classes(self.meta))
+
+    def __call__(self, xs, ys, xq, yq):
+        batch = {"xs": xs, "ys": ys, "xq": xq, "yq": yq}
+        for name, t in batch.items():
+            s = self._static[name]
+            if not isinstance(t, torch.Tensor) or t.shape != s.shape or t.dtype != s.dtype or t.device != s.device:
+                got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
+                       else type(t).__name__)
+                raise ValueError(f"graphed step: {name} is {got}, the step was captured for "
+                                 f"{tuple(s.shape)} {s.dtype} on {s.device}; capture another step for it")
+        params = self.meta._param_list()
+        if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
+            raise RuntimeError("graphed step: the module's parameters were replaced since the capture (the "
+                               "graph reads the captured tensors); update them in place or capture again")
+        if self._current_config() != self._config:
+            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order or the backend changed since "
+                               "the capture; capture again")
+        self._check_labels(batch)
+        for name, t in batch.items():
+            self._static[name].copy_(t)
+        self.graph.replay()
+        return self.loss, self.grads
+
+
+def _classes(meta):
+    """The number of classes of the fused MLP: its last layer's output width."""
+    spec = meta.program.mlp
+    params = dict(meta.model.named_parameters())
+    return params[spec.param_names[-2]].shape[0]
+
+
+def graphed(meta, xs, ys, xq, yq, warmup: int = 3) -> GraphedStep:
+    """Captures ``meta.value_and_grad`` for batches like (xs, ys, xq, yq) in one CUDA graph; see the
+    module docstring."""
+    return GraphedStep(meta, xs, ys, xq, yq, warmup)
