@@ -11,6 +11,8 @@ torch ops on the saved output, so second order composes.
 import triton
 import triton.language as tl
 
+from ._consts import device_constant
+
 
 @triton.jit
 def _batched_linear_fwd_kernel(
@@ -58,7 +60,7 @@ def batched_linear_fwd(x, W, b, act_code, negative_slope):
         sb, bptr = (0, 0), y
     else:
         sb, bptr = ((b.stride(0), b.stride(1)) if b.dim() == 2 else (0, b.stride(0))), b
-    slope = torch.tensor([negative_slope], device=x.device, dtype=x.dtype)
+    slope = device_constant((float(negative_slope),), x.dtype, str(x.device))
     BLOCK_N = max(16, min(64, triton.next_power_of_2(N)))
     BLOCK_O = max(16, min(64, triton.next_power_of_2(O)))
     BLOCK_I = max(16, min(32, triton.next_power_of_2(I)))

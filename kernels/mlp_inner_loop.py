@@ -22,6 +22,8 @@ reference to rounding.
 import triton
 import triton.language as tl
 
+from ._consts import device_constant
+
 
 @triton.jit
 def _act_fwd(z, code, slope):
@@ -342,8 +344,8 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
 
     theta0 = pad([p.detach() for p in params])
     lr_buf = pad([l.detach() for l in lrs]) if lrs else theta0  # unused unless PER_PARAM_LR
-    hyper = torch.tensor([float(lr), float(negative_slope)], dtype=dt, device=dev)
-    dims = torch.tensor(widths + [0] * (L + 1) + list(acts), dtype=torch.int32, device=dev)
+    hyper = device_constant((float(lr), float(negative_slope)), dt, str(dev))
+    dims = device_constant(tuple(int(v) for v in widths + [0] * (L + 1) + list(acts)), torch.int32, str(dev))
     scratch_per_task = (steps + 1) * PP + steps * PP + (steps + 1) * 4 * L * BK * DP + 2 * L * BK * DP + 3 * PP
     scratch = torch.empty(T, scratch_per_task, device=dev, dtype=dt)
     loss_out = torch.empty(T, device=dev, dtype=dt)

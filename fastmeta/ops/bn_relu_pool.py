@@ -63,8 +63,8 @@ def _pool_at(r, idx):
     Ho, Wo = idx.shape[-2:]
     rows = torch.arange(Ho, device=r.device).mul_(2 * W).view(Ho, 1)
     cols = torch.arange(Wo, device=r.device).mul_(2).view(1, Wo)
-    offset = torch.tensor([0, 1, W, W + 1], device=r.device)
-    pos = (rows + cols) + offset[idx.long()]
+    k = idx.long()
+    pos = (rows + cols) + (k // 2) * W + (k % 2)  # window position 0..3 -> offset 0, 1, W, W + 1
     return r.flatten(3).gather(-1, pos.flatten(3)).view(T, N, C, Ho, Wo)
 
 
