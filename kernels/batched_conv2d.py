@@ -67,21 +67,26 @@ def _conv_wgrad_kernel(
     N, C, H, W, O, HO, WO,
     sx_t, sx_n, sx_c, sx_h, sx_w,
     sg_t, sg_n, sg_o, sg_h, sg_w,
+    M_PER, SPLIT,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
+    # program (t * SPLIT + s, o-block, k-block) sums output pixels [s M_PER, (s + 1) M_PER) into
+    # its slice s of gw [T, SPLIT, O, K] (SPLIT > 1: the caller adds the slices)
+    ts = tl.program_id(0).to(tl.int64)
+    t = ts // SPLIT
     ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     M = N * HO * WO
+    m_end = tl.minimum((ts % SPLIT + 1) * M_PER, M)
     K = C * KH * KW
     c = rk // (KH * KW)
     ab = rk % (KH * KW)
     a = ab // KW
     b = ab % KW
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float64 if F64 else tl.float32)
-    m0 = 0
-    while m0 < M:
+    m0 = (ts % SPLIT) * M_PER
+    while m0 < m_end:
         rm = m0 + tl.arange(0, BLOCK_M)
         n = rm // (HO * WO)
         rest = rm % (HO * WO)
@@ -89,16 +94,16 @@ def _conv_wgrad_kernel(
         oj = rest % WO
         # gy^T tile [BLOCK_O, BLOCK_M]
         gt = tl.load(g_ptr + t * sg_t + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h
-                     + oj[None, :] * sg_w, mask=(ro[:, None] < O) & (rm[None, :] < M), other=0.0)
+                     + oj[None, :] * sg_w, mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
         hi = oi[:, None] + a[None, :] - PH
         wj = oj[:, None] + b[None, :] - PW
-        xmask = ((rm[:, None] < M) & (rk[None, :] < K) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))
+        xmask = ((rm[:, None] < m_end) & (rk[None, :] < K) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))
         xt = tl.load(x_ptr + t * sx_t + n[:, None].to(tl.int64) * sx_n + c[None, :] * sx_c + hi * sx_h
                      + wj * sx_w, mask=xmask, other=0.0)
         acc += tl.dot(gt, xt, input_precision="ieee")
         m0 += BLOCK_M
-    # gw [T, O, C, KH, KW] contiguous = [T, O, K]
-    tl.store(gw_ptr + (t * O + ro[:, None]) * K + rk[None, :], acc, mask=(ro[:, None] < O) & (rk[None, :] < K))
+    # gw [T, SPLIT, O, C, KH, KW] contiguous = [T * SPLIT, O, K]
+    tl.store(gw_ptr + (ts * O + ro[:, None]) * K + rk[None, :], acc, mask=(ro[:, None] < O) & (rk[None, :] < K))
 
 
 def _strides5(t, T):
@@ -131,22 +136,33 @@ def conv_fwd(x, w, padding):
     return y
 
 
-def conv_wgrad(x, gy, kernel_size, padding):
-    """gw [T, O, C, KH, KW] (contiguous) for x [T, N, C, H, W] and gy [T, N, O, HO, WO]."""
+def conv_wgrad(x, gy, kernel_size, padding, split=None):
+    """gw [T, O, C, KH, KW] (contiguous) for x [T, N, C, H, W] and gy [T, N, O, HO, WO].
+
+    split: how many programs share one task's reduction over the output pixels (their partial sums
+    then added by one torch sum); default: enough to give the GPU ~1024 programs, each with at
+    least 4 blocks of pixels (a layer with few channels has few (o, k) tiles and long reductions)."""
     import torch
 
     T, N, C, H, W = x.shape
     O, HO, WO = gy.shape[2], gy.shape[3], gy.shape[4]
     KH, KW = kernel_size
     PH, PW = padding
-    gw = torch.empty(T, O, C, KH, KW, device=x.device, dtype=x.dtype)
     M, K = N * HO * WO, C * KH * KW
     if M == 0:
-        return gw.zero_()
+        return torch.zeros(T, O, C, KH, KW, device=x.device, dtype=x.dtype)
     BLOCK_O, BLOCK_K, BLOCK_M = _block(O, 16, 64), _block(K, 16, 64), _block(M, 16, 32)
-    grid = (T, triton.cdiv(O, BLOCK_O), triton.cdiv(K, BLOCK_K))
+    tiles = T * triton.cdiv(O, BLOCK_O) * triton.cdiv(K, BLOCK_K)
+    m_blocks = triton.cdiv(M, BLOCK_M)
+    if split is None:
+        split = max(1, min(1024 // tiles, m_blocks // 4))
+    split = max(1, min(int(split), m_blocks))
+    m_per = triton.cdiv(m_blocks, split) * BLOCK_M
+    split = triton.cdiv(M, m_per)  # no empty slices
+    gw = torch.empty(T, split, O, C, KH, KW, device=x.device, dtype=x.dtype)
+    grid = (T * split, triton.cdiv(O, BLOCK_O), triton.cdiv(K, BLOCK_K))
     _conv_wgrad_kernel[grid](
-        x, gy, gw, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(gy, T),
+        x, gy, gw, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(gy, T), m_per, split,
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
         F64=x.dtype == torch.float64)
-    return gw
+    return gw[:, 0] if split == 1 else gw.sum(1)

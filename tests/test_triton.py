@@ -297,3 +297,16 @@ def test_bn_relu_pool_triton_fake_kernels():
     y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool_triton(x, w, b, 1e-5)
     torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_backward_triton.default,
                           (torch.randn_like(y), x, w, idx, y, mean, invstd), test_utils=utils)
+
+
+@pytest.mark.parametrize("split", [None, 1, 2, 3, 50])
+def test_conv_wgrad_split_reduction(split):
+    """The weight gradient with its reduction over output pixels split between programs (partial
+    sums added after): equal to autograd's weight gradient of the reference conv."""
+    from fastmeta.kernels.batched_conv2d import conv_wgrad
+    x, w, _ = _conv_case(2, 3, 3, 7, 6, 5, 3, 1, False, None, torch.float64)
+    y = ops.batched_conv2d_ref(x, w, None, 1, 1)
+    gy = torch.randn_like(y)
+    want = torch.autograd.grad(y, w, gy)[0]
+    got = conv_wgrad(x.detach(), gy, (3, 3), (1, 1), split=split)
+    assert_rel_close([got], [want], 1e-12, f"wgrad split={split}")
