@@ -4,14 +4,15 @@
 # order of importance, each with its own timeout, inside a total budget (GPU_CHECK_SECONDS, default
 # 540 s) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
 # and logs.tgz (every full log and the benchmark JSONs): few files, as the device tool returns 8.
-# GPU_CHECK_STEPS picks steps (default: all, see STEPS below), e.g. GPU_CHECK_STEPS="install gputests sine25".
+# GPU_CHECK_STEPS picks steps and their order (default: all, most telling first, see STEPS below), e.g.
+# GPU_CHECK_STEPS="install gputests sine25"; a step the budget no longer fits is skipped and said so.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastmeta_gpu}
 LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe ncu tritonconv omniglot omniglot_cudnnbench miniimagenet convprof tritontests ops convcompile"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 tritonconv omniglot sine1000 miniimagenet probe omniglot_cudnnbench convprof ncu tritontests ops convcompile"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -34,43 +35,47 @@ run_step() {
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
   python -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
   nvcc --version | tail -1; } >> "$SUMMARY" 2>&1
-TAIL=8 run_step install 240 install.log python -m pip install --no-build-isolation --no-deps -v -e .
-TAIL=30 run_step info 30 info.txt sh -c 'python -m fastmeta.info; cat fastmeta/_build_status.json'
-TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=120 \
-  tests/test_gpu.py
 BENCH="python -m fastmeta.bench --workload sine --no-progress --max-seconds 3 --min-seconds 0.3"
-run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 \
-  --providers fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
-  --json "$LOG/bench_sine_T25.json"
-run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 \
-  --providers fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
-  --json "$LOG/bench_sine_T1000.json"
-TAIL=12 run_step probe 60 probe.txt python benchmarks/gpu_probe.py
+# conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
+CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
 # ncu on one launch of the CUDA kernel (clocks left as they are: --clock-control none)
 NCU="ncu --clock-control none --target-processes all --kernel-name regex:mlp_inner_loop --launch-skip 2 \
   --launch-count 1 --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section MemoryWorkloadAnalysis"
-TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
-  $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"
+# One function per step; they run in the order STEPS lists them.
+step_install() { TAIL=8 run_step install 240 install.log python -m pip install --no-build-isolation --no-deps -v -e .; }
+step_info() { TAIL=30 run_step info 30 info.txt sh -c 'python -m fastmeta.info; cat fastmeta/_build_status.json'; }
+step_gputests() { TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider \
+  --timeout=120 tests/test_gpu.py; }
+step_sine25() { run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 --providers \
+  fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
+  --json "$LOG/bench_sine_T25.json"; }
+step_sine1000() { run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 --providers \
+  fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
+  --json "$LOG/bench_sine_T1000.json"; }
+step_probe() { TAIL=12 run_step probe 60 probe.txt python benchmarks/gpu_probe.py; }
+step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
+  $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"; }
 # the Triton conv-path kernels against their references on the device, before their timed rows
-TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=80 \
-  tests/test_triton.py -k "conv or bn_relu_pool"
-# conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
-CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
-TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers fastmeta,fastmeta_graph,fastmeta-triton,fastmeta_graph-triton,loop,vmap \
-  --json "$LOG/bench_omniglot.json"
+step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
+  -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
+step_omniglot() { TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers \
+  fastmeta,fastmeta_graph,fastmeta-triton,fastmeta_graph-triton,loop,vmap --json "$LOG/bench_omniglot.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
-TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV --workload omniglot \
-  --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"
-TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta,fastmeta_graph,fastmeta-triton,loop,vmap --json "$LOG/bench_miniimagenet.json"
+step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
+  --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
+step_miniimagenet() { TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
+  --providers fastmeta,fastmeta_graph,fastmeta-triton,loop,vmap --json "$LOG/bench_miniimagenet.json"; }
 # where the conv path's GPU time goes (hot kernels by their own device time)
-TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot --provider fastmeta \
-  --order second --iterations 3 --trace ""
-TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider --timeout=100 \
-  tests/test_triton.py tests/test_ops.py -k "not conv and not bn_relu_pool"
-TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
-  --benchmark-only --benchmark-json "$LOG/bench_ops.json" --benchmark-columns=median,iqr,rounds
-TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CONV --workload omniglot --providers loop,fastmeta,compile \
-  --json "$LOG/bench_conv_compile.json"
+step_convprof() { TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot \
+  --provider fastmeta --order second --iterations 3 --trace ""; }
+step_tritontests() { TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider \
+  --timeout=100 tests/test_triton.py tests/test_ops.py -k "not conv and not bn_relu_pool"; }
+step_ops() { TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
+  --benchmark-only --benchmark-json "$LOG/bench_ops.json" --benchmark-columns=median,iqr,rounds; }
+step_convcompile() { TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CONV --workload omniglot \
+  --providers loop,fastmeta,compile --json "$LOG/bench_conv_compile.json"; }
+for s in $STEPS; do
+  if declare -F "step_$s" > /dev/null; then "step_$s"; else echo "== $s: unknown step" | tee -a "$SUMMARY"; fi
+done
 echo "== done (t=$(( $(date +%s) - start ))s)" | tee -a "$SUMMARY"
