@@ -97,7 +97,9 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   else { a.ys_l = ys.data_ptr<int64_t>(); a.yq_l = yq.data_ptr<int64_t>(); }
   a.theta0 = theta0.data_ptr<T>();
   a.lrs = lrflat.defined() ? lrflat.data_ptr<T>() : nullptr;
-  a.scratch_per_task = cuda::mlp_scratch_per_task(a.dims, L, a.K, a.Q, steps, a.P);
+  // (first order keeps two parameter sets and one step's activations; the per-step gradients are
+  // kept only for the learned rates' gradient)
+  a.scratch_per_task = cuda::mlp_scratch_per_task(a.dims, L, a.K, a.Q, steps, a.P, first_order, dlr.numel() > 0);
   // FASTMETA_CUDA_MLP_SMEM=1: each task's workspace in its block's shared memory where it fits
   const char* smem_env = std::getenv("FASTMETA_CUDA_MLP_SMEM");
   if (smem_env != nullptr && smem_env[0] == '1') {

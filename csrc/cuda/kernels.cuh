@@ -67,7 +67,8 @@ struct MLPArgs {
 
 // Workspace elements one task needs (the caller allocates num_tasks times this, or none when the
 // workspace goes to shared memory: see mlp_smem_bytes).
-int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P);
+int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P,
+                             bool first_order, bool keep_grads);
 
 // Dynamic shared memory of one block: its reduction buffer, and with smem its whole workspace.
 template <typename T>

@@ -268,9 +268,15 @@ __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
   for (int l = 0; l <= A.L; ++l) dmax = max(dmax, A.dims[l]);
   const int64_t NQ = max(K, Q);
   T* w = A.smem ? red + blockDim.x : A.scratch + t * A.scratch_per_task;
-  T* theta = w; w += (S + 1) * P;
-  T* g = w; w += S * P;
-  T* steps_base = w; w += S * 4 * K * sumd;
+  // Slots as in mlp_scratch_per_task: first order keeps two parameter sets (ping-pong) and one
+  // step's activations; the per-step gradients are kept only for the learned rates' gradient.
+  const bool fo = A.first_order, keep_g = A.dlr != nullptr;
+  T* theta = w; w += (fo && S >= 1 ? 2 : S + 1) * P;
+  T* g = w; w += (keep_g ? S : 1) * P;
+  T* steps_base = w; w += (fo && S >= 1 ? 1 : S) * 4 * K * sumd;
+  auto theta_at = [&](int64_t s) { return theta + (fo ? (s & 1) : s) * P; };
+  auto g_at = [&](int64_t s) { return g + (keep_g ? s : 0) * P; };
+  auto acts_at = [&](int64_t s) { return Acts<T>{steps_base + (fo ? 0 : s) * 4 * K * sumd, K}; };
   Acts<T> query{w, NQ}; w += 4 * NQ * sumd;
   Acts<T> R{w, K}; w += 2 * K * sumd;
   T* Rda = w; w += K * dmax;
@@ -289,17 +295,17 @@ __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
   for (int64_t j = threadIdx.x; j < P; j += blockDim.x) theta[j] = A.theta0[j];
   __syncthreads();
   for (int64_t s = 0; s < S; ++s) {
-    const T* th = theta + s * P;
-    Acts<T> st{steps_base + s * 4 * K * sumd, K};
+    const T* th = theta_at(s);
+    const Acts<T> st = acts_at(s);
+    T* gs = g_at(s);
     C.forward(th, x, K, st);
     C.loss_grad(st, K, ysf, ysl, nullptr, red);
-    C.backward(th, x, K, st, g + s * P);
-    T* next = theta + (s + 1) * P;
-    for (int64_t j = threadIdx.x; j < P; j += blockDim.x)
-      next[j] = th[j] - (A.lrs ? A.lrs[j] : A.lr) * g[s * P + j];
+    C.backward(th, x, K, st, gs);
+    T* next = theta_at(s + 1);
+    for (int64_t j = threadIdx.x; j < P; j += blockDim.x) next[j] = th[j] - (A.lrs ? A.lrs[j] : A.lr) * gs[j];
     __syncthreads();
   }
-  const T* thS = theta + S * P;
+  const T* thS = theta_at(S);
   C.forward(thS, xq, Q, query);
   C.loss_grad(query, Q, yqf, yql, A.loss_out + t, red);
   C.backward(thS, xq, Q, query, v);
@@ -307,13 +313,12 @@ __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
   __syncthreads();
   for (int64_t s = S - 1; s >= 0; --s) {
     for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
-      if (A.dlr != nullptr) dlr[j] -= g[s * P + j] * v[j];
+      if (keep_g) dlr[j] -= g_at(s)[j] * v[j];
       u[j] = (A.lrs ? A.lrs[j] : A.lr) * v[j];
     }
     __syncthreads();
-    if (A.first_order) continue;
-    Acts<T> st{steps_base + s * 4 * K * sumd, K};
-    C.hvp(theta + s * P, x, st, u, h, R, Rda, Rdz);
+    if (fo) continue;
+    C.hvp(theta_at(s), x, acts_at(s), u, h, R, Rda, Rdz);
     for (int64_t j = threadIdx.x; j < P; j += blockDim.x) v[j] -= h[j];
     __syncthreads();
   }
@@ -325,12 +330,16 @@ __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
 
 }  // namespace
 
-int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P) {
+int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P,
+                             bool first_order, bool keep_grads) {
   const int64_t sumd = sum_widths(dims, L);
   int dmax = 0;
   for (int l = 0; l <= L; ++l) dmax = std::max(dmax, dims[l]);
   const int64_t NQ = std::max(K, Q);
-  return (steps + 1) * P + steps * P + steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd + 2 * K * dmax + 4 * P;
+  const int64_t n_theta = first_order ? std::min<int64_t>(steps + 1, 2) : steps + 1;
+  const int64_t n_g = keep_grads ? steps : 1;
+  const int64_t n_acts = first_order ? std::min<int64_t>(steps, 1) : steps;
+  return n_theta * P + n_g * P + n_acts * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd + 2 * K * dmax + 4 * P;
 }
 
 constexpr int kThreads = 256;
