@@ -1,4 +1,5 @@
 // CUDA implementations of fastmeta's ops (built only when torch has CUDA and nvcc is found).
+#include <algorithm>
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -90,6 +91,11 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   }
   a.P = off;
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
+  int dmax = 0;
+  for (int l = 0; l <= L; ++l) dmax = std::max(dmax, a.dims[l]);
+  const int64_t per_task = std::max({std::max(a.K, a.Q) * dmax, a.P, static_cast<int64_t>(dmax) * dmax + dmax});
+  TORCH_CHECK(per_task < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's rows x widths (",
+              std::max(a.K, a.Q), " x ", dmax, ") or parameter count (", a.P, ") exceeds 32-bit indexing");
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
   a.xs = xs.data_ptr<T>(); a.xq = xq.data_ptr<T>();

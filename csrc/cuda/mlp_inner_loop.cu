@@ -5,7 +5,9 @@
 // forward-over-reverse on the stored activations of step s).
 //
 // A block's threads share every small GEMM of a step: each thread computes whole output elements
-// (a row-column dot product), phases are separated by __syncthreads(). Weights and activations of
+// (a row-column dot product), phases are separated by __syncthreads(). Index math within a task is
+// 32-bit (the binding checks that a task's rows times widths fit): 64-bit division and remainder
+// cost several times more instructions on the GPU. Weights and activations of
 // a task live in its slice of a global workspace (small enough to stay in L2), or, with
 // MLPArgs::smem (FASTMETA_CUDA_MLP_SMEM=1, where it fits), in the block's shared memory.
 #include <algorithm>
@@ -77,8 +79,8 @@ struct Ctx {
       T* a = S.at(A, 1, l);
       const T* Wl = W(th, l);
       const T* bl = b(th, l);
-      for (int64_t idx = threadIdx.x; idx < N * dout; idx += blockDim.x) {
-        const int64_t n = idx / dout, o = idx % dout;
+      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x) {
+        const int n = idx / dout, o = idx % dout;
         T acc = bl[o];
         for (int i = 0; i < din; ++i) acc += ain[n * din + i] * Wl[o * din + i];
         z[idx] = acc;
@@ -97,7 +99,7 @@ struct Ctx {
     T part = 0;
     if (A.loss == 0) {
       const T scale = T(2) / static_cast<T>(N * D);
-      for (int64_t i = threadIdx.x; i < N * D; i += blockDim.x) {
+      for (int i = threadIdx.x; i < N * D; i += blockDim.x) {
         const T diff = a[i] - yf[i];
         part += diff * diff;
         da[i] = scale * diff;
@@ -105,7 +107,7 @@ struct Ctx {
       part /= static_cast<T>(N * D);
     } else {
       const T invN = T(1) / static_cast<T>(N);
-      for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      for (int n = threadIdx.x; n < N; n += blockDim.x) {
         const T* row = a + n * D;
         T* drow = da + n * D;
         T m = row[0];
@@ -134,28 +136,28 @@ struct Ctx {
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
       const T *z = S.at(A, 0, l), *a = S.at(A, 1, l), *da = S.at(A, 2, l);
       T* dz = S.at(A, 3, l);
-      for (int64_t idx = threadIdx.x; idx < N * dout; idx += blockDim.x)
+      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x)
         dz[idx] = act_d1(A.acts[l], z[idx], a[idx], slope) * da[idx];
       __syncthreads();
       T* gW = gr + A.off_w[l];
       T* gb = gr + A.off_b[l];
-      for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(dout) * din + dout; idx += blockDim.x) {
+      for (int idx = threadIdx.x; idx < dout * din + dout; idx += blockDim.x) {
         T acc = 0;
         if (idx < static_cast<int64_t>(dout) * din) {
-          const int64_t o = idx / din, i = idx % din;
-          for (int64_t n = 0; n < N; ++n) acc += dz[n * dout + o] * ain[n * din + i];
+          const int o = idx / din, i = idx % din;
+          for (int n = 0; n < N; ++n) acc += dz[n * dout + o] * ain[n * din + i];
           gW[idx] = acc;
         } else {
-          const int64_t o = idx - static_cast<int64_t>(dout) * din;
-          for (int64_t n = 0; n < N; ++n) acc += dz[n * dout + o];
+          const int o = idx - dout * din;
+          for (int n = 0; n < N; ++n) acc += dz[n * dout + o];
           gb[o] = acc;
         }
       }
       if (l > 0) {
         T* dprev = S.at(A, 2, l - 1);
         const T* Wl = W(th, l);
-        for (int64_t idx = threadIdx.x; idx < N * din; idx += blockDim.x) {
-          const int64_t n = idx / din, i = idx % din;
+        for (int idx = threadIdx.x; idx < N * din; idx += blockDim.x) {
+          const int n = idx / din, i = idx % din;
           T acc = 0;
           for (int o = 0; o < dout; ++o) acc += dz[n * dout + o] * Wl[o * din + i];
           dprev[idx] = acc;
@@ -178,8 +180,8 @@ struct Ctx {
       const T *z = S.at(A, 0, l), *a = S.at(A, 1, l);
       T* rz = R.at(A, 0, l);
       T* ra = R.at(A, 1, l);
-      for (int64_t idx = threadIdx.x; idx < N * dout; idx += blockDim.x) {
-        const int64_t n = idx / dout, o = idx % dout;
+      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x) {
+        const int n = idx / dout, o = idx % dout;
         T acc = db[o];
         for (int i = 0; i < din; ++i) acc += ain[n * din + i] * dW[o * din + i];
         if (rain != nullptr)
@@ -193,11 +195,11 @@ struct Ctx {
     const T* raL = R.at(A, 1, L - 1);
     if (A.loss == 0) {
       const T scale = T(2) / static_cast<T>(N * D);
-      for (int64_t i = threadIdx.x; i < N * D; i += blockDim.x) Rda[i] = scale * raL[i];
+      for (int i = threadIdx.x; i < N * D; i += blockDim.x) Rda[i] = scale * raL[i];
     } else {
       const T invN = T(1) / static_cast<T>(N);
       const T* aL = S.at(A, 1, L - 1);
-      for (int64_t n = threadIdx.x; n < N; n += blockDim.x) {
+      for (int n = threadIdx.x; n < N; n += blockDim.x) {
         const T* row = aL + n * D;
         T m = row[0];
         for (int c = 1; c < D; ++c) m = max(m, row[c]);
@@ -214,32 +216,32 @@ struct Ctx {
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
       const T *z = S.at(A, 0, l), *a = S.at(A, 1, l), *da = S.at(A, 2, l), *dz = S.at(A, 3, l);
       const T* rz = R.at(A, 0, l);
-      for (int64_t idx = threadIdx.x; idx < N * dout; idx += blockDim.x)
+      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x)
         Rdz[idx] = act_d2(act, a[idx]) * rz[idx] * da[idx] + act_d1(act, z[idx], a[idx], slope) * Rda[idx];
       __syncthreads();
       const T* rain = l == 0 ? nullptr : R.at(A, 1, l - 1);
       T* hW = hv + A.off_w[l];
       T* hb = hv + A.off_b[l];
-      for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(dout) * din + dout; idx += blockDim.x) {
+      for (int idx = threadIdx.x; idx < dout * din + dout; idx += blockDim.x) {
         T acc = 0;
         if (idx < static_cast<int64_t>(dout) * din) {
-          const int64_t o = idx / din, i = idx % din;
-          for (int64_t n = 0; n < N; ++n) {
+          const int o = idx / din, i = idx % din;
+          for (int n = 0; n < N; ++n) {
             acc += Rdz[n * dout + o] * ain[n * din + i];
             if (rain != nullptr) acc += dz[n * dout + o] * rain[n * din + i];
           }
           hW[idx] = acc;
         } else {
-          const int64_t o = idx - static_cast<int64_t>(dout) * din;
-          for (int64_t n = 0; n < N; ++n) acc += Rdz[n * dout + o];
+          const int o = idx - dout * din;
+          for (int n = 0; n < N; ++n) acc += Rdz[n * dout + o];
           hb[o] = acc;
         }
       }
       __syncthreads();  // Rda is read above for layer l and rewritten below for layer l - 1
       if (l > 0) {
         const T *Wl = W(th, l), *dW = du + A.off_w[l];
-        for (int64_t idx = threadIdx.x; idx < N * din; idx += blockDim.x) {
-          const int64_t n = idx / din, i = idx % din;
+        for (int idx = threadIdx.x; idx < N * din; idx += blockDim.x) {
+          const int n = idx / din, i = idx % din;
           T acc = 0;
           for (int o = 0; o < dout; ++o) acc += Rdz[n * dout + o] * Wl[o * din + i] + dz[n * dout + o] * dW[o * din + i];
           Rda[idx] = acc;
