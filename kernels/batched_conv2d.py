@@ -22,6 +22,25 @@ import triton.language as tl
 
 
 @triton.jit
+def _tap(rk, KH: tl.constexpr, KW: tl.constexpr):
+    """Reduction index k = (c, a, b) of a KH x KW kernel: input channel c, kernel row a, column b."""
+    ab = rk % (KH * KW)
+    return rk // (KH * KW), ab // KW, ab % KW
+
+
+@triton.jit
+def _patch(x_ptr, n, oi, oj, row_ok, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH: tl.constexpr,
+           PW: tl.constexpr):
+    """The implicit-GEMM tile [rows, k] of one task's input x_ptr: for output pixel (n, oi, oj) and
+    tap (c, a, b), x[n, c, oi + a - PH, oj + b - PW], zero outside the image (the padding)."""
+    hi = oi[:, None] + a[None, :] - PH
+    wj = oj[:, None] + b[None, :] - PW
+    mask = row_ok[:, None] & k_ok[None, :] & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W)
+    return tl.load(x_ptr + n[:, None].to(tl.int64) * sx_n + c[None, :] * sx_c + hi * sx_h + wj * sx_w,
+                   mask=mask, other=0.0)
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, y_ptr,
     N, C, H, W, O, HO, WO,
@@ -43,15 +62,8 @@ def _conv_fwd_kernel(
     k0 = 0
     while k0 < K:  # (a while loop: the interpreter cannot range() over a value computed in the kernel)
         rk = k0 + tl.arange(0, BLOCK_K)
-        c = rk // (KH * KW)
-        ab = rk % (KH * KW)
-        a = ab // KW
-        b = ab % KW
-        hi = oi[:, None] + a[None, :] - PH
-        wj = oj[:, None] + b[None, :] - PW
-        xmask = ((rm[:, None] < M) & (rk[None, :] < K) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))
-        xt = tl.load(x_ptr + t * sx_t + n[:, None].to(tl.int64) * sx_n + c[None, :] * sx_c + hi * sx_h
-                     + wj * sx_w, mask=xmask, other=0.0)
+        c, a, b = _tap(rk, KH, KW)
+        xt = _patch(x_ptr + t * sx_t, n, oi, oj, rm < M, c, a, b, rk < K, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
         wt = tl.load(w_ptr + t * sw_t + ro[None, :] * sw_o + c[:, None] * sw_c + a[:, None] * sw_h
                      + b[:, None] * sw_w, mask=(ro[None, :] < O) & (rk[:, None] < K), other=0.0)
         acc += tl.dot(xt, wt, input_precision="ieee")
@@ -80,10 +92,7 @@ def _conv_wgrad_kernel(
     M = N * HO * WO
     m_end = tl.minimum((ts % SPLIT + 1) * M_PER, M)
     K = C * KH * KW
-    c = rk // (KH * KW)
-    ab = rk % (KH * KW)
-    a = ab // KW
-    b = ab % KW
+    c, a, b = _tap(rk, KH, KW)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float64 if F64 else tl.float32)
     m0 = (ts % SPLIT) * M_PER
     while m0 < m_end:
@@ -95,11 +104,7 @@ def _conv_wgrad_kernel(
         # gy^T tile [BLOCK_O, BLOCK_M]
         gt = tl.load(g_ptr + t * sg_t + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h
                      + oj[None, :] * sg_w, mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
-        hi = oi[:, None] + a[None, :] - PH
-        wj = oj[:, None] + b[None, :] - PW
-        xmask = ((rm[:, None] < m_end) & (rk[None, :] < K) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W))
-        xt = tl.load(x_ptr + t * sx_t + n[:, None].to(tl.int64) * sx_n + c[None, :] * sx_c + hi * sx_h
-                     + wj * sx_w, mask=xmask, other=0.0)
+        xt = _patch(x_ptr + t * sx_t, n, oi, oj, rm < m_end, c, a, b, rk < K, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
         acc += tl.dot(gt, xt, input_precision="ieee")
         m0 += BLOCK_M
     # gw [T, SPLIT, O, C, KH, KW] contiguous = [T * SPLIT, O, K]

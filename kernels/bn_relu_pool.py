@@ -19,6 +19,14 @@ import triton.language as tl
 
 
 @triton.jit
+def _window(m, P, Wo):
+    """Window m of a channel's N x Ho x Wo windows (P = Ho Wo): its image n (int64), its position q
+    in the pooled plane, and its row i and column j there."""
+    q = m % P
+    return (m // P).to(tl.int64), q, q // Wo, q % Wo
+
+
+@triton.jit
 def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invstd_ptr,
                              N, C, H, W, Ho, Wo, eps,
                              BLOCK: tl.constexpr, F64: tl.constexpr):
@@ -63,10 +71,7 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
     while m0 < MO:
         m = m0 + r
         ok = m < MO
-        n = (m // P).to(tl.int64)
-        q = m % P
-        i = q // Wo
-        j = q % Wo
+        n, q, i, j = _window(m, P, Wo)
         p0 = base + n * C * HW + (2 * i) * W + 2 * j
         z0 = tl.load(p0, mask=ok, other=0.0).to(acc_t) * scale + shift
         z1 = tl.load(p0 + 1, mask=ok, other=0.0).to(acc_t) * scale + shift
@@ -114,10 +119,7 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
     while m0 < MO:  # over the windows: sum g_z, sum g_z (x - mean)
         m = m0 + r
         ok = m < MO
-        n = (m // P).to(tl.int64)
-        q = m % P
-        i = q // Wo
-        j = q % Wo
+        n, q, i, j = _window(m, P, Wo)
         off = obase + n * C * P + q
         k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
         yv = tl.load(y_ptr + off, mask=ok, other=0.0)

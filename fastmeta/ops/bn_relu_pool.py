@@ -17,14 +17,13 @@ the three separate steps).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
-import threading
 
 import torch
 import torch.nn.functional as F
 
 from .. import _checks
+from .._flags import ThreadFlag
 from ..backend import register_op, select
 from ._layout import per_sample_2d
 from .batched_batch_norm import batched_batch_norm
@@ -33,20 +32,14 @@ IMPLEMENTED = ("torch", "cpp", "triton")
 # triton stays second on CUDA until a GPU run has timed it against the torch ops
 AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch", "triton")}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
-_state = threading.local()
+_twice = ThreadFlag()
 
 
-@contextlib.contextmanager
 def differentiated_twice():
     """Within it, bn_relu_pool runs its reference: for a forward whose backward will itself be
     differentiated (the support pass of second-order MAML), where the fused op's backward would
     recompute the reference anyway."""
-    old = getattr(_state, "twice", False)
-    _state.twice = True
-    try:
-        yield
-    finally:
-        _state.twice = old
+    return _twice.enabled()
 
 
 def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
@@ -150,7 +143,7 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
     backend = select("bn_relu_pool", x.device.type)
     if (backend not in ("cpp", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
-            or getattr(_state, "twice", False)):
+            or _twice.on):
         return bn_relu_pool_ref(x, weight, bias, eps)
 
     def per_task(p, fill):

@@ -19,15 +19,14 @@ and is differentiable to any order.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import numbers
-import threading
 
 import torch
 
 from .. import _checks
+from .._flags import ThreadFlag
 from ..backend import register_op, select
 from .batched_linear import ACTIVATIONS, batched_linear_ref
 from .task_loss import cross_entropy_ref, mse_ref
@@ -69,24 +68,18 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
         return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
 
 
-_labels = threading.local()
+_labels_checked = ThreadFlag()
 
 
-@contextlib.contextmanager
 def labels_checked():
     """Within it the fused ops skip their label range check (a device sync): for a caller that
     checked the labels itself, e.g. fastmeta.graphed before copying a batch into a CUDA graph."""
-    old = getattr(_labels, "skip", False)
-    _labels.skip = True
-    try:
-        yield
-    finally:
-        _labels.skip = old
+    return _labels_checked.enabled()
 
 
 def check_labels(ys, yq, C):
     """Cross-entropy labels must lie in [0, C): checked on the values (one sync per tensor)."""
-    if getattr(_labels, "skip", False):
+    if _labels_checked.on:
         return
     for name, y in (("ys", ys), ("yq", yq)):
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
