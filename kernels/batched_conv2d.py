@@ -41,6 +41,34 @@ def _patch(x_ptr, n, oi, oj, row_ok, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w
 
 
 @triton.jit
+def _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, row_ok, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
+                   KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + the product of the patch tile and the weight tile of taps [k0, k0 + BLOCK_K)."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    c, a, b = _tap(rk, KH, KW)
+    xt = _patch(xb, n, oi, oj, row_ok, c, a, b, rk < K, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
+    wt = tl.load(wb + ro[None, :] * sw_o + c[:, None] * sw_c + a[:, None] * sw_h + b[:, None] * sw_w,
+                 mask=(ro[None, :] < O) & (rk[:, None] < K), other=0.0)
+    return acc + tl.dot(xt, wt, input_precision="ieee")
+
+
+@triton.jit
+def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
+                     sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end)."""
+    rm = m0 + tl.arange(0, BLOCK_M)
+    n = rm // (HO * WO)
+    rest = rm % (HO * WO)
+    oi = rest // WO
+    oj = rest % WO
+    # gy^T tile [BLOCK_O, BLOCK_M]
+    gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
+                 mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
+    xt = _patch(xb, n, oi, oj, rm < m_end, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
+    return acc + tl.dot(gt, xt, input_precision="ieee")
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, y_ptr,
     N, C, H, W, O, HO, WO,
@@ -48,6 +76,7 @@ def _conv_fwd_kernel(
     sw_t, sw_o, sw_c, sw_h, sw_w,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -59,15 +88,18 @@ def _conv_fwd_kernel(
     oi = rest // WO
     oj = rest % WO
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float64 if F64 else tl.float32)
-    k0 = 0
-    while k0 < K:  # (a while loop: the interpreter cannot range() over a value computed in the kernel)
-        rk = k0 + tl.arange(0, BLOCK_K)
-        c, a, b = _tap(rk, KH, KW)
-        xt = _patch(x_ptr + t * sx_t, n, oi, oj, rm < M, c, a, b, rk < K, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
-        wt = tl.load(w_ptr + t * sw_t + ro[None, :] * sw_o + c[:, None] * sw_c + a[:, None] * sw_h
-                     + b[:, None] * sw_w, mask=(ro[None, :] < O) & (rk[:, None] < K), other=0.0)
-        acc += tl.dot(xt, wt, input_precision="ieee")
-        k0 += BLOCK_K
+    xb = x_ptr + t * sx_t
+    wb = w_ptr + t * sw_t
+    if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
+        for k0 in range(0, K, BLOCK_K):
+            acc = _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, rm < M, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w,
+                                 sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K)
+    else:  # the interpreter cannot range() over a value computed in the kernel
+        k0 = 0
+        while k0 < K:
+            acc = _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, rm < M, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w,
+                                 sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K)
+            k0 += BLOCK_K
     # y [T, N, O, HO, WO] contiguous
     yoff = (t * N * O + n[:, None].to(tl.int64) * O + ro[None, :]) * (HO * WO) + oi[:, None] * WO + oj[:, None]
     tl.store(y_ptr + yoff, acc, mask=(rm[:, None] < M) & (ro[None, :] < O))
@@ -82,6 +114,7 @@ def _conv_wgrad_kernel(
     M_PER, SPLIT,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
+    PIPELINE: tl.constexpr,
 ):
     # program (t * SPLIT + s, o-block, k-block) sums output pixels [s M_PER, (s + 1) M_PER) into
     # its slice s of gw [T, SPLIT, O, K] (SPLIT > 1: the caller adds the slices)
@@ -94,19 +127,19 @@ def _conv_wgrad_kernel(
     K = C * KH * KW
     c, a, b = _tap(rk, KH, KW)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float64 if F64 else tl.float32)
-    m0 = (ts % SPLIT) * M_PER
-    while m0 < m_end:
-        rm = m0 + tl.arange(0, BLOCK_M)
-        n = rm // (HO * WO)
-        rest = rm % (HO * WO)
-        oi = rest // WO
-        oj = rest % WO
-        # gy^T tile [BLOCK_O, BLOCK_M]
-        gt = tl.load(g_ptr + t * sg_t + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h
-                     + oj[None, :] * sg_w, mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
-        xt = _patch(x_ptr + t * sx_t, n, oi, oj, rm < m_end, c, a, b, rk < K, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
-        acc += tl.dot(gt, xt, input_precision="ieee")
-        m0 += BLOCK_M
+    m_start = (ts % SPLIT) * M_PER
+    xb = x_ptr + t * sx_t
+    gb = g_ptr + t * sg_t
+    if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
+        for m0 in range(m_start, m_end, BLOCK_M):
+            acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c, sx_h,
+                                   sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+    else:  # the interpreter cannot range() over a value computed in the kernel
+        m0 = m_start
+        while m0 < m_end:
+            acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c, sx_h,
+                                   sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+            m0 += BLOCK_M
     # gw [T, SPLIT, O, C, KH, KW] contiguous = [T * SPLIT, O, K]
     tl.store(gw_ptr + (ts * O + ro[:, None]) * K + rk[None, :], acc, mask=(ro[:, None] < O) & (rk[None, :] < K))
 
@@ -114,6 +147,12 @@ def _conv_wgrad_kernel(
 def _strides5(t, T):
     """Strides of a [T, ...] 5-d tensor, or of a 4-d tensor shared by all T tasks (stride 0)."""
     return tuple(t.stride()) if t.dim() == 5 else (0,) + tuple(t.stride())
+
+
+def _compiled():
+    """Whether the kernels compile (a GPU) rather than run in the Triton interpreter."""
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
 def _block(n, lo, hi):
@@ -137,7 +176,7 @@ def conv_fwd(x, w, padding):
     _conv_fwd_kernel[grid](
         x, w, y, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(w, T),
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K,
-        F64=x.dtype == torch.float64)
+        F64=x.dtype == torch.float64, PIPELINE=_compiled())
     return y
 
 
@@ -169,5 +208,5 @@ def conv_wgrad(x, gy, kernel_size, padding, split=None):
     _conv_wgrad_kernel[grid](
         x, gy, gw, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(gy, T), m_per, split,
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        F64=x.dtype == torch.float64)
+        F64=x.dtype == torch.float64, PIPELINE=_compiled())
     return gw[:, 0] if split == 1 else gw.sum(1)

@@ -105,3 +105,61 @@ print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubi
 @pytest.mark.slow
 def test_task_losses_compile_for_sm90():
     assert compile_in_subprocess(LOSSES)["cubin"] > 0
+
+
+CONV = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fastmeta.kernels import batched_conv2d as K
+p = "*" + sys.argv[1]
+t = GPUTarget("cuda", 90, 32)
+ints = ["N", "C", "H", "W", "O", "HO", "WO", "sx_t", "sx_n", "sx_c", "sx_h", "sx_w"]
+geom = dict(KH=3, KW=3, PH=1, PW=1, F64=sys.argv[1] == "fp64", PIPELINE=True)
+sig = dict(x_ptr=p, w_ptr=p, y_ptr=p, **{n: "i32" for n in ints + ["sw_t", "sw_o", "sw_c", "sw_h", "sw_w"]})
+const = dict(geom, BLOCK_M=64, BLOCK_O=64, BLOCK_K=32)
+sig.update({n: "constexpr" for n in const})
+a = triton.compile(triton.compiler.ASTSource(fn=K._conv_fwd_kernel, signature=sig, constexprs=const), target=t)
+sig = dict(x_ptr=p, g_ptr=p, gw_ptr=p, **{n: "i32" for n in ints + ["sg_t", "sg_n", "sg_o", "sg_h", "sg_w",
+                                                                   "M_PER", "SPLIT"]})
+const = dict(geom, BLOCK_O=64, BLOCK_K=64, BLOCK_M=32)
+sig.update({n: "constexpr" for n in const})
+b = triton.compile(triton.compiler.ASTSource(fn=K._conv_wgrad_kernel, signature=sig, constexprs=const), target=t)
+print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b""))),
+                  "shared": max(a.metadata.shared, b.metadata.shared)}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_conv_kernels_compile_for_sm90(dtype):
+    """The conv and weight-gradient kernels in their compiled form (for loops, software-pipelined),
+    which the interpreter tests do not run."""
+    info = compile_in_subprocess(CONV, dtype)
+    assert info["cubin"] > 0
+    assert info["shared"] <= 227 * 1024, f"needs {info['shared']} bytes of shared memory"
+
+
+BN_POOL = r'''
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fastmeta.kernels import bn_relu_pool as K
+p = "*" + sys.argv[1]
+t = GPUTarget("cuda", 90, 32)
+dims = {n: "i32" for n in ["N", "C", "H", "W", "Ho", "Wo"]}
+const = dict(BLOCK=1024, F64=sys.argv[1] == "fp64")
+sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, idx_ptr="*u8", mean_ptr=p, invstd_ptr=p, **dims, eps="fp32",
+           **{n: "constexpr" for n in const})
+a = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_fwd_kernel, signature=sig, constexprs=const), target=t)
+sig = dict(gy_ptr=p, x_ptr=p, w_ptr=p, idx_ptr="*u8", y_ptr=p, mean_ptr=p, invstd_ptr=p, dx_ptr=p, dw_ptr=p,
+           db_ptr=p, **dims, **{n: "constexpr" for n in const})
+b = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_bwd_kernel, signature=sig, constexprs=const), target=t)
+print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b"")))}))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["fp32", "fp64"])
+def test_bn_relu_pool_kernels_compile_for_sm90(dtype):
+    assert compile_in_subprocess(BN_POOL, dtype)["cubin"] > 0
