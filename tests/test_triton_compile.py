@@ -108,7 +108,7 @@ def test_task_losses_compile_for_sm90():
 
 
 CONV = r'''
-import json, sys
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from fastmeta.kernels import batched_conv2d as K
@@ -116,17 +116,26 @@ p = "*" + sys.argv[1]
 t = GPUTarget("cuda", 90, 32)
 ints = ["N", "C", "H", "W", "O", "HO", "WO", "sx_t", "sx_n", "sx_c", "sx_h", "sx_w"]
 geom = dict(KH=3, KW=3, PH=1, PW=1, F64=sys.argv[1] == "fp64", PIPELINE=True)
-sig = dict(x_ptr=p, w_ptr=p, y_ptr=p, **{n: "i32" for n in ints + ["sw_t", "sw_o", "sw_c", "sw_h", "sw_w"]})
-const = dict(geom, BLOCK_M=64, BLOCK_O=64, BLOCK_K=32)
-sig.update({n: "constexpr" for n in const})
-a = triton.compile(triton.compiler.ASTSource(fn=K._conv_fwd_kernel, signature=sig, constexprs=const), target=t)
-sig = dict(x_ptr=p, g_ptr=p, gw_ptr=p, **{n: "i32" for n in ints + ["sg_t", "sg_n", "sg_o", "sg_h", "sg_w",
-                                                                   "M_PER", "SPLIT"]})
-const = dict(geom, BLOCK_O=64, BLOCK_K=64, BLOCK_M=32)
-sig.update({n: "constexpr" for n in const})
-b = triton.compile(triton.compiler.ASTSource(fn=K._conv_wgrad_kernel, signature=sig, constexprs=const), target=t)
-print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b""))),
-                  "shared": max(a.metadata.shared, b.metadata.shared)}))
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+def build(fn, sig, cfg):
+    blocks = {k: v for k, v in cfg.items() if k.startswith("BLOCK")}
+    const = dict(geom, **blocks)
+    sig = dict(sig, **{n: "constexpr" for n in const})
+    k = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=const), target=t,
+                       options=dict(num_warps=cfg["num_warps"], num_stages=cfg["num_stages"]))
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
+    return len(k.asm.get("cubin", b"")), k.metadata.shared, spills
+
+a = build(K._conv_fwd_kernel, dict(x_ptr=p, w_ptr=p, y_ptr=p,
+                                   **{n: "i32" for n in ints + ["sw_t", "sw_o", "sw_c", "sw_h", "sw_w"]}), K.FWD)
+b = build(K._conv_wgrad_kernel, dict(x_ptr=p, g_ptr=p, gw_ptr=p, **{n: "i32" for n in ints + [
+    "sg_t", "sg_n", "sg_o", "sg_h", "sg_w", "M_PER", "SPLIT"]}), K.WGRAD)
+print(json.dumps({"cubin": min(a[0], b[0]), "shared": max(a[1], b[1]), "spills": [a[2], b[2]]}))
 '''
 
 
@@ -134,10 +143,11 @@ print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubi
 @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
 def test_conv_kernels_compile_for_sm90(dtype):
     """The conv and weight-gradient kernels in their compiled form (for loops, software-pipelined),
-    which the interpreter tests do not run."""
+    which the interpreter tests do not run, at their launch configurations: no register spills."""
     info = compile_in_subprocess(CONV, dtype)
     assert info["cubin"] > 0
     assert info["shared"] <= 227 * 1024, f"needs {info['shared']} bytes of shared memory"
+    assert info["spills"] == [0, 0], f"register spills (bytes stored: conv, wgrad) at the launch configs: {info['spills']}"
 
 
 BN_POOL = r'''
