@@ -151,7 +151,7 @@ def test_conv_kernels_compile_for_sm90(dtype):
 
 
 BN_POOL = r'''
-import json, sys
+import json, os, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from fastmeta.kernels import bn_relu_pool as K
@@ -165,11 +165,21 @@ a = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_fwd_kernel, sign
 sig = dict(gy_ptr=p, x_ptr=p, w_ptr=p, idx_ptr="*u8", y_ptr=p, mean_ptr=p, invstd_ptr=p, dx_ptr=p, dw_ptr=p,
            db_ptr=p, **dims, **{n: "constexpr" for n in const})
 b = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_bwd_kernel, signature=sig, constexprs=const), target=t)
-print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b"")))}))
+ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+spills = []
+for k in (a, b):
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                         capture_output=True, text=True).stderr
+    spills.append(sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log)))
+print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b""))), "spills": spills}))
 '''
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["fp32", "fp64"])
 def test_bn_relu_pool_kernels_compile_for_sm90(dtype):
-    assert compile_in_subprocess(BN_POOL, dtype)["cubin"] > 0
+    info = compile_in_subprocess(BN_POOL, dtype)
+    assert info["cubin"] > 0
+    assert info["spills"] == [0, 0], f"register spills (bytes stored: forward, backward): {info['spills']}"
