@@ -31,9 +31,7 @@ std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tens
                                             int64_t loss, bool first_order, bool need_lr_grad) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmeta::mlp_inner_loop", "")
-                       .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                                      const at::Tensor&, at::TensorList, at::TensorList, double,
-                                                      int64_t, at::IntArrayRef, double, int64_t, bool, bool)>();
+                       .typed<decltype(mlp_inner_loop_cpu)>();  // (the schema's signature, any device)
   const auto rows = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
   const at::Tensor grads = need_lr_grad ? at::cat({rows[1], rows[2]}, 1) : rows[1];
   return {rows[0].mean(), grads.mean(0)};

@@ -321,7 +321,8 @@ def _vmap_graph(w: Workload, first_order: bool):
 
 
 PROVIDERS: dict[str, Callable] = {
-    "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "fastmeta_graph": _fastmeta_graph, "maml": _maml, "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
+    "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "fastmeta_graph": _fastmeta_graph, "maml": _maml,
+    "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
 }
@@ -339,6 +340,8 @@ def default_providers(workload: str, device: str) -> list:
     return ["fastmeta", "loop", "vmap", "compile"]
 
 
+# fastmeta's own providers: each takes a "-BACKEND" suffix
+_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph")
 # providers whose CPU step runs the fused C++ kernel (its per-thread workspace counts in peak memory)
 _FUSED_CPU = ("fastmeta", "fastmeta-cpp", "fastmeta_vg", "fastmeta_vg-cpp")
 
@@ -361,7 +364,7 @@ def provider_available(name: str, device: str) -> str | None:
         return "higher not installed"
     if base in ("vmap_graph", "fastmeta_graph") and device != "cuda":
         return "CUDA graphs need a GPU"
-    if base in ("fastmeta", "fastmeta_vg", "fastmeta_graph") and "-" in name:
+    if base in _FASTMETA and "-" in name:
         from .backend import why_unavailable
         return why_unavailable(name.split("-", 1)[1], device)
     return None
@@ -369,7 +372,7 @@ def provider_available(name: str, device: str) -> str | None:
 
 def make_step(name: str, w: Workload, first_order: bool):
     base, _, backend = name.partition("-")
-    if base in ("fastmeta", "fastmeta_vg", "fastmeta_graph"):
+    if base in _FASTMETA:
         return PROVIDERS[base](w, first_order, backend or None)
     return PROVIDERS[base](w, first_order)
 

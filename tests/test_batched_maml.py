@@ -310,3 +310,13 @@ def test_graphed_needs_a_batched_maml_and_cuda_tensors():
         fastmeta.graphed(fastmeta.BatchedMAML(model, 0.1, 2), *batch)
     with pytest.raises(TypeError, match="BatchedMAML"):
         fastmeta.graphed(model, *batch)
+
+
+def test_value_and_grad_bad_input_is_named():
+    """value_and_grad checks the batch as forward does: the argument and its shape in the message."""
+    meta = fastmeta.BatchedMAML(mlp((2, 9, 3)), 0.1, 2)
+    xs, ys, xq, yq = regression_batch(3, 5, 4, 2, 3, torch.float64)
+    with pytest.raises(ValueError, match=r"task dim T differs.*xq \(2, 4, 2\)"):
+        meta.value_and_grad(xs, ys, xq[:2], yq[:2])
+    with pytest.raises(TypeError, match="ys has dtype torch.float32"):
+        meta.value_and_grad(xs, ys.float(), xq, yq)

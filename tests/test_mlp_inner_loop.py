@@ -170,6 +170,40 @@ def test_meta_grad_op_returns_the_meta_gradient(rows, lr_kind, first_order, monk
     assert (glr is None) == (lr_kind == "scalar")
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_meta_grad_gives_gradients_of_every_tensor(backend, loss):
+    """ops.mlp_meta_grad on both paths (the op, and autograd.grad of mlp_meta_loss elsewhere): the
+    gradient of every parameter and rate, also of those that do not require grad, equal between
+    the paths and to autograd's through the reference."""
+    params, batch = make((3, 37, 4), 6, 5, 7, loss, torch.float64)
+    lrs = [torch.empty_like(p).uniform_(0.01, 0.1) for p in params]
+    params[1].requires_grad_(False)  # a frozen bias
+    ref_in = [t.detach().requires_grad_() for t in params + lrs]
+    with fastmeta.use_backend("torch"):
+        want_loss = ops.mlp_inner_loop(*batch, ref_in[:len(params)], ref_in[len(params):], 3,
+                                       ["sigmoid", None], loss=loss).mean()
+    want = torch.autograd.grad(want_loss, ref_in)
+    with fastmeta.use_backend(backend):
+        got_loss, g, glr = ops.mlp_meta_grad(*batch, params, lrs, 3, ["sigmoid", None], loss=loss)
+    assert not got_loss.requires_grad and not any(t.requires_grad for t in list(g) + list(glr))
+    assert_rel_close([got_loss], [want_loss.detach()], 1e-12, "meta-loss")
+    assert_rel_close(list(g) + list(glr), list(want), 1e-10, "meta-grad and lr-grad")
+
+
+def test_meta_grad_bad_input_is_named():
+    params, batch = make((2, 9, 3), 3, 4, 5, "mse", torch.float64)
+    xs, ys, xq, yq = batch
+    with pytest.raises(ValueError, match="xq"):
+        ops.mlp_meta_grad(xs, ys, xq[:2], yq[:2], params, 0.1, 2, ["tanh", None])
+    with pytest.raises((ValueError, TypeError), match="lr"):
+        ops.mlp_meta_grad(xs, ys, xq, yq, params, [torch.ones(3)], 2, ["tanh", None])
+    c_params, c_batch = make((2, 9, 3), 3, 4, 5, "cross_entropy", torch.float64)
+    with pytest.raises(ValueError, match="labels outside"):
+        ops.mlp_meta_grad(c_batch[0], c_batch[1] + 3, *c_batch[2:], c_params, 0.1, 2, ["tanh", None],
+                          loss="cross_entropy")
+
+
 def test_meta_grad_op_fake_kernel():
     """torch.library.opcheck of fastmeta::mlp_meta_grad: schema, fake kernel against the outputs."""
     params, batch = make((2, 9, 3), 3, 4, 5, "mse", torch.float32)

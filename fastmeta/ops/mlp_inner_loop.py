@@ -242,26 +242,40 @@ def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
     if backend not in ("cpp", "cuda"):
         return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
                               first_order, _checked=True).mean()
+    return torch.ops.fastmeta.mlp_meta_loss(*_op_args(xs, ys, xq, yq, params, lr, steps, activations,
+                                                      negative_slope, loss, first_order))
+
+
+def _op_args(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss, first_order):
+    """The arguments of fastmeta::mlp_meta_loss (and the first 12 of ::mlp_meta_grad): labels
+    range-checked and int64 for cross-entropy, a scalar lr or the list of rates."""
     if loss == "cross_entropy":
         check_labels(ys, yq, params[-2].shape[0])
         ys, yq = ys.long(), yq.long()
     _register_cpp()
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
-    return torch.ops.fastmeta.mlp_meta_loss(
-        xs, ys, xq, yq, list(params), lrs, float(lr) if not lrs else 0.0, steps,
-        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order))
+    return (xs, ys, xq, yq, list(params), lrs, float(lr) if not lrs else 0.0, steps,
+            [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order))
+
+
+def _direct_op(name, spec, loss, device_type):
+    """(op, acts, slope, loss code) for the *_direct functions, or None where they do not apply: a
+    backend other than cpp / cuda, or cross-entropy (its labels are range-checked on every call)."""
+    if loss != "mse" or select("mlp_inner_loop", device_type) not in ("cpp", "cuda"):
+        return None
+    _register_cpp()
+    return (getattr(torch.ops.fastmeta, name).default, [_ACT_CODE[a] for a in spec.activations],
+            float(spec.negative_slope), _LOSS_CODE[loss])
 
 
 def mlp_meta_loss_direct(spec, loss, device_type):
     """fastmeta::mlp_meta_loss bound to an MLP spec and a loss, for arguments already checked
-    (BatchedMAML's repeated calls), or None where that does not apply: a backend other than cpp /
-    cuda, or cross-entropy (its labels are range-checked on every call, see mlp_meta_loss).
+    (BatchedMAML's repeated calls), or None where that does not apply (see _direct_op).
     The returned f(xs, ys, xq, yq, params, lr, steps, first_order) takes a scalar lr."""
-    if loss != "mse" or select("mlp_inner_loop", device_type) not in ("cpp", "cuda"):
+    bound = _direct_op("mlp_meta_loss", spec, loss, device_type)
+    if bound is None:
         return None
-    _register_cpp()
-    op = torch.ops.fastmeta.mlp_meta_loss.default
-    acts, slope, code = [_ACT_CODE[a] for a in spec.activations], float(spec.negative_slope), _LOSS_CODE[loss]
+    op, acts, slope, code = bound
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
         return op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order)
@@ -271,29 +285,22 @@ def mlp_meta_loss_direct(spec, loss, device_type):
 def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01, loss="mse",
                   first_order=False, _checked=False):
     """(loss, grads, lr_grads): mlp_meta_loss's value (detached) and its gradient with respect to
-    each of params (and, with a list lr, each of the rates; else lr_grads is None), computed
-    without an autograd graph on the cpp / cuda backends (fastmeta::mlp_meta_grad returns them
-    from the kernel); elsewhere by torch.autograd.grad of mlp_meta_loss."""
+    each of params (and, with a list lr, each of the rates; else lr_grads is None), whether they
+    require grad or not, as values. On the cpp / cuda backends fastmeta::mlp_meta_grad returns them
+    from the kernel (no autograd graph); elsewhere torch.autograd.grad of mlp_meta_loss."""
     if not _checked:
         _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
-    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda"):
-        with torch.enable_grad():
-            value = mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
-                                  first_order, _checked=True)
-            wrt = list(params) + lrs
-            grads = torch.autograd.grad(value, wrt, allow_unused=True, materialize_grads=True)
-        grads = [g.detach() for g in grads]
-        return value.detach(), grads[:len(params)], (grads[len(params):] if lrs else None)
-    if loss == "cross_entropy":
-        check_labels(ys, yq, params[-2].shape[0])
-        ys, yq = ys.long(), yq.long()
-    _register_cpp()
-    out = torch.ops.fastmeta.mlp_meta_grad(
-        xs, ys, xq, yq, list(params), lrs, float(lr) if not lrs else 0.0, steps,
-        [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order),
-        bool(lrs))
     n = len(params)
+    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda"):
+        wrt = [t.detach().requires_grad_() for t in list(params) + lrs]  # every tensor, as the kernel
+        with torch.enable_grad():
+            value = mlp_meta_loss(xs, ys, xq, yq, wrt[:n], wrt[n:] if lrs else lr, steps, activations,
+                                  negative_slope, loss, first_order, _checked=True)
+            grads = torch.autograd.grad(value, wrt, allow_unused=True, materialize_grads=True)
+        return value.detach(), list(grads[:n]), (list(grads[n:]) if lrs else None)
+    out = torch.ops.fastmeta.mlp_meta_grad(*_op_args(xs, ys, xq, yq, params, lr, steps, activations,
+                                                     negative_slope, loss, first_order), bool(lrs))
     return out[0], out[1:1 + n], (out[1 + n:] if lrs else None)
 
 
@@ -301,11 +308,10 @@ def mlp_meta_grad_direct(spec, loss, device_type):
     """mlp_meta_grad bound to an MLP spec and a loss for arguments already checked, on the cpp /
     cuda backends with a scalar lr and mse (as mlp_meta_loss_direct), else None. The returned
     f(xs, ys, xq, yq, params, lr, steps, first_order) gives (loss, grads)."""
-    if loss != "mse" or select("mlp_inner_loop", device_type) not in ("cpp", "cuda"):
+    bound = _direct_op("mlp_meta_grad", spec, loss, device_type)
+    if bound is None:
         return None
-    _register_cpp()
-    op = torch.ops.fastmeta.mlp_meta_grad.default
-    acts, slope, code = [_ACT_CODE[a] for a in spec.activations], float(spec.negative_slope), _LOSS_CODE[loss]
+    op, acts, slope, code = bound
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
         out = op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order, False)
