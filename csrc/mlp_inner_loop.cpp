@@ -109,6 +109,8 @@ struct Prod {
 //   rates[m * scm + p * scp].
 //   C = s'(gate) * acc with gate (laid out like C) the pre-activations z of a ReLU (leaky when
 //   slope != 0) layer: a backward product written straight as that layer's dz.
+//   With init and act_out, a forward layer: C = z = init + acc and act_out (laid out like C) =
+//   s(z) for a ReLU (leaky when slope != 0) or, with linear, the identity (one pass over z less).
 template <typename T>
 struct Epi {
   const T* init = nullptr;
@@ -117,6 +119,8 @@ struct Epi {
   const T* rates = nullptr;
   const T* gate = nullptr;
   T slope = T(0);
+  T* act_out = nullptr;
+  bool linear = false;
 };
 
 // One SIMD register of lanes, where the lanes fill an AVX-512 register (the product loop below is
@@ -206,6 +210,7 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
     // the epilogue's kind is chosen once per block (the fields of e read into locals: the stores
     // to C would otherwise make the compiler reload and test them for every entry)
     const T *base = e.base, *rates = e.rates, *gate = e.gate, *init = e.init;
+    T* act_out = e.act_out;
     const T slope = e.slope;
     auto each = [&](auto&& f) {
 #pragma GCC unroll 8
@@ -225,6 +230,18 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
       each([&](T* c, int64_t at, int, typename V::R acc) { V::store(c, V::fnma(alpha, acc, V::load(base + at * W))); });
     } else if (gate != nullptr) {
       each([&](T* c, int64_t at, int, typename V::R acc) { V::store(c, V::gate(V::load(gate + at * W), acc, slope)); });
+    } else if (act_out != nullptr && e.linear) {
+      each([&](T* c, int64_t at, int j, typename V::R acc) {
+        const typename V::R z = V::add(V::load(init + (p + j) * W), acc);
+        V::store(c, z);
+        V::store(act_out + at * W, z);
+      });
+    } else if (act_out != nullptr) {
+      each([&](T* c, int64_t at, int j, typename V::R acc) {
+        const typename V::R z = V::add(V::load(init + (p + j) * W), acc);
+        V::store(c, z);
+        V::store(act_out + at * W, V::gate(z, z, slope));
+      });
     } else if (init != nullptr) {
       each([&](T* c, int64_t, int j, typename V::R acc) { V::store(c, V::add(V::load(init + (p + j) * W), acc)); });
     } else {
@@ -272,16 +289,25 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
       } else if (e.init != nullptr) {
         const T* in = e.init + (p + j) * W;
         FM_LANES c[l] = in[l] + acc[i][j][l];
+        if (e.act_out != nullptr) {
+          T* a = e.act_out + at * W;
+          if (e.linear) {
+            FM_LANES a[l] = c[l];
+          } else {
+            FM_LANES a[l] = c[l] > T(0) ? c[l] : (e.slope == T(0) ? T(0) : e.slope * c[l]);
+          }
+        }
       } else {
         FM_LANES c[l] = acc[i][j][l];
       }
     }
 }
 
-template <typename T, int W>
+// C [M, Pn] (entry (m, p) at C + (m * scm + p * scp) * W) = the product x (+ x2), in MB x PB
+// register blocks (the rest of M and Pn in MB x 1, 1 x PB and 1 x 1 blocks).
+template <typename T, int W, int MB = 5, int PB = 4>
 void gemm(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
           const Epi<T>& e = Epi<T>()) {
-  constexpr int MB = 5, PB = 4;
   int64_t m = 0;
   for (; m + MB <= M; m += MB) {
     int64_t p = 0;
@@ -306,11 +332,17 @@ struct Sink {
   const T* rates = nullptr;
 };
 
+// Register block shapes (MB x PB) of the per-step products, by the shape of their operands: the
+// forward z = a W^T and the backward da = dz W (K = a layer's width), and the weight gradient
+// dz^T a whose K is the row count N, short, so that each output's epilogue weighs more.
+constexpr int kFwdMB = 5, kFwdPB = 4, kDaMB = 5, kDaPB = 3, kOuterMB = 5, kOuterPB = 3;
+
 template <typename T, int W>
 class Group {
  public:
-  // Slots: first order keeps two parameter sets (ping-pong) and one step's activations; the
-  // per-step gradients are kept only when the learned rates need them.
+  // Slots: first order keeps one parameter set (each step's update is written over it: the
+  // backward pass reads a layer's weights before it writes their update) and one step's
+  // activations; the per-step gradients are kept only when the learned rates need them.
   Group(const Net& net, int64_t K, int64_t Q, int64_t S, bool first_order, bool keep_grads)
       : net_(net), K_(K), Q_(Q), S_(S), fo_(first_order), keep_g_(keep_grads) {
     int64_t sumd = 0;
@@ -318,7 +350,7 @@ class Group {
     const int64_t NQ = std::max(K, Q), P = net.P;
     dmax_ = *std::max_element(net.d.begin(), net.d.end());
     const int64_t I = net.d[0], D = net.d[net.L];
-    const int64_t n_theta = first_order ? 2 : S + 1, n_g = keep_grads ? S : 0;
+    const int64_t n_theta = first_order ? 1 : S + 1, n_g = keep_grads ? S : 0;
     const int64_t n_steps = first_order ? std::min<int64_t>(S, 1) : S;
     const int64_t n = n_theta * P + n_g * P + n_steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
                       2 * K * dmax_ + 3 * P + K * I + Q * I + (K + Q) * D + K * D + dmax_;
@@ -341,7 +373,7 @@ class Group {
 
   T *theta, *g, *v, *u, *dlr, *xs, *xq, *ys, *yq, *scratch, *bsum;
   // Where step s keeps its parameters theta_s [P, W], gradient g_s and activations.
-  T* theta_at(int64_t s) const { return theta + (fo_ ? (s & 1) : s) * net_.P * W; }
+  T* theta_at(int64_t s) const { return theta + (fo_ ? 0 : s) * net_.P * W; }
   T* g_at(int64_t s) const { return g + (keep_g_ ? s : 0) * net_.P * W; }
   Acts<T>& acts_at(int64_t s) { return steps[fo_ ? 0 : s]; }
   std::vector<Acts<T>> steps;
@@ -355,11 +387,18 @@ class Group {
       const T* b = th + net_.offb[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
       T* z = A.z[l - 1];
-      // z[n, o] = b[o] + sum_i ain[n, i] W[o, i]
+      // z[n, o] = b[o] + sum_i ain[n, i] W[o, i]; a piecewise linear activation is applied as z is
+      // written
+      const int64_t act = net_.acts[l - 1];
       Epi<T> e;
       e.init = b;
-      gemm<T, W>(N, dout, Prod<T>{ain, din, 1, Wl, 1, din, din}, nullptr, z, dout, 1, e);
-      activate(net_.acts[l - 1], z, A.a[l - 1], N * dout);
+      if (piecewise_linear(act)) {
+        e.act_out = A.a[l - 1];
+        e.linear = act == kNone;
+        e.slope = act == kLeaky ? static_cast<T>(net_.slope) : T(0);
+      }
+      gemm<T, W, kFwdMB, kFwdPB>(N, dout, Prod<T>{ain, din, 1, Wl, 1, din, din}, nullptr, z, dout, 1, e);
+      if (!piecewise_linear(act)) activate(act, z, A.a[l - 1], N * dout);
     }
   }
 
@@ -471,7 +510,7 @@ class Group {
             e.slope = below == kLeaky ? static_cast<T>(net_.slope) : T(0);
           }
         }
-        gemm<T, W>(N, din, Prod<T>{dz, dout, 1, Wl, din, 1, dout}, nullptr, out, din, 1, e);
+        gemm<T, W, kDaMB, kDaPB>(N, din, Prod<T>{dz, dout, 1, Wl, din, 1, dout}, nullptr, out, din, 1, e);
       }
       outer(Prod<T>{dz, 1, dout, ain, din, 1, N}, nullptr, l, sink);
     }
@@ -488,18 +527,16 @@ class Group {
     e.base = sink.base != nullptr ? sink.base + oW * W : nullptr;
     e.alpha = sink.alpha;
     e.rates = sink.rates != nullptr ? sink.rates + oW : nullptr;
-    gemm<T, W>(dout, din, x, x2, sink.out + oW * W, din, 1, e);
-    // the row sums of dz row by row (dout * W independent sums, no dependency chain per entry)
-    const T* dz = x.A;
-    const int64_t m = dout * W;
-    std::fill(bsum, bsum + m, T(0));
-    for (int64_t n = 0; n < N; ++n) {
-      const T* row = dz + n * m;
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) bsum[i] += row[i];
-    }
-    for (int64_t o = 0; o < dout; ++o) {
-      const T* accb = bsum + o * W;
+    if (x2 != nullptr)
+      gemm<T, W>(dout, din, x, x2, sink.out + oW * W, din, 1, e);
+    else
+      gemm<T, W, kOuterMB, kOuterPB>(dout, din, x, nullptr, sink.out + oW * W, din, 1, e);
+    bias_sums(x.A, N, dout, ob, sink);
+  }
+
+  // b_l's part: the column sums of dz [N, dout] (lane vectors), written to sink at offset ob.
+  void bias_sums(const T* dz, int64_t N, int64_t dout, int64_t ob, const Sink<T>& sink) const {
+    auto put = [&](int64_t o, const T* accb) {
       T* out = sink.out + (ob + o) * W;
       if (sink.base != nullptr) {
         const T r = sink.rates != nullptr ? sink.rates[ob + o] : sink.alpha;
@@ -508,7 +545,35 @@ class Group {
       } else {
         FM_LANES out[l] = accb[l];
       }
+    };
+    int64_t o = 0;
+    if constexpr (kHaveVec && W * sizeof(T) == 64) {  // 8 columns at a time in registers
+      using V = Vec<T>;
+      constexpr int CB = 8;
+      for (; o + CB <= dout; o += CB) {
+        typename V::R r[CB];
+#pragma GCC unroll 8
+        for (int j = 0; j < CB; ++j) r[j] = V::zero();
+        for (int64_t n = 0; n < N; ++n) {
+#pragma GCC unroll 8
+          for (int j = 0; j < CB; ++j) r[j] = V::add(r[j], V::load(dz + (n * dout + o + j) * W));
+        }
+        alignas(64) T acc[CB * W];
+#pragma GCC unroll 8
+        for (int j = 0; j < CB; ++j) V::store(acc + j * W, r[j]);
+        for (int j = 0; j < CB; ++j) put(o + j, acc + j * W);
+      }
     }
+    // the rest row by row (independent sums over the lanes, no dependency chain per entry)
+    const int64_t m = (dout - o) * W;
+    if (m == 0) return;
+    std::fill(bsum, bsum + m, T(0));
+    for (int64_t n = 0; n < N; ++n) {
+      const T* row = dz + (n * dout + o) * W;
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) bsum[i] += row[i];
+    }
+    for (int64_t j = 0; o + j < dout; ++j) put(o + j, bsum + j * W);
   }
 
   // H u, the Hessian of the support loss at th (activations A of that step) times u, written to
