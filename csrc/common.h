@@ -47,10 +47,11 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
 
 // The task mean of mlp_inner_loop, reduced inside the kernel: [mean query loss (0-dim), the mean
 // meta-gradient flat ([P], the params' elements in order), followed when need_lr_grad by the lrs'
-// ([2P] in all)].
+// ([2P] in all)]; with split, that gradient as one tensor per parameter (then per rate), each
+// shaped like its parameter.
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, bool split = false);
 
 }  // namespace fastmeta

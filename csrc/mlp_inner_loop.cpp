@@ -864,39 +864,58 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, bool split) {
   const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss);
   const int64_t Tn = c.xs.size(0), P = c.net.P;
   TORCH_CHECK(Tn > 0, "mlp_meta_loss: needs at least one task, got xs ", xs.sizes());
+  const int copies = need_lr_grad ? 2 : 1;
   auto opts = c.xs.options();
-  at::Tensor loss_mean = at::empty({}, opts);
-  at::Tensor gflat = at::empty({(need_lr_grad ? 2 : 1) * P}, opts);
+  std::vector<at::Tensor> result{at::empty({}, opts)};
+  // where the mean gradient's entries go: one flat [copies * P] tensor, or (split) one tensor per
+  // parameter (and rate) shaped like it, in the flat order
+  if (split) {
+    for (int k = 0; k < copies; ++k)
+      for (const auto& p : params) result.push_back(at::empty(p.sizes(), opts));
+  } else {
+    result.push_back(at::empty({copies * P}, opts));
+  }
   AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_meta_grad_cpu", [&] {
     constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
     const int64_t G = (Tn + W - 1) / W;
     // per-group sums, then their sum in group order (the result does not depend on threads)
-    std::vector<scalar_t> part((1 + (need_lr_grad ? 2 : 1) * P) * G);
+    std::vector<scalar_t> part((1 + copies * P) * G);
     scalar_t* pl = part.data();
     scalar_t* pg = pl + G;
     scalar_t* pd = need_lr_grad ? pg + G * P : nullptr;
     dispatch_run<scalar_t>(c, lr, steps, loss, first_order, need_lr_grad, Out<scalar_t>{true, pl, pg, pd});
     const scalar_t inv_t = scalar_t(1) / static_cast<scalar_t>(Tn);
-    scalar_t* og = gflat.data_ptr<scalar_t>();
     scalar_t total = 0;
     for (int64_t g = 0; g < G; ++g) total += pl[g];
-    *loss_mean.data_ptr<scalar_t>() = total * inv_t;
-    for (int64_t k = 0; k < (pd ? 2 : 1); ++k) {
-      const scalar_t* src = k == 0 ? pg : pd;
-      scalar_t* dst = og + k * P;
-      std::copy(src, src + P, dst);
+    *result[0].data_ptr<scalar_t>() = total * inv_t;
+    // entries [j0, j0 + n) of copy k (gradient or rate gradient) into dst
+    auto reduce = [&](int k, int64_t j0, int64_t n, scalar_t* dst) {
+      const scalar_t* src = (k == 0 ? pg : pd) + j0;
+      std::copy(src, src + n, dst);
       for (int64_t g = 1; g < G; ++g) {
-        for (int64_t j = 0; j < P; ++j) dst[j] += src[g * P + j];
+        for (int64_t j = 0; j < n; ++j) dst[j] += src[g * P + j];
       }
-      for (int64_t j = 0; j < P; ++j) dst[j] *= inv_t;
+      for (int64_t j = 0; j < n; ++j) dst[j] *= inv_t;
+    };
+    if (split) {
+      size_t i = 1;
+      for (int k = 0; k < copies; ++k) {
+        int64_t j0 = 0;
+        for (const auto& p : params) {
+          reduce(k, j0, p.numel(), result[i++].data_ptr<scalar_t>());
+          j0 += p.numel();
+        }
+      }
+    } else {
+      for (int k = 0; k < copies; ++k) reduce(k, 0, P, result[1].data_ptr<scalar_t>() + k * P);
     }
   });
-  // [loss, [d loss / d params (, d loss / d lrs)] flat, in the params' order]
-  return {loss_mean, gflat};
+  // [loss, the mean gradient: flat ([P], or [2P] with the rates' after the params'), or split]
+  return result;
 }
 
 }  // namespace fastmeta

@@ -37,16 +37,19 @@ std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tens
   return {rows[0].mean(), grads.mean(0)};
 }
 
-// [mean loss, flat mean meta-gradient (, flat mean lr gradient)] on any device: on CPU reduced
-// inside the kernel, or (FASTMETA_META_GRAD_ROWS=1, for the tests) from per-task rows as on CUDA,
-// so that CI checks that path too.
+// Whether the mean comes from per-task rows: on CUDA, and on CPU with FASTMETA_META_GRAD_ROWS=1
+// (for the tests, so that CI checks that path too); else the CPU kernel reduces it itself.
+bool from_rows(const at::Tensor& xs) {
+  const char* rows_env = std::getenv("FASTMETA_META_GRAD_ROWS");
+  return !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
+}
+
+// [mean loss, flat mean meta-gradient (, flat mean lr gradient)] on any device (see from_rows).
 std::vector<at::Tensor> meta_grad_flat(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                        const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
                                        int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
                                        bool first_order, bool need_lr_grad) {
-  const char* rows_env = std::getenv("FASTMETA_META_GRAD_ROWS");
-  const bool rows = !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
-  if (rows)
+  if (from_rows(xs))
     return meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
   return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
 }
@@ -73,6 +76,9 @@ std::vector<at::Tensor> mlp_meta_grad(const at::Tensor& xs, const at::Tensor& ys
                                       const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
                                       int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
                                       bool first_order, bool need_lr_grad) {
+  if (!from_rows(xs))  // the kernel's reduction writes one tensor per parameter
+    return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
+                             /*split=*/true);
   auto outs = meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
   std::vector<int64_t> shapes;
   for (const auto& p : params) {

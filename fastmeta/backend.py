@@ -2,15 +2,14 @@
 
 Names: ``torch`` (pure PyTorch references, always there), ``cpp`` (fastmeta._C CPU kernels),
 ``cuda`` (fastmeta._C CUDA kernels), ``triton`` (fastmeta.kernels). The choice comes from
-``fastmeta.set_backend`` / ``fastmeta.use_backend`` or the ``FASTMETA_BACKEND`` environment variable
-(default ``auto``). ``auto`` takes the first available backend of the op's preference list for the
+``fastmeta.set_backend`` / ``fastmeta.use_backend`` or the ``FASTMETA_BACKEND`` environment variable,
+read when fastmeta is imported (default ``auto``). ``auto`` takes the first available backend of the op's preference list for the
 tensor's device and falls back to ``torch`` quietly; an explicitly requested backend that the op
 implements but that cannot run here (not built, wrong device) raises :class:`BackendUnavailable`
 with the reason; an op with no kernel of that backend at all runs its auto choice. Nothing here touches CUDA at import time.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
@@ -25,11 +24,23 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this op on this input."""
 
 
-_state = threading.local()
+class _State(threading.local):
+    backend = None  # set_backend's request in this thread (None: FASTMETA_BACKEND / auto)
+
+
+_state = _State()
+# FASTMETA_BACKEND is read once, when fastmeta is imported (every op call asks for the backend:
+# a lookup of the environment costs more than some fused ops' own overhead)
+_ENV_BACKEND = os.environ.get("FASTMETA_BACKEND")
 
 
 def _env_backend() -> str:
-    name = os.environ.get("FASTMETA_BACKEND", "auto").strip().lower() or "auto"
+    return "auto" if _ENV_BACKEND is None else _parse_env_backend(_ENV_BACKEND)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_env_backend(raw: str) -> str:
+    name = raw.strip().lower() or "auto"
     if name not in _CHOICES:
         raise ValueError(f"FASTMETA_BACKEND={name!r}: expected one of {_CHOICES}")
     return name
@@ -37,7 +48,7 @@ def _env_backend() -> str:
 
 def get_backend() -> str:
     """The backend requested now: set_backend/use_backend if set, else FASTMETA_BACKEND, else auto."""
-    name = getattr(_state, "backend", None)
+    name = _state.backend
     return name if name is not None else _env_backend()
 
 
@@ -50,15 +61,25 @@ def set_backend(name: str | None) -> None:
     _state.backend = name
 
 
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """Context manager form of :func:`set_backend`."""
-    old = getattr(_state, "backend", None)
-    set_backend(name)
-    try:
-        yield
-    finally:
-        _state.backend = old
+class use_backend:
+    """Context manager form of :func:`set_backend`: ``with use_backend("torch"): ...`` (the
+    request before it comes back on exit). A class, not a generator: it wraps every step of a
+    benchmark and costs a fraction of a generator-based context manager."""
+
+    __slots__ = ("_name", "_old")
+
+    def __init__(self, name: str | None):
+        if name is not None and (not isinstance(name, str) or name.lower() not in _CHOICES):
+            raise ValueError(f"backend: expected one of {_CHOICES}, got {name!r}")
+        self._name = name.lower() if name is not None else None
+
+    def __enter__(self):
+        self._old = _state.backend
+        _state.backend = self._name
+
+    def __exit__(self, *exc):
+        _state.backend = self._old
+        return False
 
 
 # ---------------------------------------------------------------------------------------------

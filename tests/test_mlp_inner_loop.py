@@ -204,8 +204,11 @@ def test_meta_grad_bad_input_is_named():
                           loss="cross_entropy")
 
 
-def test_meta_grad_op_fake_kernel():
-    """torch.library.opcheck of fastmeta::mlp_meta_grad: schema, fake kernel against the outputs."""
+@pytest.mark.parametrize("rows", ["0", "1"])
+def test_meta_grad_op_fake_kernel(rows, monkeypatch):
+    """torch.library.opcheck of fastmeta::mlp_meta_grad: schema, fake kernel against the outputs
+    (one tensor per parameter from the CPU kernel's reduction, views of one buffer from rows)."""
+    monkeypatch.setenv("FASTMETA_META_GRAD_ROWS", rows)
     params, batch = make((2, 9, 3), 3, 4, 5, "mse", torch.float32)
     lrs = [torch.full_like(p, 0.1) for p in params]
     ops.mlp_meta_grad(*batch, params, 0.1, 2, ["tanh", None])  # registers the fake

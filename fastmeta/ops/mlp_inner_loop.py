@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+import os
 
 import torch
 
@@ -96,7 +97,11 @@ def _register_cpp():
 
     @torch.library.register_fake("fastmeta::mlp_meta_grad")
     def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
-        like = list(params) * (2 if need_lr_grad else 1)  # the gradients are views of one buffer
+        like = list(params) * (2 if need_lr_grad else 1)
+        if xs.device.type == "cpu" and os.environ.get("FASTMETA_META_GRAD_ROWS") != "1":
+            # the CPU kernel's reduction writes one tensor per parameter
+            return [xs.new_empty(())] + [xs.new_empty(p.shape) for p in like]
+        # reduced from per-task rows (CUDA; csrc/mlp_meta_loss.cpp from_rows): views of one buffer
         flat = xs.new_empty(sum(p.numel() for p in like))
         return [xs.new_empty(())] + [g.view(p.shape) for g, p in zip(flat.split([p.numel() for p in like]), like)]
 
