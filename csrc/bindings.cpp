@@ -11,8 +11,8 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("mlp_inner_loop(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
         "bool need_lr_grad) -> Tensor[]");
-  // [mean query loss, the mean meta-gradient flat (then the lrs' when need_lr_grad)], no autograd
-  // (csrc/mlp_meta_loss.cpp).
+  // [mean query loss, the mean meta-gradient, one tensor per param (then per lr when
+  // need_lr_grad)], no autograd (csrc/mlp_meta_loss.cpp).
   m.def("mlp_meta_grad(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
         "bool need_lr_grad) -> Tensor[]");
@@ -30,6 +30,22 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("workspace_bytes", &fastmeta::workspace_bytes,
         "bytes held by the per-thread workspaces of the fused CPU kernels");
+  // fastmeta::mlp_meta_grad's CPU kernel (scalar lr) without the dispatcher, for the repeated calls
+  // of BatchedMAML.value_and_grad on plain CPU tensors (fastmeta/ops/mlp_inner_loop.py decides when):
+  // the boxed call of the op costs about as much again as this whole binding.
+  m.def("_mlp_meta_grad_cpu_direct",
+        [](const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+           const std::vector<at::Tensor>& params, double lr, int64_t steps, const std::vector<int64_t>& acts,
+           double slope, int64_t loss, bool first_order) {
+          auto cpu = [](const at::Tensor& t, const char* what) {
+            TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided,
+                        "_mlp_meta_grad_cpu_direct: ", what, " must be a strided CPU tensor");
+          };
+          cpu(xs, "xs"); cpu(ys, "ys"); cpu(xq, "xq"); cpu(yq, "yq");
+          for (const auto& p : params) cpu(p, "every param");
+          return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, {}, lr, steps, acts, slope, loss, first_order,
+                                             /*need_lr_grad=*/false, /*split=*/true);
+        });
   m.def("has_cuda", []() {
 #ifdef FASTMETA_WITH_CUDA
     return true;

@@ -303,6 +303,50 @@ def test_value_and_grad_follows_replaced_parameters():
     assert_rel_close(grads, want, RTOL[torch.float32], "meta-grad vs the loop")
 
 
+@requires_cpp
+def test_value_and_grad_cpu_binding_and_when_it_is_not_taken():
+    """On plain CPU tensors value_and_grad's repeated calls go to the kernel's direct binding (no
+    dispatcher), with the op's results; under a dispatch mode or with a tensor subclass they go
+    through fastmeta::mlp_meta_grad (which the mode sees), with the same results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Sub(torch.Tensor):
+        pass
+
+    model = mlp((2, 13, 3), act=nn.ReLU, dtype=torch.float32)
+    batch = regression_batch(19, 5, 4, 2, 3, torch.float32)
+    meta = fastmeta.BatchedMAML(model, 0.05, 2, first_order=True)
+    with fastmeta.use_backend("cpp"):
+        meta.value_and_grad(*batch)
+        loss, grads = meta.value_and_grad(*batch)  # checked: the binding
+        want = torch.ops.fastmeta.mlp_meta_grad.default(*batch, [p.detach() for p in model.parameters()], [], 0.05,
+                                                        2, [1, 0], 0.01, 0, True, False)
+        assert torch.equal(loss, want[0])
+        assert all(torch.equal(g, w) for g, w in zip(grads, want[1:]))
+        assert len({g.data_ptr() for g in grads}) == len(grads)  # one tensor per parameter
+        with Seen() as mode:
+            loss2, grads2 = meta.value_and_grad(*batch)
+        assert "fastmeta.mlp_meta_grad.default" in mode.ops
+        assert torch.equal(loss2, loss) and all(torch.equal(a, b) for a, b in zip(grads2, grads))
+        sub = [batch[0].as_subclass(Sub)] + list(batch[1:])
+        loss3, _ = meta.value_and_grad(*sub)
+        assert torch.equal(loss3.as_subclass(torch.Tensor), loss)
+    binding = fastmeta._C._mlp_meta_grad_cpu_direct
+    params = [p.detach() for p in model.parameters()]
+    meta_xs = torch.empty(batch[0].shape, device="meta")
+    with pytest.raises(RuntimeError, match="xs must be a strided CPU tensor"):
+        binding(meta_xs, *batch[1:], params, 0.05, 2, [1, 0], 0.01, 0, True)
+
+
 def test_graphed_needs_a_batched_maml_and_cuda_tensors():
     model = mlp((2, 9, 3))
     batch = regression_batch(2, 5, 5, 2, 3, torch.float64)

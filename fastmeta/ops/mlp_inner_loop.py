@@ -317,8 +317,31 @@ def mlp_meta_grad_direct(spec, loss, device_type):
     if bound is None:
         return None
     op, acts, slope, code = bound
+    fast = _cpu_binding() if device_type == "cpu" else None
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
-        out = op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order, False)
+        if fast is not None and _plain_call(xs, ys, xq, yq, params):
+            out = fast(xs, ys, xq, yq, params, lr, steps, acts, slope, code, first_order)
+        else:
+            out = op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order, False)
         return out[0], out[1:]
     return call
+
+
+def _cpu_binding():
+    """fastmeta._C._mlp_meta_grad_cpu_direct (the CPU kernel of fastmeta::mlp_meta_grad bound
+    without the dispatcher), or None in a build without it."""
+    from .. import _C
+    return getattr(_C, "_mlp_meta_grad_cpu_direct", None)
+
+
+def _plain_call(xs, ys, xq, yq, params) -> bool:
+    """Whether a call may skip the dispatcher: nothing that the dispatcher would route elsewhere is
+    in effect (a torch function or dispatch mode, a functorch transform, compilation) and the
+    tensors are plain (a subclass keeps its __torch_function__ through the op)."""
+    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
+        return False
+    plain = (torch.Tensor, torch.nn.Parameter)
+    return (type(xs) is torch.Tensor and type(ys) is torch.Tensor and type(xq) is torch.Tensor
+            and type(yq) is torch.Tensor and all(type(p) in plain for p in params))
