@@ -109,8 +109,8 @@ struct Prod {
 //   rates[m * scm + p * scp].
 //   C = s'(gate) * acc with gate (laid out like C) the pre-activations z of a ReLU (leaky when
 //   slope != 0) layer: a backward product written straight as that layer's dz.
-//   With init and act_out, a forward layer: C = z = init + acc and act_out (laid out like C) =
-//   s(z) for a ReLU (leaky when slope != 0) or, with linear, the identity (one pass over z less).
+//   With init and activate, a forward layer's output through a ReLU (leaky when slope != 0):
+//   C = s(init + acc) or, with act_out (laid out like C), C = z = init + acc and act_out = s(z).
 template <typename T>
 struct Epi {
   const T* init = nullptr;
@@ -119,8 +119,8 @@ struct Epi {
   const T* rates = nullptr;
   const T* gate = nullptr;
   T slope = T(0);
+  bool activate = false;
   T* act_out = nullptr;
-  bool linear = false;
 };
 
 // One SIMD register of lanes, where the lanes fill an AVX-512 register (the product loop below is
@@ -177,24 +177,40 @@ constexpr bool kHaveVec = true;
 constexpr bool kHaveVec = false;
 #endif
 
+// The kinds of epilogue (see Epi), a template parameter of the register blocks: each block then
+// holds one epilogue only, small enough for the compiler to keep its accumulators in registers
+// (with all of them behind run-time tests it spilled them to the stack on every k).
+enum class Ep { kStore, kInit, kAct, kActOut, kGate, kSgd, kSgdRates };
+
+template <typename T>
+Ep epilogue_kind(const Epi<T>& e) {
+  if (e.base != nullptr) return e.rates != nullptr ? Ep::kSgdRates : Ep::kSgd;
+  if (e.gate != nullptr) return Ep::kGate;
+  if (e.activate) return e.act_out != nullptr ? Ep::kActOut : Ep::kAct;
+  return e.init != nullptr ? Ep::kInit : Ep::kStore;
+}
+
 // C[m, p] for an MB x PB register block: MB * PB independent accumulator chains hide the FMA
-// latency and each loaded A/B vector is used PB/MB times. x2 (optional) adds a second product
+// latency and each loaded A/B vector is used PB/MB times. With Two, x2 adds a second product
 // into the same accumulators (pairs such as dz^T a + dz'^T a' of the second-order pass).
-template <typename T, int W, int MB, int PB>
+template <typename T, int W, int MB, int PB, Ep K, bool Two>
 inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p, T* C, int64_t scm,
                        int64_t scp, const Epi<T>& e) {
   if constexpr (kHaveVec && W * sizeof(T) == 64) {
     using V = Vec<T>;
-    typename V::R r[MB][PB];
+    using R = typename V::R;
+    R r[MB][PB];
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
       for (int j = 0; j < PB; ++j) r[i][j] = V::zero();
-    auto product = [&](const Prod<T>& q) {
+#pragma GCC unroll 2
+    for (int t = 0; t < (Two ? 2 : 1); ++t) {
+      const Prod<T>& q = t == 0 ? x : *x2;
       const T* __restrict A = q.A + m * q.sam * W;
       const T* __restrict B = q.B + p * q.sbp * W;
       for (int64_t k = 0; k < q.K; ++k) {
-        typename V::R a[MB], b[PB];
+        R a[MB], b[PB];
 #pragma GCC unroll 8
         for (int i = 0; i < MB; ++i) a[i] = V::load(A + (i * q.sam + k * q.sak) * W);
 #pragma GCC unroll 8
@@ -204,121 +220,126 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
 #pragma GCC unroll 8
           for (int j = 0; j < PB; ++j) r[i][j] = V::fma_rr(a[i], b[j], r[i][j]);
       }
-    };
-    product(x);
-    if (x2 != nullptr) product(*x2);
-    // the epilogue's kind is chosen once per block (the fields of e read into locals: the stores
-    // to C would otherwise make the compiler reload and test them for every entry)
-    const T *base = e.base, *rates = e.rates, *gate = e.gate, *init = e.init;
-    T* act_out = e.act_out;
-    const T slope = e.slope;
-    auto each = [&](auto&& f) {
-#pragma GCC unroll 8
-      for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 8
-        for (int j = 0; j < PB; ++j) {
-          const int64_t at = (m + i) * scm + (p + j) * scp;
-          f(C + at * W, at, j, r[i][j]);
-        }
-    };
-    if (base != nullptr && rates != nullptr) {
-      each([&](T* c, int64_t at, int, typename V::R acc) {
-        V::store(c, V::fnma(V::set1(rates[at]), acc, V::load(base + at * W)));
-      });
-    } else if (base != nullptr) {
-      const typename V::R alpha = V::set1(e.alpha);
-      each([&](T* c, int64_t at, int, typename V::R acc) { V::store(c, V::fnma(alpha, acc, V::load(base + at * W))); });
-    } else if (gate != nullptr) {
-      each([&](T* c, int64_t at, int, typename V::R acc) { V::store(c, V::gate(V::load(gate + at * W), acc, slope)); });
-    } else if (act_out != nullptr && e.linear) {
-      each([&](T* c, int64_t at, int j, typename V::R acc) {
-        const typename V::R z = V::add(V::load(init + (p + j) * W), acc);
-        V::store(c, z);
-        V::store(act_out + at * W, z);
-      });
-    } else if (act_out != nullptr) {
-      each([&](T* c, int64_t at, int j, typename V::R acc) {
-        const typename V::R z = V::add(V::load(init + (p + j) * W), acc);
-        V::store(c, z);
-        V::store(act_out + at * W, V::gate(z, z, slope));
-      });
-    } else if (init != nullptr) {
-      each([&](T* c, int64_t, int j, typename V::R acc) { V::store(c, V::add(V::load(init + (p + j) * W), acc)); });
-    } else {
-      each([&](T* c, int64_t, int, typename V::R acc) { V::store(c, acc); });
     }
-    return;
-  }
-  T acc[MB][PB][W];
-  {
+    const R alpha = V::set1(e.alpha);
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < PB; ++j) FM_LANES acc[i][j][l] = T(0);
-    auto product = [&](const Prod<T>& q) {
-      const T* __restrict A = q.A + m * q.sam * W;
-      const T* __restrict B = q.B + p * q.sbp * W;
-      for (int64_t k = 0; k < q.K; ++k) {
-#pragma GCC unroll 8
-        for (int i = 0; i < MB; ++i) {
-          const T* a = A + (i * q.sam + k * q.sak) * W;
-#pragma GCC unroll 8
-          for (int j = 0; j < PB; ++j) {
-            const T* b = B + (k * q.sbk + j * q.sbp) * W;
-            FM_LANES acc[i][j][l] += a[l] * b[l];
+      for (int j = 0; j < PB; ++j) {
+        const int64_t at = (m + i) * scm + (p + j) * scp;
+        T* c = C + at * W;
+        const R acc = r[i][j];
+        if constexpr (K == Ep::kSgdRates) {
+          V::store(c, V::fnma(V::set1(e.rates[at]), acc, V::load(e.base + at * W)));
+        } else if constexpr (K == Ep::kSgd) {
+          V::store(c, V::fnma(alpha, acc, V::load(e.base + at * W)));
+        } else if constexpr (K == Ep::kGate) {
+          V::store(c, V::gate(V::load(e.gate + at * W), acc, e.slope));
+        } else if constexpr (K == Ep::kStore) {
+          V::store(c, acc);
+        } else {
+          const R z = V::add(V::load(e.init + (p + j) * W), acc);
+          if constexpr (K == Ep::kInit) {
+            V::store(c, z);
+          } else if constexpr (K == Ep::kAct) {
+            V::store(c, V::gate(z, z, e.slope));
+          } else {
+            V::store(c, z);
+            V::store(e.act_out + at * W, V::gate(z, z, e.slope));
           }
         }
       }
-    };
-    product(x);
-    if (x2 != nullptr) product(*x2);
+    return;
   }
+  T acc[MB][PB][W];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < PB; ++j) FM_LANES acc[i][j][l] = T(0);
+  for (int t = 0; t < (Two ? 2 : 1); ++t) {
+    const Prod<T>& q = t == 0 ? x : *x2;
+    const T* __restrict A = q.A + m * q.sam * W;
+    const T* __restrict B = q.B + p * q.sbp * W;
+    for (int64_t k = 0; k < q.K; ++k) {
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const T* a = A + (i * q.sam + k * q.sak) * W;
+#pragma GCC unroll 8
+        for (int j = 0; j < PB; ++j) {
+          const T* b = B + (k * q.sbk + j * q.sbp) * W;
+          FM_LANES acc[i][j][l] += a[l] * b[l];
+        }
+      }
+    }
+  }
+  auto gate = [&](T z, T v) { return z > T(0) ? v : (e.slope == T(0) ? T(0) : e.slope * v); };
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
     for (int j = 0; j < PB; ++j) {
       const int64_t at = (m + i) * scm + (p + j) * scp;
       T* c = C + at * W;
-      if (e.base != nullptr) {
-        const T rate = e.rates != nullptr ? e.rates[at] : e.alpha;
+      const T* ac = acc[i][j];
+      if constexpr (K == Ep::kSgd || K == Ep::kSgdRates) {
+        const T rate = K == Ep::kSgdRates ? e.rates[at] : e.alpha;
         const T* bs = e.base + at * W;
-        FM_LANES c[l] = bs[l] - rate * acc[i][j][l];
-      } else if (e.gate != nullptr) {
+        FM_LANES c[l] = bs[l] - rate * ac[l];
+      } else if constexpr (K == Ep::kGate) {
         const T* g = e.gate + at * W;
-        FM_LANES c[l] = g[l] > T(0) ? acc[i][j][l] : (e.slope == T(0) ? T(0) : e.slope * acc[i][j][l]);
-      } else if (e.init != nullptr) {
-        const T* in = e.init + (p + j) * W;
-        FM_LANES c[l] = in[l] + acc[i][j][l];
-        if (e.act_out != nullptr) {
-          T* a = e.act_out + at * W;
-          if (e.linear) {
-            FM_LANES a[l] = c[l];
-          } else {
-            FM_LANES a[l] = c[l] > T(0) ? c[l] : (e.slope == T(0) ? T(0) : e.slope * c[l]);
-          }
-        }
+        FM_LANES c[l] = gate(g[l], ac[l]);
+      } else if constexpr (K == Ep::kStore) {
+        FM_LANES c[l] = ac[l];
       } else {
-        FM_LANES c[l] = acc[i][j][l];
+        const T* in = e.init + (p + j) * W;
+        T* a = K == Ep::kActOut ? e.act_out + at * W : c;
+        FM_LANES {
+          const T z = in[l] + ac[l];
+          if (K != Ep::kAct) c[l] = z;
+          if (K != Ep::kInit) a[l] = gate(z, z);
+        }
       }
     }
 }
 
-// C [M, Pn] (entry (m, p) at C + (m * scm + p * scp) * W) = the product x (+ x2), in MB x PB
-// register blocks (the rest of M and Pn in MB x 1, 1 x PB and 1 x 1 blocks).
-template <typename T, int W, int MB = 5, int PB = 4>
-void gemm(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
-          const Epi<T>& e = Epi<T>()) {
+template <typename T, int W, int MB, int PB, Ep K, bool Two>
+void gemm_kind(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
+               const Epi<T>& e) {
   int64_t m = 0;
   for (; m + MB <= M; m += MB) {
     int64_t p = 0;
-    for (; p + PB <= Pn; p += PB) gemm_block<T, W, MB, PB>(x, x2, m, p, C, scm, scp, e);
-    for (; p < Pn; ++p) gemm_block<T, W, MB, 1>(x, x2, m, p, C, scm, scp, e);
+    for (; p + PB <= Pn; p += PB) gemm_block<T, W, MB, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
+    for (; p < Pn; ++p) gemm_block<T, W, MB, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
   }
   for (; m < M; ++m) {
     int64_t p = 0;
-    for (; p + PB <= Pn; p += PB) gemm_block<T, W, 1, PB>(x, x2, m, p, C, scm, scp, e);
-    for (; p < Pn; ++p) gemm_block<T, W, 1, 1>(x, x2, m, p, C, scm, scp, e);
+    for (; p + PB <= Pn; p += PB) gemm_block<T, W, 1, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
+    for (; p < Pn; ++p) gemm_block<T, W, 1, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
   }
+}
+
+template <typename T, int W, int MB, int PB, bool Two>
+void gemm_two(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
+              const Epi<T>& e) {
+  switch (epilogue_kind(e)) {
+    case Ep::kStore: return gemm_kind<T, W, MB, PB, Ep::kStore, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kInit: return gemm_kind<T, W, MB, PB, Ep::kInit, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kAct: return gemm_kind<T, W, MB, PB, Ep::kAct, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kActOut: return gemm_kind<T, W, MB, PB, Ep::kActOut, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kGate: return gemm_kind<T, W, MB, PB, Ep::kGate, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kSgd: return gemm_kind<T, W, MB, PB, Ep::kSgd, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kSgdRates: return gemm_kind<T, W, MB, PB, Ep::kSgdRates, Two>(M, Pn, x, x2, C, scm, scp, e);
+  }
+}
+
+// C [M, Pn] (entry (m, p) at C + (m * scm + p * scp) * W) = the product x (+ x2), in MB x PB
+// register blocks (the rest of M and Pn in MB x 1, 1 x PB and 1 x 1 blocks), through e's epilogue.
+template <typename T, int W, int MB = 5, int PB = 4>
+void gemm(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
+          const Epi<T>& e = Epi<T>()) {
+  if (x2 != nullptr)
+    gemm_two<T, W, MB, PB, true>(M, Pn, x, x2, C, scm, scp, e);
+  else
+    gemm_two<T, W, MB, PB, false>(M, Pn, x, x2, C, scm, scp, e);
 }
 
 // Where a backward pass writes a parameter-shaped result r [P, W] (a gradient or a Hessian-vector
@@ -345,14 +366,18 @@ class Group {
   // activations; the per-step gradients are kept only when the learned rates need them.
   Group(const Net& net, int64_t K, int64_t Q, int64_t S, bool first_order, bool keep_grads)
       : net_(net), K_(K), Q_(Q), S_(S), fo_(first_order), keep_g_(keep_grads) {
-    int64_t sumd = 0;
-    for (int64_t l = 1; l <= net.L; ++l) sumd += net.d[l];
+    int64_t sumd = 0, sumd_z = 0;  // widths, and those of the layers that keep z apart
+    for (int64_t l = 1; l <= net.L; ++l) {
+      sumd += net.d[l];
+      if (keeps_z(net.acts[l - 1])) sumd_z += net.d[l];
+    }
+    const int64_t acts_per_row = 3 * sumd + sumd_z;  // a, da, dz (and z) of one row, all layers
     const int64_t NQ = std::max(K, Q), P = net.P;
     dmax_ = *std::max_element(net.d.begin(), net.d.end());
     const int64_t I = net.d[0], D = net.d[net.L];
     const int64_t n_theta = first_order ? 1 : S + 1, n_g = keep_grads ? S : 0;
     const int64_t n_steps = first_order ? std::min<int64_t>(S, 1) : S;
-    const int64_t n = n_theta * P + n_g * P + n_steps * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd +
+    const int64_t n = n_theta * P + n_g * P + (n_steps * K + NQ) * acts_per_row + 2 * K * sumd +
                       2 * K * dmax_ + 3 * P + K * I + Q * I + (K + Q) * D + K * D + dmax_;
     T* p = static_cast<T*>(workspace(static_cast<size_t>(n) * W * sizeof(T)));
     auto take = [&](int64_t count) { T* q = p; p += count * W; return q; };
@@ -386,19 +411,20 @@ class Group {
       const T* Wl = th + net_.offW[l - 1] * W;
       const T* b = th + net_.offb[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
-      T* z = A.z[l - 1];
-      // z[n, o] = b[o] + sum_i ain[n, i] W[o, i]; a piecewise linear activation is applied as z is
-      // written
+      // z[n, o] = b[o] + sum_i ain[n, i] W[o, i], written as a = s(z) by the product's epilogue
+      // (ReLU, leaky ReLU, linear) or then in place (tanh, sigmoid); z kept apart only where a's
+      // sign is not z's (see keeps_z)
       const int64_t act = net_.acts[l - 1];
       Epi<T> e;
       e.init = b;
-      if (piecewise_linear(act)) {
-        e.act_out = A.a[l - 1];
-        e.linear = act == kNone;
+      if (act == kRelu || act == kLeaky) {
+        e.activate = true;
         e.slope = act == kLeaky ? static_cast<T>(net_.slope) : T(0);
+        if (keeps_z(act)) e.act_out = A.a[l - 1];
       }
-      gemm<T, W, kFwdMB, kFwdPB>(N, dout, Prod<T>{ain, din, 1, Wl, 1, din, din}, nullptr, z, dout, 1, e);
-      if (!piecewise_linear(act)) activate(act, z, A.a[l - 1], N * dout);
+      T* out = keeps_z(act) ? A.z[l - 1] : A.a[l - 1];
+      gemm<T, W, kFwdMB, kFwdPB>(N, dout, Prod<T>{ain, din, 1, Wl, 1, din, din}, nullptr, out, dout, 1, e);
+      if (!piecewise_linear(act)) activate(act, out, A.a[l - 1], N * dout);
     }
   }
 
@@ -517,6 +543,11 @@ class Group {
   }
 
   static bool piecewise_linear(int64_t act) { return act == kNone || act == kRelu || act == kLeaky; }
+
+  // Whether a layer keeps its pre-activations z apart from a = s(z). Only the sign of z is read
+  // (ReLU and leaky ReLU derivatives) and tanh / sigmoid derivatives come from a, so z shares a's
+  // storage except under a leaky ReLU of negative slope, where a > 0 does not mean z > 0.
+  bool keeps_z(int64_t act) const { return act == kLeaky && net_.slope < 0; }
 
   // Layer l's part of a parameter-shaped result: W_l [dout, din] = the product x (+ x2) over the
   // N rows, b_l = sum over rows of x's A (dz [N, dout]), written to sink.
@@ -648,10 +679,13 @@ class Group {
  private:
   template <typename Take>
   void carve(Acts<T>& A, int64_t N, Take& take) {
-    for (auto* vec : {&A.z, &A.a, &A.da, &A.dz}) {
+    for (auto* vec : {&A.a, &A.da, &A.dz}) {
       vec->resize(net_.L);
       for (int64_t l = 1; l <= net_.L; ++l) (*vec)[l - 1] = take(N * net_.d[l]);
     }
+    A.z.resize(net_.L);
+    for (int64_t l = 1; l <= net_.L; ++l)
+      A.z[l - 1] = keeps_z(net_.acts[l - 1]) ? take(N * net_.d[l]) : A.a[l - 1];
   }
 
   const Net& net_;
