@@ -45,7 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           for (const auto& p : params) cpu(p, "every param");
           return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, {}, lr, steps, acts, slope, loss, first_order,
                                              /*need_lr_grad=*/false, /*split=*/true);
-        });
+        },
+        py::call_guard<py::gil_scoped_release>());  // as a torch op call: other Python threads run meanwhile
   m.def("has_cuda", []() {
 #ifdef FASTMETA_WITH_CUDA
     return true;
