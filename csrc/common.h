@@ -54,4 +54,10 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, bool split = false);
 
+// fastmeta::mlp_meta_loss (its autograd Function, scalar lr) called without the dispatcher, for
+// the direct binding in bindings.cpp (CPU tensors).
+at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                    const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
+                                    at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order);
+
 }  // namespace fastmeta

@@ -110,38 +110,52 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
                             int64_t steps, at::IntArrayRef acts, double slope, int64_t loss, bool first_order) {
     bool need_lr_grad = false;
     for (const auto& l : lrs) need_lr_grad |= l.requires_grad();
+    // on CPU the kernel's reduction writes one gradient tensor per parameter (and rate), kept as
+    // they are for backward; from per-task rows, one flat gradient that backward splits
+    const bool split = !from_rows(xs);
     std::vector<at::Tensor> outs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      outs = meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+      outs = split ? mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
+                                       need_lr_grad, /*split=*/true)
+                   : meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
+                                    need_lr_grad);
     }
-    ctx->save_for_backward({outs[1]});
-    std::vector<int64_t> shapes;
-    for (const auto& p : params) {
-      shapes.push_back(p.dim());
-      shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
+    ctx->save_for_backward(std::vector<at::Tensor>(outs.begin() + 1, outs.end()));
+    if (!split) {
+      std::vector<int64_t> shapes;
+      for (const auto& p : params) {
+        shapes.push_back(p.dim());
+        shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
+      }
+      ctx->saved_data["shapes"] = shapes;
     }
-    ctx->saved_data["shapes"] = shapes;
+    ctx->saved_data["split"] = split;
     ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
     ctx->saved_data["lr_grads"] = need_lr_grad;
     return outs[0];
   }
 
   // One gradient per forward input: 4 data tensors (none), the params, the lrs, 6 non-tensors. The
-  // flat meta-gradient is scaled by the incoming gradient in one op (none for a CPU 1), then split.
+  // saved meta-gradient is scaled by the incoming gradient (not for a CPU 1, the usual
+  // loss.backward()), the flat one then split.
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "fastmeta::mlp_meta_loss returns the meta-gradient directly and is differentiable once only; "
                 "use fastmeta.use_backend('torch') for higher-order derivatives of the meta-loss");
-    at::Tensor flat = ctx->get_saved_variables()[0];
+    variable_list saved = ctx->get_saved_variables();
     const int64_t n_lrs = ctx->saved_data["n_lrs"].toInt();
     const bool lr_grads = ctx->saved_data["lr_grads"].toBool();
     const at::Tensor& go = grad_out[0];
     const bool unit = go.is_cpu() && go.numel() == 1 && go.item<double>() == 1.0;
-    if (!unit) flat = flat * go;
     variable_list grads(4);
-    for (auto& g : split_flat(flat, ctx->saved_data["shapes"].toIntVector(), lr_grads ? 2 : 1))
-      grads.push_back(std::move(g));
+    if (ctx->saved_data["split"].toBool()) {
+      for (auto& g : saved) grads.push_back(unit ? std::move(g) : g * go);
+    } else {
+      const at::Tensor flat = unit ? saved[0] : saved[0] * go;
+      for (auto& g : split_flat(flat, ctx->saved_data["shapes"].toIntVector(), lr_grads ? 2 : 1))
+        grads.push_back(std::move(g));
+    }
     grads.resize(grads.size() + (lr_grads ? 0 : n_lrs) + 6);
     return grads;
   }
@@ -154,6 +168,14 @@ at::Tensor mlp_meta_loss(const at::Tensor& xs, const at::Tensor& ys, const at::T
 }
 
 }  // namespace
+
+at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                    const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
+                                    at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order) {
+  return MLPMetaLoss::apply(xs, ys, xq, yq, params, at::TensorList(), lr, steps, acts, negative_slope, loss,
+                            first_order);
+}
+
 }  // namespace fastmeta
 
 TORCH_LIBRARY_IMPL(fastmeta, CompositeImplicitAutograd, m) {

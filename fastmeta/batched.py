@@ -85,13 +85,15 @@ class BatchedMAML(nn.Module):
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
 
-    def _param_list(self) -> list:
-        """list(self.parameters()) by a walk over the modules listed at construction (the walk
-        of nn.Module.parameters() costs more than the fused op's own overhead on small models);
-        a parameter replaced or added on one of those modules is seen, as in parameters()."""
-        mods = self.__dict__.get("_walk")
+    def _param_list(self, model_only: bool = False) -> list:
+        """list(self.parameters()) (with model_only, list(self.model.parameters())) by a walk over
+        the modules listed at the first call (the walk of nn.Module.parameters() costs more than
+        the fused op's own overhead on small models); a parameter replaced or added on one of those
+        modules is seen, as in parameters()."""
+        key = "_walk_model" if model_only else "_walk"
+        mods = self.__dict__.get(key)
         if mods is None:
-            mods = self.__dict__["_walk"] = [m._parameters for m in self.modules()]
+            mods = self.__dict__[key] = [m._parameters for m in (self.model if model_only else self).modules()]
         seen, out = set(), []
         for d in mods:
             for p in d.values():
@@ -245,7 +247,7 @@ class BatchedMAML(nn.Module):
 
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
-        params = list(self.model.parameters())
+        params = self._param_list(model_only=True)
         fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
         if checked and self._direct is not None:
             with torch.enable_grad(), phase("fused_inner_loop"):

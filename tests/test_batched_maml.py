@@ -304,10 +304,11 @@ def test_value_and_grad_follows_replaced_parameters():
 
 
 @requires_cpp
-def test_value_and_grad_cpu_binding_and_when_it_is_not_taken():
-    """On plain CPU tensors value_and_grad's repeated calls go to the kernel's direct binding (no
-    dispatcher), with the op's results; under a dispatch mode or with a tensor subclass they go
-    through fastmeta::mlp_meta_grad (which the mode sees), with the same results."""
+def test_cpu_bindings_and_when_they_are_not_taken():
+    """On plain CPU tensors the repeated calls of value_and_grad and forward go to direct bindings
+    of the kernel (no dispatcher), with the ops' results; under a dispatch mode or with a tensor
+    subclass they go through fastmeta::mlp_meta_grad / ::mlp_meta_loss (which the mode sees), with
+    the same results."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Seen(TorchDispatchMode):
@@ -340,11 +341,29 @@ def test_value_and_grad_cpu_binding_and_when_it_is_not_taken():
         sub = [batch[0].as_subclass(Sub)] + list(batch[1:])
         loss3, _ = meta.value_and_grad(*sub)
         assert torch.equal(loss3.as_subclass(torch.Tensor), loss)
-    binding = fastmeta._C._mlp_meta_grad_cpu_direct
+        # forward (loss + autograd) the same way: its binding, then the op under the mode
+        params = list(model.parameters())
+        fwd = meta(*batch)
+        assert torch.equal(fwd.detach(), loss)
+        assert all(torch.equal(g, w) for g, w in zip(torch.autograd.grad(fwd, params), grads))
+        with Seen():
+            fwd2 = meta(*batch)  # through the op (mlp_meta_loss decomposes above the mode's key)
+        assert all(torch.equal(g, 2 * w) for g, w in zip(torch.autograd.grad(fwd2 * 2, params), grads))
+    # the guard itself: plain tensors yes; a dispatch or torch function mode, a subclass no
+    from torch.overrides import TorchFunctionMode
+    from fastmeta.ops.mlp_inner_loop import _plain_call
+    plain = list(model.parameters())
+    assert _plain_call(*batch, plain)
+    with Seen():
+        assert not _plain_call(*batch, plain)
+    with TorchFunctionMode():
+        assert not _plain_call(*batch, plain)
+    assert not _plain_call(batch[0].as_subclass(Sub), *batch[1:], plain)
     params = [p.detach() for p in model.parameters()]
     meta_xs = torch.empty(batch[0].shape, device="meta")
-    with pytest.raises(RuntimeError, match="xs must be a strided CPU tensor"):
-        binding(meta_xs, *batch[1:], params, 0.05, 2, [1, 0], 0.01, 0, True)
+    for binding in (fastmeta._C._mlp_meta_grad_cpu_direct, fastmeta._C._mlp_meta_loss_cpu_direct):
+        with pytest.raises(RuntimeError, match="xs must be a strided CPU tensor"):
+            binding(meta_xs, *batch[1:], params, 0.05, 2, [1, 0], 0.01, 0, True)
 
 
 def test_graphed_needs_a_batched_maml_and_cuda_tensors():

@@ -281,8 +281,11 @@ def mlp_meta_loss_direct(spec, loss, device_type):
     if bound is None:
         return None
     op, acts, slope, code = bound
+    fast = _cpu_binding("_mlp_meta_loss_cpu_direct") if device_type == "cpu" else None
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
+        if fast is not None and _plain_call(xs, ys, xq, yq, params):
+            return fast(xs, ys, xq, yq, params, lr, steps, acts, slope, code, first_order)
         return op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order)
     return call
 
@@ -317,7 +320,7 @@ def mlp_meta_grad_direct(spec, loss, device_type):
     if bound is None:
         return None
     op, acts, slope, code = bound
-    fast = _cpu_binding() if device_type == "cpu" else None
+    fast = _cpu_binding("_mlp_meta_grad_cpu_direct") if device_type == "cpu" else None
 
     def call(xs, ys, xq, yq, params, lr, steps, first_order):
         if fast is not None and _plain_call(xs, ys, xq, yq, params):
@@ -328,11 +331,11 @@ def mlp_meta_grad_direct(spec, loss, device_type):
     return call
 
 
-def _cpu_binding():
-    """fastmeta._C._mlp_meta_grad_cpu_direct (the CPU kernel of fastmeta::mlp_meta_grad bound
-    without the dispatcher), or None in a build without it."""
+def _cpu_binding(name):
+    """fastmeta._C.<name>: the CPU path of fastmeta::mlp_meta_grad / ::mlp_meta_loss bound without
+    the dispatcher (csrc/bindings.cpp), or None in a build without it."""
     from .. import _C
-    return getattr(_C, "_mlp_meta_grad_cpu_direct", None)
+    return getattr(_C, name, None)
 
 
 def _plain_call(xs, ys, xq, yq, params) -> bool:
