@@ -191,6 +191,64 @@ Ep epilogue_kind(const Epi<T>& e) {
   return e.init != nullptr ? Ep::kInit : Ep::kStore;
 }
 
+#if defined(__AVX512F__)
+// Epilogue K of one output: C's entry at (lane vectors at C + at * W) from the product acc, in
+// column p (for init).
+template <typename T, int W, Ep K>
+inline void put(const Epi<T>& e, typename Vec<T>::R alpha, T* C, int64_t at, int64_t p, typename Vec<T>::R acc) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  T* c = C + at * W;
+  if constexpr (K == Ep::kSgdRates) {
+    V::store(c, V::fnma(V::set1(e.rates[at]), acc, V::load(e.base + at * W)));
+  } else if constexpr (K == Ep::kSgd) {
+    V::store(c, V::fnma(alpha, acc, V::load(e.base + at * W)));
+  } else if constexpr (K == Ep::kGate) {
+    V::store(c, V::gate(V::load(e.gate + at * W), acc, e.slope));
+  } else if constexpr (K == Ep::kStore) {
+    V::store(c, acc);
+  } else {
+    const R z = V::add(V::load(e.init + p * W), acc);
+    if constexpr (K == Ep::kInit) {
+      V::store(c, z);
+    } else if constexpr (K == Ep::kAct) {
+      V::store(c, V::gate(z, z, e.slope));
+    } else {
+      V::store(c, z);
+      V::store(e.act_out + at * W, V::gate(z, z, e.slope));
+    }
+  }
+}
+
+// A product with K = 1 (x [M] times y [Pn], the first layer's forward on one input feature, the
+// backward into a one-output layer): 8 columns of y held in registers over all M rows, each output
+// one multiply and its epilogue, instead of register blocks that each reload their inputs for one
+// FMA per accumulator.
+template <typename T, int W, Ep K>
+void rank1(int64_t M, int64_t Pn, const Prod<T>& x, T* C, int64_t scm, int64_t scp, const Epi<T>& e) {
+  using V = Vec<T>;
+  using R = typename V::R;
+  constexpr int PB = 8;
+  const R alpha = V::set1(e.alpha);
+  int64_t p = 0;
+  for (; p + PB <= Pn; p += PB) {
+    R b[PB];
+#pragma GCC unroll 8
+    for (int j = 0; j < PB; ++j) b[j] = V::load(x.B + (p + j) * x.sbp * W);
+    for (int64_t m = 0; m < M; ++m) {
+      const R a = V::load(x.A + m * x.sam * W);
+#pragma GCC unroll 8
+      for (int j = 0; j < PB; ++j) put<T, W, K>(e, alpha, C, m * scm + (p + j) * scp, p + j, V::mul(a, b[j]));
+    }
+  }
+  for (; p < Pn; ++p) {
+    const R b = V::load(x.B + p * x.sbp * W);
+    for (int64_t m = 0; m < M; ++m)
+      put<T, W, K>(e, alpha, C, m * scm + p * scp, p, V::mul(V::load(x.A + m * x.sam * W), b));
+  }
+}
+#endif
+
 // C[m, p] for an MB x PB register block: MB * PB independent accumulator chains hide the FMA
 // latency and each loaded A/B vector is used PB/MB times. With Two, x2 adds a second product
 // into the same accumulators (pairs such as dz^T a + dz'^T a' of the second-order pass).
@@ -226,30 +284,7 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
-      for (int j = 0; j < PB; ++j) {
-        const int64_t at = (m + i) * scm + (p + j) * scp;
-        T* c = C + at * W;
-        const R acc = r[i][j];
-        if constexpr (K == Ep::kSgdRates) {
-          V::store(c, V::fnma(V::set1(e.rates[at]), acc, V::load(e.base + at * W)));
-        } else if constexpr (K == Ep::kSgd) {
-          V::store(c, V::fnma(alpha, acc, V::load(e.base + at * W)));
-        } else if constexpr (K == Ep::kGate) {
-          V::store(c, V::gate(V::load(e.gate + at * W), acc, e.slope));
-        } else if constexpr (K == Ep::kStore) {
-          V::store(c, acc);
-        } else {
-          const R z = V::add(V::load(e.init + (p + j) * W), acc);
-          if constexpr (K == Ep::kInit) {
-            V::store(c, z);
-          } else if constexpr (K == Ep::kAct) {
-            V::store(c, V::gate(z, z, e.slope));
-          } else {
-            V::store(c, z);
-            V::store(e.act_out + at * W, V::gate(z, z, e.slope));
-          }
-        }
-      }
+      for (int j = 0; j < PB; ++j) put<T, W, K>(e, alpha, C, (m + i) * scm + (p + j) * scp, p + j, r[i][j]);
     return;
   }
   T acc[MB][PB][W];
@@ -305,6 +340,11 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
 template <typename T, int W, int MB, int PB, Ep K, bool Two>
 void gemm_kind(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
                const Epi<T>& e) {
+#if defined(__AVX512F__)
+  if constexpr (!Two && W * sizeof(T) == 64) {
+    if (x.K == 1) return rank1<T, W, K>(M, Pn, x, C, scm, scp, e);
+  }
+#endif
   int64_t m = 0;
   for (; m + MB <= M; m += MB) {
     int64_t p = 0;
