@@ -62,7 +62,7 @@ struct Net {
 };
 
 // One forward/backward's stored activations: z_l, a_l, da_l, dz_l (l = 1..L at index l-1), each
-// [N, d_l, W].
+// [N, d_l, W]; z_l is a_l's storage itself except where the layer keeps it apart (Group::keeps_z).
 template <typename T>
 struct Acts {
   std::vector<T*> z, a, da, dz;

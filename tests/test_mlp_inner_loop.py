@@ -46,6 +46,17 @@ def test_activations_and_losses(acts, loss, first_order):
     assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("slope", [-0.3, 0.0])
+def test_leaky_relu_of_any_slope(slope, first_order):
+    """A leaky ReLU of negative slope keeps its pre-activations apart (a > 0 does not mean z > 0
+    there; the kernel reads only z's sign); slope 0 is a ReLU. Both against the reference."""
+    params, batch = make((3, 37, 11, 2), 5, 7, 6, "mse", torch.float64)
+    r = both(params, batch, 0.1, 3, ["leaky_relu", "leaky_relu", None], "mse", first_order, slope=slope)
+    assert_rel_close([r["cpp"][0]], [r["torch"][0]], 1e-12, "losses")
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_meta_sgd_rates(dtype, first_order):
