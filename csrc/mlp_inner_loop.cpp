@@ -812,9 +812,14 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
     std::copy(b.data_ptr<T>(), b.data_ptr<T>() + b.numel(), theta0.begin() + net.offb[l - 1]);
   }
   const int64_t groups = (Tn + W - 1) / W;
-  at::parallel_for(0, groups, 1, [&](int64_t begin, int64_t end) {
+  // Threads claim groups one at a time (each writes only its groups' outputs, so the result does
+  // not depend on which thread ran which): a thread that starts late, or is descheduled on a
+  // shared machine, leaves its groups to the others instead of holding up the call.
+  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
+  std::atomic<int64_t> next_group{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad);
-    for (int64_t grp = begin; grp < end; ++grp) {
+    for (int64_t grp = next_group++; grp < groups; grp = next_group++) {
       int64_t tasks[W];
       for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
       gather<T, W>(xs.data_ptr<T>(), K * I, tasks, gp.xs);
