@@ -765,7 +765,8 @@ inline __m512 sums16(const float* src, __mmask16 keep) {
     s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
   }
   for (int i = 0; i < 4; ++i)  // [a b c d] per 128-bit lane
-    u[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44), _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(s[2 * i], s[2 * i + 1], 0xEE));
   for (int i = 0; i < 2; ++i)  // the 128-bit lanes pairwise
     w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x44),
                          _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xEE));

@@ -3,8 +3,8 @@
 Names: ``torch`` (pure PyTorch references, always there), ``cpp`` (fastmeta._C CPU kernels),
 ``cuda`` (fastmeta._C CUDA kernels), ``triton`` (fastmeta.kernels). The choice comes from
 ``fastmeta.set_backend`` / ``fastmeta.use_backend`` or the ``FASTMETA_BACKEND`` environment variable,
-read when fastmeta is imported (default ``auto``). ``auto`` takes the first available backend of the op's preference list for the
-tensor's device and falls back to ``torch`` quietly; an explicitly requested backend that the op
+read when fastmeta is imported (default ``auto``). ``auto`` takes the first available backend of
+the op's preference list for the tensor's device and falls back to ``torch`` quietly; an explicitly requested backend that the op
 implements but that cannot run here (not built, wrong device) raises :class:`BackendUnavailable`
 with the reason; an op with no kernel of that backend at all runs its auto choice. Nothing here touches CUDA at import time.
 """

@@ -93,7 +93,8 @@ class BatchedMAML(nn.Module):
         key = "_walk_model" if model_only else "_walk"
         mods = self.__dict__.get(key)
         if mods is None:
-            mods = self.__dict__[key] = [m._parameters for m in (self.model if model_only else self).modules()]
+            root = self.model if model_only else self
+            mods = self.__dict__[key] = [m._parameters for m in root.modules()]
         seen, out = set(), []
         for d in mods:
             for p in d.values():
