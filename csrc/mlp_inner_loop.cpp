@@ -191,7 +191,6 @@ Ep epilogue_kind(const Epi<T>& e) {
   return e.init != nullptr ? Ep::kInit : Ep::kStore;
 }
 
-#if defined(__AVX512F__)
 // Epilogue K of one output: C's entry at (lane vectors at C + at * W) from the product acc, in
 // column p (for init).
 template <typename T, int W, Ep K>
@@ -220,6 +219,7 @@ inline void put(const Epi<T>& e, typename Vec<T>::R alpha, T* C, int64_t at, int
   }
 }
 
+#if defined(__AVX512F__)
 // A product with K = 1 (x [M] times y [Pn], the first layer's forward on one input feature, the
 // backward into a one-output layer): 8 columns of y held in registers over all M rows, each output
 // one multiply and its epilogue, instead of register blocks that each reload their inputs for one
