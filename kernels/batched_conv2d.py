@@ -17,6 +17,8 @@ The two are enough for any derivative order (fastmeta/ops/batched_conv2d.py): th
 conv is conv of gy with the flipped, transposed weights and padding K-1-P, and the derivatives of
 wgrad are conv again.
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -26,6 +28,13 @@ def _tap(rk, KH: tl.constexpr, KW: tl.constexpr):
     """Reduction index k = (c, a, b) of a KH x KW kernel: input channel c, kernel row a, column b."""
     ab = rk % (KH * KW)
     return rk // (KH * KW), ab // KW, ab % KW
+
+
+@triton.jit
+def _pixel(rm, HO, WO):
+    """Output pixel m = (n, i, j) of an N x HO x WO output: image n, row i, column j."""
+    rest = rm % (HO * WO)
+    return rm // (HO * WO), rest // WO, rest % WO
 
 
 @triton.jit
@@ -57,10 +66,7 @@ def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO,
                      sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr):
     """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end)."""
     rm = m0 + tl.arange(0, BLOCK_M)
-    n = rm // (HO * WO)
-    rest = rm % (HO * WO)
-    oi = rest // WO
-    oj = rest % WO
+    n, oi, oj = _pixel(rm, HO, WO)
     # gy^T tile [BLOCK_O, BLOCK_M]
     gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
                  mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
@@ -83,10 +89,7 @@ def _conv_fwd_kernel(
     ro = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
     M = N * HO * WO
     K = C * KH * KW
-    n = rm // (HO * WO)
-    rest = rm % (HO * WO)
-    oi = rest // WO
-    oj = rest % WO
+    n, oi, oj = _pixel(rm, HO, WO)
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float64 if F64 else tl.float32)
     xb = x_ptr + t * sx_t
     wb = w_ptr + t * sw_t
@@ -159,7 +162,6 @@ WGRAD = dict(BLOCK_O=64, BLOCK_K=64, BLOCK_M=16, num_warps=8, num_stages=3)
 
 def _compiled():
     """Whether the kernels compile (a GPU) rather than run in the Triton interpreter."""
-    import os
     return os.environ.get("TRITON_INTERPRET", "0") != "1"
 
 
