@@ -53,7 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            double slope, int64_t loss, bool first_order) {
           check_cpu("_mlp_meta_grad_cpu_direct", xs, ys, xq, yq, params);
           return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, {}, lr, steps, acts, slope, loss, first_order,
-                                             /*need_lr_grad=*/false, /*split=*/true);
+                                             /*need_lr_grad=*/false);
         },
         py::call_guard<py::gil_scoped_release>());
   m.def("_mlp_meta_loss_cpu_direct",

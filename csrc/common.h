@@ -46,13 +46,12 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
 
 // The task mean of mlp_inner_loop, reduced inside the kernel: [mean query loss (0-dim), the mean
-// meta-gradient flat ([P], the params' elements in order), followed when need_lr_grad by the lrs'
-// ([2P] in all)]; with split, that gradient as one tensor per parameter (then per rate), each
-// shaped like its parameter.
+// meta-gradient as one tensor per parameter, shaped like it, followed when need_lr_grad by one per
+// rate].
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, bool split = false);
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
 
 // fastmeta::mlp_meta_loss (its autograd Function, scalar lr) called without the dispatcher, for
 // the direct binding in bindings.cpp (CPU tensors).

@@ -972,21 +972,16 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, bool split) {
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
   const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss);
   const int64_t Tn = c.xs.size(0), P = c.net.P;
   TORCH_CHECK(Tn > 0, "mlp_meta_loss: needs at least one task, got xs ", xs.sizes());
   const int copies = need_lr_grad ? 2 : 1;
   auto opts = c.xs.options();
+  // [loss, one tensor per parameter (then per rate) shaped like it]
   std::vector<at::Tensor> result{at::empty({}, opts)};
-  // where the mean gradient's entries go: one flat [copies * P] tensor, or (split) one tensor per
-  // parameter (and rate) shaped like it, in the flat order
-  if (split) {
-    for (int k = 0; k < copies; ++k)
-      for (const auto& p : params) result.push_back(at::empty(p.sizes(), opts));
-  } else {
-    result.push_back(at::empty({copies * P}, opts));
-  }
+  for (int k = 0; k < copies; ++k)
+    for (const auto& p : params) result.push_back(at::empty(p.sizes(), opts));
   AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_meta_grad_cpu", [&] {
     constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
     const int64_t G = (Tn + W - 1) / W;
@@ -1009,20 +1004,15 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
       }
       for (int64_t j = 0; j < n; ++j) dst[j] *= inv_t;
     };
-    if (split) {
-      size_t i = 1;
-      for (int k = 0; k < copies; ++k) {
-        int64_t j0 = 0;
-        for (const auto& p : params) {
-          reduce(k, j0, p.numel(), result[i++].data_ptr<scalar_t>());
-          j0 += p.numel();
-        }
+    size_t i = 1;
+    for (int k = 0; k < copies; ++k) {
+      int64_t j0 = 0;
+      for (const auto& p : params) {
+        reduce(k, j0, p.numel(), result[i++].data_ptr<scalar_t>());
+        j0 += p.numel();
       }
-    } else {
-      for (int k = 0; k < copies; ++k) reduce(k, 0, P, result[1].data_ptr<scalar_t>() + k * P);
     }
   });
-  // [loss, the mean gradient: flat ([P], or [2P] with the rates' after the params'), or split]
   return result;
 }
 

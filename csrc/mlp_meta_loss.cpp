@@ -1,9 +1,10 @@
 // fastmeta::mlp_meta_grad and fastmeta::mlp_meta_loss: the mean query loss over T tasks after the
 // fused inner loop and its task-mean meta-gradient.
 //
-// mlp_meta_grad returns both as plain tensors (no autograd): on CPU reduced inside the kernel, on
-// CUDA fastmeta::mlp_inner_loop's per-task rows summed here. It serves callers that want the
-// gradient itself (BatchedMAML.value_and_grad) and mlp_meta_loss's forward.
+// mlp_meta_grad returns both as plain tensors (no autograd): on CPU reduced inside the kernel into
+// one tensor per parameter, on CUDA fastmeta::mlp_inner_loop's per-task rows summed here and split
+// into views. It serves callers that want the gradient itself (BatchedMAML.value_and_grad);
+// mlp_meta_loss's forward computes the same two ways.
 //
 // mlp_meta_loss returns the loss with its autograd in C++ (no Python on the backward path):
 // forward keeps the meta-gradient, backward scales it by the incoming gradient (returned as is when
@@ -23,8 +24,8 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// [mean loss, flat mean meta-gradient (, flat mean lr gradient)] as mlp_meta_grad_cpu returns it,
-// from the per-task op, for devices whose kernel returns per-task rows (two reductions).
+// [mean loss, flat mean meta-gradient (then the flat mean lr gradient)] from fastmeta::mlp_inner_loop's
+// per-task rows (two reductions), for devices whose kernel returns rows (CUDA; see from_rows).
 std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                             const at::Tensor& yq, at::TensorList params, at::TensorList lrs,
                                             double lr, int64_t steps, at::IntArrayRef acts, double slope,
@@ -42,16 +43,6 @@ std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tens
 bool from_rows(const at::Tensor& xs) {
   const char* rows_env = std::getenv("FASTMETA_META_GRAD_ROWS");
   return !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
-}
-
-// [mean loss, flat mean meta-gradient (, flat mean lr gradient)] on any device (see from_rows).
-std::vector<at::Tensor> meta_grad_flat(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
-                                       const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
-                                       int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
-                                       bool first_order, bool need_lr_grad) {
-  if (from_rows(xs))
-    return meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
-  return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
 }
 
 // The flat gradient g split into one tensor per parameter (views), shaped as recorded in `shapes`
@@ -77,9 +68,9 @@ std::vector<at::Tensor> mlp_meta_grad(const at::Tensor& xs, const at::Tensor& ys
                                       int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
                                       bool first_order, bool need_lr_grad) {
   if (!from_rows(xs))  // the kernel's reduction writes one tensor per parameter
-    return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
-                             /*split=*/true);
-  auto outs = meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+    return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+  auto outs = meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
+                                  need_lr_grad);
   std::vector<int64_t> shapes;
   for (const auto& p : params) {
     shapes.push_back(p.dim());
@@ -117,9 +108,9 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       outs = split ? mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
-                                       need_lr_grad, /*split=*/true)
-                   : meta_grad_flat(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
-                                    need_lr_grad);
+                                       need_lr_grad)
+                   : meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
+                                         need_lr_grad);
     }
     ctx->save_for_backward(std::vector<at::Tensor>(outs.begin() + 1, outs.end()));
     if (!split) {
