@@ -81,15 +81,13 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   cuda::MLPArgs<T> a{};
   const int L = static_cast<int>(params.size() / 2);
   a.L = L;
-  int64_t off = 0;
   a.dims[0] = static_cast<int>(params[0].size(1));
   for (int l = 0; l < L; ++l) {
     a.dims[l + 1] = static_cast<int>(params[2 * l].size(0));
     a.acts[l] = static_cast<int>(acts[l]);
-    a.off_w[l] = off; off += params[2 * l].numel();
-    a.off_b[l] = off; off += params[2 * l + 1].numel();
   }
-  a.P = off;
+  cuda::mlp_layout(a);
+  TORCH_CHECK(a.P == theta0.numel(), "mlp_inner_loop (cuda): params must be [W_1 [d_1, d_0], b_1 [d_1], ...]");
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
   int dmax = 0;
   for (int l = 0; l <= L; ++l) dmax = std::max(dmax, a.dims[l]);

@@ -28,8 +28,7 @@ cudaError_t launch_inner_update(const UpdateTensor<T>* tensors, const UpdateChun
                                 cudaStream_t stream) {
   if (num_chunks == 0) return cudaSuccess;
   // grids are limited to 2^31 - 1 blocks in x: more chunks than that is 2^47 elements
-  inner_update_kernel<T><<<static_cast<unsigned>(num_chunks), 256, 0, stream>>>(tensors, chunks);
-  return cudaGetLastError();
+  return FASTMETA_LAUNCH(inner_update_kernel<T>, static_cast<unsigned>(num_chunks), 256, 0, stream, tensors, chunks);
 }
 
 template cudaError_t launch_inner_update<float>(const UpdateTensor<float>*, const UpdateChunk*, int64_t,

@@ -3,7 +3,14 @@
 #pragma once
 #include <cstdint>
 
+#ifndef FASTMETA_CUDA_EMULATE
 #include <cuda_runtime.h>
+// Dynamic shared memory and launches through macros, so that tests/cuda_emu/cuda_emu.h can run the
+// same kernels on the CPU (threads as fibers) where there is no GPU.
+#define FASTMETA_DYNAMIC_SMEM(type, name) extern __shared__ type name[]
+#define FASTMETA_LAUNCH(kernel, grid, block, shmem, stream, ...) \
+  (kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__), cudaGetLastError())
+#endif
 
 namespace fastmeta {
 namespace cuda {
@@ -64,6 +71,20 @@ struct MLPArgs {
   int acts[kMaxLayers];
   int64_t off_w[kMaxLayers], off_b[kMaxLayers];
 };
+
+// Offsets of each layer's W and b in the flat parameter vector ([W_1, b_1, W_2, ...], each
+// row-major) and their total P, from a.L and a.dims (the binding and tests/cuda_emu share it).
+template <typename T>
+inline void mlp_layout(MLPArgs<T>& a) {
+  int64_t off = 0;
+  for (int l = 0; l < a.L; ++l) {
+    a.off_w[l] = off;
+    off += static_cast<int64_t>(a.dims[l + 1]) * a.dims[l];
+    a.off_b[l] = off;
+    off += a.dims[l + 1];
+  }
+  a.P = off;
+}
 
 // Workspace elements one task needs (the caller allocates num_tasks times this, or none when the
 // workspace goes to shared memory: see mlp_smem_bytes).

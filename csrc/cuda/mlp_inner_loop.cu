@@ -260,7 +260,7 @@ __host__ __device__ inline int64_t sum_widths(const int* dims, int L) {
 
 template <typename T>
 __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
-  extern __shared__ unsigned char smem_raw[];
+  FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
   const int64_t t = blockIdx.x;
   const int64_t P = A.P, S = A.steps, K = A.K, Q = A.Q;
@@ -360,8 +360,8 @@ cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
                                                static_cast<int>(shmem));
     if (e != cudaSuccess) return e;
   }
-  mlp_inner_loop_kernel<T><<<static_cast<unsigned>(args.num_tasks), kThreads, shmem, stream>>>(args);
-  return cudaGetLastError();
+  return FASTMETA_LAUNCH(mlp_inner_loop_kernel<T>, static_cast<unsigned>(args.num_tasks), kThreads, shmem, stream,
+                         args);
 }
 
 template size_t mlp_smem_bytes<float>(int64_t, bool);

@@ -1,0 +1,106 @@
+// fastmeta's CUDA kernels compiled for the CPU through cuda_emu.h, with a C interface for ctypes
+// (tests/test_cuda_emu.py): the same sources and launchers as the GPU build, the argument layout of
+// the binding (cuda::mlp_layout, mlp_scratch_per_task, mlp_smem_bytes).
+#include "cuda_emu.h"
+
+#include "../../csrc/cuda/inner_update.cu"
+#include "../../csrc/cuda/mlp_inner_loop.cu"
+
+#include <limits>
+
+namespace {
+
+template <typename T>
+int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,
+            const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr,
+            double slope, int loss, int first_order, int smem, T* loss_out, T* dtheta, T* dlr) {
+  using namespace fastmeta::cuda;
+  MLPArgs<T> a{};
+  a.L = L;
+  for (int l = 0; l <= L; ++l) a.dims[l] = dims[l];
+  for (int l = 0; l < L; ++l) a.acts[l] = acts[l];
+  mlp_layout(a);
+  a.num_tasks = tasks; a.K = K; a.Q = Q; a.steps = steps;
+  a.loss = loss; a.first_order = first_order != 0;
+  a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
+  a.xs = xs; a.xq = xq;
+  if (loss == 0) { a.ys_f = static_cast<const T*>(ys); a.yq_f = static_cast<const T*>(yq); }
+  else { a.ys_l = static_cast<const int64_t*>(ys); a.yq_l = static_cast<const int64_t*>(yq); }
+  a.theta0 = theta0;
+  a.lrs = lrs;
+  a.scratch_per_task = mlp_scratch_per_task(a.dims, L, K, Q, steps, a.P, a.first_order, dlr != nullptr);
+  a.smem = smem != 0 && mlp_smem_bytes<T>(a.scratch_per_task, true) <= fm_emu::kMaxSmemOptin;
+  // the workspace starts as NaN: a value read before the kernel wrote it shows in the results
+  std::vector<T> scratch(a.smem ? 0 : tasks * a.scratch_per_task, std::numeric_limits<T>::quiet_NaN());
+  a.scratch = a.smem ? nullptr : scratch.data();
+  a.loss_out = loss_out; a.dtheta = dtheta; a.dlr = dlr;
+  fm_emu::state().error.clear();
+  const cudaError_t e = launch_mlp_inner_loop<T>(a, nullptr);
+  if (e != cudaSuccess) return 1;
+  return a.smem ? 2 : 0;  // which workspace ran, for the test to assert
+}
+
+template <typename T>
+int run_update(int n_tensors, T** outs, const T** ps, const T** gs, const T** lrs, double lr, const int64_t* ns,
+               const int64_t* p_periods, const int64_t* lr_periods) {
+  using namespace fastmeta::cuda;
+  std::vector<UpdateTensor<T>> table;
+  std::vector<UpdateChunk> chunks;
+  for (int i = 0; i < n_tensors; ++i) {
+    table.push_back({outs[i], ps[i], gs[i], lrs ? lrs[i] : nullptr, static_cast<T>(lr), ns[i], p_periods[i],
+                     lr_periods ? lr_periods[i] : 1});
+    for (int64_t s = 0; s < ns[i]; s += kChunk) chunks.push_back({i, s});
+  }
+  fm_emu::state().error.clear();
+  return launch_inner_update<T>(table.data(), chunks.data(), static_cast<int64_t>(chunks.size()), nullptr) ==
+                 cudaSuccess ? 0 : 1;
+}
+
+// A kernel with a deliberate race unless `sync`: thread i reads what thread i + 1 wrote in the same
+// interval. The emulator's thread orders must tell the two apart (tests/test_cuda_emu.py).
+__global__ void neighbour_kernel(float* out, int sync) {
+  FASTMETA_DYNAMIC_SMEM(float, buf);
+  const unsigned i = threadIdx.x;
+  buf[i] = static_cast<float>(i);
+  if (sync) __syncthreads();
+  out[i] = buf[(i + 1) % blockDim.x];
+}
+
+}  // namespace
+
+extern "C" {
+
+int fm_emu_neighbours(float* out, int threads, int sync) {
+  fm_emu::state().error.clear();
+  return FASTMETA_LAUNCH(neighbour_kernel, 1u, static_cast<unsigned>(threads), threads * sizeof(float), nullptr, out,
+                         sync) == cudaSuccess ? 0 : 1;
+}
+
+void fm_emu_set_order(int order, uint64_t seed) {
+  fm_emu::state().order = order;
+  fm_emu::state().seed = seed;
+}
+
+const char* fm_emu_error() { return fm_emu::state().error.c_str(); }
+
+uint64_t fm_emu_barriers() { return fm_emu::state().barriers; }
+
+#define FM_EMU_MLP(NAME, T)                                                                                  \
+  int NAME(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,     \
+           const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr, \
+           double slope, int loss, int first_order, int smem, T* loss_out, T* dtheta, T* dlr) {             \
+    return run_mlp<T>(L, dims, acts, tasks, K, Q, steps, xs, ys, xq, yq, theta0, lrs, lr, slope, loss,      \
+                      first_order, smem, loss_out, dtheta, dlr);                                             \
+  }
+FM_EMU_MLP(fm_emu_mlp_f32, float)
+FM_EMU_MLP(fm_emu_mlp_f64, double)
+
+#define FM_EMU_UPDATE(NAME, T)                                                                               \
+  int NAME(int n, T** outs, const T** ps, const T** gs, const T** lrs, double lr, const int64_t* ns,         \
+           const int64_t* p_periods, const int64_t* lr_periods) {                                            \
+    return run_update<T>(n, outs, ps, gs, lrs, lr, ns, p_periods, lr_periods);                               \
+  }
+FM_EMU_UPDATE(fm_emu_update_f32, float)
+FM_EMU_UPDATE(fm_emu_update_f64, double)
+
+}  // extern "C"

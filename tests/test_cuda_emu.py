@@ -1,0 +1,173 @@
+"""The CUDA kernels of csrc/cuda run on the CPU through tests/cuda_emu (threads as fibers between
+barriers), against the C++ CPU kernels: the fused MLP inner loop in both workspaces (global memory,
+shared memory), both orders, Meta-SGD rates, MSE and cross-entropy, odd widths; the multi-tensor
+update against its reference. Every case runs with the threads of each barrier interval in
+ascending, descending and shuffled order and must give bit-identical results: a difference is a
+data race on the GPU. The GPU itself runs the same sources in tests/test_gpu.py."""
+import ctypes
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import fastmeta
+from fastmeta import ops
+from conftest import RTOL, assert_rel_close, make_mlp_batch, requires_cpp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EMU = os.path.join(ROOT, "tests", "cuda_emu")
+CXX = shutil.which("g++") or shutil.which("c++")
+ACT = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+ORDERS = (0, 1, 2)  # ascending, descending, shuffled thread ids in each barrier interval
+
+pytestmark = [requires_cpp, pytest.mark.skipif(CXX is None, reason="no C++ compiler")]
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    lib = str(tmp_path_factory.mktemp("cuda_emu") / "libfastmeta_cuda_emu.so")
+    out = subprocess.run([CXX, "-std=c++17", "-O2", "-shared", "-fPIC", "-o", lib,
+                          os.path.join(EMU, "emu_kernels.cpp")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    h = ctypes.CDLL(lib)
+    h.fm_emu_error.restype = ctypes.c_char_p
+    h.fm_emu_set_order.argtypes = [ctypes.c_int, ctypes.c_uint64]
+    return h
+
+
+def ptr(t):
+    return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
+
+
+def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, smem, order):
+    xs, ys, xq, yq = (t.contiguous() for t in batch)
+    dt = xs.dtype
+    T, K, Q = xs.shape[0], xs.shape[1], xq.shape[1]
+    dims = [params[0].shape[1]] + [params[2 * i].shape[0] for i in range(len(params) // 2)]
+    theta0 = torch.cat([p.detach().reshape(-1) for p in params])
+    lrflat = torch.cat([r.detach().to(dt).reshape(-1) for r in lrs]) if lrs else None
+    P = theta0.numel()
+    loss_out = torch.full((T,), float("nan"), dtype=dt)
+    dtheta = torch.full((T, P), float("nan"), dtype=dt)
+    dlr = torch.full((T, P), float("nan"), dtype=dt) if lrs else None
+    h.fm_emu_set_order(order, 7)
+    fn = h.fm_emu_mlp_f64 if dt == torch.float64 else h.fm_emu_mlp_f32
+    L = len(dims) - 1
+    rc = fn(ctypes.c_int(L), (ctypes.c_int * (L + 1))(*dims), (ctypes.c_int * L)(*[ACT[a] for a in acts]),
+            ctypes.c_int64(T), ctypes.c_int64(K), ctypes.c_int64(Q), ctypes.c_int64(steps), ptr(xs), ptr(ys),
+            ptr(xq), ptr(yq), ptr(theta0), ptr(lrflat), ctypes.c_double(lr), ctypes.c_double(slope),
+            ctypes.c_int(0 if loss == "mse" else 1), ctypes.c_int(int(first_order)), ctypes.c_int(int(smem)),
+            ptr(loss_out), ptr(dtheta), ptr(dlr))
+    assert rc != 1, h.fm_emu_error().decode()
+    return rc == 2, (loss_out, dtheta, dlr)
+
+
+def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order):
+    with torch.no_grad():
+        out = torch.ops.fastmeta.mlp_inner_loop(*batch, [p.detach() for p in params],
+                                                [r.detach() for r in lrs], lr, steps, [ACT[a] for a in acts],
+                                                slope, 0 if loss == "mse" else 1, first_order, bool(lrs))
+    return out[0], out[1], out[2] if lrs else None
+
+
+def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, smem, metasgd=False, slope=0.01, lr=0.05):
+    params, batch = make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
+    lrs = [torch.full_like(p, lr) * (1 + 0.5 * torch.rand_like(p)) for p in params] if metasgd else []
+    want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order)
+    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, smem, o) for o in ORDERS]
+    assert all(r[0] == runs[0][0] for r in runs)
+    got = runs[0][1]
+    for o, (_, r) in zip(ORDERS[1:], runs[1:]):  # bit-identical in every thread order: no races
+        for name, a, b in zip(("loss", "dtheta", "dlr"), got, r):
+            if a is not None:
+                assert torch.equal(a, b), f"{name} differs between thread orders 0 and {o}: a data race"
+    rtol = RTOL[dtype]
+    assert_rel_close([got[0]], [want[0]], rtol / 10, "losses")
+    assert_rel_close([got[1]], [want[1]], rtol, "meta-grad per task")
+    if metasgd:
+        assert_rel_close([got[2]], [want[2]], rtol, "lr grad per task")
+    return runs[0][0]
+
+
+def test_emulator_detects_races(emu):
+    """The harness itself: a kernel whose threads read a neighbour's write without a barrier gives
+    different results in different thread orders; with the barrier, the same in all."""
+    outs = {}
+    for sync in (0, 1):
+        for order in ORDERS:
+            o = torch.full((64,), float("nan"))
+            emu.fm_emu_set_order(order, 3)
+            assert emu.fm_emu_neighbours(ptr(o), 64, sync) == 0, emu.fm_emu_error().decode()
+            outs[sync, order] = o
+    want = torch.arange(1, 65, dtype=torch.float32) % 64
+    assert all(torch.equal(outs[1, o], want) for o in ORDERS)
+    assert not all(torch.equal(outs[0, o], want) for o in ORDERS)
+
+
+def test_emulator_smem_limit(emu):
+    """A launch asking for more dynamic shared memory than a block may have fails with a message."""
+    o = torch.zeros(16384)
+    assert emu.fm_emu_neighbours(ptr(o), 1024, 1) == 0
+    emu.fm_emu_set_order(0, 1)
+    assert emu.fm_emu_neighbours(ptr(o), 16384, 1) == 1  # also more than 1024 threads
+    assert "threads a block" in emu.fm_emu_error().decode() or "shared memory" in emu.fm_emu_error().decode()
+
+
+@pytest.mark.parametrize("smem", [False, True], ids=["global", "smem"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_sine_float32(emu, smem, first_order):
+    in_smem = check(emu, (1, 40, 40, 1), 3, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32,
+                    smem)
+    assert in_smem == smem, "the sine task's workspace fits in shared memory"
+
+
+@pytest.mark.parametrize("smem", [False, True], ids=["global", "smem"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_odd_widths_metasgd_float64(emu, smem, first_order):
+    check(emu, (1, 40, 37, 1), 3, 10, 10, 3, ["relu", "leaky_relu", None], "mse", first_order, torch.float64,
+          smem, metasgd=True, slope=-0.3)
+
+
+@pytest.mark.parametrize("acts", [["tanh", "sigmoid", None], ["leaky_relu", None, "sigmoid"]])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_cross_entropy(emu, acts, first_order):
+    check(emu, (3, 37, 11, 5), 1, 7, 9, 2, acts, "cross_entropy", first_order, torch.float64, False, lr=0.1)
+
+
+@pytest.mark.parametrize("steps", [0, 1])
+def test_few_steps_and_one_layer(emu, steps):
+    check(emu, (5, 17, 3), 2, 4, 3, steps, ["tanh", None], "mse", False, torch.float64, True, metasgd=True)
+    check(emu, (6, 4), 2, 4, 3, steps + 1, [None], "mse", False, torch.float64, False)
+
+
+def test_wide_layer_uses_global_workspace(emu):
+    """A task whose workspace exceeds a block's shared memory falls back to global memory."""
+    params, batch = make_mlp_batch((2, 300, 2), 1, 4, 4, "mse", torch.float64, "cpu")
+    in_smem, got = emu_mlp(emu, params, batch, [], 0.1, 5, ["relu", None], 0.01, "mse", False, True, 0)
+    assert not in_smem
+    want = cpu_op(params, batch, [], 0.1, 5, ["relu", None], 0.01, "mse", False)
+    assert_rel_close([got[1]], [want[1]], RTOL[torch.float64], "meta-grad per task")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_param", [False, True])
+def test_inner_update(emu, dtype, per_param):
+    """The multi-tensor update over chunks (a tensor longer than one chunk of 65536), periodic
+    operands (a meta-parameter shared by all tasks) and per-parameter rates, against the reference."""
+    p = [torch.randn(3, 37, dtype=dtype), torch.randn(5, dtype=dtype).expand(70000, 5)]
+    g = [torch.randn(3, 37, dtype=dtype), torch.randn(70000, 5, dtype=dtype)]
+    lrs = [torch.rand(3, 37, dtype=dtype), torch.rand(5, dtype=dtype)] if per_param else None
+    outs = [torch.full(t.shape, float("nan"), dtype=dtype) for t in g]
+    bases = [p[0].contiguous(), p[1][0].contiguous()]
+    periods = [p[0].numel(), 5]
+    arr = lambda ts: (ctypes.c_void_p * len(ts))(*[t.data_ptr() for t in ts])  # noqa: E731
+    fn = emu.fm_emu_update_f64 if dtype == torch.float64 else emu.fm_emu_update_f32
+    rc = fn(ctypes.c_int(2), arr(outs), arr(bases), arr(g), arr(lrs) if lrs else None, ctypes.c_double(0.3),
+            (ctypes.c_int64 * 2)(*[t.numel() for t in g]), (ctypes.c_int64 * 2)(*periods),
+            (ctypes.c_int64 * 2)(*[r.numel() for r in lrs]) if lrs else None)
+    assert rc == 0, emu.fm_emu_error().decode()
+    want = ops.inner_update_ref(p, g, [r.expand_as(t) for r, t in zip(lrs, g)] if lrs else 0.3)
+    for o, w in zip(outs, want):
+        torch.testing.assert_close(o, w, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-6)
