@@ -3,9 +3,11 @@ the op's time per call back to back (CUDA events), the host's time to issue one 
 BatchedMAML meta-iteration (loss and torch.autograd.grad) and one BatchedMAML.value_and_grad, for
 the sine workload (1-40-40-1, K=Q=10, S=5, float32).
 
-    python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,cuda-smem,triton] [--ncu-target B,T]
+    python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,cuda-s0,cuda-t256,triton] [--ncu-target B,T]
 
-cuda-smem is the CUDA kernel with FASTMETA_CUDA_MLP_SMEM=1 (each task's workspace in shared memory).
+A CUDA backend may carry settings of its kernel: -sN forces the placement of a task's slots
+(FASTMETA_CUDA_MLP_SMEM=N: 0 global memory, 1 working set in shared memory, 2 all in shared memory;
+without it the binding chooses), -tN the threads a block (FASTMETA_CUDA_MLP_THREADS, default 128).
 
 --ncu-target runs just a few calls of one configuration (second order), for an ncu run to profile.
 """
@@ -23,9 +25,15 @@ ACTS = ["relu", "relu", None]
 
 
 def variant(backend):
-    """'cuda-smem': the cuda backend with FASTMETA_CUDA_MLP_SMEM=1 (workspace in shared memory)."""
-    name, _, var = backend.partition("-")
-    os.environ["FASTMETA_CUDA_MLP_SMEM"] = "1" if var == "smem" else "0"
+    """The backend's name; its -sN / -tN settings go to the environment the CUDA binding reads."""
+    name, *settings = backend.split("-")
+    os.environ["FASTMETA_CUDA_MLP_SMEM"] = "auto"
+    os.environ["FASTMETA_CUDA_MLP_THREADS"] = "128"
+    for st in settings:
+        key = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS"}.get(st[:1])
+        if key is None or not st[1:].isdigit():
+            raise SystemExit(f"gpu_probe: unknown setting {st!r} in {backend!r} (expected -sN or -tN)")
+        os.environ[key] = st[1:]
     return name
 
 
@@ -82,7 +90,7 @@ def step_us(w, backend, first_order, n=100, provider="fastmeta"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="25,1000")
-    ap.add_argument("--backends", default="cuda,cuda-smem,triton")
+    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-s2,cuda-t64,cuda-t256,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastmeta
-from fastmeta import harness as H
+from fastmeta import harness as H, ops
 from conftest import RTOL, assert_rel_close, loop_meta_grads, make_mlp_batch
 
 pytestmark = [pytest.mark.gpu,
@@ -65,7 +65,6 @@ def test_omniglot_on_gpu(first_order):
 
 
 def test_inner_update_on_gpu():
-    from fastmeta import ops
     p = [torch.randn(3, 37, device="cuda"), torch.randn(5, device="cuda").expand(4, 5)]
     g = [torch.randn(3, 37, device="cuda"), torch.randn(4, 5, device="cuda")]
     for backend in ("auto", "torch", "cuda"):
@@ -78,7 +77,6 @@ def test_inner_update_on_gpu():
 def _fused_vs_reference(backend, params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01):
     """The backend's mlp_inner_loop against the torch reference on the GPU: per-task losses, and
     the meta-gradient (and learned-lr gradient) of a weighted sum of them."""
-    from fastmeta import ops
     lr_list = lr if isinstance(lr, list) else []
     out = {}
     for b in ("torch", backend):
@@ -131,7 +129,6 @@ def test_mlp_kernels_cross_entropy_and_meta_sgd_on_gpu(backend, first_order):
 def test_meta_loss_op_on_gpu(lr_kind):
     """fastmeta::mlp_meta_loss on CUDA (per-task rows of the cuda kernel summed in C++) against the
     mean of the reference's task losses, with a non-unit incoming gradient."""
-    from fastmeta import ops
     params, batch = make_mlp_batch((1, 40, 37, 1), 37, 10, 10, "mse", torch.float64, "cuda")
     lr = [torch.full_like(p, 0.02).requires_grad_() for p in params] if lr_kind == "learned" else 0.02
     extra = lr if isinstance(lr, list) else []
@@ -154,7 +151,6 @@ def test_meta_loss_op_on_gpu(lr_kind):
 def test_inner_update_meta_sgd_gradgrad_on_gpu():
     """The cuda inner_update with per-parameter rates: values, and gradcheck / gradgradcheck of its
     differentiable backward (float64)."""
-    from fastmeta import ops
     p = [torch.randn(3, 37, device="cuda", dtype=torch.float64, requires_grad=True),
          torch.randn(5, device="cuda", dtype=torch.float64, requires_grad=True)]
     g = [torch.randn(3, 37, device="cuda", dtype=torch.float64, requires_grad=True),
@@ -172,10 +168,13 @@ def test_inner_update_meta_sgd_gradgrad_on_gpu():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_cuda_kernel_with_shared_memory_workspace(first_order, monkeypatch):
-    """FASTMETA_CUDA_MLP_SMEM=1: the CUDA kernel keeps each task's workspace in shared memory
-    (where it fits; float64 sine widths do not and take the global one): same results."""
-    monkeypatch.setenv("FASTMETA_CUDA_MLP_SMEM", "1")
+@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t256"])
+def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatch):
+    """The CUDA kernel with each placement of a task's slots forced (FASTMETA_CUDA_MLP_SMEM=0/1/2:
+    global memory, working set in shared memory, all in shared memory, each where it fits) and other
+    block sizes (FASTMETA_CUDA_MLP_THREADS): same results as the reference."""
+    key = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS"}[setting[0]]
+    monkeypatch.setenv(key, setting[1:])
     for dtype in (torch.float32, torch.float64):
         params, batch = make_mlp_batch((1, 40, 37, 1), 25, 10, 10, "mse", dtype, "cuda")
         _fused_vs_reference("cuda", params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order, RTOL[dtype])
@@ -183,6 +182,16 @@ def test_cuda_kernel_with_shared_memory_workspace(first_order, monkeypatch):
     lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
     _fused_vs_reference("cuda", params, batch, lrs, 3, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy",
                         first_order, RTOL[torch.float64], slope=0.2)
+
+
+def test_cuda_kernel_settings_are_checked(monkeypatch):
+    params, batch = make_mlp_batch((1, 8, 1), 2, 3, 3, "mse", torch.float32, "cuda")
+    for key, value in (("FASTMETA_CUDA_MLP_SMEM", "3"), ("FASTMETA_CUDA_MLP_THREADS", "100")):
+        with monkeypatch.context() as m:
+            m.setenv(key, value)
+            with pytest.raises(RuntimeError, match=key):
+                with fastmeta.use_backend("cuda"):
+                    ops.mlp_inner_loop(*batch, params, 0.1, 1, ["relu", None], 0.01, "mse", False)
 
 
 def test_graphed_step_matches_value_and_grad():
@@ -229,7 +238,6 @@ def test_graphed_conv_step_matches_value_and_grad(backend):
 
 
 def test_graphed_step_checks_cross_entropy_labels():
-    from fastmeta import ops  # noqa: F401
     from torch import nn
     model = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 4)).cuda()
     d = dict(device="cuda")

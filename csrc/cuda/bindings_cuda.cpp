@@ -73,6 +73,36 @@ std::vector<at::Tensor> inner_update_tensor_cuda(at::TensorList params, at::Tens
   return outs;
 }
 
+// Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to 1024),
+// default 128.
+int mlp_threads() {
+  const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
+  if (env == nullptr || env[0] == '\0') return 128;
+  const int n = std::atoi(env);
+  TORCH_CHECK(n >= 32 && n <= 1024 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
+              "to 1024, got '", env, "'");
+  return n;
+}
+
+// FASTMETA_CUDA_MLP_SMEM=0|1|2 forces a placement (global / working set in shared memory / all in
+// shared memory, each where it fits); unset or auto: cuda::mlp_choose_placement decides.
+template <typename T>
+int mlp_placement(const cuda::MLPArgs<T>& a, int device) {
+  const char* env = std::getenv("FASTMETA_CUDA_MLP_SMEM");
+  int forced = -1;
+  if (env != nullptr && env[0] != '\0' && std::strcmp(env, "auto") != 0) {
+    TORCH_CHECK((env[0] == '0' || env[0] == '1' || env[0] == '2') && env[1] == '\0',
+                "FASTMETA_CUDA_MLP_SMEM must be auto, 0, 1 or 2, got '", env, "'");
+    forced = env[0] - '0';
+  }
+  int optin = 0, per_sm = 0, sms = 0, threads = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  return cuda::mlp_choose_placement(a, forced, optin, per_sm, sms, threads);
+}
+
 template <typename T>
 void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
               const std::vector<at::Tensor>& params, const at::Tensor& lrflat, double lr, int64_t steps,
@@ -89,33 +119,26 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   cuda::mlp_layout(a);
   TORCH_CHECK(a.P == theta0.numel(), "mlp_inner_loop (cuda): params must be [W_1 [d_1, d_0], b_1 [d_1], ...]");
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
-  int dmax = 0;
-  for (int l = 0; l <= L; ++l) dmax = std::max(dmax, a.dims[l]);
-  const int64_t per_task = std::max({std::max(a.K, a.Q) * dmax, a.P, static_cast<int64_t>(dmax) * dmax + dmax});
-  TORCH_CHECK(per_task < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's rows x widths (",
-              std::max(a.K, a.Q), " x ", dmax, ") or parameter count (", a.P, ") exceeds 32-bit indexing");
   a.loss = static_cast<int>(loss); a.first_order = first_order;
+  a.lr_grad = dlr.numel() > 0;
+  a.threads = mlp_threads();
+  cuda::mlp_sizes(a);
+  TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,
+              " + ", a.hist, " elements for ", a.K, " support rows, ", a.Q, " query rows, ", steps,
+              " steps and ", a.P, " parameters) exceeds 32-bit indexing");
   a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
   a.xs = xs.data_ptr<T>(); a.xq = xq.data_ptr<T>();
   if (loss == 0) { a.ys_f = ys.data_ptr<T>(); a.yq_f = yq.data_ptr<T>(); }
   else { a.ys_l = ys.data_ptr<int64_t>(); a.yq_l = yq.data_ptr<int64_t>(); }
   a.theta0 = theta0.data_ptr<T>();
   a.lrs = lrflat.defined() ? lrflat.data_ptr<T>() : nullptr;
-  // (first order keeps two parameter sets and one step's activations; the per-step gradients are
-  // kept only for the learned rates' gradient)
-  a.scratch_per_task = cuda::mlp_scratch_per_task(a.dims, L, a.K, a.Q, steps, a.P, first_order, dlr.numel() > 0);
-  // FASTMETA_CUDA_MLP_SMEM=1: each task's workspace in its block's shared memory where it fits
-  const char* smem_env = std::getenv("FASTMETA_CUDA_MLP_SMEM");
-  if (smem_env != nullptr && smem_env[0] == '1') {
-    int limit = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, xs.device().index()));
-    a.smem = cuda::mlp_smem_bytes<T>(a.scratch_per_task, true) <= static_cast<size_t>(limit);
-  }
-  at::Tensor scratch = at::empty({a.smem ? 0 : a.num_tasks, a.scratch_per_task}, xs.options());
-  a.scratch = a.smem ? nullptr : scratch.data_ptr<T>();
+  a.placement = mlp_placement(a, xs.device().index());
+  a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
+  at::Tensor scratch = at::empty({a.scratch_per_task > 0 ? a.num_tasks : 0, a.scratch_per_task}, xs.options());
+  a.scratch = scratch.data_ptr<T>();
   a.loss_out = loss_out.data_ptr<T>();
   a.dtheta = dtheta.data_ptr<T>();
-  a.dlr = dlr.numel() ? dlr.data_ptr<T>() : nullptr;
+  a.dlr = a.lr_grad ? dlr.data_ptr<T>() : nullptr;
   C10_CUDA_CHECK(cuda::launch_mlp_inner_loop<T>(a, c10::cuda::getCurrentCUDAStream()));
 }
 

@@ -47,8 +47,21 @@ namespace fastmeta {
 namespace cuda {
 
 // The fused MLP inner loop (csrc/cuda/mlp_inner_loop.cu): one thread block per task.
-// Layer l (0-based) has W at theta + off_w[l] ([dims[l+1], dims[l]]) and b at theta + off_b[l].
+// Layer l (0-based) has W at theta + off_w[l] ([dims[l+1], dims[l]]) and b at theta + off_b[l] in
+// the flat parameter vectors the kernel reads and writes (theta0, lrs, dtheta, dlr). Inside, a
+// task's parameter-sized vectors use a padded layout: W's rows at stride ldw[l] (dims[l] made odd,
+// so that the rows a warp reads at once fall in different shared-memory banks) from pw[l], b at pb[l].
 constexpr int kMaxLayers = 8;
+
+// Where a task's slots live (MLPArgs::placement). The working set is what every phase touches
+// (current parameters, gradient, the reverse pass's vector, one pass's activations); the history
+// is what second order keeps of each step for its reverse pass (parameters, activations, and the
+// gradients when the rates are learned).
+enum MLPPlacement : int {
+  kAllGlobal = 0,   // working set and history in the global scratch
+  kWorkShared = 1,  // working set in shared memory, history in the global scratch
+  kAllShared = 2,   // both in shared memory
+};
 
 template <typename T>
 struct MLPArgs {
@@ -66,34 +79,89 @@ struct MLPArgs {
   int64_t num_tasks, K, Q, steps, P;
   int L, loss;                                        // loss: 0 mse, 1 cross-entropy
   bool first_order;
-  bool smem;                                          // workspace in shared memory (scratch unused)
+  bool lr_grad;                                       // dlr wanted (set before mlp_sizes)
+  int placement;                                      // MLPPlacement
+  int threads;                                        // per block
   int dims[kMaxLayers + 1];
   int acts[kMaxLayers];
-  int64_t off_w[kMaxLayers], off_b[kMaxLayers];
+  int64_t off_w[kMaxLayers], off_b[kMaxLayers];      // flat layout
+  int ldw[kMaxLayers];                                // padded layout: row stride of W
+  int64_t pw[kMaxLayers], pb[kMaxLayers], Pp;         // padded offsets of W, b; padded size
+  int64_t work, hist;                                 // elements per task (see mlp_sizes)
 };
 
-// Offsets of each layer's W and b in the flat parameter vector ([W_1, b_1, W_2, ...], each
-// row-major) and their total P, from a.L and a.dims (the binding and tests/cuda_emu share it).
+// Flat and padded offsets of each layer's W and b, P and Pp, from a.L and a.dims (the binding and
+// tests/cuda_emu share it).
 template <typename T>
 inline void mlp_layout(MLPArgs<T>& a) {
-  int64_t off = 0;
+  int64_t off = 0, poff = 0;
   for (int l = 0; l < a.L; ++l) {
+    const int din = a.dims[l], dout = a.dims[l + 1];
+    a.ldw[l] = din % 2 == 0 ? din + 1 : din;
     a.off_w[l] = off;
-    off += static_cast<int64_t>(a.dims[l + 1]) * a.dims[l];
+    a.pw[l] = poff;
+    off += static_cast<int64_t>(dout) * din;
+    poff += static_cast<int64_t>(dout) * a.ldw[l];
     a.off_b[l] = off;
-    off += a.dims[l + 1];
+    a.pb[l] = poff;
+    off += dout;
+    poff += dout;
   }
   a.P = off;
+  a.Pp = poff;
 }
 
-// Workspace elements one task needs (the caller allocates num_tasks times this, or none when the
-// workspace goes to shared memory: see mlp_smem_bytes).
-int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P,
-                             bool first_order, bool keep_grads);
-
-// Dynamic shared memory of one block: its reduction buffer, and with smem its whole workspace.
+// a.work and a.hist from the layout, K, Q, steps, first_order and lr_grad: the working set holds
+// three parameter-sized vectors, one pass's activations (z, a, da, dz of max(K, Q) rows) and, in
+// second order, the R-operator's buffers; second order's history keeps each step's parameters,
+// activations and, for lr_grad, gradients.
 template <typename T>
-size_t mlp_smem_bytes(int64_t scratch_per_task, bool smem);
+inline void mlp_sizes(MLPArgs<T>& a) {
+  int64_t sumd = 0;
+  int dmax = 0;
+  for (int l = 0; l < a.L; ++l) sumd += a.dims[l + 1];
+  for (int l = 0; l <= a.L; ++l) dmax = dmax > a.dims[l] ? dmax : a.dims[l];
+  const int64_t NQ = a.K > a.Q ? a.K : a.Q;
+  a.work = 3 * a.Pp + 4 * NQ * sumd + (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax);
+  a.hist = a.first_order ? 0 : a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + 4 * a.K * sumd);
+}
+
+// Dynamic shared memory of one block for a placement: a reduction buffer of one element a thread,
+// then the slots that placement keeps in shared memory.
+template <typename T>
+inline size_t mlp_smem_bytes(const MLPArgs<T>& a, int placement) {
+  int64_t n = a.threads;
+  if (placement >= kWorkShared) n += a.work;
+  if (placement == kAllShared) n += a.hist;
+  return static_cast<size_t>(n) * sizeof(T);
+}
+
+// Global scratch elements one task needs for a placement.
+template <typename T>
+inline int64_t mlp_scratch_per_task(const MLPArgs<T>& a, int placement) {
+  return (placement == kAllGlobal ? a.work : 0) + (placement == kAllShared ? 0 : a.hist);
+}
+
+// The placement of a launch. forced (0, 1, 2; -1: choose) is taken where its shared memory fits a
+// block (else the next lower one). Choosing: everything in shared memory when one wave of blocks
+// that large holds all tasks, else the working set in shared memory where it fits, else global.
+template <typename T>
+inline int mlp_choose_placement(const MLPArgs<T>& a, int forced, int64_t optin_limit, int64_t smem_per_sm, int sms,
+                                int threads_per_sm) {
+  auto fits = [&](int p) { return static_cast<int64_t>(mlp_smem_bytes(a, p)) <= optin_limit; };
+  if (forced >= 0) {
+    int p = forced > kAllShared ? kAllShared : forced;
+    while (p > kAllGlobal && !fits(p)) --p;
+    return p;
+  }
+  if (fits(kAllShared)) {
+    const int64_t per_block = static_cast<int64_t>(mlp_smem_bytes(a, kAllShared)) + 1024;  // 1 KB runtime reserve
+    int64_t blocks = smem_per_sm / per_block;
+    if (blocks > threads_per_sm / a.threads) blocks = threads_per_sm / a.threads;
+    if (a.num_tasks <= blocks * sms) return kAllShared;
+  }
+  return fits(kWorkShared) ? kWorkShared : kAllGlobal;
+}
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);

@@ -4,14 +4,15 @@
 // v_s = v_{s+1} - H_s (lr (.) v_{s+1}) with Hessian-vector products in closed form (R-operator
 // forward-over-reverse on the stored activations of step s).
 //
-// A block's threads share every small GEMM of a step: each thread computes whole output elements
-// (a row-column dot product), phases are separated by __syncthreads(). Index math within a task is
-// 32-bit (the binding checks that a task's rows times widths fit): 64-bit division and remainder
-// cost several times more instructions on the GPU. Weights and activations of
-// a task live in its slice of a global workspace (small enough to stay in L2), or, with
-// MLPArgs::smem (FASTMETA_CUDA_MLP_SMEM=1, where it fits), in the block's shared memory.
-#include <algorithm>
-
+// Every small product of a phase is one call of `gemm`: each thread computes 2 x 2 outputs, the
+// threads of a warp consecutive columns (so B's loads are consecutive or odd-strided in shared
+// memory and A's are broadcast), and the products of one phase share the block's threads. Epilogues
+// do the elementwise work (bias, activation and its derivatives, the update of v), so a forward
+// layer, a backward layer and an R-operator layer are one phase each, phases separated by
+// __syncthreads(). A task's working set is in shared memory where it fits (several blocks share an
+// SM), its history (what second order keeps of each step) in shared memory when one wave of blocks
+// holds all tasks with it, else in global memory: MLPArgs::placement, chosen by the binding. Index
+// math within a task is 32-bit (the binding checks that a task's slots fit).
 #include "kernels.cuh"
 
 namespace fastmeta {
@@ -21,7 +22,7 @@ namespace {
 enum : int { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4 };
 
 template <typename T>
-__device__ inline T act_fwd(int act, T z, T slope) {
+__device__ __forceinline__ T act_fwd(int act, T z, T slope) {
   switch (act) {
     case kRelu: return z > T(0) ? z : T(0);
     case kLeaky: return z > T(0) ? z : slope * z;
@@ -32,7 +33,7 @@ __device__ inline T act_fwd(int act, T z, T slope) {
 }
 
 template <typename T>
-__device__ inline T act_d1(int act, T z, T a, T slope) {
+__device__ __forceinline__ T act_d1(int act, T z, T a, T slope) {
   switch (act) {
     case kRelu: return z > T(0) ? T(1) : T(0);
     case kLeaky: return z > T(0) ? T(1) : slope;
@@ -43,59 +44,133 @@ __device__ inline T act_d1(int act, T z, T a, T slope) {
 }
 
 template <typename T>
-__device__ inline T act_d2(int act, T a) {
+__device__ __forceinline__ T act_d2(int act, T a) {
   if (act == kTanh) return T(-2) * a * (T(1) - a * a);
   if (act == kSigmoid) return a * (T(1) - a) * (T(1) - T(2) * a);
   return T(0);
 }
 
-// Per-layer activation buffers of one forward/backward: z, a, da, dz, each [N, d_l] (l = 1..L).
+// Operand X(r, k) = p[r * sr + k * sk] of a product (r: the output row or column it feeds).
+template <typename T>
+struct Op {
+  const T* p;
+  int sr, sk;
+};
+
+// acc[i][j] += sum_k a(m_i, k) b(n_j, k) for the thread's rows m0, m1 and columns n0, n1.
+template <typename T>
+__device__ __forceinline__ void mac(const Op<T>& a, const Op<T>& b, int K, int m0, int m1, int n0, int n1,
+                                    T (&acc)[2][2]) {
+  const T* a0 = a.p + m0 * a.sr;
+  const T* a1 = a.p + m1 * a.sr;
+  const T* b0 = b.p + n0 * b.sr;
+  const T* b1 = b.p + n1 * b.sr;
+#pragma unroll 4
+  for (int k = 0; k < K; ++k) {
+    const T x0 = a0[k * a.sk], x1 = a1[k * a.sk], y0 = b0[k * b.sk], y1 = b1[k * b.sk];
+    acc[0][0] += x0 * y0;
+    acc[0][1] += x0 * y1;
+    acc[1][0] += x1 * y0;
+    acc[1][1] += x1 * y1;
+  }
+}
+
+// C [M, N] = A1 B1^T (+ A2 B2^T when K2 > 0), epi(m, n, c) for each element. The thread grid is
+// ceil(M/2) x ceil(N/2), thread (i, j) computing rows i, i + ceil(M/2) and columns j, j + ceil(N/2);
+// `first` is the number of 2 x 2 tiles earlier products of the same phase handed out, so that this
+// one starts on the threads they left idle. Returns first plus this product's tiles.
+template <typename T, typename Epi>
+__device__ __forceinline__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1,
+                                    const Op<T>& a2, const Op<T>& b2, int K2, Epi epi) {
+  const int tm = (M + 1) >> 1, tn = (N + 1) >> 1, tiles = tm * tn;
+  const int nt = static_cast<int>(blockDim.x);
+  const int start = (static_cast<int>(threadIdx.x) - first % nt + nt) % nt;
+  for (int t = start; t < tiles; t += nt) {
+    const int i = t / tn, j = t - i * tn;
+    const int m1 = i + tm < M ? i + tm : i, n1 = j + tn < N ? j + tn : j;
+    T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
+    mac(a1, b1, K1, i, m1, j, n1, acc);
+    if (K2 > 0) mac(a2, b2, K2, i, m1, j, n1, acc);
+    epi(i, j, acc[0][0]);
+    if (n1 != j) epi(i, n1, acc[0][1]);
+    if (m1 != i) {
+      epi(m1, j, acc[1][0]);
+      if (n1 != j) epi(m1, n1, acc[1][1]);
+    }
+  }
+  return first + tiles;
+}
+
+template <typename T, typename Epi>
+__device__ __forceinline__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1, Epi epi) {
+  return gemm(first, M, N, a1, b1, K1, a1, b1, 0, epi);
+}
+
+// Per-layer activation buffers of one pass: z, a, da, dz, each [rows, d_l] (l = 1..L), at base.
 template <typename T>
 struct Acts {
   T* base;
-  int64_t rows;  // N the buffers were carved for
+  int rows, sumd;
   __device__ T* at(const MLPArgs<T>& A, int which, int l) const {  // l: 0-based layer
-    int64_t off = 0;
+    int off = 0;
     for (int j = 0; j < l; ++j) off += rows * A.dims[j + 1];
-    int64_t sumd = 0;
-    for (int j = 0; j < A.L; ++j) sumd += A.dims[j + 1];
     return base + which * rows * sumd + off;
   }
 };
+
+// f(j, jf) for the padded index j and the flat index jf of every parameter this thread owns (the
+// same elements in every call, so per-element state needs no barrier between calls).
+template <typename T, typename F>
+__device__ __forceinline__ void for_params(const MLPArgs<T>& A, F f) {
+  for (int l = 0; l < A.L; ++l) {
+    const int din = A.dims[l], dout = A.dims[l + 1], nw = dout * din;
+    const int pw = static_cast<int>(A.pw[l]), pb = static_cast<int>(A.pb[l]), ow = static_cast<int>(A.off_w[l]);
+    for (int idx = threadIdx.x; idx < nw + dout; idx += blockDim.x) {
+      if (idx < nw) {
+        const int o = idx / din;
+        f(pw + o * A.ldw[l] + (idx - o * din), ow + idx);
+      } else {
+        f(pb + idx - nw, ow + idx);
+      }
+    }
+  }
+}
 
 template <typename T>
 struct Ctx {
   const MLPArgs<T>& A;
   T slope;
-  __device__ const T* W(const T* th, int l) const { return th + A.off_w[l]; }
-  __device__ const T* b(const T* th, int l) const { return th + A.off_b[l]; }
+  __device__ Op<T> Wrows(const T* th, int l) const {  // W(o, i): rows of W
+    return {th + A.pw[l], A.ldw[l], 1};
+  }
+  __device__ Op<T> Wcols(const T* th, int l) const {  // W^T(i, o): columns of W
+    return {th + A.pw[l], 1, A.ldw[l]};
+  }
+  __device__ T rate(int jf) const { return A.lrs != nullptr ? A.lrs[jf] : A.lr; }
 
-  // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for rows x [N, d_0].
-  __device__ void forward(const T* th, const T* x, int64_t N, const Acts<T>& S) const {
+  // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for the rows x [N, d_0].
+  __device__ void forward(const T* th, const T* x, int N, const Acts<T>& S) const {
     for (int l = 0; l < A.L; ++l) {
-      const int din = A.dims[l], dout = A.dims[l + 1];
+      const int din = A.dims[l], dout = A.dims[l + 1], act = A.acts[l];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
       T* z = S.at(A, 0, l);
       T* a = S.at(A, 1, l);
-      const T* Wl = W(th, l);
-      const T* bl = b(th, l);
-      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x) {
-        const int n = idx / dout, o = idx % dout;
-        T acc = bl[o];
-        for (int i = 0; i < din; ++i) acc += ain[n * din + i] * Wl[o * din + i];
-        z[idx] = acc;
-        a[idx] = act_fwd(A.acts[l], acc, slope);
-      }
+      const T* b = th + A.pb[l];
+      gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(th, l), din, [&](int n, int o, T c) {
+        c += b[o];
+        z[n * dout + o] = c;
+        a[n * dout + o] = act_fwd(act, c, slope);
+      });
       __syncthreads();
     }
   }
 
-  // Loss of a_L against the targets; its gradient into da_L; the task's loss into *loss_out.
-  __device__ void loss_grad(const Acts<T>& S, int64_t N, const T* yf, const int64_t* yl, T* loss_out,
-                            T* red) const {
-    const int D = A.dims[A.L];
-    const T* a = S.at(A, 1, A.L - 1);
+  // The loss of a_L against the targets; its gradient da_L and dz_L; with loss_out, the task's loss.
+  __device__ void loss_grad(const Acts<T>& S, int N, const T* yf, const int64_t* yl, T* loss_out, T* red) const {
+    const int D = A.dims[A.L], act = A.acts[A.L - 1];
+    const T *z = S.at(A, 0, A.L - 1), *a = S.at(A, 1, A.L - 1);
     T* da = S.at(A, 2, A.L - 1);
+    T* dz = S.at(A, 3, A.L - 1);
     T part = 0;
     if (A.loss == 0) {
       const T scale = T(2) / static_cast<T>(N * D);
@@ -103,269 +178,278 @@ struct Ctx {
         const T diff = a[i] - yf[i];
         part += diff * diff;
         da[i] = scale * diff;
+        dz[i] = act_d1(act, z[i], a[i], slope) * da[i];
       }
       part /= static_cast<T>(N * D);
     } else {
       const T invN = T(1) / static_cast<T>(N);
       for (int n = threadIdx.x; n < N; n += blockDim.x) {
         const T* row = a + n * D;
-        T* drow = da + n * D;
         T m = row[0];
         for (int c = 1; c < D; ++c) m = max(m, row[c]);
         T sum = 0;
         for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
-        for (int c = 0; c < D; ++c) drow[c] = exp(row[c] - m) / sum * invN;
-        drow[yl[n]] -= invN;
-        part += (log(sum) + m - row[yl[n]]) * invN;
+        const int y = static_cast<int>(yl[n]);
+        for (int c = 0; c < D; ++c) {
+          const int i = n * D + c;
+          da[i] = (exp(row[c] - m) / sum - (c == y ? T(1) : T(0))) * invN;
+          dz[i] = act_d1(act, z[i], a[i], slope) * da[i];
+        }
+        part += (log(sum) + m - row[y]) * invN;
       }
     }
-    red[threadIdx.x] = part;
-    __syncthreads();
-    if (threadIdx.x == 0 && loss_out != nullptr) {
-      T total = 0;
-      for (int i = 0; i < blockDim.x; ++i) total += red[i];
-      *loss_out = total;
+    if (loss_out != nullptr) {
+      red[threadIdx.x] = part;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        T total = 0;
+        for (unsigned i = 0; i < blockDim.x; ++i) total += red[i];
+        *loss_out = total;
+      }
     }
     __syncthreads();
   }
 
-  // Backward from da_L: dz_l, da_l (l < L) and the gradient gr [P].
-  __device__ void backward(const T* th, const T* x, int64_t N, const Acts<T>& S, T* gr) const {
+  // From dz_L: the gradient g (padded layout) and da_l, dz_l for l < L; one phase a layer.
+  __device__ void backward(const T* th, const T* x, int N, const Acts<T>& S, T* g) const {
     for (int l = A.L - 1; l >= 0; --l) {
-      const int din = A.dims[l], dout = A.dims[l + 1];
+      const int din = A.dims[l], dout = A.dims[l + 1], ld = A.ldw[l];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
-      const T *z = S.at(A, 0, l), *a = S.at(A, 1, l), *da = S.at(A, 2, l);
-      T* dz = S.at(A, 3, l);
-      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x)
-        dz[idx] = act_d1(A.acts[l], z[idx], a[idx], slope) * da[idx];
-      __syncthreads();
-      T* gW = gr + A.off_w[l];
-      T* gb = gr + A.off_b[l];
-      for (int idx = threadIdx.x; idx < dout * din + dout; idx += blockDim.x) {
-        T acc = 0;
-        if (idx < static_cast<int64_t>(dout) * din) {
-          const int o = idx / din, i = idx % din;
-          for (int n = 0; n < N; ++n) acc += dz[n * dout + o] * ain[n * din + i];
-          gW[idx] = acc;
-        } else {
-          const int o = idx - dout * din;
-          for (int n = 0; n < N; ++n) acc += dz[n * dout + o];
-          gb[o] = acc;
-        }
+      const T* dz = S.at(A, 3, l);
+      T* gW = g + A.pw[l];
+      T* gb = g + A.pb[l];
+      // dW [dout, din] = dz^T ain
+      int tiles = gemm(0, dout, din, Op<T>{dz, 1, dout}, Op<T>{ain, 1, din}, N,
+                       [&](int o, int i, T c) { gW[o * ld + i] = c; });
+      if (l > 0) {  // da_{l-1} = dz W, and dz_{l-1}
+        const int act = A.acts[l - 1];
+        const T *zp = S.at(A, 0, l - 1), *ap = S.at(A, 1, l - 1);
+        T* dap = S.at(A, 2, l - 1);
+        T* dzp = S.at(A, 3, l - 1);
+        tiles = gemm(tiles, N, din, Op<T>{dz, dout, 1}, Wcols(th, l), dout, [&](int n, int i, T c) {
+          const int e = n * din + i;
+          dap[e] = c;
+          dzp[e] = act_d1(act, zp[e], ap[e], slope) * c;
+        });
       }
-      if (l > 0) {
-        T* dprev = S.at(A, 2, l - 1);
-        const T* Wl = W(th, l);
-        for (int idx = threadIdx.x; idx < N * din; idx += blockDim.x) {
-          const int n = idx / din, i = idx % din;
-          T acc = 0;
-          for (int o = 0; o < dout; ++o) acc += dz[n * dout + o] * Wl[o * din + i];
-          dprev[idx] = acc;
-        }
+      const int nt = static_cast<int>(blockDim.x);
+      for (int o = (static_cast<int>(threadIdx.x) - tiles % nt + nt) % nt; o < dout; o += nt) {
+        T c = 0;
+        for (int n = 0; n < N; ++n) c += dz[n * dout + o];
+        gb[o] = c;
       }
       __syncthreads();
     }
   }
 
-  // hv = H u at th (activations S of that step); R [2, N, sum d] (Rz, Ra), Rda/Rdz [N, dmax] each.
-  __device__ void hvp(const T* th, const T* x, const Acts<T>& S, const T* du, T* hv, const Acts<T>& R,
-                      T* Rda, T* Rdz) const {
-    const int64_t N = S.rows;
-    const int L = A.L;
-    for (int l = 0; l < L; ++l) {  // R-forward
-      const int din = A.dims[l], dout = A.dims[l + 1];
+  // v -= H u at th (S: the activations of that step): R-forward, R-loss, R-backward, one phase a
+  // layer; R holds Rz, Ra [K, sum d], Rdz two [K, dmax] buffers (layer l's, and l-1's being made).
+  __device__ void hvp(const T* th, const T* x, const Acts<T>& S, const T* u, T* v, const Acts<T>& R, T* Rdz0,
+                      T* Rdz1) const {
+    const int N = S.rows, L = A.L;
+    for (int l = 0; l < L; ++l) {
+      const int din = A.dims[l], dout = A.dims[l + 1], act = A.acts[l];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
-      const T* rain = l == 0 ? nullptr : R.at(A, 1, l - 1);
-      const T *Wl = W(th, l), *dW = du + A.off_w[l], *db = du + A.off_b[l];
       const T *z = S.at(A, 0, l), *a = S.at(A, 1, l);
+      const T* ub = u + A.pb[l];
       T* rz = R.at(A, 0, l);
       T* ra = R.at(A, 1, l);
-      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x) {
-        const int n = idx / dout, o = idx % dout;
-        T acc = db[o];
-        for (int i = 0; i < din; ++i) acc += ain[n * din + i] * dW[o * din + i];
-        if (rain != nullptr)
-          for (int i = 0; i < din; ++i) acc += rain[n * din + i] * Wl[o * din + i];
-        rz[idx] = acc;
-        ra[idx] = act_d1(A.acts[l], z[idx], a[idx], slope) * acc;
-      }
+      auto epi = [&](int n, int o, T c) {
+        const int e = n * dout + o;
+        c += ub[o];
+        rz[e] = c;
+        ra[e] = act_d1(act, z[e], a[e], slope) * c;
+      };
+      if (l == 0)
+        gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(u, l), din, epi);
+      else
+        gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(u, l), din, Op<T>{R.at(A, 1, l - 1), din, 1}, Wrows(th, l), din,
+             epi);
       __syncthreads();
     }
     const int D = A.dims[L];
-    const T* raL = R.at(A, 1, L - 1);
-    if (A.loss == 0) {
-      const T scale = T(2) / static_cast<T>(N * D);
-      for (int i = threadIdx.x; i < N * D; i += blockDim.x) Rda[i] = scale * raL[i];
-    } else {
-      const T invN = T(1) / static_cast<T>(N);
-      const T* aL = S.at(A, 1, L - 1);
-      for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        const T* row = aL + n * D;
-        T m = row[0];
-        for (int c = 1; c < D; ++c) m = max(m, row[c]);
-        T sum = 0;
-        for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
-        T pr = 0;
-        for (int c = 0; c < D; ++c) pr += exp(row[c] - m) / sum * raL[n * D + c];
-        for (int c = 0; c < D; ++c) Rda[n * D + c] = exp(row[c] - m) / sum * (raL[n * D + c] - pr) * invN;
-      }
-    }
-    __syncthreads();
-    for (int l = L - 1; l >= 0; --l) {  // R-backward
-      const int din = A.dims[l], dout = A.dims[l + 1], act = A.acts[l];
-      const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
-      const T *z = S.at(A, 0, l), *a = S.at(A, 1, l), *da = S.at(A, 2, l), *dz = S.at(A, 3, l);
-      const T* rz = R.at(A, 0, l);
-      for (int idx = threadIdx.x; idx < N * dout; idx += blockDim.x)
-        Rdz[idx] = act_d2(act, a[idx]) * rz[idx] * da[idx] + act_d1(act, z[idx], a[idx], slope) * Rda[idx];
-      __syncthreads();
-      const T* rain = l == 0 ? nullptr : R.at(A, 1, l - 1);
-      T* hW = hv + A.off_w[l];
-      T* hb = hv + A.off_b[l];
-      for (int idx = threadIdx.x; idx < dout * din + dout; idx += blockDim.x) {
-        T acc = 0;
-        if (idx < static_cast<int64_t>(dout) * din) {
-          const int o = idx / din, i = idx % din;
-          for (int n = 0; n < N; ++n) {
-            acc += Rdz[n * dout + o] * ain[n * din + i];
-            if (rain != nullptr) acc += dz[n * dout + o] * rain[n * din + i];
+    {  // R-loss: R(da_L), then Rdz_L
+      const int act = A.acts[L - 1];
+      const T *raL = R.at(A, 1, L - 1), *rzL = R.at(A, 0, L - 1);
+      const T *z = S.at(A, 0, L - 1), *a = S.at(A, 1, L - 1), *da = S.at(A, 2, L - 1);
+      T* rdz = (L - 1) % 2 == 0 ? Rdz0 : Rdz1;
+      if (A.loss == 0) {
+        const T scale = T(2) / static_cast<T>(N * D);
+        for (int i = threadIdx.x; i < N * D; i += blockDim.x)
+          rdz[i] = act_d2(act, a[i]) * rzL[i] * da[i] + act_d1(act, z[i], a[i], slope) * scale * raL[i];
+      } else {
+        const T invN = T(1) / static_cast<T>(N);
+        for (int n = threadIdx.x; n < N; n += blockDim.x) {
+          const T* row = a + n * D;
+          T m = row[0];
+          for (int c = 1; c < D; ++c) m = max(m, row[c]);
+          T sum = 0;
+          for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
+          T pr = 0;
+          for (int c = 0; c < D; ++c) pr += exp(row[c] - m) / sum * raL[n * D + c];
+          for (int c = 0; c < D; ++c) {
+            const int i = n * D + c;
+            const T rda = exp(row[c] - m) / sum * (raL[i] - pr) * invN;
+            rdz[i] = act_d2(act, a[i]) * rzL[i] * da[i] + act_d1(act, z[i], a[i], slope) * rda;
           }
-          hW[idx] = acc;
-        } else {
-          const int o = idx - dout * din;
-          for (int n = 0; n < N; ++n) acc += Rdz[n * dout + o];
-          hb[o] = acc;
         }
       }
-      __syncthreads();  // Rda is read above for layer l and rewritten below for layer l - 1
-      if (l > 0) {
-        const T *Wl = W(th, l), *dW = du + A.off_w[l];
-        for (int idx = threadIdx.x; idx < N * din; idx += blockDim.x) {
-          const int n = idx / din, i = idx % din;
-          T acc = 0;
-          for (int o = 0; o < dout; ++o) acc += Rdz[n * dout + o] * Wl[o * din + i] + dz[n * dout + o] * dW[o * din + i];
-          Rda[idx] = acc;
-        }
+      __syncthreads();
+    }
+    for (int l = L - 1; l >= 0; --l) {  // R-backward
+      const int din = A.dims[l], dout = A.dims[l + 1], ld = A.ldw[l];
+      const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
+      const T* dz = S.at(A, 3, l);
+      const T* rdz = l % 2 == 0 ? Rdz0 : Rdz1;
+      T* vW = v + A.pw[l];
+      T* vb = v + A.pb[l];
+      // H u for W_l: Rdz^T ain + dz^T R(a_{l-1})
+      auto epi_w = [&](int o, int i, T c) { vW[o * ld + i] -= c; };
+      int tiles = l == 0 ? gemm(0, dout, din, Op<T>{rdz, 1, dout}, Op<T>{ain, 1, din}, N, epi_w)
+                         : gemm(0, dout, din, Op<T>{rdz, 1, dout}, Op<T>{ain, 1, din}, N, Op<T>{dz, 1, dout},
+                                Op<T>{R.at(A, 1, l - 1), 1, din}, N, epi_w);
+      if (l > 0) {  // R(da_{l-1}) = Rdz W + dz dW, then Rdz_{l-1} into the other buffer
+        const int act = A.acts[l - 1];
+        const T *zp = S.at(A, 0, l - 1), *ap = S.at(A, 1, l - 1), *dap = S.at(A, 2, l - 1);
+        const T* rzp = R.at(A, 0, l - 1);
+        T* out = (l - 1) % 2 == 0 ? Rdz0 : Rdz1;
+        tiles = gemm(tiles, N, din, Op<T>{rdz, dout, 1}, Wcols(th, l), dout, Op<T>{dz, dout, 1}, Wcols(u, l), dout,
+                     [&](int n, int i, T c) {
+                       const int e = n * din + i;
+                       out[e] = act_d2(act, ap[e]) * rzp[e] * dap[e] + act_d1(act, zp[e], ap[e], slope) * c;
+                     });
+      }
+      const int nt = static_cast<int>(blockDim.x);
+      for (int o = (static_cast<int>(threadIdx.x) - tiles % nt + nt) % nt; o < dout; o += nt) {
+        T c = 0;
+        for (int n = 0; n < N; ++n) c += rdz[n * dout + o];
+        vb[o] -= c;
       }
       __syncthreads();
     }
   }
 };
 
-__host__ __device__ inline int64_t sum_widths(const int* dims, int L) {
-  int64_t s = 0;
-  for (int l = 0; l < L; ++l) s += dims[l + 1];
-  return s;
+template <typename T>
+__device__ __forceinline__ void copy(T* dst, const T* src, int n) {
+  for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
 template <typename T>
 __global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
   FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
-  const int64_t t = blockIdx.x;
-  const int64_t P = A.P, S = A.steps, K = A.K, Q = A.Q;
+  const int t = blockIdx.x;
+  const int S = static_cast<int>(A.steps), K = static_cast<int>(A.K), Q = static_cast<int>(A.Q);
+  const int Pp = static_cast<int>(A.Pp), P = static_cast<int>(A.P);
   const int I = A.dims[0], D = A.dims[A.L];
-  const int64_t sumd = sum_widths(A.dims, A.L);
-  int dmax = 0;
+  int sumd = 0, dmax = 0;
+  for (int l = 0; l < A.L; ++l) sumd += A.dims[l + 1];
   for (int l = 0; l <= A.L; ++l) dmax = max(dmax, A.dims[l]);
-  const int64_t NQ = max(K, Q);
-  T* w = A.smem ? red + blockDim.x : A.scratch + t * A.scratch_per_task;
-  // Slots as in mlp_scratch_per_task: first order keeps two parameter sets (ping-pong) and one
-  // step's activations; the per-step gradients are kept only for the learned rates' gradient.
+  const int NQ = max(K, Q);
   const bool fo = A.first_order, keep_g = A.dlr != nullptr;
-  T* theta = w; w += (fo && S >= 1 ? 2 : S + 1) * P;
-  T* g = w; w += (keep_g ? S : 1) * P;
-  T* steps_base = w; w += (fo && S >= 1 ? 1 : S) * 4 * K * sumd;
-  auto theta_at = [&](int64_t s) { return theta + (fo ? (s & 1) : s) * P; };
-  auto g_at = [&](int64_t s) { return g + (keep_g ? s : 0) * P; };
-  auto acts_at = [&](int64_t s) { return Acts<T>{steps_base + (fo ? 0 : s) * 4 * K * sumd, K}; };
-  Acts<T> query{w, NQ}; w += 4 * NQ * sumd;
-  Acts<T> R{w, K}; w += 2 * K * sumd;
-  T* Rda = w; w += K * dmax;
-  T* Rdz = w; w += K * dmax;
-  T* v = w; w += P;
-  T* u = w; w += P;
-  T* h = w; w += P;
-  T* dlr = w; w += P;
-  Ctx<T> C{A, A.slope};
-  const T* x = A.xs + t * K * I;
-  const T* xq = A.xq + t * Q * I;
-  const T* ysf = A.loss == 0 ? A.ys_f + t * K * D : nullptr;
-  const int64_t* ysl = A.loss == 1 ? A.ys_l + t * K : nullptr;
-  const T* yqf = A.loss == 0 ? A.yq_f + t * Q * D : nullptr;
-  const int64_t* yql = A.loss == 1 ? A.yq_l + t * Q : nullptr;
-  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) theta[j] = A.theta0[j];
+  T* shared = red + blockDim.x;
+  T* scratch = A.scratch + static_cast<int64_t>(t) * A.scratch_per_task;
+  // working set: th, gv (gradient; in reverse u = lr (.) v), v, one pass's activations, R buffers
+  T* w = A.placement == kAllGlobal ? scratch : shared;
+  T* th = w; w += Pp;
+  T* gv = w; w += Pp;
+  T* v = w; w += Pp;
+  const Acts<T> work{w, NQ, sumd}; w += 4 * NQ * sumd;
+  const Acts<T> R{w, K, sumd}; w += fo ? 0 : 2 * K * sumd;
+  T* Rdz0 = w; w += fo ? 0 : K * dmax;
+  T* Rdz1 = w; w += fo ? 0 : K * dmax;
+  // history (second order): each step's parameters, gradients (learned rates), activations
+  T* h = A.placement == kAllShared ? w : (A.placement == kAllGlobal ? w : scratch);
+  T* h_th = h; h += fo ? 0 : S * Pp;
+  T* h_g = h; h += fo || !keep_g ? 0 : S * Pp;
+  T* h_acts = h;
+  // placement 1 computes a step's activations in shared memory and copies them out; otherwise
+  // they are computed in (and the reverse pass reads them from) their history slot directly
+  const bool stage = A.placement == kWorkShared;
+  auto acts_at = [&](int s) {
+    return (fo || stage) ? Acts<T>{work.base, K, sumd} : Acts<T>{h_acts + s * 4 * K * sumd, K, sumd};
+  };
+  const Ctx<T> C{A, A.slope};
+  const T* x = A.xs + static_cast<int64_t>(t) * K * I;
+  const T* xq = A.xq + static_cast<int64_t>(t) * Q * I;
+  const T* ysf = A.loss == 0 ? A.ys_f + static_cast<int64_t>(t) * K * D : nullptr;
+  const int64_t* ysl = A.loss == 1 ? A.ys_l + static_cast<int64_t>(t) * K : nullptr;
+  const T* yqf = A.loss == 0 ? A.yq_f + static_cast<int64_t>(t) * Q * D : nullptr;
+  const int64_t* yql = A.loss == 1 ? A.yq_l + static_cast<int64_t>(t) * Q : nullptr;
+  T* dlr = keep_g ? A.dlr + static_cast<int64_t>(t) * P : nullptr;
+  for_params(A, [&](int j, int jf) {
+    th[j] = A.theta0[jf];
+    if (keep_g) dlr[jf] = T(0);
+  });
   __syncthreads();
-  for (int64_t s = 0; s < S; ++s) {
-    const T* th = theta_at(s);
+  for (int s = 0; s < S; ++s) {
     const Acts<T> st = acts_at(s);
-    T* gs = g_at(s);
     C.forward(th, x, K, st);
     C.loss_grad(st, K, ysf, ysl, nullptr, red);
-    C.backward(th, x, K, st, gs);
-    T* next = theta_at(s + 1);
-    for (int64_t j = threadIdx.x; j < P; j += blockDim.x) next[j] = th[j] - (A.lrs ? A.lrs[j] : A.lr) * gs[j];
+    C.backward(th, x, K, st, gv);
+    // keep theta_s (and g_s, the activations) for the reverse pass, then theta_{s+1} in place;
+    // first order with learned rates sums the gradients in dlr (each thread its own elements)
+    T* hth = h_th + s * Pp;
+    T* hg = h_g + s * Pp;
+    for_params(A, [&](int j, int jf) {
+      const T g = gv[j];
+      if (!fo) {
+        hth[j] = th[j];
+        if (keep_g) hg[j] = g;
+      } else if (keep_g) {
+        dlr[jf] += g;
+      }
+      th[j] -= C.rate(jf) * g;
+    });
+    if (!fo && stage) copy(h_acts + s * 4 * K * sumd, work.base, 4 * K * sumd);
     __syncthreads();
   }
-  const T* thS = theta_at(S);
-  C.forward(thS, xq, Q, query);
+  const Acts<T> query{work.base, Q, sumd};
+  C.forward(th, xq, Q, query);
   C.loss_grad(query, Q, yqf, yql, A.loss_out + t, red);
-  C.backward(thS, xq, Q, query, v);
-  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) dlr[j] = T(0);
-  __syncthreads();
-  for (int64_t s = S - 1; s >= 0; --s) {
-    for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
-      if (keep_g) dlr[j] -= g_at(s)[j] * v[j];
-      u[j] = (A.lrs ? A.lrs[j] : A.lr) * v[j];
+  C.backward(th, xq, Q, query, v);
+  T* dth = A.dtheta + static_cast<int64_t>(t) * P;
+  if (fo) {  // v_s = v_S for every s: d theta_0 = v_S, d lr = -sum_s g_s (.) v_S
+    for_params(A, [&](int j, int jf) {
+      dth[jf] = v[j];
+      if (keep_g) dlr[jf] = -dlr[jf] * v[j];
+    });
+    return;
+  }
+  for (int s = S - 1; s >= 0; --s) {
+    const T* ths = h_th + s * Pp;
+    const T* hg = h_g + s * Pp;
+    if (stage) {
+      copy(th, ths, Pp);
+      copy(work.base, h_acts + s * 4 * K * sumd, 4 * K * sumd);
+      ths = th;
     }
+    for_params(A, [&](int j, int jf) {
+      if (keep_g) dlr[jf] -= hg[j] * v[j];
+      gv[j] = C.rate(jf) * v[j];
+    });
     __syncthreads();
-    if (fo) continue;
-    C.hvp(theta_at(s), x, acts_at(s), u, h, R, Rda, Rdz);
-    for (int64_t j = threadIdx.x; j < P; j += blockDim.x) v[j] -= h[j];
-    __syncthreads();
+    C.hvp(ths, x, acts_at(s), gv, v, R, Rdz0, Rdz1);
   }
-  for (int64_t j = threadIdx.x; j < P; j += blockDim.x) {
-    A.dtheta[t * P + j] = v[j];
-    if (A.dlr != nullptr) A.dlr[t * P + j] = dlr[j];
-  }
+  for_params(A, [&](int j, int jf) { dth[jf] = v[j]; });
 }
 
 }  // namespace
 
-int64_t mlp_scratch_per_task(const int* dims, int L, int64_t K, int64_t Q, int64_t steps, int64_t P,
-                             bool first_order, bool keep_grads) {
-  const int64_t sumd = sum_widths(dims, L);
-  int dmax = 0;
-  for (int l = 0; l <= L; ++l) dmax = std::max(dmax, dims[l]);
-  const int64_t NQ = std::max(K, Q);
-  const int64_t n_theta = first_order ? std::min<int64_t>(steps + 1, 2) : steps + 1;
-  const int64_t n_g = keep_grads ? steps : 1;
-  const int64_t n_acts = first_order ? std::min<int64_t>(steps, 1) : steps;
-  return n_theta * P + n_g * P + n_acts * 4 * K * sumd + 4 * NQ * sumd + 2 * K * sumd + 2 * K * dmax + 4 * P;
-}
-
-constexpr int kThreads = 256;
-
-template <typename T>
-size_t mlp_smem_bytes(int64_t scratch_per_task, bool smem) {
-  return kThreads * sizeof(T) + (smem ? static_cast<size_t>(scratch_per_task) * sizeof(T) : 0);
-}
-
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
   if (args.num_tasks == 0) return cudaSuccess;
-  const size_t shmem = mlp_smem_bytes<T>(args.scratch_per_task, args.smem);
-  if (args.smem) {  // above 48 KB a kernel must opt in to its dynamic shared memory
+  const size_t shmem = mlp_smem_bytes(args, args.placement);
+  if (shmem > 48 * 1024) {  // above 48 KB a kernel must opt in to its dynamic shared memory
     const cudaError_t e = cudaFuncSetAttribute(mlp_inner_loop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                static_cast<int>(shmem));
     if (e != cudaSuccess) return e;
   }
-  return FASTMETA_LAUNCH(mlp_inner_loop_kernel<T>, static_cast<unsigned>(args.num_tasks), kThreads, shmem, stream,
-                         args);
+  return FASTMETA_LAUNCH(mlp_inner_loop_kernel<T>, static_cast<unsigned>(args.num_tasks),
+                         static_cast<unsigned>(args.threads), shmem, stream, args);
 }
 
-template size_t mlp_smem_bytes<float>(int64_t, bool);
-template size_t mlp_smem_bytes<double>(int64_t, bool);
 template cudaError_t launch_mlp_inner_loop<float>(const MLPArgs<float>&, cudaStream_t);
 template cudaError_t launch_mlp_inner_loop<double>(const MLPArgs<double>&, cudaStream_t);
 

@@ -1,6 +1,6 @@
 // fastmeta's CUDA kernels compiled for the CPU through cuda_emu.h, with a C interface for ctypes
-// (tests/test_cuda_emu.py): the same sources and launchers as the GPU build, the argument layout of
-// the binding (cuda::mlp_layout, mlp_scratch_per_task, mlp_smem_bytes).
+// (tests/test_cuda_emu.py): the same sources and launchers as the GPU build, and the binding's
+// sizing and placement helpers (cuda::mlp_layout, mlp_sizes, mlp_choose_placement) with an H100's limits.
 #include "cuda_emu.h"
 
 #include "../../csrc/cuda/inner_update.cu"
@@ -10,10 +10,14 @@
 
 namespace {
 
+// An H100's limits for the placement choice.
+constexpr int64_t kSmemPerSM = 228 * 1024, kSMs = 132, kThreadsPerSM = 2048;
+
+// Returns the placement the launch ran with, or -1 (fm_emu_error says why).
 template <typename T>
 int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,
             const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr,
-            double slope, int loss, int first_order, int smem, T* loss_out, T* dtheta, T* dlr) {
+            double slope, int loss, int first_order, int placement, int threads, T* loss_out, T* dtheta, T* dlr) {
   using namespace fastmeta::cuda;
   MLPArgs<T> a{};
   a.L = L;
@@ -22,22 +26,25 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   mlp_layout(a);
   a.num_tasks = tasks; a.K = K; a.Q = Q; a.steps = steps;
   a.loss = loss; a.first_order = first_order != 0;
+  a.lr_grad = dlr != nullptr;
+  a.threads = threads;
+  mlp_sizes(a);
   a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
   a.xs = xs; a.xq = xq;
   if (loss == 0) { a.ys_f = static_cast<const T*>(ys); a.yq_f = static_cast<const T*>(yq); }
   else { a.ys_l = static_cast<const int64_t*>(ys); a.yq_l = static_cast<const int64_t*>(yq); }
   a.theta0 = theta0;
   a.lrs = lrs;
-  a.scratch_per_task = mlp_scratch_per_task(a.dims, L, K, Q, steps, a.P, a.first_order, dlr != nullptr);
-  a.smem = smem != 0 && mlp_smem_bytes<T>(a.scratch_per_task, true) <= fm_emu::kMaxSmemOptin;
+  a.placement = mlp_choose_placement(a, placement, static_cast<int64_t>(fm_emu::kMaxSmemOptin), kSmemPerSM, kSMs,
+                                     kThreadsPerSM);
+  a.scratch_per_task = mlp_scratch_per_task(a, a.placement);
   // the workspace starts as NaN: a value read before the kernel wrote it shows in the results
-  std::vector<T> scratch(a.smem ? 0 : tasks * a.scratch_per_task, std::numeric_limits<T>::quiet_NaN());
-  a.scratch = a.smem ? nullptr : scratch.data();
+  std::vector<T> scratch(tasks * a.scratch_per_task, std::numeric_limits<T>::quiet_NaN());
+  a.scratch = scratch.data();
   a.loss_out = loss_out; a.dtheta = dtheta; a.dlr = dlr;
   fm_emu::state().error.clear();
-  const cudaError_t e = launch_mlp_inner_loop<T>(a, nullptr);
-  if (e != cudaSuccess) return 1;
-  return a.smem ? 2 : 0;  // which workspace ran, for the test to assert
+  if (launch_mlp_inner_loop<T>(a, nullptr) != cudaSuccess) return -1;
+  return a.placement;
 }
 
 template <typename T>
@@ -88,9 +95,10 @@ uint64_t fm_emu_barriers() { return fm_emu::state().barriers; }
 #define FM_EMU_MLP(NAME, T)                                                                                  \
   int NAME(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,     \
            const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr, \
-           double slope, int loss, int first_order, int smem, T* loss_out, T* dtheta, T* dlr) {             \
+           double slope, int loss, int first_order, int placement, int threads, T* loss_out, T* dtheta,      \
+           T* dlr) {                                                                                         \
     return run_mlp<T>(L, dims, acts, tasks, K, Q, steps, xs, ys, xq, yq, theta0, lrs, lr, slope, loss,      \
-                      first_order, smem, loss_out, dtheta, dlr);                                             \
+                      first_order, placement, threads, loss_out, dtheta, dlr);                               \
   }
 FM_EMU_MLP(fm_emu_mlp_f32, float)
 FM_EMU_MLP(fm_emu_mlp_f64, double)
