@@ -73,14 +73,14 @@ std::vector<at::Tensor> inner_update_tensor_cuda(at::TensorList params, at::Tens
   return outs;
 }
 
-// Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to 1024),
-// default 128.
+// Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to 512, the
+// kernel's launch bound), default 128.
 int mlp_threads() {
   const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
   if (env == nullptr || env[0] == '\0') return 128;
   const int n = std::atoi(env);
-  TORCH_CHECK(n >= 32 && n <= 1024 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
-              "to 1024, got '", env, "'");
+  TORCH_CHECK(n >= 32 && n <= 512 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
+              "to 512, got '", env, "'");
   return n;
 }
 

@@ -335,8 +335,12 @@ __device__ __forceinline__ void copy(T* dst, const T* src, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
+// At most 512 threads a block (FASTMETA_CUDA_MLP_THREADS): registers capped at 128 a thread, so
+// such a block fits an SM's 64K registers.
+constexpr int kMaxThreads = 512;
+
 template <typename T>
-__global__ void mlp_inner_loop_kernel(const MLPArgs<T> A) {
+__global__ void __launch_bounds__(kMaxThreads) mlp_inner_loop_kernel(const MLPArgs<T> A) {
   FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
   const int t = blockIdx.x;
