@@ -7,6 +7,8 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <vector>
 
 #include "../common.h"
@@ -84,6 +86,30 @@ int mlp_threads() {
   return n;
 }
 
+// What the placement choice needs of a device, read once a device.
+struct DeviceLimits {
+  int smem_optin = 0, smem_per_sm = 0, sms = 0, threads_per_sm = 0;
+};
+
+// The first call on a device also lets the MLP kernel (both dtypes) use all the shared memory a
+// block may opt in to, so no launch (none inside a CUDA graph capture either) needs that call.
+
+const DeviceLimits& device_limits(int device) {
+  static std::mutex mu;
+  static std::map<int, DeviceLimits> cache;
+  const std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  DeviceLimits d;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device));
+  C10_CUDA_CHECK(cuda::mlp_allow_smem<float>(d.smem_optin));
+  C10_CUDA_CHECK(cuda::mlp_allow_smem<double>(d.smem_optin));
+  return cache.emplace(device, d).first->second;
+}
+
 // FASTMETA_CUDA_MLP_SMEM=0|1|2 forces a placement (global / working set in shared memory / all in
 // shared memory, each where it fits); unset or auto: cuda::mlp_choose_placement decides.
 template <typename T>
@@ -95,12 +121,8 @@ int mlp_placement(const cuda::MLPArgs<T>& a, int device) {
                 "FASTMETA_CUDA_MLP_SMEM must be auto, 0, 1 or 2, got '", env, "'");
     forced = env[0] - '0';
   }
-  int optin = 0, per_sm = 0, sms = 0, threads = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, device));
-  return cuda::mlp_choose_placement(a, forced, optin, per_sm, sms, threads);
+  const DeviceLimits& d = device_limits(device);
+  return cuda::mlp_choose_placement(a, forced, d.smem_optin, d.smem_per_sm, d.sms, d.threads_per_sm);
 }
 
 template <typename T>

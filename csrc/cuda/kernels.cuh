@@ -163,6 +163,12 @@ inline int mlp_choose_placement(const MLPArgs<T>& a, int forced, int64_t optin_l
   return fits(kWorkShared) ? kWorkShared : kAllGlobal;
 }
 
+// Lets the kernel for T use up to `bytes` of dynamic shared memory on the current device (above
+// 48 KB a kernel must opt in). The caller does it once a device, before any launch that needs it
+// and outside stream capture; launch_mlp_inner_loop itself makes no such call.
+template <typename T>
+cudaError_t mlp_allow_smem(int bytes);
+
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);
 

@@ -442,18 +442,19 @@ __global__ void __launch_bounds__(kMaxThreads) mlp_inner_loop_kernel(const MLPAr
 }  // namespace
 
 template <typename T>
-cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
-  if (args.num_tasks == 0) return cudaSuccess;
-  const size_t shmem = mlp_smem_bytes(args, args.placement);
-  if (shmem > 48 * 1024) {  // above 48 KB a kernel must opt in to its dynamic shared memory
-    const cudaError_t e = cudaFuncSetAttribute(mlp_inner_loop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               static_cast<int>(shmem));
-    if (e != cudaSuccess) return e;
-  }
-  return FASTMETA_LAUNCH(mlp_inner_loop_kernel<T>, static_cast<unsigned>(args.num_tasks),
-                         static_cast<unsigned>(args.threads), shmem, stream, args);
+cudaError_t mlp_allow_smem(int bytes) {
+  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
+template <typename T>
+cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
+  if (args.num_tasks == 0) return cudaSuccess;
+  return FASTMETA_LAUNCH(mlp_inner_loop_kernel<T>, static_cast<unsigned>(args.num_tasks),
+                         static_cast<unsigned>(args.threads), mlp_smem_bytes(args, args.placement), stream, args);
+}
+
+template cudaError_t mlp_allow_smem<float>(int);
+template cudaError_t mlp_allow_smem<double>(int);
 template cudaError_t launch_mlp_inner_loop<float>(const MLPArgs<float>&, cudaStream_t);
 template cudaError_t launch_mlp_inner_loop<double>(const MLPArgs<double>&, cudaStream_t);
 

@@ -43,6 +43,7 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   a.scratch = scratch.data();
   a.loss_out = loss_out; a.dtheta = dtheta; a.dlr = dlr;
   fm_emu::state().error.clear();
+  if (mlp_allow_smem<T>(static_cast<int>(fm_emu::kMaxSmemOptin)) != cudaSuccess) return -1;
   if (launch_mlp_inner_loop<T>(a, nullptr) != cudaSuccess) return -1;
   return a.placement;
 }
