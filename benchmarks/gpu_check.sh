@@ -64,8 +64,10 @@ step_omniglot() { TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workloa
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
-step_miniimagenet() { TAIL=8 run_step miniimagenet 90 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta,fastmeta_graph,fastmeta-triton,loop,vmap --json "$LOG/bench_miniimagenet.json"; }
+# (fastmeta_vg@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the memory target)
+step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
+  --providers fastmeta,fastmeta_vg@2,fastmeta_vg@4,fastmeta_graph,fastmeta-triton,loop,vmap \
+  --json "$LOG/bench_miniimagenet.json"; }
 # where the conv path's GPU time goes (hot kernels by their own device time)
 step_convprof() { TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot \
   --provider fastmeta --order second --iterations 3 --trace ""; }

@@ -37,11 +37,17 @@ class BatchedMAML(nn.Module):
         learn_inner_lr: Meta-SGD: per-parameter learned inner rates, initialised to inner_lr.
         strict: raise if a module of ``model`` has no batched lowering instead of using vmap.
         check_finite: raise if a support loss becomes non-finite during adaptation (syncs).
+        task_chunk: memory for time. forward / value_and_grad then take the meta-batch this many
+            tasks at a time, each chunk's meta-gradient computed and its autograd graph freed
+            before the next, so memory holds one chunk's graph (about ``task_chunk`` times a
+            per-task loop's) instead of all T tasks'. The result is the same; forward's loss is
+            then differentiable once (its backward gives the accumulated meta-gradient; a second
+            derivative raises). The fused MLP kernel keeps no graph and ignores it.
     """
 
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
-                 check_finite: bool = False):
+                 check_finite: bool = False, task_chunk: int | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -55,12 +61,16 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"inner_steps: must be >= 0, got {inner_steps}")
         if not (callable(loss) or loss in _LOSSES):
             raise ValueError(f"loss: expected one of {_LOSSES} or a callable, got {loss!r}")
+        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
+                                       or task_chunk < 1):
+            raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
         self.model = model
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
         self.loss = loss
         self.strict = bool(strict)
         self.check_finite = bool(check_finite)
+        self.task_chunk = None if task_chunk is None else int(task_chunk)
         self.program = plan.lower(model, strict=self.strict)
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
         params = dict(model.named_parameters())
@@ -255,6 +265,9 @@ class BatchedMAML(nn.Module):
                 return self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
                                     self.first_order)
         if not fused:
+            if self._chunked(xs):
+                wanted = [p for p in self._param_list() if p.requires_grad]
+                return _ChunkedMetaLoss.apply(self, xs, ys, xq, yq, *wanted)
             return self.task_losses(xs, ys, xq, yq).mean()
         params, lr, spec = self._fused_args()
         with torch.enable_grad(), phase("fused_inner_loop"):
@@ -292,10 +305,36 @@ class BatchedMAML(nn.Module):
                 by_id.update(zip(map(id, lr), glr))
             if all(id(p) in by_id for p in wanted):
                 return value, [by_id.get(id(p)) if p.requires_grad else None for p in params]
+        if not fused and self._chunked(xs):
+            value, grads = self._chunked_value_and_grad(xs, ys, xq, yq, wanted)
+            grads = iter(grads)
+            return value, [next(grads) if p.requires_grad else None for p in params]
         with torch.enable_grad():
             value = self(xs, ys, xq, yq)
             grads = iter(torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True))
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
+
+    def _chunked(self, xs) -> bool:
+        return self.task_chunk is not None and xs.shape[0] > self.task_chunk
+
+    def _chunked_value_and_grad(self, xs, ys, xq, yq, wanted):
+        """The mean query loss and its gradient w.r.t. ``wanted``, task_chunk tasks at a time (each
+        chunk's graph freed before the next): sum over chunks of each chunk's loss sum and its
+        gradient, divided by T."""
+        T = xs.shape[0]
+        total, grads = None, None
+        for i in range(0, T, self.task_chunk):
+            part = slice(i, i + self.task_chunk)
+            with torch.enable_grad():
+                loss = self.task_losses(xs[part], ys[part], xq[part], yq[part]).sum()
+                g = torch.autograd.grad(loss, wanted, allow_unused=True, materialize_grads=True)
+            loss = loss.detach()
+            if grads is None:
+                total, grads = loss, list(g)
+            else:
+                total = total + loss
+                grads = [a.add_(b) for a, b in zip(grads, g)]
+        return total / T, [g.div_(T) for g in grads]
 
     def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:
         """Adapted per-task parameters, name -> [T, *shape] (non-adapted ones as broadcast views).
@@ -332,3 +371,19 @@ class BatchedMAML(nn.Module):
         lr = "learned" if self.lrs is not None else self.inner_lr
         return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
                 f"loss={self.loss if isinstance(self.loss, str) else 'callable'}")
+
+
+class _ChunkedMetaLoss(torch.autograd.Function):
+    """forward's loss under task_chunk: computed with its meta-gradient chunk by chunk (no graph
+    kept); backward scales that gradient by the incoming one."""
+
+    @staticmethod
+    def forward(ctx, meta, xs, ys, xq, yq, *params):
+        value, grads = meta._chunked_value_and_grad(xs, ys, xq, yq, list(params))
+        ctx.save_for_backward(*grads)
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        return (None,) * 5 + tuple(g * d for d in ctx.saved_tensors)

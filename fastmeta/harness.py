@@ -118,10 +118,11 @@ def _params(w: Workload):
     return [p for p in w.model.parameters()]
 
 
-def _fastmeta(w: Workload, first_order: bool, backend: str | None = None):
+def _fastmeta(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
     import fastmeta
 
-    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss)
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
+                                task_chunk=task_chunk)
     params = _params(w)
 
     def step():
@@ -132,12 +133,13 @@ def _fastmeta(w: Workload, first_order: bool, backend: str | None = None):
     return step
 
 
-def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None):
+def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
     """BatchedMAML.value_and_grad: the loss and the meta-gradient as values (no autograd graph
     where the fused op runs)."""
     import fastmeta
 
-    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss)
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
+                                task_chunk=task_chunk)
 
     def step():
         with fastmeta.use_backend(backend):
@@ -145,14 +147,15 @@ def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None):
     return step
 
 
-def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None):
+def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
     """fastmeta.graphed: BatchedMAML.value_and_grad captured in one CUDA graph, replayed per step."""
     import fastmeta
 
     if w.xs.device.type != "cuda":
         raise RuntimeError("fastmeta_graph needs CUDA tensors")
     with fastmeta.use_backend(backend):
-        meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss)
+        meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
+                                    task_chunk=task_chunk)
         graphed = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
 
     def step():
@@ -340,8 +343,18 @@ def default_providers(workload: str, device: str) -> list:
     return ["fastmeta", "loop", "vmap", "compile"]
 
 
-# fastmeta's own providers: each takes a "-BACKEND" suffix
+# fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
+# suffix, in that order (e.g. fastmeta_vg@4-cuda)
 _FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph")
+
+
+def _split(name: str):
+    """(provider, task_chunk or None, backend or None) of a provider name."""
+    head, _, backend = name.partition("-")
+    base, at, chunk = head.partition("@")
+    if at and (base not in _FASTMETA or not chunk.isdigit() or int(chunk) < 1):
+        raise ValueError(f"provider {name!r}: an @N suffix (N >= 1 tasks a chunk) is for {', '.join(_FASTMETA)}")
+    return base, (int(chunk) if at else None), (backend or None)
 # providers whose CPU step runs the fused C++ kernel (its per-thread workspace counts in peak memory)
 _FUSED_CPU = ("fastmeta", "fastmeta-cpp", "fastmeta_vg", "fastmeta_vg-cpp")
 
@@ -355,7 +368,10 @@ def default_skip(provider: str, workload: str, device: str) -> str | None:
 
 def provider_available(name: str, device: str) -> str | None:
     """None if provider ``name`` can run on ``device``, else why not."""
-    base = name.split("-")[0]
+    try:
+        base = _split(name)[0]
+    except ValueError as e:
+        return str(e)
     if base not in PROVIDERS:
         return f"unknown provider {name!r}"
     if base == "l2l" and importlib.util.find_spec("learn2learn") is None:
@@ -371,9 +387,9 @@ def provider_available(name: str, device: str) -> str | None:
 
 
 def make_step(name: str, w: Workload, first_order: bool):
-    base, _, backend = name.partition("-")
+    base, chunk, backend = _split(name)
     if base in _FASTMETA:
-        return PROVIDERS[base](w, first_order, backend or None)
+        return PROVIDERS[base](w, first_order, backend, chunk)
     return PROVIDERS[base](w, first_order)
 
 

@@ -383,3 +383,41 @@ def test_value_and_grad_bad_input_is_named():
         meta.value_and_grad(xs, ys, xq[:2], yq[:2])
     with pytest.raises(TypeError, match="ys has dtype torch.float32"):
         meta.value_and_grad(xs, ys.float(), xq, yq)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("chunk", [1, 2, 5])
+def test_task_chunk_gives_the_same_meta_gradient(first_order, chunk):
+    """task_chunk (memory for time): the meta-batch in chunks of tasks (the last one short), Meta-SGD
+    rates included: forward + autograd.grad and value_and_grad equal the whole batch at once and the
+    per-task loop; the chunked loss can be differentiated once, not twice."""
+    model = conv_net(ch=3, classes=5)
+    T = 5
+    batch = (torch.randn(T, 4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (T, 4)),
+             torch.randn(T, 3, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (T, 3)))
+    whole = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss="cross_entropy", learn_inner_lr=True)
+    parts = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss="cross_entropy", learn_inner_lr=True,
+                                 task_chunk=chunk)
+    parts.lrs = whole.lrs
+    want_loss, want, want_lr = meta_grads(whole, model, batch)
+    got_loss, got, got_lr = meta_grads(parts, model, batch)
+    assert_rel_close([got_loss], [want_loss], 1e-12, "loss")
+    assert_rel_close(got + got_lr, want + want_lr, RTOL[torch.float64], "meta-grad")
+    lrs = {n: whole.lrs[n.replace(".", "__")] for n, _ in model.named_parameters()}
+    _, loop, _ = loop_meta_grads(model, *batch, None, 2, "cross_entropy", first_order, lrs=lrs)
+    assert_rel_close(got, loop, RTOL[torch.float64], "meta-grad vs loop")
+    vg_loss, vg = parts.value_and_grad(*batch)
+    assert [id(p) for p in parts.parameters()] == [id(p) for p in whole.parameters()]
+    want_all = torch.autograd.grad(whole(*batch), list(whole.parameters()))
+    assert_rel_close([vg_loss] + vg, [want_loss, *want_all], RTOL[torch.float64], "value_and_grad")
+    if chunk < T:
+        loss = parts(*batch)
+        (g,) = torch.autograd.grad(loss, [model[0].weight], create_graph=True)
+        with pytest.raises(RuntimeError, match="twice|once_differentiable|does not require grad"):
+            torch.autograd.grad(g.sum(), [model[0].weight])
+
+
+def test_task_chunk_is_checked():
+    for bad in (0, -1, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="task_chunk"):
+            fastmeta.BatchedMAML(mlp((2, 9, 3)), 0.1, 2, task_chunk=bad)

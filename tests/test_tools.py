@@ -43,6 +43,17 @@ def test_unknown_provider_and_workload():
     assert H.provider_available("vmap_graph", "cpu") == "CUDA graphs need a GPU"
     with pytest.raises(ValueError, match="workload"):
         H.make_workload("cifar")
+    for bad in ("fastmeta@0", "fastmeta@x", "loop@2", "fastmeta@"):
+        assert "@N suffix" in H.provider_available(bad, "cpu"), bad
+    assert H.provider_available("fastmeta_vg@3-torch", "cpu") is None
+
+
+def test_chunked_provider_runs_chunks():
+    """fastmeta@N: BatchedMAML(task_chunk=N) behind the provider, same meta-gradient as the loop."""
+    w = H.make_workload("omniglot", tasks=3, device="cpu", dtype=torch.float64)
+    got = H.make_step("fastmeta_vg@2-torch", w, False)()
+    want = H.make_step("loop", w, False)()
+    assert H.max_rel_err(list(got), list(want)) < 1e-9
 
 
 def test_bench_cli_prints_table_and_json(tmp_path):
