@@ -164,14 +164,21 @@ def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, 
     return step
 
 
+def _accumulate(total, grads):
+    return list(grads) if total is None else [a.add_(b) for a, b in zip(total, grads)]
+
+
 def _loop(w: Workload, first_order: bool):
+    """The naive loop: task by task, S differentiable SGD steps, the query loss, and its backward
+    (the task's meta-gradient, summed over tasks), as learn2learn's examples write it: memory holds
+    one task's graph at a time."""
     from torch.func import functional_call
 
     names = [n for n, _ in w.model.named_parameters()]
     params = _params(w)
 
     def step():
-        total = 0.0
+        total = None
         for t in range(w.tasks):
             p = dict(zip(names, params))
             for _ in range(w.steps):
@@ -182,9 +189,10 @@ def _loop(w: Workload, first_order: bool):
                 with phase("update"):
                     p = {n: v - w.inner_lr * gi for (n, v), gi in zip(p.items(), g)}
             with phase("query_forward"):
-                total = total + w.loss_fn(functional_call(w.model, p, (w.xq[t],)), w.yq[t])
-        with phase("outer_backward"):
-            return list(torch.autograd.grad(total / w.tasks, params))
+                query = w.loss_fn(functional_call(w.model, p, (w.xq[t],)), w.yq[t]) / w.tasks
+            with phase("outer_backward"):
+                total = _accumulate(total, torch.autograd.grad(query, params))
+        return total
     return step
 
 
@@ -223,10 +231,11 @@ def _l2l(w: Workload, first_order: bool):
 
 
 def _clone_adapt_loop(w: Workload, maml):
+    """learn2learn's pattern: clone, adapt S times, the query loss's backward per task."""
     params = _params(w)
 
     def step():
-        total = 0.0
+        total = None
         for t in range(w.tasks):
             learner = maml.clone()
             for _ in range(w.steps):
@@ -234,9 +243,10 @@ def _clone_adapt_loop(w: Workload, maml):
                     loss = w.loss_fn(learner(w.xs[t]), w.ys[t])
                 learner.adapt(loss)  # its gradient and update phases are marked inside fastmeta.MAML
             with phase("query_forward"):
-                total = total + w.loss_fn(learner(w.xq[t]), w.yq[t])
-        with phase("outer_backward"):
-            return list(torch.autograd.grad(total / w.tasks, params))
+                query = w.loss_fn(learner(w.xq[t]), w.yq[t]) / w.tasks
+            with phase("outer_backward"):
+                total = _accumulate(total, torch.autograd.grad(query, params))
+        return total
     return step
 
 
@@ -247,14 +257,15 @@ def _higher(w: Workload, first_order: bool):
     opt = torch.optim.SGD(w.model.parameters(), lr=w.inner_lr)
 
     def step():
-        total = 0.0
+        total = None
         for t in range(w.tasks):
             with higher.innerloop_ctx(w.model, opt, copy_initial_weights=False) as (fmodel, diffopt):
                 for _ in range(w.steps):  # first order: the inner gradients are detached
                     diffopt.step(w.loss_fn(fmodel(w.xs[t]), w.ys[t]),
                                  grad_callback=(lambda gs: [g.detach() for g in gs]) if first_order else None)
-                total = total + w.loss_fn(fmodel(w.xq[t]), w.yq[t])
-        return list(torch.autograd.grad(total / w.tasks, params))
+                query = w.loss_fn(fmodel(w.xq[t]), w.yq[t]) / w.tasks
+                total = _accumulate(total, torch.autograd.grad(query, params))
+        return total
     return step
 
 
