@@ -50,6 +50,15 @@ __device__ __forceinline__ T act_d2(int act, T a) {
   return T(0);
 }
 
+// The largest logit m of a row and sum_c exp(row[c] - m): softmax(row)[c] = exp(row[c] - m) / sum.
+template <typename T>
+__device__ __forceinline__ void softmax_stats(const T* row, int D, T& m, T& sum) {
+  m = row[0];
+  for (int c = 1; c < D; ++c) m = max(m, row[c]);
+  sum = 0;
+  for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
+}
+
 // Operand X(r, k) = p[r * sr + k * sk] of a product (r: the output row or column it feeds).
 template <typename T>
 struct Op {
@@ -185,10 +194,8 @@ struct Ctx {
       const T invN = T(1) / static_cast<T>(N);
       for (int n = threadIdx.x; n < N; n += blockDim.x) {
         const T* row = a + n * D;
-        T m = row[0];
-        for (int c = 1; c < D; ++c) m = max(m, row[c]);
-        T sum = 0;
-        for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
+        T m, sum;
+        softmax_stats(row, D, m, sum);
         const int y = static_cast<int>(yl[n]);
         for (int c = 0; c < D; ++c) {
           const int i = n * D + c;
@@ -281,10 +288,8 @@ struct Ctx {
         const T invN = T(1) / static_cast<T>(N);
         for (int n = threadIdx.x; n < N; n += blockDim.x) {
           const T* row = a + n * D;
-          T m = row[0];
-          for (int c = 1; c < D; ++c) m = max(m, row[c]);
-          T sum = 0;
-          for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
+          T m, sum;
+          softmax_stats(row, D, m, sum);
           T pr = 0;
           for (int c = 0; c < D; ++c) pr += exp(row[c] - m) / sum * raL[n * D + c];
           for (int c = 0; c < D; ++c) {
