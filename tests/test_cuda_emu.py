@@ -197,3 +197,19 @@ def test_inner_update(emu, dtype, per_param):
     want = ops.inner_update_ref(p, g, [r.expand_as(t) for r, t in zip(lrs, g)] if lrs else 0.3)
     for o, w in zip(outs, want):
         torch.testing.assert_close(o, w, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_placements_agree_bit_for_bit(emu, first_order):
+    """Where a task's slots live changes no arithmetic: the three placements give identical bits."""
+    params, batch = make_mlp_batch((2, 24, 17, 3), 2, 6, 5, "cross_entropy", torch.float32, "cpu")
+    lrs = [torch.full_like(p, 0.05) for p in params]
+    runs = {}
+    for placement in PLACEMENTS.values():
+        got, out = emu_mlp(emu, params, batch, lrs, 0.05, 3, ["tanh", "relu", None], 0.01, "cross_entropy",
+                           first_order, placement, 2)
+        assert got == placement
+        runs[placement] = out
+    for placement in (1, 2):
+        for a, b in zip(runs[0], runs[placement]):
+            assert torch.equal(a, b), f"placement {placement} differs from placement 0"
