@@ -41,7 +41,7 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128):
+def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128, tile=2):
     """Runs the CUDA kernel in the emulator; returns the placement it ran with and its outputs."""
     xs, ys, xq, yq = (t.contiguous() for t in batch)
     dt = xs.dtype
@@ -60,7 +60,7 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
             ctypes.c_int64(T), ctypes.c_int64(K), ctypes.c_int64(Q), ctypes.c_int64(steps), ptr(xs), ptr(ys),
             ptr(xq), ptr(yq), ptr(theta0), ptr(lrflat), ctypes.c_double(lr), ctypes.c_double(slope),
             ctypes.c_int(0 if loss == "mse" else 1), ctypes.c_int(int(first_order)), ctypes.c_int(placement),
-            ctypes.c_int(threads), ptr(loss_out), ptr(dtheta), ptr(dlr))
+            ctypes.c_int(threads), ctypes.c_int(tile), ptr(loss_out), ptr(dtheta), ptr(dlr))
     assert rc >= 0, h.fm_emu_error().decode()
     return rc, (loss_out, dtheta, dlr)
 
@@ -74,13 +74,13 @@ def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order):
 
 
 def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, placement, metasgd=False, slope=0.01, lr=0.05,
-          threads=128):
+          threads=128, tile=2):
     """The emulated kernel (placement forced where it fits, -1: its own choice) against the CPU
     kernel, in every thread order; returns the placement it ran with."""
     params, batch = make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
     lrs = [torch.full_like(p, lr) * (1 + 0.5 * torch.rand_like(p)) for p in params] if metasgd else []
     want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order)
-    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads)
+    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, tile)
             for o in ORDERS]
     assert all(r[0] == runs[0][0] for r in runs)
     got = runs[0][1]
@@ -155,12 +155,27 @@ def test_few_steps_and_one_layer(emu, steps):
     check(emu, (6, 4), 2, 4, 3, steps + 1, ["sigmoid"], "mse", True, torch.float64, 0, metasgd=True)
 
 
-@pytest.mark.parametrize("threads", [32, 96, 256])
-def test_block_sizes(emu, threads):
-    """Other block sizes (FASTMETA_CUDA_MLP_THREADS): products with more tiles than threads, and the
-    reverse, hand tiles out across the phase's products the same way."""
+@pytest.mark.parametrize("tile,threads", [(2, 32), (2, 96), (2, 256), (4, 32), (4, 96)])
+def test_block_sizes_and_tiles(emu, threads, tile):
+    """Other block sizes (FASTMETA_CUDA_MLP_THREADS) and 4 x 4 register tiles (FASTMETA_CUDA_MLP_TILE):
+    products with more tiles than threads, and the reverse, widths that leave partial tiles, and
+    products under 4 rows (the 2 x 2 tiles) in one phase."""
     check(emu, (2, 33, 8, 3), 2, 5, 6, 2, ["tanh", "relu", None], "mse", False, torch.float64, 1, metasgd=True,
-          threads=threads)
+          threads=threads, tile=tile)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_sine_with_4x4_tiles(emu, first_order):
+    check(emu, (1, 40, 40, 1), 3, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1, tile=4)
+    check(emu, (3, 37, 11, 5), 2, 7, 9, 2, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy", first_order,
+          torch.float64, 0, metasgd=True, lr=0.1, tile=4)
+
+
+def test_tile_4_block_limit(emu):
+    """4 x 4 tiles launch with at most 128 threads a block (their register bound): more is refused."""
+    params, batch = make_mlp_batch((1, 8, 1), 1, 3, 3, "mse", torch.float32, "cpu")
+    with pytest.raises(AssertionError):
+        emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=256, tile=4)
 
 
 def test_automatic_placement(emu):

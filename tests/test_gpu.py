@@ -168,13 +168,15 @@ def test_inner_update_meta_sgd_gradgrad_on_gpu():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t256"])
+@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t256", "r4", "r4-t64"])
 def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatch):
     """The CUDA kernel with each placement of a task's slots forced (FASTMETA_CUDA_MLP_SMEM=0/1/2:
-    global memory, working set in shared memory, all in shared memory, each where it fits) and other
-    block sizes (FASTMETA_CUDA_MLP_THREADS): same results as the reference."""
-    key = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS"}[setting[0]]
-    monkeypatch.setenv(key, setting[1:])
+    global memory, working set in shared memory, all in shared memory, each where it fits), other
+    block sizes (FASTMETA_CUDA_MLP_THREADS) and 4x4 register tiles (FASTMETA_CUDA_MLP_TILE): same
+    results as the reference."""
+    keys = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE"}
+    for part in setting.split("-"):
+        monkeypatch.setenv(keys[part[0]], part[1:])
     for dtype in (torch.float32, torch.float64):
         params, batch = make_mlp_batch((1, 40, 37, 1), 25, 10, 10, "mse", dtype, "cuda")
         _fused_vs_reference("cuda", params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order, RTOL[dtype])
@@ -186,10 +188,13 @@ def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatc
 
 def test_cuda_kernel_settings_are_checked(monkeypatch):
     params, batch = make_mlp_batch((1, 8, 1), 2, 3, 3, "mse", torch.float32, "cuda")
-    for key, value in (("FASTMETA_CUDA_MLP_SMEM", "3"), ("FASTMETA_CUDA_MLP_THREADS", "100")):
+    bad = [{"FASTMETA_CUDA_MLP_SMEM": "3"}, {"FASTMETA_CUDA_MLP_THREADS": "100"}, {"FASTMETA_CUDA_MLP_TILE": "3"},
+           {"FASTMETA_CUDA_MLP_TILE": "4", "FASTMETA_CUDA_MLP_THREADS": "256"}]
+    for env in bad:
         with monkeypatch.context() as m:
-            m.setenv(key, value)
-            with pytest.raises(RuntimeError, match=key):
+            for key, value in env.items():
+                m.setenv(key, value)
+            with pytest.raises(RuntimeError, match=list(env)[-1]):
                 with fastmeta.use_backend("cuda"):
                     ops.mlp_inner_loop(*batch, params, 0.1, 1, ["relu", None], 0.01, "mse", False)
 

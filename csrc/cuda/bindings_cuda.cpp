@@ -110,6 +110,15 @@ const DeviceLimits& device_limits(int device) {
   return cache.emplace(device, d).first->second;
 }
 
+// Register tile of the MLP kernel's products: FASTMETA_CUDA_MLP_TILE=2 (default) or 4.
+int mlp_tile() {
+  const char* env = std::getenv("FASTMETA_CUDA_MLP_TILE");
+  if (env == nullptr || env[0] == '\0') return 2;
+  TORCH_CHECK((env[0] == '2' || env[0] == '4') && env[1] == '\0', "FASTMETA_CUDA_MLP_TILE must be 2 or 4, got '",
+              env, "'");
+  return env[0] - '0';
+}
+
 // FASTMETA_CUDA_MLP_SMEM=0|1|2 forces a placement (global / working set in shared memory / all in
 // shared memory, each where it fits); unset or auto: cuda::mlp_choose_placement decides.
 template <typename T>
@@ -144,6 +153,10 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr_grad = dlr.numel() > 0;
   a.threads = mlp_threads();
+  a.tile = mlp_tile();
+  TORCH_CHECK(a.threads <= cuda::mlp_max_threads(a.tile), "FASTMETA_CUDA_MLP_THREADS=", a.threads, " with ",
+              a.tile, "x", a.tile, " tiles (FASTMETA_CUDA_MLP_TILE): at most ", cuda::mlp_max_threads(a.tile),
+              " threads a block");
   cuda::mlp_sizes(a);
   TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,
               " + ", a.hist, " elements for ", a.K, " support rows, ", a.Q, " query rows, ", steps,

@@ -82,6 +82,7 @@ struct MLPArgs {
   bool lr_grad;                                       // dlr wanted (set before mlp_sizes)
   int placement;                                      // MLPPlacement
   int threads;                                        // per block
+  int tile;                                           // register tile of the products: 2 (2x2) or 4 (4x4)
   int dims[kMaxLayers + 1];
   int acts[kMaxLayers];
   int64_t off_w[kMaxLayers], off_b[kMaxLayers];      // flat layout
@@ -168,6 +169,9 @@ inline int mlp_choose_placement(const MLPArgs<T>& a, int forced, int64_t optin_l
 // and outside stream capture; launch_mlp_inner_loop itself makes no such call.
 template <typename T>
 cudaError_t mlp_allow_smem(int bytes);
+
+// The most threads a block the kernel of a tile size launches with.
+int mlp_max_threads(int tile);
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);

@@ -66,53 +66,65 @@ struct Op {
   int sr, sk;
 };
 
-// acc[i][j] += sum_k a(m_i, k) b(n_j, k) for the thread's rows m0, m1 and columns n0, n1.
-template <typename T>
-__device__ __forceinline__ void mac(const Op<T>& a, const Op<T>& b, int K, int m0, int m1, int n0, int n1,
-                                    T (&acc)[2][2]) {
-  const T* a0 = a.p + m0 * a.sr;
-  const T* a1 = a.p + m1 * a.sr;
-  const T* b0 = b.p + n0 * b.sr;
-  const T* b1 = b.p + n1 * b.sr;
-#pragma unroll 4
+// acc[r][c] += sum_k a(m[r], k) b(n[c], k) for the thread's R rows m and R columns n.
+template <int R, typename T>
+__device__ __forceinline__ void mac(const Op<T>& a, const Op<T>& b, int K, const int (&m)[R], const int (&n)[R],
+                                    T (&acc)[R][R]) {
+  const T* ap[R];
+  const T* bp[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    ap[r] = a.p + m[r] * a.sr;
+    bp[r] = b.p + n[r] * b.sr;
+  }
+#pragma unroll(8 / R)
   for (int k = 0; k < K; ++k) {
-    const T x0 = a0[k * a.sk], x1 = a1[k * a.sk], y0 = b0[k * b.sk], y1 = b1[k * b.sk];
-    acc[0][0] += x0 * y0;
-    acc[0][1] += x0 * y1;
-    acc[1][0] += x1 * y0;
-    acc[1][1] += x1 * y1;
+    T x[R], y[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      x[r] = ap[r][k * a.sk];
+      y[r] = bp[r][k * b.sk];
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < R; ++c) acc[r][c] += x[r] * y[c];
   }
 }
 
-// C [M, N] = A1 B1^T (+ A2 B2^T when K2 > 0), epi(m, n, c) for each element. The thread grid is
-// ceil(M/2) x ceil(N/2), thread (i, j) computing rows i, i + ceil(M/2) and columns j, j + ceil(N/2);
-// `first` is the number of 2 x 2 tiles earlier products of the same phase handed out, so that this
-// one starts on the threads they left idle. Returns first plus this product's tiles.
-template <typename T, typename Epi>
-__device__ __forceinline__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1,
-                                    const Op<T>& a2, const Op<T>& b2, int K2, Epi epi) {
-  const int tm = (M + 1) >> 1, tn = (N + 1) >> 1, tiles = tm * tn;
+// C [M, N] = A1 B1^T (+ A2 B2^T when K2 > 0), epi(m, n, c) for each element, in R x R tiles: the
+// thread grid is ceil(M/R) x ceil(N/R), thread (i, j) computing rows i + r ceil(M/R) and columns
+// j + c ceil(N/R) (r, c < R; those past the edge are computed on row i / column j and dropped);
+// `first` is the number of tiles earlier products of the same phase handed out, so that this one
+// starts on the threads they left idle. Returns first plus this product's tiles.
+template <int R, typename T, typename Epi>
+__device__ __forceinline__ int gemm_tiles(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1,
+                                          const Op<T>& a2, const Op<T>& b2, int K2, Epi& epi) {
+  const int tm = (M + R - 1) / R, tn = (N + R - 1) / R, tiles = tm * tn;
   const int nt = static_cast<int>(blockDim.x);
   const int start = (static_cast<int>(threadIdx.x) - first % nt + nt) % nt;
   for (int t = start; t < tiles; t += nt) {
     const int i = t / tn, j = t - i * tn;
-    const int m1 = i + tm < M ? i + tm : i, n1 = j + tn < N ? j + tn : j;
-    T acc[2][2] = {{T(0), T(0)}, {T(0), T(0)}};
-    mac(a1, b1, K1, i, m1, j, n1, acc);
-    if (K2 > 0) mac(a2, b2, K2, i, m1, j, n1, acc);
-    epi(i, j, acc[0][0]);
-    if (n1 != j) epi(i, n1, acc[0][1]);
-    if (m1 != i) {
-      epi(m1, j, acc[1][0]);
-      if (n1 != j) epi(m1, n1, acc[1][1]);
+    int m[R], n[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      m[r] = i + r * tm < M ? i + r * tm : i;
+      n[r] = j + r * tn < N ? j + r * tn : j;
     }
+    T acc[R][R];
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < R; ++c) acc[r][c] = T(0);
+    mac<R>(a1, b1, K1, m, n, acc);
+    if (K2 > 0) mac<R>(a2, b2, K2, m, n, acc);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int c = 0; c < R; ++c)
+        if ((r == 0 || m[r] != i) && (c == 0 || n[c] != j)) epi(m[r], n[c], acc[r][c]);
   }
   return first + tiles;
-}
-
-template <typename T, typename Epi>
-__device__ __forceinline__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1, Epi epi) {
-  return gemm(first, M, N, a1, b1, K1, a1, b1, 0, epi);
 }
 
 // Per-layer activation buffers of one pass: z, a, da, dz, each [rows, d_l] (l = 1..L), at base.
@@ -145,10 +157,22 @@ __device__ __forceinline__ void for_params(const MLPArgs<T>& A, F f) {
   }
 }
 
-template <typename T>
+template <typename T, int kTile>
 struct Ctx {
   const MLPArgs<T>& A;
   T slope;
+  // The products of a phase in kTile x kTile tiles (4: half the loads a multiply-add of 2 x 2
+  // tiles, on fewer threads), 2 x 2 for a product under kTile rows or columns.
+  template <typename Epi>
+  __device__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1, const Op<T>& a2,
+                      const Op<T>& b2, int K2, Epi epi) const {
+    if (kTile > 2 && M >= kTile && N >= kTile) return gemm_tiles<kTile>(first, M, N, a1, b1, K1, a2, b2, K2, epi);
+    return gemm_tiles<2>(first, M, N, a1, b1, K1, a2, b2, K2, epi);
+  }
+  template <typename Epi>
+  __device__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1, Epi epi) const {
+    return gemm(first, M, N, a1, b1, K1, a1, b1, 0, epi);
+  }
   __device__ Op<T> Wrows(const T* th, int l) const {  // W(o, i): rows of W
     return {th + A.pw[l], A.ldw[l], 1};
   }
@@ -340,12 +364,12 @@ __device__ __forceinline__ void copy(T* dst, const T* src, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
-// At most 512 threads a block (FASTMETA_CUDA_MLP_THREADS): registers capped at 128 a thread, so
-// such a block fits an SM's 64K registers.
-constexpr int kMaxThreads = 512;
-
-template <typename T>
-__global__ void __launch_bounds__(kMaxThreads) mlp_inner_loop_kernel(const MLPArgs<T> A) {
+// One kernel a tile size (MLPArgs::tile), each with its own register allocation. Launch bounds
+// (mlp_max_threads): 2 x 2 tiles fit 128 registers a thread, so blocks of up to 512 threads; 4 x 4
+// tiles spill at 128 (and, by ptxas's choice, at the 256-thread bound too) and take ~160 without
+// spills under a bound of 128 threads.
+template <typename T, int kTile>
+__global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(const MLPArgs<T> A) {
   FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
   const int t = blockIdx.x;
@@ -379,7 +403,7 @@ __global__ void __launch_bounds__(kMaxThreads) mlp_inner_loop_kernel(const MLPAr
   auto acts_at = [&](int s) {
     return (fo || stage) ? Acts<T>{work.base, K, sumd} : Acts<T>{h_acts + s * 4 * K * sumd, K, sumd};
   };
-  const Ctx<T> C{A, A.slope};
+  const Ctx<T, kTile> C{A, A.slope};
   const T* x = A.xs + static_cast<int64_t>(t) * K * I;
   const T* xq = A.xq + static_cast<int64_t>(t) * Q * I;
   const T* ysf = A.loss == 0 ? A.ys_f + static_cast<int64_t>(t) * K * D : nullptr;
@@ -448,14 +472,22 @@ __global__ void __launch_bounds__(kMaxThreads) mlp_inner_loop_kernel(const MLPAr
 
 template <typename T>
 cudaError_t mlp_allow_smem(int bytes) {
-  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t e = cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             bytes);
+  if (e != cudaSuccess) return e;
+  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
+
+int mlp_max_threads(int tile) { return tile == 4 ? 128 : 512; }
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
   if (args.num_tasks == 0) return cudaSuccess;
-  return FASTMETA_LAUNCH(mlp_inner_loop_kernel<T>, static_cast<unsigned>(args.num_tasks),
-                         static_cast<unsigned>(args.threads), mlp_smem_bytes(args, args.placement), stream, args);
+  if (args.threads > mlp_max_threads(args.tile)) return cudaErrorInvalidValue;
+  const size_t shmem = mlp_smem_bytes(args, args.placement);
+  const unsigned grid = static_cast<unsigned>(args.num_tasks), block = static_cast<unsigned>(args.threads);
+  void (*kernel)(const MLPArgs<T>) = args.tile == 4 ? mlp_inner_loop_kernel<T, 4> : mlp_inner_loop_kernel<T, 2>;
+  return FASTMETA_LAUNCH(kernel, grid, block, shmem, stream, args);
 }
 
 template cudaError_t mlp_allow_smem<float>(int);

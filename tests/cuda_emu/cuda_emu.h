@@ -195,4 +195,4 @@ using std::tanh;
 
 #define FASTMETA_DYNAMIC_SMEM(type, name) type* name = reinterpret_cast<type*>(fm_emu::dynamic_smem())
 #define FASTMETA_LAUNCH(kernel, grid, block, shmem, stream, ...) \
-  fm_emu::launch(reinterpret_cast<const void*>(&kernel), grid, block, shmem, [&] { kernel(__VA_ARGS__); })
+  fm_emu::launch(reinterpret_cast<const void*>(kernel), grid, block, shmem, [&] { kernel(__VA_ARGS__); })
