@@ -53,7 +53,7 @@ step_sine25() { run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 --provi
 step_sine1000() { run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 --providers \
   fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T1000.json"; }
-step_probe() { TAIL=32 run_step probe 90 probe.txt python benchmarks/gpu_probe.py; }
+step_probe() { TAIL=32 run_step probe 120 probe.txt python benchmarks/gpu_probe.py; }
 step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
   $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"; }
 # the Triton conv-path kernels against their references on the device, before their timed rows
