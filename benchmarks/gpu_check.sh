@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe tritonconv omniglot miniimagenet omniglot_cudnnbench convprof ncu tritontests ops convcompile"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe gputests_triton tritonconv omniglot miniimagenet omniglot_cudnnbench convprof ncu tritontests ops convcompile"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -45,8 +45,12 @@ NCU="ncu --clock-control none --target-processes all --kernel-name regex:mlp_inn
 # One function per step; they run in the order STEPS lists them.
 step_install() { TAIL=8 run_step install 240 install.log python -m pip install --no-build-isolation --no-deps -v -e .; }
 step_info() { TAIL=30 run_step info 30 info.txt sh -c 'python -m fastmeta.info; cat fastmeta/_build_status.json'; }
+# the GPU tests in two steps: every CUDA and torch path first, the Triton ones (which compile for
+# tens of seconds each in float64) after the sine timings
 step_gputests() { TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider \
-  --timeout=120 tests/test_gpu.py; }
+  --timeout=120 tests/test_gpu.py -k "not triton"; }
+step_gputests_triton() { TAIL=20 run_step gputests_triton 150 tests_gpu_triton.log python -m pytest -q -rfEs \
+  -p no:cacheprovider --timeout=120 tests/test_gpu.py -k triton; }
 step_sine25() { run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 --providers \
   fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,loop,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T25.json"; }
