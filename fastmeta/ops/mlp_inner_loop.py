@@ -34,7 +34,7 @@ from .task_loss import cross_entropy_ref, mse_ref
 
 IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 # on CUDA the C++ kernel is ~3x faster than the Triton one and holds ~5x less workspace
-# (H100, benchmarks/RESULTS.md)
+# (H100, benchmarks/RESULTS.md; measured with the CUDA kernel before its shared-memory rewrite)
 AUTO = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
 _ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
