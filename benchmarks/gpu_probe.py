@@ -8,8 +8,9 @@ the sine workload (1-40-40-1, K=Q=10, S=5, float32).
 
 A CUDA backend may carry settings of its kernel: -sN forces the placement of a task's slots
 (FASTMETA_CUDA_MLP_SMEM=N: 0 global memory, 1 working set in shared memory, 2 all in shared memory;
-without it the binding chooses), -tN the threads a block (FASTMETA_CUDA_MLP_THREADS, default 128),
--rN the register tile of its products (FASTMETA_CUDA_MLP_TILE: 2, the default, or 4).
+without it the binding chooses), -tN the threads a block (FASTMETA_CUDA_MLP_THREADS; by default
+256 when T <= the SM count, else 128), -rN the register tile of its products
+(FASTMETA_CUDA_MLP_TILE: 2, the default, or 4).
 
 --ncu-target runs just a few calls of one configuration (second order), for an ncu run to profile.
 """
@@ -24,16 +25,17 @@ import fastmeta
 from fastmeta import harness as H, ops
 
 ACTS = ["relu", "relu", None]
+SETTINGS = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE"}
 
 
 def variant(backend):
     """The backend's name; its -sN / -tN settings go to the environment the CUDA binding reads."""
     name, *settings = backend.split("-")
     os.environ["FASTMETA_CUDA_MLP_SMEM"] = "auto"
-    os.environ["FASTMETA_CUDA_MLP_THREADS"] = "128"
+    os.environ["FASTMETA_CUDA_MLP_THREADS"] = ""
     os.environ["FASTMETA_CUDA_MLP_TILE"] = "2"
     for st in settings:
-        key = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE"}.get(st[:1])
+        key = SETTINGS.get(st[:1])
         if key is None or not st[1:].isdigit():
             raise SystemExit(f"gpu_probe: unknown setting {st!r} in {backend!r} (expected -sN, -tN or -rN)")
         os.environ[key] = st[1:]
@@ -93,7 +95,7 @@ def step_us(w, backend, first_order, n=100, provider="fastmeta"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="25,1000")
-    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t256,cuda-r4,cuda-r4-t64,triton")
+    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t128,cuda-t256,cuda-r4,cuda-r4-t64,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -75,17 +75,6 @@ std::vector<at::Tensor> inner_update_tensor_cuda(at::TensorList params, at::Tens
   return outs;
 }
 
-// Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to 512, the
-// kernel's launch bound), default 128.
-int mlp_threads() {
-  const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
-  if (env == nullptr || env[0] == '\0') return 128;
-  const int n = std::atoi(env);
-  TORCH_CHECK(n >= 32 && n <= 512 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
-              "to 512, got '", env, "'");
-  return n;
-}
-
 // What the placement choice needs of a device, read once a device.
 struct DeviceLimits {
   int smem_optin = 0, smem_per_sm = 0, sms = 0, threads_per_sm = 0;
@@ -117,6 +106,22 @@ int mlp_tile() {
   TORCH_CHECK((env[0] == '2' || env[0] == '4') && env[1] == '\0', "FASTMETA_CUDA_MLP_TILE must be 2 or 4, got '",
               env, "'");
   return env[0] - '0';
+}
+
+// Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to the
+// kernel's launch bound, cuda::mlp_max_threads), else 256 when every task has an SM to itself
+// (more threads shorten each phase and nothing else shares the SM), else 128 (several blocks an
+// SM), at most the tile's bound.
+int mlp_threads(int64_t tasks, int tile, int sms) {
+  const int most = cuda::mlp_max_threads(tile);
+  const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
+  if (env == nullptr || env[0] == '\0') return std::min(tasks <= sms ? 256 : 128, most);
+  const int n = std::atoi(env);
+  TORCH_CHECK(n >= 32 && n <= 512 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
+              "to 512, got '", env, "'");
+  TORCH_CHECK(n <= most, "FASTMETA_CUDA_MLP_THREADS=", n, " with ", tile, "x", tile,
+              " tiles (FASTMETA_CUDA_MLP_TILE): at most ", most, " threads a block");
+  return n;
 }
 
 // FASTMETA_CUDA_MLP_SMEM=0|1|2 forces a placement (global / working set in shared memory / all in
@@ -152,11 +157,8 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr_grad = dlr.numel() > 0;
-  a.threads = mlp_threads();
   a.tile = mlp_tile();
-  TORCH_CHECK(a.threads <= cuda::mlp_max_threads(a.tile), "FASTMETA_CUDA_MLP_THREADS=", a.threads, " with ",
-              a.tile, "x", a.tile, " tiles (FASTMETA_CUDA_MLP_TILE): at most ", cuda::mlp_max_threads(a.tile),
-              " threads a block");
+  a.threads = mlp_threads(a.num_tasks, a.tile, device_limits(xs.device().index()).sms);
   cuda::mlp_sizes(a);
   TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,
               " + ", a.hist, " elements for ", a.K, " support rows, ", a.Q, " query rows, ", steps,
