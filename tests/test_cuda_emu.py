@@ -228,3 +228,12 @@ def test_placements_agree_bit_for_bit(emu, first_order):
     for placement in (1, 2):
         for a, b in zip(runs[0], runs[placement]):
             assert torch.equal(a, b), f"placement {placement} differs from placement 0"
+
+
+@pytest.mark.parametrize("slope", [0.0, 0.2])
+@pytest.mark.parametrize("placement", [1, 2])
+def test_slim_activations_cross_entropy(emu, slope, placement):
+    """ReLU / leaky ReLU (slope >= 0) / identity layers keep two activation sections (z in a's
+    storage, da in dz's): cross-entropy, Meta-SGD rates, second order, against the CPU kernel."""
+    check(emu, (3, 20, 13, 4), 2, 6, 5, 3, ["leaky_relu", "relu", None], "cross_entropy", False, torch.float64,
+          placement, metasgd=True, slope=slope, lr=0.1)

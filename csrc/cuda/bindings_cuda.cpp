@@ -159,11 +159,12 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.lr_grad = dlr.numel() > 0;
   a.tile = mlp_tile();
   a.threads = mlp_threads(a.num_tasks, a.tile, device_limits(xs.device().index()).sms);
+  a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   cuda::mlp_sizes(a);
   TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,
               " + ", a.hist, " elements for ", a.K, " support rows, ", a.Q, " query rows, ", steps,
               " steps and ", a.P, " parameters) exceeds 32-bit indexing");
-  a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
+  a.lr = static_cast<T>(lr);
   a.xs = xs.data_ptr<T>(); a.xq = xq.data_ptr<T>();
   if (loss == 0) { a.ys_f = ys.data_ptr<T>(); a.yq_f = yq.data_ptr<T>(); }
   else { a.ys_l = ys.data_ptr<int64_t>(); a.yq_l = yq.data_ptr<int64_t>(); }

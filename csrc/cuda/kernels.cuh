@@ -88,6 +88,7 @@ struct MLPArgs {
   int64_t off_w[kMaxLayers], off_b[kMaxLayers];      // flat layout
   int ldw[kMaxLayers];                                // padded layout: row stride of W
   int64_t pw[kMaxLayers], pb[kMaxLayers], Pp;         // padded offsets of W, b; padded size
+  int act_sections;                                   // 4 (z, a, da, dz) or 2 (see mlp_sizes)
   int64_t work, hist;                                 // elements per task (see mlp_sizes)
 };
 
@@ -112,19 +113,27 @@ inline void mlp_layout(MLPArgs<T>& a) {
   a.Pp = poff;
 }
 
-// a.work and a.hist from the layout, K, Q, steps, first_order and lr_grad: the working set holds
-// three parameter-sized vectors, one pass's activations (z, a, da, dz of max(K, Q) rows) and, in
-// second order, the R-operator's buffers; second order's history keeps each step's parameters,
-// activations and, for lr_grad, gradients.
+// a.act_sections, a.work and a.hist from the layout, acts, slope, K, Q, steps, first_order and
+// lr_grad. The working set holds three parameter-sized vectors, one pass's activations (max(K, Q)
+// rows) and, in second order, the R-operator's buffers; second order's history keeps each step's
+// parameters, activations and, for lr_grad, gradients. A pass's activations are z, a, da, dz of
+// every layer, or only a and dz where every activation is the identity, a ReLU or a leaky ReLU of
+// slope >= 0: there z > 0 exactly where a > 0 (all the derivative needs) and the second derivative
+// is zero (da is never read again), so z shares a's storage and da dz's.
 template <typename T>
 inline void mlp_sizes(MLPArgs<T>& a) {
   int64_t sumd = 0;
   int dmax = 0;
-  for (int l = 0; l < a.L; ++l) sumd += a.dims[l + 1];
+  bool slim = true;
+  for (int l = 0; l < a.L; ++l) {
+    sumd += a.dims[l + 1];
+    slim = slim && (a.acts[l] == 0 || a.acts[l] == 1 || (a.acts[l] == 2 && a.slope >= T(0)));
+  }
   for (int l = 0; l <= a.L; ++l) dmax = dmax > a.dims[l] ? dmax : a.dims[l];
+  a.act_sections = slim ? 2 : 4;
   const int64_t NQ = a.K > a.Q ? a.K : a.Q;
-  a.work = 3 * a.Pp + 4 * NQ * sumd + (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax);
-  a.hist = a.first_order ? 0 : a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + 4 * a.K * sumd);
+  a.work = 3 * a.Pp + a.act_sections * NQ * sumd + (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax);
+  a.hist = a.first_order ? 0 : a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + a.act_sections * a.K * sumd);
 }
 
 // Dynamic shared memory of one block for a placement: a reduction buffer of one element a thread,

@@ -127,17 +127,25 @@ __device__ __forceinline__ int gemm_tiles(int first, int M, int N, const Op<T>& 
   return first + tiles;
 }
 
-// Per-layer activation buffers of one pass: z, a, da, dz, each [rows, d_l] (l = 1..L), at base.
+// Per-layer activation buffers of one pass: z, a, da, dz (which = 0..3), each [rows, d_l]
+// (l = 1..L), at base; with 2 sections (MLPArgs::act_sections) z is a's storage and da is dz's.
 template <typename T>
 struct Acts {
   T* base;
-  int rows, sumd;
+  int rows, sumd, sections;
   __device__ T* at(const MLPArgs<T>& A, int which, int l) const {  // l: 0-based layer
     int off = 0;
     for (int j = 0; j < l; ++j) off += rows * A.dims[j + 1];
-    return base + which * rows * sumd + off;
+    return base + (sections == 4 ? which : which >> 1) * rows * sumd + off;
   }
 };
+
+// The second-derivative term act''(z) R(z) da of an R-operator backward, read only for the
+// activations that have one (so never from a da that shares dz's storage).
+template <typename T>
+__device__ __forceinline__ T d2_term(int act, const T* a, const T* rz, const T* da, int e) {
+  return act == kTanh || act == kSigmoid ? act_d2(act, a[e]) * rz[e] * da[e] : T(0);
+}
 
 // f(j, jf) for the padded index j and the flat index jf of every parameter this thread owns (the
 // same elements in every call, so per-element state needs no barrier between calls).
@@ -307,7 +315,7 @@ struct Ctx {
       if (A.loss == 0) {
         const T scale = T(2) / static_cast<T>(N * D);
         for (int i = threadIdx.x; i < N * D; i += blockDim.x)
-          rdz[i] = act_d2(act, a[i]) * rzL[i] * da[i] + act_d1(act, z[i], a[i], slope) * scale * raL[i];
+          rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * scale * raL[i];
       } else {
         const T invN = T(1) / static_cast<T>(N);
         for (int n = threadIdx.x; n < N; n += blockDim.x) {
@@ -319,7 +327,7 @@ struct Ctx {
           for (int c = 0; c < D; ++c) {
             const int i = n * D + c;
             const T rda = exp(row[c] - m) / sum * (raL[i] - pr) * invN;
-            rdz[i] = act_d2(act, a[i]) * rzL[i] * da[i] + act_d1(act, z[i], a[i], slope) * rda;
+            rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * rda;
           }
         }
       }
@@ -345,7 +353,7 @@ struct Ctx {
         tiles = gemm(tiles, N, din, Op<T>{rdz, dout, 1}, Wcols(th, l), dout, Op<T>{dz, dout, 1}, Wcols(u, l), dout,
                      [&](int n, int i, T c) {
                        const int e = n * din + i;
-                       out[e] = act_d2(act, ap[e]) * rzp[e] * dap[e] + act_d1(act, zp[e], ap[e], slope) * c;
+                       out[e] = d2_term(act, ap, rzp, dap, e) + act_d1(act, zp[e], ap[e], slope) * c;
                      });
       }
       const int nt = static_cast<int>(blockDim.x);
@@ -388,8 +396,9 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
   T* th = w; w += Pp;
   T* gv = w; w += Pp;
   T* v = w; w += Pp;
-  const Acts<T> work{w, NQ, sumd}; w += 4 * NQ * sumd;
-  const Acts<T> R{w, K, sumd}; w += fo ? 0 : 2 * K * sumd;
+  const int sec = A.act_sections, step_acts = sec * K * sumd;
+  const Acts<T> work{w, NQ, sumd, sec}; w += sec * NQ * sumd;
+  const Acts<T> R{w, K, sumd, 4}; w += fo ? 0 : 2 * K * sumd;  // Rz, Ra (which 0, 1)
   T* Rdz0 = w; w += fo ? 0 : K * dmax;
   T* Rdz1 = w; w += fo ? 0 : K * dmax;
   // history (second order): each step's parameters, gradients (learned rates), activations
@@ -401,7 +410,7 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
   // they are computed in (and the reverse pass reads them from) their history slot directly
   const bool stage = A.placement == kWorkShared;
   auto acts_at = [&](int s) {
-    return (fo || stage) ? Acts<T>{work.base, K, sumd} : Acts<T>{h_acts + s * 4 * K * sumd, K, sumd};
+    return Acts<T>{(fo || stage) ? work.base : h_acts + s * step_acts, K, sumd, sec};
   };
   const Ctx<T, kTile> C{A, A.slope};
   const T* x = A.xs + static_cast<int64_t>(t) * K * I;
@@ -435,10 +444,10 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
       }
       th[j] -= C.rate(jf) * g;
     });
-    if (!fo && stage) copy(h_acts + s * 4 * K * sumd, work.base, 4 * K * sumd);
+    if (!fo && stage) copy(h_acts + s * step_acts, work.base, step_acts);
     __syncthreads();
   }
-  const Acts<T> query{work.base, Q, sumd};
+  const Acts<T> query{work.base, Q, sumd, sec};
   C.forward(th, xq, Q, query);
   C.loss_grad(query, Q, yqf, yql, A.loss_out + t, red);
   C.backward(th, xq, Q, query, v);
@@ -455,7 +464,7 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
     const T* hg = h_g + s * Pp;
     if (stage) {
       copy(th, ths, Pp);
-      copy(work.base, h_acts + s * 4 * K * sumd, 4 * K * sumd);
+      copy(work.base, h_acts + s * step_acts, step_acts);
       ths = th;
     }
     for_params(A, [&](int j, int jf) {

@@ -30,8 +30,9 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   a.lr_grad = dlr != nullptr;
   a.threads = threads;
   a.tile = tile;
+  a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   mlp_sizes(a);
-  a.lr = static_cast<T>(lr); a.slope = static_cast<T>(slope);
+  a.lr = static_cast<T>(lr);
   a.xs = xs; a.xq = xq;
   if (loss == 0) { a.ys_f = static_cast<const T*>(ys); a.yq_f = static_cast<const T*>(yq); }
   else { a.ys_l = static_cast<const int64_t*>(ys); a.yq_l = static_cast<const int64_t*>(yq); }
