@@ -68,9 +68,10 @@ step_omniglot() { TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workloa
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
-# (fastmeta_vg@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the memory target)
+# (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the
+# memory target; on the CPU one task of fastmeta's peaks at 0.67x of the loop's, two at 1.34x)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta,fastmeta_vg@2,fastmeta_vg@4,fastmeta_graph,fastmeta-triton,loop,vmap \
+  --providers fastmeta_graph@1,fastmeta_vg@1,fastmeta_graph@2,fastmeta_vg@2,fastmeta,loop,vmap \
   --json "$LOG/bench_miniimagenet.json"; }
 # where the conv path's GPU time goes (hot kernels by their own device time)
 step_convprof() { TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot \
