@@ -126,3 +126,37 @@ def test_profile_on_a_users_own_loop():
     s = prof.summary()
     assert s["iterations"] == 2 and "inner_forward" in s["phases_ms"]
     assert "meta-iteration on cpu" in prof.table()
+
+
+def test_gpu_scripts_name_real_providers_and_settings():
+    """benchmarks/gpu_check.sh runs once per GPU session: every provider it names parses and
+    exists, every workload is known, and gpu_probe's default variants parse (a typo there would
+    cost that session's device time)."""
+    import os
+    import re
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = open(os.path.join(root, "benchmarks", "gpu_check.sh")).read().replace("\\\n", " ")
+    lists = re.findall(r"--providers\s+(\S+)", script)
+    assert len(lists) >= 5, lists
+    for name in {n for lst in lists for n in lst.split(",")}:
+        base, _, _ = H._split(name)
+        assert base in H.PROVIDERS, name
+    workloads = set(re.findall(r"--workload\s+(\S+)", script))
+    assert workloads == {"sine", "omniglot", "miniimagenet"}, workloads
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import gpu_probe
+        saved = {k: os.environ.get(k) for k in gpu_probe.SETTINGS.values()}
+        try:
+            backends = re.search(r'"--backends", default="([^"]+)"', open(gpu_probe.__file__).read()).group(1)
+            for b in backends.split(","):
+                assert gpu_probe.variant(b) in ("cuda", "triton"), b
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
