@@ -319,4 +319,6 @@ def explain(model: nn.Module) -> str:
                      "loss 'mse' or 'cross_entropy'")
     else:
         lines.append(f"  whole inner loop: step by step ({prog.mlp_reason})")
+        lines.append("  memory: BatchedMAML keeps every task's autograd graph until the backward; "
+                     "BatchedMAML(task_chunk=N) keeps N tasks' at a time (same result)")
     return "\n".join(lines)

@@ -65,6 +65,7 @@ def test_explain_reports_paths():
                          nn.Linear(2, 3))
     text = fastmeta.explain(conv)
     assert "batched_conv2d" in text and "bn_relu_pool" in text and "step by step" in text
+    assert "task_chunk" in text and "task_chunk" not in fastmeta.explain(mlp)
     assert "backend cpp" in text or not has_cpp()
     # a pooling that is not 2x2 / stride 2 keeps the separate steps
     conv[3] = nn.MaxPool2d(3, stride=1)
