@@ -20,6 +20,11 @@ What a graph fixes at capture, and what breaks it:
   (clone them to keep them); parameters that do not require grad have None.
 Cross-entropy labels are range-checked on the host before each replay (one sync); check_finite
 (which syncs inside the step) cannot be captured.
+
+With ``BatchedMAML(task_chunk=N)`` the graph is one chunk's step (N tasks; a second graph for a
+shorter last chunk), replayed chunk by chunk with the chunk's batch copied in and its loss and
+gradient added, weighted by its share of the tasks, into the step's outputs inside the graph: the
+memory of one chunk's step, no host time per op, and one small graph instead of T/N copies of it.
 """
 from __future__ import annotations
 
@@ -48,19 +53,37 @@ class GraphedStep:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
             raise ValueError(f"graphed: warmup must be an int >= 1, got {warmup!r}")
         self.meta = meta
-        self._static = {n: t.detach().clone() for n, t in batch.items()}
+        self._shapes = {n: (t.shape, t.dtype, t.device) for n, t in batch.items()}
         self._check_labels(batch)
         self._params = list(meta.parameters())
         self._config = self._current_config()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), labels_checked():
-            for _ in range(warmup):  # autograd, the allocator and Triton compile outside the capture
-                meta.value_and_grad(*self._static.values())
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), labels_checked():
-            self.loss, self.grads = meta.value_and_grad(*self._static.values())
+        T = xs.shape[0]
+        self._chunks = chunk_slices(T, meta.task_chunk)
+        chunked = len(self._chunks) > 1
+        # one graph a chunk size: statics [size, ...] and the step; chunked, the step's loss and
+        # gradient are added to the outputs with the weight size / T, else they are the outputs
+        if chunked:
+            self.loss = torch.zeros((), dtype=xs.dtype, device=xs.device)
+            self.grads = [torch.zeros_like(p) if p.requires_grad else None for p in self._params]
+        self._graphs = {}
+        pool = None
+        for size in sorted({stop - start for start, stop in self._chunks}, reverse=True):
+            static = {n: t[:size].detach().clone() for n, t in batch.items()}
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), labels_checked():
+                for _ in range(warmup):  # autograd, the allocator and Triton compile outside the capture
+                    meta.value_and_grad(*static.values())
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool), labels_checked():
+                loss, grads = meta.value_and_grad(*static.values())
+                if chunked:
+                    accumulate(self.loss, self.grads, loss, grads, size / T)
+                else:
+                    self.loss, self.grads = loss, grads
+            pool = graph.pool()
+            self._graphs[size] = (graph, static)
 
     def _current_config(self):
         m = self.meta
@@ -75,12 +98,12 @@ class GraphedStep:
     def __call__(self, xs, ys, xq, yq):
         batch = {"xs": xs, "ys": ys, "xq": xq, "yq": yq}
         for name, t in batch.items():
-            s = self._static[name]
-            if not isinstance(t, torch.Tensor) or t.shape != s.shape or t.dtype != s.dtype or t.device != s.device:
+            shape, dtype, device = self._shapes[name]
+            if not isinstance(t, torch.Tensor) or t.shape != shape or t.dtype != dtype or t.device != device:
                 got = (f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, torch.Tensor)
                        else type(t).__name__)
                 raise ValueError(f"graphed step: {name} is {got}, the step was captured for "
-                                 f"{tuple(s.shape)} {s.dtype} on {s.device}; capture another step for it")
+                                 f"{tuple(shape)} {dtype} on {device}; capture another step for it")
         params = self.meta._param_list()
         if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
             raise RuntimeError("graphed step: the module's parameters were replaced since the capture (the "
@@ -89,10 +112,30 @@ class GraphedStep:
             raise RuntimeError("graphed step: inner_lr, inner_steps, first_order or the backend changed since "
                                "the capture; capture again")
         self._check_labels(batch)
-        for name, t in batch.items():
-            self._static[name].copy_(t)
-        self.graph.replay()
+        if len(self._chunks) > 1:
+            torch._foreach_zero_([self.loss] + [g for g in self.grads if g is not None])
+        for start, stop in self._chunks:
+            graph, static = self._graphs[stop - start]
+            for name, t in batch.items():
+                static[name].copy_(t[start:stop])
+            graph.replay()
         return self.loss, self.grads
+
+
+def chunk_slices(T: int, chunk: int | None) -> list:
+    """(start, stop) of each chunk of task_chunk tasks (the last one shorter), or the whole batch."""
+    if chunk is None or chunk >= T:
+        return [(0, T)]
+    return [(i, min(i + chunk, T)) for i in range(0, T, chunk)]
+
+
+def accumulate(loss_out, grads_out, loss, grads, weight: float):
+    """loss_out += weight * loss and grads_out[i] += weight * grads[i] (None where a parameter
+    does not require grad), in place: the chunked step's sum over chunks."""
+    loss_out.add_(loss, alpha=weight)
+    pairs = [(o, g) for o, g in zip(grads_out, grads) if o is not None]
+    if pairs:
+        torch._foreach_add_([o for o, _ in pairs], [g for _, g in pairs], alpha=weight)
 
 
 def _classes(meta):

@@ -421,3 +421,27 @@ def test_task_chunk_is_checked():
     for bad in (0, -1, 2.5, True, "2"):
         with pytest.raises(ValueError, match="task_chunk"):
             fastmeta.BatchedMAML(mlp((2, 9, 3)), 0.1, 2, task_chunk=bad)
+
+
+def test_graphed_chunk_arithmetic():
+    """What a chunked graphed step replays, run eagerly: value_and_grad of each chunk (the last one
+    short) added with weight size / T gives the whole batch's loss and meta-gradient."""
+    from fastmeta.graphs import accumulate, chunk_slices
+    assert chunk_slices(5, None) == [(0, 5)] and chunk_slices(5, 5) == [(0, 5)] and chunk_slices(5, 8) == [(0, 5)]
+    assert chunk_slices(5, 2) == [(0, 2), (2, 4), (4, 5)]
+    model = conv_net(ch=3, classes=5)
+    model[0].bias.requires_grad_(False)
+    T = 5
+    batch = (torch.randn(T, 4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (T, 4)),
+             torch.randn(T, 3, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (T, 3)))
+    meta = fastmeta.BatchedMAML(model, 0.3, 1, loss="cross_entropy", learn_inner_lr=True)
+    want_loss, want = meta.value_and_grad(*batch)
+    loss = torch.zeros((), dtype=torch.float64)
+    grads = [torch.zeros_like(p) if p.requires_grad else None for p in meta.parameters()]
+    for start, stop in chunk_slices(T, 2):
+        part_loss, part = meta.value_and_grad(*(t[start:stop] for t in batch))
+        accumulate(loss, grads, part_loss, part, (stop - start) / T)
+    assert grads[1] is None and want[1] is None
+    keep = [i for i, g in enumerate(want) if g is not None]
+    assert_rel_close([loss] + [grads[i] for i in keep], [want_loss] + [want[i] for i in keep],
+                     RTOL[torch.float64], "chunked sum")
