@@ -8,7 +8,8 @@ closed form (Pearlmutter's R-operator, forward-over-reverse on the stored activa
 Layout: every layer is padded to one square tile, W_l [DP, DP] and b_l [DP] (DP a power of two >= 16,
 at least the widest layer), and a batch of rows to BK (>= 16). Padding is masked to zero after every
 activation, so padded rows and columns never reach a gradient. Each task owns a slice of a global
-scratch buffer: the parameters of every step, the per-step gradients and activations.
+scratch buffer: in second order the parameters, gradients and activations of every step; in first
+order two parameter sets, one step's activations and one gradient (scratch_slots).
 
     x  [BK, DP]  --W_l [DP, DP], b_l-->  z_l = a_{l-1} W_l^T + b_l,   a_l = act_l(z_l)
     backward:   dz_l = act'(z_l) da_l,   gW_l = dz_l^T a_{l-1},   da_{l-1} = dz_l W_l
@@ -225,11 +226,15 @@ def _mlp_inner_loop_kernel(
     cols = tl.arange(0, DP)
     din = tl.load(dims_ptr)
     dout = tl.load(dims_ptr + L)
+    # slots (scratch_slots): second order keeps every step's parameters, gradients and activations
+    # for the reverse pass; first order two parameter sets (ping-pong), one step's activations and
+    # one gradient (every step's only for the learned rates' gradient), then the query's
+    n_theta, n_grads, n_acts = scratch_slots(S, FIRST_ORDER, NEED_LR_GRAD)
     ws = scratch_ptr + t * SCRATCH
-    theta = ws                                  # [S + 1, PP]
-    grads = theta + (S + 1) * PP                # [S, PP]
-    acts = grads + S * PP                       # [S + 1, 4, L, BK, DP]  (slot S: the query)
-    rbuf = acts + (S + 1) * 4 * L * BK * DP     # [2, L, BK, DP]
+    theta = ws                                  # [n_theta, PP]
+    grads = theta + n_theta * PP                # [n_grads, PP]
+    acts = grads + n_grads * PP                 # [n_acts, 4, L, BK, DP]  (the last slot: the query)
+    rbuf = acts + n_acts * 4 * L * BK * DP      # [2, L, BK, DP]
     vbuf = rbuf + 2 * L * BK * DP               # v, u, h: [3, PP]
     ubuf = vbuf + PP
     hbuf = ubuf + PP
@@ -247,25 +252,27 @@ def _mlp_inner_loop_kernel(
         y_q = yq_ptr + t * Q
     s = 0
     while s < S:  # S is a runtime value (the interpreter cannot range() over one)
-        th = theta + s * PP
-        act = acts + s * 4 * L * BK * DP
+        th = theta + (s % n_theta) * PP
+        nxt = theta + ((s + 1) % n_theta) * PP
+        act = acts + (s % (n_acts - 1)) * 4 * L * BK * DP
+        gs = grads + (s % n_grads) * PP
         aL = _forward(th, x, act, rows, cols, dims_ptr, K, slope, L, DP, BK)
         tl.debug_barrier()
         _, da = _loss_grad(aL, y_s, rows, cols, K, dout, LOSS, DP)
-        _backward(th, x, act, grads + s * PP, da, rows, cols, dims_ptr, K, slope, L, DP, BK)
+        _backward(th, x, act, gs, da, rows, cols, dims_ptr, K, slope, L, DP, BK)
         tl.debug_barrier()
         for p0 in range(0, PP, BLOCK_P):
             m = p0 + offs < PP
-            g = tl.load(grads + s * PP + p0 + offs, mask=m, other=0.0)
+            g = tl.load(gs + p0 + offs, mask=m, other=0.0)
             if PER_PARAM_LR:
                 rate = tl.load(lr_ptr + p0 + offs, mask=m, other=0.0)
             else:
                 rate = lr_scalar
-            tl.store(th + PP + p0 + offs, tl.load(th + p0 + offs, mask=m) - rate * g, mask=m)
+            tl.store(nxt + p0 + offs, tl.load(th + p0 + offs, mask=m) - rate * g, mask=m)
         tl.debug_barrier()
         s += 1
-    thS = theta + S * PP
-    qact = acts + S * 4 * L * BK * DP
+    thS = theta + (S % n_theta) * PP
+    qact = acts + (n_acts - 1) * 4 * L * BK * DP
     xqmask = (rows[:, None] < Q) & (cols[None, :] < din)
     xq = tl.load(xq_ptr + t * Q * din + rows[:, None] * din + cols[None, :], mask=xqmask, other=0.0)
     aL = _forward(thS, xq, qact, rows, cols, dims_ptr, Q, slope, L, DP, BK)
@@ -284,7 +291,7 @@ def _mlp_inner_loop_kernel(
             m = p0 + offs < PP
             v = tl.load(vbuf + p0 + offs, mask=m, other=0.0)
             if NEED_LR_GRAD:
-                g = tl.load(grads + s * PP + p0 + offs, mask=m, other=0.0)
+                g = tl.load(grads + (s % n_grads) * PP + p0 + offs, mask=m, other=0.0)
                 acc = tl.load(dlr_ptr + t * PP + p0 + offs, mask=m, other=0.0)
                 tl.store(dlr_ptr + t * PP + p0 + offs, acc - g * v, mask=m)
             if PER_PARAM_LR:
@@ -307,6 +314,23 @@ def _mlp_inner_loop_kernel(
     for p0 in range(0, PP, BLOCK_P):
         m = p0 + offs < PP
         tl.store(dtheta_ptr + t * PP + p0 + offs, tl.load(vbuf + p0 + offs, mask=m, other=0.0), mask=m)
+
+
+@triton.jit
+def scratch_slots(S, FIRST_ORDER: tl.constexpr, NEED_LR_GRAD: tl.constexpr):
+    """(parameter sets, gradients, activation slots incl. the query's) a task's workspace holds."""
+    if FIRST_ORDER:
+        return 2, (S if NEED_LR_GRAD else 1), 2
+    return S + 1, S, S + 1
+
+
+def scratch_elems(S, first_order, need_lr_grad, PP, L, BK, DP):
+    """Workspace elements a task needs (as scratch_slots lays them out)."""
+    if first_order:
+        n_theta, n_grads, n_acts = 2, (S if need_lr_grad else 1), 2
+    else:
+        n_theta, n_grads, n_acts = S + 1, S, S + 1
+    return (n_theta + n_grads) * PP + n_acts * 4 * L * BK * DP + 2 * L * BK * DP + 3 * PP
 
 
 def _warps(dtype):
@@ -354,7 +378,7 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
     lr_buf = pad([l.detach() for l in lrs]) if lrs else theta0  # unused unless PER_PARAM_LR
     hyper = device_constant((float(lr), float(negative_slope)), dt, str(dev))
     dims = device_constant(tuple(int(v) for v in widths + [0] * (L + 1) + list(acts)), torch.int32, str(dev))
-    scratch_per_task = (steps + 1) * PP + steps * PP + (steps + 1) * 4 * L * BK * DP + 2 * L * BK * DP + 3 * PP
+    scratch_per_task = scratch_elems(steps, bool(first_order), bool(need_lr_grad), PP, L, BK, DP)
     scratch = torch.empty(T, scratch_per_task, device=dev, dtype=dt)
     loss_out = torch.empty(T, device=dev, dtype=dt)
     dtheta = torch.empty(T, PP, device=dev, dtype=dt)
