@@ -199,6 +199,17 @@ def test_cuda_kernel_settings_are_checked(monkeypatch):
                     ops.mlp_inner_loop(*batch, params, 0.1, 1, ["relu", None], 0.01, "mse", False)
 
 
+def _check_replay(step, meta, w, i, rtol_loss, rtol_grad):
+    """Replay i of a graphed step on the workload's batch shifted by 0.1 i, against value_and_grad
+    on the same batch; returns the replay's gradients."""
+    batch = [t + 0.1 * i if t.is_floating_point() else t for t in (w.xs, w.ys, w.xq, w.yq)]
+    loss, grads = step(*batch)
+    want_loss, want = meta.value_and_grad(*batch)
+    assert_rel_close([loss.clone()], [want_loss], rtol_loss, f"loss, replay {i}")
+    assert_rel_close([g.clone() for g in grads], list(want), rtol_grad, f"meta-grad, replay {i}")
+    return grads
+
+
 def test_graphed_step_matches_value_and_grad():
     """fastmeta.graphed on the fused sine MLP: each replay equals value_and_grad on the same batch
     and parameters, after in-place optimizer steps and for new batch values; a batch of another
@@ -209,11 +220,7 @@ def test_graphed_step_matches_value_and_grad():
     step = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
     opt = torch.optim.SGD(meta.parameters(), lr=1e-2)
     for i in range(3):
-        batch = [t + 0.1 * i if t.is_floating_point() else t for t in (w.xs, w.ys, w.xq, w.yq)]
-        loss, grads = step(*batch)
-        want_loss, want = meta.value_and_grad(*batch)
-        assert_rel_close([loss.clone()], [want_loss], 1e-6, f"loss, replay {i}")
-        assert_rel_close([g.clone() for g in grads], list(want), 1e-6, f"meta-grad, replay {i}")
+        grads = _check_replay(step, meta, w, i, 1e-6, 1e-6)
         for p, g in zip(meta.parameters(), grads):
             p.grad = g.clone()
         opt.step()
@@ -254,11 +261,7 @@ def test_graphed_step_in_task_chunks():
     step = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
     chunked_peak = torch.cuda.max_memory_allocated() - base
     for i in range(2):
-        batch = [t + 0.1 * i if t.is_floating_point() else t for t in (w.xs, w.ys, w.xq, w.yq)]
-        loss, grads = step(*batch)
-        want_loss, want = meta.value_and_grad(*batch)
-        assert_rel_close([loss.clone()], [want_loss], 1e-5, f"loss, replay {i}")
-        assert_rel_close([g.clone() for g in grads], list(want), 1e-4, f"meta-grad, replay {i}")
+        _check_replay(step, meta, w, i, 1e-5, 1e-4)
     del step
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
