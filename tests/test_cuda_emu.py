@@ -237,3 +237,20 @@ def test_slim_activations_cross_entropy(emu, slope, placement):
     storage, da in dz's): cross-entropy, Meta-SGD rates, second order, against the CPU kernel."""
     check(emu, (3, 20, 13, 4), 2, 6, 5, 3, ["leaky_relu", "relu", None], "cross_entropy", False, torch.float64,
           placement, metasgd=True, slope=slope, lr=0.1)
+
+
+@pytest.mark.parametrize("widths,steps", [((1, 40, 40, 1), 5), ((3, 9, 2), 3)])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_barriers_per_task(emu, widths, steps, first_order):
+    """The kernel's phase structure (its latency): one barrier after loading the parameters, 2L + 2
+    a support step (L forward layers, the loss, L backward layers, the update), 2L + 2 for the
+    query, and in second order 2L + 2 a reverse step (the rates, L R-forward layers, the R-loss, L
+    R-backward layers)."""
+    emu.fm_emu_barriers.restype = ctypes.c_uint64
+    params, batch = make_mlp_batch(widths, 1, 6, 5, "mse", torch.float32, "cpu")
+    L = len(widths) - 1
+    acts = ["relu"] * (L - 1) + [None]
+    before = emu.fm_emu_barriers()
+    emu_mlp(emu, params, batch, [], 0.01, steps, acts, 0.01, "mse", first_order, -1, 0)
+    phase = 2 * L + 2
+    assert emu.fm_emu_barriers() - before == 1 + steps * phase + phase + (0 if first_order else steps * phase)
