@@ -4,9 +4,10 @@
 // v_s = v_{s+1} - H_s (lr (.) v_{s+1}) with Hessian-vector products in closed form (R-operator
 // forward-over-reverse on the stored activations of step s).
 //
-// Every small product of a phase is one call of `gemm`: each thread computes 2 x 2 outputs, the
-// threads of a warp consecutive columns (so B's loads are consecutive or odd-strided in shared
-// memory and A's are broadcast), and the products of one phase share the block's threads. Epilogues
+// Every small product of a phase is one call of `gemm`: each thread computes a 2 x 2 tile of outputs
+// (4 x 4 in the kernel for MLPArgs::tile 4), the threads of a warp consecutive columns (so B's
+// loads are consecutive or odd-strided in shared memory and A's are broadcast), and the products
+// of one phase share the block's threads. Epilogues
 // do the elementwise work (bias, activation and its derivatives, the update of v), so a forward
 // layer, a backward layer and an R-operator layer are one phase each, phases separated by
 // __syncthreads(). A task's working set is in shared memory where it fits (several blocks share an
