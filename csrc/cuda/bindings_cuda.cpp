@@ -141,9 +141,9 @@ int mlp_placement(const cuda::MLPArgs<T>& a, int device) {
 
 template <typename T>
 void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-              const std::vector<at::Tensor>& params, const at::Tensor& lrflat, double lr, int64_t steps,
+              const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
               at::IntArrayRef acts, double slope, int64_t loss, bool first_order, at::Tensor& loss_out,
-              at::Tensor& dtheta, at::Tensor& dlr, const at::Tensor& theta0) {
+              at::Tensor& dtheta, at::Tensor& dlr, int64_t P) {
   cuda::MLPArgs<T> a{};
   const int L = static_cast<int>(params.size() / 2);
   a.L = L;
@@ -153,7 +153,7 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
     a.acts[l] = static_cast<int>(acts[l]);
   }
   cuda::mlp_layout(a);
-  TORCH_CHECK(a.P == theta0.numel(), "mlp_inner_loop (cuda): params must be [W_1 [d_1, d_0], b_1 [d_1], ...]");
+  TORCH_CHECK(a.P == P, "mlp_inner_loop (cuda): params must be [W_1 [d_1, d_0], b_1 [d_1], ...]");
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr_grad = dlr.numel() > 0;
@@ -168,8 +168,12 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.xs = xs.data_ptr<T>(); a.xq = xq.data_ptr<T>();
   if (loss == 0) { a.ys_f = ys.data_ptr<T>(); a.yq_f = yq.data_ptr<T>(); }
   else { a.ys_l = ys.data_ptr<int64_t>(); a.yq_l = yq.data_ptr<int64_t>(); }
-  a.theta0 = theta0.data_ptr<T>();
-  a.lrs = lrflat.defined() ? lrflat.data_ptr<T>() : nullptr;
+  for (int l = 0; l < L; ++l) {  // (contiguous, each checked against its layer's shape by the caller)
+    a.theta0_w[l] = params[2 * l].data_ptr<T>();
+    a.theta0_b[l] = params[2 * l + 1].data_ptr<T>();
+    a.lr_w[l] = lrs.empty() ? nullptr : lrs[2 * l].data_ptr<T>();
+    a.lr_b[l] = lrs.empty() ? nullptr : lrs[2 * l + 1].data_ptr<T>();
+  }
   a.placement = mlp_placement(a, xs.device().index());
   a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
   at::Tensor scratch = at::empty({a.scratch_per_task > 0 ? a.num_tasks : 0, a.scratch_per_task}, xs.options());
@@ -190,28 +194,31 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
   TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
   const c10::cuda::CUDAGuard guard(xs_.device());
-  std::vector<at::Tensor> params, flat;
-  for (const auto& p : params_) {
+  // the kernel reads each parameter (and rate) tensor where it is: no concatenation
+  std::vector<at::Tensor> params, lrs;
+  int64_t P = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const at::Tensor& p = params_[i];
+    TORCH_CHECK(p.dim() == (i % 2 == 0 ? 2 : 1), "mlp_inner_loop (cuda): params must be [W_1 [d_1, d_0], b_1 [d_1], "
+                "...], got ", p.sizes(), " at ", i);
     params.push_back(p.contiguous());
-    flat.push_back(params.back().reshape({-1}));
+    P += p.numel();
   }
-  const at::Tensor theta0 = at::cat(flat);
-  at::Tensor lrflat;
-  if (!lrs_.empty()) {
-    std::vector<at::Tensor> lf;
-    for (const auto& t : lrs_) lf.push_back(t.to(xs_.scalar_type()).contiguous().reshape({-1}));
-    lrflat = at::cat(lf);
-    TORCH_CHECK(lrflat.numel() == theta0.numel(), "mlp_inner_loop: lrs must match the params' shapes");
+  TORCH_CHECK(lrs_.empty() || lrs_.size() == params_.size(), "mlp_inner_loop: one rate tensor per parameter");
+  for (size_t i = 0; i < lrs_.size(); ++i) {
+    TORCH_CHECK(lrs_[i].sizes() == params_[i].sizes(), "mlp_inner_loop: lrs[", i, "] ", lrs_[i].sizes(),
+                " must match its parameter's shape ", params_[i].sizes());
+    lrs.push_back(lrs_[i].to(xs_.scalar_type()).contiguous());
   }
   const at::Tensor xs = xs_.contiguous(), xq = xq_.contiguous(), ys = ys_.contiguous(), yq = yq_.contiguous();
-  const int64_t Tn = xs.size(0), P = theta0.numel();
+  const int64_t Tn = xs.size(0);
   auto opts = xs.options();
   at::Tensor loss_out = new_output({Tn}, opts);
   at::Tensor dtheta = new_output({Tn, P}, opts);
   at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, P}, opts);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_inner_loop_cuda", [&] {
-    mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrflat, lr, steps, acts, negative_slope, loss, first_order,
-                       loss_out, dtheta, dlr, theta0);
+    mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order,
+                       loss_out, dtheta, dlr, P);
   });
   return {loss_out, dtheta, dlr};
 }

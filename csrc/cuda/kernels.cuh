@@ -47,8 +47,9 @@ namespace fastmeta {
 namespace cuda {
 
 // The fused MLP inner loop (csrc/cuda/mlp_inner_loop.cu): one thread block per task.
-// Layer l (0-based) has W at theta + off_w[l] ([dims[l+1], dims[l]]) and b at theta + off_b[l] in
-// the flat parameter vectors the kernel reads and writes (theta0, lrs, dtheta, dlr). Inside, a
+// It reads the meta-parameters and rates layer by layer (theta0_w/_b, lr_w/_b) and writes flat
+// parameter vectors (dtheta, dlr): layer l (0-based) with W at off_w[l] ([dims[l+1], dims[l]]) and
+// b at off_b[l]. Inside, a
 // task's parameter-sized vectors use a padded layout: W's rows at stride ldw[l] (dims[l] made odd,
 // so that the rows a warp reads at once fall in different shared-memory banks) from pw[l], b at pb[l].
 constexpr int kMaxLayers = 8;
@@ -67,8 +68,10 @@ template <typename T>
 struct MLPArgs {
   const T* xs; const T* ys_f; const int64_t* ys_l;   // [T, K, I]; [T, K, D] (mse) or [T, K] (ce)
   const T* xq; const T* yq_f; const int64_t* yq_l;   // [T, Q, I]; [T, Q, D] or [T, Q]
-  const T* theta0;                                    // [P] meta-parameters, flat
-  const T* lrs;                                       // [P] per-parameter rates or nullptr
+  const T* theta0_w[kMaxLayers];                      // meta-parameters: W_l [d_{l+1}, d_l], row-major
+  const T* theta0_b[kMaxLayers];                      //   and b_l [d_{l+1}], one tensor each
+  const T* lr_w[kMaxLayers];                          // per-parameter rates in the same shapes, or
+  const T* lr_b[kMaxLayers];                          //   lr_w[0] == nullptr (the scalar lr)
   T lr;                                               // scalar rate when lrs == nullptr
   T slope;                                            // leaky relu slope
   T* scratch;                                         // [T, scratch_per_task]

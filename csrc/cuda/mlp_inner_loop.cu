@@ -148,8 +148,15 @@ __device__ __forceinline__ T d2_term(int act, const T* a, const T* rz, const T* 
   return act == kTanh || act == kSigmoid ? act_d2(act, a[e]) * rz[e] * da[e] : T(0);
 }
 
-// f(j, jf) for the padded index j and the flat index jf of every parameter this thread owns (the
-// same elements in every call, so per-element state needs no barrier between calls).
+// One parameter element: its padded index j, its flat index jf, and where it is in the caller's
+// per-layer tensors (layer l, element k of W_l, or of b_l when bias).
+struct Param {
+  int j, jf, l, k;
+  bool bias;
+};
+
+// f(Param) for every parameter element this thread owns (the same elements in every call, so
+// per-element state needs no barrier between calls).
 template <typename T, typename F>
 __device__ __forceinline__ void for_params(const MLPArgs<T>& A, F f) {
   for (int l = 0; l < A.L; ++l) {
@@ -158,12 +165,19 @@ __device__ __forceinline__ void for_params(const MLPArgs<T>& A, F f) {
     for (int idx = threadIdx.x; idx < nw + dout; idx += blockDim.x) {
       if (idx < nw) {
         const int o = idx / din;
-        f(pw + o * A.ldw[l] + (idx - o * din), ow + idx);
+        f(Param{pw + o * A.ldw[l] + (idx - o * din), ow + idx, l, idx, false});
       } else {
-        f(pb + idx - nw, ow + idx);
+        f(Param{pb + idx - nw, ow + idx, l, idx - nw, true});
       }
     }
   }
+}
+
+// The element of per-layer tensors (W_l, b_l) at p.
+template <typename T>
+__device__ __forceinline__ T layer_elem(const T* const (&w)[kMaxLayers], const T* const (&b)[kMaxLayers],
+                                        const Param& p) {
+  return p.bias ? b[p.l][p.k] : w[p.l][p.k];
 }
 
 template <typename T, int kTile>
@@ -188,7 +202,7 @@ struct Ctx {
   __device__ Op<T> Wcols(const T* th, int l) const {  // W^T(i, o): columns of W
     return {th + A.pw[l], 1, A.ldw[l]};
   }
-  __device__ T rate(int jf) const { return A.lrs != nullptr ? A.lrs[jf] : A.lr; }
+  __device__ T rate(const Param& p) const { return A.lr_w[0] != nullptr ? layer_elem(A.lr_w, A.lr_b, p) : A.lr; }
 
   // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for the rows x [N, d_0].
   __device__ void forward(const T* th, const T* x, int N, const Acts<T>& S) const {
@@ -421,9 +435,9 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
   const T* yqf = A.loss == 0 ? A.yq_f + static_cast<int64_t>(t) * Q * D : nullptr;
   const int64_t* yql = A.loss == 1 ? A.yq_l + static_cast<int64_t>(t) * Q : nullptr;
   T* dlr = keep_g ? A.dlr + static_cast<int64_t>(t) * P : nullptr;
-  for_params(A, [&](int j, int jf) {
-    th[j] = A.theta0[jf];
-    if (keep_g) dlr[jf] = T(0);
+  for_params(A, [&](const Param& p) {
+    th[p.j] = layer_elem(A.theta0_w, A.theta0_b, p);
+    if (keep_g) dlr[p.jf] = T(0);
   });
   __syncthreads();
   for (int s = 0; s < S; ++s) {
@@ -435,15 +449,16 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
     // first order with learned rates sums the gradients in dlr (each thread its own elements)
     T* hth = h_th + s * Pp;
     T* hg = h_g + s * Pp;
-    for_params(A, [&](int j, int jf) {
+    for_params(A, [&](const Param& p) {
+      const int j = p.j;
       const T g = gv[j];
       if (!fo) {
         hth[j] = th[j];
         if (keep_g) hg[j] = g;
       } else if (keep_g) {
-        dlr[jf] += g;
+        dlr[p.jf] += g;
       }
-      th[j] -= C.rate(jf) * g;
+      th[j] -= C.rate(p) * g;
     });
     if (!fo && stage) copy(h_acts + s * step_acts, work.base, step_acts);
     __syncthreads();
@@ -454,9 +469,9 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
   C.backward(th, xq, Q, query, v);
   T* dth = A.dtheta + static_cast<int64_t>(t) * P;
   if (fo) {  // v_s = v_S for every s: d theta_0 = v_S, d lr = -sum_s g_s (.) v_S
-    for_params(A, [&](int j, int jf) {
-      dth[jf] = v[j];
-      if (keep_g) dlr[jf] = -dlr[jf] * v[j];
+    for_params(A, [&](const Param& p) {
+      dth[p.jf] = v[p.j];
+      if (keep_g) dlr[p.jf] = -dlr[p.jf] * v[p.j];
     });
     return;
   }
@@ -468,14 +483,14 @@ __global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(
       copy(work.base, h_acts + s * step_acts, step_acts);
       ths = th;
     }
-    for_params(A, [&](int j, int jf) {
-      if (keep_g) dlr[jf] -= hg[j] * v[j];
-      gv[j] = C.rate(jf) * v[j];
+    for_params(A, [&](const Param& p) {
+      if (keep_g) dlr[p.jf] -= hg[p.j] * v[p.j];
+      gv[p.j] = C.rate(p) * v[p.j];
     });
     __syncthreads();
     C.hvp(ths, x, acts_at(s), gv, v, R, Rdz0, Rdz1);
   }
-  for_params(A, [&](int j, int jf) { dth[jf] = v[j]; });
+  for_params(A, [&](const Param& p) { dth[p.jf] = v[p.j]; });
 }
 
 }  // namespace

@@ -36,8 +36,12 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   a.xs = xs; a.xq = xq;
   if (loss == 0) { a.ys_f = static_cast<const T*>(ys); a.yq_f = static_cast<const T*>(yq); }
   else { a.ys_l = static_cast<const int64_t*>(ys); a.yq_l = static_cast<const int64_t*>(yq); }
-  a.theta0 = theta0;
-  a.lrs = lrs;
+  for (int l = 0; l < L; ++l) {  // per-layer views of the flat vectors, as the binding passes tensors
+    a.theta0_w[l] = theta0 + a.off_w[l];
+    a.theta0_b[l] = theta0 + a.off_b[l];
+    a.lr_w[l] = lrs ? lrs + a.off_w[l] : nullptr;
+    a.lr_b[l] = lrs ? lrs + a.off_b[l] : nullptr;
+  }
   a.placement = mlp_choose_placement(a, placement, static_cast<int64_t>(fm_emu::kMaxSmemOptin), kSmemPerSM, kSMs,
                                      kThreadsPerSM);
   a.scratch_per_task = mlp_scratch_per_task(a, a.placement);
