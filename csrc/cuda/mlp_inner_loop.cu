@@ -51,14 +51,17 @@ __device__ __forceinline__ T act_d2(int act, T a) {
   return T(0);
 }
 
-// The largest logit m of a row and sum_c exp(row[c] - m): softmax(row)[c] = exp(row[c] - m) / sum.
+// The softmax of one row of D logits: p(c) = exp(row[c] - m) / sum, m the largest logit.
 template <typename T>
-__device__ __forceinline__ void softmax_stats(const T* row, int D, T& m, T& sum) {
-  m = row[0];
-  for (int c = 1; c < D; ++c) m = max(m, row[c]);
-  sum = 0;
-  for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
-}
+struct Softmax {
+  const T* row;
+  T m, sum;
+  __device__ Softmax(const T* r, int D) : row(r), m(r[0]), sum(0) {
+    for (int c = 1; c < D; ++c) m = max(m, row[c]);
+    for (int c = 0; c < D; ++c) sum += exp(row[c] - m);
+  }
+  __device__ T p(int c) const { return exp(row[c] - m) / sum; }
+};
 
 // Operand X(r, k) = p[r * sr + k * sk] of a product (r: the output row or column it feeds).
 template <typename T>
@@ -240,16 +243,14 @@ struct Ctx {
     } else {
       const T invN = T(1) / static_cast<T>(N);
       for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        const T* row = a + n * D;
-        T m, sum;
-        softmax_stats(row, D, m, sum);
+        const Softmax<T> sm(a + n * D, D);
         const int y = static_cast<int>(yl[n]);
         for (int c = 0; c < D; ++c) {
           const int i = n * D + c;
-          da[i] = (exp(row[c] - m) / sum - (c == y ? T(1) : T(0))) * invN;
+          da[i] = (sm.p(c) - (c == y ? T(1) : T(0))) * invN;
           dz[i] = act_d1(act, z[i], a[i], slope) * da[i];
         }
-        part += (log(sum) + m - row[y]) * invN;
+        part += (log(sm.sum) + sm.m - sm.row[y]) * invN;
       }
     }
     if (loss_out != nullptr) {
@@ -334,14 +335,12 @@ struct Ctx {
       } else {
         const T invN = T(1) / static_cast<T>(N);
         for (int n = threadIdx.x; n < N; n += blockDim.x) {
-          const T* row = a + n * D;
-          T m, sum;
-          softmax_stats(row, D, m, sum);
+          const Softmax<T> sm(a + n * D, D);
           T pr = 0;
-          for (int c = 0; c < D; ++c) pr += exp(row[c] - m) / sum * raL[n * D + c];
+          for (int c = 0; c < D; ++c) pr += sm.p(c) * raL[n * D + c];
           for (int c = 0; c < D; ++c) {
             const int i = n * D + c;
-            const T rda = exp(row[c] - m) / sum * (raL[i] - pr) * invN;
+            const T rda = sm.p(c) * (raL[i] - pr) * invN;
             rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * rda;
           }
         }
