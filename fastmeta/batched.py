@@ -319,22 +319,19 @@ class BatchedMAML(nn.Module):
 
     def _chunked_value_and_grad(self, xs, ys, xq, yq, wanted):
         """The mean query loss and its gradient w.r.t. ``wanted``, task_chunk tasks at a time (each
-        chunk's graph freed before the next): sum over chunks of each chunk's loss sum and its
-        gradient, divided by T."""
+        chunk's graph freed before the next): each chunk's mean loss and its gradient, weighted
+        by the chunk's share of the tasks (what fastmeta.graphed's chunked replay sums too)."""
         T = xs.shape[0]
         total, grads = None, None
-        for i in range(0, T, self.task_chunk):
-            part = slice(i, i + self.task_chunk)
+        for start, stop in chunk_slices(T, self.task_chunk):
+            part = slice(start, stop)
             with torch.enable_grad():
-                loss = self.task_losses(xs[part], ys[part], xq[part], yq[part]).sum()
+                loss = self.task_losses(xs[part], ys[part], xq[part], yq[part]).mean()
                 g = torch.autograd.grad(loss, wanted, allow_unused=True, materialize_grads=True)
-            loss = loss.detach()
-            if grads is None:
-                total, grads = loss, list(g)
-            else:
-                total = total + loss
-                grads = [a.add_(b) for a, b in zip(grads, g)]
-        return total / T, [g.div_(T) for g in grads]
+            if total is None:
+                total, grads = torch.zeros_like(loss.detach()), [torch.zeros_like(x) for x in g]
+            accumulate(total, grads, loss.detach(), g, (stop - start) / T)
+        return total, grads
 
     def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:
         """Adapted per-task parameters, name -> [T, *shape] (non-adapted ones as broadcast views).
@@ -371,6 +368,22 @@ class BatchedMAML(nn.Module):
         lr = "learned" if self.lrs is not None else self.inner_lr
         return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
                 f"loss={self.loss if isinstance(self.loss, str) else 'callable'}")
+
+
+def chunk_slices(T: int, chunk: int | None) -> list:
+    """(start, stop) of each chunk of task_chunk tasks (the last one shorter), or the whole batch."""
+    if chunk is None or chunk >= T:
+        return [(0, T)]
+    return [(i, min(i + chunk, T)) for i in range(0, T, chunk)]
+
+
+def accumulate(loss_out, grads_out, loss, grads, weight: float):
+    """loss_out += weight * loss and grads_out[i] += weight * grads[i] (None where a parameter
+    does not require grad), in place: the chunked step's sum over chunks."""
+    loss_out.add_(loss, alpha=weight)
+    pairs = [(o, g) for o, g in zip(grads_out, grads) if o is not None]
+    if pairs:
+        torch._foreach_add_([o for o, _ in pairs], [g for _, g in pairs], alpha=weight)
 
 
 class _ChunkedMetaLoss(torch.autograd.Function):

@@ -32,6 +32,7 @@ import torch
 
 from . import _checks
 from .backend import get_backend
+from .batched import accumulate, chunk_slices
 from .ops.mlp_inner_loop import check_labels, labels_checked
 
 
@@ -120,22 +121,6 @@ class GraphedStep:
                 static[name].copy_(t[start:stop])
             graph.replay()
         return self.loss, self.grads
-
-
-def chunk_slices(T: int, chunk: int | None) -> list:
-    """(start, stop) of each chunk of task_chunk tasks (the last one shorter), or the whole batch."""
-    if chunk is None or chunk >= T:
-        return [(0, T)]
-    return [(i, min(i + chunk, T)) for i in range(0, T, chunk)]
-
-
-def accumulate(loss_out, grads_out, loss, grads, weight: float):
-    """loss_out += weight * loss and grads_out[i] += weight * grads[i] (None where a parameter
-    does not require grad), in place: the chunked step's sum over chunks."""
-    loss_out.add_(loss, alpha=weight)
-    pairs = [(o, g) for o, g in zip(grads_out, grads) if o is not None]
-    if pairs:
-        torch._foreach_add_([o for o, _ in pairs], [g for _, g in pairs], alpha=weight)
 
 
 def _classes(meta):
