@@ -3,13 +3,25 @@
     x [T, N, C, H, W], weight [T, O, C/groups, kh, kw] or [O, C/groups, kh, kw] (shared),
     bias [T, O] or [O] or None  ->  [T, N, O, H', W']
 
-The torch backend runs one grouped convolution with the task folded into the channels
-(groups * T groups), which PyTorch differentiates twice. The triton backend (kernels/batched_conv2d.py,
-stride 1, no dilation, groups 1, padding at most kernel size - 1; other configurations take the
-torch backend) runs an implicit GEMM per task and its weight gradient, registered as
-fastmeta::batched_conv2d_triton and fastmeta::conv_wgrad_triton; every derivative is written with
-those two again (the input gradient of conv is conv of gy with the flipped, transposed weights,
-the derivatives of wgrad are convs), so derivatives of any order stay on the kernels.
+Backends:
+- ``torch``: the reference, one grouped convolution with the task folded into the channels
+  (groups * T groups), which PyTorch differentiates twice. Its double backward computes the
+  weight part of the input gradient's derivative one group (task) at a time, as a convolution
+  whose kernel is the whole image.
+- ``cpp`` (CPU) / ``cuda`` (CUDA): fastmeta::batched_conv2d, fastmeta::batched_conv2d_input_grad,
+  fastmeta::batched_conv2d_weight_grad and fastmeta::batched_conv2d_backward (csrc/batched_conv2d.cpp):
+  the grouped convolution and its two gradients, each one ATen call (oneDNN / cuDNN), any stride,
+  padding, dilation and groups.
+- ``triton`` (kernels/batched_conv2d.py; stride 1, no dilation, groups 1, padding at most kernel
+  size - 1, other configurations take the torch backend): an implicit GEMM per task and its weight
+  gradient, fastmeta::batched_conv2d_triton and fastmeta::conv_wgrad_triton; the input gradient is
+  the convolution of gy with the flipped, transposed weights.
+
+The fused backends share one set of autograd Functions (_Conv, _InputGrad, _WeightGrad) written
+with three primitives (conv, input gradient, weight gradient): the derivatives of each are the
+others (the input gradient is linear in gy and w, its derivatives are conv and the weight
+gradient; the weight gradient's are the input gradient and conv), so every derivative order stays
+on the backend's kernels.
 """
 from __future__ import annotations
 
@@ -21,9 +33,10 @@ import torch.nn.functional as F
 from .. import _checks
 from ..backend import register_op, select
 
-IMPLEMENTED = ("torch", "triton")
-# triton stays second on CUDA until a GPU run has measured it against cuDNN's grouped convolution
-AUTO = {"cpu": ("torch",), "cuda": ("torch", "triton")}
+IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
+# cpp: measured slower than the reference on the CPU (benchmarks/RESULTS.md); cuda and triton stay
+# behind the reference on CUDA until a GPU run has timed them against it
+AUTO = {"cpu": ("torch",), "cuda": ("torch", "cuda", "triton")}
 register_op("batched_conv2d", IMPLEMENTED, AUTO)
 
 
@@ -39,6 +52,43 @@ def batched_conv2d_ref(x, weight, bias=None, stride=1, padding=0, dilation=1, gr
         bf = (bias if bias.dim() == 2 else bias.unsqueeze(0).expand(T, O)).reshape(T * O)
     y = F.conv2d(xf, wf, bf, stride, padding, dilation, groups * T)
     return y.view(N, T, O, *y.shape[2:]).transpose(0, 1)
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+def _out_size(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+@functools.cache
+def _register_aten():
+    def conv_fake(x, w, b, stride, padding, dilation, groups):
+        T, N, C, H, W = x.shape
+        O, kh, kw = w.shape[1], w.shape[3], w.shape[4]
+        Ho = _out_size(H, kh, stride[0], padding[0], dilation[0])
+        Wo = _out_size(W, kw, stride[-1], padding[-1], dilation[-1])
+        # the kernel's layout: a task-major view of a sample-major buffer
+        return x.new_empty(N, T, O, Ho, Wo).transpose(0, 1)
+
+    def input_grad_fake(gy, w, x_size, stride, padding, dilation, groups):
+        T, N, C, H, W = x_size
+        return gy.new_empty(N, T, C, H, W).transpose(0, 1)
+
+    def weight_grad_fake(x, gy, w_size, stride, padding, dilation, groups):
+        return x.new_empty(w_size)
+
+    def backward_fake(gy, x, w, stride, padding, dilation, groups, mask):
+        T, O = w.shape[:2]
+        return (input_grad_fake(gy, w, x.shape, stride, padding, dilation, groups) if mask[0] else gy.new_empty(0),
+                gy.new_empty(w.shape) if mask[1] else gy.new_empty(0),
+                gy.new_empty(T, O) if mask[2] else gy.new_empty(0))
+
+    torch.library.register_fake("fastmeta::batched_conv2d")(conv_fake)
+    torch.library.register_fake("fastmeta::batched_conv2d_input_grad")(input_grad_fake)
+    torch.library.register_fake("fastmeta::batched_conv2d_weight_grad")(weight_grad_fake)
+    torch.library.register_fake("fastmeta::batched_conv2d_backward")(backward_fake)
 
 
 @functools.cache
@@ -63,57 +113,120 @@ def _register_triton():
         return x.new_empty(x.shape[0], gy.shape[2], x.shape[2], kh, kw)
 
 
+class _AtenPrims:
+    """The cpp / cuda primitives: fastmeta._C's grouped-convolution ops (weights always [T, ...])."""
+
+    __slots__ = ("geom",)
+
+    def __init__(self, stride, padding, dilation, groups):
+        _register_aten()
+        self.geom = (list(_pair(stride)), list(_pair(padding)), list(_pair(dilation)), int(groups))
+
+    def conv(self, x, w, b):
+        return torch.ops.fastmeta.batched_conv2d(x, w, b, *self.geom)
+
+    def input_grad(self, gy, w, x_size):
+        return torch.ops.fastmeta.batched_conv2d_input_grad(gy, w, list(x_size), *self.geom)
+
+    def weight_grad(self, x, gy, w_size):
+        return torch.ops.fastmeta.batched_conv2d_weight_grad(x, gy, list(w_size), *self.geom)
+
+    def all_grads(self, gy, x, w, mask):
+        """(gx, gw, gb) in one call; None where mask (3 bools) leaves one out."""
+        grads = torch.ops.fastmeta.batched_conv2d_backward(gy, x, w, *self.geom, list(mask))
+        return tuple(g if m else None for g, m in zip(grads, mask))
+
+
 def _flip_t(w):
     """The weights of the input gradient: [.., O, C, KH, KW] -> [.., C, O, KH, KW] flipped in space."""
     return w.transpose(-4, -3).flip(-2, -1)
 
 
-class _TritonConv(torch.autograd.Function):
-    """y = conv(x, w) with padding (ph, pw); w [T, O, C, KH, KW] or [O, C, KH, KW] (shared)."""
+class _TritonPrims:
+    """The triton primitives (stride 1, no dilation, groups 1); a weight may be [O, C, KH, KW],
+    shared by all tasks, whose weight gradient is then summed over the tasks."""
+
+    __slots__ = ("pad",)
+
+    def __init__(self, padding):
+        _register_triton()
+        self.pad = _pair(padding)
+
+    def conv(self, x, w, b=None):
+        y = torch.ops.fastmeta.batched_conv2d_triton(x, w, *self.pad)
+        return y if b is None else y + b[:, None, :, None, None]
+
+    def input_grad(self, gy, w, x_size):
+        (ph, pw), (kh, kw) = self.pad, w.shape[-2:]
+        return torch.ops.fastmeta.batched_conv2d_triton(gy, _flip_t(w), kh - 1 - ph, kw - 1 - pw)
+
+    def weight_grad(self, x, gy, w_size):
+        gw = torch.ops.fastmeta.conv_wgrad_triton(x, gy, w_size[-2], w_size[-1], *self.pad)
+        return gw.sum(0) if len(w_size) == 4 else gw
+
+    def all_grads(self, gy, x, w, mask):
+        return (self.input_grad(gy, w, x.shape) if mask[0] else None,
+                self.weight_grad(x, gy, w.shape) if mask[1] else None,
+                gy.sum((1, 3, 4)) if mask[2] else None)
+
+
+class _Conv(torch.autograd.Function):
+    """y = conv(x, w) + b with a backend's primitives; b [T, O] or None."""
 
     @staticmethod
-    def forward(ctx, x, w, ph, pw):
+    def forward(ctx, x, w, b, prims):
         ctx.save_for_backward(x, w)
-        ctx.pad = (ph, pw)
-        return torch.ops.fastmeta.batched_conv2d_triton(x, w, ph, pw)
+        ctx.prims = prims
+        return prims.conv(x, w, b)
 
     @staticmethod
     def backward(ctx, gy):
         x, w = ctx.saved_tensors
-        (ph, pw), (kh, kw) = ctx.pad, w.shape[-2:]
-        gx = gw = None
-        if ctx.needs_input_grad[0]:
-            gx = _TritonConv.apply(gy, _flip_t(w), kh - 1 - ph, kw - 1 - pw)
-        if ctx.needs_input_grad[1]:
-            gw = _TritonWGrad.apply(x, gy, kh, kw, ph, pw)
-            if w.dim() == 4:
-                gw = gw.sum(0)
-        return gx, gw, None, None
+        p, need = ctx.prims, ctx.needs_input_grad[:3]
+        if not torch.is_grad_enabled():  # no graph of the backward: one call for all three
+            return p.all_grads(gy, x, w, need) + (None,)
+        gx = _InputGrad.apply(gy, w, x.shape, p) if need[0] else None
+        gw = _WeightGrad.apply(x, gy, w.shape, p) if need[1] else None
+        gb = gy.sum((1, 3, 4)) if need[2] else None
+        return gx, gw, gb, None
 
 
-class _TritonWGrad(torch.autograd.Function):
-    """gw[t] = the weight gradient of conv at x[t] for the output gradient gy[t]: [T, O, C, KH, KW]."""
+class _InputGrad(torch.autograd.Function):
+    """gx = the input gradient of conv(., w) for the output gradient gy (linear in gy and in w)."""
 
     @staticmethod
-    def forward(ctx, x, gy, kh, kw, ph, pw):
+    def forward(ctx, gy, w, x_size, prims):
+        ctx.save_for_backward(gy, w)
+        ctx.prims = prims
+        return prims.input_grad(gy, w, x_size)
+
+    @staticmethod
+    def backward(ctx, ggx):
+        gy, w = ctx.saved_tensors
+        p = ctx.prims
+        # <ggx, gx(gy, w)> = <conv(ggx, w), gy>: d/dgy = conv(ggx, w), d/dw = weight_grad(ggx, gy)
+        ggy = _Conv.apply(ggx, w, None, p) if ctx.needs_input_grad[0] else None
+        gw = _WeightGrad.apply(ggx, gy, w.shape, p) if ctx.needs_input_grad[1] else None
+        return ggy, gw, None, None
+
+
+class _WeightGrad(torch.autograd.Function):
+    """gw = the weight gradient of conv(x, .) for the output gradient gy (linear in x and in gy)."""
+
+    @staticmethod
+    def forward(ctx, x, gy, w_size, prims):
         ctx.save_for_backward(x, gy)
-        ctx.geom = (kh, kw, ph, pw)
-        return torch.ops.fastmeta.conv_wgrad_triton(x, gy, kh, kw, ph, pw)
+        ctx.prims = prims
+        return prims.weight_grad(x, gy, w_size)
 
     @staticmethod
     def backward(ctx, ggw):
         x, gy = ctx.saved_tensors
-        kh, kw, ph, pw = ctx.geom
-        gx = ggy = None
-        if ctx.needs_input_grad[0]:
-            gx = _TritonConv.apply(gy, _flip_t(ggw), kh - 1 - ph, kw - 1 - pw)
-        if ctx.needs_input_grad[1]:
-            ggy = _TritonConv.apply(x, ggw, ph, pw)
-        return gx, ggy, None, None, None, None
-
-
-def _pair(v):
-    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+        p = ctx.prims
+        # <ggw, gw(x, gy)> = <conv(x, ggw), gy>: d/dx = input_grad(gy, ggw), d/dgy = conv(x, ggw)
+        gx = _InputGrad.apply(gy, ggw, x.shape, p) if ctx.needs_input_grad[0] else None
+        ggy = _Conv.apply(x, ggw, None, p) if ctx.needs_input_grad[1] else None
+        return gx, ggy, None, None
 
 
 def _triton_supports(weight, stride, padding, dilation, groups):
@@ -141,10 +254,10 @@ def batched_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
         raise ValueError(f"batched_conv2d: bias {tuple(bias.shape)} must be [T={T}, O={O}] or [O={O}]")
     _checks.same_device_dtype([("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else []))
     backend = select("batched_conv2d", x.device.type)
+    b = None if bias is None else (bias if bias.dim() == 2 else bias.unsqueeze(0).expand(T, O))
     if backend == "triton" and _triton_supports(weight, stride, padding, dilation, groups):
-        _register_triton()
-        y = _TritonConv.apply(x, weight, *_pair(padding))
-        if bias is not None:
-            y = y + (bias if bias.dim() == 2 else bias.unsqueeze(0))[:, None, :, None, None]
-        return y
+        return _Conv.apply(x, weight, b, _TritonPrims(padding))
+    if backend in ("cpp", "cuda") and not isinstance(padding, str) and x.numel() > 0:
+        w = weight if weight.dim() == 5 else weight.unsqueeze(0).expand(T, *weight.shape)
+        return _Conv.apply(x, w, b, _AtenPrims(stride, padding, dilation, groups))
     return batched_conv2d_ref(x, weight, bias, stride, padding, dilation, groups)

@@ -1,0 +1,178 @@
+// fastmeta::batched_conv2d and its two gradients, for CPU and CUDA tensors: a convolution with
+// per-task weights as ATen's grouped convolution (the task folded into the channels, groups * T
+// groups), the input gradient and the weight gradient each as one call of ATen's convolution
+// backward (oneDNN on CPU, cuDNN on CUDA).
+//
+//   batched_conv2d          x [T, N, C, H, W], weight [T, O, C/g, kh, kw], bias [T, O] or None
+//                           ->  y [T, N, O, Ho, Wo]
+//   batched_conv2d_input_grad   gy, weight, x's size  ->  gx [T, N, C, H, W]
+//   batched_conv2d_weight_grad  x, gy, weight's size  ->  gw [T, O, C/g, kh, kw]
+//   batched_conv2d_backward     gy, x, weight, output mask  ->  (gx, gw, gb [T, O]) in one call
+//
+// Why not let autograd differentiate the grouped convolution: PyTorch's double backward of a
+// convolution (_convolution_double_backward) computes the weight's part of the gradient of the
+// input gradient as a forward convolution whose kernel is the whole image, one group at a time
+// (a loop of T such convolutions per layer), on every second-order inner step. Here every
+// derivative of the three ops is written with the three ops again (fastmeta/ops/batched_conv2d.py),
+// so a derivative of any order is a few grouped convolutions and convolution backwards.
+//
+// y is returned as a [T, N, O, Ho, Wo] view of ATen's [N, T*O, Ho, Wo] output (task-major strides
+// over a sample-major buffer): the next layer's grouped input is then that buffer without a copy.
+#include "common.h"
+
+#include <array>
+#include <tuple>
+
+namespace fastmeta {
+namespace {
+
+struct Geometry {
+  std::vector<int64_t> stride, padding, dilation;
+  int64_t groups;
+};
+
+Geometry geometry(at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  auto pair = [](at::IntArrayRef v, const char* what) {
+    TORCH_CHECK(v.size() == 1 || v.size() == 2, "batched_conv2d: ", what, " must have 1 or 2 values, got ", v);
+    return v.size() == 1 ? std::vector<int64_t>{v[0], v[0]} : std::vector<int64_t>{v[0], v[1]};
+  };
+  TORCH_CHECK(groups >= 1, "batched_conv2d: groups must be >= 1, got ", groups);
+  return {pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation"), groups};
+}
+
+// [T, N, C, H, W] -> [N, T*C, H, W] (a view when x is the task-major view of such a buffer)
+at::Tensor fold(const at::Tensor& x) {
+  return x.transpose(0, 1).reshape({x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
+}
+
+// [N, T*C, H, W] -> [T, N, C, H, W] (a view)
+at::Tensor unfold(const at::Tensor& y, int64_t T) {
+  return y.view({y.size(0), T, y.size(1) / T, y.size(2), y.size(3)}).transpose(0, 1);
+}
+
+// [T, O, C/g, kh, kw] -> [T*O, C/g, kh, kw]
+at::Tensor fold_weight(const at::Tensor& w) {
+  return w.reshape({w.size(0) * w.size(1), w.size(2), w.size(3), w.size(4)});
+}
+
+void check_5d(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 5, "batched_conv2d: ", what, " must be 5-dimensional [T, ...], got ", t.sizes());
+}
+
+void check_sizes(at::IntArrayRef s, const char* what) {
+  TORCH_CHECK(s.size() == 5, "batched_conv2d: ", what, " must have 5 values [T, ...], got ", s);
+}
+
+void check_tasks(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(a.size(0) == b.size(0), "batched_conv2d: ", an, " ", a.sizes(), " and ", bn, " ", b.sizes(),
+              " must have the same number of tasks T (dim 0)");
+}
+
+// ATen's convolution backward of the folded problem: gy [T, N, O, Ho, Wo], xf [N, T*C, H, W] and
+// wf [T*O, C/g, kh, kw] (a one-element stand-in where only the size is read, as torch.nn.grad
+// passes). What the mask leaves out comes back as an empty tensor (an op's outputs are all defined).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& gy, const at::Tensor& xf,
+                                                             const at::Tensor& wf, const Geometry& g,
+                                                             std::array<bool, 3> mask) {
+  const int64_t T = gy.size(0), O = gy.size(2);
+  const std::vector<int64_t> bias_size{T * O};
+  at::Tensor gx, gw, gb;
+  std::tie(gx, gw, gb) = at::convolution_backward(fold(gy), xf, wf,
+                                                  mask[2] ? at::OptionalIntArrayRef(bias_size) : c10::nullopt,
+                                                  g.stride, g.padding, g.dilation, /*transposed=*/false, {0, 0},
+                                                  g.groups * T, mask);
+  gx = mask[0] ? unfold(gx, T) : at::empty({0}, gy.options());
+  gw = mask[1] ? gw.view({T, O, gw.size(1), gw.size(2), gw.size(3)}) : at::empty({0}, gy.options());
+  gb = mask[2] ? gb.view({T, O}) : at::empty({0}, gy.options());
+  return {gx, gw, gb};
+}
+
+at::Tensor stand_in(const at::Tensor& like, at::IntArrayRef size) { return like.new_empty({1}).expand(size); }
+
+at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
+                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_5d(x, "x");
+  check_5d(w, "weight");
+  check_tasks(x, w, "x", "weight");
+  const Geometry g = geometry(stride, padding, dilation, groups);
+  const int64_t T = x.size(0);
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 2 && bias->size(0) == T && bias->size(1) == w.size(1),
+                "batched_conv2d: bias must be [T=", T, ", O=", w.size(1), "], got ", bias->sizes());
+    b = bias->reshape({T * w.size(1)});
+  }
+  at::Tensor y = at::convolution(fold(x), fold_weight(w), b, g.stride, g.padding, g.dilation,
+                                 /*transposed=*/false, {0, 0}, g.groups * T);
+  return unfold(y, T);
+}
+
+at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_size, at::IntArrayRef stride,
+                      at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_5d(gy, "gy");
+  check_5d(w, "weight");
+  check_sizes(x_size, "x_size");
+  check_tasks(gy, w, "gy", "weight");
+  TORCH_CHECK(x_size[0] == gy.size(0) && x_size[1] == gy.size(1), "batched_conv2d: x_size ", x_size,
+              " and gy ", gy.sizes(), " must agree in T and N");
+  at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
+  return std::get<0>(backward_impl(gy, xf, fold_weight(w), geometry(stride, padding, dilation, groups),
+                                   {true, false, false}));
+}
+
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, at::IntArrayRef stride,
+                       at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
+  check_5d(x, "x");
+  check_5d(gy, "gy");
+  check_sizes(w_size, "weight_size");
+  check_tasks(x, gy, "x", "gy");
+  TORCH_CHECK(w_size[0] == x.size(0) && w_size[1] == gy.size(2), "batched_conv2d: weight_size ", w_size,
+              " must be [T=", x.size(0), ", O=", gy.size(2), ", ...] for gy ", gy.sizes());
+  at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
+  return std::get<1>(backward_impl(gy, fold(x), wf, geometry(stride, padding, dilation, groups),
+                                   {false, true, false}));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, const at::Tensor& x,
+                                                         const at::Tensor& w, at::IntArrayRef stride,
+                                                         at::IntArrayRef padding, at::IntArrayRef dilation,
+                                                         int64_t groups, std::array<bool, 3> output_mask) {
+  check_5d(gy, "gy");
+  check_5d(x, "x");
+  check_5d(w, "weight");
+  check_tasks(x, gy, "x", "gy");
+  check_tasks(x, w, "x", "weight");
+  // x is read only for the weight gradient (else only its size)
+  at::Tensor xf = output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
+  return backward_impl(gy, xf, fold_weight(w), geometry(stride, padding, dilation, groups), output_mask);
+}
+
+}  // namespace
+}  // namespace fastmeta
+
+TORCH_LIBRARY_FRAGMENT(fastmeta, m) {
+  m.def("batched_conv2d(Tensor x, Tensor weight, Tensor? bias, int[] stride, int[] padding, int[] dilation, "
+        "int groups) -> Tensor");
+  m.def("batched_conv2d_input_grad(Tensor gy, Tensor weight, int[] x_size, int[] stride, int[] padding, "
+        "int[] dilation, int groups) -> Tensor");
+  m.def("batched_conv2d_weight_grad(Tensor x, Tensor gy, int[] weight_size, int[] stride, int[] padding, "
+        "int[] dilation, int groups) -> Tensor");
+  // (gx, gw, gb [T, O]), each an empty tensor where output_mask leaves it out
+  m.def("batched_conv2d_backward(Tensor gy, Tensor x, Tensor weight, int[] stride, int[] padding, "
+        "int[] dilation, int groups, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+}
+
+// The same functions serve CPU and CUDA tensors: ATen picks oneDNN / cuDNN underneath.
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("batched_conv2d", &fastmeta::conv);
+  m.impl("batched_conv2d_input_grad", &fastmeta::input_grad);
+  m.impl("batched_conv2d_weight_grad", &fastmeta::weight_grad);
+  m.impl("batched_conv2d_backward", &fastmeta::all_grads);
+}
+
+TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
+  m.impl("batched_conv2d", &fastmeta::conv);
+  m.impl("batched_conv2d_input_grad", &fastmeta::input_grad);
+  m.impl("batched_conv2d_weight_grad", &fastmeta::weight_grad);
+  m.impl("batched_conv2d_backward", &fastmeta::all_grads);
+}

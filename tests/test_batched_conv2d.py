@@ -1,0 +1,163 @@
+"""batched_conv2d's cpp backend (fastmeta::batched_conv2d and its two gradients, csrc/batched_conv2d.cpp)
+against the grouped-convolution reference: values and derivatives up to third order, every
+configuration Conv2d has (stride, padding, dilation, groups), odd sizes, T in {1, 3}, weights and
+biases per task or shared; its fake kernels; its errors; and the conv4 MAML meta-gradient on it
+against the per-task loop."""
+import pytest
+import torch
+from torch import nn
+from torch.autograd import gradcheck, gradgradcheck
+
+import fastmeta
+from fastmeta import ops
+from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+
+pytestmark = requires_cpp
+
+
+def _case(T, N, C, H, W, O, k, shared, bias, dtype, groups=1):
+    g = torch.Generator().manual_seed(T * 100 + C + H)
+    d = dict(dtype=dtype)
+    x = torch.randn(T, N, C, H, W, generator=g, **d).requires_grad_()
+    w = torch.randn(*(() if shared else (T,)), O, C // groups, k, k, generator=g, **d).requires_grad_()
+    b = None if bias is None else torch.randn(*((O,) if bias == "shared" else (T, O)), generator=g,
+                                              **d).requires_grad_()
+    return x, w, b
+
+
+CASES = [
+    # T, N, C, H, W, O, k, shared weight, bias, Conv2d keywords
+    (1, 2, 3, 5, 5, 17, 3, False, "task", dict(padding=1)),
+    (3, 1, 17, 7, 7, 3, 3, True, "shared", dict(padding=1)),
+    (3, 2, 3, 7, 5, 4, 3, False, None, dict(padding=0)),
+    (2, 2, 4, 7, 7, 5, 3, False, "task", dict(stride=2, padding=1)),
+    (2, 1, 3, 9, 8, 4, 3, False, "task", dict(dilation=2, padding=(2, 1))),
+    (3, 2, 4, 6, 5, 6, 3, False, "shared", dict(groups=2, padding=1)),
+    (2, 2, 3, 6, 6, 4, 1, True, None, dict(stride=(1, 2))),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_values_and_derivatives_to_third_order(case, dtype):
+    *shape, kw = case
+    x, w, b = _case(*shape, dtype, groups=kw.get("groups", 1))
+    with fastmeta.use_backend("cpp"):
+        y = ops.batched_conv2d(x, w, b, **kw)
+    want = ops.batched_conv2d_ref(x, w, b, **kw)
+    rtol = RTOL[dtype]
+    assert y.shape == want.shape
+    assert_rel_close([y.detach()], [want.detach()], rtol, "conv")
+    ins = [t for t in (x, w, b) if t is not None]
+    r = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+    # tanh makes every order of derivative non-trivial (the convolution itself is bilinear)
+    got, want = [(torch.tanh(y) * r).sum()], [(torch.tanh(want) * r).sum()]
+    for order in ("first", "second", "third"):
+        gg = torch.autograd.grad(got[-1], ins, create_graph=True)
+        gw = torch.autograd.grad(want[-1], ins, create_graph=True)
+        assert_rel_close([g.detach() for g in gg], [g.detach() for g in gw], rtol, f"{order} derivatives")
+        got.append(sum((g * g.detach().flip(-1)).sum() for g in gg))
+        want.append(sum((g * g.detach().flip(-1)).sum() for g in gw))
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]])
+def test_gradcheck_and_gradgradcheck(case):
+    *shape, kw = case
+    small = list(shape)
+    small[1] = 1  # one sample a task keeps the numerical Jacobians small
+    x, w, b = _case(*small, torch.float64, groups=kw.get("groups", 1))
+    fn = lambda *a: ops.batched_conv2d(*a, **kw)  # noqa: E731
+    with fastmeta.use_backend("cpp"):
+        assert gradcheck(fn, (x, w, b))
+        assert gradgradcheck(fn, (x, w, b))
+
+
+def test_layout_feeds_the_next_layer_without_a_copy():
+    """The output is the task-major view of ATen's sample-major buffer, so a second convolution
+    folds it back into that buffer by a view (and the values stay the reference's)."""
+    x, w, b = _case(3, 2, 4, 6, 6, 5, 3, False, "task", torch.float64)
+    with fastmeta.use_backend("cpp"):
+        y = ops.batched_conv2d(x, w, b, padding=1)
+        assert y.transpose(0, 1).is_contiguous()
+        w2 = torch.randn(3, 2, 5, 3, 3, dtype=torch.float64)
+        z = ops.batched_conv2d(y, w2, None, padding=1)
+    ref = ops.batched_conv2d_ref(ops.batched_conv2d_ref(x, w, b, padding=1), w2, None, padding=1)
+    torch.testing.assert_close(z, ref)
+
+
+def test_fake_kernels_and_schema():
+    """torch.library.opcheck: schema, and the fake (meta) kernels against the real outputs (shapes,
+    strides)."""
+    from fastmeta.ops.batched_conv2d import _register_aten
+    _register_aten()
+    x, w, b = (t.detach() for t in _case(2, 3, 4, 7, 6, 5, 3, False, "task", torch.float32))
+    geom = ([2, 1], [1, 1], [1, 1], 1)
+    utils = ("test_schema", "test_faketensor")
+    fm = torch.ops.fastmeta
+    torch.library.opcheck(fm.batched_conv2d.default, (x, w, b, *geom), test_utils=utils)
+    torch.library.opcheck(fm.batched_conv2d.default, (x, w, None, *geom), test_utils=utils)
+    y = fm.batched_conv2d(x, w, b, *geom)
+    gy = torch.randn_like(y)
+    torch.library.opcheck(fm.batched_conv2d_input_grad.default, (gy, w, list(x.shape), *geom), test_utils=utils)
+    torch.library.opcheck(fm.batched_conv2d_weight_grad.default, (x, gy, list(w.shape), *geom), test_utils=utils)
+    for mask in ([True, True, True], [False, True, False], [True, False, False]):
+        torch.library.opcheck(fm.batched_conv2d_backward.default, (gy, x, w, *geom, mask), test_utils=utils)
+
+
+def test_op_errors_name_the_argument():
+    """The ops called directly (past batched_conv2d's Python checks) reject bad shapes with a message
+    that names the argument."""
+    from fastmeta.ops.batched_conv2d import _register_aten
+    _register_aten()
+    fm = torch.ops.fastmeta
+    x, w, b = (t.detach() for t in _case(2, 3, 4, 7, 6, 5, 3, False, "task", torch.float32))
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="weight must be 5-dimensional"):
+        fm.batched_conv2d(x, w[0], b, *geom)
+    with pytest.raises(RuntimeError, match="same number of tasks"):
+        fm.batched_conv2d(x, w[:1], b, *geom)
+    with pytest.raises(RuntimeError, match=r"bias must be \[T=2, O=5\]"):
+        fm.batched_conv2d(x, w, b[:, :4], *geom)
+    with pytest.raises(RuntimeError, match="stride must have 1 or 2 values"):
+        fm.batched_conv2d(x, w, b, [1, 1, 1], [1, 1], [1, 1], 1)
+    gy = torch.randn(2, 3, 5, 7, 6)
+    with pytest.raises(RuntimeError, match="x_size must have 5 values"):
+        fm.batched_conv2d_input_grad(gy, w, [3, 4, 7, 6], *geom)
+    with pytest.raises(RuntimeError, match="weight_size"):
+        fm.batched_conv2d_weight_grad(x, gy, [2, 4, 4, 3, 3], *geom)
+
+
+def _conv_net(dtype):
+    torch.manual_seed(0)
+    blocks, c = [], 1
+    for _ in range(3):
+        blocks += [nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+        c = 4
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(4, 5)).to(dtype)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_conv4_meta_gradient_on_cpp_conv(first_order, meta_sgd, dtype):
+    """BatchedMAML of a conv net (Conv -> BatchNorm -> ReLU -> MaxPool2d(2) blocks, linear head)
+    with the convolutions on the cpp backend, against the naive per-task loop: the meta-gradient
+    (and the learned rates' gradient under Meta-SGD), two inner steps."""
+    model = _conv_net(dtype)
+    T, K, Q = 3, 5, 4
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(T, K, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (T, K), generator=g),
+             torch.randn(T, Q, 1, 8, 8, generator=g, dtype=dtype), torch.randint(0, 5, (T, Q), generator=g))
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss="cross_entropy",
+                                learn_inner_lr=meta_sgd)
+    params = list(model.parameters())
+    lr_params = [meta.lrs[n.replace(".", "__")] for n, _ in model.named_parameters()] if meta_sgd else []
+    with fastmeta.use_backend("cpp"):
+        grads = torch.autograd.grad(meta(*batch), params + lr_params)
+    lrs = {n: meta.lrs[n.replace(".", "__")] for n, _ in model.named_parameters()} if meta_sgd else None
+    _, want, want_lr = loop_meta_grads(model, *batch, None if meta_sgd else 0.3, 2, "cross_entropy", first_order,
+                                       lrs=lrs)
+    assert_rel_close(list(grads[:len(params)]), want, RTOL[dtype], "meta-grad")
+    if meta_sgd:
+        assert_rel_close(list(grads[len(params):]), want_lr, RTOL[dtype], "lr-grad")
