@@ -63,19 +63,23 @@ step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_pr
 # the Triton conv-path kernels against their references on the device, before their timed rows
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
-step_omniglot() { TAIL=8 run_step omniglot 75 bench_omniglot.txt $CONV --workload omniglot --providers \
-  fastmeta,fastmeta_graph,fastmeta-triton,fastmeta_graph-triton,loop,vmap --json "$LOG/bench_omniglot.json"; }
+# (-cuda: the convolutions on fastmeta::batched_conv2d and its gradient ops, cuDNN underneath, whose
+# second order avoids PyTorch's per-task double backward; auto keeps the torch ops until this is timed)
+step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
+  fastmeta,fastmeta-cuda,fastmeta_graph,fastmeta_graph-cuda,fastmeta-triton,fastmeta_graph-triton,loop,vmap \
+  --json "$LOG/bench_omniglot.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
 # (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the
 # memory target; on the CPU one task of fastmeta's peaks at 0.67x of the loop's, two at 1.34x)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph@1,fastmeta_vg@1,fastmeta_graph@2,fastmeta_vg@2,fastmeta,loop,vmap \
+  --providers fastmeta_graph@1,fastmeta_vg@1,fastmeta_graph@1-cuda,fastmeta_graph@2,fastmeta_vg@2,fastmeta,fastmeta-cuda,loop,vmap \
   --json "$LOG/bench_miniimagenet.json"; }
-# where the conv path's GPU time goes (hot kernels by their own device time)
-step_convprof() { TAIL=25 run_step convprof 60 profile_conv.txt python -m fastmeta.profile --workload omniglot \
-  --provider fastmeta --order second --iterations 3 --trace ""; }
+# where the conv path's GPU time goes (hot kernels by their own device time), torch ops and cuda ops
+PROF="python -m fastmeta.profile --workload omniglot --order second --iterations 3 --trace ''"
+step_convprof() { TAIL=50 run_step convprof 90 profile_conv.txt sh -c "$PROF --provider fastmeta && \
+  $PROF --provider fastmeta-cuda"; }
 step_tritontests() { TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider \
   --timeout=100 tests/test_triton.py tests/test_ops.py -k "not conv and not bn_relu_pool"; }
 step_ops() { TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \

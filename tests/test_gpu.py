@@ -42,16 +42,19 @@ def test_sine_on_gpu(backend, first_order, tasks):
     assert_rel_close(list(vg), list(sub), 1e-5, "value_and_grad vs autograd")
 
 
+@pytest.mark.parametrize("backend", ["auto", "cuda"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_omniglot_on_gpu(first_order):
-    """The conv path on the GPU against the per-task loop. cuDNN's float32 convolutions (TF32 off)
+def test_omniglot_on_gpu(first_order, backend):
+    """The conv path on the GPU against the per-task loop (backend cuda: the convolutions on
+    fastmeta::batched_conv2d and its gradient ops). cuDNN's float32 convolutions (TF32 off)
     round differently in the two, so both float32 meta-gradients are also measured against the loop
     in float64: fastmeta passes within 1e-4 of the float32 loop, or else no further from the float64
     result than 2x the float32 loop's own distance from it."""
     import copy
     w = H.make_workload("omniglot", tasks=4, device="cuda")
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss="cross_entropy")
-    got = list(torch.autograd.grad(meta(w.xs, w.ys, w.xq, w.yq), list(w.model.parameters())))
+    with fastmeta.use_backend(backend):
+        got = list(torch.autograd.grad(meta(w.xs, w.ys, w.xq, w.yq), list(w.model.parameters())))
     _, want, _ = loop_meta_grads(w.model, w.xs, w.ys, w.xq, w.yq, w.inner_lr, w.steps, "cross_entropy",
                                  first_order)
     m64 = copy.deepcopy(w.model).double()
@@ -235,7 +238,7 @@ def test_graphed_step_matches_value_and_grad():
         step(w.xs, w.ys, w.xq, w.yq)
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
 def test_graphed_conv_step_matches_value_and_grad(backend):
     """fastmeta.graphed on the conv path (Omniglot shape, T=2, second order): the replay equals
     value_and_grad; with the triton backend the graph holds the Triton conv and bn_relu_pool kernels."""
@@ -285,3 +288,25 @@ def test_graphed_step_checks_cross_entropy_labels():
     assert_rel_close([g.clone() for g in grads], list(want), 1e-5, "meta-grad")
     with pytest.raises(ValueError, match="labels"):
         step(xs, ys + 4, xq, yq)
+
+
+@pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=1), dict(groups=2, dilation=2, padding=2)])
+def test_cuda_conv_ops_to_second_order(kw):
+    """fastmeta::batched_conv2d and its gradient ops on CUDA (cuDNN underneath) against the grouped
+    reference in float64: values, first and second derivatives."""
+    g = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 2, 4, 9, 7, generator=g, **d).cuda().requires_grad_()
+    w = torch.randn(3, 6, 4 // kw.get("groups", 1), 3, 3, generator=g, **d).cuda().requires_grad_()
+    b = torch.randn(3, 6, generator=g, **d).cuda().requires_grad_()
+    with fastmeta.use_backend("cuda"):
+        y = ops.batched_conv2d(x, w, b, **kw)
+    ref = ops.batched_conv2d_ref(x, w, b, **kw)
+    torch.testing.assert_close(y, ref)
+    r = torch.randn(y.shape, generator=g, **d).cuda()
+    g1 = torch.autograd.grad((torch.tanh(y) * r).sum(), [x, w, b], create_graph=True)
+    g2 = torch.autograd.grad((torch.tanh(ref) * r).sum(), [x, w, b], create_graph=True)
+    assert_rel_close([t.detach() for t in g1], [t.detach() for t in g2], 1e-10, "first derivatives")
+    h1 = torch.autograd.grad(sum((t * t.detach().flip(-1)).sum() for t in g1), [x, w])
+    h2 = torch.autograd.grad(sum((t * t.detach().flip(-1)).sum() for t in g2), [x, w])
+    assert_rel_close(list(h1), list(h2), 1e-10, "second derivatives")
