@@ -7,17 +7,19 @@
 - ``explain(model)``: how a model is lowered; ``set_backend`` / ``use_backend``: backend choice.
 - ``graphed(meta, xs, ys, xq, yq)``: a BatchedMAML meta-step captured in one CUDA graph.
 - ``profile(...)``: per-phase times, op and launch counts, memory and a trace of meta-iterations.
+- ``tune(meta, xs, ys, xq, yq)``: times the meta-step on each backend here, keeps the fastest.
 """
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .batched import BatchedMAML
 from .graphs import GraphedStep, graphed
 from .maml import MAML, MetaSGD, clone_module
 from .plan import UnsupportedModule, explain
+from .tune import Tuning, tune
 from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) is the profiler)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "clone_module", "set_backend", "get_backend",
-    "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "__version__",
+    "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "tune", "Tuning", "__version__",
 ]

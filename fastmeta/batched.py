@@ -12,6 +12,7 @@ unless ``first_order``. ``learn_inner_lr=True`` learns one inner learning rate p
 """
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
@@ -20,9 +21,21 @@ from torch import nn
 from . import _checks, ops, plan
 from ._phases import phase
 from .ops.bn_relu_pool import differentiated_twice
-from .backend import get_backend, select
+from .backend import BACKENDS, get_backend, select, use_backend
 
 _LOSSES = ("mse", "cross_entropy")
+
+
+def _module_backend(method):
+    """Runs a BatchedMAML method on the module's ``backend`` while the global request is auto."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        b = self.backend
+        if b is not None and get_backend() == "auto":
+            with use_backend(b):
+                return method(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+    return run
 
 
 class BatchedMAML(nn.Module):
@@ -43,11 +56,15 @@ class BatchedMAML(nn.Module):
             per-task loop's) instead of all T tasks'. The result is the same; forward's loss is
             then differentiable once (its backward gives the accumulated meta-gradient; a second
             derivative raises). The fused MLP kernel keeps no graph and ignores it.
+        backend: this module's backend ('cpp', 'cuda', 'triton', 'torch'; None or 'auto': the
+            global choice). It applies while the global request (set_backend / use_backend /
+            FASTMETA_BACKEND) is auto; an explicit request wins. ``fastmeta.tune`` sets it to the
+            backend it measured fastest for this module and batch shape.
     """
 
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
-                 check_finite: bool = False, task_chunk: int | None = None):
+                 check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -64,6 +81,9 @@ class BatchedMAML(nn.Module):
         if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
                                        or task_chunk < 1):
             raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
+        if backend is not None and backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend: expected None or one of {('auto',) + BACKENDS}, got {backend!r}")
+        self.backend = None if backend == "auto" else backend
         self.model = model
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
@@ -243,6 +263,7 @@ class BatchedMAML(nn.Module):
         lr = lr if isinstance(lr, list) else float(lr)
         return [params[n] for n in spec.param_names], lr, spec
 
+    @_module_backend
     def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
         """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
         fused, checked = self._prepare(xs, ys, xq, yq)
@@ -256,6 +277,7 @@ class BatchedMAML(nn.Module):
             with phase("query_forward"):
                 return self._task_loss(self.program(P, xq), yq)
 
+    @_module_backend
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
         params = self._param_list(model_only=True)
@@ -274,6 +296,7 @@ class BatchedMAML(nn.Module):
             return ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
                                      spec.negative_slope, self.loss, self.first_order, _checked=checked)
 
+    @_module_backend
     def value_and_grad(self, xs, ys, xq, yq) -> tuple[torch.Tensor, list]:
         """(loss, grads): forward's loss (detached) and its gradient with respect to each of
         ``self.parameters()`` in that order (None for one that does not require grad): the values
@@ -333,6 +356,7 @@ class BatchedMAML(nn.Module):
             accumulate(total, grads, loss.detach(), g, (stop - start) / T)
         return total, grads
 
+    @_module_backend
     def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:
         """Adapted per-task parameters, name -> [T, *shape] (non-adapted ones as broadcast views).
 
@@ -350,6 +374,7 @@ class BatchedMAML(nn.Module):
             P = {n: t.detach() for n, t in P.items()}
         return P
 
+    @_module_backend
     def predict(self, params: dict, x: torch.Tensor) -> torch.Tensor:
         """The model's output [T, N, ...] on x [T, N, ...] with per-task params from adapt()."""
         _checks.tensor("x", x, min_dim=2)
@@ -367,7 +392,8 @@ class BatchedMAML(nn.Module):
     def extra_repr(self) -> str:
         lr = "learned" if self.lrs is not None else self.inner_lr
         return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
-                f"loss={self.loss if isinstance(self.loss, str) else 'callable'}")
+                f"loss={self.loss if isinstance(self.loss, str) else 'callable'}"
+                + (f", backend={self.backend!r}" if self.backend is not None else ""))
 
 
 def chunk_slices(T: int, chunk: int | None) -> list:

@@ -89,7 +89,7 @@ class GraphedStep:
     def _current_config(self):
         m = self.meta
         return (m.inner_lr if not isinstance(m.inner_lr, torch.Tensor) else id(m.inner_lr), m.inner_steps,
-                m.first_order, get_backend())
+                m.first_order, get_backend(), m.backend)
 
     def _check_labels(self, batch):
         # (the fused MLP op range-checks labels with a sync; inside the capture it is told not to)

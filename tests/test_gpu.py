@@ -310,3 +310,20 @@ def test_cuda_conv_ops_to_second_order(kw):
     h1 = torch.autograd.grad(sum((t * t.detach().flip(-1)).sum() for t in g1), [x, w])
     h2 = torch.autograd.grad(sum((t * t.detach().flip(-1)).sum() for t in g2), [x, w])
     assert_rel_close(list(h1), list(h2), 1e-10, "second derivatives")
+
+
+def test_tune_on_gpu():
+    """fastmeta.tune on the conv path (Omniglot shape, T=2): the CUDA backends are timed (or say why
+    not) and the chosen one's meta-gradient equals auto's."""
+    w = H.make_workload("omniglot", tasks=2, device="cuda")
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, loss="cross_entropy")
+    result = fastmeta.tune(meta, w.xs, w.ys, w.xq, w.yq, backends=["auto", "cuda", "torch"], reps=2, warmup=1)
+    print(result)
+    assert "auto" in result.times()
+    assert "cuda" in result.times(), result
+    _, got = meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)
+    with fastmeta.use_backend("auto"):
+        meta.backend, keep = None, meta.backend
+        _, want = meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)
+        meta.backend = keep
+    assert_rel_close([g for g in got], list(want), 1e-3, "tuned vs auto meta-grad")

@@ -1,0 +1,110 @@
+"""fastmeta.tune and BatchedMAML(backend=...): the measured choice, its meta-gradient check, the
+precedence of an explicit request, and bad input."""
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from conftest import requires_cpp
+
+
+def _conv_meta(**kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(3, 4, 1, 8, 8, generator=g), torch.randint(0, 3, (3, 4), generator=g),
+             torch.randn(3, 5, 1, 8, 8, generator=g), torch.randint(0, 3, (3, 5), generator=g))
+    return fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy", **kw), batch
+
+
+def _mlp_meta(**kw):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1))
+    g = torch.Generator().manual_seed(2)
+    batch = tuple(torch.randn(4, n, 1, generator=g) for n in (5, 5, 6, 6))
+    return fastmeta.BatchedMAML(model, 0.05, 3, **kw), batch
+
+
+@requires_cpp
+def test_tune_times_each_backend_and_keeps_the_fastest():
+    meta, batch = _conv_meta()
+    before = [p.detach().clone() for p in meta.parameters()]
+    result = fastmeta.tune(meta, *batch, reps=2, warmup=1)
+    rows = {name: (ms, note) for name, ms, note in result.rows}
+    assert set(rows) == {"auto", "cpp", "cuda", "triton", "torch"}
+    times = result.times()
+    assert {"auto", "cpp", "torch"} <= set(times) and all(ms > 0 for ms in times.values())
+    assert result.best == min(times, key=times.get)
+    assert meta.backend == (None if result.best == "auto" else result.best)
+    assert rows["cuda"][0] is None and rows["cuda"][1].startswith("unavailable")
+    assert "batched_conv2d=cpp" in rows["cpp"][1] and rows["torch"][1] == "torch ops only"
+    assert result.best in str(result) and "median ms" in str(result)
+    # parameters untouched, no .grad written
+    assert all(torch.equal(a, b) for a, b in zip(before, meta.parameters()))
+    assert all(p.grad is None for p in meta.parameters())
+
+
+@requires_cpp
+def test_tune_skips_a_backend_that_runs_the_same_kernels():
+    """For the fused MLP, cpp runs what auto runs (inner_update aside, which the fused step does not
+    call): only a backend whose kernels differ is timed."""
+    meta, batch = _mlp_meta()
+    result = fastmeta.tune(meta, *batch, backends=["auto", "torch", "auto"], reps=2, warmup=0)
+    names = [name for name, _, _ in result.rows]
+    assert names == ["auto", "torch", "auto"]
+    assert result.rows[2][1] is None and "same kernels as 'auto'" in result.rows[2][2]
+
+
+@requires_cpp
+def test_tune_leaves_out_a_backend_whose_meta_gradient_differs(monkeypatch):
+    """A backend that computes a different meta-gradient is not chosen however fast it is."""
+    conv = importlib.import_module("fastmeta.ops.batched_conv2d")
+    real = conv._AtenPrims.all_grads
+
+    def wrong(self, gy, x, w, mask):
+        gx, gw, gb = real(self, gy, x, w, mask)
+        return gx, (None if gw is None else gw * 1.5), gb
+    monkeypatch.setattr(conv._AtenPrims, "all_grads", wrong)
+    monkeypatch.setattr(conv._AtenPrims, "weight_grad", lambda self, x, gy, ws: torch.zeros(ws, dtype=x.dtype))
+    meta, batch = _conv_meta()
+    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp"], reps=1, warmup=0)
+    note = dict((n, note) for n, _, note in result.rows)["cpp"]
+    assert note.startswith("left out: meta-gradient differs from 'auto'")
+    assert result.best == "auto" and meta.backend is None
+
+
+@requires_cpp
+def test_module_backend_applies_under_auto_and_yields_to_an_explicit_request():
+    meta, batch = _mlp_meta(backend="torch")
+    loss = meta(*batch)
+    assert not meta._last_fused  # torch: the inner loop step by step
+    with fastmeta.use_backend("cpp"):
+        loss_cpp = meta(*batch)
+    assert meta._last_fused  # an explicit request wins over the module's
+    torch.testing.assert_close(loss, loss_cpp)
+    meta.backend = None
+    meta(*batch)
+    assert meta._last_fused  # auto on the CPU: the fused C++ kernel
+    assert "backend='torch'" in repr(fastmeta.BatchedMAML(meta.model, 0.1, backend="torch"))
+    assert fastmeta.BatchedMAML(meta.model, 0.1, backend="auto").backend is None
+
+
+def test_bad_input_is_named():
+    meta, batch = _mlp_meta()
+    with pytest.raises(TypeError, match="meta must be a fastmeta.BatchedMAML"):
+        fastmeta.tune(meta.model, *batch)
+    with pytest.raises(ValueError, match="reps must be an int >= 1"):
+        fastmeta.tune(meta, *batch, reps=0)
+    with pytest.raises(ValueError, match="warmup must be an int >= 0"):
+        fastmeta.tune(meta, *batch, warmup=-1)
+    with pytest.raises(ValueError, match="rtol must be a positive number"):
+        fastmeta.tune(meta, *batch, rtol=0)
+    with pytest.raises(ValueError, match="backends must be a non-empty list"):
+        fastmeta.tune(meta, *batch, backends=["gpu"])
+    with pytest.raises(RuntimeError, match="no backend could run this meta-step"):
+        fastmeta.tune(meta, *batch, backends=["cuda"])
+    with pytest.raises(ValueError, match="backend: expected None or one of"):
+        fastmeta.BatchedMAML(meta.model, 0.1, backend="gpu")
