@@ -72,9 +72,10 @@ step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --worklo
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
 # (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the
-# memory target; on the CPU one task of fastmeta's peaks at 0.67x of the loop's, two at 1.34x)
+# memory target; on the CPU one task of fastmeta's peaks at 0.67x of the loop's, two at 1.34x; the
+# baselines come third and fourth so that a step cut short still has them)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph@1,fastmeta_vg@1,fastmeta_graph@1-cuda,fastmeta_graph@2,fastmeta_vg@2,fastmeta,fastmeta-cuda,loop,vmap \
+  --providers fastmeta_graph@1,fastmeta_graph@1-cuda,loop,vmap,fastmeta_vg@1,fastmeta_graph@2,fastmeta_vg@2,fastmeta-cuda,fastmeta \
   --json "$LOG/bench_miniimagenet.json"; }
 # where the conv path's GPU time goes (hot kernels by their own device time), torch ops and cuda ops
 PROF="python -m fastmeta.profile --workload omniglot --order second --iterations 3 --trace ''"
