@@ -163,16 +163,14 @@ TORCH_LIBRARY_FRAGMENT(fastmeta, m) {
 }
 
 // The same functions serve CPU and CUDA tensors: ATen picks oneDNN / cuDNN underneath.
-TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+namespace {
+void register_impls(torch::Library& m) {
   m.impl("batched_conv2d", &fastmeta::conv);
   m.impl("batched_conv2d_input_grad", &fastmeta::input_grad);
   m.impl("batched_conv2d_weight_grad", &fastmeta::weight_grad);
   m.impl("batched_conv2d_backward", &fastmeta::all_grads);
 }
+}  // namespace
 
-TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
-  m.impl("batched_conv2d", &fastmeta::conv);
-  m.impl("batched_conv2d_input_grad", &fastmeta::input_grad);
-  m.impl("batched_conv2d_weight_grad", &fastmeta::weight_grad);
-  m.impl("batched_conv2d_backward", &fastmeta::all_grads);
-}
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) { register_impls(m); }
+TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) { register_impls(m); }
