@@ -7,6 +7,10 @@ read when fastmeta is imported (default ``auto``). ``auto`` takes the first avai
 the op's preference list for the tensor's device and falls back to ``torch`` quietly; an explicitly requested backend that the op
 implements but that cannot run here (not built, wrong device) raises :class:`BackendUnavailable`
 with the reason; an op with no kernel of that backend at all runs its auto choice. Nothing here touches CUDA at import time.
+
+A request may also name a backend per op: ``use_backend({"batched_conv2d": "cuda", "bn_relu_pool":
+"triton"})`` (ops not named take ``auto``); ``get_backend()`` then returns a :class:`PerOp`, the
+request as sorted (op, backend) pairs. ``fastmeta.tune`` finds such mixes by timing them.
 """
 from __future__ import annotations
 
@@ -22,6 +26,46 @@ _CHOICES = ("auto",) + BACKENDS
 
 class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run this op on this input."""
+
+
+class PerOp(tuple):
+    """A per-op backend request: sorted (op, backend) pairs (hashable, comparable); ops not in it
+    take auto."""
+
+    __slots__ = ()
+
+    def get(self, op: str, default: str = "auto") -> str:
+        for name, b in self:
+            if name == op:
+                return b
+        return default
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{op!r}: {b!r}" for op, b in self) + "}"
+
+
+def _request(name):
+    """A validated request: None, one of auto / the backends (lower case), or a PerOp from a
+    mapping op -> backend (or a PerOp)."""
+    if name is None:
+        return None
+    if isinstance(name, str):
+        if name.lower() not in _CHOICES:
+            raise ValueError(f"backend: expected one of {_CHOICES} or a dict op -> backend, got {name!r}")
+        return name.lower()
+    if isinstance(name, PerOp):
+        return name
+    if isinstance(name, dict):
+        pairs = []
+        for op, b in name.items():
+            if op not in OPS:
+                raise ValueError(f"backend: unknown op {op!r} (ops: {sorted(OPS)})")
+            if not isinstance(b, str) or b.lower() not in _CHOICES:
+                raise ValueError(f"backend[{op!r}]: expected one of {_CHOICES}, got {b!r}")
+            if b.lower() != "auto":
+                pairs.append((op, b.lower()))
+        return PerOp(sorted(pairs)) if pairs else "auto"
+    raise ValueError(f"backend: expected one of {_CHOICES} or a dict op -> backend, got {name!r}")
 
 
 class _State(threading.local):
@@ -46,19 +90,17 @@ def _parse_env_backend(raw: str) -> str:
     return name
 
 
-def get_backend() -> str:
-    """The backend requested now: set_backend/use_backend if set, else FASTMETA_BACKEND, else auto."""
+def get_backend() -> str | PerOp:
+    """The backend requested now: set_backend/use_backend if set, else FASTMETA_BACKEND, else auto
+    (a PerOp for a per-op request)."""
     name = _state.backend
     return name if name is not None else _env_backend()
 
 
-def set_backend(name: str | None) -> None:
-    """Request a backend for all ops (``None`` returns to FASTMETA_BACKEND / auto)."""
-    if name is not None:
-        if not isinstance(name, str) or name.lower() not in _CHOICES:
-            raise ValueError(f"backend: expected one of {_CHOICES}, got {name!r}")
-        name = name.lower()
-    _state.backend = name
+def set_backend(name) -> None:
+    """Request a backend for all ops, or one per op with a dict op -> backend (``None`` returns
+    to FASTMETA_BACKEND / auto)."""
+    _state.backend = _request(name)
 
 
 class use_backend:
@@ -68,10 +110,8 @@ class use_backend:
 
     __slots__ = ("_name", "_old")
 
-    def __init__(self, name: str | None):
-        if name is not None and (not isinstance(name, str) or name.lower() not in _CHOICES):
-            raise ValueError(f"backend: expected one of {_CHOICES}, got {name!r}")
-        self._name = name.lower() if name is not None else None
+    def __init__(self, name):
+        self._name = name if name is None or name.__class__ is PerOp else _request(name)
 
     def __enter__(self):
         self._old = _state.backend
@@ -176,6 +216,8 @@ def select(op: str, device_type: str) -> str:
     """The backend an op call takes (see the module docstring)."""
     implemented, auto_order = OPS[op]
     want = get_backend()
+    if want.__class__ is PerOp:
+        want = want.get(op)
     if want == "auto" or want not in implemented:
         # An op that has no kernel of the requested backend at all runs its auto choice, so that
         # a whole model can run with e.g. set_backend('cpp') while only some ops have cpp kernels.

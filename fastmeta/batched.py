@@ -21,7 +21,7 @@ from torch import nn
 from . import _checks, ops, plan
 from ._phases import phase
 from .ops.bn_relu_pool import differentiated_twice
-from .backend import BACKENDS, get_backend, select, use_backend
+from .backend import _request, get_backend, select, use_backend
 
 _LOSSES = ("mse", "cross_entropy")
 
@@ -56,10 +56,10 @@ class BatchedMAML(nn.Module):
             per-task loop's) instead of all T tasks'. The result is the same; forward's loss is
             then differentiable once (its backward gives the accumulated meta-gradient; a second
             derivative raises). The fused MLP kernel keeps no graph and ignores it.
-        backend: this module's backend ('cpp', 'cuda', 'triton', 'torch'; None or 'auto': the
-            global choice). It applies while the global request (set_backend / use_backend /
-            FASTMETA_BACKEND) is auto; an explicit request wins. ``fastmeta.tune`` sets it to the
-            backend it measured fastest for this module and batch shape.
+        backend: this module's backend ('cpp', 'cuda', 'triton', 'torch', or a dict op -> backend;
+            None or 'auto': the global choice). It applies while the global request (set_backend /
+            use_backend / FASTMETA_BACKEND) is auto; an explicit request wins. ``fastmeta.tune``
+            sets it to what it measured fastest for this module and batch shape.
     """
 
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
@@ -81,9 +81,7 @@ class BatchedMAML(nn.Module):
         if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
                                        or task_chunk < 1):
             raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
-        if backend is not None and backend not in ("auto",) + BACKENDS:
-            raise ValueError(f"backend: expected None or one of {('auto',) + BACKENDS}, got {backend!r}")
-        self.backend = None if backend == "auto" else backend
+        self.backend = backend
         self.model = model
         self.inner_steps = int(inner_steps)
         self.first_order = bool(first_order)
@@ -104,6 +102,16 @@ class BatchedMAML(nn.Module):
         else:
             self.lrs = None
             self.inner_lr = inner_lr
+
+    @property
+    def backend(self):
+        """This module's backend request (None: the global one); see the constructor."""
+        return self.__dict__["_backend"]
+
+    @backend.setter
+    def backend(self, name):
+        req = _request(name)
+        self.__dict__["_backend"] = None if req == "auto" else req
 
     # -- helpers --------------------------------------------------------------------------------
     @staticmethod

@@ -12,8 +12,11 @@ convolutions against the Triton implicit GEMM). tune measures instead: for ``aut
 ``cpp``, ``cuda``, ``triton``, ``torch`` that can run on the batch's device (as BatchedMAML would:
 an op without a kernel of that backend takes its auto choice), it runs ``warmup`` meta-steps
 (``value_and_grad``: compilation, cuDNN's plans) and then ``reps`` timed ones, synchronizing the
-device around each, and takes the median. Backends that would run the very same kernels as one
-already timed are skipped. Every backend's meta-gradient must agree with auto's (``rtol``, per
+device around each, and takes the median. Then (``per_op``), from the fastest of those, each op
+the step uses is tried on each of its other backends in turn, keeping a change that is faster by
+more than ``margin``: the result may be a per-op request such as ``{"batched_conv2d": "cuda",
+"bn_relu_pool": "triton"}``. Requests that would run the very same kernels as one already timed
+are skipped. Every backend's meta-gradient must agree with auto's (``rtol``, per
 tensor, a near-zero tensor measured against 1e-2 of the whole gradient's norm): one that does not
 is left out and the table says by how much. Parameters are not changed (no optimizer step).
 
@@ -36,8 +39,9 @@ CANDIDATES = ("auto", "cpp", "cuda", "triton", "torch")
 
 @dataclasses.dataclass
 class Tuning:
-    """What :func:`tune` measured: ``rows`` of (backend, median ms or None, note), the ``best``
-    backend (now ``meta.backend``; None for auto) and the device type."""
+    """What :func:`tune` measured: ``rows`` of (request, median ms or None, note), the ``best``
+    request's label (``meta.backend`` is now that request: a backend name, a per-op request, or
+    None for auto) and the device type."""
 
     rows: list
     best: str
@@ -47,11 +51,12 @@ class Tuning:
         return {name: ms for name, ms, _ in self.rows if ms is not None}
 
     def __str__(self) -> str:
+        width = max(len("backend"), *(len(name) for name, _, _ in self.rows))
         lines = [f"fastmeta.tune on {self.device}: best {self.best!r}",
-                 f"  {'backend':<8} {'median ms':>10}  note"]
+                 f"  {'backend':<{width}} {'median ms':>10}  note"]
         for name, ms, note in self.rows:
             t = f"{ms:10.3f}" if ms is not None else f"{'-':>10}"
-            lines.append(f"  {name:<8} {t}  {note}")
+            lines.append(f"  {name:<{width}} {t}  {note}")
         return "\n".join(lines)
 
 
@@ -87,19 +92,70 @@ def _sync(device: str):
         torch.cuda.synchronize()
 
 
-def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rtol: float = 1e-3) -> Tuning:
+class _Trials:
+    """The timing of one tune call: each request's median, its row, the reference gradient."""
+
+    def __init__(self, meta, batch, used, device, reps, warmup, rtol):
+        self.meta, self.batch, self.used, self.device = meta, batch, used, device
+        self.reps, self.warmup, self.rtol = reps, warmup, rtol
+        self.rows, self.seen, self.times, self.requests, self.ref, self.ref_name = [], {}, {}, {}, None, None
+
+    def run(self, label: str, request):
+        """Times the meta-step under ``request``; its median (ms), or None (with a row saying why)."""
+        meta, device = self.meta, self.device
+        with use_backend(request):
+            key = _choices(self.used, device)
+            if key in self.seen:
+                self.rows.append((label, None, f"runs the same kernels as {self.seen[key]!r}"))
+                return None
+            self.seen[key] = label
+            try:
+                for _ in range(self.warmup):
+                    meta.value_and_grad(*self.batch)
+                _sync(device)
+                samples = []
+                for _ in range(self.reps):
+                    t0 = time.perf_counter()
+                    _, grads = meta.value_and_grad(*self.batch)
+                    _sync(device)
+                    samples.append(1e3 * (time.perf_counter() - t0))
+            except Exception as e:  # a backend that fails on this model is not a candidate
+                self.rows.append((label, None, f"failed: {type(e).__name__}: {e}"))
+                return None
+        if self.ref is None:  # the first to run is the reference of the meta-gradient check
+            self.ref, self.ref_name, err = [None if g is None else g.detach().clone() for g in grads], label, 0.0
+        else:
+            err = _rel_err(grads, self.ref)
+        if err > self.rtol:
+            self.rows.append((label, None, f"left out: meta-gradient differs from {self.ref_name!r}'s by {err:.1e}"))
+            return None
+        ms = statistics.median(samples)
+        self.times[label], self.requests[label] = ms, (request, key)
+        ops = ", ".join(f"{op}={b}" for op, b in zip(self.used, key) if b != "torch")
+        self.rows.append((label, ms, ops or "torch ops only"))
+        return ms
+
+
+def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rtol: float = 1e-3,
+         per_op: bool = True, margin: float = 0.02) -> Tuning:
     """Times ``meta``'s meta-step on each backend that can run it on this batch's device, sets
     ``meta.backend`` to the fastest and returns the table (see the module docstring).
 
-    backends: the candidates (default: auto, cpp, cuda, triton, torch, those available here)."""
+    backends: the candidates (default: auto, cpp, cuda, triton, torch, those available here); the
+    per-op pass tries these too.
+    per_op: then, starting from the fastest of them, tries each op the step uses on each of its
+    other backends in turn (a per-op request such as ``{"batched_conv2d": "cuda", "bn_relu_pool":
+    "triton"}``), keeping a change that is faster by more than ``margin`` (a fraction)."""
     from .batched import BatchedMAML
     if not isinstance(meta, BatchedMAML):
         raise TypeError(f"tune: meta must be a fastmeta.BatchedMAML, got {type(meta).__name__}")
     for name, v in (("reps", reps), ("warmup", warmup)):
         if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "reps" else 0):
             raise ValueError(f"tune: {name} must be an int >= {1 if name == 'reps' else 0}, got {v!r}")
-    if not (isinstance(rtol, (int, float)) and rtol > 0):
-        raise ValueError(f"tune: rtol must be a positive number, got {rtol!r}")
+    for name, v in (("rtol", rtol), ("margin", margin)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 or (name == "margin" and v == 0)):
+            raise ValueError(f"tune: {name} must be a {'positive' if name == 'rtol' else 'non-negative'} number, "
+                             f"got {v!r}")
     cands = list(CANDIDATES if backends is None else backends)
     bad = [b for b in cands if b not in ("auto",) + BACKENDS]
     if bad or not cands:
@@ -108,51 +164,43 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
         cands.remove("auto")
         cands.insert(0, "auto")
     device = xs.device.type
-    used = _ops_of(meta)
+    trials = _Trials(meta, (xs, ys, xq, yq), _ops_of(meta), device, reps, warmup, rtol)
     old = meta.backend
     meta.backend = None  # each candidate runs as requested below, not as a previous tuning said
-    rows, seen, times, ref = [], {}, {}, None
     try:
         for name in cands:
-            if name != "auto":
-                why = why_unavailable(name, device)
-                if why is not None:
-                    rows.append((name, None, f"unavailable: {why}"))
-                    continue
-            with use_backend(name):
-                key = _choices(used, device)
-                if key in seen:
-                    rows.append((name, None, f"runs the same kernels as {seen[key]!r}"))
-                    continue
-                seen[key] = name
-                try:
-                    for _ in range(warmup):
-                        meta.value_and_grad(xs, ys, xq, yq)
-                    _sync(device)
-                    samples = []
-                    for _ in range(reps):
-                        t0 = time.perf_counter()
-                        _, grads = meta.value_and_grad(xs, ys, xq, yq)
-                        _sync(device)
-                        samples.append(1e3 * (time.perf_counter() - t0))
-                except Exception as e:  # a backend that fails on this model is not a candidate
-                    rows.append((name, None, f"failed: {type(e).__name__}: {e}"))
-                    continue
-            if ref is None:
-                ref, err = [None if g is None else g.detach().clone() for g in grads], 0.0
-            else:
-                err = _rel_err(grads, ref)
-            if err > rtol:
-                rows.append((name, None, f"left out: meta-gradient differs from {cands[0]!r}'s by {err:.1e}"))
+            why = why_unavailable(name, device) if name != "auto" else None
+            if why is not None:
+                trials.rows.append((name, None, f"unavailable: {why}"))
                 continue
-            times[name] = statistics.median(samples)
-            ops = ", ".join(f"{op}={b}" for op, b in zip(used, key) if b != "torch")
-            rows.append((name, times[name], ops or "torch ops only"))
+            trials.run(name, name)
+        if per_op and trials.times:
+            _per_op(trials, margin, [b for b in cands if b != "auto"])
     finally:
         meta.backend = old
-    if not times:
+    if not trials.times:
         raise RuntimeError("tune: no backend could run this meta-step:\n"
-                           + "\n".join(f"  {n}: {note}" for n, _, note in rows))
-    best = min(times, key=times.get)
-    meta.backend = None if best == "auto" else best
-    return Tuning(rows, best, device)
+                           + "\n".join(f"  {n}: {note}" for n, _, note in trials.rows))
+    best = min(trials.times, key=trials.times.get)
+    meta.backend = trials.requests[best][0]
+    return Tuning(trials.rows, best, device)
+
+
+def _per_op(trials: _Trials, margin: float, allowed: list):
+    """One pass of coordinate descent over the ops from the fastest single request: each op on each
+    of its other available backends among ``allowed``, a change kept when faster by more than
+    ``margin``."""
+    best = min(trials.times, key=trials.times.get)
+    base_name, (_, key) = best, trials.requests[best]
+    current = dict(zip(trials.used, key))
+    best_ms = trials.times[best]
+    for op in trials.used:
+        for alt in OPS[op][0]:
+            if alt == current[op] or alt not in allowed or why_unavailable(alt, trials.device) is not None:
+                continue
+            trial = dict(current, **{op: alt})
+            changed = [f"{o}={b}" for o, b in trial.items() if b != dict(zip(trials.used, key))[o]]
+            label = f"{base_name} + " + ", ".join(changed)
+            ms = trials.run(label, trial)
+            if ms is not None and ms < best_ms * (1 - margin):
+                current, best_ms = trial, ms

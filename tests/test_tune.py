@@ -32,13 +32,15 @@ def _mlp_meta(**kw):
 def test_tune_times_each_backend_and_keeps_the_fastest():
     meta, batch = _conv_meta()
     before = [p.detach().clone() for p in meta.parameters()]
-    result = fastmeta.tune(meta, *batch, reps=2, warmup=1)
+    result = fastmeta.tune(meta, *batch, reps=2, warmup=1, per_op=False)
     rows = {name: (ms, note) for name, ms, note in result.rows}
-    assert set(rows) == {"auto", "cpp", "cuda", "triton", "torch"}
+    assert {"auto", "cpp", "cuda", "triton", "torch"} <= set(rows)
+    assert all(name.split(" + ")[0] in ("auto", "cpp", "triton", "torch") for name in set(rows) - {"cuda"})
     times = result.times()
     assert {"auto", "cpp", "torch"} <= set(times) and all(ms > 0 for ms in times.values())
     assert result.best == min(times, key=times.get)
-    assert meta.backend == (None if result.best == "auto" else result.best)
+    if " + " not in result.best:
+        assert meta.backend == (None if result.best == "auto" else result.best)
     assert rows["cuda"][0] is None and rows["cuda"][1].startswith("unavailable")
     assert "batched_conv2d=cpp" in rows["cpp"][1] and rows["torch"][1] == "torch ops only"
     assert result.best in str(result) and "median ms" in str(result)
@@ -52,7 +54,7 @@ def test_tune_skips_a_backend_that_runs_the_same_kernels():
     """For the fused MLP, cpp runs what auto runs (inner_update aside, which the fused step does not
     call): only a backend whose kernels differ is timed."""
     meta, batch = _mlp_meta()
-    result = fastmeta.tune(meta, *batch, backends=["auto", "torch", "auto"], reps=2, warmup=0)
+    result = fastmeta.tune(meta, *batch, backends=["auto", "torch", "auto"], reps=2, warmup=0, per_op=False)
     names = [name for name, _, _ in result.rows]
     assert names == ["auto", "torch", "auto"]
     assert result.rows[2][1] is None and "same kernels as 'auto'" in result.rows[2][2]
@@ -70,7 +72,7 @@ def test_tune_leaves_out_a_backend_whose_meta_gradient_differs(monkeypatch):
     monkeypatch.setattr(conv._AtenPrims, "all_grads", wrong)
     monkeypatch.setattr(conv._AtenPrims, "weight_grad", lambda self, x, gy, ws: torch.zeros(ws, dtype=x.dtype))
     meta, batch = _conv_meta()
-    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp"], reps=1, warmup=0)
+    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp"], reps=1, warmup=0, per_op=False)
     note = dict((n, note) for n, _, note in result.rows)["cpp"]
     assert note.startswith("left out: meta-gradient differs from 'auto'")
     assert result.best == "auto" and meta.backend is None
@@ -92,6 +94,47 @@ def test_module_backend_applies_under_auto_and_yields_to_an_explicit_request():
     assert fastmeta.BatchedMAML(meta.model, 0.1, backend="auto").backend is None
 
 
+@requires_cpp
+def test_tune_finds_a_per_op_mix(monkeypatch):
+    """With the torch convolution and the cpp update made slow, no single backend avoids both; the
+    per-op pass finds convolutions on cpp with the torch update, and the module then runs that mix."""
+    import time
+    conv = importlib.import_module("fastmeta.ops.batched_conv2d")
+    upd = importlib.import_module("fastmeta.ops.inner_update")
+    slow_ref, slow_cpp = conv.batched_conv2d_ref, upd._cpp_impl
+
+    def sleepy(fn):
+        def run(*a, **k):
+            time.sleep(0.005)
+            return fn(*a, **k)
+        return run
+    monkeypatch.setattr(conv, "batched_conv2d_ref", sleepy(slow_ref))
+    monkeypatch.setattr(upd, "_cpp_impl", sleepy(slow_cpp))
+    meta, batch = _conv_meta()
+    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp", "torch"], reps=2, warmup=1, margin=0.0)
+    assert " + " in result.best, result
+    assert meta.backend.get("batched_conv2d") == "cpp" and meta.backend.get("inner_update") == "torch", result
+    from fastmeta.backend import get_backend
+    seen = []
+    monkeypatch.setattr(upd, "_torch_impl", lambda *a, f=upd._torch_impl: seen.append(get_backend()) or f(*a))
+    meta(*batch)
+    assert seen and seen[0] == meta.backend  # the module's per-op request is in force in its calls
+
+
+def test_per_op_requests():
+    from fastmeta import backend
+    with fastmeta.use_backend({"batched_conv2d": "torch", "bn_relu_pool": "auto"}):
+        req = fastmeta.get_backend()
+        assert isinstance(req, backend.PerOp) and req.get("batched_conv2d") == "torch"
+        assert req.get("bn_relu_pool") == "auto" and backend.select("batched_conv2d", "cpu") == "torch"
+    with fastmeta.use_backend({"bn_relu_pool": "auto"}):
+        assert fastmeta.get_backend() == "auto"
+    with pytest.raises(ValueError, match="unknown op 'conv'"):
+        fastmeta.set_backend({"conv": "cpp"})
+    with pytest.raises(ValueError, match=r"backend\['inner_update'\]: expected one of"):
+        fastmeta.use_backend({"inner_update": "gpu"})
+
+
 def test_bad_input_is_named():
     meta, batch = _mlp_meta()
     with pytest.raises(TypeError, match="meta must be a fastmeta.BatchedMAML"):
@@ -102,9 +145,11 @@ def test_bad_input_is_named():
         fastmeta.tune(meta, *batch, warmup=-1)
     with pytest.raises(ValueError, match="rtol must be a positive number"):
         fastmeta.tune(meta, *batch, rtol=0)
+    with pytest.raises(ValueError, match="margin must be a non-negative number"):
+        fastmeta.tune(meta, *batch, margin=-0.1)
     with pytest.raises(ValueError, match="backends must be a non-empty list"):
         fastmeta.tune(meta, *batch, backends=["gpu"])
     with pytest.raises(RuntimeError, match="no backend could run this meta-step"):
         fastmeta.tune(meta, *batch, backends=["cuda"])
-    with pytest.raises(ValueError, match="backend: expected None or one of"):
+    with pytest.raises(ValueError, match="backend: expected one of"):
         fastmeta.BatchedMAML(meta.model, 0.1, backend="gpu")
