@@ -64,9 +64,10 @@ step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_pr
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
 # (-cuda: the convolutions on fastmeta::batched_conv2d and its gradient ops, cuDNN underneath, whose
-# second order avoids PyTorch's per-task double backward; auto keeps the torch ops until this is timed)
+# second order avoids PyTorch's per-task double backward; auto keeps the torch ops until this is timed;
+# fastmeta_tuned: fastmeta.tune's choice, per op, its table in the log)
 step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
-  fastmeta,fastmeta-cuda,fastmeta_graph,fastmeta_graph-cuda,fastmeta-triton,fastmeta_graph-triton,loop,vmap \
+  fastmeta,fastmeta-cuda,fastmeta_graph,fastmeta_graph-cuda,fastmeta-triton,fastmeta_graph-triton,loop,vmap,fastmeta_tuned \
   --json "$LOG/bench_omniglot.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \

@@ -13,6 +13,7 @@ mean over tasks of each task's query-loss gradient). Providers:
   vmap                  torch.func vmap over tasks of grad-based inner loops
   compile               torch.compile(vmap(grad)) of the same function
   vmap_graph            the vmap meta-step captured in a CUDA graph (CUDA only)
+  fastmeta_tuned        BatchedMAML after fastmeta.tune (value_and_grad on the backends it chose)
 """
 from __future__ import annotations
 
@@ -161,6 +162,25 @@ def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, 
     def step():
         with fastmeta.use_backend(backend):
             return graphed(w.xs, w.ys, w.xq, w.yq)[1]
+    return step
+
+
+def _fastmeta_tuned(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
+    """fastmeta.tune at set-up (its table on stderr; its time counts in the first call), then
+    value_and_grad on what it chose; with a -BACKEND suffix, the candidates are auto and that backend."""
+    import sys
+
+    import fastmeta
+
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
+                                task_chunk=task_chunk)
+    result = fastmeta.tune(meta, w.xs, w.ys, w.xq, w.yq, backends=None if backend is None else ["auto", backend],
+                           reps=3, warmup=2)
+    print(f"fastmeta_tuned ({w.name}, {'first' if first_order else 'second'} order, T={w.tasks}):\n{result}",
+          file=sys.stderr)
+
+    def step():
+        return meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)[1]
     return step
 
 
@@ -338,7 +358,7 @@ PROVIDERS: dict[str, Callable] = {
     "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "fastmeta_graph": _fastmeta_graph, "maml": _maml,
     "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
-    "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph,
+    "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph, "fastmeta_tuned": _fastmeta_tuned,
 }
 
 
@@ -356,7 +376,7 @@ def default_providers(workload: str, device: str) -> list:
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
 # suffix, in that order (e.g. fastmeta_vg@4-cuda)
-_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph")
+_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned")
 
 
 def _split(name: str):

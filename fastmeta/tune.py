@@ -199,8 +199,10 @@ def _per_op(trials: _Trials, margin: float, allowed: list):
             if alt == current[op] or alt not in allowed or why_unavailable(alt, trials.device) is not None:
                 continue
             trial = dict(current, **{op: alt})
-            changed = [f"{o}={b}" for o, b in trial.items() if b != dict(zip(trials.used, key))[o]]
-            label = f"{base_name} + " + ", ".join(changed)
+            if tuple(trial[o] for o in trials.used) in trials.seen:  # timed already (as a single request)
+                continue
+            base = dict(zip(trials.used, key))
+            label = f"{base_name} + " + ", ".join(f"{o}={b}" for o, b in trial.items() if b != base[o])
             ms = trials.run(label, trial)
             if ms is not None and ms < best_ms * (1 - margin):
                 current, best_ms = trial, ms
