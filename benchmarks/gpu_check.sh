@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 probe gputests_triton tritonconv omniglot miniimagenet omniglot_cudnnbench convprof ncu tritontests ops convcompile"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot miniimagenet probe gputests_triton tritonconv convprof convcompile omniglot_cudnnbench ncu tritontests ops"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -67,7 +67,7 @@ step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python 
 # second order avoids PyTorch's per-task double backward; auto keeps the torch ops until this is timed;
 # fastmeta_tuned: fastmeta.tune's choice, per op, its table in the log)
 step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
-  fastmeta,fastmeta-cuda,fastmeta_graph,fastmeta_graph-cuda,fastmeta-triton,fastmeta_graph-triton,loop,vmap,fastmeta_tuned \
+  fastmeta,fastmeta-cuda,fastmeta_graph,fastmeta_graph-cuda,loop,vmap,fastmeta_tuned,fastmeta-triton,fastmeta_graph-triton \
   --json "$LOG/bench_omniglot.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
