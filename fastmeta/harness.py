@@ -459,10 +459,12 @@ def time_step(step, device="cpu", warmup: int = 2, reps: int = 10, max_seconds: 
 
 def max_rel_err(got, want) -> float:
     """Largest per-tensor relative error; a tensor whose true value is (near) zero (e.g. a conv
-    bias cancelled by BatchNorm) is measured against 1e-2 of the whole gradient's norm instead."""
-    total = float(torch.sqrt(sum((w.double() ** 2).sum() for w in want)))
-    errs = []
-    for g, w in zip(got, want):
+    bias cancelled by BatchNorm) is measured against 1e-2 of the whole gradient's norm instead.
+    Pairs with a None (a parameter without a gradient) are skipped."""
+    pairs = [(g, w) for g, w in zip(got, want) if g is not None and w is not None]
+    total = float(torch.sqrt(sum((w.double() ** 2).sum() for _, w in pairs)))
+    errs = [0.0]
+    for g, w in pairs:
         scale = max(float(w.double().norm()), 1e-2 * total, 1e-30)
         errs.append(float((g.double() - w.double()).norm()) / scale)
     return max(errs)

@@ -33,6 +33,7 @@ import time
 import torch
 
 from .backend import BACKENDS, OPS, select, use_backend, why_unavailable
+from .harness import max_rel_err
 
 CANDIDATES = ("auto", "cpp", "cuda", "triton", "torch")
 
@@ -76,17 +77,6 @@ def _choices(ops, device: str) -> tuple:
     return tuple(select(op, device) for op in ops)
 
 
-def _rel_err(got, want) -> float:
-    total = float(torch.sqrt(sum((w.double() ** 2).sum() for w in want if w is not None)))
-    worst = 0.0
-    for g, w in zip(got, want):
-        if g is None or w is None:
-            continue
-        scale = max(float(w.double().norm()), 1e-2 * total, 1e-30)
-        worst = max(worst, float((g.double() - w.double()).norm()) / scale)
-    return worst
-
-
 def _sync(device: str):
     if device == "cuda":
         torch.cuda.synchronize()
@@ -125,7 +115,7 @@ class _Trials:
         if self.ref is None:  # the first to run is the reference of the meta-gradient check
             self.ref, self.ref_name, err = [None if g is None else g.detach().clone() for g in grads], label, 0.0
         else:
-            err = _rel_err(grads, self.ref)
+            err = max_rel_err(grads, self.ref)
         if err > self.rtol:
             self.rows.append((label, None, f"left out: meta-gradient differs from {self.ref_name!r}'s by {err:.1e}"))
             return None
