@@ -366,8 +366,8 @@ def default_providers(workload: str, device: str) -> list:
     """Providers compared by default (see default_skip for rows that a CPU leaves out)."""
     if device == "cuda":
         vg = ["fastmeta_vg"] if workload == "sine" else []  # elsewhere it is autograd.grad of forward
-        return ["fastmeta"] + vg + ["fastmeta_graph", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda", "maml", "loop", "vmap",
-                                    "vmap_graph", "compile", "l2l", "higher"]
+        return ["fastmeta"] + vg + ["fastmeta_graph", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda",
+                                    "fastmeta_tuned", "maml", "loop", "vmap", "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
         return ["fastmeta", "fastmeta_vg", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap",
                 "compile", "l2l", "higher"]
