@@ -131,8 +131,8 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
     """Times ``meta``'s meta-step on each backend that can run it on this batch's device, sets
     ``meta.backend`` to the fastest and returns the table (see the module docstring).
 
-    backends: the candidates (default: auto, cpp, cuda, triton, torch, those available here); the
-    per-op pass tries these too.
+    backends: the candidates (default: auto, cpp, cuda, triton, torch, those available here, but
+    not triton on the CPU, where it runs in the Triton interpreter); the per-op pass tries these too.
     per_op: then, starting from the fastest of them, tries each op the step uses on each of its
     other backends in turn (a per-op request such as ``{"batched_conv2d": "cuda", "bn_relu_pool":
     "triton"}``), keeping a change that is faster by more than ``margin`` (a fraction)."""
@@ -158,8 +158,13 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
     old = meta.backend
     meta.backend = None  # each candidate runs as requested below, not as a previous tuning said
     try:
-        for name in cands:
+        for name in list(cands):
             why = why_unavailable(name, device) if name != "auto" else None
+            if why is None and name == "triton" and device == "cpu" and backends is None:
+                cands.remove(name)
+                trials.rows.append((name, None, "not timed by default on the CPU (there Triton runs in its "
+                                                "interpreter, for tests)"))
+                continue
             if why is not None:
                 trials.rows.append((name, None, f"unavailable: {why}"))
                 continue
