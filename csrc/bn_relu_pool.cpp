@@ -29,26 +29,35 @@
 #endif
 
 namespace fastmeta {
-namespace {
 
-struct Dims {
-  int64_t T, N, C, H, W, Ho, Wo;
-  int64_t plane() const { return H * W; }
-  int64_t out_plane() const { return Ho * Wo; }
-};
-
-Dims check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 5, "bn_relu_pool: x must be [T, N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "bn_relu_pool: x must be float32 or float64, got ", x.scalar_type());
-  Dims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), x.size(3) / 2, x.size(4) / 2};
+  BNReLUPoolDims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), x.size(3) / 2, x.size(4) / 2};
   TORCH_CHECK(d.N * d.H * d.W > 0, "bn_relu_pool: x ", x.sizes(), " has no elements per channel");
   for (const auto* p : {&weight, &bias}) {
     TORCH_CHECK(p->dim() == 2 && p->size(0) == d.T && p->size(1) == d.C && p->scalar_type() == x.scalar_type(),
                 "bn_relu_pool: weight and bias must be [T=", d.T, ", C=", d.C, "] of x's dtype, got ", p->sizes());
+    TORCH_CHECK(p->device() == x.device(), "bn_relu_pool: weight and bias must be on x's device ", x.device(),
+                ", got ", p->device());
   }
   return d;
 }
+
+BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& idx, const at::Tensor& y) {
+  const BNReLUPoolDims d = bn_relu_pool_check(x, weight, weight);
+  TORCH_CHECK(gy.sizes() == y.sizes() && idx.sizes() == y.sizes() && y.size(0) == d.T && y.size(3) == d.Ho &&
+                  y.size(4) == d.Wo && idx.scalar_type() == at::kByte && gy.scalar_type() == x.scalar_type(),
+              "bn_relu_pool_backward: gy ", gy.sizes(), ", idx ", idx.sizes(), " and y ", y.sizes(),
+              " must be [T, N, C, H/2, W/2] for x ", x.sizes());
+  return d;
+}
+
+namespace {
+
+using Dims = BNReLUPoolDims;
 
 // The n windows of one output row, over input rows r0 and r1 (of one plane of x). Generic form;
 // the AVX-512 float form below does 16 windows a step (a conv4 row has 14, 7, 3 or 1 windows, too
@@ -292,7 +301,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(cons
                                                                            const at::Tensor& weight_,
                                                                            const at::Tensor& bias_, double eps) {
   const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), bias = bias_.contiguous();
-  const Dims d = check(x, weight, bias);
+  const Dims d = bn_relu_pool_check(x, weight, bias);
   at::Tensor y = new_output({d.T, d.N, d.C, d.Ho, d.Wo}, x.options());
   at::Tensor idx = at::empty({d.T, d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
   at::Tensor mean = new_output({d.T, d.C}, x.options());
@@ -311,11 +320,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
   const at::Tensor gy = gy_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
   const at::Tensor idx = idx_.contiguous(), y = y_.contiguous(), mean = mean_.contiguous(),
                    invstd = invstd_.contiguous();
-  const Dims d = check(x, weight, weight);
-  TORCH_CHECK(gy.sizes() == y.sizes() && idx.sizes() == y.sizes() && y.size(0) == d.T && y.size(3) == d.Ho &&
-                  y.size(4) == d.Wo && idx.scalar_type() == at::kByte && gy.scalar_type() == x.scalar_type(),
-              "bn_relu_pool_backward: gy ", gy.sizes(), ", idx ", idx.sizes(), " and y ", y.sizes(),
-              " must be [T, N, C, H/2, W/2] for x ", x.sizes());
+  const Dims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
   at::Tensor dx = new_output(x.sizes(), x.options());
   at::Tensor dw = new_output({d.T, d.C}, x.options());
   at::Tensor db = new_output({d.T, d.C}, x.options());

@@ -59,4 +59,15 @@ at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, 
                                     const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
                                     at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order);
 
+// bn_relu_pool's sizes and argument checks (csrc/bn_relu_pool.cpp), shared by its CPU and CUDA
+// kernels: x [T, N, C, H, W], weight / bias [T, C]; the pooled output [T, N, C, H/2, W/2].
+struct BNReLUPoolDims {
+  int64_t T, N, C, H, W, Ho, Wo;
+  int64_t plane() const { return H * W; }
+  int64_t out_plane() const { return Ho * Wo; }
+};
+BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                                           const at::Tensor& idx, const at::Tensor& y);
+
 }  // namespace fastmeta

@@ -254,3 +254,58 @@ def test_barriers_per_task(emu, widths, steps, first_order):
     emu_mlp(emu, params, batch, [], 0.01, steps, acts, 0.01, "mse", first_order, -1, 0)
     phase = 2 * L + 2
     assert emu.fm_emu_barriers() - before == 1 + steps * phase + phase + (0 if first_order else steps * phase)
+
+
+def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None):
+    """The CUDA bn_relu_pool kernel (forward, or backward when gy is given with the forward's
+    (y, idx, mean, invstd)) in the emulator; outputs start as NaN."""
+    T, N, C, H, W = x.shape
+    dt = x.dtype
+    dims = (ctypes.c_int64 * 5)(T, N, C, H, W)
+    fn = h.fm_emu_bn_relu_pool_f64 if dt == torch.float64 else h.fm_emu_bn_relu_pool_f32
+    h.fm_emu_set_order(order, 11)
+    nan = lambda *s: torch.full(s, float("nan"), dtype=dt)  # noqa: E731
+    if gy is None:
+        y, idx, mean, invstd = nan(T, N, C, H // 2, W // 2), torch.full((T, N, C, H // 2, W // 2), 255,
+                                                                         dtype=torch.uint8), nan(T, C), nan(T, C)
+        rc = fn(dims, ptr(x), ptr(w), ptr(b), ctypes.c_double(eps), ptr(y), ptr(idx), ptr(mean), ptr(invstd),
+                ptr(None), ptr(None), ptr(None), ptr(None))
+        assert rc == 0, h.fm_emu_error().decode()
+        return y, idx, mean, invstd
+    y, idx, mean, invstd = saved
+    dx, dw, db = nan(*x.shape), nan(T, C), nan(T, C)
+    rc = fn(dims, ptr(x), ptr(w), ptr(None), ctypes.c_double(eps), ptr(y), ptr(idx), ptr(mean), ptr(invstd),
+            ptr(gy), ptr(dx), ptr(dw), ptr(db))
+    assert rc == 0, h.fm_emu_error().decode()
+    return dx, dw, db
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9)])
+def test_bn_relu_pool_kernel(emu, shape, dtype):
+    """The CUDA bn_relu_pool forward and backward against the C++ CPU kernel: odd sizes (a row and a
+    column outside every window), planes smaller and larger than a block (256 threads), negative
+    weights (windows below zero), every thread order bit for bit; the window indices exactly."""
+    from fastmeta.ops.bn_relu_pool import _register_cpp
+    _register_cpp()
+    g = torch.Generator().manual_seed(sum(shape))
+    T, N, C, H, W = shape
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    w = torch.randn(T, C, generator=g, dtype=dtype)
+    b = torch.randn(T, C, generator=g, dtype=dtype)
+    want = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
+    gy = torch.randn(want[0].shape, generator=g, dtype=dtype)
+    want_b = torch.ops.fastmeta.bn_relu_pool_backward(gy, x, w, *want[1:2], want[0], *want[2:])
+    runs = []
+    for order in ORDERS:
+        fwd = emu_bn_relu_pool(emu, x, w, b, 1e-5, order)
+        bwd = emu_bn_relu_pool(emu, x, w, None, 1e-5, order, gy=gy, saved=fwd)
+        runs.append(fwd + bwd)
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c), "thread orders disagree: a data race"
+    y, idx, mean, invstd, dx, dw, db = runs[0]
+    assert torch.equal(idx, want[1])
+    tol = RTOL[dtype] / 10
+    assert_rel_close([y, mean, invstd], [want[0], want[2], want[3]], tol, "forward")
+    assert_rel_close([dx, dw, db], list(want_b), tol, "backward")

@@ -327,3 +327,31 @@ def test_tune_on_gpu():
         _, want = meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)
         meta.backend = keep
     assert_rel_close([g for g in got], list(want), 1e-3, "tuned vs auto meta-grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 7, 6), (4, 80, 64, 28, 28)])
+def test_cuda_bn_relu_pool(shape, dtype):
+    """fastmeta::bn_relu_pool's CUDA kernels (backend cuda): values and the gradients of x, weight
+    and bias against the reference in float64, and in float32 against the C++ CPU kernel on the
+    same data (both take z = x * scale + shift as one fused multiply-add, so their windows pick the
+    same maxima, where the reference's rounding may pick the other of a near-tie)."""
+    g = torch.Generator().manual_seed(0)
+    T, N, C, H, W = shape
+    d = dict(dtype=dtype)
+    x = torch.randn(shape, generator=g, **d).requires_grad_()
+    w = torch.randn(T, C, generator=g, **d).requires_grad_()
+    b = torch.randn(T, C, generator=g, **d).requires_grad_()
+    xc, wc, bc = (t.detach().cuda().requires_grad_() for t in (x, w, b))
+    with fastmeta.use_backend("cuda"):
+        y = ops.bn_relu_pool(xc, wc, bc)
+    if dtype == torch.float64:
+        want, tol = ops.bn_relu_pool_ref(x, w, b), 1e-10
+    else:
+        with fastmeta.use_backend("cpp"):
+            want, tol = ops.bn_relu_pool(x, w, b), 1e-5
+    assert_rel_close([y.detach().cpu()], [want.detach()], tol, "values")
+    r = torch.randn(y.shape, generator=g, **d)
+    g1 = torch.autograd.grad((y * r.cuda()).sum(), [xc, wc, bc])
+    g2 = torch.autograd.grad((want * r).sum(), [x, w, b])
+    assert_rel_close([t.cpu() for t in g1], list(g2), 10 * tol, "gradients")

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <vector>
 
 #include "../common.h"
@@ -223,6 +224,66 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   return {loss_out, dtheta, dlr};
 }
 
+// fastmeta::bn_relu_pool and its backward (csrc/cuda/bn_relu_pool.cu; checks shared with the CPU
+// kernel, csrc/bn_relu_pool.cpp).
+template <typename T>
+cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight) {
+  cuda::BNReLUPoolArgs<T> a{};
+  a.tasks = d.T; a.N = d.N; a.C = d.C; a.H = d.H; a.W = d.W; a.Ho = d.Ho; a.Wo = d.Wo;
+  a.x = x.data_ptr<T>();
+  a.weight = weight.data_ptr<T>();
+  return a;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(const at::Tensor& x_,
+                                                                            const at::Tensor& weight_,
+                                                                            const at::Tensor& bias_, double eps) {
+  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), bias = bias_.contiguous();
+  const BNReLUPoolDims d = bn_relu_pool_check(x, weight, bias);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = new_output({d.T, d.N, d.C, d.Ho, d.Wo}, x.options());
+  at::Tensor idx = at::empty({d.T, d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
+  at::Tensor mean = new_output({d.T, d.C}, x.options());
+  at::Tensor invstd = new_output({d.T, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_cuda", [&] {
+    auto a = bn_relu_pool_args<scalar_t>(d, x, weight);
+    a.bias = bias.data_ptr<scalar_t>();
+    a.eps = eps;
+    a.y = y.data_ptr<scalar_t>();
+    a.idx = idx.data_ptr<uint8_t>();
+    a.mean = mean.data_ptr<scalar_t>();
+    a.invstd = invstd.data_ptr<scalar_t>();
+    C10_CUDA_CHECK(cuda::launch_bn_relu_pool<scalar_t>(a, c10::cuda::getCurrentCUDAStream()));
+  });
+  return {y, idx, mean, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
+    const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_,
+    const at::Tensor& y_, const at::Tensor& mean_, const at::Tensor& invstd_) {
+  const at::Tensor gy = gy_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
+  const at::Tensor idx = idx_.contiguous(), y = y_.contiguous(), mean = mean_.contiguous(),
+                   invstd = invstd_.contiguous();
+  const BNReLUPoolDims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dw = new_output({d.T, d.C}, x.options());
+  at::Tensor db = new_output({d.T, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward_cuda", [&] {
+    auto a = bn_relu_pool_args<scalar_t>(d, x, weight);
+    a.y = y.data_ptr<scalar_t>();
+    a.idx = idx.data_ptr<uint8_t>();
+    a.mean = mean.data_ptr<scalar_t>();
+    a.invstd = invstd.data_ptr<scalar_t>();
+    a.gy = gy.data_ptr<scalar_t>();
+    a.dx = dx.data_ptr<scalar_t>();
+    a.dweight = dw.data_ptr<scalar_t>();
+    a.dbias = db.data_ptr<scalar_t>();
+    C10_CUDA_CHECK(cuda::launch_bn_relu_pool_backward<scalar_t>(a, c10::cuda::getCurrentCUDAStream()));
+  });
+  return {dx, dw, db};
+}
+
 }  // namespace
 }  // namespace fastmeta
 
@@ -230,4 +291,6 @@ TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("mlp_inner_loop", &fastmeta::mlp_inner_loop_cuda);
   m.impl("inner_update_scalar", &fastmeta::inner_update_scalar_cuda);
   m.impl("inner_update_tensor", &fastmeta::inner_update_tensor_cuda);
+  m.impl("bn_relu_pool", &fastmeta::bn_relu_pool_cuda);
+  m.impl("bn_relu_pool_backward", &fastmeta::bn_relu_pool_backward_cuda);
 }

@@ -190,3 +190,37 @@ cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmeta
+
+namespace fastmeta {
+namespace cuda {
+
+// BatchNorm (batch statistics of each task and channel) -> ReLU -> MaxPool2d(2), fused
+// (csrc/cuda/bn_relu_pool.cu; the contract of csrc/bn_relu_pool.cpp): one thread block per
+// (task, channel) plane set of x [T, N, C, H, W] (contiguous).
+constexpr int kBNReLUPoolThreads = 256;  // a power of two (the block reductions halve it)
+
+template <typename T>
+struct BNReLUPoolArgs {
+  int64_t tasks, N, C, H, W, Ho, Wo;
+  const T* x;
+  const T* weight;     // [T, C]
+  const T* bias;       // [T, C] (forward)
+  double eps;          // (forward)
+  T* y;                // [T, N, C, Ho, Wo]: forward's output; backward reads it
+  uint8_t* idx;        // same shape: the window position 0..3 of each maximum
+  T* mean;             // [T, C]
+  T* invstd;           // [T, C]
+  const T* gy;         // backward: the gradient of y
+  T* dx;               // backward: [T, N, C, H, W]
+  T* dweight;          // backward: [T, C]
+  T* dbias;            // backward: [T, C]
+};
+
+template <typename T>
+cudaError_t launch_bn_relu_pool(const BNReLUPoolArgs<T>& a, cudaStream_t stream);
+
+template <typename T>
+cudaError_t launch_bn_relu_pool_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace fastmeta

@@ -6,8 +6,9 @@ conv4 block, as one op.
 The reference composes batched_batch_norm (training-mode statistics of each task's own batch),
 relu and max_pool2d(2); PyTorch differentiates it twice. Backend ``cpp``: fastmeta::bn_relu_pool
 (csrc/bn_relu_pool.cpp), one pass over the activations forward and one backward, float32/64 on CPU.
-Backend ``triton``: fastmeta::bn_relu_pool_triton (kernels/bn_relu_pool.py), the same contract, one
-program per (task, channel).
+Backend ``cuda``: the same fastmeta::bn_relu_pool ops on CUDA tensors (csrc/cuda/bn_relu_pool.cu), one
+thread block per (task, channel). Backend ``triton``: fastmeta::bn_relu_pool_triton
+(kernels/bn_relu_pool.py), the same contract, one program per (task, channel).
 Its backward runs the C++ kernel when no graph of the backward is wanted (the query loss, the
 outer backward, first-order inner steps) and recomputes through differentiable torch ops when one is
 (the create_graph=True inner steps of second-order MAML), so second order composes; the recompute
@@ -28,9 +29,9 @@ from ..backend import register_op, select
 from ._layout import per_sample_2d
 from .batched_batch_norm import batched_batch_norm
 
-IMPLEMENTED = ("torch", "cpp", "triton")
-# triton stays second on CUDA until a GPU run has timed it against the torch ops
-AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch", "triton")}
+IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
+# cuda and triton stay behind the torch ops on CUDA until a GPU run has timed them against them
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch", "cuda", "triton")}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
 _twice = ThreadFlag()
 
@@ -100,7 +101,8 @@ def _register_triton():
 
 
 def _kernels(backend):
-    """(forward op, backward op) of the fused backend: C++ (cpp) or Triton (triton)."""
+    """(forward op, backward op) of the fused backend: C++ (cpp, and cuda: the same ops' CUDA kernels)
+    or Triton (triton)."""
     if backend == "triton":
         _register_triton()
         return torch.ops.fastmeta.bn_relu_pool_triton, torch.ops.fastmeta.bn_relu_pool_backward_triton
@@ -142,7 +144,7 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
     if H < 2 or W < 2:
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
     backend = select("bn_relu_pool", x.device.type)
-    if (backend not in ("cpp", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
+    if (backend not in ("cpp", "cuda", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
             or _twice.on):
         return bn_relu_pool_ref(x, weight, bias, eps)
 

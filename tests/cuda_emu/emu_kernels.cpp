@@ -3,6 +3,7 @@
 // sizing and placement helpers (cuda::mlp_layout, mlp_sizes, mlp_choose_placement) with an H100's limits.
 #include "cuda_emu.h"
 
+#include "../../csrc/cuda/bn_relu_pool.cu"
 #include "../../csrc/cuda/inner_update.cu"
 #include "../../csrc/cuda/mlp_inner_loop.cu"
 
@@ -71,6 +72,22 @@ int run_update(int n_tensors, T** outs, const T** ps, const T** gs, const T** lr
                  cudaSuccess ? 0 : 1;
 }
 
+// bn_relu_pool forward (gy == nullptr) or backward, on contiguous host arrays; 0 or 1 (error).
+template <typename T>
+int run_bn_relu_pool(const int64_t* dims, const T* x, const T* weight, const T* bias, double eps, T* y,
+                     uint8_t* idx, T* mean, T* invstd, const T* gy, T* dx, T* dweight, T* dbias) {
+  using namespace fastmeta::cuda;
+  BNReLUPoolArgs<T> a{};
+  a.tasks = dims[0]; a.N = dims[1]; a.C = dims[2]; a.H = dims[3]; a.W = dims[4];
+  a.Ho = a.H / 2; a.Wo = a.W / 2;
+  a.x = x; a.weight = weight; a.bias = bias; a.eps = eps;
+  a.y = y; a.idx = idx; a.mean = mean; a.invstd = invstd;
+  a.gy = gy; a.dx = dx; a.dweight = dweight; a.dbias = dbias;
+  fm_emu::state().error.clear();
+  const cudaError_t e = gy == nullptr ? launch_bn_relu_pool<T>(a, nullptr) : launch_bn_relu_pool_backward<T>(a, nullptr);
+  return e == cudaSuccess ? 0 : 1;
+}
+
 // A kernel with a deliberate race unless `sync`: thread i reads what thread i + 1 wrote in the same
 // interval. The emulator's thread orders must tell the two apart (tests/test_cuda_emu.py).
 __global__ void neighbour_kernel(float* out, int sync) {
@@ -118,5 +135,13 @@ FM_EMU_MLP(fm_emu_mlp_f64, double)
   }
 FM_EMU_UPDATE(fm_emu_update_f32, float)
 FM_EMU_UPDATE(fm_emu_update_f64, double)
+
+#define FM_EMU_BNRP(NAME, T)                                                                                  \
+  int NAME(const int64_t* dims, const T* x, const T* weight, const T* bias, double eps, T* y, uint8_t* idx,    \
+           T* mean, T* invstd, const T* gy, T* dx, T* dweight, T* dbias) {                                     \
+    return run_bn_relu_pool<T>(dims, x, weight, bias, eps, y, idx, mean, invstd, gy, dx, dweight, dbias);      \
+  }
+FM_EMU_BNRP(fm_emu_bn_relu_pool_f32, float)
+FM_EMU_BNRP(fm_emu_bn_relu_pool_f64, double)
 
 }  // extern "C"

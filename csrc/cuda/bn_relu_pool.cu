@@ -1,0 +1,140 @@
+// fastmeta::bn_relu_pool on CUDA: per-task BatchNorm (batch statistics) -> ReLU -> MaxPool2d(2) and
+// its backward, with the contract of the CPU kernel (csrc/bn_relu_pool.cpp): statistics and the
+// backward's sums accumulate in double; idx is the row-major position (0..3) of each window's
+// first maximum, as max_pool2d picks it; g_z = gy at that position where y > 0, else 0;
+// dbias = sum g_z, dweight = sum g_z xhat, dx = w invstd (g_z - dbias / M - xhat dweight / M).
+//
+// One block per (task, channel): the forward reads the channel's planes three times (mean, the
+// variance about it, then normalize + ReLU + pool) and writes the pooled output and a one-byte
+// index; the backward reads the pooled gradient and x twice (the two sums, then dx, each input
+// element finding its own window), and writes dx once. Consecutive threads take consecutive
+// elements of a plane (coalesced). Block reductions go through shared memory.
+#include "kernels.cuh"
+
+namespace fastmeta {
+namespace cuda {
+namespace {
+
+// The block's total of one double per thread, in every thread (red: blockDim.x doubles of shared
+// memory; blockDim.x a power of two). Ends with a barrier, so red can be reused at once.
+__device__ double block_sum(double v, double* red) {
+  const unsigned i = threadIdx.x;
+  red[i] = v;
+  __syncthreads();
+  for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+    if (i < s) red[i] += red[i + s];
+    __syncthreads();
+  }
+  const double total = red[0];
+  __syncthreads();
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLUPoolArgs<T> a) {
+  FASTMETA_DYNAMIC_SMEM(double, red);
+  const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
+  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
+  auto in = [&](int64_t n) { return a.x + ((t * a.N + n) * a.C + c) * plane; };
+  double s = 0;
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) s += static_cast<double>(in(e / plane)[e % plane]);
+  const double mean = block_sum(s, red) / static_cast<double>(M);
+  double q = 0;
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    const double d = static_cast<double>(in(e / plane)[e % plane]) - mean;
+    q += d * d;
+  }
+  const double invstd = 1.0 / sqrt(block_sum(q, red) / static_cast<double>(M) + a.eps);
+  if (threadIdx.x == 0) {
+    a.mean[tc] = static_cast<T>(mean);
+    a.invstd[tc] = static_cast<T>(invstd);
+  }
+  const double w = static_cast<double>(a.weight[tc]);
+  const T scale = static_cast<T>(w * invstd);
+  const T shift = static_cast<T>(static_cast<double>(a.bias[tc]) - mean * w * invstd);
+  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
+    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
+    const T* p = in(n) + 2 * i * a.W + 2 * j;
+    const T z0 = p[0] * scale + shift, z1 = p[1] * scale + shift;
+    const T z2 = p[a.W] * scale + shift, z3 = p[a.W + 1] * scale + shift;
+    // the first maximum in row-major order (a NaN channel: the last position, as max_pool2d)
+    bool u = !(z1 <= z0);
+    T best = u ? z1 : z0;
+    int k = u ? 1 : 0;
+    u = !(z2 <= best);
+    best = u ? z2 : best;
+    k = u ? 2 : k;
+    u = !(z3 <= best);
+    best = u ? z3 : best;
+    k = u ? 3 : k;
+    const int64_t out = ((t * a.N + n) * a.C + c) * out_plane + r;
+    a.y[out] = !(best <= T(0)) ? best : T(0);
+    a.idx[out] = static_cast<uint8_t>(k);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kernel(BNReLUPoolArgs<T> a) {
+  FASTMETA_DYNAMIC_SMEM(double, red);
+  const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
+  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
+  const double mean = static_cast<double>(a.mean[tc]), invstd = static_cast<double>(a.invstd[tc]);
+  // sums over the window maxima that pass the ReLU (g_z is zero elsewhere)
+  double sg = 0, sgx = 0;
+  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
+    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
+    const int64_t out = ((t * a.N + n) * a.C + c) * out_plane + r;
+    if (!(a.y[out] > T(0))) continue;
+    const int k = a.idx[out];
+    const T* p = a.x + ((t * a.N + n) * a.C + c) * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
+    const double g = static_cast<double>(a.gy[out]);
+    sg += g;
+    sgx += g * (static_cast<double>(*p) - mean);
+  }
+  const double sum_g = block_sum(sg, red);
+  const double sum_gx = block_sum(sgx, red) * invstd;
+  if (threadIdx.x == 0) {
+    a.dbias[tc] = static_cast<T>(sum_g);
+    a.dweight[tc] = static_cast<T>(sum_gx);
+  }
+  const double wi = static_cast<double>(a.weight[tc]) * invstd;
+  const T slope = static_cast<T>(-wi * invstd * sum_gx / static_cast<double>(M));  // per unit of (x - mean)
+  const T c0 = static_cast<T>(-wi * sum_g / static_cast<double>(M));
+  const T m = static_cast<T>(mean), wiT = static_cast<T>(wi);
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    const int64_t n = e / plane, rest = e % plane, h = rest / a.W, w = rest % a.W;
+    const int64_t base = ((t * a.N + n) * a.C + c);
+    T v = c0 + slope * (a.x[base * plane + rest] - m);
+    if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: add w invstd g_z where it took the maximum
+      const int64_t out = base * out_plane + (h >> 1) * a.Wo + (w >> 1);
+      if (a.idx[out] == ((h & 1) << 1 | (w & 1)) && a.y[out] > T(0)) v += wiT * a.gy[out];
+    }
+    a.dx[base * plane + rest] = v;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+cudaError_t launch_bn_relu_pool(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
+  const int64_t blocks = a.tasks * a.C;
+  if (blocks == 0) return cudaSuccess;
+  return FASTMETA_LAUNCH(bn_relu_pool_kernel<T>, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
+                         kBNReLUPoolThreads * sizeof(double), stream, a);
+}
+
+template <typename T>
+cudaError_t launch_bn_relu_pool_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
+  const int64_t blocks = a.tasks * a.C;
+  if (blocks == 0) return cudaSuccess;
+  return FASTMETA_LAUNCH(bn_relu_pool_backward_kernel<T>, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
+                         kBNReLUPoolThreads * sizeof(double), stream, a);
+}
+
+template cudaError_t launch_bn_relu_pool<float>(const BNReLUPoolArgs<float>&, cudaStream_t);
+template cudaError_t launch_bn_relu_pool<double>(const BNReLUPoolArgs<double>&, cudaStream_t);
+template cudaError_t launch_bn_relu_pool_backward<float>(const BNReLUPoolArgs<float>&, cudaStream_t);
+template cudaError_t launch_bn_relu_pool_backward<double>(const BNReLUPoolArgs<double>&, cudaStream_t);
+
+}  // namespace cuda
+}  // namespace fastmeta
