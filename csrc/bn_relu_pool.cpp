@@ -23,6 +23,7 @@
 #include <tuple>
 
 #include "common.h"
+#include "window_max.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -65,20 +66,9 @@ using Dims = BNReLUPoolDims;
 template <typename T>
 inline void pool_windows(const T* r0, const T* r1, int64_t n, T scale, T shift, T* yo, uint8_t* io) {
   for (int64_t j = 0; j < n; ++j) {
-    // the first maximum of the window in row-major order, as max_pool2d picks it. (A NaN here means
-    // the whole channel is NaN, its statistics being NaN: every window is then NaN and its last
-    // position wins, as in max_pool2d, which "!(z <= best)" also gives.)
-    const T z0 = r0[2 * j] * scale + shift, z1 = r0[2 * j + 1] * scale + shift;
-    const T z2 = r1[2 * j] * scale + shift, z3 = r1[2 * j + 1] * scale + shift;
-    bool u = !(z1 <= z0);
-    T best = u ? z1 : z0;
-    int k = u ? 1 : 0;
-    u = !(z2 <= best);
-    best = u ? z2 : best;
-    k = u ? 2 : k;
-    u = !(z3 <= best);
-    best = u ? z3 : best;
-    k = u ? 3 : k;
+    int k;
+    const T best = window_max<T>(r0[2 * j] * scale + shift, r0[2 * j + 1] * scale + shift,
+                                 r1[2 * j] * scale + shift, r1[2 * j + 1] * scale + shift, k);
     yo[j] = !(best <= T(0)) ? best : T(0);
     io[j] = static_cast<uint8_t>(k);
   }

@@ -9,6 +9,7 @@
 // index; the backward reads the pooled gradient and x twice (the two sums, then dx, each input
 // element finding its own window), and writes dx once. Consecutive threads take consecutive
 // elements of a plane (coalesced). Block reductions go through shared memory.
+#include "../window_max.h"
 #include "kernels.cuh"
 
 namespace fastmeta {
@@ -55,18 +56,9 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLU
   for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
     const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
     const T* p = in(n) + 2 * i * a.W + 2 * j;
-    const T z0 = p[0] * scale + shift, z1 = p[1] * scale + shift;
-    const T z2 = p[a.W] * scale + shift, z3 = p[a.W + 1] * scale + shift;
-    // the first maximum in row-major order (a NaN channel: the last position, as max_pool2d)
-    bool u = !(z1 <= z0);
-    T best = u ? z1 : z0;
-    int k = u ? 1 : 0;
-    u = !(z2 <= best);
-    best = u ? z2 : best;
-    k = u ? 2 : k;
-    u = !(z3 <= best);
-    best = u ? z3 : best;
-    k = u ? 3 : k;
+    int k;
+    const T best = window_max<T>(p[0] * scale + shift, p[1] * scale + shift, p[a.W] * scale + shift,
+                                 p[a.W + 1] * scale + shift, k);
     const int64_t out = ((t * a.N + n) * a.C + c) * out_plane + r;
     a.y[out] = !(best <= T(0)) ? best : T(0);
     a.idx[out] = static_cast<uint8_t>(k);
@@ -113,22 +105,25 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   }
 }
 
+// One block per (task, channel), a double per thread of shared memory for the reductions.
+template <typename T, typename Kernel>
+cudaError_t launch_per_channel(Kernel kernel, const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
+  const int64_t blocks = a.tasks * a.C;
+  if (blocks == 0) return cudaSuccess;
+  return FASTMETA_LAUNCH(kernel, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
+                         kBNReLUPoolThreads * sizeof(double), stream, a);
+}
+
 }  // namespace
 
 template <typename T>
 cudaError_t launch_bn_relu_pool(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
-  const int64_t blocks = a.tasks * a.C;
-  if (blocks == 0) return cudaSuccess;
-  return FASTMETA_LAUNCH(bn_relu_pool_kernel<T>, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
-                         kBNReLUPoolThreads * sizeof(double), stream, a);
+  return launch_per_channel(bn_relu_pool_kernel<T>, a, stream);
 }
 
 template <typename T>
 cudaError_t launch_bn_relu_pool_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
-  const int64_t blocks = a.tasks * a.C;
-  if (blocks == 0) return cudaSuccess;
-  return FASTMETA_LAUNCH(bn_relu_pool_backward_kernel<T>, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
-                         kBNReLUPoolThreads * sizeof(double), stream, a);
+  return launch_per_channel(bn_relu_pool_backward_kernel<T>, a, stream);
 }
 
 template cudaError_t launch_bn_relu_pool<float>(const BNReLUPoolArgs<float>&, cudaStream_t);
