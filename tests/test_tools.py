@@ -82,19 +82,28 @@ def test_profile_cli_writes_a_chrome_trace(tmp_path):
 
 @pytest.mark.parametrize("provider", ["fastmeta-torch", "loop", "maml"])
 def test_profiler_phases_sum_to_the_total(provider):
+    """The phases add up to the iteration and cover most of it. Time outside every phase is what
+    the VM's preemptions inflate (one descheduled iteration of three can double the mean), so the
+    coverage bound has three tries: phases that do not wrap the work fail every one."""
     w = H.make_workload("sine", tasks=4, steps=2)
     step = H.make_step(provider, w, False)
     step()
-    with profile() as prof:
-        for _ in range(3):
-            with prof.iteration():
-                step()
-    s = prof.summary()
-    phases = sum(s["phases_ms"].values())
-    assert set(s["phases_ms"]) >= {"inner_forward", "inner_backward", "update", "outer_backward"}
-    assert abs(phases + s["other_ms"] - s["mean_ms"]) <= 0.05 * s["mean_ms"] + 1e-3
-    assert s["other_ms"] < 0.35 * s["mean_ms"], prof.table()
-    assert s["op_calls"] > 0 and s["iterations"] == 3
+    tables = []
+    for _ in range(3):
+        with profile() as prof:
+            for _ in range(3):
+                with prof.iteration():
+                    step()
+        s = prof.summary()
+        phases = sum(s["phases_ms"].values())
+        assert set(s["phases_ms"]) >= {"inner_forward", "inner_backward", "update", "outer_backward"}
+        assert abs(phases + s["other_ms"] - s["mean_ms"]) <= 0.05 * s["mean_ms"] + 1e-3
+        assert s["op_calls"] > 0 and s["iterations"] == 3
+        if s["other_ms"] < 0.35 * s["mean_ms"]:
+            break
+        tables.append(prof.table())
+    else:
+        raise AssertionError("time outside the phases >= 35% in three tries:\n" + "\n".join(tables))
 
 
 @requires_cpp

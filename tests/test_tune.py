@@ -106,13 +106,13 @@ def test_tune_finds_a_per_op_mix(monkeypatch):
 
     def sleepy(fn):
         def run(*a, **k):
-            time.sleep(0.005)
+            time.sleep(0.02)
             return fn(*a, **k)
         return run
     monkeypatch.setattr(conv, "batched_conv2d_ref", sleepy(slow_ref))
     monkeypatch.setattr(upd, "_cpp_impl", sleepy(slow_cpp))
     meta, batch = _conv_meta()
-    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp", "torch"], reps=2, warmup=1, margin=0.0)
+    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp", "torch"], reps=3, warmup=1, margin=0.0)
     assert " + " in result.best, result
     assert meta.backend.get("batched_conv2d") == "cpp" and meta.backend.get("inner_update") == "torch", result
     from fastmeta.backend import get_backend
