@@ -352,6 +352,10 @@ def test_cuda_bn_relu_pool(shape, dtype):
             want, tol = ops.bn_relu_pool(x, w, b), 1e-5
     assert_rel_close([y.detach().cpu()], [want.detach()], tol, "values")
     r = torch.randn(y.shape, generator=g, **d)
-    g1 = torch.autograd.grad((y * r.cuda()).sum(), [xc, wc, bc])
-    g2 = torch.autograd.grad((want * r).sum(), [x, w, b])
-    assert_rel_close([t.cpu() for t in g1], list(g2), 10 * tol, "gradients")
+    g1 = torch.autograd.grad((y * r.cuda()).sum(), [xc, wc, bc], create_graph=True)
+    g2 = torch.autograd.grad((want * r).sum(), [x, w, b], create_graph=True)
+    assert_rel_close([t.detach().cpu() for t in g1], [t.detach() for t in g2], 10 * tol, "gradients")
+    # second order (the create_graph backward recomputes through the reference at the kernel's windows)
+    h1 = torch.autograd.grad(sum((t * t.detach()).sum() for t in g1), [xc, wc])
+    h2 = torch.autograd.grad(sum((t * t.detach()).sum() for t in g2), [x, w])
+    assert_rel_close([t.cpu() for t in h1], list(h2), 100 * tol, "second derivatives")
