@@ -4,7 +4,8 @@
 // than in its convolutions; fused, the forward reads x twice and writes the pooled output and a
 // one-byte window index, the backward reads x twice and writes dx once.
 //
-//   x [T, N, C, H, W] (contiguous), weight/bias [T, C]; per task t and channel c over (N, H, W):
+//   x [T, N, C, H, W] (task-major, or task-inner as batched_conv2d returns it: y, idx and dx then
+//   are too), weight/bias [T, C]; per task t and channel c over (N, H, W):
 //   mean, var (biased), invstd = 1 / sqrt(var + eps), z = x * (w invstd) + (b - mean w invstd),
 //   y = max over each 2x2 window (stride 2, floor) of relu(z): [T, N, C, H/2, W/2]; idx in 0..3 is the
 //   window position of the first maximum (max_pool2d's choice; where every z <= 0, y = 0 and the
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <tuple>
 
 #include "common.h"
@@ -31,11 +33,30 @@
 
 namespace fastmeta {
 
+bool bn_relu_pool_task_inner(const at::Tensor& x) {
+  return x.dim() == 5 && !x.is_contiguous() && x.transpose(0, 1).is_contiguous();
+}
+
+at::Tensor bn_relu_pool_in_layout(const at::Tensor& t, bool task_inner) {
+  if (!task_inner || t.dim() != 5) return t.contiguous();  // (a wrong rank fails the checks, named)
+  return t.transpose(0, 1).contiguous().transpose(0, 1);
+}
+
+at::Tensor bn_relu_pool_empty(const BNReLUPoolDims& d, int64_t h, int64_t w, const at::TensorOptions& opts) {
+  at::Tensor t = d.task_inner ? at::empty({d.N, d.T, d.C, h, w}, opts).transpose(0, 1)
+                              : at::empty({d.T, d.N, d.C, h, w}, opts);
+  if (poison_outputs() && at::isFloatingType(t.scalar_type())) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
 BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 5, "bn_relu_pool: x must be [T, N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "bn_relu_pool: x must be float32 or float64, got ", x.scalar_type());
-  BNReLUPoolDims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), x.size(3) / 2, x.size(4) / 2};
+  const bool inner = bn_relu_pool_task_inner(x);
+  TORCH_CHECK(inner || x.is_contiguous(), "bn_relu_pool: x ", x.sizes(), " with strides ", x.strides(),
+              " must be contiguous or task-inner ([N, T, C, H, W] in memory)");
+  BNReLUPoolDims d{x.size(0), x.size(1), x.size(2), x.size(3), x.size(4), x.size(3) / 2, x.size(4) / 2, inner};
   TORCH_CHECK(d.N * d.H * d.W > 0, "bn_relu_pool: x ", x.sizes(), " has no elements per channel");
   for (const auto* p : {&weight, &bias}) {
     TORCH_CHECK(p->dim() == 2 && p->size(0) == d.T && p->size(1) == d.C && p->scalar_type() == x.scalar_type(),
@@ -49,10 +70,19 @@ BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight,
 BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& idx, const at::Tensor& y) {
   const BNReLUPoolDims d = bn_relu_pool_check(x, weight, weight);
-  TORCH_CHECK(gy.sizes() == y.sizes() && idx.sizes() == y.sizes() && y.size(0) == d.T && y.size(3) == d.Ho &&
-                  y.size(4) == d.Wo && idx.scalar_type() == at::kByte && gy.scalar_type() == x.scalar_type(),
+  TORCH_CHECK(gy.dim() == 5 && gy.sizes() == y.sizes() && idx.sizes() == y.sizes() && y.size(0) == d.T &&
+                  y.size(1) == d.N && y.size(2) == d.C && y.size(3) == d.Ho && y.size(4) == d.Wo &&
+                  idx.scalar_type() == at::kByte && gy.scalar_type() == x.scalar_type() &&
+                  y.scalar_type() == x.scalar_type(),
               "bn_relu_pool_backward: gy ", gy.sizes(), ", idx ", idx.sizes(), " and y ", y.sizes(),
               " must be [T, N, C, H/2, W/2] for x ", x.sizes());
+  for (const auto* t : {&gy, &idx, &y}) {
+    TORCH_CHECK(bn_relu_pool_task_inner(*t) == d.task_inner && (d.task_inner || t->is_contiguous()),
+                "bn_relu_pool_backward: gy, idx and y must be laid out as x (",
+                d.task_inner ? "task-inner" : "contiguous", "), got strides ", t->strides());
+    TORCH_CHECK(t->device() == x.device(), "bn_relu_pool_backward: gy, idx and y must be on x's device ",
+                x.device(), ", got ", t->device());
+  }
   return d;
 }
 
@@ -205,7 +235,7 @@ void forward_impl(const Dims& d, const T* x, const T* w, const T* b, double eps,
   at::parallel_for(0, d.T * d.C, 1, [&](int64_t begin, int64_t end) {
     for (int64_t tc = begin; tc < end; ++tc) {
       const int64_t t = tc / d.C, c = tc % d.C;
-      auto in_plane = [&](int64_t n) { return x + ((t * d.N + n) * d.C + c) * d.plane(); };
+      auto in_plane = [&](int64_t n) { return x + d.plane_of(t, n, c) * d.plane(); };
       double sum = 0;
       for (int64_t n = 0; n < d.N; ++n) {
         const T* p = in_plane(n);
@@ -231,7 +261,7 @@ void forward_impl(const Dims& d, const T* x, const T* w, const T* b, double eps,
       const T shift = static_cast<T>(static_cast<double>(b[tc]) - mean * static_cast<double>(w[tc]) * invstd);
       for (int64_t n = 0; n < d.N; ++n) {
         const T* p = in_plane(n);
-        const int64_t o = ((t * d.N + n) * d.C + c) * d.out_plane();
+        const int64_t o = d.plane_of(t, n, c) * d.out_plane();
         for (int64_t i = 0; i < d.Ho; ++i) {
           const T* r0 = p + 2 * i * d.W;
           pool_windows<T>(r0, r0 + d.W, d.Wo, scale, shift, y + o + i * d.Wo, idx + o + i * d.Wo);
@@ -252,7 +282,7 @@ void backward_impl(const Dims& d, const T* gy, const T* x, const T* w, const uin
       // sums over the window maxima that pass the ReLU (g_z is zero elsewhere)
       double sum_g = 0, sum_gx = 0;
       for (int64_t n = 0; n < d.N; ++n) {
-        const int64_t pl = ((t * d.N + n) * d.C + c);
+        const int64_t pl = d.plane_of(t, n, c);
         const T* p = x + pl * d.plane();
         const int64_t o = pl * d.out_plane();
         for (int64_t i = 0; i < d.Ho; ++i) {
@@ -272,7 +302,7 @@ void backward_impl(const Dims& d, const T* gy, const T* x, const T* w, const uin
       const T c0 = static_cast<T>(-wi * sum_g / static_cast<double>(M));
       const T m = static_cast<T>(mean), wiT = static_cast<T>(wi);
       for (int64_t n = 0; n < d.N; ++n) {
-        const int64_t pl = ((t * d.N + n) * d.C + c);
+        const int64_t pl = d.plane_of(t, n, c);
         const T* p = x + pl * d.plane();
         T* q = dx + pl * d.plane();
         _Pragma("omp simd") for (int64_t i = 0; i < d.plane(); ++i) q[i] = c0 + a * (p[i] - m);
@@ -290,10 +320,11 @@ void backward_impl(const Dims& d, const T* gy, const T* x, const T* w, const uin
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(const at::Tensor& x_,
                                                                            const at::Tensor& weight_,
                                                                            const at::Tensor& bias_, double eps) {
-  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), bias = bias_.contiguous();
+  const at::Tensor x = bn_relu_pool_in_layout(x_, bn_relu_pool_task_inner(x_));
+  const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
   const Dims d = bn_relu_pool_check(x, weight, bias);
-  at::Tensor y = new_output({d.T, d.N, d.C, d.Ho, d.Wo}, x.options());
-  at::Tensor idx = at::empty({d.T, d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
+  at::Tensor y = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
+  at::Tensor idx = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options().dtype(at::kByte));
   at::Tensor mean = new_output({d.T, d.C}, x.options());
   at::Tensor invstd = new_output({d.T, d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_cpu", [&] {
@@ -307,11 +338,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_,
     const at::Tensor& y_, const at::Tensor& mean_, const at::Tensor& invstd_) {
-  const at::Tensor gy = gy_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor idx = idx_.contiguous(), y = y_.contiguous(), mean = mean_.contiguous(),
-                   invstd = invstd_.contiguous();
+  const bool inner = bn_relu_pool_task_inner(x_);
+  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
+  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
+  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const Dims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
-  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, x.options());
   at::Tensor dw = new_output({d.T, d.C}, x.options());
   at::Tensor db = new_output({d.T, d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward_cpu", [&] {

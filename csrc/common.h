@@ -8,6 +8,8 @@
 #include <limits>
 #include <vector>
 
+#include "window_max.h"
+
 namespace fastmeta {
 
 // A tensor seen as `period` contiguous elements repeated over leading (broadcast) dims:
@@ -59,14 +61,29 @@ at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, 
                                     const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
                                     at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order);
 
-// bn_relu_pool's sizes and argument checks (csrc/bn_relu_pool.cpp), shared by its CPU and CUDA
-// kernels: x [T, N, C, H, W], weight / bias [T, C]; the pooled output [T, N, C, H/2, W/2].
+// bn_relu_pool's sizes, layout and argument checks (csrc/bn_relu_pool.cpp), shared by its CPU and
+// CUDA kernels: x [T, N, C, H, W], weight / bias [T, C]; the pooled output [T, N, C, H/2, W/2].
+// Each H x W plane is contiguous, and plane (t, n, c) starts at plane_of(t, n, c) planes: x is
+// either task-major (contiguous) or task-inner ([N, T, C, H, W] in memory, as batched_conv2d
+// returns it); y, idx and dx are written in x's layout, so a conv block passes its activations on
+// without a copy.
 struct BNReLUPoolDims {
   int64_t T, N, C, H, W, Ho, Wo;
+  bool task_inner;
   int64_t plane() const { return H * W; }
   int64_t out_plane() const { return Ho * Wo; }
+  int64_t plane_of(int64_t t, int64_t n, int64_t c) const { return bn_relu_pool_plane(task_inner, T, N, C, t, n, c); }
 };
+// Whether a [T, N, C, H, W] tensor is task-inner (and not also contiguous: T == 1 or N == 1 are
+// task-major).
+bool bn_relu_pool_task_inner(const at::Tensor& x);
+// t [T, N, C, h, w] laid out as task_inner says (t itself when it already is).
+at::Tensor bn_relu_pool_in_layout(const at::Tensor& t, bool task_inner);
+// An uninitialized [T, N, C, h, w] tensor in d's layout (NaN-filled under FASTMETA_POISON=1).
+at::Tensor bn_relu_pool_empty(const BNReLUPoolDims& d, int64_t h, int64_t w, const at::TensorOptions& opts);
+// Checks; x must already be in one of the two layouts (its layout is the dims' layout).
 BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
+// Also checks that gy, idx and y are [T, N, C, H/2, W/2] in x's layout.
 BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& idx, const at::Tensor& y);
 

@@ -1,5 +1,8 @@
-// The choice of MaxPool2d(2) in one 2x2 window, shared by bn_relu_pool's CPU and CUDA kernels.
+// The choice of MaxPool2d(2) in one 2x2 window and the plane layout, shared by bn_relu_pool's CPU
+// and CUDA kernels.
 #pragma once
+
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define FASTMETA_HOST_DEVICE __host__ __device__
@@ -8,6 +11,13 @@
 #endif
 
 namespace fastmeta {
+
+// The first element, in planes, of plane (t, n, c) of a [T, N, C, H, W] tensor with contiguous
+// H x W planes: task-major ((t, n, c) order) or task-inner ((n, t, c), as batched_conv2d returns it).
+FASTMETA_HOST_DEVICE inline int64_t bn_relu_pool_plane(bool task_inner, int64_t T, int64_t N, int64_t C, int64_t t,
+                                                     int64_t n, int64_t c) {
+  return (task_inner ? n * T + t : t * N + n) * C + c;
+}
 
 // The first maximum of the window (z0 z1 / z2 z3) in row-major order, as max_pool2d picks it; its
 // position 0..3 goes to k. (A NaN here means the whole channel is NaN, its statistics being NaN:

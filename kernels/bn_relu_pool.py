@@ -1,7 +1,9 @@
 """Triton: per-task BatchNorm (batch statistics) -> ReLU -> MaxPool2d(2) and its backward, the same
 contract as the C++ op (csrc/bn_relu_pool.cpp):
 
-    x [T, N, C, H, W] contiguous, weight/bias [T, C]; per task t and channel c over (N, H, W):
+    x [T, N, C, H, W] with contiguous H x W planes, task-major (contiguous) or task-inner ([N, T, C,
+    H, W] in memory, as batched_conv2d returns it; y, idx, gy and dx in x's layout: plane (t, n, c)
+    at t ST + n SN + c planes), weight/bias [T, C]; per task t and channel c over (N, H, W):
     mean, var (biased), invstd = 1 / sqrt(var + eps), z = (x - mean) invstd w + b,
     y = the max of each 2x2 window (stride 2, floor) of relu(z)  [T, N, C, H/2, W/2],
     idx = the window position (0..3, row-major) of its first maximum (uint8).
@@ -28,7 +30,7 @@ def _window(m, P, Wo):
 
 @triton.jit
 def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invstd_ptr,
-                             N, C, H, W, Ho, Wo, eps,
+                             N, C, H, W, Ho, Wo, ST, SN, eps,
                              BLOCK: tl.constexpr, F64: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # t * C + c
     t = pid // C
@@ -36,14 +38,14 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
     acc_t = tl.float64 if F64 else tl.float32
     HW = H * W
     M = N * HW
-    base = x_ptr + (t * N * C + c) * HW  # element (n, h, w) at base + n * C * HW + h * W + w
+    base = x_ptr + (t * ST + c) * HW  # element (n, h, w) at base + n * SN * HW + h * W + w
     r = tl.arange(0, BLOCK)
     total = tl.zeros((BLOCK,), dtype=acc_t)
     m0 = 0
     while m0 < M:
         m = m0 + r
         n = m // HW
-        v = tl.load(base + n.to(tl.int64) * C * HW + m % HW, mask=m < M, other=0.0)
+        v = tl.load(base + n.to(tl.int64) * SN * HW + m % HW, mask=m < M, other=0.0)
         total += v.to(acc_t)
         m0 += BLOCK
     mean = tl.sum(total, axis=0) / M
@@ -52,7 +54,7 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
     while m0 < M:
         m = m0 + r
         n = m // HW
-        v = tl.load(base + n.to(tl.int64) * C * HW + m % HW, mask=m < M, other=0.0).to(acc_t)
+        v = tl.load(base + n.to(tl.int64) * SN * HW + m % HW, mask=m < M, other=0.0).to(acc_t)
         d = tl.where(m < M, v - mean, 0.0)
         sq += d * d
         m0 += BLOCK
@@ -66,13 +68,13 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
     shift = bv - mean * scale
     P = Ho * Wo
     MO = N * P
-    obase = (t * N * C + c) * P  # window (n, i, j) at obase + n * C * P + i * Wo + j
+    obase = (t * ST + c) * P  # window (n, i, j) at obase + n * SN * P + i * Wo + j
     m0 = 0
     while m0 < MO:
         m = m0 + r
         ok = m < MO
         n, q, i, j = _window(m, P, Wo)
-        p0 = base + n * C * HW + (2 * i) * W + 2 * j
+        p0 = base + n * SN * HW + (2 * i) * W + 2 * j
         z0 = tl.load(p0, mask=ok, other=0.0).to(acc_t) * scale + shift
         z1 = tl.load(p0 + 1, mask=ok, other=0.0).to(acc_t) * scale + shift
         z2 = tl.load(p0 + W, mask=ok, other=0.0).to(acc_t) * scale + shift
@@ -88,7 +90,7 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
         best = tl.where(u, z3, best)
         k = tl.where(u, 3, k)
         y = tl.where(~(best <= 0.0), best, 0.0)
-        off = obase + n * C * P + q
+        off = obase + n * SN * P + q
         tl.store(y_ptr + off, y.to(y_ptr.dtype.element_ty), mask=ok)
         tl.store(idx_ptr + off, k.to(tl.uint8), mask=ok)
         m0 += BLOCK
@@ -97,7 +99,7 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
 @triton.jit
 def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, invstd_ptr,
                              dx_ptr, dw_ptr, db_ptr,
-                             N, C, H, W, Ho, Wo,
+                             N, C, H, W, Ho, Wo, ST, SN,
                              BLOCK: tl.constexpr, F64: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     t = pid // C
@@ -107,8 +109,8 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
     M = N * HW
     P = Ho * Wo
     MO = N * P
-    base = (t * N * C + c) * HW
-    obase = (t * N * C + c) * P
+    base = (t * ST + c) * HW
+    obase = (t * ST + c) * P
     mean = tl.load(mean_ptr + pid).to(acc_t)
     invstd = tl.load(invstd_ptr + pid).to(acc_t)
     wv = tl.load(w_ptr + pid).to(acc_t)
@@ -120,11 +122,11 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
         m = m0 + r
         ok = m < MO
         n, q, i, j = _window(m, P, Wo)
-        off = obase + n * C * P + q
+        off = obase + n * SN * P + q
         k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
         yv = tl.load(y_ptr + off, mask=ok, other=0.0)
         g = tl.where(ok & (yv > 0), tl.load(gy_ptr + off, mask=ok, other=0.0).to(acc_t), 0.0)
-        xv = tl.load(x_ptr + base + n * C * HW + (2 * i + k // 2) * W + 2 * j + k % 2, mask=ok, other=0.0)
+        xv = tl.load(x_ptr + base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2, mask=ok, other=0.0)
         sg += g
         sgx += g * (xv.to(acc_t) - mean)
         m0 += BLOCK
@@ -144,12 +146,12 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
         i = h // 2
         j = w // 2
         inside = ok & (i < Ho) & (j < Wo)
-        ooff = obase + n * C * P + i * Wo + j
+        ooff = obase + n * SN * P + i * Wo + j
         k = tl.load(idx_ptr + ooff, mask=inside, other=0).to(tl.int32)
         yv = tl.load(y_ptr + ooff, mask=inside, other=0.0)
         mine = inside & (k == (h % 2) * 2 + (w % 2)) & (yv > 0)
         g = tl.where(mine, tl.load(gy_ptr + ooff, mask=inside, other=0.0).to(acc_t), 0.0)
-        xoff = base + n * C * HW + e
+        xoff = base + n * SN * HW + e
         xhat = (tl.load(x_ptr + xoff, mask=ok, other=0.0).to(acc_t) - mean) * invstd
         dx = wi * (g - dbias / M - xhat * dweight / M)
         tl.store(dx_ptr + xoff, dx.to(dx_ptr.dtype.element_ty), mask=ok)
@@ -160,30 +162,49 @@ def _block(M):
     return max(64, min(1024, triton.next_power_of_2(max(int(M), 1))))
 
 
+def _plane_strides(x):
+    """(ST, SN): the strides of x's task and sample dims in planes (the channel's is 1)."""
+    T, N, C = x.shape[:3]
+    return (C, T * C) if not x.is_contiguous() else (N * C, C)  # not contiguous: task-inner
+
+
+def _like(x, h, w, dtype):
+    """An empty [T, N, C, h, w] tensor in x's layout."""
+    import torch
+
+    T, N, C = x.shape[:3]
+    if not x.is_contiguous():
+        return torch.empty(N, T, C, h, w, device=x.device, dtype=dtype).transpose(0, 1)
+    return torch.empty(T, N, C, h, w, device=x.device, dtype=dtype)
+
+
 def bn_relu_pool_fwd(x, weight, bias, eps):
-    """(y, idx, mean, invstd) for x [T, N, C, H, W] contiguous, weight/bias [T, C] contiguous."""
+    """(y, idx, mean, invstd) for x [T, N, C, H, W] task-major (contiguous) or task-inner (y, idx
+    in x's layout), weight/bias [T, C] contiguous."""
     import torch
 
     T, N, C, H, W = x.shape
     Ho, Wo = H // 2, W // 2
-    y = torch.empty(T, N, C, Ho, Wo, device=x.device, dtype=x.dtype)
-    idx = torch.empty(T, N, C, Ho, Wo, device=x.device, dtype=torch.uint8)
+    y, idx = _like(x, Ho, Wo, x.dtype), _like(x, Ho, Wo, torch.uint8)
     mean = torch.empty(T, C, device=x.device, dtype=x.dtype)
     invstd = torch.empty(T, C, device=x.device, dtype=x.dtype)
-    _bn_relu_pool_fwd_kernel[(T * C,)](x, weight, bias, y, idx, mean, invstd, N, C, H, W, Ho, Wo, float(eps),
+    _bn_relu_pool_fwd_kernel[(T * C,)](x, weight, bias, y, idx, mean, invstd, N, C, H, W, Ho, Wo,
+                                       *_plane_strides(x), float(eps),
                                        BLOCK=_block(N * H * W), F64=x.dtype == torch.float64)
     return y, idx, mean, invstd
 
 
 def bn_relu_pool_bwd(gy, x, weight, idx, y, mean, invstd):
-    """(dx, dweight, dbias); every tensor contiguous, as the forward returned or took them."""
+    """(dx, dweight, dbias); gy, x, idx and y in one layout (the forward's; dx in it too), the rest
+    contiguous."""
     import torch
 
     T, N, C, H, W = x.shape
     Ho, Wo = H // 2, W // 2
-    dx = torch.empty_like(x)
+    dx = _like(x, H, W, x.dtype)
     dw = torch.empty(T, C, device=x.device, dtype=x.dtype)
     db = torch.empty(T, C, device=x.device, dtype=x.dtype)
     _bn_relu_pool_bwd_kernel[(T * C,)](gy, x, weight, idx, y, mean, invstd, dx, dw, db, N, C, H, W, Ho, Wo,
+                                       *_plane_strides(x),
                                        BLOCK=_block(N * H * W), F64=x.dtype == torch.float64)
     return dx, dw, db

@@ -135,3 +135,48 @@ def test_fake_kernels_and_schema():
     y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
     torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_backward.default,
                           (torch.randn_like(y), x, w, idx, y, mean, invstd), test_utils=utils)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gy_layout", ["same", "task-major"])
+def test_task_inner_layout(dtype, gy_layout):
+    """x task-inner ([N, T, C, H, W] in memory, as batched_conv2d returns it): the kernels read it as
+    it is and write y, idx and dx in that layout (no copy on the way through a conv block); a
+    gradient arriving task-major is taken too. Values and gradients against the reference."""
+    from fastmeta.ops.bn_relu_pool import _register_cpp, task_inner
+    _register_cpp()
+    T, N, C, H, W = 3, 4, 5, 7, 6
+    x = (2 * torch.randn(N, T, C, H, W, dtype=dtype) + 0.5).transpose(0, 1).requires_grad_()
+    assert task_inner(x)
+    w, b = torch.rand(T, C, dtype=dtype).add(0.5), torch.randn(T, C, dtype=dtype)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x.detach(), w, b, 1e-5)
+    assert task_inner(y) and task_inner(idx)
+    gy = torch.randn(T, N, C, H // 2, W // 2, dtype=dtype)
+    if gy_layout == "same":
+        gy = gy.transpose(0, 1).contiguous().transpose(0, 1)
+    dx, dw, db = torch.ops.fastmeta.bn_relu_pool_backward(gy, x.detach(), w, idx, y, mean, invstd)
+    assert task_inner(dx)
+    ref = ops.bn_relu_pool_ref(x, w.requires_grad_(), b.requires_grad_())
+    want = [ref.detach()] + list(torch.autograd.grad(ref, (x, w, b), gy))
+    assert_rel_close([y, dx, dw, db], want, RTOL[dtype] / 10, "task-inner values and gradients")
+    # the same numbers as from the task-major copy, bit for bit
+    yc, idxc, _, _ = torch.ops.fastmeta.bn_relu_pool(x.detach().contiguous(), w, b, 1e-5)
+    assert torch.equal(yc, y) and torch.equal(idxc, idx)
+
+
+def test_task_inner_fake_kernels():
+    """opcheck with task-inner inputs: the fake kernels give the outputs the real ones' strides."""
+    from fastmeta.ops.bn_relu_pool import _register_cpp
+    _register_cpp()
+    x = torch.randn(3, 2, 4, 7, 6).transpose(0, 1)
+    w, b = torch.rand(2, 4).add(0.5), torch.randn(2, 4)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool.default, (x, w, b, 1e-5), test_utils=utils)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
+    for gy in (torch.randn_like(y), torch.randn(y.shape)):
+        torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_backward.default,
+                              (gy, x, w, idx, y, mean, invstd), test_utils=utils)
+    # another layout is copied to task-major first
+    odd = torch.randn(2, 3, 7, 6, 4).permute(0, 1, 4, 2, 3)
+    torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool.default, (odd, w, b, 1e-5), test_utils=utils)
+    assert torch.ops.fastmeta.bn_relu_pool(odd, w, b, 1e-5)[0].is_contiguous()

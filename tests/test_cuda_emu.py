@@ -258,16 +258,23 @@ def test_barriers_per_task(emu, widths, steps, first_order):
 
 def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None):
     """The CUDA bn_relu_pool kernel (forward, or backward when gy is given with the forward's
-    (y, idx, mean, invstd)) in the emulator; outputs start as NaN."""
+    (y, idx, mean, invstd)) in the emulator; outputs start as NaN, in x's layout (task-major, or
+    task-inner when x is a transposed contiguous [N, T, ...] tensor; gy then must be too)."""
     T, N, C, H, W = x.shape
     dt = x.dtype
-    dims = (ctypes.c_int64 * 5)(T, N, C, H, W)
+    inner = not x.is_contiguous()
+    assert not inner or x.transpose(0, 1).is_contiguous()
+    dims = (ctypes.c_int64 * 6)(T, N, C, H, W, int(inner))
     fn = h.fm_emu_bn_relu_pool_f64 if dt == torch.float64 else h.fm_emu_bn_relu_pool_f32
     h.fm_emu_set_order(order, 11)
-    nan = lambda *s: torch.full(s, float("nan"), dtype=dt)  # noqa: E731
+
+    def nan(*s, fill=float("nan"), dtype=dt):
+        if len(s) == 5 and inner:
+            return torch.full((s[1], s[0], *s[2:]), fill, dtype=dtype).transpose(0, 1)
+        return torch.full(s, fill, dtype=dtype)
     if gy is None:
-        y, idx, mean, invstd = nan(T, N, C, H // 2, W // 2), torch.full((T, N, C, H // 2, W // 2), 255,
-                                                                         dtype=torch.uint8), nan(T, C), nan(T, C)
+        y, idx = nan(T, N, C, H // 2, W // 2), nan(T, N, C, H // 2, W // 2, fill=255, dtype=torch.uint8)
+        mean, invstd = nan(T, C), nan(T, C)
         rc = fn(dims, ptr(x), ptr(w), ptr(b), ctypes.c_double(eps), ptr(y), ptr(idx), ptr(mean), ptr(invstd),
                 ptr(None), ptr(None), ptr(None), ptr(None))
         assert rc == 0, h.fm_emu_error().decode()
@@ -282,19 +289,26 @@ def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9)])
-def test_bn_relu_pool_kernel(emu, shape, dtype):
+@pytest.mark.parametrize("layout", ["task-major", "task-inner"])
+def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
     """The CUDA bn_relu_pool forward and backward against the C++ CPU kernel: odd sizes (a row and a
     column outside every window), planes smaller and larger than a block (256 threads), negative
-    weights (windows below zero), every thread order bit for bit; the window indices exactly."""
+    weights (windows below zero), x task-major or task-inner (as batched_conv2d returns it; the C++
+    kernel's outputs then are too), every thread order bit for bit; the window indices exactly."""
     from fastmeta.ops.bn_relu_pool import _register_cpp
     _register_cpp()
     g = torch.Generator().manual_seed(sum(shape))
     T, N, C, H, W = shape
     x = torch.randn(shape, generator=g, dtype=dtype)
+    if layout == "task-inner":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
     w = torch.randn(T, C, generator=g, dtype=dtype)
     b = torch.randn(T, C, generator=g, dtype=dtype)
     want = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
-    gy = torch.randn(want[0].shape, generator=g, dtype=dtype)
+    inner = not x.is_contiguous()  # (T = 1: both layouts are one)
+    for out in (want[0], want[1]):  # y and idx in x's layout
+        assert (out.transpose(0, 1) if inner else out).is_contiguous()
+    gy = torch.empty_like(want[0]).copy_(torch.randn(want[0].shape, generator=g, dtype=dtype))
     want_b = torch.ops.fastmeta.bn_relu_pool_backward(gy, x, w, *want[1:2], want[0], *want[2:])
     runs = []
     for order in ORDERS:

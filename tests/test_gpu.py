@@ -331,20 +331,31 @@ def test_tune_on_gpu():
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 7, 6), (4, 80, 64, 28, 28)])
-def test_cuda_bn_relu_pool(shape, dtype):
+@pytest.mark.parametrize("layout", ["task-major", "task-inner"])
+def test_cuda_bn_relu_pool(shape, dtype, layout):
     """fastmeta::bn_relu_pool's CUDA kernels (backend cuda): values and the gradients of x, weight
-    and bias against the reference in float64, and in float32 against the C++ CPU kernel on the
-    same data (both take z = x * scale + shift as one fused multiply-add, so their windows pick the
-    same maxima, where the reference's rounding may pick the other of a near-tie)."""
+    and bias (the backward kernel, and the create_graph recompute) against the reference in float64,
+    and in float32 against the C++ CPU kernel on the same data (both take z = x * scale + shift as
+    one fused multiply-add, so their windows pick the same maxima, where the reference's rounding
+    may pick the other of a near-tie); x task-major or task-inner (as batched_conv2d returns it:
+    the outputs then are too)."""
+    from fastmeta.ops.bn_relu_pool import task_inner
     g = torch.Generator().manual_seed(0)
     T, N, C, H, W = shape
     d = dict(dtype=dtype)
-    x = torch.randn(shape, generator=g, **d).requires_grad_()
+    x = torch.randn(shape, generator=g, **d)
+    if layout == "task-inner":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    x.requires_grad_()
     w = torch.randn(T, C, generator=g, **d).requires_grad_()
     b = torch.randn(T, C, generator=g, **d).requires_grad_()
-    xc, wc, bc = (t.detach().cuda().requires_grad_() for t in (x, w, b))
+    xc = x.detach().transpose(0, 1).cuda().transpose(0, 1) if layout == "task-inner" else x.detach().cuda()
+    assert task_inner(xc) == (layout == "task-inner")
+    xc.requires_grad_()
+    wc, bc = (t.detach().cuda().requires_grad_() for t in (w, b))
     with fastmeta.use_backend("cuda"):
         y = ops.bn_relu_pool(xc, wc, bc)
+    assert task_inner(y) == (layout == "task-inner")
     if dtype == torch.float64:
         want, tol = ops.bn_relu_pool_ref(x, w, b), 1e-10
     else:
@@ -352,8 +363,11 @@ def test_cuda_bn_relu_pool(shape, dtype):
             want, tol = ops.bn_relu_pool(x, w, b), 1e-5
     assert_rel_close([y.detach().cpu()], [want.detach()], tol, "values")
     r = torch.randn(y.shape, generator=g, **d)
+    g0 = torch.autograd.grad((y * r.cuda()).sum(), [xc, wc, bc], retain_graph=True)  # the backward kernel
+    assert task_inner(g0[0]) == (layout == "task-inner")
     g1 = torch.autograd.grad((y * r.cuda()).sum(), [xc, wc, bc], create_graph=True)
     g2 = torch.autograd.grad((want * r).sum(), [x, w, b], create_graph=True)
+    assert_rel_close([t.cpu() for t in g0], [t.detach() for t in g2], 10 * tol, "gradients (kernel)")
     assert_rel_close([t.detach().cpu() for t in g1], [t.detach() for t in g2], 10 * tol, "gradients")
     # second order (the create_graph backward recomputes through the reference at the kernel's windows)
     h1 = torch.autograd.grad(sum((t * t.detach()).sum() for t in g1), [xc, wc])

@@ -299,6 +299,35 @@ def test_bn_relu_pool_triton_fake_kernels():
                           (torch.randn_like(y), x, w, idx, y, mean, invstd), test_utils=utils)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_bn_relu_pool_triton_task_inner(dtype):
+    """x task-inner ([N, T, C, H, W] in memory, as batched_conv2d returns it): the Triton kernels read
+    it as it is and give y, idx and dx in that layout (their fake kernels too); a task-major
+    gradient is taken too. Values and gradients against the reference."""
+    from fastmeta.ops.bn_relu_pool import _register_triton, task_inner
+    _register_triton()
+    d = dict(dtype=dtype, device=DEVICE)
+    T, N, C, H, W = 3, 2, 5, 7, 6
+    x = (2 * torch.randn(N, T, C, H, W, **d) + 0.5).transpose(0, 1)
+    w, b = torch.rand(T, C, **d).add(0.5), torch.randn(T, C, **d)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool_triton(x, w, b, 1e-5)
+    assert task_inner(y) and task_inner(idx)
+    yc, idxc, _, _ = torch.ops.fastmeta.bn_relu_pool_triton(x.contiguous(), w, b, 1e-5)
+    assert torch.equal(idx, idxc) and torch.equal(y, yc)
+    gy = torch.randn(T, N, C, H // 2, W // 2, **d)
+    dx, dw, db = torch.ops.fastmeta.bn_relu_pool_backward_triton(gy, x, w, idx, y, mean, invstd)
+    assert task_inner(dx)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    ref = ops.bn_relu_pool_ref(xr, wr, br)
+    want = [ref.detach()] + list(torch.autograd.grad(ref, (xr, wr, br), gy))
+    assert_rel_close([y, dx, dw, db], want, RTOL[dtype] / 10, "task-inner values and gradients")
+    if dtype == torch.float32:
+        utils = ("test_schema", "test_faketensor")
+        torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_triton.default, (x, w, b, 1e-5), test_utils=utils)
+        torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_backward_triton.default,
+                              (gy, x, w, idx, y, mean, invstd), test_utils=utils)
+
+
 @pytest.mark.parametrize("split", [None, 1, 2, 3, 50])
 def test_conv_wgrad_split_reduction(split):
     """The weight gradient with its reduction over output pixels split between programs (partial

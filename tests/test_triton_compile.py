@@ -158,7 +158,7 @@ from triton.backends.compiler import GPUTarget
 from fastmeta.kernels import bn_relu_pool as K
 p = "*" + sys.argv[1]
 t = GPUTarget("cuda", 90, 32)
-dims = {n: "i32" for n in ["N", "C", "H", "W", "Ho", "Wo"]}
+dims = {n: "i32" for n in ["N", "C", "H", "W", "Ho", "Wo", "ST", "SN"]}
 const = dict(BLOCK=1024, F64=sys.argv[1] == "fp64")
 sig = dict(x_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, idx_ptr="*u8", mean_ptr=p, invstd_ptr=p, **dims, eps="fp32",
            **{n: "constexpr" for n in const})

@@ -230,6 +230,7 @@ template <typename T>
 cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight) {
   cuda::BNReLUPoolArgs<T> a{};
   a.tasks = d.T; a.N = d.N; a.C = d.C; a.H = d.H; a.W = d.W; a.Ho = d.Ho; a.Wo = d.Wo;
+  a.task_inner = d.task_inner;
   a.x = x.data_ptr<T>();
   a.weight = weight.data_ptr<T>();
   return a;
@@ -238,11 +239,12 @@ cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(const at::Tensor& x_,
                                                                             const at::Tensor& weight_,
                                                                             const at::Tensor& bias_, double eps) {
-  const at::Tensor x = x_.contiguous(), weight = weight_.contiguous(), bias = bias_.contiguous();
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const at::Tensor x = bn_relu_pool_in_layout(x_, bn_relu_pool_task_inner(x_));
+  const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
   const BNReLUPoolDims d = bn_relu_pool_check(x, weight, bias);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor y = new_output({d.T, d.N, d.C, d.Ho, d.Wo}, x.options());
-  at::Tensor idx = at::empty({d.T, d.N, d.C, d.Ho, d.Wo}, x.options().dtype(at::kByte));
+  at::Tensor y = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
+  at::Tensor idx = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options().dtype(at::kByte));
   at::Tensor mean = new_output({d.T, d.C}, x.options());
   at::Tensor invstd = new_output({d.T, d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_cuda", [&] {
@@ -261,12 +263,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
     const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_,
     const at::Tensor& y_, const at::Tensor& mean_, const at::Tensor& invstd_) {
-  const at::Tensor gy = gy_.contiguous(), x = x_.contiguous(), weight = weight_.contiguous();
-  const at::Tensor idx = idx_.contiguous(), y = y_.contiguous(), mean = mean_.contiguous(),
-                   invstd = invstd_.contiguous();
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const bool inner = bn_relu_pool_task_inner(x_);
+  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
+  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
+  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
   const BNReLUPoolDims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
-  const c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor dx = new_output(x.sizes(), x.options());
+  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, x.options());
   at::Tensor dw = new_output({d.T, d.C}, x.options());
   at::Tensor db = new_output({d.T, d.C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward_cuda", [&] {

@@ -8,7 +8,8 @@
 // variance about it, then normalize + ReLU + pool) and writes the pooled output and a one-byte
 // index; the backward reads the pooled gradient and x twice (the two sums, then dx, each input
 // element finding its own window), and writes dx once. Consecutive threads take consecutive
-// elements of a plane (coalesced). Block reductions go through shared memory.
+// elements of a plane (coalesced). Block reductions go through shared memory. x's planes may be
+// task-major or task-inner (plane_of); the outputs follow x's layout.
 #include "../window_max.h"
 #include "kernels.cuh"
 
@@ -31,12 +32,18 @@ __device__ double block_sum(double v, double* red) {
   return total;
 }
 
+// The first element, in planes, of plane (t, n, c) in x's layout.
+template <typename T>
+__device__ __forceinline__ int64_t plane_of(const BNReLUPoolArgs<T>& a, int64_t t, int64_t n, int64_t c) {
+  return bn_relu_pool_plane(a.task_inner, a.tasks, a.N, a.C, t, n, c);
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
   const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
   const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
-  auto in = [&](int64_t n) { return a.x + ((t * a.N + n) * a.C + c) * plane; };
+  auto in = [&](int64_t n) { return a.x + plane_of(a, t, n, c) * plane; };
   double s = 0;
   for (int64_t e = threadIdx.x; e < M; e += blockDim.x) s += static_cast<double>(in(e / plane)[e % plane]);
   const double mean = block_sum(s, red) / static_cast<double>(M);
@@ -59,7 +66,7 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLU
     int k;
     const T best = window_max<T>(p[0] * scale + shift, p[1] * scale + shift, p[a.W] * scale + shift,
                                  p[a.W + 1] * scale + shift, k);
-    const int64_t out = ((t * a.N + n) * a.C + c) * out_plane + r;
+    const int64_t out = plane_of(a, t, n, c) * out_plane + r;
     a.y[out] = !(best <= T(0)) ? best : T(0);
     a.idx[out] = static_cast<uint8_t>(k);
   }
@@ -75,10 +82,10 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   double sg = 0, sgx = 0;
   for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
     const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
-    const int64_t out = ((t * a.N + n) * a.C + c) * out_plane + r;
+    const int64_t pl = plane_of(a, t, n, c), out = pl * out_plane + r;
     if (!(a.y[out] > T(0))) continue;
     const int k = a.idx[out];
-    const T* p = a.x + ((t * a.N + n) * a.C + c) * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
+    const T* p = a.x + pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
     const double g = static_cast<double>(a.gy[out]);
     sg += g;
     sgx += g * (static_cast<double>(*p) - mean);
@@ -95,7 +102,7 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   const T m = static_cast<T>(mean), wiT = static_cast<T>(wi);
   for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
     const int64_t n = e / plane, rest = e % plane, h = rest / a.W, w = rest % a.W;
-    const int64_t base = ((t * a.N + n) * a.C + c);
+    const int64_t base = plane_of(a, t, n, c);
     T v = c0 + slope * (a.x[base * plane + rest] - m);
     if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: add w invstd g_z where it took the maximum
       const int64_t out = base * out_plane + (h >> 1) * a.Wo + (w >> 1);

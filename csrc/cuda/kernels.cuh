@@ -196,22 +196,24 @@ namespace cuda {
 
 // BatchNorm (batch statistics of each task and channel) -> ReLU -> MaxPool2d(2), fused
 // (csrc/cuda/bn_relu_pool.cu; the contract of csrc/bn_relu_pool.cpp): one thread block per
-// (task, channel) plane set of x [T, N, C, H, W] (contiguous).
+// (task, channel) plane set of x [T, N, C, H, W] (contiguous H x W planes; the planes task-major,
+// or task-inner as batched_conv2d returns them: y, idx, gy and dx in x's layout).
 constexpr int kBNReLUPoolThreads = 256;  // a power of two (the block reductions halve it)
 
 template <typename T>
 struct BNReLUPoolArgs {
   int64_t tasks, N, C, H, W, Ho, Wo;
+  bool task_inner;     // planes ordered (n, t, c) instead of (t, n, c)
   const T* x;
   const T* weight;     // [T, C]
   const T* bias;       // [T, C] (forward)
   double eps;          // (forward)
-  T* y;                // [T, N, C, Ho, Wo]: forward's output; backward reads it
+  T* y;                // [T, N, C, Ho, Wo] (x's layout): forward's output; backward reads it
   uint8_t* idx;        // same shape: the window position 0..3 of each maximum
   T* mean;             // [T, C]
   T* invstd;           // [T, C]
   const T* gy;         // backward: the gradient of y
-  T* dx;               // backward: [T, N, C, H, W]
+  T* dx;               // backward: [T, N, C, H, W] (x's layout)
   T* dweight;          // backward: [T, C]
   T* dbias;            // backward: [T, C]
 };

@@ -62,17 +62,40 @@ def _pool_at(r, idx):
     return r.flatten(3).gather(-1, pos.flatten(3)).view(T, N, C, Ho, Wo)
 
 
+def task_inner(x) -> bool:
+    """Whether x [T, N, C, H, W] is task-inner ([N, T, C, H, W] in memory, as batched_conv2d
+    returns it) and not also contiguous. The kernels take x in either layout as it is (any other is
+    copied to contiguous) and write y, idx and dx in x's layout (csrc/common.h)."""
+    return x.dim() == 5 and not x.is_contiguous() and x.transpose(0, 1).is_contiguous()
+
+
+def _empty_like_layout(x, *shape, dtype=None):
+    """An empty [T, N, C, *shape] tensor in the layout the kernels give x's outputs."""
+    T, N, C = x.shape[:3]
+    if task_inner(x):
+        return x.new_empty(N, T, C, *shape, dtype=dtype).transpose(0, 1)
+    return x.new_empty(T, N, C, *shape, dtype=dtype)
+
+
+def _fwd_fake(x, weight, bias, eps):
+    T, N, C, H, W = x.shape
+    y = _empty_like_layout(x, H // 2, W // 2)
+    return y, _empty_like_layout(x, H // 2, W // 2, dtype=torch.uint8), x.new_empty(T, C), x.new_empty(T, C)
+
+
+def _bwd_fake(gy, x, weight, idx, y, mean, invstd):
+    return _empty_like_layout(x, *x.shape[3:]), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
 @functools.cache
 def _register_cpp():
-    @torch.library.register_fake("fastmeta::bn_relu_pool")
-    def _(x, weight, bias, eps):
-        T, N, C, H, W = x.shape
-        y = x.new_empty(T, N, C, H // 2, W // 2)
-        return y, y.new_empty(y.shape, dtype=torch.uint8), x.new_empty(T, C), x.new_empty(T, C)
+    torch.library.register_fake("fastmeta::bn_relu_pool")(_fwd_fake)
+    torch.library.register_fake("fastmeta::bn_relu_pool_backward")(_bwd_fake)
 
-    @torch.library.register_fake("fastmeta::bn_relu_pool_backward")
-    def _(gy, x, weight, idx, y, mean, invstd):
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+def _in_layout(t, inner):
+    """t [T, N, C, h, w] contiguous in the task-inner layout if inner, else task-major."""
+    return t.transpose(0, 1).contiguous().transpose(0, 1) if inner else t.contiguous()
 
 
 @functools.cache
@@ -82,22 +105,18 @@ def _register_triton():
     @torch.library.custom_op("fastmeta::bn_relu_pool_triton", mutates_args=())
     def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
              eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return bn_relu_pool_fwd(x.contiguous(), weight.contiguous(), bias.contiguous(), eps)
+        return bn_relu_pool_fwd(_in_layout(x, task_inner(x)), weight.contiguous(), bias.contiguous(), eps)
 
-    @_fwd.register_fake
-    def _(x, weight, bias, eps):
-        T, N, C, H, W = x.shape
-        y = x.new_empty(T, N, C, H // 2, W // 2)
-        return y, y.new_empty(y.shape, dtype=torch.uint8), x.new_empty(T, C), x.new_empty(T, C)
+    _fwd.register_fake(_fwd_fake)
 
     @torch.library.custom_op("fastmeta::bn_relu_pool_backward_triton", mutates_args=())
     def _bwd(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, idx: torch.Tensor, y: torch.Tensor,
              mean: torch.Tensor, invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return bn_relu_pool_bwd(gy.contiguous(), x.contiguous(), weight.contiguous(), idx, y, mean, invstd)
+        inner = task_inner(x)
+        return bn_relu_pool_bwd(*(_in_layout(t, inner) for t in (gy, x)), weight.contiguous(),
+                                *(_in_layout(t, inner) for t in (idx, y)), mean.contiguous(), invstd.contiguous())
 
-    @_bwd.register_fake
-    def _(gy, x, weight, idx, y, mean, invstd):
-        return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+    _bwd.register_fake(_bwd_fake)
 
 
 def _kernels(backend):

@@ -72,7 +72,8 @@ int run_update(int n_tensors, T** outs, const T** ps, const T** gs, const T** lr
                  cudaSuccess ? 0 : 1;
 }
 
-// bn_relu_pool forward (gy == nullptr) or backward, on contiguous host arrays; 0 or 1 (error).
+// bn_relu_pool forward (gy == nullptr) or backward on host arrays; dims = T, N, C, H, W, task_inner
+// (every [T, N, C, ., .] array laid out alike); 0 or 1 (error).
 template <typename T>
 int run_bn_relu_pool(const int64_t* dims, const T* x, const T* weight, const T* bias, double eps, T* y,
                      uint8_t* idx, T* mean, T* invstd, const T* gy, T* dx, T* dweight, T* dbias) {
@@ -80,6 +81,7 @@ int run_bn_relu_pool(const int64_t* dims, const T* x, const T* weight, const T* 
   BNReLUPoolArgs<T> a{};
   a.tasks = dims[0]; a.N = dims[1]; a.C = dims[2]; a.H = dims[3]; a.W = dims[4];
   a.Ho = a.H / 2; a.Wo = a.W / 2;
+  a.task_inner = dims[5] != 0;
   a.x = x; a.weight = weight; a.bias = bias; a.eps = eps;
   a.y = y; a.idx = idx; a.mean = mean; a.invstd = invstd;
   a.gy = gy; a.dx = dx; a.dweight = dweight; a.dbias = dbias;
