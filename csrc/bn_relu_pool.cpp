@@ -13,8 +13,19 @@
 //   Backward: g_z = gy at (window, idx) where y > 0, else 0; dbias = sum g_z, dweight = sum g_z xhat,
 //   dx = w invstd (g_z - dbias / M - xhat dweight / M), M = N H W.
 //
-// Statistics and reductions accumulate in double. First-order only: fastmeta/ops/bn_relu_pool.py
-// recomputes through differentiable torch ops when a graph of the backward is wanted.
+// Double backward (bn_relu_pool_double_backward): the derivatives of (dx, dweight, dbias) with
+// respect to (gy, x, weight), in closed form, contracted with their cotangents (ggx, ggw, ggb);
+// the window choice and the ReLU mask are piecewise constant (no derivative), so with
+// g = g_z, s = invstd, A = sum g, B = sum g xhat, S1 = sum ggx, S2 = sum ggx xhat, S3 = sum ggx g:
+//   g_weight = s (S3 - A S1 / M - B S2 / M)
+//   g_gy     = at each window's maximum where y > 0: ggb + ggw xhat + w s (ggx - S1 / M - xhat S2 / M)
+//   g_x      = s K ggx + s P g + c0 + c1 xhat, with K = -w s B / M, P = ggw - w s S2 / M,
+//              Gs = w S3 - w (A S1 + B S2) / M (the cotangent of s), c0 = -s (P A + K S1) / M,
+//              c1 = -(s (P B + K S2) + s^2 Gs) / M.
+// Second-order MAML differentiates the support pass's backward once: this is that derivative,
+// two passes over the activations where the composite's double backward makes some thirty.
+// Statistics and reductions accumulate in double. Third order: fastmeta/ops/bn_relu_pool.py
+// recomputes through differentiable torch ops.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -84,6 +95,22 @@ BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tenso
                 x.device(), ", got ", t->device());
   }
   return d;
+}
+
+at::Tensor bn_relu_pool_check_double_backward(const BNReLUPoolDims& d, const at::Tensor& x,
+                                              const c10::optional<at::Tensor>& ggx, const at::Tensor& ggw,
+                                              const at::Tensor& ggb) {
+  for (const auto* p : {&ggw, &ggb}) {
+    TORCH_CHECK(p->dim() == 2 && p->size(0) == d.T && p->size(1) == d.C && p->scalar_type() == x.scalar_type() &&
+                    p->device() == x.device(),
+                "bn_relu_pool_double_backward: ggw and ggb must be [T=", d.T, ", C=", d.C, "] of x's dtype and device, got ",
+                p->sizes(), " ", p->scalar_type(), " on ", p->device());
+  }
+  if (!ggx.has_value() || !ggx->defined()) return at::Tensor();
+  TORCH_CHECK(ggx->sizes() == x.sizes() && ggx->scalar_type() == x.scalar_type() && ggx->device() == x.device(),
+              "bn_relu_pool_double_backward: ggx ", ggx->sizes(), " ", ggx->scalar_type(), " must be like x ", x.sizes(),
+              " ", x.scalar_type(), " on ", x.device());
+  return bn_relu_pool_in_layout(*ggx, d.task_inner);
 }
 
 namespace {
@@ -317,6 +344,88 @@ void backward_impl(const Dims& d, const T* gy, const T* x, const T* w, const uin
   });
 }
 
+// The double backward (see the top of the file); ggx may be null (a zero cotangent), ggw and ggb
+// are [T, C] (zeros where autograd gave none).
+template <typename T>
+void double_backward_impl(const Dims& d, const T* ggx, const T* ggw, const T* ggb, const T* gy, const T* x,
+                          const T* w, const uint8_t* idx, const T* y, const T* mean_in, const T* invstd_in,
+                          T* g_gy, T* g_x, T* g_w) {
+  const int64_t M = d.N * d.plane();
+  const double Md = static_cast<double>(M);
+  at::parallel_for(0, d.T * d.C, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t tc = begin; tc < end; ++tc) {
+      const int64_t t = tc / d.C, c = tc % d.C;
+      const double mean = mean_in[tc], s = invstd_in[tc], wv = w[tc];
+      double S1 = 0, S2 = 0, A = 0, B = 0, S3 = 0;
+      for (int64_t n = 0; n < d.N; ++n) {
+        const int64_t pl = d.plane_of(t, n, c);
+        const T* p = x + pl * d.plane();
+        if (ggx != nullptr) {
+          const T* q = ggx + pl * d.plane();
+          double s1 = 0, s2 = 0;
+          _Pragma("omp simd reduction(+ : s1, s2)") for (int64_t i = 0; i < d.plane(); ++i) {
+            s1 += q[i];
+            s2 += static_cast<double>(q[i]) * (static_cast<double>(p[i]) - mean);
+          }
+          S1 += s1;
+          S2 += s2;
+        }
+        const int64_t o = pl * d.out_plane();
+        for (int64_t i = 0; i < d.Ho; ++i) {
+          for (int64_t j = 0; j < d.Wo; ++j) {
+            const int64_t oi = o + i * d.Wo + j;
+            if (!(y[oi] > T(0))) continue;
+            const int k = idx[oi];
+            const int64_t a = (2 * i + (k >> 1)) * d.W + 2 * j + (k & 1);
+            const double g = gy[oi];
+            A += g;
+            B += g * (static_cast<double>(p[a]) - mean);
+            if (ggx != nullptr) S3 += g * static_cast<double>(ggx[pl * d.plane() + a]);
+          }
+        }
+      }
+      S2 *= s;
+      B *= s;
+      const double gw = ggw[tc], gb = ggb[tc];
+      g_w[tc] = static_cast<T>(s * (S3 - A * S1 / Md - B * S2 / Md));
+      const double K = -wv * s * B / Md, P = gw - wv * s * S2 / Md;
+      const double Gs = wv * S3 - wv * (A * S1 + B * S2) / Md;
+      const double c0 = -s * (P * A + K * S1) / Md, c1 = -(s * (P * B + K * S2) + s * s * Gs) / Md;
+      // per element: s K ggx + c0 + c1 s (x - mean); at a window's maximum (y > 0) also s P g
+      const T sK = static_cast<T>(s * K), a0 = static_cast<T>(c0), a1 = static_cast<T>(c1 * s),
+              m = static_cast<T>(mean), sP = static_cast<T>(s * P);
+      // g_gy at a maximum: gb + gw xhat + w s (ggx - S1 / M - xhat S2 / M)
+      const double r0 = gb - wv * s * S1 / Md, r1 = (gw - wv * s * S2 / Md) * s;  // r1 per unit (x - mean)
+      const T ws = static_cast<T>(wv * s), r0T = static_cast<T>(r0), r1T = static_cast<T>(r1);
+      for (int64_t n = 0; n < d.N; ++n) {
+        const int64_t pl = d.plane_of(t, n, c);
+        const T* p = x + pl * d.plane();
+        const T* q = ggx != nullptr ? ggx + pl * d.plane() : nullptr;
+        T* gx = g_x + pl * d.plane();
+        if (q != nullptr) {
+          _Pragma("omp simd") for (int64_t i = 0; i < d.plane(); ++i) gx[i] = sK * q[i] + a0 + a1 * (p[i] - m);
+        } else {
+          _Pragma("omp simd") for (int64_t i = 0; i < d.plane(); ++i) gx[i] = a0 + a1 * (p[i] - m);
+        }
+        const int64_t o = pl * d.out_plane();
+        for (int64_t i = 0; i < d.Ho; ++i) {
+          for (int64_t j = 0; j < d.Wo; ++j) {
+            const int64_t oi = o + i * d.Wo + j;
+            if (!(y[oi] > T(0))) {
+              g_gy[oi] = T(0);
+              continue;
+            }
+            const int k = idx[oi];
+            const int64_t a = (2 * i + (k >> 1)) * d.W + 2 * j + (k & 1);
+            gx[a] += sP * gy[oi];
+            g_gy[oi] = r0T + r1T * (p[a] - m) + (q != nullptr ? ws * q[a] : T(0));
+          }
+        }
+      }
+    }
+  });
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(const at::Tensor& x_,
                                                                            const at::Tensor& weight_,
                                                                            const at::Tensor& bias_, double eps) {
@@ -355,6 +464,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
   return {dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
+    const c10::optional<at::Tensor>& ggx_, const at::Tensor& ggw_, const at::Tensor& ggb_, const at::Tensor& gy_,
+    const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_, const at::Tensor& y_,
+    const at::Tensor& mean_, const at::Tensor& invstd_) {
+  const bool inner = bn_relu_pool_task_inner(x_);
+  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
+  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
+  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  const Dims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
+  const at::Tensor ggx = bn_relu_pool_check_double_backward(d, x, ggx_, ggw_, ggb_);
+  const at::Tensor ggw = ggw_.contiguous(), ggb = ggb_.contiguous();
+  at::Tensor g_gy = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
+  at::Tensor g_x = bn_relu_pool_empty(d, d.H, d.W, x.options());
+  at::Tensor g_w = new_output({d.T, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward_cpu", [&] {
+    double_backward_impl<scalar_t>(d, ggx.defined() ? ggx.data_ptr<scalar_t>() : nullptr, ggw.data_ptr<scalar_t>(),
+                                   ggb.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                   weight.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), y.data_ptr<scalar_t>(),
+                                   mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), g_gy.data_ptr<scalar_t>(),
+                                   g_x.data_ptr<scalar_t>(), g_w.data_ptr<scalar_t>());
+  });
+  return {g_gy, g_x, g_w};
+}
+
 }  // namespace
 }  // namespace fastmeta
 
@@ -364,9 +497,14 @@ TORCH_LIBRARY_FRAGMENT(fastmeta, m) {
   // [dx, dweight [T, C], dbias [T, C]]
   m.def("bn_relu_pool_backward(Tensor gy, Tensor x, Tensor weight, Tensor idx, Tensor y, Tensor mean, "
         "Tensor invstd) -> (Tensor, Tensor, Tensor)");
+  // [g_gy (y's shape), g_x (x's), g_weight [T, C]]: the backward's derivative contracted with the
+  // cotangents of (dx, dweight, dbias); ggx None: zero
+  m.def("bn_relu_pool_double_backward(Tensor? ggx, Tensor ggw, Tensor ggb, Tensor gy, Tensor x, Tensor weight, "
+        "Tensor idx, Tensor y, Tensor mean, Tensor invstd) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
   m.impl("bn_relu_pool", &fastmeta::bn_relu_pool_cpu);
   m.impl("bn_relu_pool_backward", &fastmeta::bn_relu_pool_backward_cpu);
+  m.impl("bn_relu_pool_double_backward", &fastmeta::bn_relu_pool_double_backward_cpu);
 }

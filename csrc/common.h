@@ -86,5 +86,10 @@ BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight,
 // Also checks that gy, idx and y are [T, N, C, H/2, W/2] in x's layout.
 BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& idx, const at::Tensor& y);
+// The double backward's cotangents: ggw, ggb [T, C]; ggx like x or undefined (zero). Returns ggx in
+// d's layout (undefined when absent).
+at::Tensor bn_relu_pool_check_double_backward(const BNReLUPoolDims& d, const at::Tensor& x,
+                                              const c10::optional<at::Tensor>& ggx, const at::Tensor& ggw,
+                                              const at::Tensor& ggb);
 
 }  // namespace fastmeta

@@ -180,3 +180,82 @@ def test_task_inner_fake_kernels():
     odd = torch.randn(2, 3, 7, 6, 4).permute(0, 1, 4, 2, 3)
     torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool.default, (odd, w, b, 1e-5), test_utils=utils)
     assert torch.ops.fastmeta.bn_relu_pool(odd, w, b, 1e-5)[0].is_contiguous()
+
+
+def _second_derivatives(backend, x, w, b, gy, cot, which=(0, 1, 2)):
+    """The backward of bn_relu_pool taken with a graph (as a second-order inner step does), then
+    differentiated w.r.t. (gy, x, w, b) with the cotangents cot of (dx, dw, db) that `which` keeps."""
+    with fastmeta.use_backend(backend):
+        y = ops.bn_relu_pool(x, w, b)
+    grads = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+    outs = [grads[i] for i in which]
+    return y, grads, torch.autograd.grad(outs, (gy, x, w, b), [cot[i] for i in which], allow_unused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,layout", [((3, 4, 5, 7, 6), "task-major"), ((3, 4, 5, 7, 6), "task-inner"),
+                                          ((1, 2, 17, 9, 9), "task-major"), ((2, 5, 3, 2, 3), "task-inner"),
+                                          ((2, 6, 4, 28, 28), "task-major")])
+@pytest.mark.parametrize("which", [(0, 1, 2), (1, 2), (0,)])
+def test_double_backward_matches_reference(dtype, shape, layout, which):
+    """The closed-form double backward (fastmeta::bn_relu_pool_double_backward): the derivatives of
+    the backward's (dx, dweight, dbias) w.r.t. gy, x and weight, contracted with cotangents of all
+    three or of some (a missing dx cotangent is a null ggx), against the reference's double
+    backward; odd sizes (7x6, 9x9, 2x3), 3 and 17 channels, T in {1, 2, 3}, both layouts."""
+    T, N, C, H, W = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = 2 * torch.randn(shape, generator=g, dtype=dtype) + 0.3
+    if layout == "task-inner":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    x.requires_grad_()
+    w = torch.rand(T, C, generator=g, dtype=dtype).add(0.5).requires_grad_()
+    b = torch.randn(T, C, generator=g, dtype=dtype).requires_grad_()
+    gy = torch.randn(T, N, C, H // 2, W // 2, generator=g, dtype=dtype).requires_grad_()
+    cot = (torch.randn(shape, generator=g, dtype=dtype), torch.randn(T, C, generator=g, dtype=dtype),
+           torch.randn(T, C, generator=g, dtype=dtype))
+    y, g1, got = _second_derivatives("cpp", x, w, b, gy, cot, which)
+    _, g2, want = _second_derivatives("torch", x, w, b, gy, cot, which)
+    for d in (got[3], want[3]):  # nothing depends on the bias beyond the (piecewise constant) ReLU mask
+        assert d is None or float(d.abs().max()) == 0.0
+    tol = RTOL[dtype] / 10
+    assert_rel_close([t.detach() for t in g1], [t.detach() for t in g2], tol, "first derivatives")
+    assert_rel_close(list(got[:3]), list(want[:3]), tol, "second derivatives (gy, x, weight)")
+
+
+def test_double_backward_gradcheck_and_third_order():
+    """gradgradcheck through the kernel (float64), and a third derivative (the double backward taken
+    with a graph recomputes through the reference) against the reference's, with a shared weight
+    ([C], expanded per task) and no bias."""
+    x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
+
+    def f(x, weight):
+        with fastmeta.use_backend("cpp"):
+            return ops.bn_relu_pool(x, weight, None)
+    assert torch.autograd.gradgradcheck(f, (x, weight))
+    r = torch.randn(2, 3, 4, 2, 2, dtype=torch.float64)
+    third = {}
+    for backend in ("cpp", "torch"):
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, weight, None)
+        gx, gw = torch.autograd.grad((y * r).sum(), (x, weight), create_graph=True)
+        hx, hw = torch.autograd.grad((gx ** 2).sum() + (gw ** 3).sum(), (x, weight), create_graph=True)
+        third[backend] = list(torch.autograd.grad((hx * x.detach()).sum() + hw.sum(), (x, weight)))
+    assert_rel_close(third["cpp"], third["torch"], 1e-9, "third derivatives")
+
+
+def test_double_backward_fake_kernel_and_errors():
+    from fastmeta.ops.bn_relu_pool import _register_cpp
+    _register_cpp()
+    x = torch.randn(3, 2, 4, 7, 6).transpose(0, 1)
+    w, b = torch.rand(2, 4).add(0.5), torch.randn(2, 4)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
+    gy, ggw, ggb = torch.randn(y.shape), torch.randn(2, 4), torch.randn(2, 4)
+    op = torch.ops.fastmeta.bn_relu_pool_double_backward
+    utils = ("test_schema", "test_faketensor")
+    for ggx in (torch.randn(x.shape), None):
+        torch.library.opcheck(op.default, (ggx, ggw, ggb, gy, x, w, idx, y, mean, invstd), test_utils=utils)
+    with pytest.raises(RuntimeError, match="ggw and ggb"):
+        op(None, torch.randn(4), ggb, gy, x, w, idx, y, mean, invstd)
+    with pytest.raises(RuntimeError, match="ggx"):
+        op(torch.randn(2, 3, 4, 7, 5), ggw, ggb, gy, x, w, idx, y, mean, invstd)

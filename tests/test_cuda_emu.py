@@ -323,3 +323,47 @@ def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
     tol = RTOL[dtype] / 10
     assert_rel_close([y, mean, invstd], [want[0], want[2], want[3]], tol, "forward")
     assert_rel_close([dx, dw, db], list(want_b), tol, "backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9)])
+@pytest.mark.parametrize("layout", ["task-major", "task-inner"])
+@pytest.mark.parametrize("with_ggx", [True, False])
+def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx):
+    """The CUDA double backward of bn_relu_pool against the C++ kernel (itself checked against the
+    reference's double backward in tests/test_bn_relu_pool.py): odd sizes, planes smaller and larger
+    than a block, both layouts, with and without a dx cotangent (null ggx), every thread order bit
+    for bit."""
+    from fastmeta.ops.bn_relu_pool import _register_cpp
+    _register_cpp()
+    g = torch.Generator().manual_seed(7 + sum(shape))
+    T, N, C, H, W = shape
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    if layout == "task-inner":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    inner = not x.is_contiguous()
+    w = torch.randn(T, C, generator=g, dtype=dtype)
+    b = torch.randn(T, C, generator=g, dtype=dtype)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool(x, w, b, 1e-5)
+
+    def like(t):  # a copy in x's layout
+        return t.transpose(0, 1).contiguous().transpose(0, 1) if inner else t.contiguous()
+    gy = like(torch.randn(y.shape, generator=g, dtype=dtype))
+    ggx = like(torch.randn(shape, generator=g, dtype=dtype)) if with_ggx else None
+    ggw, ggb = torch.randn(T, C, generator=g, dtype=dtype), torch.randn(T, C, generator=g, dtype=dtype)
+    want = torch.ops.fastmeta.bn_relu_pool_double_backward(ggx, ggw, ggb, gy, x, w, idx, y, mean, invstd)
+    fn = emu.fm_emu_bn_relu_pool_double_f64 if dtype == torch.float64 else emu.fm_emu_bn_relu_pool_double_f32
+    dims = (ctypes.c_int64 * 6)(T, N, C, H, W, int(inner))
+    runs = []
+    for order in ORDERS:
+        emu.fm_emu_set_order(order, 5)
+        outs = [like(torch.full(y.shape, float("nan"), dtype=dtype)), like(torch.full(shape, float("nan"), dtype=dtype)),
+                torch.full((T, C), float("nan"), dtype=dtype)]
+        rc = fn(dims, ptr(x), ptr(w), ptr(mean), ptr(invstd), ptr(y), ptr(idx), ptr(gy), ptr(ggx), ptr(ggw),
+                ptr(ggb), *(ptr(o) for o in outs))
+        assert rc == 0, emu.fm_emu_error().decode()
+        runs.append(outs)
+    for other in runs[1:]:
+        for a, c in zip(runs[0], other):
+            assert torch.equal(a, c), "thread orders disagree: a data race"
+    assert_rel_close(runs[0], list(want), RTOL[dtype] / 10, "double backward")

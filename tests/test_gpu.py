@@ -333,12 +333,12 @@ def test_tune_on_gpu():
 @pytest.mark.parametrize("shape", [(2, 3, 4, 7, 6), (4, 80, 64, 28, 28)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
 def test_cuda_bn_relu_pool(shape, dtype, layout):
-    """fastmeta::bn_relu_pool's CUDA kernels (backend cuda): values and the gradients of x, weight
-    and bias (the backward kernel, and the create_graph recompute) against the reference in float64,
-    and in float32 against the C++ CPU kernel on the same data (both take z = x * scale + shift as
-    one fused multiply-add, so their windows pick the same maxima, where the reference's rounding
-    may pick the other of a near-tie); x task-major or task-inner (as batched_conv2d returns it:
-    the outputs then are too)."""
+    """fastmeta::bn_relu_pool's CUDA kernels (backend cuda): values, the gradients of x, weight
+    and bias (the backward kernel, and the differentiable backward) and second derivatives (the
+    double-backward kernel), against the reference in float64, and in float32 against the C++ CPU
+    kernels on the same data (both take z = x * scale + shift as one fused multiply-add, so their
+    windows pick the same maxima, where the reference's rounding may pick the other of a near-tie);
+    x task-major or task-inner (as batched_conv2d returns it: the outputs then are too)."""
     from fastmeta.ops.bn_relu_pool import task_inner
     g = torch.Generator().manual_seed(0)
     T, N, C, H, W = shape
@@ -369,7 +369,7 @@ def test_cuda_bn_relu_pool(shape, dtype, layout):
     g2 = torch.autograd.grad((want * r).sum(), [x, w, b], create_graph=True)
     assert_rel_close([t.cpu() for t in g0], [t.detach() for t in g2], 10 * tol, "gradients (kernel)")
     assert_rel_close([t.detach().cpu() for t in g1], [t.detach() for t in g2], 10 * tol, "gradients")
-    # second order (the create_graph backward recomputes through the reference at the kernel's windows)
+    # second order: the create_graph backward is an op whose derivative is the CUDA double-backward kernel
     h1 = torch.autograd.grad(sum((t * t.detach()).sum() for t in g1), [xc, wc])
     h2 = torch.autograd.grad(sum((t * t.detach()).sum() for t in g2), [x, w])
     assert_rel_close([t.cpu() for t in h1], list(h2), 100 * tol, "second derivatives")

@@ -287,6 +287,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
   return {dx, dw, db};
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cuda(
+    const c10::optional<at::Tensor>& ggx_, const at::Tensor& ggw_, const at::Tensor& ggb_, const at::Tensor& gy_,
+    const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_, const at::Tensor& y_,
+    const at::Tensor& mean_, const at::Tensor& invstd_) {
+  const c10::cuda::CUDAGuard guard(x_.device());
+  const bool inner = bn_relu_pool_task_inner(x_);
+  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
+  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
+  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
+  const BNReLUPoolDims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
+  const at::Tensor ggx = bn_relu_pool_check_double_backward(d, x, ggx_, ggw_, ggb_);
+  const at::Tensor ggw = ggw_.contiguous(), ggb = ggb_.contiguous();
+  at::Tensor g_gy = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
+  at::Tensor g_x = bn_relu_pool_empty(d, d.H, d.W, x.options());
+  at::Tensor g_w = new_output({d.T, d.C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward_cuda", [&] {
+    auto a = bn_relu_pool_args<scalar_t>(d, x, weight);
+    a.y = y.data_ptr<scalar_t>();
+    a.idx = idx.data_ptr<uint8_t>();
+    a.mean = mean.data_ptr<scalar_t>();
+    a.invstd = invstd.data_ptr<scalar_t>();
+    a.gy = gy.data_ptr<scalar_t>();
+    a.ggx = ggx.defined() ? ggx.data_ptr<scalar_t>() : nullptr;
+    a.ggw = ggw.data_ptr<scalar_t>();
+    a.ggb = ggb.data_ptr<scalar_t>();
+    a.g_gy = g_gy.data_ptr<scalar_t>();
+    a.g_x = g_x.data_ptr<scalar_t>();
+    a.g_w = g_w.data_ptr<scalar_t>();
+    C10_CUDA_CHECK(cuda::launch_bn_relu_pool_double_backward<scalar_t>(a, c10::cuda::getCurrentCUDAStream()));
+  });
+  return {g_gy, g_x, g_w};
+}
+
 }  // namespace
 }  // namespace fastmeta
 
@@ -296,4 +329,5 @@ TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("inner_update_tensor", &fastmeta::inner_update_tensor_cuda);
   m.impl("bn_relu_pool", &fastmeta::bn_relu_pool_cuda);
   m.impl("bn_relu_pool_backward", &fastmeta::bn_relu_pool_backward_cuda);
+  m.impl("bn_relu_pool_double_backward", &fastmeta::bn_relu_pool_double_backward_cuda);
 }

@@ -112,6 +112,71 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   }
 }
 
+// The double backward (the formulas at the top of csrc/bn_relu_pool.cpp): one pass for the five
+// sums (S1, S2 over the elements, A, B, S3 over the windows), one over the elements for g_x (each
+// element finding its own window) and one over the windows for g_gy.
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backward_kernel(BNReLUPoolArgs<T> a) {
+  FASTMETA_DYNAMIC_SMEM(double, red);
+  const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
+  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
+  const double Md = static_cast<double>(M);
+  const double mean = static_cast<double>(a.mean[tc]), s = static_cast<double>(a.invstd[tc]);
+  const double wv = static_cast<double>(a.weight[tc]);
+  double s1 = 0, s2 = 0, sa = 0, sb = 0, s3 = 0;
+  if (a.ggx != nullptr) {
+    for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+      const int64_t off = plane_of(a, t, e / plane, c) * plane + e % plane;
+      const double q = static_cast<double>(a.ggx[off]);
+      s1 += q;
+      s2 += q * (static_cast<double>(a.x[off]) - mean);
+    }
+  }
+  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
+    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
+    const int64_t pl = plane_of(a, t, n, c), out = pl * out_plane + r;
+    if (!(a.y[out] > T(0))) continue;
+    const int k = a.idx[out];
+    const int64_t xa = pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
+    const double g = static_cast<double>(a.gy[out]);
+    sa += g;
+    sb += g * (static_cast<double>(a.x[xa]) - mean);
+    if (a.ggx != nullptr) s3 += g * static_cast<double>(a.ggx[xa]);
+  }
+  const double S1 = block_sum(s1, red), S2 = block_sum(s2, red) * s, A = block_sum(sa, red);
+  const double B = block_sum(sb, red) * s, S3 = block_sum(s3, red);
+  const double gw = static_cast<double>(a.ggw[tc]), gb = static_cast<double>(a.ggb[tc]);
+  if (threadIdx.x == 0) a.g_w[tc] = static_cast<T>(s * (S3 - A * S1 / Md - B * S2 / Md));
+  const double K = -wv * s * B / Md, P = gw - wv * s * S2 / Md;
+  const double Gs = wv * S3 - wv * (A * S1 + B * S2) / Md;
+  const double c0 = -s * (P * A + K * S1) / Md, c1 = -(s * (P * B + K * S2) + s * s * Gs) / Md;
+  const T sK = static_cast<T>(s * K), a0 = static_cast<T>(c0), a1 = static_cast<T>(c1 * s);
+  const T m = static_cast<T>(mean), sP = static_cast<T>(s * P);
+  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
+    const int64_t n = e / plane, rest = e % plane, h = rest / a.W, w = rest % a.W;
+    const int64_t pl = plane_of(a, t, n, c), off = pl * plane + rest;
+    T v = (a.ggx != nullptr ? sK * a.ggx[off] : T(0)) + a0 + a1 * (a.x[off] - m);
+    if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: s P g where it took the maximum
+      const int64_t out = pl * out_plane + (h >> 1) * a.Wo + (w >> 1);
+      if (a.idx[out] == ((h & 1) << 1 | (w & 1)) && a.y[out] > T(0)) v += sP * a.gy[out];
+    }
+    a.g_x[off] = v;
+  }
+  const T r0 = static_cast<T>(gb - wv * s * S1 / Md), r1 = static_cast<T>((gw - wv * s * S2 / Md) * s);
+  const T ws = static_cast<T>(wv * s);
+  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
+    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
+    const int64_t pl = plane_of(a, t, n, c), out = pl * out_plane + r;
+    T v = T(0);
+    if (a.y[out] > T(0)) {
+      const int k = a.idx[out];
+      const int64_t xa = pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
+      v = r0 + r1 * (a.x[xa] - m) + (a.ggx != nullptr ? ws * a.ggx[xa] : T(0));
+    }
+    a.g_gy[out] = v;
+  }
+}
+
 // One block per (task, channel), a double per thread of shared memory for the reductions.
 template <typename T, typename Kernel>
 cudaError_t launch_per_channel(Kernel kernel, const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
@@ -133,10 +198,17 @@ cudaError_t launch_bn_relu_pool_backward(const BNReLUPoolArgs<T>& a, cudaStream_
   return launch_per_channel(bn_relu_pool_backward_kernel<T>, a, stream);
 }
 
+template <typename T>
+cudaError_t launch_bn_relu_pool_double_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
+  return launch_per_channel(bn_relu_pool_double_backward_kernel<T>, a, stream);
+}
+
 template cudaError_t launch_bn_relu_pool<float>(const BNReLUPoolArgs<float>&, cudaStream_t);
 template cudaError_t launch_bn_relu_pool<double>(const BNReLUPoolArgs<double>&, cudaStream_t);
 template cudaError_t launch_bn_relu_pool_backward<float>(const BNReLUPoolArgs<float>&, cudaStream_t);
 template cudaError_t launch_bn_relu_pool_backward<double>(const BNReLUPoolArgs<double>&, cudaStream_t);
+template cudaError_t launch_bn_relu_pool_double_backward<float>(const BNReLUPoolArgs<float>&, cudaStream_t);
+template cudaError_t launch_bn_relu_pool_double_backward<double>(const BNReLUPoolArgs<double>&, cudaStream_t);
 
 }  // namespace cuda
 }  // namespace fastmeta

@@ -216,6 +216,12 @@ struct BNReLUPoolArgs {
   T* dx;               // backward: [T, N, C, H, W] (x's layout)
   T* dweight;          // backward: [T, C]
   T* dbias;            // backward: [T, C]
+  const T* ggx;        // double backward: the cotangent of dx (x's layout), or null (zero)
+  const T* ggw;        // double backward: the cotangents of dweight and dbias [T, C]
+  const T* ggb;
+  T* g_gy;             // double backward: [T, N, C, Ho, Wo] (x's layout)
+  T* g_x;              // double backward: [T, N, C, H, W] (x's layout)
+  T* g_w;              // double backward: [T, C]
 };
 
 template <typename T>
@@ -223,6 +229,9 @@ cudaError_t launch_bn_relu_pool(const BNReLUPoolArgs<T>& a, cudaStream_t stream)
 
 template <typename T>
 cudaError_t launch_bn_relu_pool_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream);
+
+template <typename T>
+cudaError_t launch_bn_relu_pool_double_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace fastmeta

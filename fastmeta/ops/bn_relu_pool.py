@@ -9,9 +9,11 @@ relu and max_pool2d(2); PyTorch differentiates it twice. Backend ``cpp``: fastme
 Backend ``cuda``: the same fastmeta::bn_relu_pool ops on CUDA tensors (csrc/cuda/bn_relu_pool.cu), one
 thread block per (task, channel). Backend ``triton``: fastmeta::bn_relu_pool_triton
 (kernels/bn_relu_pool.py), the same contract, one program per (task, channel).
-Its backward runs the C++ kernel when no graph of the backward is wanted (the query loss, the
-outer backward, first-order inner steps) and recomputes through differentiable torch ops when one is
-(the create_graph=True inner steps of second-order MAML), so second order composes; the recompute
+Its backward runs the backward kernel. Where a graph of the backward is wanted (the create_graph=True
+inner steps of second-order MAML), the cpp and cuda backends make the backward an op of its own
+whose derivative is a closed-form double-backward kernel (fastmeta::bn_relu_pool_double_backward,
+two passes over the activations), and a derivative of that (third order) recomputes through
+differentiable torch ops; the Triton backend recomputes through them at the first. A recompute
 reads each window at the position the forward chose. The planner lowers BatchNorm2d -> ReLU ->
 MaxPool2d(2) onto this op (BatchNorm with batch statistics; eval mode with running statistics keeps
 the three separate steps).
@@ -37,9 +39,9 @@ _twice = ThreadFlag()
 
 
 def differentiated_twice():
-    """Within it, bn_relu_pool runs its reference: for a forward whose backward will itself be
-    differentiated (the support pass of second-order MAML), where the fused op's backward would
-    recompute the reference anyway."""
+    """Within it, bn_relu_pool's Triton backend runs the reference: for a forward whose backward will
+    itself be differentiated (the support pass of second-order MAML), where the Triton op's backward
+    would recompute the reference anyway (cpp and cuda differentiate theirs in closed form)."""
     return _twice.enabled()
 
 
@@ -87,10 +89,16 @@ def _bwd_fake(gy, x, weight, idx, y, mean, invstd):
     return _empty_like_layout(x, *x.shape[3:]), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
+def _dbwd_fake(ggx, ggw, ggb, gy, x, weight, idx, y, mean, invstd):
+    return (_empty_like_layout(x, *y.shape[3:]), _empty_like_layout(x, *x.shape[3:]),
+            x.new_empty(x.shape[0], x.shape[2]))
+
+
 @functools.cache
 def _register_cpp():
     torch.library.register_fake("fastmeta::bn_relu_pool")(_fwd_fake)
     torch.library.register_fake("fastmeta::bn_relu_pool_backward")(_bwd_fake)
+    torch.library.register_fake("fastmeta::bn_relu_pool_double_backward")(_dbwd_fake)
 
 
 def _in_layout(t, inner):
@@ -120,19 +128,29 @@ def _register_triton():
 
 
 def _kernels(backend):
-    """(forward op, backward op) of the fused backend: C++ (cpp, and cuda: the same ops' CUDA kernels)
-    or Triton (triton)."""
+    """(forward op, backward op, double-backward op or None) of the fused backend: C++ (cpp, and
+    cuda: the same ops' CUDA kernels) or Triton (triton: no double-backward kernel)."""
     if backend == "triton":
         _register_triton()
-        return torch.ops.fastmeta.bn_relu_pool_triton, torch.ops.fastmeta.bn_relu_pool_backward_triton
+        return torch.ops.fastmeta.bn_relu_pool_triton, torch.ops.fastmeta.bn_relu_pool_backward_triton, None
     _register_cpp()
-    return torch.ops.fastmeta.bn_relu_pool, torch.ops.fastmeta.bn_relu_pool_backward
+    ops = torch.ops.fastmeta
+    return ops.bn_relu_pool, ops.bn_relu_pool_backward, ops.bn_relu_pool_double_backward
+
+
+def _reference_backward(x, weight, bias, idx, gy, eps, wrt):
+    """(dx, dweight, dbias) recomputed through differentiable torch ops at the forward's windows,
+    with a graph (wrt: which of x, weight, bias to differentiate; the rest get None)."""
+    inputs = [t for t, n in zip((x, weight, bias), wrt) if n]
+    yr = _pool_at(F.relu(batched_batch_norm(x, weight, bias, eps)), idx)
+    grads = iter(torch.autograd.grad(yr, inputs, gy, create_graph=True, allow_unused=True))
+    return tuple(next(grads) if n else None for n in wrt)
 
 
 class _BNReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, backend):
-        fwd, ctx.bwd = _kernels(backend)
+        fwd, ctx.bwd, ctx.dbwd = _kernels(backend)
         y, idx, mean, invstd = fwd(x, weight, bias, eps)
         ctx.save_for_backward(x, weight, bias, idx, y, mean, invstd)
         ctx.eps = eps
@@ -142,13 +160,49 @@ class _BNReLUPool(torch.autograd.Function):
     def backward(ctx, gy):
         x, weight, bias, idx, y, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward, via the reference
-            inputs = [t for t, n in zip((x, weight, bias), need) if n]
-            yr = _pool_at(F.relu(batched_batch_norm(x, weight, bias, ctx.eps)), idx)
-            grads = iter(torch.autograd.grad(yr, inputs, gy, create_graph=True, allow_unused=True))
-            return tuple(next(grads) if n else None for n in need) + (None, None)
-        dx, dw, db = ctx.bwd(gy, x, weight, idx, y, mean, invstd)
-        return (dx if need[0] else None), (dw if need[1] else None), (db if need[2] else None), None, None
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
+            if ctx.dbwd is None:
+                return _reference_backward(x, weight, bias, idx, gy, ctx.eps, need) + (None, None)
+            grads = _BNReLUPoolBackward.apply(gy, x, weight, bias, idx, y, mean, invstd, ctx.eps, ctx.bwd, ctx.dbwd)
+        else:
+            grads = ctx.bwd(gy, x, weight, idx, y, mean, invstd)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+
+
+class _BNReLUPoolBackward(torch.autograd.Function):
+    """bn_relu_pool's backward (gy, x, weight) -> (dx, dweight, dbias) as a differentiable op: its
+    derivative is the closed-form double-backward kernel; one taken with a graph (third order)
+    recomputes through the reference."""
+
+    @staticmethod
+    def forward(ctx, gy, x, weight, bias, idx, y, mean, invstd, eps, bwd, dbwd):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(gy, x, weight, bias, idx, y, mean, invstd)
+        ctx.eps, ctx.dbwd = eps, dbwd
+        return bwd(gy, x, weight, idx, y, mean, invstd)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        gy, x, weight, bias, idx, y, mean, invstd = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        none = (None,) * 8
+        if ggx is None and ggw is None and ggb is None:
+            return (None,) * 3 + none
+        if torch.is_grad_enabled():  # third order: through the reference, with a graph
+            def local(t, n):  # a constant weight or bias: a leaf of this recompute only
+                return t if t.requires_grad or not n else t.detach().requires_grad_()
+            xr, wr, br = local(x, True), local(weight, True), local(bias, True)
+            outs = _reference_backward(xr, wr, br, idx, gy, ctx.eps, (True, True, True))
+            inputs = [t for t, n in zip((gy, xr, wr), need) if n]
+            pairs = [(o, g) for o, g in zip(outs, (ggx, ggw, ggb)) if g is not None and o is not None]
+            grads = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
+                                             create_graph=True, allow_unused=True))
+            return tuple(next(grads) if n else None for n in need) + none
+        T, C = mean.shape
+        ggw = mean.new_zeros(T, C) if ggw is None else ggw
+        ggb = mean.new_zeros(T, C) if ggb is None else ggb
+        g_gy, g_x, g_w = ctx.dbwd(ggx, ggw, ggb, gy, x, weight, idx, y, mean, invstd)
+        return (g_gy if need[0] else None, g_x if need[1] else None, g_w if need[2] else None) + none
 
 
 def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
@@ -164,7 +218,7 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
     backend = select("bn_relu_pool", x.device.type)
     if (backend not in ("cpp", "cuda", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
-            or _twice.on):
+            or (_twice.on and backend == "triton")):
         return bn_relu_pool_ref(x, weight, bias, eps)
 
     def per_task(p, fill):

@@ -90,6 +90,23 @@ int run_bn_relu_pool(const int64_t* dims, const T* x, const T* weight, const T* 
   return e == cudaSuccess ? 0 : 1;
 }
 
+// bn_relu_pool's double backward on host arrays (dims as above; ggx may be null); 0 or 1 (error).
+template <typename T>
+int run_bn_relu_pool_double(const int64_t* dims, const T* x, const T* weight, const T* mean, const T* invstd,
+                            const T* y, const uint8_t* idx, const T* gy, const T* ggx, const T* ggw, const T* ggb,
+                            T* g_gy, T* g_x, T* g_w) {
+  using namespace fastmeta::cuda;
+  BNReLUPoolArgs<T> a{};
+  a.tasks = dims[0]; a.N = dims[1]; a.C = dims[2]; a.H = dims[3]; a.W = dims[4];
+  a.Ho = a.H / 2; a.Wo = a.W / 2;
+  a.task_inner = dims[5] != 0;
+  a.x = x; a.weight = weight; a.mean = const_cast<T*>(mean); a.invstd = const_cast<T*>(invstd);
+  a.y = const_cast<T*>(y); a.idx = const_cast<uint8_t*>(idx); a.gy = gy;
+  a.ggx = ggx; a.ggw = ggw; a.ggb = ggb; a.g_gy = g_gy; a.g_x = g_x; a.g_w = g_w;
+  fm_emu::state().error.clear();
+  return launch_bn_relu_pool_double_backward<T>(a, nullptr) == cudaSuccess ? 0 : 1;
+}
+
 // A kernel with a deliberate race unless `sync`: thread i reads what thread i + 1 wrote in the same
 // interval. The emulator's thread orders must tell the two apart (tests/test_cuda_emu.py).
 __global__ void neighbour_kernel(float* out, int sync) {
@@ -145,5 +162,13 @@ FM_EMU_UPDATE(fm_emu_update_f64, double)
   }
 FM_EMU_BNRP(fm_emu_bn_relu_pool_f32, float)
 FM_EMU_BNRP(fm_emu_bn_relu_pool_f64, double)
+
+#define FM_EMU_BNRP2(NAME, T)                                                                                 \
+  int NAME(const int64_t* dims, const T* x, const T* weight, const T* mean, const T* invstd, const T* y,       \
+           const uint8_t* idx, const T* gy, const T* ggx, const T* ggw, const T* ggb, T* g_gy, T* g_x, T* g_w) { \
+    return run_bn_relu_pool_double<T>(dims, x, weight, mean, invstd, y, idx, gy, ggx, ggw, ggb, g_gy, g_x, g_w); \
+  }
+FM_EMU_BNRP2(fm_emu_bn_relu_pool_double_f32, float)
+FM_EMU_BNRP2(fm_emu_bn_relu_pool_double_f64, double)
 
 }  // extern "C"
