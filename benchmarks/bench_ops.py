@@ -113,7 +113,7 @@ def test_task_loss(benchmark, backend, kind):
     benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
 
 
-BRP_BACKENDS = ["torch"] + (["cpp"] if DEVICE == "cpu" else ["triton"])
+BRP_BACKENDS = ["torch"] + (["cpp"] if DEVICE == "cpu" else ["cuda", "triton"])
 
 
 @pytest.mark.parametrize("backend", BRP_BACKENDS)
@@ -143,3 +143,36 @@ def test_bn_relu_pool(benchmark, backend, size):
         y = ops.bn_relu_pool(x, w, b)
     for got, want in zip(out, torch.autograd.grad(y, (x, w, b), torch.ones_like(y))):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BRP_BACKENDS)
+@pytest.mark.parametrize("size", [28, 14])
+def test_bn_relu_pool_second_order(benchmark, backend, size):
+    """The same block in a second-order support pass (5 images, 64 channels, task-inner as the
+    convolution returns it; one task on CPU, 32 on a GPU): forward, the backward taken with a graph,
+    and its derivative (the double backward), as the outer backward of second-order MAML runs it."""
+    why = why_unavailable(backend, DEVICE)
+    if why:
+        pytest.skip(why)
+    T = 32 if DEVICE == "cuda" else 1
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    x = torch.randn(5, T, 64, size, size, device=DEVICE, generator=g).transpose(0, 1).requires_grad_()
+    w = torch.rand(T, 64, device=DEVICE, generator=g).add(0.5).requires_grad_()
+    b = torch.randn(T, 64, device=DEVICE, generator=g, requires_grad=True)
+    gy = torch.randn(T, 5, 64, size // 2, size // 2, device=DEVICE, generator=g)
+    cot = (torch.randn(x.shape, device=DEVICE, generator=g), torch.randn(T, 64, device=DEVICE, generator=g),
+           torch.randn(T, 64, device=DEVICE, generator=g))
+    benchmark.group = f"bn_relu_pool_second_order-{size}x{size}"
+    benchmark.extra_info.update(backend=backend, device=DEVICE, tasks=T)
+
+    def run(be=backend):
+        with fastmeta.use_backend(be):
+            y = ops.bn_relu_pool(x, w, b)
+        first = torch.autograd.grad(y, (x, w, b), gy, create_graph=True)
+        out = torch.autograd.grad(first, (x, w), cot)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return out
+    out = benchmark.pedantic(run, rounds=20, iterations=1, warmup_rounds=2)
+    for got, want in zip(out, run("torch")):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3)
