@@ -208,3 +208,129 @@ def bn_relu_pool_bwd(gy, x, weight, idx, y, mean, invstd):
                                        *_plane_strides(x),
                                        BLOCK=_block(N * H * W), F64=x.dtype == torch.float64)
     return dx, dw, db
+
+
+@triton.jit
+def _bn_relu_pool_dbwd_kernel(ggx_ptr, ggw_ptr, ggb_ptr, gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, invstd_ptr,
+                              ggy_ptr, gx_ptr, gw_ptr,
+                              N, C, H, W, Ho, Wo, ST, SN,
+                              HAS_GGX: tl.constexpr, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """The double backward (csrc/bn_relu_pool.cpp has the formulas): the derivatives of (dx, dweight,
+    dbias) w.r.t. (gy, x, weight) contracted with their cotangents (ggx, ggw, ggb). One pass for the
+    sums (S1, S2 over the elements, A, B, S3 over the windows), one over the elements for g_x (each
+    element reading its window) and one over the windows for g_gy."""
+    pid = tl.program_id(0).to(tl.int64)
+    t = pid // C
+    c = pid % C
+    acc_t = tl.float64 if F64 else tl.float32
+    HW = H * W
+    M = N * HW
+    P = Ho * Wo
+    MO = N * P
+    base = (t * ST + c) * HW
+    obase = (t * ST + c) * P
+    mean = tl.load(mean_ptr + pid).to(acc_t)
+    s = tl.load(invstd_ptr + pid).to(acc_t)
+    wv = tl.load(w_ptr + pid).to(acc_t)
+    r = tl.arange(0, BLOCK)
+    s1 = tl.zeros((BLOCK,), dtype=acc_t)
+    s2 = tl.zeros((BLOCK,), dtype=acc_t)
+    if HAS_GGX:
+        m0 = 0
+        while m0 < M:
+            m = m0 + r
+            ok = m < M
+            off = base + (m // HW).to(tl.int64) * SN * HW + m % HW
+            q = tl.load(ggx_ptr + off, mask=ok, other=0.0).to(acc_t)
+            xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(acc_t)
+            s1 += q
+            s2 += tl.where(ok, q * (xv - mean), 0.0)
+            m0 += BLOCK
+    sa = tl.zeros((BLOCK,), dtype=acc_t)
+    sb = tl.zeros((BLOCK,), dtype=acc_t)
+    s3 = tl.zeros((BLOCK,), dtype=acc_t)
+    m0 = 0
+    while m0 < MO:
+        m = m0 + r
+        ok = m < MO
+        n, q, i, j = _window(m, P, Wo)
+        off = obase + n * SN * P + q
+        k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
+        yv = tl.load(y_ptr + off, mask=ok, other=0.0)
+        live = ok & (yv > 0)
+        g = tl.where(live, tl.load(gy_ptr + off, mask=ok, other=0.0).to(acc_t), 0.0)
+        xa = base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2
+        xv = tl.load(x_ptr + xa, mask=live, other=0.0).to(acc_t)
+        sa += g
+        sb += g * (xv - mean)
+        if HAS_GGX:
+            s3 += g * tl.load(ggx_ptr + xa, mask=live, other=0.0).to(acc_t)
+        m0 += BLOCK
+    S1 = tl.sum(s1, axis=0)
+    S2 = tl.sum(s2, axis=0) * s
+    A = tl.sum(sa, axis=0)
+    B = tl.sum(sb, axis=0) * s
+    S3 = tl.sum(s3, axis=0)
+    gw = tl.load(ggw_ptr + pid).to(acc_t)
+    gb = tl.load(ggb_ptr + pid).to(acc_t)
+    tl.store(gw_ptr + pid, s * (S3 - A * S1 / M - B * S2 / M))
+    K = -wv * s * B / M
+    Pc = gw - wv * s * S2 / M
+    Gs = wv * S3 - wv * (A * S1 + B * S2) / M
+    c0 = -s * (Pc * A + K * S1) / M
+    c1 = -(s * (Pc * B + K * S2) + s * s * Gs) / M
+    m0 = 0
+    while m0 < M:  # g_x = s K ggx + c0 + c1 xhat, and s P g at a window's maximum
+        m = m0 + r
+        ok = m < M
+        n = (m // HW).to(tl.int64)
+        e = m % HW
+        h = e // W
+        w = e % W
+        i = h // 2
+        j = w // 2
+        inside = ok & (i < Ho) & (j < Wo)
+        ooff = obase + n * SN * P + i * Wo + j
+        k = tl.load(idx_ptr + ooff, mask=inside, other=0).to(tl.int32)
+        yv = tl.load(y_ptr + ooff, mask=inside, other=0.0)
+        mine = inside & (k == (h % 2) * 2 + (w % 2)) & (yv > 0)
+        g = tl.where(mine, tl.load(gy_ptr + ooff, mask=inside, other=0.0).to(acc_t), 0.0)
+        xoff = base + n * SN * HW + e
+        xhat = (tl.load(x_ptr + xoff, mask=ok, other=0.0).to(acc_t) - mean) * s
+        v = c0 + c1 * xhat + s * Pc * g
+        if HAS_GGX:
+            v += s * K * tl.load(ggx_ptr + xoff, mask=ok, other=0.0).to(acc_t)
+        tl.store(gx_ptr + xoff, v.to(gx_ptr.dtype.element_ty), mask=ok)
+        m0 += BLOCK
+    m0 = 0
+    while m0 < MO:  # g_gy = ggb + ggw xhat + w s (ggx - S1 / M - xhat S2 / M) at the maximum, where y > 0
+        m = m0 + r
+        ok = m < MO
+        n, q, i, j = _window(m, P, Wo)
+        off = obase + n * SN * P + q
+        k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
+        yv = tl.load(y_ptr + off, mask=ok, other=0.0)
+        live = ok & (yv > 0)
+        xa = base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2
+        xhat = (tl.load(x_ptr + xa, mask=live, other=0.0).to(acc_t) - mean) * s
+        v = gb - wv * s * S1 / M + (gw - wv * s * S2 / M) * xhat
+        if HAS_GGX:
+            v += wv * s * tl.load(ggx_ptr + xa, mask=live, other=0.0).to(acc_t)
+        tl.store(ggy_ptr + off, tl.where(live, v, 0.0).to(ggy_ptr.dtype.element_ty), mask=ok)
+        m0 += BLOCK
+
+
+def bn_relu_pool_dbwd(ggx, ggw, ggb, gy, x, weight, idx, y, mean, invstd):
+    """(g_gy, g_x, g_weight); ggx (or None: zero), gy, x, idx and y in one layout (the forward's; the
+    outputs in it too), the rest contiguous."""
+    import torch
+
+    T, N, C, H, W = x.shape
+    Ho, Wo = H // 2, W // 2
+    g_gy, g_x = _like(x, Ho, Wo, x.dtype), _like(x, H, W, x.dtype)
+    g_w = torch.empty(T, C, device=x.device, dtype=x.dtype)
+    _bn_relu_pool_dbwd_kernel[(T * C,)](x if ggx is None else ggx, ggw, ggb, gy, x, weight, idx, y, mean, invstd,
+                                        g_gy, g_x, g_w, N, C, H, W, Ho, Wo, *_plane_strides(x),
+                                        HAS_GGX=ggx is not None, BLOCK=_block(N * H * W),
+                                        F64=x.dtype == torch.float64)
+    return g_gy, g_x, g_w

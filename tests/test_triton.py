@@ -328,6 +328,40 @@ def test_bn_relu_pool_triton_task_inner(dtype):
                               (gy, x, w, idx, y, mean, invstd), test_utils=utils)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape,layout", [((3, 2, 5, 7, 6), "task-inner"), ((1, 3, 17, 9, 9), "task-major"),
+                                          ((2, 4, 3, 2, 3), "task-major")])
+@pytest.mark.parametrize("with_ggx", [True, False])
+def test_bn_relu_pool_triton_double_backward(dtype, shape, layout, with_ggx):
+    """The Triton double backward against the reference's double backward (the derivatives of the
+    backward's outputs w.r.t. gy, x and weight, contracted with cotangents; without a dx cotangent
+    too), odd sizes, both layouts, T in {1, 2, 3}; opcheck of its fake kernel."""
+    from fastmeta.ops.bn_relu_pool import _register_triton
+    _register_triton()
+    d = dict(dtype=dtype, device=DEVICE)
+    T, N, C, H, W = shape
+    g = torch.Generator(device=DEVICE).manual_seed(3)
+    x = 2 * torch.randn(shape, generator=g, **d) + 0.3
+    if layout == "task-inner":
+        x = x.transpose(0, 1).contiguous().transpose(0, 1)
+    w = torch.rand(T, C, generator=g, **d).add(0.5)
+    b = torch.randn(T, C, generator=g, **d)
+    y, idx, mean, invstd = torch.ops.fastmeta.bn_relu_pool_triton(x, w, b, 1e-5)
+    gy = torch.randn(y.shape, generator=g, **d)
+    ggx = torch.randn(shape, generator=g, **d) if with_ggx else None
+    ggw, ggb = torch.randn(T, C, generator=g, **d), torch.randn(T, C, generator=g, **d)
+    got = torch.ops.fastmeta.bn_relu_pool_double_backward_triton(ggx, ggw, ggb, gy, x, w, idx, y, mean, invstd)
+    xr, wr, br, gyr = (t.clone().requires_grad_() for t in (x, w, b, gy))
+    first = torch.autograd.grad(ops.bn_relu_pool_ref(xr, wr, br), (xr, wr, br), gyr, create_graph=True)
+    outs, cots = zip(*[(o, c) for o, c in zip(first, (ggx, ggw, ggb)) if c is not None])
+    want = torch.autograd.grad(outs, (gyr, xr, wr), cots)
+    assert_rel_close(list(got), list(want), RTOL[dtype] / 10, "double backward")
+    if dtype == torch.float32 and with_ggx:
+        torch.library.opcheck(torch.ops.fastmeta.bn_relu_pool_double_backward_triton.default,
+                              (ggx, ggw, ggb, gy, x, w, idx, y, mean, invstd),
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 @pytest.mark.parametrize("split", [None, 1, 2, 3, 50])
 def test_conv_wgrad_split_reduction(split):
     """The weight gradient with its reduction over output pixels split between programs (partial

@@ -166,15 +166,20 @@ a = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_fwd_kernel, sign
 sig = dict(gy_ptr=p, x_ptr=p, w_ptr=p, idx_ptr="*u8", y_ptr=p, mean_ptr=p, invstd_ptr=p, dx_ptr=p, dw_ptr=p,
            db_ptr=p, **dims, **{n: "constexpr" for n in const})
 b = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_bwd_kernel, signature=sig, constexprs=const), target=t)
+sig = dict(ggx_ptr=p, ggw_ptr=p, ggb_ptr=p, gy_ptr=p, x_ptr=p, w_ptr=p, idx_ptr="*u8", y_ptr=p, mean_ptr=p,
+           invstd_ptr=p, ggy_ptr=p, gx_ptr=p, gw_ptr=p, **dims, HAS_GGX="constexpr",
+           **{n: "constexpr" for n in const})
+c = triton.compile(triton.compiler.ASTSource(fn=K._bn_relu_pool_dbwd_kernel, signature=sig,
+                                             constexprs=dict(const, HAS_GGX=True)), target=t)
 ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 spills = []
-for k in (a, b):
+for k in (a, b, c):
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(k.asm["ptx"])
     log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
                          capture_output=True, text=True).stderr
     spills.append(sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log)))
-print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubin", b""))), "spills": spills}))
+print(json.dumps({"cubin": min(len(k.asm.get("cubin", b"")) for k in (a, b, c)), "spills": spills}))
 '''
 
 
@@ -183,4 +188,5 @@ print(json.dumps({"cubin": min(len(a.asm.get("cubin", b"")), len(b.asm.get("cubi
 def test_bn_relu_pool_kernels_compile_for_sm90(dtype):
     info = compile_in_subprocess(BN_POOL, dtype)
     assert info["cubin"] > 0
-    assert info["spills"] == [0, 0], f"register spills (bytes stored: forward, backward): {info['spills']}"
+    assert info["spills"] == [0, 0, 0], \
+        f"register spills (bytes stored: forward, backward, double backward): {info['spills']}"

@@ -10,11 +10,10 @@ Backend ``cuda``: the same fastmeta::bn_relu_pool ops on CUDA tensors (csrc/cuda
 thread block per (task, channel). Backend ``triton``: fastmeta::bn_relu_pool_triton
 (kernels/bn_relu_pool.py), the same contract, one program per (task, channel).
 Its backward runs the backward kernel. Where a graph of the backward is wanted (the create_graph=True
-inner steps of second-order MAML), the cpp and cuda backends make the backward an op of its own
-whose derivative is a closed-form double-backward kernel (fastmeta::bn_relu_pool_double_backward,
-two passes over the activations), and a derivative of that (third order) recomputes through
-differentiable torch ops; the Triton backend recomputes through them at the first. A recompute
-reads each window at the position the forward chose. The planner lowers BatchNorm2d -> ReLU ->
+inner steps of second-order MAML), the backward is an op of its own whose derivative is a
+closed-form double-backward kernel (fastmeta::bn_relu_pool_double_backward and its Triton twin,
+two passes over the activations); a derivative of that (third order) recomputes through
+differentiable torch ops, reading each window at the position the forward chose. The planner lowers BatchNorm2d -> ReLU ->
 MaxPool2d(2) onto this op (BatchNorm with batch statistics; eval mode with running statistics keeps
 the three separate steps).
 """
@@ -26,7 +25,6 @@ import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from .._flags import ThreadFlag
 from ..backend import register_op, select
 from ._layout import per_sample_2d
 from .batched_batch_norm import batched_batch_norm
@@ -35,14 +33,6 @@ IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 # cuda and triton stay behind the torch ops on CUDA until a GPU run has timed them against them
 AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch", "cuda", "triton")}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
-_twice = ThreadFlag()
-
-
-def differentiated_twice():
-    """Within it, bn_relu_pool's Triton backend runs the reference: for a forward whose backward will
-    itself be differentiated (the support pass of second-order MAML), where the Triton op's backward
-    would recompute the reference anyway (cpp and cuda differentiate theirs in closed form)."""
-    return _twice.enabled()
 
 
 def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
@@ -108,7 +98,7 @@ def _in_layout(t, inner):
 
 @functools.cache
 def _register_triton():
-    from ..kernels.bn_relu_pool import bn_relu_pool_bwd, bn_relu_pool_fwd
+    from ..kernels.bn_relu_pool import bn_relu_pool_bwd, bn_relu_pool_dbwd, bn_relu_pool_fwd
 
     @torch.library.custom_op("fastmeta::bn_relu_pool_triton", mutates_args=())
     def _fwd(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -126,15 +116,26 @@ def _register_triton():
 
     _bwd.register_fake(_bwd_fake)
 
+    @torch.library.custom_op("fastmeta::bn_relu_pool_double_backward_triton", mutates_args=())
+    def _dbwd(ggx: torch.Tensor | None, ggw: torch.Tensor, ggb: torch.Tensor, gy: torch.Tensor, x: torch.Tensor,
+              weight: torch.Tensor, idx: torch.Tensor, y: torch.Tensor, mean: torch.Tensor,
+              invstd: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        inner = task_inner(x)
+        return bn_relu_pool_dbwd(None if ggx is None else _in_layout(ggx, inner), ggw.contiguous(), ggb.contiguous(),
+                                 *(_in_layout(t, inner) for t in (gy, x)), weight.contiguous(),
+                                 *(_in_layout(t, inner) for t in (idx, y)), mean.contiguous(), invstd.contiguous())
+
+    _dbwd.register_fake(_dbwd_fake)
+
 
 def _kernels(backend):
-    """(forward op, backward op, double-backward op or None) of the fused backend: C++ (cpp, and
-    cuda: the same ops' CUDA kernels) or Triton (triton: no double-backward kernel)."""
+    """(forward, backward, double backward) ops of the fused backend: C++ (cpp, and cuda: the same
+    ops' CUDA kernels) or Triton (triton)."""
+    ops = torch.ops.fastmeta
     if backend == "triton":
         _register_triton()
-        return torch.ops.fastmeta.bn_relu_pool_triton, torch.ops.fastmeta.bn_relu_pool_backward_triton, None
+        return ops.bn_relu_pool_triton, ops.bn_relu_pool_backward_triton, ops.bn_relu_pool_double_backward_triton
     _register_cpp()
-    ops = torch.ops.fastmeta
     return ops.bn_relu_pool, ops.bn_relu_pool_backward, ops.bn_relu_pool_double_backward
 
 
@@ -161,8 +162,6 @@ class _BNReLUPool(torch.autograd.Function):
         x, weight, bias, idx, y, mean, invstd = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
-            if ctx.dbwd is None:
-                return _reference_backward(x, weight, bias, idx, gy, ctx.eps, need) + (None, None)
             grads = _BNReLUPoolBackward.apply(gy, x, weight, bias, idx, y, mean, invstd, ctx.eps, ctx.bwd, ctx.dbwd)
         else:
             grads = ctx.bwd(gy, x, weight, idx, y, mean, invstd)
@@ -217,8 +216,7 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
     if H < 2 or W < 2:
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
     backend = select("bn_relu_pool", x.device.type)
-    if (backend not in ("cpp", "cuda", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0
-            or (_twice.on and backend == "triton")):
+    if backend not in ("cpp", "cuda", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
         return bn_relu_pool_ref(x, weight, bias, eps)
 
     def per_task(p, fill):
