@@ -312,8 +312,10 @@ def explain(model: nn.Module) -> str:
         lines.append(f"  batched_conv2d: the convolutions of all tasks' weights at once (backend "
                      f"{backend_of('batched_conv2d')})")
     if any(s.kind == "bn_relu_pool" for s in prog.steps):
+        be = backend_of("bn_relu_pool")
+        closed = ", its second-order derivative in closed form" if be in ("cpp", "cuda", "triton") else ""
         lines.append(f"  bn_relu_pool: BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op "
-                     f"(backend {backend_of('bn_relu_pool')})")
+                     f"(backend {be}{closed})")
     if prog.mlp is not None:
         lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
                      "loss 'mse' or 'cross_entropy'")

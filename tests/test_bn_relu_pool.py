@@ -97,6 +97,9 @@ def test_batched_maml_uses_it_and_matches_the_loop(first_order, dtype, chunk, mo
     monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", chunk)
     model = conv_net(17, dtype)
     assert "bn_relu_pool" in fastmeta.explain(model)
+    assert "second-order derivative in closed form" in fastmeta.explain(model)
+    with fastmeta.use_backend("torch"):
+        assert "closed form" not in fastmeta.explain(model)
     T, K, Q = 3, 4, 5
     batch = (torch.randn(T, K, 1, 9, 9, dtype=dtype), torch.randint(0, 4, (T, K)),
              torch.randn(T, Q, 1, 9, 9, dtype=dtype), torch.randint(0, 4, (T, Q)))
