@@ -97,20 +97,40 @@ BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tenso
   return d;
 }
 
-at::Tensor bn_relu_pool_check_double_backward(const BNReLUPoolDims& d, const at::Tensor& x,
-                                              const c10::optional<at::Tensor>& ggx, const at::Tensor& ggw,
-                                              const at::Tensor& ggb) {
+BNReLUPoolSaved bn_relu_pool_saved(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& idx, const at::Tensor& y, const at::Tensor& mean,
+                                   const at::Tensor& invstd) {
+  const bool inner = bn_relu_pool_task_inner(x);
+  BNReLUPoolSaved s{bn_relu_pool_in_layout(gy, inner), bn_relu_pool_in_layout(x, inner), weight.contiguous(),
+                    bn_relu_pool_in_layout(idx, inner), bn_relu_pool_in_layout(y, inner), mean.contiguous(),
+                    invstd.contiguous(), {}};
+  s.d = bn_relu_pool_check_backward(s.gy, s.x, s.weight, s.idx, s.y);
+  return s;
+}
+
+BNReLUPoolDouble bn_relu_pool_double_prepare(const BNReLUPoolSaved& s, const c10::optional<at::Tensor>& ggx,
+                                             const at::Tensor& ggw, const at::Tensor& ggb) {
+  const BNReLUPoolDims& d = s.d;
+  const at::Tensor& x = s.x;
   for (const auto* p : {&ggw, &ggb}) {
     TORCH_CHECK(p->dim() == 2 && p->size(0) == d.T && p->size(1) == d.C && p->scalar_type() == x.scalar_type() &&
                     p->device() == x.device(),
                 "bn_relu_pool_double_backward: ggw and ggb must be [T=", d.T, ", C=", d.C, "] of x's dtype and device, got ",
                 p->sizes(), " ", p->scalar_type(), " on ", p->device());
   }
-  if (!ggx.has_value() || !ggx->defined()) return at::Tensor();
-  TORCH_CHECK(ggx->sizes() == x.sizes() && ggx->scalar_type() == x.scalar_type() && ggx->device() == x.device(),
-              "bn_relu_pool_double_backward: ggx ", ggx->sizes(), " ", ggx->scalar_type(), " must be like x ", x.sizes(),
-              " ", x.scalar_type(), " on ", x.device());
-  return bn_relu_pool_in_layout(*ggx, d.task_inner);
+  BNReLUPoolDouble o;
+  if (ggx.has_value() && ggx->defined()) {
+    TORCH_CHECK(ggx->sizes() == x.sizes() && ggx->scalar_type() == x.scalar_type() && ggx->device() == x.device(),
+                "bn_relu_pool_double_backward: ggx ", ggx->sizes(), " ", ggx->scalar_type(), " must be like x ",
+                x.sizes(), " ", x.scalar_type(), " on ", x.device());
+    o.ggx = bn_relu_pool_in_layout(*ggx, d.task_inner);
+  }
+  o.ggw = ggw.contiguous();
+  o.ggb = ggb.contiguous();
+  o.g_gy = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
+  o.g_x = bn_relu_pool_empty(d, d.H, d.W, x.options());
+  o.g_w = new_output({d.T, d.C}, x.options());
+  return o;
 }
 
 namespace {
@@ -445,47 +465,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(cons
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
-    const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_,
-    const at::Tensor& y_, const at::Tensor& mean_, const at::Tensor& invstd_) {
-  const bool inner = bn_relu_pool_task_inner(x_);
-  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
-  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
-  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
-  const Dims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
-  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, x.options());
-  at::Tensor dw = new_output({d.T, d.C}, x.options());
-  at::Tensor db = new_output({d.T, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
-    backward_impl<scalar_t>(d, gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                            idx.data_ptr<uint8_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<scalar_t>(),
-                            invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& y,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  const BNReLUPoolSaved a = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
+  const Dims& d = a.d;
+  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, a.x.options());
+  at::Tensor dw = new_output({d.T, d.C}, a.x.options());
+  at::Tensor db = new_output({d.T, d.C}, a.x.options());
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
+    backward_impl<scalar_t>(d, a.gy.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), a.weight.data_ptr<scalar_t>(),
+                            a.idx.data_ptr<uint8_t>(), a.y.data_ptr<scalar_t>(), a.mean.data_ptr<scalar_t>(),
+                            a.invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
                             db.data_ptr<scalar_t>());
   });
   return {dx, dw, db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(
-    const c10::optional<at::Tensor>& ggx_, const at::Tensor& ggw_, const at::Tensor& ggb_, const at::Tensor& gy_,
-    const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_, const at::Tensor& y_,
-    const at::Tensor& mean_, const at::Tensor& invstd_) {
-  const bool inner = bn_relu_pool_task_inner(x_);
-  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
-  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
-  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
-  const Dims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
-  const at::Tensor ggx = bn_relu_pool_check_double_backward(d, x, ggx_, ggw_, ggb_);
-  const at::Tensor ggw = ggw_.contiguous(), ggb = ggb_.contiguous();
-  at::Tensor g_gy = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
-  at::Tensor g_x = bn_relu_pool_empty(d, d.H, d.W, x.options());
-  at::Tensor g_w = new_output({d.T, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward_cpu", [&] {
-    double_backward_impl<scalar_t>(d, ggx.defined() ? ggx.data_ptr<scalar_t>() : nullptr, ggw.data_ptr<scalar_t>(),
-                                   ggb.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                   weight.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), y.data_ptr<scalar_t>(),
-                                   mean.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>(), g_gy.data_ptr<scalar_t>(),
-                                   g_x.data_ptr<scalar_t>(), g_w.data_ptr<scalar_t>());
+    const c10::optional<at::Tensor>& ggx, const at::Tensor& ggw, const at::Tensor& ggb, const at::Tensor& gy,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  const BNReLUPoolSaved a = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
+  const BNReLUPoolDouble o = bn_relu_pool_double_prepare(a, ggx, ggw, ggb);
+  AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "bn_relu_pool_double_backward_cpu", [&] {
+    double_backward_impl<scalar_t>(a.d, o.ggx.defined() ? o.ggx.data_ptr<scalar_t>() : nullptr,
+                                   o.ggw.data_ptr<scalar_t>(), o.ggb.data_ptr<scalar_t>(), a.gy.data_ptr<scalar_t>(),
+                                   a.x.data_ptr<scalar_t>(), a.weight.data_ptr<scalar_t>(), a.idx.data_ptr<uint8_t>(),
+                                   a.y.data_ptr<scalar_t>(), a.mean.data_ptr<scalar_t>(), a.invstd.data_ptr<scalar_t>(),
+                                   o.g_gy.data_ptr<scalar_t>(), o.g_x.data_ptr<scalar_t>(), o.g_w.data_ptr<scalar_t>());
   });
-  return {g_gy, g_x, g_w};
+  return {o.g_gy, o.g_x, o.g_w};
 }
 
 }  // namespace

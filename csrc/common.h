@@ -86,10 +86,21 @@ BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight,
 // Also checks that gy, idx and y are [T, N, C, H/2, W/2] in x's layout.
 BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                                            const at::Tensor& idx, const at::Tensor& y);
-// The double backward's cotangents: ggw, ggb [T, C]; ggx like x or undefined (zero). Returns ggx in
-// d's layout (undefined when absent).
-at::Tensor bn_relu_pool_check_double_backward(const BNReLUPoolDims& d, const at::Tensor& x,
-                                              const c10::optional<at::Tensor>& ggx, const at::Tensor& ggw,
-                                              const at::Tensor& ggb);
+// The tensors bn_relu_pool's backward and double backward read (the forward's input and outputs,
+// and the gradient of y), in x's layout, checked, with their dims.
+struct BNReLUPoolSaved {
+  at::Tensor gy, x, weight, idx, y, mean, invstd;
+  BNReLUPoolDims d;
+};
+BNReLUPoolSaved bn_relu_pool_saved(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
+                                   const at::Tensor& idx, const at::Tensor& y, const at::Tensor& mean,
+                                   const at::Tensor& invstd);
+// The double backward's cotangents (ggw, ggb [T, C]; ggx like x, in its layout, or undefined: zero),
+// checked, and its outputs, allocated in x's layout.
+struct BNReLUPoolDouble {
+  at::Tensor ggx, ggw, ggb, g_gy, g_x, g_w;
+};
+BNReLUPoolDouble bn_relu_pool_double_prepare(const BNReLUPoolSaved& s, const c10::optional<at::Tensor>& ggx,
+                                             const at::Tensor& ggw, const at::Tensor& ggb);
 
 }  // namespace fastmeta

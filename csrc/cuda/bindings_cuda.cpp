@@ -236,6 +236,18 @@ cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Ten
   return a;
 }
 
+// The arguments the backward and double backward share: the saved tensors and gy.
+template <typename T>
+cuda::BNReLUPoolArgs<T> bn_relu_pool_saved_args(const BNReLUPoolSaved& s) {
+  auto a = bn_relu_pool_args<T>(s.d, s.x, s.weight);
+  a.y = s.y.data_ptr<T>();
+  a.idx = s.idx.data_ptr<uint8_t>();
+  a.mean = s.mean.data_ptr<T>();
+  a.invstd = s.invstd.data_ptr<T>();
+  a.gy = s.gy.data_ptr<T>();
+  return a;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(const at::Tensor& x_,
                                                                             const at::Tensor& weight_,
                                                                             const at::Tensor& bias_, double eps) {
@@ -261,24 +273,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(con
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
-    const at::Tensor& gy_, const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_,
-    const at::Tensor& y_, const at::Tensor& mean_, const at::Tensor& invstd_) {
-  const c10::cuda::CUDAGuard guard(x_.device());
-  const bool inner = bn_relu_pool_task_inner(x_);
-  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
-  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
-  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
-  const BNReLUPoolDims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
-  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, x.options());
-  at::Tensor dw = new_output({d.T, d.C}, x.options());
-  at::Tensor db = new_output({d.T, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_backward_cuda", [&] {
-    auto a = bn_relu_pool_args<scalar_t>(d, x, weight);
-    a.y = y.data_ptr<scalar_t>();
-    a.idx = idx.data_ptr<uint8_t>();
-    a.mean = mean.data_ptr<scalar_t>();
-    a.invstd = invstd.data_ptr<scalar_t>();
-    a.gy = gy.data_ptr<scalar_t>();
+    const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& y,
+    const at::Tensor& mean, const at::Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const BNReLUPoolSaved s = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
+  const BNReLUPoolDims& d = s.d;
+  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, s.x.options());
+  at::Tensor dw = new_output({d.T, d.C}, s.x.options());
+  at::Tensor db = new_output({d.T, d.C}, s.x.options());
+  AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "bn_relu_pool_backward_cuda", [&] {
+    auto a = bn_relu_pool_saved_args<scalar_t>(s);
     a.dx = dx.data_ptr<scalar_t>();
     a.dweight = dw.data_ptr<scalar_t>();
     a.dbias = db.data_ptr<scalar_t>();
@@ -288,36 +292,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cuda(
-    const c10::optional<at::Tensor>& ggx_, const at::Tensor& ggw_, const at::Tensor& ggb_, const at::Tensor& gy_,
-    const at::Tensor& x_, const at::Tensor& weight_, const at::Tensor& idx_, const at::Tensor& y_,
-    const at::Tensor& mean_, const at::Tensor& invstd_) {
-  const c10::cuda::CUDAGuard guard(x_.device());
-  const bool inner = bn_relu_pool_task_inner(x_);
-  const at::Tensor x = bn_relu_pool_in_layout(x_, inner), gy = bn_relu_pool_in_layout(gy_, inner);
-  const at::Tensor idx = bn_relu_pool_in_layout(idx_, inner), y = bn_relu_pool_in_layout(y_, inner);
-  const at::Tensor weight = weight_.contiguous(), mean = mean_.contiguous(), invstd = invstd_.contiguous();
-  const BNReLUPoolDims d = bn_relu_pool_check_backward(gy, x, weight, idx, y);
-  const at::Tensor ggx = bn_relu_pool_check_double_backward(d, x, ggx_, ggw_, ggb_);
-  const at::Tensor ggw = ggw_.contiguous(), ggb = ggb_.contiguous();
-  at::Tensor g_gy = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
-  at::Tensor g_x = bn_relu_pool_empty(d, d.H, d.W, x.options());
-  at::Tensor g_w = new_output({d.T, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_double_backward_cuda", [&] {
-    auto a = bn_relu_pool_args<scalar_t>(d, x, weight);
-    a.y = y.data_ptr<scalar_t>();
-    a.idx = idx.data_ptr<uint8_t>();
-    a.mean = mean.data_ptr<scalar_t>();
-    a.invstd = invstd.data_ptr<scalar_t>();
-    a.gy = gy.data_ptr<scalar_t>();
-    a.ggx = ggx.defined() ? ggx.data_ptr<scalar_t>() : nullptr;
-    a.ggw = ggw.data_ptr<scalar_t>();
-    a.ggb = ggb.data_ptr<scalar_t>();
-    a.g_gy = g_gy.data_ptr<scalar_t>();
-    a.g_x = g_x.data_ptr<scalar_t>();
-    a.g_w = g_w.data_ptr<scalar_t>();
+    const c10::optional<at::Tensor>& ggx, const at::Tensor& ggw, const at::Tensor& ggb, const at::Tensor& gy,
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& y, const at::Tensor& mean,
+    const at::Tensor& invstd) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const BNReLUPoolSaved s = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
+  const BNReLUPoolDouble o = bn_relu_pool_double_prepare(s, ggx, ggw, ggb);
+  AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "bn_relu_pool_double_backward_cuda", [&] {
+    auto a = bn_relu_pool_saved_args<scalar_t>(s);
+    a.ggx = o.ggx.defined() ? o.ggx.data_ptr<scalar_t>() : nullptr;
+    a.ggw = o.ggw.data_ptr<scalar_t>();
+    a.ggb = o.ggb.data_ptr<scalar_t>();
+    a.g_gy = o.g_gy.data_ptr<scalar_t>();
+    a.g_x = o.g_x.data_ptr<scalar_t>();
+    a.g_w = o.g_w.data_ptr<scalar_t>();
     C10_CUDA_CHECK(cuda::launch_bn_relu_pool_double_backward<scalar_t>(a, c10::cuda::getCurrentCUDAStream()));
   });
-  return {g_gy, g_x, g_w};
+  return {o.g_gy, o.g_x, o.g_w};
 }
 
 }  // namespace
