@@ -64,8 +64,11 @@ class Program:
         if chunk is None or chunk >= x.shape[0]:
             return self._run(P, x)
         T = x.shape[0]
-        outs = [self._run({n: (v[i:i + chunk] if v.dim() and v.shape[0] == T else v) for n, v in P.items()},
-                          x[i:i + chunk]) for i in range(0, T, chunk)]
+        # split, not slices: the backward of a split is one node that joins the chunks' gradients
+        # into one [T, ...] tensor, where each slice's backward allocates a zero [T, ...] of its own
+        parts = {n: torch.split(v, chunk) for n, v in P.items() if v.dim() and v.shape[0] == T}
+        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk)
+                for k, xk in enumerate(torch.split(x, chunk))]
         return torch.cat(outs)
 
     def _run(self, P: dict, x: torch.Tensor) -> torch.Tensor:
