@@ -31,8 +31,13 @@ def default_tasks(workload: str, device: str) -> int:
 
 
 def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, reps=10, max_seconds=8.0,
-               progress=True, dtype=torch.float32, min_seconds=1.0):
-    """providers: a list, or None for each workload's default set (harness.default_providers)."""
+               progress=True, dtype=torch.float32, min_seconds=1.0, reference="loop"):
+    """providers: a list, or None for each workload's default set (harness.default_providers).
+    reference: what each row's max rel err is measured against: 'loop' (the first row's meta-gradient,
+    the naive loop where it runs) or 'float64' (the naive loop on a float64 copy of the workload, run
+    once untimed: how far each row, the loop's own included, is from the exact answer)."""
+    if reference not in ("loop", "float64"):
+        raise ValueError(f"reference: expected 'loop' or 'float64', got {reference!r}")
     jobs, explicit = [], providers is not None
     for w in workloads:
         provs = providers if explicit else H.default_providers(w, device)
@@ -47,6 +52,9 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
         why = H.provider_available(prov, device) or (None if explicit else H.default_skip(prov, wname, device))
         T = tasks or default_tasks(wname, device)
         w = H.make_workload(wname, tasks=T, steps=steps, device=device, dtype=dtype)
+        if reference == "float64" and (wname, order) not in refs:
+            w64 = H.make_workload(wname, tasks=T, steps=steps, device=device, dtype=torch.float64)
+            refs[(wname, order)] = [g.detach() for g in H.make_step("loop", w64, order == "first")()]
         if why is not None:
             results.append(H.Result(wname, order, prov, T, w.steps, None, None, None, 0, f"skipped: {why}"))
             continue
@@ -147,6 +155,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the results as JSON to this file")
     ap.add_argument("--plot", default=None, help="write a bar chart of ratios (needs matplotlib)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                    help="the workloads' dtype (float64: the meta-gradients' agreement without rounding)")
+    ap.add_argument("--reference", default="loop", choices=["loop", "float64"],
+                    help="max rel err against the first row (the loop where it runs) or against the loop "
+                         "in float64 (the exact answer; the loop's own row then shows float32's floor)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every provider (cuDNN picks its "
                          "convolution algorithms by timing them on first use)")
@@ -165,8 +178,11 @@ def main(argv=None) -> int:
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
     results = run_matrix(workloads, orders, providers, device, args.tasks, args.steps, args.reps,
-                         args.max_seconds, progress=not args.no_progress, min_seconds=args.min_seconds)
-    print(f"machine: {machine()}" + (", cudnn.benchmark on" if args.cudnn_benchmark else ""))
+                         args.max_seconds, progress=not args.no_progress, min_seconds=args.min_seconds,
+                         dtype=getattr(torch, args.dtype), reference=args.reference)
+    print(f"machine: {machine()}" + (", cudnn.benchmark on" if args.cudnn_benchmark else "")
+          + (f", {args.dtype}" if args.dtype != "float32" else "")
+          + (", max rel err against the loop in float64" if args.reference == "float64" else ""))
     print(table(results))
     if args.json:
         import dataclasses

@@ -69,6 +69,23 @@ def test_bench_cli_prints_table_and_json(tmp_path):
     assert bad.returncode == 2 and "--order" in bad.stderr
 
 
+def test_bench_reference_float64_and_dtype():
+    """--reference float64: every row, the loop's own included, is measured against the loop on a
+    float64 copy of the workload (float32 rounding shows, no row is 0); --dtype float64 runs the
+    rows in float64, where fastmeta and the loop agree to rounding."""
+    from fastmeta.bench import run_matrix
+    common = dict(tasks=2, steps=2, reps=1, max_seconds=1.0, progress=False, min_seconds=0.0)
+    rows = run_matrix(["omniglot"], ["second"], ["loop", "fastmeta"], "cpu", reference="float64", **common)
+    errs = {r.provider: r.max_rel_err for r in rows}
+    assert all(e is not None and 0 < e < 1e-3 for e in errs.values()), errs
+    rows = run_matrix(["omniglot"], ["second"], ["loop", "fastmeta"], "cpu", dtype=torch.float64, **common)
+    assert rows[1].provider == "fastmeta" and rows[1].max_rel_err < 1e-12, rows
+    with pytest.raises(ValueError, match="reference"):
+        run_matrix(["sine"], ["first"], ["loop"], "cpu", reference="float16", **common)
+    bad = run_cli("fastmeta.bench", "--dtype", "float16")
+    assert bad.returncode == 2 and "--dtype" in bad.stderr
+
+
 def test_profile_cli_writes_a_chrome_trace(tmp_path):
     trace = tmp_path / "t.json"
     p = run_cli("fastmeta.profile", "--workload", "sine", "--tasks", "3", "--steps", "2", "--iterations", "2",
