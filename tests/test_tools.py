@@ -168,7 +168,7 @@ def test_gpu_scripts_name_real_providers_and_settings():
     for name in {n for lst in lists for n in lst.split(",")}:
         base, _, _ = H._split(name)
         assert base in H.PROVIDERS, name
-    workloads = set(re.findall(r"--workload\s+(\S+)", script))
+    workloads = {w for lst in re.findall(r"--workload\s+(\S+)", script) for w in lst.split(",")}
     assert workloads == {"sine", "omniglot", "miniimagenet"}, workloads
     sys.path.insert(0, os.path.join(root, "benchmarks"))
     try:
