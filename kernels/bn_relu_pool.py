@@ -29,16 +29,51 @@ def _window(m, P, Wo):
 
 
 @triton.jit
+def _channel(pid, C, N, H, W, Ho, Wo, ST):
+    """Program pid's channel (t, c = pid // C, pid % C): its plane and pooled-plane sizes HW, P, its
+    element and window counts M, MO, and the offsets of its first element in x and in y."""
+    base = ((pid // C) * ST + pid % C)
+    HW = H * W
+    P = Ho * Wo
+    return HW, P, N * HW, N * P, base * HW, base * P
+
+
+@triton.jit
+def _maxima(m, MO, P, Wo, W, HW, SN, base, obase, idx_ptr, y_ptr):
+    """Windows m of a channel: in range (ok), passing the ReLU (live: y > 0), their offset in y, idx
+    and gy, and the offset in x of the element each took its maximum at."""
+    ok = m < MO
+    n, q, i, j = _window(m, P, Wo)
+    off = obase + n * SN * P + q
+    k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
+    live = ok & (tl.load(y_ptr + off, mask=ok, other=0.0) > 0)
+    return ok, live, off, base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2
+
+
+@triton.jit
+def _elements(m, M, HW, W, Ho, Wo, P, SN, base, obase, idx_ptr, y_ptr):
+    """Elements m of a channel: in range (ok), their offset in x, their window's offset in y, idx and
+    gy, and whether each is its window's maximum there and passes the ReLU (mine)."""
+    ok = m < M
+    n = (m // HW).to(tl.int64)
+    e = m % HW
+    h = e // W
+    w = e % W
+    inside = ok & (h // 2 < Ho) & (w // 2 < Wo)
+    ooff = obase + n * SN * P + (h // 2) * Wo + w // 2
+    k = tl.load(idx_ptr + ooff, mask=inside, other=0).to(tl.int32)
+    yv = tl.load(y_ptr + ooff, mask=inside, other=0.0)
+    return ok, base + n * SN * HW + e, ooff, inside & (k == (h % 2) * 2 + (w % 2)) & (yv > 0)
+
+
+@triton.jit
 def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invstd_ptr,
                              N, C, H, W, Ho, Wo, ST, SN, eps,
                              BLOCK: tl.constexpr, F64: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)  # t * C + c
-    t = pid // C
-    c = pid % C
     acc_t = tl.float64 if F64 else tl.float32
-    HW = H * W
-    M = N * HW
-    base = x_ptr + (t * ST + c) * HW  # element (n, h, w) at base + n * SN * HW + h * W + w
+    HW, P, M, MO, xb, obase = _channel(pid, C, N, H, W, Ho, Wo, ST)
+    base = x_ptr + xb  # element (n, h, w) at base + n * SN * HW + h * W + w
     r = tl.arange(0, BLOCK)
     total = tl.zeros((BLOCK,), dtype=acc_t)
     m0 = 0
@@ -66,9 +101,7 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
     bv = tl.load(b_ptr + pid).to(acc_t)
     scale = wv * invstd
     shift = bv - mean * scale
-    P = Ho * Wo
-    MO = N * P
-    obase = (t * ST + c) * P  # window (n, i, j) at obase + n * SN * P + i * Wo + j
+    # window (n, i, j) at obase + n * SN * P + i * Wo + j
     m0 = 0
     while m0 < MO:
         m = m0 + r
@@ -102,15 +135,8 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
                              N, C, H, W, Ho, Wo, ST, SN,
                              BLOCK: tl.constexpr, F64: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
-    t = pid // C
-    c = pid % C
     acc_t = tl.float64 if F64 else tl.float32
-    HW = H * W
-    M = N * HW
-    P = Ho * Wo
-    MO = N * P
-    base = (t * ST + c) * HW
-    obase = (t * ST + c) * P
+    HW, P, M, MO, base, obase = _channel(pid, C, N, H, W, Ho, Wo, ST)
     mean = tl.load(mean_ptr + pid).to(acc_t)
     invstd = tl.load(invstd_ptr + pid).to(acc_t)
     wv = tl.load(w_ptr + pid).to(acc_t)
@@ -119,14 +145,9 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
     sgx = tl.zeros((BLOCK,), dtype=acc_t)
     m0 = 0
     while m0 < MO:  # over the windows: sum g_z, sum g_z (x - mean)
-        m = m0 + r
-        ok = m < MO
-        n, q, i, j = _window(m, P, Wo)
-        off = obase + n * SN * P + q
-        k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
-        yv = tl.load(y_ptr + off, mask=ok, other=0.0)
-        g = tl.where(ok & (yv > 0), tl.load(gy_ptr + off, mask=ok, other=0.0).to(acc_t), 0.0)
-        xv = tl.load(x_ptr + base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2, mask=ok, other=0.0)
+        ok, live, off, xa = _maxima(m0 + r, MO, P, Wo, W, HW, SN, base, obase, idx_ptr, y_ptr)
+        g = tl.where(live, tl.load(gy_ptr + off, mask=ok, other=0.0).to(acc_t), 0.0)
+        xv = tl.load(x_ptr + xa, mask=ok, other=0.0)
         sg += g
         sgx += g * (xv.to(acc_t) - mean)
         m0 += BLOCK
@@ -137,21 +158,8 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
     wi = wv * invstd
     m0 = 0
     while m0 < M:  # over the input elements: each reads its window's gradient
-        m = m0 + r
-        ok = m < M
-        n = (m // HW).to(tl.int64)
-        e = m % HW
-        h = e // W
-        w = e % W
-        i = h // 2
-        j = w // 2
-        inside = ok & (i < Ho) & (j < Wo)
-        ooff = obase + n * SN * P + i * Wo + j
-        k = tl.load(idx_ptr + ooff, mask=inside, other=0).to(tl.int32)
-        yv = tl.load(y_ptr + ooff, mask=inside, other=0.0)
-        mine = inside & (k == (h % 2) * 2 + (w % 2)) & (yv > 0)
-        g = tl.where(mine, tl.load(gy_ptr + ooff, mask=inside, other=0.0).to(acc_t), 0.0)
-        xoff = base + n * SN * HW + e
+        ok, xoff, ooff, mine = _elements(m0 + r, M, HW, W, Ho, Wo, P, SN, base, obase, idx_ptr, y_ptr)
+        g = tl.where(mine, tl.load(gy_ptr + ooff, mask=mine, other=0.0).to(acc_t), 0.0)
         xhat = (tl.load(x_ptr + xoff, mask=ok, other=0.0).to(acc_t) - mean) * invstd
         dx = wi * (g - dbias / M - xhat * dweight / M)
         tl.store(dx_ptr + xoff, dx.to(dx_ptr.dtype.element_ty), mask=ok)
@@ -220,15 +228,8 @@ def _bn_relu_pool_dbwd_kernel(ggx_ptr, ggw_ptr, ggb_ptr, gy_ptr, x_ptr, w_ptr, i
     sums (S1, S2 over the elements, A, B, S3 over the windows), one over the elements for g_x (each
     element reading its window) and one over the windows for g_gy."""
     pid = tl.program_id(0).to(tl.int64)
-    t = pid // C
-    c = pid % C
     acc_t = tl.float64 if F64 else tl.float32
-    HW = H * W
-    M = N * HW
-    P = Ho * Wo
-    MO = N * P
-    base = (t * ST + c) * HW
-    obase = (t * ST + c) * P
+    HW, P, M, MO, base, obase = _channel(pid, C, N, H, W, Ho, Wo, ST)
     mean = tl.load(mean_ptr + pid).to(acc_t)
     s = tl.load(invstd_ptr + pid).to(acc_t)
     wv = tl.load(w_ptr + pid).to(acc_t)
@@ -242,27 +243,18 @@ def _bn_relu_pool_dbwd_kernel(ggx_ptr, ggw_ptr, ggb_ptr, gy_ptr, x_ptr, w_ptr, i
             ok = m < M
             off = base + (m // HW).to(tl.int64) * SN * HW + m % HW
             q = tl.load(ggx_ptr + off, mask=ok, other=0.0).to(acc_t)
-            xv = tl.load(x_ptr + off, mask=ok, other=0.0).to(acc_t)
             s1 += q
-            s2 += tl.where(ok, q * (xv - mean), 0.0)
+            s2 += q * (tl.load(x_ptr + off, mask=ok, other=0.0).to(acc_t) - mean)
             m0 += BLOCK
     sa = tl.zeros((BLOCK,), dtype=acc_t)
     sb = tl.zeros((BLOCK,), dtype=acc_t)
     s3 = tl.zeros((BLOCK,), dtype=acc_t)
     m0 = 0
     while m0 < MO:
-        m = m0 + r
-        ok = m < MO
-        n, q, i, j = _window(m, P, Wo)
-        off = obase + n * SN * P + q
-        k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
-        yv = tl.load(y_ptr + off, mask=ok, other=0.0)
-        live = ok & (yv > 0)
+        ok, live, off, xa = _maxima(m0 + r, MO, P, Wo, W, HW, SN, base, obase, idx_ptr, y_ptr)
         g = tl.where(live, tl.load(gy_ptr + off, mask=ok, other=0.0).to(acc_t), 0.0)
-        xa = base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2
-        xv = tl.load(x_ptr + xa, mask=live, other=0.0).to(acc_t)
         sa += g
-        sb += g * (xv - mean)
+        sb += g * (tl.load(x_ptr + xa, mask=live, other=0.0).to(acc_t) - mean)
         if HAS_GGX:
             s3 += g * tl.load(ggx_ptr + xa, mask=live, other=0.0).to(acc_t)
         m0 += BLOCK
@@ -281,21 +273,8 @@ def _bn_relu_pool_dbwd_kernel(ggx_ptr, ggw_ptr, ggb_ptr, gy_ptr, x_ptr, w_ptr, i
     c1 = -(s * (Pc * B + K * S2) + s * s * Gs) / M
     m0 = 0
     while m0 < M:  # g_x = s K ggx + c0 + c1 xhat, and s P g at a window's maximum
-        m = m0 + r
-        ok = m < M
-        n = (m // HW).to(tl.int64)
-        e = m % HW
-        h = e // W
-        w = e % W
-        i = h // 2
-        j = w // 2
-        inside = ok & (i < Ho) & (j < Wo)
-        ooff = obase + n * SN * P + i * Wo + j
-        k = tl.load(idx_ptr + ooff, mask=inside, other=0).to(tl.int32)
-        yv = tl.load(y_ptr + ooff, mask=inside, other=0.0)
-        mine = inside & (k == (h % 2) * 2 + (w % 2)) & (yv > 0)
-        g = tl.where(mine, tl.load(gy_ptr + ooff, mask=inside, other=0.0).to(acc_t), 0.0)
-        xoff = base + n * SN * HW + e
+        ok, xoff, ooff, mine = _elements(m0 + r, M, HW, W, Ho, Wo, P, SN, base, obase, idx_ptr, y_ptr)
+        g = tl.where(mine, tl.load(gy_ptr + ooff, mask=mine, other=0.0).to(acc_t), 0.0)
         xhat = (tl.load(x_ptr + xoff, mask=ok, other=0.0).to(acc_t) - mean) * s
         v = c0 + c1 * xhat + s * Pc * g
         if HAS_GGX:
@@ -304,14 +283,7 @@ def _bn_relu_pool_dbwd_kernel(ggx_ptr, ggw_ptr, ggb_ptr, gy_ptr, x_ptr, w_ptr, i
         m0 += BLOCK
     m0 = 0
     while m0 < MO:  # g_gy = ggb + ggw xhat + w s (ggx - S1 / M - xhat S2 / M) at the maximum, where y > 0
-        m = m0 + r
-        ok = m < MO
-        n, q, i, j = _window(m, P, Wo)
-        off = obase + n * SN * P + q
-        k = tl.load(idx_ptr + off, mask=ok, other=0).to(tl.int32)
-        yv = tl.load(y_ptr + off, mask=ok, other=0.0)
-        live = ok & (yv > 0)
-        xa = base + n * SN * HW + (2 * i + k // 2) * W + 2 * j + k % 2
+        ok, live, off, xa = _maxima(m0 + r, MO, P, Wo, W, HW, SN, base, obase, idx_ptr, y_ptr)
         xhat = (tl.load(x_ptr + xa, mask=live, other=0.0).to(acc_t) - mean) * s
         v = gb - wv * s * S1 / M + (gw - wv * s * S2 / M) * xhat
         if HAS_GGX:
