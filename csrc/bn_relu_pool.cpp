@@ -36,7 +36,6 @@
 #include <tuple>
 
 #include "common.h"
-#include "window_max.h"
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #include <immintrin.h>
@@ -60,7 +59,9 @@ at::Tensor bn_relu_pool_empty(const BNReLUPoolDims& d, int64_t h, int64_t w, con
   return t;
 }
 
-BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+namespace {
+
+BNReLUPoolDims check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() == 5, "bn_relu_pool: x must be [T, N, C, H, W], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
               "bn_relu_pool: x must be float32 or float64, got ", x.scalar_type());
@@ -78,23 +79,21 @@ BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight,
   return d;
 }
 
-BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
-                                           const at::Tensor& idx, const at::Tensor& y) {
-  const BNReLUPoolDims d = bn_relu_pool_check(x, weight, weight);
-  TORCH_CHECK(gy.dim() == 5 && gy.sizes() == y.sizes() && idx.sizes() == y.sizes() && y.size(0) == d.T &&
-                  y.size(1) == d.N && y.size(2) == d.C && y.size(3) == d.Ho && y.size(4) == d.Wo &&
-                  idx.scalar_type() == at::kByte && gy.scalar_type() == x.scalar_type() &&
-                  y.scalar_type() == x.scalar_type(),
-              "bn_relu_pool_backward: gy ", gy.sizes(), ", idx ", idx.sizes(), " and y ", y.sizes(),
-              " must be [T, N, C, H/2, W/2] for x ", x.sizes());
-  for (const auto* t : {&gy, &idx, &y}) {
-    TORCH_CHECK(bn_relu_pool_task_inner(*t) == d.task_inner && (d.task_inner || t->is_contiguous()),
-                "bn_relu_pool_backward: gy, idx and y must be laid out as x (",
-                d.task_inner ? "task-inner" : "contiguous", "), got strides ", t->strides());
-    TORCH_CHECK(t->device() == x.device(), "bn_relu_pool_backward: gy, idx and y must be on x's device ",
-                x.device(), ", got ", t->device());
-  }
-  return d;
+}  // namespace
+
+BNReLUPoolForward bn_relu_pool_forward_prepare(const at::Tensor& x, const at::Tensor& weight,
+                                               const at::Tensor& bias) {
+  BNReLUPoolForward f;
+  f.x = bn_relu_pool_in_layout(x, bn_relu_pool_task_inner(x));
+  f.weight = weight.contiguous();
+  f.bias = bias.contiguous();
+  f.d = check(f.x, f.weight, f.bias);
+  const BNReLUPoolDims& d = f.d;
+  f.y = bn_relu_pool_empty(d, d.Ho, d.Wo, f.x.options());
+  f.idx = bn_relu_pool_empty(d, d.Ho, d.Wo, f.x.options().dtype(at::kByte));
+  f.mean = new_output({d.T, d.C}, f.x.options());
+  f.invstd = new_output({d.T, d.C}, f.x.options());
+  return f;
 }
 
 BNReLUPoolSaved bn_relu_pool_saved(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
@@ -104,8 +103,31 @@ BNReLUPoolSaved bn_relu_pool_saved(const at::Tensor& gy, const at::Tensor& x, co
   BNReLUPoolSaved s{bn_relu_pool_in_layout(gy, inner), bn_relu_pool_in_layout(x, inner), weight.contiguous(),
                     bn_relu_pool_in_layout(idx, inner), bn_relu_pool_in_layout(y, inner), mean.contiguous(),
                     invstd.contiguous(), {}};
-  s.d = bn_relu_pool_check_backward(s.gy, s.x, s.weight, s.idx, s.y);
+  const BNReLUPoolDims d = s.d = check(s.x, s.weight, s.weight);
+  TORCH_CHECK(s.gy.dim() == 5 && s.gy.sizes() == s.y.sizes() && s.idx.sizes() == s.y.sizes() && s.y.size(0) == d.T &&
+                  s.y.size(1) == d.N && s.y.size(2) == d.C && s.y.size(3) == d.Ho && s.y.size(4) == d.Wo &&
+                  s.idx.scalar_type() == at::kByte && s.gy.scalar_type() == s.x.scalar_type() &&
+                  s.y.scalar_type() == s.x.scalar_type(),
+              "bn_relu_pool_backward: gy ", s.gy.sizes(), ", idx ", s.idx.sizes(), " and y ", s.y.sizes(),
+              " must be [T, N, C, H/2, W/2] for x ", s.x.sizes());
+  for (const auto* t : {&s.gy, &s.idx, &s.y}) {
+    TORCH_CHECK(t->device() == s.x.device(), "bn_relu_pool_backward: gy, idx and y must be on x's device ",
+                s.x.device(), ", got ", t->device());
+  }
+  for (const auto* t : {&s.mean, &s.invstd}) {
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == d.T && t->size(1) == d.C && t->scalar_type() == s.x.scalar_type() &&
+                    t->device() == s.x.device(),
+                "bn_relu_pool_backward: mean and invstd must be [T=", d.T, ", C=", d.C,
+                "] of x's dtype and device (the forward's), got ", t->sizes(), " ", t->scalar_type(), " on ",
+                t->device());
+  }
   return s;
+}
+
+BNReLUPoolGrads bn_relu_pool_backward_outputs(const BNReLUPoolSaved& s) {
+  const BNReLUPoolDims& d = s.d;
+  return {bn_relu_pool_empty(d, d.H, d.W, s.x.options()), new_output({d.T, d.C}, s.x.options()),
+          new_output({d.T, d.C}, s.x.options())};
 }
 
 BNReLUPoolDouble bn_relu_pool_double_prepare(const BNReLUPoolSaved& s, const c10::optional<at::Tensor>& ggx,
@@ -446,39 +468,30 @@ void double_backward_impl(const Dims& d, const T* ggx, const T* ggw, const T* gg
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(const at::Tensor& x_,
-                                                                           const at::Tensor& weight_,
-                                                                           const at::Tensor& bias_, double eps) {
-  const at::Tensor x = bn_relu_pool_in_layout(x_, bn_relu_pool_task_inner(x_));
-  const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
-  const Dims d = bn_relu_pool_check(x, weight, bias);
-  at::Tensor y = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
-  at::Tensor idx = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options().dtype(at::kByte));
-  at::Tensor mean = new_output({d.T, d.C}, x.options());
-  at::Tensor invstd = new_output({d.T, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_cpu", [&] {
-    forward_impl<scalar_t>(d, x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), bias.data_ptr<scalar_t>(), eps,
-                           y.data_ptr<scalar_t>(), idx.data_ptr<uint8_t>(), mean.data_ptr<scalar_t>(),
-                           invstd.data_ptr<scalar_t>());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cpu(const at::Tensor& x,
+                                                                           const at::Tensor& weight,
+                                                                           const at::Tensor& bias, double eps) {
+  const BNReLUPoolForward f = bn_relu_pool_forward_prepare(x, weight, bias);
+  AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "bn_relu_pool_cpu", [&] {
+    forward_impl<scalar_t>(f.d, f.x.data_ptr<scalar_t>(), f.weight.data_ptr<scalar_t>(), f.bias.data_ptr<scalar_t>(),
+                           eps, f.y.data_ptr<scalar_t>(), f.idx.data_ptr<uint8_t>(), f.mean.data_ptr<scalar_t>(),
+                           f.invstd.data_ptr<scalar_t>());
   });
-  return {y, idx, mean, invstd};
+  return {f.y, f.idx, f.mean, f.invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cpu(
     const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& idx, const at::Tensor& y,
     const at::Tensor& mean, const at::Tensor& invstd) {
   const BNReLUPoolSaved a = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
-  const Dims& d = a.d;
-  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, a.x.options());
-  at::Tensor dw = new_output({d.T, d.C}, a.x.options());
-  at::Tensor db = new_output({d.T, d.C}, a.x.options());
+  const BNReLUPoolGrads o = bn_relu_pool_backward_outputs(a);
   AT_DISPATCH_FLOATING_TYPES(a.x.scalar_type(), "bn_relu_pool_backward_cpu", [&] {
-    backward_impl<scalar_t>(d, a.gy.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), a.weight.data_ptr<scalar_t>(),
+    backward_impl<scalar_t>(a.d, a.gy.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), a.weight.data_ptr<scalar_t>(),
                             a.idx.data_ptr<uint8_t>(), a.y.data_ptr<scalar_t>(), a.mean.data_ptr<scalar_t>(),
-                            a.invstd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), dw.data_ptr<scalar_t>(),
-                            db.data_ptr<scalar_t>());
+                            a.invstd.data_ptr<scalar_t>(), o.dx.data_ptr<scalar_t>(), o.dw.data_ptr<scalar_t>(),
+                            o.db.data_ptr<scalar_t>());
   });
-  return {dx, dw, db};
+  return {o.dx, o.dw, o.db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cpu(

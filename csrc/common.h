@@ -8,7 +8,7 @@
 #include <limits>
 #include <vector>
 
-#include "window_max.h"
+#include "bn_relu_pool.h"
 
 namespace fastmeta {
 
@@ -81,11 +81,14 @@ bool bn_relu_pool_task_inner(const at::Tensor& x);
 at::Tensor bn_relu_pool_in_layout(const at::Tensor& t, bool task_inner);
 // An uninitialized [T, N, C, h, w] tensor in d's layout (NaN-filled under FASTMETA_POISON=1).
 at::Tensor bn_relu_pool_empty(const BNReLUPoolDims& d, int64_t h, int64_t w, const at::TensorOptions& opts);
-// Checks; x must already be in one of the two layouts (its layout is the dims' layout).
-BNReLUPoolDims bn_relu_pool_check(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias);
-// Also checks that gy, idx and y are [T, N, C, H/2, W/2] in x's layout.
-BNReLUPoolDims bn_relu_pool_check_backward(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
-                                           const at::Tensor& idx, const at::Tensor& y);
+// The forward's inputs (x in a layout the kernels read, weight and bias contiguous), checked, with
+// their dims, and its outputs allocated (y and idx in x's layout, mean and invstd [T, C]).
+struct BNReLUPoolForward {
+  at::Tensor x, weight, bias, y, idx, mean, invstd;
+  BNReLUPoolDims d;
+};
+BNReLUPoolForward bn_relu_pool_forward_prepare(const at::Tensor& x, const at::Tensor& weight,
+                                               const at::Tensor& bias);
 // The tensors bn_relu_pool's backward and double backward read (the forward's input and outputs,
 // and the gradient of y), in x's layout, checked, with their dims.
 struct BNReLUPoolSaved {
@@ -95,6 +98,11 @@ struct BNReLUPoolSaved {
 BNReLUPoolSaved bn_relu_pool_saved(const at::Tensor& gy, const at::Tensor& x, const at::Tensor& weight,
                                    const at::Tensor& idx, const at::Tensor& y, const at::Tensor& mean,
                                    const at::Tensor& invstd);
+// The backward's outputs, allocated: dx in x's layout, dweight and dbias [T, C].
+struct BNReLUPoolGrads {
+  at::Tensor dx, dw, db;
+};
+BNReLUPoolGrads bn_relu_pool_backward_outputs(const BNReLUPoolSaved& s);
 // The double backward's cotangents (ggw, ggb [T, C]; ggx like x, in its layout, or undefined: zero),
 // checked, and its outputs, allocated in x's layout.
 struct BNReLUPoolDouble {

@@ -263,3 +263,11 @@ def test_double_backward_fake_kernel_and_errors():
         op(None, torch.randn(4), ggb, gy, x, w, idx, y, mean, invstd)
     with pytest.raises(RuntimeError, match="ggx"):
         op(torch.randn(2, 3, 4, 7, 5), ggw, ggb, gy, x, w, idx, y, mean, invstd)
+    # the saved statistics are checked too (the kernels read one per task and channel)
+    for bwd_args in ((gy, x, w, idx, y, mean[:1], invstd), (gy, x, w, idx, y, mean, invstd.double())):
+        with pytest.raises(RuntimeError, match="mean and invstd must be"):
+            torch.ops.fastmeta.bn_relu_pool_backward(*bwd_args)
+        with pytest.raises(RuntimeError, match="mean and invstd must be"):
+            op(None, ggw, ggb, *bwd_args)
+    with pytest.raises(RuntimeError, match=r"gy \[2, 2, 4, 3, 3\].*must be \[T, N, C, H/2, W/2\]"):
+        torch.ops.fastmeta.bn_relu_pool_backward(gy[:, :2], x, w, idx, y, mean, invstd)

@@ -357,8 +357,8 @@ def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx
     runs = []
     for order in ORDERS:
         emu.fm_emu_set_order(order, 5)
-        outs = [like(torch.full(y.shape, float("nan"), dtype=dtype)), like(torch.full(shape, float("nan"), dtype=dtype)),
-                torch.full((T, C), float("nan"), dtype=dtype)]
+        outs = [like(torch.full(y.shape, float("nan"), dtype=dtype)),
+                like(torch.full(shape, float("nan"), dtype=dtype)), torch.full((T, C), float("nan"), dtype=dtype)]
         rc = fn(dims, ptr(x), ptr(w), ptr(mean), ptr(invstd), ptr(y), ptr(idx), ptr(gy), ptr(ggx), ptr(ggw),
                 ptr(ggb), *(ptr(o) for o in outs))
         assert rc == 0, emu.fm_emu_error().decode()

@@ -224,8 +224,8 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   return {loss_out, dtheta, dlr};
 }
 
-// fastmeta::bn_relu_pool and its backward (csrc/cuda/bn_relu_pool.cu; checks shared with the CPU
-// kernel, csrc/bn_relu_pool.cpp).
+// fastmeta::bn_relu_pool, its backward and double backward (csrc/cuda/bn_relu_pool.cu; the checks
+// and allocations shared with the CPU kernels, csrc/bn_relu_pool.cpp).
 template <typename T>
 cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight) {
   cuda::BNReLUPoolArgs<T> a{};
@@ -248,28 +248,22 @@ cuda::BNReLUPoolArgs<T> bn_relu_pool_saved_args(const BNReLUPoolSaved& s) {
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(const at::Tensor& x_,
-                                                                            const at::Tensor& weight_,
-                                                                            const at::Tensor& bias_, double eps) {
-  const c10::cuda::CUDAGuard guard(x_.device());
-  const at::Tensor x = bn_relu_pool_in_layout(x_, bn_relu_pool_task_inner(x_));
-  const at::Tensor weight = weight_.contiguous(), bias = bias_.contiguous();
-  const BNReLUPoolDims d = bn_relu_pool_check(x, weight, bias);
-  at::Tensor y = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options());
-  at::Tensor idx = bn_relu_pool_empty(d, d.Ho, d.Wo, x.options().dtype(at::kByte));
-  at::Tensor mean = new_output({d.T, d.C}, x.options());
-  at::Tensor invstd = new_output({d.T, d.C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_pool_cuda", [&] {
-    auto a = bn_relu_pool_args<scalar_t>(d, x, weight);
-    a.bias = bias.data_ptr<scalar_t>();
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(const at::Tensor& x,
+                                                                            const at::Tensor& weight,
+                                                                            const at::Tensor& bias, double eps) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  const BNReLUPoolForward f = bn_relu_pool_forward_prepare(x, weight, bias);
+  AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "bn_relu_pool_cuda", [&] {
+    auto a = bn_relu_pool_args<scalar_t>(f.d, f.x, f.weight);
+    a.bias = f.bias.data_ptr<scalar_t>();
     a.eps = eps;
-    a.y = y.data_ptr<scalar_t>();
-    a.idx = idx.data_ptr<uint8_t>();
-    a.mean = mean.data_ptr<scalar_t>();
-    a.invstd = invstd.data_ptr<scalar_t>();
+    a.y = f.y.data_ptr<scalar_t>();
+    a.idx = f.idx.data_ptr<uint8_t>();
+    a.mean = f.mean.data_ptr<scalar_t>();
+    a.invstd = f.invstd.data_ptr<scalar_t>();
     C10_CUDA_CHECK(cuda::launch_bn_relu_pool<scalar_t>(a, c10::cuda::getCurrentCUDAStream()));
   });
-  return {y, idx, mean, invstd};
+  return {f.y, f.idx, f.mean, f.invstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
@@ -277,18 +271,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
     const at::Tensor& mean, const at::Tensor& invstd) {
   const c10::cuda::CUDAGuard guard(x.device());
   const BNReLUPoolSaved s = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
-  const BNReLUPoolDims& d = s.d;
-  at::Tensor dx = bn_relu_pool_empty(d, d.H, d.W, s.x.options());
-  at::Tensor dw = new_output({d.T, d.C}, s.x.options());
-  at::Tensor db = new_output({d.T, d.C}, s.x.options());
+  const BNReLUPoolGrads o = bn_relu_pool_backward_outputs(s);
   AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "bn_relu_pool_backward_cuda", [&] {
     auto a = bn_relu_pool_saved_args<scalar_t>(s);
-    a.dx = dx.data_ptr<scalar_t>();
-    a.dweight = dw.data_ptr<scalar_t>();
-    a.dbias = db.data_ptr<scalar_t>();
+    a.dx = o.dx.data_ptr<scalar_t>();
+    a.dweight = o.dw.data_ptr<scalar_t>();
+    a.dbias = o.db.data_ptr<scalar_t>();
     C10_CUDA_CHECK(cuda::launch_bn_relu_pool_backward<scalar_t>(a, c10::cuda::getCurrentCUDAStream()));
   });
-  return {dx, dw, db};
+  return {o.dx, o.dw, o.db};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cuda(

@@ -1,5 +1,5 @@
-// fastmeta::bn_relu_pool on CUDA: per-task BatchNorm (batch statistics) -> ReLU -> MaxPool2d(2) and
-// its backward, with the contract of the CPU kernel (csrc/bn_relu_pool.cpp): statistics and the
+// fastmeta::bn_relu_pool on CUDA: per-task BatchNorm (batch statistics) -> ReLU -> MaxPool2d(2), its
+// backward and its double backward, with the contract of the CPU kernel (csrc/bn_relu_pool.cpp): statistics and the
 // backward's sums accumulate in double; idx is the row-major position (0..3) of each window's
 // first maximum, as max_pool2d picks it; g_z = gy at that position where y > 0, else 0;
 // dbias = sum g_z, dweight = sum g_z xhat, dx = w invstd (g_z - dbias / M - xhat dweight / M).
@@ -10,7 +10,7 @@
 // element finding its own window), and writes dx once. Consecutive threads take consecutive
 // elements of a plane (coalesced). Block reductions go through shared memory. x's planes may be
 // task-major or task-inner (plane_of); the outputs follow x's layout.
-#include "../window_max.h"
+#include "../bn_relu_pool.h"
 #include "kernels.cuh"
 
 namespace fastmeta {

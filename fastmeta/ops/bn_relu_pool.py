@@ -13,9 +13,9 @@ Its backward runs the backward kernel. Where a graph of the backward is wanted (
 inner steps of second-order MAML), the backward is an op of its own whose derivative is a
 closed-form double-backward kernel (fastmeta::bn_relu_pool_double_backward and its Triton twin,
 two passes over the activations); a derivative of that (third order) recomputes through
-differentiable torch ops, reading each window at the position the forward chose. The planner lowers BatchNorm2d -> ReLU ->
-MaxPool2d(2) onto this op (BatchNorm with batch statistics; eval mode with running statistics keeps
-the three separate steps).
+differentiable torch ops, reading each window at the position the forward chose. The planner
+lowers BatchNorm2d -> ReLU -> MaxPool2d(2) onto this op (BatchNorm with batch statistics; eval mode
+with running statistics keeps the three separate steps).
 """
 from __future__ import annotations
 
@@ -139,13 +139,11 @@ def _kernels(backend):
     return ops.bn_relu_pool, ops.bn_relu_pool_backward, ops.bn_relu_pool_double_backward
 
 
-def _reference_backward(x, weight, bias, idx, gy, eps, wrt):
+def _reference_backward(x, weight, bias, idx, gy, eps):
     """(dx, dweight, dbias) recomputed through differentiable torch ops at the forward's windows,
-    with a graph (wrt: which of x, weight, bias to differentiate; the rest get None)."""
-    inputs = [t for t, n in zip((x, weight, bias), wrt) if n]
+    with a graph (x, weight and bias must require grad; an unused one gets None)."""
     yr = _pool_at(F.relu(batched_batch_norm(x, weight, bias, eps)), idx)
-    grads = iter(torch.autograd.grad(yr, inputs, gy, create_graph=True, allow_unused=True))
-    return tuple(next(grads) if n else None for n in wrt)
+    return torch.autograd.grad(yr, (x, weight, bias), gy, create_graph=True, allow_unused=True)
 
 
 class _BNReLUPool(torch.autograd.Function):
@@ -188,10 +186,9 @@ class _BNReLUPoolBackward(torch.autograd.Function):
         if ggx is None and ggw is None and ggb is None:
             return (None,) * 3 + none
         if torch.is_grad_enabled():  # third order: through the reference, with a graph
-            def local(t, n):  # a constant weight or bias: a leaf of this recompute only
-                return t if t.requires_grad or not n else t.detach().requires_grad_()
-            xr, wr, br = local(x, True), local(weight, True), local(bias, True)
-            outs = _reference_backward(xr, wr, br, idx, gy, ctx.eps, (True, True, True))
+            # a constant x, weight or bias becomes a leaf of this recompute only
+            xr, wr, br = (t if t.requires_grad else t.detach().requires_grad_() for t in (x, weight, bias))
+            outs = _reference_backward(xr, wr, br, idx, gy, ctx.eps)
             inputs = [t for t, n in zip((gy, xr, wr), need) if n]
             pairs = [(o, g) for o, g in zip(outs, (ggx, ggw, ggb)) if g is not None and o is not None]
             grads = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],

@@ -1,5 +1,6 @@
-// The choice of MaxPool2d(2) in one 2x2 window and the plane layout, shared by bn_relu_pool's CPU
-// and CUDA kernels.
+// bn_relu_pool's host/device pieces, shared by its CPU (csrc/bn_relu_pool.cpp) and CUDA
+// (csrc/cuda/bn_relu_pool.cu) kernels: the plane layout and the choice of MaxPool2d(2) in one 2x2
+// window. (The host-only sizes, checks and allocations are in csrc/common.h.)
 #pragma once
 
 #include <cstdint>
