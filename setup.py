@@ -9,6 +9,9 @@ import glob
 import json
 import os
 import platform
+import shlex
+import subprocess
+import sys
 import traceback
 
 from setuptools import setup
@@ -23,6 +26,26 @@ def _status_path():
 def _write_status(**status):
     with open(_status_path(), "w") as f:
         json.dump(status, f, indent=1)
+
+
+def _shared_libstdcxx():
+    """The shared libstdc++ as a link input, so that fastmeta._C uses the C++ runtime torch uses.
+
+    A compiler that links libstdc++ statically by default (some toolchains wrap g++ so) puts a
+    private copy into the extension; with Python's -Bsymbolic-functions its code then runs against
+    the process's libstdc++ data (locale facets), and formatting a number into an error message
+    crashes the process or cuts the message short. Named first, the shared library resolves those
+    symbols and the static copy is never pulled in. Empty where the compiler does not know the
+    file (not GCC's runtime, not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return []
+    cxx = shlex.split(os.environ.get("CXX", "c++"))  # the compiler torch's build uses
+    try:
+        found = subprocess.run(cxx + ["-print-file-name=libstdc++.so.6"], capture_output=True, text=True,
+                               timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [found] if os.path.isabs(found) and os.path.isfile(found) else []
 
 
 def _extensions():
@@ -52,6 +75,7 @@ def _extensions():
     if platform.machine() in ("x86_64", "AMD64") and os.environ.get("FASTMETA_NATIVE", "1") == "1":
         cxx.append("-march=native")
     extra = {"cxx": cxx}
+    link = _shared_libstdcxx() + ["-fopenmp"]
     macros = []
     if build_cuda:
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -63,10 +87,10 @@ def _extensions():
         extra["nvcc"] = nvcc
         macros.append(("FASTMETA_WITH_CUDA", "1"))
         ext = CUDAExtension("fastmeta._C", sources, extra_compile_args=extra, define_macros=macros,
-                            extra_link_args=["-fopenmp"])
+                            extra_link_args=link)
     else:
         ext = CppExtension("fastmeta._C", sources, extra_compile_args=extra, define_macros=macros,
-                           extra_link_args=["-fopenmp"])
+                           extra_link_args=link)
 
     class TolerantBuild(BuildExtension):
         """Builds fastmeta._C; on failure records why and lets the install go on."""

@@ -2,9 +2,15 @@
 then takes its portable register-tile code, which a build on an AVX-512 machine never runs. The
 extension is built into a temporary copy of the package and checked against the torch reference
 in a subprocess (second and first order, Meta-SGD, float32 and float64, the meta-loss op; and
-bn_relu_pool, whose pooling windows also have an AVX-512 and a generic form)."""
+bn_relu_pool, whose pooling windows also have an AVX-512 and a generic form).
+
+The copy is linked by a compiler that links libstdc++ statically, as some toolchains' g++ does, with
+Python's -Bsymbolic-functions: setup.py then names the shared libstdc++ so that the extension
+uses torch's C++ runtime; with a private copy, formatting a number into a C++ error message cut the
+message short here and crashed the process on the GPU machine's toolchain."""
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -61,8 +67,28 @@ for dtype in (torch.float32, torch.float64):
         gy = torch.linspace(-1, 1, y.numel(), dtype=dtype).view(y.shape)
         out[backend] = [y.detach()] + list(torch.autograd.grad(y, [x] + wb, gy))
     errs[f"{dtype} bn_relu_pool"] = rel(out["cpp"], out["torch"])
+# a C++ error message with numbers in it, whole (see the module doc)
+try:
+    torch.ops.fastmeta.bn_relu_pool(torch.randn(2, 3, 4, 4, 4), torch.randn(2, 5), torch.randn(2, 5), 1e-5)
+    raise AssertionError("bn_relu_pool took a weight of the wrong shape")
+except RuntimeError as e:
+    assert "must be [T=2, C=4] of x's dtype, got [2, 5]" in str(e), str(e)
 print(json.dumps(errs))
 '''
+
+
+def _static_libstdcxx_compiler(tmp_path):
+    """A CXX that links libstdc++ statically (and as Python's Debian/Ubuntu builds link, with
+    -Bsymbolic-functions), or None where the compiler has no static libstdc++."""
+    cxx = os.environ.get("CXX", "c++")
+    found = subprocess.run(shlex.split(cxx) + ["-print-file-name=libstdc++.a"], capture_output=True,
+                           text=True).stdout.strip()
+    if not os.path.isabs(found):
+        return None
+    wrapper = tmp_path / "cxx-static-libstdcxx"
+    wrapper.write_text(f'#!/bin/sh\nexec {cxx} "$@" -static-libstdc++ -Wl,-Bsymbolic-functions\n')
+    wrapper.chmod(0o755)
+    return str(wrapper)
 
 
 @requires_cpp
@@ -74,6 +100,9 @@ def test_portable_kernel_matches_the_reference(tmp_path):
         (shutil.copytree(src, tmp_path / name, ignore=ignore) if os.path.isdir(src)
          else shutil.copy(src, tmp_path / name))
     env = dict(os.environ, FASTMETA_NATIVE="0", FASTMETA_BUILD_CUDA="0", PYTHONPATH=str(tmp_path))
+    cxx = _static_libstdcxx_compiler(tmp_path)
+    if cxx is not None:
+        env["CXX"] = cxx
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=900)
     assert build.returncode == 0, build.stderr[-3000:]
