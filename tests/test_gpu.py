@@ -189,17 +189,26 @@ def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatc
                         first_order, RTOL[torch.float64], slope=0.2)
 
 
-def test_cuda_kernel_settings_are_checked(monkeypatch):
+@pytest.mark.parametrize("env", [{"FASTMETA_CUDA_MLP_SMEM": "3"}, {"FASTMETA_CUDA_MLP_THREADS": "100"},
+                                 {"FASTMETA_CUDA_MLP_TILE": "3"},
+                                 {"FASTMETA_CUDA_MLP_TILE": "4", "FASTMETA_CUDA_MLP_THREADS": "256"}],
+                         ids=["smem3", "threads100", "tile3", "tile4-threads256"])
+def test_cuda_kernel_settings_are_checked(env, monkeypatch):
     params, batch = make_mlp_batch((1, 8, 1), 2, 3, 3, "mse", torch.float32, "cuda")
-    bad = [{"FASTMETA_CUDA_MLP_SMEM": "3"}, {"FASTMETA_CUDA_MLP_THREADS": "100"}, {"FASTMETA_CUDA_MLP_TILE": "3"},
-           {"FASTMETA_CUDA_MLP_TILE": "4", "FASTMETA_CUDA_MLP_THREADS": "256"}]
-    for env in bad:
-        with monkeypatch.context() as m:
-            for key, value in env.items():
-                m.setenv(key, value)
-            with pytest.raises(RuntimeError, match=list(env)[-1]):
-                with fastmeta.use_backend("cuda"):
-                    ops.mlp_inner_loop(*batch, params, 0.1, 1, ["relu", None], 0.01, "mse", False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(RuntimeError, match=list(env)[-1]):
+        with fastmeta.use_backend("cuda"):
+            ops.mlp_inner_loop(*batch, params, 0.1, 1, ["relu", None], 0.01, "mse", False)
+
+
+def test_cuda_error_messages_keep_their_numbers():
+    """A C++ error whose message formats numbers, raised on CUDA tensors: raised whole (a build that
+    links its own libstdc++ crashed the process here; setup.py, tests/test_portable_build.py)."""
+    import fastmeta._C  # noqa: F401  (registers the op)
+    x = torch.randn(2, 3, 4, 4, 4, device="cuda")
+    with pytest.raises(RuntimeError, match=r"must be \[T=2, C=4\] of x's dtype, got \[2, 5\]"):
+        torch.ops.fastmeta.bn_relu_pool(x, torch.randn(2, 5, device="cuda"), torch.randn(2, 5, device="cuda"), 1e-5)
 
 
 def _check_replay(step, meta, w, i, rtol_loss, rtol_grad):
