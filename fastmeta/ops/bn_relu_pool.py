@@ -30,8 +30,10 @@ from ._layout import per_sample_2d
 from .batched_batch_norm import batched_batch_norm
 
 IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
-# cuda and triton stay behind the torch ops on CUDA until a GPU run has timed them against them
-AUTO = {"cpu": ("cpp", "torch"), "cuda": ("torch", "cuda", "triton")}
+# cuda first on CUDA: in fastmeta.tune's per-op comparison on an H200 (Omniglot T=32, second order,
+# triton convolutions) the block took 43.3 ms a meta-step with the cuda kernels, 43.9 with the
+# Triton ones and 52.0 with the torch ops (benchmarks/RESULTS.md)
+AUTO = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
 
 
