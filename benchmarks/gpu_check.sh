@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot miniimagenet probe gputests_triton tritonconv convprof convcompile omniglot_cudnnbench ncu tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot miniimagenet probe gputests_triton tritonconv miniimagenet_all convprof convcompile omniglot_cudnnbench ncu tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -35,7 +35,7 @@ run_step() {
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,memory.total --format=csv
   python -c 'import sys, torch, triton; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "triton", triton.__version__)'
   nvcc --version | tail -1; } >> "$SUMMARY" 2>&1
-BENCH="python -m fastmeta.bench --workload sine --no-progress --max-seconds 3 --min-seconds 0.3"
+BENCH="python -m fastmeta.bench --workload sine --no-progress --max-seconds 2 --min-seconds 0.3"
 # conv: one row per line as it finishes (a step cut short still reports); torch.compile in its own step
 CONV="python -m fastmeta.bench --order second --no-progress --reps 5 --max-seconds 4 --min-seconds 0.3"
 # ncu on one launch of the CUDA kernel (clocks left as they are: --clock-control none)
@@ -48,7 +48,7 @@ step_info() { TAIL=30 run_step info 30 info.txt sh -c 'python -m fastmeta.info; 
 # the GPU tests in two steps: every CUDA and torch path first, the Triton ones (which compile for
 # tens of seconds each in float64) after the sine timings
 step_gputests() { TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider \
-  --timeout=120 tests/test_gpu.py -k "not triton"; }
+  --timeout=120 tests/test_gpu.py -k "${GPU_TESTS_K:-not triton}"; }
 step_gputests_triton() { TAIL=20 run_step gputests_triton 150 tests_gpu_triton.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=120 tests/test_gpu.py -k triton; }
 step_sine25() { run_step sine25 150 bench_sine_T25.txt $BENCH --tasks 25 --providers \
@@ -63,11 +63,11 @@ step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_pr
 # the Triton conv-path kernels against their references on the device, before their timed rows
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
-# (-cuda: the convolutions on fastmeta::batched_conv2d and its gradient ops, cuDNN underneath, whose
-# second order avoids PyTorch's per-task double backward; auto keeps the torch ops until this is timed;
+# (fastmeta: auto, on CUDA fastmeta._C's convolution ops (cuDNN underneath; their second order avoids
+# PyTorch's per-task double backward) and bn_relu_pool kernels; -torch: the batched torch ops;
 # fastmeta_tuned: fastmeta.tune's choice, per op, its table in the log)
 step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
-  fastmeta,fastmeta-cuda,fastmeta_graph,fastmeta_graph-cuda,loop,vmap,fastmeta_tuned,fastmeta-triton,fastmeta_graph-triton \
+  fastmeta,fastmeta-torch,fastmeta_graph,fastmeta_graph-torch,loop,vmap,fastmeta_tuned,fastmeta-triton,fastmeta_graph-triton \
   --json "$LOG/bench_omniglot.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
@@ -76,12 +76,15 @@ step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omnigl
 # memory target; on the CPU one task of fastmeta's peaks at 0.67x of the loop's, two at 1.34x; the
 # baselines come third and fourth so that a step cut short still has them)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph@1,fastmeta_graph@1-cuda,loop,vmap,fastmeta_vg@1,fastmeta_graph@2,fastmeta_vg@2,fastmeta-cuda,fastmeta \
+  --providers fastmeta_graph@1,fastmeta_graph@1-torch,loop,vmap,fastmeta_vg@1,fastmeta_graph@2,fastmeta_vg@2,fastmeta,fastmeta-torch \
   --json "$LOG/bench_miniimagenet.json"; }
+# mini-ImageNet with every task at once on each convolution backend (the memory target aside)
+step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
+  --reps 3 --providers fastmeta-triton,fastmeta,fastmeta-torch --json "$LOG/bench_miniimagenet_all.json"; }
 # where the conv path's GPU time goes (hot kernels by their own device time), torch ops and cuda ops
 PROF="python -m fastmeta.profile --workload omniglot --order second --iterations 3 --trace ''"
-step_convprof() { TAIL=50 run_step convprof 90 profile_conv.txt sh -c "$PROF --provider fastmeta && \
-  $PROF --provider fastmeta-cuda"; }
+step_convprof() { TAIL=50 run_step convprof 90 profile_conv.txt sh -c "$PROF --provider fastmeta-torch && \
+  $PROF --provider fastmeta"; }
 step_tritontests() { TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider \
   --timeout=100 tests/test_triton.py tests/test_ops.py -k "not conv and not bn_relu_pool"; }
 step_ops() { TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
@@ -92,7 +95,7 @@ step_convcompile() { TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CON
 # loop's own is 1e-1 from it for mini-ImageNet (S=5) and ~1e-5 for Omniglot (RESULTS.md), so a row's
 # max rel err against the float32 loop is partly the loop's own rounding
 step_ref64() { TAIL=14 run_step ref64 120 bench_ref64.txt $CONV --workload omniglot,miniimagenet --reps 1 \
-  --providers loop,fastmeta,fastmeta-cuda,fastmeta_graph@1-cuda --reference float64 --json "$LOG/bench_ref64.json"; }
+  --providers loop,fastmeta,fastmeta-torch,fastmeta_graph@1 --reference float64 --json "$LOG/bench_ref64.json"; }
 for s in $STEPS; do
   if declare -F "step_$s" > /dev/null; then "step_$s"; else echo "== $s: unknown step" | tee -a "$SUMMARY"; fi
 done
