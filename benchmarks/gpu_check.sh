@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot miniimagenet probe gputests_triton tritonconv miniimagenet_all convprof convcompile omniglot_cudnnbench ncu tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot miniimagenet probe gputests_triton tritonconv miniimagenet_all convprof miniprof convcompile omniglot_cudnnbench ncu tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -83,6 +83,10 @@ step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet
   --reps 3 --providers fastmeta-triton,fastmeta,fastmeta-torch --json "$LOG/bench_miniimagenet_all.json"; }
 # where the conv path's GPU time goes (hot kernels by their own device time), torch ops and cuda ops
 PROF="python -m fastmeta.profile --workload omniglot --order second --iterations 3 --trace ''"
+# mini-ImageNet (T=8) one task at a time and all at once: where the chunked step's time goes
+MPROF="python -m fastmeta.profile --workload miniimagenet --tasks 8 --order second --iterations 2 --trace ''"
+step_miniprof() { TAIL=50 run_step miniprof 90 profile_miniimagenet.txt sh -c "$MPROF --provider fastmeta@1 && \
+  $MPROF --provider fastmeta"; }
 step_convprof() { TAIL=50 run_step convprof 90 profile_conv.txt sh -c "$PROF --provider fastmeta-torch && \
   $PROF --provider fastmeta"; }
 step_tritontests() { TAIL=15 run_step tritontests 120 tests_triton.log python -m pytest -q -rfEs -p no:cacheprovider \
