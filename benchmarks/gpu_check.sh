@@ -73,10 +73,11 @@ step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --worklo
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
 # (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the
-# memory target; on the CPU one task of fastmeta's peaks at 0.67x of the loop's, two at 1.34x; the
-# baselines come third and fourth so that a step cut short still has them)
+# memory target (peak <= 2x the loop's); on the H200 with the torch ops one task's graph peaked at
+# 1.07x the loop's, every task at once on the cuda ops at 530 MB a task, so chunks of 3 should fit;
+# the baselines come second and third so that a step cut short still has them)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph@1,fastmeta_graph@1-torch,loop,vmap,fastmeta_vg@1,fastmeta_graph@2,fastmeta_vg@2,fastmeta,fastmeta-torch \
+  --providers fastmeta_graph@3,loop,vmap,fastmeta_graph@1,fastmeta_graph@2,fastmeta_vg@3,fastmeta_graph@4,fastmeta \
   --json "$LOG/bench_miniimagenet.json"; }
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
