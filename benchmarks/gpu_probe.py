@@ -95,7 +95,7 @@ def step_us(w, backend, first_order, n=100, provider="fastmeta"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="25,1000")
-    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t128,cuda-t256,cuda-r4,cuda-r4-t64,triton")
+    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t64,cuda-t128,cuda-t256,cuda-r4,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
