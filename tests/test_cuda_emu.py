@@ -288,11 +288,13 @@ def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9)])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9),
+                                   (1, 3, 2, 23, 25)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
 def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
     """The CUDA bn_relu_pool forward and backward against the C++ CPU kernel: odd sizes (a row and a
-    column outside every window), planes smaller and larger than a block (256 threads), negative
+    column outside every window), planes and channels smaller and larger than a block (256 threads:
+    a thread steps through the 23 x 25 planes by less than a plane), negative
     weights (windows below zero), x task-major or task-inner (as batched_conv2d returns it; the C++
     kernel's outputs then are too), every thread order bit for bit; the window indices exactly."""
     from fastmeta.ops.bn_relu_pool import _register_cpp
@@ -326,7 +328,8 @@ def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9)])
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9),
+                                   (1, 3, 2, 23, 25)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
 @pytest.mark.parametrize("with_ggx", [True, False])
 def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx):

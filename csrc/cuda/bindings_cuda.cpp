@@ -228,6 +228,8 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
 // and allocations shared with the CPU kernels, csrc/bn_relu_pool.cpp).
 template <typename T>
 cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(d.H <= INT32_MAX && d.W <= INT32_MAX, "bn_relu_pool (cuda): planes of at most 2^31 - 1 rows and "
+              "columns, got ", d.H, " x ", d.W);
   cuda::BNReLUPoolArgs<T> a{};
   a.tasks = d.T; a.N = d.N; a.C = d.C; a.H = d.H; a.W = d.W; a.Ho = d.Ho; a.Wo = d.Wo;
   a.task_inner = d.task_inner;

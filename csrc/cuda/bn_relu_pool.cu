@@ -38,6 +38,39 @@ __device__ __forceinline__ int64_t plane_of(const BNReLUPoolArgs<T>& a, int64_t 
   return bn_relu_pool_plane(a.task_inner, a.tasks, a.N, a.C, t, n, c);
 }
 
+// A thread's position (n, h, w) in an N x H x W box that it walks in row-major order, blockDim.x
+// elements a step: the start is divided out once, each step adds the stride's digits with at most
+// one carry a digit (dh < H and dw < W), so no loop pays a 64-bit division an element. The
+// rows and columns fit int (checked by the host, csrc/cuda/bindings_cuda.cpp).
+struct Walk {
+  int64_t n;
+  int h, w;
+  int64_t dn;
+  int dh, dw, H, W;
+  __device__ Walk(int64_t start, int64_t stride, int H_, int W_) : H(H_), W(W_) {
+    const int64_t box = static_cast<int64_t>(H_) * W_;
+    if (box == 0) {  // an empty box (no pooling windows in a single row or column): no steps
+      n = INT64_MAX;
+      h = w = dh = dw = 0;
+      dn = 0;
+      return;
+    }
+    n = start / box;
+    h = static_cast<int>(start % box / W_);
+    w = static_cast<int>(start % W_);
+    dn = stride / box;
+    dh = static_cast<int>(stride % box / W_);
+    dw = static_cast<int>(stride % W_);
+  }
+  __device__ __forceinline__ void next() {
+    w += dw;
+    if (w >= W) { w -= W; ++h; }
+    h += dh;
+    if (h >= H) { h -= H; ++n; }
+    n += dn;
+  }
+};
+
 template <typename T>
 __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
@@ -45,11 +78,12 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLU
   const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
   auto in = [&](int64_t n) { return a.x + plane_of(a, t, n, c) * plane; };
   double s = 0;
-  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) s += static_cast<double>(in(e / plane)[e % plane]);
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next())
+    s += static_cast<double>(in(p.n)[p.h * a.W + p.w]);
   const double mean = block_sum(s, red) / static_cast<double>(M);
   double q = 0;
-  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
-    const double d = static_cast<double>(in(e / plane)[e % plane]) - mean;
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+    const double d = static_cast<double>(in(p.n)[p.h * a.W + p.w]) - mean;
     q += d * d;
   }
   const double invstd = 1.0 / sqrt(block_sum(q, red) / static_cast<double>(M) + a.eps);
@@ -60,13 +94,12 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLU
   const double w = static_cast<double>(a.weight[tc]);
   const T scale = static_cast<T>(w * invstd);
   const T shift = static_cast<T>(static_cast<double>(a.bias[tc]) - mean * w * invstd);
-  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
-    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
-    const T* p = in(n) + 2 * i * a.W + 2 * j;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
+    const T* p = in(o.n) + 2 * o.h * a.W + 2 * o.w;
     int k;
     const T best = window_max<T>(p[0] * scale + shift, p[1] * scale + shift, p[a.W] * scale + shift,
                                  p[a.W + 1] * scale + shift, k);
-    const int64_t out = plane_of(a, t, n, c) * out_plane + r;
+    const int64_t out = plane_of(a, t, o.n, c) * out_plane + o.h * a.Wo + o.w;
     a.y[out] = !(best <= T(0)) ? best : T(0);
     a.idx[out] = static_cast<uint8_t>(k);
   }
@@ -80,9 +113,8 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   const double mean = static_cast<double>(a.mean[tc]), invstd = static_cast<double>(a.invstd[tc]);
   // sums over the window maxima that pass the ReLU (g_z is zero elsewhere)
   double sg = 0, sgx = 0;
-  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
-    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
-    const int64_t pl = plane_of(a, t, n, c), out = pl * out_plane + r;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, t, o.n, c), out = pl * out_plane + i * a.Wo + j;
     if (!(a.y[out] > T(0))) continue;
     const int k = a.idx[out];
     const T* p = a.x + pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
@@ -100,9 +132,9 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   const T slope = static_cast<T>(-wi * invstd * sum_gx / static_cast<double>(M));  // per unit of (x - mean)
   const T c0 = static_cast<T>(-wi * sum_g / static_cast<double>(M));
   const T m = static_cast<T>(mean), wiT = static_cast<T>(wi);
-  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
-    const int64_t n = e / plane, rest = e % plane, h = rest / a.W, w = rest % a.W;
-    const int64_t base = plane_of(a, t, n, c);
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+    const int h = p.h, w = p.w;
+    const int64_t base = plane_of(a, t, p.n, c), rest = static_cast<int64_t>(h) * a.W + w;
     T v = c0 + slope * (a.x[base * plane + rest] - m);
     if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: add w invstd g_z where it took the maximum
       const int64_t out = base * out_plane + (h >> 1) * a.Wo + (w >> 1);
@@ -125,16 +157,15 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backwa
   const double wv = static_cast<double>(a.weight[tc]);
   double s1 = 0, s2 = 0, sa = 0, sb = 0, s3 = 0;
   if (a.ggx != nullptr) {
-    for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
-      const int64_t off = plane_of(a, t, e / plane, c) * plane + e % plane;
+    for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+      const int64_t off = plane_of(a, t, p.n, c) * plane + static_cast<int64_t>(p.h) * a.W + p.w;
       const double q = static_cast<double>(a.ggx[off]);
       s1 += q;
       s2 += q * (static_cast<double>(a.x[off]) - mean);
     }
   }
-  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
-    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
-    const int64_t pl = plane_of(a, t, n, c), out = pl * out_plane + r;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, t, o.n, c), out = pl * out_plane + i * a.Wo + j;
     if (!(a.y[out] > T(0))) continue;
     const int k = a.idx[out];
     const int64_t xa = pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
@@ -152,9 +183,9 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backwa
   const double c0 = -s * (P * A + K * S1) / Md, c1 = -(s * (P * B + K * S2) + s * s * Gs) / Md;
   const T sK = static_cast<T>(s * K), a0 = static_cast<T>(c0), a1 = static_cast<T>(c1 * s);
   const T m = static_cast<T>(mean), sP = static_cast<T>(s * P);
-  for (int64_t e = threadIdx.x; e < M; e += blockDim.x) {
-    const int64_t n = e / plane, rest = e % plane, h = rest / a.W, w = rest % a.W;
-    const int64_t pl = plane_of(a, t, n, c), off = pl * plane + rest;
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+    const int h = p.h, w = p.w;
+    const int64_t pl = plane_of(a, t, p.n, c), off = pl * plane + static_cast<int64_t>(h) * a.W + w;
     T v = (a.ggx != nullptr ? sK * a.ggx[off] : T(0)) + a0 + a1 * (a.x[off] - m);
     if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: s P g where it took the maximum
       const int64_t out = pl * out_plane + (h >> 1) * a.Wo + (w >> 1);
@@ -164,9 +195,8 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backwa
   }
   const T r0 = static_cast<T>(gb - wv * s * S1 / Md), r1 = static_cast<T>((gw - wv * s * S2 / Md) * s);
   const T ws = static_cast<T>(wv * s);
-  for (int64_t o = threadIdx.x; o < a.N * out_plane; o += blockDim.x) {
-    const int64_t n = o / out_plane, r = o % out_plane, i = r / a.Wo, j = r % a.Wo;
-    const int64_t pl = plane_of(a, t, n, c), out = pl * out_plane + r;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, t, o.n, c), out = pl * out_plane + i * a.Wo + j;
     T v = T(0);
     if (a.y[out] > T(0)) {
       const int k = a.idx[out];
