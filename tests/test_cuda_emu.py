@@ -256,15 +256,21 @@ def test_barriers_per_task(emu, widths, steps, first_order):
     assert emu.fm_emu_barriers() - before == 1 + steps * phase + phase + (0 if first_order else steps * phase)
 
 
-def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None):
-    """The CUDA bn_relu_pool kernel (forward, or backward when gy is given with the forward's
-    (y, idx, mean, invstd)) in the emulator; outputs start as NaN, in x's layout (task-major, or
-    task-inner when x is a transposed contiguous [N, T, ...] tensor; gy then must be too)."""
+def slices_of(slices, N):
+    """Blocks a task and channel for N images: one an image, or `slices` (at most N)."""
+    return N if slices == "per image" else min(slices, N)
+
+
+def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None, slices=1):
+    """The CUDA bn_relu_pool kernels (forward, or backward when gy is given with the forward's
+    (y, idx, mean, invstd)) in the emulator with `slices` blocks a task and channel; outputs start
+    as NaN, in x's layout (task-major, or task-inner when x is a transposed contiguous [N, T, ...]
+    tensor; gy then must be too)."""
     T, N, C, H, W = x.shape
     dt = x.dtype
     inner = not x.is_contiguous()
     assert not inner or x.transpose(0, 1).is_contiguous()
-    dims = (ctypes.c_int64 * 6)(T, N, C, H, W, int(inner))
+    dims = (ctypes.c_int64 * 7)(T, N, C, H, W, int(inner), slices)
     fn = h.fm_emu_bn_relu_pool_f64 if dt == torch.float64 else h.fm_emu_bn_relu_pool_f32
     h.fm_emu_set_order(order, 11)
 
@@ -291,12 +297,15 @@ def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None):
 @pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9),
                                    (1, 3, 2, 23, 25)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
-def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
+@pytest.mark.parametrize("slices", [1, 3, "per image"])
+def test_bn_relu_pool_kernel(emu, shape, dtype, layout, slices):
     """The CUDA bn_relu_pool forward and backward against the C++ CPU kernel: odd sizes (a row and a
     column outside every window), planes and channels smaller and larger than a block (256 threads:
     a thread steps through the 23 x 25 planes by less than a plane), negative
     weights (windows below zero), x task-major or task-inner (as batched_conv2d returns it; the C++
-    kernel's outputs then are too), every thread order bit for bit; the window indices exactly."""
+    kernel's outputs then are too), one block a task and channel or several (each over a range of
+    its images, the sums combined from the blocks' partials), every thread order bit for bit; the
+    window indices exactly."""
     from fastmeta.ops.bn_relu_pool import _register_cpp
     _register_cpp()
     g = torch.Generator().manual_seed(sum(shape))
@@ -314,8 +323,8 @@ def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
     want_b = torch.ops.fastmeta.bn_relu_pool_backward(gy, x, w, *want[1:2], want[0], *want[2:])
     runs = []
     for order in ORDERS:
-        fwd = emu_bn_relu_pool(emu, x, w, b, 1e-5, order)
-        bwd = emu_bn_relu_pool(emu, x, w, None, 1e-5, order, gy=gy, saved=fwd)
+        fwd = emu_bn_relu_pool(emu, x, w, b, 1e-5, order, slices=slices_of(slices, N))
+        bwd = emu_bn_relu_pool(emu, x, w, None, 1e-5, order, gy=gy, saved=fwd, slices=slices_of(slices, N))
         runs.append(fwd + bwd)
     for other in runs[1:]:
         for a, c in zip(runs[0], other):
@@ -332,11 +341,12 @@ def test_bn_relu_pool_kernel(emu, shape, dtype, layout):
                                    (1, 3, 2, 23, 25)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
 @pytest.mark.parametrize("with_ggx", [True, False])
-def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx):
+@pytest.mark.parametrize("slices", [1, 3, "per image"])
+def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx, slices):
     """The CUDA double backward of bn_relu_pool against the C++ kernel (itself checked against the
     reference's double backward in tests/test_bn_relu_pool.py): odd sizes, planes smaller and larger
-    than a block, both layouts, with and without a dx cotangent (null ggx), every thread order bit
-    for bit."""
+    than a block, both layouts, with and without a dx cotangent (null ggx), one block a task and
+    channel or several, every thread order bit for bit."""
     from fastmeta.ops.bn_relu_pool import _register_cpp
     _register_cpp()
     g = torch.Generator().manual_seed(7 + sum(shape))
@@ -356,7 +366,7 @@ def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx
     ggw, ggb = torch.randn(T, C, generator=g, dtype=dtype), torch.randn(T, C, generator=g, dtype=dtype)
     want = torch.ops.fastmeta.bn_relu_pool_double_backward(ggx, ggw, ggb, gy, x, w, idx, y, mean, invstd)
     fn = emu.fm_emu_bn_relu_pool_double_f64 if dtype == torch.float64 else emu.fm_emu_bn_relu_pool_double_f32
-    dims = (ctypes.c_int64 * 6)(T, N, C, H, W, int(inner))
+    dims = (ctypes.c_int64 * 7)(T, N, C, H, W, int(inner), slices_of(slices, N))
     runs = []
     for order in ORDERS:
         emu.fm_emu_set_order(order, 5)

@@ -341,14 +341,18 @@ def test_tune_on_gpu():
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape", [(2, 3, 4, 7, 6), (4, 80, 64, 28, 28)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
-def test_cuda_bn_relu_pool(shape, dtype, layout):
-    """fastmeta::bn_relu_pool's CUDA kernels (backend cuda): values, the gradients of x, weight
+@pytest.mark.parametrize("slices", ["auto", "1", "3"])
+def test_cuda_bn_relu_pool(shape, dtype, layout, slices, monkeypatch):
+    """fastmeta::bn_relu_pool's CUDA kernels (backend cuda; blocks a task and channel as the GPU's
+    size picks them, one, or three, FASTMETA_CUDA_BRP_SLICES): values, the gradients of x, weight
     and bias (the backward kernel, and the differentiable backward) and second derivatives (the
     double-backward kernel), against the reference in float64, and in float32 against the C++ CPU
     kernels on the same data (both take z = x * scale + shift as one fused multiply-add, so their
     windows pick the same maxima, where the reference's rounding may pick the other of a near-tie);
     x task-major or task-inner (as batched_conv2d returns it: the outputs then are too)."""
     from fastmeta.ops.bn_relu_pool import task_inner
+    if slices != "auto":
+        monkeypatch.setenv("FASTMETA_CUDA_BRP_SLICES", slices)
     g = torch.Generator().manual_seed(0)
     T, N, C, H, W = shape
     d = dict(dtype=dtype)

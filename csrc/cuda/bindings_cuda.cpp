@@ -226,8 +226,12 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
 
 // fastmeta::bn_relu_pool, its backward and double backward (csrc/cuda/bn_relu_pool.cu; the checks
 // and allocations shared with the CPU kernels, csrc/bn_relu_pool.cpp).
+// The arguments every op reads, with its blocks a (task, channel) (FASTMETA_CUDA_BRP_SLICES=N
+// forces N, clamped to 1..images; else cuda::bn_relu_pool_slices for this GPU) and their scratch,
+// which `scratch` keeps alive until the launch is queued.
 template <typename T>
-cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight) {
+cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight,
+                                          at::Tensor& scratch) {
   TORCH_CHECK(d.H <= INT32_MAX && d.W <= INT32_MAX, "bn_relu_pool (cuda): planes of at most 2^31 - 1 rows and "
               "columns, got ", d.H, " x ", d.W);
   cuda::BNReLUPoolArgs<T> a{};
@@ -235,13 +239,21 @@ cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Ten
   a.task_inner = d.task_inner;
   a.x = x.data_ptr<T>();
   a.weight = weight.data_ptr<T>();
+  const char* env = std::getenv("FASTMETA_CUDA_BRP_SLICES");
+  if (env != nullptr && env[0] != '\0') {
+    a.slices = std::max<int64_t>(1, std::min<int64_t>(std::atoll(env), d.N));
+  } else {
+    a.slices = cuda::bn_relu_pool_slices(d.T, d.C, d.N, d.H * d.W, device_limits(x.device().index()).sms);
+  }
+  scratch = at::empty({d.T * d.C * a.slices * 5}, x.options().dtype(at::kDouble));
+  a.partial = scratch.data_ptr<double>();
   return a;
 }
 
 // The arguments the backward and double backward share: the saved tensors and gy.
 template <typename T>
-cuda::BNReLUPoolArgs<T> bn_relu_pool_saved_args(const BNReLUPoolSaved& s) {
-  auto a = bn_relu_pool_args<T>(s.d, s.x, s.weight);
+cuda::BNReLUPoolArgs<T> bn_relu_pool_saved_args(const BNReLUPoolSaved& s, at::Tensor& scratch) {
+  auto a = bn_relu_pool_args<T>(s.d, s.x, s.weight, scratch);
   a.y = s.y.data_ptr<T>();
   a.idx = s.idx.data_ptr<uint8_t>();
   a.mean = s.mean.data_ptr<T>();
@@ -256,7 +268,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_cuda(con
   const c10::cuda::CUDAGuard guard(x.device());
   const BNReLUPoolForward f = bn_relu_pool_forward_prepare(x, weight, bias);
   AT_DISPATCH_FLOATING_TYPES(f.x.scalar_type(), "bn_relu_pool_cuda", [&] {
-    auto a = bn_relu_pool_args<scalar_t>(f.d, f.x, f.weight);
+    at::Tensor scratch;
+    auto a = bn_relu_pool_args<scalar_t>(f.d, f.x, f.weight, scratch);
     a.bias = f.bias.data_ptr<scalar_t>();
     a.eps = eps;
     a.y = f.y.data_ptr<scalar_t>();
@@ -275,7 +288,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_backward_cuda(
   const BNReLUPoolSaved s = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
   const BNReLUPoolGrads o = bn_relu_pool_backward_outputs(s);
   AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "bn_relu_pool_backward_cuda", [&] {
-    auto a = bn_relu_pool_saved_args<scalar_t>(s);
+    at::Tensor scratch;
+    auto a = bn_relu_pool_saved_args<scalar_t>(s, scratch);
     a.dx = o.dx.data_ptr<scalar_t>();
     a.dweight = o.dw.data_ptr<scalar_t>();
     a.dbias = o.db.data_ptr<scalar_t>();
@@ -292,7 +306,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cuda
   const BNReLUPoolSaved s = bn_relu_pool_saved(gy, x, weight, idx, y, mean, invstd);
   const BNReLUPoolDouble o = bn_relu_pool_double_prepare(s, ggx, ggw, ggb);
   AT_DISPATCH_FLOATING_TYPES(s.x.scalar_type(), "bn_relu_pool_double_backward_cuda", [&] {
-    auto a = bn_relu_pool_saved_args<scalar_t>(s);
+    at::Tensor scratch;
+    auto a = bn_relu_pool_saved_args<scalar_t>(s, scratch);
     a.ggx = o.ggx.defined() ? o.ggx.data_ptr<scalar_t>() : nullptr;
     a.ggw = o.ggw.data_ptr<scalar_t>();
     a.ggb = o.ggb.data_ptr<scalar_t>();

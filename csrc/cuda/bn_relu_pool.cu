@@ -4,12 +4,16 @@
 // first maximum, as max_pool2d picks it; g_z = gy at that position where y > 0, else 0;
 // dbias = sum g_z, dweight = sum g_z xhat, dx = w invstd (g_z - dbias / M - xhat dweight / M).
 //
-// One block per (task, channel): the forward reads the channel's planes three times (mean, the
-// variance about it, then normalize + ReLU + pool) and writes the pooled output and a one-byte
-// index; the backward reads the pooled gradient and x twice (the two sums, then dx, each input
-// element finding its own window), and writes dx once. Consecutive threads take consecutive
-// elements of a plane (coalesced). Block reductions go through shared memory. x's planes may be
-// task-major or task-inner (plane_of); the outputs follow x's layout.
+// Each op runs as two kernels over `slices` blocks per (task, channel), a block taking a range of
+// the plane set's images (so a few tasks and channels still fill the GPU): the first writes each
+// slice's partial sums (the forward's: element count, mean and squared deviations about it, two
+// passes; the backward's two sums; the double backward's five), the second combines a plane set's
+// partials in slice order and writes the outputs of its slice (the forward: normalize + ReLU + pool
+// and a one-byte index; the backward: dx, each input element finding its own window; dweight and
+// dbias, or g_w, by the first slice). Consecutive threads take consecutive elements of a plane
+// (coalesced), each thread's position advanced without a division (Walk). Block reductions go
+// through shared memory. x's planes may be task-major or task-inner (plane_of); the outputs follow
+// x's layout.
 #include "../bn_relu_pool.h"
 #include "kernels.cuh"
 
@@ -71,50 +75,105 @@ struct Walk {
   }
 };
 
+// The block's share of the work: its (task, channel) tc and images [n0, n0 + nn) of that plane set
+// (slice s of a.slices; an image's planes are never split).
+struct Slice {
+  int64_t tc, t, c, s, n0, nn;
+};
+
 template <typename T>
-__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_kernel(BNReLUPoolArgs<T> a) {
+__device__ __forceinline__ Slice slice_of(const BNReLUPoolArgs<T>& a) {
+  Slice r;
+  r.tc = blockIdx.x / a.slices;
+  r.s = blockIdx.x % a.slices;
+  r.t = r.tc / a.C;
+  r.c = r.tc % a.C;
+  r.n0 = r.s * a.N / a.slices;
+  r.nn = (r.s + 1) * a.N / a.slices - r.n0;
+  return r;
+}
+
+// The slices' partial results of one (task, channel): kPartial doubles each.
+constexpr int kPartial = 5;
+
+template <typename T>
+__device__ __forceinline__ double* partials(const BNReLUPoolArgs<T>& a, int64_t tc) {
+  return a.partial + tc * a.slices * kPartial;
+}
+
+// Forward, first kernel: each slice's element count, mean and sum of squared deviations about it
+// (two passes over the slice).
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_stats_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
-  const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
-  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
-  auto in = [&](int64_t n) { return a.x + plane_of(a, t, n, c) * plane; };
+  const Slice sl = slice_of(a);
+  const int64_t plane = a.H * a.W;
+  const double count = static_cast<double>(sl.nn * plane);
+  auto in = [&](int64_t n) { return a.x + plane_of(a, sl.t, sl.n0 + n, sl.c) * plane; };
   double s = 0;
-  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next())
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < sl.nn; p.next())
     s += static_cast<double>(in(p.n)[p.h * a.W + p.w]);
-  const double mean = block_sum(s, red) / static_cast<double>(M);
+  const double mean = block_sum(s, red) / count;
   double q = 0;
-  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < sl.nn; p.next()) {
     const double d = static_cast<double>(in(p.n)[p.h * a.W + p.w]) - mean;
     q += d * d;
   }
-  const double invstd = 1.0 / sqrt(block_sum(q, red) / static_cast<double>(M) + a.eps);
+  const double m2 = block_sum(q, red);
   if (threadIdx.x == 0) {
-    a.mean[tc] = static_cast<T>(mean);
-    a.invstd[tc] = static_cast<T>(invstd);
+    double* out = partials(a, sl.tc) + sl.s * kPartial;
+    out[0] = count;
+    out[1] = mean;
+    out[2] = m2;
   }
-  const double w = static_cast<double>(a.weight[tc]);
+}
+
+// Forward, second kernel: the statistics of the whole plane set from its slices' (count, mean,
+// squared deviations), combined in slice order (Chan et al.; one slice: the two-pass mean and
+// variance as they are), then normalize + ReLU + pool over the slice's windows.
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_apply_kernel(BNReLUPoolArgs<T> a) {
+  const Slice sl = slice_of(a);
+  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
+  const double* part = partials(a, sl.tc);
+  double count = part[0], mean = part[1], m2 = part[2];
+  for (int64_t k = 1; k < a.slices; ++k) {
+    const double nk = part[k * kPartial], d = part[k * kPartial + 1] - mean, total = count + nk;
+    mean += d * nk / total;
+    m2 += part[k * kPartial + 2] + d * d * count * nk / total;
+    count = total;
+  }
+  const double invstd = 1.0 / sqrt(m2 / count + a.eps);
+  if (sl.s == 0 && threadIdx.x == 0) {
+    a.mean[sl.tc] = static_cast<T>(mean);
+    a.invstd[sl.tc] = static_cast<T>(invstd);
+  }
+  const double w = static_cast<double>(a.weight[sl.tc]);
   const T scale = static_cast<T>(w * invstd);
-  const T shift = static_cast<T>(static_cast<double>(a.bias[tc]) - mean * w * invstd);
-  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
-    const T* p = in(o.n) + 2 * o.h * a.W + 2 * o.w;
+  const T shift = static_cast<T>(static_cast<double>(a.bias[sl.tc]) - mean * w * invstd);
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
+    const int64_t pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c);
+    const T* p = a.x + pl * plane + 2 * o.h * a.W + 2 * o.w;
     int k;
     const T best = window_max<T>(p[0] * scale + shift, p[1] * scale + shift, p[a.W] * scale + shift,
                                  p[a.W + 1] * scale + shift, k);
-    const int64_t out = plane_of(a, t, o.n, c) * out_plane + o.h * a.Wo + o.w;
+    const int64_t out = pl * out_plane + o.h * a.Wo + o.w;
     a.y[out] = !(best <= T(0)) ? best : T(0);
     a.idx[out] = static_cast<uint8_t>(k);
   }
 }
 
+// Backward, first kernel: each slice's sums over the window maxima that pass the ReLU (g_z is zero
+// elsewhere): sum g and sum g (x - mean).
 template <typename T>
-__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kernel(BNReLUPoolArgs<T> a) {
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_sums_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
-  const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
-  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
-  const double mean = static_cast<double>(a.mean[tc]), invstd = static_cast<double>(a.invstd[tc]);
-  // sums over the window maxima that pass the ReLU (g_z is zero elsewhere)
+  const Slice sl = slice_of(a);
+  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
+  const double mean = static_cast<double>(a.mean[sl.tc]);
   double sg = 0, sgx = 0;
-  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
-    const int64_t i = o.h, j = o.w, pl = plane_of(a, t, o.n, c), out = pl * out_plane + i * a.Wo + j;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c), out = pl * out_plane + i * a.Wo + j;
     if (!(a.y[out] > T(0))) continue;
     const int k = a.idx[out];
     const T* p = a.x + pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
@@ -122,19 +181,39 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
     sg += g;
     sgx += g * (static_cast<double>(*p) - mean);
   }
-  const double sum_g = block_sum(sg, red);
-  const double sum_gx = block_sum(sgx, red) * invstd;
+  const double total_g = block_sum(sg, red), total_gx = block_sum(sgx, red);
   if (threadIdx.x == 0) {
-    a.dbias[tc] = static_cast<T>(sum_g);
-    a.dweight[tc] = static_cast<T>(sum_gx);
+    double* out = partials(a, sl.tc) + sl.s * kPartial;
+    out[0] = total_g;
+    out[1] = total_gx;
   }
-  const double wi = static_cast<double>(a.weight[tc]) * invstd;
+}
+
+// Backward, second kernel: the sums of the plane set (its slices', in slice order), dweight and
+// dbias (by the first slice), then dx over the slice's elements.
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_dx_kernel(BNReLUPoolArgs<T> a) {
+  const Slice sl = slice_of(a);
+  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
+  const double mean = static_cast<double>(a.mean[sl.tc]), invstd = static_cast<double>(a.invstd[sl.tc]);
+  const double* part = partials(a, sl.tc);
+  double sum_g = 0, sum_gx = 0;
+  for (int64_t k = 0; k < a.slices; ++k) {
+    sum_g += part[k * kPartial];
+    sum_gx += part[k * kPartial + 1];
+  }
+  sum_gx *= invstd;
+  if (sl.s == 0 && threadIdx.x == 0) {
+    a.dbias[sl.tc] = static_cast<T>(sum_g);
+    a.dweight[sl.tc] = static_cast<T>(sum_gx);
+  }
+  const double wi = static_cast<double>(a.weight[sl.tc]) * invstd;
   const T slope = static_cast<T>(-wi * invstd * sum_gx / static_cast<double>(M));  // per unit of (x - mean)
   const T c0 = static_cast<T>(-wi * sum_g / static_cast<double>(M));
   const T m = static_cast<T>(mean), wiT = static_cast<T>(wi);
-  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < sl.nn; p.next()) {
     const int h = p.h, w = p.w;
-    const int64_t base = plane_of(a, t, p.n, c), rest = static_cast<int64_t>(h) * a.W + w;
+    const int64_t base = plane_of(a, sl.t, sl.n0 + p.n, sl.c), rest = static_cast<int64_t>(h) * a.W + w;
     T v = c0 + slope * (a.x[base * plane + rest] - m);
     if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: add w invstd g_z where it took the maximum
       const int64_t out = base * out_plane + (h >> 1) * a.Wo + (w >> 1);
@@ -144,28 +223,26 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_kern
   }
 }
 
-// The double backward (the formulas at the top of csrc/bn_relu_pool.cpp): one pass for the five
-// sums (S1, S2 over the elements, A, B, S3 over the windows), one over the elements for g_x (each
-// element finding its own window) and one over the windows for g_gy.
+// The double backward (the formulas at the top of csrc/bn_relu_pool.cpp), first kernel: each
+// slice's five sums (S1, S2 over the elements, A, B, S3 over the windows; S2 and B before their
+// factor invstd).
 template <typename T>
-__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backward_kernel(BNReLUPoolArgs<T> a) {
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_sums_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
-  const int64_t tc = blockIdx.x, t = tc / a.C, c = tc % a.C;
-  const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
-  const double Md = static_cast<double>(M);
-  const double mean = static_cast<double>(a.mean[tc]), s = static_cast<double>(a.invstd[tc]);
-  const double wv = static_cast<double>(a.weight[tc]);
+  const Slice sl = slice_of(a);
+  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
+  const double mean = static_cast<double>(a.mean[sl.tc]);
   double s1 = 0, s2 = 0, sa = 0, sb = 0, s3 = 0;
   if (a.ggx != nullptr) {
-    for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
-      const int64_t off = plane_of(a, t, p.n, c) * plane + static_cast<int64_t>(p.h) * a.W + p.w;
+    for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < sl.nn; p.next()) {
+      const int64_t off = plane_of(a, sl.t, sl.n0 + p.n, sl.c) * plane + static_cast<int64_t>(p.h) * a.W + p.w;
       const double q = static_cast<double>(a.ggx[off]);
       s1 += q;
       s2 += q * (static_cast<double>(a.x[off]) - mean);
     }
   }
-  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
-    const int64_t i = o.h, j = o.w, pl = plane_of(a, t, o.n, c), out = pl * out_plane + i * a.Wo + j;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c), out = pl * out_plane + i * a.Wo + j;
     if (!(a.y[out] > T(0))) continue;
     const int k = a.idx[out];
     const int64_t xa = pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
@@ -174,18 +251,49 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backwa
     sb += g * (static_cast<double>(a.x[xa]) - mean);
     if (a.ggx != nullptr) s3 += g * static_cast<double>(a.ggx[xa]);
   }
-  const double S1 = block_sum(s1, red), S2 = block_sum(s2, red) * s, A = block_sum(sa, red);
-  const double B = block_sum(sb, red) * s, S3 = block_sum(s3, red);
-  const double gw = static_cast<double>(a.ggw[tc]), gb = static_cast<double>(a.ggb[tc]);
-  if (threadIdx.x == 0) a.g_w[tc] = static_cast<T>(s * (S3 - A * S1 / Md - B * S2 / Md));
+  const double t1 = block_sum(s1, red), t2 = block_sum(s2, red), ta = block_sum(sa, red);
+  const double tb = block_sum(sb, red), t3 = block_sum(s3, red);
+  if (threadIdx.x == 0) {
+    double* out = partials(a, sl.tc) + sl.s * kPartial;
+    out[0] = t1;
+    out[1] = t2;
+    out[2] = ta;
+    out[3] = tb;
+    out[4] = t3;
+  }
+}
+
+// The double backward, second kernel: the five sums of the plane set (in slice order), g_w (by the
+// first slice), then g_x over the slice's elements (each finding its own window) and g_gy over its
+// windows.
+template <typename T>
+__global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_apply_kernel(BNReLUPoolArgs<T> a) {
+  const Slice sl = slice_of(a);
+  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
+  const double Md = static_cast<double>(a.N * plane);
+  const double mean = static_cast<double>(a.mean[sl.tc]), s = static_cast<double>(a.invstd[sl.tc]);
+  const double wv = static_cast<double>(a.weight[sl.tc]);
+  const double* part = partials(a, sl.tc);
+  double S1 = 0, S2 = 0, A = 0, B = 0, S3 = 0;
+  for (int64_t k = 0; k < a.slices; ++k) {
+    S1 += part[k * kPartial];
+    S2 += part[k * kPartial + 1];
+    A += part[k * kPartial + 2];
+    B += part[k * kPartial + 3];
+    S3 += part[k * kPartial + 4];
+  }
+  S2 *= s;
+  B *= s;
+  const double gw = static_cast<double>(a.ggw[sl.tc]), gb = static_cast<double>(a.ggb[sl.tc]);
+  if (sl.s == 0 && threadIdx.x == 0) a.g_w[sl.tc] = static_cast<T>(s * (S3 - A * S1 / Md - B * S2 / Md));
   const double K = -wv * s * B / Md, P = gw - wv * s * S2 / Md;
   const double Gs = wv * S3 - wv * (A * S1 + B * S2) / Md;
   const double c0 = -s * (P * A + K * S1) / Md, c1 = -(s * (P * B + K * S2) + s * s * Gs) / Md;
   const T sK = static_cast<T>(s * K), a0 = static_cast<T>(c0), a1 = static_cast<T>(c1 * s);
   const T m = static_cast<T>(mean), sP = static_cast<T>(s * P);
-  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < a.N; p.next()) {
+  for (Walk p(threadIdx.x, blockDim.x, a.H, a.W); p.n < sl.nn; p.next()) {
     const int h = p.h, w = p.w;
-    const int64_t pl = plane_of(a, t, p.n, c), off = pl * plane + static_cast<int64_t>(h) * a.W + w;
+    const int64_t pl = plane_of(a, sl.t, sl.n0 + p.n, sl.c), off = pl * plane + static_cast<int64_t>(h) * a.W + w;
     T v = (a.ggx != nullptr ? sK * a.ggx[off] : T(0)) + a0 + a1 * (a.x[off] - m);
     if (h < 2 * a.Ho && w < 2 * a.Wo) {  // inside a window: s P g where it took the maximum
       const int64_t out = pl * out_plane + (h >> 1) * a.Wo + (w >> 1);
@@ -195,8 +303,8 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backwa
   }
   const T r0 = static_cast<T>(gb - wv * s * S1 / Md), r1 = static_cast<T>((gw - wv * s * S2 / Md) * s);
   const T ws = static_cast<T>(wv * s);
-  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < a.N; o.next()) {
-    const int64_t i = o.h, j = o.w, pl = plane_of(a, t, o.n, c), out = pl * out_plane + i * a.Wo + j;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c), out = pl * out_plane + i * a.Wo + j;
     T v = T(0);
     if (a.y[out] > T(0)) {
       const int k = a.idx[out];
@@ -207,30 +315,35 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_backwa
   }
 }
 
-// One block per (task, channel), a double per thread of shared memory for the reductions.
-template <typename T, typename Kernel>
-cudaError_t launch_per_channel(Kernel kernel, const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
-  const int64_t blocks = a.tasks * a.C;
+// A slice's block for each (task, channel) and slice: the first kernel of a pair with a double per
+// thread of shared memory for its reductions, then the second, which reads the first's partials
+// (stream order).
+template <typename T, typename First, typename Second>
+cudaError_t launch_sliced(First first, Second second, const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
+  const int64_t blocks = a.tasks * a.C * a.slices;
   if (blocks == 0) return cudaSuccess;
-  return FASTMETA_LAUNCH(kernel, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
-                         kBNReLUPoolThreads * sizeof(double), stream, a);
+  if (a.slices < 1 || a.slices > a.N || a.partial == nullptr) return cudaErrorInvalidValue;
+  cudaError_t e = FASTMETA_LAUNCH(first, static_cast<unsigned>(blocks), kBNReLUPoolThreads,
+                                  kBNReLUPoolThreads * sizeof(double), stream, a);
+  if (e != cudaSuccess) return e;
+  return FASTMETA_LAUNCH(second, static_cast<unsigned>(blocks), kBNReLUPoolThreads, 0, stream, a);
 }
 
 }  // namespace
 
 template <typename T>
 cudaError_t launch_bn_relu_pool(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
-  return launch_per_channel(bn_relu_pool_kernel<T>, a, stream);
+  return launch_sliced(bn_relu_pool_stats_kernel<T>, bn_relu_pool_apply_kernel<T>, a, stream);
 }
 
 template <typename T>
 cudaError_t launch_bn_relu_pool_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
-  return launch_per_channel(bn_relu_pool_backward_kernel<T>, a, stream);
+  return launch_sliced(bn_relu_pool_backward_sums_kernel<T>, bn_relu_pool_backward_dx_kernel<T>, a, stream);
 }
 
 template <typename T>
 cudaError_t launch_bn_relu_pool_double_backward(const BNReLUPoolArgs<T>& a, cudaStream_t stream) {
-  return launch_per_channel(bn_relu_pool_double_backward_kernel<T>, a, stream);
+  return launch_sliced(bn_relu_pool_double_sums_kernel<T>, bn_relu_pool_double_apply_kernel<T>, a, stream);
 }
 
 template cudaError_t launch_bn_relu_pool<float>(const BNReLUPoolArgs<float>&, cudaStream_t);

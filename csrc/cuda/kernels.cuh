@@ -195,15 +195,18 @@ namespace fastmeta {
 namespace cuda {
 
 // BatchNorm (batch statistics of each task and channel) -> ReLU -> MaxPool2d(2), fused
-// (csrc/cuda/bn_relu_pool.cu; the contract of csrc/bn_relu_pool.cpp): one thread block per
-// (task, channel) plane set of x [T, N, C, H, W] (contiguous H x W planes; the planes task-major,
-// or task-inner as batched_conv2d returns them: y, idx, gy and dx in x's layout).
+// (csrc/cuda/bn_relu_pool.cu; the contract of csrc/bn_relu_pool.cpp): `slices` thread blocks per
+// (task, channel) plane set of x [T, N, C, H, W], each over a range of its images (contiguous H x W
+// planes; the planes task-major, or task-inner as batched_conv2d returns them: y, idx, gy and dx in
+// x's layout). Each op is two kernels: the slices' sums, then the outputs from their totals.
 constexpr int kBNReLUPoolThreads = 256;  // a power of two (the block reductions halve it)
 
 template <typename T>
 struct BNReLUPoolArgs {
   int64_t tasks, N, C, H, W, Ho, Wo;
   bool task_inner;     // planes ordered (n, t, c) instead of (t, n, c)
+  int64_t slices;      // blocks a (task, channel), 1..N (bn_relu_pool_slices)
+  double* partial;     // scratch of [T * C * slices * 5] doubles: the slices' sums
   const T* x;
   const T* weight;     // [T, C]
   const T* bias;       // [T, C] (forward)
@@ -223,6 +226,18 @@ struct BNReLUPoolArgs {
   T* g_x;              // double backward: [T, N, C, H, W] (x's layout)
   T* g_w;              // double backward: [T, C]
 };
+
+// Blocks a (task, channel) for a GPU of `sms` multiprocessors: enough for about four blocks an SM
+// in all, each over at least 4096 elements, at most one an image.
+inline int64_t bn_relu_pool_slices(int64_t tasks, int64_t C, int64_t N, int64_t plane, int64_t sms) {
+  const int64_t sets = tasks * C, want = 4 * sms;
+  if (sets <= 0 || sets >= want) return 1;
+  int64_t s = (want + sets - 1) / sets;
+  const int64_t most = N * plane / 4096;
+  if (s > most) s = most;
+  if (s > N) s = N;
+  return s < 1 ? 1 : s;
+}
 
 template <typename T>
 cudaError_t launch_bn_relu_pool(const BNReLUPoolArgs<T>& a, cudaStream_t stream);

@@ -8,6 +8,7 @@
 #include "../../csrc/cuda/mlp_inner_loop.cu"
 
 #include <limits>
+#include <vector>
 
 namespace {
 
@@ -72,16 +73,27 @@ int run_update(int n_tensors, T** outs, const T** ps, const T** gs, const T** lr
                  cudaSuccess ? 0 : 1;
 }
 
-// bn_relu_pool forward (gy == nullptr) or backward on host arrays; dims = T, N, C, H, W, task_inner
-// (every [T, N, C, ., .] array laid out alike); 0 or 1 (error).
+// The sizes, layout and blocks a (task, channel) from dims = T, N, C, H, W, task_inner, slices
+// (every [T, N, C, ., .] array laid out alike), with scratch for the slices' sums in `partial`.
+template <typename T>
+fastmeta::cuda::BNReLUPoolArgs<T> bn_relu_pool_dims(const int64_t* dims, std::vector<double>& partial) {
+  fastmeta::cuda::BNReLUPoolArgs<T> a{};
+  a.tasks = dims[0]; a.N = dims[1]; a.C = dims[2]; a.H = dims[3]; a.W = dims[4];
+  a.Ho = a.H / 2; a.Wo = a.W / 2;
+  a.task_inner = dims[5] != 0;
+  a.slices = dims[6];
+  partial.assign(static_cast<size_t>(a.tasks * a.C * a.slices * 5), std::numeric_limits<double>::quiet_NaN());
+  a.partial = partial.data();
+  return a;
+}
+
+// bn_relu_pool forward (gy == nullptr) or backward on host arrays (dims as above); 0 or 1 (error).
 template <typename T>
 int run_bn_relu_pool(const int64_t* dims, const T* x, const T* weight, const T* bias, double eps, T* y,
                      uint8_t* idx, T* mean, T* invstd, const T* gy, T* dx, T* dweight, T* dbias) {
   using namespace fastmeta::cuda;
-  BNReLUPoolArgs<T> a{};
-  a.tasks = dims[0]; a.N = dims[1]; a.C = dims[2]; a.H = dims[3]; a.W = dims[4];
-  a.Ho = a.H / 2; a.Wo = a.W / 2;
-  a.task_inner = dims[5] != 0;
+  std::vector<double> partial;
+  BNReLUPoolArgs<T> a = bn_relu_pool_dims<T>(dims, partial);
   a.x = x; a.weight = weight; a.bias = bias; a.eps = eps;
   a.y = y; a.idx = idx; a.mean = mean; a.invstd = invstd;
   a.gy = gy; a.dx = dx; a.dweight = dweight; a.dbias = dbias;
@@ -96,10 +108,8 @@ int run_bn_relu_pool_double(const int64_t* dims, const T* x, const T* weight, co
                             const T* y, const uint8_t* idx, const T* gy, const T* ggx, const T* ggw, const T* ggb,
                             T* g_gy, T* g_x, T* g_w) {
   using namespace fastmeta::cuda;
-  BNReLUPoolArgs<T> a{};
-  a.tasks = dims[0]; a.N = dims[1]; a.C = dims[2]; a.H = dims[3]; a.W = dims[4];
-  a.Ho = a.H / 2; a.Wo = a.W / 2;
-  a.task_inner = dims[5] != 0;
+  std::vector<double> partial;
+  BNReLUPoolArgs<T> a = bn_relu_pool_dims<T>(dims, partial);
   a.x = x; a.weight = weight; a.mean = const_cast<T*>(mean); a.invstd = const_cast<T*>(invstd);
   a.y = const_cast<T*>(y); a.idx = const_cast<uint8_t*>(idx); a.gy = gy;
   a.ggx = ggx; a.ggw = ggw; a.ggb = ggb; a.g_gy = g_gy; a.g_x = g_x; a.g_w = g_w;
