@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot miniimagenet probe gputests_triton tritonconv miniimagenet_all convprof miniprof convcompile omniglot_cudnnbench ncu tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests miniimagenet omniglot convprof miniprof sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench ncu tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
