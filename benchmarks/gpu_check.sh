@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests miniimagenet omniglot convprof miniprof sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench ncu tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests precision miniimagenet omniglot convprof miniprof sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench ncu tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -82,6 +82,10 @@ step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
   --reps 3 --providers fastmeta-triton,fastmeta,fastmeta-torch --json "$LOG/bench_miniimagenet_all.json"; }
+# each parameter's float32 meta-gradient error against the float64 loop, per backend (Omniglot T=4,
+# as tests/test_gpu.py::test_omniglot_on_gpu, which sat at its 1e-4 bound)
+step_precision() { TAIL=50 run_step precision 90 precision.txt python benchmarks/gpu_precision.py --workload omniglot \
+  --tasks 4 --providers loop,fastmeta,fastmeta-torch,fastmeta-triton; }
 # where the conv path's GPU time goes (hot kernels by their own device time), torch ops and cuda ops
 PROF="python -m fastmeta.profile --workload omniglot --order second --iterations 3 --trace ''"
 # mini-ImageNet (T=8) one task at a time and all at once: where the chunked step's time goes

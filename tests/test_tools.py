@@ -186,3 +186,25 @@ def test_gpu_scripts_name_real_providers_and_settings():
                     os.environ[k] = v
     finally:
         sys.path.remove(os.path.join(root, "benchmarks"))
+
+
+def test_gpu_precision_script_on_cpu(capsys):
+    """benchmarks/gpu_precision.py (a gpu_check step) runs on the CPU too: a table of per-parameter
+    errors against the float64 loop, the float32 loop's and fastmeta's both small for sine; a
+    backend that cannot run here is a column of '-'."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import gpu_precision
+        assert gpu_precision.main(["--workload", "sine", "--tasks", "3", "--order", "second", "--providers",
+                                   "loop,fastmeta,fastmeta-triton", "--device", "cpu"]) == 0
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| parameter")]
+    assert len(rows) == 7, out  # 6 parameters and the max
+    loop, fm, triton = (c.strip() for c in rows[-1].split("|")[2:5])
+    assert float(loop) < 1e-4 and float(fm) < 1e-4, rows[-1]
+    assert triton == "-" or float(triton) < 1e-4, rows[-1]  # (runs where the Triton interpreter is on)
