@@ -10,7 +10,8 @@ A CUDA backend may carry settings of its kernel: -sN forces the placement of a t
 (FASTMETA_CUDA_MLP_SMEM=N: 0 global memory, 1 working set in shared memory, 2 all in shared memory;
 without it the binding chooses), -tN the threads a block (FASTMETA_CUDA_MLP_THREADS; by default
 256 when T <= the SM count, else 128), -rN the register tile of its products
-(FASTMETA_CUDA_MLP_TILE: 2, the default, or 4).
+(FASTMETA_CUDA_MLP_TILE: 2, the default, or 4), -o8 the kernel built for eight 128-thread blocks an
+SM (FASTMETA_CUDA_MLP_OCC=8: 64 registers, a few hundred bytes of spills).
 
 --ncu-target runs just a few calls of one configuration (second order), for an ncu run to profile.
 """
@@ -25,19 +26,22 @@ import fastmeta
 from fastmeta import harness as H, ops
 
 ACTS = ["relu", "relu", None]
-SETTINGS = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE"}
+SETTINGS = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE",
+            "o": "FASTMETA_CUDA_MLP_OCC"}
 
 
 def variant(backend):
-    """The backend's name; its -sN / -tN settings go to the environment the CUDA binding reads."""
+    """The backend's name; its -sN / -tN / -rN / -oN settings go to the environment the CUDA binding
+    reads."""
     name, *settings = backend.split("-")
     os.environ["FASTMETA_CUDA_MLP_SMEM"] = "auto"
     os.environ["FASTMETA_CUDA_MLP_THREADS"] = ""
     os.environ["FASTMETA_CUDA_MLP_TILE"] = "2"
+    os.environ["FASTMETA_CUDA_MLP_OCC"] = "0"
     for st in settings:
         key = SETTINGS.get(st[:1])
         if key is None or not st[1:].isdigit():
-            raise SystemExit(f"gpu_probe: unknown setting {st!r} in {backend!r} (expected -sN, -tN or -rN)")
+            raise SystemExit(f"gpu_probe: unknown setting {st!r} in {backend!r} (expected -sN, -tN, -rN or -oN)")
         os.environ[key] = st[1:]
     return name
 
@@ -95,7 +99,7 @@ def step_us(w, backend, first_order, n=100, provider="fastmeta"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="25,1000")
-    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t64,cuda-t128,cuda-t256,cuda-r4,triton")
+    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t64,cuda-t128,cuda-t256,cuda-r4,cuda-o8,cuda-o8-t64,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False

@@ -178,6 +178,24 @@ def test_tile_4_block_limit(emu):
         emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=256, tile=4)
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_occupancy_build(emu, first_order):
+    """The kernel built for eight blocks an SM (FASTMETA_CUDA_MLP_OCC=8; 64 registers) runs the same
+    code: the same results against the reference at up to 128 threads a block; more, or 4 x 4
+    tiles, are refused."""
+    emu.fm_emu_set_mlp_occupancy(8)
+    try:
+        check(emu, (1, 40, 40, 1), 3, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1,
+              threads=128)
+        params, batch = make_mlp_batch((1, 8, 1), 1, 3, 3, "mse", torch.float32, "cpu")
+        for threads, tile in ((256, 2), (128, 4)):
+            with pytest.raises(AssertionError):
+                emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=threads,
+                        tile=tile)
+    finally:
+        emu.fm_emu_set_mlp_occupancy(0)
+
+
 def test_automatic_placement(emu):
     """Few tasks: everything in shared memory (one wave); many: the working set there, the history in
     global memory; a task too wide for shared memory: global."""

@@ -109,19 +109,30 @@ int mlp_tile() {
   return env[0] - '0';
 }
 
+// The MLP kernel's occupancy build: FASTMETA_CUDA_MLP_OCC=8 takes the kernel held to 64 registers
+// (eight 128-thread blocks an SM, 2 x 2 tiles); unset or 0 the default one.
+int mlp_occupancy(int tile) {
+  const char* env = std::getenv("FASTMETA_CUDA_MLP_OCC");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return 0;
+  TORCH_CHECK(std::strcmp(env, "8") == 0, "FASTMETA_CUDA_MLP_OCC must be 0 or 8, got '", env, "'");
+  TORCH_CHECK(tile == 2, "FASTMETA_CUDA_MLP_OCC=8 needs 2x2 tiles (FASTMETA_CUDA_MLP_TILE=2)");
+  return 8;
+}
+
 // Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to the
 // kernel's launch bound, cuda::mlp_max_threads), else 256 when every task has an SM to itself
 // (more threads shorten each phase and nothing else shares the SM), else 128 (several blocks an
-// SM), at most the tile's bound.
-int mlp_threads(int64_t tasks, int tile, int sms) {
-  const int most = cuda::mlp_max_threads(tile);
+// SM), at most the bound of the tile (and occupancy build).
+int mlp_threads(int64_t tasks, int tile, int occupancy, int sms) {
+  const int most = cuda::mlp_max_threads(tile, occupancy);
   const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
   if (env == nullptr || env[0] == '\0') return std::min(tasks <= sms ? 256 : 128, most);
   const int n = std::atoi(env);
   TORCH_CHECK(n >= 32 && n <= 512 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
               "to 512, got '", env, "'");
   TORCH_CHECK(n <= most, "FASTMETA_CUDA_MLP_THREADS=", n, " with ", tile, "x", tile,
-              " tiles (FASTMETA_CUDA_MLP_TILE): at most ", most, " threads a block");
+              " tiles (FASTMETA_CUDA_MLP_TILE)", occupancy ? " and FASTMETA_CUDA_MLP_OCC=8" : "", ": at most ",
+              most, " threads a block");
   return n;
 }
 
@@ -159,7 +170,8 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr_grad = dlr.numel() > 0;
   a.tile = mlp_tile();
-  a.threads = mlp_threads(a.num_tasks, a.tile, device_limits(xs.device().index()).sms);
+  a.occupancy = mlp_occupancy(a.tile);
+  a.threads = mlp_threads(a.num_tasks, a.tile, a.occupancy, device_limits(xs.device().index()).sms);
   a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   cuda::mlp_sizes(a);
   TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,

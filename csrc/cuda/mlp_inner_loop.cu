@@ -389,9 +389,12 @@ __device__ __forceinline__ void copy(T* dst, const T* src, int n) {
 // One kernel a tile size (MLPArgs::tile), each with its own register allocation. Launch bounds
 // (mlp_max_threads): 2 x 2 tiles fit 128 registers a thread, so blocks of up to 512 threads; 4 x 4
 // tiles spill at 128 (and, by ptxas's choice, at the 256-thread bound too) and take ~160 without
-// spills under a bound of 128 threads.
-template <typename T, int kTile>
-__global__ void __launch_bounds__(kTile == 2 ? 512 : 128) mlp_inner_loop_kernel(const MLPArgs<T> A) {
+// spills under a bound of 128 threads. kMinBlocks = 8 (MLPArgs::occupancy, 2 x 2 tiles): the same
+// code held to 64 registers so that eight 128-thread blocks share an SM (a register-bound four
+// otherwise): more tasks at once and more warps to hide latency, for a few hundred bytes of spills.
+template <typename T, int kTile, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128), kMinBlocks)
+    mlp_inner_loop_kernel(const MLPArgs<T> A) {
   FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
   const int t = blockIdx.x;
@@ -499,18 +502,24 @@ cudaError_t mlp_allow_smem(int bytes) {
   const cudaError_t e = cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              bytes);
   if (e != cudaSuccess) return e;
-  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  const cudaError_t e4 =
+      cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (e4 != cudaSuccess) return e4;
+  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 2, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-int mlp_max_threads(int tile) { return tile == 4 ? 128 : 512; }
+int mlp_max_threads(int tile, int occupancy) { return tile == 4 || occupancy > 0 ? 128 : 512; }
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
   if (args.num_tasks == 0) return cudaSuccess;
-  if (args.threads > mlp_max_threads(args.tile)) return cudaErrorInvalidValue;
+  if (args.threads > mlp_max_threads(args.tile, args.occupancy)) return cudaErrorInvalidValue;
+  if (args.occupancy != 0 && (args.occupancy != 8 || args.tile != 2)) return cudaErrorInvalidValue;
   const size_t shmem = mlp_smem_bytes(args, args.placement);
   const unsigned grid = static_cast<unsigned>(args.num_tasks), block = static_cast<unsigned>(args.threads);
-  void (*kernel)(const MLPArgs<T>) = args.tile == 4 ? mlp_inner_loop_kernel<T, 4> : mlp_inner_loop_kernel<T, 2>;
+  void (*kernel)(const MLPArgs<T>) = args.occupancy == 8 ? mlp_inner_loop_kernel<T, 2, 8>
+                                     : args.tile == 4     ? mlp_inner_loop_kernel<T, 4>
+                                                          : mlp_inner_loop_kernel<T, 2>;
   return FASTMETA_LAUNCH(kernel, grid, block, shmem, stream, args);
 }
 

@@ -15,6 +15,9 @@ namespace {
 // An H100's limits for the placement choice.
 constexpr int64_t kSmemPerSM = 228 * 1024, kSMs = 132, kThreadsPerSM = 2048;
 
+// MLPArgs::occupancy for the next run_mlp calls (fm_emu_set_mlp_occupancy).
+int g_mlp_occupancy = 0;
+
 // Returns the placement the launch ran with, or -1 (fm_emu_error says why).
 template <typename T>
 int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,
@@ -32,6 +35,7 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   a.lr_grad = dlr != nullptr;
   a.threads = threads;
   a.tile = tile;
+  a.occupancy = g_mlp_occupancy;
   a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   mlp_sizes(a);
   a.lr = static_cast<T>(lr);
@@ -136,6 +140,8 @@ int fm_emu_neighbours(float* out, int threads, int sync) {
   return FASTMETA_LAUNCH(neighbour_kernel, 1u, static_cast<unsigned>(threads), threads * sizeof(float), nullptr, out,
                          sync) == cudaSuccess ? 0 : 1;
 }
+
+void fm_emu_set_mlp_occupancy(int occupancy) { g_mlp_occupancy = occupancy; }
 
 void fm_emu_set_order(int order, uint64_t seed) {
   fm_emu::state().order = order;
