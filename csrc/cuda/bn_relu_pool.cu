@@ -101,6 +101,23 @@ __device__ __forceinline__ double* partials(const BNReLUPoolArgs<T>& a, int64_t 
   return a.partial + tc * a.slices * kPartial;
 }
 
+// Thread 0 stores the block's partial results in its slice's slot.
+template <typename T, int n>
+__device__ __forceinline__ void store_partials(const BNReLUPoolArgs<T>& a, const Slice& sl, const double (&v)[n]) {
+  if (threadIdx.x != 0) return;
+  double* out = partials(a, sl.tc) + sl.s * kPartial;
+  for (int i = 0; i < n; ++i) out[i] = v[i];
+}
+
+// The plane set's total of partial sum f over its slices, in slice order.
+template <typename T>
+__device__ __forceinline__ double partial_total(const BNReLUPoolArgs<T>& a, int64_t tc, int f) {
+  const double* part = partials(a, tc);
+  double v = 0;
+  for (int64_t k = 0; k < a.slices; ++k) v += part[k * kPartial + f];
+  return v;
+}
+
 // Forward, first kernel: each slice's element count, mean and sum of squared deviations about it
 // (two passes over the slice).
 template <typename T>
@@ -120,12 +137,7 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_stats_kernel(
     q += d * d;
   }
   const double m2 = block_sum(q, red);
-  if (threadIdx.x == 0) {
-    double* out = partials(a, sl.tc) + sl.s * kPartial;
-    out[0] = count;
-    out[1] = mean;
-    out[2] = m2;
-  }
+  store_partials(a, sl, {count, mean, m2});
 }
 
 // Forward, second kernel: the statistics of the whole plane set from its slices' (count, mean,
@@ -182,11 +194,7 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_sums
     sgx += g * (static_cast<double>(*p) - mean);
   }
   const double total_g = block_sum(sg, red), total_gx = block_sum(sgx, red);
-  if (threadIdx.x == 0) {
-    double* out = partials(a, sl.tc) + sl.s * kPartial;
-    out[0] = total_g;
-    out[1] = total_gx;
-  }
+  store_partials(a, sl, {total_g, total_gx});
 }
 
 // Backward, second kernel: the sums of the plane set (its slices', in slice order), dweight and
@@ -196,13 +204,7 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_dx_k
   const Slice sl = slice_of(a);
   const int64_t plane = a.H * a.W, M = a.N * plane, out_plane = a.Ho * a.Wo;
   const double mean = static_cast<double>(a.mean[sl.tc]), invstd = static_cast<double>(a.invstd[sl.tc]);
-  const double* part = partials(a, sl.tc);
-  double sum_g = 0, sum_gx = 0;
-  for (int64_t k = 0; k < a.slices; ++k) {
-    sum_g += part[k * kPartial];
-    sum_gx += part[k * kPartial + 1];
-  }
-  sum_gx *= invstd;
+  const double sum_g = partial_total(a, sl.tc, 0), sum_gx = partial_total(a, sl.tc, 1) * invstd;
   if (sl.s == 0 && threadIdx.x == 0) {
     a.dbias[sl.tc] = static_cast<T>(sum_g);
     a.dweight[sl.tc] = static_cast<T>(sum_gx);
@@ -253,14 +255,7 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_sums_k
   }
   const double t1 = block_sum(s1, red), t2 = block_sum(s2, red), ta = block_sum(sa, red);
   const double tb = block_sum(sb, red), t3 = block_sum(s3, red);
-  if (threadIdx.x == 0) {
-    double* out = partials(a, sl.tc) + sl.s * kPartial;
-    out[0] = t1;
-    out[1] = t2;
-    out[2] = ta;
-    out[3] = tb;
-    out[4] = t3;
-  }
+  store_partials(a, sl, {t1, t2, ta, tb, t3});
 }
 
 // The double backward, second kernel: the five sums of the plane set (in slice order), g_w (by the
@@ -273,17 +268,8 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_apply_
   const double Md = static_cast<double>(a.N * plane);
   const double mean = static_cast<double>(a.mean[sl.tc]), s = static_cast<double>(a.invstd[sl.tc]);
   const double wv = static_cast<double>(a.weight[sl.tc]);
-  const double* part = partials(a, sl.tc);
-  double S1 = 0, S2 = 0, A = 0, B = 0, S3 = 0;
-  for (int64_t k = 0; k < a.slices; ++k) {
-    S1 += part[k * kPartial];
-    S2 += part[k * kPartial + 1];
-    A += part[k * kPartial + 2];
-    B += part[k * kPartial + 3];
-    S3 += part[k * kPartial + 4];
-  }
-  S2 *= s;
-  B *= s;
+  const double S1 = partial_total(a, sl.tc, 0), S2 = partial_total(a, sl.tc, 1) * s;
+  const double A = partial_total(a, sl.tc, 2), B = partial_total(a, sl.tc, 3) * s, S3 = partial_total(a, sl.tc, 4);
   const double gw = static_cast<double>(a.ggw[sl.tc]), gb = static_cast<double>(a.ggb[sl.tc]);
   if (sl.s == 0 && threadIdx.x == 0) a.g_w[sl.tc] = static_cast<T>(s * (S3 - A * S1 / Md - B * S2 / Md));
   const double K = -wv * s * B / Md, P = gw - wv * s * S2 / Md;
