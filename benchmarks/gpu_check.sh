@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests precision miniimagenet omniglot convprof miniprof sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench ncu tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 precision miniimagenet omniglot convprof miniprof sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench ncu tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -58,6 +58,9 @@ step_sine1000() { run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000
   fastmeta,fastmeta_vg,fastmeta_graph,fastmeta-cuda,fastmeta-triton,fastmeta-torch,vmap,vmap_graph,compile \
   --json "$LOG/bench_sine_T1000.json"; }
 step_probe() { TAIL=32 run_step probe 120 probe.txt python benchmarks/gpu_probe.py; }
+# T=1000 (kernel-bound) with the occupancy build and 64-thread blocks against the default
+step_probe1000() { TAIL=12 run_step probe1000 60 probe1000.txt python benchmarks/gpu_probe.py --tasks 1000 \
+  --backends cuda,cuda-o8,cuda-o8-t64,cuda-t64; }
 step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
   $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"; }
 # the Triton conv-path kernels against their references on the device, before their timed rows
