@@ -29,6 +29,13 @@ def _window(m, P, Wo):
 
 
 @triton.jit
+def _saved_stats(pid, mean_ptr, invstd_ptr, w_ptr, acc_t: tl.constexpr):
+    """Program pid's saved statistics and weight (mean, invstd, w) in the accumulation type."""
+    return (tl.load(mean_ptr + pid).to(acc_t), tl.load(invstd_ptr + pid).to(acc_t),
+            tl.load(w_ptr + pid).to(acc_t))
+
+
+@triton.jit
 def _channel(pid, C, N, H, W, Ho, Wo, ST):
     """Program pid's channel (t, c = pid // C, pid % C): its plane and pooled-plane sizes HW, P, its
     element and window counts M, MO, and the offsets of its first element in x and in y."""
@@ -137,9 +144,7 @@ def _bn_relu_pool_bwd_kernel(gy_ptr, x_ptr, w_ptr, idx_ptr, y_ptr, mean_ptr, inv
     pid = tl.program_id(0).to(tl.int64)
     acc_t = tl.float64 if F64 else tl.float32
     HW, P, M, MO, base, obase = _channel(pid, C, N, H, W, Ho, Wo, ST)
-    mean = tl.load(mean_ptr + pid).to(acc_t)
-    invstd = tl.load(invstd_ptr + pid).to(acc_t)
-    wv = tl.load(w_ptr + pid).to(acc_t)
+    mean, invstd, wv = _saved_stats(pid, mean_ptr, invstd_ptr, w_ptr, acc_t)
     r = tl.arange(0, BLOCK)
     sg = tl.zeros((BLOCK,), dtype=acc_t)
     sgx = tl.zeros((BLOCK,), dtype=acc_t)
@@ -230,9 +235,7 @@ def _bn_relu_pool_dbwd_kernel(ggx_ptr, ggw_ptr, ggb_ptr, gy_ptr, x_ptr, w_ptr, i
     pid = tl.program_id(0).to(tl.int64)
     acc_t = tl.float64 if F64 else tl.float32
     HW, P, M, MO, base, obase = _channel(pid, C, N, H, W, Ho, Wo, ST)
-    mean = tl.load(mean_ptr + pid).to(acc_t)
-    s = tl.load(invstd_ptr + pid).to(acc_t)
-    wv = tl.load(w_ptr + pid).to(acc_t)
+    mean, s, wv = _saved_stats(pid, mean_ptr, invstd_ptr, w_ptr, acc_t)
     r = tl.arange(0, BLOCK)
     s1 = tl.zeros((BLOCK,), dtype=acc_t)
     s2 = tl.zeros((BLOCK,), dtype=acc_t)

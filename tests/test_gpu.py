@@ -214,6 +214,16 @@ def test_cuda_error_messages_keep_their_numbers():
         torch.ops.fastmeta.bn_relu_pool(x, torch.randn(2, 5, device="cuda"), torch.randn(2, 5, device="cuda"), 1e-5)
 
 
+@pytest.mark.parametrize("value", ["0", "-2", "three"])
+def test_cuda_bn_relu_pool_slices_setting_is_checked(value, monkeypatch):
+    monkeypatch.setenv("FASTMETA_CUDA_BRP_SLICES", value)
+    x = torch.randn(2, 3, 4, 4, 4, device="cuda")
+    w = torch.ones(2, 4, device="cuda")
+    with pytest.raises(RuntimeError, match="FASTMETA_CUDA_BRP_SLICES must be a whole number >= 1"):
+        with fastmeta.use_backend("cuda"):
+            ops.bn_relu_pool(x, w, torch.zeros_like(w))
+
+
 def _check_replay(step, meta, w, i, rtol_loss, rtol_grad):
     """Replay i of a graphed step on the workload's batch shifted by 0.1 i, against value_and_grad
     on the same batch; returns the replay's gradients."""

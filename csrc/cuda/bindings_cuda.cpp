@@ -239,7 +239,7 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
 // fastmeta::bn_relu_pool, its backward and double backward (csrc/cuda/bn_relu_pool.cu; the checks
 // and allocations shared with the CPU kernels, csrc/bn_relu_pool.cpp).
 // The arguments every op reads, with its blocks a (task, channel) (FASTMETA_CUDA_BRP_SLICES=N
-// forces N, clamped to 1..images; else cuda::bn_relu_pool_slices for this GPU) and their scratch,
+// forces N, at most the images; else cuda::bn_relu_pool_slices for this GPU) and their scratch,
 // which `scratch` keeps alive until the launch is queued.
 template <typename T>
 cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Tensor& x, const at::Tensor& weight,
@@ -253,7 +253,10 @@ cuda::BNReLUPoolArgs<T> bn_relu_pool_args(const BNReLUPoolDims& d, const at::Ten
   a.weight = weight.data_ptr<T>();
   const char* env = std::getenv("FASTMETA_CUDA_BRP_SLICES");
   if (env != nullptr && env[0] != '\0') {
-    a.slices = std::max<int64_t>(1, std::min<int64_t>(std::atoll(env), d.N));
+    char* end = nullptr;
+    const long long n = std::strtoll(env, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 1, "FASTMETA_CUDA_BRP_SLICES must be a whole number >= 1, got '", env, "'");
+    a.slices = std::min<int64_t>(n, d.N);
   } else {
     a.slices = cuda::bn_relu_pool_slices(d.T, d.C, d.N, d.H * d.W, device_limits(x.device().index()).sms);
   }

@@ -118,6 +118,19 @@ __device__ __forceinline__ double partial_total(const BNReLUPoolArgs<T>& a, int6
   return v;
 }
 
+// Calls f(xa, g) for each window of the block's slice whose maximum passes the ReLU (g_z is zero
+// elsewhere): xa the maximum's index in x, g the window's gy.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_live_max(const BNReLUPoolArgs<T>& a, const Slice& sl, F f) {
+  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
+  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
+    const int64_t i = o.h, j = o.w, pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c), out = pl * out_plane + i * a.Wo + j;
+    if (!(a.y[out] > T(0))) continue;
+    const int k = a.idx[out];
+    f(pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1), static_cast<double>(a.gy[out]));
+  }
+}
+
 // Forward, first kernel: each slice's element count, mean and sum of squared deviations about it
 // (two passes over the slice).
 template <typename T>
@@ -181,18 +194,12 @@ template <typename T>
 __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_backward_sums_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
   const Slice sl = slice_of(a);
-  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
   const double mean = static_cast<double>(a.mean[sl.tc]);
   double sg = 0, sgx = 0;
-  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
-    const int64_t i = o.h, j = o.w, pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c), out = pl * out_plane + i * a.Wo + j;
-    if (!(a.y[out] > T(0))) continue;
-    const int k = a.idx[out];
-    const T* p = a.x + pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
-    const double g = static_cast<double>(a.gy[out]);
+  for_each_live_max(a, sl, [&](int64_t xa, double g) {
     sg += g;
-    sgx += g * (static_cast<double>(*p) - mean);
-  }
+    sgx += g * (static_cast<double>(a.x[xa]) - mean);
+  });
   const double total_g = block_sum(sg, red), total_gx = block_sum(sgx, red);
   store_partials(a, sl, {total_g, total_gx});
 }
@@ -232,7 +239,7 @@ template <typename T>
 __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_sums_kernel(BNReLUPoolArgs<T> a) {
   FASTMETA_DYNAMIC_SMEM(double, red);
   const Slice sl = slice_of(a);
-  const int64_t plane = a.H * a.W, out_plane = a.Ho * a.Wo;
+  const int64_t plane = a.H * a.W;
   const double mean = static_cast<double>(a.mean[sl.tc]);
   double s1 = 0, s2 = 0, sa = 0, sb = 0, s3 = 0;
   if (a.ggx != nullptr) {
@@ -243,16 +250,11 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_double_sums_k
       s2 += q * (static_cast<double>(a.x[off]) - mean);
     }
   }
-  for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
-    const int64_t i = o.h, j = o.w, pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c), out = pl * out_plane + i * a.Wo + j;
-    if (!(a.y[out] > T(0))) continue;
-    const int k = a.idx[out];
-    const int64_t xa = pl * plane + (2 * i + (k >> 1)) * a.W + 2 * j + (k & 1);
-    const double g = static_cast<double>(a.gy[out]);
+  for_each_live_max(a, sl, [&](int64_t xa, double g) {
     sa += g;
     sb += g * (static_cast<double>(a.x[xa]) - mean);
     if (a.ggx != nullptr) s3 += g * static_cast<double>(a.ggx[xa]);
-  }
+  });
   const double t1 = block_sum(s1, red), t2 = block_sum(s2, red), ta = block_sum(sa, red);
   const double tb = block_sum(sb, red), t3 = block_sum(s3, red);
   store_partials(a, sl, {t1, t2, ta, tb, t3});
