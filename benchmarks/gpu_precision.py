@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--providers", default="loop,fastmeta,fastmeta-torch,fastmeta-triton")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    H.precision_settings(tf32=False)
     providers = args.providers.split(",")
     for order in args.order.split(","):
         first_order = order == "first"

@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t64,cuda-t128,cuda-t256,cuda-r4,cuda-o8,cuda-o8-t64,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    H.precision_settings(tf32=False)
     if args.ncu_target:
         backend, T = args.ncu_target.rsplit(",", 1)
         call = raw_call(H.make_workload("sine", tasks=int(T), device="cuda"), backend, False)

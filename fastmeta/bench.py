@@ -172,11 +172,8 @@ def main(argv=None) -> int:
         if o not in ("first", "second"):
             ap.error(f"--order: expected first and/or second, got {o!r}")
     providers = args.providers.split(",") if args.providers else None
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    if args.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
+    if device == "cuda" or args.cudnn_benchmark:
+        H.precision_settings(tf32=False, cudnn_benchmark=args.cudnn_benchmark)
     results = run_matrix(workloads, orders, providers, device, args.tasks, args.steps, args.reps,
                          args.max_seconds, progress=not args.no_progress, min_seconds=args.min_seconds,
                          dtype=getattr(torch, args.dtype), reference=args.reference)

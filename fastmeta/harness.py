@@ -424,6 +424,18 @@ def make_step(name: str, w: Workload, first_order: bool):
     return PROVIDERS[base](w, first_order)
 
 
+def precision_settings(tf32: bool = False, cudnn_benchmark: bool = False) -> str:
+    """The GPU math settings every timing tool runs under (bench, profile, the GPU probes), so that
+    a profile looks at the kernels the bench timed: TF32 off for matmuls and cuDNN convolutions
+    unless asked for (PyTorch's default lets cuDNN use TF32, whose convolutions are other kernels
+    and ~2x faster than float32's), cuDNN's algorithm search on only when asked for. Returns a
+    short description for a report's header."""
+    torch.backends.cuda.matmul.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.allow_tf32 = bool(tf32)
+    torch.backends.cudnn.benchmark = bool(cudnn_benchmark)
+    return f"TF32 {'on' if tf32 else 'off'}" + (", cudnn.benchmark on" if cudnn_benchmark else "")
+
+
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------

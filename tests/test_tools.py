@@ -97,6 +97,29 @@ def test_profile_cli_writes_a_chrome_trace(tmp_path):
     assert any(e.get("name") == "fastmeta.inner_forward" for e in events)
 
 
+def test_timing_tools_share_the_precision_settings():
+    """bench and profile run the GPU with the same math: TF32 off unless asked for (PyTorch's own
+    default lets cuDNN convolutions use TF32, which a profile would then time instead of float32)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert H.precision_settings() == "TF32 off"
+        assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+        assert not torch.backends.cudnn.benchmark
+        assert H.precision_settings(tf32=True, cudnn_benchmark=True) == "TF32 on, cudnn.benchmark on"
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.benchmark
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark) = saved
+    p = run_cli("fastmeta.profile", "--workload", "sine", "--tasks", "2", "--steps", "1", "--iterations", "1",
+                "--provider", "fastmeta-torch", "--trace", "", "--tf32")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.splitlines()[0].endswith("TF32 on"), p.stdout
+    p = run_cli("fastmeta.profile", "--workload", "sine", "--tasks", "2", "--steps", "1", "--iterations", "1",
+                "--provider", "fastmeta-torch", "--trace", "", "--json")
+    assert p.returncode == 0, p.stderr
+    assert '"settings": "TF32 off"' in p.stdout
+
+
 @pytest.mark.parametrize("provider", ["fastmeta-torch", "loop", "maml"])
 def test_profiler_phases_sum_to_the_total(provider):
     """The phases add up to the iteration and cover most of it. Time outside every phase is what

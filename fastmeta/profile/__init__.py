@@ -212,8 +212,13 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None)
     ap.add_argument("--trace", default="fastmeta_profile.trace.json", help="Chrome trace output ('' for none)")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
+    ap.add_argument("--tf32", action="store_true",
+                    help="let matmuls and cuDNN convolutions use TF32 (off by default, as in python -m fastmeta.bench)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True (as the bench's flag of that name)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    settings = H.precision_settings(tf32=args.tf32, cudnn_benchmark=args.cudnn_benchmark)
     why = H.provider_available(args.provider, device)
     if why:
         ap.error(f"--provider {args.provider}: {why}")
@@ -226,9 +231,10 @@ def main(argv=None) -> int:
             with prof.iteration():
                 step()
     if args.json:
-        print(json.dumps(prof.summary(), indent=1, default=str))
+        print(json.dumps(dict(prof.summary(), settings=settings), indent=1, default=str))
     else:
-        print(f"{args.workload}, T={w.tasks}, S={w.steps}, {args.order} order, provider {args.provider}")
+        print(f"{args.workload}, T={w.tasks}, S={w.steps}, {args.order} order, provider {args.provider}"
+              + (f", {settings}" if device == "cuda" or args.tf32 or args.cudnn_benchmark else ""))
         print(prof.table())
     return 0
 
