@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 precision miniimagenet omniglot convprof miniprof sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench ncu tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 convprobe ncu miniimagenet omniglot miniprof convprof precision sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -61,8 +61,13 @@ step_probe() { TAIL=32 run_step probe 120 probe.txt python benchmarks/gpu_probe.
 # T=1000 (kernel-bound) with the occupancy build and 64-thread blocks against the default
 step_probe1000() { TAIL=12 run_step probe1000 60 probe1000.txt python benchmarks/gpu_probe.py --tasks 1000 \
   --backends cuda,cuda-o8,cuda-o8-t64,cuda-t64; }
-step_ncu() { TAIL=5 run_step ncu 90 ncu.txt sh -c "$NCU python benchmarks/gpu_probe.py --ncu-target cuda,25 && \
-  $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"; }
+# (T=1000, the kernel-bound case issue 4 still lacks: its warp stall reasons say what bounds it)
+# (SourceCounters: the warp stall sampling and where it lands; without it if this ncu lacks it)
+step_ncu() { TAIL=80 run_step ncu 75 ncu.txt sh -c "$NCU --section SourceCounters --section InstructionStats \
+  python benchmarks/gpu_probe.py --ncu-target cuda,1000 || $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"; }
+# each convolution kernel alone at the conv workloads' layer shapes: cuDNN's grouped convolution
+# against the Triton implicit GEMM in both reduction orders, with the float32 rate each reaches
+step_convprobe() { TAIL=40 run_step convprobe 75 conv_probe.txt python benchmarks/conv_probe.py; }
 # the Triton conv-path kernels against their references on the device, before their timed rows
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }

@@ -13,6 +13,15 @@ gathering the input patch of each (row, k) pair with a masked load (the zero pad
 (T, cdiv(O, BLOCK_O), cdiv(C*KH*KW, BLOCK_K)); the reduction runs over the output pixels. Both
 accumulate with tl.dot(input_precision='ieee') (no TF32) in float32, or float64 for float64 inputs.
 
+The reduction index k runs over (c, a, b) in one of two orders (constexpr TAPS):
+- flat (TAPS=False): k = c * KH * KW + a * KW + b in blocks of BLOCK_K, for layers with few input
+  channels (an image's 1 or 3): each block mixes taps, so every element of the gathered patch
+  computes its own tap, image position and padding mask;
+- tap-major (TAPS=True, C >= 16): block kb is tap (a, b) = divmod(kb // CB, KW) and channels
+  [(kb % CB) BLOCK_K, ...) (CB = cdiv(C, BLOCK_K) channel blocks a tap): the image position and the
+  padding mask are per row (pixel) and the channel offset per column, so the patch's addresses are
+  one add an element, as implicit-GEMM convolutions with many channels are usually written.
+
 The two are enough for any derivative order (fastmeta/ops/batched_conv2d.py): the input gradient of
 conv is conv of gy with the flipped, transposed weights and padding K-1-P, and the derivatives of
 wgrad are conv again.
@@ -50,6 +59,33 @@ def _patch(x_ptr, n, oi, oj, row_ok, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w
 
 
 @triton.jit
+def _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW: tl.constexpr, PH: tl.constexpr,
+              PW: tl.constexpr):
+    """Tap-major block kb of the reduction: its tap index, and for output pixels (n, oi, oj) the
+    offset of x[n, 0, oi + a - PH, oj + b - PW] and whether that position is inside the image."""
+    tap = kb // CB
+    a = tap // KW
+    b = tap - a * KW
+    hi = oi + a - PH
+    wj = oj + b - PW
+    ok = row_ok & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W)
+    return tap, a, b, n.to(tl.int64) * sx_n + hi * sx_h + wj * sx_w, ok
+
+
+@triton.jit
+def _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, row_ok, ro, C, O, H, W, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
+                       sw_h, sw_w, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + the product of the patch tile and the weight tile of tap-major block kb."""
+    tap, a, b, roff, ok = _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW, PH, PW)
+    c = (kb - tap * CB) * BLOCK_K + tl.arange(0, BLOCK_K)
+    c_ok = c < C
+    xt = tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    wt = tl.load(wb + ro[None, :] * sw_o + c[:, None] * sw_c + a * sw_h + b * sw_w,
+                 mask=(ro[None, :] < O) & c_ok[:, None], other=0.0)
+    return acc + tl.dot(xt, wt, input_precision="ieee")
+
+
+@triton.jit
 def _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, row_ok, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
                    KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc + the product of the patch tile and the weight tile of taps [k0, k0 + BLOCK_K)."""
@@ -75,6 +111,22 @@ def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO,
 
 
 @triton.jit
+def _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, c, c_ok, a, b, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
+                         sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr):
+    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) for one tap (a, b) and channels c."""
+    rm = m0 + tl.arange(0, BLOCK_M)
+    n, oi, oj = _pixel(rm, HO, WO)
+    gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
+                 mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
+    hi = oi + a - PH
+    wj = oj + b - PW
+    ok = (rm < m_end) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W)
+    roff = n.to(tl.int64) * sx_n + hi * sx_h + wj * sx_w
+    xt = tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    return acc + tl.dot(gt, xt, input_precision="ieee")
+
+
+@triton.jit
 def _conv_fwd_kernel(
     x_ptr, w_ptr, y_ptr,
     N, C, H, W, O, HO, WO,
@@ -82,7 +134,7 @@ def _conv_fwd_kernel(
     sw_t, sw_o, sw_c, sw_h, sw_w,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, TAPS: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,7 +145,19 @@ def _conv_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_O), dtype=tl.float64 if F64 else tl.float32)
     xb = x_ptr + t * sx_t
     wb = w_ptr + t * sw_t
-    if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
+    if TAPS:  # tap-major blocks (see the module docstring)
+        CB = tl.cdiv(C, BLOCK_K)
+        if PIPELINE:
+            for kb in range(0, KH * KW * CB):
+                acc = _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, rm < M, ro, C, O, H, W, sx_n, sx_c, sx_h,
+                                         sx_w, sw_o, sw_c, sw_h, sw_w, KW, PH, PW, BLOCK_K)
+        else:
+            kb = 0
+            while kb < KH * KW * CB:
+                acc = _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, rm < M, ro, C, O, H, W, sx_n, sx_c, sx_h,
+                                         sx_w, sw_o, sw_c, sw_h, sw_w, KW, PH, PW, BLOCK_K)
+                kb += 1
+    elif PIPELINE:  # compiled: a for loop, which Triton software-pipelines
         for k0 in range(0, K, BLOCK_K):
             acc = _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, rm < M, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w,
                                  sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K)
@@ -117,34 +181,57 @@ def _conv_wgrad_kernel(
     M_PER, SPLIT,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
-    PIPELINE: tl.constexpr,
+    PIPELINE: tl.constexpr, TAPS: tl.constexpr = False,
 ):
     # program (t * SPLIT + s, o-block, k-block) sums output pixels [s M_PER, (s + 1) M_PER) into
-    # its slice s of gw [T, SPLIT, O, K] (SPLIT > 1: the caller adds the slices)
+    # its slice s of gw [T, SPLIT, O, K] (SPLIT > 1: the caller adds the slices); tap-major k-block
+    # kb: tap kb // CB, channels (kb % CB) BLOCK_K + [0, BLOCK_K)
     ts = tl.program_id(0).to(tl.int64)
     t = ts // SPLIT
     ro = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
     M = N * HO * WO
     m_end = tl.minimum((ts % SPLIT + 1) * M_PER, M)
     K = C * KH * KW
-    c, a, b = _tap(rk, KH, KW)
     acc = tl.zeros((BLOCK_O, BLOCK_K), dtype=tl.float64 if F64 else tl.float32)
     m_start = (ts % SPLIT) * M_PER
     xb = x_ptr + t * sx_t
     gb = g_ptr + t * sg_t
-    if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
-        for m0 in range(m_start, m_end, BLOCK_M):
-            acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c, sx_h,
-                                   sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
-    else:  # the interpreter cannot range() over a value computed in the kernel
-        m0 = m_start
-        while m0 < m_end:
-            acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c, sx_h,
-                                   sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
-            m0 += BLOCK_M
+    if TAPS:
+        CB = tl.cdiv(C, BLOCK_K)
+        kb = tl.program_id(2)
+        tap = kb // CB
+        ta = tap // KW
+        tb = tap - ta * KW
+        cc = (kb - tap * CB) * BLOCK_K + tl.arange(0, BLOCK_K)
+        if PIPELINE:
+            for m0 in range(m_start, m_end, BLOCK_M):
+                acc = _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, cc, cc < C, ta, tb, O, H, W, HO, WO, sx_n,
+                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+        else:
+            m0 = m_start
+            while m0 < m_end:
+                acc = _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, cc, cc < C, ta, tb, O, H, W, HO, WO, sx_n,
+                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+                m0 += BLOCK_M
+        col = cc * (KH * KW) + tap  # the columns' k = (c, a, b)
+        col_ok = cc < C
+    else:
+        rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c, a, b = _tap(rk, KH, KW)
+        if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
+            for m0 in range(m_start, m_end, BLOCK_M):
+                acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c,
+                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+        else:  # the interpreter cannot range() over a value computed in the kernel
+            m0 = m_start
+            while m0 < m_end:
+                acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c,
+                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+                m0 += BLOCK_M
+        col = rk
+        col_ok = rk < K
     # gw [T, SPLIT, O, C, KH, KW] contiguous = [T * SPLIT, O, K]
-    tl.store(gw_ptr + (ts * O + ro[:, None]) * K + rk[None, :], acc, mask=(ro[:, None] < O) & (rk[None, :] < K))
+    tl.store(gw_ptr + (ts * O + ro[:, None]) * K + col[None, :], acc, mask=(ro[:, None] < O) & col_ok[None, :])
 
 
 def _strides5(t, T):
@@ -169,8 +256,25 @@ def _block(n, lo, hi):
     return max(lo, min(hi, triton.next_power_of_2(max(int(n), 1))))
 
 
-def conv_fwd(x, w, padding):
-    """y [T, N, O, HO, WO] (contiguous) for x [T, N, C, H, W], w [T, O, C, KH, KW] or [O, C, KH, KW]."""
+# Input channels from which the reduction runs tap-major (a channel block of 16 at least is then
+# mostly real channels; an image's 1 or 3 channels stay in the flat order).
+TAPS_MIN_CHANNELS = 16
+
+
+def _k_blocks(C, KH, KW, most, taps):
+    """(taps, BLOCK_K, number of k-blocks) of a reduction over C x KH x KW; taps None: by C."""
+    if taps is None:
+        taps = C >= TAPS_MIN_CHANNELS
+    if taps:
+        bk = _block(C, 16, most)
+        return True, bk, KH * KW * triton.cdiv(C, bk)
+    bk = _block(C * KH * KW, 16, most)
+    return False, bk, triton.cdiv(C * KH * KW, bk)
+
+
+def conv_fwd(x, w, padding, taps=None):
+    """y [T, N, O, HO, WO] (contiguous) for x [T, N, C, H, W], w [T, O, C, KH, KW] or [O, C, KH, KW].
+    taps: the reduction's order (module docstring); None: tap-major from TAPS_MIN_CHANNELS channels."""
     import torch
 
     T, N, C, H, W = x.shape
@@ -180,34 +284,37 @@ def conv_fwd(x, w, padding):
     y = torch.empty(T, N, O, HO, WO, device=x.device, dtype=x.dtype)
     if y.numel() == 0:
         return y
-    M, K = N * HO * WO, C * KH * KW
-    BLOCK_M, BLOCK_O, BLOCK_K = _block(M, 16, FWD["BLOCK_M"]), _block(O, 16, FWD["BLOCK_O"]), _block(K, 16, FWD["BLOCK_K"])
+    M = N * HO * WO
+    BLOCK_M, BLOCK_O = _block(M, 16, FWD["BLOCK_M"]), _block(O, 16, FWD["BLOCK_O"])
+    taps, BLOCK_K, _ = _k_blocks(C, KH, KW, FWD["BLOCK_K"], taps)
     grid = (T, triton.cdiv(M, BLOCK_M), triton.cdiv(O, BLOCK_O))
     _conv_fwd_kernel[grid](
         x, w, y, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(w, T),
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K,
-        F64=x.dtype == torch.float64, PIPELINE=_compiled(), num_warps=FWD["num_warps"], num_stages=FWD["num_stages"])
+        F64=x.dtype == torch.float64, PIPELINE=_compiled(), TAPS=taps, num_warps=FWD["num_warps"],
+        num_stages=FWD["num_stages"])
     return y
 
 
-def conv_wgrad(x, gy, kernel_size, padding, split=None):
+def conv_wgrad(x, gy, kernel_size, padding, split=None, taps=None):
     """gw [T, O, C, KH, KW] (contiguous) for x [T, N, C, H, W] and gy [T, N, O, HO, WO].
 
     split: how many programs share one task's reduction over the output pixels (their partial sums
     then added by one torch sum); default: enough to give the GPU ~1024 programs, each with at
-    least 4 blocks of pixels (a layer with few channels has few (o, k) tiles and long reductions)."""
+    least 4 blocks of pixels (a layer with few channels has few (o, k) tiles and long reductions).
+    taps: as conv_fwd's."""
     import torch
 
     T, N, C, H, W = x.shape
     O, HO, WO = gy.shape[2], gy.shape[3], gy.shape[4]
     KH, KW = kernel_size
     PH, PW = padding
-    M, K = N * HO * WO, C * KH * KW
+    M = N * HO * WO
     if M == 0:
         return torch.zeros(T, O, C, KH, KW, device=x.device, dtype=x.dtype)
-    BLOCK_O, BLOCK_K, BLOCK_M = (_block(O, 16, WGRAD["BLOCK_O"]), _block(K, 16, WGRAD["BLOCK_K"]),
-                                 _block(M, 16, WGRAD["BLOCK_M"]))
-    tiles = T * triton.cdiv(O, BLOCK_O) * triton.cdiv(K, BLOCK_K)
+    BLOCK_O, BLOCK_M = _block(O, 16, WGRAD["BLOCK_O"]), _block(M, 16, WGRAD["BLOCK_M"])
+    taps, BLOCK_K, k_blocks = _k_blocks(C, KH, KW, WGRAD["BLOCK_K"], taps)
+    tiles = T * triton.cdiv(O, BLOCK_O) * k_blocks
     m_blocks = triton.cdiv(M, BLOCK_M)
     if split is None:
         split = max(1, min(1024 // tiles, m_blocks // 4))
@@ -215,10 +322,10 @@ def conv_wgrad(x, gy, kernel_size, padding, split=None):
     m_per = triton.cdiv(m_blocks, split) * BLOCK_M
     split = triton.cdiv(M, m_per)  # no empty slices
     gw = torch.empty(T, split, O, C, KH, KW, device=x.device, dtype=x.dtype)
-    grid = (T * split, triton.cdiv(O, BLOCK_O), triton.cdiv(K, BLOCK_K))
+    grid = (T * split, triton.cdiv(O, BLOCK_O), k_blocks)
     _conv_wgrad_kernel[grid](
         x, gy, gw, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(gy, T), m_per, split,
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        F64=x.dtype == torch.float64, PIPELINE=_compiled(), num_warps=WGRAD["num_warps"],
+        F64=x.dtype == torch.float64, PIPELINE=_compiled(), TAPS=taps, num_warps=WGRAD["num_warps"],
         num_stages=WGRAD["num_stages"])
     return gw[:, 0] if split == 1 else gw.sum(1)

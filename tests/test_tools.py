@@ -193,6 +193,9 @@ def test_gpu_scripts_name_real_providers_and_settings():
         assert base in H.PROVIDERS, name
     workloads = {w for lst in re.findall(r"--workload\s+(\S+)", script) for w in lst.split(",")}
     assert workloads == {"sine", "omniglot", "miniimagenet"}, workloads
+    steps = re.search(r'STEPS=\$\{GPU_CHECK_STEPS:-"([^"]+)"\}', script).group(1).split()
+    defined = set(re.findall(r"^step_(\w+)\(\)", script, re.M))
+    assert set(steps) <= defined and len(steps) == len(set(steps)), (sorted(set(steps) - defined), steps)
     sys.path.insert(0, os.path.join(root, "benchmarks"))
     try:
         import gpu_probe
@@ -201,6 +204,9 @@ def test_gpu_scripts_name_real_providers_and_settings():
             backends = re.search(r'"--backends", default="([^"]+)"', open(gpu_probe.__file__).read()).group(1)
             for b in backends.split(","):
                 assert gpu_probe.variant(b) in ("cuda", "triton"), b
+            import conv_probe
+            shapes = re.search(r'"--shapes", default="([^"]+)"', open(conv_probe.__file__).read()).group(1)
+            assert set(shapes.split(",")) <= set(conv_probe.SHAPES), shapes
         finally:
             for k, v in saved.items():
                 if v is None:
@@ -231,3 +237,25 @@ def test_gpu_precision_script_on_cpu(capsys):
     loop, fm, triton = (c.strip() for c in rows[-1].split("|")[2:5])
     assert float(loop) < 1e-4 and float(fm) < 1e-4, rows[-1]
     assert triton == "-" or float(triton) < 1e-4, rows[-1]  # (runs where the Triton interpreter is on)
+
+
+def test_conv_probe_script_on_cpu(capsys):
+    """benchmarks/conv_probe.py (a gpu_check step) at tiny shapes under the interpreter: a row per
+    kernel and reduction order for each shape, each agreeing with the reference convolution."""
+    pytest.importorskip("triton")
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import conv_probe
+        assert conv_probe.main(["--device", "cpu", "--small", "--shapes", "omniglot-l2,omniglot-l1"]) == 0
+        with pytest.raises(SystemExit, match="unknown 'omniglot-l9'"):
+            conv_probe.main(["--device", "cpu", "--small", "--shapes", "omniglot-l9"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
+    out = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| omniglot")]
+    assert len(rows) == 8, out  # 2 shapes x (forward, weight grad) x (flat, tap-major)
+    assert {r[6].strip() for r in rows} == {"triton flat", "triton tap-major"}
+    assert all(float(r[9]) < 1e-5 for r in rows), out

@@ -362,6 +362,33 @@ def test_bn_relu_pool_triton_double_backward(dtype, shape, layout, with_ggx):
                               test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("taps", [False, True])
+@pytest.mark.parametrize("case", [
+    # T, N, C, H, W, O, k, padding, shared weight
+    (2, 2, 17, 5, 7, 5, 3, 1, False),
+    (1, 3, 16, 6, 6, 4, 3, 0, True),
+    (2, 1, 20, 5, 5, 6, 5, 2, False),
+    (2, 2, 3, 5, 5, 4, 3, 1, True),
+])
+def test_conv_kernels_in_both_reduction_orders(case, taps):
+    """The conv and weight-gradient kernels with the reduction flat over (c, a, b) and tap-major
+    (per tap, blocks of channels; the default from 16 channels), each forced on both sides of that
+    default: channel counts that are and are not a multiple of the channel block, 3x3 and 5x5
+    kernels, paddings 0-2, weights per task and shared."""
+    from fastmeta.kernels.batched_conv2d import conv_fwd, conv_wgrad
+    T, N, C, H, W, O, k, pad, shared = case
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, N, C, H, W, dtype=torch.float64, generator=g).to(DEVICE)
+    w = torch.randn(*((O, C, k, k) if shared else (T, O, C, k, k)), dtype=torch.float64, generator=g).to(DEVICE)
+    want = ops.batched_conv2d_ref(x, w, None, 1, pad)
+    assert_rel_close([conv_fwd(x, w, (pad, pad), taps=taps)], [want], 1e-12, f"conv taps={taps}")
+    gy = torch.randn(want.shape, dtype=torch.float64, generator=g).to(DEVICE)
+    wr = (w if w.dim() == 5 else w.unsqueeze(0).expand(T, *w.shape)).clone().requires_grad_()
+    gw_want = torch.autograd.grad(ops.batched_conv2d_ref(x, wr, None, 1, pad), wr, gy)[0]
+    got = conv_wgrad(x, gy, (k, k), (pad, pad), split=2, taps=taps)
+    assert_rel_close([got], [gw_want], 1e-12, f"wgrad taps={taps}")
+
+
 @pytest.mark.parametrize("split", [None, 1, 2, 3, 50])
 def test_conv_wgrad_split_reduction(split):
     """The weight gradient with its reduction over output pixels split between programs (partial
