@@ -60,6 +60,27 @@ def test_values_and_derivatives_to_third_order(case, dtype):
         want.append(sum((g * g.detach().flip(-1)).sum() for g in gw))
 
 
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_weight_gradient_keeps_the_output_gradient_only_for_the_input(x_grad):
+    """The weight gradient's node keeps gy only where x needs a derivative: for a network's input
+    images (no gradient) the first layer's output gradient is not held until the outer backward,
+    and the second derivative with respect to the weights is still the reference's."""
+    x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float64)
+    x = x.detach().requires_grad_(x_grad)
+    r = torch.linspace(-1, 1, 2 * 2 * 5 * 6 * 6, dtype=torch.float64).view(2, 2, 5, 6, 6)
+    sums = []
+    for fn in ("cpp", "ref"):
+        with fastmeta.use_backend("cpp"):
+            y = ops.batched_conv2d(x, w, b, padding=1) if fn == "cpp" else ops.batched_conv2d_ref(x, w, b, padding=1)
+        gw = torch.autograd.grad((torch.tanh(y) * r).sum(), w, create_graph=True)[0]
+        if fn == "cpp":
+            assert gw.grad_fn.name() == "_WeightGradBackward"
+            saved = gw.grad_fn.saved_tensors
+            assert saved[0] is not None and (saved[1] is not None) == x_grad, [t is not None for t in saved]
+        sums.append(torch.autograd.grad((gw * gw.detach().flip(-1)).sum(), [w] + ([x] if x_grad else [])))
+    assert_rel_close(list(sums[0]), list(sums[1]), 1e-10, "second derivatives")
+
+
 @pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[5]])
 def test_gradcheck_and_gradgradcheck(case):
     *shape, kw = case

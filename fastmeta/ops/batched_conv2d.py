@@ -218,7 +218,10 @@ class _WeightGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gy, w_size, prims):
-        ctx.save_for_backward(x, gy)
+        # gy is read back only for x's derivative: where x needs none (a network's input images, in
+        # every inner step of second-order MAML), the first layer's output gradient, the largest
+        # tensor of the step, is not kept alive for the outer backward
+        ctx.save_for_backward(x, gy if ctx.needs_input_grad[0] else None)
         ctx.prims = prims
         return prims.weight_grad(x, gy, w_size)
 
