@@ -4,7 +4,8 @@ gradient, on cuDNN's grouped convolution (fastmeta._C's cuda ops; the torch back
 and on the Triton implicit GEMM in both reduction orders (kernels/batched_conv2d.py: flat over
 (c, a, b), or tap-major), float32, TF32 off. Each row: median microseconds over CUDA-event-timed
 calls and the float32 rate that makes (2 x multiply-adds / time), so that a kernel's distance from
-the card's float32 peak is in the table.
+the card's float32 peak is in the table. ATen's convolutions run both as one grouped call for all
+tasks (fastmeta._C's cuda ops) and as a call a task, with and without cuDNN's algorithm search.
 
     python benchmarks/conv_probe.py [--shapes omniglot-l2,omniglot-l3,miniimagenet-l2,miniimagenet-l2-t1]
                                     [--device cpu --small]   (the script's own check, interpreter)
@@ -71,6 +72,41 @@ def rows(shape, device, n):
         out.append(("forward", name, timed_us(lambda: conv_fwd(x, w, (1, 1), **kw), device, n), e))
         e = err(conv_wgrad(x, gy, (3, 3), (1, 1), **kw), want_gw)
         out.append(("weight grad", name, timed_us(lambda: conv_wgrad(x, gy, (3, 3), (1, 1), **kw), device, n), e))
+    # cuDNN (oneDNN on a CPU) through ATen: every task's convolution as one grouped call (what the
+    # cuda ops run), or a call a task (groups=1, where cuDNN's float32 3x3 algorithms, Winograd
+    # among them, apply); each with and without cuDNN's algorithm search
+    xf = x.transpose(0, 1).reshape(N, T * C, H, W)
+    wf = w.reshape(T * O, C, 3, 3)
+    gyf = gy.transpose(0, 1).reshape(N, T * O, H, W)
+    conv_bwd = torch.ops.aten.convolution_backward
+
+    def grouped_fwd():
+        return torch.nn.functional.conv2d(xf, wf, None, 1, 1, 1, T)
+
+    def grouped_bwd():
+        return conv_bwd(gyf, xf, wf, None, [1, 1], [1, 1], [1, 1], False, [0, 0], T, [True, True, False])
+
+    def task_fwd():
+        return [torch.nn.functional.conv2d(x[t], w[t], None, 1, 1) for t in range(T)]
+
+    def task_bwd():
+        return [conv_bwd(gy[t], x[t], w[t], None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False])
+                for t in range(T)]
+    saved = torch.backends.cudnn.benchmark
+    try:
+        for bench in (False, True):
+            torch.backends.cudnn.benchmark = bench
+            tag = ", benchmark" if bench else ""
+            y = grouped_fwd().view(N, T, O, H, W).transpose(0, 1)
+            out.append(("forward", "grouped ATen" + tag, timed_us(grouped_fwd, device, n), err(y, want_y)))
+            gw = grouped_bwd()[1].view(T, O, C, 3, 3)
+            out.append(("input+weight grad", "grouped ATen" + tag, timed_us(grouped_bwd, device, n), err(gw, want_gw)))
+            y = torch.stack(task_fwd())
+            out.append(("forward", "a call a task" + tag, timed_us(task_fwd, device, n), err(y, want_y)))
+            gw = torch.stack([g[1] for g in task_bwd()])
+            out.append(("input+weight grad", "a call a task" + tag, timed_us(task_bwd, device, n), err(gw, want_gw)))
+    finally:
+        torch.backends.cudnn.benchmark = saved
     if device == "cuda":
         import fastmeta
         from fastmeta.backend import why_unavailable

@@ -67,7 +67,7 @@ step_ncu() { TAIL=80 run_step ncu 75 ncu.txt sh -c "$NCU --section SourceCounter
   python benchmarks/gpu_probe.py --ncu-target cuda,1000 || $NCU python benchmarks/gpu_probe.py --ncu-target cuda,1000"; }
 # each convolution kernel alone at the conv workloads' layer shapes: cuDNN's grouped convolution
 # against the Triton implicit GEMM in both reduction orders, with the float32 rate each reaches
-step_convprobe() { TAIL=40 run_step convprobe 75 conv_probe.txt python benchmarks/conv_probe.py; }
+step_convprobe() { TAIL=70 run_step convprobe 80 conv_probe.txt python benchmarks/conv_probe.py --reps 10; }
 # the Triton conv-path kernels against their references on the device, before their timed rows
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
