@@ -4,8 +4,10 @@ gradient, on cuDNN's grouped convolution (fastmeta._C's cuda ops; the torch back
 and on the Triton implicit GEMM in both reduction orders (kernels/batched_conv2d.py: flat over
 (c, a, b), or tap-major), float32, TF32 off. Each row: median microseconds over CUDA-event-timed
 calls and the float32 rate that makes (2 x multiply-adds / time), so that a kernel's distance from
-the card's float32 peak is in the table. ATen's convolutions run both as one grouped call for all
-tasks (fastmeta._C's cuda ops) and as a call a task, with and without cuDNN's algorithm search.
+the card's float32 peak is in the table, and its error against the float64 answer. The Triton
+kernels run with float32 products on the FMA units and as TF32x3 tensor-core products. ATen's
+convolutions run both as one grouped call for all tasks (fastmeta._C's cuda ops) and as a call a
+task, with and without cuDNN's algorithm search.
 
     python benchmarks/conv_probe.py [--shapes omniglot-l2,omniglot-l3,miniimagenet-l2,miniimagenet-l2-t1]
                                     [--device cpu --small]   (the script's own check, interpreter)
@@ -59,14 +61,18 @@ def rows(shape, device, n):
     w = (0.1 * torch.randn(T, O, C, 3, 3, generator=g)).to(device)
     gy = torch.randn(T, N, O, H, W, generator=g).to(device)
     macs = T * N * O * C * 9 * H * W
-    want_y = ops.batched_conv2d_ref(x, w, None, 1, 1)
-    wr = w.clone().requires_grad_()
-    want_gw = torch.autograd.grad(ops.batched_conv2d_ref(x, wr, None, 1, 1), wr, gy)[0]
+    # the exact answers, in float64: the error column is each kernel's own rounding
+    x64, w64, gy64 = x.double(), w.double(), gy.double()
+    want_y = ops.batched_conv2d_ref(x64, w64, None, 1, 1)
+    wr = w64.clone().requires_grad_()
+    want_gw = torch.autograd.grad(ops.batched_conv2d_ref(x64, wr, None, 1, 1), wr, gy64)[0]
 
     def err(got, want):
-        return float((got - want).norm() / want.norm().clamp_min(1e-30))
+        return float((got.double() - want).norm() / want.norm().clamp_min(1e-30))
     out = []
-    cands = [("triton flat", dict(taps=False)), ("triton tap-major", dict(taps=True))]
+    cands = [("triton flat", dict(taps=False)), ("triton tap-major", dict(taps=True)),
+             ("triton flat tf32x3", dict(taps=False, precision="tf32x3")),
+             ("triton tap-major tf32x3", dict(taps=True, precision="tf32x3"))]
     for name, kw in cands:
         e = err(conv_fwd(x, w, (1, 1), **kw), want_y)
         out.append(("forward", name, timed_us(lambda: conv_fwd(x, w, (1, 1), **kw), device, n), e))

@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 convprobe ncu miniimagenet omniglot miniprof convprof precision sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 convprobe ncu miniimagenet omniglot omniglot_x3 miniprof convprof precision sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_x3 miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -77,6 +77,14 @@ step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python 
 step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
   fastmeta,fastmeta-torch,fastmeta_graph,fastmeta_graph-torch,loop,vmap,fastmeta_tuned,fastmeta-triton,fastmeta_graph-triton \
   --json "$LOG/bench_omniglot.json"; }
+# the Triton convolutions with TF32x3 products (three TF32 tensor-core products of each operand's
+# high and low parts; float32 on the FMA units otherwise): their time, and their meta-gradients
+# against the float32 loop's (the loop runs first for that column)
+step_omniglot_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step omniglot_x3 60 bench_omniglot_x3.txt $CONV \
+  --workload omniglot --providers loop,fastmeta_graph-triton,fastmeta-triton --json "$LOG/bench_omniglot_x3.json"; }
+step_miniimagenet_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step miniimagenet_x3 90 \
+  bench_miniimagenet_x3.txt $CONV --workload miniimagenet --reps 3 --providers \
+  loop,fastmeta_graph@3-triton,fastmeta-triton --json "$LOG/bench_miniimagenet_x3.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }

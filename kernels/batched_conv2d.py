@@ -11,7 +11,9 @@ conv: grid (T, cdiv(N*HO*WO, BLOCK_M), cdiv(O, BLOCK_O)); a program's rows are o
 (n, i, j), its columns output channels, and the reduction runs over (c, a, b) in BLOCK_K steps,
 gathering the input patch of each (row, k) pair with a masked load (the zero padding). wgrad: grid
 (T, cdiv(O, BLOCK_O), cdiv(C*KH*KW, BLOCK_K)); the reduction runs over the output pixels. Both
-accumulate with tl.dot(input_precision='ieee') (no TF32) in float32, or float64 for float64 inputs.
+accumulate with tl.dot(input_precision='ieee') (no TF32) in float32, or float64 for float64 inputs;
+for float32, FASTMETA_TRITON_CONV_PRECISION=tf32x3 (or precision='tf32x3') runs each product as
+three TF32 tensor-core products of the operands' high and low parts instead (see _mma).
 
 The reduction index k runs over (c, a, b) in one of two orders (constexpr TAPS):
 - flat (TAPS=False): k = c * KH * KW + a * KW + b in blocks of BLOCK_K, for layers with few input
@@ -59,6 +61,16 @@ def _patch(x_ptr, n, oi, oj, row_ok, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w
 
 
 @triton.jit
+def _mma(acc, a, b, X3: tl.constexpr):
+    """acc + a @ b: float32 products on the FMA units (input_precision 'ieee'), or with X3 as three
+    TF32 tensor-core products of each operand's high and low parts ('tf32x3': the low parts'
+    product is what it drops, ~2^-22 of each product against float32's 2^-24); float64: 'ieee'."""
+    if X3:
+        return acc + tl.dot(a, b, input_precision="tf32x3")
+    return acc + tl.dot(a, b, input_precision="ieee")
+
+
+@triton.jit
 def _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW: tl.constexpr, PH: tl.constexpr,
               PW: tl.constexpr):
     """Tap-major block kb of the reduction: its tap index, and for output pixels (n, oi, oj) the
@@ -74,7 +86,8 @@ def _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW: tl.constexp
 
 @triton.jit
 def _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, row_ok, ro, C, O, H, W, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c,
-                       sw_h, sw_w, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr):
+                       sw_h, sw_w, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr,
+                       X3: tl.constexpr):
     """acc + the product of the patch tile and the weight tile of tap-major block kb."""
     tap, a, b, roff, ok = _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW, PH, PW)
     c = (kb - tap * CB) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -82,24 +95,26 @@ def _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, row_ok, ro, C, O, H, W, s
     xt = tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
     wt = tl.load(wb + ro[None, :] * sw_o + c[:, None] * sw_c + a * sw_h + b * sw_w,
                  mask=(ro[None, :] < O) & c_ok[:, None], other=0.0)
-    return acc + tl.dot(xt, wt, input_precision="ieee")
+    return _mma(acc, xt, wt, X3)
 
 
 @triton.jit
 def _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, row_ok, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w, sw_o, sw_c, sw_h, sw_w,
-                   KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr):
+                   KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr,
+                   X3: tl.constexpr):
     """acc + the product of the patch tile and the weight tile of taps [k0, k0 + BLOCK_K)."""
     rk = k0 + tl.arange(0, BLOCK_K)
     c, a, b = _tap(rk, KH, KW)
     xt = _patch(xb, n, oi, oj, row_ok, c, a, b, rk < K, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
     wt = tl.load(wb + ro[None, :] * sw_o + c[:, None] * sw_c + a[:, None] * sw_h + b[:, None] * sw_w,
                  mask=(ro[None, :] < O) & (rk[:, None] < K), other=0.0)
-    return acc + tl.dot(xt, wt, input_precision="ieee")
+    return _mma(acc, xt, wt, X3)
 
 
 @triton.jit
 def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
-                     sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr):
+                     sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     X3: tl.constexpr):
     """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end)."""
     rm = m0 + tl.arange(0, BLOCK_M)
     n, oi, oj = _pixel(rm, HO, WO)
@@ -107,12 +122,13 @@ def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO,
     gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
                  mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
     xt = _patch(xb, n, oi, oj, rm < m_end, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
-    return acc + tl.dot(gt, xt, input_precision="ieee")
+    return _mma(acc, gt, xt, X3)
 
 
 @triton.jit
 def _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, c, c_ok, a, b, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
-                         sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr):
+                         sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr,
+                     X3: tl.constexpr):
     """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) for one tap (a, b) and channels c."""
     rm = m0 + tl.arange(0, BLOCK_M)
     n, oi, oj = _pixel(rm, HO, WO)
@@ -123,7 +139,7 @@ def _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, c, c_ok, a, b, O, H, W, HO,
     ok = (rm < m_end) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W)
     roff = n.to(tl.int64) * sx_n + hi * sx_h + wj * sx_w
     xt = tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
-    return acc + tl.dot(gt, xt, input_precision="ieee")
+    return _mma(acc, gt, xt, X3)
 
 
 @triton.jit
@@ -134,7 +150,7 @@ def _conv_fwd_kernel(
     sw_t, sw_o, sw_c, sw_h, sw_w,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, F64: tl.constexpr,
-    PIPELINE: tl.constexpr, TAPS: tl.constexpr = False,
+    PIPELINE: tl.constexpr, TAPS: tl.constexpr = False, X3: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -150,22 +166,22 @@ def _conv_fwd_kernel(
         if PIPELINE:
             for kb in range(0, KH * KW * CB):
                 acc = _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, rm < M, ro, C, O, H, W, sx_n, sx_c, sx_h,
-                                         sx_w, sw_o, sw_c, sw_h, sw_w, KW, PH, PW, BLOCK_K)
+                                         sx_w, sw_o, sw_c, sw_h, sw_w, KW, PH, PW, BLOCK_K, X3)
         else:
             kb = 0
             while kb < KH * KW * CB:
                 acc = _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, rm < M, ro, C, O, H, W, sx_n, sx_c, sx_h,
-                                         sx_w, sw_o, sw_c, sw_h, sw_w, KW, PH, PW, BLOCK_K)
+                                         sx_w, sw_o, sw_c, sw_h, sw_w, KW, PH, PW, BLOCK_K, X3)
                 kb += 1
     elif PIPELINE:  # compiled: a for loop, which Triton software-pipelines
         for k0 in range(0, K, BLOCK_K):
             acc = _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, rm < M, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w,
-                                 sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K)
+                                 sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K, X3)
     else:  # the interpreter cannot range() over a value computed in the kernel
         k0 = 0
         while k0 < K:
             acc = _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, rm < M, ro, K, O, H, W, sx_n, sx_c, sx_h, sx_w,
-                                 sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K)
+                                 sw_o, sw_c, sw_h, sw_w, KH, KW, PH, PW, BLOCK_K, X3)
             k0 += BLOCK_K
     # y [T, N, O, HO, WO] contiguous
     yoff = (t * N * O + n[:, None].to(tl.int64) * O + ro[None, :]) * (HO * WO) + oi[:, None] * WO + oj[:, None]
@@ -181,7 +197,7 @@ def _conv_wgrad_kernel(
     M_PER, SPLIT,
     KH: tl.constexpr, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, F64: tl.constexpr,
-    PIPELINE: tl.constexpr, TAPS: tl.constexpr = False,
+    PIPELINE: tl.constexpr, TAPS: tl.constexpr = False, X3: tl.constexpr = False,
 ):
     # program (t * SPLIT + s, o-block, k-block) sums output pixels [s M_PER, (s + 1) M_PER) into
     # its slice s of gw [T, SPLIT, O, K] (SPLIT > 1: the caller adds the slices); tap-major k-block
@@ -206,12 +222,12 @@ def _conv_wgrad_kernel(
         if PIPELINE:
             for m0 in range(m_start, m_end, BLOCK_M):
                 acc = _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, cc, cc < C, ta, tb, O, H, W, HO, WO, sx_n,
-                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
         else:
             m0 = m_start
             while m0 < m_end:
                 acc = _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, cc, cc < C, ta, tb, O, H, W, HO, WO, sx_n,
-                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
                 m0 += BLOCK_M
         col = cc * (KH * KW) + tap  # the columns' k = (c, a, b)
         col_ok = cc < C
@@ -221,12 +237,12 @@ def _conv_wgrad_kernel(
         if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
             for m0 in range(m_start, m_end, BLOCK_M):
                 acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c,
-                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
         else:  # the interpreter cannot range() over a value computed in the kernel
             m0 = m_start
             while m0 < m_end:
                 acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c,
-                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M)
+                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
                 m0 += BLOCK_M
         col = rk
         col_ok = rk < K
@@ -261,6 +277,24 @@ def _block(n, lo, hi):
 TAPS_MIN_CHANNELS = 16
 
 
+PRECISIONS = ("ieee", "tf32x3")
+
+
+def _x3(precision, dtype):
+    """Whether float32 products run as 'tf32x3' (precision None: FASTMETA_TRITON_CONV_PRECISION,
+    default 'ieee'); float64 always on the FMA units."""
+    import torch
+
+    if precision is None:
+        precision = os.environ.get("FASTMETA_TRITON_CONV_PRECISION", "ieee") or "ieee"
+        where = "FASTMETA_TRITON_CONV_PRECISION"
+    else:
+        where = "precision"
+    if precision not in PRECISIONS:
+        raise ValueError(f"{where}: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision == "tf32x3" and dtype == torch.float32
+
+
 def _k_blocks(C, KH, KW, most, taps):
     """(taps, BLOCK_K, number of k-blocks) of a reduction over C x KH x KW; taps None: by C."""
     if taps is None:
@@ -272,11 +306,14 @@ def _k_blocks(C, KH, KW, most, taps):
     return False, bk, triton.cdiv(C * KH * KW, bk)
 
 
-def conv_fwd(x, w, padding, taps=None):
+def conv_fwd(x, w, padding, taps=None, precision=None):
     """y [T, N, O, HO, WO] (contiguous) for x [T, N, C, H, W], w [T, O, C, KH, KW] or [O, C, KH, KW].
-    taps: the reduction's order (module docstring); None: tap-major from TAPS_MIN_CHANNELS channels."""
+    taps: the reduction's order (module docstring); None: tap-major from TAPS_MIN_CHANNELS channels.
+    precision: 'ieee' or 'tf32x3' for float32 (see _mma); None: FASTMETA_TRITON_CONV_PRECISION or
+    'ieee'."""
     import torch
 
+    x3 = _x3(precision, x.dtype)
     T, N, C, H, W = x.shape
     O, KH, KW = w.shape[-4], w.shape[-2], w.shape[-1]
     PH, PW = padding
@@ -291,20 +328,21 @@ def conv_fwd(x, w, padding, taps=None):
     _conv_fwd_kernel[grid](
         x, w, y, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(w, T),
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_M=BLOCK_M, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K,
-        F64=x.dtype == torch.float64, PIPELINE=_compiled(), TAPS=taps, num_warps=FWD["num_warps"],
+        F64=x.dtype == torch.float64, PIPELINE=_compiled(), TAPS=taps, X3=x3, num_warps=FWD["num_warps"],
         num_stages=FWD["num_stages"])
     return y
 
 
-def conv_wgrad(x, gy, kernel_size, padding, split=None, taps=None):
+def conv_wgrad(x, gy, kernel_size, padding, split=None, taps=None, precision=None):
     """gw [T, O, C, KH, KW] (contiguous) for x [T, N, C, H, W] and gy [T, N, O, HO, WO].
 
     split: how many programs share one task's reduction over the output pixels (their partial sums
     then added by one torch sum); default: enough to give the GPU ~1024 programs, each with at
     least 4 blocks of pixels (a layer with few channels has few (o, k) tiles and long reductions).
-    taps: as conv_fwd's."""
+    taps, precision: as conv_fwd's."""
     import torch
 
+    x3 = _x3(precision, x.dtype)
     T, N, C, H, W = x.shape
     O, HO, WO = gy.shape[2], gy.shape[3], gy.shape[4]
     KH, KW = kernel_size
@@ -326,6 +364,6 @@ def conv_wgrad(x, gy, kernel_size, padding, split=None, taps=None):
     _conv_wgrad_kernel[grid](
         x, gy, gw, N, C, H, W, O, HO, WO, *_strides5(x, T), *_strides5(gy, T), m_per, split,
         KH=KH, KW=KW, PH=PH, PW=PW, BLOCK_O=BLOCK_O, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        F64=x.dtype == torch.float64, PIPELINE=_compiled(), TAPS=taps, num_warps=WGRAD["num_warps"],
+        F64=x.dtype == torch.float64, PIPELINE=_compiled(), TAPS=taps, X3=x3, num_warps=WGRAD["num_warps"],
         num_stages=WGRAD["num_stages"])
     return gw[:, 0] if split == 1 else gw.sum(1)

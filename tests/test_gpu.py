@@ -42,15 +42,19 @@ def test_sine_on_gpu(backend, first_order, tasks):
     assert_rel_close(list(vg), list(sub), 1e-5, "value_and_grad vs autograd")
 
 
-@pytest.mark.parametrize("backend", ["auto", "cuda"])
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton", "triton-tf32x3"])
 @pytest.mark.parametrize("first_order", [False, True])
-def test_omniglot_on_gpu(first_order, backend):
+def test_omniglot_on_gpu(first_order, backend, monkeypatch):
     """The conv path on the GPU against the per-task loop (backend cuda: the convolutions on
-    fastmeta::batched_conv2d and its gradient ops). cuDNN's float32 convolutions (TF32 off)
+    fastmeta::batched_conv2d and its gradient ops; triton-tf32x3: the Triton convolutions with
+    TF32x3 products). cuDNN's float32 convolutions (TF32 off)
     round differently in the two, so both float32 meta-gradients are also measured against the loop
     in float64: fastmeta passes within 1e-4 of the float32 loop, or else no further from the float64
     result than 2x the float32 loop's own distance from it."""
     import copy
+    if backend.endswith("-tf32x3"):
+        monkeypatch.setenv("FASTMETA_TRITON_CONV_PRECISION", "tf32x3")
+        backend = backend.split("-")[0]
     w = H.make_workload("omniglot", tasks=4, device="cuda")
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss="cross_entropy")
     with fastmeta.use_backend(backend):

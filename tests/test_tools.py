@@ -256,9 +256,10 @@ def test_conv_probe_script_on_cpu(capsys):
         sys.path.remove(os.path.join(root, "benchmarks"))
     out = capsys.readouterr().out
     rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| omniglot")]
-    # 2 shapes x (forward, weight grad) x (flat, tap-major), and ATen's grouped and per-task calls
+    # 2 shapes x (forward, weight grad) x (flat, tap-major) x (ieee, tf32x3), and ATen's grouped and per-task calls
     # (forward, input+weight grad) with and without the algorithm search
-    assert len(rows) == 2 * (4 + 8), out
-    assert {r[6].strip() for r in rows} == {"triton flat", "triton tap-major", "grouped ATen", "a call a task",
+    assert len(rows) == 2 * (8 + 8), out
+    assert {r[6].strip() for r in rows} == {"triton flat", "triton tap-major", "triton flat tf32x3",
+                                           "triton tap-major tf32x3", "grouped ATen", "a call a task",
                                            "grouped ATen, benchmark", "a call a task, benchmark"}
     assert all(float(r[9]) < 1e-5 for r in rows), out
