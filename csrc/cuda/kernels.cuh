@@ -118,8 +118,9 @@ inline void mlp_layout(MLPArgs<T>& a) {
 }
 
 // a.act_sections, a.work and a.hist from the layout, acts, slope, K, Q, steps, first_order and
-// lr_grad. The working set holds three parameter-sized vectors, one pass's activations (max(K, Q)
-// rows) and, in second order, the R-operator's buffers; second order's history keeps each step's
+// lr_grad. The working set holds three parameter-sized vectors (two in first order, where the query
+// gradient takes the last step's gradient's place), one pass's activations (max(K, Q) rows) and,
+// in second order, the R-operator's buffers; second order's history keeps each step's
 // parameters, activations and, for lr_grad, gradients. A pass's activations are z, a, da, dz of
 // every layer, or only a and dz where every activation is the identity, a ReLU or a leaky ReLU of
 // slope >= 0: there z > 0 exactly where a > 0 (all the derivative needs) and the second derivative
@@ -136,7 +137,8 @@ inline void mlp_sizes(MLPArgs<T>& a) {
   for (int l = 0; l <= a.L; ++l) dmax = dmax > a.dims[l] ? dmax : a.dims[l];
   a.act_sections = slim ? 2 : 4;
   const int64_t NQ = a.K > a.Q ? a.K : a.Q;
-  a.work = 3 * a.Pp + a.act_sections * NQ * sumd + (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax);
+  a.work = (a.first_order ? 2 : 3) * a.Pp + a.act_sections * NQ * sumd +
+           (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax);
   a.hist = a.first_order ? 0 : a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + a.act_sections * a.K * sumd);
 }
 

@@ -408,11 +408,12 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
   const bool fo = A.first_order, keep_g = A.dlr != nullptr;
   T* shared = red + blockDim.x;
   T* scratch = A.scratch + static_cast<int64_t>(t) * A.scratch_per_task;
-  // working set: th, gv (gradient; in reverse u = lr (.) v), v, one pass's activations, R buffers
+  // working set: th, gv (gradient; in reverse u = lr (.) v), v, one pass's activations, R buffers;
+  // first order's v (the query gradient) is gv, free once the last step has updated th
   T* w = A.placement == kAllGlobal ? scratch : shared;
   T* th = w; w += Pp;
   T* gv = w; w += Pp;
-  T* v = w; w += Pp;
+  T* v = fo ? gv : w; w += fo ? 0 : Pp;
   const int sec = A.act_sections, step_acts = sec * K * sumd;
   const Acts<T> work{w, NQ, sumd, sec}; w += sec * NQ * sumd;
   const Acts<T> R{w, K, sumd, 4}; w += fo ? 0 : 2 * K * sumd;  // Rz, Ra (which 0, 1)
