@@ -175,7 +175,7 @@ def test_inner_update_meta_sgd_gradgrad_on_gpu():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t256", "r4", "r4-t64", "o8", "o8-t64"])
+@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t256", "r4", "r4-t64", "o8", "o8-t64", "o8-s0"])
 def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatch):
     """The CUDA kernel with each placement of a task's slots forced (FASTMETA_CUDA_MLP_SMEM=0/1/2:
     global memory, working set in shared memory, all in shared memory, each where it fits), other
