@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-540}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 convprobe ncu miniimagenet omniglot omniglot_x3 miniprof convprof precision sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_x3 miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests probe1000 convprobe ncu miniimagenet omniglot omniglot_x3 conv_pertask miniprof convprof precision sine25 sine1000 probe convcompile gputests_triton tritonconv miniimagenet_x3 miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -87,6 +87,12 @@ step_omniglot_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step omnig
 step_miniimagenet_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step miniimagenet_x3 90 \
   bench_miniimagenet_x3.txt $CONV --workload miniimagenet --reps 3 --providers \
   loop,fastmeta_graph@3-triton,fastmeta-triton --json "$LOG/bench_miniimagenet_x3.json"; }
+# fastmeta._C's convolution ops as one cuDNN call a task instead of one grouped call
+# (FASTMETA_CONV_PER_TASK=1; conv_probe times the two kernel by kernel): Omniglot against the loop,
+# mini-ImageNet in chunks of 3 and 1
+step_conv_pertask() { TAIL=14 FASTMETA_CONV_PER_TASK=1 run_step conv_pertask 90 bench_conv_pertask.txt sh -c \
+  "$CONV --workload omniglot --providers loop,fastmeta_graph,fastmeta --json $LOG/bench_conv_pertask_omniglot.json && \
+  $CONV --workload miniimagenet --providers fastmeta_graph@3,fastmeta_graph@1 --json $LOG/bench_conv_pertask_mini.json"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }

@@ -18,9 +18,15 @@
 //
 // y is returned as a [T, N, O, Ho, Wo] view of ATen's [N, T*O, Ho, Wo] output (task-major strides
 // over a sample-major buffer): the next layer's grouped input is then that buffer without a copy.
+//
+// FASTMETA_CONV_PER_TASK=1 runs each op as one ATen call a task instead (groups as given, not
+// times T; each task's slices copied in and out of the same layouts): cuDNN's float32 algorithms
+// for an ordinary convolution (Winograd among them) against its grouped ones, for a GPU run to weigh.
 #include "common.h"
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 namespace fastmeta {
@@ -89,6 +95,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 
 at::Tensor stand_in(const at::Tensor& like, at::IntArrayRef size) { return like.new_empty({1}).expand(size); }
 
+// FASTMETA_CONV_PER_TASK: "1" one ATen call a task, "0" or unset one grouped call (read each call,
+// as the CUDA kernels' settings).
+bool per_task() {
+  const char* v = std::getenv("FASTMETA_CONV_PER_TASK");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "1") == 0, "FASTMETA_CONV_PER_TASK: expected 0 or 1, got '", v, "'");
+  return true;
+}
+
+// The per-task form of backward_impl: gy, x, w [T, ...] (x, w may be stand-ins of the right size).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_per_task(const at::Tensor& gy, const at::Tensor& x,
+                                                                 const at::Tensor& w, const Geometry& g,
+                                                                 std::array<bool, 3> mask) {
+  const int64_t T = gy.size(0), N = gy.size(1), O = gy.size(2);
+  const std::vector<int64_t> bias_size{O};
+  at::Tensor gx, gw, gb;
+  if (mask[0]) gx = gy.new_empty({N, T, x.size(2), x.size(3), x.size(4)});
+  if (mask[1]) gw = gy.new_empty(w.sizes());
+  if (mask[2]) gb = gy.new_empty({T, O});
+  for (int64_t t = 0; t < T; ++t) {
+    auto r = at::convolution_backward(gy[t], x[t], w[t], mask[2] ? at::OptionalIntArrayRef(bias_size) : c10::nullopt,
+                                       g.stride, g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups, mask);
+    if (mask[0]) gx.select(1, t).copy_(std::get<0>(r));
+    if (mask[1]) gw[t].copy_(std::get<1>(r));
+    if (mask[2]) gb[t].copy_(std::get<2>(r));
+  }
+  return {mask[0] ? gx.transpose(0, 1) : at::empty({0}, gy.options()), mask[1] ? gw : at::empty({0}, gy.options()),
+          mask[2] ? gb : at::empty({0}, gy.options())};
+}
+
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_5d(x, "x");
@@ -101,6 +137,16 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
     TORCH_CHECK(bias->dim() == 2 && bias->size(0) == T && bias->size(1) == w.size(1),
                 "batched_conv2d: bias must be [T=", T, ", O=", w.size(1), "], got ", bias->sizes());
     b = bias->reshape({T * w.size(1)});
+  }
+  if (T > 0 && per_task()) {
+    at::Tensor y;
+    for (int64_t t = 0; t < T; ++t) {
+      at::Tensor yt = at::convolution(x[t], w[t], b.defined() ? c10::optional<at::Tensor>(bias->select(0, t)) : c10::nullopt,
+                                      g.stride, g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
+      if (t == 0) y = yt.new_empty({yt.size(0), T, yt.size(1), yt.size(2), yt.size(3)});
+      y.select(1, t).copy_(yt);
+    }
+    return y.transpose(0, 1);  // the same layout as the grouped call's
   }
   at::Tensor y = at::convolution(fold(x), fold_weight(w), b, g.stride, g.padding, g.dilation,
                                  /*transposed=*/false, {0, 0}, g.groups * T);
@@ -115,6 +161,9 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
   check_tasks(gy, w, "gy", "weight");
   TORCH_CHECK(x_size[0] == gy.size(0) && x_size[1] == gy.size(1), "batched_conv2d: x_size ", x_size,
               " and gy ", gy.sizes(), " must agree in T and N");
+  if (gy.size(0) > 0 && per_task())
+    return std::get<0>(backward_per_task(gy, stand_in(gy, x_size), w, geometry(stride, padding, dilation, groups),
+                                         {true, false, false}));
   at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
   return std::get<0>(backward_impl(gy, xf, fold_weight(w), geometry(stride, padding, dilation, groups),
                                    {true, false, false}));
@@ -128,6 +177,9 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
   check_tasks(x, gy, "x", "gy");
   TORCH_CHECK(w_size[0] == x.size(0) && w_size[1] == gy.size(2), "batched_conv2d: weight_size ", w_size,
               " must be [T=", x.size(0), ", O=", gy.size(2), ", ...] for gy ", gy.sizes());
+  if (gy.size(0) > 0 && per_task())
+    return std::get<1>(backward_per_task(gy, x, stand_in(gy, w_size), geometry(stride, padding, dilation, groups),
+                                         {false, true, false}));
   at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
   return std::get<1>(backward_impl(gy, fold(x), wf, geometry(stride, padding, dilation, groups),
                                    {false, true, false}));
@@ -142,6 +194,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
   check_5d(w, "weight");
   check_tasks(x, gy, "x", "gy");
   check_tasks(x, w, "x", "weight");
+  if (gy.size(0) > 0 && per_task())
+    return backward_per_task(gy, output_mask[1] ? x : stand_in(gy, x.sizes()), w,
+                             geometry(stride, padding, dilation, groups), output_mask);
   // x is read only for the weight gradient (else only its size)
   at::Tensor xf = output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
   return backward_impl(gy, xf, fold_weight(w), geometry(stride, padding, dilation, groups), output_mask);

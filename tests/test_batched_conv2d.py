@@ -37,9 +37,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("per_task", ["0", "1"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
-def test_values_and_derivatives_to_third_order(case, dtype):
+def test_values_and_derivatives_to_third_order(case, dtype, per_task, monkeypatch):
+    """Each op as one grouped ATen call, and (FASTMETA_CONV_PER_TASK=1) as one call a task."""
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", per_task)
     *shape, kw = case
     x, w, b = _case(*shape, dtype, groups=kw.get("groups", 1))
     with fastmeta.use_backend("cpp"):
@@ -182,3 +185,28 @@ def test_conv4_meta_gradient_on_cpp_conv(first_order, meta_sgd, dtype):
     assert_rel_close(list(grads[:len(params)]), want, RTOL[dtype], "meta-grad")
     if meta_sgd:
         assert_rel_close(list(grads[len(params):]), want_lr, RTOL[dtype], "lr-grad")
+
+
+def test_conv4_meta_gradient_with_a_call_a_task(monkeypatch):
+    """FASTMETA_CONV_PER_TASK=1 (each convolution op as one ATen call a task), all tasks through the
+    network at once: the second-order meta-gradient of the conv net equals the loop's."""
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "1")
+    monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", "8")
+    model = _conv_net(torch.float64)
+    T, K, Q = 3, 5, 4
+    g = torch.Generator().manual_seed(2)
+    batch = (torch.randn(T, K, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (T, K), generator=g),
+             torch.randn(T, Q, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (T, Q), generator=g))
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy")
+    params = list(model.parameters())
+    with fastmeta.use_backend("cpp"):
+        got = torch.autograd.grad(meta(*batch), params)
+    _, want, _ = loop_meta_grads(model, *batch, 0.3, 2, "cross_entropy", False)
+    assert_rel_close(list(got), list(want), 1e-10, "meta-gradient, a call a task")
+
+
+def test_per_task_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "yes")
+    x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float64)
+    with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_PER_TASK: expected 0 or 1"):
+        ops.batched_conv2d(x, w, b, padding=1)
