@@ -71,17 +71,26 @@ def _mma(acc, a, b, X3: tl.constexpr):
 
 
 @triton.jit
-def _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW: tl.constexpr, PH: tl.constexpr,
-              PW: tl.constexpr):
-    """Tap-major block kb of the reduction: its tap index, and for output pixels (n, oi, oj) the
-    offset of x[n, 0, oi + a - PH, oj + b - PW] and whether that position is inside the image."""
-    tap = kb // CB
-    a = tap // KW
-    b = tap - a * KW
+def _tap_patch(xb, n, oi, oj, row_ok, a, b, c, c_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH: tl.constexpr,
+               PW: tl.constexpr):
+    """The tile [rows, channels] of x at one tap (a, b): x[n, c, oi + a - PH, oj + b - PW] for output
+    pixels (n, oi, oj) and channels c, zero outside the image; position and mask once a row."""
     hi = oi + a - PH
     wj = oj + b - PW
     ok = row_ok & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W)
-    return tap, a, b, n.to(tl.int64) * sx_n + hi * sx_h + wj * sx_w, ok
+    roff = n.to(tl.int64) * sx_n + hi * sx_h + wj * sx_w
+    return tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _gy_tile(gb, m0, m_end, ro, O, HO, WO, sg_n, sg_o, sg_h, sg_w, BLOCK_M: tl.constexpr):
+    """gy^T [BLOCK_O, BLOCK_M] over output pixels [m0, m0 + BLOCK_M) (below m_end), and the pixels'
+    indices rm and (n, oi, oj)."""
+    rm = m0 + tl.arange(0, BLOCK_M)
+    n, oi, oj = _pixel(rm, HO, WO)
+    gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
+                 mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
+    return gt, rm, n, oi, oj
 
 
 @triton.jit
@@ -89,10 +98,12 @@ def _conv_fwd_tap_step(acc, kb, CB, xb, wb, n, oi, oj, row_ok, ro, C, O, H, W, s
                        sw_h, sw_w, KW: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr, BLOCK_K: tl.constexpr,
                        X3: tl.constexpr):
     """acc + the product of the patch tile and the weight tile of tap-major block kb."""
-    tap, a, b, roff, ok = _tap_rows(n, oi, oj, row_ok, kb, CB, H, W, sx_n, sx_h, sx_w, KW, PH, PW)
+    tap = kb // CB
+    a = tap // KW
+    b = tap - a * KW
     c = (kb - tap * CB) * BLOCK_K + tl.arange(0, BLOCK_K)
     c_ok = c < C
-    xt = tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    xt = _tap_patch(xb, n, oi, oj, row_ok, a, b, c, c_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
     wt = tl.load(wb + ro[None, :] * sw_o + c[:, None] * sw_c + a * sw_h + b * sw_w,
                  mask=(ro[None, :] < O) & c_ok[:, None], other=0.0)
     return _mma(acc, xt, wt, X3)
@@ -115,12 +126,8 @@ def _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, row_ok, ro, K, O, H, W, sx_n, sx_
 def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
                      sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr,
                      X3: tl.constexpr):
-    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end)."""
-    rm = m0 + tl.arange(0, BLOCK_M)
-    n, oi, oj = _pixel(rm, HO, WO)
-    # gy^T tile [BLOCK_O, BLOCK_M]
-    gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
-                 mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
+    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end), taps (c, a, b) a column."""
+    gt, rm, n, oi, oj = _gy_tile(gb, m0, m_end, ro, O, HO, WO, sg_n, sg_o, sg_h, sg_w, BLOCK_M)
     xt = _patch(xb, n, oi, oj, rm < m_end, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
     return _mma(acc, gt, xt, X3)
 
@@ -128,17 +135,10 @@ def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO,
 @triton.jit
 def _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, c, c_ok, a, b, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
                          sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     X3: tl.constexpr):
+                         X3: tl.constexpr):
     """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) for one tap (a, b) and channels c."""
-    rm = m0 + tl.arange(0, BLOCK_M)
-    n, oi, oj = _pixel(rm, HO, WO)
-    gt = tl.load(gb + n[None, :].to(tl.int64) * sg_n + ro[:, None] * sg_o + oi[None, :] * sg_h + oj[None, :] * sg_w,
-                 mask=(ro[:, None] < O) & (rm[None, :] < m_end), other=0.0)
-    hi = oi + a - PH
-    wj = oj + b - PW
-    ok = (rm < m_end) & (hi >= 0) & (hi < H) & (wj >= 0) & (wj < W)
-    roff = n.to(tl.int64) * sx_n + hi * sx_h + wj * sx_w
-    xt = tl.load(xb + roff[:, None] + c[None, :] * sx_c, mask=ok[:, None] & c_ok[None, :], other=0.0)
+    gt, rm, n, oi, oj = _gy_tile(gb, m0, m_end, ro, O, HO, WO, sg_n, sg_o, sg_h, sg_w, BLOCK_M)
+    xt = _tap_patch(xb, n, oi, oj, rm < m_end, a, b, c, c_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
     return _mma(acc, gt, xt, X3)
 
 
