@@ -59,11 +59,18 @@ class BatchedMAML(nn.Module):
             None or 'auto': the global choice). It applies while the global request (set_backend /
             use_backend / FASTMETA_BACKEND) is auto; an explicit request wins. ``fastmeta.tune``
             sets it to what it measured fastest for this module and batch shape.
+        recompute: memory for time. A first block Conv2d -> BatchNorm2d -> ReLU -> MaxPool2d(2)
+            (the largest activations of a conv net) runs as one op that keeps the input images
+            instead of the convolution's output and recomputes that output in each backward
+            (ops.conv_bn_relu_pool: one more convolution of the images a backward; mini-ImageNet's
+            first convolution is a fifth of the network's multiply-adds). Same result, to any
+            order of derivative. Where the block's ops have no fused kernels here, it runs as usual.
     """
 
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
-                 check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None):
+                 check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None,
+                 recompute: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -80,6 +87,9 @@ class BatchedMAML(nn.Module):
         if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
                                        or task_chunk < 1):
             raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
+        if not isinstance(recompute, bool):
+            raise TypeError(f"recompute: expected True or False, got {recompute!r}")
+        self.recompute = recompute
         self.backend = backend
         self.model = model
         self.inner_steps = int(inner_steps)
@@ -202,12 +212,12 @@ class BatchedMAML(nn.Module):
                 probe = dict(P)
                 probe.update({n: P[n].detach().requires_grad_() for n in names})
                 with phase("inner_forward"):
-                    losses = self._task_loss(self.program(probe, xs), ys)
+                    losses = self._task_loss(self.program(probe, xs, self.recompute), ys)
                 with phase("inner_backward"):
                     grads = torch.autograd.grad(losses.sum(), [probe[n] for n in names], allow_unused=True)
             else:
                 with phase("inner_forward"):
-                    losses = self._task_loss(self.program(P, xs), ys)
+                    losses = self._task_loss(self.program(P, xs, self.recompute), ys)
                 with phase("inner_backward"):
                     grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=True,
                                                 allow_unused=True)
@@ -282,7 +292,7 @@ class BatchedMAML(nn.Module):
                                               spec.negative_slope, self.loss, self.first_order, _checked=checked)
             P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
             with phase("query_forward"):
-                return self._task_loss(self.program(P, xq), yq)
+                return self._task_loss(self.program(P, xq, self.recompute), yq)
 
     @_module_backend
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
@@ -400,7 +410,8 @@ class BatchedMAML(nn.Module):
         lr = "learned" if self.lrs is not None else self.inner_lr
         return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
                 f"loss={self.loss if isinstance(self.loss, str) else 'callable'}"
-                + (f", backend={self.backend!r}" if self.backend is not None else ""))
+                + (f", backend={self.backend!r}" if self.backend is not None else "")
+                + (", recompute=True" if self.recompute else ""))
 
 
 def chunk_slices(T: int, chunk: int | None) -> list:

@@ -14,10 +14,13 @@ mean over tasks of each task's query-loss gradient). Providers:
   compile               torch.compile(vmap(grad)) of the same function
   vmap_graph            the vmap meta-step captured in a CUDA graph (CUDA only)
   fastmeta_tuned        BatchedMAML after fastmeta.tune (value_and_grad on the backends it chose)
+  fastmeta_vg_rc, fastmeta_graph_rc
+                        value_and_grad / graphed with BatchedMAML(recompute=True)
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import dataclasses
 import importlib.util
 import statistics
@@ -134,13 +137,14 @@ def _fastmeta(w: Workload, first_order: bool, backend: str | None = None, task_c
     return step
 
 
-def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
+def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None,
+                 recompute: bool = False):
     """BatchedMAML.value_and_grad: the loss and the meta-gradient as values (no autograd graph
     where the fused op runs)."""
     import fastmeta
 
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
-                                task_chunk=task_chunk)
+                                task_chunk=task_chunk, recompute=recompute)
 
     def step():
         with fastmeta.use_backend(backend):
@@ -148,7 +152,8 @@ def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, tas
     return step
 
 
-def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
+def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None,
+                    recompute: bool = False):
     """fastmeta.graphed: BatchedMAML.value_and_grad captured in one CUDA graph, replayed per step."""
     import fastmeta
 
@@ -156,7 +161,7 @@ def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, 
         raise RuntimeError("fastmeta_graph needs CUDA tensors")
     with fastmeta.use_backend(backend):
         meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
-                                    task_chunk=task_chunk)
+                                    task_chunk=task_chunk, recompute=recompute)
         graphed = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
 
     def step():
@@ -359,6 +364,9 @@ PROVIDERS: dict[str, Callable] = {
     "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph, "fastmeta_tuned": _fastmeta_tuned,
+    # BatchedMAML(recompute=True): the first conv block recomputes its convolution's output
+    "fastmeta_vg_rc": functools.partial(_fastmeta_vg, recompute=True),
+    "fastmeta_graph_rc": functools.partial(_fastmeta_graph, recompute=True),
 }
 
 
@@ -376,7 +384,7 @@ def default_providers(workload: str, device: str) -> list:
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
 # suffix, in that order (e.g. fastmeta_vg@4-cuda)
-_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned")
+_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned", "fastmeta_vg_rc", "fastmeta_graph_rc")
 
 
 def _split(name: str):
@@ -409,7 +417,7 @@ def provider_available(name: str, device: str) -> str | None:
         return "learn2learn not installed"
     if base == "higher" and importlib.util.find_spec("higher") is None:
         return "higher not installed"
-    if base in ("vmap_graph", "fastmeta_graph") and device != "cuda":
+    if base in ("vmap_graph", "fastmeta_graph", "fastmeta_graph_rc") and device != "cuda":
         return "CUDA graphs need a GPU"
     if base in _FASTMETA and "-" in name:
         from .backend import why_unavailable

@@ -43,6 +43,7 @@ class Step:
     kind: str                    # what it lowers to, for explain()
     run: Callable                # (x, P) -> x
     fallback: str | None = None  # reason when this step is a vmap fallback
+    spec: dict | None = None     # conv / bn_relu_pool steps: their parameter names and settings
 
 
 @dataclasses.dataclass
@@ -59,22 +60,41 @@ class Program:
     mlp: MLPSpec | None
     mlp_reason: str              # why the fused MLP path does or does not apply
 
-    def __call__(self, P: dict, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, P: dict, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        """The model on x [T, ...] with the parameters P. recompute: a conv block on input that
+        needs no gradient (the first one) runs as ops.conv_bn_relu_pool, its convolution's output
+        recomputed in the backward passes instead of kept (BatchedMAML(recompute=True))."""
         chunk = self.task_chunk(x)
         if chunk is None or chunk >= x.shape[0]:
-            return self._run(P, x)
+            return self._run(P, x, recompute)
         T = x.shape[0]
         # split, not slices: the backward of a split is one node that joins the chunks' gradients
         # into one [T, ...] tensor, where each slice's backward allocates a zero [T, ...] of its own
         parts = {n: torch.split(v, chunk) for n, v in P.items() if v.dim() and v.shape[0] == T}
-        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk)
+        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk, recompute)
                 for k, xk in enumerate(torch.split(x, chunk))]
         return torch.cat(outs)
 
-    def _run(self, P: dict, x: torch.Tensor) -> torch.Tensor:
-        for step in self.steps:
-            x = step.run(x, P)
+    def _run(self, P: dict, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        steps, i = self.steps, 0
+        while i < len(steps):
+            if recompute and not x.requires_grad and self.recomputable(i):
+                conv, bn = steps[i].spec, steps[i + 1].spec
+                get = lambda name: P[name] if name else None  # noqa: E731
+                x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
+                                          conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
+                i += 2
+            else:
+                x = steps[i].run(x, P)
+                i += 1
         return x
+
+    def recomputable(self, i: int = 0) -> bool:
+        """Whether steps i, i + 1 are a convolution and a BatchNorm (batch statistics) -> ReLU ->
+        MaxPool2d(2) that ops.conv_bn_relu_pool can run together."""
+        steps = self.steps
+        return (i + 1 < len(steps) and steps[i].kind == "batched_conv2d" and steps[i + 1].kind == "bn_relu_pool"
+                and steps[i + 1].spec["batch_stats"]())
 
     def task_chunk(self, x: torch.Tensor):
         """Tasks per pass through the program, or None for all at once. On a CPU, conv programs run
@@ -143,7 +163,8 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
 
         def run(x, P, m=m, w=w, b=b):
             return ops.batched_conv2d(x, P[w], P[b] if b else None, m.stride, m.padding, m.dilation, m.groups)
-        return Step(path, "batched_conv2d", run), False
+        return Step(path, "batched_conv2d", run, spec=dict(w=w, b=b, stride=m.stride, padding=m.padding,
+                                                           dilation=m.dilation, groups=m.groups)), False
     if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
         w = name(m.weight) if m.weight is not None else None
         b = name(m.bias) if m.bias is not None else None
@@ -189,13 +210,16 @@ def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
     w = canon[id(bn.weight)] if bn.weight is not None else None
     b = canon[id(bn.bias)] if bn.bias is not None else None
 
+    def batch_stats():
+        return bn.training or not bn.track_running_stats or bn.running_mean is None
+
     def run(x, P):
-        if (not bn.training) and bn.track_running_stats and bn.running_mean is not None:
+        if not batch_stats():
             for part in parts:
                 x = part.run(x, P)
             return x
         return ops.bn_relu_pool(x, P[w] if w else None, P[b] if b else None, bn.eps)
-    return Step(path, "bn_relu_pool", run)
+    return Step(path, "bn_relu_pool", run, spec=dict(w=w, b=b, eps=bn.eps, batch_stats=batch_stats))
 
 
 def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps: list, leaves: list):
@@ -319,6 +343,9 @@ def explain(model: nn.Module) -> str:
         closed = ", its second-order derivative in closed form" if be in ("cpp", "cuda", "triton") else ""
         lines.append(f"  bn_relu_pool: BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op "
                      f"(backend {be}{closed})")
+    if prog.recomputable(0):
+        lines.append("  BatchedMAML(recompute=True): the first block as one op (conv_bn_relu_pool) whose "
+                     "convolution output is recomputed in each backward instead of kept")
     if prog.mlp is not None:
         lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
                      "loss 'mse' or 'cross_entropy'")

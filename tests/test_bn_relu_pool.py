@@ -226,10 +226,13 @@ def test_double_backward_matches_reference(dtype, shape, layout, which):
     assert_rel_close(list(got[:3]), list(want[:3]), tol, "second derivatives (gy, x, weight)")
 
 
-def test_double_backward_gradcheck_and_third_order():
+@pytest.mark.parametrize("outer", ["linear", "nonlinear"])
+def test_double_backward_gradcheck_and_third_order(outer):
     """gradgradcheck through the kernel (float64), and a third derivative (the double backward taken
     with a graph recomputes through the reference) against the reference's, with a shared weight
-    ([C], expanded per task) and no bias."""
+    ([C], expanded per task) and no bias. nonlinear: the output gradient is itself a function of the
+    output (tanh(y)^2), as in any real loss, so the recompute must take partial derivatives in
+    (gy, x, weight), not follow gy back to x a second time."""
     x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
     weight = torch.rand(4, dtype=torch.float64).add(0.5).requires_grad_()
 
@@ -238,13 +241,16 @@ def test_double_backward_gradcheck_and_third_order():
             return ops.bn_relu_pool(x, weight, None)
     assert torch.autograd.gradgradcheck(f, (x, weight))
     r = torch.randn(2, 3, 4, 2, 2, dtype=torch.float64)
-    third = {}
+    third, second = {}, {}
     for backend in ("cpp", "torch"):
         with fastmeta.use_backend(backend):
             y = ops.bn_relu_pool(x, weight, None)
-        gx, gw = torch.autograd.grad((y * r).sum(), (x, weight), create_graph=True)
+        loss = (y * r).sum() if outer == "linear" else (torch.tanh(y) ** 2 * r).sum()
+        gx, gw = torch.autograd.grad(loss, (x, weight), create_graph=True)
         hx, hw = torch.autograd.grad((gx ** 2).sum() + (gw ** 3).sum(), (x, weight), create_graph=True)
+        second[backend] = [hx.detach(), hw.detach()]
         third[backend] = list(torch.autograd.grad((hx * x.detach()).sum() + hw.sum(), (x, weight)))
+    assert_rel_close(second["cpp"], second["torch"], 1e-9, "second derivatives taken with a graph")
     assert_rel_close(third["cpp"], third["torch"], 1e-9, "third derivatives")
 
 

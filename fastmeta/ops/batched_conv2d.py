@@ -259,11 +259,22 @@ def batched_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
     if bias is not None and tuple(bias.shape) not in ((T, O), (O,)):
         raise ValueError(f"batched_conv2d: bias {tuple(bias.shape)} must be [T={T}, O={O}] or [O={O}]")
     _checks.same_device_dtype([("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else []))
-    backend = select("batched_conv2d", x.device.type)
+    fused = fused_prims(x, weight, stride, padding, dilation, groups)
+    if fused is None:
+        return batched_conv2d_ref(x, weight, bias, stride, padding, dilation, groups)
+    prims, w = fused
     b = None if bias is None else (bias if bias.dim() == 2 else bias.unsqueeze(0).expand(T, O))
+    return _Conv.apply(x, w, b, prims)
+
+
+def fused_prims(x, weight, stride=1, padding=0, dilation=1, groups=1):
+    """(primitives, weight as the primitives take it) of the backend a batched_conv2d call of these
+    arguments takes, or None where that is the torch reference (checked arguments)."""
+    backend = select("batched_conv2d", x.device.type)
     if backend == "triton" and _triton_supports(weight, stride, padding, dilation, groups):
-        return _Conv.apply(x, weight, b, _TritonPrims(padding))
+        return _TritonPrims(padding), weight
     if backend in ("cpp", "cuda") and not isinstance(padding, str) and x.numel() > 0:
-        w = weight if weight.dim() == 5 else weight.unsqueeze(0).expand(T, *weight.shape)
-        return _Conv.apply(x, w, b, _AtenPrims(stride, padding, dilation, groups))
-    return batched_conv2d_ref(x, weight, bias, stride, padding, dilation, groups)
+        T = x.shape[0]
+        return _AtenPrims(stride, padding, dilation, groups), (weight if weight.dim() == 5 else
+                                                               weight.unsqueeze(0).expand(T, *weight.shape))
+    return None

@@ -141,11 +141,11 @@ def _kernels(backend):
     return ops.bn_relu_pool, ops.bn_relu_pool_backward, ops.bn_relu_pool_double_backward
 
 
-def _reference_backward(x, weight, bias, idx, gy, eps):
-    """(dx, dweight, dbias) recomputed through differentiable torch ops at the forward's windows,
-    with a graph (x, weight and bias must require grad; an unused one gets None)."""
-    yr = _pool_at(F.relu(batched_batch_norm(x, weight, bias, eps)), idx)
-    return torch.autograd.grad(yr, (x, weight, bias), gy, create_graph=True, allow_unused=True)
+def _reference_backward_fn(gy, x, weight, bias, idx, eps):
+    """(dx, dweight, dbias): the reference's backward for the output gradient gy at the forward's
+    windows idx, as a function of (gy, x, weight, bias) that torch.func can differentiate."""
+    _, vjp = torch.func.vjp(lambda a, w, b: _pool_at(F.relu(batched_batch_norm(a, w, b, eps)), idx), x, weight, bias)
+    return vjp(gy)
 
 
 class _BNReLUPool(torch.autograd.Function):
@@ -188,14 +188,13 @@ class _BNReLUPoolBackward(torch.autograd.Function):
         if ggx is None and ggw is None and ggb is None:
             return (None,) * 3 + none
         if torch.is_grad_enabled():  # third order: through the reference, with a graph
-            # a constant x, weight or bias becomes a leaf of this recompute only
-            xr, wr, br = (t if t.requires_grad else t.detach().requires_grad_() for t in (x, weight, bias))
-            outs = _reference_backward(xr, wr, br, idx, gy, ctx.eps)
-            inputs = [t for t, n in zip((gy, xr, wr), need) if n]
-            pairs = [(o, g) for o, g in zip(outs, (ggx, ggw, ggb)) if g is not None and o is not None]
-            grads = iter(torch.autograd.grad([o for o, _ in pairs], inputs, [g for _, g in pairs],
-                                             create_graph=True, allow_unused=True))
-            return tuple(next(grads) if n else None for n in need) + none
+            # partial derivatives in (gy, x, weight) of the reference backward, by torch.func.vjp:
+            # torch.autograd.grad would also follow gy's own dependence on x and weight (gy is a
+            # function of the forward's output in any loss) and count those paths twice
+            _, vjp = torch.func.vjp(lambda *a: _reference_backward_fn(*a, idx, ctx.eps), gy, x, weight, bias)
+            cots = tuple(torch.zeros_like(t) if g is None else g for g, t in zip((ggx, ggw, ggb), (x, weight, bias)))
+            g_gy, g_x, g_w, _ = vjp(cots)
+            return (g_gy if need[0] else None, g_x if need[1] else None, g_w if need[2] else None) + none
         T, C = mean.shape
         ggw = mean.new_zeros(T, C) if ggw is None else ggw
         ggb = mean.new_zeros(T, C) if ggb is None else ggb
@@ -214,12 +213,23 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
     _checks.same_device_dtype([("x", x)] + [(n, p) for n, p in (("weight", weight), ("bias", bias)) if p is not None])
     if H < 2 or W < 2:
         raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
+    backend = fused_backend(x)
+    if backend is None:
+        return bn_relu_pool_ref(x, weight, bias, eps)
+    return _BNReLUPool.apply(x, per_task(x, weight, 1.0, T, C), per_task(x, bias, 0.0, T, C), float(eps), backend)
+
+
+def fused_backend(x):
+    """The fused backend a bn_relu_pool call on x takes, or None where that is the reference."""
     backend = select("bn_relu_pool", x.device.type)
     if backend not in ("cpp", "cuda", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
-        return bn_relu_pool_ref(x, weight, bias, eps)
+        return None
+    return backend
 
-    def per_task(p, fill):
-        if p is None:
-            return x.new_full((T, C), fill)
-        return p if p.dim() == 2 else p.expand(T, C)
-    return _BNReLUPool.apply(x, per_task(weight, 1.0), per_task(bias, 0.0), float(eps), backend)
+
+def per_task(like, p, fill, T, C):
+    """A weight or bias as the kernels take it, [T, C]: p as it is, [C] expanded, or None filled
+    (a new tensor with like's dtype and device)."""
+    if p is None:
+        return like.new_full((T, C), fill)
+    return p if p.dim() == 2 else p.expand(T, C)

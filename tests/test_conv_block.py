@@ -1,0 +1,128 @@
+"""conv_bn_relu_pool (a first conv block that recomputes its convolution's output in the backward
+passes) against batched_conv2d followed by bn_relu_pool: values, first and second derivatives, on
+the cpp ops and (interpreter) the Triton kernels; what the graph keeps; BatchedMAML(recompute=True)
+against the per-task loop."""
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import ops
+from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+
+CASES = [
+    # T, N, C, H, W, O, padding, conv weight shared, conv bias, bn affine
+    (1, 3, 3, 7, 7, 5, 1, False, "task", "task"),
+    (3, 2, 1, 5, 5, 17, 1, True, "shared", "shared"),
+    (2, 2, 3, 6, 7, 4, 0, False, None, None),
+]
+
+
+def _case(T, N, C, H, W, O, pad, shared, bias, affine, dtype):
+    g = torch.Generator().manual_seed(T * 10 + C + O)
+    d = dict(dtype=dtype)
+    x = torch.randn(T, N, C, H, W, generator=g, **d)
+    w = (0.5 * torch.randn(*(() if shared else (T,)), O, C, 3, 3, generator=g, **d)).requires_grad_()
+    b = None if bias is None else torch.randn(*((O,) if bias == "shared" else (T, O)), generator=g, **d).requires_grad_()
+    gamma = beta = None
+    if affine is not None:
+        shape = (O,) if affine == "shared" else (T, O)
+        gamma = torch.rand(*shape, generator=g, **d).add(0.5).requires_grad_()
+        beta = torch.randn(*shape, generator=g, **d).requires_grad_()
+    return x, w, b, gamma, beta
+
+
+def _derivatives(fn, ins, dtype):
+    """The output, the first derivatives of a loss of it (with a graph) and the second derivatives
+    of a function of those, w.r.t. ins."""
+    y = fn()
+    r = torch.linspace(-1, 1, y.numel(), dtype=dtype).view_as(y)
+    g1 = torch.autograd.grad((y * r).sum() + (y ** 2).sum(), ins, create_graph=True)
+    f = sum((g * g.detach().flip(-1)).sum() + (g ** 2).sum() for g in g1)
+    return [y.detach()], [g.detach() for g in g1], list(torch.autograd.grad(f, ins))
+
+
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=requires_cpp), "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_matches_the_two_ops_to_second_order(case, dtype, backend):
+    """Values, first and second derivatives w.r.t. the conv weight and bias and the BatchNorm
+    affine parameters, against batched_conv2d -> bn_relu_pool on the same backend: 1, 3 and 17
+    channels, 5x5 to 7x7 images, T in {1, 2, 3}, weights per task and shared, no bias or affine."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    x, w, b, gamma, beta = _case(*case, dtype)
+    pad = case[6]
+    ins = [t for t in (w, b, gamma, beta) if t is not None]
+    with fastmeta.use_backend(backend):
+        got = _derivatives(lambda: ops.conv_bn_relu_pool(x, w, b, 1, pad, 1, 1, gamma, beta), ins, dtype)
+        want = _derivatives(lambda: ops.bn_relu_pool(ops.batched_conv2d(x, w, b, 1, pad), gamma, beta), ins, dtype)
+    for name, g, h in zip(("value", "first derivatives", "second derivatives"), got, want):
+        assert_rel_close(g, h, RTOL[dtype], name)
+
+
+@requires_cpp
+def test_keeps_the_images_not_the_convolution_output():
+    """The graph of a create_graph=True backward through the block holds no tensor of the
+    convolution output's size (the composed ops hold it twice); third derivatives are still the
+    composed ops'."""
+    x, w, b, gamma, beta = _case(2, 3, 3, 8, 8, 6, 1, False, "task", "task", torch.float64)
+    conv_out = (2, 3, 6, 8, 8)
+    third = []
+    for fused in (False, True):
+        sizes = []
+
+        def pack(t):
+            sizes.append(tuple(t.shape))
+            return t
+        with fastmeta.use_backend("cpp"):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                y = (ops.conv_bn_relu_pool(x, w, b, 1, 1, 1, 1, gamma, beta) if fused else
+                     ops.bn_relu_pool(ops.batched_conv2d(x, w, b, 1, 1), gamma, beta))
+                g1 = torch.autograd.grad((torch.tanh(y) ** 2).sum(), (w, b, gamma, beta), create_graph=True)
+            assert (conv_out in sizes) != fused, (fused, sizes)
+            g2 = torch.autograd.grad(sum((g ** 2).sum() for g in g1), (w, b, gamma), create_graph=True)
+            third.append(torch.autograd.grad(sum((g * g.detach().flip(-1)).sum() for g in g2), (w, b, gamma)))
+    assert_rel_close(list(third[1]), list(third[0]), 1e-9, "third derivatives")
+
+
+def _conv_net(dtype):
+    torch.manual_seed(0)
+    blocks, c = [], 3
+    for _ in range(2):
+        blocks += [nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+        c = 4
+    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(4 * 2 * 2, 5)).to(dtype)
+
+
+@requires_cpp
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+def test_batched_maml_recompute_matches_the_loop(first_order, meta_sgd):
+    """BatchedMAML(recompute=True) on a two-block conv net (the first block on conv_bn_relu_pool):
+    the meta-gradient (and Meta-SGD rates' gradient) equals the per-task loop's, two inner steps;
+    explain() names the option."""
+    model = _conv_net(torch.float64)
+    T, K, Q = 3, 4, 5
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(T, K, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (T, K), generator=g),
+             torch.randn(T, Q, 3, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 5, (T, Q), generator=g))
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss="cross_entropy",
+                                learn_inner_lr=meta_sgd, recompute=True)
+    assert "recompute=True" in repr(meta)
+    names = [n for n, _ in model.named_parameters()]
+    lrs = [meta.lrs[n.replace(".", "__")] for n in names] if meta_sgd else []
+    with fastmeta.use_backend("cpp"):
+        got = torch.autograd.grad(meta(*batch), list(model.parameters()) + lrs)
+    rates = {n: meta.lrs[n.replace(".", "__")] for n in names} if meta_sgd else None
+    _, want, want_lr = loop_meta_grads(model, *batch, 0.3, 2, "cross_entropy", first_order, lrs=rates)
+    assert_rel_close(list(got[:len(names)]), list(want), 1e-10, "meta-gradient")
+    if meta_sgd:
+        assert_rel_close(list(got[len(names):]), list(want_lr), 1e-10, "rates' gradient")
+    assert "BatchedMAML(recompute=True)" in fastmeta.explain(model)
+
+
+def test_recompute_argument_is_checked():
+    with pytest.raises(TypeError, match="recompute: expected True or False, got 1"):
+        fastmeta.BatchedMAML(_conv_net(torch.float32), 0.1, 1, recompute=1)
