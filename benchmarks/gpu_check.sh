@@ -99,9 +99,10 @@ step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omnigl
 # (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the
 # memory target (peak <= 2x the loop's); on the H200 with the torch ops one task's graph peaked at
 # 1.07x the loop's, every task at once on the cuda ops at 530 MB a task, so chunks of 3 should fit;
-# the baselines come second and third so that a step cut short still has them)
+# the baselines come second and third so that a step cut short still has them; fastmeta_graph_rc@N:
+# the same with BatchedMAML(recompute=True), whose task graphs are about half as large on the CPU)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph@3,loop,vmap,fastmeta_graph@1,fastmeta_graph@2,fastmeta_vg@3,fastmeta_graph@4,fastmeta \
+  --providers fastmeta_graph_rc@4,loop,vmap,fastmeta_graph@3,fastmeta_graph_rc@8,fastmeta_graph@4,fastmeta_graph@1,fastmeta \
   --json "$LOG/bench_miniimagenet.json"; }
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
