@@ -107,3 +107,16 @@ def has_cpp():
 
 
 requires_cpp = pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")
+
+
+def small_conv_net(dtype, in_channels: int, blocks: int, head_in: int):
+    """A conv4-style net for the tests: `blocks` Conv2d(3x3, 4 channels) -> BatchNorm2d (batch
+    statistics) -> ReLU -> MaxPool2d(2) blocks and a linear head of head_in features to 5 classes."""
+    from torch import nn
+    torch.manual_seed(0)
+    layers, c = [], in_channels
+    for _ in range(blocks):
+        layers += [nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                   nn.MaxPool2d(2)]
+        c = 4
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(head_in, 5)).to(dtype)

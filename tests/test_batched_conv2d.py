@@ -5,12 +5,11 @@ biases per task or shared; its fake kernels; its errors; and the conv4 MAML meta
 against the per-task loop."""
 import pytest
 import torch
-from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 import fastmeta
 from fastmeta import ops
-from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp, small_conv_net
 
 pytestmark = requires_cpp
 
@@ -152,13 +151,7 @@ def test_op_errors_name_the_argument():
 
 
 def _conv_net(dtype):
-    torch.manual_seed(0)
-    blocks, c = [], 1
-    for _ in range(3):
-        blocks += [nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
-                   nn.MaxPool2d(2)]
-        c = 4
-    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(4, 5)).to(dtype)
+    return small_conv_net(dtype, 1, 3, 4)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

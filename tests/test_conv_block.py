@@ -4,11 +4,10 @@ the cpp ops and (interpreter) the Triton kernels; what the graph keeps; BatchedM
 against the per-task loop."""
 import pytest
 import torch
-from torch import nn
 
 import fastmeta
 from fastmeta import ops
-from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp, small_conv_net
 
 CASES = [
     # T, N, C, H, W, O, padding, conv weight shared, conv bias, bn affine
@@ -87,13 +86,7 @@ def test_keeps_the_images_not_the_convolution_output():
 
 
 def _conv_net(dtype):
-    torch.manual_seed(0)
-    blocks, c = [], 3
-    for _ in range(2):
-        blocks += [nn.Conv2d(c, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
-                   nn.MaxPool2d(2)]
-        c = 4
-    return nn.Sequential(*blocks, nn.Flatten(), nn.Linear(4 * 2 * 2, 5)).to(dtype)
+    return small_conv_net(dtype, 3, 2, 4 * 2 * 2)
 
 
 @requires_cpp
