@@ -21,7 +21,8 @@
 //
 // FASTMETA_CONV_PER_TASK=1 runs each op as one ATen call a task instead (groups as given, not
 // times T; each task's slices copied in and out of the same layouts): cuDNN's float32 algorithms
-// for an ordinary convolution (Winograd among them) against its grouped ones, for a GPU run to weigh.
+// for an ordinary convolution (Winograd among them) against its grouped ones, for a GPU run to
+// weigh; =cN does so only for convolutions of at most N input channels a group (per_task below).
 #include "common.h"
 
 #include <array>
@@ -95,13 +96,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 
 at::Tensor stand_in(const at::Tensor& like, at::IntArrayRef size) { return like.new_empty({1}).expand(size); }
 
-// FASTMETA_CONV_PER_TASK: "1" one ATen call a task, "0" or unset one grouped call (read each call,
-// as the CUDA kernels' settings).
-bool per_task() {
+// FASTMETA_CONV_PER_TASK (read each call, as the CUDA kernels' settings): "1" one ATen call a task,
+// "0" or unset one grouped call, "cN" a call a task for convolutions of at most N input channels a
+// group (a network's first layers: 1 or 3 image channels, which a grouped call turns into
+// PyTorch's depthwise-style kernels) and one grouped call for the others.
+bool per_task(int64_t channels_per_group) {
   const char* v = std::getenv("FASTMETA_CONV_PER_TASK");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(v, "1") == 0, "FASTMETA_CONV_PER_TASK: expected 0 or 1, got '", v, "'");
-  return true;
+  if (std::strcmp(v, "1") == 0) return true;
+  char* end = nullptr;
+  const long most = v[0] == 'c' ? std::strtol(v + 1, &end, 10) : 0;
+  TORCH_CHECK(v[0] == 'c' && end != v + 1 && *end == '\0' && most >= 1,
+              "FASTMETA_CONV_PER_TASK: expected 0, 1 or cN (N >= 1 input channels), got '", v, "'");
+  return channels_per_group <= most;
 }
 
 // The per-task form of backward_impl: gy, x, w [T, ...] (x, w may be stand-ins of the right size).
@@ -138,7 +145,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
                 "batched_conv2d: bias must be [T=", T, ", O=", w.size(1), "], got ", bias->sizes());
     b = bias->reshape({T * w.size(1)});
   }
-  if (T > 0 && per_task()) {
+  if (T > 0 && per_task(w.size(2))) {
     at::Tensor y;
     for (int64_t t = 0; t < T; ++t) {
       at::Tensor yt = at::convolution(x[t], w[t], b.defined() ? c10::optional<at::Tensor>(bias->select(0, t)) : c10::nullopt,
@@ -161,7 +168,7 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
   check_tasks(gy, w, "gy", "weight");
   TORCH_CHECK(x_size[0] == gy.size(0) && x_size[1] == gy.size(1), "batched_conv2d: x_size ", x_size,
               " and gy ", gy.sizes(), " must agree in T and N");
-  if (gy.size(0) > 0 && per_task())
+  if (gy.size(0) > 0 && per_task(w.size(2)))
     return std::get<0>(backward_per_task(gy, stand_in(gy, x_size), w, geometry(stride, padding, dilation, groups),
                                          {true, false, false}));
   at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
@@ -177,7 +184,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
   check_tasks(x, gy, "x", "gy");
   TORCH_CHECK(w_size[0] == x.size(0) && w_size[1] == gy.size(2), "batched_conv2d: weight_size ", w_size,
               " must be [T=", x.size(0), ", O=", gy.size(2), ", ...] for gy ", gy.sizes());
-  if (gy.size(0) > 0 && per_task())
+  if (gy.size(0) > 0 && per_task(w_size[2]))
     return std::get<1>(backward_per_task(gy, x, stand_in(gy, w_size), geometry(stride, padding, dilation, groups),
                                          {false, true, false}));
   at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
@@ -194,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
   check_5d(w, "weight");
   check_tasks(x, gy, "x", "gy");
   check_tasks(x, w, "x", "weight");
-  if (gy.size(0) > 0 && per_task())
+  if (gy.size(0) > 0 && per_task(w.size(2)))
     return backward_per_task(gy, output_mask[1] ? x : stand_in(gy, x.sizes()), w,
                              geometry(stride, padding, dilation, groups), output_mask);
   // x is read only for the weight gradient (else only its size)

@@ -36,11 +36,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("per_task", ["0", "1"])
+@pytest.mark.parametrize("per_task", ["0", "1", "c3"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("case", CASES)
 def test_values_and_derivatives_to_third_order(case, dtype, per_task, monkeypatch):
-    """Each op as one grouped ATen call, and (FASTMETA_CONV_PER_TASK=1) as one call a task."""
+    """Each op as one grouped ATen call, as one call a task (FASTMETA_CONV_PER_TASK=1), and as one
+    call a task only at most 3 input channels a group (=c3: the 3- and 2-channel cases here)."""
     monkeypatch.setenv("FASTMETA_CONV_PER_TASK", per_task)
     *shape, kw = case
     x, w, b = _case(*shape, dtype, groups=kw.get("groups", 1))
@@ -198,8 +199,9 @@ def test_conv4_meta_gradient_with_a_call_a_task(monkeypatch):
     assert_rel_close(list(got), list(want), 1e-10, "meta-gradient, a call a task")
 
 
-def test_per_task_setting_is_checked(monkeypatch):
-    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "yes")
+@pytest.mark.parametrize("value", ["yes", "c", "c0", "c3x", "2"])
+def test_per_task_setting_is_checked(value, monkeypatch):
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", value)
     x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float64)
-    with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_PER_TASK: expected 0 or 1"):
+    with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_PER_TASK: expected 0, 1 or cN"):
         ops.batched_conv2d(x, w, b, padding=1)
