@@ -73,11 +73,11 @@ step_convprobe() { TAIL=70 run_step convprobe 80 conv_probe.txt python benchmark
 # the Triton conv-path kernels against their references on the device, before their timed rows
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
-# (fastmeta: auto, on CUDA fastmeta._C's convolution ops (cuDNN underneath; their second order avoids
-# PyTorch's per-task double backward) and bn_relu_pool kernels; -torch: the batched torch ops;
-# fastmeta_tuned: fastmeta.tune's choice, per op, its table in the log)
+# (the loop first, the row every other's error is measured against; fastmeta: auto, on CUDA
+# fastmeta._C's convolution ops (cuDNN underneath; their second order avoids PyTorch's per-task
+# double backward) and bn_relu_pool kernels; -torch: the batched torch ops; _rc: recompute=True)
 step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
-  fastmeta,fastmeta-torch,fastmeta_graph,fastmeta_graph-torch,loop,vmap,fastmeta_tuned,fastmeta-triton,fastmeta_graph-triton \
+  loop,fastmeta_graph,fastmeta_graph-triton,fastmeta,fastmeta-triton,fastmeta_graph_rc,vmap,fastmeta-torch \
   --json "$LOG/bench_omniglot.json"; }
 # the Triton convolutions with TF32x3 products (three TF32 tensor-core products of each operand's
 # high and low parts; float32 on the FMA units otherwise): their time, and their meta-gradients
