@@ -58,6 +58,10 @@ def test_matches_the_two_ops_to_second_order(case, dtype, backend):
         want = _derivatives(lambda: ops.bn_relu_pool(ops.batched_conv2d(x, w, b, 1, pad), gamma, beta), ins, dtype)
     for name, g, h in zip(("value", "first derivatives", "second derivatives"), got, want):
         assert_rel_close(g, h, RTOL[dtype], name)
+    if dtype == torch.float64:  # and the pure-PyTorch reference
+        ref = _derivatives(lambda: ops.conv_bn_relu_pool_ref(x, w, b, 1, pad, 1, 1, gamma, beta), ins, dtype)
+        for name, g, h in zip(("value", "first derivatives", "second derivatives"), got, ref):
+            assert_rel_close(g, h, 1e-9, name + " (reference)")
 
 
 @requires_cpp
@@ -114,6 +118,18 @@ def test_batched_maml_recompute_matches_the_loop(first_order, meta_sgd):
     if meta_sgd:
         assert_rel_close(list(got[len(names):]), list(want_lr), 1e-10, "rates' gradient")
     assert "BatchedMAML(recompute=True)" in fastmeta.explain(model)
+
+
+def test_op_errors_name_the_argument():
+    """Bad shapes raise before any kernel runs, naming the argument and the shapes."""
+    x, w, b, gamma, beta = _case(2, 3, 3, 6, 6, 5, 1, False, "task", "task", torch.float64)
+    with pytest.raises(ValueError, match=r"conv_bn_relu_pool: weight \(2, 5, 4, 3, 3\) with groups=1 expects 4"):
+        ops.conv_bn_relu_pool(x, torch.zeros(2, 5, 4, 3, 3, dtype=torch.float64), b, 1, 1, 1, 1, gamma, beta)
+    with pytest.raises(ValueError, match=r"conv_bn_relu_pool: weight \(4,\) must be \[T=2, C=5\] or \[C=5\] for "
+                                         r"the convolution's output \(2, 3, 5, 6, 6\)"):
+        ops.conv_bn_relu_pool(x, w, b, 1, 1, 1, 1, gamma[0, :4].detach(), beta)
+    with pytest.raises(ValueError, match="smaller than the 2x2 pooling window"):
+        ops.conv_bn_relu_pool(x[..., :3, :3], w, b, 1, 0, 1, 1, gamma, beta)
 
 
 def test_recompute_argument_is_checked():

@@ -244,21 +244,34 @@ def _triton_supports(weight, stride, padding, dilation, groups):
     return 0 <= ph <= weight.shape[-2] - 1 and 0 <= pw <= weight.shape[-1] - 1
 
 
-def batched_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """Per-task Conv2d (see module docstring)."""
+def check_args(x, weight, bias, groups, op="batched_conv2d"):
+    """batched_conv2d's argument checks (ValueError / TypeError naming the argument and the shapes);
+    returns (T, O)."""
     _checks.tensor("x", x, dim=5)
     _checks.tensor("weight", weight)
     T, C = x.shape[0], x.shape[2]
     if weight.dim() not in (4, 5) or (weight.dim() == 5 and weight.shape[0] != T):
-        raise ValueError(f"batched_conv2d: weight {tuple(weight.shape)} must be [T={T}, O, C/g, kh, kw] "
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} must be [T={T}, O, C/g, kh, kw] "
                          f"or [O, C/g, kh, kw] for x {tuple(x.shape)}")
     if weight.shape[-3] * groups != C:
-        raise ValueError(f"batched_conv2d: weight {tuple(weight.shape)} with groups={groups} expects "
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} with groups={groups} expects "
                          f"{weight.shape[-3] * groups} input channels, x {tuple(x.shape)} has {C}")
     O = weight.shape[-4]
     if bias is not None and tuple(bias.shape) not in ((T, O), (O,)):
-        raise ValueError(f"batched_conv2d: bias {tuple(bias.shape)} must be [T={T}, O={O}] or [O={O}]")
+        raise ValueError(f"{op}: bias {tuple(bias.shape)} must be [T={T}, O={O}] or [O={O}]")
     _checks.same_device_dtype([("x", x), ("weight", weight)] + ([("bias", bias)] if bias is not None else []))
+    return T, O
+
+
+def output_size(x, weight, stride, padding, dilation):
+    """(H', W') of a batched_conv2d of x with these settings (integer padding)."""
+    s, p, d = _pair(stride), _pair(padding), _pair(dilation)
+    return tuple(_out_size(x.shape[3 + i], weight.shape[-2 + i], s[i], p[i], d[i]) for i in range(2))
+
+
+def batched_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """Per-task Conv2d (see module docstring)."""
+    T, O = check_args(x, weight, bias, groups)
     fused = fused_prims(x, weight, stride, padding, dilation, groups)
     if fused is None:
         return batched_conv2d_ref(x, weight, bias, stride, padding, dilation, groups)

@@ -206,17 +206,24 @@ def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
     """Per-task BatchNorm -> ReLU -> MaxPool2d(2) (see module docstring)."""
     _checks.tensor("x", x, dim=5)
     T, N, C, H, W = x.shape
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is not None and tuple(p.shape) not in ((T, C), (C,)):
-            raise ValueError(f"bn_relu_pool: {name} {tuple(p.shape)} must be [T={T}, C={C}] or [C={C}] for x "
-                             f"{tuple(x.shape)}")
-    _checks.same_device_dtype([("x", x)] + [(n, p) for n, p in (("weight", weight), ("bias", bias)) if p is not None])
-    if H < 2 or W < 2:
-        raise ValueError(f"bn_relu_pool: x {tuple(x.shape)} is smaller than the 2x2 pooling window")
+    check_affine(x, tuple(x.shape), weight, bias)
     backend = fused_backend(x)
     if backend is None:
         return bn_relu_pool_ref(x, weight, bias, eps)
     return _BNReLUPool.apply(x, per_task(x, weight, 1.0, T, C), per_task(x, bias, 0.0, T, C), float(eps), backend)
+
+
+def check_affine(like, shape, weight, bias, op="bn_relu_pool", what="x"):
+    """bn_relu_pool's checks of weight and bias against its input's shape [T, N, C, H, W] (like:
+    a tensor of the input's device and dtype)."""
+    T, N, C, H, W = shape
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is not None and tuple(p.shape) not in ((T, C), (C,)):
+            raise ValueError(f"{op}: {name} {tuple(p.shape)} must be [T={T}, C={C}] or [C={C}] for {what} "
+                             f"{tuple(shape)}")
+    _checks.same_device_dtype([("x", like)] + [(n, p) for n, p in (("weight", weight), ("bias", bias)) if p is not None])
+    if H < 2 or W < 2:
+        raise ValueError(f"{op}: {what} {tuple(shape)} is smaller than the 2x2 pooling window")
 
 
 def fused_backend(x):

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .batched_batch_norm import batched_batch_norm
-from .batched_conv2d import batched_conv2d, batched_conv2d_ref, fused_prims
-from .bn_relu_pool import _kernels, _pool_at, bn_relu_pool, fused_backend, per_task
+from .batched_conv2d import batched_conv2d, batched_conv2d_ref, check_args, fused_prims, output_size
+from .bn_relu_pool import _kernels, _pool_at, bn_relu_pool, bn_relu_pool_ref, check_affine, fused_backend, per_task
 
 
 class _Block(torch.autograd.Function):
@@ -122,16 +122,25 @@ def _reference_block_vjp(gy, x, w, b, g, beta, idx, eps, geom, cots):
     return g_gy, None, g_w, g_b[0] if g_b else None, g_g
 
 
+def conv_bn_relu_pool_ref(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5):
+    """The reference: batched_conv2d_ref, then bn_relu_pool_ref."""
+    return bn_relu_pool_ref(batched_conv2d_ref(x, weight, bias, stride, padding, dilation, groups),
+                            bn_weight, bn_bias, eps)
+
+
 def conv_bn_relu_pool(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5):
     """batched_conv2d then bn_relu_pool, the convolution's output recomputed in the backward passes
     instead of kept (see the module docstring)."""
+    T, O = check_args(x, weight, bias, groups, op="conv_bn_relu_pool")
+    if not isinstance(padding, str):
+        check_affine(x, (T, x.shape[1], O) + output_size(x, weight, stride, padding, dilation), bn_weight, bn_bias,
+                     op="conv_bn_relu_pool", what="the convolution's output")
     fused = None if x.requires_grad else fused_prims(x, weight, stride, padding, dilation, groups)
     backend = fused_backend(x)
     if fused is None or backend is None:
         return bn_relu_pool(batched_conv2d(x, weight, bias, stride, padding, dilation, groups),
                                  bn_weight, bn_bias, eps)
     prims, w = fused
-    T, O = x.shape[0], w.shape[-4]
     b = None if bias is None else (bias if bias.dim() == 2 else bias.unsqueeze(0).expand(T, O))
     return _Block.apply(x, w, b, per_task(x, bn_weight, 1.0, T, O), per_task(x, bn_bias, 0.0, T, O),
                         float(eps), (stride, padding, dilation, groups), prims, _kernels(backend))
