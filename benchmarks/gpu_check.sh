@@ -134,4 +134,6 @@ step_ref64() { TAIL=14 run_step ref64 120 bench_ref64.txt $CONV --workload omnig
 for s in $STEPS; do
   if declare -F "step_$s" > /dev/null; then "step_$s"; else echo "== $s: unknown step" | tee -a "$SUMMARY"; fi
 done
+# the issues' targets against this run's bench JSONs (each ratio within one file, i.e. one run)
+{ echo "== targets"; python benchmarks/targets.py "$LOG"; } >> "$SUMMARY" 2>&1
 echo "== done (t=$(( $(date +%s) - start ))s)" | tee -a "$SUMMARY"

@@ -263,3 +263,41 @@ def test_conv_probe_script_on_cpu(capsys):
                                            "triton tap-major tf32x3", "grouped ATen", "a call a task",
                                            "grouped ATen, benchmark", "a call a task, benchmark"}
     assert all(float(r[9]) < 1e-5 for r in rows), out
+
+
+def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
+    """benchmarks/targets.py (run at the end of gpu_check.sh): each target's ratio from rows of the
+    same JSON file only; a fastmeta row beyond the 1e-4 meta-gradient bound is not counted; the
+    mini-ImageNet target needs both the speed and the memory bound."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def row(workload, order, tasks, provider, ms, peak=1.0, err=None):
+        return dict(workload=workload, order=order, tasks=tasks, provider=provider, median_ms=ms,
+                    peak_mem_mb=peak, max_rel_err=err)
+    sine = [row("sine", "second", 25, "loop", 400.0), row("sine", "second", 25, "compile", 4.0),
+            row("sine", "second", 25, "vmap_graph", 1.0), row("sine", "second", 25, "fastmeta_vg", 0.25, err=2e-7),
+            row("sine", "second", 25, "fastmeta-triton", 0.1, err=5e-4)]  # fastest, but off the bound
+    mini = [row("miniimagenet", "second", 32, "loop", 2300.0, peak=1000.0),
+            row("miniimagenet", "second", 32, "vmap", 960.0, peak=100000.0),
+            row("miniimagenet", "second", 32, "fastmeta", 270.0, peak=17000.0),          # fast, too much memory
+            row("miniimagenet", "second", 32, "fastmeta_graph@4", 300.0, peak=1900.0)]  # both bounds
+    (tmp_path / "bench_sine_T25.json").write_text(json.dumps({"results": sine}))
+    (tmp_path / "bench_miniimagenet.json").write_text(json.dumps({"results": mini}))
+    (tmp_path / "bench_omniglot.json").write_text(json.dumps({"results": [row("omniglot", "second", 32, "fastmeta", 30.0)]}))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import targets
+        assert targets.main([str(tmp_path)]) == 0
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
+    out = capsys.readouterr().out
+    lines = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| #")}
+    assert "16.00x (0.250 vs 4.000 ms) | yes" in lines["#4 sine T=25 second: >= 10x compile"]
+    assert "| fastmeta_vg |" in lines["#4 sine T=25 second: >= 10x compile"]
+    assert "4.00x (0.250 vs 1.000 ms) | yes" in lines["#4 sine T=25 second: >= 2x vmap_graph"]
+    mini_line = lines["#5 mini-ImageNet T=32 second: >= 3x vmap at <= 2x the loop's peak"]
+    assert "| fastmeta_graph@4 | 3.20x vmap (300 vs 960 ms) at 1.90x the loop's peak" in mini_line
+    assert mini_line.endswith("| yes |")
+    assert not any(k.startswith("#5 omniglot") for k in lines)  # no baseline row in that file
