@@ -125,20 +125,14 @@ def _conv_fwd_step(acc, k0, xb, wb, n, oi, oj, row_ok, ro, K, O, H, W, sx_n, sx_
 @triton.jit
 def _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
                      sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr,
-                     X3: tl.constexpr):
-    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end), taps (c, a, b) a column."""
+                     X3: tl.constexpr, TAPS: tl.constexpr):
+    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) (below m_end) for the columns' taps:
+    flat, (c, a, b) a column (vectors); tap-major, one tap (a, b) and channels c."""
     gt, rm, n, oi, oj = _gy_tile(gb, m0, m_end, ro, O, HO, WO, sg_n, sg_o, sg_h, sg_w, BLOCK_M)
-    xt = _patch(xb, n, oi, oj, rm < m_end, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
-    return _mma(acc, gt, xt, X3)
-
-
-@triton.jit
-def _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, c, c_ok, a, b, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
-                         sg_n, sg_o, sg_h, sg_w, PH: tl.constexpr, PW: tl.constexpr, BLOCK_M: tl.constexpr,
-                         X3: tl.constexpr):
-    """acc + gy^T x over output pixels [m0, m0 + BLOCK_M) for one tap (a, b) and channels c."""
-    gt, rm, n, oi, oj = _gy_tile(gb, m0, m_end, ro, O, HO, WO, sg_n, sg_o, sg_h, sg_w, BLOCK_M)
-    xt = _tap_patch(xb, n, oi, oj, rm < m_end, a, b, c, c_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
+    if TAPS:
+        xt = _tap_patch(xb, n, oi, oj, rm < m_end, a, b, c, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
+    else:
+        xt = _patch(xb, n, oi, oj, rm < m_end, c, a, b, k_ok, H, W, sx_n, sx_c, sx_h, sx_w, PH, PW)
     return _mma(acc, gt, xt, X3)
 
 
@@ -212,42 +206,31 @@ def _conv_wgrad_kernel(
     m_start = (ts % SPLIT) * M_PER
     xb = x_ptr + t * sx_t
     gb = g_ptr + t * sg_t
-    if TAPS:
+    if TAPS:  # the columns: channels c of tap (a, b)
         CB = tl.cdiv(C, BLOCK_K)
         kb = tl.program_id(2)
         tap = kb // CB
-        ta = tap // KW
-        tb = tap - ta * KW
-        cc = (kb - tap * CB) * BLOCK_K + tl.arange(0, BLOCK_K)
-        if PIPELINE:
-            for m0 in range(m_start, m_end, BLOCK_M):
-                acc = _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, cc, cc < C, ta, tb, O, H, W, HO, WO, sx_n,
-                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
-        else:
-            m0 = m_start
-            while m0 < m_end:
-                acc = _conv_wgrad_tap_step(acc, m0, m_end, xb, gb, ro, cc, cc < C, ta, tb, O, H, W, HO, WO, sx_n,
-                                           sx_c, sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
-                m0 += BLOCK_M
-        col = cc * (KH * KW) + tap  # the columns' k = (c, a, b)
-        col_ok = cc < C
-    else:
-        rk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
-        c, a, b = _tap(rk, KH, KW)
-        if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
-            for m0 in range(m_start, m_end, BLOCK_M):
-                acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c,
-                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
-        else:  # the interpreter cannot range() over a value computed in the kernel
-            m0 = m_start
-            while m0 < m_end:
-                acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, rk < K, O, H, W, HO, WO, sx_n, sx_c,
-                                       sx_h, sx_w, sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3)
-                m0 += BLOCK_M
-        col = rk
-        col_ok = rk < K
+        a = tap // KW
+        b = tap - a * KW
+        c = (kb - tap * CB) * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = c < C
+        col = c * (KH * KW) + tap  # the columns' k = (c, a, b)
+    else:  # the columns: k = (c, a, b) of a block of the flat order
+        col = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+        c, a, b = _tap(col, KH, KW)
+        k_ok = col < K
+    if PIPELINE:  # compiled: a for loop, which Triton software-pipelines
+        for m0 in range(m_start, m_end, BLOCK_M):
+            acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
+                                   sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3, TAPS)
+    else:  # the interpreter cannot range() over a value computed in the kernel
+        m0 = m_start
+        while m0 < m_end:
+            acc = _conv_wgrad_step(acc, m0, m_end, xb, gb, ro, c, a, b, k_ok, O, H, W, HO, WO, sx_n, sx_c, sx_h, sx_w,
+                                   sg_n, sg_o, sg_h, sg_w, PH, PW, BLOCK_M, X3, TAPS)
+            m0 += BLOCK_M
     # gw [T, SPLIT, O, C, KH, KW] contiguous = [T * SPLIT, O, K]
-    tl.store(gw_ptr + (ts * O + ro[:, None]) * K + col[None, :], acc, mask=(ro[:, None] < O) & col_ok[None, :])
+    tl.store(gw_ptr + (ts * O + ro[:, None]) * K + col[None, :], acc, mask=(ro[:, None] < O) & k_ok[None, :])
 
 
 def _strides5(t, T):
