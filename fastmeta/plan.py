@@ -76,9 +76,13 @@ class Program:
         return torch.cat(outs)
 
     def _run(self, P: dict, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+        if not recompute:
+            for step in self.steps:
+                x = step.run(x, P)
+            return x
         steps, i = self.steps, 0
         while i < len(steps):
-            if recompute and not x.requires_grad and self.recomputable(i):
+            if not x.requires_grad and self.recomputable(i):
                 conv, bn = steps[i].spec, steps[i + 1].spec
                 get = lambda name: P[name] if name else None  # noqa: E731
                 x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
