@@ -7,6 +7,7 @@ JIT, reported separately). Sized for the machine: on a CPU the conv workload run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,13 @@ def _progress(i, n, label, t0):
     sys.stderr.flush()
 
 
+def _row_line(r, prefix=""):
+    sys.stderr.write(f"row {r.workload}/{r.order}/T{r.tasks}/{r.provider}: " + (
+        r.error or f"{prefix}median {r.median_ms:.3f} ms, first call {r.first_call_ms:.0f} ms, "
+        f"peak {r.peak_mem_mb} MB, max rel err {r.max_rel_err}") + "\n")
+    sys.stderr.flush()
+
+
 def default_tasks(workload: str, device: str) -> int:
     if device == "cuda":
         return {"sine": 25, "omniglot": 32, "miniimagenet": 32}[workload]
@@ -31,11 +39,15 @@ def default_tasks(workload: str, device: str) -> int:
 
 
 def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, reps=10, max_seconds=8.0,
-               progress=True, dtype=torch.float32, min_seconds=1.0, reference="loop"):
+               progress=True, dtype=torch.float32, min_seconds=1.0, reference="loop", interleave=("sine",)):
     """providers: a list, or None for each workload's default set (harness.default_providers).
     reference: what each row's max rel err is measured against: 'loop' (the first row's meta-gradient,
     the naive loop where it runs) or 'float64' (the naive loop on a float64 copy of the workload, run
-    once untimed: how far each row, the loop's own included, is from the exact answer)."""
+    once untimed: how far each row, the loop's own included, is from the exact answer).
+    interleave: the workloads whose rows of one order are timed together, in rounds
+    (harness.time_interleaved), once each is built, checked and measured for memory: their ratios
+    then come from the same minutes of the machine. Every row's step stays alive until its group is
+    timed, so it is meant for small workloads (default: sine)."""
     if reference not in ("loop", "float64"):
         raise ValueError(f"reference: expected 'loop' or 'float64', got {reference!r}")
     jobs, explicit = [], providers is not None
@@ -46,7 +58,24 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
         jobs += [(w, o, p) for o in orders for p in provs]
     results, t0 = [], time.perf_counter()
     refs = {}
+    kept, group = {}, None  # the steps of the group being built for an interleaved timing
+
+    def time_group():
+        if len(kept) > 1:
+            timed = H.time_interleaved(kept, device, seconds=min_seconds, min_calls=reps, max_seconds=max_seconds)
+            for j, r in enumerate(results):
+                if (r.workload, r.order) == group and r.provider in timed:
+                    med, times = timed[r.provider]
+                    results[j] = dataclasses.replace(r, median_ms=med, reps=len(times), interleaved=True)
+                    if not progress:
+                        _row_line(results[j], "timed with its group: ")
+        kept.clear()
+
     for i, (wname, order, prov) in enumerate(jobs):
+        if (wname, order) != group:
+            time_group()
+            group = (wname, order)
+        together = wname in interleave
         if progress:
             _progress(i, len(jobs), f"{wname}/{order}/{prov}", t0)
         why = H.provider_available(prov, device) or (None if explicit else H.default_skip(prov, wname, device))
@@ -58,16 +87,17 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
         if why is not None:
             results.append(H.Result(wname, order, prov, T, w.steps, None, None, None, 0, f"skipped: {why}"))
             continue
-        r, grads = H.run_one(prov, w, order == "first", reps=reps, max_seconds=max_seconds,
-                             reference=refs.get((wname, order)), min_seconds=min_seconds)
+        # rows timed together later are timed here only for a few calls (their memory and error
+        # are measured here)
+        r, grads = H.run_one(prov, w, order == "first", reps=3 if together else reps, max_seconds=max_seconds,
+                             reference=refs.get((wname, order)), min_seconds=0 if together else min_seconds,
+                             keep=kept if together else None)
         if grads is not None and (wname, order) not in refs:
             refs[(wname, order)] = [g.detach() for g in grads]
         results.append(r)
         if not progress:  # one line per finished row, so a run cut short still reports what it measured
-            sys.stderr.write(f"row {wname}/{order}/T{T}/{prov}: " + (
-                r.error or f"median {r.median_ms:.3f} ms, first call {r.first_call_ms:.0f} ms, "
-                f"peak {r.peak_mem_mb} MB, max rel err {r.max_rel_err}") + "\n")
-            sys.stderr.flush()
+            _row_line(r, "built (timed with its group next), warm-up " if together and r.error is None else "")
+    time_group()
     if progress:
         _progress(len(jobs), len(jobs), "done", t0)
         sys.stderr.write("\n")
@@ -160,6 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reference", default="loop", choices=["loop", "float64"],
                     help="max rel err against the first row (the loop where it runs) or against the loop "
                          "in float64 (the exact answer; the loop's own row then shows float32's floor)")
+    ap.add_argument("--interleave", default="sine",
+                    help="comma list of workloads whose rows of one order are timed together, in rounds of "
+                         "back-to-back calls of each (so a slower or faster spell of the machine falls on all "
+                         "of them alike); 'none' times each row on its own (default: sine)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True for every provider (cuDNN picks its "
                          "convolution algorithms by timing them on first use)")
@@ -176,13 +210,16 @@ def main(argv=None) -> int:
         H.precision_settings(tf32=False, cudnn_benchmark=args.cudnn_benchmark)
     results = run_matrix(workloads, orders, providers, device, args.tasks, args.steps, args.reps,
                          args.max_seconds, progress=not args.no_progress, min_seconds=args.min_seconds,
-                         dtype=getattr(torch, args.dtype), reference=args.reference)
+                         dtype=getattr(torch, args.dtype), reference=args.reference,
+                         interleave=() if args.interleave == "none" else tuple(args.interleave.split(",")))
     print(f"machine: {machine()}" + (", cudnn.benchmark on" if args.cudnn_benchmark else "")
           + (f", {args.dtype}" if args.dtype != "float32" else "")
           + (", max rel err against the loop in float64" if args.reference == "float64" else ""))
+    together = sorted({f"{r.workload} {r.order}" for r in results if r.interleaved})
+    if together:
+        print("timed together, in rounds (medians of interleaved batches of calls): " + ", ".join(together))
     print(table(results))
     if args.json:
-        import dataclasses
         with open(args.json, "w") as f:
             json.dump({"machine": machine(), "results": [dataclasses.asdict(r) for r in results]}, f, indent=1)
     if args.plot:

@@ -477,6 +477,53 @@ def time_step(step, device="cpu", warmup: int = 2, reps: int = 10, max_seconds: 
     return statistics.median(times), times
 
 
+def time_interleaved(steps: dict, device="cpu", seconds: float = 1.0, min_calls: int = 10,
+                     max_seconds: float = 10.0, batch_seconds: float = 0.05, max_calls: int = 2000) -> dict:
+    """Median and all wall times (ms) of each step of ``steps`` (name -> step), timed in rounds:
+    each round runs every step for about batch_seconds of back-to-back calls (one at least), the
+    order rotated from round to round, until each step has had ``seconds`` of calls and min_calls
+    calls, or max_seconds of calls (3 calls at least), or max_calls calls. A drift of the machine's speed during the run (other work on a shared machine, clock
+    changes) then falls on every step alike instead of on the rows that happened to run during it,
+    so the ratios between them are those of one moment. Returns name -> (median, times)."""
+    names = list(steps)
+    per_call = {}
+    for n in names:  # warm and size each batch from one call
+        steps[n]()
+        _sync(device)
+        t0 = time.perf_counter()
+        steps[n]()
+        _sync(device)
+        per_call[n] = max(time.perf_counter() - t0, 1e-6)
+    batch = {n: max(1, int(batch_seconds / per_call[n])) for n in names}
+    times = {n: [] for n in names}
+    spent = dict.fromkeys(names, 0.0)
+    rnd = 0
+    def more(n):
+        c = len(times[n])
+        if c >= max_calls or (spent[n] >= max_seconds and c >= 3):
+            return False
+        return spent[n] < seconds or c < min_calls
+
+    while True:
+        todo = [n for n in names if more(n)]
+        if not todo:
+            break
+        k = rnd % len(todo)
+        for n in todo[k:] + todo[:k]:
+            step = steps[n]
+            for _ in range(batch[n]):
+                if not more(n):
+                    break
+                t0 = time.perf_counter()
+                step()
+                _sync(device)
+                dt = time.perf_counter() - t0
+                times[n].append(dt * 1e3)
+                spent[n] += dt
+        rnd += 1
+    return {n: (statistics.median(times[n]), times[n]) for n in names}
+
+
 def max_rel_err(got, want) -> float:
     """Largest per-tensor relative error; a tensor whose true value is (near) zero (e.g. a conv
     bias cancelled by BatchNorm) is measured against 1e-2 of the whole gradient's norm instead.
@@ -540,11 +587,14 @@ class Result:
     reps: int
     error: str | None = None
     max_rel_err: float | None = None
+    interleaved: bool = False  # median from time_interleaved (rounds with the group's other rows)
 
 
 def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_seconds=10.0,
-            reference=None, min_seconds=1.0) -> tuple[Result, list | None]:
-    """Builds and times one provider; first_call_ms includes compilation (torch.compile, JIT)."""
+            reference=None, min_seconds=1.0, keep: dict | None = None) -> tuple[Result, list | None]:
+    """Builds and times one provider; first_call_ms includes compilation (torch.compile, JIT).
+    keep: where given, the built step is stored there under the provider's name (for a timing
+    that interleaves it with other rows', time_interleaved)."""
     device = w.xs.device.type
     order = "first" if first_order else "second"
     try:
@@ -564,6 +614,8 @@ def run_one(name: str, w: Workload, first_order: bool, reps=10, warmup=2, max_se
         else:
             peak = cpu_peak_mb(step, fused=name in _FUSED_CPU and w.name == "sine")
         err = None if reference is None else max_rel_err(grads, reference)
+        if keep is not None:
+            keep[name] = step
         return Result(w.name, order, name, w.tasks, w.steps, med, first, peak, len(times), None, err), grads
     except Exception as e:  # reported in the table, never hidden
         return Result(w.name, order, name, w.tasks, w.steps, None, None, None, 0,

@@ -64,9 +64,46 @@ def test_bench_cli_prints_table_and_json(tmp_path):
     assert "| sine | first | 2 | 1 | fastmeta |" in p.stdout and "machine:" in p.stdout
     rows = json.loads(out.read_text())["results"]
     assert {r["provider"] for r in rows} == {"fastmeta", "loop", "vmap"}
-    assert all(r["median_ms"] > 0 for r in rows)
+    assert all(r["median_ms"] > 0 and r["interleaved"] for r in rows)
+    assert "timed together, in rounds" in p.stdout
     bad = run_cli("fastmeta.bench", "--order", "third")
     assert bad.returncode == 2 and "--order" in bad.stderr
+
+
+def test_interleaved_timing_takes_rounds_of_each_step():
+    """harness.time_interleaved: batches of each step in turn (not one step's calls all before the
+    next's), each step timed for at least its seconds and min_calls; the medians keep the steps'
+    order of cost."""
+    import time as _time
+    calls = []
+
+    def make(name, secs):
+        def step():
+            calls.append(name)
+            _time.sleep(secs)
+        return step
+
+    out = H.time_interleaved({"slow": make("slow", 0.004), "fast": make("fast", 0.001)}, seconds=0.12,
+                             min_calls=5, max_seconds=2.0, batch_seconds=0.02)
+    timed = calls[4:]  # after two warm-up calls each
+    switches = sum(a != b for a, b in zip(timed, timed[1:]))
+    assert switches >= 4, f"not interleaved: {switches} switches in {len(timed)} calls"
+    assert len(out["slow"][1]) >= 5 and sum(out["slow"][1]) >= 120 and sum(out["fast"][1]) >= 120
+    assert out["fast"][0] < out["slow"][0]
+    # a step past max_seconds stops there (3 calls at least) however many min_calls asks for
+    few = H.time_interleaved({"slow": make("slow", 0.03)}, seconds=10, min_calls=1000, max_seconds=0.05)
+    assert 3 <= len(few["slow"][1]) < 10
+
+
+def test_bench_interleaves_the_rows_of_a_group():
+    """run_matrix(interleave=...): the named workload's rows of one order are timed together (their
+    results say so, with the calls of that timing); others one row at a time."""
+    from fastmeta.bench import run_matrix
+    common = dict(tasks=2, steps=1, reps=4, max_seconds=1.0, progress=False, min_seconds=0.05)
+    rows = run_matrix(["sine"], ["first"], ["loop", "fastmeta-torch"], "cpu", interleave=("sine",), **common)
+    assert all(r.interleaved and r.reps >= 4 and r.median_ms > 0 for r in rows), rows
+    rows = run_matrix(["sine"], ["first"], ["loop", "fastmeta-torch"], "cpu", interleave=(), **common)
+    assert not any(r.interleaved for r in rows)
 
 
 def test_bench_reference_float64_and_dtype():
