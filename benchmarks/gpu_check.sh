@@ -101,9 +101,12 @@ step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omnigl
 # memory target (peak <= 2x the loop's); on the H200 with the torch ops one task's graph peaked at
 # 1.07x the loop's, every task at once on the cuda ops at 530 MB a task, so chunks of 3 should fit;
 # the baselines come second and third so that a step cut short still has them; fastmeta_graph_rc@N:
-# the same with BatchedMAML(recompute=True), whose task graphs are about half as large on the CPU)
-step_miniimagenet() { TAIL=10 run_step miniimagenet 120 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph_rc@4,loop,vmap,fastmeta_graph@3,fastmeta_graph_rc@8,fastmeta_graph@4,fastmeta_graph@1,fastmeta \
+# the same with BatchedMAML(recompute=True), whose task graphs are about half as large on the CPU;
+# _rc_ck: and checkpoint_steps=True (one inner step's graph at a time, recomputed in the backward:
+# 49 MB a task on the CPU against 200 MB with recompute alone, for 1.1-1.3x the time), so that 16
+# or all 32 tasks' kernels run at once within the memory bound)
+step_miniimagenet() { TAIL=10 run_step miniimagenet 150 bench_miniimagenet.txt $CONV --workload miniimagenet \
+  --providers fastmeta_vg_rc_ck@16,loop,vmap,fastmeta_graph_rc_ck@16,fastmeta_graph_rc@4,fastmeta_vg_rc_ck,fastmeta_graph_rc@8,fastmeta_graph@3,fastmeta \
   --json "$LOG/bench_miniimagenet.json"; }
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \

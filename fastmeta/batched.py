@@ -65,12 +65,20 @@ class BatchedMAML(nn.Module):
             (ops.conv_bn_relu_pool: one more convolution of the images a backward; mini-ImageNet's
             first convolution is a fifth of the network's multiply-adds). Same result, to any
             order of derivative. Where the block's ops have no fused kernels here, it runs as usual.
+        checkpoint_steps: memory for time, second order. The inner loop keeps no autograd graph:
+            each step's gradient is taken as in first order and the step's parameters kept (a few
+            parameter-sized tensors a step); the outer backward then recomputes one step at a time,
+            last to first, its graph (forward and differentiable backward at the kept parameters)
+            and backpropagates through it (v_s = v_{s+1} - H_s (lr v_{s+1}), the same exact
+            meta-gradient). Memory holds the query's graph or one step's, not all S steps'; time
+            grows by a forward and a backward a step. The meta-loss is then differentiable once.
+            First order and the fused MLP kernel keep no graph anyway and ignore it.
     """
 
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
                  check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None,
-                 recompute: bool = False):
+                 recompute: bool = False, checkpoint_steps: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -89,7 +97,10 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
         if not isinstance(recompute, bool):
             raise TypeError(f"recompute: expected True or False, got {recompute!r}")
+        if not isinstance(checkpoint_steps, bool):
+            raise TypeError(f"checkpoint_steps: expected True or False, got {checkpoint_steps!r}")
         self.recompute = recompute
+        self.checkpoint_steps = checkpoint_steps
         self.backend = backend
         self.model = model
         self.inner_steps = int(inner_steps)
@@ -203,6 +214,8 @@ class BatchedMAML(nn.Module):
 
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool):
+        if self.checkpoint_steps and create_graph and not first_order and self.inner_steps > 0:
+            return self._adapt_checkpointed(xs, ys)
         T = xs.shape[0]
         P = {n: p.unsqueeze(0).expand(T, *p.shape) for n, p in self._meta_params().items()}
         lr = self._lr_list()
@@ -221,15 +234,43 @@ class BatchedMAML(nn.Module):
                 with phase("inner_backward"):
                     grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=True,
                                                 allow_unused=True)
-            if self.check_finite:
-                bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
-                if bad:
-                    raise ValueError(f"BatchedMAML: non-finite support loss at inner step {step} for "
-                                     f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
+            self._check_support_losses(losses, step)
             with phase("update"):
                 grads = [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
                 new = ops.inner_update([P[n] for n in names], grads, lr)
                 P.update(zip(names, new))
+        return P
+
+    def _check_support_losses(self, losses, step: int):
+        if self.check_finite:
+            bad = (~torch.isfinite(losses.detach())).nonzero().flatten().tolist()
+            if bad:
+                raise ValueError(f"BatchedMAML: non-finite support loss at inner step {step} for "
+                                 f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
+
+    def _support_grads(self, P: dict, xs, ys, create_graph: bool, step: int) -> list:
+        """The support loss's gradient with respect to the adapted parameters P[n] (n in
+        _adapt_names, leaves of the caller's), zeros for those it does not reach."""
+        names = self._adapt_names
+        with phase("inner_forward"):
+            losses = self._task_loss(self.program(P, xs, self.recompute), ys)
+        self._check_support_losses(losses, step)
+        with phase("inner_backward"):
+            grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=create_graph,
+                                        allow_unused=True)
+        return [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
+
+    def _adapt_checkpointed(self, xs, ys) -> dict:
+        """_adapt's result for checkpoint_steps (second order): the adapted parameters as outputs
+        of _CheckpointedSteps, whose backward recomputes the steps one at a time."""
+        T = xs.shape[0]
+        meta = self._meta_params()
+        lr = self._lr_list()
+        lrs = lr if isinstance(lr, list) else ([lr] if isinstance(lr, torch.Tensor) else [])
+        names = self._adapt_names
+        adapted = _CheckpointedSteps.apply(self, xs, ys, len(names), *[meta[n] for n in names], *lrs)
+        P = {n: p.unsqueeze(0).expand(T, *p.shape) for n, p in meta.items()}
+        P.update(zip(names, adapted))
         return P
 
     def _fused_mlp_ok(self) -> bool:
@@ -411,7 +452,8 @@ class BatchedMAML(nn.Module):
         return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
                 f"loss={self.loss if isinstance(self.loss, str) else 'callable'}"
                 + (f", backend={self.backend!r}" if self.backend is not None else "")
-                + (", recompute=True" if self.recompute else ""))
+                + (", recompute=True" if self.recompute else "")
+                + (", checkpoint_steps=True" if self.checkpoint_steps else ""))
 
 
 def chunk_slices(T: int, chunk: int | None) -> list:
@@ -444,3 +486,107 @@ class _ChunkedMetaLoss(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         return (None,) * 5 + tuple(g * d for d in ctx.saved_tensors)
+
+
+class _CheckpointedSteps(torch.autograd.Function):
+    """BatchedMAML(checkpoint_steps=True)'s inner loop: forward runs the S steps without a graph
+    (each gradient as in first order) and keeps each step's parameters theta_s; backward, given v =
+    dL/dtheta_S, recomputes step s's graph at theta_s for s = S-1 .. 0 (the support loss and its
+    differentiable gradient, then the update) and backpropagates v through it, one step's graph
+    alive at a time. Inputs: the module, xs, ys, the number n of adapted parameters, the n
+    meta-parameters, then the rate tensors (Meta-SGD's, or a tensor inner_lr) if any. Returns the n
+    adapted parameters [T, ...]."""
+
+    @staticmethod
+    def forward(ctx, meta, xs, ys, n, *tensors):
+        params, rate_tensors = tensors[:n], tensors[n:]
+        T = xs.shape[0]
+        names = meta._adapt_names
+        fixed = {name: p.detach().unsqueeze(0).expand(T, *p.shape) for name, p in meta._meta_params().items()}
+        theta = [fixed[name] for name in names]
+        lr = _CheckpointedSteps._rate(meta, [t.detach() for t in rate_tensors])
+        history, rng = [], []
+        keep_rng = bool(meta.program.fallbacks)  # a vmap fallback may draw random numbers
+        for step in range(meta.inner_steps):
+            history.append(theta)
+            rng.append(_rng_state(xs.device) if keep_rng else None)
+            with torch.enable_grad():
+                P = dict(fixed)
+                P.update((name, t.detach().requires_grad_()) for name, t in zip(names, theta))
+                grads = meta._support_grads(P, xs, ys, create_graph=False, step=step)
+            with phase("update"):
+                theta = ops.inner_update(theta, [g.detach() for g in grads], lr)
+        ctx.meta, ctx.history, ctx.rng, ctx.n = meta, history, rng, n
+        ctx.save_for_backward(xs, ys, *rate_tensors)
+        return tuple(theta)
+
+    @staticmethod
+    def backward(ctx, *v):
+        if torch.is_grad_enabled():  # a backward with create_graph=True
+            raise RuntimeError("BatchedMAML(checkpoint_steps=True): the meta-loss is differentiable once (its "
+                               "backward recomputes the inner steps); for higher derivatives of it use "
+                               "checkpoint_steps=False")
+        meta, history, n = ctx.meta, ctx.history, ctx.n
+        xs, ys, *rate_tensors = ctx.saved_tensors
+        T = xs.shape[0]
+        names = meta._adapt_names
+        fixed = {name: p.detach().unsqueeze(0).expand(T, *p.shape) for name, p in meta._meta_params().items()}
+        v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, history[-1])]
+        wanted = [i for i, r in enumerate(rate_tensors) if ctx.needs_input_grad[4 + n + i]]
+        rate_grads = [None] * len(rate_tensors)
+        for step in reversed(range(meta.inner_steps)):
+            theta = history[step]
+            with torch.enable_grad(), _restored_rng(ctx.rng[step], xs.device):
+                leaves = [t.detach().requires_grad_() for t in theta]
+                P = dict(fixed)
+                P.update(zip(names, leaves))
+                grads = meta._support_grads(P, xs, ys, create_graph=True, step=step)
+                with phase("update"):
+                    new = ops.inner_update(leaves, grads, _CheckpointedSteps._rate(meta, rate_tensors))
+                with phase("outer_backward"):
+                    out = torch.autograd.grad(new, leaves + [rate_tensors[i] for i in wanted], grad_outputs=v,
+                                              allow_unused=True)
+            v = [torch.zeros_like(t) if g is None else g for g, t in zip(out[:n], theta)]
+            for i, g in zip(wanted, out[n:]):
+                if g is not None:
+                    rate_grads[i] = g if rate_grads[i] is None else rate_grads[i] + g
+            history[step] = None  # this step's parameters are no longer needed
+        grads = [g.sum(0) for g in v]  # theta_0 is each meta-parameter broadcast over the T tasks
+        return (None, None, None, None, *grads, *rate_grads)
+
+    @staticmethod
+    def _rate(meta, rate_tensors):
+        """The inner_update rate from the rate tensors given to apply: Meta-SGD's list, a tensor
+        inner_lr, or the module's number."""
+        if meta.lrs is not None:
+            return list(rate_tensors)
+        return rate_tensors[0] if rate_tensors else meta.inner_lr
+
+
+def _rng_state(device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+class _restored_rng:
+    """Within it, the random number generators (CPU, and the CUDA device's) are as they were when
+    `state` was taken (_rng_state), and outside as before: a recomputed step draws what its first
+    run drew. A no-op for state None."""
+
+    def __init__(self, state, device):
+        self.state, self.device = state, device
+
+    def __enter__(self):
+        if self.state is None:
+            return
+        cuda = self.device.type == "cuda"
+        self.fork = torch.random.fork_rng(devices=[self.device] if cuda else [], device_type=self.device.type)
+        self.fork.__enter__()
+        torch.set_rng_state(self.state[0])
+        if cuda:
+            torch.cuda.set_rng_state(self.state[1], self.device)
+
+    def __exit__(self, *exc):
+        if self.state is not None:
+            self.fork.__exit__(*exc)
+        return False

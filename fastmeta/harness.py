@@ -16,6 +16,8 @@ mean over tasks of each task's query-loss gradient). Providers:
   fastmeta_tuned        BatchedMAML after fastmeta.tune (value_and_grad on the backends it chose)
   fastmeta_vg_rc, fastmeta_graph_rc
                         value_and_grad / graphed with BatchedMAML(recompute=True)
+  fastmeta_vg_ck, fastmeta_graph_ck (and _rc_ck)
+                        the same with BatchedMAML(checkpoint_steps=True) (and recompute=True)
 """
 from __future__ import annotations
 
@@ -138,13 +140,13 @@ def _fastmeta(w: Workload, first_order: bool, backend: str | None = None, task_c
 
 
 def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None,
-                 recompute: bool = False):
+                 recompute: bool = False, checkpoint_steps: bool = False):
     """BatchedMAML.value_and_grad: the loss and the meta-gradient as values (no autograd graph
     where the fused op runs)."""
     import fastmeta
 
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
-                                task_chunk=task_chunk, recompute=recompute)
+                                task_chunk=task_chunk, recompute=recompute, checkpoint_steps=checkpoint_steps)
 
     def step():
         with fastmeta.use_backend(backend):
@@ -153,7 +155,7 @@ def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, tas
 
 
 def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None,
-                    recompute: bool = False):
+                    recompute: bool = False, checkpoint_steps: bool = False):
     """fastmeta.graphed: BatchedMAML.value_and_grad captured in one CUDA graph, replayed per step."""
     import fastmeta
 
@@ -161,7 +163,7 @@ def _fastmeta_graph(w: Workload, first_order: bool, backend: str | None = None, 
         raise RuntimeError("fastmeta_graph needs CUDA tensors")
     with fastmeta.use_backend(backend):
         meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
-                                    task_chunk=task_chunk, recompute=recompute)
+                                    task_chunk=task_chunk, recompute=recompute, checkpoint_steps=checkpoint_steps)
         graphed = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
 
     def step():
@@ -367,6 +369,11 @@ PROVIDERS: dict[str, Callable] = {
     # BatchedMAML(recompute=True): the first conv block recomputes its convolution's output
     "fastmeta_vg_rc": functools.partial(_fastmeta_vg, recompute=True),
     "fastmeta_graph_rc": functools.partial(_fastmeta_graph, recompute=True),
+    # BatchedMAML(checkpoint_steps=True): the outer backward recomputes each inner step's graph
+    "fastmeta_vg_ck": functools.partial(_fastmeta_vg, checkpoint_steps=True),
+    "fastmeta_graph_ck": functools.partial(_fastmeta_graph, checkpoint_steps=True),
+    "fastmeta_vg_rc_ck": functools.partial(_fastmeta_vg, recompute=True, checkpoint_steps=True),
+    "fastmeta_graph_rc_ck": functools.partial(_fastmeta_graph, recompute=True, checkpoint_steps=True),
 }
 
 
@@ -384,7 +391,8 @@ def default_providers(workload: str, device: str) -> list:
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
 # suffix, in that order (e.g. fastmeta_vg@4-cuda)
-_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned", "fastmeta_vg_rc", "fastmeta_graph_rc")
+_FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned", "fastmeta_vg_rc", "fastmeta_graph_rc",
+             "fastmeta_vg_ck", "fastmeta_graph_ck", "fastmeta_vg_rc_ck", "fastmeta_graph_rc_ck")
 
 
 def _split(name: str):
@@ -417,7 +425,7 @@ def provider_available(name: str, device: str) -> str | None:
         return "learn2learn not installed"
     if base == "higher" and importlib.util.find_spec("higher") is None:
         return "higher not installed"
-    if base in ("vmap_graph", "fastmeta_graph", "fastmeta_graph_rc") and device != "cuda":
+    if base in ("vmap_graph", "fastmeta_graph", "fastmeta_graph_rc", "fastmeta_graph_ck", "fastmeta_graph_rc_ck") and device != "cuda":
         return "CUDA graphs need a GPU"
     if base in _FASTMETA and "-" in name:
         from .backend import why_unavailable

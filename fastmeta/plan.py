@@ -356,7 +356,8 @@ def explain(model: nn.Module) -> str:
     else:
         lines.append(f"  whole inner loop: step by step ({prog.mlp_reason})")
         lines.append("  memory: BatchedMAML keeps every task's autograd graph until the backward; "
-                     "BatchedMAML(task_chunk=N) keeps N tasks' at a time (same result)")
+                     "BatchedMAML(task_chunk=N) keeps N tasks' at a time, BatchedMAML(checkpoint_steps=True) "
+                     "one inner step's graph at a time, recomputed in the backward (same result)")
     lines.append("  backends: the auto choice above; fastmeta.tune(meta, xs, ys, xq, yq) times them (and per-op "
                  "mixes) on this device and keeps the fastest for that BatchedMAML")
     return "\n".join(lines)
