@@ -306,8 +306,10 @@ def test_recompute_on_gpu(backend):
 def test_graphed_step_in_task_chunks():
     """fastmeta.graphed with task_chunk=2 over T=5 (two graphs: chunks of 2 and the last of 1),
     replayed twice on new batch values: equals value_and_grad, at less peak memory than the
-    graph of all 5 tasks at once."""
-    w = H.make_workload("omniglot", tasks=5, device="cuda")
+    graph of all 5 tasks at once. Float64: in float32 the two differ by the rounding of cuDNN's
+    algorithms (1.05e-4 on the first convolution's weight on an H200), which says nothing about
+    the replay."""
+    w = H.make_workload("omniglot", tasks=5, device="cuda", dtype=torch.float64)
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, loss="cross_entropy", task_chunk=2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -315,7 +317,7 @@ def test_graphed_step_in_task_chunks():
     step = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
     chunked_peak = torch.cuda.max_memory_allocated() - base
     for i in range(2):
-        _check_replay(step, meta, w, i, 1e-5, 1e-4)
+        _check_replay(step, meta, w, i, 1e-12, 1e-10)
     del step
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
