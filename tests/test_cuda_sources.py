@@ -52,3 +52,32 @@ def test_mlp_kernel_registers_without_spills(tmp_path):
             continue
         assert spills == ("0", "0"), f"{dtype} tile {tile}: {spills} bytes spilled"
         assert regs <= (128 if tile == 2 else 255), f"{dtype} tile {tile}: {regs} registers"
+
+
+@pytest.mark.skipif(NVCC is None or shutil.which("g++") is None, reason="nvcc or g++ not found")
+@pytest.mark.parametrize("src", ["cuda/bindings_cuda.cpp", "bindings.cpp"])
+def test_cuda_build_cpp_files_compile(src, tmp_path):
+    """The C++ files only the CUDA build compiles (the ATen bindings of the CUDA kernels, and the
+    CUDA-only parts of bindings.cpp under FASTMETA_WITH_CUDA) pass a syntax check here against
+    this torch's headers and the CUDA toolkit's, so that an error in them is found before a GPU
+    machine's install. (A CPU torch lacks one generated header of its c10/cuda headers, a list of
+    build macros; an empty one stands in.)"""
+    from torch.utils.cpp_extension import include_paths
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    import sysconfig
+    homes = [os.environ.get("CUDA_HOME", ""), os.path.dirname(os.path.dirname(os.path.realpath(NVCC))),
+             "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"))
+    found = [h for h in homes if h and os.path.isfile(os.path.join(h, "include", "cuda_runtime_api.h"))]
+    if not found:  # (nvcc may be a wrapper script elsewhere than its toolkit)
+        pytest.skip("the CUDA toolkit's headers were not found")
+    cuda_include = os.path.join(found[0], "include")
+    flags = ["-std=c++17", "-fsyntax-only", "-Wall", "-DFASTMETA_WITH_CUDA=1", f"-I{tmp_path}",
+             f"-I{cuda_include}", f"-I{os.path.join(ROOT, 'csrc')}", f"-I{sysconfig.get_paths()['include']}"]
+    flags += [f"-I{p}" for p in include_paths()]
+    out = subprocess.run(["g++", *flags, os.path.join(ROOT, "csrc", src)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    ours = [line for line in out.stderr.splitlines() if "warning" in line and "/csrc/" in line]
+    assert not ours, "\n".join(ours)

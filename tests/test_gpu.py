@@ -198,8 +198,9 @@ def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatc
                                  {"FASTMETA_CUDA_MLP_TILE": "3"},
                                  {"FASTMETA_CUDA_MLP_TILE": "4", "FASTMETA_CUDA_MLP_THREADS": "256"},
                                  {"FASTMETA_CUDA_MLP_OCC": "4"},
-                                 {"FASTMETA_CUDA_MLP_THREADS": "256", "FASTMETA_CUDA_MLP_OCC": "8"}],
-                         ids=["smem3", "threads100", "tile3", "tile4-threads256", "occ4", "occ8-threads256"])
+                                 {"FASTMETA_CUDA_MLP_THREADS": "256", "FASTMETA_CUDA_MLP_OCC": "8"},
+                                 {"FASTMETA_CUDA_MLP_AUTOTUNE": "2"}],
+                         ids=["smem3", "threads100", "tile3", "tile4-threads256", "occ4", "occ8-threads256", "autotune2"])
 def test_cuda_kernel_settings_are_checked(env, monkeypatch):
     params, batch = make_mlp_batch((1, 8, 1), 2, 3, 3, "mse", torch.float32, "cuda")
     for key, value in env.items():
@@ -207,6 +208,38 @@ def test_cuda_kernel_settings_are_checked(env, monkeypatch):
     with pytest.raises(RuntimeError, match=list(env)[-1]):
         with fastmeta.use_backend("cuda"):
             ops.mlp_inner_loop(*batch, params, 0.1, 1, ["relu", None], 0.01, "mse", False)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_cuda_kernel_autotune(first_order, monkeypatch, capfd):
+    """More tasks than SMs: the first launch of a shape times the candidate configurations and keeps
+    the fastest (FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 prints that timing, once a shape); its results
+    equal those of the default configuration (FASTMETA_CUDA_MLP_AUTOTUNE=0) and of the reference,
+    also replayed in a CUDA graph captured after it."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    T = 4 * sms + 3
+    params, batch = make_mlp_batch((1, 40, 40, 1), T, 10, 10, "mse", torch.float32, "cuda")
+    monkeypatch.setenv("FASTMETA_CUDA_MLP_AUTOTUNE", "0")
+    with fastmeta.use_backend("cuda"):
+        plain = ops.mlp_inner_loop(*batch, params, 0.01, 5, ["relu", "relu", None], 0.01, "mse", first_order)
+    monkeypatch.setenv("FASTMETA_CUDA_MLP_AUTOTUNE", "1")
+    monkeypatch.setenv("FASTMETA_CUDA_MLP_AUTOTUNE_LOG", "1")
+    capfd.readouterr()
+    outs = []
+    with fastmeta.use_backend("cuda"):
+        for _ in range(2):
+            outs.append(ops.mlp_inner_loop(*batch, params, 0.01, 5, ["relu", "relu", None], 0.01, "mse", first_order))
+    torch.cuda.synchronize()
+    err = capfd.readouterr().err
+    assert err.count("autotune") == 1, err
+    for out in outs:
+        assert_rel_close([out.detach()], [plain.detach()], 1e-5, "tuned vs default losses")
+    _fused_vs_reference("cuda", params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order,
+                        RTOL[torch.float32])
+    w = H.make_workload("sine", tasks=T, device="cuda")
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order)
+    step = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
+    _check_replay(step, meta, w, 0, 1e-5, 1e-4)
 
 
 def test_cuda_error_messages_keep_their_numbers():

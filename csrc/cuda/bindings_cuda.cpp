@@ -5,9 +5,11 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <string>
 #include <mutex>
 #include <tuple>
 #include <vector>
@@ -151,6 +153,132 @@ int mlp_placement(const cuda::MLPArgs<T>& a, int device) {
   return cuda::mlp_choose_placement(a, forced, d.smem_optin, d.smem_per_sm, d.sms, d.threads_per_sm);
 }
 
+// A launch configuration of the MLP kernel: register tile, occupancy build, threads a block, and a
+// forced placement (-1: cuda::mlp_choose_placement decides).
+struct MLPConfig {
+  int tile, occupancy, threads, placement;
+};
+
+// Whether the environment forces any part of the configuration (FASTMETA_CUDA_MLP_TILE, _OCC,
+// _THREADS, _SMEM): then it is taken as given, never tuned.
+bool mlp_config_forced() {
+  for (const char* name : {"FASTMETA_CUDA_MLP_TILE", "FASTMETA_CUDA_MLP_OCC", "FASTMETA_CUDA_MLP_THREADS",
+                           "FASTMETA_CUDA_MLP_SMEM"}) {
+    const char* env = std::getenv(name);
+    if (env != nullptr && env[0] != '\0') return true;
+  }
+  return false;
+}
+
+// FASTMETA_CUDA_MLP_AUTOTUNE=0 turns the timing of configurations off (unset or 1: on).
+bool mlp_autotune_on() {
+  const char* env = std::getenv("FASTMETA_CUDA_MLP_AUTOTUNE");
+  if (env == nullptr || env[0] == '\0') return true;
+  TORCH_CHECK((env[0] == '0' || env[0] == '1') && env[1] == '\0', "FASTMETA_CUDA_MLP_AUTOTUNE must be 0 or 1, got '",
+              env, "'");
+  return env[0] == '1';
+}
+
+// a's tile, occupancy, threads, placement and scratch size for configuration c (a's sizes set).
+template <typename T>
+void mlp_apply_config(cuda::MLPArgs<T>& a, const MLPConfig& c, int device) {
+  a.tile = c.tile;
+  a.occupancy = c.occupancy;
+  a.threads = c.threads;
+  const DeviceLimits& d = device_limits(device);
+  a.placement = cuda::mlp_choose_placement(a, c.placement, d.smem_optin, d.smem_per_sm, d.sms, d.threads_per_sm);
+  a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
+}
+
+// One launch of a (configured) on stream, with its global scratch allocated for it (the caching
+// allocator's stream order keeps that memory the kernel's until it has run).
+template <typename T>
+cudaError_t mlp_launch(cuda::MLPArgs<T> a, const at::TensorOptions& opts, cudaStream_t stream) {
+  at::Tensor scratch = at::empty({a.scratch_per_task > 0 ? a.num_tasks : 0, a.scratch_per_task}, opts);
+  a.scratch = scratch.data_ptr<T>();
+  return cuda::launch_mlp_inner_loop<T>(a, stream);
+}
+
+// The configuration for a launch that the environment does not force. With one block an SM or
+// fewer (tasks <= SMs) the default: 2x2 tiles, 256 threads. With more, several blocks share each
+// SM and which build and placement keep the most of them busy depends on the MLP, the step count
+// and the card: the first launch of each shape (device, dtype, widths, activations, rows, steps,
+// tasks, order, rates, loss) outside a graph capture times the candidates (the default; the
+// occupancy build with its working set where it fits and in global memory; 64-thread blocks),
+// each with one launch to warm and three timed (CUDA events), and keeps the fastest for that shape
+// (FASTMETA_CUDA_MLP_AUTOTUNE=0: always the default; FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 prints each
+// timing to stderr). Every candidate computes the same outputs (each is tested against the
+// reference); the caller's launch then runs the chosen one.
+template <typename T>
+MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, cudaStream_t stream, int device) {
+  const DeviceLimits& d = device_limits(device);
+  const MLPConfig def{2, 0, std::min(a.num_tasks <= d.sms ? 256 : 128, cuda::mlp_max_threads(2, 0)), -1};
+  const bool tune = mlp_autotune_on();  // (read first: a bad value raises whatever the shape)
+  if (a.num_tasks <= d.sms || !tune) return def;
+  std::vector<int64_t> key{device, static_cast<int64_t>(sizeof(T)), a.L, a.K, a.Q, a.steps, a.num_tasks,
+                           a.first_order, a.lr_grad, a.loss, a.slope >= T(0)};
+  for (int l = 0; l < a.L; ++l) {
+    key.push_back(a.dims[l + 1]);
+    key.push_back(a.acts[l]);
+  }
+  key.push_back(a.dims[0]);
+  static std::mutex mu;
+  static std::map<std::vector<int64_t>, MLPConfig> chosen;
+  {
+    const std::lock_guard<std::mutex> lock(mu);
+    auto it = chosen.find(key);
+    if (it != chosen.end()) return it->second;
+  }
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return def;  // no timing inside a capture
+  const MLPConfig candidates[] = {def, {2, 8, 128, -1}, {2, 8, 128, cuda::kAllGlobal}, {2, 0, 64, -1}};
+  cudaEvent_t start, stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  MLPConfig best = def;
+  float best_ms = -1.0f;
+  const char* log_env = std::getenv("FASTMETA_CUDA_MLP_AUTOTUNE_LOG");
+  const bool log = log_env != nullptr && log_env[0] == '1';
+  std::string report;
+  std::vector<std::tuple<int, int, int>> tried;  // (occupancy, threads, placement) actually launched
+  for (const MLPConfig& c : candidates) {
+    cuda::MLPArgs<T> b = a;
+    mlp_apply_config(b, c, device);
+    const auto what = std::make_tuple(b.occupancy, b.threads, b.placement);
+    if (std::find(tried.begin(), tried.end(), what) != tried.end()) continue;  // same launch as one timed
+    tried.push_back(what);
+    if (mlp_launch<T>(b, opts, stream) != cudaSuccess) {  // a build this card cannot launch: skip it
+      (void)cudaGetLastError();
+      continue;
+    }
+    C10_CUDA_CHECK(cudaEventRecord(start, stream));
+    for (int i = 0; i < 3; ++i) C10_CUDA_CHECK(mlp_launch<T>(b, opts, stream));
+    C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+    C10_CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0.0f;
+    C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (log) {
+      report += c10::str(" [occupancy ", b.occupancy, ", ", b.threads, " threads, placement ", b.placement, "] ",
+                         ms * 1000.0f / 3.0f, " us;");
+    }
+    if (best_ms < 0.0f || ms < best_ms) {
+      best_ms = ms;
+      best = c;
+    }
+  }
+  C10_CUDA_CHECK(cudaEventDestroy(start));
+  C10_CUDA_CHECK(cudaEventDestroy(stop));
+  if (log) {
+    std::fprintf(stderr, "fastmeta: mlp_inner_loop (cuda) autotune, %lld tasks, %s order:%s chosen occupancy %d, "
+                 "%d threads, placement %d\n", static_cast<long long>(a.num_tasks), a.first_order ? "first" : "second",
+                 report.c_str(), best.occupancy, best.threads, best.placement);
+  }
+  const std::lock_guard<std::mutex> lock(mu);
+  chosen[key] = best;
+  return best;
+}
+
 template <typename T>
 void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
               const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
@@ -169,9 +297,6 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr_grad = dlr.numel() > 0;
-  a.tile = mlp_tile();
-  a.occupancy = mlp_occupancy(a.tile);
-  a.threads = mlp_threads(a.num_tasks, a.tile, a.occupancy, device_limits(xs.device().index()).sms);
   a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   cuda::mlp_sizes(a);
   TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,
@@ -187,14 +312,21 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
     a.lr_w[l] = lrs.empty() ? nullptr : lrs[2 * l].data_ptr<T>();
     a.lr_b[l] = lrs.empty() ? nullptr : lrs[2 * l + 1].data_ptr<T>();
   }
-  a.placement = mlp_placement(a, xs.device().index());
-  a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
-  at::Tensor scratch = at::empty({a.scratch_per_task > 0 ? a.num_tasks : 0, a.scratch_per_task}, xs.options());
-  a.scratch = scratch.data_ptr<T>();
   a.loss_out = loss_out.data_ptr<T>();
   a.dtheta = dtheta.data_ptr<T>();
   a.dlr = a.lr_grad ? dlr.data_ptr<T>() : nullptr;
-  C10_CUDA_CHECK(cuda::launch_mlp_inner_loop<T>(a, c10::cuda::getCurrentCUDAStream()));
+  const int device = xs.device().index();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  if (mlp_config_forced()) {
+    a.tile = mlp_tile();
+    a.occupancy = mlp_occupancy(a.tile);
+    a.threads = mlp_threads(a.num_tasks, a.tile, a.occupancy, device_limits(device).sms);
+    a.placement = mlp_placement(a, device);
+    a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
+  } else {
+    mlp_apply_config(a, mlp_config(a, xs.options(), stream, device), device);
+  }
+  C10_CUDA_CHECK(mlp_launch<T>(a, xs.options(), stream));
 }
 
 std::vector<at::Tensor> mlp_inner_loop_cuda(
