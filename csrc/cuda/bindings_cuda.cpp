@@ -242,6 +242,7 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
   const bool log = log_env != nullptr && log_env[0] == '1';
   std::string report;
   std::vector<std::tuple<int, int, int>> tried;  // (occupancy, threads, placement) actually launched
+  std::tuple<int, int, int> best_what{def.occupancy, def.threads, -1};
   for (const MLPConfig& c : candidates) {
     cuda::MLPArgs<T> b = a;
     mlp_apply_config(b, c, device);
@@ -265,6 +266,7 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
     if (best_ms < 0.0f || ms < best_ms) {
       best_ms = ms;
       best = c;
+      best_what = what;
     }
   }
   C10_CUDA_CHECK(cudaEventDestroy(start));
@@ -272,7 +274,7 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
   if (log) {
     std::fprintf(stderr, "fastmeta: mlp_inner_loop (cuda) autotune, %lld tasks, %s order:%s chosen occupancy %d, "
                  "%d threads, placement %d\n", static_cast<long long>(a.num_tasks), a.first_order ? "first" : "second",
-                 report.c_str(), best.occupancy, best.threads, best.placement);
+                 report.c_str(), std::get<0>(best_what), std::get<1>(best_what), std::get<2>(best_what));
   }
   const std::lock_guard<std::mutex> lock(mu);
   chosen[key] = best;
