@@ -63,8 +63,12 @@ class BatchedMAML(nn.Module):
             (the largest activations of a conv net) runs as one op that keeps the input images
             instead of the convolution's output and recomputes that output in each backward
             (ops.conv_bn_relu_pool: one more convolution of the images a backward; mini-ImageNet's
-            first convolution is a fifth of the network's multiply-adds). Same result, to any
-            order of derivative. Where the block's ops have no fused kernels here, it runs as usual.
+            first convolution is a fifth of the network's multiply-adds). Where the inner steps'
+            graphs are not kept (first order, checkpoint_steps) the query's graph is the largest,
+            and its later conv blocks then keep only their inputs too (their convolution outputs,
+            statistics and pooling indices recomputed in the backward: one more forward of those
+            blocks on the query). Same result, to any order of derivative. Where the block's ops
+            have no fused kernels here, it runs as usual.
         checkpoint_steps: memory for time, second order. The inner loop keeps no autograd graph:
             each step's gradient is taken as in first order and the step's parameters kept (a few
             parameter-sized tensors a step); the outer backward then recomputes one step at a time,
@@ -332,8 +336,11 @@ class BatchedMAML(nn.Module):
                     return ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
                                               spec.negative_slope, self.loss, self.first_order, _checked=checked)
             P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
+            # where the steps' graphs are not kept (first order, checkpoint_steps) the query's is
+            # the largest: under recompute its later blocks keep only their inputs too
+            later = self.recompute and (self.first_order or self.checkpoint_steps)
             with phase("query_forward"):
-                return self._task_loss(self.program(P, xq, self.recompute), yq)
+                return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
 
     @_module_backend
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:

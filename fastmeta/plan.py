@@ -60,22 +60,25 @@ class Program:
     mlp: MLPSpec | None
     mlp_reason: str              # why the fused MLP path does or does not apply
 
-    def __call__(self, P: dict, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def __call__(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False) -> torch.Tensor:
         """The model on x [T, ...] with the parameters P. recompute: a conv block on input that
         needs no gradient (the first one) runs as ops.conv_bn_relu_pool, its convolution's output
-        recomputed in the backward passes instead of kept (BatchedMAML(recompute=True))."""
+        recomputed in the backward passes instead of kept (BatchedMAML(recompute=True)).
+        later_blocks (with recompute): each later conv block (input that needs a gradient) keeps
+        only its input; its convolution's output, BatchNorm statistics and pooling indices are
+        recomputed from it in the backward (torch.utils.checkpoint, correct to any order)."""
         chunk = self.task_chunk(x)
         if chunk is None or chunk >= x.shape[0]:
-            return self._run(P, x, recompute)
+            return self._run(P, x, recompute, later_blocks)
         T = x.shape[0]
         # split, not slices: the backward of a split is one node that joins the chunks' gradients
         # into one [T, ...] tensor, where each slice's backward allocates a zero [T, ...] of its own
         parts = {n: torch.split(v, chunk) for n, v in P.items() if v.dim() and v.shape[0] == T}
-        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk, recompute)
+        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk, recompute, later_blocks)
                 for k, xk in enumerate(torch.split(x, chunk))]
         return torch.cat(outs)
 
-    def _run(self, P: dict, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    def _run(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False) -> torch.Tensor:
         if not recompute:
             for step in self.steps:
                 x = step.run(x, P)
@@ -87,6 +90,13 @@ class Program:
                 get = lambda name: P[name] if name else None  # noqa: E731
                 x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
                                           conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
+                i += 2
+            elif later_blocks and x.requires_grad and torch.is_grad_enabled() and self.recomputable(i):
+                from torch.utils.checkpoint import checkpoint
+
+                def block(x, conv=steps[i], tail=steps[i + 1]):
+                    return tail.run(conv.run(x, P), P)
+                x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=False)
                 i += 2
             else:
                 x = steps[i].run(x, P)

@@ -120,6 +120,46 @@ def test_batched_maml_recompute_matches_the_loop(first_order, meta_sgd):
     assert "BatchedMAML(recompute=True)" in fastmeta.explain(model)
 
 
+@requires_cpp
+def test_later_blocks_keep_their_inputs_only():
+    """Program(..., recompute=True, later_blocks=True) (the query pass of BatchedMAML(recompute=True)):
+    the blocks after the first keep only their inputs, their internals recomputed in the backward.
+    Same output, first and second derivatives (w.r.t. the parameters and the input) as without;
+    what the graph holds is smaller (three blocks)."""
+    import gc
+    import weakref
+    from fastmeta import plan
+    model = small_conv_net(torch.float64, 3, 3, 4 * 2 * 2)
+    prog = plan.lower(model)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 6, 3, 16, 16, generator=g, dtype=torch.float64)
+    P0 = {n: p.detach().unsqueeze(0).expand(2, *p.shape).clone() for n, p in model.named_parameters()}
+
+    def run(later):
+        P = {n: v.clone().requires_grad_() for n, v in P0.items()}
+        packed = []
+
+        def pack(t):
+            packed.append(weakref.ref(t))
+            return t
+        with fastmeta.use_backend("cpp"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = prog(P, x, recompute=True, later_blocks=later)
+        gc.collect()
+        kept = sum({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in (r() for r in packed) if t is not None}.values())
+        loss = torch.tanh(out).pow(2).sum()
+        with fastmeta.use_backend("cpp"):
+            g1 = torch.autograd.grad(loss, list(P.values()), create_graph=True)
+            g2 = torch.autograd.grad(sum((gi * gi).sum() for gi in g1), list(P.values()))
+        return out.detach(), [t.detach() for t in g1], list(g2), kept
+
+    plain, later = run(False), run(True)
+    assert_rel_close([later[0]], [plain[0]], 1e-13, "output")
+    assert_rel_close(later[1], plain[1], 1e-11, "first derivatives")
+    assert_rel_close(later[2], plain[2], 1e-10, "second derivatives")
+    assert later[3] < 0.85 * plain[3], (later[3], plain[3])  # (the convolutions' outputs: 25% here)
+
+
 def test_op_errors_name_the_argument():
     """Bad shapes raise before any kernel runs, naming the argument and the shapes."""
     x, w, b, gamma, beta = _case(2, 3, 3, 6, 6, 5, 1, False, "task", "task", torch.float64)
