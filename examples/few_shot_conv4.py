@@ -56,6 +56,11 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--first-order", action="store_true")
     ap.add_argument("--task-chunk", type=int, default=None)
+    ap.add_argument("--recompute", action="store_true",
+                    help="recompute the first conv block's output (and, with --checkpoint-steps or "
+                         "--first-order, the query's later blocks') in the backward instead of keeping it")
+    ap.add_argument("--checkpoint-steps", action="store_true",
+                    help="keep no graph across inner steps; the outer backward recomputes each step's")
     ap.add_argument("--tune", action="store_true", help="fastmeta.tune before training")
     ap.add_argument("--graphed", action="store_true", help="capture the step in a CUDA graph (CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -70,7 +75,8 @@ def main(argv=None):
     prototypes = torch.randn(args.classes, 1, 28, 28, generator=g)
     model = conv4(1, args.channels, args.ways, 28).to(args.device)
     meta = fastmeta.BatchedMAML(model, args.inner_lr, args.steps, first_order=args.first_order,
-                                loss="cross_entropy", task_chunk=args.task_chunk)
+                                loss="cross_entropy", task_chunk=args.task_chunk, recompute=args.recompute,
+                                checkpoint_steps=args.checkpoint_steps)
     opt = torch.optim.Adam(meta.parameters(), lr=args.lr)
 
     def batch():

@@ -32,7 +32,8 @@ def test_few_shot_conv4_learns(capsys):
     assert last["query_accuracy"] > 0.3  # 5-way: chance is 0.2
 
 
-@pytest.mark.parametrize("extra", [["--tune"], ["--task-chunk", "2"], ["--first-order", "--steps", "2"]])
+@pytest.mark.parametrize("extra", [["--tune"], ["--task-chunk", "2"], ["--first-order", "--steps", "2"],
+                                   ["--recompute", "--checkpoint-steps", "--steps", "2"]])
 def test_few_shot_conv4_options(capsys, extra):
     _example().main(SMALL + ["--iterations", "2", "--log-every", "1"] + extra)
     lines = _lines(capsys)
