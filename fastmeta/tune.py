@@ -23,6 +23,17 @@ is left out and the table says by how much. Parameters are not changed (no optim
 ``meta.backend`` applies to the module's calls (forward, value_and_grad, adapt, predict, graphed
 steps captured after) only while the global request (set_backend / use_backend / FASTMETA_BACKEND)
 is ``auto``: an explicit request still wins.
+
+With ``memory_mb``, tune then also chooses how the step spends memory, on the chosen backends: for
+each combination of ``recompute`` (where the model's first conv block allows it) and
+``checkpoint_steps`` (second order with inner steps), the largest ``task_chunk`` (all tasks, then
+halves down to one) whose measured peak (CUDA: the allocator's peak above what was allocated
+before; CPU: the profiler's) stays within ``memory_mb`` is timed, and the fastest of those is set
+on ``meta`` (``meta.task_chunk``, ``meta.recompute``, ``meta.checkpoint_steps``). Every such
+setting computes the same meta-gradient, and is checked to. Where none fits, tune raises with the
+smallest peak it saw. The fused MLP kernel keeps no graph: its settings are left as they are.
+
+    fastmeta.tune(meta, xs, ys, xq, yq, memory_mb=12_000)   # the fastest step within 12 GB
 """
 from __future__ import annotations
 
@@ -126,8 +137,82 @@ class _Trials:
         return ms
 
 
+def _peak_mb(meta, batch, device: str) -> float:
+    """Peak memory (MB) of one value_and_grad of meta on batch, above what was allocated before."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        meta.value_and_grad(*batch)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from .harness import cpu_peak_mb
+    peak = cpu_peak_mb(lambda: meta.value_and_grad(*batch))
+    return 0.0 if peak is None else peak
+
+
+def _memory_settings(meta, T: int) -> list:
+    """(recompute, checkpoint_steps) combinations worth trying, and the task chunks, largest first."""
+    rec = [False, True] if meta.program.recomputable(0) else [meta.recompute]
+    ck = [False, True] if not meta.first_order and meta.inner_steps > 0 else [meta.checkpoint_steps]
+    chunks, c = [None], T
+    while c > 1:
+        c = (c + 1) // 2
+        chunks.append(c)
+    return [(r, k) for r in rec for k in ck], chunks
+
+
+def _tune_memory(trials: "_Trials", memory_mb: float):
+    """tune's memory pass (see the module docstring) on the backend request now set on trials.meta."""
+    meta, device = trials.meta, trials.device
+    T = trials.batch[0].shape[0]
+    combos, chunks = _memory_settings(meta, T)
+    saved = meta.task_chunk, meta.recompute, meta.checkpoint_steps
+    smallest, found, dropped = None, {}, []
+    try:
+        for rec, ck in combos:
+            fit = False
+            for chunk in chunks:
+                meta.task_chunk, meta.recompute, meta.checkpoint_steps = chunk, rec, ck
+                label = (f"memory: task_chunk={chunk}" + (", recompute" if rec else "")
+                         + (", checkpoint_steps" if ck else ""))
+                try:
+                    peak = _peak_mb(meta, trials.batch, device)
+                except torch.cuda.OutOfMemoryError:
+                    peak = float("inf")
+                if smallest is None or peak < smallest[0]:
+                    smallest = (peak, label)
+                if peak > memory_mb:
+                    continue
+                fit = True
+                trials.seen.clear()  # the same kernels, another memory setting: time it anyway
+                ms = trials.run(label, meta.backend)
+                if ms is not None:
+                    found[label] = (ms, (chunk, rec, ck), peak)
+                    trials.rows[-1] = (label, ms, f"peak {peak:.4g} MB; {trials.rows[-1][2]}")
+                else:
+                    dropped.append(f"{label} ({trials.rows[-1][2]})")
+                break  # the largest chunk that fits; smaller ones only cost time
+            if not fit:
+                what = ("recompute" if rec else "") + (", " if rec and ck else "") + ("checkpoint_steps" if ck else "")
+                trials.rows.append((f"memory: {what or 'task chunks alone'}", None,
+                                    f"over memory_mb at every task_chunk (task_chunk=1: {peak:.4g} MB)"))
+    finally:
+        meta.task_chunk, meta.recompute, meta.checkpoint_steps = saved
+    if not found and dropped:
+        raise RuntimeError(f"tune: the memory settings within memory_mb={memory_mb:g} MB were left out: "
+                           + "; ".join(dropped) + " (a float32 meta-gradient that rounding alone moves by more than "
+                           "rtol needs a larger rtol)")
+    if not found:
+        raise RuntimeError(f"tune: no memory setting keeps the meta-step within memory_mb={memory_mb:g} MB; the "
+                           f"smallest peak measured was {smallest[0]:.1f} MB ({smallest[1]})")
+    best = min(found, key=lambda k: found[k][0])
+    meta.task_chunk, meta.recompute, meta.checkpoint_steps = found[best][1]
+    return best
+
+
 def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rtol: float = 1e-3,
-         per_op: bool = True, margin: float = 0.02) -> Tuning:
+         per_op: bool = True, margin: float = 0.02, memory_mb: float | None = None) -> Tuning:
     """Times ``meta``'s meta-step on each backend that can run it on this batch's device, sets
     ``meta.backend`` to the fastest and returns the table (see the module docstring).
 
@@ -135,7 +220,9 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
     not triton on the CPU, where it runs in the Triton interpreter); the per-op pass tries these too.
     per_op: then, starting from the fastest of them, tries each op the step uses on each of its
     other backends in turn (a per-op request such as ``{"batched_conv2d": "cuda", "bn_relu_pool":
-    "triton"}``), keeping a change that is faster by more than ``margin`` (a fraction)."""
+    "triton"}``), keeping a change that is faster by more than ``margin`` (a fraction).
+    memory_mb: then the fastest memory setting (task_chunk, recompute, checkpoint_steps) whose peak
+    stays within this many MB, set on meta (see the module docstring); ``best`` names it."""
     from .batched import BatchedMAML
     if not isinstance(meta, BatchedMAML):
         raise TypeError(f"tune: meta must be a fastmeta.BatchedMAML, got {type(meta).__name__}")
@@ -146,6 +233,9 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > 0 or (name == "margin" and v == 0)):
             raise ValueError(f"tune: {name} must be a {'positive' if name == 'rtol' else 'non-negative'} number, "
                              f"got {v!r}")
+    if memory_mb is not None and (isinstance(memory_mb, bool) or not isinstance(memory_mb, (int, float))
+                                  or not memory_mb > 0):
+        raise ValueError(f"tune: memory_mb must be a positive number of MB or None, got {memory_mb!r}")
     cands = list(CANDIDATES if backends is None else backends)
     bad = [b for b in cands if b not in ("auto",) + BACKENDS]
     if bad or not cands:
@@ -178,6 +268,11 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
                            + "\n".join(f"  {n}: {note}" for n, _, note in trials.rows))
     best = min(trials.times, key=trials.times.get)
     meta.backend = trials.requests[best][0]
+    if memory_mb is not None:
+        with use_backend(meta.backend):
+            fused = meta._fused_mlp_ok()  # (the fused MLP kernel keeps no graph: nothing to choose)
+        if not fused:
+            best = _tune_memory(trials, float(memory_mb))
     return Tuning(trials.rows, best, device)
 
 

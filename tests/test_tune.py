@@ -153,3 +153,49 @@ def test_bad_input_is_named():
         fastmeta.tune(meta, *batch, backends=["cuda"])
     with pytest.raises(ValueError, match="backend: expected one of"):
         fastmeta.BatchedMAML(meta.model, 0.1, backend="gpu")
+
+
+@requires_cpp
+def test_tune_memory_keeps_the_fastest_setting_within_the_budget():
+    """memory_mb: each (recompute, checkpoint_steps) combination's largest task chunk within the
+    budget is timed (its row gives the peak) and the fastest is set on the module; a budget between
+    the all-at-once peak and the leanest setting's excludes the former; none fitting raises with the
+    smallest peak seen."""
+    from fastmeta.tune import _peak_mb
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                          nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                          nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 4 * 4, 3))
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 6, 1, 16, 16, generator=g), torch.randint(0, 3, (4, 6), generator=g),
+             torch.randn(4, 9, 1, 16, 16, generator=g), torch.randint(0, 3, (4, 9), generator=g))
+    meta = fastmeta.BatchedMAML(model, 0.1, 3, loss="cross_entropy")
+    whole = _peak_mb(meta, batch, "cpu")
+    lean = fastmeta.BatchedMAML(model, 0.1, 3, loss="cross_entropy", task_chunk=1, recompute=True,
+                                checkpoint_steps=True)
+    least = _peak_mb(lean, batch, "cpu")
+    assert 0 < least < whole
+    budget = (least + whole) / 2
+    result = fastmeta.tune(meta, *batch, backends=["auto"], reps=2, warmup=1, per_op=False, memory_mb=budget)
+    rows = [(name, ms, note) for name, ms, note in result.rows if name.startswith("memory:")]
+    assert rows and result.best.startswith("memory:")
+    for name, ms, note in rows:
+        assert ms is not None and float(note.split("peak ")[1].split(" MB")[0]) <= budget, (name, note)
+    assert (meta.task_chunk, meta.recompute, meta.checkpoint_steps) != (None, False, False)
+    assert f"task_chunk={meta.task_chunk}" in result.best
+    assert ("recompute" in result.best) == meta.recompute
+    assert ("checkpoint_steps" in result.best) == meta.checkpoint_steps
+    with pytest.raises(RuntimeError, match=r"no memory setting keeps the meta-step within memory_mb=0.001 MB; "
+                                           r"the smallest peak measured was"):
+        fastmeta.tune(meta, *batch, backends=["auto"], reps=1, warmup=0, per_op=False, memory_mb=0.001)
+
+
+@requires_cpp
+def test_tune_memory_leaves_the_fused_mlp_as_it_is():
+    meta, batch = _mlp_meta()
+    result = fastmeta.tune(meta, *batch, backends=["auto"], reps=1, warmup=0, per_op=False, memory_mb=1.0)
+    assert not any(name.startswith("memory:") for name, _, _ in result.rows)
+    assert (meta.task_chunk, meta.recompute, meta.checkpoint_steps) == (None, False, False)
+    with pytest.raises(ValueError, match="memory_mb must be a positive number of MB or None, got -1"):
+        fastmeta.tune(meta, *batch, memory_mb=-1)
