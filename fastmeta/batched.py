@@ -225,22 +225,13 @@ class BatchedMAML(nn.Module):
         lr = self._lr_list()
         names = self._adapt_names
         for step in range(self.inner_steps):
-            if first_order or not create_graph:
+            if first_order or not create_graph:  # each step's gradient at detached parameters
                 probe = dict(P)
                 probe.update({n: P[n].detach().requires_grad_() for n in names})
-                with phase("inner_forward"):
-                    losses = self._task_loss(self.program(probe, xs, self.recompute), ys)
-                with phase("inner_backward"):
-                    grads = torch.autograd.grad(losses.sum(), [probe[n] for n in names], allow_unused=True)
+                grads = self._support_grads(probe, xs, ys, create_graph=False, step=step)
             else:
-                with phase("inner_forward"):
-                    losses = self._task_loss(self.program(P, xs, self.recompute), ys)
-                with phase("inner_backward"):
-                    grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=True,
-                                                allow_unused=True)
-            self._check_support_losses(losses, step)
+                grads = self._support_grads(P, xs, ys, create_graph=True, step=step)
             with phase("update"):
-                grads = [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
                 new = ops.inner_update([P[n] for n in names], grads, lr)
                 P.update(zip(names, new))
         return P
@@ -524,6 +515,7 @@ class _CheckpointedSteps(torch.autograd.Function):
             with phase("update"):
                 theta = ops.inner_update(theta, [g.detach() for g in grads], lr)
         ctx.meta, ctx.history, ctx.rng, ctx.n = meta, history, rng, n
+        ctx.backend = get_backend()  # the recomputation runs the kernels this forward ran
         ctx.save_for_backward(xs, ys, *rate_tensors)
         return tuple(theta)
 
@@ -543,7 +535,7 @@ class _CheckpointedSteps(torch.autograd.Function):
         rate_grads = [None] * len(rate_tensors)
         for step in reversed(range(meta.inner_steps)):
             theta = history[step]
-            with torch.enable_grad(), _restored_rng(ctx.rng[step], xs.device):
+            with torch.enable_grad(), use_backend(ctx.backend), _restored_rng(ctx.rng[step], xs.device):
                 leaves = [t.detach().requires_grad_() for t in theta]
                 P = dict(fixed)
                 P.update(zip(names, leaves))

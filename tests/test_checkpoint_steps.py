@@ -172,3 +172,34 @@ def test_first_order_and_fused_kernel_are_unchanged():
             meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order, checkpoint_steps=ck)
             got[ck] = meta.value_and_grad(*batch)[1]
         assert_rel_close(list(got[True]), list(got[False]), 1e-12, f"first_order={first_order}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_recomputation_runs_the_forwards_kernels(backend):
+    """The backward recomputes the steps on the backend the forward ran on (the module's, here),
+    though it runs after the forward returned, outside the module's backend request."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from fastmeta.backend import why_unavailable
+    if why_unavailable(backend, "cpu"):
+        pytest.skip(f"{backend} unavailable")
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.add(func.name())
+            return func(*args, **(kwargs or {}))
+
+    model = small_conv_net(torch.float64, 3, 2, 4 * 2 * 2)
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy", checkpoint_steps=True, backend=backend)
+    loss = meta(*_conv_batch())
+    seen = Ops()
+    with seen:
+        torch.autograd.grad(loss, list(model.parameters()))
+    ours = {n for n in seen.names if n.startswith("fastmeta::")}
+    if backend == "torch":
+        assert not ours, ours
+    else:
+        assert any("conv" in n for n in ours), seen.names
