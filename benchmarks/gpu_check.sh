@@ -47,7 +47,7 @@ step_install() { TAIL=8 run_step install 240 install.log python -m pip install -
 step_info() { TAIL=30 run_step info 30 info.txt sh -c 'python -m fastmeta.info; cat fastmeta/_build_status.json'; }
 # the GPU tests in two steps: every CUDA and torch path first, the Triton ones (which compile for
 # tens of seconds each in float64) after the sine timings
-step_gputests() { TAIL=40 run_step gputests 150 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider \
+step_gputests() { TAIL=40 run_step gputests 200 tests_gpu.log python -m pytest -q -rfEs -p no:cacheprovider \
   --timeout=120 tests/test_gpu.py -k "${GPU_TESTS_K:-not triton}"; }
 step_gputests_triton() { TAIL=20 run_step gputests_triton 150 tests_gpu_triton.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=120 tests/test_gpu.py -k triton; }
