@@ -516,6 +516,8 @@ class _CheckpointedSteps(torch.autograd.Function):
                 theta = ops.inner_update(theta, [g.detach() for g in grads], lr)
         ctx.meta, ctx.history, ctx.rng, ctx.n = meta, history, rng, n
         ctx.backend = get_backend()  # the recomputation runs the kernels this forward ran
+        # theta_0 (and the parameters the steps do not adapt) are read again by the backward
+        ctx.versions = {name: p._version for name, p in meta._meta_params().items()}
         ctx.save_for_backward(xs, ys, *rate_tensors)
         return tuple(theta)
 
@@ -526,6 +528,11 @@ class _CheckpointedSteps(torch.autograd.Function):
                                "backward recomputes the inner steps); for higher derivatives of it use "
                                "checkpoint_steps=False")
         meta, history, n = ctx.meta, ctx.history, ctx.n
+        changed = [name for name, p in meta._meta_params().items() if ctx.versions.get(name) != p._version]
+        if changed:
+            raise RuntimeError(f"BatchedMAML(checkpoint_steps=True): parameter(s) {changed} were modified in place "
+                               "between the forward and its backward, which recomputes the inner steps from "
+                               "them; take the backward (or value_and_grad) before changing them")
         xs, ys, *rate_tensors = ctx.saved_tensors
         T = xs.shape[0]
         names = meta._adapt_names

@@ -219,3 +219,15 @@ def test_callable_loss():
         meta = fastmeta.BatchedMAML(model, 0.2, 3, loss=huber, checkpoint_steps=ck, backend="torch")
         got[ck] = torch.autograd.grad(meta(*batch), list(model.parameters()))
     assert_rel_close(list(got[True]), list(got[False]), 1e-12, "meta-gradient with a callable loss")
+
+
+def test_parameters_changed_before_the_backward_raise():
+    """The backward recomputes the steps from the parameters: one changed in place after the
+    forward raises (as autograd does for a tensor it saved) instead of giving a wrong gradient."""
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 3)).double()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, checkpoint_steps=True, backend="torch")
+    loss = meta(*_mlp_batch())
+    with torch.no_grad():
+        model[0].weight.add_(0.1)
+    with pytest.raises(RuntimeError, match=r"parameter\(s\) \['0.weight'\] were modified in place"):
+        torch.autograd.grad(loss, list(model.parameters()))
