@@ -2,7 +2,7 @@
 # The one GPU check of a session (run on the lent GPU machine by the device tool, from the
 # repository root): install, the GPU tests, the GPU benchmark matrix, op benchmarks. Steps run in
 # order of importance, each with its own timeout, inside a total budget (GPU_CHECK_SECONDS, default
-# 540 s) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
+# 470 s: under 8 minutes) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
 # and logs.tgz (every full log and the benchmark JSONs): few files, as the device tool returns 8.
 # GPU_CHECK_STEPS picks steps and their order (default: all, most telling first, see STEPS below), e.g.
 # GPU_CHECK_STEPS="install gputests sine25"; a step the budget no longer fits is skipped and said so.
@@ -11,7 +11,7 @@ OUT=${OUT:-/tmp/fastmeta_gpu}
 LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
-TOTAL=${GPU_CHECK_SECONDS:-540}
+TOTAL=${GPU_CHECK_SECONDS:-470}
 STEPS=${GPU_CHECK_STEPS:-"install info gputests sine1000 sine25 miniimagenet omniglot convprobe probe1000 omniglot_x3 ncu conv_pertask miniprof convprof precision probe convcompile gputests_triton tritonconv miniimagenet_x3 miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
