@@ -65,8 +65,11 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
             timed = H.time_interleaved(kept, device, seconds=min_seconds, min_calls=reps, max_seconds=max_seconds)
             for j, r in enumerate(results):
                 if (r.workload, r.order) == group and r.provider in timed:
-                    med, times = timed[r.provider]
-                    results[j] = dataclasses.replace(r, median_ms=med, reps=len(times), interleaved=True)
+                    med, times, error = timed[r.provider]
+                    if error is not None:
+                        error = f"failed in the interleaved timing: {error}"
+                    results[j] = dataclasses.replace(r, median_ms=med, reps=len(times), interleaved=True,
+                                                     error=error)
                     if not progress:
                         _row_line(results[j], "timed with its group: ")
         kept.clear()

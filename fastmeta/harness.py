@@ -490,28 +490,40 @@ def time_interleaved(steps: dict, device="cpu", seconds: float = 1.0, min_calls:
     """Median and all wall times (ms) of each step of ``steps`` (name -> step), timed in rounds:
     each round runs every step for about batch_seconds of back-to-back calls (one at least), the
     order rotated from round to round, until each step has had ``seconds`` of calls and min_calls
-    calls, or max_seconds of calls (3 calls at least), or max_calls calls. A drift of the machine's speed during the run (other work on a shared machine, clock
-    changes) then falls on every step alike instead of on the rows that happened to run during it,
-    so the ratios between them are those of one moment. Returns name -> (median, times)."""
+    calls, or max_seconds of calls (3 calls at least), or max_calls calls. A drift of the machine's
+    speed during the run (other work on a shared machine, clock changes) then falls on every step
+    alike instead of on the rows that happened to run during it, so the ratios between them are
+    those of one moment. Returns name -> (median, times, error): a step that raises leaves the
+    rounds (median None, error its exception's type and first line) and the others go on."""
     names = list(steps)
-    per_call = {}
+    per_call, errors = {}, {}
+
+    def fail(n, e):
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        errors[n] = f"{type(e).__name__}: {first}"
+
     for n in names:  # warm and size each batch from one call
-        steps[n]()
-        _sync(device)
-        t0 = time.perf_counter()
-        steps[n]()
-        _sync(device)
+        try:
+            steps[n]()
+            _sync(device)
+            t0 = time.perf_counter()
+            steps[n]()
+            _sync(device)
+        except Exception as e:  # reported with the row, never hidden
+            fail(n, e)
+            continue
         per_call[n] = max(time.perf_counter() - t0, 1e-6)
-    batch = {n: max(1, int(batch_seconds / per_call[n])) for n in names}
+    batch = {n: max(1, int(batch_seconds / t)) for n, t in per_call.items()}
     times = {n: [] for n in names}
     spent = dict.fromkeys(names, 0.0)
-    rnd = 0
+
     def more(n):
         c = len(times[n])
-        if c >= max_calls or (spent[n] >= max_seconds and c >= 3):
+        if n in errors or c >= max_calls or (spent[n] >= max_seconds and c >= 3):
             return False
         return spent[n] < seconds or c < min_calls
 
+    rnd = 0
     while True:
         todo = [n for n in names if more(n)]
         if not todo:
@@ -523,13 +535,17 @@ def time_interleaved(steps: dict, device="cpu", seconds: float = 1.0, min_calls:
                 if not more(n):
                     break
                 t0 = time.perf_counter()
-                step()
-                _sync(device)
+                try:
+                    step()
+                    _sync(device)
+                except Exception as e:
+                    fail(n, e)
+                    break
                 dt = time.perf_counter() - t0
                 times[n].append(dt * 1e3)
                 spent[n] += dt
         rnd += 1
-    return {n: (statistics.median(times[n]), times[n]) for n in names}
+    return {n: (None if n in errors else statistics.median(times[n]), times[n], errors.get(n)) for n in names}
 
 
 def max_rel_err(got, want) -> float:

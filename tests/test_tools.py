@@ -92,7 +92,19 @@ def test_interleaved_timing_takes_rounds_of_each_step():
     assert out["fast"][0] < out["slow"][0]
     # a step past max_seconds stops there (3 calls at least) however many min_calls asks for
     few = H.time_interleaved({"slow": make("slow", 0.03)}, seconds=10, min_calls=1000, max_seconds=0.05)
-    assert 3 <= len(few["slow"][1]) < 10
+    assert 3 <= len(few["slow"][1]) < 10 and few["slow"][2] is None
+    # a step that raises leaves the rounds with its error; the others are timed
+    count = [0]
+
+    def flaky():
+        count[0] += 1
+        if count[0] > 4:
+            raise MemoryError("out of memory\nsecond line")
+
+    out = H.time_interleaved({"flaky": flaky, "fast": make("fast", 0.001)}, seconds=0.05, min_calls=5,
+                             batch_seconds=0.01)
+    assert out["flaky"][0] is None and out["flaky"][2] == "MemoryError: out of memory"
+    assert out["fast"][0] > 0 and out["fast"][2] is None and len(out["fast"][1]) >= 5
 
 
 def test_bench_interleaves_the_rows_of_a_group():
