@@ -173,8 +173,8 @@ def plot(results, path):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m fastmeta.bench", description=__doc__)
-    ap.add_argument("--workload", default=None, help="comma list of sine,omniglot,miniimagenet "
-                    "(default: sine,omniglot; miniimagenet on GPU too)")
+    ap.add_argument("--workload", default=None, help="comma list of sine,omniglot,miniimagenet (default: all "
+                    "three; on a CPU the conv workloads with fewer tasks)")
     ap.add_argument("--order", default="second,first", help="comma list of first,second")
     ap.add_argument("--providers", default=None, help="comma list, e.g. fastmeta,fastmeta-torch,loop,vmap,"
                     "compile (default: per workload and device, see fastmeta.harness.default_providers)")
@@ -202,8 +202,7 @@ def main(argv=None) -> int:
                          "convolution algorithms by timing them on first use)")
     args = ap.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    workloads = (args.workload.split(",") if args.workload else
-                 ["sine", "omniglot"] + (["miniimagenet"] if device == "cuda" else []))
+    workloads = args.workload.split(",") if args.workload else ["sine", "omniglot", "miniimagenet"]
     orders = args.order.split(",")
     for o in orders:
         if o not in ("first", "second"):
