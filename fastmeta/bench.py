@@ -17,7 +17,6 @@ import torch
 from . import harness as H
 
 
-
 def _progress(i, n, label, t0):
     width = 24
     done = int(width * i / max(n, 1))
@@ -61,7 +60,7 @@ def run_matrix(workloads, orders, providers, device, tasks=None, steps=None, rep
     kept, group = {}, None  # the steps of the group being built for an interleaved timing
 
     def time_group():
-        if len(kept) > 1:
+        if kept:  # (a group of one row too: its warm-up calls alone are no timing)
             timed = H.time_interleaved(kept, device, seconds=min_seconds, min_calls=reps, max_seconds=max_seconds)
             for j, r in enumerate(results):
                 if (r.workload, r.order) == group and r.provider in timed:

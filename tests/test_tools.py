@@ -116,6 +116,9 @@ def test_bench_interleaves_the_rows_of_a_group():
     assert all(r.interleaved and r.reps >= 4 and r.median_ms > 0 for r in rows), rows
     rows = run_matrix(["sine"], ["first"], ["loop", "fastmeta-torch"], "cpu", interleave=(), **common)
     assert not any(r.interleaved for r in rows)
+    # a group of one row is timed too (not left at its three warm-up calls)
+    rows = run_matrix(["sine"], ["first"], ["fastmeta-torch"], "cpu", interleave=("sine",), **common)
+    assert rows[0].interleaved and rows[0].reps >= 4, rows
 
 
 def test_bench_reference_float64_and_dtype():
