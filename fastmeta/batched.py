@@ -221,7 +221,7 @@ class BatchedMAML(nn.Module):
         if self.checkpoint_steps and create_graph and not first_order and self.inner_steps > 0:
             return self._adapt_checkpointed(xs, ys)
         T = xs.shape[0]
-        P = {n: p.unsqueeze(0).expand(T, *p.shape) for n, p in self._meta_params().items()}
+        P = self._broadcast(T)
         lr = self._lr_list()
         names = self._adapt_names
         for step in range(self.inner_steps):
@@ -235,6 +235,12 @@ class BatchedMAML(nn.Module):
                 new = ops.inner_update([P[n] for n in names], grads, lr)
                 P.update(zip(names, new))
         return P
+
+    def _broadcast(self, T: int, detach: bool = False) -> dict:
+        """Each meta-parameter as every task's starting point: name -> [T, *shape] (a broadcast
+        view; detached from the meta-parameter with detach)."""
+        return {n: (p.detach() if detach else p).unsqueeze(0).expand(T, *p.shape)
+                for n, p in self._meta_params().items()}
 
     def _check_support_losses(self, losses, step: int):
         if self.check_finite:
@@ -264,7 +270,7 @@ class BatchedMAML(nn.Module):
         lrs = lr if isinstance(lr, list) else ([lr] if isinstance(lr, torch.Tensor) else [])
         names = self._adapt_names
         adapted = _CheckpointedSteps.apply(self, xs, ys, len(names), *[meta[n] for n in names], *lrs)
-        P = {n: p.unsqueeze(0).expand(T, *p.shape) for n, p in meta.items()}
+        P = self._broadcast(T)
         P.update(zip(names, adapted))
         return P
 
@@ -500,7 +506,7 @@ class _CheckpointedSteps(torch.autograd.Function):
         params, rate_tensors = tensors[:n], tensors[n:]
         T = xs.shape[0]
         names = meta._adapt_names
-        fixed = {name: p.detach().unsqueeze(0).expand(T, *p.shape) for name, p in meta._meta_params().items()}
+        fixed = meta._broadcast(T, detach=True)
         theta = [fixed[name] for name in names]
         lr = _CheckpointedSteps._rate(meta, [t.detach() for t in rate_tensors])
         history, rng = [], []
@@ -536,7 +542,7 @@ class _CheckpointedSteps(torch.autograd.Function):
         xs, ys, *rate_tensors = ctx.saved_tensors
         T = xs.shape[0]
         names = meta._adapt_names
-        fixed = {name: p.detach().unsqueeze(0).expand(T, *p.shape) for name, p in meta._meta_params().items()}
+        fixed = meta._broadcast(T, detach=True)
         v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, history[-1])]
         wanted = [i for i, r in enumerate(rate_tensors) if ctx.needs_input_grad[4 + n + i]]
         rate_grads = [None] * len(rate_tensors)

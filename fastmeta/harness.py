@@ -602,6 +602,20 @@ def cpu_peak_mb(step, fused: bool = False) -> float | None:
     return peak
 
 
+def step_peak_mb(step, device: str) -> float:
+    """Peak memory (MB) of one step() above what was allocated before it: on CUDA the caching
+    allocator's peak, on a CPU the profiler's (cpu_peak_mb; 0 where it sees no allocation)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak = cpu_peak_mb(step)
+    return 0.0 if peak is None else peak
+
+
 @dataclasses.dataclass
 class Result:
     workload: str

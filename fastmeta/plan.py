@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import ops
 from .ops._layout import per_sample_2d
@@ -92,8 +93,6 @@ class Program:
                                           conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
                 i += 2
             elif later_blocks and x.requires_grad and torch.is_grad_enabled() and self.recomputable(i):
-                from torch.utils.checkpoint import checkpoint
-
                 def block(x, conv=steps[i], tail=steps[i + 1]):
                     return tail.run(conv.run(x, P), P)
                 x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=False)
@@ -359,7 +358,8 @@ def explain(model: nn.Module) -> str:
                      f"(backend {be}{closed})")
     if prog.recomputable(0):
         lines.append("  BatchedMAML(recompute=True): the first block as one op (conv_bn_relu_pool) whose "
-                     "convolution output is recomputed in each backward instead of kept")
+                     "convolution output is recomputed in each backward instead of kept; where the inner "
+                     "steps' graphs are not kept, the query's later blocks keep only their inputs too")
     if prog.mlp is not None:
         lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
                      "loss 'mse' or 'cross_entropy'")

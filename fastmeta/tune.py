@@ -44,7 +44,7 @@ import time
 import torch
 
 from .backend import BACKENDS, OPS, select, use_backend, why_unavailable
-from .harness import max_rel_err
+from .harness import max_rel_err, step_peak_mb
 
 CANDIDATES = ("auto", "cpp", "cuda", "triton", "torch")
 
@@ -137,20 +137,6 @@ class _Trials:
         return ms
 
 
-def _peak_mb(meta, batch, device: str) -> float:
-    """Peak memory (MB) of one value_and_grad of meta on batch, above what was allocated before."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        meta.value_and_grad(*batch)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
-    from .harness import cpu_peak_mb
-    peak = cpu_peak_mb(lambda: meta.value_and_grad(*batch))
-    return 0.0 if peak is None else peak
-
-
 def _memory_settings(meta, T: int) -> list:
     """(recompute, checkpoint_steps) combinations worth trying, and the task chunks, largest first."""
     rec = [False, True] if meta.program.recomputable(0) else [meta.recompute]
@@ -177,7 +163,7 @@ def _tune_memory(trials: "_Trials", memory_mb: float):
                 label = (f"memory: task_chunk={chunk}" + (", recompute" if rec else "")
                          + (", checkpoint_steps" if ck else ""))
                 try:
-                    peak = _peak_mb(meta, trials.batch, device)
+                    peak = step_peak_mb(lambda: meta.value_and_grad(*trials.batch), device)
                 except torch.cuda.OutOfMemoryError:
                     peak = float("inf")
                 if smallest is None or peak < smallest[0]:

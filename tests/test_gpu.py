@@ -498,15 +498,14 @@ def test_checkpoint_steps_on_gpu():
 def test_tune_memory_on_gpu():
     """fastmeta.tune(memory_mb=...) on CUDA (peaks from the caching allocator): with a budget under
     the all-at-once peak it sets a leaner setting whose measured peak fits."""
-    from fastmeta.tune import _peak_mb
     w = H.make_workload("omniglot", tasks=4, steps=2, device="cuda")
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, loss="cross_entropy")
     batch = (w.xs, w.ys, w.xq, w.yq)
     meta.value_and_grad(*batch)
-    whole = _peak_mb(meta, batch, "cuda")
+    whole = H.step_peak_mb(lambda: meta.value_and_grad(*batch), "cuda")
     budget = 0.6 * whole
     result = fastmeta.tune(meta, *batch, backends=["auto"], reps=2, warmup=1, per_op=False, memory_mb=budget,
                            rtol=1e-2)
     assert result.best.startswith("memory:"), str(result)
     assert (meta.task_chunk, meta.recompute, meta.checkpoint_steps) != (None, False, False)
-    assert _peak_mb(meta, batch, "cuda") <= budget * 1.05, str(result)
+    assert H.step_peak_mb(lambda: meta.value_and_grad(*batch), "cuda") <= budget * 1.05, str(result)

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import fastmeta
+from fastmeta import harness as H
 from conftest import requires_cpp
 
 
@@ -161,7 +162,6 @@ def test_tune_memory_keeps_the_fastest_setting_within_the_budget():
     budget is timed (its row gives the peak) and the fastest is set on the module; a budget between
     the all-at-once peak and the leanest setting's excludes the former; none fitting raises with the
     smallest peak seen."""
-    from fastmeta.tune import _peak_mb
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
                           nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
@@ -171,10 +171,10 @@ def test_tune_memory_keeps_the_fastest_setting_within_the_budget():
     batch = (torch.randn(4, 6, 1, 16, 16, generator=g), torch.randint(0, 3, (4, 6), generator=g),
              torch.randn(4, 9, 1, 16, 16, generator=g), torch.randint(0, 3, (4, 9), generator=g))
     meta = fastmeta.BatchedMAML(model, 0.1, 3, loss="cross_entropy")
-    whole = _peak_mb(meta, batch, "cpu")
+    whole = H.step_peak_mb(lambda: meta.value_and_grad(*batch), "cpu")
     lean = fastmeta.BatchedMAML(model, 0.1, 3, loss="cross_entropy", task_chunk=1, recompute=True,
                                 checkpoint_steps=True)
-    least = _peak_mb(lean, batch, "cpu")
+    least = H.step_peak_mb(lambda: lean.value_and_grad(*batch), "cpu")
     assert 0 < least < whole
     budget = (least + whole) / 2
     result = fastmeta.tune(meta, *batch, backends=["auto"], reps=2, warmup=1, per_op=False, memory_mb=budget)

@@ -138,8 +138,8 @@ def conv_bn_relu_pool(x, weight, bias, stride, padding, dilation, groups, bn_wei
     fused = None if x.requires_grad else fused_prims(x, weight, stride, padding, dilation, groups)
     backend = fused_backend(x)
     if fused is None or backend is None:
-        return bn_relu_pool(batched_conv2d(x, weight, bias, stride, padding, dilation, groups),
-                                 bn_weight, bn_bias, eps)
+        return bn_relu_pool(batched_conv2d(x, weight, bias, stride, padding, dilation, groups), bn_weight, bn_bias,
+                            eps)
     prims, w = fused
     b = None if bias is None else (bias if bias.dim() == 2 else bias.unsqueeze(0).expand(T, O))
     return _Block.apply(x, w, b, per_task(x, bn_weight, 1.0, T, O), per_task(x, bn_bias, 0.0, T, O),
