@@ -109,7 +109,7 @@ step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omnigl
 # the baselines come second and third so that a step cut short still has them; fastmeta_graph_rc@N:
 # the same with BatchedMAML(recompute=True), whose task graphs are about half as large on the CPU;
 # _rc_ck: and checkpoint_steps=True (one inner step's graph at a time, recomputed in the backward:
-# ~35 MB a task on the CPU against 200 MB with recompute alone, for 1.0-1.3x the time), so that
+# ~35 MB a task on the CPU against 200 MB with recompute alone, for 1.1-1.4x the time), so that
 # all 32 tasks' kernels (or 16's) run at once within the memory bound)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 150 bench_miniimagenet.txt $CONV --workload miniimagenet \
   --providers fastmeta_vg_rc_ck,loop,vmap,fastmeta_vg_rc_ck@16,fastmeta_graph_rc_ck,fastmeta_graph_rc@4,fastmeta_graph_rc@8,fastmeta \
