@@ -92,14 +92,17 @@ step_omniglot_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step omnig
 step_miniimagenet_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step miniimagenet_x3 90 \
   bench_miniimagenet_x3.txt $CONV --workload miniimagenet --reps 3 --providers \
   loop,fastmeta_graph@3-triton,fastmeta-triton --json "$LOG/bench_miniimagenet_x3.json"; }
-# fastmeta._C's convolution ops as one cuDNN call a task instead of one grouped call
-# (FASTMETA_CONV_PER_TASK=1; conv_probe times the two kernel by kernel): Omniglot against the loop,
-# then with a call a task only for the one-channel first layer (=c3), mini-ImageNet all at once and in
-# chunks of 16 under recompute + checkpoint_steps, and in chunks of 3
-step_conv_pertask() { TAIL=20 FASTMETA_CONV_PER_TASK=1 run_step conv_pertask 100 bench_conv_pertask.txt sh -c \
-  "$CONV --workload omniglot --providers loop,fastmeta_graph,fastmeta --json $LOG/bench_conv_pertask_omniglot.json && \
-  FASTMETA_CONV_PER_TASK=c3 $CONV --workload omniglot --providers fastmeta_graph,fastmeta && \
-  $CONV --workload miniimagenet --providers fastmeta_vg_rc_ck,fastmeta_vg_rc_ck@16,fastmeta_graph@3 --json $LOG/bench_conv_pertask_mini.json"; }
+# fastmeta._C's convolution ops take, shape by shape, the faster of one grouped cuDNN call and one
+# call a task (their autotune, on by default on CUDA: the rows of the omniglot and miniimagenet
+# steps): here each form forced (FASTMETA_CONV_PER_TASK=0 grouped, as before the autotune; =1 a call
+# a task) to weigh the choice, then the choices themselves with their timings
+step_conv_pertask() { TAIL=40 run_step conv_pertask 110 bench_conv_pertask.txt sh -c \
+  "FASTMETA_CONV_PER_TASK=0 $CONV --workload omniglot --providers fastmeta_graph,fastmeta && \
+  FASTMETA_CONV_PER_TASK=1 $CONV --workload omniglot --providers fastmeta_graph,fastmeta && \
+  FASTMETA_CONV_PER_TASK=0 $CONV --workload miniimagenet --providers fastmeta_vg_rc_ck && \
+  FASTMETA_CONV_PER_TASK=1 $CONV --workload miniimagenet --providers fastmeta_vg_rc_ck && \
+  FASTMETA_CONV_AUTOTUNE_LOG=1 $CONV --workload omniglot --providers fastmeta --reps 1 --max-seconds 1 2>&1 | \
+  grep -o 'autotune.*' | sed 's/weight \\[[^]]*\\]//'"; }
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }

@@ -19,15 +19,21 @@
 // y is returned as a [T, N, O, Ho, Wo] view of ATen's [N, T*O, Ho, Wo] output (task-major strides
 // over a sample-major buffer): the next layer's grouped input is then that buffer without a copy.
 //
-// FASTMETA_CONV_PER_TASK=1 runs each op as one ATen call a task instead (groups as given, not
-// times T; each task's slices copied in and out of the same layouts): cuDNN's float32 algorithms
-// for an ordinary convolution (Winograd among them) against its grouped ones, for a GPU run to
-// weigh; =cN does so only for convolutions of at most N input channels a group (per_task below).
+// Each op can also run as one ATen call a task (groups as given, not times T; each task's slices
+// copied in and out of the same layouts): cuDNN then sees ordinary convolutions, for which it has
+// float32 algorithms (Winograd among them) that its grouped ones may lack, at the price of T calls
+// and the copies. Which is faster depends on the layer, the card and the library versions, so on
+// CUDA the first call of each shape times both and keeps the faster (run_conv below;
+// FASTMETA_CONV_AUTOTUNE, FASTMETA_CONV_AUTOTUNE_LOG); FASTMETA_CONV_PER_TASK forces a choice.
 #include "common.h"
 
 #include <array>
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <tuple>
 
 namespace fastmeta {
@@ -97,18 +103,114 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 at::Tensor stand_in(const at::Tensor& like, at::IntArrayRef size) { return like.new_empty({1}).expand(size); }
 
 // FASTMETA_CONV_PER_TASK (read each call, as the CUDA kernels' settings): "1" one ATen call a task,
-// "0" or unset one grouped call, "cN" a call a task for convolutions of at most N input channels a
-// group (a network's first layers: 1 or 3 image channels, which a grouped call turns into
-// PyTorch's depthwise-style kernels) and one grouped call for the others.
-bool per_task(int64_t channels_per_group) {
+// "0" one grouped call, "cN" a call a task for convolutions of at most N input channels a group (a
+// network's first layers: 1 or 3 image channels, which a grouped call turns into PyTorch's
+// depthwise-style kernels) and one grouped call for the others; unset or empty: no choice forced
+// (-1).
+int forced_per_task(int64_t channels_per_group) {
   const char* v = std::getenv("FASTMETA_CONV_PER_TASK");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
-  if (std::strcmp(v, "1") == 0) return true;
+  if (v == nullptr || *v == '\0') return -1;
+  if (std::strcmp(v, "0") == 0) return 0;
+  if (std::strcmp(v, "1") == 0) return 1;
   char* end = nullptr;
   const long most = v[0] == 'c' ? std::strtol(v + 1, &end, 10) : 0;
   TORCH_CHECK(v[0] == 'c' && end != v + 1 && *end == '\0' && most >= 1,
               "FASTMETA_CONV_PER_TASK: expected 0, 1 or cN (N >= 1 input channels), got '", v, "'");
-  return channels_per_group <= most;
+  return channels_per_group <= most ? 1 : 0;
+}
+
+// FASTMETA_CONV_AUTOTUNE: unset or empty, on for CUDA tensors and off for CPU ones (oneDNN's grouped
+// convolution is the faster on the CPUs measured, RESULTS.md); "1" on, "0" off for both.
+bool autotune_on(const at::Device& device) {
+  const char* v = std::getenv("FASTMETA_CONV_AUTOTUNE");
+  if (v == nullptr || *v == '\0') return device.is_cuda();
+  TORCH_CHECK((v[0] == '0' || v[0] == '1') && v[1] == '\0', "FASTMETA_CONV_AUTOTUNE must be 0 or 1, got '", v, "'");
+  return v[0] == '1';
+}
+
+// Milliseconds a call of fn (one call to warm, then reps timed), or < 0 where it cannot be timed:
+// CUDA through the CUDA bindings' timer (events on the current stream; nothing inside a graph
+// capture), CPU by the wall clock.
+double time_call(const at::Device& device, const std::function<void()>& fn, int reps) {
+  if (device.is_cuda()) {
+    CudaTimer timer = cuda_timer();
+    return timer == nullptr ? -1.0 : timer(fn, reps);
+  }
+  if (!device.is_cpu()) return -1.0;
+  fn();
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int i = 0; i < reps; ++i) fn();
+  const std::chrono::duration<double, std::milli> dt = std::chrono::steady_clock::now() - t0;
+  return dt.count() / reps;
+}
+
+struct ConvChoice {
+  bool per_task;
+  double grouped_ms, per_task_ms;
+  std::string what;
+};
+
+std::mutex& choice_mutex() {
+  static std::mutex mu;
+  return mu;
+}
+
+std::map<std::vector<int64_t>, ConvChoice>& choices() {
+  static std::map<std::vector<int64_t>, ConvChoice> chosen;
+  return chosen;
+}
+
+// The sizes and strides of t, then a separator, into a cache key.
+void add_key(std::vector<int64_t>& key, const at::Tensor& t) {
+  key.push_back(t.dim());
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    key.push_back(t.size(d));
+    key.push_back(t.stride(d));
+  }
+}
+
+void add_key(std::vector<int64_t>& key, at::IntArrayRef v) {
+  key.push_back(static_cast<int64_t>(v.size()));
+  key.insert(key.end(), v.begin(), v.end());
+}
+
+// Runs an op as run(per_task) says: forced by FASTMETA_CONV_PER_TASK; one grouped call for a
+// single task or with the autotune off; else the choice cached for this key (the op, its
+// tensors' sizes and strides, the geometry), made on the key's first call outside a graph
+// capture by timing both forms (three timed calls each after one to warm) and keeping the faster,
+// whose last result that call returns (FASTMETA_CONV_AUTOTUNE_LOG=1 prints each choice to
+// stderr). Both forms compute the same values up to the rounding of the algorithms underneath.
+template <typename R>
+R run_conv(const char* op, std::vector<int64_t> key, const at::Tensor& like, int64_t T, int64_t channels_per_group,
+           const std::function<std::string()>& describe, const std::function<R(bool)>& run) {
+  const int forced = forced_per_task(channels_per_group);
+  if (forced >= 0) return run(forced == 1 && T > 0);
+  if (T <= 1 || !autotune_on(like.device())) return run(false);
+  key.push_back(static_cast<int64_t>(like.device().type()));
+  key.push_back(like.device().index());
+  key.push_back(static_cast<int64_t>(like.scalar_type()));
+  {
+    const std::lock_guard<std::mutex> lock(choice_mutex());
+    auto it = choices().find(key);
+    if (it != choices().end()) return run(it->second.per_task);
+  }
+  R grouped, per_task;
+  const int reps = 3;
+  const double g_ms = time_call(like.device(), [&] { grouped = run(false); }, reps);
+  if (g_ms < 0) return run(false);
+  const double p_ms = time_call(like.device(), [&] { per_task = run(true); }, reps);
+  if (p_ms < 0) return grouped;
+  const bool pick = p_ms < g_ms;
+  ConvChoice c{pick, g_ms, p_ms, c10::str(op, " ", describe())};
+  const char* log = std::getenv("FASTMETA_CONV_AUTOTUNE_LOG");
+  if (log != nullptr && log[0] == '1') {
+    std::fprintf(stderr, "fastmeta: batched_conv2d autotune (%s, %s): %s: grouped %.4f ms, per task %.4f ms; "
+                 "chosen %s\n", like.device().str().c_str(), c10::toString(like.scalar_type()), c.what.c_str(), g_ms,
+                 p_ms, pick ? "per task" : "grouped");
+  }
+  const std::lock_guard<std::mutex> lock(choice_mutex());
+  choices().emplace(key, std::move(c));
+  return pick ? per_task : grouped;
 }
 
 // The per-task form of backward_impl: gy, x, w [T, ...] (x, w may be stand-ins of the right size).
@@ -132,6 +234,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_per_task(const at::Tenso
           mask[2] ? gb : at::empty({0}, gy.options())};
 }
 
+// The key of an op call's geometry.
+void add_key(std::vector<int64_t>& key, const Geometry& g) {
+  add_key(key, g.stride);
+  add_key(key, g.padding);
+  add_key(key, g.dilation);
+  key.push_back(g.groups);
+}
+
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_5d(x, "x");
@@ -145,19 +255,27 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
                 "batched_conv2d: bias must be [T=", T, ", O=", w.size(1), "], got ", bias->sizes());
     b = bias->reshape({T * w.size(1)});
   }
-  if (T > 0 && per_task(w.size(2))) {
-    at::Tensor y;
-    for (int64_t t = 0; t < T; ++t) {
-      at::Tensor yt = at::convolution(x[t], w[t], b.defined() ? c10::optional<at::Tensor>(bias->select(0, t)) : c10::nullopt,
-                                      g.stride, g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
-      if (t == 0) y = yt.new_empty({yt.size(0), T, yt.size(1), yt.size(2), yt.size(3)});
-      y.select(1, t).copy_(yt);
+  std::function<at::Tensor(bool)> run = [&](bool per_task) {
+    if (per_task) {
+      at::Tensor y;
+      for (int64_t t = 0; t < T; ++t) {
+        at::Tensor yt = at::convolution(x[t], w[t], b.defined() ? c10::optional<at::Tensor>(bias->select(0, t)) : c10::nullopt,
+                                        g.stride, g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
+        if (t == 0) y = yt.new_empty({yt.size(0), T, yt.size(1), yt.size(2), yt.size(3)});
+        y.select(1, t).copy_(yt);
+      }
+      return y.transpose(0, 1);  // the same layout as the grouped call's
     }
-    return y.transpose(0, 1);  // the same layout as the grouped call's
-  }
-  at::Tensor y = at::convolution(fold(x), fold_weight(w), b, g.stride, g.padding, g.dilation,
-                                 /*transposed=*/false, {0, 0}, g.groups * T);
-  return unfold(y, T);
+    at::Tensor y = at::convolution(fold(x), fold_weight(w), b, g.stride, g.padding, g.dilation,
+                                   /*transposed=*/false, {0, 0}, g.groups * T);
+    return unfold(y, T);
+  };
+  std::vector<int64_t> key{0, b.defined()};
+  add_key(key, x);
+  add_key(key, w);
+  add_key(key, g);
+  return run_conv<at::Tensor>("forward", key, x, T, w.size(2),
+                              [&] { return c10::str("x ", x.sizes(), ", weight ", w.sizes()); }, run);
 }
 
 at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_size, at::IntArrayRef stride,
@@ -168,12 +286,19 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
   check_tasks(gy, w, "gy", "weight");
   TORCH_CHECK(x_size[0] == gy.size(0) && x_size[1] == gy.size(1), "batched_conv2d: x_size ", x_size,
               " and gy ", gy.sizes(), " must agree in T and N");
-  if (gy.size(0) > 0 && per_task(w.size(2)))
-    return std::get<0>(backward_per_task(gy, stand_in(gy, x_size), w, geometry(stride, padding, dilation, groups),
-                                         {true, false, false}));
-  at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
-  return std::get<0>(backward_impl(gy, xf, fold_weight(w), geometry(stride, padding, dilation, groups),
-                                   {true, false, false}));
+  const Geometry g = geometry(stride, padding, dilation, groups);
+  std::function<at::Tensor(bool)> run = [&](bool per_task) {
+    if (per_task) return std::get<0>(backward_per_task(gy, stand_in(gy, x_size), w, g, {true, false, false}));
+    at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
+    return std::get<0>(backward_impl(gy, xf, fold_weight(w), g, {true, false, false}));
+  };
+  std::vector<int64_t> key{1};
+  add_key(key, gy);
+  add_key(key, w);
+  add_key(key, x_size);
+  add_key(key, g);
+  return run_conv<at::Tensor>("input grad", key, gy, gy.size(0), w.size(2),
+                              [&] { return c10::str("gy ", gy.sizes(), ", weight ", w.sizes()); }, run);
 }
 
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, at::IntArrayRef stride,
@@ -184,12 +309,19 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
   check_tasks(x, gy, "x", "gy");
   TORCH_CHECK(w_size[0] == x.size(0) && w_size[1] == gy.size(2), "batched_conv2d: weight_size ", w_size,
               " must be [T=", x.size(0), ", O=", gy.size(2), ", ...] for gy ", gy.sizes());
-  if (gy.size(0) > 0 && per_task(w_size[2]))
-    return std::get<1>(backward_per_task(gy, x, stand_in(gy, w_size), geometry(stride, padding, dilation, groups),
-                                         {false, true, false}));
-  at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
-  return std::get<1>(backward_impl(gy, fold(x), wf, geometry(stride, padding, dilation, groups),
-                                   {false, true, false}));
+  const Geometry g = geometry(stride, padding, dilation, groups);
+  std::function<at::Tensor(bool)> run = [&](bool per_task) {
+    if (per_task) return std::get<1>(backward_per_task(gy, x, stand_in(gy, w_size), g, {false, true, false}));
+    at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
+    return std::get<1>(backward_impl(gy, fold(x), wf, g, {false, true, false}));
+  };
+  std::vector<int64_t> key{2};
+  add_key(key, x);
+  add_key(key, gy);
+  add_key(key, w_size);
+  add_key(key, g);
+  return run_conv<at::Tensor>("weight grad", key, gy, gy.size(0), w_size[2],
+                              [&] { return c10::str("x ", x.sizes(), ", gy ", gy.sizes()); }, run);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, const at::Tensor& x,
@@ -201,15 +333,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
   check_5d(w, "weight");
   check_tasks(x, gy, "x", "gy");
   check_tasks(x, w, "x", "weight");
-  if (gy.size(0) > 0 && per_task(w.size(2)))
-    return backward_per_task(gy, output_mask[1] ? x : stand_in(gy, x.sizes()), w,
-                             geometry(stride, padding, dilation, groups), output_mask);
-  // x is read only for the weight gradient (else only its size)
-  at::Tensor xf = output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
-  return backward_impl(gy, xf, fold_weight(w), geometry(stride, padding, dilation, groups), output_mask);
+  const Geometry g = geometry(stride, padding, dilation, groups);
+  using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  std::function<Grads(bool)> run = [&](bool per_task) {
+    if (per_task) return backward_per_task(gy, output_mask[1] ? x : stand_in(gy, x.sizes()), w, g, output_mask);
+    // x is read only for the weight gradient (else only its size)
+    at::Tensor xf = output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
+    return backward_impl(gy, xf, fold_weight(w), g, output_mask);
+  };
+  std::vector<int64_t> key{3, output_mask[0], output_mask[1], output_mask[2]};
+  add_key(key, gy);
+  add_key(key, x);
+  add_key(key, w);
+  add_key(key, g);
+  return run_conv<Grads>("backward", key, gy, gy.size(0), w.size(2),
+                         [&] { return c10::str("gy ", gy.sizes(), ", x ", x.sizes(), ", weight ", w.sizes()); }, run);
 }
 
 }  // namespace
+
+CudaTimer& cuda_timer() {
+  static CudaTimer timer = nullptr;
+  return timer;
+}
+
+void conv_autotune_clear() {
+  const std::lock_guard<std::mutex> lock(choice_mutex());
+  choices().clear();
+}
+
+std::vector<std::string> conv_autotune_choices() {
+  const std::lock_guard<std::mutex> lock(choice_mutex());
+  std::vector<std::string> out;
+  for (const auto& kv : choices()) {
+    const ConvChoice& c = kv.second;
+    out.push_back(c10::str(c.what, " | grouped ", c.grouped_ms, " ms | per task ", c.per_task_ms, " ms | ",
+                           c.per_task ? "per task" : "grouped"));
+  }
+  return out;
+}
+
 }  // namespace fastmeta
 
 TORCH_LIBRARY_FRAGMENT(fastmeta, m) {

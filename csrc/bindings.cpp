@@ -65,6 +65,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                     first_order);
         },
         py::call_guard<py::gil_scoped_release>());
+  m.def("_conv_autotune_choices", &fastmeta::conv_autotune_choices,
+        "the convolution ops' autotune choices so far: 'op shapes | grouped ms | per task ms | choice' a shape");
+  m.def("_conv_autotune_clear", &fastmeta::conv_autotune_clear, "forgets the convolution ops' autotune choices");
   m.def("has_cuda", []() {
 #ifdef FASTMETA_WITH_CUDA
     return true;

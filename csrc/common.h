@@ -5,7 +5,9 @@
 #include <torch/library.h>
 
 #include <cstdlib>
+#include <functional>
 #include <limits>
+#include <string>
 #include <vector>
 
 #include "bn_relu_pool.h"
@@ -32,6 +34,19 @@ inline at::Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opt
   if (poison_outputs()) t.fill_(std::numeric_limits<double>::quiet_NaN());
   return t;
 }
+
+// Times fn on the current CUDA stream: one call to warm, then `reps` calls between two CUDA events;
+// returns the milliseconds a call, or a negative number without calling fn where the stream is
+// being captured into a graph (nothing can be timed there). Set by the CUDA bindings
+// (csrc/cuda/bindings_cuda.cpp); nullptr in a build without CUDA.
+using CudaTimer = double (*)(const std::function<void()>& fn, int reps);
+CudaTimer& cuda_timer();
+
+// What the convolution ops' autotune chose so far (csrc/batched_conv2d.cpp): one line a shape,
+// "op | shapes | grouped ms | per-task ms | choice".
+std::vector<std::string> conv_autotune_choices();
+// Forgets those choices (the next call of each shape times again).
+void conv_autotune_clear();
 
 // Materializes `t` expanded to `shape` in the cheapest periodic form.
 Periodic as_periodic(const at::Tensor& t, at::IntArrayRef shape);

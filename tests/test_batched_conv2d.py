@@ -205,3 +205,72 @@ def test_per_task_setting_is_checked(value, monkeypatch):
     x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float64)
     with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_PER_TASK: expected 0, 1 or cN"):
         ops.batched_conv2d(x, w, b, padding=1)
+
+
+def _autotune_env(monkeypatch, tune):
+    monkeypatch.delenv("FASTMETA_CONV_PER_TASK", raising=False)
+    if tune is None:
+        monkeypatch.delenv("FASTMETA_CONV_AUTOTUNE", raising=False)
+    else:
+        monkeypatch.setenv("FASTMETA_CONV_AUTOTUNE", tune)
+    monkeypatch.setenv("FASTMETA_CONV_AUTOTUNE_LOG", "1")
+    fastmeta._C._conv_autotune_clear()
+
+
+def _second_order(x, w, b, fn):
+    y = fn(x, w, b, padding=1)
+    r = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+    ins = [t for t in (x, w, b) if t is not None]
+    gs = torch.autograd.grad((torch.tanh(y) * r).sum(), ins, create_graph=True)
+    gg = torch.autograd.grad(sum((g * g.detach().flip(-1)).sum() for g in gs), ins)
+    return [y.detach(), *[g.detach() for g in gs], *gg]
+
+
+def test_autotune_times_each_shape_once_and_keeps_the_values(monkeypatch, capfd):
+    """FASTMETA_CONV_AUTOTUNE=1: the first call of each op and shape times the grouped call against a
+    call a task and keeps the faster (one log line and one choice a shape); values and derivatives
+    to second order stay the reference's, and later calls of the same shapes time nothing more."""
+    _autotune_env(monkeypatch, "1")
+    x, w, b = _case(3, 2, 4, 7, 6, 5, 3, False, "task", torch.float64)
+    want = _second_order(x, w, b, ops.batched_conv2d_ref)
+    with fastmeta.use_backend("cpp"):
+        got = _second_order(x, w, b, ops.batched_conv2d)
+    assert_rel_close(got, want, 1e-12, "autotuned conv, to second order")
+    choices = fastmeta._C._conv_autotune_choices()
+    err = capfd.readouterr().err
+    lines = [ln for ln in err.splitlines() if "batched_conv2d autotune" in ln]
+    assert choices and len(lines) == len(choices), (choices, err)
+    assert any(c.startswith("forward x [3, 2, 4, 7, 6], weight [3, 5, 4, 3, 3]") for c in choices), choices
+    for c in choices:
+        *_, grouped, per_task, pick = [p.strip() for p in c.split("|")]
+        g_ms, p_ms = float(grouped.split()[1]), float(per_task.split()[2])
+        assert g_ms > 0 and p_ms > 0 and pick == ("per task" if p_ms < g_ms else "grouped"), c
+    with fastmeta.use_backend("cpp"):
+        again = _second_order(x, w, b, ops.batched_conv2d)
+    assert_rel_close(again, want, 1e-12, "autotuned conv, cached choices")
+    assert fastmeta._C._conv_autotune_choices() == choices
+    assert "batched_conv2d autotune" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("setting", [None, "0", "forced", "one task"])
+def test_autotune_runs_only_where_it_should(setting, monkeypatch, capfd):
+    """Off on CPU tensors unless FASTMETA_CONV_AUTOTUNE=1; off with =0; never where
+    FASTMETA_CONV_PER_TASK forces the form, nor for one task (both forms are the same call)."""
+    _autotune_env(monkeypatch, setting if setting in (None, "0") else "1")
+    if setting == "forced":
+        monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "1")
+    T = 1 if setting == "one task" else 2
+    x, w, b = _case(T, 2, 3, 6, 6, 4, 3, False, "task", torch.float64)
+    with fastmeta.use_backend("cpp"):
+        got = _second_order(x, w, b, ops.batched_conv2d)
+    assert_rel_close(got, _second_order(x, w, b, ops.batched_conv2d_ref), 1e-12, f"conv ({setting})")
+    assert fastmeta._C._conv_autotune_choices() == []
+    assert "batched_conv2d autotune" not in capfd.readouterr().err
+
+
+def test_autotune_setting_is_checked(monkeypatch):
+    monkeypatch.setenv("FASTMETA_CONV_AUTOTUNE", "yes")
+    monkeypatch.delenv("FASTMETA_CONV_PER_TASK", raising=False)
+    x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float64)
+    with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_AUTOTUNE must be 0 or 1"):
+        ops.batched_conv2d(x, w, b, padding=1)

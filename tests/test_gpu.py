@@ -398,6 +398,42 @@ def test_cuda_conv_ops_to_second_order(kw):
     assert_rel_close(list(h1), list(h2), 1e-10, "second derivatives")
 
 
+def test_cuda_conv_autotune(monkeypatch, capfd):
+    """On CUDA the convolution ops' autotune is on by default: the first call of a shape times the
+    grouped call against a call a task and records the faster, and the values are the reference's;
+    a new shape met inside a CUDA graph capture is timed not at all (the grouped call is captured,
+    nothing recorded) and the replay gives the reference's values."""
+    for name in ("FASTMETA_CONV_PER_TASK", "FASTMETA_CONV_AUTOTUNE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FASTMETA_CONV_AUTOTUNE_LOG", "1")
+    fastmeta._C._conv_autotune_clear()
+    g = torch.Generator().manual_seed(0)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 4, 5, 9, 7, generator=g, **d).cuda()
+    w = torch.randn(3, 6, 5, 3, 3, generator=g, **d).cuda()
+    b = torch.randn(3, 6, generator=g, **d).cuda()
+    with fastmeta.use_backend("cuda"), torch.no_grad():
+        y = ops.batched_conv2d(x, w, b, padding=1)
+    torch.testing.assert_close(y, ops.batched_conv2d_ref(x, w, b, padding=1))
+    choices = fastmeta._C._conv_autotune_choices()
+    assert len(choices) == 1 and choices[0].startswith("forward x [3, 4, 5, 9, 7]"), choices
+    assert "batched_conv2d autotune (cuda" in capfd.readouterr().err
+    x2 = torch.randn(3, 4, 5, 8, 8, generator=g, **d).cuda()
+    with fastmeta.use_backend("cuda"), torch.no_grad():
+        monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "0")  # cuDNN warmed for the new shape, nothing timed
+        ops.batched_conv2d(x2, w, b, padding=1)
+        torch.cuda.synchronize()
+        monkeypatch.delenv("FASTMETA_CONV_PER_TASK")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y2 = ops.batched_conv2d(x2, w, b, padding=1)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(y2, ops.batched_conv2d_ref(x2, w, b, padding=1))
+    assert fastmeta._C._conv_autotune_choices() == choices
+    assert "batched_conv2d autotune" not in capfd.readouterr().err
+
+
 def test_tune_on_gpu():
     """fastmeta.tune on the conv path (Omniglot shape, T=2): the CUDA backends are timed (or say why
     not) and the chosen one's meta-gradient equals auto's."""

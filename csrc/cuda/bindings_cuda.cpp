@@ -153,6 +153,33 @@ int mlp_placement(const cuda::MLPArgs<T>& a, int device) {
   return cuda::mlp_choose_placement(a, forced, d.smem_optin, d.smem_per_sm, d.sms, d.threads_per_sm);
 }
 
+// fastmeta::cuda_timer (common.h): fn timed on the current stream with CUDA events, one call to warm
+// and `reps` timed; -1 without calling fn while the stream is being captured.
+double time_on_current_stream(const std::function<void()>& fn, int reps) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  if (capture != cudaStreamCaptureStatusNone) return -1.0;
+  fn();
+  cudaEvent_t start, stop;
+  C10_CUDA_CHECK(cudaEventCreate(&start));
+  C10_CUDA_CHECK(cudaEventCreate(&stop));
+  C10_CUDA_CHECK(cudaEventRecord(start, stream));
+  for (int i = 0; i < reps; ++i) fn();
+  C10_CUDA_CHECK(cudaEventRecord(stop, stream));
+  C10_CUDA_CHECK(cudaEventSynchronize(stop));
+  float ms = 0.0f;
+  C10_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+  C10_CUDA_CHECK(cudaEventDestroy(start));
+  C10_CUDA_CHECK(cudaEventDestroy(stop));
+  return static_cast<double>(ms) / reps;
+}
+
+const bool timer_set = [] {
+  cuda_timer() = &time_on_current_stream;
+  return true;
+}();
+
 // A launch configuration of the MLP kernel: register tile, occupancy build, threads a block, and a
 // forced placement (-1: cuda::mlp_choose_placement decides).
 struct MLPConfig {

@@ -11,7 +11,8 @@ Backends:
 - ``cpp`` (CPU) / ``cuda`` (CUDA): fastmeta::batched_conv2d, fastmeta::batched_conv2d_input_grad,
   fastmeta::batched_conv2d_weight_grad and fastmeta::batched_conv2d_backward (csrc/batched_conv2d.cpp):
   the grouped convolution and its two gradients, each one ATen call (oneDNN / cuDNN), any stride,
-  padding, dilation and groups.
+  padding, dilation and groups; or each one ATen call a task, which on CUDA the first call of each
+  shape weighs against the grouped call by timing both (README: FASTMETA_CONV_AUTOTUNE).
 - ``triton`` (kernels/batched_conv2d.py; stride 1, no dilation, groups 1, padding at most kernel
   size - 1, other configurations take the torch backend): an implicit GEMM per task and its weight
   gradient, fastmeta::batched_conv2d_triton and fastmeta::conv_wgrad_triton; the input gradient is
