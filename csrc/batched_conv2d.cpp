@@ -178,8 +178,9 @@ void add_key(std::vector<int64_t>& key, at::IntArrayRef v) {
 // single task or with the autotune off; else the choice cached for this key (the op, its
 // tensors' sizes and strides, the geometry), made on the key's first call outside a graph
 // capture by timing both forms (three timed calls each after one to warm) and keeping the faster,
-// whose last result that call returns (FASTMETA_CONV_AUTOTUNE_LOG=1 prints each choice to
-// stderr). Both forms compute the same values up to the rounding of the algorithms underneath.
+// whose result that call returns (FASTMETA_CONV_AUTOTUNE_LOG=1 prints each choice to stderr); a
+// call a task that fails there (out of memory, say) leaves the grouped call chosen. Both forms
+// compute the same values up to the rounding of the algorithms underneath.
 template <typename R>
 R run_conv(const char* op, std::vector<int64_t> key, const at::Tensor& like, int64_t T, int64_t channels_per_group,
            const std::function<std::string()>& describe, const std::function<R(bool)>& run) {
@@ -194,23 +195,37 @@ R run_conv(const char* op, std::vector<int64_t> key, const at::Tensor& like, int
     auto it = choices().find(key);
     if (it != choices().end()) return run(it->second.per_task);
   }
-  R grouped, per_task;
+  // Each timed call drops the previous call's result before it runs, and the grouped form's result
+  // is dropped before the other form is timed (and made again if it wins), so that tuning holds
+  // no more memory at once than a call of either form does.
+  R result;
   const int reps = 3;
-  const double g_ms = time_call(like.device(), [&] { grouped = run(false); }, reps);
+  const double g_ms = time_call(like.device(), [&] { result = R(); result = run(false); }, reps);
   if (g_ms < 0) return run(false);
-  const double p_ms = time_call(like.device(), [&] { per_task = run(true); }, reps);
-  if (p_ms < 0) return grouped;
+  result = R();
+  double p_ms;
+  std::string failed;
+  try {
+    p_ms = time_call(like.device(), [&] { result = R(); result = run(true); }, reps);
+  } catch (const c10::Error& e) {  // e.g. out of memory: the grouped call stays
+    result = R();
+    p_ms = std::numeric_limits<double>::infinity();
+    failed = e.what_without_backtrace();
+  }
+  if (p_ms < 0) return run(false);
   const bool pick = p_ms < g_ms;
+  if (!pick) result = run(false);
   ConvChoice c{pick, g_ms, p_ms, c10::str(op, " ", describe())};
   const char* log = std::getenv("FASTMETA_CONV_AUTOTUNE_LOG");
   if (log != nullptr && log[0] == '1') {
-    std::fprintf(stderr, "fastmeta: batched_conv2d autotune (%s, %s): %s: grouped %.4f ms, per task %.4f ms; "
+    std::fprintf(stderr, "fastmeta: batched_conv2d autotune (%s, %s): %s: grouped %.4f ms, per task %.4f ms%s%s; "
                  "chosen %s\n", like.device().str().c_str(), c10::toString(like.scalar_type()), c.what.c_str(), g_ms,
-                 p_ms, pick ? "per task" : "grouped");
+                 p_ms, failed.empty() ? "" : " (failed: ", failed.empty() ? "" : (failed.substr(0, 200) + ")").c_str(),
+                 pick ? "per task" : "grouped");
   }
   const std::lock_guard<std::mutex> lock(choice_mutex());
   choices().emplace(key, std::move(c));
-  return pick ? per_task : grouped;
+  return result;
 }
 
 // The per-task form of backward_impl: gy, x, w [T, ...] (x, w may be stand-ins of the right size).

@@ -274,3 +274,4 @@ def test_autotune_setting_is_checked(monkeypatch):
     x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float64)
     with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_AUTOTUNE must be 0 or 1"):
         ops.batched_conv2d(x, w, b, padding=1)
+

@@ -434,6 +434,36 @@ def test_cuda_conv_autotune(monkeypatch, capfd):
     assert "batched_conv2d autotune" not in capfd.readouterr().err
 
 
+def test_cuda_conv_autotune_memory(monkeypatch):
+    """Tuning a shape holds one form's result at a time: the first (timed) call's peak is within
+    the larger of the two forms' own peaks (plus 5% of the output)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 16, 40, 40, generator=g).cuda()
+    w = torch.randn(8, 32, 16, 3, 3, generator=g).cuda()
+
+    def peak_mb():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with fastmeta.use_backend("cuda"), torch.no_grad():
+            ops.batched_conv2d(x, w, None, padding=1)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    monkeypatch.delenv("FASTMETA_CONV_AUTOTUNE", raising=False)
+    peaks = {}
+    for form in ("0", "1"):
+        monkeypatch.setenv("FASTMETA_CONV_PER_TASK", form)
+        peak_mb()
+        peaks[form] = peak_mb()
+    monkeypatch.delenv("FASTMETA_CONV_PER_TASK")
+    fastmeta._C._conv_autotune_clear()
+    tuned = peak_mb()
+    assert len(fastmeta._C._conv_autotune_choices()) == 1
+    out_mb = 8 * 16 * 32 * 40 * 40 * 4 / 2**20
+    assert tuned <= max(peaks.values()) + 0.05 * out_mb, (tuned, peaks, out_mb)
+
+
 def test_tune_on_gpu():
     """fastmeta.tune on the conv path (Omniglot shape, T=2): the CUDA backends are timed (or say why
     not) and the chosen one's meta-gradient equals auto's."""
