@@ -228,6 +228,12 @@ def select(op: str, device_type: str) -> str:
     return want
 
 
+def requested(op: str) -> str:
+    """The backend requested now for op (a name, or 'auto')."""
+    want = get_backend()
+    return want.get(op) if want.__class__ is PerOp else want
+
+
 def auto_backend(op: str, device_type: str) -> str:
     """The backend ``auto`` would take for op on this device type."""
     implemented, auto_order = OPS[op]

@@ -349,8 +349,17 @@ def explain(model: nn.Module) -> str:
         except (StopIteration, BackendUnavailable) as e:
             return f"unavailable ({e})"
     if prog.has_conv:
-        lines.append(f"  batched_conv2d: the convolutions of all tasks' weights at once (backend "
-                     f"{backend_of('batched_conv2d')})")
+        be = backend_of("batched_conv2d")
+        tuned = ""
+        if be in ("cpp", "cuda"):
+            from .backend import requested, why_unavailable
+            from .ops.batched_conv2d import autotune_on
+            dev = next(model.parameters()).device.type
+            if autotune_on(dev):
+                tuned = "; timed shape by shape (FASTMETA_CONV_AUTOTUNE): one grouped call or a call a task"
+                if requested("batched_conv2d") == "auto" and why_unavailable("triton", dev) is None:
+                    tuned += ", or triton's kernels where faster"
+        lines.append(f"  batched_conv2d: the convolutions of all tasks' weights at once (backend {be}{tuned})")
     if any(s.kind == "bn_relu_pool" for s in prog.steps):
         be = backend_of("bn_relu_pool")
         closed = ", its second-order derivative in closed form" if be in ("cpp", "cuda", "triton") else ""

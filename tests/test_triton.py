@@ -400,3 +400,126 @@ def test_conv_wgrad_split_reduction(split):
     want = torch.autograd.grad(y, w, gy)[0]
     got = conv_wgrad(x.detach(), gy, (3, 3), (1, 1), split=split)
     assert_rel_close([got], [want], 1e-12, f"wgrad split={split}")
+
+
+ATEN = "cuda" if DEVICE == "cuda" else "cpp"
+
+
+def _tuning(monkeypatch, picks=None):
+    """Tuned conv primitives (under auto: fastmeta._C's ops against the triton ones) with the clock
+    replaced by picks(n) -> True where the n-th key tuned should take triton (None: the real
+    clock); returns the module."""
+    import importlib
+    bc = importlib.import_module("fastmeta.ops.batched_conv2d")  # (the package exports the function)
+    monkeypatch.setenv("FASTMETA_CONV_AUTOTUNE", "1")
+    monkeypatch.delenv("FASTMETA_CONV_PER_TASK", raising=False)
+    monkeypatch.setattr(bc, "_TUNED_DTYPES", (torch.float32, torch.float64))  # (float32 only by default)
+    bc.clear_backend_choices()
+    if picks is not None:
+        calls = []
+
+        def timer(fn, device):  # aten first, then triton, for each key
+            n = len(calls)
+            calls.append(n)
+            ms = (0.5 if picks(n // 2) else 2.0) if n % 2 else 1.0
+            return ms, fn()
+        monkeypatch.setattr(bc, "_time_call", timer)
+    return bc
+
+
+def _conv_to_second_order(x, w, b, fn):
+    y = fn(x, w, b, padding=1)
+    r = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device=y.device).view_as(y)
+    ins = [x, w, b]
+    gs = torch.autograd.grad((torch.tanh(y) * r).sum(), ins, create_graph=True)
+    gg = torch.autograd.grad(sum((g * g.detach().flip(-1)).sum() for g in gs), ins)
+    return [y.detach(), *[g.detach() for g in gs], *gg]
+
+
+@pytest.mark.parametrize("mode", ["triton", "aten", "mixed"])
+def test_tuned_conv_primitives_to_second_order(mode, monkeypatch):
+    """Under auto with the autotune on, each convolution primitive call (forward, input and weight
+    gradient, their one-call backward) takes whichever of fastmeta._C's ops and the triton kernels
+    timed faster for its shapes: whichever is taken, and mixed between the primitives of one
+    graph, values and derivatives to second order are the reference's, and each key is timed
+    once."""
+    bc = _tuning(monkeypatch, {"triton": lambda n: True, "aten": lambda n: False,
+                               "mixed": lambda n: n % 2 == 0}[mode])
+    g = torch.Generator().manual_seed(1)
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 2, 4, 6, 5, generator=g, **d).to(DEVICE).requires_grad_()
+    w = torch.randn(3, 5, 4, 3, 3, generator=g, **d).to(DEVICE).requires_grad_()
+    b = torch.randn(3, 5, generator=g, **d).to(DEVICE).requires_grad_()
+    with fastmeta.use_backend("auto"):
+        got = _conv_to_second_order(x, w, b, ops.batched_conv2d)
+    assert_rel_close(got, _conv_to_second_order(x, w, b, ops.batched_conv2d_ref), 1e-10, f"tuned conv ({mode})")
+    lines = bc.backend_choices()
+    picked = {ln.rsplit("|", 1)[1].strip() for ln in lines}
+    assert lines and picked == {"triton": {"triton"}, "aten": {ATEN}, "mixed": {"triton", ATEN}}[mode], lines
+    assert any(ln.startswith("conv 3x2x4x6x5, 3x5x4x3x3, 3x5 |") for ln in lines), lines
+    with fastmeta.use_backend("auto"):
+        again = _conv_to_second_order(x, w, b, ops.batched_conv2d)
+    assert_rel_close(again, got, 1e-12, "tuned conv, cached choices")
+    assert bc.backend_choices() == lines
+
+
+def test_tuned_conv_primitives_in_a_conv_net_meta_gradient(monkeypatch):
+    """A conv net through BatchedMAML (second order, two inner steps) with its convolution
+    primitives split between the two backends by the autotune: the meta-gradient is the loop's."""
+    from conftest import loop_meta_grads, small_conv_net
+    bc = _tuning(monkeypatch, lambda n: n % 3 != 1)
+    monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", "3")
+    model = small_conv_net(torch.float64, 1, 2, 4).to(DEVICE)
+    T, K, Q = 3, 4, 3
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(T, K, 1, 6, 6, generator=g, dtype=torch.float64).to(DEVICE),
+             torch.randint(0, 5, (T, K), generator=g).to(DEVICE),
+             torch.randn(T, Q, 1, 6, 6, generator=g, dtype=torch.float64).to(DEVICE),
+             torch.randint(0, 5, (T, Q), generator=g).to(DEVICE))
+    with fastmeta.use_backend("auto"):
+        meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy")
+        got = torch.autograd.grad(meta(*batch), list(model.parameters()))
+        assert "or triton's kernels where faster" in fastmeta.explain(model)
+    _, want, _ = loop_meta_grads(model, *batch, 0.3, 2, "cross_entropy", False)
+    assert_rel_close(list(got), list(want), 1e-9, "meta-gradient, tuned conv primitives")
+    picked = {ln.rsplit("|", 1)[1].strip() for ln in bc.backend_choices()}
+    assert picked == {"triton", ATEN}, bc.backend_choices()
+
+
+def test_tuned_conv_primitives_keep_aten_where_triton_fails(monkeypatch):
+    """A triton primitive that raises while it is timed leaves fastmeta._C's op chosen, with the
+    reason in the choice's line; the call's value is right."""
+    bc = _tuning(monkeypatch)
+
+    def broken(self, x, w, b=None):
+        raise RuntimeError("no kernel for this card")
+    monkeypatch.setattr(bc._TritonPrims, "conv", broken)
+    x = torch.randn(2, 2, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64, device=DEVICE)
+    with fastmeta.use_backend("auto"):
+        y = ops.batched_conv2d(x, w, None, padding=1)
+    torch.testing.assert_close(y, ops.batched_conv2d_ref(x, w, None, padding=1))
+    (line,) = bc.backend_choices()
+    assert "failed: RuntimeError: no kernel for this card" in line and line.endswith(f"| {ATEN}"), line
+
+
+@pytest.mark.parametrize("setting", ["explicit backend", "autotune off", "default", "float64"])
+def test_tuned_conv_primitives_only_under_auto_with_the_autotune_on(setting, monkeypatch):
+    """An explicitly requested backend runs as requested; FASTMETA_CONV_AUTOTUNE=0 keeps
+    fastmeta._C's ops; unset, the autotune is on for CUDA tensors only; float64 convolutions
+    (by default) stay on fastmeta._C's ops."""
+    bc = _tuning(monkeypatch, lambda n: True)
+    if setting == "float64":
+        monkeypatch.setattr(bc, "_TUNED_DTYPES", (torch.float32,))
+    backend = ATEN if setting == "explicit backend" else "auto"
+    if setting == "autotune off":
+        monkeypatch.setenv("FASTMETA_CONV_AUTOTUNE", "0")
+    if setting == "default":
+        monkeypatch.delenv("FASTMETA_CONV_AUTOTUNE")
+    x = torch.randn(2, 2, 3, 5, 5, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(2, 4, 3, 3, 3, dtype=torch.float64, device=DEVICE)
+    with fastmeta.use_backend(backend):
+        y = ops.batched_conv2d(x, w, None, padding=1)
+    torch.testing.assert_close(y, ops.batched_conv2d_ref(x, w, None, padding=1))
+    tuned = setting == "default" and DEVICE == "cuda"
+    assert bool(bc.backend_choices()) == tuned, bc.backend_choices()

@@ -27,12 +27,14 @@ on the backend's kernels.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from .. import _checks
-from ..backend import register_op, select
+from ..backend import register_op, requested, select, why_unavailable
 
 IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 # cpp first on the CPU: as fast as the torch ops on Omniglot, 7% faster on mini-ImageNet (PyTorch's
@@ -236,6 +238,129 @@ class _WeightGrad(torch.autograd.Function):
         return gx, ggy, None, None
 
 
+def autotune_on(device_type: str) -> bool:
+    """FASTMETA_CONV_AUTOTUNE (read each call, as fastmeta._C reads it): unset or empty, on for CUDA
+    tensors and off for CPU ones; '1' on, '0' off."""
+    v = os.environ.get("FASTMETA_CONV_AUTOTUNE", "")
+    if v == "":
+        return device_type == "cuda"
+    if v not in ("0", "1"):
+        raise ValueError(f"FASTMETA_CONV_AUTOTUNE must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+# The dtypes whose convolutions may take the triton primitives under the autotune: float32 (in float64
+# the Triton kernels compile for tens of seconds a shape, and cuDNN's double-precision kernels are
+# the ones a float64 user wants to compare against anyway)
+_TUNED_DTYPES = (torch.float32,)
+# key -> "aten" or "triton" (the tuned primitives' choices), and one line a choice for reports
+_CHOSEN: dict = {}
+_CHOICE_LINES: list = []
+
+
+def backend_choices() -> list:
+    """The choices of the tuned primitives so far, one line each: 'primitive shapes | cuda ms |
+    triton ms | choice' (fastmeta._C._conv_autotune_choices has those between its two forms)."""
+    return list(_CHOICE_LINES)
+
+
+def clear_backend_choices() -> None:
+    """Forgets the tuned primitives' choices (the next call of each shape times again)."""
+    _CHOSEN.clear()
+    _CHOICE_LINES.clear()
+
+
+def _time_call(fn, device):
+    """(ms a call, the last call's result) of fn: one call to warm (a Triton kernel compiles in it),
+    then three timed, with CUDA events on the current stream (by the clock on a CPU); each timed
+    call drops the last result before it runs. None inside a CUDA graph capture (nothing runs)."""
+    import time
+    if device.type == "cuda":
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        out = fn()
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(3):
+            out = None
+            out = fn()
+        stop.record()
+        stop.synchronize()
+        return start.elapsed_time(stop) / 3, out
+    out = fn()
+    t0 = time.perf_counter()
+    for _ in range(3):
+        out = None
+        out = fn()
+    return (time.perf_counter() - t0) * 1e3 / 3, out
+
+
+def _describe(tensors):
+    return ", ".join("None" if t is None else "x".join(map(str, t.shape)) for t in tensors)
+
+
+class _TunedPrims:
+    """Under auto, in float32 (_TUNED_DTYPES), where both run (CUDA; a CPU under TRITON_INTERPRET=1
+    with FASTMETA_CONV_AUTOTUNE=1): each primitive call takes the aten primitives (fastmeta._C's ops:
+    cuDNN / oneDNN, grouped or a call a task by their own timing) or the triton ones, whichever was
+    the faster for its shapes, strides, dtype and geometry, timed on that key's first call outside
+    a graph capture (_time_call) and kept for the process. Both compute the same values up to
+    rounding, so derivatives of any order may mix them. A triton call that fails while timed
+    (a compilation error, out of memory) leaves the aten one chosen and says why in
+    backend_choices()."""
+
+    __slots__ = ("aten", "triton", "key")
+
+    def __init__(self, stride, padding, dilation, groups):
+        self.aten = _AtenPrims(stride, padding, dilation, groups)
+        self.triton = _TritonPrims(padding)
+        self.key = tuple(tuple(g) if isinstance(g, list) else g for g in self.aten.geom)
+
+    def conv(self, x, w, b):
+        return self._run("conv", (x, w, b), (), lambda p: p.conv(x, w, b))
+
+    def input_grad(self, gy, w, x_size):
+        return self._run("input grad", (gy, w), tuple(x_size), lambda p: p.input_grad(gy, w, x_size))
+
+    def weight_grad(self, x, gy, w_size):
+        return self._run("weight grad", (x, gy), tuple(w_size), lambda p: p.weight_grad(x, gy, w_size))
+
+    def all_grads(self, gy, x, w, mask):
+        return self._run("backward", (gy, x, w), tuple(mask), lambda p: p.all_grads(gy, x, w, mask))
+
+    def _run(self, name, tensors, extra, fn):
+        key = (name, self.key, extra, tensors[0].device, tensors[0].dtype,
+               *(None if t is None else (t.shape, t.stride()) for t in tensors))
+        pick = _CHOSEN.get(key)
+        if pick is not None:
+            return fn(self.triton if pick == "triton" else self.aten)
+        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+            return fn(self.aten)  # (traced or under a dispatch mode: nothing is timed)
+        device = tensors[0].device
+        timed = _time_call(lambda: fn(self.aten), device)
+        if timed is None:  # inside a graph capture
+            return fn(self.aten)
+        aten_ms, out = timed
+        out = None
+        failed = ""
+        try:
+            triton_ms, out = _time_call(lambda: fn(self.triton), device)
+        except Exception as e:  # the aten primitives stay; the reason is reported
+            triton_ms, out, failed = float("inf"), None, f" (failed: {type(e).__name__}: {str(e)[:200]})"
+        pick = "triton" if triton_ms < aten_ms else "aten"
+        if pick == "aten":
+            out = fn(self.aten)
+        _CHOSEN[key] = pick
+        aten = "cuda" if device.type == "cuda" else "cpp"
+        line = (f"{name} {_describe(tensors)} | {aten} {aten_ms:.4f} ms | triton {triton_ms:.4f} ms{failed} | "
+                f"{aten if pick == 'aten' else 'triton'}")
+        _CHOICE_LINES.append(line)
+        if os.environ.get("FASTMETA_CONV_AUTOTUNE_LOG") == "1":
+            print(f"fastmeta: batched_conv2d backend autotune ({device}, {str(tensors[0].dtype)[6:]}): {line}",
+                  file=sys.stderr, flush=True)
+        return out
+
+
 def _triton_supports(weight, stride, padding, dilation, groups):
     """The triton kernels' configurations: stride 1, no dilation, groups 1, integer padding of at
     most kernel size - 1 (the input gradient's padding kernel - 1 - padding is then >= 0)."""
@@ -284,11 +409,16 @@ def batched_conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups
 def fused_prims(x, weight, stride=1, padding=0, dilation=1, groups=1):
     """(primitives, weight as the primitives take it) of the backend a batched_conv2d call of these
     arguments takes, or None where that is the torch reference (checked arguments)."""
-    backend = select("batched_conv2d", x.device.type)
+    device_type = x.device.type
+    backend = select("batched_conv2d", device_type)
     if backend == "triton" and _triton_supports(weight, stride, padding, dilation, groups):
         return _TritonPrims(padding), weight
     if backend in ("cpp", "cuda") and not isinstance(padding, str) and x.numel() > 0:
         T = x.shape[0]
-        return _AtenPrims(stride, padding, dilation, groups), (weight if weight.dim() == 5 else
-                                                               weight.unsqueeze(0).expand(T, *weight.shape))
+        w = weight if weight.dim() == 5 else weight.unsqueeze(0).expand(T, *weight.shape)
+        if (x.dtype in _TUNED_DTYPES and requested("batched_conv2d") == "auto" and autotune_on(device_type)
+                and why_unavailable("triton", device_type) is None
+                and _triton_supports(weight, stride, padding, dilation, groups)):
+            return _TunedPrims(stride, padding, dilation, groups), w
+        return _AtenPrims(stride, padding, dilation, groups), w
     return None
