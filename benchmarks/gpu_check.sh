@@ -79,9 +79,11 @@ step_convprobe() { TAIL=70 run_step convprobe 80 conv_probe.txt python benchmark
 step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python -m pytest -q -rfEs \
   -p no:cacheprovider --timeout=80 tests/test_triton.py -k "conv or bn_relu_pool"; }
 # (the loop first, the row every other's error is measured against; fastmeta: auto, on CUDA
-# fastmeta._C's convolution ops (cuDNN underneath; their second order avoids PyTorch's per-task
-# double backward) and bn_relu_pool kernels; -torch: the batched torch ops; _rc: recompute=True)
-step_omniglot() { TAIL=10 run_step omniglot 90 bench_omniglot.txt $CONV --workload omniglot --providers \
+# fastmeta._C's convolution ops (cuDNN underneath, grouped or a call a task; their second order
+# avoids PyTorch's per-task double backward) or the Triton ones, whichever times faster for each
+# primitive and shape in the first call, and bn_relu_pool kernels; -torch: the batched torch ops;
+# _rc: recompute=True)
+step_omniglot() { TAIL=10 run_step omniglot 110 bench_omniglot.txt $CONV --workload omniglot --providers \
   loop,fastmeta_graph,fastmeta_graph-triton,fastmeta,fastmeta-triton,fastmeta_graph_rc,vmap,fastmeta-torch \
   --json "$LOG/bench_omniglot.json"; }
 # the Triton convolutions with TF32x3 products (three TF32 tensor-core products of each operand's
