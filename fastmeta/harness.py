@@ -590,7 +590,7 @@ def cpu_peak_mb(step, fused: bool = False) -> float | None:
 
     with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()  # (it ran before; the profiler's own start/stop lines on fd 2 are dropped)
-    peak = Profile._cpu_peak_mb(prof.events())
+    peak = Profile._cpu_peak_mb_of(prof)
     if not peak:  # no allocation seen (e.g. torch.compile's generated code): not measured
         return None
     if fused:

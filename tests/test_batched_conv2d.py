@@ -275,3 +275,27 @@ def test_autotune_setting_is_checked(monkeypatch):
     with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError, match="FASTMETA_CONV_AUTOTUNE must be 0 or 1"):
         ops.batched_conv2d(x, w, b, padding=1)
 
+
+
+def test_autotune_holds_no_more_memory_than_either_form(monkeypatch):
+    """Tuning a shape keeps at most one form's result at a time: the first (timed) call's peak is
+    within the larger of the two forms' own peaks (plus 5% of the output)."""
+    from fastmeta.harness import step_peak_mb
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 4, 8, 48, 48, generator=g)
+    w = torch.randn(4, 16, 8, 3, 3, generator=g)
+
+    def call():
+        with fastmeta.use_backend("cpp"), torch.no_grad():
+            ops.batched_conv2d(x, w, None, padding=1)
+
+    peaks = {}
+    for form in ("0", "1"):
+        monkeypatch.setenv("FASTMETA_CONV_PER_TASK", form)
+        call()
+        peaks[form] = step_peak_mb(call, "cpu")
+    _autotune_env(monkeypatch, "1")
+    tuned = step_peak_mb(call, "cpu")
+    assert len(fastmeta._C._conv_autotune_choices()) == 1
+    out_mb = 4 * 4 * 16 * 48 * 48 * 4 / 2**20
+    assert peaks["0"] >= out_mb and tuned <= max(peaks.values()) + 0.05 * out_mb, (tuned, peaks, out_mb)

@@ -353,3 +353,35 @@ def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
     assert "| fastmeta_graph@4 | 3.20x vmap (300 vs 960 ms) at 1.90x the loop's peak" in mini_line
     assert mini_line.endswith("| yes |")
     assert not any(k.startswith("#5 omniglot") for k in lines)  # no baseline row in that file
+
+
+class _TransientBackward(torch.autograd.Function):
+    """y = 2x; its backward makes (and frees) a 16 MB tensor before it returns 2 gy."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, gy):
+        big = torch.ones(4 * 2**20)  # 16 MB, freed when backward returns
+        return 2 * gy + big[:1].sum() * 0
+
+
+def test_cpu_peak_counts_what_lives_inside_an_op_or_a_backward():
+    """harness.cpu_peak_mb counts every allocation while it lives, whatever scope makes and frees
+    it: the peak of a step whose backward holds a 16 MB temporary, and of an op that does, is at
+    least 16 MB (an estimate from each op's net allocation saw 0 of it)."""
+    x = torch.randn(8, requires_grad=True)
+
+    def backward_step():
+        torch.autograd.grad(_TransientBackward.apply(x).sum(), x)
+
+    def op_step():  # torch.cdist makes and frees intermediates inside one ATen op
+        a = torch.randn(2048, 64)
+        torch.cdist(a, a)  # (its [2048, 2048] result, 16 MB, freed at once)
+
+    backward_step()
+    assert H.cpu_peak_mb(backward_step) >= 16.0
+    op_step()
+    assert H.cpu_peak_mb(op_step) >= 16.0

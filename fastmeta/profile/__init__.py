@@ -106,7 +106,7 @@ class Profile:
         if self.device == "cuda":
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
-            peak = self._cpu_peak_mb(events)
+            peak = self._cpu_peak_mb_of(self._prof)
             if any(e.name == "fastmeta::mlp_inner_loop" for e in events):
                 try:  # the fused CPU kernel's per-thread workspaces are not tensors
                     from .. import _C
@@ -146,9 +146,34 @@ class Profile:
         return out
 
     @staticmethod
+    def _cpu_peak_mb_of(prof) -> float | None:
+        """Peak of the running sum of CPU allocations minus frees over a profile, in MiB: from every
+        allocation and free the profiler recorded (its raw memory records, each with its time and
+        size), so that a tensor made and freed inside one op or one backward function counts while
+        it lives. Where those records are not at hand (a torch without them), the op-level
+        estimate _cpu_peak_mb, which can miss such transients."""
+        try:
+            raw = prof.profiler.kineto_results.events()
+        except AttributeError:
+            return Profile._cpu_peak_mb(prof.events())
+        records = []
+        for e in raw:
+            if e.name() == "[memory]" and str(e.device_type()).endswith("CPU"):
+                records.append((e.start_ns(), -e.nbytes(), e.nbytes()))  # allocations first at a tie
+        if not records:
+            return None
+        cur = peak = 0
+        for _, _, delta in sorted(records):
+            cur += delta
+            peak = max(peak, cur)
+        return peak / 2**20
+
+    @staticmethod
     def _cpu_peak_mb(events) -> float | None:
-        """Peak of the running sum of CPU allocations minus frees seen by the profiler (each op's
-        own net allocation, plus the frees it records as '[memory]' events), in MiB."""
+        """Peak of the running sum of CPU allocations minus frees seen by the profiler's events
+        (each op's own net allocation, plus the frees it records as '[memory]' events), in MiB: an
+        estimate that misses what is made and freed inside one op, and that counts an enclosing
+        scope's net frees at its start (_cpu_peak_mb_of is exact)."""
         records = []
         for e in events:
             delta = e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
