@@ -108,16 +108,15 @@ step_conv_pertask() { TAIL=40 run_step conv_pertask 110 bench_conv_pertask.txt s
 # the same with cuDNN's algorithm search on (grouped convolutions of per-task weights, all providers)
 step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omniglot_cudnnbench.txt $CONV \
   --workload omniglot --providers fastmeta,loop,vmap --cudnn-benchmark --json "$LOG/bench_omniglot_cudnnbench.json"; }
-# (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time, for the
-# memory target (peak <= 2x the loop's); on the H200 with the torch ops one task's graph peaked at
-# 1.07x the loop's, every task at once on the cuda ops at 530 MB a task, so chunks of 3 should fit;
-# the baselines come second and third so that a step cut short still has them; fastmeta_graph_rc@N:
-# the same with BatchedMAML(recompute=True), whose task graphs are about half as large on the CPU;
-# _rc_ck: and checkpoint_steps=True (one inner step's graph at a time, recomputed in the backward:
-# ~35 MB a task on the CPU against 200 MB with recompute alone, for 1.1-1.4x the time), so that
-# all 32 tasks' kernels (or 16's) run at once within the memory bound)
+# (fastmeta_vg@N / fastmeta_graph@N: BatchedMAML(task_chunk=N), N tasks' graphs at a time; _rc:
+# recompute=True, _ck: checkpoint_steps=True. For the memory target (peak <= 2x the loop's, ~1.03
+# GB on the H200) the chunk is bounded by what passes through the first block at once: its
+# convolution's output for 75 query images and that output's gradient, ~135 MB a task in float32,
+# whatever the switches (RESULTS.md, "CPU peak memory, every allocation counted"); so chunks of 8,
+# graphed first. The baselines come second and third so that a step cut short still has them;
+# all tasks at once (fastmeta) gives the speed without the memory bound)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 150 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_vg_rc_ck,loop,vmap,fastmeta_vg_rc_ck@16,fastmeta_graph_rc_ck,fastmeta_graph_rc@4,fastmeta_graph_rc@8,fastmeta \
+  --providers fastmeta_graph_rc_ck@8,loop,vmap,fastmeta_graph_ck@8,fastmeta_vg_rc_ck@8,fastmeta_graph_rc@4,fastmeta,fastmeta_vg_rc_ck \
   --json "$LOG/bench_miniimagenet.json"; }
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
