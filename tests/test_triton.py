@@ -523,3 +523,22 @@ def test_tuned_conv_primitives_only_under_auto_with_the_autotune_on(setting, mon
     torch.testing.assert_close(y, ops.batched_conv2d_ref(x, w, None, padding=1))
     tuned = setting == "default" and DEVICE == "cuda"
     assert bool(bc.backend_choices()) == tuned, bc.backend_choices()
+
+
+def test_tuned_conv_primitives_time_nothing_under_a_dispatch_mode(monkeypatch):
+    """Under a dispatch mode (as when a step is traced) a key not yet chosen runs fastmeta._C's op
+    and times nothing: the clock is never read and no choice is recorded."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Passthrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    bc = _tuning(monkeypatch)
+    monkeypatch.setattr(bc, "_time_call", lambda fn, device: pytest.fail("timed under a dispatch mode"))
+    x = torch.randn(2, 2, 3, 5, 5, device=DEVICE)
+    w = torch.randn(2, 4, 3, 3, 3, device=DEVICE)
+    with fastmeta.use_backend("auto"), Passthrough():
+        y = ops.batched_conv2d(x, w, None, padding=1)
+    torch.testing.assert_close(y, ops.batched_conv2d_ref(x, w, None, padding=1), rtol=1e-4, atol=1e-5)
+    assert bc.backend_choices() == []

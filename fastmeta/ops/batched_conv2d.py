@@ -334,8 +334,9 @@ class _TunedPrims:
         pick = _CHOSEN.get(key)
         if pick is not None:
             return fn(self.triton if pick == "triton" else self.aten)
-        if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-            return fn(self.aten)  # (traced or under a dispatch mode: nothing is timed)
+        if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active()):
+            return fn(self.aten)  # (traced, under a dispatch mode or a transform: nothing is timed)
         device = tensors[0].device
         timed = _time_call(lambda: fn(self.aten), device)
         if timed is None:  # inside a graph capture
