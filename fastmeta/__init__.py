@@ -8,6 +8,8 @@
 - ``graphed(meta, xs, ys, xq, yq)``: a BatchedMAML meta-step captured in one CUDA graph.
 - ``profile(...)``: per-phase times, op and launch counts, memory and a trace of meta-iterations.
 - ``tune(meta, xs, ys, xq, yq)``: times the meta-step on each backend here, keeps the fastest.
+- ``conv_autotune_choices()`` / ``clear_conv_autotune()``: what the convolutions' shape-by-shape
+  timing chose (CUDA; README, FASTMETA_CONV_AUTOTUNE), and forgetting it.
 """
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .batched import BatchedMAML
@@ -15,11 +17,14 @@ from .graphs import GraphedStep, graphed
 from .maml import MAML, MetaSGD, clone_module
 from .plan import UnsupportedModule, explain
 from .tune import Tuning, tune
+from .ops.batched_conv2d import autotune_choices as conv_autotune_choices
+from .ops.batched_conv2d import clear_autotune_choices as clear_conv_autotune
 from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) is the profiler)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "clone_module", "set_backend", "get_backend",
-    "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "tune", "Tuning", "__version__",
+    "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "tune", "Tuning",
+    "conv_autotune_choices", "clear_conv_autotune", "__version__",
 ]

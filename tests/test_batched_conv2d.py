@@ -299,3 +299,24 @@ def test_autotune_holds_no_more_memory_than_either_form(monkeypatch):
     assert len(fastmeta._C._conv_autotune_choices()) == 1
     out_mb = 4 * 4 * 16 * 48 * 48 * 4 / 2**20
     assert peaks["0"] >= out_mb and tuned <= max(peaks.values()) + 0.05 * out_mb, (tuned, peaks, out_mb)
+
+
+def test_public_autotune_report_and_reset(monkeypatch):
+    """fastmeta.conv_autotune_choices() lists fastmeta._C's choices between its two forms (and the
+    tuned primitives' between backends); fastmeta.clear_conv_autotune() forgets them, so the next
+    call of a shape times again."""
+    _autotune_env(monkeypatch, "1")
+    x, w, b = _case(2, 2, 3, 6, 6, 4, 3, False, "task", torch.float64)
+
+    def call():
+        with fastmeta.use_backend("cpp"), torch.no_grad():
+            ops.batched_conv2d(x, w, b, padding=1)
+
+    call()
+    report = fastmeta.conv_autotune_choices()
+    assert set(report) == {"forms", "backends"} and report["backends"] == []
+    assert len(report["forms"]) == 1 and report["forms"][0].startswith("forward x [2, 2, 3, 6, 6]"), report
+    fastmeta.clear_conv_autotune()
+    assert fastmeta.conv_autotune_choices() == {"forms": [], "backends": []}
+    call()
+    assert len(fastmeta.conv_autotune_choices()["forms"]) == 1

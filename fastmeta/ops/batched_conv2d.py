@@ -270,6 +270,28 @@ def clear_backend_choices() -> None:
     _CHOICE_LINES.clear()
 
 
+def autotune_choices() -> dict:
+    """What the convolutions' autotune chose so far in this process: 'forms', fastmeta._C's (one
+    grouped ATen call or a call a task: 'op shapes | grouped ms | per task ms | choice'), and
+    'backends', the tuned primitives' ('primitive shapes | cuda ms | triton ms | choice')."""
+    try:
+        from .. import _C
+        forms = list(_C._conv_autotune_choices())
+    except (ImportError, AttributeError):
+        forms = []
+    return {"forms": forms, "backends": backend_choices()}
+
+
+def clear_autotune_choices() -> None:
+    """Forgets every choice of the convolutions' autotune (the next call of each shape times again)."""
+    clear_backend_choices()
+    try:
+        from .. import _C
+        _C._conv_autotune_clear()
+    except (ImportError, AttributeError):
+        pass
+
+
 def _time_call(fn, device):
     """(ms a call, the last call's result) of fn: one call to warm (a Triton kernel compiles in it),
     then three timed, with CUDA events on the current stream (by the clock on a CPU); each timed
