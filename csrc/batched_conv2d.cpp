@@ -182,11 +182,13 @@ void add_key(std::vector<int64_t>& key, at::IntArrayRef v) {
 // call a task that fails there (out of memory, say) leaves the grouped call chosen. Both forms
 // compute the same values up to the rounding of the algorithms underneath.
 template <typename R>
-R run_conv(const char* op, std::vector<int64_t> key, const at::Tensor& like, int64_t T, int64_t channels_per_group,
-           const std::function<std::string()>& describe, const std::function<R(bool)>& run) {
+R run_conv(const char* op, const std::function<std::vector<int64_t>()>& make_key, const at::Tensor& like, int64_t T,
+           int64_t channels_per_group, const std::function<std::string()>& describe,
+           const std::function<R(bool)>& run) {
   const int forced = forced_per_task(channels_per_group);
   if (forced >= 0) return run(forced == 1 && T > 0);
   if (T <= 1 || !autotune_on(like.device())) return run(false);
+  std::vector<int64_t> key = make_key();  // (built only where the choice is looked up)
   key.push_back(static_cast<int64_t>(like.device().type()));
   key.push_back(like.device().index());
   key.push_back(static_cast<int64_t>(like.scalar_type()));
@@ -285,11 +287,14 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
                                    /*transposed=*/false, {0, 0}, g.groups * T);
     return unfold(y, T);
   };
-  std::vector<int64_t> key{0, b.defined()};
-  add_key(key, x);
-  add_key(key, w);
-  add_key(key, g);
-  return run_conv<at::Tensor>("forward", key, x, T, w.size(2),
+  auto make_key = [&] {
+    std::vector<int64_t> key{0, b.defined()};
+    add_key(key, x);
+    add_key(key, w);
+    add_key(key, g);
+    return key;
+  };
+  return run_conv<at::Tensor>("forward", make_key, x, T, w.size(2),
                               [&] { return c10::str("x ", x.sizes(), ", weight ", w.sizes()); }, run);
 }
 
@@ -307,12 +312,15 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
     at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
     return std::get<0>(backward_impl(gy, xf, fold_weight(w), g, {true, false, false}));
   };
-  std::vector<int64_t> key{1};
-  add_key(key, gy);
-  add_key(key, w);
-  add_key(key, x_size);
-  add_key(key, g);
-  return run_conv<at::Tensor>("input grad", key, gy, gy.size(0), w.size(2),
+  auto make_key = [&] {
+    std::vector<int64_t> key{1};
+    add_key(key, gy);
+    add_key(key, w);
+    add_key(key, x_size);
+    add_key(key, g);
+    return key;
+  };
+  return run_conv<at::Tensor>("input grad", make_key, gy, gy.size(0), w.size(2),
                               [&] { return c10::str("gy ", gy.sizes(), ", weight ", w.sizes()); }, run);
 }
 
@@ -330,12 +338,15 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
     at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
     return std::get<1>(backward_impl(gy, fold(x), wf, g, {false, true, false}));
   };
-  std::vector<int64_t> key{2};
-  add_key(key, x);
-  add_key(key, gy);
-  add_key(key, w_size);
-  add_key(key, g);
-  return run_conv<at::Tensor>("weight grad", key, gy, gy.size(0), w_size[2],
+  auto make_key = [&] {
+    std::vector<int64_t> key{2};
+    add_key(key, x);
+    add_key(key, gy);
+    add_key(key, w_size);
+    add_key(key, g);
+    return key;
+  };
+  return run_conv<at::Tensor>("weight grad", make_key, gy, gy.size(0), w_size[2],
                               [&] { return c10::str("x ", x.sizes(), ", gy ", gy.sizes()); }, run);
 }
 
@@ -356,12 +367,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
     at::Tensor xf = output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
     return backward_impl(gy, xf, fold_weight(w), g, output_mask);
   };
-  std::vector<int64_t> key{3, output_mask[0], output_mask[1], output_mask[2]};
-  add_key(key, gy);
-  add_key(key, x);
-  add_key(key, w);
-  add_key(key, g);
-  return run_conv<Grads>("backward", key, gy, gy.size(0), w.size(2),
+  auto make_key = [&] {
+    std::vector<int64_t> key{3, output_mask[0], output_mask[1], output_mask[2]};
+    add_key(key, gy);
+    add_key(key, x);
+    add_key(key, w);
+    add_key(key, g);
+    return key;
+  };
+  return run_conv<Grads>("backward", make_key, gy, gy.size(0), w.size(2),
                          [&] { return c10::str("gy ", gy.sizes(), ", x ", x.sizes(), ", weight ", w.sizes()); }, run);
 }
 

@@ -352,12 +352,11 @@ def explain(model: nn.Module) -> str:
         be = backend_of("batched_conv2d")
         tuned = ""
         if be in ("cpp", "cuda"):
-            from .backend import requested, why_unavailable
-            from .ops.batched_conv2d import autotune_on
-            dev = next(model.parameters()).device.type
-            if autotune_on(dev):
+            from .ops.batched_conv2d import autotune_on, tunes_backends
+            p0 = next(model.parameters())
+            if autotune_on(p0.device.type):
                 tuned = "; timed shape by shape (FASTMETA_CONV_AUTOTUNE): one grouped call or a call a task"
-                if requested("batched_conv2d") == "auto" and why_unavailable("triton", dev) is None:
+                if tunes_backends(p0.device.type, p0.dtype):
                     tuned += ", or triton's kernels where faster"
         lines.append(f"  batched_conv2d: the convolutions of all tasks' weights at once (backend {be}{tuned})")
     if any(s.kind == "bn_relu_pool" for s in prog.steps):

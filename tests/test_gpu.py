@@ -441,14 +441,12 @@ def test_cuda_conv_autotune_memory(monkeypatch):
     x = torch.randn(8, 16, 16, 40, 40, generator=g).cuda()
     w = torch.randn(8, 32, 16, 3, 3, generator=g).cuda()
 
-    def peak_mb():
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
+    def call():
         with fastmeta.use_backend("cuda"), torch.no_grad():
             ops.batched_conv2d(x, w, None, padding=1)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def peak_mb():
+        return H.step_peak_mb(call, "cuda")
 
     monkeypatch.delenv("FASTMETA_CONV_AUTOTUNE", raising=False)
     peaks = {}

@@ -523,6 +523,11 @@ def test_tuned_conv_primitives_only_under_auto_with_the_autotune_on(setting, mon
     torch.testing.assert_close(y, ops.batched_conv2d_ref(x, w, None, padding=1))
     tuned = setting == "default" and DEVICE == "cuda"
     assert bool(bc.backend_choices()) == tuned, bc.backend_choices()
+    if setting == "float64":  # and explain says so for a float64 model
+        from conftest import small_conv_net
+        with fastmeta.use_backend(backend):
+            assert "triton's kernels" not in fastmeta.explain(small_conv_net(torch.float64, 1, 1, 4).to(DEVICE))
+            assert "triton's kernels" in fastmeta.explain(small_conv_net(torch.float32, 1, 1, 4).to(DEVICE))
 
 
 def test_tuned_conv_primitives_time_nothing_under_a_dispatch_mode(monkeypatch):

@@ -292,6 +292,13 @@ def clear_autotune_choices() -> None:
         pass
 
 
+def tunes_backends(device_type: str, dtype) -> bool:
+    """Whether convolutions of this device and dtype weigh fastmeta._C's primitives against the
+    triton ones (_TunedPrims): auto requested, a tuned dtype, the autotune on, triton usable."""
+    return (dtype in _TUNED_DTYPES and requested("batched_conv2d") == "auto" and autotune_on(device_type)
+            and why_unavailable("triton", device_type) is None)
+
+
 def _time_call(fn, device):
     """(ms a call, the last call's result) of fn: one call to warm (a Triton kernel compiles in it),
     then three timed, with CUDA events on the current stream (by the clock on a CPU); each timed
@@ -439,9 +446,7 @@ def fused_prims(x, weight, stride=1, padding=0, dilation=1, groups=1):
     if backend in ("cpp", "cuda") and not isinstance(padding, str) and x.numel() > 0:
         T = x.shape[0]
         w = weight if weight.dim() == 5 else weight.unsqueeze(0).expand(T, *weight.shape)
-        if (x.dtype in _TUNED_DTYPES and requested("batched_conv2d") == "auto" and autotune_on(device_type)
-                and why_unavailable("triton", device_type) is None
-                and _triton_supports(weight, stride, padding, dilation, groups)):
+        if tunes_backends(device_type, x.dtype) and _triton_supports(weight, stride, padding, dilation, groups):
             return _TunedPrims(stride, padding, dilation, groups), w
         return _AtenPrims(stride, padding, dilation, groups), w
     return None
