@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine1000 sine25 miniimagenet omniglot convprobe probe1000 omniglot_x3 ncu conv_pertask miniprof convprof precision sine_all probe convcompile gputests_triton tritonconv miniimagenet_x3 miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine1000 sine25 miniimagenet omniglot omniglot_x3 convprobe probe1000 miniimagenet_x3 ncu conv_pertask miniprof convprof precision sine_all probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -84,16 +84,20 @@ step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python 
 # primitive and shape in the first call, and bn_relu_pool kernels; -torch: the batched torch ops;
 # _rc: recompute=True)
 step_omniglot() { TAIL=10 run_step omniglot 110 bench_omniglot.txt $CONV --workload omniglot --providers \
-  loop,fastmeta_graph,fastmeta_graph-triton,fastmeta,fastmeta-triton,fastmeta_graph_rc,vmap,fastmeta-torch \
+  loop,fastmeta_graph,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton,fastmeta,fastmeta-triton,fastmeta_graph_rc,vmap,fastmeta-torch \
   --json "$LOG/bench_omniglot.json"; }
-# the Triton convolutions with TF32x3 products (three TF32 tensor-core products of each operand's
-# high and low parts; float32 on the FMA units otherwise): their time, and their meta-gradients
-# against the float32 loop's (the loop runs first for that column)
-step_omniglot_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step omniglot_x3 60 bench_omniglot_x3.txt $CONV \
-  --workload omniglot --providers loop,fastmeta_graph-triton,fastmeta-triton --json "$LOG/bench_omniglot_x3.json"; }
-step_miniimagenet_x3() { TAIL=6 FASTMETA_TRITON_CONV_PRECISION=tf32x3 run_step miniimagenet_x3 90 \
-  bench_miniimagenet_x3.txt $CONV --workload miniimagenet --reps 3 --providers \
-  loop,fastmeta_graph@3-triton,fastmeta-triton --json "$LOG/bench_miniimagenet_x3.json"; }
+# the convolutions with TF32x3 products (FASTMETA_CONV_PRECISION=tf32x3: three TF32 tensor-core
+# products of each operand's high and low parts; float32 on the FMA units otherwise), on cuDNN
+# (fastmeta._C's ops: the parts stacked along each reduction, one TF32 call), on Triton (in
+# registers), and under auto (each primitive and shape on the faster of the two): their time, and
+# their meta-gradients against the float32 loop's (the loop runs first for that column); a
+# provider's +tf32x3 suffix sets it for that row alone
+step_omniglot_x3() { TAIL=8 run_step omniglot_x3 90 bench_omniglot_x3.txt $CONV --workload omniglot --providers \
+  loop,fastmeta_graph+tf32x3,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton+tf32x3,fastmeta+tf32x3 \
+  --json "$LOG/bench_omniglot_x3.json"; }
+step_miniimagenet_x3() { TAIL=8 run_step miniimagenet_x3 120 bench_miniimagenet_x3.txt $CONV --workload miniimagenet \
+  --reps 3 --providers loop,vmap,fastmeta_graph_rc_ck@8+tf32x3,fastmeta_graph@8-cuda+tf32x3,fastmeta+tf32x3 \
+  --json "$LOG/bench_miniimagenet_x3.json"; }
 # fastmeta._C's convolution ops take, shape by shape, the faster of one grouped cuDNN call and one
 # call a task (their autotune, on by default on CUDA: the rows of the omniglot and miniimagenet
 # steps): here each form forced (FASTMETA_CONV_PER_TASK=0 grouped, as before the autotune; =1 a call
@@ -116,7 +120,7 @@ step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omnigl
 # graphed first. The baselines come second and third so that a step cut short still has them;
 # all tasks at once (fastmeta) gives the speed without the memory bound)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 150 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph_rc_ck@8,loop,vmap,fastmeta_graph_ck@8,fastmeta_vg_rc_ck@8,fastmeta_graph_rc@4,fastmeta,fastmeta_vg_rc_ck \
+  --providers fastmeta_graph_rc_ck@8,loop,vmap,fastmeta_graph_rc_ck@8-cuda+tf32x3,fastmeta_graph_ck@8,fastmeta_vg_rc_ck@8,fastmeta_graph_rc@4,fastmeta,fastmeta_vg_rc_ck \
   --json "$LOG/bench_miniimagenet.json"; }
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
@@ -138,7 +142,7 @@ step_tritontests() { TAIL=15 run_step tritontests 120 tests_triton.log python -m
 step_ops() { TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cacheprovider benchmarks/bench_ops.py \
   --benchmark-only --benchmark-json "$LOG/bench_ops.json" --benchmark-columns=median,iqr,rounds; }
 step_convcompile() { TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CONV --workload omniglot \
-  --providers loop,fastmeta,compile --json "$LOG/bench_conv_compile.json"; }
+  --providers loop,fastmeta_graph,fastmeta_graph+tf32x3,compile --json "$LOG/bench_conv_compile.json"; }
 # the float32 meta-gradients against the loop run in float64 (the exact answer): on the CPU the
 # loop's own is 1e-1 from it for mini-ImageNet (S=5) and ~1e-5 for Omniglot (RESULTS.md), so a row's
 # max rel err against the float32 loop is partly the loop's own rounding

@@ -25,6 +25,14 @@
 // and the copies. Which is faster depends on the layer, the card and the library versions, so on
 // CUDA the first call of each shape times both and keeps the faster (run_conv below;
 // FASTMETA_CONV_AUTOTUNE, FASTMETA_CONV_AUTOTUNE_LOG); FASTMETA_CONV_PER_TASK forces a choice.
+//
+// FASTMETA_CONV_PRECISION=tf32x3 (float32 only; default ieee) runs each op as three TF32 products
+// of its operands' high and low parts (x = hi + lo, hi x rounded to TF32's 11 significant bits, lo
+// the exact remainder): hi*hi' + hi*lo' + lo*hi', only the low parts' product (~2^-22 of each
+// product) dropped. The three products are one ATen call: the parts are stacked along the op's
+// reduction (the input channels of each group for the forward, the output channels for the input
+// gradient, the samples for the weight gradient), so one convolution sums all three. On CUDA that
+// call runs with cuDNN's TF32 allowed (tensor cores); on a CPU the same products run in float32.
 #include "common.h"
 
 #include <array>
@@ -101,6 +109,74 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_impl(const at::Tensor& g
 }
 
 at::Tensor stand_in(const at::Tensor& like, at::IntArrayRef size) { return like.new_empty({1}).expand(size); }
+
+// FASTMETA_CONV_PRECISION (read each call): whether a float32 op runs as three TF32 products.
+bool tf32x3(const at::Tensor& like) {
+  const char* v = std::getenv("FASTMETA_CONV_PRECISION");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "ieee") == 0) return false;
+  TORCH_CHECK(std::strcmp(v, "tf32x3") == 0, "FASTMETA_CONV_PRECISION: expected ieee or tf32x3, got '", v, "'");
+  return like.scalar_type() == at::kFloat;
+}
+
+// (hi, lo): hi = t rounded to the nearest TF32 value (ties away from zero: 13 low mantissa bits
+// cleared after adding half of their range), lo = t - hi, exact in float32.
+std::pair<at::Tensor, at::Tensor> tf32_parts(const at::Tensor& t) {
+  at::Tensor hi = at::bitwise_and(t.view(at::kInt) + 0x1000, static_cast<int64_t>(~0x1FFF)).view(at::kFloat);
+  return {hi, t - hi};
+}
+
+// The parts of t [A, B, ...] stacked along dim d as (a, b, c) (each 0 for hi, 1 for lo).
+at::Tensor stack_parts(const std::pair<at::Tensor, at::Tensor>& p, int64_t d, std::array<int, 3> which) {
+  auto part = [&](int i) { return i == 0 ? p.first : p.second; };
+  return at::cat({part(which[0]), part(which[1]), part(which[2])}, d);
+}
+
+// cuDNN's TF32 convolutions allowed while alive, for a CUDA tensor (the process-wide flag,
+// restored after: not for threads that run other float32 convolutions at the same time).
+struct AllowTF32 {
+  bool set = false;
+  explicit AllowTF32(const at::Tensor& like) {
+    if (like.is_cuda() && !at::globalContext().allowTF32CuDNN()) {
+      at::globalContext().setAllowTF32CuDNN(true);
+      set = true;
+    }
+  }
+  ~AllowTF32() {
+    if (set) at::globalContext().setAllowTF32CuDNN(false);
+  }
+  AllowTF32(const AllowTF32&) = delete;
+  AllowTF32& operator=(const AllowTF32&) = delete;
+};
+
+// x [T, N, C, H, W] for the forward: each group's C/g channels as (hi, hi, lo), built sample-major
+// ([N, T, 3C, H, W] underneath, so the grouped call folds it without a copy).
+at::Tensor x3_channels(const at::Tensor& x, int64_t groups) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
+  at::Tensor xs = x.transpose(0, 1).reshape({N, T, groups, C / groups, H, W});
+  return stack_parts(tf32_parts(xs), 3, {0, 0, 1}).view({N, T, 3 * C, H, W}).transpose(0, 1);
+}
+
+// weight [T, O, C/g, kh, kw] for the forward: (hi, lo, hi) along its input channels.
+at::Tensor w3_in(const at::Tensor& w) { return stack_parts(tf32_parts(w), 2, {0, 1, 0}); }
+
+// gy [T, N, O, Ho, Wo] for the input gradient: each group's O/g channels as (hi, lo, hi).
+at::Tensor gy3_channels(const at::Tensor& gy, int64_t groups) {
+  const int64_t T = gy.size(0), N = gy.size(1), O = gy.size(2), H = gy.size(3), W = gy.size(4);
+  at::Tensor s = gy.transpose(0, 1).reshape({N, T, groups, O / groups, H, W});
+  return stack_parts(tf32_parts(s), 3, {0, 1, 0}).view({N, T, 3 * O, H, W}).transpose(0, 1);
+}
+
+// weight [T, O, C/g, kh, kw] for the input gradient: each group's O/g output channels (hi, hi, lo).
+at::Tensor w3_out(const at::Tensor& w, int64_t groups) {
+  const int64_t T = w.size(0), O = w.size(1);
+  at::Tensor s = w.reshape({T, groups, O / groups, w.size(2), w.size(3), w.size(4)});
+  return stack_parts(tf32_parts(s), 2, {0, 0, 1}).view({T, 3 * O, w.size(2), w.size(3), w.size(4)});
+}
+
+// t [T, N, ...] for the weight gradient: its samples as the given parts, sample-major underneath.
+at::Tensor samples3(const at::Tensor& t, std::array<int, 3> which) {
+  return stack_parts(tf32_parts(t.transpose(0, 1)), 0, which).transpose(0, 1);
+}
 
 // FASTMETA_CONV_PER_TASK (read each call, as the CUDA kernels' settings): "1" one ATen call a task,
 // "0" one grouped call, "cN" a call a task for convolutions of at most N input channels a group (a
@@ -259,6 +335,22 @@ void add_key(std::vector<int64_t>& key, const Geometry& g) {
   key.push_back(g.groups);
 }
 
+// The input gradient of gy [T, N, O, Ho, Wo] through w [T, O, C/g, kh, kw] in either form.
+at::Tensor input_grad_form(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_size, const Geometry& g,
+                           bool per_task) {
+  if (per_task) return std::get<0>(backward_per_task(gy, stand_in(gy, x_size), w, g, {true, false, false}));
+  at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
+  return std::get<0>(backward_impl(gy, xf, fold_weight(w), g, {true, false, false}));
+}
+
+// The weight gradient of x [T, N, C, H, W] and gy [T, N, O, Ho, Wo] in either form.
+at::Tensor weight_grad_form(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, const Geometry& g,
+                            bool per_task) {
+  if (per_task) return std::get<1>(backward_per_task(gy, x, stand_in(gy, w_size), g, {false, true, false}));
+  at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
+  return std::get<1>(backward_impl(gy, fold(x), wf, g, {false, true, false}));
+}
+
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_5d(x, "x");
@@ -272,7 +364,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
                 "batched_conv2d: bias must be [T=", T, ", O=", w.size(1), "], got ", bias->sizes());
     b = bias->reshape({T * w.size(1)});
   }
-  std::function<at::Tensor(bool)> run = [&](bool per_task) {
+  auto form = [&](const at::Tensor& x, const at::Tensor& w, bool per_task) {
     if (per_task) {
       at::Tensor y;
       for (int64_t t = 0; t < T; ++t) {
@@ -287,15 +379,21 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
                                    /*transposed=*/false, {0, 0}, g.groups * T);
     return unfold(y, T);
   };
+  const bool x3 = tf32x3(x);
+  std::function<at::Tensor(bool)> run = [&](bool per_task) {
+    if (!x3) return form(x, w, per_task);
+    const AllowTF32 allow(x);
+    return form(x3_channels(x, g.groups), w3_in(w), per_task);
+  };
   auto make_key = [&] {
-    std::vector<int64_t> key{0, b.defined()};
+    std::vector<int64_t> key{0, b.defined(), x3};
     add_key(key, x);
     add_key(key, w);
     add_key(key, g);
     return key;
   };
   return run_conv<at::Tensor>("forward", make_key, x, T, w.size(2),
-                              [&] { return c10::str("x ", x.sizes(), ", weight ", w.sizes()); }, run);
+                              [&] { return c10::str("x ", x.sizes(), ", weight ", w.sizes(), x3 ? " tf32x3" : ""); }, run);
 }
 
 at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_size, at::IntArrayRef stride,
@@ -307,13 +405,14 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
   TORCH_CHECK(x_size[0] == gy.size(0) && x_size[1] == gy.size(1), "batched_conv2d: x_size ", x_size,
               " and gy ", gy.sizes(), " must agree in T and N");
   const Geometry g = geometry(stride, padding, dilation, groups);
+  const bool x3 = tf32x3(gy);
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
-    if (per_task) return std::get<0>(backward_per_task(gy, stand_in(gy, x_size), w, g, {true, false, false}));
-    at::Tensor xf = stand_in(gy, {x_size[1], x_size[0] * x_size[2], x_size[3], x_size[4]});
-    return std::get<0>(backward_impl(gy, xf, fold_weight(w), g, {true, false, false}));
+    if (!x3) return input_grad_form(gy, w, x_size, g, per_task);
+    const AllowTF32 allow(gy);
+    return input_grad_form(gy3_channels(gy, g.groups), w3_out(w, g.groups), x_size, g, per_task);
   };
   auto make_key = [&] {
-    std::vector<int64_t> key{1};
+    std::vector<int64_t> key{1, x3};
     add_key(key, gy);
     add_key(key, w);
     add_key(key, x_size);
@@ -321,7 +420,8 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
     return key;
   };
   return run_conv<at::Tensor>("input grad", make_key, gy, gy.size(0), w.size(2),
-                              [&] { return c10::str("gy ", gy.sizes(), ", weight ", w.sizes()); }, run);
+                              [&] { return c10::str("gy ", gy.sizes(), ", weight ", w.sizes(), x3 ? " tf32x3" : ""); },
+                              run);
 }
 
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, at::IntArrayRef stride,
@@ -333,13 +433,14 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
   TORCH_CHECK(w_size[0] == x.size(0) && w_size[1] == gy.size(2), "batched_conv2d: weight_size ", w_size,
               " must be [T=", x.size(0), ", O=", gy.size(2), ", ...] for gy ", gy.sizes());
   const Geometry g = geometry(stride, padding, dilation, groups);
+  const bool x3 = tf32x3(gy);
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
-    if (per_task) return std::get<1>(backward_per_task(gy, x, stand_in(gy, w_size), g, {false, true, false}));
-    at::Tensor wf = stand_in(gy, {w_size[0] * w_size[1], w_size[2], w_size[3], w_size[4]});
-    return std::get<1>(backward_impl(gy, fold(x), wf, g, {false, true, false}));
+    if (!x3) return weight_grad_form(x, gy, w_size, g, per_task);
+    const AllowTF32 allow(gy);
+    return weight_grad_form(samples3(x, {0, 1, 0}), samples3(gy, {0, 0, 1}), w_size, g, per_task);
   };
   auto make_key = [&] {
-    std::vector<int64_t> key{2};
+    std::vector<int64_t> key{2, x3};
     add_key(key, x);
     add_key(key, gy);
     add_key(key, w_size);
@@ -347,7 +448,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
     return key;
   };
   return run_conv<at::Tensor>("weight grad", make_key, gy, gy.size(0), w_size[2],
-                              [&] { return c10::str("x ", x.sizes(), ", gy ", gy.sizes()); }, run);
+                              [&] { return c10::str("x ", x.sizes(), ", gy ", gy.sizes(), x3 ? " tf32x3" : ""); }, run);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, const at::Tensor& x,
@@ -361,14 +462,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
   check_tasks(x, w, "x", "weight");
   const Geometry g = geometry(stride, padding, dilation, groups);
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
+  const bool x3 = tf32x3(gy);
   std::function<Grads(bool)> run = [&](bool per_task) {
-    if (per_task) return backward_per_task(gy, output_mask[1] ? x : stand_in(gy, x.sizes()), w, g, output_mask);
-    // x is read only for the weight gradient (else only its size)
-    at::Tensor xf = output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
-    return backward_impl(gy, xf, fold_weight(w), g, output_mask);
+    if (!x3) {
+      if (per_task) return backward_per_task(gy, output_mask[1] ? x : stand_in(gy, x.sizes()), w, g, output_mask);
+      // x is read only for the weight gradient (else only its size)
+      at::Tensor xf =
+          output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
+      return backward_impl(gy, xf, fold_weight(w), g, output_mask);
+    }
+    // the two gradients stack their parts along different reductions: one call each; the bias
+    // gradient is a sum (no products), in float32
+    const at::Tensor none = at::empty({0}, gy.options());
+    Grads out{none, none, none};
+    {
+      const AllowTF32 allow(gy);
+      if (output_mask[0])
+        std::get<0>(out) = input_grad_form(gy3_channels(gy, g.groups), w3_out(w, g.groups), x.sizes(), g, per_task);
+      if (output_mask[1])
+        std::get<1>(out) = weight_grad_form(samples3(x, {0, 1, 0}), samples3(gy, {0, 0, 1}), w.sizes(), g, per_task);
+    }
+    if (output_mask[2]) std::get<2>(out) = gy.sum({1, 3, 4});
+    return out;
   };
   auto make_key = [&] {
-    std::vector<int64_t> key{3, output_mask[0], output_mask[1], output_mask[2]};
+    std::vector<int64_t> key{3, output_mask[0], output_mask[1], output_mask[2], x3};
     add_key(key, gy);
     add_key(key, x);
     add_key(key, w);
@@ -376,7 +494,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
     return key;
   };
   return run_conv<Grads>("backward", make_key, gy, gy.size(0), w.size(2),
-                         [&] { return c10::str("gy ", gy.sizes(), ", x ", x.sizes(), ", weight ", w.sizes()); }, run);
+                         [&] {
+                           return c10::str("gy ", gy.sizes(), ", x ", x.sizes(), ", weight ", w.sizes(),
+                                           x3 ? " tf32x3" : "");
+                         },
+                         run);
 }
 
 }  // namespace

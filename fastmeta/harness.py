@@ -25,6 +25,7 @@ import contextlib
 import functools
 import dataclasses
 import importlib.util
+import os
 import statistics
 import time
 from typing import Callable
@@ -397,8 +398,43 @@ _FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned", "fas
              "fastmeta_vg_ck", "fastmeta_graph_ck", "fastmeta_vg_rc_ck", "fastmeta_graph_rc_ck")
 
 
+# fastmeta's providers also take a final "+tf32x3" suffix: their float32 convolutions as three TF32
+# products of the operands' high and low parts (FASTMETA_CONV_PRECISION=tf32x3 while the row is built
+# and while each step runs), e.g. fastmeta_graph@8-cuda+tf32x3
+_PRECISION_SUFFIX = "+tf32x3"
+
+
+def _split_precision(name: str):
+    """(name without the precision suffix, FASTMETA_CONV_PRECISION value or None)."""
+    if name.endswith(_PRECISION_SUFFIX):
+        return name[:-len(_PRECISION_SUFFIX)], "tf32x3"
+    return name, None
+
+
+@contextlib.contextmanager
+def conv_precision(value):
+    """FASTMETA_CONV_PRECISION=value inside (nothing changed for None), restored after."""
+    if value is None:
+        yield
+        return
+    old = os.environ.get("FASTMETA_CONV_PRECISION")
+    os.environ["FASTMETA_CONV_PRECISION"] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTMETA_CONV_PRECISION", None)
+        else:
+            os.environ["FASTMETA_CONV_PRECISION"] = old
+
+
 def _split(name: str):
-    """(provider, task_chunk or None, backend or None) of a provider name."""
+    """(provider, task_chunk or None, backend or None) of a provider name (its precision suffix
+    removed: _split_precision)."""
+    name, precision = _split_precision(name)
+    if precision is not None and name.partition("-")[0].partition("@")[0] not in _FASTMETA:
+        raise ValueError(f"provider {name + _PRECISION_SUFFIX!r}: the {_PRECISION_SUFFIX} suffix is for "
+                         f"{', '.join(_FASTMETA)}")
     head, _, backend = name.partition("-")
     base, at, chunk = head.partition("@")
     if at and (base not in _FASTMETA or not chunk.isdigit() or int(chunk) < 1):
@@ -431,17 +467,27 @@ def provider_available(name: str, device: str) -> str | None:
         return "higher not installed"
     if base in ("vmap_graph", "fastmeta_graph", "fastmeta_graph_rc", "fastmeta_graph_ck", "fastmeta_graph_rc_ck") and device != "cuda":
         return "CUDA graphs need a GPU"
-    if base in _FASTMETA and "-" in name:
+    backend = _split(name)[2]
+    if base in _FASTMETA and backend is not None:
         from .backend import why_unavailable
-        return why_unavailable(name.split("-", 1)[1], device)
+        return why_unavailable(backend, device)
     return None
 
 
 def make_step(name: str, w: Workload, first_order: bool):
     base, chunk, backend = _split(name)
-    if base in _FASTMETA:
-        return PROVIDERS[base](w, first_order, backend, chunk)
-    return PROVIDERS[base](w, first_order)
+    if base not in _FASTMETA:
+        return PROVIDERS[base](w, first_order)
+    precision = _split_precision(name)[1]
+    with conv_precision(precision):
+        step = PROVIDERS[base](w, first_order, backend, chunk)
+    if precision is None:
+        return step
+
+    def with_precision():
+        with conv_precision(precision):
+            return step()
+    return with_precision
 
 
 def precision_settings(tf32: bool = False, cudnn_benchmark: bool = False) -> str:

@@ -12,7 +12,7 @@ conv: grid (T, cdiv(N*HO*WO, BLOCK_M), cdiv(O, BLOCK_O)); a program's rows are o
 gathering the input patch of each (row, k) pair with a masked load (the zero padding). wgrad: grid
 (T, cdiv(O, BLOCK_O), cdiv(C*KH*KW, BLOCK_K)); the reduction runs over the output pixels. Both
 accumulate with tl.dot(input_precision='ieee') (no TF32) in float32, or float64 for float64 inputs;
-for float32, FASTMETA_TRITON_CONV_PRECISION=tf32x3 (or precision='tf32x3') runs each product as
+for float32, FASTMETA_CONV_PRECISION=tf32x3 (or precision='tf32x3') runs each product as
 three TF32 tensor-core products of the operands' high and low parts instead (see _mma).
 
 The reduction index k runs over (c, a, b) in one of two orders (constexpr TAPS):
@@ -264,13 +264,13 @@ PRECISIONS = ("ieee", "tf32x3")
 
 
 def _x3(precision, dtype):
-    """Whether float32 products run as 'tf32x3' (precision None: FASTMETA_TRITON_CONV_PRECISION,
+    """Whether float32 products run as 'tf32x3' (precision None: FASTMETA_CONV_PRECISION,
     default 'ieee'); float64 always on the FMA units."""
     import torch
 
     if precision is None:
-        precision = os.environ.get("FASTMETA_TRITON_CONV_PRECISION", "ieee") or "ieee"
-        where = "FASTMETA_TRITON_CONV_PRECISION"
+        precision = os.environ.get("FASTMETA_CONV_PRECISION", "ieee") or "ieee"
+        where = "FASTMETA_CONV_PRECISION"
     else:
         where = "precision"
     if precision not in PRECISIONS:
@@ -292,7 +292,7 @@ def _k_blocks(C, KH, KW, most, taps):
 def conv_fwd(x, w, padding, taps=None, precision=None):
     """y [T, N, O, HO, WO] (contiguous) for x [T, N, C, H, W], w [T, O, C, KH, KW] or [O, C, KH, KW].
     taps: the reduction's order (module docstring); None: tap-major from TAPS_MIN_CHANNELS channels.
-    precision: 'ieee' or 'tf32x3' for float32 (see _mma); None: FASTMETA_TRITON_CONV_PRECISION or
+    precision: 'ieee' or 'tf32x3' for float32 (see _mma); None: FASTMETA_CONV_PRECISION or
     'ieee'."""
     import torch
 

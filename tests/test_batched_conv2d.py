@@ -320,3 +320,104 @@ def test_public_autotune_report_and_reset(monkeypatch):
     assert fastmeta.conv_autotune_choices() == {"forms": [], "backends": []}
     call()
     assert len(fastmeta.conv_autotune_choices()["forms"]) == 1
+
+
+# --- FASTMETA_CONV_PRECISION=tf32x3: three TF32 products of the operands' high and low parts -------
+def _ops_and_grads(x, w, b, kw):
+    """Each op of fastmeta._C directly: forward, input and weight gradients, the one-call backward."""
+    fm = torch.ops.fastmeta
+    geom = (list(_pair(kw.get("stride", 1))), list(_pair(kw.get("padding", 0))),
+            list(_pair(kw.get("dilation", 1))), kw.get("groups", 1))
+    y = fm.batched_conv2d(x, w, b, *geom)
+    gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y).sin()
+    return [y, fm.batched_conv2d_input_grad(gy, w, list(x.shape), *geom),
+            fm.batched_conv2d_weight_grad(x, gy, list(w.shape), *geom),
+            *fm.batched_conv2d_backward(gy, x, w, *geom, [True, True, True])]
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
+@pytest.mark.parametrize("per_task", ["0", "1"])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[4], CASES[5]])
+def test_tf32x3_drops_only_the_low_parts_product(case, per_task, monkeypatch):
+    """FASTMETA_CONV_PRECISION=tf32x3 on float32: every op (forward, input gradient, weight gradient,
+    the one-call backward with its bias gradient) in both forms against the float64 answer. On a CPU
+    the three products of the parts run in float32, so what is left of the error is float32's and
+    the dropped low x low product (~2^-22 relative): within 1e-6, where a missing low-part product
+    (2^-11) would be ~1e-4 off. The results differ from the plain float32 ops' (the setting took)."""
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", per_task)
+    *shape, kw = case
+    x, w, b = (t.detach() for t in _case(*shape[:-2], False, "task", torch.float32, groups=kw.get("groups", 1)))
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
+    plain = _ops_and_grads(x, w, b, kw)
+    exact = _ops_and_grads(x.double(), w.double(), b.double(), kw)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
+    got = _ops_and_grads(x, w, b, kw)
+    names = ["forward", "input grad", "weight grad", "backward gx", "backward gw", "backward gb"]
+    for name, g, p, e in zip(names, got, plain, exact):
+        assert g.dtype == torch.float32 and g.shape == e.shape, name
+        assert_rel_close([g.double()], [e], 1e-6, f"tf32x3 {name} vs float64")
+    assert any(not torch.equal(g, p) for g, p in zip(got[:3], plain[:3])), "tf32x3 changed nothing"
+
+
+def test_tf32x3_leaves_float64_alone(monkeypatch):
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "0")
+    *shape, kw = CASES[0]
+    x, w, b = (t.detach() for t in _case(*shape[:-2], False, "task", torch.float64))
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
+    plain = _ops_and_grads(x, w, b, kw)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
+    got = _ops_and_grads(x, w, b, kw)
+    assert all(torch.equal(g, p) for g, p in zip(got, plain))
+
+
+@pytest.mark.parametrize("value", ["tf32", "TF32X3", "x3"])
+def test_precision_setting_is_checked(value, monkeypatch):
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", value)
+    x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float32)
+    with fastmeta.use_backend("cpp"), pytest.raises(RuntimeError,
+                                                    match="FASTMETA_CONV_PRECISION: expected ieee or tf32x3"):
+        ops.batched_conv2d(x, w, b, padding=1)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_tf32x3_conv_net_meta_gradient(first_order, monkeypatch):
+    """BatchedMAML of the conv net with its convolutions (and every derivative of them, to second
+    order) as tf32x3 products on the cpp backend: its float32 meta-gradient is as close to the
+    float64 loop's as the plain float32 one is (within 2x, or 1e-5)."""
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
+    model = _conv_net(torch.float32)
+    T, K, Q = 3, 5, 4
+    g = torch.Generator().manual_seed(3)
+    batch = (torch.randn(T, K, 1, 8, 8, generator=g), torch.randint(0, 5, (T, K), generator=g),
+             torch.randn(T, Q, 1, 8, 8, generator=g), torch.randint(0, 5, (T, Q), generator=g))
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss="cross_entropy")
+    params = list(model.parameters())
+    with fastmeta.use_backend("cpp"):
+        got = torch.autograd.grad(meta(*batch), params)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
+    with fastmeta.use_backend("cpp"):
+        plain = torch.autograd.grad(meta(*batch), params)
+    import copy
+    m64 = copy.deepcopy(model).double()
+    b64 = (batch[0].double(), batch[1], batch[2].double(), batch[3])
+    _, exact, _ = loop_meta_grads(m64, *b64, 0.3, 2, "cross_entropy", first_order)
+    from fastmeta.harness import max_rel_err
+    err, err_plain = max_rel_err(list(got), list(exact)), max_rel_err(list(plain), list(exact))
+    assert err <= max(2 * err_plain, 1e-5), (err, err_plain)
+    assert any(not torch.equal(a, c) for a, c in zip(got, plain)), "tf32x3 changed nothing"
+
+
+def test_tf32x3_is_its_own_autotune_shape(monkeypatch, capfd):
+    """The autotune keeps separate choices for the plain and the tf32x3 ops of one shape."""
+    _autotune_env(monkeypatch, "1")
+    x, w, b = (t.detach() for t in _case(3, 2, 4, 7, 6, 5, 3, False, "task", torch.float32))
+    fm = torch.ops.fastmeta
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
+    fm.batched_conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
+    fm.batched_conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1)
+    choices = fastmeta._C._conv_autotune_choices()
+    assert len(choices) == 2 and sum(" tf32x3 |" in c for c in choices) == 1, choices

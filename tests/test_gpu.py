@@ -42,18 +42,18 @@ def test_sine_on_gpu(backend, first_order, tasks):
     assert_rel_close(list(vg), list(sub), 1e-5, "value_and_grad vs autograd")
 
 
-@pytest.mark.parametrize("backend", ["auto", "cuda", "triton", "triton-tf32x3"])
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton", "triton-tf32x3", "cuda-tf32x3", "auto-tf32x3"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_omniglot_on_gpu(first_order, backend, monkeypatch):
     """The conv path on the GPU against the per-task loop (backend cuda: the convolutions on
-    fastmeta::batched_conv2d and its gradient ops; triton-tf32x3: the Triton convolutions with
-    TF32x3 products). cuDNN's float32 convolutions (TF32 off)
+    fastmeta::batched_conv2d and its gradient ops; -tf32x3: the convolutions as three TF32 products
+    of their operands' high and low parts, FASTMETA_CONV_PRECISION). cuDNN's float32 convolutions (TF32 off)
     round differently in the two, so both float32 meta-gradients are also measured against the loop
     in float64: fastmeta passes within 1e-4 of the float32 loop, or else no further from the float64
     result than 2x the float32 loop's own distance from it."""
     import copy
     if backend.endswith("-tf32x3"):
-        monkeypatch.setenv("FASTMETA_TRITON_CONV_PRECISION", "tf32x3")
+        monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
         backend = backend.split("-")[0]
     w = H.make_workload("omniglot", tasks=4, device="cuda")
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss="cross_entropy")
@@ -432,6 +432,43 @@ def test_cuda_conv_autotune(monkeypatch, capfd):
     torch.testing.assert_close(y2, ops.batched_conv2d_ref(x2, w, b, padding=1))
     assert fastmeta._C._conv_autotune_choices() == choices
     assert "batched_conv2d autotune" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("per_task", ["0", "1"])
+def test_cuda_conv_tf32x3(per_task, monkeypatch):
+    """FASTMETA_CONV_PRECISION=tf32x3 on CUDA (cuDNN's TF32 convolutions on the stacked high and
+    low parts): every op within 4e-6 of the float64 answer, where one TF32 product (the float32 ops
+    with TF32 allowed) is ~1e-4 off; cuDNN's TF32 flag is as it was after each call."""
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", per_task)
+    fm = torch.ops.fastmeta
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 16, 14, 14, generator=g).cuda()
+    w = torch.randn(3, 32, 16, 3, 3, generator=g).cuda()
+    b = torch.randn(3, 32, generator=g).cuda()
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+
+    def run(x, w, b):
+        y = fm.batched_conv2d(x, w, b, *geom)
+        gy = torch.linspace(-1, 1, y.numel(), dtype=y.dtype, device="cuda").view_as(y).sin()
+        return [y, fm.batched_conv2d_input_grad(gy, w, list(x.shape), *geom),
+                fm.batched_conv2d_weight_grad(x, gy, list(w.shape), *geom),
+                *fm.batched_conv2d_backward(gy, x, w, *geom, [True, True, True])]
+
+    exact = run(x.double(), w.double(), b.double())
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
+    assert not torch.backends.cudnn.allow_tf32
+    got = run(x, w, b)
+    assert not torch.backends.cudnn.allow_tf32
+    for name, a, e in zip(["forward", "input grad", "weight grad", "gx", "gw", "gb"], got, exact):
+        assert_rel_close([a.double()], [e], 4e-6, f"tf32x3 {name}")
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        one = run(x, w, b)
+    finally:
+        torch.backends.cudnn.allow_tf32 = False
+    errs = [H.max_rel_err([a], [e]) for a, e in zip(one[:3], exact[:3])]
+    assert max(errs) > 2e-5, f"TF32 alone was as exact as tf32x3 ({errs}): were TF32 kernels run?"
 
 
 def test_cuda_conv_autotune_memory(monkeypatch):

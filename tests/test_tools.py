@@ -1,5 +1,6 @@
 """The benchmark harness, the bench / profile / info CLIs and the profiler."""
 import json
+import os
 import subprocess
 import sys
 
@@ -54,6 +55,27 @@ def test_chunked_provider_runs_chunks():
     got = H.make_step("fastmeta_vg@2-torch", w, False)()
     want = H.make_step("loop", w, False)()
     assert H.max_rel_err(list(got), list(want)) < 1e-9
+
+
+def test_precision_suffix_sets_the_conv_precision_for_its_row(monkeypatch):
+    """fastmeta...+tf32x3: FASTMETA_CONV_PRECISION=tf32x3 while the row is built and while each of its
+    steps runs (and as it was otherwise); the suffix is for fastmeta's providers only."""
+    assert H.provider_available("fastmeta_vg@2-cpp+tf32x3", "cpu") is None
+    assert H._split("fastmeta_vg@2-cpp+tf32x3") == ("fastmeta_vg", 2, "cpp")
+    assert "suffix is for" in H.provider_available("loop+tf32x3", "cpu")
+    monkeypatch.delenv("FASTMETA_CONV_PRECISION", raising=False)
+    seen = []
+    monkeypatch.setitem(H.PROVIDERS, "fastmeta", lambda w, fo, backend, chunk: (
+        seen.append(("built", os.environ.get("FASTMETA_CONV_PRECISION"))),
+        lambda: seen.append(("step", os.environ.get("FASTMETA_CONV_PRECISION"))))[1])
+    w = H.make_workload("sine", tasks=2)
+    step = H.make_step("fastmeta+tf32x3", w, False)
+    assert os.environ.get("FASTMETA_CONV_PRECISION") is None
+    step()
+    assert seen == [("built", "tf32x3"), ("step", "tf32x3")]
+    assert os.environ.get("FASTMETA_CONV_PRECISION") is None
+    H.make_step("fastmeta", w, False)()
+    assert seen[2:] == [("built", None), ("step", None)]
 
 
 def test_bench_cli_prints_table_and_json(tmp_path):

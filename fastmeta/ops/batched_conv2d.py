@@ -359,6 +359,7 @@ class _TunedPrims:
 
     def _run(self, name, tensors, extra, fn):
         key = (name, self.key, extra, tensors[0].device, tensors[0].dtype,
+               os.environ.get("FASTMETA_CONV_PRECISION", ""),
                *(None if t is None else (t.shape, t.stride()) for t in tensors))
         pick = _CHOSEN.get(key)
         if pick is not None:
