@@ -125,8 +125,42 @@ std::pair<at::Tensor, at::Tensor> tf32_parts(const at::Tensor& t) {
   return {hi, t - hi};
 }
 
-// The parts of t [A, B, ...] stacked along dim d as (a, b, c) (each 0 for hi, 1 for lo).
-at::Tensor stack_parts(const std::pair<at::Tensor, at::Tensor>& p, int64_t d, std::array<int, 3> which) {
+// The parts of t stacked along dim d as which says (each 0 for hi, 1 for lo), contiguous: one pass
+// over t on a CPU and on CUDA (fastmeta::tf32_split_stack_cuda), ATen's ops elsewhere or with aten.
+at::Tensor stack_parts(const at::Tensor& t, int64_t d, std::array<int, 3> which, bool aten = false) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat && d >= 0 && d < t.dim(), "tf32 parts: a float32 tensor and one of its dims, "
+              "got ", t.scalar_type(), " ", t.sizes(), " and dim ", d);
+  const at::Tensor src = t.contiguous();
+  std::vector<int64_t> size = src.sizes().vec();
+  int64_t outer = 1, row = 1;
+  for (int64_t i = 0; i < src.dim(); ++i) (i < d ? outer : row) *= size[i];
+  size[d] *= 3;
+  const int mask = which[0] | (which[1] << 1) | (which[2] << 2);
+  if (src.is_cpu() && !aten) {
+    at::Tensor dst = at::empty(size, src.options());
+    const float* in = src.data_ptr<float>();
+    float* out = dst.data_ptr<float>();
+    at::parallel_for(0, outer * row, 1 << 14, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t o = i / row, r = i - o * row;
+        uint32_t bits;
+        std::memcpy(&bits, in + i, 4);
+        bits = (bits + 0x1000u) & ~0x1FFFu;
+        float hi;
+        std::memcpy(&hi, &bits, 4);
+        const float lo = in[i] - hi;
+        float* d3 = out + o * 3 * row + r;
+        for (int p = 0; p < 3; ++p) d3[p * row] = (mask >> p) & 1 ? lo : hi;
+      }
+    });
+    return dst;
+  }
+  if (src.is_cuda() && !aten && tf32_split_stack_cuda() != nullptr && outer * row <= 0xFFFFFFFFll) {
+    at::Tensor dst = at::empty(size, src.options());
+    tf32_split_stack_cuda()(src, dst, outer, row, mask);
+    return dst;
+  }
+  const std::pair<at::Tensor, at::Tensor> p = tf32_parts(src);
   auto part = [&](int i) { return i == 0 ? p.first : p.second; };
   return at::cat({part(which[0]), part(which[1]), part(which[2])}, d);
 }
@@ -153,29 +187,29 @@ struct AllowTF32 {
 at::Tensor x3_channels(const at::Tensor& x, int64_t groups) {
   const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
   at::Tensor xs = x.transpose(0, 1).reshape({N, T, groups, C / groups, H, W});
-  return stack_parts(tf32_parts(xs), 3, {0, 0, 1}).view({N, T, 3 * C, H, W}).transpose(0, 1);
+  return stack_parts(xs, 3, {0, 0, 1}).view({N, T, 3 * C, H, W}).transpose(0, 1);
 }
 
 // weight [T, O, C/g, kh, kw] for the forward: (hi, lo, hi) along its input channels.
-at::Tensor w3_in(const at::Tensor& w) { return stack_parts(tf32_parts(w), 2, {0, 1, 0}); }
+at::Tensor w3_in(const at::Tensor& w) { return stack_parts(w, 2, {0, 1, 0}); }
 
 // gy [T, N, O, Ho, Wo] for the input gradient: each group's O/g channels as (hi, lo, hi).
 at::Tensor gy3_channels(const at::Tensor& gy, int64_t groups) {
   const int64_t T = gy.size(0), N = gy.size(1), O = gy.size(2), H = gy.size(3), W = gy.size(4);
   at::Tensor s = gy.transpose(0, 1).reshape({N, T, groups, O / groups, H, W});
-  return stack_parts(tf32_parts(s), 3, {0, 1, 0}).view({N, T, 3 * O, H, W}).transpose(0, 1);
+  return stack_parts(s, 3, {0, 1, 0}).view({N, T, 3 * O, H, W}).transpose(0, 1);
 }
 
 // weight [T, O, C/g, kh, kw] for the input gradient: each group's O/g output channels (hi, hi, lo).
 at::Tensor w3_out(const at::Tensor& w, int64_t groups) {
   const int64_t T = w.size(0), O = w.size(1);
   at::Tensor s = w.reshape({T, groups, O / groups, w.size(2), w.size(3), w.size(4)});
-  return stack_parts(tf32_parts(s), 2, {0, 0, 1}).view({T, 3 * O, w.size(2), w.size(3), w.size(4)});
+  return stack_parts(s, 2, {0, 0, 1}).view({T, 3 * O, w.size(2), w.size(3), w.size(4)});
 }
 
 // t [T, N, ...] for the weight gradient: its samples as the given parts, sample-major underneath.
 at::Tensor samples3(const at::Tensor& t, std::array<int, 3> which) {
-  return stack_parts(tf32_parts(t.transpose(0, 1)), 0, which).transpose(0, 1);
+  return stack_parts(t.transpose(0, 1), 0, which).transpose(0, 1);
 }
 
 // FASTMETA_CONV_PER_TASK (read each call, as the CUDA kernels' settings): "1" one ATen call a task,
@@ -506,6 +540,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
 CudaTimer& cuda_timer() {
   static CudaTimer timer = nullptr;
   return timer;
+}
+
+at::Tensor tf32_stack_parts(const at::Tensor& t, int64_t dim, const std::vector<int64_t>& which, bool aten) {
+  TORCH_CHECK(which.size() == 3, "tf32 parts: which must name 3 parts, got ", which.size());
+  for (int64_t w : which) TORCH_CHECK(w == 0 || w == 1, "tf32 parts: each part is 0 (hi) or 1 (lo), got ", w);
+  return stack_parts(t, dim, {static_cast<int>(which[0]), static_cast<int>(which[1]), static_cast<int>(which[2])}, aten);
+}
+
+Tf32SplitStack& tf32_split_stack_cuda() {
+  static Tf32SplitStack fn = nullptr;
+  return fn;
 }
 
 void conv_autotune_clear() {

@@ -421,3 +421,28 @@ def test_tf32x3_is_its_own_autotune_shape(monkeypatch, capfd):
     fm.batched_conv2d(x, w, b, [1, 1], [1, 1], [1, 1], 1)
     choices = fastmeta._C._conv_autotune_choices()
     assert len(choices) == 2 and sum(" tf32x3 |" in c for c in choices) == 1, choices
+
+
+@pytest.mark.parametrize("dim", [0, 1, 3])
+def test_tf32_parts(dim):
+    """The tf32x3 operands: hi is t rounded to the nearest TF32 value (its low 13 mantissa bits zero,
+    within half a TF32 step), lo = t - hi exactly; stacked along dim in the order asked, by the
+    one-pass loop bit for bit as by ATen's ops, from a non-contiguous tensor too."""
+    g = torch.Generator().manual_seed(dim)
+    t = (torch.randn(4, 6, 5, 7, generator=g) * torch.logspace(-20, 20, 7)).transpose(1, 2)
+    t[0, 0, 0, :3] = torch.tensor([1 + 2 ** -11, -(1 + 2 ** -11), 1 + 3 * 2 ** -12])  # ties, and above one
+    for which in ([0, 0, 1], [0, 1, 0], [1, 0, 0]):
+        got = fastmeta._C._tf32_stack_parts(t, dim, which, False)
+        assert got.is_contiguous() and torch.equal(got, fastmeta._C._tf32_stack_parts(t, dim, which, True))
+        parts = got.chunk(3, dim)
+        hi, lo = parts[which.index(0)], parts[which.index(1)]
+        assert all(torch.equal(parts[i], hi if w == 0 else lo) for i, w in enumerate(which))
+        assert torch.equal(hi + lo, t)
+        assert int((hi.view(torch.int32) & 0x1FFF).abs().sum()) == 0
+        assert bool((lo.abs() <= t.abs() * 2.0 ** -11).all())
+    assert fastmeta._C._tf32_stack_parts(t, 3, [0, 1, 0], False)[0, 0, 0, :3].tolist() == [1 + 2 ** -10, -(1 + 2 ** -10),
+                                                                                            1 + 2 ** -10]
+    with pytest.raises(RuntimeError, match="float32"):
+        fastmeta._C._tf32_stack_parts(t.double(), 0, [0, 0, 1], False)
+    with pytest.raises(RuntimeError, match="0 \\(hi\\) or 1 \\(lo\\)"):
+        fastmeta._C._tf32_stack_parts(t, 0, [0, 2, 1], False)

@@ -175,8 +175,17 @@ double time_on_current_stream(const std::function<void()>& fn, int reps) {
   return static_cast<double>(ms) / reps;
 }
 
+// fastmeta::tf32_split_stack_cuda (common.h) on the current stream.
+void tf32_split_stack(const at::Tensor& src, const at::Tensor& dst, int64_t outer, int64_t row, int which) {
+  const c10::cuda::CUDAGuard guard(src.device());
+  const int blocks = 8 * device_limits(src.get_device()).sms;
+  C10_CUDA_CHECK(cuda::launch_tf32_split_stack(src.data_ptr<float>(), dst.data_ptr<float>(), outer, row, which, blocks,
+                                               c10::cuda::getCurrentCUDAStream()));
+}
+
 const bool timer_set = [] {
   cuda_timer() = &time_on_current_stream;
+  tf32_split_stack_cuda() = &tf32_split_stack;
   return true;
 }();
 

@@ -9,7 +9,8 @@
 //
 // Only what fastmeta's kernels use is provided: threadIdx/blockIdx/blockDim/gridDim in x,
 // __syncthreads, dynamic shared memory (FASTMETA_DYNAMIC_SMEM), launches (FASTMETA_LAUNCH),
-// cudaFuncSetAttribute for the dynamic shared memory limit, cudaGetLastError.
+// cudaFuncSetAttribute for the dynamic shared memory limit, cudaGetLastError, and float bits
+// (FASTMETA_BITS_OF / FASTMETA_FLOAT_OF: __float_as_uint / __uint_as_float on the GPU).
 #pragma once
 #define FASTMETA_CUDA_EMULATE 1
 
@@ -29,6 +30,13 @@
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+#define __restrict__
+
+#include <cstring>
+inline uint32_t fm_emu_bits_of(float x) { uint32_t u; std::memcpy(&u, &x, 4); return u; }
+inline float fm_emu_float_of(uint32_t u) { float x; std::memcpy(&x, &u, 4); return x; }
+#define FASTMETA_BITS_OF(x) fm_emu_bits_of(x)
+#define FASTMETA_FLOAT_OF(u) fm_emu_float_of(u)
 
 struct EmuDim3 {
   unsigned x = 1, y = 1, z = 1;
