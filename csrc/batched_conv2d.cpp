@@ -29,10 +29,11 @@
 // FASTMETA_CONV_PRECISION=tf32x3 (float32 only; default ieee) runs each op as three TF32 products
 // of its operands' high and low parts (x = hi + lo, hi x rounded to TF32's 11 significant bits, lo
 // the exact remainder): hi*hi' + hi*lo' + lo*hi', only the low parts' product (~2^-22 of each
-// product) dropped. The three products are one ATen call: the parts are stacked along the op's
-// reduction (the input channels of each group for the forward, the output channels for the input
-// gradient, the samples for the weight gradient), so one convolution sums all three. On CUDA that
-// call runs with cuDNN's TF32 allowed (tensor cores); on a CPU the same products run in float32.
+// product) dropped. Two ATen calls: hi*hi', and the two cross products as one call with their parts
+// stacked along the op's reduction (the input channels of each group for the forward, the output
+// channels for the input gradient, the samples for the weight gradient); the second is added to
+// the first. On CUDA they run with cuDNN's TF32 allowed (tensor cores); on a CPU the same products
+// run in float32.
 #include "common.h"
 
 #include <array>
@@ -125,17 +126,26 @@ std::pair<at::Tensor, at::Tensor> tf32_parts(const at::Tensor& t) {
   return {hi, t - hi};
 }
 
-// The parts of t stacked along dim d as which says (each 0 for hi, 1 for lo), contiguous: one pass
-// over t on a CPU and on CUDA (fastmeta::tf32_split_stack_cuda), ATen's ops elsewhere or with aten.
-at::Tensor stack_parts(const at::Tensor& t, int64_t d, std::array<int, 3> which, bool aten = false) {
+// Which TF32 parts of a tensor to stack, in order: 0 for hi, 1 for lo; one to three of them.
+using Parts = std::vector<int>;
+
+// The parts of t stacked along dim d as `which` lists them, contiguous: one pass over t on a CPU and
+// on CUDA (fastmeta::tf32_split_stack_cuda), ATen's ops elsewhere or with aten.
+at::Tensor stack_parts(const at::Tensor& t, int64_t d, const Parts& which, bool aten = false) {
   TORCH_CHECK(t.scalar_type() == at::kFloat && d >= 0 && d < t.dim(), "tf32 parts: a float32 tensor and one of its dims, "
               "got ", t.scalar_type(), " ", t.sizes(), " and dim ", d);
+  const int k = static_cast<int>(which.size());
+  TORCH_CHECK(k >= 1 && k <= 3, "tf32 parts: 1 to 3 parts, got ", k);
+  int mask = 0;
+  for (int p = 0; p < k; ++p) {
+    TORCH_CHECK(which[p] == 0 || which[p] == 1, "tf32 parts: each part is 0 (hi) or 1 (lo), got ", which[p]);
+    mask |= which[p] << p;
+  }
   const at::Tensor src = t.contiguous();
   std::vector<int64_t> size = src.sizes().vec();
   int64_t outer = 1, row = 1;
   for (int64_t i = 0; i < src.dim(); ++i) (i < d ? outer : row) *= size[i];
-  size[d] *= 3;
-  const int mask = which[0] | (which[1] << 1) | (which[2] << 2);
+  size[d] *= k;
   if (src.is_cpu() && !aten) {
     at::Tensor dst = at::empty(size, src.options());
     const float* in = src.data_ptr<float>();
@@ -149,20 +159,21 @@ at::Tensor stack_parts(const at::Tensor& t, int64_t d, std::array<int, 3> which,
         float hi;
         std::memcpy(&hi, &bits, 4);
         const float lo = in[i] - hi;
-        float* d3 = out + o * 3 * row + r;
-        for (int p = 0; p < 3; ++p) d3[p * row] = (mask >> p) & 1 ? lo : hi;
+        float* dk = out + o * k * row + r;
+        for (int p = 0; p < k; ++p) dk[p * row] = (mask >> p) & 1 ? lo : hi;
       }
     });
     return dst;
   }
   if (src.is_cuda() && !aten && tf32_split_stack_cuda() != nullptr && outer * row <= 0xFFFFFFFFll) {
     at::Tensor dst = at::empty(size, src.options());
-    tf32_split_stack_cuda()(src, dst, outer, row, mask);
+    tf32_split_stack_cuda()(src, dst, outer, row, k, mask);
     return dst;
   }
-  const std::pair<at::Tensor, at::Tensor> p = tf32_parts(src);
-  auto part = [&](int i) { return i == 0 ? p.first : p.second; };
-  return at::cat({part(which[0]), part(which[1]), part(which[2])}, d);
+  const std::pair<at::Tensor, at::Tensor> hl = tf32_parts(src);
+  std::vector<at::Tensor> parts;
+  for (int p = 0; p < k; ++p) parts.push_back(which[p] == 0 ? hl.first : hl.second);
+  return at::cat(parts, d);
 }
 
 // cuDNN's TF32 convolutions allowed while alive, for a CUDA tensor (the process-wide flag,
@@ -182,35 +193,42 @@ struct AllowTF32 {
   AllowTF32& operator=(const AllowTF32&) = delete;
 };
 
-// x [T, N, C, H, W] for the forward: each group's C/g channels as (hi, hi, lo), built sample-major
-// ([N, T, 3C, H, W] underneath, so the grouped call folds it without a copy).
-at::Tensor x3_channels(const at::Tensor& x, int64_t groups) {
-  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4);
+// The operands of the tf32x3 products, as the main product hi * hi' (one part each) and the cross
+// products hi * lo' + lo * hi' (two parts each, stacked along the reduction): the two are separate
+// calls, summed after, so that the float32 sum of the main product's terms is no longer than the
+// plain op's (one call over all three parts' terms rounded 2.2x more on a CPU, RESULTS.md).
+//
+// x [T, N, C, H, W] along each group's C/g input channels, built sample-major ([N, T, kC, H, W]
+// underneath, so the grouped call folds it without a copy).
+at::Tensor x_parts(const at::Tensor& x, int64_t groups, const Parts& which) {
+  const int64_t T = x.size(0), N = x.size(1), C = x.size(2), H = x.size(3), W = x.size(4), k = which.size();
   at::Tensor xs = x.transpose(0, 1).reshape({N, T, groups, C / groups, H, W});
-  return stack_parts(xs, 3, {0, 0, 1}).view({N, T, 3 * C, H, W}).transpose(0, 1);
+  return stack_parts(xs, 3, which).view({N, T, k * C, H, W}).transpose(0, 1);
 }
 
-// weight [T, O, C/g, kh, kw] for the forward: (hi, lo, hi) along its input channels.
-at::Tensor w3_in(const at::Tensor& w) { return stack_parts(w, 2, {0, 1, 0}); }
+// weight [T, O, C/g, kh, kw] along its input channels.
+at::Tensor w_in_parts(const at::Tensor& w, const Parts& which) { return stack_parts(w, 2, which); }
 
-// gy [T, N, O, Ho, Wo] for the input gradient: each group's O/g channels as (hi, lo, hi).
-at::Tensor gy3_channels(const at::Tensor& gy, int64_t groups) {
-  const int64_t T = gy.size(0), N = gy.size(1), O = gy.size(2), H = gy.size(3), W = gy.size(4);
+// gy [T, N, O, Ho, Wo] along each group's O/g channels (the input gradient's reduction).
+at::Tensor gy_parts(const at::Tensor& gy, int64_t groups, const Parts& which) {
+  const int64_t T = gy.size(0), N = gy.size(1), O = gy.size(2), H = gy.size(3), W = gy.size(4), k = which.size();
   at::Tensor s = gy.transpose(0, 1).reshape({N, T, groups, O / groups, H, W});
-  return stack_parts(s, 3, {0, 1, 0}).view({N, T, 3 * O, H, W}).transpose(0, 1);
+  return stack_parts(s, 3, which).view({N, T, k * O, H, W}).transpose(0, 1);
 }
 
-// weight [T, O, C/g, kh, kw] for the input gradient: each group's O/g output channels (hi, hi, lo).
-at::Tensor w3_out(const at::Tensor& w, int64_t groups) {
-  const int64_t T = w.size(0), O = w.size(1);
+// weight [T, O, C/g, kh, kw] along each group's O/g output channels.
+at::Tensor w_out_parts(const at::Tensor& w, int64_t groups, const Parts& which) {
+  const int64_t T = w.size(0), O = w.size(1), k = which.size();
   at::Tensor s = w.reshape({T, groups, O / groups, w.size(2), w.size(3), w.size(4)});
-  return stack_parts(s, 2, {0, 0, 1}).view({T, 3 * O, w.size(2), w.size(3), w.size(4)});
+  return stack_parts(s, 2, which).view({T, k * O, w.size(2), w.size(3), w.size(4)});
 }
 
-// t [T, N, ...] for the weight gradient: its samples as the given parts, sample-major underneath.
-at::Tensor samples3(const at::Tensor& t, std::array<int, 3> which) {
+// t [T, N, ...] along its samples (the weight gradient's reduction), sample-major underneath.
+at::Tensor sample_parts(const at::Tensor& t, const Parts& which) {
   return stack_parts(t.transpose(0, 1), 0, which).transpose(0, 1);
 }
+
+const Parts kHi{0}, kHiLo{0, 1}, kLoHi{1, 0};
 
 // FASTMETA_CONV_PER_TASK (read each call, as the CUDA kernels' settings): "1" one ATen call a task,
 // "0" one grouped call, "cN" a call a task for convolutions of at most N input channels a group (a
@@ -385,6 +403,21 @@ at::Tensor weight_grad_form(const at::Tensor& x, const at::Tensor& gy, at::IntAr
   return std::get<1>(backward_impl(gy, fold(x), wf, g, {false, true, false}));
 }
 
+// The tf32x3 input gradient: main product, then the cross products added (x_parts above).
+at::Tensor input_grad_x3(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_size, const Geometry& g,
+                         bool per_task) {
+  at::Tensor gx = input_grad_form(gy_parts(gy, g.groups, kHi), w_out_parts(w, g.groups, kHi), x_size, g, per_task);
+  return gx.add_(
+      input_grad_form(gy_parts(gy, g.groups, kHiLo), w_out_parts(w, g.groups, kLoHi), x_size, g, per_task));
+}
+
+// The tf32x3 weight gradient, the same way.
+at::Tensor weight_grad_x3(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, const Geometry& g,
+                          bool per_task) {
+  at::Tensor gw = weight_grad_form(sample_parts(x, kHi), sample_parts(gy, kHi), w_size, g, per_task);
+  return gw.add_(weight_grad_form(sample_parts(x, kHiLo), sample_parts(gy, kLoHi), w_size, g, per_task));
+}
+
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
                 at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups) {
   check_5d(x, "x");
@@ -398,26 +431,28 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
                 "batched_conv2d: bias must be [T=", T, ", O=", w.size(1), "], got ", bias->sizes());
     b = bias->reshape({T * w.size(1)});
   }
-  auto form = [&](const at::Tensor& x, const at::Tensor& w, bool per_task) {
+  auto form = [&](const at::Tensor& x, const at::Tensor& w, bool per_task, bool with_bias = true) {
+    const bool add_bias = with_bias && b.defined();
     if (per_task) {
       at::Tensor y;
       for (int64_t t = 0; t < T; ++t) {
-        at::Tensor yt = at::convolution(x[t], w[t], b.defined() ? c10::optional<at::Tensor>(bias->select(0, t)) : c10::nullopt,
+        at::Tensor yt = at::convolution(x[t], w[t], add_bias ? c10::optional<at::Tensor>(bias->select(0, t)) : c10::nullopt,
                                         g.stride, g.padding, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
         if (t == 0) y = yt.new_empty({yt.size(0), T, yt.size(1), yt.size(2), yt.size(3)});
         y.select(1, t).copy_(yt);
       }
       return y.transpose(0, 1);  // the same layout as the grouped call's
     }
-    at::Tensor y = at::convolution(fold(x), fold_weight(w), b, g.stride, g.padding, g.dilation,
-                                   /*transposed=*/false, {0, 0}, g.groups * T);
+    at::Tensor y = at::convolution(fold(x), fold_weight(w), add_bias ? b : at::Tensor(), g.stride, g.padding,
+                                   g.dilation, /*transposed=*/false, {0, 0}, g.groups * T);
     return unfold(y, T);
   };
   const bool x3 = tf32x3(x);
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
     if (!x3) return form(x, w, per_task);
     const AllowTF32 allow(x);
-    return form(x3_channels(x, g.groups), w3_in(w), per_task);
+    at::Tensor y = form(x_parts(x, g.groups, kHi), w_in_parts(w, kHi), per_task);
+    return y.add_(form(x_parts(x, g.groups, kHiLo), w_in_parts(w, kLoHi), per_task, /*with_bias=*/false));
   };
   auto make_key = [&] {
     std::vector<int64_t> key{0, b.defined(), x3};
@@ -443,7 +478,7 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
     if (!x3) return input_grad_form(gy, w, x_size, g, per_task);
     const AllowTF32 allow(gy);
-    return input_grad_form(gy3_channels(gy, g.groups), w3_out(w, g.groups), x_size, g, per_task);
+    return input_grad_x3(gy, w, x_size, g, per_task);
   };
   auto make_key = [&] {
     std::vector<int64_t> key{1, x3};
@@ -471,7 +506,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
     if (!x3) return weight_grad_form(x, gy, w_size, g, per_task);
     const AllowTF32 allow(gy);
-    return weight_grad_form(samples3(x, {0, 1, 0}), samples3(gy, {0, 0, 1}), w_size, g, per_task);
+    return weight_grad_x3(x, gy, w_size, g, per_task);
   };
   auto make_key = [&] {
     std::vector<int64_t> key{2, x3};
@@ -511,10 +546,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
     Grads out{none, none, none};
     {
       const AllowTF32 allow(gy);
-      if (output_mask[0])
-        std::get<0>(out) = input_grad_form(gy3_channels(gy, g.groups), w3_out(w, g.groups), x.sizes(), g, per_task);
-      if (output_mask[1])
-        std::get<1>(out) = weight_grad_form(samples3(x, {0, 1, 0}), samples3(gy, {0, 0, 1}), w.sizes(), g, per_task);
+      if (output_mask[0]) std::get<0>(out) = input_grad_x3(gy, w, x.sizes(), g, per_task);
+      if (output_mask[1]) std::get<1>(out) = weight_grad_x3(x, gy, w.sizes(), g, per_task);
     }
     if (output_mask[2]) std::get<2>(out) = gy.sum({1, 3, 4});
     return out;
@@ -543,9 +576,7 @@ CudaTimer& cuda_timer() {
 }
 
 at::Tensor tf32_stack_parts(const at::Tensor& t, int64_t dim, const std::vector<int64_t>& which, bool aten) {
-  TORCH_CHECK(which.size() == 3, "tf32 parts: which must name 3 parts, got ", which.size());
-  for (int64_t w : which) TORCH_CHECK(w == 0 || w == 1, "tf32 parts: each part is 0 (hi) or 1 (lo), got ", w);
-  return stack_parts(t, dim, {static_cast<int>(which[0]), static_cast<int>(which[1]), static_cast<int>(which[2])}, aten);
+  return stack_parts(t, dim, Parts(which.begin(), which.end()), aten);
 }
 
 Tf32SplitStack& tf32_split_stack_cuda() {

@@ -43,11 +43,12 @@ using CudaTimer = double (*)(const std::function<void()>& fn, int reps);
 CudaTimer& cuda_timer();
 
 // FASTMETA_CONV_PRECISION=tf32x3's operands on CUDA (csrc/cuda/tf32_split.cu): src [outer, row]
-// (contiguous float32) into dst [outer, 3, row] (contiguous), part p the low one where bit p of
+// (contiguous float32) into dst [outer, parts, row] (contiguous), part p the low one where bit p of
 // `which` is set. Set by the CUDA bindings; nullptr in a build without CUDA.
-using Tf32SplitStack = void (*)(const at::Tensor& src, const at::Tensor& dst, int64_t outer, int64_t row, int which);
+using Tf32SplitStack = void (*)(const at::Tensor& src, const at::Tensor& dst, int64_t outer, int64_t row, int parts,
+                                int which);
 Tf32SplitStack& tf32_split_stack_cuda();
-// t's TF32 parts stacked along dim (which: 3 of 0 for hi, 1 for lo), as the tf32x3 convolutions
+// t's TF32 parts stacked along dim (which: 1 to 3 of 0 for hi, 1 for lo), as the tf32x3 convolutions
 // make them; aten: with ATen's elementwise ops instead of the one-pass loop or kernel (tests).
 at::Tensor tf32_stack_parts(const at::Tensor& t, int64_t dim, const std::vector<int64_t>& which, bool aten);
 

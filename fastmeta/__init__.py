@@ -10,6 +10,8 @@
 - ``tune(meta, xs, ys, xq, yq)``: times the meta-step on each backend here, keeps the fastest.
 - ``conv_autotune_choices()`` / ``clear_conv_autotune()``: what the convolutions' shape-by-shape
   timing chose (CUDA; README, FASTMETA_CONV_AUTOTUNE), and forgetting it.
+- ``set_conv_precision`` / ``use_conv_precision`` / ``get_conv_precision``: float32 convolutions
+  in float32 ('ieee') or as three TF32 tensor-core products ('tf32x3').
 """
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .batched import BatchedMAML
@@ -19,6 +21,7 @@ from .plan import UnsupportedModule, explain
 from .tune import Tuning, tune
 from .ops.batched_conv2d import autotune_choices as conv_autotune_choices
 from .ops.batched_conv2d import clear_autotune_choices as clear_conv_autotune
+from .ops.batched_conv2d import get_conv_precision, set_conv_precision, use_conv_precision
 from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) is the profiler)
 
 __version__ = "0.1.0"
@@ -26,5 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "clone_module", "set_backend", "get_backend",
     "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "tune", "Tuning",
-    "conv_autotune_choices", "clear_conv_autotune", "__version__",
+    "conv_autotune_choices", "clear_conv_autotune", "get_conv_precision", "set_conv_precision",
+    "use_conv_precision", "__version__",
 ]

@@ -413,19 +413,13 @@ def _split_precision(name: str):
 
 @contextlib.contextmanager
 def conv_precision(value):
-    """FASTMETA_CONV_PRECISION=value inside (nothing changed for None), restored after."""
+    """fastmeta.use_conv_precision(value) inside (nothing changed for None)."""
     if value is None:
         yield
         return
-    old = os.environ.get("FASTMETA_CONV_PRECISION")
-    os.environ["FASTMETA_CONV_PRECISION"] = value
-    try:
+    from .ops.batched_conv2d import use_conv_precision
+    with use_conv_precision(value):
         yield
-    finally:
-        if old is None:
-            os.environ.pop("FASTMETA_CONV_PRECISION", None)
-        else:
-            os.environ["FASTMETA_CONV_PRECISION"] = old
 
 
 def _split(name: str):

@@ -358,6 +358,11 @@ def explain(model: nn.Module) -> str:
                 tuned = "; timed shape by shape (FASTMETA_CONV_AUTOTUNE): one grouped call or a call a task"
                 if tunes_backends(p0.device.type, p0.dtype):
                     tuned += ", or triton's kernels where faster"
+        from .ops.batched_conv2d import get_conv_precision
+        p0 = next(model.parameters(), None)
+        if get_conv_precision() == "tf32x3" and p0 is not None and p0.dtype == torch.float32:
+            tuned += ("; float32 products as three TF32 products (set_conv_precision('tf32x3'))" if be != "torch"
+                      else "; set_conv_precision('tf32x3') does not apply to the torch backend")
         lines.append(f"  batched_conv2d: the convolutions of all tasks' weights at once (backend {be}{tuned})")
     if any(s.kind == "bn_relu_pool" for s in prog.steps):
         be = backend_of("bn_relu_pool")

@@ -3,6 +3,8 @@ against the grouped-convolution reference: values and derivatives up to third or
 configuration Conv2d has (stride, padding, dilation, groups), odd sizes, T in {1, 3}, weights and
 biases per task or shared; its fake kernels; its errors; and the conv4 MAML meta-gradient on it
 against the per-task loop."""
+import os
+
 import pytest
 import torch
 from torch.autograd import gradcheck, gradgradcheck
@@ -431,10 +433,13 @@ def test_tf32_parts(dim):
     g = torch.Generator().manual_seed(dim)
     t = (torch.randn(4, 6, 5, 7, generator=g) * torch.logspace(-20, 20, 7)).transpose(1, 2)
     t[0, 0, 0, :3] = torch.tensor([1 + 2 ** -11, -(1 + 2 ** -11), 1 + 3 * 2 ** -12])  # ties, and above one
-    for which in ([0, 0, 1], [0, 1, 0], [1, 0, 0]):
+    for which in ([0], [1], [0, 1], [1, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]):
         got = fastmeta._C._tf32_stack_parts(t, dim, which, False)
         assert got.is_contiguous() and torch.equal(got, fastmeta._C._tf32_stack_parts(t, dim, which, True))
-        parts = got.chunk(3, dim)
+        assert got.shape[dim] == len(which) * t.shape[dim]
+        if len(which) < 2:
+            continue
+        parts = got.chunk(len(which), dim)
         hi, lo = parts[which.index(0)], parts[which.index(1)]
         assert all(torch.equal(parts[i], hi if w == 0 else lo) for i, w in enumerate(which))
         assert torch.equal(hi + lo, t)
@@ -446,3 +451,57 @@ def test_tf32_parts(dim):
         fastmeta._C._tf32_stack_parts(t.double(), 0, [0, 0, 1], False)
     with pytest.raises(RuntimeError, match="0 \\(hi\\) or 1 \\(lo\\)"):
         fastmeta._C._tf32_stack_parts(t, 0, [0, 2, 1], False)
+    with pytest.raises(RuntimeError, match="1 to 3 parts"):
+        fastmeta._C._tf32_stack_parts(t, 0, [0, 1, 0, 1], False)
+
+
+def test_conv_precision_api(monkeypatch):
+    """fastmeta.use_conv_precision / set_conv_precision / get_conv_precision: the setting the ops read
+    (forward and backward inside the block take it, the previous one comes back after), checked
+    values, and explain() saying so for a float32 conv model."""
+    monkeypatch.delenv("FASTMETA_CONV_PRECISION", raising=False)
+    assert fastmeta.get_conv_precision() == "ieee"
+    x, w, b = _case(2, 2, 3, 6, 6, 5, 3, False, "task", torch.float32)
+
+    def grads():
+        with fastmeta.use_backend("cpp"):
+            return torch.autograd.grad(ops.batched_conv2d(x, w, b, padding=1).square().sum(), (x, w))
+    plain = grads()
+    with fastmeta.use_conv_precision("tf32x3"):
+        assert fastmeta.get_conv_precision() == "tf32x3"
+        x3 = grads()
+        assert "three TF32 products" in fastmeta.explain(_conv_net(torch.float32))
+        assert "three TF32 products" not in fastmeta.explain(_conv_net(torch.float64))
+    assert fastmeta.get_conv_precision() == "ieee" and "FASTMETA_CONV_PRECISION" not in os.environ
+    assert "TF32" not in fastmeta.explain(_conv_net(torch.float32))
+    assert all(not torch.equal(a, c) for a, c in zip(x3, plain))
+    assert_rel_close(list(x3), list(plain), 1e-5, "tf32x3 vs float32")
+    fastmeta.set_conv_precision("tf32x3")
+    assert os.environ["FASTMETA_CONV_PRECISION"] == "tf32x3"
+    fastmeta.set_conv_precision("ieee")
+    with pytest.raises(ValueError, match="set_conv_precision: expected one of ieee, tf32x3"):
+        fastmeta.set_conv_precision("tf32")
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "bf16")
+    with pytest.raises(ValueError, match="FASTMETA_CONV_PRECISION"):
+        fastmeta.get_conv_precision()
+
+
+def test_tf32x3_rounds_like_float32_over_a_long_reduction(monkeypatch):
+    """tf32x3 sums the main product hi*hi' in a call of its own (the cross products in another, added
+    after), so the float32 rounding of its long sums is the plain op's: within 1.5x of the plain
+    float32 op's error against float64 at a 64-channel 3x3 layer (576 terms a sum; one call over
+    all three parts' terms measured 2.2x)."""
+    monkeypatch.setenv("FASTMETA_CONV_PER_TASK", "0")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 40, 64, 14, 14, generator=g).relu()
+    w = torch.randn(1, 64, 64, 3, 3, generator=g) * 0.05
+    kw = dict(padding=1)
+    exact = _ops_and_grads(x.double(), w.double(), None, kw)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
+    plain = _ops_and_grads(x, w, None, kw)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", "tf32x3")
+    got = _ops_and_grads(x, w, None, kw)
+    from fastmeta.harness import max_rel_err
+    for name, a, p, e in zip(["forward", "input grad", "weight grad"], got, plain, exact):
+        err, err_plain = max_rel_err([a.double()], [e]), max_rel_err([p.double()], [e])
+        assert err <= 1.5 * err_plain, f"{name}: tf32x3 {err:.2e}, float32 {err_plain:.2e}"

@@ -176,11 +176,12 @@ double time_on_current_stream(const std::function<void()>& fn, int reps) {
 }
 
 // fastmeta::tf32_split_stack_cuda (common.h) on the current stream.
-void tf32_split_stack(const at::Tensor& src, const at::Tensor& dst, int64_t outer, int64_t row, int which) {
+void tf32_split_stack(const at::Tensor& src, const at::Tensor& dst, int64_t outer, int64_t row, int parts,
+                      int which) {
   const c10::cuda::CUDAGuard guard(src.device());
   const int blocks = 8 * device_limits(src.get_device()).sms;
-  C10_CUDA_CHECK(cuda::launch_tf32_split_stack(src.data_ptr<float>(), dst.data_ptr<float>(), outer, row, which, blocks,
-                                               c10::cuda::getCurrentCUDAStream()));
+  C10_CUDA_CHECK(cuda::launch_tf32_split_stack(src.data_ptr<float>(), dst.data_ptr<float>(), outer, row, parts, which,
+                                               blocks, c10::cuda::getCurrentCUDAStream()));
 }
 
 const bool timer_set = [] {

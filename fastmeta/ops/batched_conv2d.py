@@ -18,6 +18,10 @@ Backends:
   gradient, fastmeta::batched_conv2d_triton and fastmeta::conv_wgrad_triton; the input gradient is
   the convolution of gy with the flipped, transposed weights.
 
+Precision (the cpp, cuda and triton backends; float32): ``ieee`` (default) computes each product in
+float32; ``tf32x3`` as three TF32 products of the operands' high and low parts (set_conv_precision,
+FASTMETA_CONV_PRECISION; README).
+
 The fused backends share one set of autograd Functions (_Conv, _InputGrad, _WeightGrad) written
 with three primitives (conv, input gradient, weight gradient): the derivatives of each are the
 others (the input gradient is linear in gy and w, its derivatives are conv and the weight
@@ -26,6 +30,7 @@ on the backend's kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -236,6 +241,46 @@ class _WeightGrad(torch.autograd.Function):
         gx = _InputGrad.apply(gy, ggw, x.shape, p) if ctx.needs_input_grad[0] else None
         ggy = _Conv.apply(x, ggw, None, p) if ctx.needs_input_grad[1] else None
         return gx, ggy, None, None
+
+
+CONV_PRECISIONS = ("ieee", "tf32x3")
+
+
+def get_conv_precision() -> str:
+    """The float32 convolutions' precision: FASTMETA_CONV_PRECISION, read by the kernels at each call
+    (unset or empty: 'ieee')."""
+    v = os.environ.get("FASTMETA_CONV_PRECISION", "") or "ieee"
+    if v not in CONV_PRECISIONS:
+        raise ValueError(f"FASTMETA_CONV_PRECISION: expected one of {', '.join(CONV_PRECISIONS)}, got {v!r}")
+    return v
+
+
+def set_conv_precision(precision: str) -> None:
+    """How the cpp, cuda and triton backends compute float32 convolutions from now on, process-wide
+    (FASTMETA_CONV_PRECISION; a backward pass reads it when it runs): 'ieee' (default) each product
+    in float32; 'tf32x3' each product as three TF32 tensor-core products of the operands' high and
+    low parts, hi*hi' + hi*lo' + lo*hi', dropping only lo*lo' (~2^-22 of each product; float32
+    rounds at 2^-24). On CUDA, cuDNN (fastmeta._C's ops) and the Triton kernels then run on tensor
+    cores; on a CPU the same three products run in float32 (3x the work: a test of the arithmetic).
+    float64 and the torch backend are not affected."""
+    if precision not in CONV_PRECISIONS:
+        raise ValueError(f"set_conv_precision: expected one of {', '.join(CONV_PRECISIONS)}, got {precision!r}")
+    os.environ["FASTMETA_CONV_PRECISION"] = precision
+
+
+@contextlib.contextmanager
+def use_conv_precision(precision: str):
+    """set_conv_precision inside the block (forward and backward passes run there), the previous
+    setting restored after."""
+    old = os.environ.get("FASTMETA_CONV_PRECISION")
+    set_conv_precision(precision)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTMETA_CONV_PRECISION", None)
+        else:
+            os.environ["FASTMETA_CONV_PRECISION"] = old
 
 
 def autotune_on(device_type: str) -> bool:

@@ -188,10 +188,13 @@ FM_EMU_BNRP(fm_emu_bn_relu_pool_f64, double)
 FM_EMU_BNRP2(fm_emu_bn_relu_pool_double_f32, float)
 FM_EMU_BNRP2(fm_emu_bn_relu_pool_double_f64, double)
 
-int fm_emu_tf32_split_stack(const float* src, float* dst, int64_t outer, int64_t row, int which, int max_blocks) {
+int fm_emu_tf32_split_stack(const float* src, float* dst, int64_t outer, int64_t row, int parts, int which,
+                            int max_blocks) {
   fm_emu::state().error.clear();
-  return fastmeta::cuda::launch_tf32_split_stack(src, dst, outer, row, which, max_blocks, nullptr) == cudaSuccess ? 0
-                                                                                                                  : 1;
+  return fastmeta::cuda::launch_tf32_split_stack(src, dst, outer, row, parts, which, max_blocks, nullptr) ==
+                 cudaSuccess
+             ? 0
+             : 1;
 }
 
 }  // extern "C"
