@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check of a session (run on the lent GPU machine by the device tool, from the
+# The GPU check (run on a GPU machine, e.g. by the device tool, from the
 # repository root): install, the GPU tests, the GPU benchmark matrix, op benchmarks. Steps run in
 # order of importance, each with its own timeout, inside a total budget (GPU_CHECK_SECONDS, default
 # 470 s: under 8 minutes) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine1000 sine25 miniimagenet omniglot omniglot_x3 convprobe probe1000 miniimagenet_x3 ncu conv_pertask miniprof convprof precision sine_all probe convcompile gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info omniglot omniglot_x3 sine1000 miniimagenet gputests convcompile sine25 miniimagenet_x3 convprobe probe1000 ncu conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }

@@ -252,9 +252,9 @@ def test_profile_on_a_users_own_loop():
 
 
 def test_gpu_scripts_name_real_providers_and_settings():
-    """benchmarks/gpu_check.sh runs once per GPU session: every provider it names parses and
+    """benchmarks/gpu_check.sh runs on a lent GPU once: every provider it names parses and
     exists, every workload is known, and gpu_probe's default variants parse (a typo there would
-    cost that session's device time)."""
+    cost that run's device time)."""
     import os
     import re
     import sys
