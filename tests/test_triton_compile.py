@@ -1,5 +1,5 @@
 """The Triton kernels compile for the GPU (sm_90, ptxas included) without a GPU: catches what the
-interpreter lets through (types, layouts, shared memory) before a GPU session runs them. Runs in a
+interpreter lets through (types, layouts, shared memory) before a GPU runs them. Runs in a
 subprocess, since this test process has TRITON_INTERPRET=1 on a machine without a GPU."""
 import json
 import os
