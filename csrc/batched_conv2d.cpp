@@ -176,16 +176,29 @@ at::Tensor stack_parts(const at::Tensor& t, int64_t d, const Parts& which, bool 
   return at::cat(parts, d);
 }
 
-// cuDNN's TF32 convolutions allowed while alive, for a CUDA tensor (the process-wide flag,
-// restored after: not for threads that run other float32 convolutions at the same time).
+// cuDNN's TF32 convolutions allowed while alive, for CUDA tensors (the process-wide flag, restored
+// after: not for threads that run other float32 convolutions at the same time). The flag is read
+// and set through cuDNN's one TF32 switch (torch.backends.cudnn.allow_tf32), which PyTorch refuses
+// to read while its conv and rnn settings differ (set apart through the per-op fp32_precision):
+// that is reported, not guessed around.
 struct AllowTF32 {
   bool set = false;
-  explicit AllowTF32(const at::Tensor& like) {
-    if (like.is_cuda() && !at::globalContext().allowTF32CuDNN()) {
+  explicit AllowTF32(bool cuda) {
+    if (!cuda) return;
+    bool now = false;
+    try {
+      now = at::globalContext().allowTF32CuDNN();
+    } catch (const c10::Error& e) {
+      TORCH_CHECK(false, "FASTMETA_CONV_PRECISION=tf32x3 turns cuDNN's TF32 on for its calls and back after, "
+                  "which needs cuDNN's conv and rnn TF32 settings to agree (torch.backends.cudnn.allow_tf32, "
+                  "or .conv.fp32_precision and .rnn.fp32_precision alike): ", e.what_without_backtrace());
+    }
+    if (!now) {
       at::globalContext().setAllowTF32CuDNN(true);
       set = true;
     }
   }
+  explicit AllowTF32(const at::Tensor& like) : AllowTF32(like.is_cuda()) {}
   ~AllowTF32() {
     if (set) at::globalContext().setAllowTF32CuDNN(false);
   }
@@ -577,6 +590,16 @@ CudaTimer& cuda_timer() {
 
 at::Tensor tf32_stack_parts(const at::Tensor& t, int64_t dim, const std::vector<int64_t>& which, bool aten) {
   return stack_parts(t, dim, Parts(which.begin(), which.end()), aten);
+}
+
+std::vector<bool> cudnn_tf32_guard_probe() {
+  std::vector<bool> seen;
+  {
+    const AllowTF32 allow(/*cuda=*/true);
+    seen.push_back(at::globalContext().allowTF32CuDNN());
+  }
+  seen.push_back(at::globalContext().allowTF32CuDNN());
+  return seen;
 }
 
 Tf32SplitStack& tf32_split_stack_cuda() {

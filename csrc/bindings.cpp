@@ -68,6 +68,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_conv_autotune_choices", &fastmeta::conv_autotune_choices,
         "the convolution ops' autotune choices so far: 'op shapes | grouped ms | per task ms | choice' a shape");
   m.def("_conv_autotune_clear", &fastmeta::conv_autotune_clear, "forgets the convolution ops' autotune choices");
+  m.def("_cudnn_tf32_guard_probe", &fastmeta::cudnn_tf32_guard_probe,
+        "cuDNN's TF32 flag inside and after the guard that tf32x3 convolutions hold on CUDA");
   m.def("_tf32_stack_parts", &fastmeta::tf32_stack_parts,
         "a float32 tensor's TF32 parts (0: hi, the nearest TF32 value; 1: lo = x - hi) stacked along dim as "
         "`which` lists them (FASTMETA_CONV_PRECISION=tf32x3's operands); aten: with ATen's elementwise ops");

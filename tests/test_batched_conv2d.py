@@ -505,3 +505,23 @@ def test_tf32x3_rounds_like_float32_over_a_long_reduction(monkeypatch):
     for name, a, p, e in zip(["forward", "input grad", "weight grad"], got, plain, exact):
         err, err_plain = max_rel_err([a.double()], [e]), max_rel_err([p.double()], [e])
         assert err <= 1.5 * err_plain, f"{name}: tf32x3 {err:.2e}, float32 {err_plain:.2e}"
+
+
+def test_tf32x3_cudnn_guard_restores_the_flag():
+    """The guard tf32x3 ops hold on CUDA (its logic needs no GPU): cuDNN's TF32 on inside, as it was
+    after, whether it was off or on; PyTorch's own conv and rnn settings set apart give a clear
+    error rather than a guess."""
+    cudnn = torch.backends.cudnn
+    old = cudnn.allow_tf32
+    try:
+        for before in (False, True):
+            cudnn.allow_tf32 = before
+            assert fastmeta._C._cudnn_tf32_guard_probe() == [True, before]
+            assert cudnn.allow_tf32 is before
+        cudnn.allow_tf32 = False
+        if hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision"):
+            cudnn.rnn.fp32_precision = "tf32"  # conv stays off: settings apart
+            with pytest.raises(RuntimeError, match="conv and rnn TF32 settings to agree"):
+                fastmeta._C._cudnn_tf32_guard_probe()
+    finally:
+        cudnn.allow_tf32 = old

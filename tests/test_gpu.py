@@ -437,8 +437,9 @@ def test_cuda_conv_autotune(monkeypatch, capfd):
 @pytest.mark.parametrize("per_task", ["0", "1"])
 def test_cuda_conv_tf32x3(per_task, monkeypatch):
     """FASTMETA_CONV_PRECISION=tf32x3 on CUDA (cuDNN's TF32 convolutions on the stacked high and
-    low parts): every op within 4e-6 of the float64 answer, where one TF32 product (the float32 ops
-    with TF32 allowed) is ~1e-4 off; cuDNN's TF32 flag is as it was after each call."""
+    low parts): every op within 1e-5 of the float64 answer (float32's own rounding over sums of up to
+    1568 terms is ~1e-6), where one TF32 product (the float32 ops with TF32 allowed) is ~1e-4 off;
+    cuDNN's TF32 flag is as it was after each call."""
     monkeypatch.setenv("FASTMETA_CONV_PER_TASK", per_task)
     fm = torch.ops.fastmeta
     g = torch.Generator().manual_seed(0)
@@ -460,7 +461,7 @@ def test_cuda_conv_tf32x3(per_task, monkeypatch):
     got = run(x, w, b)
     assert not torch.backends.cudnn.allow_tf32
     for name, a, e in zip(["forward", "input grad", "weight grad", "gx", "gw", "gb"], got, exact):
-        assert_rel_close([a.double()], [e], 4e-6, f"tf32x3 {name}")
+        assert_rel_close([a.double()], [e], 1e-5, f"tf32x3 {name}")
     monkeypatch.setenv("FASTMETA_CONV_PRECISION", "ieee")
     torch.backends.cudnn.allow_tf32 = True
     try:
@@ -468,7 +469,7 @@ def test_cuda_conv_tf32x3(per_task, monkeypatch):
     finally:
         torch.backends.cudnn.allow_tf32 = False
     errs = [H.max_rel_err([a], [e]) for a, e in zip(one[:3], exact[:3])]
-    assert max(errs) > 2e-5, f"TF32 alone was as exact as tf32x3 ({errs}): were TF32 kernels run?"
+    assert max(errs) > 5e-5, f"TF32 alone was as exact as tf32x3 ({errs}): were TF32 kernels run?"
 
 
 def test_cuda_conv_autotune_memory(monkeypatch):
