@@ -31,9 +31,10 @@
 // the exact remainder): hi*hi' + hi*lo' + lo*hi', only the low parts' product (~2^-22 of each
 // product) dropped. Two ATen calls: hi*hi', and the two cross products as one call with their parts
 // stacked along the op's reduction (the input channels of each group for the forward, the output
-// channels for the input gradient, the samples for the weight gradient); the second is added to
-// the first. On CUDA they run with cuDNN's TF32 allowed (tensor cores); on a CPU the same products
-// run in float32.
+// channels for the input gradient); the second is added to the first. The weight gradient, whose
+// output gradient operand is the largest tensor, makes three calls on single parts instead (one
+// part of it alive at a time). On CUDA they run with cuDNN's TF32 allowed (tensor cores); on a CPU
+// the same products run in float32.
 #include "common.h"
 
 #include <array>
@@ -207,9 +208,10 @@ struct AllowTF32 {
 };
 
 // The operands of the tf32x3 products, as the main product hi * hi' (one part each) and the cross
-// products hi * lo' + lo * hi' (two parts each, stacked along the reduction): the two are separate
-// calls, summed after, so that the float32 sum of the main product's terms is no longer than the
-// plain op's (one call over all three parts' terms rounded 2.2x more on a CPU, RESULTS.md).
+// products hi * lo' + lo * hi' (two parts each, stacked along the reduction; the weight gradient
+// makes them one at a time, weight_grad_x3): the two are separate calls, summed after, so that the
+// float32 sum of the main product's terms is no longer than the plain op's (one call over all three
+// parts' terms rounded 2.2x more on a CPU, RESULTS.md).
 //
 // x [T, N, C, H, W] along each group's C/g input channels, built sample-major ([N, T, kC, H, W]
 // underneath, so the grouped call folds it without a copy).
@@ -241,7 +243,7 @@ at::Tensor sample_parts(const at::Tensor& t, const Parts& which) {
   return stack_parts(t.transpose(0, 1), 0, which).transpose(0, 1);
 }
 
-const Parts kHi{0}, kHiLo{0, 1}, kLoHi{1, 0};
+const Parts kHi{0}, kLo{1}, kHiLo{0, 1}, kLoHi{1, 0};
 
 // FASTMETA_CONV_PER_TASK (read each call, as the CUDA kernels' settings): "1" one ATen call a task,
 // "0" one grouped call, "cN" a call a task for convolutions of at most N input channels a group (a
@@ -424,11 +426,20 @@ at::Tensor input_grad_x3(const at::Tensor& gy, const at::Tensor& w, at::IntArray
       input_grad_form(gy_parts(gy, g.groups, kHiLo), w_out_parts(w, g.groups, kLoHi), x_size, g, per_task));
 }
 
-// The tf32x3 weight gradient, the same way.
+// The tf32x3 weight gradient as three calls on single parts, gy's high part dropped before its low
+// part is made: its operands then hold x's two parts and one of gy's at a time (gy, the output
+// gradient, is the larger: 4x x at a layer that a 2x2 pool follows, far more at an image layer),
+// instead of x's and gy's parts stacked three deep (the first mini-ImageNet layer's gy is 68 MB a
+// task).
 at::Tensor weight_grad_x3(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, const Geometry& g,
                           bool per_task) {
-  at::Tensor gw = weight_grad_form(sample_parts(x, kHi), sample_parts(gy, kHi), w_size, g, per_task);
-  return gw.add_(weight_grad_form(sample_parts(x, kHiLo), sample_parts(gy, kLoHi), w_size, g, per_task));
+  const at::Tensor xh = sample_parts(x, kHi), xl = sample_parts(x, kLo);
+  at::Tensor gyp = sample_parts(gy, kHi);
+  at::Tensor gw = weight_grad_form(xh, gyp, w_size, g, per_task);
+  gw.add_(weight_grad_form(xl, gyp, w_size, g, per_task));
+  gyp = at::Tensor();
+  gyp = sample_parts(gy, kLo);
+  return gw.add_(weight_grad_form(xh, gyp, w_size, g, per_task));
 }
 
 at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias,
