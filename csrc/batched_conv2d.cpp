@@ -564,8 +564,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
           output_mask[1] ? fold(x) : stand_in(gy, {x.size(1), x.size(0) * x.size(2), x.size(3), x.size(4)});
       return backward_impl(gy, xf, fold_weight(w), g, output_mask);
     }
-    // the two gradients stack their parts along different reductions: one call each; the bias
-    // gradient is a sum (no products), in float32
+    // the two gradients split their operands along different reductions (input_grad_x3,
+    // weight_grad_x3); the bias gradient is a sum (no products), in float32
     const at::Tensor none = at::empty({0}, gy.options());
     Grads out{none, none, none};
     {
