@@ -12,7 +12,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info omniglot omniglot_x3 sine1000 miniimagenet gputests convcompile sine25 miniimagenet_x3 convprobe probe1000 ncu conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info omniglot omniglot_x3 sine1000 miniimagenet convcompile gputests sine25 miniimagenet_x3 convprobe probe1000 ncu conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -84,16 +84,16 @@ step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python 
 # primitive and shape in the first call, and bn_relu_pool kernels; -torch: the batched torch ops;
 # _rc: recompute=True)
 step_omniglot() { TAIL=10 run_step omniglot 110 bench_omniglot.txt $CONV --workload omniglot --providers \
-  loop,fastmeta_graph,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton,fastmeta,fastmeta-triton,fastmeta_graph_rc,vmap,fastmeta-torch \
+  loop,fastmeta_graph,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton,vmap,fastmeta,fastmeta-triton,fastmeta_graph_rc \
   --json "$LOG/bench_omniglot.json"; }
 # the convolutions with TF32x3 products (FASTMETA_CONV_PRECISION=tf32x3: three TF32 tensor-core
-# products of each operand's high and low parts; float32 on the FMA units otherwise), on cuDNN
-# (fastmeta._C's ops: the parts stacked along each reduction, one TF32 call), on Triton (in
-# registers), and under auto (each primitive and shape on the faster of the two): their time, and
-# their meta-gradients against the float32 loop's (the loop runs first for that column); a
-# provider's +tf32x3 suffix sets it for that row alone
+# products of each operand's high and low parts; float32 on the FMA units otherwise), on Triton (in
+# registers) and under auto (each primitive and shape on the faster of Triton and cuDNN, whose
+# fastmeta._C ops make the main and the cross products as separate TF32 calls; the cuDNN-only row
+# is in the omniglot step): their time, and their meta-gradients against the float32 loop's (the
+# loop runs first for that column); a provider's +tf32x3 suffix sets it for that row alone
 step_omniglot_x3() { TAIL=8 run_step omniglot_x3 90 bench_omniglot_x3.txt $CONV --workload omniglot --providers \
-  loop,fastmeta_graph+tf32x3,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton+tf32x3,fastmeta+tf32x3 \
+  loop,fastmeta_graph+tf32x3,fastmeta_graph-triton+tf32x3,fastmeta+tf32x3 \
   --json "$LOG/bench_omniglot_x3.json"; }
 step_miniimagenet_x3() { TAIL=8 run_step miniimagenet_x3 120 bench_miniimagenet_x3.txt $CONV --workload miniimagenet \
   --reps 3 --providers loop,vmap,fastmeta_graph_rc_ck@8+tf32x3,fastmeta_graph@8-cuda+tf32x3,fastmeta+tf32x3 \
