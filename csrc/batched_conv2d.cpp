@@ -127,7 +127,8 @@ std::pair<at::Tensor, at::Tensor> tf32_parts(const at::Tensor& t) {
   return {hi, t - hi};
 }
 
-// Which TF32 parts of a tensor to stack, in order: 0 for hi, 1 for lo; one to three of them.
+// Which TF32 parts of a tensor to stack, in order: 0 for hi, 1 for lo; one or two of them (a single
+// part, or a cross product's pair).
 using Parts = std::vector<int>;
 
 // The parts of t stacked along dim d as `which` lists them, contiguous: one pass over t on a CPU and
@@ -136,7 +137,7 @@ at::Tensor stack_parts(const at::Tensor& t, int64_t d, const Parts& which, bool 
   TORCH_CHECK(t.scalar_type() == at::kFloat && d >= 0 && d < t.dim(), "tf32 parts: a float32 tensor and one of its dims, "
               "got ", t.scalar_type(), " ", t.sizes(), " and dim ", d);
   const int k = static_cast<int>(which.size());
-  TORCH_CHECK(k >= 1 && k <= 3, "tf32 parts: 1 to 3 parts, got ", k);
+  TORCH_CHECK(k == 1 || k == 2, "tf32 parts: 1 or 2 parts, got ", k);
   int mask = 0;
   for (int p = 0; p < k; ++p) {
     TORCH_CHECK(which[p] == 0 || which[p] == 1, "tf32 parts: each part is 0 (hi) or 1 (lo), got ", which[p]);
@@ -402,6 +403,14 @@ void add_key(std::vector<int64_t>& key, const Geometry& g) {
   key.push_back(g.groups);
 }
 
+// A cache key: the head's values, then each part's (tensors, size lists, the geometry) in turn.
+template <typename... Parts>
+std::vector<int64_t> conv_key(std::initializer_list<int64_t> head, const Parts&... parts) {
+  std::vector<int64_t> key(head);
+  (add_key(key, parts), ...);
+  return key;
+}
+
 // The input gradient of gy [T, N, O, Ho, Wo] through w [T, O, C/g, kh, kw] in either form.
 at::Tensor input_grad_form(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef x_size, const Geometry& g,
                            bool per_task) {
@@ -429,8 +438,8 @@ at::Tensor input_grad_x3(const at::Tensor& gy, const at::Tensor& w, at::IntArray
 // The tf32x3 weight gradient as three calls on single parts, gy's high part dropped before its low
 // part is made: its operands then hold x's two parts and one of gy's at a time (gy, the output
 // gradient, is the larger: 4x x at a layer that a 2x2 pool follows, far more at an image layer),
-// instead of x's and gy's parts stacked three deep (the first mini-ImageNet layer's gy is 68 MB a
-// task).
+// instead of both operands' parts stacked along the samples (the first mini-ImageNet layer's gy is
+// 68 MB a task).
 at::Tensor weight_grad_x3(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRef w_size, const Geometry& g,
                           bool per_task) {
   const at::Tensor xh = sample_parts(x, kHi), xl = sample_parts(x, kLo);
@@ -478,13 +487,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
     at::Tensor y = form(x_parts(x, g.groups, kHi), w_in_parts(w, kHi), per_task);
     return y.add_(form(x_parts(x, g.groups, kHiLo), w_in_parts(w, kLoHi), per_task, /*with_bias=*/false));
   };
-  auto make_key = [&] {
-    std::vector<int64_t> key{0, b.defined(), x3};
-    add_key(key, x);
-    add_key(key, w);
-    add_key(key, g);
-    return key;
-  };
+  auto make_key = [&] { return conv_key({0, b.defined(), x3}, x, w, g); };
   return run_conv<at::Tensor>("forward", make_key, x, T, w.size(2),
                               [&] { return c10::str("x ", x.sizes(), ", weight ", w.sizes(), x3 ? " tf32x3" : ""); }, run);
 }
@@ -504,14 +507,7 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
     const AllowTF32 allow(gy);
     return input_grad_x3(gy, w, x_size, g, per_task);
   };
-  auto make_key = [&] {
-    std::vector<int64_t> key{1, x3};
-    add_key(key, gy);
-    add_key(key, w);
-    add_key(key, x_size);
-    add_key(key, g);
-    return key;
-  };
+  auto make_key = [&] { return conv_key({1, x3}, gy, w, x_size, g); };
   return run_conv<at::Tensor>("input grad", make_key, gy, gy.size(0), w.size(2),
                               [&] { return c10::str("gy ", gy.sizes(), ", weight ", w.sizes(), x3 ? " tf32x3" : ""); },
                               run);
@@ -532,14 +528,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
     const AllowTF32 allow(gy);
     return weight_grad_x3(x, gy, w_size, g, per_task);
   };
-  auto make_key = [&] {
-    std::vector<int64_t> key{2, x3};
-    add_key(key, x);
-    add_key(key, gy);
-    add_key(key, w_size);
-    add_key(key, g);
-    return key;
-  };
+  auto make_key = [&] { return conv_key({2, x3}, x, gy, w_size, g); };
   return run_conv<at::Tensor>("weight grad", make_key, gy, gy.size(0), w_size[2],
                               [&] { return c10::str("x ", x.sizes(), ", gy ", gy.sizes(), x3 ? " tf32x3" : ""); }, run);
 }
@@ -576,14 +565,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
     if (output_mask[2]) std::get<2>(out) = gy.sum({1, 3, 4});
     return out;
   };
-  auto make_key = [&] {
-    std::vector<int64_t> key{3, output_mask[0], output_mask[1], output_mask[2], x3};
-    add_key(key, gy);
-    add_key(key, x);
-    add_key(key, w);
-    add_key(key, g);
-    return key;
-  };
+  auto make_key = [&] { return conv_key({3, output_mask[0], output_mask[1], output_mask[2], x3}, gy, x, w, g); };
   return run_conv<Grads>("backward", make_key, gy, gy.size(0), w.size(2),
                          [&] {
                            return c10::str("gy ", gy.sizes(), ", x ", x.sizes(), ", weight ", w.sizes(),

@@ -48,7 +48,7 @@ CudaTimer& cuda_timer();
 using Tf32SplitStack = void (*)(const at::Tensor& src, const at::Tensor& dst, int64_t outer, int64_t row, int parts,
                                 int which);
 Tf32SplitStack& tf32_split_stack_cuda();
-// t's TF32 parts stacked along dim (which: 1 to 3 of 0 for hi, 1 for lo), as the tf32x3 convolutions
+// t's TF32 parts stacked along dim (which: 1 or 2 of 0 for hi, 1 for lo), as the tf32x3 convolutions
 // make them; aten: with ATen's elementwise ops instead of the one-pass loop or kernel (tests).
 at::Tensor tf32_stack_parts(const at::Tensor& t, int64_t dim, const std::vector<int64_t>& which, bool aten);
 // cuDNN's TF32 flag inside and after the guard the tf32x3 ops hold on CUDA (tests; no CUDA needed).

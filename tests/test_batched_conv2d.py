@@ -433,7 +433,7 @@ def test_tf32_parts(dim):
     g = torch.Generator().manual_seed(dim)
     t = (torch.randn(4, 6, 5, 7, generator=g) * torch.logspace(-20, 20, 7)).transpose(1, 2)
     t[0, 0, 0, :3] = torch.tensor([1 + 2 ** -11, -(1 + 2 ** -11), 1 + 3 * 2 ** -12])  # ties, and above one
-    for which in ([0], [1], [0, 1], [1, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]):
+    for which in ([0], [1], [0, 1], [1, 0]):
         got = fastmeta._C._tf32_stack_parts(t, dim, which, False)
         assert got.is_contiguous() and torch.equal(got, fastmeta._C._tf32_stack_parts(t, dim, which, True))
         assert got.shape[dim] == len(which) * t.shape[dim]
@@ -445,14 +445,14 @@ def test_tf32_parts(dim):
         assert torch.equal(hi + lo, t)
         assert int((hi.view(torch.int32) & 0x1FFF).abs().sum()) == 0
         assert bool((lo.abs() <= t.abs() * 2.0 ** -11).all())
-    assert fastmeta._C._tf32_stack_parts(t, 3, [0, 1, 0], False)[0, 0, 0, :3].tolist() == [1 + 2 ** -10, -(1 + 2 ** -10),
+    assert fastmeta._C._tf32_stack_parts(t, 3, [0, 1], False)[0, 0, 0, :3].tolist() == [1 + 2 ** -10, -(1 + 2 ** -10),
                                                                                             1 + 2 ** -10]
     with pytest.raises(RuntimeError, match="float32"):
-        fastmeta._C._tf32_stack_parts(t.double(), 0, [0, 0, 1], False)
+        fastmeta._C._tf32_stack_parts(t.double(), 0, [0, 1], False)
     with pytest.raises(RuntimeError, match="0 \\(hi\\) or 1 \\(lo\\)"):
-        fastmeta._C._tf32_stack_parts(t, 0, [0, 2, 1], False)
-    with pytest.raises(RuntimeError, match="1 to 3 parts"):
-        fastmeta._C._tf32_stack_parts(t, 0, [0, 1, 0, 1], False)
+        fastmeta._C._tf32_stack_parts(t, 0, [0, 2], False)
+    with pytest.raises(RuntimeError, match="1 or 2 parts"):
+        fastmeta._C._tf32_stack_parts(t, 0, [0, 1, 0], False)
 
 
 def test_conv_precision_api(monkeypatch):

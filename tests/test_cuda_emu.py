@@ -403,12 +403,12 @@ def test_bn_relu_pool_double_backward_kernel(emu, shape, dtype, layout, with_ggx
 @pytest.mark.parametrize("outer, row, max_blocks", [(1, 1000, 2), (7, 45, 1), (5, 300, 64)])
 def test_tf32_split_stack_kernel(emu, outer, row, max_blocks):
     """The tf32x3 operands' CUDA kernel (csrc/cuda/tf32_split.cu: one read and a write a part an
-    element, blocks striding over the elements) bit for bit as the CPU loop makes them, for one to
-    three parts in any order, with fewer blocks than elements need (the stride) and rows that split
+    element, blocks striding over the elements) bit for bit as the CPU loop makes them, for one or
+    two parts in any order, with fewer blocks than elements need (the stride) and rows that split
     blocks."""
     g = torch.Generator().manual_seed(outer * row)
     src = torch.randn(outer, row, generator=g) * torch.logspace(-8, 8, row)
-    for which in ([0], [1], [0, 1], [1, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]):
+    for which in ([0], [1], [0, 1], [1, 0]):
         dst = torch.full((outer, len(which) * row), float("nan"))
         mask = sum(w << p for p, w in enumerate(which))
         for order in ORDERS:

@@ -36,7 +36,7 @@ struct UpdateChunk {
 constexpr int64_t kChunk = 65536;
 
 // FASTMETA_CONV_PRECISION=tf32x3's operands (tf32_split.cu): src [outer, row] (contiguous float32)
-// -> dst [outer, parts, row] (parts 1 to 3), dst[o][p] = part p of src[o], part p the low one where
+// -> dst [outer, parts, row] (parts 1 or 2), dst[o][p] = part p of src[o], part p the low one where
 // bit p of `which` is set (hi: the nearest TF32 value, lo: the exact remainder); at most max_blocks
 // blocks, which stride over the elements; outer * row < 2^32.
 cudaError_t launch_tf32_split_stack(const float* src, float* dst, int64_t outer, int64_t row, int parts, int which,

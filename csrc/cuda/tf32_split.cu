@@ -33,7 +33,7 @@ cudaError_t launch_tf32_split_stack(const float* src, float* dst, int64_t outer,
                                     int max_blocks, cudaStream_t stream) {
   const int64_t n = outer * row;
   if (n == 0) return cudaSuccess;
-  if (n > 0xFFFFFFFFll || row <= 0 || max_blocks <= 0 || parts < 1 || parts > 3) return cudaErrorInvalidValue;
+  if (n > 0xFFFFFFFFll || row <= 0 || max_blocks <= 0 || parts < 1 || parts > 2) return cudaErrorInvalidValue;
   const int threads = 256;
   const int64_t want = (n + threads - 1) / threads;
   const unsigned blocks = static_cast<unsigned>(want < max_blocks ? want : max_blocks);
