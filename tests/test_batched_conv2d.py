@@ -39,12 +39,15 @@ CASES = [
 
 
 @pytest.mark.parametrize("per_task", ["0", "1", "c3"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype, precision", [(torch.float64, "ieee"), (torch.float32, "ieee"),
+                                              (torch.float32, "tf32x3")])
 @pytest.mark.parametrize("case", CASES)
-def test_values_and_derivatives_to_third_order(case, dtype, per_task, monkeypatch):
+def test_values_and_derivatives_to_third_order(case, dtype, precision, per_task, monkeypatch):
     """Each op as one grouped ATen call, as one call a task (FASTMETA_CONV_PER_TASK=1), and as one
-    call a task only at most 3 input channels a group (=c3: the 3- and 2-channel cases here)."""
+    call a task only at most 3 input channels a group (=c3: the 3- and 2-channel cases here); in
+    float32 also with the products as tf32x3 (FASTMETA_CONV_PRECISION)."""
     monkeypatch.setenv("FASTMETA_CONV_PER_TASK", per_task)
+    monkeypatch.setenv("FASTMETA_CONV_PRECISION", precision)
     *shape, kw = case
     x, w, b = _case(*shape, dtype, groups=kw.get("groups", 1))
     with fastmeta.use_backend("cpp"):
