@@ -257,21 +257,31 @@ def test_slim_activations_cross_entropy(emu, slope, placement):
           placement, metasgd=True, slope=slope, lr=0.1)
 
 
-@pytest.mark.parametrize("widths,steps", [((1, 40, 40, 1), 5), ((3, 9, 2), 3)])
+@pytest.mark.parametrize("widths,steps", [((1, 40, 40, 1), 5), ((3, 9, 2), 3), ((2, 5, 3), 1)])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
-def test_barriers_per_task(emu, widths, steps, first_order):
-    """The kernel's phase structure (its latency): one barrier after loading the parameters, 2L + 2
-    a support step (L forward layers, the loss, L backward layers, the update), 2L + 2 for the
-    query, and in second order 2L + 2 a reverse step (the rates, L R-forward layers, the R-loss, L
-    R-backward layers)."""
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("placement", [2, 1, 0])
+def test_barriers_per_task(emu, widths, steps, first_order, loss, placement):
+    """The kernel's phase structure (its latency): one barrier after loading the parameters; a
+    support step is L forward and L backward phases (MSE's loss in the last forward layer's phase,
+    the update in each backward layer's), cross-entropy one more for its softmax (and the query one
+    more for its loss); in second order a reverse step is L R-forward and L R-backward phases
+    (cross-entropy one more for its R-loss), plus one for the rates u = lr (.) v, which in the first
+    reverse step the query's backward makes (placement 1: one in every step, the rates made with
+    the copy of the step's history into shared memory)."""
     emu.fm_emu_barriers.restype = ctypes.c_uint64
-    params, batch = make_mlp_batch(widths, 1, 6, 5, "mse", torch.float32, "cpu")
+    params, batch = make_mlp_batch(widths, 1, 6, 5, loss, torch.float32, "cpu")
     L = len(widths) - 1
     acts = ["relu"] * (L - 1) + [None]
     before = emu.fm_emu_barriers()
-    emu_mlp(emu, params, batch, [], 0.01, steps, acts, 0.01, "mse", first_order, -1, 0)
-    phase = 2 * L + 2
-    assert emu.fm_emu_barriers() - before == 1 + steps * phase + phase + (0 if first_order else steps * phase)
+    ran, _ = emu_mlp(emu, params, batch, [], 0.01, steps, acts, 0.01, loss, first_order, placement, 0)
+    assert ran == placement
+    ce = int(loss == "cross_entropy")
+    step = 2 * L + ce
+    want = 1 + steps * step + step + ce
+    if not first_order:
+        want += steps * step + (steps if placement == 1 else steps - 1)
+    assert emu.fm_emu_barriers() - before == want
 
 
 def slices_of(slices, N):

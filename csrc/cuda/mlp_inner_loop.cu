@@ -8,9 +8,10 @@
 // (4 x 4 in the kernel for MLPArgs::tile 4), the threads of a warp consecutive columns (so B's
 // loads are consecutive or odd-strided in shared memory and A's are broadcast), and the products
 // of one phase share the block's threads. Epilogues
-// do the elementwise work (bias, activation and its derivatives, the update of v), so a forward
-// layer, a backward layer and an R-operator layer are one phase each, phases separated by
-// __syncthreads(). A task's working set is in shared memory where it fits (several blocks share an
+// do the elementwise work (bias, activation and its derivatives, MSE's loss gradient and its
+// R-operator, the SGD update of each parameter as its gradient element is made, the update of v),
+// so a forward layer, a backward layer and an R-operator layer are one phase each, phases
+// separated by __syncthreads(). A task's working set is in shared memory where it fits (several blocks share an
 // SM), its history (what second order keeps of each step) in shared memory when one wave of blocks
 // holds all tasks with it, else in global memory: MLPArgs::placement, chosen by the binding. Index
 // math within a task is 32-bit (the binding checks that a task's slots fit).
@@ -207,51 +208,74 @@ struct Ctx {
   }
   __device__ T rate(const Param& p) const { return A.lr_w[0] != nullptr ? layer_elem(A.lr_w, A.lr_b, p) : A.lr; }
 
-  // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for the rows x [N, d_0].
-  __device__ void forward(const T* th, const T* x, int N, const Acts<T>& S) const {
+  // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for the rows x [N, d_0], one phase a layer; then the
+  // loss of a_L against the targets, its gradient da_L and dz_L, and with loss_out the task's loss.
+  // MSE's loss is part of the last layer's phase (its epilogue has each element of a_L), cross-entropy
+  // (a softmax over each row) a phase of its own. during(l) runs in layer l's phase.
+  template <typename During>
+  __device__ void forward_loss(const T* th, const T* x, int N, const Acts<T>& S, const T* yf, const int64_t* yl,
+                               T* loss_out, T* red, During during) const {
+    const bool mse = A.loss == 0;
+    T part = 0;
     for (int l = 0; l < A.L; ++l) {
       const int din = A.dims[l], dout = A.dims[l + 1], act = A.acts[l];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
       T* z = S.at(A, 0, l);
       T* a = S.at(A, 1, l);
       const T* b = th + A.pb[l];
-      gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(th, l), din, [&](int n, int o, T c) {
-        c += b[o];
-        z[n * dout + o] = c;
-        a[n * dout + o] = act_fwd(act, c, slope);
-      });
+      if (mse && l == A.L - 1) {
+        T* da = S.at(A, 2, l);
+        T* dz = S.at(A, 3, l);
+        const T scale = T(2) / static_cast<T>(N * dout);
+        gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(th, l), din, [&](int n, int o, T c) {
+          const int e = n * dout + o;
+          c += b[o];
+          const T av = act_fwd(act, c, slope);
+          z[e] = c;  // (a's storage where z shares it: overwritten next)
+          a[e] = av;
+          const T diff = av - yf[e];
+          part += diff * diff;
+          const T g = scale * diff;
+          da[e] = g;  // (likewise dz's)
+          dz[e] = act_d1(act, c, av, slope) * g;
+        });
+        if (loss_out != nullptr) red[threadIdx.x] = part / static_cast<T>(N * dout);
+      } else {
+        gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(th, l), din, [&](int n, int o, T c) {
+          c += b[o];
+          z[n * dout + o] = c;
+          a[n * dout + o] = act_fwd(act, c, slope);
+        });
+      }
+      during(l);
       __syncthreads();
+    }
+    if (!mse) {
+      loss_grad(S, N, yl, loss_out, red);
+    } else if (loss_out != nullptr && threadIdx.x == 0) {  // red is not written again before it is read
+      T total = 0;
+      for (unsigned i = 0; i < blockDim.x; ++i) total += red[i];
+      *loss_out = total;
     }
   }
 
-  // The loss of a_L against the targets; its gradient da_L and dz_L; with loss_out, the task's loss.
-  __device__ void loss_grad(const Acts<T>& S, int N, const T* yf, const int64_t* yl, T* loss_out, T* red) const {
+  // Cross-entropy of a_L against the labels: da_L, dz_L; with loss_out, the task's loss. One phase.
+  __device__ void loss_grad(const Acts<T>& S, int N, const int64_t* yl, T* loss_out, T* red) const {
     const int D = A.dims[A.L], act = A.acts[A.L - 1];
     const T *z = S.at(A, 0, A.L - 1), *a = S.at(A, 1, A.L - 1);
     T* da = S.at(A, 2, A.L - 1);
     T* dz = S.at(A, 3, A.L - 1);
     T part = 0;
-    if (A.loss == 0) {
-      const T scale = T(2) / static_cast<T>(N * D);
-      for (int i = threadIdx.x; i < N * D; i += blockDim.x) {
-        const T diff = a[i] - yf[i];
-        part += diff * diff;
-        da[i] = scale * diff;
+    const T invN = T(1) / static_cast<T>(N);
+    for (int n = threadIdx.x; n < N; n += blockDim.x) {
+      const Softmax<T> sm(a + n * D, D);
+      const int y = static_cast<int>(yl[n]);
+      for (int c = 0; c < D; ++c) {
+        const int i = n * D + c;
+        da[i] = (sm.p(c) - (c == y ? T(1) : T(0))) * invN;
         dz[i] = act_d1(act, z[i], a[i], slope) * da[i];
       }
-      part /= static_cast<T>(N * D);
-    } else {
-      const T invN = T(1) / static_cast<T>(N);
-      for (int n = threadIdx.x; n < N; n += blockDim.x) {
-        const Softmax<T> sm(a + n * D, D);
-        const int y = static_cast<int>(yl[n]);
-        for (int c = 0; c < D; ++c) {
-          const int i = n * D + c;
-          da[i] = (sm.p(c) - (c == y ? T(1) : T(0))) * invN;
-          dz[i] = act_d1(act, z[i], a[i], slope) * da[i];
-        }
-        part += (log(sm.sum) + sm.m - sm.row[y]) * invN;
-      }
+      part += (log(sm.sum) + sm.m - sm.row[y]) * invN;
     }
     if (loss_out != nullptr) {
       red[threadIdx.x] = part;
@@ -265,17 +289,25 @@ struct Ctx {
     __syncthreads();
   }
 
-  // From dz_L: the gradient g (padded layout) and da_l, dz_l for l < L; one phase a layer.
-  __device__ void backward(const T* th, const T* x, int N, const Acts<T>& S, T* g) const {
+  // Parameter element (o, i) of W_l (i < 0: b_l's element o) with its padded and flat indices.
+  __device__ Param param(int l, int o, int i) const {
+    if (i < 0) return Param{static_cast<int>(A.pb[l]) + o, static_cast<int>(A.off_b[l]) + o, l, o, true};
+    const int k = o * A.dims[l] + i;
+    return Param{static_cast<int>(A.pw[l]) + o * A.ldw[l] + i, static_cast<int>(A.off_w[l]) + k, l, k, false};
+  }
+
+  // From dz_L: each element of the gradient to sink(Param, g) as its product finishes, and da_l,
+  // dz_l for l < L; one phase a layer, during(l) in layer l's. sink may write parameter-sized
+  // vectors other than th (nothing else in these phases reads them).
+  template <typename Sink, typename During>
+  __device__ void backward(const T* th, const T* x, int N, const Acts<T>& S, Sink sink, During during) const {
     for (int l = A.L - 1; l >= 0; --l) {
-      const int din = A.dims[l], dout = A.dims[l + 1], ld = A.ldw[l];
+      const int din = A.dims[l], dout = A.dims[l + 1];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
       const T* dz = S.at(A, 3, l);
-      T* gW = g + A.pw[l];
-      T* gb = g + A.pb[l];
       // dW [dout, din] = dz^T ain
       int tiles = gemm(0, dout, din, Op<T>{dz, 1, dout}, Op<T>{ain, 1, din}, N,
-                       [&](int o, int i, T c) { gW[o * ld + i] = c; });
+                       [&](int o, int i, T c) { sink(param(l, o, i), c); });
       if (l > 0) {  // da_{l-1} = dz W, and dz_{l-1}
         const int act = A.acts[l - 1];
         const T *zp = S.at(A, 0, l - 1), *ap = S.at(A, 1, l - 1);
@@ -291,17 +323,22 @@ struct Ctx {
       for (int o = (static_cast<int>(threadIdx.x) - tiles % nt + nt) % nt; o < dout; o += nt) {
         T c = 0;
         for (int n = 0; n < N; ++n) c += dz[n * dout + o];
-        gb[o] = c;
+        sink(param(l, o, -1), c);
       }
+      during(l);
       __syncthreads();
     }
   }
 
-  // v -= H u at th (S: the activations of that step): R-forward, R-loss, R-backward, one phase a
-  // layer; R holds Rz, Ra [K, sum d], Rdz two [K, dmax] buffers (layer l's, and l-1's being made).
+  // v -= H u at th (S: the activations of that step): R-forward (MSE's R-loss in its last layer's
+  // phase, cross-entropy's a phase of its own), R-backward, one phase a layer; R holds Rz, Ra
+  // [K, sum d], Rdz two [K, dmax] buffers (layer l's, and l-1's being made). Each element of v, as
+  // its new value is made, also goes to out[flat index] when out is given.
   __device__ void hvp(const T* th, const T* x, const Acts<T>& S, const T* u, T* v, const Acts<T>& R, T* Rdz0,
-                      T* Rdz1) const {
+                      T* Rdz1, T* out) const {
     const int N = S.rows, L = A.L;
+    const int D = A.dims[L];
+    const bool mse = A.loss == 0;
     for (int l = 0; l < L; ++l) {
       const int din = A.dims[l], dout = A.dims[l + 1], act = A.acts[l];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
@@ -309,11 +346,21 @@ struct Ctx {
       const T* ub = u + A.pb[l];
       T* rz = R.at(A, 0, l);
       T* ra = R.at(A, 1, l);
+      const bool rloss = mse && l == L - 1;  // R(da_L) = scale R(a_L), then Rdz_L
+      const T* da = S.at(A, 2, l);
+      T* rdz = (L - 1) % 2 == 0 ? Rdz0 : Rdz1;
+      const T scale = T(2) / static_cast<T>(N * D);
       auto epi = [&](int n, int o, T c) {
         const int e = n * dout + o;
         c += ub[o];
-        rz[e] = c;
-        ra[e] = act_d1(act, z[e], a[e], slope) * c;
+        const T d1 = act_d1(act, z[e], a[e], slope);
+        if (rloss) {
+          const T d2 = act == kTanh || act == kSigmoid ? act_d2(act, a[e]) * c * da[e] : T(0);
+          rdz[e] = d2 + d1 * scale * (d1 * c);
+        } else {
+          rz[e] = c;
+          ra[e] = d1 * c;
+        }
       };
       if (l == 0)
         gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(u, l), din, epi);
@@ -322,40 +369,36 @@ struct Ctx {
              epi);
       __syncthreads();
     }
-    const int D = A.dims[L];
-    {  // R-loss: R(da_L), then Rdz_L
+    if (!mse) {  // R-loss: R(da_L), then Rdz_L
       const int act = A.acts[L - 1];
       const T *raL = R.at(A, 1, L - 1), *rzL = R.at(A, 0, L - 1);
       const T *z = S.at(A, 0, L - 1), *a = S.at(A, 1, L - 1), *da = S.at(A, 2, L - 1);
       T* rdz = (L - 1) % 2 == 0 ? Rdz0 : Rdz1;
-      if (A.loss == 0) {
-        const T scale = T(2) / static_cast<T>(N * D);
-        for (int i = threadIdx.x; i < N * D; i += blockDim.x)
-          rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * scale * raL[i];
-      } else {
-        const T invN = T(1) / static_cast<T>(N);
-        for (int n = threadIdx.x; n < N; n += blockDim.x) {
-          const Softmax<T> sm(a + n * D, D);
-          T pr = 0;
-          for (int c = 0; c < D; ++c) pr += sm.p(c) * raL[n * D + c];
-          for (int c = 0; c < D; ++c) {
-            const int i = n * D + c;
-            const T rda = sm.p(c) * (raL[i] - pr) * invN;
-            rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * rda;
-          }
+      const T invN = T(1) / static_cast<T>(N);
+      for (int n = threadIdx.x; n < N; n += blockDim.x) {
+        const Softmax<T> sm(a + n * D, D);
+        T pr = 0;
+        for (int c = 0; c < D; ++c) pr += sm.p(c) * raL[n * D + c];
+        for (int c = 0; c < D; ++c) {
+          const int i = n * D + c;
+          const T rda = sm.p(c) * (raL[i] - pr) * invN;
+          rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * rda;
         }
       }
       __syncthreads();
     }
     for (int l = L - 1; l >= 0; --l) {  // R-backward
-      const int din = A.dims[l], dout = A.dims[l + 1], ld = A.ldw[l];
+      const int din = A.dims[l], dout = A.dims[l + 1];
       const T* ain = l == 0 ? x : S.at(A, 1, l - 1);
       const T* dz = S.at(A, 3, l);
       const T* rdz = l % 2 == 0 ? Rdz0 : Rdz1;
-      T* vW = v + A.pw[l];
-      T* vb = v + A.pb[l];
+      auto put = [&](const Param& p, T c) {
+        const T nv = v[p.j] - c;
+        v[p.j] = nv;
+        if (out != nullptr) out[p.jf] = nv;
+      };
       // H u for W_l: Rdz^T ain + dz^T R(a_{l-1})
-      auto epi_w = [&](int o, int i, T c) { vW[o * ld + i] -= c; };
+      auto epi_w = [&](int o, int i, T c) { put(param(l, o, i), c); };
       int tiles = l == 0 ? gemm(0, dout, din, Op<T>{rdz, 1, dout}, Op<T>{ain, 1, din}, N, epi_w)
                          : gemm(0, dout, din, Op<T>{rdz, 1, dout}, Op<T>{ain, 1, din}, N, Op<T>{dz, 1, dout},
                                 Op<T>{R.at(A, 1, l - 1), 1, din}, N, epi_w);
@@ -363,18 +406,18 @@ struct Ctx {
         const int act = A.acts[l - 1];
         const T *zp = S.at(A, 0, l - 1), *ap = S.at(A, 1, l - 1), *dap = S.at(A, 2, l - 1);
         const T* rzp = R.at(A, 0, l - 1);
-        T* out = (l - 1) % 2 == 0 ? Rdz0 : Rdz1;
+        T* o_ = (l - 1) % 2 == 0 ? Rdz0 : Rdz1;
         tiles = gemm(tiles, N, din, Op<T>{rdz, dout, 1}, Wcols(th, l), dout, Op<T>{dz, dout, 1}, Wcols(u, l), dout,
                      [&](int n, int i, T c) {
                        const int e = n * din + i;
-                       out[e] = d2_term(act, ap, rzp, dap, e) + act_d1(act, zp[e], ap[e], slope) * c;
+                       o_[e] = d2_term(act, ap, rzp, dap, e) + act_d1(act, zp[e], ap[e], slope) * c;
                      });
       }
       const int nt = static_cast<int>(blockDim.x);
       for (int o = (static_cast<int>(threadIdx.x) - tiles % nt + nt) % nt; o < dout; o += nt) {
         T c = 0;
         for (int n = 0; n < N; ++n) c += rdz[n * dout + o];
-        vb[o] -= c;
+        put(param(l, o, -1), c);
       }
       __syncthreads();
     }
@@ -408,12 +451,14 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
   const bool fo = A.first_order, keep_g = A.dlr != nullptr;
   T* shared = red + blockDim.x;
   T* scratch = A.scratch + static_cast<int64_t>(t) * A.scratch_per_task;
-  // working set: th, gv (gradient; in reverse u = lr (.) v), v, one pass's activations, R buffers;
-  // first order's v (the query gradient) is gv, free once the last step has updated th
+  // working set: th and gv, which hold theta_s and theta_{s+1} in turn (a step's backward pass
+  // writes the next parameters as each gradient element is made), theta_S in th; second order's v
+  // (the reverse pass's vector; gv then holds u = lr (.) v); one pass's activations; R buffers.
+  // First order's query gradient goes straight to dtheta.
   T* w = A.placement == kAllGlobal ? scratch : shared;
   T* th = w; w += Pp;
   T* gv = w; w += Pp;
-  T* v = fo ? gv : w; w += fo ? 0 : Pp;
+  T* v = w; w += fo ? 0 : Pp;
   const int sec = A.act_sections, step_acts = sec * K * sumd;
   const Acts<T> work{w, NQ, sumd, sec}; w += sec * NQ * sumd;
   const Acts<T> R{w, K, sumd, 4}; w += fo ? 0 : 2 * K * sumd;  // Rz, Ra (which 0, 1)
@@ -424,11 +469,25 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
   T* h_th = h; h += fo ? 0 : S * Pp;
   T* h_g = h; h += fo || !keep_g ? 0 : S * Pp;
   T* h_acts = h;
-  // placement 1 computes a step's activations in shared memory and copies them out; otherwise
-  // they are computed in (and the reverse pass reads them from) their history slot directly
-  const bool stage = A.placement == kWorkShared;
+  // placement 1 computes a step's parameters and activations in shared memory and copies them to
+  // their history slots as they are finished (each slab during the phase after the one that made
+  // it); otherwise second order computes them in (and its reverse pass reads them from) their
+  // history slots directly
+  const bool stage = A.placement == kWorkShared, mirror = !fo && stage;
   auto acts_at = [&](int s) {
     return Acts<T>{(fo || stage) ? work.base : h_acts + s * step_acts, K, sumd, sec};
+  };
+  auto theta_at = [&](int s) -> T* {  // theta_s, s <= S
+    if (s == S) return th;
+    if (!fo && !stage) return h_th + s * Pp;
+    return (S - s) % 2 == 0 ? th : gv;
+  };
+  // step s's slab of layer l's activation sections: z and a (fwd), or da and dz, to its history
+  auto mirror_slab = [&](int s, int l, bool fwd) {
+    const Acts<T> src = acts_at(s), dst{h_acts + s * step_acts, K, sumd, sec};
+    const int n = K * A.dims[l + 1];
+    for (int which = fwd ? 0 : 2; which < (fwd ? 2 : 4); ++which)
+      if (sec == 4 || which % 2 == 1) copy(dst.at(A, which, l), src.at(A, which, l), n);
   };
   const Ctx<T, kTile> C{A, A.slope};
   const T* x = A.xs + static_cast<int64_t>(t) * K * I;
@@ -438,46 +497,66 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
   const T* yqf = A.loss == 0 ? A.yq_f + static_cast<int64_t>(t) * Q * D : nullptr;
   const int64_t* yql = A.loss == 1 ? A.yq_l + static_cast<int64_t>(t) * Q : nullptr;
   T* dlr = keep_g ? A.dlr + static_cast<int64_t>(t) * P : nullptr;
-  for_params(A, [&](const Param& p) {
-    th[p.j] = layer_elem(A.theta0_w, A.theta0_b, p);
-    if (keep_g) dlr[p.jf] = T(0);
-  });
+  T* dth = A.dtheta + static_cast<int64_t>(t) * P;
+  {
+    T* th0 = theta_at(0);
+    for_params(A, [&](const Param& p) {
+      const T val = layer_elem(A.theta0_w, A.theta0_b, p);
+      th0[p.j] = val;
+      if (mirror && S > 0) h_th[p.j] = val;
+      if (keep_g) dlr[p.jf] = T(0);
+    });
+  }
   __syncthreads();
   for (int s = 0; s < S; ++s) {
     const Acts<T> st = acts_at(s);
-    C.forward(th, x, K, st);
-    C.loss_grad(st, K, ysf, ysl, nullptr, red);
-    C.backward(th, x, K, st, gv);
-    // keep theta_s (and g_s, the activations) for the reverse pass, then theta_{s+1} in place;
-    // first order with learned rates sums the gradients in dlr (each thread its own elements)
-    T* hth = h_th + s * Pp;
+    const T* cur = theta_at(s);
+    T* nxt = theta_at(s + 1);
     T* hg = h_g + s * Pp;
-    for_params(A, [&](const Param& p) {
-      const int j = p.j;
-      const T g = gv[j];
-      if (!fo) {
-        hth[j] = th[j];
-        if (keep_g) hg[j] = g;
-      } else if (keep_g) {
-        dlr[p.jf] += g;
-      }
-      th[j] -= C.rate(p) * g;
+    T* hnext = s + 1 < S && mirror ? h_th + (s + 1) * Pp : nullptr;
+    C.forward_loss(cur, x, K, st, ysf, ysl, nullptr, red, [&](int l) {
+      if (mirror && l > 0) mirror_slab(s, l - 1, true);
     });
-    if (!fo && stage) copy(h_acts + s * step_acts, work.base, step_acts);
-    __syncthreads();
+    // theta_{s+1} = theta_s - lr (.) g_s, element by element; second order keeps g_s (learned
+    // rates), first order with learned rates sums the gradients in dlr (the same thread updates an
+    // element in every step: its product's tile)
+    C.backward(cur, x, K, st,
+               [&](const Param& p, T g) {
+                 const T val = cur[p.j] - C.rate(p) * g;
+                 nxt[p.j] = val;
+                 if (!fo) {
+                   if (keep_g) hg[p.j] = g;
+                   if (hnext != nullptr) hnext[p.j] = val;
+                 } else if (keep_g) {
+                   dlr[p.jf] += g;
+                 }
+               },
+               [&](int l) {
+                 if (!mirror) return;
+                 if (l == A.L - 1) mirror_slab(s, l, true);
+                 mirror_slab(s, l, false);
+               });
   }
   const Acts<T> query{work.base, Q, sumd, sec};
-  C.forward(th, xq, Q, query);
-  C.loss_grad(query, Q, yqf, yql, A.loss_out + t, red);
-  C.backward(th, xq, Q, query, v);
-  T* dth = A.dtheta + static_cast<int64_t>(t) * P;
-  if (fo) {  // v_s = v_S for every s: d theta_0 = v_S, d lr = -sum_s g_s (.) v_S
-    for_params(A, [&](const Param& p) {
-      dth[p.jf] = v[p.j];
-      if (keep_g) dlr[p.jf] = -dlr[p.jf] * v[p.j];
-    });
-    return;
-  }
+  auto none = [](int) {};
+  C.forward_loss(th, xq, Q, query, yqf, yql, A.loss_out + t, red, none);
+  // the query gradient v_S: first order (v_s = v_S for every s), or no steps, d theta_0 = v_S and
+  // d lr = -sum_s g_s (.) v_S; else v, the first reverse step's u = lr (.) v_S and its lr term
+  const bool last = fo || S == 0;
+  const T* hg_last = h_g + (S - 1) * Pp;
+  C.backward(th, xq, Q, query,
+             [&](const Param& p, T c) {
+               if (last) {
+                 dth[p.jf] = c;
+                 if (keep_g && fo) dlr[p.jf] = -dlr[p.jf] * c;
+               } else {
+                 v[p.j] = c;
+                 gv[p.j] = C.rate(p) * c;
+                 if (keep_g) dlr[p.jf] -= hg_last[p.j] * c;
+               }
+             },
+             none);
+  if (last) return;
   for (int s = S - 1; s >= 0; --s) {
     const T* ths = h_th + s * Pp;
     const T* hg = h_g + s * Pp;
@@ -486,14 +565,15 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
       copy(work.base, h_acts + s * step_acts, step_acts);
       ths = th;
     }
-    for_params(A, [&](const Param& p) {
-      if (keep_g) dlr[p.jf] -= hg[p.j] * v[p.j];
-      gv[p.j] = C.rate(p) * v[p.j];
-    });
-    __syncthreads();
-    C.hvp(ths, x, acts_at(s), gv, v, R, Rdz0, Rdz1);
+    if (s < S - 1) {
+      for_params(A, [&](const Param& p) {
+        if (keep_g) dlr[p.jf] -= hg[p.j] * v[p.j];
+        gv[p.j] = C.rate(p) * v[p.j];
+      });
+    }
+    if (stage || s < S - 1) __syncthreads();
+    C.hvp(ths, x, acts_at(s), gv, v, R, Rdz0, Rdz1, s == 0 ? dth : nullptr);  // v_0 is d theta_0
   }
-  for_params(A, [&](const Param& p) { dth[p.jf] = v[p.j]; });
 }
 
 }  // namespace
