@@ -257,6 +257,18 @@ def test_slim_activations_cross_entropy(emu, slope, placement):
           placement, metasgd=True, slope=slope, lr=0.1)
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("widths", [(90, 8, 3), (100, 8, 3), (130, 8, 3)])
+def test_inputs_in_the_working_set_or_not(emu, widths, first_order, loss):
+    """A task's inputs and MSE targets are copied into its working set where they are at most 1024
+    elements, else read where they are: (K + Q) (d_0 + d_L) = 930, 1030, 1330 here with MSE and
+    (K + Q) d_0 = 900, 1000, 1300 with cross-entropy (its labels stay where they are), against the
+    CPU kernel in each placement."""
+    for placement in (2, 1, 0):
+        check(emu, widths, 2, 5, 5, 2, ["tanh", None], loss, first_order, torch.float64, placement, metasgd=True)
+
+
 @pytest.mark.parametrize("widths,steps", [((1, 40, 40, 1), 5), ((3, 9, 2), 3), ((2, 5, 3), 1)])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])

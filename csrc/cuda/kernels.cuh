@@ -100,6 +100,8 @@ struct MLPArgs {
   int ldw[kMaxLayers];                                // padded layout: row stride of W
   int64_t pw[kMaxLayers], pb[kMaxLayers], Pp;         // padded offsets of W, b; padded size
   int act_sections;                                   // 4 (z, a, da, dz) or 2 (see mlp_sizes)
+  int64_t inputs;                                     // the task's inputs and MSE targets kept in its
+                                                      //   working set (elements), or 0 (see mlp_sizes)
   int64_t work, hist;                                 // elements per task (see mlp_sizes)
 };
 
@@ -124,8 +126,14 @@ inline void mlp_layout(MLPArgs<T>& a) {
   a.Pp = poff;
 }
 
-// a.act_sections, a.work and a.hist from the layout, acts, slope, K, Q, steps, first_order and
-// lr_grad. The working set holds three parameter-sized vectors (two in first order: theta_s and
+// The most elements of a task's inputs and MSE targets (support and query) that its working set
+// takes in: every pass reads them (the first layer's product and weight gradient, the loss), and
+// from global memory each read waits its latency on the phase's critical path.
+constexpr int64_t kMaxStagedInputs = 1024;
+
+// a.act_sections, a.inputs, a.work and a.hist from the layout, acts, slope, loss, K, Q, steps,
+// first_order and lr_grad. The working set ends with the task's inputs and MSE targets where they
+// are small (kMaxStagedInputs). The working set holds three parameter-sized vectors (two in first order: theta_s and
 // theta_{s+1} in turn, the query gradient going straight to the output), one pass's activations
 // (max(K, Q) rows) and, in second order, the R-operator's buffers; second order's history keeps each step's
 // parameters, activations and, for lr_grad, gradients. A pass's activations are z, a, da, dz of
@@ -144,8 +152,10 @@ inline void mlp_sizes(MLPArgs<T>& a) {
   for (int l = 0; l <= a.L; ++l) dmax = dmax > a.dims[l] ? dmax : a.dims[l];
   a.act_sections = slim ? 2 : 4;
   const int64_t NQ = a.K > a.Q ? a.K : a.Q;
+  const int64_t in = (a.K + a.Q) * (a.dims[0] + (a.loss == 0 ? a.dims[a.L] : 0));
+  a.inputs = in <= kMaxStagedInputs ? in : 0;
   a.work = (a.first_order ? 2 : 3) * a.Pp + a.act_sections * NQ * sumd +
-           (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax);
+           (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax) + a.inputs;
   a.hist = a.first_order ? 0 : a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + a.act_sections * a.K * sumd);
 }
 

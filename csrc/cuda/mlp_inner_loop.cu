@@ -464,6 +464,7 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
   const Acts<T> R{w, K, sumd, 4}; w += fo ? 0 : 2 * K * sumd;  // Rz, Ra (which 0, 1)
   T* Rdz0 = w; w += fo ? 0 : K * dmax;
   T* Rdz1 = w; w += fo ? 0 : K * dmax;
+  T* const inputs = w; w += A.inputs;
   // history (second order): each step's parameters, gradients (learned rates), activations
   T* h = A.placement == kAllShared ? w : (A.placement == kAllGlobal ? w : scratch);
   T* h_th = h; h += fo ? 0 : S * Pp;
@@ -496,6 +497,18 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128
   const int64_t* ysl = A.loss == 1 ? A.ys_l + static_cast<int64_t>(t) * K : nullptr;
   const T* yqf = A.loss == 0 ? A.yq_f + static_cast<int64_t>(t) * Q * D : nullptr;
   const int64_t* yql = A.loss == 1 ? A.yq_l + static_cast<int64_t>(t) * Q : nullptr;
+  if (A.inputs > 0) {  // the inputs and MSE targets into the working set's end (read after the first barrier)
+    copy(inputs, x, K * I);
+    copy(inputs + K * I, xq, Q * I);
+    if (A.loss == 0) {
+      copy(inputs + (K + Q) * I, ysf, K * D);
+      copy(inputs + (K + Q) * I + K * D, yqf, Q * D);
+      ysf = inputs + (K + Q) * I;
+      yqf = ysf + K * D;
+    }
+    x = inputs;
+    xq = x + K * I;
+  }
   T* dlr = keep_g ? A.dlr + static_cast<int64_t>(t) * P : nullptr;
   T* dth = A.dtheta + static_cast<int64_t>(t) * P;
   {
