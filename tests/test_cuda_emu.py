@@ -171,11 +171,15 @@ def test_sine_with_4x4_tiles(emu, first_order):
           torch.float64, 0, metasgd=True, lr=0.1, tile=4)
 
 
-def test_tile_4_block_limit(emu):
-    """4 x 4 tiles launch with at most 128 threads a block (their register bound): more is refused."""
-    params, batch = make_mlp_batch((1, 8, 1), 1, 3, 3, "mse", torch.float32, "cpu")
-    with pytest.raises(AssertionError):
-        emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=256, tile=4)
+def test_block_limits(emu):
+    """Blocks of at most 512 threads with 2 x 2 tiles in float32, 256 in float64, 128 with 4 x 4
+    tiles (the kernels' launch bounds, which set their registers): more is refused."""
+    for dtype, tile, most in ((torch.float32, 2, 512), (torch.float64, 2, 256), (torch.float32, 4, 128)):
+        params, batch = make_mlp_batch((1, 8, 1), 1, 3, 3, "mse", dtype, "cpu")
+        emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=most, tile=tile)
+        with pytest.raises(AssertionError):
+            emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=most + 32,
+                    tile=tile)
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])

@@ -60,9 +60,10 @@ def test_cuda_source_compiles(src):
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 def test_mlp_kernel_registers_without_spills():
     """ptxas's report for sm_90: the fused MLP kernels (float and double, 2x2 and 4x4 register
-    tiles) have no spills to local memory, the 2x2 ones within the 128 registers their launch
-    bound of 512 threads allows; the occupancy build (2x2, eight 128-thread blocks an SM) within 64
-    registers, its spills (a few hundred bytes) left to the GPU probe to weigh."""
+    tiles) have no spills to local memory, float's 2x2 one within the 128 registers its launch
+    bound of 512 threads allows (double's bound is 256 threads); the occupancy build (2x2, eight
+    128-thread blocks an SM) within 64 registers, its spills (a few hundred bytes) left to the GPU
+    probe to weigh."""
     import re
     src = os.path.join(ROOT, "csrc", "cuda", "mlp_inner_loop.cu")
     assert src in SOURCES
@@ -81,7 +82,7 @@ def test_mlp_kernel_registers_without_spills():
             assert regs <= 64, f"{dtype} occupancy build: {regs} registers"
             continue
         assert spills == ("0", "0"), f"{dtype} tile {tile}: {spills} bytes spilled"
-        assert regs <= (128 if tile == 2 else 255), f"{dtype} tile {tile}: {regs} registers"
+        assert regs <= (128 if (tile, dtype) == (2, "f") else 255), f"{dtype} tile {tile}: {regs} registers"
 
 
 def _cuda_include():

@@ -124,17 +124,17 @@ int mlp_occupancy(int tile) {
 // Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to the
 // kernel's launch bound, cuda::mlp_max_threads), else 256 when every task has an SM to itself
 // (more threads shorten each phase and nothing else shares the SM), else 128 (several blocks an
-// SM), at most the bound of the tile (and occupancy build).
-int mlp_threads(int64_t tasks, int tile, int occupancy, int sms) {
-  const int most = cuda::mlp_max_threads(tile, occupancy);
+// SM), at most the bound of the tile (and occupancy build) and dtype.
+int mlp_threads(int64_t tasks, int tile, int occupancy, int sms, int elem_bytes) {
+  const int most = cuda::mlp_max_threads(tile, occupancy, elem_bytes);
   const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
   if (env == nullptr || env[0] == '\0') return std::min(tasks <= sms ? 256 : 128, most);
   const int n = std::atoi(env);
   TORCH_CHECK(n >= 32 && n <= 512 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
               "to 512, got '", env, "'");
   TORCH_CHECK(n <= most, "FASTMETA_CUDA_MLP_THREADS=", n, " with ", tile, "x", tile,
-              " tiles (FASTMETA_CUDA_MLP_TILE)", occupancy ? " and FASTMETA_CUDA_MLP_OCC=8" : "", ": at most ",
-              most, " threads a block");
+              " tiles (FASTMETA_CUDA_MLP_TILE)", occupancy ? " and FASTMETA_CUDA_MLP_OCC=8" : "", " in ",
+              elem_bytes == 8 ? "float64" : "float32", ": at most ", most, " threads a block");
   return n;
 }
 
@@ -249,7 +249,7 @@ cudaError_t mlp_launch(cuda::MLPArgs<T> a, const at::TensorOptions& opts, cudaSt
 template <typename T>
 MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, cudaStream_t stream, int device) {
   const DeviceLimits& d = device_limits(device);
-  const MLPConfig def{2, 0, std::min(a.num_tasks <= d.sms ? 256 : 128, cuda::mlp_max_threads(2, 0)), -1};
+  const MLPConfig def{2, 0, std::min(a.num_tasks <= d.sms ? 256 : 128, cuda::mlp_max_threads(2, 0, sizeof(T))), -1};
   const bool tune = mlp_autotune_on();  // (read first: a bad value raises whatever the shape)
   if (a.num_tasks <= d.sms || !tune) return def;
   std::vector<int64_t> key{device, static_cast<int64_t>(sizeof(T)), a.L, a.K, a.Q, a.steps, a.num_tasks,
@@ -359,7 +359,7 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   if (mlp_config_forced()) {
     a.tile = mlp_tile();
     a.occupancy = mlp_occupancy(a.tile);
-    a.threads = mlp_threads(a.num_tasks, a.tile, a.occupancy, device_limits(device).sms);
+    a.threads = mlp_threads(a.num_tasks, a.tile, a.occupancy, device_limits(device).sms, sizeof(T));
     a.placement = mlp_placement(a, device);
     a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
   } else {

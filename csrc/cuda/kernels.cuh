@@ -202,8 +202,9 @@ inline int mlp_choose_placement(const MLPArgs<T>& a, int forced, int64_t optin_l
 template <typename T>
 cudaError_t mlp_allow_smem(int bytes);
 
-// The most threads a block the kernel of a tile size (and occupancy, MLPArgs::occupancy) launches with.
-int mlp_max_threads(int tile, int occupancy = 0);
+// The most threads a block the kernel of a tile size (and occupancy, MLPArgs::occupancy) launches
+// with, for elements of elem_bytes (4: float, 8: double).
+int mlp_max_threads(int tile, int occupancy, int elem_bytes);
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);

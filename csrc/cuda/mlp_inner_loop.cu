@@ -82,13 +82,17 @@ __device__ __forceinline__ void mac(const Op<T>& a, const Op<T>& b, int K, const
     ap[r] = a.p + m[r] * a.sr;
     bp[r] = b.p + n[r] * b.sr;
   }
+  // (the pointers advanced, not indexed by k: where a stride is 1 the unrolled loads take
+  // immediate offsets and each pointer one add a group of iterations)
 #pragma unroll(8 / R)
   for (int k = 0; k < K; ++k) {
     T x[R], y[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      x[r] = ap[r][k * a.sk];
-      y[r] = bp[r][k * b.sk];
+      x[r] = *ap[r];
+      y[r] = *bp[r];
+      ap[r] += a.sk;
+      bp[r] += b.sk;
     }
 #pragma unroll
     for (int r = 0; r < R; ++r)
@@ -430,13 +434,14 @@ __device__ __forceinline__ void copy(T* dst, const T* src, int n) {
 }
 
 // One kernel a tile size (MLPArgs::tile), each with its own register allocation. Launch bounds
-// (mlp_max_threads): 2 x 2 tiles fit 128 registers a thread, so blocks of up to 512 threads; 4 x 4
+// (mlp_max_threads): float's 2 x 2 tiles fit 128 registers a thread, so blocks of up to 512 threads
+// (double's take a bound of 256 threads, up to 255 registers: at 128 they spill a few bytes); 4 x 4
 // tiles spill at 128 (and, by ptxas's choice, at the 256-thread bound too) and take ~160 without
 // spills under a bound of 128 threads. kMinBlocks = 8 (MLPArgs::occupancy, 2 x 2 tiles): the same
 // code held to 64 registers so that eight 128-thread blocks share an SM (a register-bound four
 // otherwise): more tasks at once and more warps to hide latency, for a few hundred bytes of spills.
 template <typename T, int kTile, int kMinBlocks = 1>
-__global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? 512 : 128), kMinBlocks)
+__global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T) == 8 ? 256 : 512) : 128), kMinBlocks)
     mlp_inner_loop_kernel(const MLPArgs<T> A) {
   FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
@@ -602,12 +607,14 @@ cudaError_t mlp_allow_smem(int bytes) {
   return cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 2, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-int mlp_max_threads(int tile, int occupancy) { return tile == 4 || occupancy > 0 ? 128 : 512; }
+int mlp_max_threads(int tile, int occupancy, int elem_bytes) {
+  return tile == 4 || occupancy > 0 ? 128 : (elem_bytes == 8 ? 256 : 512);
+}
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
   if (args.num_tasks == 0) return cudaSuccess;
-  if (args.threads > mlp_max_threads(args.tile, args.occupancy)) return cudaErrorInvalidValue;
+  if (args.threads > mlp_max_threads(args.tile, args.occupancy, sizeof(T))) return cudaErrorInvalidValue;
   if (args.occupancy != 0 && (args.occupancy != 8 || args.tile != 2)) return cudaErrorInvalidValue;
   const size_t shmem = mlp_smem_bytes(args, args.placement);
   const unsigned grid = static_cast<unsigned>(args.num_tasks), block = static_cast<unsigned>(args.threads);
