@@ -170,10 +170,20 @@ __device__ __forceinline__ void for_params(const MLPArgs<T>& A, F f) {
   for (int l = 0; l < A.L; ++l) {
     const int din = A.dims[l], dout = A.dims[l + 1], nw = dout * din;
     const int pw = static_cast<int>(A.pw[l]), pb = static_cast<int>(A.pb[l]), ow = static_cast<int>(A.off_w[l]);
-    for (int idx = threadIdx.x; idx < nw + dout; idx += blockDim.x) {
+    const int ld = A.ldw[l], nt = static_cast<int>(blockDim.x);
+    // W's element idx = o din + i, (o, i) stepped by the block's stride (two divisions a layer,
+    // not one an element)
+    const int dq = nt / din, dr = nt - dq * din;
+    int o = static_cast<int>(threadIdx.x) / din, i = static_cast<int>(threadIdx.x) - o * din;
+    for (int idx = threadIdx.x; idx < nw + dout; idx += nt) {
       if (idx < nw) {
-        const int o = idx / din;
-        f(Param{pw + o * A.ldw[l] + (idx - o * din), ow + idx, l, idx, false});
+        f(Param{pw + o * ld + i, ow + idx, l, idx, false});
+        o += dq;
+        i += dr;
+        if (i >= din) {
+          i -= din;
+          ++o;
+        }
       } else {
         f(Param{pb + idx - nw, ow + idx, l, idx - nw, true});
       }
