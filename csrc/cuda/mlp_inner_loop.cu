@@ -111,9 +111,12 @@ __device__ __forceinline__ int gemm_tiles(int first, int M, int N, const Op<T>& 
                                           const Op<T>& a2, const Op<T>& b2, int K2, Epi& epi) {
   const int tm = (M + R - 1) / R, tn = (N + R - 1) / R, tiles = tm * tn;
   const int nt = static_cast<int>(blockDim.x);
-  const int start = (static_cast<int>(threadIdx.x) - first % nt + nt) % nt;
+  int start = static_cast<int>(threadIdx.x) - first % nt;
+  if (start < 0) start += nt;
+  // tile t = i tn + j, (i, j) stepped by the block's stride (one division a call, not one a tile)
+  const int di = nt / tn, dj = nt - di * tn;
+  int i = start / tn, j = start - i * tn;
   for (int t = start; t < tiles; t += nt) {
-    const int i = t / tn, j = t - i * tn;
     int m[R], n[R];
 #pragma unroll
     for (int r = 0; r < R; ++r) {
@@ -132,6 +135,12 @@ __device__ __forceinline__ int gemm_tiles(int first, int M, int N, const Op<T>& 
 #pragma unroll
       for (int c = 0; c < R; ++c)
         if ((r == 0 || m[r] != i) && (c == 0 || n[c] != j)) epi(m[r], n[c], acc[r][c]);
+    i += di;
+    j += dj;
+    if (j >= tn) {
+      j -= tn;
+      ++i;
+    }
   }
   return first + tiles;
 }
