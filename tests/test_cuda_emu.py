@@ -277,26 +277,28 @@ def test_inputs_in_the_working_set_or_not(emu, widths, first_order, loss):
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("placement", [2, 1, 0])
-def test_barriers_per_task(emu, widths, steps, first_order, loss, placement):
+@pytest.mark.parametrize("metasgd", [False, True], ids=["lr", "metasgd"])
+def test_barriers_per_task(emu, widths, steps, first_order, loss, placement, metasgd):
     """The kernel's phase structure (its latency): one barrier after loading the parameters; a
     support step is L forward and L backward phases (MSE's loss in the last forward layer's phase,
     the update in each backward layer's), cross-entropy one more for its softmax (and the query one
     more for its loss); in second order a reverse step is L R-forward and L R-backward phases
-    (cross-entropy one more for its R-loss), plus one for the rates u = lr (.) v, which in the first
-    reverse step the query's backward makes (placement 1: one in every step, the rates made with
-    the copy of the step's history into shared memory)."""
+    (cross-entropy one more for its R-loss), with per-parameter rates plus one for u = lr (.) v but
+    in the first reverse step (the query's backward makes it; a scalar rate needs none), and with
+    placement 1 one in every step where the step's history is copied in (with the rates)."""
     emu.fm_emu_barriers.restype = ctypes.c_uint64
     params, batch = make_mlp_batch(widths, 1, 6, 5, loss, torch.float32, "cpu")
+    lrs = [torch.full_like(p, 0.01) for p in params] if metasgd else []
     L = len(widths) - 1
     acts = ["relu"] * (L - 1) + [None]
     before = emu.fm_emu_barriers()
-    ran, _ = emu_mlp(emu, params, batch, [], 0.01, steps, acts, 0.01, loss, first_order, placement, 0)
+    ran, _ = emu_mlp(emu, params, batch, lrs, 0.01, steps, acts, 0.01, loss, first_order, placement, 0)
     assert ran == placement
     ce = int(loss == "cross_entropy")
     step = 2 * L + ce
     want = 1 + steps * step + step + ce
     if not first_order:
-        want += steps * step + (steps if placement == 1 else steps - 1)
+        want += steps * step + (steps if placement == 1 else (steps - 1 if metasgd else 0))
     assert emu.fm_emu_barriers() - before == want
 
 

@@ -230,6 +230,9 @@ struct Ctx {
     return {th + A.pw[l], 1, A.ldw[l]};
   }
   __device__ T rate(const Param& p) const { return A.lr_w[0] != nullptr ? layer_elem(A.lr_w, A.lr_b, p) : A.lr; }
+  // One scalar rate and no rate gradient: the reverse pass's v_{s+1} - H_s (lr v_{s+1}) is
+  // v_{s+1} - lr H_s v_{s+1}, the R-operator reading v itself (see the kernel's reverse pass).
+  __device__ bool fold_lr() const { return A.lr_w[0] == nullptr && A.dlr == nullptr; }
 
   // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for the rows x [N, d_0], one phase a layer; then the
   // loss of a_L against the targets, its gradient da_L and dz_L, and with loss_out the task's loss.
@@ -353,12 +356,12 @@ struct Ctx {
     }
   }
 
-  // v -= H u at th (S: the activations of that step): R-forward (MSE's R-loss in its last layer's
+  // v + vdelta = v - H u (fold_lr(): v - lr H u) at th (S: the activations of that step; vdelta 0,
+  // or no element of v is written): R-forward (MSE's R-loss in its last layer's
   // phase, cross-entropy's a phase of its own), R-backward, one phase a layer; R holds Rz, Ra
-  // [K, sum d], Rdz two [K, dmax] buffers (layer l's, and l-1's being made). Each element of v, as
-  // its new value is made, also goes to out[flat index] when out is given.
-  __device__ void hvp(const T* th, const T* x, const Acts<T>& S, const T* u, T* v, const Acts<T>& R, T* Rdz0,
-                      T* Rdz1, T* out) const {
+  // [K, sum d], Rdz two [K, dmax] buffers (layer l's, and l-1's being made).
+  __device__ void hvp(const T* th, const T* x, const Acts<T>& S, const T* u, T* v, int vdelta, const Acts<T>& R,
+                      T* Rdz0, T* Rdz1) const {
     const int N = S.rows, L = A.L;
     const int D = A.dims[L];
     const bool mse = A.loss == 0;
@@ -416,9 +419,8 @@ struct Ctx {
       const T* dz = S.at(A, 3, l);
       const T* rdz = l % 2 == 0 ? Rdz0 : Rdz1;
       auto put = [&](const Param& p, T c) {
-        const T nv = v[p.j] - c;
-        v[p.j] = nv;
-        if (out != nullptr) out[p.jf] = nv;
+        const T nv = v[p.j] - (fold_lr() ? A.lr : T(1)) * c;
+        v[p.j + vdelta] = nv;
       };
       // H u for W_l: Rdz^T ain + dz^T R(a_{l-1})
       auto epi_w = [&](int o, int i, T c) { put(param(l, o, i), c); };
@@ -580,6 +582,7 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T
   // the query gradient v_S: first order (v_s = v_S for every s), or no steps, d theta_0 = v_S and
   // d lr = -sum_s g_s (.) v_S; else v, the first reverse step's u = lr (.) v_S and its lr term
   const bool last = fo || S == 0;
+  const bool fold_lr = C.fold_lr();  // (see the reverse pass)
   const T* hg_last = h_g + (S - 1) * Pp;
   C.backward(th, xq, Q, query,
              [&](const Param& p, T c) {
@@ -588,12 +591,18 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T
                  if (keep_g && fo) dlr[p.jf] = -dlr[p.jf] * c;
                } else {
                  v[p.j] = c;
-                 gv[p.j] = C.rate(p) * c;
+                 if (!fold_lr) gv[p.j] = C.rate(p) * c;
                  if (keep_g) dlr[p.jf] -= hg_last[p.j] * c;
                }
              },
              none);
   if (last) return;
+  // v_s = v_{s+1} - H_s (lr (.) v_{s+1}). With one scalar rate (and no rate gradient) that is
+  // v_{s+1} - lr H_s v_{s+1}: the R-operator reads v itself, and the new v goes to the other
+  // buffer (v and gv in turn), so no phase makes u; else u = lr (.) v in gv (the query's backward
+  // made the first), v updated in place.
+  T* vin = v;
+  int vdelta = fold_lr ? static_cast<int>(gv - v) : 0;
   for (int s = S - 1; s >= 0; --s) {
     const T* ths = h_th + s * Pp;
     const T* hg = h_g + s * Pp;
@@ -602,15 +611,19 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T
       copy(work.base, h_acts + s * step_acts, step_acts);
       ths = th;
     }
-    if (s < S - 1) {
+    const bool rates = !fold_lr && s < S - 1;
+    if (rates) {
       for_params(A, [&](const Param& p) {
         if (keep_g) dlr[p.jf] -= hg[p.j] * v[p.j];
         gv[p.j] = C.rate(p) * v[p.j];
       });
     }
-    if (stage || s < S - 1) __syncthreads();
-    C.hvp(ths, x, acts_at(s), gv, v, R, Rdz0, Rdz1, s == 0 ? dth : nullptr);  // v_0 is d theta_0
+    if (stage || rates) __syncthreads();
+    C.hvp(ths, x, acts_at(s), fold_lr ? vin : gv, vin, vdelta, R, Rdz0, Rdz1);
+    vin += vdelta;
+    vdelta = -vdelta;
   }
+  for_params(A, [&](const Param& p) { dth[p.jf] = vin[p.j]; });  // v_0 is d theta_0
 }
 
 }  // namespace
