@@ -117,8 +117,8 @@ class GraphedStep:
             torch._foreach_zero_([self.loss] + [g for g in self.grads if g is not None])
         for start, stop in self._chunks:
             graph, static = self._graphs[stop - start]
-            for name, t in batch.items():
-                static[name].copy_(t[start:stop])
+            # the batch in with one launch where the four tensors allow (ATen groups them by dtype)
+            torch._foreach_copy_(list(static.values()), [t[start:stop] for t in batch.values()])
             graph.replay()
         return self.loss, self.grads
 
