@@ -29,7 +29,7 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 #include <atomic>
@@ -44,8 +44,13 @@ namespace {
 // vector operation over W tasks, with no horizontal reductions and no short-loop overhead.
 #if defined(__AVX512F__)
 constexpr int kVecBytes = 64;
+constexpr int kVecTileMB = 5, kVecTilePB = 4;  // the products' default register block (gemm)
+#elif defined(__AVX2__) && defined(__FMA__)
+constexpr int kVecBytes = 32;  // one AVX2 register of lanes (the Vec tiles below)
+constexpr int kVecTileMB = 3, kVecTilePB = 3;  // 9 accumulators and 6 operands in 16 registers
 #else
 constexpr int kVecBytes = 64;
+constexpr int kVecTileMB = 5, kVecTilePB = 4;
 #endif
 
 #define FM_LANES _Pragma("omp simd") for (int l = 0; l < W; ++l)
@@ -174,6 +179,58 @@ struct Vec<double> {
   static R set1(double v) { return _mm512_set1_pd(v); }
 };
 constexpr bool kHaveVec = true;
+#elif defined(__AVX2__) && defined(__FMA__)
+// The same register with AVX2 (8 float or 4 double lanes; 16 registers, so smaller tiles below).
+template <>
+struct Vec<float> {
+  using R = __m256;
+  static R zero() { return _mm256_setzero_ps(); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R fma_rr(R a, R b, R c) {
+    asm("vfmadd231ps %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+    return c;
+  }
+  static R fnma(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  // v where z > 0, else slope * v (0 for slope 0, whatever v is)
+  static R gate(R z, R v, float slope) {
+    const R pos = _mm256_cmp_ps(z, zero(), _CMP_GT_OQ);
+    return slope == float(0) ? _mm256_and_ps(pos, v) : _mm256_blendv_ps(_mm256_mul_ps(set1(slope), v), v, pos);
+  }
+  static float hsum(R a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+  }
+  static R set1(float v) { return _mm256_set1_ps(v); }
+};
+template <>
+struct Vec<double> {
+  using R = __m256d;
+  static R zero() { return _mm256_setzero_pd(); }
+  static R load(const double* p) { return _mm256_loadu_pd(p); }
+  static void store(double* p, R v) { _mm256_storeu_pd(p, v); }
+  static R fma_rr(R a, R b, R c) {
+    asm("vfmadd231pd %2, %1, %0" : "+x"(c) : "x"(a), "x"(b));
+    return c;
+  }
+  static R fnma(R a, R b, R c) { return _mm256_fnmadd_pd(a, b, c); }
+  static R add(R a, R b) { return _mm256_add_pd(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
+  static R gate(R z, R v, double slope) {
+    const R pos = _mm256_cmp_pd(z, zero(), _CMP_GT_OQ);
+    return slope == double(0) ? _mm256_and_pd(pos, v) : _mm256_blendv_pd(_mm256_mul_pd(set1(slope), v), v, pos);
+  }
+  static double hsum(R a) {
+    __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(s, _mm_unpackhi_pd(s, s)));
+  }
+  static R set1(double v) { return _mm256_set1_pd(v); }
+};
+constexpr bool kHaveVec = true;
 #else
 constexpr bool kHaveVec = false;
 #endif
@@ -255,7 +312,7 @@ void rank1(int64_t M, int64_t Pn, const Prod<T>& x, T* C, int64_t scm, int64_t s
 template <typename T, int W, int MB, int PB, Ep K, bool Two>
 inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p, T* C, int64_t scm,
                        int64_t scp, const Epi<T>& e) {
-  if constexpr (kHaveVec && W * sizeof(T) == 64) {
+  if constexpr (kHaveVec && W * sizeof(T) == kVecBytes) {
     using V = Vec<T>;
     using R = typename V::R;
     R r[MB][PB];
@@ -341,7 +398,7 @@ template <typename T, int W, int MB, int PB, Ep K, bool Two>
 void gemm_kind(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
                const Epi<T>& e) {
 #if defined(__AVX512F__)
-  if constexpr (!Two && W * sizeof(T) == 64) {
+  if constexpr (!Two && W * sizeof(T) == kVecBytes) {
     if (x.K == 1) return rank1<T, W, K>(M, Pn, x, C, scm, scp, e);
   }
 #endif
@@ -374,7 +431,7 @@ void gemm_two(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, 
 
 // C [M, Pn] (entry (m, p) at C + (m * scm + p * scp) * W) = the product x (+ x2), in MB x PB
 // register blocks (the rest of M and Pn in MB x 1, 1 x PB and 1 x 1 blocks), through e's epilogue.
-template <typename T, int W, int MB = 5, int PB = 4>
+template <typename T, int W, int MB = kVecTileMB, int PB = kVecTilePB>
 void gemm(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
           const Epi<T>& e = Epi<T>()) {
   if (x2 != nullptr)
@@ -397,7 +454,11 @@ struct Sink {
 // Register block shapes (MB x PB) of the per-step products, by the shape of their operands: the
 // forward z = a W^T and the backward da = dz W (K = a layer's width), and the weight gradient
 // dz^T a whose K is the row count N, short, so that each output's epilogue weighs more.
+#if defined(__AVX512F__) || !(defined(__AVX2__) && defined(__FMA__))
 constexpr int kFwdMB = 5, kFwdPB = 4, kDaMB = 5, kDaPB = 3, kOuterMB = 5, kOuterPB = 3;
+#else  // AVX2's 16 registers: at most 9 accumulators with their 6 operands
+constexpr int kFwdMB = 3, kFwdPB = 3, kDaMB = 3, kDaPB = 3, kOuterMB = 3, kOuterPB = 3;
+#endif
 
 template <typename T, int W>
 class Group {
@@ -619,7 +680,7 @@ class Group {
       }
     };
     int64_t o = 0;
-    if constexpr (kHaveVec && W * sizeof(T) == 64) {  // 8 columns at a time in registers
+    if constexpr (kHaveVec && W * sizeof(T) == kVecBytes) {  // 8 columns at a time in registers
       using V = Vec<T>;
       constexpr int CB = 8;
       for (; o + CB <= dout; o += CB) {
@@ -785,7 +846,7 @@ void lane_sums(const T* src, int64_t n, const T* mask, T* dst) {
     for (; j + 16 <= n; j += 16) _mm512_storeu_ps(dst + j, sums16(src + j * W, keep));
   }
 #endif
-  if constexpr (kHaveVec && W * sizeof(T) == 64) {  // one in-register reduction per entry
+  if constexpr (kHaveVec && W * sizeof(T) == kVecBytes) {  // one in-register reduction per entry
     using V = Vec<T>;
     const typename V::R m = V::load(mask);
     for (; j < n; ++j) dst[j] = V::hsum(V::mul(V::load(src + j * W), m));
