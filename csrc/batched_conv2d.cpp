@@ -360,7 +360,10 @@ R run_conv(const char* op, const std::function<std::vector<int64_t>()>& make_key
   }
   if (p_ms < 0) return run(false);
   const bool pick = p_ms < g_ms;
-  if (!pick) result = run(false);
+  if (!pick) {  // (the last per-task result dropped first)
+    result = R();
+    result = run(false);
+  }
   ConvChoice c{pick, g_ms, p_ms, c10::str(op, " ", describe())};
   const char* log = std::getenv("FASTMETA_CONV_AUTOTUNE_LOG");
   if (log != nullptr && log[0] == '1') {
