@@ -29,7 +29,13 @@
 #include <c10/util/irange.h>
 
 #include <algorithm>
-#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
+// The register tiles' instruction set: AVX-512, else AVX2 with FMA, else none (generic lane code).
+#if defined(__AVX512F__)
+#define FASTMETA_VEC_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FASTMETA_VEC_AVX2 1
+#endif
+#if defined(FASTMETA_VEC_AVX512) || defined(FASTMETA_VEC_AVX2)
 #include <immintrin.h>
 #endif
 #include <atomic>
@@ -42,15 +48,19 @@ namespace {
 // Tasks are processed W at a time, one task per SIMD lane: every per-task quantity is stored as
 // [..., W] with the lane innermost, so each scalar operation of one task's inner loop becomes one
 // vector operation over W tasks, with no horizontal reductions and no short-loop overhead.
-#if defined(__AVX512F__)
-constexpr int kVecBytes = 64;
-constexpr int kVecTileMB = 5, kVecTilePB = 4;  // the products' default register block (gemm)
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kVecBytes = 32;  // one AVX2 register of lanes (the Vec tiles below)
-constexpr int kVecTileMB = 3, kVecTilePB = 3;  // 9 accumulators and 6 operands in 16 registers
+//
+// Register block shapes (MB x PB) of the products: the default (gemm), and by the shape of their
+// operands the forward z = a W^T and the backward da = dz W (K = a layer's width), and the weight
+// gradient dz^T a whose K is the row count N, short, so that each output's epilogue weighs more.
+// AVX2 has 16 registers: 3 x 3 blocks (9 accumulators and their 6 operands).
+#if defined(FASTMETA_VEC_AVX2)
+constexpr int kVecBytes = 32;  // one AVX2 register of lanes
+constexpr int kVecTileMB = 3, kVecTilePB = 3;
+constexpr int kFwdMB = 3, kFwdPB = 3, kDaMB = 3, kDaPB = 3, kOuterMB = 3, kOuterPB = 3;
 #else
 constexpr int kVecBytes = 64;
 constexpr int kVecTileMB = 5, kVecTilePB = 4;
+constexpr int kFwdMB = 5, kFwdPB = 4, kDaMB = 5, kDaPB = 3, kOuterMB = 5, kOuterPB = 3;
 #endif
 
 #define FM_LANES _Pragma("omp simd") for (int l = 0; l < W; ++l)
@@ -133,7 +143,7 @@ struct Epi {
 // written with it so that each A and B vector is loaded once per k, not once per use).
 template <typename T>
 struct Vec;
-#if defined(__AVX512F__)
+#if defined(FASTMETA_VEC_AVX512)
 template <>
 struct Vec<float> {
   using R = __m512;
@@ -179,7 +189,7 @@ struct Vec<double> {
   static R set1(double v) { return _mm512_set1_pd(v); }
 };
 constexpr bool kHaveVec = true;
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(FASTMETA_VEC_AVX2)
 // The same register with AVX2 (8 float or 4 double lanes; 16 registers, so smaller tiles below).
 template <>
 struct Vec<float> {
@@ -276,7 +286,7 @@ inline void put(const Epi<T>& e, typename Vec<T>::R alpha, T* C, int64_t at, int
   }
 }
 
-#if defined(__AVX512F__)
+#if defined(FASTMETA_VEC_AVX512)
 // A product with K = 1 (x [M] times y [Pn], the first layer's forward on one input feature, the
 // backward into a one-output layer): 8 columns of y held in registers over all M rows, each output
 // one multiply and its epilogue, instead of register blocks that each reload their inputs for one
@@ -397,7 +407,7 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
 template <typename T, int W, int MB, int PB, Ep K, bool Two>
 void gemm_kind(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
                const Epi<T>& e) {
-#if defined(__AVX512F__)
+#if defined(FASTMETA_VEC_AVX512)
   if constexpr (!Two && W * sizeof(T) == kVecBytes) {
     if (x.K == 1) return rank1<T, W, K>(M, Pn, x, C, scm, scp, e);
   }
@@ -450,15 +460,6 @@ struct Sink {
   T alpha = T(0);
   const T* rates = nullptr;
 };
-
-// Register block shapes (MB x PB) of the per-step products, by the shape of their operands: the
-// forward z = a W^T and the backward da = dz W (K = a layer's width), and the weight gradient
-// dz^T a whose K is the row count N, short, so that each output's epilogue weighs more.
-#if defined(__AVX512F__) || !(defined(__AVX2__) && defined(__FMA__))
-constexpr int kFwdMB = 5, kFwdPB = 4, kDaMB = 5, kDaPB = 3, kOuterMB = 5, kOuterPB = 3;
-#else  // AVX2's 16 registers: at most 9 accumulators with their 6 operands
-constexpr int kFwdMB = 3, kFwdPB = 3, kDaMB = 3, kDaPB = 3, kOuterMB = 3, kOuterPB = 3;
-#endif
 
 template <typename T, int W>
 class Group {
@@ -815,7 +816,7 @@ struct Out {
   T *loss, *dtheta, *dlr;
 };
 
-#if defined(__AVX512F__)
+#if defined(FASTMETA_VEC_AVX512)
 // The 16 lane sums of 16 vectors v[0..15] (at src, one after another) as one vector: a tree of 15
 // pairwise steps (two shuffles and an add each) instead of a horizontal reduction per vector.
 inline __m512 sums16(const float* src, __mmask16 keep) {
@@ -839,7 +840,7 @@ inline __m512 sums16(const float* src, __mmask16 keep) {
 template <typename T, int W>
 void lane_sums(const T* src, int64_t n, const T* mask, T* dst) {
   int64_t j = 0;
-#if defined(__AVX512F__)
+#if defined(FASTMETA_VEC_AVX512)
   if constexpr (std::is_same_v<T, float> && W == 16) {  // 16 entries at a time
     __mmask16 keep = 0;
     for (int l = 0; l < W; ++l) keep |= static_cast<__mmask16>(mask[l] != T(0)) << l;

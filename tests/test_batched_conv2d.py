@@ -449,7 +449,7 @@ def test_tf32_parts(dim):
         assert int((hi.view(torch.int32) & 0x1FFF).abs().sum()) == 0
         assert bool((lo.abs() <= t.abs() * 2.0 ** -11).all())
     assert fastmeta._C._tf32_stack_parts(t, 3, [0, 1], False)[0, 0, 0, :3].tolist() == [1 + 2 ** -10, -(1 + 2 ** -10),
-                                                                                            1 + 2 ** -10]
+                                                                                        1 + 2 ** -10]
     with pytest.raises(RuntimeError, match="float32"):
         fastmeta._C._tf32_stack_parts(t.double(), 0, [0, 1], False)
     with pytest.raises(RuntimeError, match="0 \\(hi\\) or 1 \\(lo\\)"):

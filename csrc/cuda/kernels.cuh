@@ -132,11 +132,11 @@ inline void mlp_layout(MLPArgs<T>& a) {
 constexpr int64_t kMaxStagedInputs = 1024;
 
 // a.act_sections, a.inputs, a.work and a.hist from the layout, acts, slope, loss, K, Q, steps,
-// first_order and lr_grad. The working set ends with the task's inputs and MSE targets where they
-// are small (kMaxStagedInputs). The working set holds three parameter-sized vectors (two in first order: theta_s and
-// theta_{s+1} in turn, the query gradient going straight to the output), one pass's activations
-// (max(K, Q) rows) and, in second order, the R-operator's buffers; second order's history keeps each step's
-// parameters, activations and, for lr_grad, gradients. A pass's activations are z, a, da, dz of
+// first_order and lr_grad. The working set holds three parameter-sized vectors (two in first
+// order: theta_s and theta_{s+1} in turn, the query gradient going straight to the output), one
+// pass's activations (max(K, Q) rows), in second order the R-operator's buffers, and last the
+// task's inputs and MSE targets where they are small (kMaxStagedInputs); second order's history
+// keeps each step's parameters, activations and, for lr_grad, gradients. A pass's activations are z, a, da, dz of
 // every layer, or only a and dz where every activation is the identity, a ReLU or a leaky ReLU of
 // slope >= 0: there z > 0 exactly where a > 0 (all the derivative needs) and the second derivative
 // is zero (da is never read again), so z shares a's storage and da dz's.
