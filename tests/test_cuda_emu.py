@@ -41,8 +41,10 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128, tile=2):
-    """Runs the CUDA kernel in the emulator; returns the placement it ran with and its outputs."""
+def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128, tile=2,
+            lr_grad=True):
+    """Runs the CUDA kernel in the emulator (with lrs, their gradient too unless lr_grad is False);
+    returns the placement it ran with and its outputs."""
     xs, ys, xq, yq = (t.contiguous() for t in batch)
     dt = xs.dtype
     T, K, Q = xs.shape[0], xs.shape[1], xq.shape[1]
@@ -52,7 +54,7 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
     P = theta0.numel()
     loss_out = torch.full((T,), float("nan"), dtype=dt)
     dtheta = torch.full((T, P), float("nan"), dtype=dt)
-    dlr = torch.full((T, P), float("nan"), dtype=dt) if lrs else None
+    dlr = torch.full((T, P), float("nan"), dtype=dt) if lrs and lr_grad else None
     h.fm_emu_set_order(order, 7)
     fn = h.fm_emu_mlp_f64 if dt == torch.float64 else h.fm_emu_mlp_f32
     L = len(dims) - 1
@@ -65,23 +67,24 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
     return rc, (loss_out, dtheta, dlr)
 
 
-def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order):
+def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad=True):
+    want_lr = bool(lrs) and lr_grad
     with torch.no_grad():
         out = torch.ops.fastmeta.mlp_inner_loop(*batch, [p.detach() for p in params],
                                                 [r.detach() for r in lrs], lr, steps, [ACT[a] for a in acts],
-                                                slope, 0 if loss == "mse" else 1, first_order, bool(lrs))
-    return out[0], out[1], out[2] if lrs else None
+                                                slope, 0 if loss == "mse" else 1, first_order, want_lr)
+    return out[0], out[1], out[2] if want_lr else None
 
 
 def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, placement, metasgd=False, slope=0.01, lr=0.05,
-          threads=128, tile=2):
+          threads=128, tile=2, lr_grad=True):
     """The emulated kernel (placement forced where it fits, -1: its own choice) against the CPU
     kernel, in every thread order; returns the placement it ran with."""
     params, batch = make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
     lrs = [torch.full_like(p, lr) * (1 + 0.5 * torch.rand_like(p)) for p in params] if metasgd else []
-    want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order)
-    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, tile)
-            for o in ORDERS]
+    want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad)
+    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, tile,
+                    lr_grad) for o in ORDERS]
     assert all(r[0] == runs[0][0] for r in runs)
     got = runs[0][1]
     for o, (_, r) in zip(ORDERS[1:], runs[1:]):  # bit-identical in every thread order: no races
@@ -91,7 +94,7 @@ def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, placement, 
     rtol = RTOL[dtype]
     assert_rel_close([got[0]], [want[0]], rtol / 10, "losses")
     assert_rel_close([got[1]], [want[1]], rtol, "meta-grad per task")
-    if metasgd:
+    if metasgd and lr_grad:
         assert_rel_close([got[2]], [want[2]], rtol, "lr grad per task")
     return runs[0][0]
 
@@ -259,6 +262,17 @@ def test_slim_activations_cross_entropy(emu, slope, placement):
     storage, da in dz's): cross-entropy, Meta-SGD rates, second order, against the CPU kernel."""
     check(emu, (3, 20, 13, 4), 2, 6, 5, 3, ["leaky_relu", "relu", None], "cross_entropy", False, torch.float64,
           placement, metasgd=True, slope=slope, lr=0.1)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("placement", [2, 1, 0])
+def test_rates_without_their_gradient(emu, first_order, placement):
+    """Per-parameter rates whose gradient is not wanted: the reverse pass makes u = lr (.) v a
+    phase (no rate gradient to keep), not the scalar rate's folded form; against the CPU kernel."""
+    check(emu, (1, 40, 37, 1), 3, 10, 10, 4, ["relu", "tanh", None], "mse", first_order, torch.float64, placement,
+          metasgd=True, lr_grad=False)
+    check(emu, (3, 11, 4), 2, 6, 5, 3, ["sigmoid", None], "cross_entropy", first_order, torch.float32, placement,
+          metasgd=True, lr_grad=False)
 
 
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
