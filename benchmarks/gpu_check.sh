@@ -65,9 +65,10 @@ step_sine1000() { FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 run_step sine1000 100 bench_s
 step_probe() { TAIL=32 run_step probe 120 probe.txt python benchmarks/gpu_probe.py; }
 # T=1000 (kernel-bound) with the occupancy build and 64-thread blocks against the default; -o8-s0:
 # the occupancy build with a task's working set in global memory (L1-cached), which no shared
-# memory limit holds below eight blocks an SM (second order's 38 KB working set allows five)
-step_probe1000() { TAIL=12 run_step probe1000 60 probe1000.txt python benchmarks/gpu_probe.py --tasks 1000 \
-  --backends cuda,cuda-o8,cuda-o8-s0,cuda-o8-t64,cuda-t64; }
+# memory limit holds below eight blocks an SM (second order's 38 KB working set allows five);
+# -t32: one warp a task (barriers that hold no other warp; more blocks an SM, each phase longer)
+step_probe1000() { TAIL=14 run_step probe1000 70 probe1000.txt python benchmarks/gpu_probe.py --tasks 1000 \
+  --backends cuda,cuda-o8,cuda-o8-s0,cuda-o8-t64,cuda-t64,cuda-t32,cuda-t32-s0,cuda-o8-t32-s0; }
 # (T=1000, the kernel-bound case issue 4 still lacks: its warp stall reasons say what bounds it)
 # (SourceCounters: the warp stall sampling and where it lands; without it if this ncu lacks it)
 step_ncu() { TAIL=80 run_step ncu 75 ncu.txt sh -c "$NCU --section SourceCounters --section InstructionStats \

@@ -241,8 +241,11 @@ cudaError_t mlp_launch(cuda::MLPArgs<T> a, const at::TensorOptions& opts, cudaSt
 // SM and which build and placement keep the most of them busy depends on the MLP, the step count
 // and the card: the first launch of each shape (device, dtype, widths, activations, rows, steps,
 // tasks, order, rates, loss) outside a graph capture times the candidates (the default; the
-// occupancy build with its working set where it fits and in global memory; 64-thread blocks),
-// each with one launch to warm and three timed (CUDA events), and keeps the fastest for that shape
+// occupancy build with its working set where it fits and in global memory; 64-thread blocks; one
+// warp a task, whose barriers hold no other warp and whose blocks (up to 32 an SM) are bounded by
+// the working set in shared memory, or, with it in global memory, by registers: 16 blocks an SM,
+// 32 in the occupancy build), each with one launch to warm and three timed (CUDA events), and
+// keeps the fastest for that shape
 // (FASTMETA_CUDA_MLP_AUTOTUNE=0: always the default; FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 prints each
 // timing to stderr). Every candidate computes the same outputs (each is tested against the
 // reference); the caller's launch then runs the chosen one.
@@ -269,7 +272,10 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return def;  // no timing inside a capture
-  const MLPConfig candidates[] = {def, {2, 8, 128, -1}, {2, 8, 128, cuda::kAllGlobal}, {2, 0, 64, -1}};
+  const MLPConfig candidates[] = {def,         {2, 8, 128, -1},
+                                  {2, 8, 128, cuda::kAllGlobal}, {2, 0, 64, -1},
+                                  {2, 0, 32, -1},                {2, 0, 32, cuda::kAllGlobal},
+                                  {2, 8, 32, cuda::kAllGlobal}};
   cudaEvent_t start, stop;
   C10_CUDA_CHECK(cudaEventCreate(&start));
   C10_CUDA_CHECK(cudaEventCreate(&stop));
