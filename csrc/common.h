@@ -69,6 +69,14 @@ std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::Tenso
 // Bytes held by the per-thread workspaces of mlp_inner_loop (kept between calls).
 int64_t workspace_bytes();
 
+// fastmeta::mlp_inner_loop's arguments against each other (the CPU and CUDA kernels check each
+// call with it): params [W_1 [d_1, d_0], b_1 [d_1], ...] of xs's dtype, rates (if any) shaped
+// like them; xs [T, K, d_0] and xq [T, Q, d_0] floating; mse targets ys [T, K, d_L] and yq
+// [T, Q, d_L] of xs's dtype, cross-entropy labels [T, K] and [T, Q] int64; every tensor on xs's
+// device; at least one support row when steps > 0 and one query row.
+void check_mlp_args(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+                    at::TensorList params, at::TensorList lrs, int64_t steps, int64_t loss);
+
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,

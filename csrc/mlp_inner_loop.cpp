@@ -957,6 +957,65 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
   });
 }
 
+}  // namespace
+
+void check_mlp_args(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+                    at::TensorList params, at::TensorList lrs, int64_t steps, int64_t loss) {
+  TORCH_CHECK(params.size() % 2 == 0 && !params.empty(), "mlp_inner_loop: params must be [W_1, b_1, ...], got ",
+              params.size(), " tensors");
+  TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
+  TORCH_CHECK(steps >= 0, "mlp_inner_loop: steps must be >= 0, got ", steps);
+  TORCH_CHECK(xs.dim() == 3 && xs.is_floating_point(), "mlp_inner_loop: xs must be a floating [T, K, d_0] tensor, got ",
+              xs.sizes(), " (", xs.scalar_type(), ")");
+  const int64_t T = xs.size(0), K = xs.size(1);
+  int64_t width = xs.size(2);
+  for (size_t l = 0; l < params.size() / 2; ++l) {
+    const at::Tensor &W = params[2 * l], &b = params[2 * l + 1];
+    TORCH_CHECK(W.dim() == 2 && b.dim() == 1 && W.size(1) == width && b.size(0) == W.size(0),
+                "mlp_inner_loop: layer ", l, " has W ", W.sizes(), " and b ", b.sizes(), "; expected W [O, ", width,
+                "] and b [O]");
+    for (const at::Tensor* p : {&W, &b}) {
+      TORCH_CHECK(p->device() == xs.device() && p->scalar_type() == xs.scalar_type(), "mlp_inner_loop: params[",
+                  2 * l + (p == &b), "] is ", p->scalar_type(), " on ", p->device(), " but xs is ", xs.scalar_type(),
+                  " on ", xs.device());
+    }
+    width = W.size(0);
+  }
+  TORCH_CHECK(lrs.empty() || lrs.size() == params.size(), "mlp_inner_loop: lrs must be empty or one per param, got ",
+              lrs.size(), " for ", params.size());
+  for (size_t i = 0; i < lrs.size(); ++i) {
+    TORCH_CHECK(lrs[i].sizes() == params[i].sizes() && lrs[i].device() == xs.device(), "mlp_inner_loop: lrs[", i,
+                "] ", lrs[i].sizes(), " on ", lrs[i].device(), " must match params[", i, "] ", params[i].sizes(),
+                " on ", params[i].device());
+  }
+  TORCH_CHECK(xq.dim() == 3 && xq.size(0) == T && xq.size(2) == xs.size(2) && xq.device() == xs.device() &&
+                  xq.scalar_type() == xs.scalar_type(),
+              "mlp_inner_loop: xq ", xq.sizes(), " (", xq.scalar_type(), ", ", xq.device(), ") must be [T=", T,
+              ", Q, ", xs.size(2), "] like xs ", xs.sizes(), " (", xs.scalar_type(), ", ", xs.device(), ")");
+  const int64_t Q = xq.size(1);
+  TORCH_CHECK(K > 0 || steps == 0, "mlp_inner_loop: xs ", xs.sizes(), " has no support rows for ", steps, " steps");
+  TORCH_CHECK(Q > 0, "mlp_inner_loop: xq ", xq.sizes(), " has no query rows");
+  const char* names[] = {"ys", "yq"};
+  const at::Tensor* ts[] = {&ys, &yq};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& y = *ts[i];
+    const int64_t n = i == 0 ? K : Q;
+    if (loss == 0) {
+      TORCH_CHECK(y.dim() == 3 && y.size(0) == T && y.size(1) == n && y.size(2) == width &&
+                      y.scalar_type() == xs.scalar_type() && y.device() == xs.device(),
+                  "mlp_inner_loop: ", names[i], " ", y.sizes(), " (", y.scalar_type(), ", ", y.device(),
+                  ") must be [", T, ", ", n, ", ", width, "] mse targets (", xs.scalar_type(), ", ", xs.device(), ")");
+    } else {
+      TORCH_CHECK(y.dim() == 2 && y.size(0) == T && y.size(1) == n && y.scalar_type() == at::kLong &&
+                      y.device() == xs.device(),
+                  "mlp_inner_loop: ", names[i], " ", y.sizes(), " (", y.scalar_type(), ", ", y.device(),
+                  ") must be [", T, ", ", n, "] int64 class labels on ", xs.device());
+    }
+  }
+}
+
+namespace {
+
 // The arguments of one call, checked and made contiguous, shared by the two entry points.
 struct Call {
   Net net;
@@ -967,12 +1026,9 @@ struct Call {
 Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
              at::TensorList params, at::TensorList lrs, int64_t steps, at::IntArrayRef acts,
              double negative_slope, int64_t loss) {
-  TORCH_CHECK(params.size() % 2 == 0 && !params.empty(), "mlp_inner_loop: params must be [W_1, b_1, ...]");
+  check_mlp_args(xs, ys, xq, yq, params, lrs, steps, loss);
   const int64_t L = static_cast<int64_t>(params.size() / 2);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
-  TORCH_CHECK(lrs.empty() || lrs.size() == params.size(), "mlp_inner_loop: lrs must be empty or one per param");
-  TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
-  TORCH_CHECK(steps >= 0, "mlp_inner_loop: steps must be >= 0");
   Call c;
   Net& net = c.net;
   net.L = L;

@@ -2,6 +2,7 @@
 argument's name and the shapes involved."""
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -35,8 +36,11 @@ def lr_value(name: str, lr):
     """A learning rate: a real number or a tensor (returned unchanged)."""
     if isinstance(lr, bool) or not isinstance(lr, (numbers.Real, torch.Tensor)):
         raise TypeError(f"{name}: expected a number or a tensor, got {type(lr).__name__}")
-    if isinstance(lr, torch.Tensor) and not lr.is_floating_point():
-        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {lr.dtype}")
+    if isinstance(lr, torch.Tensor):
+        if not lr.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got dtype {lr.dtype}")
+    elif not math.isfinite(lr):
+        raise ValueError(f"{name}: expected a finite number, got {lr}")
     return lr
 
 

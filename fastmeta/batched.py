@@ -195,12 +195,18 @@ class BatchedMAML(nn.Module):
         if any(v.shape[0] != T for _, v in items):
             desc = ", ".join(f"{k} {tuple(v.shape)}" for k, v in items)
             raise ValueError(f"BatchedMAML: the task dim T differs between {desc}")
-        pairs = [("xs", "ys"), ("xq", "yq")]
-        for a, b in pairs:
-            if a in named and b in named and named[a] is not None and named[b] is not None:
-                if named[a].shape[1] != named[b].shape[1]:
-                    raise ValueError(f"BatchedMAML: {a} {tuple(named[a].shape)} and {b} "
-                                     f"{tuple(named[b].shape)} differ in samples per task")
+        def pair(a, b):
+            return (named[a], named[b]) if named.get(a) is not None and named.get(b) is not None else None
+
+        for a, b in (("xs", "ys"), ("xq", "yq")):
+            if pair(a, b) and named[a].shape[1] != named[b].shape[1]:
+                raise ValueError(f"BatchedMAML: {a} {tuple(named[a].shape)} and {b} "
+                                 f"{tuple(named[b].shape)} differ in samples per task")
+        if named.get("xs") is not None and named["xs"].shape[1] == 0 and self.inner_steps > 0:
+            raise ValueError(f"BatchedMAML: xs {tuple(named['xs'].shape)} has no support samples for "
+                             f"inner_steps={self.inner_steps}")
+        if named.get("xq") is not None and named["xq"].shape[1] == 0:
+            raise ValueError(f"BatchedMAML: xq {tuple(named['xq'].shape)} has no query samples")
         p = next(iter(self.model.parameters()), None)
         for k, v in items:
             is_target = k.startswith("y")
@@ -304,8 +310,12 @@ class BatchedMAML(nn.Module):
             sig = None
         if sig is not None and sig == self._last_sig:
             return self._last_fused, True
+        self._last_sig = None
         self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
         fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
+        if fused:  # the fused op's own checks, before calls of this signature skip them
+            params, lr, spec = self._fused_args()
+            ops.check_mlp_args(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations, self.loss)
         self._last_sig, self._last_fused = sig, fused
         self._direct = self._direct_grad = None
         if fused and self.program.mlp.param_names == self.program.names and self.lrs is None:

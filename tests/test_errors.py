@@ -6,6 +6,8 @@ from torch import nn
 import fastmeta
 from fastmeta import ops
 
+from conftest import requires_cpp
+
 
 def setup(loss="mse"):
     model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 3)).double()
@@ -120,3 +122,73 @@ def test_settings_changed_after_a_call_take_effect():
     meta.check_finite = True
     with pytest.raises(ValueError, match="non-finite support loss"):
         meta(xs, y, xs, y)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("call", ["forward", "value_and_grad"])
+def test_query_features_must_match_the_support(backend, call):
+    """xq with other features than xs is refused on every path, also on a second call of the
+    same (bad) signature: a failed call leaves nothing for later calls to skip the checks with
+    (the fused kernel would read xq with xs's row width)."""
+    _, meta, xs, ys, xq, yq = setup()
+    bad = torch.randn(4, 6, 3, dtype=torch.float64)
+    fn = meta if call == "forward" else meta.value_and_grad
+    with fastmeta.use_backend(backend):
+        fn(xs, ys, xq, yq)
+        for _ in range(2):
+            with pytest.raises(ValueError, match=r"\(4, 6, 3\)"):
+                fn(xs, ys, bad, yq)
+        fn(xs, ys, xq, yq)
+
+
+def test_empty_support_or_query():
+    _, meta, xs, ys, xq, yq = setup()
+    with pytest.raises(ValueError, match=r"xs \(4, 0, 2\) has no support samples for inner_steps=2"):
+        meta(xs[:, :0], ys[:, :0], xq, yq)
+    with pytest.raises(ValueError, match=r"xq \(4, 0, 2\) has no query samples"):
+        meta.value_and_grad(xs, ys, xq[:, :0], yq[:, :0])
+    meta.inner_steps = 0  # no inner step: no support set needed
+    meta(xs[:, :0], ys[:, :0], xq, yq)
+
+
+def test_non_finite_learning_rates():
+    with pytest.raises(ValueError, match="inner_lr: expected a finite number, got nan"):
+        fastmeta.BatchedMAML(nn.Linear(2, 2), float("nan"))
+    with pytest.raises(ValueError, match="lr: expected a finite number, got inf"):
+        fastmeta.MAML(nn.Linear(2, 2), lr=float("inf"))
+    with pytest.raises(ValueError, match="lr: expected a finite number, got inf"):
+        ops.inner_update([torch.ones(2)], [torch.ones(2)], float("inf"))
+
+
+@requires_cpp
+def test_fused_mlp_op_checks_its_arguments():
+    """fastmeta::mlp_inner_loop and ::mlp_meta_grad called directly (the C++ checks of every
+    call, which BatchedMAML's repeated calls rely on): a mismatched tensor raises with its shape."""
+    import fastmeta._C  # noqa: F401  (registers the ops)
+    params = [torch.randn(8, 2), torch.randn(8), torch.randn(3, 8), torch.randn(3)]
+    xs, ys, xq, yq = torch.randn(4, 5, 2), torch.randn(4, 5, 3), torch.randn(4, 6, 2), torch.randn(4, 6, 3)
+    labels = torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (4, 6))
+
+    def call(op, xs=xs, ys=ys, xq=xq, yq=yq, params=params, loss=0, steps=1):
+        return op(xs, ys, xq, yq, params, [], 0.1, steps, [1, 0], 0.01, loss, False, False)
+
+    for op in (torch.ops.fastmeta.mlp_inner_loop, torch.ops.fastmeta.mlp_meta_grad):
+        call(op)
+        call(op, ys=labels[0], yq=labels[1], loss=1)
+        cases = [
+            (dict(xq=torch.randn(4, 6, 3)), r"xq \[4, 6, 3\].*must be \[T=4, Q, 2\]"),
+            (dict(xq=torch.randn(2, 6, 2)), r"xq \[2, 6, 2\].*must be \[T=4, Q, 2\]"),
+            (dict(yq=torch.randn(4, 5, 3)), r"yq \[4, 5, 3\].*must be \[4, 6, 3\]"),
+            (dict(ys=torch.randn(4, 5, 2)), r"ys \[4, 5, 2\].*must be \[4, 5, 3\]"),
+            (dict(ys=labels[0].unsqueeze(-1), yq=labels[1], loss=1), r"ys \[4, 5, 1\].*int64 class labels"),
+            (dict(ys=labels[0].int(), yq=labels[1], loss=1), r"ys \[4, 5\] \(Int.*int64 class labels"),
+            (dict(xs=xs[0]), r"xs must be a floating \[T, K, d_0\] tensor, got \[5, 2\]"),
+            (dict(xs=xs.double(), ys=ys.double()), r"params\[0\] is Float on cpu but xs is Double"),
+            (dict(params=[params[0], params[1], torch.randn(3, 7), params[3]]), r"layer 1 has W \[3, 7\]"),
+            (dict(xs=xs[:, :0], ys=ys[:, :0]), r"xs \[4, 0, 2\] has no support rows for 1 steps"),
+            (dict(xq=xq[:, :0], yq=yq[:, :0]), r"xq \[4, 0, 2\] has no query rows"),
+        ]
+        for kw, pattern in cases:
+            with pytest.raises(RuntimeError, match=pattern):
+                call(op, **kw)
+        call(op, xs=xs[:, :0], ys=ys[:, :0], steps=0)  # no steps: no support rows needed

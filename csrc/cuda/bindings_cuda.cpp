@@ -378,11 +378,10 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
     const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_, const at::Tensor& yq_,
     at::TensorList params_, at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
-  TORCH_CHECK(params_.size() % 2 == 0 && !params_.empty(), "mlp_inner_loop: params must be [W_1, b_1, ...]");
+  check_mlp_args(xs_, ys_, xq_, yq_, params_, lrs_, steps, loss);
   const int64_t L = static_cast<int64_t>(params_.size() / 2);
   TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_inner_loop (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
-  TORCH_CHECK(loss == 0 || loss == 1, "mlp_inner_loop: loss must be 0 (mse) or 1 (cross-entropy)");
   const c10::cuda::CUDAGuard guard(xs_.device());
   // the kernel reads each parameter (and rate) tensor where it is: no concatenation
   std::vector<at::Tensor> params, lrs;

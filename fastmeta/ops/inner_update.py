@@ -16,6 +16,7 @@ tensors); these three get autograd from a Function whose backward uses different
 from __future__ import annotations
 
 import functools
+import math
 import numbers
 from typing import Sequence
 
@@ -177,7 +178,7 @@ def _fast_check(params, grads, lr) -> bool:
         if p.dtype != g.dtype or p.device != g.device:
             return False
     if isinstance(lr, float):
-        return True
+        return math.isfinite(lr)
     if isinstance(lr, (list, tuple)):
         return False  # per-parameter rates: the full check
     return isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point()

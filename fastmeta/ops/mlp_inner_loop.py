@@ -167,7 +167,8 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
         return (None,) * 13 + tuple(grads)
 
 
-def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
+def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss):
+    """The checks of mlp_inner_loop's arguments (each error names the argument and its shape)."""
     for name, t in (("xs", xs), ("xq", xq)):
         _checks.tensor(name, t, dim=3)
         _checks.floating(name, t)
@@ -186,6 +187,15 @@ def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
     for a in activations:
         if a not in ACTIVATIONS:
             raise ValueError(f"mlp_inner_loop: activation {a!r} not in {ACTIVATIONS}")
+    if xq.shape[2] != xs.shape[2]:
+        raise ValueError(f"mlp_inner_loop: xq {tuple(xq.shape)} and xs {tuple(xs.shape)} differ in features "
+                         f"per sample")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"mlp_inner_loop: steps must be an int >= 0, got {steps!r}")
+    if steps > 0 and xs.shape[1] == 0:
+        raise ValueError(f"mlp_inner_loop: xs {tuple(xs.shape)} has no support samples for {steps} steps")
+    if xq.shape[1] == 0:
+        raise ValueError(f"mlp_inner_loop: xq {tuple(xq.shape)} has no query samples")
     width = xs.shape[2]
     for l in range(len(params) // 2):
         W, b = params[2 * l], params[2 * l + 1]
@@ -210,8 +220,6 @@ def _check(xs, ys, xq, yq, params, lr, steps, activations, loss):
                              f"the params' {_checks.shapes(params)}")
     elif not isinstance(lr, numbers.Real) or isinstance(lr, bool):
         raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got {type(lr).__name__}")
-    if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"mlp_inner_loop: steps must be an int >= 0, got {steps!r}")
 
 
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
@@ -220,7 +228,7 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
 
     _checked: the caller has checked arguments of these very shapes, dtypes and devices before."""
     if not _checked:
-        _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     if loss == "cross_entropy":
         check_labels(ys, yq, params[-2].shape[0])
     backend = select("mlp_inner_loop", xs.device.type)
@@ -242,7 +250,7 @@ def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
     one C++ op, fastmeta::mlp_meta_loss, whose autograd is in C++ too (no Python on the backward
     path); elsewhere mlp_inner_loop(...).mean()."""
     if not _checked:
-        _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     backend = select("mlp_inner_loop", xs.device.type)
     if backend not in ("cpp", "cuda"):
         return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
@@ -297,7 +305,7 @@ def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
     require grad or not, as values. On the cpp / cuda backends fastmeta::mlp_meta_grad returns them
     from the kernel (no autograd graph); elsewhere torch.autograd.grad of mlp_meta_loss."""
     if not _checked:
-        _check(xs, ys, xq, yq, params, lr, steps, activations, loss)
+        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     n = len(params)
     if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda"):
