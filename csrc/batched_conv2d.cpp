@@ -91,6 +91,25 @@ void check_tasks(const at::Tensor& a, const at::Tensor& b, const char* an, const
               " must have the same number of tasks T (dim 0)");
 }
 
+// x [T, N, C, H, W], weight [T, O, C/groups, kh, kw] and (where given) gy [T, N, O, Ho, Wo]
+// against each other and the geometry, whichever of them an op is given as tensors or sizes.
+void check_conv(at::IntArrayRef x, at::IntArrayRef w, at::IntArrayRef gy, const Geometry& g, const char* op) {
+  TORCH_CHECK(x[0] == w[0] && w[1] % g.groups == 0 && x[2] == w[2] * g.groups, "batched_conv2d (", op, "): weight ", w,
+              " with groups=", g.groups, " needs x [T=", w[0], ", N, C=", w[2] * g.groups, ", H, W], got ", x);
+  std::array<int64_t, 2> out{};
+  for (int i = 0; i < 2; ++i) {
+    const int64_t span = g.dilation[i] * (w[3 + i] - 1) + 1;
+    out[i] = (x[3 + i] + 2 * g.padding[i] - span) / g.stride[i] + 1;
+    TORCH_CHECK(g.stride[i] >= 1 && g.dilation[i] >= 1 && g.padding[i] >= 0 && out[i] >= 1, "batched_conv2d (", op,
+                "): x ", x, " and weight ", w, " give no output with stride ", g.stride, ", padding ", g.padding,
+                " and dilation ", g.dilation);
+  }
+  if (gy.empty()) return;
+  TORCH_CHECK(gy[0] == x[0] && gy[1] == x[1] && gy[2] == w[1] && gy[3] == out[0] && gy[4] == out[1],
+              "batched_conv2d (", op, "): gy ", gy, " must be [", x[0], ", ", x[1], ", ", w[1], ", ", out[0], ", ",
+              out[1], "] for x ", x, " and weight ", w);
+}
+
 // ATen's convolution backward of the folded problem: gy [T, N, O, Ho, Wo], xf [N, T*C, H, W] and
 // wf [T*O, C/g, kh, kw] (a one-element stand-in where only the size is read, as torch.nn.grad
 // passes). What the mask leaves out comes back as an empty tensor (an op's outputs are all defined).
@@ -460,6 +479,7 @@ at::Tensor conv(const at::Tensor& x, const at::Tensor& w, const c10::optional<at
   check_5d(w, "weight");
   check_tasks(x, w, "x", "weight");
   const Geometry g = geometry(stride, padding, dilation, groups);
+  check_conv(x.sizes(), w.sizes(), {}, g, "forward");
   const int64_t T = x.size(0);
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
@@ -504,6 +524,7 @@ at::Tensor input_grad(const at::Tensor& gy, const at::Tensor& w, at::IntArrayRef
   TORCH_CHECK(x_size[0] == gy.size(0) && x_size[1] == gy.size(1), "batched_conv2d: x_size ", x_size,
               " and gy ", gy.sizes(), " must agree in T and N");
   const Geometry g = geometry(stride, padding, dilation, groups);
+  check_conv(x_size, w.sizes(), gy.sizes(), g, "input grad");
   const bool x3 = tf32x3(gy);
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
     if (!x3) return input_grad_form(gy, w, x_size, g, per_task);
@@ -525,6 +546,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& gy, at::IntArrayRe
   TORCH_CHECK(w_size[0] == x.size(0) && w_size[1] == gy.size(2), "batched_conv2d: weight_size ", w_size,
               " must be [T=", x.size(0), ", O=", gy.size(2), ", ...] for gy ", gy.sizes());
   const Geometry g = geometry(stride, padding, dilation, groups);
+  check_conv(x.sizes(), w_size, gy.sizes(), g, "weight grad");
   const bool x3 = tf32x3(gy);
   std::function<at::Tensor(bool)> run = [&](bool per_task) {
     if (!x3) return weight_grad_form(x, gy, w_size, g, per_task);
@@ -546,6 +568,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> all_grads(const at::Tensor& gy, c
   check_tasks(x, gy, "x", "gy");
   check_tasks(x, w, "x", "weight");
   const Geometry g = geometry(stride, padding, dilation, groups);
+  check_conv(x.sizes(), w.sizes(), gy.sizes(), g, "backward");
   using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
   const bool x3 = tf32x3(gy);
   std::function<Grads(bool)> run = [&](bool per_task) {

@@ -63,6 +63,23 @@ void conv_autotune_clear();
 // Materializes `t` expanded to `shape` in the cheapest periodic form.
 Periodic as_periodic(const at::Tensor& t, at::IntArrayRef shape);
 
+// inner_update's tensors: as many params (and rates, where given) as grads, each param and rate on
+// its grad's device, each param of its grad's dtype (a rate of any floating dtype: it is cast).
+inline void check_update_args(at::TensorList params, at::TensorList grads, at::TensorList lrs) {
+  TORCH_CHECK(params.size() == grads.size(), "inner_update: params and grads differ in length (", params.size(),
+              " vs ", grads.size(), ")");
+  TORCH_CHECK(lrs.empty() || lrs.size() == grads.size(), "inner_update: lrs and grads differ in length (", lrs.size(),
+              " vs ", grads.size(), ")");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    TORCH_CHECK(params[i].device() == grads[i].device() && params[i].scalar_type() == grads[i].scalar_type(),
+                "inner_update: params[", i, "] (", params[i].scalar_type(), ", ", params[i].device(), ") and grads[",
+                i, "] (", grads[i].scalar_type(), ", ", grads[i].device(), ") differ in dtype or device");
+    TORCH_CHECK(lrs.empty() || (lrs[i].device() == grads[i].device() && lrs[i].is_floating_point()),
+                "inner_update: lrs[", i, "] (", lrs[i].scalar_type(), ", ", lrs[i].device(),
+                ") must be floating and on grads[", i, "]'s device ", grads[i].device());
+  }
+}
+
 std::vector<at::Tensor> inner_update_scalar_cpu(at::TensorList params, at::TensorList grads, double lr);
 std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::TensorList grads, at::TensorList lrs);
 

@@ -63,8 +63,7 @@ static void update_one(const Periodic& p, const at::Tensor& g, const Periodic& l
 
 static std::vector<at::Tensor> update_all(at::TensorList params, at::TensorList grads,
                                           const std::vector<at::Tensor>& lrs) {
-  TORCH_CHECK(params.size() == grads.size(), "inner_update: params and grads differ in length (",
-              params.size(), " vs ", grads.size(), ")");
+  check_update_args(params, grads, lrs);
   std::vector<at::Tensor> outs;
   outs.reserve(params.size());
   for (const auto i : c10::irange(params.size())) {
@@ -88,7 +87,6 @@ std::vector<at::Tensor> inner_update_scalar_cpu(at::TensorList params, at::Tenso
 }
 
 std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::TensorList grads, at::TensorList lrs) {
-  TORCH_CHECK(lrs.size() == grads.size(), "inner_update: lrs and grads differ in length");
   return update_all(params, grads, lrs.vec());
 }
 

@@ -192,3 +192,31 @@ def test_fused_mlp_op_checks_its_arguments():
             with pytest.raises(RuntimeError, match=pattern):
                 call(op, **kw)
         call(op, xs=xs[:, :0], ys=ys[:, :0], steps=0)  # no steps: no support rows needed
+
+
+@requires_cpp
+def test_conv_and_update_ops_check_their_arguments():
+    """fastmeta::batched_conv2d's gradient ops and fastmeta::inner_update_* called directly: sizes
+    that do not fit each other raise with the shapes, not an error of the library underneath."""
+    import fastmeta._C  # noqa: F401  (registers the ops)
+    F = torch.ops.fastmeta
+    x, w = torch.randn(2, 3, 4, 6, 6), torch.randn(2, 5, 4, 3, 3)
+    geom = ([1, 1], [1, 1], [1, 1], 1)
+    gy = F.batched_conv2d(x, w, None, *geom)
+    F.batched_conv2d_backward(gy, x, w, *geom, [True, True, True])
+    with pytest.raises(RuntimeError, match=r"weight \[2, 5, 3, 3, 3\] with groups=1 needs x \[T=2, N, C=3"):
+        F.batched_conv2d(x, torch.randn(2, 5, 3, 3, 3), None, *geom)
+    with pytest.raises(RuntimeError, match=r"\(input grad\): gy \[2, 3, 5, 7, 7\] must be \[2, 3, 5, 6, 6\]"):
+        F.batched_conv2d_input_grad(torch.randn(2, 3, 5, 7, 7), w, list(x.shape), *geom)
+    with pytest.raises(RuntimeError, match=r"\(weight grad\): gy \[2, 3, 5, 5, 5\] must be \[2, 3, 5, 6, 6\]"):
+        F.batched_conv2d_weight_grad(x, gy[..., :5, :5], list(w.shape), *geom)
+    with pytest.raises(RuntimeError, match=r"\(backward\): gy \[2, 3, 4, 6, 6\] must be \[2, 3, 5, 6, 6\]"):
+        F.batched_conv2d_backward(gy[:, :, :4], x, w, *geom, [True, True, True])
+    with pytest.raises(RuntimeError, match=r"give no output"):
+        F.batched_conv2d(x[..., :1, :1], w, None, [1, 1], [0, 0], [1, 1], 1)
+    with pytest.raises(RuntimeError, match=r"params\[0\] \(Float, cpu\) and grads\[0\] \(Double, cpu\) differ"):
+        F.inner_update_scalar([torch.ones(2)], [torch.ones(2, dtype=torch.float64)], 0.1)
+    with pytest.raises(RuntimeError, match=r"lrs and grads differ in length \(2 vs 1\)"):
+        F.inner_update_tensor([torch.ones(2)], [torch.ones(2)], [torch.ones(2), torch.ones(2)])
+    with pytest.raises(RuntimeError, match=r"lrs\[0\] \(Long, cpu\) must be floating"):
+        F.inner_update_tensor([torch.ones(2)], [torch.ones(2)], [torch.ones(2, dtype=torch.long)])

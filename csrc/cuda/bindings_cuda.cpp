@@ -23,8 +23,7 @@ namespace {
 template <typename T>
 std::vector<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads, const std::vector<at::Tensor>& lrs,
                                     double lr) {
-  TORCH_CHECK(params.size() == grads.size(), "inner_update: params and grads differ in length");
-  const c10::cuda::CUDAGuard guard(grads[0].device());
+  const c10::cuda::CUDAGuard guard(grads[0].device());  // (checked, and not empty: the callers)
   std::vector<at::Tensor> outs, keep;
   std::vector<cuda::UpdateTensor<T>> table;
   std::vector<cuda::UpdateChunk> chunks;
@@ -62,6 +61,8 @@ std::vector<at::Tensor> update_cuda(at::TensorList params, at::TensorList grads,
 }
 
 std::vector<at::Tensor> inner_update_scalar_cuda(at::TensorList params, at::TensorList grads, double lr) {
+  check_update_args(params, grads, {});
+  if (grads.empty()) return {};
   std::vector<at::Tensor> outs;
   AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "inner_update_cuda", [&] {
     outs = update_cuda<scalar_t>(params, grads, {}, lr);
@@ -70,7 +71,8 @@ std::vector<at::Tensor> inner_update_scalar_cuda(at::TensorList params, at::Tens
 }
 
 std::vector<at::Tensor> inner_update_tensor_cuda(at::TensorList params, at::TensorList grads, at::TensorList lrs) {
-  TORCH_CHECK(lrs.size() == grads.size(), "inner_update: lrs and grads differ in length");
+  check_update_args(params, grads, lrs);
+  if (grads.empty()) return {};
   std::vector<at::Tensor> outs;
   AT_DISPATCH_FLOATING_TYPES(grads[0].scalar_type(), "inner_update_cuda", [&] {
     outs = update_cuda<scalar_t>(params, grads, lrs.vec(), 0.0);
