@@ -3,15 +3,14 @@ the op's time per call back to back (CUDA events), the host's time to issue one 
 BatchedMAML meta-iteration (loss and torch.autograd.grad) and one BatchedMAML.value_and_grad, for
 the sine workload (1-40-40-1, K=Q=10, S=5, float32).
 
-    python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,cuda-s0,cuda-t256,cuda-r4,triton]
+    python benchmarks/gpu_probe.py [--tasks 25,1000] [--backends cuda,cuda-s0,cuda-t256,cuda-o8,triton]
                                    [--ncu-target B,T]
 
 A CUDA backend may carry settings of its kernel: -sN forces the placement of a task's slots
 (FASTMETA_CUDA_MLP_SMEM=N: 0 global memory, 1 working set in shared memory, 2 all in shared memory;
 without it the binding chooses), -tN the threads a block (FASTMETA_CUDA_MLP_THREADS; by default
-256 when T <= the SM count, else 128), -rN the register tile of its products
-(FASTMETA_CUDA_MLP_TILE: 2, the default, or 4), -o8 the kernel built for eight 128-thread blocks an
-SM (FASTMETA_CUDA_MLP_OCC=8: 64 registers, a few hundred bytes of spills).
+256 when T <= the SM count, else 128), -o8 the kernel built for eight 128-thread blocks an SM
+(FASTMETA_CUDA_MLP_OCC=8: 64 registers, a few hundred bytes of spills).
 
 --ncu-target runs just a few calls of one configuration (second order), for an ncu run to profile.
 """
@@ -26,22 +25,20 @@ import fastmeta
 from fastmeta import harness as H, ops
 
 ACTS = ["relu", "relu", None]
-SETTINGS = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE",
-            "o": "FASTMETA_CUDA_MLP_OCC"}
+SETTINGS = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "o": "FASTMETA_CUDA_MLP_OCC"}
 
 
 def variant(backend):
-    """The backend's name; its -sN / -tN / -rN / -oN settings go to the environment the CUDA binding
+    """The backend's name; its -sN / -tN / -oN settings go to the environment the CUDA binding
     reads."""
     name, *settings = backend.split("-")
     os.environ["FASTMETA_CUDA_MLP_SMEM"] = "auto"
     os.environ["FASTMETA_CUDA_MLP_THREADS"] = ""
-    os.environ["FASTMETA_CUDA_MLP_TILE"] = "2"
     os.environ["FASTMETA_CUDA_MLP_OCC"] = "0"
     for st in settings:
         key = SETTINGS.get(st[:1])
         if key is None or not st[1:].isdigit():
-            raise SystemExit(f"gpu_probe: unknown setting {st!r} in {backend!r} (expected -sN, -tN, -rN or -oN)")
+            raise SystemExit(f"gpu_probe: unknown setting {st!r} in {backend!r} (expected -sN, -tN or -oN)")
         os.environ[key] = st[1:]
     return name
 
@@ -99,7 +96,7 @@ def step_us(w, backend, first_order, n=100, provider="fastmeta"):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", default="25,1000")
-    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t64,cuda-t128,cuda-t256,cuda-r4,cuda-o8,cuda-o8-t64,triton")
+    ap.add_argument("--backends", default="cuda,cuda-s0,cuda-s1,cuda-t64,cuda-t128,cuda-t256,cuda-t32,cuda-o8,cuda-o8-t64,triton")
     ap.add_argument("--ncu-target", default=None, help="BACKEND,T: a few calls for ncu to profile")
     args = ap.parse_args()
     H.precision_settings(tf32=False)

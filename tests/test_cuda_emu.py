@@ -41,7 +41,7 @@ def ptr(t):
     return ctypes.c_void_p(t.data_ptr() if t is not None else 0)
 
 
-def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128, tile=2,
+def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128,
             lr_grad=True):
     """Runs the CUDA kernel in the emulator (with lrs, their gradient too unless lr_grad is False);
     returns the placement it ran with and its outputs."""
@@ -62,7 +62,7 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
             ctypes.c_int64(T), ctypes.c_int64(K), ctypes.c_int64(Q), ctypes.c_int64(steps), ptr(xs), ptr(ys),
             ptr(xq), ptr(yq), ptr(theta0), ptr(lrflat), ctypes.c_double(lr), ctypes.c_double(slope),
             ctypes.c_int(0 if loss == "mse" else 1), ctypes.c_int(int(first_order)), ctypes.c_int(placement),
-            ctypes.c_int(threads), ctypes.c_int(tile), ptr(loss_out), ptr(dtheta), ptr(dlr))
+            ctypes.c_int(threads), ptr(loss_out), ptr(dtheta), ptr(dlr))
     assert rc >= 0, h.fm_emu_error().decode()
     return rc, (loss_out, dtheta, dlr)
 
@@ -77,14 +77,13 @@ def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_gra
 
 
 def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, placement, metasgd=False, slope=0.01, lr=0.05,
-          threads=128, tile=2, lr_grad=True):
+          threads=128, lr_grad=True):
     """The emulated kernel (placement forced where it fits, -1: its own choice) against the CPU
     kernel, in every thread order; returns the placement it ran with."""
     params, batch = make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
     lrs = [torch.full_like(p, lr) * (1 + 0.5 * torch.rand_like(p)) for p in params] if metasgd else []
     want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad)
-    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, tile,
-                    lr_grad) for o in ORDERS]
+    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, lr_grad) for o in ORDERS]
     assert all(r[0] == runs[0][0] for r in runs)
     got = runs[0][1]
     for o, (_, r) in zip(ORDERS[1:], runs[1:]):  # bit-identical in every thread order: no races
@@ -158,47 +157,35 @@ def test_few_steps_and_one_layer(emu, steps):
     check(emu, (6, 4), 2, 4, 3, steps + 1, ["sigmoid"], "mse", True, torch.float64, 0, metasgd=True)
 
 
-@pytest.mark.parametrize("tile,threads", [(2, 32), (2, 96), (2, 256), (4, 32), (4, 96)])
-def test_block_sizes_and_tiles(emu, threads, tile):
-    """Other block sizes (FASTMETA_CUDA_MLP_THREADS) and 4 x 4 register tiles (FASTMETA_CUDA_MLP_TILE):
-    products with more tiles than threads, and the reverse, widths that leave partial tiles, and
-    products under 4 rows (the 2 x 2 tiles) in one phase."""
+@pytest.mark.parametrize("threads", [32, 96, 256])
+def test_block_sizes(emu, threads):
+    """Other block sizes (FASTMETA_CUDA_MLP_THREADS; 32: one warp a task): products with more tiles
+    than threads, and the reverse, and widths that leave partial tiles, in one phase."""
     check(emu, (2, 33, 8, 3), 2, 5, 6, 2, ["tanh", "relu", None], "mse", False, torch.float64, 1, metasgd=True,
-          threads=threads, tile=tile)
-
-
-@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
-def test_sine_with_4x4_tiles(emu, first_order):
-    check(emu, (1, 40, 40, 1), 3, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1, tile=4)
-    check(emu, (3, 37, 11, 5), 2, 7, 9, 2, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy", first_order,
-          torch.float64, 0, metasgd=True, lr=0.1, tile=4)
+          threads=threads)
 
 
 def test_block_limits(emu):
-    """Blocks of at most 512 threads with 2 x 2 tiles in float32, 256 in float64, 128 with 4 x 4
-    tiles (the kernels' launch bounds, which set their registers): more is refused."""
-    for dtype, tile, most in ((torch.float32, 2, 512), (torch.float64, 2, 256), (torch.float32, 4, 128)):
+    """Blocks of at most 512 threads in float32, 256 in float64 (the kernels' launch bounds, which
+    set their registers): more is refused."""
+    for dtype, most in ((torch.float32, 512), (torch.float64, 256)):
         params, batch = make_mlp_batch((1, 8, 1), 1, 3, 3, "mse", dtype, "cpu")
-        emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=most, tile=tile)
+        emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=most)
         with pytest.raises(AssertionError):
-            emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=most + 32,
-                    tile=tile)
+            emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=most + 32)
 
 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 def test_occupancy_build(emu, first_order):
     """The kernel built for eight blocks an SM (FASTMETA_CUDA_MLP_OCC=8; 64 registers) runs the same
-    code: the same results against the reference at up to 128 threads a block; more, or 4 x 4
-    tiles, are refused."""
+    code: the same results against the reference at up to 128 threads a block; more are refused."""
     emu.fm_emu_set_mlp_occupancy(8)
     try:
         check(emu, (1, 40, 40, 1), 3, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1,
               threads=128)
         params, batch = make_mlp_batch((1, 8, 1), 1, 3, 3, "mse", torch.float32, "cpu")
-        for threads, tile in ((256, 2), (128, 4)):
-            with pytest.raises(AssertionError):
-                emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=threads,
-                        tile=tile)
+        with pytest.raises(AssertionError):
+            emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=256)
     finally:
         emu.fm_emu_set_mlp_occupancy(0)
 

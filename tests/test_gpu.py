@@ -175,14 +175,13 @@ def test_inner_update_meta_sgd_gradgrad_on_gpu():
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t256", "r4", "r4-t64", "o8", "o8-t64", "o8-s0"])
+@pytest.mark.parametrize("setting", ["s0", "s1", "s2", "t32", "t32-s0", "t256", "o8", "o8-t64", "o8-s0", "o8-t32-s0"])
 def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatch):
     """The CUDA kernel with each placement of a task's slots forced (FASTMETA_CUDA_MLP_SMEM=0/1/2:
     global memory, working set in shared memory, all in shared memory, each where it fits), other
-    block sizes (FASTMETA_CUDA_MLP_THREADS), 4x4 register tiles (FASTMETA_CUDA_MLP_TILE) and the
-    occupancy build (FASTMETA_CUDA_MLP_OCC=8): same results as the reference."""
-    keys = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "r": "FASTMETA_CUDA_MLP_TILE",
-            "o": "FASTMETA_CUDA_MLP_OCC"}
+    block sizes (FASTMETA_CUDA_MLP_THREADS; 32: one warp a task) and the occupancy build
+    (FASTMETA_CUDA_MLP_OCC=8): same results as the reference."""
+    keys = {"s": "FASTMETA_CUDA_MLP_SMEM", "t": "FASTMETA_CUDA_MLP_THREADS", "o": "FASTMETA_CUDA_MLP_OCC"}
     for part in setting.split("-"):
         monkeypatch.setenv(keys[part[0]], part[1:])
     for dtype in (torch.float32, torch.float64):
@@ -195,12 +194,10 @@ def test_cuda_kernel_placements_and_block_sizes(setting, first_order, monkeypatc
 
 
 @pytest.mark.parametrize("env", [{"FASTMETA_CUDA_MLP_SMEM": "3"}, {"FASTMETA_CUDA_MLP_THREADS": "100"},
-                                 {"FASTMETA_CUDA_MLP_TILE": "3"},
-                                 {"FASTMETA_CUDA_MLP_TILE": "4", "FASTMETA_CUDA_MLP_THREADS": "256"},
                                  {"FASTMETA_CUDA_MLP_OCC": "4"},
                                  {"FASTMETA_CUDA_MLP_THREADS": "256", "FASTMETA_CUDA_MLP_OCC": "8"},
                                  {"FASTMETA_CUDA_MLP_AUTOTUNE": "2"}],
-                         ids=["smem3", "threads100", "tile3", "tile4-threads256", "occ4", "occ8-threads256", "autotune2"])
+                         ids=["smem3", "threads100", "occ4", "occ8-threads256", "autotune2"])
 def test_cuda_kernel_settings_are_checked(env, monkeypatch):
     params, batch = make_mlp_batch((1, 8, 1), 2, 3, 3, "mse", torch.float32, "cuda")
     for key, value in env.items():

@@ -104,38 +104,27 @@ const DeviceLimits& device_limits(int device) {
   return cache.emplace(device, d).first->second;
 }
 
-// Register tile of the MLP kernel's products: FASTMETA_CUDA_MLP_TILE=2 (default) or 4.
-int mlp_tile() {
-  const char* env = std::getenv("FASTMETA_CUDA_MLP_TILE");
-  if (env == nullptr || env[0] == '\0') return 2;
-  TORCH_CHECK((env[0] == '2' || env[0] == '4') && env[1] == '\0', "FASTMETA_CUDA_MLP_TILE must be 2 or 4, got '",
-              env, "'");
-  return env[0] - '0';
-}
-
 // The MLP kernel's occupancy build: FASTMETA_CUDA_MLP_OCC=8 takes the kernel held to 64 registers
-// (eight 128-thread blocks an SM, 2 x 2 tiles); unset or 0 the default one.
-int mlp_occupancy(int tile) {
+// (eight 128-thread blocks an SM); unset or 0 the default one.
+int mlp_occupancy() {
   const char* env = std::getenv("FASTMETA_CUDA_MLP_OCC");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return 0;
   TORCH_CHECK(std::strcmp(env, "8") == 0, "FASTMETA_CUDA_MLP_OCC must be 0 or 8, got '", env, "'");
-  TORCH_CHECK(tile == 2, "FASTMETA_CUDA_MLP_OCC=8 needs 2x2 tiles (FASTMETA_CUDA_MLP_TILE=2)");
   return 8;
 }
 
 // Threads a block of the MLP kernel: FASTMETA_CUDA_MLP_THREADS (a multiple of 32 up to the
 // kernel's launch bound, cuda::mlp_max_threads), else 256 when every task has an SM to itself
 // (more threads shorten each phase and nothing else shares the SM), else 128 (several blocks an
-// SM), at most the bound of the tile (and occupancy build) and dtype.
-int mlp_threads(int64_t tasks, int tile, int occupancy, int sms, int elem_bytes) {
-  const int most = cuda::mlp_max_threads(tile, occupancy, elem_bytes);
+// SM), at most the bound of the build (the occupancy build's, or the default's) and dtype.
+int mlp_threads(int64_t tasks, int occupancy, int sms, int elem_bytes) {
+  const int most = cuda::mlp_max_threads(occupancy, elem_bytes);
   const char* env = std::getenv("FASTMETA_CUDA_MLP_THREADS");
   if (env == nullptr || env[0] == '\0') return std::min(tasks <= sms ? 256 : 128, most);
   const int n = std::atoi(env);
   TORCH_CHECK(n >= 32 && n <= 512 && n % 32 == 0, "FASTMETA_CUDA_MLP_THREADS must be a multiple of 32 from 32 "
               "to 512, got '", env, "'");
-  TORCH_CHECK(n <= most, "FASTMETA_CUDA_MLP_THREADS=", n, " with ", tile, "x", tile,
-              " tiles (FASTMETA_CUDA_MLP_TILE)", occupancy ? " and FASTMETA_CUDA_MLP_OCC=8" : "", " in ",
+  TORCH_CHECK(n <= most, "FASTMETA_CUDA_MLP_THREADS=", n, occupancy ? " with FASTMETA_CUDA_MLP_OCC=8" : "", " in ",
               elem_bytes == 8 ? "float64" : "float32", ": at most ", most, " threads a block");
   return n;
 }
@@ -192,17 +181,16 @@ const bool timer_set = [] {
   return true;
 }();
 
-// A launch configuration of the MLP kernel: register tile, occupancy build, threads a block, and a
-// forced placement (-1: cuda::mlp_choose_placement decides).
+// A launch configuration of the MLP kernel: occupancy build, threads a block, and a forced
+// placement (-1: cuda::mlp_choose_placement decides).
 struct MLPConfig {
-  int tile, occupancy, threads, placement;
+  int occupancy, threads, placement;
 };
 
-// Whether the environment forces any part of the configuration (FASTMETA_CUDA_MLP_TILE, _OCC,
-// _THREADS, _SMEM): then it is taken as given, never tuned.
+// Whether the environment forces any part of the configuration (FASTMETA_CUDA_MLP_OCC, _THREADS,
+// _SMEM): then it is taken as given, never tuned.
 bool mlp_config_forced() {
-  for (const char* name : {"FASTMETA_CUDA_MLP_TILE", "FASTMETA_CUDA_MLP_OCC", "FASTMETA_CUDA_MLP_THREADS",
-                           "FASTMETA_CUDA_MLP_SMEM"}) {
+  for (const char* name : {"FASTMETA_CUDA_MLP_OCC", "FASTMETA_CUDA_MLP_THREADS", "FASTMETA_CUDA_MLP_SMEM"}) {
     const char* env = std::getenv(name);
     if (env != nullptr && env[0] != '\0') return true;
   }
@@ -218,10 +206,9 @@ bool mlp_autotune_on() {
   return env[0] == '1';
 }
 
-// a's tile, occupancy, threads, placement and scratch size for configuration c (a's sizes set).
+// a's occupancy, threads, placement and scratch size for configuration c (a's sizes set).
 template <typename T>
 void mlp_apply_config(cuda::MLPArgs<T>& a, const MLPConfig& c, int device) {
-  a.tile = c.tile;
   a.occupancy = c.occupancy;
   a.threads = c.threads;
   const DeviceLimits& d = device_limits(device);
@@ -239,7 +226,7 @@ cudaError_t mlp_launch(cuda::MLPArgs<T> a, const at::TensorOptions& opts, cudaSt
 }
 
 // The configuration for a launch that the environment does not force. With one block an SM or
-// fewer (tasks <= SMs) the default: 2x2 tiles, 256 threads. With more, several blocks share each
+// fewer (tasks <= SMs) the default: 256 threads. With more, several blocks share each
 // SM and which build and placement keep the most of them busy depends on the MLP, the step count
 // and the card: the first launch of each shape (device, dtype, widths, activations, rows, steps,
 // tasks, order, rates, loss) outside a graph capture times the candidates (the default; the
@@ -254,7 +241,7 @@ cudaError_t mlp_launch(cuda::MLPArgs<T> a, const at::TensorOptions& opts, cudaSt
 template <typename T>
 MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, cudaStream_t stream, int device) {
   const DeviceLimits& d = device_limits(device);
-  const MLPConfig def{2, 0, std::min(a.num_tasks <= d.sms ? 256 : 128, cuda::mlp_max_threads(2, 0, sizeof(T))), -1};
+  const MLPConfig def{0, std::min(a.num_tasks <= d.sms ? 256 : 128, cuda::mlp_max_threads(0, sizeof(T))), -1};
   const bool tune = mlp_autotune_on();  // (read first: a bad value raises whatever the shape)
   if (a.num_tasks <= d.sms || !tune) return def;
   std::vector<int64_t> key{device, static_cast<int64_t>(sizeof(T)), a.L, a.K, a.Q, a.steps, a.num_tasks,
@@ -274,10 +261,8 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   C10_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   if (capture != cudaStreamCaptureStatusNone) return def;  // no timing inside a capture
-  const MLPConfig candidates[] = {def,         {2, 8, 128, -1},
-                                  {2, 8, 128, cuda::kAllGlobal}, {2, 0, 64, -1},
-                                  {2, 0, 32, -1},                {2, 0, 32, cuda::kAllGlobal},
-                                  {2, 8, 32, cuda::kAllGlobal}};
+  const MLPConfig candidates[] = {def,           {8, 128, -1}, {8, 128, cuda::kAllGlobal}, {0, 64, -1},
+                                  {0, 32, -1},   {0, 32, cuda::kAllGlobal}, {8, 32, cuda::kAllGlobal}};
   cudaEvent_t start, stop;
   C10_CUDA_CHECK(cudaEventCreate(&start));
   C10_CUDA_CHECK(cudaEventCreate(&stop));
@@ -365,9 +350,8 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   const int device = xs.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (mlp_config_forced()) {
-    a.tile = mlp_tile();
-    a.occupancy = mlp_occupancy(a.tile);
-    a.threads = mlp_threads(a.num_tasks, a.tile, a.occupancy, device_limits(device).sms, sizeof(T));
+    a.occupancy = mlp_occupancy();
+    a.threads = mlp_threads(a.num_tasks, a.occupancy, device_limits(device).sms, sizeof(T));
     a.placement = mlp_placement(a, device);
     a.scratch_per_task = cuda::mlp_scratch_per_task(a, a.placement);
   } else {

@@ -92,8 +92,7 @@ struct MLPArgs {
   bool lr_grad;                                       // dlr wanted (set before mlp_sizes)
   int placement;                                      // MLPPlacement
   int threads;                                        // per block
-  int tile;                                           // register tile of the products: 2 (2x2) or 4 (4x4)
-  int occupancy;                                      // 0, or 8: the kernel built for 8 blocks an SM (2x2, <= 128 threads)
+  int occupancy;                                      // 0, or 8: the kernel built for 8 blocks an SM (<= 128 threads)
   int dims[kMaxLayers + 1];
   int acts[kMaxLayers];
   int64_t off_w[kMaxLayers], off_b[kMaxLayers];      // flat layout
@@ -202,9 +201,9 @@ inline int mlp_choose_placement(const MLPArgs<T>& a, int forced, int64_t optin_l
 template <typename T>
 cudaError_t mlp_allow_smem(int bytes);
 
-// The most threads a block the kernel of a tile size (and occupancy, MLPArgs::occupancy) launches
-// with, for elements of elem_bytes (4: float, 8: double).
-int mlp_max_threads(int tile, int occupancy, int elem_bytes);
+// The most threads a block the kernel (the occupancy build: MLPArgs::occupancy 8) launches with,
+// for elements of elem_bytes (4: float, 8: double).
+int mlp_max_threads(int occupancy, int elem_bytes);
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream);

@@ -4,10 +4,11 @@
 // v_s = v_{s+1} - H_s (lr (.) v_{s+1}) with Hessian-vector products in closed form (R-operator
 // forward-over-reverse on the stored activations of step s).
 //
-// Every small product of a phase is one call of `gemm`: each thread computes a 2 x 2 tile of outputs
-// (4 x 4 in the kernel for MLPArgs::tile 4), the threads of a warp consecutive columns (so B's
-// loads are consecutive or odd-strided in shared memory and A's are broadcast), and the products
-// of one phase share the block's threads. Epilogues
+// Every small product of a phase is one call of `gemm`: each thread computes a 2 x 2 tile of outputs,
+// the threads of a warp consecutive columns (so B's loads are consecutive or odd-strided in shared
+// memory and A's are broadcast), and the products of one phase share the block's threads. (4 x 4
+// tiles, half the loads a multiply-add, were slower at every size and block count timed on an
+// H200: fewer threads a product, more registers a thread.) Epilogues
 // do the elementwise work (bias, activation and its derivatives, MSE's loss gradient and its
 // R-operator, the SGD update of each parameter as its gradient element is made, the update of v),
 // so a forward layer, a backward layer and an R-operator layer are one phase each, phases
@@ -207,16 +208,14 @@ __device__ __forceinline__ T layer_elem(const T* const (&w)[kMaxLayers], const T
   return p.bias ? b[p.l][p.k] : w[p.l][p.k];
 }
 
-template <typename T, int kTile>
+template <typename T>
 struct Ctx {
   const MLPArgs<T>& A;
   T slope;
-  // The products of a phase in kTile x kTile tiles (4: half the loads a multiply-add of 2 x 2
-  // tiles, on fewer threads), 2 x 2 for a product under kTile rows or columns.
+  // The products of a phase in 2 x 2 tiles.
   template <typename Epi>
   __device__ int gemm(int first, int M, int N, const Op<T>& a1, const Op<T>& b1, int K1, const Op<T>& a2,
                       const Op<T>& b2, int K2, Epi epi) const {
-    if (kTile > 2 && M >= kTile && N >= kTile) return gemm_tiles<kTile>(first, M, N, a1, b1, K1, a2, b2, K2, epi);
     return gemm_tiles<2>(first, M, N, a1, b1, K1, a2, b2, K2, epi);
   }
   template <typename Epi>
@@ -454,15 +453,13 @@ __device__ __forceinline__ void copy(T* dst, const T* src, int n) {
   for (int i = threadIdx.x; i < n; i += blockDim.x) dst[i] = src[i];
 }
 
-// One kernel a tile size (MLPArgs::tile), each with its own register allocation. Launch bounds
-// (mlp_max_threads): float's 2 x 2 tiles fit 128 registers a thread, so blocks of up to 512 threads
-// (double's take a bound of 256 threads, up to 255 registers: at 128 they spill a few bytes); 4 x 4
-// tiles spill at 128 (and, by ptxas's choice, at the 256-thread bound too) and take ~160 without
-// spills under a bound of 128 threads. kMinBlocks = 8 (MLPArgs::occupancy, 2 x 2 tiles): the same
-// code held to 64 registers so that eight 128-thread blocks share an SM (a register-bound four
-// otherwise): more tasks at once and more warps to hide latency, for a few hundred bytes of spills.
-template <typename T, int kTile, int kMinBlocks = 1>
-__global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T) == 8 ? 256 : 512) : 128), kMinBlocks)
+// Launch bounds (mlp_max_threads): float fits 128 registers a thread, so blocks of up to 512
+// threads (double takes a bound of 256 threads, up to 255 registers: at 128 it spills a few bytes).
+// kMinBlocks = 8 (MLPArgs::occupancy): the same code held to 64 registers so that eight 128-thread
+// blocks share an SM (a register-bound four otherwise): more tasks at once and more warps to hide
+// latency, for a few hundred bytes of spills.
+template <typename T, int kMinBlocks = 1>
+__global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 : 512), kMinBlocks)
     mlp_inner_loop_kernel(const MLPArgs<T> A) {
   FASTMETA_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* red = reinterpret_cast<T*>(smem_raw);
@@ -516,7 +513,7 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T
     for (int which = fwd ? 0 : 2; which < (fwd ? 2 : 4); ++which)
       if (sec == 4 || which % 2 == 1) copy(dst.at(A, which, l), src.at(A, which, l), n);
   };
-  const Ctx<T, kTile> C{A, A.slope};
+  const Ctx<T> C{A, A.slope};
   const T* x = A.xs + static_cast<int64_t>(t) * K * I;
   const T* xq = A.xq + static_cast<int64_t>(t) * Q * I;
   const T* ysf = A.loss == 0 ? A.ys_f + static_cast<int64_t>(t) * K * D : nullptr;
@@ -630,29 +627,22 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (kTile == 2 ? (sizeof(T
 
 template <typename T>
 cudaError_t mlp_allow_smem(int bytes) {
-  const cudaError_t e = cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 2>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             bytes);
+  const cudaError_t e =
+      cudaFuncSetAttribute(mlp_inner_loop_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
   if (e != cudaSuccess) return e;
-  const cudaError_t e4 =
-      cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 4>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
-  if (e4 != cudaSuccess) return e4;
-  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 2, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  return cudaFuncSetAttribute(mlp_inner_loop_kernel<T, 8>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
 }
 
-int mlp_max_threads(int tile, int occupancy, int elem_bytes) {
-  return tile == 4 || occupancy > 0 ? 128 : (elem_bytes == 8 ? 256 : 512);
-}
+int mlp_max_threads(int occupancy, int elem_bytes) { return occupancy > 0 ? 128 : (elem_bytes == 8 ? 256 : 512); }
 
 template <typename T>
 cudaError_t launch_mlp_inner_loop(const MLPArgs<T>& args, cudaStream_t stream) {
   if (args.num_tasks == 0) return cudaSuccess;
-  if (args.threads > mlp_max_threads(args.tile, args.occupancy, sizeof(T))) return cudaErrorInvalidValue;
-  if (args.occupancy != 0 && (args.occupancy != 8 || args.tile != 2)) return cudaErrorInvalidValue;
+  if (args.threads > mlp_max_threads(args.occupancy, sizeof(T))) return cudaErrorInvalidValue;
+  if (args.occupancy != 0 && args.occupancy != 8) return cudaErrorInvalidValue;
   const size_t shmem = mlp_smem_bytes(args, args.placement);
   const unsigned grid = static_cast<unsigned>(args.num_tasks), block = static_cast<unsigned>(args.threads);
-  void (*kernel)(const MLPArgs<T>) = args.occupancy == 8 ? mlp_inner_loop_kernel<T, 2, 8>
-                                     : args.tile == 4     ? mlp_inner_loop_kernel<T, 4>
-                                                          : mlp_inner_loop_kernel<T, 2>;
+  void (*kernel)(const MLPArgs<T>) = args.occupancy == 8 ? mlp_inner_loop_kernel<T, 8> : mlp_inner_loop_kernel<T>;
   return FASTMETA_LAUNCH(kernel, grid, block, shmem, stream, args);
 }
 

@@ -23,7 +23,7 @@ int g_mlp_occupancy = 0;
 template <typename T>
 int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,
             const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr,
-            double slope, int loss, int first_order, int placement, int threads, int tile, T* loss_out, T* dtheta,
+            double slope, int loss, int first_order, int placement, int threads, T* loss_out, T* dtheta,
             T* dlr) {
   using namespace fastmeta::cuda;
   MLPArgs<T> a{};
@@ -35,7 +35,6 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   a.loss = loss; a.first_order = first_order != 0;
   a.lr_grad = dlr != nullptr;
   a.threads = threads;
-  a.tile = tile;
   a.occupancy = g_mlp_occupancy;
   a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   mlp_sizes(a);
@@ -156,10 +155,10 @@ uint64_t fm_emu_barriers() { return fm_emu::state().barriers; }
 #define FM_EMU_MLP(NAME, T)                                                                                  \
   int NAME(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,     \
            const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr, \
-           double slope, int loss, int first_order, int placement, int threads, int tile, T* loss_out,       \
+           double slope, int loss, int first_order, int placement, int threads, T* loss_out,                 \
            T* dtheta, T* dlr) {                                                                              \
     return run_mlp<T>(L, dims, acts, tasks, K, Q, steps, xs, ys, xq, yq, theta0, lrs, lr, slope, loss,      \
-                      first_order, placement, threads, tile, loss_out, dtheta, dlr);                         \
+                      first_order, placement, threads, loss_out, dtheta, dlr);                               \
   }
 FM_EMU_MLP(fm_emu_mlp_f32, float)
 FM_EMU_MLP(fm_emu_mlp_f64, double)
