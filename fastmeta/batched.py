@@ -195,11 +195,8 @@ class BatchedMAML(nn.Module):
         if any(v.shape[0] != T for _, v in items):
             desc = ", ".join(f"{k} {tuple(v.shape)}" for k, v in items)
             raise ValueError(f"BatchedMAML: the task dim T differs between {desc}")
-        def pair(a, b):
-            return (named[a], named[b]) if named.get(a) is not None and named.get(b) is not None else None
-
         for a, b in (("xs", "ys"), ("xq", "yq")):
-            if pair(a, b) and named[a].shape[1] != named[b].shape[1]:
+            if named.get(a) is not None and named.get(b) is not None and named[a].shape[1] != named[b].shape[1]:
                 raise ValueError(f"BatchedMAML: {a} {tuple(named[a].shape)} and {b} "
                                  f"{tuple(named[b].shape)} differ in samples per task")
         if named.get("xs") is not None and named["xs"].shape[1] == 0 and self.inner_steps > 0:
