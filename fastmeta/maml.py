@@ -185,6 +185,9 @@ class MetaSGD(BaseLearner):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         _checks.lr_value("lr", lr)
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError(f"lr: the initial value of every rate, a number or a one-element tensor, got shape "
+                             f"{tuple(lr.shape)} (pass lrs for rates of other shapes)")
         if lrs is None:
             lrs = nn.ParameterList([nn.Parameter(torch.ones_like(p) * lr) for p in model.parameters()])
         else:

@@ -156,6 +156,9 @@ def test_non_finite_learning_rates():
         fastmeta.BatchedMAML(nn.Linear(2, 2), float("nan"))
     with pytest.raises(ValueError, match="lr: expected a finite number, got inf"):
         fastmeta.MAML(nn.Linear(2, 2), lr=float("inf"))
+    with pytest.raises(ValueError, match=r"lr: the initial value of every rate.*got shape \(2,\)"):
+        fastmeta.MetaSGD(nn.Linear(2, 2), lr=torch.tensor([0.1, 0.2]))
+    fastmeta.MetaSGD(nn.Linear(2, 2), lr=torch.tensor(0.1))
     with pytest.raises(ValueError, match="lr: expected a finite number, got inf"):
         ops.inner_update([torch.ones(2)], [torch.ones(2)], float("inf"))
 
