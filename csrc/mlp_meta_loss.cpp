@@ -155,6 +155,13 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
 at::Tensor mlp_meta_loss(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
                          at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
                          double negative_slope, int64_t loss, bool first_order) {
+  // its backward gives the parameters' and rates' gradients only: a gradient for the data would
+  // come back as none, so asking for one is refused
+  TORCH_CHECK(!at::GradMode::is_enabled() ||
+                  !(xs.requires_grad() || ys.requires_grad() || xq.requires_grad() || yq.requires_grad()),
+              "fastmeta::mlp_meta_loss differentiates the parameters and rates, not the data: xs, ys, xq and yq "
+              "must not require grad (fastmeta.ops.mlp_meta_loss takes the differentiable reference for such "
+              "a batch)");
   return MLPMetaLoss::apply(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order);
 }
 

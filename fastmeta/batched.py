@@ -291,12 +291,14 @@ class BatchedMAML(nn.Module):
 
     def _signature(self, xs, ys, xq, yq, p=None):
         """What the argument checks and the fused-path choice depend on: shapes, dtypes and devices
-        of the batch and of the parameters, the requested backend, inner_lr, loss, check_finite. A call with the signature of the last checked call skips
+        of the batch and of the parameters, the requested backend, inner_lr, loss, check_finite,
+        whether the batch requires grad. A call with the signature of the last checked call skips
         the checks (they would pass again); the label range check of cross-entropy still runs."""
         p = self._first_param if p is None else p
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
-                id(self.loss), self.check_finite)
+                id(self.loss), self.check_finite,
+                xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
     def _prepare(self, xs, ys, xq, yq, p=None):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
@@ -309,7 +311,10 @@ class BatchedMAML(nn.Module):
             return self._last_fused, True
         self._last_sig = None
         self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
-        fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3
+        # the fused MLP kernel differentiates the meta-parameters (and rates) only: a batch that
+        # requires grad (a gradient for the data itself) takes the differentiable ops
+        data_grad = xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad
+        fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3 and not data_grad
         if fused:  # the fused op's own checks, before calls of this signature skip them
             params, lr, spec = self._fused_args()
             ops.check_mlp_args(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations, self.loss)

@@ -260,3 +260,41 @@ def test_register_blocks_keep_their_accumulators_in_registers():
     spill = re.compile(r"vmov\w+\s+%zmm\d+,-?0x[0-9a-f]+\(%rsp\)")
     spilled = {n: sum(bool(spill.search(ln)) for ln in body) for n, body in vec.items()}
     assert not any(spilled.values()), {n: c for n, c in spilled.items() if c}
+
+
+@requires_cpp
+@pytest.mark.parametrize("first_order", [False, True])
+def test_gradients_for_the_data(first_order):
+    """A batch that requires grad gets its gradient (e.g. for an adversarial or learned support
+    set): the fused kernels differentiate the parameters only, so BatchedMAML and the ops run the
+    differentiable path for it, with the torch backend's answer; the C++ op refuses it rather than
+    return none."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+    batch = [torch.randn(3, 5, d, dtype=torch.float64) for d in (2, 3, 2, 3)]
+    want = None
+    for backend in ("torch", "cpp"):
+        meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order)
+        data = [t.clone().requires_grad_() for t in batch]
+        with fastmeta.use_backend(backend):
+            meta(*batch)  # (a call of the same shapes without grad first: its signature is cached)
+            for _ in range(2):  # (and the second call of a signature takes the fast path)
+                got = torch.autograd.grad(meta(*data), data, allow_unused=True)
+        if want is None:
+            want = got
+            continue
+        for w, g in zip(want, got):
+            assert (w is None) == (g is None)
+            if w is not None:
+                assert_rel_close([g], [w], 1e-10, "data gradient")
+    assert want[0] is None or not first_order  # first order: the support set's gradient is not kept
+    assert want[2] is not None and want[3] is not None
+    params = [p.detach() for p in model.parameters()]
+    data = [t.clone().requires_grad_() for t in batch]
+    with fastmeta.use_backend("cpp"):
+        for fn in (ops.mlp_inner_loop, ops.mlp_meta_loss):
+            out = fn(*data, params, 0.1, 2, ["tanh", None], first_order=first_order).sum()
+            assert torch.autograd.grad(out, data[2]) is not None
+    with pytest.raises(RuntimeError, match="differentiates the parameters and rates, not the data"):
+        torch.ops.fastmeta.mlp_meta_loss(*data, params, [], 0.1, 2, [3, 0], 0.01, 0, first_order)
+    with torch.no_grad():
+        torch.ops.fastmeta.mlp_meta_loss(*data, params, [], 0.1, 2, [3, 0], 0.01, 0, first_order)

@@ -15,7 +15,8 @@ d L_query / d theta_0 (second order, or first order) and d L_query / d lr.
 The ``cpp`` backend (csrc/mlp_inner_loop.cpp), the ``cuda`` backend (csrc/cuda/mlp_inner_loop.cu,
 one thread block per task) and the ``triton`` backend (kernels/mlp_inner_loop.py, one program per task) return the meta-gradient directly from one call (reverse pass over the steps
 with closed-form Hessian-vector products); they are therefore differentiable once only. The reference, ``mlp_inner_loop_ref``, unrolls the loop with autograd
-and is differentiable to any order.
+and is differentiable to any order. The kernels differentiate the parameters and rates, not the
+data: a call whose xs, ys, xq or yq requires grad (with grad mode on) runs the reference.
 """
 from __future__ import annotations
 
@@ -53,6 +54,8 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
     loss_fn = mse_ref if loss == "mse" else cross_entropy_ref
     T = xs.shape[0]
     theta = [p.unsqueeze(0).expand(T, *p.shape) for p in params]
+    if not first_order:  # the steps differentiate theta even where the caller's params do not need it
+        theta = [t if t.requires_grad else t.detach().requires_grad_() for t in theta]
     with torch.enable_grad():
         for _ in range(steps):
             if first_order:
@@ -222,6 +225,13 @@ def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss):
         raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got {type(lr).__name__}")
 
 
+def _data_grad(xs, ys, xq, yq) -> bool:
+    """Whether a gradient for the data is wanted: the fused kernels differentiate the parameters
+    and rates only, so such a call takes the reference (differentiable in everything)."""
+    return torch.is_grad_enabled() and (xs.requires_grad or ys.requires_grad or xq.requires_grad
+                                        or yq.requires_grad)
+
+
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
                    loss="mse", first_order=False, _checked=False):
     """Query losses [T] after the inner loop; backward is the exact meta-gradient (see module doc).
@@ -232,7 +242,7 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
     if loss == "cross_entropy":
         check_labels(ys, yq, params[-2].shape[0])
     backend = select("mlp_inner_loop", xs.device.type)
-    if backend == "torch":
+    if backend == "torch" or _data_grad(xs, ys, xq, yq):
         return mlp_inner_loop_ref(xs, ys, xq, yq, list(params), lr, steps, activations,
                                   negative_slope, loss, first_order)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
@@ -252,7 +262,7 @@ def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
     if not _checked:
         check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     backend = select("mlp_inner_loop", xs.device.type)
-    if backend not in ("cpp", "cuda"):
+    if backend not in ("cpp", "cuda") or _data_grad(xs, ys, xq, yq):
         return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
                               first_order, _checked=True).mean()
     return torch.ops.fastmeta.mlp_meta_loss(*_op_args(xs, ys, xq, yq, params, lr, steps, activations,
