@@ -1037,9 +1037,7 @@ Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, c
   net.d.push_back(params[0].size(1));
   int64_t off = 0;
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor W = params[2 * l].contiguous(), b = params[2 * l + 1].contiguous();
-    TORCH_CHECK(W.dim() == 2 && b.dim() == 1 && b.size(0) == W.size(0) && W.size(1) == net.d.back(),
-                "mlp_inner_loop: layer ", l, " has W ", W.sizes(), " and b ", b.sizes());
+    const at::Tensor W = params[2 * l].contiguous(), b = params[2 * l + 1].contiguous();  // (checked above)
     net.d.push_back(W.size(0));
     net.offW.push_back(off); off += W.numel();
     net.offb.push_back(off); off += b.numel();

@@ -369,22 +369,15 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_inner_loop (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
   const c10::cuda::CUDAGuard guard(xs_.device());
-  // the kernel reads each parameter (and rate) tensor where it is: no concatenation
+  // the kernel reads each parameter (and rate) tensor where it is: no concatenation (shapes,
+  // dtypes and devices checked above)
   std::vector<at::Tensor> params, lrs;
   int64_t P = 0;
-  for (size_t i = 0; i < params_.size(); ++i) {
-    const at::Tensor& p = params_[i];
-    TORCH_CHECK(p.dim() == (i % 2 == 0 ? 2 : 1), "mlp_inner_loop (cuda): params must be [W_1 [d_1, d_0], b_1 [d_1], "
-                "...], got ", p.sizes(), " at ", i);
+  for (const at::Tensor& p : params_) {
     params.push_back(p.contiguous());
     P += p.numel();
   }
-  TORCH_CHECK(lrs_.empty() || lrs_.size() == params_.size(), "mlp_inner_loop: one rate tensor per parameter");
-  for (size_t i = 0; i < lrs_.size(); ++i) {
-    TORCH_CHECK(lrs_[i].sizes() == params_[i].sizes(), "mlp_inner_loop: lrs[", i, "] ", lrs_[i].sizes(),
-                " must match its parameter's shape ", params_[i].sizes());
-    lrs.push_back(lrs_[i].to(xs_.scalar_type()).contiguous());
-  }
+  for (const at::Tensor& r : lrs_) lrs.push_back(r.to(xs_.scalar_type()).contiguous());
   const at::Tensor xs = xs_.contiguous(), xq = xq_.contiguous(), ys = ys_.contiguous(), yq = yq_.contiguous();
   const int64_t Tn = xs.size(0);
   auto opts = xs.options();
