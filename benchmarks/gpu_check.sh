@@ -119,9 +119,11 @@ step_omniglot_cudnnbench() { TAIL=8 run_step omniglot_cudnnbench 60 bench_omnigl
 # convolution's output for 75 query images and that output's gradient, ~135 MB a task in float32,
 # whatever the switches (RESULTS.md, "CPU peak memory, every allocation counted"); so chunks of 8,
 # graphed first. The baselines come second and third so that a step cut short still has them;
-# all tasks at once (fastmeta) gives the speed without the memory bound)
+# then chunks of 4 with recompute alone (no step recomputed; on the CPU two tasks at once with
+# recompute peak at 581 MB, so ~1.2 GB for four); all tasks at once (fastmeta) gives the speed
+# without the memory bound)
 step_miniimagenet() { TAIL=10 run_step miniimagenet 150 bench_miniimagenet.txt $CONV --workload miniimagenet \
-  --providers fastmeta_graph_rc_ck@8,loop,vmap,fastmeta_graph_rc_ck@8-cuda+tf32x3,fastmeta_graph_ck@8,fastmeta_vg_rc_ck@8,fastmeta_graph_rc@4,fastmeta,fastmeta_vg_rc_ck \
+  --providers fastmeta_graph_rc_ck@8,loop,vmap,fastmeta_graph_rc@4,fastmeta_graph_rc_ck@8-cuda+tf32x3,fastmeta_graph_ck@8,fastmeta_vg_rc_ck@8,fastmeta,fastmeta_vg_rc_ck \
   --json "$LOG/bench_miniimagenet.json"; }
 # mini-ImageNet with every task at once on each convolution backend (the memory target aside)
 step_miniimagenet_all() { TAIL=8 run_step miniimagenet_all 90 bench_miniimagenet_all.txt $CONV --workload miniimagenet \
