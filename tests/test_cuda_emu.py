@@ -83,7 +83,8 @@ def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, placement, 
     params, batch = make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
     lrs = [torch.full_like(p, lr) * (1 + 0.5 * torch.rand_like(p)) for p in params] if metasgd else []
     want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad)
-    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, lr_grad) for o in ORDERS]
+    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, lr_grad)
+            for o in ORDERS]
     assert all(r[0] == runs[0][0] for r in runs)
     got = runs[0][1]
     for o, (_, r) in zip(ORDERS[1:], runs[1:]):  # bit-identical in every thread order: no races

@@ -234,9 +234,8 @@ cudaError_t mlp_launch(cuda::MLPArgs<T> a, const at::TensorOptions& opts, cudaSt
 // warp a task, whose barriers hold no other warp and whose blocks (up to 32 an SM) are bounded by
 // the working set in shared memory, or, with it in global memory, by registers: 16 blocks an SM,
 // 32 in the occupancy build), each with one launch to warm and three timed (CUDA events), and
-// keeps the fastest for that shape
-// (FASTMETA_CUDA_MLP_AUTOTUNE=0: always the default; FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 prints each
-// timing to stderr). Every candidate computes the same outputs (each is tested against the
+// keeps the fastest for that shape (FASTMETA_CUDA_MLP_AUTOTUNE=0: always the default;
+// FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 prints each timing to stderr). Every candidate computes the same outputs (each is tested against the
 // reference); the caller's launch then runs the chosen one.
 template <typename T>
 MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, cudaStream_t stream, int device) {
