@@ -12,6 +12,7 @@ unless ``first_order``. ``learn_inner_lr=True`` learns one inner learning rate p
 """
 from __future__ import annotations
 
+import collections
 import functools
 import numbers
 
@@ -119,9 +120,9 @@ class BatchedMAML(nn.Module):
         self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
         if learn_inner_lr:
             lr0 = float(inner_lr) if not isinstance(inner_lr, torch.Tensor) else float(inner_lr.detach())
-            self.lrs = nn.ParameterDict({
-                self._lr_key(n): nn.Parameter(torch.full_like(params[n].detach(), lr0))
-                for n in self._adapt_names})
+            # in the model's parameter order (a plain dict would be sorted by name)
+            self.lrs = nn.ParameterDict(collections.OrderedDict(
+                (self._lr_key(n), nn.Parameter(torch.full_like(params[n].detach(), lr0))) for n in self._adapt_names))
             self.inner_lr = None
         else:
             self.lrs = None

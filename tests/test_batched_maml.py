@@ -85,6 +85,19 @@ def test_meta_sgd(backend, first_order, dtype):
     assert_rel_close(got_lr, want_lr, RTOL[dtype], "lr-grad")
 
 
+
+def test_meta_sgd_rates_follow_the_model_order():
+    """The learned rates are listed (meta.parameters(), value_and_grad's grads, an optimizer's
+    groups) in the order of the model's parameters, each after its name, not sorted by name."""
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    meta = fastmeta.BatchedMAML(model, 0.1, 1, learn_inner_lr=True)
+    names = [n for n, _ in model.named_parameters()]
+    assert list(meta.lrs.keys()) == [n.replace(".", "__") for n in names]
+    assert [n for n, _ in meta.named_parameters()] == [f"model.{n}" for n in names] + \
+        [f"lrs.{n.replace('.', '__')}" for n in names]
+    for (_, p), l in zip(model.named_parameters(), meta.lrs.values()):
+        assert l.shape == p.shape
+
 def conv_net(ch=3, classes=5, dtype=torch.float64, track=False):
     blocks, c = [], 1
     for _ in range(4):
