@@ -6,6 +6,7 @@ ascending, descending and shuffled order and must give bit-identical results: a 
 data race on the GPU. The GPU itself runs the same sources in tests/test_gpu.py."""
 import ctypes
 import os
+import random
 import shutil
 import subprocess
 
@@ -274,6 +275,36 @@ def test_inputs_in_the_working_set_or_not(emu, widths, first_order, loss):
     for placement in (2, 1, 0):
         check(emu, widths, 2, 5, 5, 2, ["tanh", None], loss, first_order, torch.float64, placement, metasgd=True)
 
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configurations(emu, seed):
+    """Drawn by the seed: depth, widths up to 200 (partial tiles, working sets past shared memory),
+    activations, loss, T, K, Q, steps, order, dtype, placement (forced or chosen), block size,
+    occupancy build, Meta-SGD with and without its rate gradient; each against the CPU kernel in
+    every thread order."""
+    rnd = random.Random(seed)
+    torch.manual_seed(seed)
+    L = rnd.randint(1, 4)
+    widths = [rnd.choice([1, 2, 5, 17, 40])] + [rnd.choice([1, 3, 9, 33, 40, 63, 100, 129, 200]) for _ in range(L)]
+    loss = rnd.choice(["mse", "cross_entropy"])
+    if loss == "cross_entropy" and widths[-1] < 2:
+        widths[-1] = 5
+    acts = [rnd.choice(list(ACT)) for _ in range(L)]
+    T, K, Q, steps = rnd.randint(1, 4), rnd.randint(1, 30), rnd.randint(1, 30), rnd.randint(0, 5)
+    threads = rnd.choice([32, 64, 96, 128, 256])
+    occupancy = threads <= 128 and rnd.random() < 0.3
+    # a rate that keeps the wide nets' inner loops from diverging (float32 would then differ by rounding alone)
+    kw = dict(metasgd=rnd.random() < 0.4, lr_grad=rnd.random() < 0.7, slope=rnd.choice([0.01, -0.3, 0.2]),
+              threads=threads, lr=min(0.05, 1.0 / max(widths)))
+    if occupancy:
+        emu.fm_emu_set_mlp_occupancy(8)
+    try:
+        check(emu, tuple(widths), T, K, Q, steps, acts, loss, seed % 2 == 1, rnd.choice([torch.float64, torch.float32]),
+              rnd.choice([-1, 0, 1, 2]), **kw)
+    finally:
+        if occupancy:
+            emu.fm_emu_set_mlp_occupancy(0)
 
 @pytest.mark.parametrize("widths,steps", [((1, 40, 40, 1), 5), ((3, 9, 2), 3), ((2, 5, 3), 1)])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
