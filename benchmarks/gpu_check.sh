@@ -4,7 +4,9 @@
 # order of importance, each with its own timeout, inside a total budget (GPU_CHECK_SECONDS, default
 # 470 s: under 8 minutes) so the whole script fits one device command. $OUT receives summary.txt (each step's tail)
 # and logs.tgz (every full log and the benchmark JSONs): few files, as the device tool returns 8.
-# GPU_CHECK_STEPS picks steps and their order (default: all, most telling first, see STEPS below), e.g.
+# GPU_CHECK_STEPS picks steps and their order (default: all, see STEPS below: first what an issue's
+# targets need within one run: the GPU tests, the sine steps at T=25 and T=1000 together, then the
+# conv workloads and the diagnostics), e.g.
 # GPU_CHECK_STEPS="install gputests sine25"; a step the budget no longer fits is skipped and said so.
 set -uo pipefail
 OUT=${OUT:-/tmp/fastmeta_gpu}
@@ -12,7 +14,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info omniglot omniglot_x3 sine1000 miniimagenet convcompile gputests sine25 miniimagenet_x3 convprobe probe1000 ncu conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile probe1000 miniimagenet ncu omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
