@@ -6,7 +6,8 @@
 //
 //   x [T, N, C, H, W] (task-major, or task-inner as batched_conv2d returns it: y, idx and dx then
 //   are too), weight/bias [T, C]; per task t and channel c over (N, H, W):
-//   mean, var (biased), invstd = 1 / sqrt(var + eps), z = x * (w invstd) + (b - mean w invstd),
+//   mean, var (biased), invstd = 1 / sqrt(var + eps), z = (x - mean) (w invstd) + b (exact where x is
+//   the mean, and equal inputs, such as a blank region of an image, give equal outputs),
 //   y = max over each 2x2 window (stride 2, floor) of relu(z): [T, N, C, H/2, W/2]; idx in 0..3 is the
 //   window position of the first maximum (max_pool2d's choice; where every z <= 0, y = 0 and the
 //   gradient is 0 whatever idx says).
@@ -163,11 +164,11 @@ using Dims = BNReLUPoolDims;
 // the AVX-512 float form below does 16 windows a step (a conv4 row has 14, 7, 3 or 1 windows, too
 // few for a compiler's vector loop over j).
 template <typename T>
-inline void pool_windows(const T* r0, const T* r1, int64_t n, T scale, T shift, T* yo, uint8_t* io) {
+inline void pool_windows(const T* r0, const T* r1, int64_t n, T mean, T scale, T bias, T* yo, uint8_t* io) {
   for (int64_t j = 0; j < n; ++j) {
     int k;
-    const T best = window_max<T>(r0[2 * j] * scale + shift, r0[2 * j + 1] * scale + shift,
-                                 r1[2 * j] * scale + shift, r1[2 * j + 1] * scale + shift, k);
+    const T best = window_max<T>((r0[2 * j] - mean) * scale + bias, (r0[2 * j + 1] - mean) * scale + bias,
+                                 (r1[2 * j] - mean) * scale + bias, (r1[2 * j + 1] - mean) * scale + bias, k);
     yo[j] = !(best <= T(0)) ? best : T(0);
     io[j] = static_cast<uint8_t>(k);
   }
@@ -220,15 +221,18 @@ inline void store_pairs(float* r, int cnt, __m512 even, __m512 odd) {  // r[0, 2
 }
 
 template <>
-inline void pool_windows<float>(const float* r0, const float* r1, int64_t n, float scale, float shift, float* yo,
-                                uint8_t* io) {
-  const __m512 sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+inline void pool_windows<float>(const float* r0, const float* r1, int64_t n, float mean, float scale, float bias,
+                                float* yo, uint8_t* io) {
+  const __m512 mv = _mm512_set1_ps(mean), sc = _mm512_set1_ps(scale), sh = _mm512_set1_ps(bias);
+  const __m512 zero = _mm512_setzero_ps();
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     const int cnt = static_cast<int>(std::min<int64_t>(16, n - j0));
     const __mmask16 m = static_cast<__mmask16>((1u << cnt) - 1);
     const Pairs a = load_pairs(r0 + 2 * j0, cnt), b = load_pairs(r1 + 2 * j0, cnt);
-    const __m512 z0 = _mm512_fmadd_ps(a.even, sc, sh), z1 = _mm512_fmadd_ps(a.odd, sc, sh);
-    const __m512 z2 = _mm512_fmadd_ps(b.even, sc, sh), z3 = _mm512_fmadd_ps(b.odd, sc, sh);
+    const __m512 z0 = _mm512_fmadd_ps(_mm512_sub_ps(a.even, mv), sc, sh);
+    const __m512 z1 = _mm512_fmadd_ps(_mm512_sub_ps(a.odd, mv), sc, sh);
+    const __m512 z2 = _mm512_fmadd_ps(_mm512_sub_ps(b.even, mv), sc, sh);
+    const __m512 z3 = _mm512_fmadd_ps(_mm512_sub_ps(b.odd, mv), sc, sh);
     __mmask16 u = _mm512_cmp_ps_mask(z1, z0, _CMP_NLE_UQ);
     __m512 best = _mm512_mask_blend_ps(u, z0, z1);
     __m512i k = _mm512_maskz_set1_epi32(u, 1);
@@ -327,13 +331,13 @@ void forward_impl(const Dims& d, const T* x, const T* w, const T* b, double eps,
       mean_out[tc] = static_cast<T>(mean);
       invstd_out[tc] = static_cast<T>(invstd);
       const T scale = static_cast<T>(static_cast<double>(w[tc]) * invstd);
-      const T shift = static_cast<T>(static_cast<double>(b[tc]) - mean * static_cast<double>(w[tc]) * invstd);
+      const T mean_t = static_cast<T>(mean);
       for (int64_t n = 0; n < d.N; ++n) {
         const T* p = in_plane(n);
         const int64_t o = d.plane_of(t, n, c) * d.out_plane();
         for (int64_t i = 0; i < d.Ho; ++i) {
           const T* r0 = p + 2 * i * d.W;
-          pool_windows<T>(r0, r0 + d.W, d.Wo, scale, shift, y + o + i * d.Wo, idx + o + i * d.Wo);
+          pool_windows<T>(r0, r0 + d.W, d.Wo, mean_t, scale, b[tc], y + o + i * d.Wo, idx + o + i * d.Wo);
         }
       }
     }

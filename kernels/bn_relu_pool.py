@@ -106,8 +106,8 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
     tl.store(invstd_ptr + pid, invstd)
     wv = tl.load(w_ptr + pid).to(acc_t)
     bv = tl.load(b_ptr + pid).to(acc_t)
+    # z = (x - mean) (w invstd) + b, as the reference: exact where x is the mean
     scale = wv * invstd
-    shift = bv - mean * scale
     # window (n, i, j) at obase + n * SN * P + i * Wo + j
     m0 = 0
     while m0 < MO:
@@ -115,10 +115,10 @@ def _bn_relu_pool_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, idx_ptr, mean_ptr, invs
         ok = m < MO
         n, q, i, j = _window(m, P, Wo)
         p0 = base + n * SN * HW + (2 * i) * W + 2 * j
-        z0 = tl.load(p0, mask=ok, other=0.0).to(acc_t) * scale + shift
-        z1 = tl.load(p0 + 1, mask=ok, other=0.0).to(acc_t) * scale + shift
-        z2 = tl.load(p0 + W, mask=ok, other=0.0).to(acc_t) * scale + shift
-        z3 = tl.load(p0 + W + 1, mask=ok, other=0.0).to(acc_t) * scale + shift
+        z0 = (tl.load(p0, mask=ok, other=0.0).to(acc_t) - mean) * scale + bv
+        z1 = (tl.load(p0 + 1, mask=ok, other=0.0).to(acc_t) - mean) * scale + bv
+        z2 = (tl.load(p0 + W, mask=ok, other=0.0).to(acc_t) - mean) * scale + bv
+        z3 = (tl.load(p0 + W + 1, mask=ok, other=0.0).to(acc_t) - mean) * scale + bv
         # the first maximum in row-major order, as max_pool2d picks it ("not <=" lets a NaN win)
         u = ~(z1 <= z0)
         best = tl.where(u, z1, z0)

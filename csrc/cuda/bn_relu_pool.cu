@@ -173,15 +173,16 @@ __global__ void __launch_bounds__(kBNReLUPoolThreads) bn_relu_pool_apply_kernel(
     a.mean[sl.tc] = static_cast<T>(mean);
     a.invstd[sl.tc] = static_cast<T>(invstd);
   }
-  const double w = static_cast<double>(a.weight[sl.tc]);
-  const T scale = static_cast<T>(w * invstd);
-  const T shift = static_cast<T>(static_cast<double>(a.bias[sl.tc]) - mean * w * invstd);
+  // z = (x - mean) (w invstd) + b: exact where x is the mean, and equal inputs (a blank region of
+  // an image) give equal outputs, as the reference's (x - mean) invstd w + b
+  const T m = static_cast<T>(mean), scale = static_cast<T>(static_cast<double>(a.weight[sl.tc]) * invstd);
+  const T bias = a.bias[sl.tc];
   for (Walk o(threadIdx.x, blockDim.x, a.Ho, a.Wo); o.n < sl.nn; o.next()) {
     const int64_t pl = plane_of(a, sl.t, sl.n0 + o.n, sl.c);
     const T* p = a.x + pl * plane + 2 * o.h * a.W + 2 * o.w;
     int k;
-    const T best = window_max<T>(p[0] * scale + shift, p[1] * scale + shift, p[a.W] * scale + shift,
-                                 p[a.W + 1] * scale + shift, k);
+    const T best = window_max<T>((p[0] - m) * scale + bias, (p[1] - m) * scale + bias, (p[a.W] - m) * scale + bias,
+                                 (p[a.W + 1] - m) * scale + bias, k);
     const int64_t out = pl * out_plane + o.h * a.Wo + o.w;
     a.y[out] = !(best <= T(0)) ? best : T(0);
     a.idx[out] = static_cast<uint8_t>(k);
