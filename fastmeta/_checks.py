@@ -18,6 +18,11 @@ def tensor(name: str, t, dim: int | None = None, min_dim: int | None = None) -> 
     return t
 
 
+# The dtypes of fastmeta's kernels (C++, CUDA, Triton). A call in another dtype (bfloat16, float16)
+# takes the op's torch reference whatever the backend: the kernels compute in these two only.
+KERNEL_DTYPES = (torch.float32, torch.float64)
+
+
 def floating(name: str, t: torch.Tensor) -> None:
     if not t.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {t.dtype}")

@@ -287,6 +287,8 @@ class BatchedMAML(nn.Module):
         if len(self._adapt_names) != len(self.program.names):  # frozen parameters are not adapted
             return False
         p = next(iter(self.model.parameters()))
+        if p.dtype not in ops.MLP_FUSED_DTYPES:  # bfloat16, float16: the batched ops
+            return False
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
         return select("mlp_inner_loop", p.device.type) != "torch"
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from . import ops
+from . import _checks, ops
 from .ops._layout import per_sample_2d
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
@@ -343,11 +343,17 @@ def explain(model: nn.Module) -> str:
             lines.append(f"  {where:<24} -> {s.kind}")
     if prog.has_conv:
         lines.append("  on CPU: tasks pass through the conv program one at a time (activations stay in cache)")
-    def backend_of(op):  # what the op runs on for the model's device
+    def backend_of(op):  # what the op runs on for the model's device and dtype
         try:
-            return select(op, next(model.parameters()).device.type)
+            p = next(model.parameters())
+            be = select(op, p.device.type)
         except (StopIteration, BackendUnavailable) as e:
             return f"unavailable ({e})"
+        # (fastmeta._C's convolution ops call ATen's, which take any dtype; the other kernels do not)
+        aten = op == "batched_conv2d" and be in ("cpp", "cuda")
+        if be != "torch" and not aten and p.dtype not in _checks.KERNEL_DTYPES:
+            return f"torch: the kernels compute in float32 and float64, the model is {str(p.dtype)[6:]}"
+        return be
     if prog.has_conv:
         be = backend_of("batched_conv2d")
         tuned = ""
@@ -373,7 +379,9 @@ def explain(model: nn.Module) -> str:
         lines.append("  BatchedMAML(recompute=True): the first block as one op (conv_bn_relu_pool) whose "
                      "convolution output is recomputed in each backward instead of kept; where the inner "
                      "steps' graphs are not kept, the query's later blocks keep only their inputs too")
-    if prog.mlp is not None:
+    if prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
+        lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")
+    elif prog.mlp is not None:
         lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
                      "loss 'mse' or 'cross_entropy'")
     else:

@@ -458,3 +458,39 @@ def test_graphed_chunk_arithmetic():
     keep = [i for i, g in enumerate(want) if g is not None]
     assert_rel_close([loss] + [grads[i] for i in keep], [want_loss] + [want[i] for i in keep],
                      RTOL[torch.float64], "chunked sum")
+
+
+@pytest.mark.parametrize("backend", ["auto", pytest.param("cpp", marks=requires_cpp), "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_take_the_torch_ops(backend, dtype):
+    """The kernels compute in float32 and float64; a bfloat16 or float16 model (MLP or conv) runs on
+    the torch ops whatever the backend, with the torch backend's answer (it used to reach the fused
+    MLP kernel and fail there with "not implemented for 'BFloat16'"), and so do MAML's update and
+    inner_update called directly."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(1, 8), nn.ReLU(), nn.Linear(8, 1)).to(dtype)
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU(),
+                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 2)).to(dtype)
+    xs, ys = torch.randn(3, 5, 1, dtype=dtype), torch.randn(3, 5, 1, dtype=dtype)
+    x, y = torch.randn(2, 3, 1, 4, 4, dtype=dtype), torch.randint(0, 2, (2, 3))
+    for model, batch, loss in ((mlp, (xs, ys, xs, ys), "mse"), (conv, (x, y, x, y), "cross_entropy")):
+        for first_order in (False, True):
+            got = {}
+            for b in (backend, "torch"):
+                with fastmeta.use_backend(b):
+                    meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order, loss=loss)
+                    value, grads = meta.value_and_grad(*batch)
+                    by_autograd = torch.autograd.grad(meta(*batch), list(model.parameters()))
+                got[b] = [value] + grads + list(by_autograd)
+            for a, w in zip(got[backend], got["torch"]):
+                assert a.dtype == dtype and torch.equal(a, w)
+    with fastmeta.use_backend(backend):
+        assert "step by step on the batched ops (the kernels compute in float32 and float64" in fastmeta.explain(mlp)
+    learner = fastmeta.MAML(mlp, lr=0.1).clone()
+    with fastmeta.use_backend(backend):
+        learner.adapt(((learner(xs[0]) - ys[0]) ** 2).mean())
+        updated = fastmeta.ops.inner_update(list(mlp.parameters()), [torch.ones_like(p) for p in mlp.parameters()], 0.5)
+    assert all(p.dtype == dtype for p in learner.parameters())
+    assert all(torch.equal(u, p - 0.5) for u, p in zip(updated, mlp.parameters()))

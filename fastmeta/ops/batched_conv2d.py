@@ -487,7 +487,8 @@ def fused_prims(x, weight, stride=1, padding=0, dilation=1, groups=1):
     arguments takes, or None where that is the torch reference (checked arguments)."""
     device_type = x.device.type
     backend = select("batched_conv2d", device_type)
-    if backend == "triton" and _triton_supports(weight, stride, padding, dilation, groups):
+    if (backend == "triton" and x.dtype in _checks.KERNEL_DTYPES
+            and _triton_supports(weight, stride, padding, dilation, groups)):
         return _TritonPrims(padding), weight
     if backend in ("cpp", "cuda") and not isinstance(padding, str) and x.numel() > 0:
         T = x.shape[0]

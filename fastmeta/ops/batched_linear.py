@@ -130,6 +130,7 @@ def batched_linear(x, W, b=None, activation=None, negative_slope=0.01):
     """Per-task linear + activation (see module docstring)."""
     _check(x, W, b, activation)
     backend = select("batched_linear", x.device.type)
-    if backend == "triton" and not (activation == "leaky_relu" and negative_slope <= 0):
+    if (backend == "triton" and not (activation == "leaky_relu" and negative_slope <= 0)
+            and x.dtype in _checks.KERNEL_DTYPES):
         return _TritonBatchedLinear.apply(x, W, b, activation, negative_slope)
     return batched_linear_ref(x, W, b, activation, negative_slope)

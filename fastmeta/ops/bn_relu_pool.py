@@ -229,7 +229,7 @@ def check_affine(like, shape, weight, bias, op="bn_relu_pool", what="x"):
 def fused_backend(x):
     """The fused backend a bn_relu_pool call on x takes, or None where that is the reference."""
     backend = select("bn_relu_pool", x.device.type)
-    if backend not in ("cpp", "cuda", "triton") or x.dtype not in (torch.float32, torch.float64) or x.numel() == 0:
+    if backend not in ("cpp", "cuda", "triton") or x.dtype not in _checks.KERNEL_DTYPES or x.numel() == 0:
         return None
     return backend
 

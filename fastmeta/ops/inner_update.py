@@ -198,6 +198,8 @@ def inner_update(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], 
         # read again at every replay; the per-tensor torch ops are graph-safe (and a replay has no
         # launch cost to save)
         return _torch_impl(params, grads, lr)
-    if backend in ("cpp", "cuda", "triton"):  # fastmeta::inner_update_* has a CPU and a CUDA kernel
+    if backend in ("cpp", "cuda", "triton") and all(g.dtype in _checks.KERNEL_DTYPES for g in grads):
+        # fastmeta::inner_update_* has a CPU and a CUDA kernel (float32, float64; other dtypes, such
+        # as bfloat16 and float16, take the torch ops)
         return _cpp_impl(params, grads, lr, triton_kernel=backend == "triton")
     return _torch_impl(params, grads, lr)

@@ -232,6 +232,15 @@ def _data_grad(xs, ys, xq, yq) -> bool:
                                         or yq.requires_grad)
 
 
+FUSED_DTYPES = _checks.KERNEL_DTYPES  # others (bfloat16, float16) take the reference
+
+
+def _reference_only(xs, ys, xq, yq) -> bool:
+    """Whether a call takes the reference whatever the backend: a gradient for the data is wanted,
+    or the dtype has no fused kernel."""
+    return xs.dtype not in FUSED_DTYPES or _data_grad(xs, ys, xq, yq)
+
+
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
                    loss="mse", first_order=False, _checked=False):
     """Query losses [T] after the inner loop; backward is the exact meta-gradient (see module doc).
@@ -242,7 +251,7 @@ def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slop
     if loss == "cross_entropy":
         check_labels(ys, yq, params[-2].shape[0])
     backend = select("mlp_inner_loop", xs.device.type)
-    if backend == "torch" or _data_grad(xs, ys, xq, yq):
+    if backend == "torch" or _reference_only(xs, ys, xq, yq):
         return mlp_inner_loop_ref(xs, ys, xq, yq, list(params), lr, steps, activations,
                                   negative_slope, loss, first_order)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
@@ -262,7 +271,7 @@ def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
     if not _checked:
         check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     backend = select("mlp_inner_loop", xs.device.type)
-    if backend not in ("cpp", "cuda") or _data_grad(xs, ys, xq, yq):
+    if backend not in ("cpp", "cuda") or _reference_only(xs, ys, xq, yq):
         return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
                               first_order, _checked=True).mean()
     return torch.ops.fastmeta.mlp_meta_loss(*_op_args(xs, ys, xq, yq, params, lr, steps, activations,
@@ -318,7 +327,7 @@ def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
         check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     n = len(params)
-    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda"):
+    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in FUSED_DTYPES:
         wrt = [t.detach().requires_grad_() for t in list(params) + lrs]  # every tensor, as the kernel
         with torch.enable_grad():
             value = mlp_meta_loss(xs, ys, xq, yq, wrt[:n], wrt[n:] if lrs else lr, steps, activations,

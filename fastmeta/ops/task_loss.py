@@ -99,7 +99,7 @@ def mse(pred, target):
         raise ValueError(f"mse: pred {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
     _checks.floating("target", target)
     _checks.same_device_dtype([("pred", pred), ("target", target)])
-    if select("mse", pred.device.type) == "triton":
+    if select("mse", pred.device.type) == "triton" and pred.dtype in _checks.KERNEL_DTYPES:
         _register_triton()
         return _TritonMSE.apply(pred, target)
     return mse_ref(pred, target)
@@ -116,7 +116,7 @@ def cross_entropy(logits, labels):
                          f"{tuple(logits.shape[:2])} for logits {tuple(logits.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"cross_entropy: labels on {labels.device} but logits on {logits.device}")
-    if select("cross_entropy", logits.device.type) == "triton":
+    if select("cross_entropy", logits.device.type) == "triton" and logits.dtype in _checks.KERNEL_DTYPES:
         _register_triton()
         return _TritonCrossEntropy.apply(logits, labels.long())
     return cross_entropy_ref(logits, labels.long())
