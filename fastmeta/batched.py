@@ -26,10 +26,39 @@ from .backend import _request, get_backend, select, use_backend
 _LOSSES = ("mse", "cross_entropy")
 
 
+def _plain(x):
+    """x with inference tensors (made under torch.inference_mode) cloned into normal ones (in
+    tuples, lists and dicts too)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone() if x.is_inference() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_plain(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    return x
+
+
+def _detached(x):
+    if isinstance(x, torch.Tensor):
+        return x.detach()
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detached(v) for v in x)
+    if isinstance(x, dict):
+        return {k: _detached(v) for k, v in x.items()}
+    return x
+
+
 def _module_backend(method):
-    """Runs a BatchedMAML method on the module's ``backend`` while the global request is auto."""
+    """Runs a BatchedMAML method on the module's ``backend`` while the global request is auto.
+
+    Under torch.inference_mode (evaluation) the method runs outside it, under no_grad: adaptation
+    takes gradients, which inference mode rules out for every tensor it makes. Inference-tensor
+    arguments are cloned into normal ones and the results come back detached."""
     @functools.wraps(method)
     def run(self, *args, **kwargs):
+        if torch.is_inference_mode_enabled():
+            with torch.inference_mode(False), torch.no_grad():
+                return _detached(run(self, *_plain(args), **_plain(kwargs)))
         b = self.backend
         if b is not None and get_backend() == "auto":
             with use_backend(b):

@@ -494,3 +494,27 @@ def test_half_precision_models_take_the_torch_ops(backend, dtype):
         updated = fastmeta.ops.inner_update(list(mlp.parameters()), [torch.ones_like(p) for p in mlp.parameters()], 0.5)
     assert all(p.dtype == dtype for p in learner.parameters())
     assert all(torch.equal(u, p - 0.5) for u, p in zip(updated, mlp.parameters()))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_under_inference_mode(backend):
+    """torch.inference_mode (meta-test evaluation): forward, task_losses, value_and_grad, adapt and
+    predict give what they give outside it (they ran autograd on inference tensors and failed),
+    for an MLP (the fused kernel on cpp) and a conv net, with batches made inside or outside."""
+    torch.manual_seed(0)
+    images = (torch.randn(2, 3, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (2, 3)),
+              torch.randn(2, 4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (2, 4)))
+    cases = ((mlp((1, 8, 1), act=nn.ReLU), regression_batch(3, 5, 4, 1, 1, torch.float64), "mse"),
+             (conv_net(), images, "cross_entropy"))
+    for model, batch, loss in cases:
+        with fastmeta.use_backend(backend):
+            meta = fastmeta.BatchedMAML(model, 0.1, 2, loss=loss)
+            want = [meta(*batch).detach(), meta.task_losses(*batch).detach(), *meta.value_and_grad(*batch)[1],
+                    meta.predict(meta.adapt(batch[0], batch[1]), batch[2]).detach()]
+            for inside in (False, True):
+                with torch.inference_mode():
+                    b = tuple(t.clone() for t in batch) if inside else batch
+                    got = [meta(*b), meta.task_losses(*b), *meta.value_and_grad(*b)[1],
+                           meta.predict(meta.adapt(b[0], b[1]), b[2])]
+                assert not any(t.requires_grad for t in got)
+                assert_rel_close(got, want, 1e-12, "inference mode")
