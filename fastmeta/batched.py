@@ -26,26 +26,20 @@ from .backend import _request, get_backend, select, use_backend
 _LOSSES = ("mse", "cross_entropy")
 
 
-def _plain(x):
-    """x with inference tensors (made under torch.inference_mode) cloned into normal ones (in
-    tuples, lists and dicts too)."""
+def _map_tensors(f, x):
+    """f applied to every tensor in x (a tensor, or tuples, lists and dicts of them)."""
     if isinstance(x, torch.Tensor):
-        return x.clone() if x.is_inference() else x
+        return f(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(_plain(v) for v in x)
+        return type(x)(_map_tensors(f, v) for v in x)
     if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
+        return {k: _map_tensors(f, v) for k, v in x.items()}
     return x
 
 
-def _detached(x):
-    if isinstance(x, torch.Tensor):
-        return x.detach()
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detached(v) for v in x)
-    if isinstance(x, dict):
-        return {k: _detached(v) for k, v in x.items()}
-    return x
+def _plain(t):
+    """t, or a normal clone of it if it is an inference tensor (made under torch.inference_mode)."""
+    return t.clone() if t.is_inference() else t
 
 
 def _module_backend(method):
@@ -58,7 +52,8 @@ def _module_backend(method):
     def run(self, *args, **kwargs):
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
-                return _detached(run(self, *_plain(args), **_plain(kwargs)))
+                out = run(self, *_map_tensors(_plain, args), **_map_tensors(_plain, kwargs))
+                return _map_tensors(torch.Tensor.detach, out)
         b = self.backend
         if b is not None and get_backend() == "auto":
             with use_backend(b):
