@@ -236,7 +236,9 @@ def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
 
 
 def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps: list, leaves: list):
-    mods = list(seq.named_children())
+    # every entry, as nn.Sequential.forward runs them (named_children() lists a module used twice
+    # once only, which would drop its second application)
+    mods = [(k, m) for k, m in seq._modules.items() if m is not None]
     i = 0
     while i < len(mods):
         key, m = mods[i]

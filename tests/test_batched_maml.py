@@ -518,3 +518,40 @@ def test_evaluation_under_inference_mode(backend):
                            meta.predict(meta.adapt(b[0], b[1]), b[2])]
                 assert not any(t.requires_grad for t in got)
                 assert_rel_close(got, want, 1e-12, "inference mode")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_a_module_used_twice(backend, first_order):
+    """A layer applied twice in an nn.Sequential (tied weights): both applications run, with one
+    parameter adapted once a step from the sum of both uses' gradients. (The program was built from
+    named_children(), which lists such a module once: its second application was dropped and the
+    loss and meta-gradient were silently wrong.) The oracle is the model written out by hand."""
+    torch.manual_seed(0)
+    shared = nn.Linear(6, 6).double()
+    model = nn.Sequential(nn.Linear(2, 6), nn.Tanh(), shared, nn.Tanh(), shared, nn.Linear(6, 1)).double()
+    xs, ys, xq, yq = regression_batch(3, 5, 4, 2, 1, torch.float64)
+    names = ["0.weight", "0.bias", "2.weight", "2.bias", "5.weight", "5.bias"]
+    assert [n for n, _ in model.named_parameters()] == names
+
+    def f(p, x):
+        h = torch.tanh(x @ p[0].T + p[1])
+        h = torch.tanh(h @ p[2].T + p[3])
+        h = h @ p[2].T + p[3]
+        return h @ p[4].T + p[5]
+
+    params = list(model.parameters())
+    total = 0.0
+    for t in range(3):
+        p = params
+        for _ in range(2):
+            g = torch.autograd.grad(((f(p, xs[t]) - ys[t]) ** 2).mean(), p, create_graph=not first_order)
+            p = [a - 0.1 * b for a, b in zip(p, g)]
+        total = total + ((f(p, xq[t]) - yq[t]) ** 2).mean() / 3
+    want = torch.autograd.grad(total, params)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order)
+        value, got = meta.value_and_grad(xs, ys, xq, yq)
+        assert "parameters are shared between layers" in fastmeta.explain(model)
+    assert abs(value.item() - total.item()) <= 1e-12 * abs(total.item())
+    assert_rel_close(got, list(want), RTOL[torch.float64], "meta-grad")
