@@ -4,9 +4,12 @@ A program maps per-task parameters P (name -> [T, *shape], at step 0 broadcast v
 meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], using fastmeta's
 batched ops. (Nested) ``nn.Sequential``s of Linear, Conv2d, BatchNorm1d/2d, ReLU, LeakyReLU, Tanh,
 Sigmoid, MaxPool2d, AvgPool2d, Flatten and Identity are lowered module by module; a Linear followed
-by an activation becomes one fused ``batched_linear``. Any other module runs through a
-``torch.func`` vmap of ``functional_call`` over the task dim (exact, but slower and heavier); a model
-that is not a Sequential runs that way as a whole. ``explain(model)`` says which path each module
+by an activation becomes one fused ``batched_linear``. A module is lowered only where calling it
+runs its class's own forward: a subclass with its own forward, a module with forward hooks or with
+parametrizations (weight norm) is not, and neither is a Sequential with them. Any such or other
+module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but
+slower and heavier), as its own call would; a model that is not a Sequential runs that way as a
+whole. A module used at several places of a Sequential (tied weights) runs at each. ``explain(model)`` says which path each module
 takes and why; ``lower(model, strict=True)`` raises instead of falling back.
 
 BatchNorm uses per-task (transductive) batch statistics when the module is in training mode or
@@ -32,6 +35,26 @@ from . import _checks, ops
 from .ops._layout import per_sample_2d
 
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+# The classes lowered module by module: a subclass is lowered as its base only where it keeps the
+# base's forward
+_LOWERED = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
+            nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
+
+
+def _not_plain(m: nn.Module) -> str | None:
+    """None if calling m runs exactly its lowered class's forward, else why not: a subclass with its
+    own forward, forward hooks (they change what the module returns), parametrizations (weight
+    norm and the like compute the weight the module uses from other parameters)."""
+    from torch.nn.utils import parametrize
+
+    base = next((c for c in _LOWERED if isinstance(m, c)), None)
+    if base is not None and type(m).forward is not base.forward:
+        return f"{type(m).__name__} overrides {base.__name__}.forward"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return f"{type(m).__name__} has forward hooks"
+    if parametrize.is_parametrized(m):
+        return f"{type(m).__name__} has parametrizations"
+    return None
 
 
 class UnsupportedModule(TypeError):
@@ -243,16 +266,27 @@ def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps
     while i < len(mods):
         key, m = mods[i]
         path = f"{prefix}{key}"
+        why = _not_plain(m)
+        if why is not None:  # run as a whole through the vmap fallback, as its own call would
+            if strict:
+                raise UnsupportedModule(f"strict lowering: module {path!r} ({type(m).__name__}): {why}")
+            steps.append(_vmap_step(m, path, canon, why))
+            leaves.append(m)
+            i += 1
+            continue
         if isinstance(m, nn.Sequential):
             _lower_seq(m, path + ".", canon, strict, steps, leaves)
             i += 1
             continue
-        if _is_bn_relu_pool([mod for _, mod in mods[i:i + 3]]):
+        if _is_bn_relu_pool([mod for _, mod in mods[i:i + 3]]) and all(
+                _not_plain(mod) is None for _, mod in mods[i + 1:i + 3]):
             steps.append(_bn_relu_pool_step([mod for _, mod in mods[i:i + 3]], path, canon))
             leaves.extend(mod for _, mod in mods[i:i + 3])
             i += 3
             continue
         nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+        if nxt is not None and _not_plain(nxt) is not None:
+            nxt = None  # (not fused into this step: it runs as its own call would)
         step, extra = _lower_leaf(m, path, canon, nxt)
         if step is None:
             if strict:
@@ -311,12 +345,13 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
         return hit[1]
     canon = _canonical_names(model)
     steps, leaves = [], []
-    if isinstance(model, nn.Sequential):
+    plain = _not_plain(model)
+    if isinstance(model, nn.Sequential) and plain is None:
         _lower_seq(model, "", canon, strict, steps, leaves)
     else:
-        step, reason = None, (f"{type(model).__name__} has a custom forward (only nn.Sequential "
-                              "containers are lowered module by module)")
-        if not list(model.children()):
+        step, reason = None, plain or (f"{type(model).__name__} has a custom forward (only nn.Sequential "
+                                       "containers are lowered module by module)")
+        if not list(model.children()) and plain is None:
             step, reason = _lower_leaf(model, "", canon, None)
         if step is None:
             if strict:

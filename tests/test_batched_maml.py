@@ -555,3 +555,53 @@ def test_a_module_used_twice(backend, first_order):
         assert "parameters are shared between layers" in fastmeta.explain(model)
     assert abs(value.item() - total.item()) <= 1e-12 * abs(total.item())
     assert_rel_close(got, list(want), RTOL[torch.float64], "meta-grad")
+
+
+class _Doubled(nn.Linear):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def _hooked(where):
+    model = mlp((2, 8, 1), act=nn.Tanh)
+    target = model if where == "model" else model[0]
+    target.register_forward_hook(lambda mod, inputs, out: out * 3.0 + 0.5)
+    return model
+
+
+def _pre_hooked():
+    model = mlp((2, 8, 1), act=nn.Tanh)
+    model[1].register_forward_pre_hook(lambda mod, inputs: (inputs[0] * 0.5,))  # on the activation
+    return model
+
+
+def _weight_norm():
+    model = mlp((2, 8, 1), act=nn.Tanh)
+    nn.utils.parametrizations.weight_norm(model[0])
+    return model
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case,reason", [
+    (lambda: nn.Sequential(_Doubled(2, 8), nn.Tanh(), nn.Linear(8, 1)).double(), "overrides Linear.forward"),
+    (lambda: _hooked("layer"), "Linear has forward hooks"),
+    (lambda: _hooked("model"), "Sequential has forward hooks"),
+    (_pre_hooked, "Tanh has forward hooks"),
+    (_weight_norm, "has parametrizations"),
+], ids=["subclass", "layer-hook", "model-hook", "pre-hook", "weight-norm"])
+def test_modules_whose_call_is_not_their_class_forward(backend, case, reason):
+    """A subclass with its own forward, a module (or the Sequential) with forward hooks, a weight
+    computed by a parametrization: lowered as the base class they ran another function than the
+    model's (the hooks and the subclass's forward were ignored, a parametrized weight raised a
+    KeyError); they now run through the vmap fallback, as their own calls would, and equal the
+    per-task loop. explain and strict lowering say why."""
+    torch.manual_seed(0)
+    model = case()
+    batch = regression_batch(3, 5, 4, 2, 1, torch.float64)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 2, "mse", False)
+    with fastmeta.use_backend(backend):
+        _, got = fastmeta.BatchedMAML(model, 0.1, 2).value_and_grad(*batch)
+    assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
+    assert reason in fastmeta.explain(model)
+    with pytest.raises(fastmeta.UnsupportedModule, match=reason):
+        fastmeta.BatchedMAML(model, 0.1, 2, strict=True)
