@@ -66,7 +66,9 @@ class BatchedMAML(nn.Module):
     """MAML / Meta-SGD over a meta-batch with a leading task dim T (see module docstring).
 
     Args:
-        model: the network; its parameters are the meta-parameters.
+        model: the network; its parameters are the meta-parameters. Its structure (modules, their
+            forward hooks and parametrizations) is read here, into the program that every call runs:
+            hooks registered or modules swapped afterwards need a new BatchedMAML.
         inner_lr: inner-loop learning rate (a number, or a tensor, e.g. a learnable scalar).
         inner_steps: number of inner SGD steps (>= 0).
         first_order: drop the second-order terms (FO-MAML).
@@ -311,7 +313,7 @@ class BatchedMAML(nn.Module):
         if len(self._adapt_names) != len(self.program.names):  # frozen parameters are not adapted
             return False
         p = next(iter(self.model.parameters()))
-        if p.dtype not in ops.MLP_FUSED_DTYPES:  # bfloat16, float16: the batched ops
+        if p.dtype not in _checks.KERNEL_DTYPES:  # bfloat16, float16: the batched ops
             return False
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
         return select("mlp_inner_loop", p.device.type) != "torch"

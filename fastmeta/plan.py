@@ -335,11 +335,20 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def _structure(model: nn.Module) -> tuple:
+    """What a program depends on: each module's class (a parametrization changes it), forward hooks
+    and entries (a module at several places counted at each), and the parameters."""
+    return (tuple((id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
+                   tuple(map(id, m._modules.values()))) for m in model.modules()),
+            tuple(id(p) for p in model.parameters()))
+
+
 def lower(model: nn.Module, strict: bool = False) -> Program:
-    """The batched program of ``model`` (cached per module; the module's structure must not change)."""
+    """The batched program of ``model``, cached per module while its structure (modules, their
+    classes, entries and forward hooks, parameters) stays the same."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
-    key = (strict, tuple(id(m) for m in model.modules()), tuple(id(p) for p in model.parameters()))
+    key = (strict, _structure(model))
     hit = _cache.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]

@@ -605,3 +605,19 @@ def test_modules_whose_call_is_not_their_class_forward(backend, case, reason):
     assert reason in fastmeta.explain(model)
     with pytest.raises(fastmeta.UnsupportedModule, match=reason):
         fastmeta.BatchedMAML(model, 0.1, 2, strict=True)
+
+
+def test_a_new_batched_maml_sees_hooks_registered_since_the_last():
+    """The planner's cache keys on the model's structure, hooks and module classes included: a
+    BatchedMAML built after a hook is registered (or a parametrization) runs it, though the model
+    was lowered before without it."""
+    torch.manual_seed(0)
+    model = mlp((2, 8, 1), act=nn.Tanh)
+    batch = regression_batch(3, 5, 4, 2, 1, torch.float64)
+    fastmeta.BatchedMAML(model, 0.1, 2).value_and_grad(*batch)
+    model[0].register_forward_hook(lambda mod, inputs, out: out * 3.0)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 2, "mse", False)
+    _, got = fastmeta.BatchedMAML(model, 0.1, 2).value_and_grad(*batch)
+    assert_rel_close(got, want, RTOL[torch.float64], "meta-grad after a hook")
+    nn.utils.parametrizations.weight_norm(model[2])
+    assert "has parametrizations" in fastmeta.explain(model)

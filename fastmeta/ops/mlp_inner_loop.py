@@ -232,13 +232,10 @@ def _data_grad(xs, ys, xq, yq) -> bool:
                                         or yq.requires_grad)
 
 
-FUSED_DTYPES = _checks.KERNEL_DTYPES  # others (bfloat16, float16) take the reference
-
-
 def _reference_only(xs, ys, xq, yq) -> bool:
     """Whether a call takes the reference whatever the backend: a gradient for the data is wanted,
-    or the dtype has no fused kernel."""
-    return xs.dtype not in FUSED_DTYPES or _data_grad(xs, ys, xq, yq)
+    or the dtype has no fused kernel (bfloat16, float16)."""
+    return xs.dtype not in _checks.KERNEL_DTYPES or _data_grad(xs, ys, xq, yq)
 
 
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
@@ -327,7 +324,7 @@ def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
         check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     n = len(params)
-    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in FUSED_DTYPES:
+    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in _checks.KERNEL_DTYPES:
         wrt = [t.detach().requires_grad_() for t in list(params) + lrs]  # every tensor, as the kernel
         with torch.enable_grad():
             value = mlp_meta_loss(xs, ys, xq, yq, wrt[:n], wrt[n:] if lrs else lr, steps, activations,
