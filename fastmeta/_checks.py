@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from ._flags import ThreadFlag
+
 
 def tensor(name: str, t, dim: int | None = None, min_dim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
@@ -51,3 +53,32 @@ def lr_value(name: str, lr):
 
 def shapes(ts) -> str:
     return "[" + ", ".join(str(tuple(t.shape)) if t is not None else "None" for t in ts) + "]"
+
+
+_labels_checked = ThreadFlag()
+
+
+def labels_checked():
+    """Within it the label range checks are skipped (each is a device sync): for a caller that
+    checked the labels itself, e.g. fastmeta.graphed before copying a batch into a CUDA graph."""
+    return _labels_checked.enabled()
+
+
+def labels_skipped() -> bool:
+    return _labels_checked.on
+
+
+def labels_in_range(named, C: int, who: str) -> None:
+    """Cross-entropy labels must be class indices in [0, C): checked on the values of every
+    (name, tensor) in named, with one device sync for all of them."""
+    if _labels_checked.on:
+        return
+    named = [(n, y) for n, y in named if y.numel()]
+    if not named:
+        return
+    ends = torch.stack([torch.stack([y.min(), y.max()]).long() for _, y in named]).tolist()
+    for (name, y), (lo, hi) in zip(named, ends):
+        if lo < 0 or hi >= C:
+            raise ValueError(f"{who}: {name} {tuple(y.shape)} has labels outside [0, {C}) (min {lo}, max {hi}); "
+                             f"cross_entropy takes class indices 0..{C - 1} for {C} logits (no ignore_index "
+                             "such as -100)")

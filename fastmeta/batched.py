@@ -13,8 +13,10 @@ unless ``first_order``. ``learn_inner_lr=True`` learns one inner learning rate p
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import numbers
+import threading
 
 import torch
 from torch import nn
@@ -24,6 +26,20 @@ from ._phases import phase
 from .backend import _request, get_backend, select, use_backend
 
 _LOSSES = ("mse", "cross_entropy")
+
+# The cross-entropy labels of the public call in progress (this thread), to be range-checked by
+# the call's first loss, where the number of classes is known: one check (one device sync) a call.
+_pending = threading.local()
+
+
+@contextlib.contextmanager
+def _labels_to_check(meta, named):
+    old = getattr(_pending, "labels", None)
+    _pending.labels = list(named) if meta.loss == "cross_entropy" and not _checks.labels_skipped() else []
+    try:
+        yield
+    finally:
+        _pending.labels = old
 
 
 def _map_tensors(f, x):
@@ -142,6 +158,7 @@ class BatchedMAML(nn.Module):
         self.task_chunk = None if task_chunk is None else int(task_chunk)
         self.program = plan.lower(model, strict=self.strict)
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
+        self._classes = None  # the logits' width at the last label check (cross-entropy)
         params = dict(model.named_parameters())
         self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
         if learn_inner_lr:
@@ -203,14 +220,27 @@ class BatchedMAML(nn.Module):
         if self.loss == "mse":
             return ops.mse(pred, target)
         if self.loss == "cross_entropy":
-            T = pred.shape[0]
-            return ops.cross_entropy(pred.reshape(T, -1, pred.shape[-1]), target.reshape(T, -1))
+            T, C = pred.shape[0], pred.shape[-1]
+            pending = getattr(_pending, "labels", None)
+            if pending:
+                _checks.labels_in_range(pending, C, "BatchedMAML")
+                self._classes = C
+                pending.clear()
+            with _checks.labels_checked():  # checked above, or by this call's first loss
+                return ops.cross_entropy(pred.reshape(T, -1, C), target.reshape(T, -1))
         from torch.func import vmap
         out = vmap(self.loss)(pred, target)
         if out.dim() != 1:
             raise ValueError(f"loss: a callable loss must return a scalar per task, got shape "
                              f"{tuple(out.shape[1:])} per task")
         return out
+
+    def _labels(self, y):
+        """Cross-entropy labels [T, N, 1, ...] as [T, N] (a view), as every backend takes them."""
+        if self.loss == "cross_entropy" and isinstance(y, torch.Tensor) and y.dim() > 2 and \
+                all(d == 1 for d in y.shape[2:]):
+            return y.view(y.shape[:2]) if y.is_contiguous() else y.reshape(y.shape[:2])
+        return y
 
     def _check_batch(self, **named):
         items = [(k, v) for k, v in named.items() if v is not None]
@@ -366,8 +396,9 @@ class BatchedMAML(nn.Module):
     @_module_backend
     def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
         """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
+        ys, yq = self._labels(ys), self._labels(yq)
         fused, checked = self._prepare(xs, ys, xq, yq)
-        with torch.enable_grad():
+        with torch.enable_grad(), _labels_to_check(self, [("ys", ys), ("yq", yq)]):
             if fused:
                 params, lr, spec = self._fused_args()
                 with phase("fused_inner_loop"):
@@ -384,6 +415,7 @@ class BatchedMAML(nn.Module):
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
         params = self._param_list(model_only=True)
+        ys, yq = self._labels(ys), self._labels(yq)
         fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
         if checked and self._direct is not None:
             with torch.enable_grad(), phase("fused_inner_loop"):
@@ -414,6 +446,7 @@ class BatchedMAML(nn.Module):
             opt.step()
         """
         params = self._param_list()
+        ys, yq = self._labels(ys), self._labels(yq)
         fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
@@ -466,12 +499,13 @@ class BatchedMAML(nn.Module):
         create_graph (default: not first_order and grad mode on) keeps the graph so that a loss
         on the result can be backpropagated to the meta-parameters.
         """
+        ys = self._labels(ys)
         self._check_batch(xs=xs, ys=ys)
         fo = self.first_order if first_order is None else bool(first_order)
         if create_graph is None:
             create_graph = (not fo) and torch.is_grad_enabled()
         grad_on = torch.is_grad_enabled()
-        with torch.enable_grad():
+        with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]):
             P = self._adapt(xs, ys, fo, create_graph)
         if not grad_on:
             P = {n: t.detach() for n, t in P.items()}

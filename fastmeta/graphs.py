@@ -28,12 +28,13 @@ memory of one chunk's step, no host time per op, and one small graph instead of 
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from . import _checks
 from .backend import get_backend
 from .batched import accumulate, chunk_slices
-from .ops.mlp_inner_loop import check_labels, labels_checked
 
 
 class GraphedStep:
@@ -72,12 +73,14 @@ class GraphedStep:
             static = {n: t[:size].detach().clone() for n, t in batch.items()}
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), labels_checked():
-                for _ in range(warmup):  # autograd, the allocator and Triton compile outside the capture
-                    meta.value_and_grad(*static.values())
+            with torch.cuda.stream(stream):
+                for i in range(warmup):  # autograd, the allocator and Triton compile outside the capture
+                    # (the first checks the labels, which tells _check_labels the number of classes)
+                    with contextlib.nullcontext() if i == 0 else _checks.labels_checked():
+                        meta.value_and_grad(*static.values())
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), labels_checked():
+            with torch.cuda.graph(graph, pool=pool), _checks.labels_checked():
                 loss, grads = meta.value_and_grad(*static.values())
                 if chunked:
                     accumulate(self.loss, self.grads, loss, grads, size / T)
@@ -92,9 +95,11 @@ class GraphedStep:
                 m.first_order, get_backend(), m.backend)
 
     def _check_labels(self, batch):
-        # (the fused MLP op range-checks labels with a sync; inside the capture it is told not to)
-        if self.meta.loss == "cross_entropy" and self.meta.program.mlp is not None:
-            check_labels(batch["ys"], batch["yq"], _classes(self.meta))
+        # (a call range-checks cross-entropy labels with a sync; inside the capture it is told not
+        # to, so each replay's batch is checked here; the first warmup call checked the first)
+        if self.meta.loss == "cross_entropy" and hasattr(self, "_graphs"):
+            C = _classes(self.meta) if self.meta.program.mlp is not None else self.meta._classes
+            _checks.labels_in_range([("ys", batch["ys"]), ("yq", batch["yq"])], C, "graphed step")
 
     def __call__(self, xs, ys, xq, yq):
         batch = {"xs": xs, "ys": ys, "xq": xq, "yq": yq}

@@ -41,6 +41,34 @@ def test_cross_entropy_needs_integer_labels():
         meta(xs, ys.double(), xq, yq)
 
 
+@pytest.mark.parametrize("model", ["mlp", "conv"])
+@pytest.mark.parametrize("backend", ["torch", "auto", pytest.param("cpp", marks=requires_cpp)])
+def test_cross_entropy_labels_outside_the_classes(backend, model):
+    """Labels outside [0, C) raise on every backend and path, naming the argument (F.cross_entropy's
+    torch path took -100 as its ignore_index and gave another loss than the fused op's error)."""
+    if model == "mlp":
+        _, meta, xs, ys, xq, yq = setup("cross_entropy")
+    else:
+        net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Flatten(), nn.Linear(16, 3)).double()
+        meta = fastmeta.BatchedMAML(net, 0.1, 2, loss="cross_entropy")
+        xs, xq = torch.randn(4, 5, 1, 5, 5, dtype=torch.float64), torch.randn(4, 6, 1, 5, 5, dtype=torch.float64)
+        ys, yq = torch.randint(0, 3, (4, 5)), torch.randint(0, 3, (4, 6))
+    with fastmeta.use_backend(backend):
+        want = meta(xs, ys, xq, yq)
+        for bad_ys, bad_yq, name in [(ys + 3, yq, "ys"), (ys, yq - 3, "yq"),
+                                     (ys.masked_fill(ys == 0, -100), yq, "ys")]:
+            for call in (meta, meta.value_and_grad, meta.task_losses):
+                with pytest.raises(ValueError, match=rf"{name} \(4, \d\) has labels outside \[0, 3\)"):
+                    call(xs, bad_ys, xq, bad_yq)
+        with pytest.raises(ValueError, match=r"ys \(4, 5\) has labels outside \[0, 3\)"):
+            meta.adapt(xs, ys - 1)
+        # labels [T, N, 1] are [T, N] on every path
+        torch.testing.assert_close(meta(xs, ys[..., None], xq, yq[..., None]), want, rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match=r"cross_entropy: labels \(2, 3\) has labels outside \[0, 4\)"):
+        ops.cross_entropy(torch.randn(2, 3, 4), torch.full((2, 3), 4))
+
+
 def test_device_and_dtype_mismatch():
     _, meta, xs, ys, xq, yq = setup()
     with pytest.raises(TypeError, match="xs has dtype torch.float32"):

@@ -369,8 +369,21 @@ def test_graphed_step_checks_cross_entropy_labels():
     loss, grads = step(xs, ys, xq, yq)
     want_loss, want = meta.value_and_grad(xs, ys, xq, yq)
     assert_rel_close([g.clone() for g in grads], list(want), 1e-5, "meta-grad")
-    with pytest.raises(ValueError, match="labels"):
+    with pytest.raises(ValueError, match=r"ys \(5, 6\) has labels outside \[0, 4\)"):
         step(xs, ys + 4, xq, yq)
+    with pytest.raises(ValueError, match=r"yq \(5, 7\) has labels outside"):
+        step(xs, ys, xq, yq - 1)
+    # a conv net (not the fused MLP op): the number of classes comes from the first warmup call
+    conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 3)).cuda()
+    cx, cq = torch.randn(5, 6, 1, 5, 5, **d), torch.randn(5, 7, 1, 5, 5, **d)
+    cy, cyq = torch.randint(0, 3, (5, 6), **d), torch.randint(0, 3, (5, 7), **d)
+    step = fastmeta.graphed(fastmeta.BatchedMAML(conv, 0.1, 1, loss="cross_entropy"), cx, cy, cq, cyq)
+    step(cx, cy, cq, cyq)
+    with pytest.raises(ValueError, match=r"yq \(5, 7\) has labels outside \[0, 3\)"):
+        step(cx, cy, cq, cyq + 3)
+    with pytest.raises(ValueError, match=r"ys \(5, 6\) has labels outside \[0, 3\)"):
+        fastmeta.graphed(fastmeta.BatchedMAML(conv, 0.1, 1, loss="cross_entropy"), cx, cy - 100, cq, cyq)
 
 
 @pytest.mark.parametrize("kw", [dict(padding=1), dict(stride=2, padding=1), dict(groups=2, dilation=2, padding=2)])

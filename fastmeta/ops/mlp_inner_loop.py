@@ -28,7 +28,6 @@ import os
 import torch
 
 from .. import _checks
-from .._flags import ThreadFlag
 from ..backend import register_op, select
 from .batched_linear import ACTIVATIONS, batched_linear_ref
 from .task_loss import cross_entropy_ref, mse_ref
@@ -72,22 +71,12 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
         return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
 
 
-_labels_checked = ThreadFlag()
-
-
-def labels_checked():
-    """Within it the fused ops skip their label range check (a device sync): for a caller that
-    checked the labels itself, e.g. fastmeta.graphed before copying a batch into a CUDA graph."""
-    return _labels_checked.enabled()
+labels_checked = _checks.labels_checked
 
 
 def check_labels(ys, yq, C):
-    """Cross-entropy labels must lie in [0, C): checked on the values (one sync per tensor)."""
-    if _labels_checked.on:
-        return
-    for name, y in (("ys", ys), ("yq", yq)):
-        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= C):
-            raise ValueError(f"mlp_inner_loop: {name} has labels outside [0, {C})")
+    """Cross-entropy labels must lie in [0, C): checked on the values (one device sync)."""
+    _checks.labels_in_range([("ys", ys), ("yq", yq)], C, "mlp_inner_loop")
 
 
 @functools.cache

@@ -2,6 +2,7 @@
 
     mse(pred [T, ...], target [T, ...])          = mean over all non-task elements of (pred - target)^2
     cross_entropy(logits [T, N, C], labels [T, N]) = mean over N of -log softmax(logits)[label]
+                                                   (labels in [0, C), checked)
 
 Backends: ``torch`` (autograd on these references, twice differentiable) and ``triton``
 (kernels/task_loss.py: loss and gradient in one pass, registered as fastmeta::mse_triton /
@@ -106,7 +107,11 @@ def mse(pred, target):
 
 
 def cross_entropy(logits, labels):
-    """Per-task mean cross-entropy of logits [T, N, C] against integer labels [T, N], [T]."""
+    """Per-task mean cross-entropy of logits [T, N, C] against integer labels [T, N], [T].
+
+    Labels are class indices in [0, C), checked on their values (a device sync on CUDA; skipped
+    within ``fastmeta._checks.labels_checked()``): F.cross_entropy's ignore_index has no
+    counterpart here."""
     _checks.tensor("logits", logits, dim=3)
     _checks.tensor("labels", labels, dim=2)
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -116,6 +121,7 @@ def cross_entropy(logits, labels):
                          f"{tuple(logits.shape[:2])} for logits {tuple(logits.shape)}")
     if labels.device != logits.device:
         raise ValueError(f"cross_entropy: labels on {labels.device} but logits on {logits.device}")
+    _checks.labels_in_range([("labels", labels)], logits.shape[-1], "cross_entropy")
     if select("cross_entropy", logits.device.type) == "triton" and logits.dtype in _checks.KERNEL_DTYPES:
         _register_triton()
         return _TritonCrossEntropy.apply(logits, labels.long())
