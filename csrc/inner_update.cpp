@@ -70,7 +70,8 @@ static std::vector<at::Tensor> update_all(at::TensorList params, at::TensorList 
     at::Tensor g = grads[i].contiguous();
     at::Tensor out = new_output(g.sizes(), g.options());
     Periodic p = as_periodic(params[i], g.sizes());
-    Periodic lr = as_periodic(lrs[i].to(g.scalar_type()), g.sizes());
+    const at::Tensor& r = lrs[i];
+    Periodic lr = as_periodic(r.scalar_type() == g.scalar_type() ? r : r.to(g.scalar_type()), g.sizes());
     AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "inner_update_cpu", [&] {
       update_one<scalar_t>(p, g, lr, out);
     });

@@ -1048,7 +1048,8 @@ Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, c
   c.ys = ys.contiguous(); c.yq = yq.contiguous();
   if (!lrs.empty()) {
     std::vector<at::Tensor> flat;
-    for (const auto& t : lrs) flat.push_back(t.to(xs.scalar_type()).contiguous().reshape({-1}));
+    for (const auto& t : lrs)  // (no .to() for a rate of the right dtype: an op must not return its input)
+      flat.push_back((t.scalar_type() == xs.scalar_type() ? t : t.to(xs.scalar_type())).contiguous().reshape({-1}));
     c.lrflat = at::cat(flat);
     TORCH_CHECK(c.lrflat.numel() == net.P, "mlp_inner_loop: lrs must match the params' shapes");
   }

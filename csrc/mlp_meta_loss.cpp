@@ -7,9 +7,11 @@
 // mlp_meta_loss's forward computes the same two ways.
 //
 // mlp_meta_loss returns the loss with its autograd in C++ (no Python on the backward path):
-// forward keeps the meta-gradient, backward scales it by the incoming gradient (returned as is when
-// that is a CPU 1, the usual loss.backward()). Differentiable once (it returns the meta-gradient
-// directly).
+// forward is mlp_meta_grad and keeps its gradients, backward scales them by the incoming gradient
+// (returned as they are when that is a CPU 1, the usual loss.backward()). Differentiable once (it
+// returns the meta-gradient directly). It is CompositeImplicitAutograd: under torch.compile the
+// traced graph holds fastmeta::mlp_meta_grad (its fake kernel is registered from Python) and the
+// scaling.
 #include <torch/autograd.h>
 #include <torch/library.h>
 #include <c10/util/accumulate.h>
@@ -96,32 +98,23 @@ std::vector<at::Tensor> mlp_meta_grad_no_autograd(const at::Tensor& xs, const at
 
 class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
  public:
+  // The forward is fastmeta::mlp_meta_grad, called through the dispatcher (below autograd), so that
+  // under fake tensors (torch.compile's tracing) its fake kernel runs; its gradients (one per
+  // parameter, then one per rate) are kept for backward.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                             const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
                             int64_t steps, at::IntArrayRef acts, double slope, int64_t loss, bool first_order) {
+    static auto op = c10::Dispatcher::singleton()
+                         .findSchemaOrThrow("fastmeta::mlp_meta_grad", "")
+                         .typed<decltype(mlp_meta_grad)>();
     bool need_lr_grad = false;
     for (const auto& l : lrs) need_lr_grad |= l.requires_grad();
-    // on CPU the kernel's reduction writes one gradient tensor per parameter (and rate), kept as
-    // they are for backward; from per-task rows, one flat gradient that backward splits
-    const bool split = !from_rows(xs);
     std::vector<at::Tensor> outs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      outs = split ? mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
-                                       need_lr_grad)
-                   : meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
-                                         need_lr_grad);
+      outs = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
     }
     ctx->save_for_backward(std::vector<at::Tensor>(outs.begin() + 1, outs.end()));
-    if (!split) {
-      std::vector<int64_t> shapes;
-      for (const auto& p : params) {
-        shapes.push_back(p.dim());
-        shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
-      }
-      ctx->saved_data["shapes"] = shapes;
-    }
-    ctx->saved_data["split"] = split;
     ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
     ctx->saved_data["lr_grads"] = need_lr_grad;
     return outs[0];
@@ -129,7 +122,7 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
 
   // One gradient per forward input: 4 data tensors (none), the params, the lrs, 6 non-tensors. The
   // saved meta-gradient is scaled by the incoming gradient (not for a CPU 1, the usual
-  // loss.backward()), the flat one then split.
+  // loss.backward(); a traced one, torch.compile's, is always multiplied).
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
     TORCH_CHECK(!at::GradMode::is_enabled(),
                 "fastmeta::mlp_meta_loss returns the meta-gradient directly and is differentiable once only; "
@@ -138,14 +131,13 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     const int64_t n_lrs = ctx->saved_data["n_lrs"].toInt();
     const bool lr_grads = ctx->saved_data["lr_grads"].toBool();
     const at::Tensor& go = grad_out[0];
-    const bool unit = go.is_cpu() && go.numel() == 1 && go.item<double>() == 1.0;
+    const bool unit = go.is_cpu() && !go.unsafeGetTensorImpl()->is_python_dispatch() && go.numel() == 1 &&
+                      go.item<double>() == 1.0;
     variable_list grads(4);
-    if (ctx->saved_data["split"].toBool()) {
-      for (auto& g : saved) grads.push_back(unit ? std::move(g) : g * go);
-    } else {
-      const at::Tensor flat = unit ? saved[0] : saved[0] * go;
-      for (auto& g : split_flat(flat, ctx->saved_data["shapes"].toIntVector(), lr_grads ? 2 : 1))
-        grads.push_back(std::move(g));
+    if (unit) {
+      for (auto& g : saved) grads.push_back(std::move(g));
+    } else {  // one launch on CUDA for all of them
+      for (auto& g : at::_foreach_mul(saved, go)) grads.push_back(std::move(g));
     }
     grads.resize(grads.size() + (lr_grads ? 0 : n_lrs) + 6);
     return grads;

@@ -63,8 +63,13 @@ def _module_backend(method):
 
     Under torch.inference_mode (evaluation) the method runs outside it, under no_grad: adaptation
     takes gradients, which inference mode rules out for every tensor it makes. Inference-tensor
-    arguments are cloned into normal ones and the results come back detached."""
+    arguments are cloned into normal ones and the results come back detached.
+
+    Under torch.compile the method runs as it is, outside the compiled graph (a graph break): its
+    work is fastmeta's kernels already, and a graph that torch.compile compiles is differentiable
+    once only, so the second-order inner loop could not run inside one."""
     @functools.wraps(method)
+    @torch.compiler.disable
     def run(self, *args, **kwargs):
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
@@ -129,6 +134,7 @@ class BatchedMAML(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        model = plan.uncompiled(model)  # torch.compile(model): the module it wraps (same parameters)
         _checks.lr_value("inner_lr", inner_lr)
         if isinstance(inner_lr, torch.Tensor) and inner_lr.numel() != 1:
             raise ValueError(f"inner_lr: a tensor inner_lr must have one element, got shape "

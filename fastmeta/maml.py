@@ -15,6 +15,12 @@ takes the gradient of ``loss`` w.r.t. all parameters (only those requiring grad 
 ``allow_nograd``; unused ones allowed with ``allow_unused``) and replaces each parameter ``p`` by
 ``p - lr * g``, for all of them in one call of the ``inner_update`` op. Parameters whose gradient is
 None are left as they are. Attributes not found on the wrapper are looked up on the wrapped module.
+
+torch.compile: compile the meta-training step (clone, adapt, the query loss), not the model. Inside
+it a second-order learner's forward runs outside the compiled graph (a graph break), since a graph
+that torch.compile compiles is differentiable once only. A model given as ``torch.compile(model)``
+is taken as the module it wraps (the same parameters): clones replace its parameters, which the
+compiled wrapper cannot take.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from torch import nn
 
 from . import _checks, ops
 from ._phases import phase
+from .plan import uncompiled
 
 
 class BaseLearner(nn.Module):
@@ -39,7 +46,16 @@ class BaseLearner(nn.Module):
             return getattr(self.__dict__["_modules"]["module"], attr)
 
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling() and not getattr(self, "first_order", True):
+            # inside torch.compile: a second-order learner's forward runs outside the compiled graph,
+            # whose backward is differentiable once only, so that adapt() can differentiate it twice
+            return _eager_call(self.module, args, kwargs)
         return self.module(*args, **kwargs)
+
+
+@torch.compiler.disable
+def _eager_call(module, args, kwargs):
+    return module(*args, **kwargs)
 
 
 def clone_module(module, memo: dict | None = None):
@@ -123,7 +139,9 @@ def _gradients(loss, module, second_order, allow_unused, allow_nograd, who):
         grads = torch.autograd.grad(loss, params, retain_graph=second_order, create_graph=second_order,
                                     allow_unused=allow_unused)
     except RuntimeError as e:
-        raise RuntimeError(f"{who}.adapt: {e} (maybe pass allow_unused=True and/or allow_nograd=True)") from e
+        hint = (" (maybe pass allow_unused=True and/or allow_nograd=True)"
+                if "not have been used" in str(e) or "does not require grad" in str(e) else "")
+        raise RuntimeError(f"{who}.adapt: {e}{hint}") from e
     return params, list(grads)
 
 
@@ -140,9 +158,10 @@ class MAML(BaseLearner):
 
     def __init__(self, model: nn.Module, lr, first_order: bool = False, allow_unused=None,
                  allow_nograd: bool = False):
-        super().__init__(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        model = uncompiled(model)  # torch.compile(model): the module it wraps, whose clones take new parameters
+        super().__init__(model)
         _checks.lr_value("lr", lr)
         self.lr = lr
         self.first_order = first_order
@@ -181,9 +200,10 @@ class MetaSGD(BaseLearner):
     """
 
     def __init__(self, model: nn.Module, lr=1.0, first_order: bool = False, lrs=None):
-        super().__init__(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+        model = uncompiled(model)  # torch.compile(model): the module it wraps, whose clones take new parameters
+        super().__init__(model)
         _checks.lr_value("lr", lr)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"lr: the initial value of every rate, a number or a one-element tensor, got shape "

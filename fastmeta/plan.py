@@ -335,6 +335,15 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+def uncompiled(model):
+    """The module that ``torch.compile(module)`` wrapped (its OptimizedModule's ``_orig_mod``), else
+    ``model``. fastmeta runs a module with per-task or cloned parameters, which a compiled wrapper's
+    graph does not take; the original module has the same parameters and computes the same."""
+    while type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
+    return model
+
+
 def _structure(model: nn.Module) -> tuple:
     """What a program depends on: each module's class (a parametrization changes it), forward hooks
     and entries (a module at several places counted at each), and the parameters."""
@@ -348,6 +357,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
     classes, entries and forward hooks, parameters) stays the same."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
+    model = uncompiled(model)
     key = (strict, _structure(model))
     hit = _cache.get(model)
     if hit is not None and hit[0] == key:
@@ -381,6 +391,10 @@ def explain(model: nn.Module) -> str:
 
     prog = lower(model)
     lines = [f"fastmeta plan for {type(model).__name__}:"]
+    if uncompiled(model) is not model:
+        model = uncompiled(model)
+        lines = [f"fastmeta plan for {type(model).__name__} (the module inside torch.compile's wrapper: "
+                 "fastmeta runs it with per-task parameters, its own kernels in place of the compiled graph):"]
     for s in prog.steps:
         where = s.path or "<model>"
         if s.fallback:

@@ -194,3 +194,52 @@ def test_maml_bad_arguments():
         learner.adapt(torch.randn(3, dtype=torch.float64, requires_grad=True))
     with pytest.raises(ValueError, match="lrs"):
         fastmeta.MetaSGD(net(), lrs=[torch.ones(1)])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("steps", [1, 2])
+def test_metasgd_with_a_module_used_twice(first_order, steps):
+    """Meta-SGD on a model that applies one Linear twice: each step updates the shared weight once,
+    by its rate times its whole gradient (both uses), as the functional form does (learn2learn
+    0.2.0 updates such a module at each place it is found, which gives another loss, and fails at
+    the second step)."""
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = self.a
+            self.out = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.b(torch.relu(self.a(x)))))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    alg = fastmeta.MetaSGD(model, lr=0.1, first_order=first_order)
+    with torch.no_grad():
+        for r in alg.lrs:
+            r.uniform_(0.05, 0.2)
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    ce = torch.nn.functional.cross_entropy
+    learner = alg.clone()
+    for _ in range(steps):
+        learner.adapt(ce(learner(x), y))
+    got_loss = ce(learner(x * 0.5), y)
+
+    params, rates = list(model.parameters()), list(alg.lrs)
+    assert len(params) == 4  # a.weight, a.bias, out.weight, out.bias
+
+    def f(ps, inp):
+        aw, ab, ow, ob = ps
+        h = torch.relu(inp @ aw.t() + ab)
+        return torch.tanh(h @ aw.t() + ab) @ ow.t() + ob
+
+    ps = params
+    for _ in range(steps):
+        gs = torch.autograd.grad(ce(f(ps, x), y), ps, create_graph=not first_order)
+        ps = [p - r * g for p, r, g in zip(ps, rates, gs)]
+    want_loss = ce(f(ps, x * 0.5), y)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    got = torch.autograd.grad(got_loss, params + rates)
+    want = torch.autograd.grad(want_loss, params + rates)
+    assert_rel_close(list(got), list(want), 1e-10, "meta-grad and rate grads")

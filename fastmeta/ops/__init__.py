@@ -17,3 +17,18 @@ __all__ = [
     "batched_batch_norm", "batched_batch_norm_ref", "bn_relu_pool", "bn_relu_pool_ref", "conv_bn_relu_pool", "conv_bn_relu_pool_ref",
     "mlp_inner_loop", "mlp_inner_loop_ref", "mlp_meta_grad", "mlp_meta_loss",
 ]
+
+
+def _register_cpp_fakes():
+    """Registers the fake (meta) kernels of fastmeta._C's ops when fastmeta loads, so that an op
+    first met inside torch.compile's tracing has its fake already (a few ms, once)."""
+    from ..backend import build_status
+    if not build_status()["cpp"]:
+        return
+    import importlib
+    for module, registrar in (("inner_update", "_register_cpp"), ("mlp_inner_loop", "_register_cpp"),
+                              ("batched_conv2d", "_register_aten"), ("bn_relu_pool", "_register_cpp")):
+        getattr(importlib.import_module(f"{__name__}.{module}"), registrar)()
+
+
+_register_cpp_fakes()
