@@ -410,12 +410,13 @@ class BatchedMAML(nn.Module):
                 with phase("fused_inner_loop"):
                     return ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
                                               spec.negative_slope, self.loss, self.first_order, _checked=checked)
-            P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
-            # where the steps' graphs are not kept (first order, checkpoint_steps) the query's is
-            # the largest: under recompute its later blocks keep only their inputs too
-            later = self.recompute and (self.first_order or self.checkpoint_steps)
-            with phase("query_forward"):
-                return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
+            with plan.running_stats(self.program):  # BatchNorm's, where tracked, as the loop updates them
+                P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
+                # where the steps' graphs are not kept (first order, checkpoint_steps) the query's is
+                # the largest: under recompute its later blocks keep only their inputs too
+                later = self.recompute and (self.first_order or self.checkpoint_steps)
+                with phase("query_forward"):
+                    return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
 
     @_module_backend
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
@@ -511,7 +512,7 @@ class BatchedMAML(nn.Module):
         if create_graph is None:
             create_graph = (not fo) and torch.is_grad_enabled()
         grad_on = torch.is_grad_enabled()
-        with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]):
+        with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
             P = self._adapt(xs, ys, fo, create_graph)
         if not grad_on:
             P = {n: t.detach() for n, t in P.items()}
@@ -530,7 +531,8 @@ class BatchedMAML(nn.Module):
             if params[n].shape[0] != x.shape[0]:
                 raise ValueError(f"params[{n!r}] {tuple(params[n].shape)} has T={params[n].shape[0]} but "
                                  f"x {tuple(x.shape)} has T={x.shape[0]}")
-        return self.program(params, x)
+        with plan.running_stats(self.program):
+            return self.program(params, x)
 
     def extra_repr(self) -> str:
         lr = "learned" if self.lrs is not None else self.inner_lr

@@ -32,7 +32,7 @@ import contextlib
 
 import torch
 
-from . import _checks
+from . import _checks, plan
 from .backend import get_backend
 from .batched import accumulate, chunk_slices
 
@@ -68,6 +68,10 @@ class GraphedStep:
             self.loss = torch.zeros((), dtype=xs.dtype, device=xs.device)
             self.grads = [torch.zeros_like(p) if p.requires_grad else None for p in self._params]
         self._graphs = {}
+        with plan.kept_running_stats(meta.program):  # (the warmup calls are not the user's passes)
+            self._capture(meta, batch, chunked, T, warmup)
+
+    def _capture(self, meta, batch, chunked, T, warmup):
         pool = None
         for size in sorted({stop - start for start, stop in self._chunks}, reverse=True):
             static = {n: t[:size].detach().clone() for n, t in batch.items()}

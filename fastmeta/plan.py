@@ -14,7 +14,10 @@ takes and why; ``lower(model, strict=True)`` raises instead of falling back.
 
 BatchNorm uses per-task (transductive) batch statistics when the module is in training mode or
 keeps no running statistics, as MAML does; in eval mode with running statistics it uses those.
-Running statistics are not updated by batched programs.
+Within ``running_stats(program)`` (BatchedMAML's calls) a BatchNorm in training mode with running
+statistics has them updated as the per-task loop's forward passes would update them: task by task,
+each task's passes (inner steps, then the query) in order, with the module's momentum (or its
+cumulative average), ``num_batches_tracked`` counting every pass.
 
 An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid /
 Identity, all parameters trainable and unshared) is also recorded as an ``MLPSpec``, which lets
@@ -22,8 +25,11 @@ BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import math
 import os
+import threading
 import weakref
 from typing import Callable
 
@@ -32,8 +38,10 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from . import _checks, ops
+from .backend import get_backend, use_backend
 from .ops._layout import per_sample_2d
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
@@ -55,6 +63,98 @@ def _not_plain(m: nn.Module) -> str | None:
     if parametrize.is_parametrized(m):
         return f"{type(m).__name__} has parametrizations"
     return None
+
+
+# ---- BatchNorm running statistics ---------------------------------------------------------------
+_stats = threading.local()  # .passes: list of passes (one a program call), each {id(bn): [bn, means, vars]}
+
+
+def _tracks(bn) -> bool:
+    """Whether a forward pass of bn updates its running statistics (training mode, tracked)."""
+    return bn.training and bn.track_running_stats and bn.running_mean is not None
+
+
+def _recording() -> bool:
+    # (not inside a backward pass: a recomputation there, checkpointing's, is no forward pass of the loop's)
+    return getattr(_stats, "passes", None) is not None and torch._C._current_graph_task_id() == -1
+
+
+def _record(bn, mean, var):
+    """This pass's batch statistics of bn per task: mean and unbiased variance [T', C] (one chunk of
+    tasks; a pass's chunks come in task order)."""
+    entry = _stats.passes[-1].setdefault(id(bn), [bn, [], []])
+    entry[1].append(mean)
+    entry[2].append(var)
+
+
+def _record_input(bn, x):
+    """Records bn's batch statistics of its input x [T, N, C, *spatial] where a pass is recorded."""
+    if not (_recording() and _tracks(bn)):
+        return
+    dims = (1,) + tuple(range(3, x.dim()))
+    count = x.shape[1] * math.prod(x.shape[3:])
+    with torch.no_grad():
+        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
+        _record(bn, mean, var * (count / max(count - 1, 1)))
+
+
+@contextlib.contextmanager
+def running_stats(program):
+    """Within it, the program's BatchNorm modules that track running statistics (training mode)
+    record each pass's per-task batch statistics; on leaving (without an error) their running
+    statistics are updated as a per-task loop would have: every task's passes in turn, in order."""
+    if getattr(_stats, "passes", None) is not None or not any(_tracks(bn) for bn in program.batch_norms):
+        yield
+        return
+    _stats.passes = []
+    try:
+        yield
+        passes = _stats.passes
+    finally:
+        _stats.passes = None
+    _update_running_stats(passes)
+
+
+@contextlib.contextmanager
+def kept_running_stats(program):
+    """Within it the program's BatchNorm running statistics may change; on leaving they are as
+    before (for calls that are not the user's passes: fastmeta.tune's timings, graphed's warmup)."""
+    saved = [(b, b.detach().clone()) for bn in program.batch_norms
+             for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                b.copy_(v)
+
+
+def _update_running_stats(passes):
+    by_bn = {}
+    for p in passes:
+        for key, (bn, means, variances) in p.items():
+            entry = by_bn.setdefault(key, [bn, [], []])
+            entry[1].append(torch.cat(means))
+            entry[2].append(torch.cat(variances))
+    with torch.no_grad():
+        for bn, means, variances in by_bn.values():
+            # the loop's order: task by task, each task's passes in turn
+            C = bn.running_mean.shape[0]
+            seq_mean = torch.stack(means, 1).reshape(-1, C).to(bn.running_mean.dtype)
+            seq_var = torch.stack(variances, 1).reshape(-1, C).to(bn.running_var.dtype)
+            n = seq_mean.shape[0]
+            if bn.momentum is None:  # cumulative average over every pass so far
+                before = bn.num_batches_tracked.to(seq_mean.dtype)
+                total = before + n
+                bn.running_mean.copy_((bn.running_mean * before + seq_mean.sum(0)) / total)
+                bn.running_var.copy_((bn.running_var * before + seq_var.sum(0)) / total)
+            else:  # r <- (1 - m) r + m x, n times: (1 - m)^n r + sum_k m (1 - m)^(n - 1 - k) x_k
+                m = float(bn.momentum)
+                w = m * (1 - m) ** torch.arange(n - 1, -1, -1, dtype=seq_mean.dtype, device=seq_mean.device)
+                keep = (1 - m) ** n
+                bn.running_mean.copy_(bn.running_mean * keep + w @ seq_mean)
+                bn.running_var.copy_(bn.running_var * keep + w @ seq_var)
+            bn.num_batches_tracked.add_(n)
 
 
 class UnsupportedModule(TypeError):
@@ -83,6 +183,7 @@ class Program:
     names: list                  # canonical parameter names, model.named_parameters() order
     mlp: MLPSpec | None
     mlp_reason: str              # why the fused MLP path does or does not apply
+    batch_norms: list = dataclasses.field(default_factory=list)  # every BatchNorm module run by it
 
     def __call__(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False) -> torch.Tensor:
         """The model on x [T, ...] with the parameters P. recompute: a conv block on input that
@@ -91,6 +192,8 @@ class Program:
         later_blocks (with recompute): each later conv block (input that needs a gradient) keeps
         only its input; its convolution's output, BatchNorm statistics and pooling indices are
         recomputed from it in the backward (torch.utils.checkpoint, correct to any order)."""
+        if _recording():
+            _stats.passes.append({})  # this pass's BatchNorm statistics (running_stats)
         chunk = self.task_chunk(x)
         if chunk is None or chunk >= x.shape[0]:
             return self._run(P, x, recompute, later_blocks)
@@ -111,13 +214,19 @@ class Program:
         while i < len(steps):
             if not x.requires_grad and self.recomputable(i):
                 conv, bn = steps[i].spec, steps[i + 1].spec
+                if _recording() and _tracks(bn["module"]):  # its input is not kept: made once more for the statistics
+                    with torch.no_grad():
+                        _record_input(bn["module"], steps[i].run(x, P))
                 get = lambda name: P[name] if name else None  # noqa: E731
                 x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
                                           conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
                 i += 2
             elif later_blocks and x.requires_grad and torch.is_grad_enabled() and self.recomputable(i):
-                def block(x, conv=steps[i], tail=steps[i + 1]):
-                    return tail.run(conv.run(x, P), P)
+                # the recomputation in the backward runs on the backends this forward ran (the
+                # backward may come after a use_backend block or a module's backend has ended)
+                def block(x, conv=steps[i], tail=steps[i + 1], backend=get_backend()):
+                    with use_backend(backend):
+                        return tail.run(conv.run(x, P), P)
                 x = checkpoint(block, x, use_reentrant=False, preserve_rng_state=False)
                 i += 2
             else:
@@ -159,12 +268,42 @@ def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
     from torch.func import functional_call, vmap
 
     rel = {n: canon[id(p)] for n, p in module.named_parameters(remove_duplicate=False)}
+    norms = [(n + "." if n else "", m) for n, m in module.named_modules() if isinstance(m, _BATCH_NORMS)]
 
     def run(x, P):
-        def one(params, xt):
-            return functional_call(module, params, (xt,))
         sub = {n: P[c] for n, c in rel.items()}
-        return vmap(one, randomness="different")(sub, x)
+        live = [(pre, bn) for pre, bn in norms if _tracks(bn)]
+        if not live:
+            def one(params, xt):
+                return functional_call(module, params, (xt,))
+            return vmap(one, randomness="different")(sub, x)
+        # BatchNorm in training mode with running statistics: each task updates a copy of them
+        # (a batched buffer, which vmap allows), from which this pass's statistics are read back
+        T = x.shape[0]
+        copies, counts = {}, {}
+        for pre, bn in live:
+            copies[pre + "running_mean"] = bn.running_mean.detach().expand(T, -1).clone()
+            copies[pre + "running_var"] = bn.running_var.detach().expand(T, -1).clone()
+            # (a cumulative average reads the count as a number: one count for all tasks)
+            if bn.momentum is None:
+                counts[pre + "num_batches_tracked"] = bn.num_batches_tracked.clone()
+            else:
+                copies[pre + "num_batches_tracked"] = bn.num_batches_tracked.expand(T).clone()
+
+        def one(params, buffers, xt):
+            return functional_call(module, (params, {**buffers, **counts}), (xt,))
+        out = vmap(one, randomness="different")(sub, copies, x)
+        if _recording():
+            for pre, bn in live:
+                stats = []
+                for key, r0 in (("running_mean", bn.running_mean), ("running_var", bn.running_var)):
+                    got = copies[pre + key]  # (1 - m) r0 + m x, or r0 + (x - r0) / (count + 1)
+                    if bn.momentum is None:
+                        stats.append(r0 + (got - r0) * (bn.num_batches_tracked + 1).to(got.dtype))
+                    else:
+                        stats.append((got - (1 - bn.momentum) * r0) / bn.momentum)
+                _record(bn, *stats)
+        return out
 
     return Step(path, f"vmap({type(module).__name__})", run, fallback=reason)
 
@@ -207,6 +346,7 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
 
         def run(x, P, m=m, w=w, b=b):
             use_running = (not m.training) and m.track_running_stats and m.running_mean is not None
+            _record_input(m, x)
             return ops.batched_batch_norm(x, P[w] if w else None, P[b] if b else None, m.eps,
                                           m.running_mean if use_running else None,
                                           m.running_var if use_running else None)
@@ -254,8 +394,9 @@ def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
             for part in parts:
                 x = part.run(x, P)
             return x
+        _record_input(bn, x)
         return ops.bn_relu_pool(x, P[w] if w else None, P[b] if b else None, bn.eps)
-    return Step(path, "bn_relu_pool", run, spec=dict(w=w, b=b, eps=bn.eps, batch_stats=batch_stats))
+    return Step(path, "bn_relu_pool", run, spec=dict(w=w, b=b, eps=bn.eps, batch_stats=batch_stats, module=bn))
 
 
 def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps: list, leaves: list):
@@ -380,7 +521,8 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
             leaves.append(model)
         steps.append(step)
     mlp, why = _mlp_spec(model, leaves, steps, canon)
-    prog = Program(steps, list(canon.values()), mlp, why)
+    norms = list({id(m): m for m in model.modules() if isinstance(m, _BATCH_NORMS)}.values())
+    prog = Program(steps, list(canon.values()), mlp, why, norms)
     _cache[model] = (key, prog)
     return prog
 

@@ -43,6 +43,7 @@ import time
 
 import torch
 
+from . import plan
 from .backend import BACKENDS, OPS, select, use_backend, why_unavailable
 from .harness import max_rel_err, step_peak_mb
 
@@ -229,37 +230,39 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
     if "auto" in cands:  # the reference for the meta-gradient check runs first
         cands.remove("auto")
         cands.insert(0, "auto")
-    device = xs.device.type
-    trials = _Trials(meta, (xs, ys, xq, yq), _ops_of(meta), device, reps, warmup, rtol)
-    old = meta.backend
-    meta.backend = None  # each candidate runs as requested below, not as a previous tuning said
-    try:
-        for name in list(cands):
-            why = why_unavailable(name, device) if name != "auto" else None
-            if why is None and name == "triton" and device == "cpu" and backends is None:
-                cands.remove(name)
-                trials.rows.append((name, None, "not timed by default on the CPU (there Triton runs in its "
-                                                "interpreter, for tests)"))
-                continue
-            if why is not None:
-                trials.rows.append((name, None, f"unavailable: {why}"))
-                continue
-            trials.run(name, name)
-        if per_op and trials.times:
-            _per_op(trials, margin, [b for b in cands if b != "auto"])
-    finally:
-        meta.backend = old
-    if not trials.times:
-        raise RuntimeError("tune: no backend could run this meta-step:\n"
-                           + "\n".join(f"  {n}: {note}" for n, _, note in trials.rows))
-    best = min(trials.times, key=trials.times.get)
-    meta.backend = trials.requests[best][0]
-    if memory_mb is not None:
-        with use_backend(meta.backend):
-            fused = meta._fused_mlp_ok()  # (the fused MLP kernel keeps no graph: nothing to choose)
-        if not fused:
-            best = _tune_memory(trials, float(memory_mb))
-    return Tuning(trials.rows, best, device)
+    # the timed steps are not the user's passes: BatchNorm running statistics are left as they were
+    with plan.kept_running_stats(meta.program):
+        device = xs.device.type
+        trials = _Trials(meta, (xs, ys, xq, yq), _ops_of(meta), device, reps, warmup, rtol)
+        old = meta.backend
+        meta.backend = None  # each candidate runs as requested below, not as a previous tuning said
+        try:
+            for name in list(cands):
+                why = why_unavailable(name, device) if name != "auto" else None
+                if why is None and name == "triton" and device == "cpu" and backends is None:
+                    cands.remove(name)
+                    trials.rows.append((name, None, "not timed by default on the CPU (there Triton runs in its "
+                                                    "interpreter, for tests)"))
+                    continue
+                if why is not None:
+                    trials.rows.append((name, None, f"unavailable: {why}"))
+                    continue
+                trials.run(name, name)
+            if per_op and trials.times:
+                _per_op(trials, margin, [b for b in cands if b != "auto"])
+        finally:
+            meta.backend = old
+        if not trials.times:
+            raise RuntimeError("tune: no backend could run this meta-step:\n"
+                               + "\n".join(f"  {n}: {note}" for n, _, note in trials.rows))
+        best = min(trials.times, key=trials.times.get)
+        meta.backend = trials.requests[best][0]
+        if memory_mb is not None:
+            with use_backend(meta.backend):
+                fused = meta._fused_mlp_ok()  # (the fused MLP kernel keeps no graph: nothing to choose)
+            if not fused:
+                best = _tune_memory(trials, float(memory_mb))
+        return Tuning(trials.rows, best, device)
 
 
 def _per_op(trials: _Trials, margin: float, allowed: list):

@@ -621,3 +621,29 @@ def test_tune_memory_on_gpu():
     assert result.best.startswith("memory:"), str(result)
     assert (meta.task_chunk, meta.recompute, meta.checkpoint_steps) != (None, False, False)
     assert H.step_peak_mb(lambda: meta.value_and_grad(*batch), "cuda") <= budget * 1.05, str(result)
+
+
+def test_graphed_step_updates_batch_norm_running_stats_as_value_and_grad():
+    """A replay updates tracked BatchNorm running statistics as an eager value_and_grad call does
+    (the loop's order); capturing (its warmup calls) leaves them as they were."""
+    import copy
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=None), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(8 * 4, 5)).cuda().double()
+    d = dict(device="cuda")
+    xs, xq = torch.randn(4, 5, 1, 8, 8, dtype=torch.float64, **d), torch.randn(4, 7, 1, 8, 8, dtype=torch.float64, **d)
+    ys, yq = torch.randint(0, 5, (4, 5), **d), torch.randint(0, 5, (4, 7), **d)
+    eager = copy.deepcopy(net)
+    meta = fastmeta.BatchedMAML(net, 0.1, 2, loss="cross_entropy")
+    before = [b.clone() for b in net.buffers()]
+    step = fastmeta.graphed(meta, xs, ys, xq, yq)
+    assert all(torch.equal(a, b) for a, b in zip(net.buffers(), before))
+    em = fastmeta.BatchedMAML(eager, 0.1, 2, loss="cross_entropy")
+    for _ in range(2):
+        step(xs, ys, xq, yq)
+        em.value_and_grad(xs, ys, xq, yq)
+    for a, b in zip(net.buffers(), eager.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert int(net[1].num_batches_tracked) == 2 * 4 * 3
