@@ -7,8 +7,8 @@ learn2learn's algorithms are loaded from its source distribution (downloaded wit
 torchvision to import, so only algorithms/{base_learner,maml,meta_sgd}.py and utils/__init__.py are
 extracted into a temporary directory and imported from there). For 13 kinds of model, MAML and
 Meta-SGD, both orders, one and two adaptation steps, a clone of a clone, and every allow_unused /
-allow_nograd combination: the query loss and the meta-gradient of every parameter (float64,
-1e-9), or that both raise. Prints each difference, then the counts.
+allow_nograd combination: the query loss, the meta-gradient of every parameter and the buffers
+(BatchNorm running statistics) afterwards (float64, 1e-9), or that both raise. Prints each difference, then the counts.
 """
 import argparse
 import contextlib
@@ -136,7 +136,8 @@ def run(lib, kind, name, make, fo, steps, kw, clone_kw, twice):
     loss = F.cross_entropy(learner(xs * 0.5), ys)
     loss.backward()
     grads = [None if p.grad is None else p.grad.clone() for p in alg.parameters()]
-    return loss.detach(), grads, [n for n, _ in alg.named_parameters()]
+    buffers = [b.detach().clone() for b in model.buffers()]  # BatchNorm running statistics
+    return loss.detach(), grads, [n for n, _ in alg.named_parameters()], buffers
 
 bad = 0; n = 0
 for name, make in models():
@@ -159,9 +160,12 @@ for name, make in models():
             bad += 1
             print("ERRDIFF", tag, "l2l:", repr(a)[:150] if isinstance(a, Exception) else "ok", "| fm:", repr(b)[:200] if isinstance(b, Exception) else "ok")
             continue
-        la, ga, na = a; lb, gb, nb = b
+        la, ga, na, ba = a; lb, gb, nb, bb = b
         msgs = []
         if na != nb: msgs.append(f"names {na} vs {nb}")
+        for i, (x, y) in enumerate(zip(ba, bb)):
+            if (x.double() - y.double()).abs().max() > 1e-9 * (1 + x.double().abs().max()):
+                msgs.append(f"buffer {i} differs")
         if abs(la - lb) > 1e-10: msgs.append(f"loss {la.item()} vs {lb.item()}")
         for i, (x, y) in enumerate(zip(ga, gb)):
             if (x is None) != (y is None): msgs.append(f"grad {i} none {x is None} vs {y is None}")

@@ -372,7 +372,7 @@ def test_graphed_step_checks_cross_entropy_labels():
     with pytest.raises(ValueError, match=r"ys \(5, 6\) has labels outside \[0, 4\)"):
         step(xs, ys + 4, xq, yq)
     with pytest.raises(ValueError, match=r"yq \(5, 7\) has labels outside"):
-        step(xs, ys, xq, yq - 1)
+        step(xs, ys, xq, yq - 4)
     # a conv net (not the fused MLP op): the number of classes comes from the first warmup call
     conv = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
                          nn.Flatten(), nn.Linear(16, 3)).cuda()
