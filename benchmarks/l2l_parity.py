@@ -2,13 +2,14 @@
 
     python benchmarks/l2l_parity.py [--sdist learn2learn-0.2.0.tar.gz]
 
-learn2learn's algorithms are loaded from its source distribution (downloaded with `pip download
---no-deps --no-binary :all: learn2learn==0.2.0` unless --sdist is given; its package needs gym and
-torchvision to import, so only algorithms/{base_learner,maml,meta_sgd}.py and utils/__init__.py are
-extracted into a temporary directory and imported from there). For 13 kinds of model, MAML and
-Meta-SGD, both orders, one and two adaptation steps, a clone of a clone, and every allow_unused /
-allow_nograd combination: the query loss, the meta-gradient of every parameter and the buffers
-(BatchNorm running statistics) afterwards (float64, 1e-9), or that both raise. Prints each difference, then the counts.
+learn2learn's algorithms are loaded from its source distribution (`pip download --no-deps
+learn2learn==0.2.0` fetches it, there being no wheel, unless --sdist names one). Its package needs
+gym and torchvision to import, so only algorithms/{base_learner,maml,meta_sgd}.py and
+utils/__init__.py are extracted into a temporary directory and imported from there. For 13 kinds
+of model, MAML and Meta-SGD, both orders, one and two adaptation steps, a clone of a clone, and
+every allow_unused / allow_nograd combination, it compares the query loss, the meta-gradient of
+every parameter and the buffers (BatchNorm running statistics) afterwards (float64, 1e-9), or that
+both raise. Prints each difference, then the counts.
 """
 import argparse
 import contextlib
@@ -25,7 +26,7 @@ import tempfile
 def load_learn2learn(sdist=None):
     tmp = tempfile.mkdtemp(prefix="l2l_")
     if sdist is None:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps",
                         "learn2learn==0.2.0", "-d", tmp], check=True)
         sdist = glob.glob(os.path.join(tmp, "learn2learn-*.tar.gz"))[0]
     pkg = os.path.join(tmp, "l2l")

@@ -577,6 +577,10 @@ def explain(model: nn.Module) -> str:
         closed = ", its second-order derivative in closed form" if be in ("cpp", "cuda", "triton") else ""
         lines.append(f"  bn_relu_pool: BatchNorm2d (batch statistics) -> ReLU -> MaxPool2d(2) as one op "
                      f"(backend {be}{closed})")
+    tracked = [bn for bn in prog.batch_norms if _tracks(bn)]
+    if tracked:
+        lines.append(f"  BatchNorm running statistics ({len(tracked)} module(s) in training mode with "
+                     "track_running_stats): updated by each call as the per-task loop's passes would update them")
     if prog.recomputable(0):
         lines.append("  BatchedMAML(recompute=True): the first block as one op (conv_bn_relu_pool) whose "
                      "convolution output is recomputed in each backward instead of kept; where the inner "

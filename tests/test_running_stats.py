@@ -187,3 +187,10 @@ def test_tune_leaves_running_stats_as_they_were():
     _assert_same_buffers(model, before)
     meta(xs, ys, xq, yq)
     assert int(model[1].num_batches_tracked) == 4 + 3 * 2
+
+
+def test_explain_says_which_statistics_are_updated():
+    model = _net("conv4", 0.1)
+    assert "running statistics (2 module(s)" in fastmeta.explain(model)
+    model.eval()
+    assert "running statistics" not in fastmeta.explain(model)
