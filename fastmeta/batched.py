@@ -69,8 +69,9 @@ def _module_backend(method):
     work is fastmeta's kernels already, and a graph that torch.compile compiles is differentiable
     once only, so the second-order inner loop could not run inside one."""
     @functools.wraps(method)
-    @torch.compiler.disable
     def run(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # (decorating at import would import torch._dynamo: ~2 s)
+            return torch.compiler.disable(run)(self, *args, **kwargs)
         if torch.is_inference_mode_enabled():
             with torch.inference_mode(False), torch.no_grad():
                 out = run(self, *_map_tensors(_plain, args), **_map_tensors(_plain, kwargs))

@@ -49,13 +49,8 @@ class BaseLearner(nn.Module):
         if torch.compiler.is_compiling() and not getattr(self, "first_order", True):
             # inside torch.compile: a second-order learner's forward runs outside the compiled graph,
             # whose backward is differentiable once only, so that adapt() can differentiate it twice
-            return _eager_call(self.module, args, kwargs)
+            return torch.compiler.disable(self.module)(*args, **kwargs)
         return self.module(*args, **kwargs)
-
-
-@torch.compiler.disable
-def _eager_call(module, args, kwargs):
-    return module(*args, **kwargs)
 
 
 def clone_module(module, memo: dict | None = None):

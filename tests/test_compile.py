@@ -192,3 +192,11 @@ def test_explain_and_batched_maml_take_the_module_inside_torch_compile():
     assert meta.model is net
     x = torch.randn(3, 4, 1, dtype=torch.float64)
     torch.testing.assert_close(meta(x, x, x, x), fastmeta.BatchedMAML(net, 0.1, 1)(x, x, x, x), rtol=0, atol=0)
+
+
+def test_importing_fastmeta_does_not_import_dynamo():
+    """Marking functions for torch.compile at import would import torch._dynamo (about 2 s here)."""
+    out = subprocess.run([sys.executable, "-c", "import sys, fastmeta; print('torch._dynamo' in sys.modules)"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "False"
