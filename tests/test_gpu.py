@@ -647,3 +647,31 @@ def test_graphed_step_updates_batch_norm_running_stats_as_value_and_grad():
     for a, b in zip(net.buffers(), eager.buffers()):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert int(net[1].num_batches_tracked) == 2 * 4 * 3
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_fused_mlp_meta_loss_under_torch_compile_on_cuda(first_order):
+    """fastmeta::mlp_meta_loss traced by torch.compile on CUDA (its forward is fastmeta::mlp_meta_grad,
+    whose CUDA path reduces the kernel's per-task rows into views of one buffer; the backward scales
+    them with one _foreach_mul): loss and meta-gradient equal to the eager op's, also for an incoming
+    gradient other than 1; and a compiled step holding a BatchedMAML call equals the eager step."""
+    params, batch = make_mlp_batch((1, 40, 40, 1), 25, 10, 10, "mse", torch.float32, "cuda")
+
+    def step(xs, ys, xq, yq):
+        return ops.mlp_meta_loss(xs, ys, xq, yq, params, 0.01, 5, ["relu", "relu", None], first_order=first_order)
+
+    with fastmeta.use_backend("cuda"):
+        want_loss = step(*batch)
+        want = torch.autograd.grad(want_loss * 3, params)
+        torch._dynamo.reset()
+        loss = torch.compile(step, backend="aot_eager")(*batch)
+        got = torch.autograd.grad(loss * 3, params)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-6, atol=0)
+    assert_rel_close(list(got), list(want), 1e-5, "meta-grad")
+    w = H.make_workload("sine", tasks=25, device="cuda")
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order)
+    wanted = list(meta.parameters())
+    want = torch.autograd.grad(meta(w.xs, w.ys, w.xq, w.yq), wanted)
+    torch._dynamo.reset()
+    got = torch.autograd.grad(torch.compile(lambda *b: meta(*b), backend="aot_eager")(w.xs, w.ys, w.xq, w.yq), wanted)
+    assert_rel_close(list(got), list(want), 1e-6, "meta-grad")
