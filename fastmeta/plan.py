@@ -66,7 +66,9 @@ def _not_plain(m: nn.Module) -> str | None:
 
 
 # ---- BatchNorm running statistics ---------------------------------------------------------------
-_stats = threading.local()  # .passes: list of passes (one a program call), each {id(bn): [bn, means, vars]}
+# .passes: one entry a program call (pass), a list of its chunks of tasks in order, each a dict
+# {id(bn): [bn, means, variances]} with one [T', C] record a use of bn (a module at two places: two)
+_stats = threading.local()
 
 
 def _tracks(bn) -> bool:
@@ -82,7 +84,7 @@ def _recording() -> bool:
 def _record(bn, mean, var):
     """This pass's batch statistics of bn per task: mean and unbiased variance [T', C] (one chunk of
     tasks; a pass's chunks come in task order)."""
-    entry = _stats.passes[-1].setdefault(id(bn), [bn, [], []])
+    entry = _stats.passes[-1][-1].setdefault(id(bn), [bn, [], []])
     entry[1].append(mean)
     entry[2].append(var)
 
@@ -130,15 +132,16 @@ def kept_running_stats(program):
 
 
 def _update_running_stats(passes):
-    by_bn = {}
-    for p in passes:
-        for key, (bn, means, variances) in p.items():
+    by_bn = {}  # id -> [bn, [per pass: means [T, uses, C]], [variances likewise]]
+    for chunks in passes:
+        for key in {k: None for chunk in chunks for k in chunk}:
+            bn = next(chunk[key][0] for chunk in chunks if key in chunk)
             entry = by_bn.setdefault(key, [bn, [], []])
-            entry[1].append(torch.cat(means))
-            entry[2].append(torch.cat(variances))
+            for i in (1, 2):
+                entry[i].append(torch.cat([torch.stack(chunk[key][i], 1) for chunk in chunks if key in chunk]))
     with torch.no_grad():
         for bn, means, variances in by_bn.values():
-            # the loop's order: task by task, each task's passes in turn
+            # the loop's order: task by task, each task's passes in turn, each pass's uses in turn
             C = bn.running_mean.shape[0]
             seq_mean = torch.stack(means, 1).reshape(-1, C).to(bn.running_mean.dtype)
             seq_var = torch.stack(variances, 1).reshape(-1, C).to(bn.running_var.dtype)
@@ -193,7 +196,7 @@ class Program:
         only its input; its convolution's output, BatchNorm statistics and pooling indices are
         recomputed from it in the backward (torch.utils.checkpoint, correct to any order)."""
         if _recording():
-            _stats.passes.append({})  # this pass's BatchNorm statistics (running_stats)
+            _stats.passes.append([])  # this pass's BatchNorm statistics (running_stats)
         chunk = self.task_chunk(x)
         if chunk is None or chunk >= x.shape[0]:
             return self._run(P, x, recompute, later_blocks)
@@ -206,6 +209,8 @@ class Program:
         return torch.cat(outs)
 
     def _run(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False) -> torch.Tensor:
+        if _recording():
+            _stats.passes[-1].append({})  # a chunk of tasks, in task order
         if not recompute:
             for step in self.steps:
                 x = step.run(x, P)

@@ -194,3 +194,26 @@ def test_explain_says_which_statistics_are_updated():
     assert "running statistics (2 module(s)" in fastmeta.explain(model)
     model.eval()
     assert "running statistics" not in fastmeta.explain(model)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=requires_cpp)])
+def test_a_batch_norm_used_twice(backend):
+    """A BatchNorm at two places of the model updates its statistics at each use, in the order of
+    the uses within each task's pass; the reference is fastmeta.MAML's per-task loop, whose clones
+    share the buffers and call the module as the model does."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(8, momentum=0.2)
+    model = _start(nn.Sequential(nn.Flatten(), nn.Linear(16, 8), bn, nn.Tanh(), nn.Linear(8, 8), bn, nn.Tanh(),
+                                 nn.Linear(8, 3)).double())
+    reference = copy.deepcopy(model)
+    xs, ys, xq, yq = _batch()
+    maml = fastmeta.MAML(reference, lr=0.1)
+    for t in range(xs.shape[0]):
+        learner = maml.clone()
+        for _ in range(2):
+            learner.adapt(F.cross_entropy(learner(xs[t]), ys[t]))
+        learner(xq[t])
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy", backend=backend)
+    meta(xs, ys, xq, yq)
+    _assert_same_buffers(model, reference)
+    assert int(bn.num_batches_tracked) == 4 + 3 * 3 * 2
