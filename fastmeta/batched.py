@@ -178,6 +178,21 @@ class BatchedMAML(nn.Module):
             self.lrs = None
             self.inner_lr = inner_lr
 
+    # the program (closures over the model's modules) and what was derived from it are not state:
+    # a copy or an unpickled module lowers its own model again, whose modules it must read (their
+    # training flags, BatchNorm buffers), not the original's
+    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        for key in self._DERIVED:
+            state[key] = None
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.program = plan.lower(self.model, strict=self.strict)
+
     @property
     def backend(self):
         """This module's backend request (None: the global one); see the constructor."""

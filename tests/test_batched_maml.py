@@ -621,3 +621,40 @@ def test_a_new_batched_maml_sees_hooks_registered_since_the_last():
     assert_rel_close(got, want, RTOL[torch.float64], "meta-grad after a hook")
     nn.utils.parametrizations.weight_norm(model[2])
     assert "has parametrizations" in fastmeta.explain(model)
+
+
+@pytest.mark.parametrize("model_kind", ["mlp", "conv"])
+def test_copies_and_pickles_run_their_own_modules(model_kind):
+    """copy.deepcopy and torch.save / torch.load of a BatchedMAML: the copy runs its own model's
+    modules. Before, the copy kept the original's program, whose steps read the original modules:
+    the copy switched to eval() still normalized with batch statistics, its running statistics
+    went to the original's buffers, and torch.save failed on the program's local functions."""
+    import copy
+    import io
+    torch.manual_seed(0)
+    if model_kind == "mlp":
+        model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        xs, xq = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
+    else:
+        model = conv_net(ch=2, classes=3, track=True)
+        xs, xq = torch.randn(3, 5, 1, 16, 16, dtype=torch.float64), torch.randn(3, 6, 1, 16, 16, dtype=torch.float64)
+    ys, yq = torch.randint(0, 3, (3, 5)), torch.randint(0, 3, (3, 6))
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy", learn_inner_lr=True)
+    want_loss, want = meta.value_and_grad(xs, ys, xq, yq)
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    buf.seek(0)
+    for other in (copy.deepcopy(meta), torch.load(buf, weights_only=False)):
+        loss, grads = other.value_and_grad(xs, ys, xq, yq)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+        for a, b in zip(grads, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        if model_kind == "conv":
+            before = [b.clone() for b in model.buffers()]
+            other.model.eval()  # the copy's BatchNorm now uses its running statistics, the original's not
+            fresh = fastmeta.BatchedMAML(other.model, 0.1, 2, loss="cross_entropy", learn_inner_lr=True)
+            fresh.load_state_dict(other.state_dict())
+            torch.testing.assert_close(other(xs, ys, xq, yq), fresh(xs, ys, xq, yq), rtol=1e-12, atol=0)
+            other.model.train()
+            other(xs, ys, xq, yq)
+            assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
