@@ -168,6 +168,7 @@ class BatchedMAML(nn.Module):
         self._classes = None  # the logits' width at the last label check (cross-entropy)
         params = dict(model.named_parameters())
         self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
+        self._trainable = None  # requires_grad of the model's parameters when _adapt_names was read
         if learn_inner_lr:
             lr0 = float(inner_lr) if not isinstance(inner_lr, torch.Tensor) else float(inner_lr.detach())
             # in the model's parameter order (a plain dict would be sorted by name)
@@ -181,7 +182,7 @@ class BatchedMAML(nn.Module):
     # the program (closures over the model's modules) and what was derived from it are not state:
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
-    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig")
+    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -212,6 +213,23 @@ class BatchedMAML(nn.Module):
         if self.lrs is not None:
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
+
+    def _sync_trainable(self, params=None):
+        """The adapted parameters are those that require grad: read again where that changed since
+        the last call (a body frozen after the module was built, as ANIL does, is then no longer
+        adapted in the inner loop). params: _param_list()'s (with or without the rates), if at hand."""
+        flags = tuple([p.requires_grad for p in (self._param_list() if params is None else params)])
+        if flags == self._trainable:
+            return
+        named = dict(self.model.named_parameters())
+        names = [n for n in self.program.names if named[n].requires_grad]
+        if self.lrs is not None:
+            missing = [n for n in names if self._lr_key(n) not in self.lrs]
+            if missing:
+                raise ValueError(f"BatchedMAML(learn_inner_lr=True): parameter(s) {missing} require grad but did "
+                                 "not when this module was built, so they have no learned rate; build a new "
+                                 "BatchedMAML")
+        self._adapt_names, self._trainable, self._last_sig = names, flags, None
 
     def _param_list(self, model_only: bool = False) -> list:
         """list(self.parameters()) (with model_only, list(self.model.parameters())) by a walk over
@@ -381,9 +399,11 @@ class BatchedMAML(nn.Module):
                 id(self.loss), self.check_finite,
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
-    def _prepare(self, xs, ys, xq, yq, p=None):
+    def _prepare(self, xs, ys, xq, yq, params=None):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
-        checked before (the checks then are skipped). p: the first parameter, if at hand."""
+        checked before (the checks then are skipped). params: _param_list()'s, if at hand."""
+        self._sync_trainable(params)
+        p = params[0] if params else None
         try:
             sig = self._signature(xs, ys, xq, yq, p)
         except AttributeError:  # not tensors: the full check raises the right error
@@ -439,7 +459,7 @@ class BatchedMAML(nn.Module):
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
         params = self._param_list(model_only=True)
         ys, yq = self._labels(ys), self._labels(yq)
-        fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
+        fused, checked = self._prepare(xs, ys, xq, yq, params)
         if checked and self._direct is not None:
             with torch.enable_grad(), phase("fused_inner_loop"):
                 return self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
@@ -470,7 +490,7 @@ class BatchedMAML(nn.Module):
         """
         params = self._param_list()
         ys, yq = self._labels(ys), self._labels(yq)
-        fused, checked = self._prepare(xs, ys, xq, yq, params[0] if params else None)
+        fused, checked = self._prepare(xs, ys, xq, yq, params)
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
                 return self._direct_grad(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
@@ -524,6 +544,7 @@ class BatchedMAML(nn.Module):
         """
         ys = self._labels(ys)
         self._check_batch(xs=xs, ys=ys)
+        self._sync_trainable()
         fo = self.first_order if first_order is None else bool(first_order)
         if create_graph is None:
             create_graph = (not fo) and torch.is_grad_enabled()

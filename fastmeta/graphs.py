@@ -96,7 +96,7 @@ class GraphedStep:
     def _current_config(self):
         m = self.meta
         return (m.inner_lr if not isinstance(m.inner_lr, torch.Tensor) else id(m.inner_lr), m.inner_steps,
-                m.first_order, get_backend(), m.backend)
+                m.first_order, get_backend(), m.backend, tuple(p.requires_grad for p in m.parameters()))
 
     def _check_labels(self, batch):
         # (a call range-checks cross-entropy labels with a sync; inside the capture it is told not
@@ -119,8 +119,8 @@ class GraphedStep:
             raise RuntimeError("graphed step: the module's parameters were replaced since the capture (the "
                                "graph reads the captured tensors); update them in place or capture again")
         if self._current_config() != self._config:
-            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order or the backend changed since "
-                               "the capture; capture again")
+            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order, the backend or which "
+                               "parameters require grad changed since the capture; capture again")
         self._check_labels(batch)
         if len(self._chunks) > 1:
             torch._foreach_zero_([self.loss] + [g for g in self.grads if g is not None])

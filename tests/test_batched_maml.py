@@ -658,3 +658,44 @@ def test_copies_and_pickles_run_their_own_modules(model_kind):
             other.model.train()
             other(xs, ys, xq, yq)
             assert all(torch.equal(a, b) for a, b in zip(model.buffers(), before))
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=requires_cpp)])
+@pytest.mark.parametrize("model_kind", ["mlp", "conv"])
+def test_parameters_frozen_after_construction_are_not_adapted(backend, model_kind):
+    """requires_grad is read again at each call: a body frozen after the BatchedMAML was built (ANIL)
+    is no longer adapted in the inner loop, as in a module built after the freezing; unfrozen, it is
+    adapted again. Before, the set adapted was the one at construction (a silently other loss)."""
+    torch.manual_seed(0)
+    if model_kind == "mlp":
+        model = nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+        xs, xq = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
+        body = model[0]
+    else:
+        model = conv_net(ch=2, classes=3)
+        xs, xq = torch.randn(3, 5, 1, 16, 16, dtype=torch.float64), torch.randn(3, 6, 1, 16, 16, dtype=torch.float64)
+        body = model[0]
+    ys, yq = torch.randint(0, 3, (3, 5)), torch.randint(0, 3, (3, 6))
+    batch = (xs, ys, xq, yq)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+        before = meta.value_and_grad(*batch)
+        body.requires_grad_(False)
+        got_loss, got = meta.value_and_grad(*batch)
+        want_loss, want = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy").value_and_grad(*batch)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+        torch.testing.assert_close(meta(*batch), want_loss, rtol=1e-12, atol=0)
+        assert [g is None for g in got] == [g is None for g in want] == [not p.requires_grad for p in model.parameters()]
+        for a, b in zip(got, want):
+            if a is not None:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+        body.requires_grad_(True)
+        again_loss, again = meta.value_and_grad(*batch)
+        torch.testing.assert_close(again_loss, before[0], rtol=1e-12, atol=0)
+    body.requires_grad_(False)
+    sgd = fastmeta.BatchedMAML(model, 0.5, 1, loss="cross_entropy", learn_inner_lr=True)
+    sgd(*batch)
+    body.requires_grad_(True)  # (no learned rate was made for it)
+    with pytest.raises(ValueError, match="no learned rate"):
+        sgd(*batch)
+    body.requires_grad_(True)

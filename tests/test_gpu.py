@@ -289,6 +289,10 @@ def test_graphed_step_matches_value_and_grad():
     with pytest.raises(RuntimeError, match="inner_lr"):
         step(w.xs, w.ys, w.xq, w.yq)
     meta.inner_lr = w.inner_lr
+    w.model[0].requires_grad_(False)  # the captured step adapts every parameter
+    with pytest.raises(RuntimeError, match="require grad"):
+        step(w.xs, w.ys, w.xq, w.yq)
+    w.model[0].requires_grad_(True)
     w.model[0].weight = nn.Parameter(w.model[0].weight.detach().clone())
     with pytest.raises(RuntimeError, match="replaced"):
         step(w.xs, w.ys, w.xq, w.yq)
