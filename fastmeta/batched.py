@@ -90,7 +90,10 @@ class BatchedMAML(nn.Module):
     Args:
         model: the network; its parameters are the meta-parameters. Its structure (modules, their
             forward hooks and parametrizations) is read here, into the program that every call runs:
-            hooks registered or modules swapped afterwards need a new BatchedMAML.
+            hooks registered or modules swapped afterwards need a new BatchedMAML. The inner loop
+            adapts the parameters that require grad at each call (the others stay the
+            meta-parameters). BatchNorm modules that track running statistics have them updated
+            as the per-task loop would (see fastmeta.plan).
         inner_lr: inner-loop learning rate (a number, or a tensor, e.g. a learnable scalar).
         inner_steps: number of inner SGD steps (>= 0).
         first_order: drop the second-order terms (FO-MAML).
