@@ -217,11 +217,13 @@ class BatchedMAML(nn.Module):
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
 
-    def _sync_trainable(self, params=None):
+    def _sync_trainable(self, model_params=None):
         """The adapted parameters are those that require grad: read again where that changed since
         the last call (a body frozen after the module was built, as ANIL does, is then no longer
-        adapted in the inner loop). params: _param_list()'s (with or without the rates), if at hand."""
-        flags = tuple([p.requires_grad for p in (self._param_list() if params is None else params)])
+        adapted in the inner loop). model_params: _param_list(model_only=True)'s, if at hand."""
+        if model_params is None:
+            model_params = self._param_list(model_only=True)
+        flags = tuple([p.requires_grad for p in model_params])
         if flags == self._trainable:
             return
         named = dict(self.model.named_parameters())
@@ -404,8 +406,12 @@ class BatchedMAML(nn.Module):
 
     def _prepare(self, xs, ys, xq, yq, params=None):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
-        checked before (the checks then are skipped). params: _param_list()'s, if at hand."""
-        self._sync_trainable(params)
+        checked before (the checks then are skipped). params: _param_list()'s (the model's first,
+        then the rates) or _param_list(model_only=True)'s, if at hand."""
+        if params is not None and self.lrs is not None and len(params) > len(self.program.names):
+            self._sync_trainable(params[:len(params) - len(self.lrs)])
+        else:
+            self._sync_trainable(params)
         p = params[0] if params else None
         try:
             sig = self._signature(xs, ys, xq, yq, p)
