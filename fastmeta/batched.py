@@ -20,6 +20,7 @@ import threading
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import _checks, ops, plan
 from ._phases import phase
@@ -76,6 +77,7 @@ def _module_backend(method):
             with torch.inference_mode(False), torch.no_grad():
                 out = run(self, *_map_tensors(_plain, args), **_map_tensors(_plain, kwargs))
                 return _map_tensors(torch.Tensor.detach, out)
+        self._check_structure()
         b = self.backend
         if b is not None and get_backend() == "auto":
             with use_backend(b):
@@ -89,8 +91,9 @@ class BatchedMAML(nn.Module):
 
     Args:
         model: the network; its parameters are the meta-parameters. Its structure (modules, their
-            forward hooks and parametrizations) is read here, into the program that every call runs:
-            hooks registered or modules swapped afterwards need a new BatchedMAML. The inner loop
+            forward hooks and parametrizations) is read into the program that every call runs, and
+            read again at the next call where it changed (a module replaced, a hook or a
+            parametrization added; a hook removed leaves the module on the vmap path). The inner loop
             adapts the parameters that require grad at each call (the others stay the
             meta-parameters). BatchNorm modules that track running statistics have them updated
             as the per-task loop would (see fastmeta.plan).
@@ -167,6 +170,7 @@ class BatchedMAML(nn.Module):
         self.check_finite = bool(check_finite)
         self.task_chunk = None if task_chunk is None else int(task_chunk)
         self.program = plan.lower(model, strict=self.strict)
+        self._stamp_structure()
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
         self._classes = None  # the logits' width at the last label check (cross-entropy)
         params = dict(model.named_parameters())
@@ -185,7 +189,7 @@ class BatchedMAML(nn.Module):
     # the program (closures over the model's modules) and what was derived from it are not state:
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
-    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model")
+    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable")
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -196,6 +200,34 @@ class BatchedMAML(nn.Module):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.program = plan.lower(self.model, strict=self.strict)
+        self._stamp_structure()
+
+    # -- the model's structure, read again where it changed -------------------------------------
+    def _stamp_structure(self):
+        """What a module swapped in or out, a forward hook or a parametrization added changes: each
+        module's dict of children with its entries, and PyTorch's count of hook handles made."""
+        dicts = [m._modules for m in self.model.modules()]
+        self._stamp = ([(d, tuple(d.values())) for d in dicts if d], [d for d in dicts if not d])
+        self._hook_id = RemovableHandle.next_id
+
+    def _check_structure(self):
+        """Lowers the model again where its structure changed since the last call (a module replaced,
+        say a new head; a hook or a parametrization added), as a new BatchedMAML would: the
+        program, the parameter walk and the checked signature are then made afresh."""
+        containers, leaves = self._stamp
+        if RemovableHandle.next_id == self._hook_id and not any(leaves):  # (leaves: still no children)
+            for d, v in containers:
+                if tuple(d.values()) != v:
+                    break
+            else:
+                return
+        program = plan.lower(self.model, strict=self.strict)  # (the same object where nothing changed)
+        if program is not self.program:
+            self.program = program
+            for key in ("_walk", "_walk_model"):
+                self.__dict__.pop(key, None)
+            self._last_sig = self._direct = self._direct_grad = self._trainable = None
+        self._stamp_structure()
 
     @property
     def backend(self):

@@ -57,6 +57,8 @@ class GraphedStep:
         self.meta = meta
         self._shapes = {n: (t.shape, t.dtype, t.device) for n, t in batch.items()}
         self._check_labels(batch)
+        meta._check_structure()
+        self._program = meta.program
         self._params = list(meta.parameters())
         self._config = self._current_config()
         T = xs.shape[0]
@@ -114,6 +116,10 @@ class GraphedStep:
                        else type(t).__name__)
                 raise ValueError(f"graphed step: {name} is {got}, the step was captured for "
                                  f"{tuple(shape)} {dtype} on {device}; capture another step for it")
+        self.meta._check_structure()
+        if self.meta.program is not self._program:
+            raise RuntimeError("graphed step: the model's structure changed since the capture (a module replaced, "
+                               "a hook or a parametrization added); capture again")
         params = self.meta._param_list()
         if len(params) != len(self._params) or any(a is not b for a, b in zip(params, self._params)):
             raise RuntimeError("graphed step: the module's parameters were replaced since the capture (the "

@@ -699,3 +699,39 @@ def test_parameters_frozen_after_construction_are_not_adapted(backend, model_kin
     with pytest.raises(ValueError, match="no learned rate"):
         sgd(*batch)
     body.requires_grad_(True)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=requires_cpp)])
+def test_structure_changed_after_construction_is_read_again(backend):
+    """A module replaced (a new head), a forward hook or a parametrization added after the
+    BatchedMAML was built and called: its next call runs the model as it is now, as a new
+    BatchedMAML does, and value_and_grad's gradients are the new parameters'. Before, the old program
+    and the old parameter walk ran on (the fused path with the replaced head's weights: a silently
+    other loss, and gradients for parameters the model no longer has)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    xs, xq = torch.randn(3, 5, 2, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
+    batch = (xs, torch.randint(0, 3, (3, 5)), xq, torch.randint(0, 3, (3, 6)))
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+        for _ in range(2):  # (the second call takes the checked fast path)
+            meta.value_and_grad(*batch)
+            meta(*batch)
+
+        def check(what):
+            fresh = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+            want_loss, want = fresh.value_and_grad(*batch)
+            for call in range(2):
+                loss, grads = meta.value_and_grad(*batch)
+                torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0, msg=what)
+                torch.testing.assert_close(meta(*batch), want_loss, rtol=1e-12, atol=0, msg=what)
+                assert len(grads) == len(list(meta.parameters()))
+                for a, b in zip(grads, want):
+                    torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14, msg=what)
+
+        model[2] = nn.Linear(8, 3).double()
+        check("a new head")
+        model[1].register_forward_hook(lambda mod, inputs, out: out * 2.0)
+        check("a forward hook")
+        nn.utils.parametrizations.weight_norm(model[0])
+        check("a parametrization")

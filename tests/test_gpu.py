@@ -296,6 +296,10 @@ def test_graphed_step_matches_value_and_grad():
     w.model[0].weight = nn.Parameter(w.model[0].weight.detach().clone())
     with pytest.raises(RuntimeError, match="replaced"):
         step(w.xs, w.ys, w.xq, w.yq)
+    last = len(w.model) - 1
+    w.model[last] = nn.Linear(w.model[last].in_features, 1).cuda()  # a new head: another structure
+    with pytest.raises(RuntimeError, match="structure changed"):
+        step(w.xs, w.ys, w.xq, w.yq)
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
