@@ -174,7 +174,7 @@ class BatchedMAML(nn.Module):
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
         self._classes = None  # the logits' width at the last label check (cross-entropy)
         params = dict(model.named_parameters())
-        self._adapt_names = [n for n in self.program.names if params[n].requires_grad]
+        self._adapt_names = self._trainable_names()
         self._trainable = None  # requires_grad of the model's parameters when _adapt_names was read
         if learn_inner_lr:
             lr0 = float(inner_lr) if not isinstance(inner_lr, torch.Tensor) else float(inner_lr.detach())
@@ -249,6 +249,11 @@ class BatchedMAML(nn.Module):
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
 
+    def _trainable_names(self) -> list:
+        """The program's parameter names whose parameters require grad: those the inner loop adapts."""
+        named = dict(self.model.named_parameters())
+        return [n for n in self.program.names if named[n].requires_grad]
+
     def _sync_trainable(self, model_params=None):
         """The adapted parameters are those that require grad: read again where that changed since
         the last call (a body frozen after the module was built, as ANIL does, is then no longer
@@ -258,8 +263,7 @@ class BatchedMAML(nn.Module):
         flags = tuple([p.requires_grad for p in model_params])
         if flags == self._trainable:
             return
-        named = dict(self.model.named_parameters())
-        names = [n for n in self.program.names if named[n].requires_grad]
+        names = self._trainable_names()
         if self.lrs is not None:
             missing = [n for n in names if self._lr_key(n) not in self.lrs]
             if missing:
@@ -440,10 +444,8 @@ class BatchedMAML(nn.Module):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
         checked before (the checks then are skipped). params: _param_list()'s (the model's first,
         then the rates) or _param_list(model_only=True)'s, if at hand."""
-        if params is not None and self.lrs is not None and len(params) > len(self.program.names):
-            self._sync_trainable(params[:len(params) - len(self.lrs)])
-        else:
-            self._sync_trainable(params)
+        # (the model's parameters come first in either list)
+        self._sync_trainable(None if params is None else params[:len(self.program.names)])
         p = params[0] if params else None
         try:
             sig = self._signature(xs, ys, xq, yq, p)

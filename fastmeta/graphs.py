@@ -56,7 +56,6 @@ class GraphedStep:
             raise ValueError(f"graphed: warmup must be an int >= 1, got {warmup!r}")
         self.meta = meta
         self._shapes = {n: (t.shape, t.dtype, t.device) for n, t in batch.items()}
-        self._check_labels(batch)
         meta._check_structure()
         self._program = meta.program
         self._params = list(meta.parameters())
@@ -103,7 +102,7 @@ class GraphedStep:
     def _check_labels(self, batch):
         # (a call range-checks cross-entropy labels with a sync; inside the capture it is told not
         # to, so each replay's batch is checked here; the first warmup call checked the first)
-        if self.meta.loss == "cross_entropy" and hasattr(self, "_graphs"):
+        if self.meta.loss == "cross_entropy":
             C = _classes(self.meta) if self.meta.program.mlp is not None else self.meta._classes
             _checks.labels_in_range([("ys", batch["ys"]), ("yq", batch["yq"])], C, "graphed step")
 

@@ -71,9 +71,6 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
         return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
 
 
-labels_checked = _checks.labels_checked
-
-
 def check_labels(ys, yq, C):
     """Cross-entropy labels must lie in [0, C): checked on the values (one device sync)."""
     _checks.labels_in_range([("ys", ys), ("yq", yq)], C, "mlp_inner_loop")
