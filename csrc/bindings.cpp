@@ -1,6 +1,8 @@
 // Registration of fastmeta's C++ ops under the `fastmeta` namespace. Fake (meta) kernels and
 // autograd are registered from Python (fastmeta/ops/*.py) so second order composes there.
-#include <torch/python.h>  // (pybind11 with torch's casters; not the C++ frontend of torch/extension.h)
+#include <torch/csrc/utils/pybind.h>  // (pybind11 with torch's casters; not torch/python.h or torch/extension.h)
+
+#include <torch/library.h>
 
 #include "common.h"
 

@@ -1,8 +1,11 @@
 // Shared helpers for fastmeta's C++ kernels.
 #pragma once
-#include <ATen/ATen.h>
+// The Tensor class and at::parallel_for only (not ATen/ATen.h, every operator's declaration: half
+// of each file's compile time); each file includes the operators it calls from ATen/ops/.
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdlib>
 #include <functional>

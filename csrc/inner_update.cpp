@@ -5,6 +5,8 @@
 // per-parameter learning rate (Meta-SGD) may be broadcast the same way; neither is copied.
 // The output has the shape of the gradient. Backward (Python, fastmeta/ops/inner_update.py):
 //   d_theta = d_theta',  d_g = -lr * d_theta',  d_lr = -sum(g * d_theta').
+#include <ATen/ops/scalar_tensor.h>
+
 #include "common.h"
 
 #include <c10/util/irange.h>

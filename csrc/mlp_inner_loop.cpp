@@ -24,6 +24,8 @@
 // 3 tanh, 4 sigmoid. loss: 0 mse (mean over all elements), 1 cross-entropy (mean over rows).
 // Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] with P the parameter count and each row the
 // concatenation of a task's flattened [dW_1, db_1, ..., dW_L, db_L] (dlr only when need_lr_grad).
+#include <ATen/ops/cat.h>
+
 #include "common.h"
 
 #include <c10/util/irange.h>

@@ -12,7 +12,9 @@
 // returns the meta-gradient directly). It is CompositeImplicitAutograd: under torch.compile the
 // traced graph holds fastmeta::mlp_meta_grad (its fake kernel is registered from Python) and the
 // scaling.
-#include <torch/autograd.h>
+#include <ATen/ops/_foreach_mul.h>
+#include <ATen/ops/cat.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 #include <c10/util/accumulate.h>
 

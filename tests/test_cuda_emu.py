@@ -373,7 +373,7 @@ def emu_bn_relu_pool(h, x, w, b, eps, order, gy=None, saved=None, slices=1):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9),
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 13, 3, 9, 9),
                                    (1, 3, 2, 23, 25)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
 @pytest.mark.parametrize("slices", [1, 3, "per image"])
@@ -416,7 +416,7 @@ def test_bn_relu_pool_kernel(emu, shape, dtype, layout, slices):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 40, 3, 9, 9),
+@pytest.mark.parametrize("shape", [(2, 3, 4, 6, 6), (1, 2, 3, 7, 5), (3, 5, 2, 2, 3), (2, 13, 3, 9, 9),
                                    (1, 3, 2, 23, 25)])
 @pytest.mark.parametrize("layout", ["task-major", "task-inner"])
 @pytest.mark.parametrize("with_ggx", [True, False])
