@@ -91,9 +91,9 @@ class BatchedMAML(nn.Module):
 
     Args:
         model: the network; its parameters are the meta-parameters. Its structure (modules, their
-            forward hooks and parametrizations) is read into the program that every call runs, and
-            read again at the next call where it changed (a module replaced, a hook or a
-            parametrization added; a hook removed leaves the module on the vmap path). The inner loop
+            forward and backward hooks, global module hooks, parametrizations) is read into the
+            program that every call runs, and read again at the next call where it changed (a
+            module replaced, a hook or a parametrization added or removed). The inner loop
             adapts the parameters that require grad at each call (the others stay the
             meta-parameters). BatchNorm modules that track running statistics have them updated
             as the per-task loop would (see fastmeta.plan).
@@ -204,18 +204,25 @@ class BatchedMAML(nn.Module):
 
     # -- the model's structure, read again where it changed -------------------------------------
     def _stamp_structure(self):
-        """What a module swapped in or out, a forward hook or a parametrization added changes: each
-        module's dict of children with its entries, and PyTorch's count of hook handles made."""
-        dicts = [m._modules for m in self.model.modules()]
-        self._stamp = ([(d, tuple(d.values())) for d in dicts if d], [d for d in dicts if not d])
+        """What a module swapped in or out, a hook or a parametrization added or removed changes:
+        each module's dict of children with its entries, PyTorch's count of hook handles made (an
+        added hook), and the hooks of the modules that have some and the global ones (a removed
+        hook)."""
+        mods = list(self.model.modules())
+        dicts = [m._modules for m in mods]
+        hooked = [(m, plan.hook_count(m)) for m in mods if plan.hook_count(m)]
+        self._stamp = ([(d, tuple(d.values())) for d in dicts if d], [d for d in dicts if not d], hooked,
+                       plan.global_hooks())
         self._hook_id = RemovableHandle.next_id
 
     def _check_structure(self):
         """Lowers the model again where its structure changed since the last call (a module replaced,
-        say a new head; a hook or a parametrization added), as a new BatchedMAML would: the
+        say a new head; a hook or a parametrization added or removed), as a new BatchedMAML would: the
         program, the parameter walk and the checked signature are then made afresh."""
-        containers, leaves = self._stamp
-        if RemovableHandle.next_id == self._hook_id and not any(leaves):  # (leaves: still no children)
+        containers, leaves, hooked, n_global = self._stamp
+        if RemovableHandle.next_id == self._hook_id and not any(leaves) and (  # (leaves: still no children)
+                not hooked or all(plan.hook_count(m) == n for m, n in hooked)) and (  # (none removed)
+                not n_global or plan.global_hooks() == n_global):
             for d, v in containers:
                 if tuple(d.values()) != v:
                     break

@@ -49,10 +49,26 @@ _LOWERED = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d,
             nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
 
 
+def global_hooks() -> int:
+    """How many global module hooks (forward, forward-pre, backward, backward-pre) are registered:
+    each runs at every module call, so none of the batched lowerings may replace a call while any
+    is (nn.modules.module.register_module_forward_hook and the like)."""
+    from torch.nn.modules import module as _m
+
+    return (len(_m._global_forward_hooks) + len(_m._global_forward_pre_hooks) + len(_m._global_backward_hooks)
+            + len(_m._global_backward_pre_hooks))
+
+
+def hook_count(m: nn.Module) -> int:
+    """m's own forward, forward-pre, backward and backward-pre hooks."""
+    return len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+
+
 def _not_plain(m: nn.Module) -> str | None:
     """None if calling m runs exactly its lowered class's forward, else why not: a subclass with its
-    own forward, forward hooks (they change what the module returns), parametrizations (weight
-    norm and the like compute the weight the module uses from other parameters)."""
+    own forward, forward hooks (they change what the module returns), global module hooks (they
+    run at every module's call), parametrizations (weight norm and the like compute the weight the
+    module uses from other parameters)."""
     from torch.nn.utils import parametrize
 
     base = next((c for c in _LOWERED if isinstance(m, c)), None)
@@ -60,6 +76,8 @@ def _not_plain(m: nn.Module) -> str | None:
         return f"{type(m).__name__} overrides {base.__name__}.forward"
     if m._forward_hooks or m._forward_pre_hooks:
         return f"{type(m).__name__} has forward hooks"
+    if global_hooks():
+        return "global module hooks are registered (torch.nn.modules.module.register_module_*_hook)"
     if parametrize.is_parametrized(m):
         return f"{type(m).__name__} has parametrizations"
     return None
@@ -161,7 +179,26 @@ def _update_running_stats(passes):
 
 
 class UnsupportedModule(TypeError):
-    """Raised by strict lowering when a module has no batched lowering."""
+    """Raised by strict lowering when a module has no batched lowering, and by any lowering for a
+    model whose gradients a backward hook changes."""
+
+
+def _no_backward_hooks(model: nn.Module) -> None:
+    """Raises for module backward hooks (register_full_backward_hook and the like, the model's own
+    or global ones): they change the gradients of the inner steps and of the meta-gradient where a
+    per-task loop calls the module, and neither the batched ops nor torch.func's vmap fallback,
+    which calls the module under a functional transform, runs them; the result would silently
+    differ from the loop's."""
+    from torch.nn.modules import module as _m
+
+    hooked = [name or "<model>" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if hooked or _m._global_backward_hooks or _m._global_backward_pre_hooks:
+        where = (f"module(s) {hooked} of {type(model).__name__} have backward hooks" if hooked
+                 else "global module backward hooks are registered")
+        raise UnsupportedModule(
+            f"fastmeta's batched lowering: {where}, which change the gradients of a per-task loop; "
+            "BatchedMAML cannot run them (neither its batched ops nor torch.func's vmap do). Remove the hooks, or "
+            "use fastmeta.MAML / MetaSGD, which call the modules task by task as a loop does")
 
 
 @dataclasses.dataclass
@@ -491,11 +528,11 @@ def uncompiled(model):
 
 
 def _structure(model: nn.Module) -> tuple:
-    """What a program depends on: each module's class (a parametrization changes it), forward hooks
-    and entries (a module at several places counted at each), and the parameters."""
-    return (tuple((id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks),
-                   tuple(map(id, m._modules.values()))) for m in model.modules()),
-            tuple(id(p) for p in model.parameters()))
+    """What a program depends on: each module's class (a parametrization changes it), hooks (its
+    own forward and backward ones, and how many global ones there are) and entries (a module at several places counted at each), and the parameters."""
+    return (tuple((id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
+                   tuple(m._backward_pre_hooks), tuple(map(id, m._modules.values()))) for m in model.modules()),
+            tuple(id(p) for p in model.parameters()), global_hooks())
 
 
 def lower(model: nn.Module, strict: bool = False) -> Program:
@@ -504,6 +541,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     model = uncompiled(model)
+    _no_backward_hooks(model)
     key = (strict, _structure(model))
     hit = _cache.get(model)
     if hit is not None and hit[0] == key:

@@ -735,3 +735,56 @@ def test_structure_changed_after_construction_is_read_again(backend):
         check("a forward hook")
         nn.utils.parametrizations.weight_norm(model[0])
         check("a parametrization")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=requires_cpp)])
+def test_hooks_removed_global_and_backward(backend):
+    """A forward hook removed after a call: the next call lowers the model again (the module
+    leaves the vmap path; before, removing a handle went unseen). A global module forward hook
+    runs as in the loop (every module through vmap while one is registered). A module backward
+    hook, which the loop runs in each inner step's gradient and which neither the batched ops nor
+    vmap run, raises instead of giving the loop-without-hooks' answer; so does a global one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    batch = (torch.randn(3, 5, 2, dtype=torch.float64), torch.randint(0, 3, (3, 5)),
+             torch.randn(3, 6, 2, dtype=torch.float64), torch.randint(0, 3, (3, 6)))
+
+    def check(meta, what):
+        want_loss, want, _ = loop_meta_grads(model, *batch, 0.5, 2, "cross_entropy")
+        loss, grads = meta.value_and_grad(*batch)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0, msg=what)
+        assert_rel_close(grads, want, 1e-9, what)
+
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+        handle = model[1].register_forward_hook(lambda mod, inputs, out: out * 2.0)
+        check(meta, "a forward hook")
+        assert meta.program.fallbacks
+        handle.remove()
+        check(meta, "the hook removed")
+        assert not meta.program.fallbacks
+
+        scale = torch.nn.modules.module.register_module_forward_hook(
+            lambda mod, inputs, out: out * 1.5 if isinstance(mod, nn.Linear) else None)
+        try:
+            check(meta, "a global forward hook")
+            assert "global module hooks" in fastmeta.explain(model)
+        finally:
+            scale.remove()
+        check(meta, "the global hook removed")
+        assert not meta.program.fallbacks
+
+        handle = model[2].register_full_backward_hook(lambda mod, gin, gout: (gin[0] * 3.0,))
+        with pytest.raises(TypeError, match=r"module\(s\) \['2'\] of Sequential have backward hooks"):
+            meta.value_and_grad(*batch)
+        with pytest.raises(TypeError, match="backward hooks"):
+            fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+        handle.remove()
+        check(meta, "the backward hook removed")
+        hook = torch.nn.modules.module.register_module_full_backward_hook(lambda mod, gin, gout: None)
+        try:
+            with pytest.raises(TypeError, match="global module backward hooks"):
+                meta(*batch)
+        finally:
+            hook.remove()
+        check(meta, "the global backward hook removed")
