@@ -680,7 +680,7 @@ class _CheckpointedSteps(torch.autograd.Function):
         theta = [fixed[name] for name in names]
         lr = _CheckpointedSteps._rate(meta, [t.detach() for t in rate_tensors])
         history, rng = [], []
-        keep_rng = bool(meta.program.fallbacks)  # a vmap fallback may draw random numbers
+        keep_rng = meta.program.random  # (a Dropout, a vmap fallback)
         for step in range(meta.inner_steps):
             history.append(theta)
             rng.append(_rng_state(xs.device) if keep_rng else None)

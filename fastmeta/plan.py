@@ -3,8 +3,9 @@
 A program maps per-task parameters P (name -> [T, *shape], at step 0 broadcast views of the
 meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], using fastmeta's
 batched ops. (Nested) ``nn.Sequential``s of Linear, Conv2d, BatchNorm1d/2d, ReLU, LeakyReLU, Tanh,
-Sigmoid, MaxPool2d, AvgPool2d, Flatten and Identity are lowered module by module; a Linear followed
-by an activation becomes one fused ``batched_linear``. A module is lowered only where calling it
+Sigmoid, MaxPool2d, AvgPool2d, Flatten, Dropout and Identity are lowered module by module; a Linear
+followed by an activation becomes one fused ``batched_linear`` (Dropout in training mode draws one
+mask over all tasks, each task's part of it an independent draw, as a loop's per-task draws are). A module is lowered only where calling it
 runs its class's own forward: a subclass with its own forward, a module with forward hooks or with
 parametrizations (weight norm) is not, and neither is a Sequential with them. Any such or other
 module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but
@@ -46,7 +47,7 @@ _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
 _LOWERED = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
-            nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten)
+            nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout)
 
 
 def global_hooks() -> int:
@@ -300,6 +301,12 @@ class Program:
     def fallbacks(self):
         return [s for s in self.steps if s.fallback]
 
+    @property
+    def random(self) -> bool:
+        """Whether a pass may draw random numbers (a Dropout, or a vmap fallback, which may hold one):
+        a pass recomputed in a backward must then draw what its first run drew."""
+        return bool(self.fallbacks) or any(s.kind == "dropout" for s in self.steps)
+
 
 def _canonical_names(model: nn.Module) -> dict:
     """id(parameter) -> its first name in model.named_parameters() (shared ones map to one name)."""
@@ -400,6 +407,10 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
             return None, "MaxPool2d(return_indices=True)"
 
         return Step(path, type(m).__name__, lambda x, P, m=m: per_sample_2d(x, m)), False
+    if isinstance(m, nn.Dropout):
+        # elementwise, so one draw over [T, N, ...] is each task's own draw over [N, ...]; never in
+        # place (the input may be an activation a backward reads)
+        return Step(path, "dropout", lambda x, P, m=m: torch.nn.functional.dropout(x, m.p, m.training)), False
     if isinstance(m, nn.Flatten):
         dims = _flatten_dims(m, path)
         if dims is None:

@@ -788,3 +788,46 @@ def test_hooks_removed_global_and_backward(backend):
         finally:
             hook.remove()
         check(meta, "the global backward hook removed")
+
+
+def test_dropout_is_lowered():
+    """nn.Dropout runs as a batched op, not through vmap: in eval mode (identity) and at p=0 the
+    meta-gradient is the loop's; in training mode each task draws its own mask (one draw over all
+    tasks), scaled by 1/(1-p); checkpoint_steps' recomputed steps draw the masks of their first
+    run, so its meta-gradient equals the plain step's under the same seed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
+    batch = (torch.randn(3, 4, 2, dtype=torch.float64), torch.randint(0, 3, (3, 4)),
+             torch.randn(3, 5, 2, dtype=torch.float64), torch.randint(0, 3, (3, 5)))
+    assert "-> dropout" in fastmeta.explain(model)
+    meta = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+    assert not meta.program.fallbacks and meta.program.random
+    for what in ("eval", "p=0"):
+        if what == "eval":
+            model.eval()
+        else:
+            model.train()
+            model[2].p = 0.0
+        want_loss, want, _ = loop_meta_grads(model, *batch, 0.5, 2, "cross_entropy")
+        loss, grads = meta.value_and_grad(*batch)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0, msg=what)
+        assert_rel_close(grads, want, 1e-9, what)
+
+    model.train()
+    model[2].p = 0.5
+    hidden = torch.rand(4, 50, 16, dtype=torch.float64) + 0.5
+    with torch.no_grad():
+        dropped = fastmeta.BatchedMAML(nn.Sequential(model[2]), 0.5, 0).predict({}, hidden)
+    kept = dropped != 0
+    torch.testing.assert_close(dropped[kept], 2 * hidden[kept])
+    assert 0.4 < float(kept.double().mean()) < 0.6
+    assert not torch.equal(kept[0], kept[1])  # each task its own mask
+
+    model[2].p = 0.3
+    results = []
+    for checkpoint_steps in (False, True):
+        m = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy", checkpoint_steps=checkpoint_steps)
+        torch.manual_seed(5)
+        loss = m(*batch)
+        results.append([loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters()))))
+    assert_rel_close(results[1], results[0], 1e-12, "checkpoint_steps with dropout")

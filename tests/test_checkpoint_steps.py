@@ -109,10 +109,11 @@ def test_adapt_and_predict():
 
 
 def test_random_fallback_module_draws_the_same_numbers_again():
-    """A module without a batched lowering (here Dropout, run through vmap with random draws per
-    task): the recomputed steps draw what the first run drew (the generator's state is kept a step
-    and restored around each recomputation, and left as it was after the backward)."""
-    model = nn.Sequential(nn.Linear(2, 16), nn.Dropout(0.3), nn.Tanh(), nn.Linear(16, 3)).double()
+    """A module without a batched lowering (here AlphaDropout, run through vmap with random draws
+    per task): the recomputed steps draw what the first run drew (the generator's state is kept a
+    step and restored around each recomputation, and left as it was after the backward; the lowered
+    Dropout: tests/test_batched_maml.py)."""
+    model = nn.Sequential(nn.Linear(2, 16), nn.AlphaDropout(0.3), nn.Tanh(), nn.Linear(16, 3)).double()
     batch = _mlp_batch()
     got, after = {}, {}
     for ck in (False, True):
