@@ -35,6 +35,7 @@
 // output gradient operand is the largest tensor, makes three calls on single parts instead (one
 // part of it alive at a time). On CUDA they run with cuDNN's TF32 allowed (tensor cores); on a CPU
 // the same products run in float32.
+#include <ATen/Context.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/bitwise_and.h>
 #include <ATen/ops/cat.h>
