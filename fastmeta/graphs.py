@@ -15,7 +15,8 @@ What a graph fixes at capture, and what breaks it:
 - the batch's shapes, dtypes and device: another batch shape raises (capture another step for it);
 - the parameters' storage: optimizers update in place, which the next replay reads; a parameter
   replaced by another tensor (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``)
-  raises, as does a change of inner_lr, inner_steps, first_order or the backend;
+  raises, as does a change of inner_lr, inner_steps, first_order, the backend or a module's
+  training mode (``model.train()`` / ``model.eval()``: BatchNorm's statistics, Dropout);
 - the outputs: ``loss`` and ``grads`` are the graph's own buffers, overwritten by the next replay
   (clone them to keep them); parameters that do not require grad have None.
 Cross-entropy labels are range-checked on the host before each replay (one sync); check_finite
@@ -97,7 +98,8 @@ class GraphedStep:
     def _current_config(self):
         m = self.meta
         return (m.inner_lr if not isinstance(m.inner_lr, torch.Tensor) else id(m.inner_lr), m.inner_steps,
-                m.first_order, get_backend(), m.backend, tuple(p.requires_grad for p in m.parameters()))
+                m.first_order, get_backend(), m.backend, tuple(p.requires_grad for p in m.parameters()),
+                tuple(mod.training for mod in m.model.modules()))
 
     def _check_labels(self, batch):
         # (a call range-checks cross-entropy labels with a sync; inside the capture it is told not
@@ -124,8 +126,10 @@ class GraphedStep:
             raise RuntimeError("graphed step: the module's parameters were replaced since the capture (the "
                                "graph reads the captured tensors); update them in place or capture again")
         if self._current_config() != self._config:
-            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order, the backend or which "
-                               "parameters require grad changed since the capture; capture again")
+            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order, the backend, which "
+                               "parameters require grad or a module's training mode (train() / eval(): "
+                               "BatchNorm's statistics, Dropout) changed since the capture; capture again "
+                               "(a step for each mode)")
         self._check_labels(batch)
         if len(self._chunks) > 1:
             torch._foreach_zero_([self.loss] + [g for g in self.grads if g is not None])

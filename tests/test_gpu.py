@@ -683,3 +683,33 @@ def test_fused_mlp_meta_loss_under_torch_compile_on_cuda(first_order):
     torch._dynamo.reset()
     got = torch.autograd.grad(torch.compile(lambda *b: meta(*b), backend="aot_eager")(w.xs, w.ys, w.xq, w.yq), wanted)
     assert_rel_close(list(got), list(want), 1e-6, "meta-grad")
+
+
+def test_graphed_step_with_dropout():
+    """The lowered nn.Dropout inside a captured step: in eval mode a replay equals value_and_grad;
+    in training mode each replay draws new masks (CUDA graphs advance the generator's offset a
+    replay), so two replays of the same batch differ, and each is finite; a replay after the model
+    was switched to eval() raises (the graph holds the mode it was captured in)."""
+    from torch import nn
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 5)).cuda().double()
+    d = dict(device="cuda", dtype=torch.float64)
+    xs, xq = torch.randn(6, 5, 4, **d), torch.randn(6, 7, 4, **d)
+    ys, yq = torch.randint(0, 5, (6, 5), device="cuda"), torch.randint(0, 5, (6, 7), device="cuda")
+    meta = fastmeta.BatchedMAML(net, 0.3, 2, loss="cross_entropy")
+    assert not meta.program.fallbacks
+    net.eval()
+    loss, grads = fastmeta.graphed(meta, xs, ys, xq, yq)(xs, ys, xq, yq)
+    want_loss, want = meta.value_and_grad(xs, ys, xq, yq)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+    net.train()
+    step = fastmeta.graphed(meta, xs, ys, xq, yq)
+    first = step(xs, ys, xq, yq)[0].clone()
+    second = step(xs, ys, xq, yq)[0].clone()
+    assert torch.isfinite(first) and torch.isfinite(second)
+    assert not torch.equal(first, second)
+    net.eval()  # the captured graph draws masks: a replay in eval mode would still drop
+    with pytest.raises(RuntimeError, match="training mode"):
+        step(xs, ys, xq, yq)
