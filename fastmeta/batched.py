@@ -487,21 +487,26 @@ class BatchedMAML(nn.Module):
 
     @_module_backend
     def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
-        """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters)."""
+        """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters;
+        under torch.no_grad the inner steps keep no graph and the losses come back detached)."""
         ys, yq = self._labels(ys), self._labels(yq)
         fused, checked = self._prepare(xs, ys, xq, yq)
+        grad_on = torch.is_grad_enabled()
         with torch.enable_grad(), _labels_to_check(self, [("ys", ys), ("yq", yq)]):
             if fused:
                 params, lr, spec = self._fused_args()
                 with phase("fused_inner_loop"):
-                    return ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
-                                              spec.negative_slope, self.loss, self.first_order, _checked=checked)
+                    losses = ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
+                                                spec.negative_slope, self.loss, self.first_order, _checked=checked)
+                return losses if grad_on else losses.detach()
             with plan.running_stats(self.program):  # BatchNorm's, where tracked, as the loop updates them
-                P = self._adapt(xs, ys, self.first_order, create_graph=not self.first_order)
+                P = self._adapt(xs, ys, self.first_order, create_graph=grad_on and not self.first_order)
+                if not grad_on:  # (evaluation: the adapted parameters as values)
+                    P = {n: t.detach() for n, t in P.items()}
                 # where the steps' graphs are not kept (first order, checkpoint_steps) the query's is
                 # the largest: under recompute its later blocks keep only their inputs too
                 later = self.recompute and (self.first_order or self.checkpoint_steps)
-                with phase("query_forward"):
+                with phase("query_forward"), torch.set_grad_enabled(grad_on):
                     return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
 
     @_module_backend
@@ -510,10 +515,14 @@ class BatchedMAML(nn.Module):
         params = self._param_list(model_only=True)
         ys, yq = self._labels(ys), self._labels(yq)
         fused, checked = self._prepare(xs, ys, xq, yq, params)
+        # the fused op runs in grad mode (its torch form takes the inner steps' gradients); under
+        # no_grad its loss comes back detached, as the other paths' does
+        grad_on = torch.is_grad_enabled()
         if checked and self._direct is not None:
             with torch.enable_grad(), phase("fused_inner_loop"):
-                return self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
+                loss = self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
                                     self.first_order)
+            return loss if grad_on else loss.detach()
         if not fused:
             if self._chunked(xs):
                 wanted = [p for p in self._param_list() if p.requires_grad]
@@ -521,8 +530,9 @@ class BatchedMAML(nn.Module):
             return self.task_losses(xs, ys, xq, yq).mean()
         params, lr, spec = self._fused_args()
         with torch.enable_grad(), phase("fused_inner_loop"):
-            return ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
+            loss = ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
                                      spec.negative_slope, self.loss, self.first_order, _checked=checked)
+        return loss if grad_on else loss.detach()
 
     @_module_backend
     def value_and_grad(self, xs, ys, xq, yq) -> tuple[torch.Tensor, list]:

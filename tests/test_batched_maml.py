@@ -500,7 +500,9 @@ def test_half_precision_models_take_the_torch_ops(backend, dtype):
 def test_evaluation_under_inference_mode(backend):
     """torch.inference_mode (meta-test evaluation): forward, task_losses, value_and_grad, adapt and
     predict give what they give outside it (they ran autograd on inference tensors and failed),
-    for an MLP (the fused kernel on cpp) and a conv net, with batches made inside or outside."""
+    for an MLP (the fused kernel on cpp) and a conv net, with batches made inside or outside.
+    Under torch.no_grad too, with no result requiring grad (the fused kernel's loss did, twice: the
+    first call and the checked fast path)."""
     torch.manual_seed(0)
     images = (torch.randn(2, 3, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (2, 3)),
               torch.randn(2, 4, 1, 16, 16, dtype=torch.float64), torch.randint(0, 5, (2, 4)))
@@ -518,6 +520,13 @@ def test_evaluation_under_inference_mode(backend):
                            meta.predict(meta.adapt(b[0], b[1]), b[2])]
                 assert not any(t.requires_grad for t in got)
                 assert_rel_close(got, want, 1e-12, "inference mode")
+            fresh = fastmeta.BatchedMAML(model, 0.1, 2, loss=loss)
+            for _ in range(2):
+                with torch.no_grad():
+                    got = [fresh(*batch), fresh.task_losses(*batch), fresh.predict(fresh.adapt(batch[0], batch[1]),
+                                                                                     batch[2])]
+                assert not any(t.requires_grad for t in got)
+                assert_rel_close(got, [want[0], want[1], want[-1]], 1e-12, "no_grad")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
