@@ -18,7 +18,9 @@ more than ``margin``: the result may be a per-op request such as ``{"batched_con
 "bn_relu_pool": "triton"}``. Requests that would run the very same kernels as one already timed
 are skipped. Every backend's meta-gradient must agree with auto's (``rtol``, per
 tensor, a near-zero tensor measured against 1e-2 of the whole gradient's norm): one that does not
-is left out and the table says by how much. Parameters are not changed (no optimizer step).
+is left out and the table says by how much; a model that draws random numbers (Dropout) is
+compared on a call of each candidate under one fixed seed. Parameters are not changed (no
+optimizer step).
 
 ``meta.backend`` applies to the module's calls (forward, value_and_grad, adapt, predict, graphed
 steps captured after) only while the global request (set_backend / use_backend / FASTMETA_BACKEND)
@@ -121,6 +123,11 @@ class _Trials:
                     _, grads = meta.value_and_grad(*self.batch)
                     _sync(device)
                     samples.append(1e3 * (time.perf_counter() - t0))
+                if meta.program.random:  # (Dropout) the compared gradient from the same draws for every candidate
+                    with torch.random.fork_rng(devices=[torch.device(device)] if device == "cuda" else [],
+                                               device_type=device):
+                        torch.manual_seed(0)
+                        _, grads = meta.value_and_grad(*self.batch)
             except Exception as e:  # a backend that fails on this model is not a candidate
                 self.rows.append((label, None, f"failed: {type(e).__name__}: {e}"))
                 return None

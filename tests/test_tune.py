@@ -52,6 +52,20 @@ def test_tune_times_each_backend_and_keeps_the_fastest():
 
 
 @requires_cpp
+def test_tune_compares_a_dropout_model_on_the_same_draws():
+    """A conv net with Dropout in training mode: every candidate's meta-gradient is compared on a
+    call under one seed, so no backend is left out for drawing other masks than auto's."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                          nn.Flatten(), nn.Dropout(0.5), nn.Linear(4 * 4 * 4, 3))
+    _, batch = _conv_meta()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy")
+    assert meta.program.random and not meta.program.fallbacks
+    result = fastmeta.tune(meta, *batch, backends=["auto", "torch"], reps=1, warmup=0, per_op=False)
+    assert {"auto", "torch"} <= set(result.times()), str(result)
+
+
+@requires_cpp
 def test_tune_skips_a_backend_that_runs_the_same_kernels():
     """For the fused MLP, cpp runs what auto runs (inner_update aside, which the fused step does not
     call): only a backend whose kernels differ is timed."""
