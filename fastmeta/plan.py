@@ -5,9 +5,11 @@ meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], us
 batched ops. (Nested) ``nn.Sequential``s of Linear, Conv2d, BatchNorm1d/2d, ReLU, LeakyReLU, Tanh,
 Sigmoid, MaxPool2d, AvgPool2d, Flatten, Dropout and Identity are lowered module by module; a Linear
 followed by an activation becomes one fused ``batched_linear`` (Dropout in training mode draws one
-mask over all tasks, each task's part of it an independent draw, as a loop's per-task draws are). A module is lowered only where calling it
-runs its class's own forward: a subclass with its own forward, a module with forward hooks or with
-parametrizations (weight norm) is not, and neither is a Sequential with them. Any such or other
+mask over all tasks, each task's part of it an independent draw, as a loop's per-task draws are).
+A module is lowered only where calling it runs its class's own forward: a subclass with its own
+forward, a module with forward hooks or with parametrizations (weight norm) is not, nor is any
+module while global module hooks are registered, and neither is a Sequential with them. Module
+backward hooks raise (neither the batched ops nor vmap run them). Any such or other
 module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but
 slower and heavier), as its own call would; a model that is not a Sequential runs that way as a
 whole. A module used at several places of a Sequential (tied weights) runs at each. ``explain(model)`` says which path each module
@@ -540,7 +542,8 @@ def uncompiled(model):
 
 def _structure(model: nn.Module) -> tuple:
     """What a program depends on: each module's class (a parametrization changes it), hooks (its
-    own forward and backward ones, and how many global ones there are) and entries (a module at several places counted at each), and the parameters."""
+    own forward and backward ones, and how many global ones there are) and entries (a module at
+    several places counted at each), and the parameters."""
     return (tuple((id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
                    tuple(m._backward_pre_hooks), tuple(map(id, m._modules.values()))) for m in model.modules()),
             tuple(id(p) for p in model.parameters()), global_hooks())
