@@ -200,10 +200,11 @@ def _loop(w: Workload, first_order: bool):
     """The naive loop: task by task, S differentiable SGD steps, the query loss, and its backward
     (the task's meta-gradient, summed over tasks), as learn2learn's examples write it: memory holds
     one task's graph at a time."""
-    from torch.func import functional_call
+    from .plan import call_with, slot_names
 
     names = [n for n, _ in w.model.named_parameters()]
     params = _params(w)
+    slots = slot_names(w.model)  # (a module at two places of the model: its parameters replaced once)
 
     def step():
         total = None
@@ -211,13 +212,13 @@ def _loop(w: Workload, first_order: bool):
             p = dict(zip(names, params))
             for _ in range(w.steps):
                 with phase("inner_forward"):
-                    loss = w.loss_fn(functional_call(w.model, p, (w.xs[t],)), w.ys[t])
+                    loss = w.loss_fn(call_with(w.model, p, (w.xs[t],), names=slots), w.ys[t])
                 with phase("inner_backward"):
                     g = torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
                 with phase("update"):
                     p = {n: v - w.inner_lr * gi for (n, v), gi in zip(p.items(), g)}
             with phase("query_forward"):
-                query = w.loss_fn(functional_call(w.model, p, (w.xq[t],)), w.yq[t]) / w.tasks
+                query = w.loss_fn(call_with(w.model, p, (w.xq[t],), names=slots), w.yq[t]) / w.tasks
             with phase("outer_backward"):
                 total = _accumulate(total, torch.autograd.grad(query, params))
         return total
@@ -299,14 +300,16 @@ def _higher(w: Workload, first_order: bool):
 
 def _vmap_meta_grad_fn(w: Workload, first_order: bool):
     """A pure function params -> meta-gradient, built from torch.func transforms."""
-    from torch.func import functional_call, grad, vmap
+    from torch.func import grad, vmap
+
+    from .plan import call_with, slot_names
 
     model = w.model
     buffers = dict(model.named_buffers())
+    slots = slot_names(model)
 
     def loss_at(p, x, y):
-        out = functional_call(model, (p, buffers), (x.unsqueeze(0) if False else x,))
-        return w.loss_fn(out, y)
+        return w.loss_fn(call_with(model, p, (x,), buffers, names=slots), y)
 
     def task_loss(p, xs, ys, xq, yq):
         for _ in range(w.steps):

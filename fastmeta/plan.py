@@ -12,8 +12,11 @@ module while global module hooks are registered, and neither is a Sequential wit
 backward hooks raise (neither the batched ops nor vmap run them). Any such or other
 module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but
 slower and heavier), as its own call would; a model that is not a Sequential runs that way as a
-whole. A module used at several places of a Sequential (tied weights) runs at each. ``explain(model)`` says which path each module
-takes and why; ``lower(model, strict=True)`` raises instead of falling back.
+whole. A module used at several places of a Sequential (tied weights) runs at each; in a vmap
+fallback each module attribute that holds a parameter is given the per-task one once
+(``parameter_slots``), so tied and shared parameters run as in the loop and the model keeps its
+own. ``explain(model)`` says which path each module takes and why; ``lower(model, strict=True)``
+raises instead of falling back.
 
 BatchNorm uses per-task (transductive) batch statistics when the module is in training mode or
 keeps no running statistics, as MAML does; in eval mode with running statistics it uses those.
@@ -315,10 +318,44 @@ def _canonical_names(model: nn.Module) -> dict:
     return {id(p): n for n, p in model.named_parameters()}
 
 
+def parameter_slots(module: nn.Module) -> dict:
+    """path -> parameter for each module attribute that holds a parameter, each module once however
+    many paths reach it: the keys under which ``torch.func.functional_call(module, ...,
+    tie_weights=False)`` replaces every parameter exactly once. A module registered at two paths
+    (``nn.Sequential(lin, act, lin)``) has one slot, reached by the first path; two modules that
+    share a Parameter have one slot each, both to be given the same value.
+
+    functional_call with all of named_parameters(remove_duplicate=False) raises under vmap (the two
+    paths' values of one tied parameter are two tensors there), and with named_parameters()'s names
+    and tie_weights=True it swaps such a module's attribute twice and restores it once, leaving the
+    caller's tensor in the model (torch 2.13)."""
+    return {(f"{mp}.{n}" if mp else n): p for mp, m in module.named_modules() for n, p in m._parameters.items()
+            if p is not None}
+
+
+def call_with(module: nn.Module, params: dict, args: tuple, buffers: dict | None = None, names: dict | None = None):
+    """module(*args) with ``params`` (keyed by ``named_parameters()``' names; a shared parameter
+    under its first name) in place of its parameters, and ``buffers`` (keyed by path) in place of
+    those, through functional_call over parameter_slots' keys. names: slot path -> parameter name,
+    from ``slot_names(module)``, if at hand."""
+    from torch.func import functional_call
+
+    names = slot_names(module) if names is None else names
+    sub = {slot: params[n] for slot, n in names.items()}
+    return functional_call(module, (sub, buffers) if buffers is not None else sub, args, tie_weights=False)
+
+
+def slot_names(module: nn.Module) -> dict:
+    """parameter_slots' path -> the name of its parameter in ``module.named_parameters()``."""
+    canon = _canonical_names(module)
+    return {slot: canon[id(p)] for slot, p in parameter_slots(module).items()}
+
+
 def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
     from torch.func import functional_call, vmap
 
-    rel = {n: canon[id(p)] for n, p in module.named_parameters(remove_duplicate=False)}
+    # each attribute holding a parameter once (see parameter_slots), keyed for functional_call
+    rel = {n: canon[id(p)] for n, p in parameter_slots(module).items()}
     norms = [(n + "." if n else "", m) for n, m in module.named_modules() if isinstance(m, _BATCH_NORMS)]
 
     def run(x, P):
@@ -326,7 +363,7 @@ def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
         live = [(pre, bn) for pre, bn in norms if _tracks(bn)]
         if not live:
             def one(params, xt):
-                return functional_call(module, params, (xt,))
+                return functional_call(module, params, (xt,), tie_weights=False)
             return vmap(one, randomness="different")(sub, x)
         # BatchNorm in training mode with running statistics: each task updates a copy of them
         # (a batched buffer, which vmap allows), from which this pass's statistics are read back
@@ -342,7 +379,7 @@ def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
                 copies[pre + "num_batches_tracked"] = bn.num_batches_tracked.expand(T).clone()
 
         def one(params, buffers, xt):
-            return functional_call(module, (params, {**buffers, **counts}), (xt,))
+            return functional_call(module, (params, {**buffers, **counts}), (xt,), tie_weights=False)
         out = vmap(one, randomness="different")(sub, copies, x)
         if _recording():
             for pre, bn in live:
@@ -588,7 +625,11 @@ def explain(model: nn.Module) -> str:
     """A human-readable account of how fastmeta runs ``model``: each module's path and why."""
     from .backend import BackendUnavailable, select
 
-    prog = lower(model)
+    try:
+        prog = lower(model)
+    except UnsupportedModule as e:  # backward hooks: no plan runs the model as a loop would
+        return (f"fastmeta plan for {type(uncompiled(model)).__name__}: none, BatchedMAML raises "
+                f"UnsupportedModule:\n  {e}")
     lines = [f"fastmeta plan for {type(model).__name__}:"]
     if uncompiled(model) is not model:
         model = uncompiled(model)

@@ -10,7 +10,6 @@ if not glob.glob("/dev/nvidia[0-9]*"):
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.func import functional_call
 
 # Relative tolerances of a meta-gradient against the per-task autograd loop. float64: the two
 # compute the same sums in different orders, so only rounding differs (~1e-15 per op); float32:
@@ -78,14 +77,17 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
 
     lr: a number (or tensor), or lrs: dict name -> per-parameter rate (Meta-SGD).
     Returns (meta-loss, grads of model params, grads of lrs or None)."""
+    from fastmeta.plan import call_with, slot_names
+
     named = dict(model.named_parameters())
     adapt = [n for n, p in named.items() if p.requires_grad]
+    slots = slot_names(model)  # functional_call over each module attribute once (tied modules)
     T = xs.shape[0]
     total = 0.0
     for t in range(T):
         p = dict(named)
         for _ in range(steps):
-            l = task_loss(loss, functional_call(model, p, (xs[t],)), ys[t])
+            l = task_loss(loss, call_with(model, p, (xs[t],), names=slots), ys[t])
             g = torch.autograd.grad(l, [p[n] for n in adapt], create_graph=not first_order,
                                     retain_graph=True, allow_unused=True)
             for n, gi in zip(adapt, g):
@@ -93,7 +95,7 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
                     continue
                 rate = lrs[n] if lrs is not None else lr
                 p[n] = p[n] - rate * gi
-        total = total + task_loss(loss, functional_call(model, p, (xq[t],)), yq[t])
+        total = total + task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
     meta = total / T
     inputs = [named[n] for n in adapt] + (list(lrs.values()) if lrs is not None else [])
     g = torch.autograd.grad(meta, inputs, allow_unused=True)

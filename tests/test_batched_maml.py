@@ -566,6 +566,91 @@ def test_a_module_used_twice(backend, first_order):
     assert_rel_close(got, list(want), RTOL[torch.float64], "meta-grad")
 
 
+class _TwiceInside(nn.Module):
+    """A custom forward (so the vmap fallback) over a module registered at two places."""
+
+    def __init__(self):
+        super().__init__()
+        lin = nn.Linear(2, 2)
+        self.body = nn.Sequential(lin, nn.Tanh(), lin)
+        self.head = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x)))
+
+    @staticmethod
+    def by_hand(p, x):
+        h = torch.tanh(x @ p["body.0.weight"].T + p["body.0.bias"])
+        h = h @ p["body.0.weight"].T + p["body.0.bias"]
+        return torch.tanh(h) @ p["head.weight"].T + p["head.bias"]
+
+
+class _SharedWeight(nn.Module):
+    """A custom forward over two modules that hold one Parameter (mid.weight is dec.weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec, self.mid, self.head = nn.Linear(2, 3), nn.Linear(3, 3), nn.Linear(3, 3), nn.Linear(3, 1)
+        self.mid.weight = self.dec.weight
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.mid(torch.tanh(self.dec(torch.tanh(self.enc(x)))))))
+
+    @staticmethod
+    def by_hand(p, x):
+        h = torch.tanh(x @ p["enc.weight"].T + p["enc.bias"])
+        h = torch.tanh(h @ p["dec.weight"].T + p["dec.bias"])
+        h = torch.tanh(h @ p["dec.weight"].T + p["mid.bias"])
+        return h @ p["head.weight"].T + p["head.bias"]
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("make", [_TwiceInside, _SharedWeight], ids=["module-twice", "shared-parameter"])
+def test_tied_weights_through_the_vmap_fallback(make, first_order):
+    """Tied weights inside a model that runs through torch.func's vmap: a module registered at two
+    places raised (functional_call got one value per path, two tensors under vmap), and
+    functional_call given one path per parameter left a tensor of the call in the model in place of
+    its Parameter. The loss and meta-gradient now equal the model written out by hand, and the
+    model keeps its Parameters; the loop oracle of these tests runs the model the same way."""
+    torch.manual_seed(0)
+    model = make().double()
+    before = {n: p for n, p in model.named_parameters(remove_duplicate=False)}
+    xs, ys, xq, yq = regression_batch(3, 5, 4, 2, 1, torch.float64)
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    total = 0.0
+    for t in range(3):
+        p = dict(zip(names, params))
+        for _ in range(2):
+            g = torch.autograd.grad(((make.by_hand(p, xs[t]) - ys[t]) ** 2).mean(), list(p.values()),
+                                    create_graph=not first_order)
+            p = {n: a - 0.1 * b for (n, a), b in zip(p.items(), g)}
+        total = total + ((make.by_hand(p, xq[t]) - yq[t]) ** 2).mean() / 3
+    want = torch.autograd.grad(total, params)
+
+    def intact(where):
+        now = dict(model.named_parameters(remove_duplicate=False))
+        assert now.keys() == before.keys(), where
+        for n, p in before.items():
+            assert now[n] is p, f"{where}: {n} is no longer the model's Parameter"
+
+    oracle = loop_meta_grads(model, xs, ys, xq, yq, 0.1, 2, first_order=first_order)
+    intact("after the loop oracle")
+    assert abs(oracle[0].item() - total.item()) <= 1e-12 * abs(total.item())
+    assert_rel_close(oracle[1], list(want), RTOL[torch.float64], "loop oracle")
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order)
+    assert meta.program.fallbacks
+    for call in range(2):  # the second call skips the checks
+        loss = meta(xs, ys, xq, yq)
+        intact(f"after call {call}")
+        got = torch.autograd.grad(loss, params)
+        assert abs(loss.item() - total.item()) <= 1e-12 * abs(total.item())
+        assert_rel_close(list(got), list(want), RTOL[torch.float64], "meta-grad")
+    value, got = meta.value_and_grad(xs, ys, xq, yq)
+    intact("after value_and_grad")
+    assert_rel_close(list(got), list(want), RTOL[torch.float64], "value_and_grad")
+
+
 class _Doubled(nn.Linear):
     def forward(self, x):
         return 2.0 * super().forward(x)
@@ -788,6 +873,8 @@ def test_hooks_removed_global_and_backward(backend):
             meta.value_and_grad(*batch)
         with pytest.raises(TypeError, match="backward hooks"):
             fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
+        text = fastmeta.explain(model)  # says why instead of raising
+        assert "BatchedMAML raises UnsupportedModule" in text and "['2'] of Sequential" in text, text
         handle.remove()
         check(meta, "the backward hook removed")
         hook = torch.nn.modules.module.register_module_full_backward_hook(lambda mod, gin, gout: None)
