@@ -424,7 +424,7 @@ class BatchedMAML(nn.Module):
 
     def _fused_mlp_ok(self) -> bool:
         spec = self.program.mlp
-        if spec is None or self.loss not in _LOSSES or self.check_finite:
+        if spec is None or self.loss not in _LOSSES or self.check_finite or spec.dropping():
             return False
         if isinstance(self.inner_lr, torch.Tensor):
             return False
@@ -440,11 +440,14 @@ class BatchedMAML(nn.Module):
         """What the argument checks and the fused-path choice depend on: shapes, dtypes and devices
         of the batch and of the parameters, the requested backend, inner_lr, loss, check_finite,
         whether the batch requires grad. A call with the signature of the last checked call skips
-        the checks (they would pass again); the label range check of cross-entropy still runs."""
+        the checks (they would pass again); the label range check of cross-entropy still runs.
+        With a Dropout in the fused MLP, whether it drops (train() / eval(), p) is part of it."""
         p = self._first_param if p is None else p
+        spec = self.program.mlp
+        dropping = spec is not None and bool(spec.dropouts) and spec.dropping()
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
-                id(self.loss), self.check_finite,
+                id(self.loss), self.check_finite, dropping,
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
     def _prepare(self, xs, ys, xq, yq, params=None):

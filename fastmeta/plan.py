@@ -25,9 +25,10 @@ statistics has them updated as the per-task loop's forward passes would update t
 each task's passes (inner steps, then the query) in order, with the module's momentum (or its
 cumulative average), ``num_batches_tracked`` counting every pass.
 
-An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid /
-Identity, all parameters trainable and unshared) is also recorded as an ``MLPSpec``, which lets
-BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op.
+An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid,
+and Identity or Dropout modules, all parameters trainable and unshared) is also recorded as an
+``MLPSpec``, which lets BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op (with a
+Dropout, only while it drops nothing: in eval mode or at p=0).
 """
 from __future__ import annotations
 
@@ -221,6 +222,12 @@ class MLPSpec:
     param_names: list            # [W_1, b_1, ..., W_L, b_L] canonical names
     activations: list            # per layer
     negative_slope: float
+    dropouts: tuple = ()         # its nn.Dropout modules: the fused op runs only while none drops
+
+    def dropping(self) -> bool:
+        """Whether a Dropout of the MLP draws masks now (training mode and p > 0): the fused op,
+        which has no masks, then does not run."""
+        return any(d.training and d.p > 0 for d in self.dropouts)
 
 
 @dataclasses.dataclass
@@ -536,7 +543,7 @@ def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps
 def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
     if any(s.fallback for s in steps):
         return None, "a module falls back to vmap"
-    names, acts, slopes = [], [], set()
+    names, acts, slopes, dropouts = [], [], set(), []
     for m in leaves:
         if isinstance(m, nn.Linear):
             if m.bias is None:
@@ -551,6 +558,8 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
                 slopes.add(float(m.negative_slope))
         elif isinstance(m, nn.Identity):
             continue
+        elif isinstance(m, nn.Dropout):  # the identity in eval mode or at p=0 (checked at each call)
+            dropouts.append(m)
         else:
             return None, f"{type(m).__name__} is not part of an MLP"
     if not names:
@@ -562,7 +571,7 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
         return None, "some parameters do not require grad"
     if len(slopes) > 1:
         return None, "LeakyReLU layers use different negative slopes"
-    return MLPSpec(names, acts, slopes.pop() if slopes else 0.01), "MLP of Linear layers"
+    return MLPSpec(names, acts, slopes.pop() if slopes else 0.01, tuple(dropouts)), "MLP of Linear layers"
 
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -687,7 +696,9 @@ def explain(model: nn.Module) -> str:
         lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")
     elif prog.mlp is not None:
         lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
-                     "loss 'mse' or 'cross_entropy'")
+                     "loss 'mse' or 'cross_entropy'"
+                     + ("; while a Dropout drops (training mode, p > 0), step by step on the batched ops"
+                        if prog.mlp.dropouts else ""))
     else:
         lines.append(f"  whole inner loop: step by step ({prog.mlp_reason})")
         lines.append("  memory: BatchedMAML keeps every task's autograd graph until the backward; "

@@ -1,10 +1,12 @@
 """BatchedMAML's meta-gradient against the naive per-task autograd loop."""
+from unittest.mock import patch
+
 import pytest
 import torch
 from torch import nn
 
 import fastmeta
-from conftest import RTOL, assert_rel_close, loop_meta_grads, requires_cpp
+from conftest import RTOL, assert_rel_close, has_cpp, loop_meta_grads, requires_cpp
 
 BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp)]
 
@@ -888,9 +890,11 @@ def test_hooks_removed_global_and_backward(backend):
 
 def test_dropout_is_lowered():
     """nn.Dropout runs as a batched op, not through vmap: in eval mode (identity) and at p=0 the
-    meta-gradient is the loop's; in training mode each task draws its own mask (one draw over all
-    tasks), scaled by 1/(1-p); checkpoint_steps' recomputed steps draw the masks of their first
-    run, so its meta-gradient equals the plain step's under the same seed."""
+    meta-gradient is the loop's, and an MLP with one runs the fused MLP op there (not while it
+    drops; train() / eval() switch between the two at the next call); in training mode each task
+    draws its own mask (one draw over all tasks), scaled by 1/(1-p); checkpoint_steps' recomputed
+    steps draw the masks of their first run, so its meta-gradient equals the plain step's under
+    the same seed."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(2, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)).double()
     batch = (torch.randn(3, 4, 2, dtype=torch.float64), torch.randint(0, 3, (3, 4)),
@@ -898,16 +902,35 @@ def test_dropout_is_lowered():
     assert "-> dropout" in fastmeta.explain(model)
     meta = fastmeta.BatchedMAML(model, 0.5, 2, loss="cross_entropy")
     assert not meta.program.fallbacks and meta.program.random
-    for what in ("eval", "p=0"):
-        if what == "eval":
+    fused_ok = has_cpp()  # the fused MLP op runs where no Dropout drops (cpp backend on the CPU)
+    for what in ("eval", "p=0", "training", "eval again"):
+        if what.startswith("eval"):
             model.eval()
         else:
             model.train()
-            model[2].p = 0.0
-        want_loss, want, _ = loop_meta_grads(model, *batch, 0.5, 2, "cross_entropy")
-        loss, grads = meta.value_and_grad(*batch)
-        torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0, msg=what)
-        assert_rel_close(grads, want, 1e-9, what)
+            model[2].p = 0.0 if what == "p=0" else 0.3
+        drops = what == "training"
+        with patch.object(fastmeta.ops, "mlp_meta_grad", wraps=fastmeta.ops.mlp_meta_grad) as spy:
+            for call in range(2):  # the second call, of a checked signature, takes the fast path
+                torch.manual_seed(1)
+                loss, grads = meta.value_and_grad(*batch)
+                if drops:
+                    continue
+                want_loss, want, _ = loop_meta_grads(model, *batch, 0.5, 2, "cross_entropy")
+                torch.testing.assert_close(loss, want_loss, rtol=1e-10, atol=0, msg=what)
+                assert_rel_close(grads, want, 1e-9, what)
+        assert meta._last_fused == (fused_ok and not drops), what
+        assert (spy.call_count > 0) == (fused_ok and not drops), what
+    if fused_ok:
+        text = fastmeta.explain(model)
+        assert "fused mlp_inner_loop" in text and "while a Dropout drops" in text, text
+    model.train()  # masks drawn: one seed, one meta-gradient; another seed, another
+    torch.manual_seed(1)
+    first = meta.value_and_grad(*batch)[1]
+    torch.manual_seed(1)
+    assert_rel_close(meta.value_and_grad(*batch)[1], first, 1e-12, "same seed")
+    torch.manual_seed(2)
+    assert not torch.allclose(meta.value_and_grad(*batch)[1][0], first[0])
 
     model.train()
     model[2].p = 0.5
