@@ -107,7 +107,8 @@ class Profile:
             peak = torch.cuda.max_memory_allocated() / 2**20
         else:
             peak = self._cpu_peak_mb_of(self._prof)
-            if any(e.name == "fastmeta::mlp_inner_loop" for e in events):
+            # (the fused op's phase marks every path to it, the C++ bindings that skip the dispatcher too)
+            if any(e.name == "fastmeta.fused_inner_loop" or e.name.startswith("fastmeta::mlp_") for e in events):
                 try:  # the fused CPU kernel's per-thread workspaces are not tensors
                     from .. import _C
                     peak = (peak or 0.0) + _C.workspace_bytes() / 2**20
