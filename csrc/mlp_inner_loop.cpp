@@ -161,10 +161,11 @@ struct Vec<float> {
   static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
   static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
-  // v where z > 0, else slope * v (0 for slope 0, whatever v is)
+  // v where z > 0, else slope * v; for slope 0 (ReLU) 0 where z <= 0, so that a NaN z passes
+  // (relu(NaN) = NaN, and PyTorch's ReLU derivative there is 1)
   static R gate(R z, R v, float slope) {
-    const auto pos = _mm512_cmp_ps_mask(z, zero(), _CMP_GT_OQ);
-    return slope == float(0) ? _mm512_maskz_mov_ps(pos, v) : _mm512_mask_blend_ps(pos, _mm512_mul_ps(set1(slope), v), v);
+    if (slope == float(0)) return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(z, zero(), _CMP_NLE_UQ), v);
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(z, zero(), _CMP_GT_OQ), _mm512_mul_ps(set1(slope), v), v);
   }
   static float hsum(R a) { return _mm512_reduce_add_ps(a); }
   static R set1(float v) { return _mm512_set1_ps(v); }
@@ -182,10 +183,11 @@ struct Vec<double> {
   static R fnma(R a, R b, R c) { return _mm512_fnmadd_pd(a, b, c); }
   static R add(R a, R b) { return _mm512_add_pd(a, b); }
   static R mul(R a, R b) { return _mm512_mul_pd(a, b); }
-  // v where z > 0, else slope * v (0 for slope 0, whatever v is)
+  // v where z > 0, else slope * v; for slope 0 (ReLU) 0 where z <= 0, so that a NaN z passes
+  // (relu(NaN) = NaN, and PyTorch's ReLU derivative there is 1)
   static R gate(R z, R v, double slope) {
-    const auto pos = _mm512_cmp_pd_mask(z, zero(), _CMP_GT_OQ);
-    return slope == double(0) ? _mm512_maskz_mov_pd(pos, v) : _mm512_mask_blend_pd(pos, _mm512_mul_pd(set1(slope), v), v);
+    if (slope == double(0)) return _mm512_maskz_mov_pd(_mm512_cmp_pd_mask(z, zero(), _CMP_NLE_UQ), v);
+    return _mm512_mask_blend_pd(_mm512_cmp_pd_mask(z, zero(), _CMP_GT_OQ), _mm512_mul_pd(set1(slope), v), v);
   }
   static double hsum(R a) { return _mm512_reduce_add_pd(a); }
   static R set1(double v) { return _mm512_set1_pd(v); }
@@ -206,10 +208,10 @@ struct Vec<float> {
   static R fnma(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }  // c - a b
   static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
-  // v where z > 0, else slope * v (0 for slope 0, whatever v is)
+  // v where z > 0, else slope * v; for slope 0 (ReLU) 0 where z <= 0, so that a NaN z passes
   static R gate(R z, R v, float slope) {
-    const R pos = _mm256_cmp_ps(z, zero(), _CMP_GT_OQ);
-    return slope == float(0) ? _mm256_and_ps(pos, v) : _mm256_blendv_ps(_mm256_mul_ps(set1(slope), v), v, pos);
+    if (slope == float(0)) return _mm256_and_ps(_mm256_cmp_ps(z, zero(), _CMP_NLE_UQ), v);
+    return _mm256_blendv_ps(_mm256_mul_ps(set1(slope), v), v, _mm256_cmp_ps(z, zero(), _CMP_GT_OQ));
   }
   static float hsum(R a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -233,8 +235,8 @@ struct Vec<double> {
   static R add(R a, R b) { return _mm256_add_pd(a, b); }
   static R mul(R a, R b) { return _mm256_mul_pd(a, b); }
   static R gate(R z, R v, double slope) {
-    const R pos = _mm256_cmp_pd(z, zero(), _CMP_GT_OQ);
-    return slope == double(0) ? _mm256_and_pd(pos, v) : _mm256_blendv_pd(_mm256_mul_pd(set1(slope), v), v, pos);
+    if (slope == double(0)) return _mm256_and_pd(_mm256_cmp_pd(z, zero(), _CMP_NLE_UQ), v);
+    return _mm256_blendv_pd(_mm256_mul_pd(set1(slope), v), v, _mm256_cmp_pd(z, zero(), _CMP_GT_OQ));
   }
   static double hsum(R a) {
     __m128d s = _mm_add_pd(_mm256_castpd256_pd128(a), _mm256_extractf128_pd(a, 1));
@@ -377,7 +379,8 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
       }
     }
   }
-  auto gate = [&](T z, T v) { return z > T(0) ? v : (e.slope == T(0) ? T(0) : e.slope * v); };
+  // (ReLU: 0 where z <= 0, so that a NaN z passes, as Vec::gate)
+  auto gate = [&](T z, T v) { return e.slope == T(0) ? (z <= T(0) ? T(0) : v) : (z > T(0) ? v : e.slope * v); };
 #pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
 #pragma GCC unroll 8
@@ -539,7 +542,7 @@ class Group {
     switch (act) {
       case kRelu:
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) { const T v = z[i]; a[i] = v > T(0) ? v : T(0); }
+        for (int64_t i = 0; i < m; ++i) { const T v = z[i]; a[i] = v <= T(0) ? T(0) : v; }  // relu(NaN) = NaN
         break;
       case kLeaky:
 #pragma omp simd
@@ -560,7 +563,7 @@ class Group {
     switch (act) {
       case kRelu:
 #pragma omp simd
-        for (int64_t i = 0; i < m; ++i) { const T v = in[i]; out[i] = z[i] > T(0) ? v : T(0); }
+        for (int64_t i = 0; i < m; ++i) { const T v = in[i]; out[i] = z[i] <= T(0) ? T(0) : v; }
         break;
       case kLeaky:
 #pragma omp simd

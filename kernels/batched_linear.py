@@ -37,7 +37,7 @@ def _batched_linear_fwd_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + t * sb_t + ro * sb_o, mask=ro < O, other=0.0)[None, :]
     if ACT == 1:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.where(acc <= 0, 0.0, acc)  # relu(NaN) = NaN (tl.maximum may drop it)
     elif ACT == 2:
         slope = tl.load(slope_ptr)
         acc = tl.where(acc > 0, acc, slope * acc)

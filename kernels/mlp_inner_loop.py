@@ -31,7 +31,7 @@ def _act_fwd(z, code, slope):
     """act(z) for code 0 none, 1 relu, 2 leaky relu, 3 tanh, 4 sigmoid."""
     sig = tl.sigmoid(z)
     th = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-    out = tl.where(code == 1, tl.maximum(z, 0.0), z)
+    out = tl.where(code == 1, tl.where(z <= 0, 0.0, z), z)  # relu(NaN) = NaN (tl.maximum may drop it)
     out = tl.where(code == 2, tl.where(z > 0, z, slope * z), out)
     out = tl.where(code == 3, th, out)
     out = tl.where(code == 4, sig, out)
@@ -41,7 +41,7 @@ def _act_fwd(z, code, slope):
 @triton.jit
 def _act_d1(z, a, code, slope):
     """act'(z), from z and a = act(z)."""
-    d = tl.where(code == 1, tl.where(z > 0, 1.0, 0.0), 1.0)
+    d = tl.where(code == 1, tl.where(z <= 0, 0.0, 1.0), 1.0)  # 1 at NaN, as PyTorch's ReLU derivative
     d = tl.where(code == 2, tl.where(z > 0, 1.0, slope), d)
     d = tl.where(code == 3, 1.0 - a * a, d)
     d = tl.where(code == 4, a * (1.0 - a), d)

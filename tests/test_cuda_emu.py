@@ -244,6 +244,29 @@ def test_placements_agree_bit_for_bit(emu, first_order):
             assert torch.equal(a, b), f"placement {placement} differs from placement 0"
 
 
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("where", ["support", "query"])
+def test_nan_input_gives_that_task_nan(emu, loss, first_order, where):
+    """A NaN in one task's inputs: that task's loss and meta-gradient are NaN (relu(NaN) is NaN, as
+    in PyTorch; the kernel's ReLU returned 0 for it, and the task's loss came out finite), the other
+    tasks' as without it, and all of it as the CPU kernel gives, in every thread order."""
+    params, batch = make_mlp_batch((3, 20, 13, 4), 3, 6, 5, loss, torch.float64, "cpu")
+    batch = list(batch)
+    i = 0 if where == "support" else 2
+    batch[i] = batch[i].clone()
+    batch[i][1, 0, 1] = float("nan")
+    acts = ["relu", "relu", None]
+    want = cpu_op(params, batch, [], 0.1, 2, acts, 0.0, loss, first_order)
+    assert torch.isnan(want[0][1]) and torch.isnan(want[1][1]).all()
+    assert not torch.isnan(want[0][[0, 2]]).any() and not torch.isnan(want[1][[0, 2]]).any()
+    runs = [emu_mlp(emu, params, batch, [], 0.1, 2, acts, 0.0, loss, first_order, 1, o)[1] for o in ORDERS]
+    for o, run in zip(ORDERS, runs):
+        for name, g, w in zip(("losses", "meta-gradients"), run[:2], want[:2]):
+            assert torch.equal(g.isnan(), w.isnan()), f"order {o}: {name}' NaNs differ from the CPU kernel's"
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, equal_nan=True, msg=f"order {o}: {name}")
+
+
 @pytest.mark.parametrize("slope", [0.0, 0.2])
 @pytest.mark.parametrize("placement", [1, 2])
 def test_slim_activations_cross_entropy(emu, slope, placement):

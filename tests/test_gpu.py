@@ -107,6 +107,34 @@ def test_mlp_kernels_odd_widths_on_gpu(backend, dtype, first_order, T):
     _fused_vs_reference(backend, params, batch, 0.01, 5, ["relu", "relu", None], "mse", first_order, RTOL[dtype])
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_kernels_propagate_nan_on_gpu(backend, first_order):
+    """A NaN in one task's support set: that task's loss is NaN (relu(NaN) is NaN; a max-based
+    ReLU, fmaxf or tl.maximum, drops it), the others equal the run without that task; Triton's fused
+    batched_linear ReLU keeps a NaN too."""
+    from fastmeta.backend import why_unavailable
+    if why_unavailable(backend, "cuda"):
+        pytest.fail(f"{backend} unavailable: {why_unavailable(backend, 'cuda')}")
+    params, batch = make_mlp_batch((3, 20, 13, 2), 3, 6, 5, "mse", torch.float32, "cuda")
+    batch = list(batch)
+    batch[0] = batch[0].clone()
+    batch[0][1, 0, 1] = float("nan")
+    acts = ["relu", "relu", None]
+    with fastmeta.use_backend(backend), torch.no_grad():
+        losses = ops.mlp_inner_loop(*batch, params, 0.1, 2, acts, 0.0, "mse", first_order)
+        rest = ops.mlp_inner_loop(*[t[[0, 2]] for t in batch], params, 0.1, 2, acts, 0.0, "mse", first_order)
+    assert torch.isnan(losses[1]), f"task 1's loss {float(losses[1])} is not NaN"
+    torch.testing.assert_close(losses[[0, 2]], rest)
+    if backend == "triton":
+        x = torch.randn(2, 4, 3, device="cuda")
+        x[1, 2, 0] = float("nan")
+        W, b = torch.randn(2, 5, 3, device="cuda"), torch.randn(2, 5, device="cuda")
+        with fastmeta.use_backend("triton"):
+            y = ops.batched_linear(x, W, b, "relu")
+        assert torch.isnan(y[1, 2]).all() and not torch.isnan(y[0]).any() and not torch.isnan(y[1, [0, 1, 3]]).any()
+
+
 @pytest.mark.parametrize("steps,lr_kind", [(0, "scalar"), (1, "scalar"), (1, "learned"), (2, "scalar"),
                                            (2, "learned")])
 @pytest.mark.parametrize("first_order", [False, True])

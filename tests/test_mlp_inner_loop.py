@@ -303,3 +303,49 @@ def test_gradients_for_the_data(first_order):
         torch.ops.fastmeta.mlp_meta_loss(*data, params, [], 0.1, 2, [3, 0], 0.01, 0, first_order)
     with torch.no_grad():
         torch.ops.fastmeta.mlp_meta_loss(*data, params, [], 0.1, 2, [3, 0], 0.01, 0, first_order)
+
+
+def _per_task(backend, params, batch, lr, steps, acts, loss, first_order, slope):
+    """Per-task query losses [T] and meta-gradients [T, P] of one backend."""
+    if backend == "cpp":
+        codes = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+        with torch.no_grad():
+            out = torch.ops.fastmeta.mlp_inner_loop(*batch, [p.detach() for p in params], [], lr, steps,
+                                                    [codes[a] for a in acts], slope, 0 if loss == "mse" else 1,
+                                                    first_order, False)
+        return out[0], out[1]
+    losses, rows = [], []
+    for t in range(batch[0].shape[0]):  # a task at a time (in one batched graph 0 * NaN spreads a NaN)
+        with fastmeta.use_backend("torch"):
+            one = ops.mlp_inner_loop(*[b[t:t + 1] for b in batch], params, lr, steps, acts, slope, loss,
+                                     first_order)[0]
+        losses.append(one.detach())
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(one, params)]))
+    return torch.stack(losses), torch.stack(rows)
+
+
+@pytest.mark.parametrize("acts", [["relu", "relu", None], ["leaky_relu", "relu", None], ["tanh", "relu", None]])
+@pytest.mark.parametrize("where", ["support", "query"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_non_finite_inputs_give_that_task_nan(acts, where, value, first_order):
+    """A task whose inputs hold a NaN gets a NaN loss and a NaN meta-gradient, as in the loop
+    (relu(NaN) is NaN), one with an infinity what the loop gives it (NaN, or finite where a ReLU or
+    tanh saturates it), and the other tasks are untouched. The fused kernel's ReLU mapped a NaN
+    pre-activation to 0: such a task's loss came out finite, hiding a corrupt task or weights that
+    had diverged."""
+    params, batch = make((3, 16, 9, 2), 3, 5, 6, "mse", torch.float64)
+    batch = list(batch)
+    i = 0 if where == "support" else 2
+    batch[i] = batch[i].clone()
+    batch[i][1, 2, 0] = value
+    want = _per_task("torch", params, batch, 0.1, 2, acts, "mse", first_order, 0.01)
+    rest = _per_task("torch", params, [t[[0, 2]] for t in batch], 0.1, 2, acts, "mse", first_order, 0.01)
+    if value != value:
+        assert torch.isnan(want[0][1]) and torch.isnan(want[1][1]).all()
+    assert_rel_close([want[0][[0, 2]], want[1][[0, 2]]], list(rest), 1e-12, "the other tasks")
+    got = _per_task("cpp", params, batch, 0.1, 2, acts, "mse", first_order, 0.01)
+    for name, g, w in zip(("losses", "meta-gradients"), got, want):
+        assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN at {g.isnan().nonzero().tolist()[:8]}, the loop's at " \
+                                                  f"{w.isnan().nonzero().tolist()[:8]}"
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, equal_nan=True, msg=name)

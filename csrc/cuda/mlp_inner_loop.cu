@@ -27,7 +27,7 @@ enum : int { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4 };
 template <typename T>
 __device__ __forceinline__ T act_fwd(int act, T z, T slope) {
   switch (act) {
-    case kRelu: return z > T(0) ? z : T(0);
+    case kRelu: return z <= T(0) ? T(0) : z;  // relu(NaN) = NaN, as PyTorch's
     case kLeaky: return z > T(0) ? z : slope * z;
     case kTanh: return tanh(z);
     case kSigmoid: return T(1) / (T(1) + exp(-z));
@@ -38,7 +38,7 @@ __device__ __forceinline__ T act_fwd(int act, T z, T slope) {
 template <typename T>
 __device__ __forceinline__ T act_d1(int act, T z, T a, T slope) {
   switch (act) {
-    case kRelu: return z > T(0) ? T(1) : T(0);
+    case kRelu: return z <= T(0) ? T(0) : T(1);  // 1 at NaN, as PyTorch's ReLU derivative
     case kLeaky: return z > T(0) ? T(1) : slope;
     case kTanh: return T(1) - a * a;
     case kSigmoid: return a * (T(1) - a);

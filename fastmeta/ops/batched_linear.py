@@ -91,7 +91,7 @@ def _act_grad(y, activation, negative_slope):
     if activation is None:
         return None
     if activation == "relu":
-        return (y > 0).to(y.dtype)
+        return (~(y <= 0)).to(y.dtype)  # 1 at NaN, as torch.relu's derivative
     if activation == "leaky_relu":
         return torch.where(y > 0, torch.ones_like(y), torch.full_like(y, negative_slope))
     if activation == "tanh":
