@@ -349,3 +349,21 @@ def test_non_finite_inputs_give_that_task_nan(acts, where, value, first_order):
         assert torch.equal(g.isnan(), w.isnan()), f"{name}: NaN at {g.isnan().nonzero().tolist()[:8]}, the loop's at " \
                                                   f"{w.isnan().nonzero().tolist()[:8]}"
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12, equal_nan=True, msg=name)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("lr_kind", ["scalar", "learned"])
+def test_ops_under_no_grad(first_order, lr_kind):
+    """mlp_inner_loop and mlp_meta_loss under torch.no_grad (evaluation) on both backends: the
+    values of grad mode, detached. The torch backend raised in second order: under no_grad the
+    expanded parameters were views that say requires_grad but have no graph."""
+    params, batch = make((3, 20, 13, 2), 3, 6, 5, "mse", torch.float64)
+    lr = 0.1 if lr_kind == "scalar" else [torch.full_like(p, 0.1).requires_grad_() for p in params]
+    for fn in (ops.mlp_inner_loop, ops.mlp_meta_loss):
+        for backend in ("torch", "cpp"):
+            with fastmeta.use_backend(backend):
+                want = fn(*batch, params, lr, 2, ["relu", "tanh", None], 0.0, "mse", first_order)
+                with torch.no_grad():
+                    got = fn(*batch, params, lr, 2, ["relu", "tanh", None], 0.0, "mse", first_order)
+            assert not got.requires_grad, (fn.__name__, backend)
+            torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0, msg=f"{fn.__name__} on {backend}")

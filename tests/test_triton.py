@@ -41,6 +41,23 @@ def test_mlp_inner_loop_sine_widths(first_order, T, dtype):
 
 
 @pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_inner_loop_keeps_a_nan(first_order):
+    """A NaN in one task's support set: that task's loss is NaN (relu(NaN) is NaN), the other
+    tasks' as without it (a max-based ReLU drops the NaN on the GPU; the kernel's is where-based)."""
+    params, batch = make((3, 20, 13, 2), 3, 6, 5, "mse", torch.float64)
+    batch = list(batch)
+    batch[0] = batch[0].clone()
+    batch[0][1, 0, 1] = float("nan")
+    with fastmeta.use_backend("triton"), torch.no_grad():
+        losses = ops.mlp_inner_loop(*batch, params, 0.1, 2, ["relu", "relu", None], 0.0, "mse", first_order)
+    with fastmeta.use_backend("torch"), torch.no_grad():
+        rest = ops.mlp_inner_loop(*[t[[0, 2]] for t in batch], params, 0.1, 2, ["relu", "relu", None], 0.0,
+                                  "mse", first_order)
+    assert torch.isnan(losses[1]) and not torch.isnan(losses[[0, 2]]).any()
+    assert_rel_close([losses[[0, 2]]], [rest], RTOL[torch.float64], "the other tasks")
+
+
+@pytest.mark.parametrize("first_order", [False, True])
 def test_mlp_inner_loop_cross_entropy_smooth_activations(first_order):
     params, batch = make((3, 37, 11, 5), 3, 7, 9, "cross_entropy", torch.float64)
     compare(params, batch, 0.1, 2, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy", first_order,

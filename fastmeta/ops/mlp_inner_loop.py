@@ -52,10 +52,15 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
     """Pure-PyTorch reference: the inner loop unrolled under autograd. Returns the query losses [T]."""
     loss_fn = mse_ref if loss == "mse" else cross_entropy_ref
     T = xs.shape[0]
-    theta = [p.unsqueeze(0).expand(T, *p.shape) for p in params]
-    if not first_order:  # the steps differentiate theta even where the caller's params do not need it
-        theta = [t if t.requires_grad else t.detach().requires_grad_() for t in theta]
+    grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
+        # (under no_grad, a view of a parameter says requires_grad but has no graph: the steps'
+        # gradients start from a detached copy there, and the losses come back detached)
+        theta = [p.unsqueeze(0).expand(T, *p.shape) for p in params]
+        if not grad_on:
+            theta = [t.detach() for t in theta]
+        if not first_order:  # the steps differentiate theta even where the caller's params do not need it
+            theta = [t if t.requires_grad else t.detach().requires_grad_() for t in theta]
         for _ in range(steps):
             if first_order:
                 probe = [t.detach().requires_grad_() for t in theta]
@@ -68,7 +73,8 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
                 theta = [t - l * g for t, l, g in zip(theta, lr, grads)]
             else:
                 theta = [t - lr * g for t, g in zip(theta, grads)]
-        return loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
+        out = loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
+    return out if grad_on else out.detach()
 
 
 def check_labels(ys, yq, C):
