@@ -950,3 +950,39 @@ def test_dropout_is_lowered():
         loss = m(*batch)
         results.append([loss.detach()] + list(torch.autograd.grad(loss, list(model.parameters()))))
     assert_rel_close(results[1], results[0], 1e-12, "checkpoint_steps with dropout")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_autocast_runs_in_the_model_dtype(backend, kind):
+    """Under torch.autocast every call computes in the model's dtype, as outside it: the fused
+    kernels compute in float32 whatever autocast asks, and on the torch backend a conv net raised
+    (autocast's bfloat16 activations met the float32 meta-parameters in batched_conv2d). The
+    caller's autocast is back on after each call."""
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3))
+        shape = (4,)
+    else:
+        model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3, track_running_stats=False), nn.ReLU(),
+                              nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 16, 3))
+        shape = (2, 8, 8)
+    batch = (torch.randn(3, 5, *shape), torch.randint(0, 3, (3, 5)), torch.randn(3, 6, *shape),
+             torch.randint(0, 3, (3, 6)))
+    params = list(model.parameters())
+
+    def run(meta, autocast):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the forward passes
+            loss = meta(*batch)
+            value, grads = meta.value_and_grad(*batch)
+            pred = meta.predict(meta.adapt(batch[0], batch[1]), batch[2])
+            assert torch.is_autocast_enabled("cpu") == autocast
+        # (the backward outside autocast, as PyTorch's AMP recipe has it)
+        return [loss.detach()] + list(torch.autograd.grad(loss, params)) + [value] + list(grads) + [pred.detach()]
+
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy")
+        want, got = run(meta, False), run(meta, True)
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
