@@ -382,6 +382,12 @@ class BatchedMAML(nn.Module):
 
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool):
+        if self.inner_steps > 0 and not self._adapt_names:
+            raise ValueError(
+                f"BatchedMAML: no parameter of the model requires grad, so its inner_steps={self.inner_steps} "
+                "have nothing to adapt (the inner loop adapts the parameters that require grad: freeze a part "
+                "of the model, such as ANIL's body, not all of it; for evaluation use torch.no_grad(), which "
+                "still adapts)")
         if self.checkpoint_steps and create_graph and not first_order and self.inner_steps > 0:
             return self._adapt_checkpointed(xs, ys)
         T = xs.shape[0]
@@ -592,7 +598,7 @@ class BatchedMAML(nn.Module):
             return value, [next(grads) if p.requires_grad else None for p in params]
         with torch.enable_grad():
             value = self(xs, ys, xq, yq)
-            grads = iter(torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True))
+            grads = iter(torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True) if wanted else ())
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
 
     def _chunked(self, xs) -> bool:
@@ -608,7 +614,7 @@ class BatchedMAML(nn.Module):
             part = slice(start, stop)
             with torch.enable_grad():
                 loss = self.task_losses(xs[part], ys[part], xq[part], yq[part]).mean()
-                g = torch.autograd.grad(loss, wanted, allow_unused=True, materialize_grads=True)
+                g = torch.autograd.grad(loss, wanted, allow_unused=True, materialize_grads=True) if wanted else ()
             if total is None:
                 total, grads = torch.zeros_like(loss.detach()), [torch.zeros_like(x) for x in g]
             accumulate(total, grads, loss.detach(), g, (stop - start) / T)

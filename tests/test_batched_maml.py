@@ -986,3 +986,24 @@ def test_autocast_runs_in_the_model_dtype(backend, kind):
     for g, w in zip(got, want):
         assert g.dtype == w.dtype == torch.float32
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kw", [{}, {"checkpoint_steps": True}, {"task_chunk": 2}], ids=["plain", "ck", "chunk"])
+def test_a_fully_frozen_model(kw):
+    """No parameter requires grad: with inner steps, every call raises a ValueError that says why
+    (a raw "inputs argument to grad() cannot be empty" before); with inner_steps=0 the loss is
+    the query loss of the model as it is, and value_and_grad gives no gradients."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 7), nn.ReLU(), nn.Linear(7, 3)).requires_grad_(False)
+    xs, ys, xq, yq = classification_batch(3, 5, 6, 4, 3, torch.float32)
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy", **kw)
+    for call in (lambda: meta(xs, ys, xq, yq), lambda: meta.value_and_grad(xs, ys, xq, yq),
+                 lambda: meta.adapt(xs, ys)):
+        with pytest.raises(ValueError, match="no parameter of the model requires grad"):
+            call()
+    want = torch.stack([torch.nn.functional.cross_entropy(model(xq[t]), yq[t]) for t in range(3)]).mean()
+    meta = fastmeta.BatchedMAML(model, 0.1, 0, loss="cross_entropy", **kw)
+    torch.testing.assert_close(meta(xs, ys, xq, yq), want)
+    value, grads = meta.value_and_grad(xs, ys, xq, yq)
+    torch.testing.assert_close(value, want)
+    assert grads == [None] * 4
