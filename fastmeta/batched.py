@@ -598,7 +598,8 @@ class BatchedMAML(nn.Module):
             return value, [next(grads) if p.requires_grad else None for p in params]
         with torch.enable_grad():
             value = self(xs, ys, xq, yq)
-            grads = iter(torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True) if wanted else ())
+            grads = torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True) if wanted else ()
+            grads = iter(grads)
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
 
     def _chunked(self, xs) -> bool:
