@@ -226,7 +226,7 @@ class BatchedMAML(nn.Module):
         hook)."""
         mods = list(self.model.modules())
         dicts = [m._modules for m in mods]
-        hooked = [(m, plan.hook_count(m)) for m in mods if plan.hook_count(m)]
+        hooked = [(m, n) for m, n in zip(mods, map(plan.hook_count, mods)) if n]
         self._stamp = ([(d, tuple(d.values())) for d in dicts if d], [d for d in dicts if not d], hooked,
                        plan.global_hooks())
         self._hook_id = RemovableHandle.next_id
