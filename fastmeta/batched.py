@@ -102,6 +102,23 @@ def _module_backend(method):
     return run
 
 
+def _check_inner_lr(lr):
+    """A fixed inner rate: a finite number or a one-element floating tensor (learnable or not)."""
+    _checks.lr_value("inner_lr", lr)
+    if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"inner_lr: a tensor inner_lr must have one element, got shape "
+                         f"{tuple(lr.shape)} (use learn_inner_lr=True for per-parameter rates)")
+
+
+def _flag(name, value) -> bool:
+    """A True / False setting (numpy's bool and 0 / 1 too); anything else raises, naming it."""
+    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
+        return bool(value)
+    if type(value).__name__ == "bool_":  # numpy.bool_
+        return bool(value)
+    raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
 class BatchedMAML(nn.Module):
     """MAML / Meta-SGD over a meta-batch with a leading task dim T (see module docstring).
 
@@ -158,33 +175,14 @@ class BatchedMAML(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         model = plan.uncompiled(model)  # torch.compile(model): the module it wraps (same parameters)
-        _checks.lr_value("inner_lr", inner_lr)
-        if isinstance(inner_lr, torch.Tensor) and inner_lr.numel() != 1:
-            raise ValueError(f"inner_lr: a tensor inner_lr must have one element, got shape "
-                             f"{tuple(inner_lr.shape)} (use learn_inner_lr=True for per-parameter rates)")
-        if isinstance(inner_steps, bool) or not isinstance(inner_steps, numbers.Integral):
-            raise TypeError(f"inner_steps: expected an int, got {type(inner_steps).__name__}")
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps: must be >= 0, got {inner_steps}")
-        if not (callable(loss) or loss in _LOSSES):
-            raise ValueError(f"loss: expected one of {_LOSSES} or a callable, got {loss!r}")
-        if task_chunk is not None and (isinstance(task_chunk, bool) or not isinstance(task_chunk, numbers.Integral)
-                                       or task_chunk < 1):
-            raise ValueError(f"task_chunk: expected None or an int >= 1, got {task_chunk!r}")
-        if not isinstance(recompute, bool):
-            raise TypeError(f"recompute: expected True or False, got {recompute!r}")
-        if not isinstance(checkpoint_steps, bool):
-            raise TypeError(f"checkpoint_steps: expected True or False, got {checkpoint_steps!r}")
-        self.recompute = recompute
-        self.checkpoint_steps = checkpoint_steps
+        _check_inner_lr(inner_lr)
         self.backend = backend
         self.model = model
-        self.inner_steps = int(inner_steps)
-        self.first_order = bool(first_order)
-        self.loss = loss
+        # (each setting's property checks its value, here and at any later assignment)
+        self.inner_steps, self.first_order, self.loss = inner_steps, first_order, loss
+        self.task_chunk, self.recompute, self.checkpoint_steps = task_chunk, recompute, checkpoint_steps
         self.strict = bool(strict)
-        self.check_finite = bool(check_finite)
-        self.task_chunk = None if task_chunk is None else int(task_chunk)
+        self.check_finite = check_finite
         self.program = plan.lower(model, strict=self.strict)
         self._stamp_structure()
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
@@ -207,13 +205,90 @@ class BatchedMAML(nn.Module):
     # training flags, BatchNorm buffers), not the original's
     _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable")
 
+    # -- settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
+    # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
+    # reaches a kernel; they are plain values, kept in the instance dict under a leading underscore
+    def _set(self, name, value):
+        self.__dict__["_" + name] = value
+
+    @property
+    def inner_steps(self) -> int:
+        return self.__dict__["_inner_steps"]
+
+    @inner_steps.setter
+    def inner_steps(self, steps):
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+            raise TypeError(f"inner_steps: expected an int, got {type(steps).__name__}")
+        if steps < 0:
+            raise ValueError(f"inner_steps: must be >= 0, got {steps}")
+        self._set("inner_steps", int(steps))
+
+    @property
+    def first_order(self) -> bool:
+        return self.__dict__["_first_order"]
+
+    @first_order.setter
+    def first_order(self, value):
+        self._set("first_order", _flag("first_order", value))
+
+    @property
+    def loss(self):
+        return self.__dict__["_loss"]
+
+    @loss.setter
+    def loss(self, loss):
+        if not (callable(loss) or (isinstance(loss, str) and loss in _LOSSES)):
+            raise ValueError(f"loss: expected one of {_LOSSES} or a callable, got {loss!r}")
+        self._set("loss", loss)
+
+    @property
+    def task_chunk(self):
+        return self.__dict__["_task_chunk"]
+
+    @task_chunk.setter
+    def task_chunk(self, chunk):
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
+            raise ValueError(f"task_chunk: expected None or an int >= 1, got {chunk!r}")
+        self._set("task_chunk", None if chunk is None else int(chunk))
+
+    @property
+    def recompute(self) -> bool:
+        return self.__dict__["_recompute"]
+
+    @recompute.setter
+    def recompute(self, value):
+        self._set("recompute", _flag("recompute", value))
+
+    @property
+    def checkpoint_steps(self) -> bool:
+        return self.__dict__["_checkpoint_steps"]
+
+    @checkpoint_steps.setter
+    def checkpoint_steps(self, value):
+        self._set("checkpoint_steps", _flag("checkpoint_steps", value))
+
+    @property
+    def check_finite(self) -> bool:
+        return self.__dict__["_check_finite"]
+
+    @check_finite.setter
+    def check_finite(self, value):
+        self._set("check_finite", _flag("check_finite", value))
+
+
     def __getstate__(self):
         state = self.__dict__.copy()
         for key in self._DERIVED:
             state[key] = None
         return state
 
+    _SETTINGS = ("inner_steps", "first_order", "loss", "task_chunk", "recompute", "checkpoint_steps",
+                 "check_finite")
+
     def __setstate__(self, state):
+        for name in self._SETTINGS:  # (a module pickled when they were plain attributes)
+            if name in state:
+                state["_" + name] = state.pop(name)
         super().__setstate__(state)
         self.program = plan.lower(self.model, strict=self.strict)
         self._stamp_structure()
@@ -486,6 +561,8 @@ class BatchedMAML(nn.Module):
         if sig is not None and sig == self._last_sig:
             return self._last_fused, True
         self._last_sig = None
+        if self.lrs is None:  # (it may have been assigned since the last call)
+            _check_inner_lr(self.inner_lr)
         self._check_batch(xs=xs, ys=ys, xq=xq, yq=yq)
         # the fused MLP kernel differentiates the meta-parameters (and rates) only: a batch that
         # requires grad (a gradient for the data itself) takes the differentiable ops

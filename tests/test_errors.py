@@ -153,6 +153,59 @@ def test_settings_changed_after_a_call_take_effect():
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_settings_assigned_later_are_checked(backend):
+    """meta.inner_steps = 10 (a longer adaptation at meta-test time) and the other settings are
+    checked where they are assigned, as by the constructor; an inner_lr assigned later is checked
+    by the next call. Before, a negative step count ran no step on the torch ops, and a NaN rate
+    gave NaN on the fused kernel where the torch ops raised."""
+    _, meta, xs, ys, xq, yq = setup()
+    with fastmeta.use_backend(backend):
+        meta(xs, ys, xq, yq)  # (a checked signature: the next calls skip the batch checks)
+        bad = [("inner_steps", -1, ValueError, "inner_steps: must be >= 0, got -1"),
+               ("inner_steps", 2.5, TypeError, "inner_steps: expected an int, got float"),
+               ("inner_steps", True, TypeError, "inner_steps: expected an int, got bool"),
+               ("first_order", None, TypeError, "first_order: expected True or False, got None"),
+               ("loss", "hinge", ValueError, "loss: expected one of"),
+               ("task_chunk", 0, ValueError, "task_chunk: expected None or an int >= 1, got 0"),
+               ("recompute", "yes", TypeError, "recompute: expected True or False"),
+               ("checkpoint_steps", 2, TypeError, "checkpoint_steps: expected True or False"),
+               ("check_finite", [], TypeError, "check_finite: expected True or False")]
+        for name, value, error, message in bad:
+            before = getattr(meta, name)
+            with pytest.raises(error, match=message):
+                setattr(meta, name, value)
+            assert getattr(meta, name) == before, name
+        want = fastmeta.BatchedMAML(meta.model, 0.1, 4, first_order=True)(xs, ys, xq, yq)
+        meta.inner_steps, meta.first_order = 4, 1
+        assert (meta.inner_steps, meta.first_order) == (4, True)
+        torch.testing.assert_close(meta(xs, ys, xq, yq), want, rtol=1e-12, atol=0)
+        for lr, error, message in [(float("nan"), ValueError, "inner_lr: expected a finite number, got nan"),
+                                   ("0.1", TypeError, "inner_lr: expected a number or a tensor, got str"),
+                                   (torch.ones(2), ValueError, "inner_lr: a tensor inner_lr must have one")]:
+            meta.inner_lr = lr
+            for call in (meta, meta.value_and_grad, meta.task_losses):
+                with pytest.raises(error, match=message):
+                    call(xs, ys, xq, yq)
+        meta.inner_lr = 0.1
+        torch.testing.assert_close(meta(xs, ys, xq, yq), want, rtol=1e-12, atol=0)
+
+
+def test_settings_of_a_module_pickled_before_they_were_checked():
+    """A BatchedMAML pickled when its settings were plain attributes loads with them."""
+    _, meta, xs, ys, xq, yq = setup()
+    meta.inner_steps, meta.task_chunk = 3, 2
+    state = meta.__getstate__()
+    for name in ("inner_steps", "first_order", "loss", "task_chunk", "recompute", "checkpoint_steps",
+                 "check_finite"):
+        state[name] = state.pop("_" + name)
+    old = fastmeta.BatchedMAML.__new__(fastmeta.BatchedMAML)
+    old.__setstate__(state)
+    assert (old.inner_steps, old.task_chunk, old.loss, old.first_order) == (3, 2, "mse", False)
+    assert "inner_steps" not in old.__dict__
+    torch.testing.assert_close(old(xs, ys, xq, yq), meta(xs, ys, xq, yq), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("call", ["forward", "value_and_grad"])
 def test_query_features_must_match_the_support(backend, call):
     """xq with other features than xs is refused on every path, also on a second call of the
