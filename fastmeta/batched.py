@@ -134,6 +134,8 @@ class BatchedMAML(nn.Module):
         inner_steps: number of inner SGD steps (>= 0).
         first_order: drop the second-order terms (FO-MAML).
         loss: 'mse', 'cross_entropy', or a callable loss(pred, target) for one task's batch.
+            cross_entropy's classes are the output's last dim, its labels the class indices of
+            the other dims ([T, N], or [T, N, L] for outputs [T, N, L, C]: N * L samples a task).
         learn_inner_lr: Meta-SGD: per-parameter learned inner rates, initialised to inner_lr.
         strict: raise if a module of ``model`` has no batched lowering instead of using vmap.
         check_finite: raise if a support loss becomes non-finite during adaptation (syncs).

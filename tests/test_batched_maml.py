@@ -4,6 +4,7 @@ from unittest.mock import patch
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 import fastmeta
 from conftest import RTOL, assert_rel_close, has_cpp, loop_meta_grads, requires_cpp
@@ -66,6 +67,29 @@ def test_mlp_cross_entropy(backend, act, first_order):
         meta = fastmeta.BatchedMAML(model, 0.3, 3, first_order=first_order, loss="cross_entropy")
         _, got, _ = meta_grads(meta, model, batch)
     assert_rel_close(got, want, RTOL[dtype], "meta-grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_entropy_over_positions(backend):
+    """Outputs [T, N, L, C] with labels [T, N, L] (a sequence model's): the classes are the last
+    dim and each of a task's N * L positions is a sample of the mean, as a per-task loop with
+    F.cross_entropy over the flattened positions gives."""
+    torch.manual_seed(0)
+    L, C = 3, 5
+    model = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, L * C), nn.Unflatten(-1, (L, C))).double()
+    xs, xq = torch.randn(2, 4, 6, dtype=torch.float64), torch.randn(2, 7, 6, dtype=torch.float64)
+    ys, yq = torch.randint(0, C, (2, 4, L)), torch.randint(0, C, (2, 7, L))
+
+    def flat(pred, target):
+        return F.cross_entropy(pred.reshape(-1, C), target.reshape(-1))
+    want_loss, want, _ = loop_meta_grads(model, xs, ys, xq, yq, 0.3, 2, flat)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy")
+        loss, got, _ = meta_grads(meta, model, (xs, ys, xq, yq))
+        assert_rel_close([loss], [want_loss], 1e-12, "meta-loss")
+        assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
+        with pytest.raises(ValueError, match="labels"):  # one label a sample where L are made
+            meta(xs, ys[..., 0], xq, yq[..., 0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
