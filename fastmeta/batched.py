@@ -110,6 +110,43 @@ def _check_inner_lr(lr):
                          f"{tuple(lr.shape)} (use learn_inner_lr=True for per-parameter rates)")
 
 
+class _Setting:
+    """A BatchedMAML setting: a plain value in the instance dict (under a leading underscore),
+    checked by check(name, value), which returns the value kept, whenever it is assigned."""
+
+    def __init__(self, check):
+        self.check = check
+
+    def __set_name__(self, owner, name):
+        self.name, self.key = name, "_" + name
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else obj.__dict__[self.key]
+
+    def __set__(self, obj, value):
+        obj.__dict__[self.key] = self.check(self.name, value)
+
+
+def _steps(name, steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"{name}: must be >= 0, got {steps}")
+    return int(steps)
+
+
+def _loss(name, loss):
+    if not (callable(loss) or (isinstance(loss, str) and loss in _LOSSES)):
+        raise ValueError(f"{name}: expected one of {_LOSSES} or a callable, got {loss!r}")
+    return loss
+
+
+def _chunk(name, chunk):
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
+        raise ValueError(f"{name}: expected None or an int >= 1, got {chunk!r}")
+    return None if chunk is None else int(chunk)
+
+
 def _flag(name, value) -> bool:
     """A True / False setting (numpy's bool and 0 / 1 too); anything else raises, naming it."""
     if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
@@ -207,76 +244,16 @@ class BatchedMAML(nn.Module):
     # training flags, BatchNorm buffers), not the original's
     _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable")
 
-    # -- settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
+    # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
-    # reaches a kernel; they are plain values, kept in the instance dict under a leading underscore
-    def _set(self, name, value):
-        self.__dict__["_" + name] = value
-
-    @property
-    def inner_steps(self) -> int:
-        return self.__dict__["_inner_steps"]
-
-    @inner_steps.setter
-    def inner_steps(self, steps):
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral):
-            raise TypeError(f"inner_steps: expected an int, got {type(steps).__name__}")
-        if steps < 0:
-            raise ValueError(f"inner_steps: must be >= 0, got {steps}")
-        self._set("inner_steps", int(steps))
-
-    @property
-    def first_order(self) -> bool:
-        return self.__dict__["_first_order"]
-
-    @first_order.setter
-    def first_order(self, value):
-        self._set("first_order", _flag("first_order", value))
-
-    @property
-    def loss(self):
-        return self.__dict__["_loss"]
-
-    @loss.setter
-    def loss(self, loss):
-        if not (callable(loss) or (isinstance(loss, str) and loss in _LOSSES)):
-            raise ValueError(f"loss: expected one of {_LOSSES} or a callable, got {loss!r}")
-        self._set("loss", loss)
-
-    @property
-    def task_chunk(self):
-        return self.__dict__["_task_chunk"]
-
-    @task_chunk.setter
-    def task_chunk(self, chunk):
-        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
-            raise ValueError(f"task_chunk: expected None or an int >= 1, got {chunk!r}")
-        self._set("task_chunk", None if chunk is None else int(chunk))
-
-    @property
-    def recompute(self) -> bool:
-        return self.__dict__["_recompute"]
-
-    @recompute.setter
-    def recompute(self, value):
-        self._set("recompute", _flag("recompute", value))
-
-    @property
-    def checkpoint_steps(self) -> bool:
-        return self.__dict__["_checkpoint_steps"]
-
-    @checkpoint_steps.setter
-    def checkpoint_steps(self, value):
-        self._set("checkpoint_steps", _flag("checkpoint_steps", value))
-
-    @property
-    def check_finite(self) -> bool:
-        return self.__dict__["_check_finite"]
-
-    @check_finite.setter
-    def check_finite(self, value):
-        self._set("check_finite", _flag("check_finite", value))
-
+    # reaches a kernel
+    inner_steps = _Setting(_steps)
+    first_order = _Setting(_flag)
+    loss = _Setting(_loss)
+    task_chunk = _Setting(_chunk)
+    recompute = _Setting(_flag)
+    checkpoint_steps = _Setting(_flag)
+    check_finite = _Setting(_flag)
 
     def __getstate__(self):
         state = self.__dict__.copy()
