@@ -88,6 +88,9 @@ std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::Tenso
 
 // Bytes held by the per-thread workspaces of mlp_inner_loop (kept between calls).
 int64_t workspace_bytes();
+// The fused MLP kernel's panel-order threshold (csrc/mlp_inner_loop.cpp): set to bytes (>= -1),
+// returning the previous value; bytes < -1 only reads it.
+int64_t mlp_panel_bytes(int64_t bytes);
 
 // fastmeta::mlp_inner_loop's arguments against each other (the CPU and CUDA kernels check each
 // call with it): params [W_1 [d_1, d_0], b_1 [d_1], ...] of xs's dtype, rates (if any) shaped

@@ -42,6 +42,7 @@
 #endif
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <type_traits>
 
 namespace fastmeta {
@@ -409,6 +410,50 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
     }
 }
 
+// B's size (all lanes) above which gemm_kind sweeps column panels outermost (see there): 4 MB, or
+// FASTMETA_MLP_PANEL_BYTES at load, or fastmeta._C._mlp_panel_bytes(n) (0: always; -1: never).
+// At 2 MB (a 256 x 256 weight, 8 float lanes) the row-block order was still as fast or faster on
+// a 32 MB L3, at 4.7 MB (384 x 384) the panel order 1.4-1.8x faster (benchmarks/RESULTS.md).
+// Lane FMAs of one product from which a product of a lone group is shared among the threads
+// (gemm_kind): a 10 x 128 x 128 product and larger; an at::parallel_for costs a few microseconds.
+constexpr int64_t kSplitFmas = int64_t(1) << 17;
+
+std::atomic<int64_t> g_panel_bytes{[] {
+  const char* env = std::getenv("FASTMETA_MLP_PANEL_BYTES");
+  return env != nullptr ? std::atoll(env) : int64_t(4) << 20;
+}()};
+
+// Columns [p0, p1) of C (p0 a multiple of PB; p1 = Pn or a multiple of PB).
+template <typename T, int W, int MB, int PB, Ep K, bool Two>
+void gemm_cols(int64_t M, int64_t p0, int64_t p1, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm,
+               int64_t scp, const Epi<T>& e, bool panels) {
+  if (panels) {
+    int64_t p = p0;
+    for (; p + PB <= p1; p += PB) {
+      int64_t m = 0;
+      for (; m + MB <= M; m += MB) gemm_block<T, W, MB, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
+      for (; m < M; ++m) gemm_block<T, W, 1, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
+    }
+    for (; p < p1; ++p) {
+      int64_t m = 0;
+      for (; m + MB <= M; m += MB) gemm_block<T, W, MB, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
+      for (; m < M; ++m) gemm_block<T, W, 1, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
+    }
+    return;
+  }
+  int64_t m = 0;
+  for (; m + MB <= M; m += MB) {
+    int64_t p = p0;
+    for (; p + PB <= p1; p += PB) gemm_block<T, W, MB, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
+    for (; p < p1; ++p) gemm_block<T, W, MB, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
+  }
+  for (; m < M; ++m) {
+    int64_t p = p0;
+    for (; p + PB <= p1; p += PB) gemm_block<T, W, 1, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
+    for (; p < p1; ++p) gemm_block<T, W, 1, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
+  }
+}
+
 template <typename T, int W, int MB, int PB, Ep K, bool Two>
 void gemm_kind(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int64_t scm, int64_t scp,
                const Epi<T>& e) {
@@ -417,17 +462,25 @@ void gemm_kind(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C,
     if (x.K == 1) return rank1<T, W, K>(M, Pn, x, C, scm, scp, e);
   }
 #endif
-  int64_t m = 0;
-  for (; m + MB <= M; m += MB) {
-    int64_t p = 0;
-    for (; p + PB <= Pn; p += PB) gemm_block<T, W, MB, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
-    for (; p < Pn; ++p) gemm_block<T, W, MB, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
+  // Row blocks outer: each row block of A stays in L1 while the whole of B streams past it. Where
+  // B outgrows the cache (wide layers: a 512 x 512 weight is 8 MB for 8 float lanes) that streams
+  // it from memory once per row block, so there the order turns: each column panel of B (PB
+  // columns of K entries) stays in cache while all of A's rows stream past it from L2.
+  const int64_t depth = x.K + (Two ? x2->K : 0);
+  const int64_t b_bytes = depth * Pn * W * static_cast<int64_t>(sizeof(T));
+  const int64_t panel_bytes = g_panel_bytes.load(std::memory_order_relaxed);
+  const bool panels = panel_bytes >= 0 && b_bytes > panel_bytes && M > MB;
+  // Outside a parallel region (one group of tasks, run on the calling thread: a meta-batch that
+  // fills one group's lanes) a large product's column panels are shared among the threads, which
+  // the groups would otherwise occupy; each thread writes its own columns of C.
+  const int64_t panels_n = Pn / PB;
+  if (M * Pn * depth >= kSplitFmas && panels_n >= 2 && !at::in_parallel_region() && at::get_num_threads() > 1) {
+    at::parallel_for(0, panels_n, 1, [&](int64_t b, int64_t end) {
+      gemm_cols<T, W, MB, PB, K, Two>(M, b * PB, end == panels_n ? Pn : end * PB, x, x2, C, scm, scp, e, panels);
+    });
+    return;
   }
-  for (; m < M; ++m) {
-    int64_t p = 0;
-    for (; p + PB <= Pn; p += PB) gemm_block<T, W, 1, PB, K, Two>(x, x2, m, p, C, scm, scp, e);
-    for (; p < Pn; ++p) gemm_block<T, W, 1, 1, K, Two>(x, x2, m, p, C, scm, scp, e);
-  }
+  gemm_cols<T, W, MB, PB, K, Two>(M, 0, Pn, x, x2, C, scm, scp, e, panels);
 }
 
 template <typename T, int W, int MB, int PB, bool Two>
@@ -885,7 +938,7 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
   // shared machine, leaves its groups to the others instead of holding up the call.
   const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
   std::atomic<int64_t> next_group{0};
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+  const auto body = [&](int64_t, int64_t) {
     Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad);
     for (int64_t grp = next_group++; grp < groups; grp = next_group++) {
       int64_t tasks[W];
@@ -959,7 +1012,13 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
         }
       }
     }
-  });
+  };
+  // A lone group runs here, outside a parallel region, so that its large products can share the
+  // threads (gemm_kind).
+  if (workers <= 1)
+    body(0, 1);
+  else
+    at::parallel_for(0, workers, 1, body);
 }
 
 }  // namespace
@@ -1072,6 +1131,10 @@ void dispatch_run(const Call& c, double lr, int64_t steps, int64_t loss, bool fi
 }  // namespace
 
 int64_t workspace_bytes() { return g_workspace_bytes.load(); }
+
+int64_t mlp_panel_bytes(int64_t bytes) {
+  return bytes < -1 ? g_panel_bytes.load() : g_panel_bytes.exchange(bytes);
+}
 
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,

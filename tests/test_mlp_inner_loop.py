@@ -66,6 +66,84 @@ def test_meta_sgd_rates(dtype, first_order):
     assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[dtype], "meta-grad and lr-grad")
 
 
+@pytest.fixture
+def panel_bytes():
+    """fastmeta._C._mlp_panel_bytes, restored afterwards."""
+    from fastmeta import _C
+    before = _C._mlp_panel_bytes()
+    yield _C._mlp_panel_bytes
+    _C._mlp_panel_bytes(before)
+
+
+def _kernel(params, batch, lr, steps, acts, loss, first_order):
+    lr_list = lr if isinstance(lr, list) else []
+    with fastmeta.use_backend("cpp"):
+        losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, 0.1, loss, first_order)
+    return [losses.detach()] + list(torch.autograd.grad(losses.sum(), params + lr_list))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("case", ["mse", "cross_entropy", "rates"])
+def test_column_panel_order(panel_bytes, dtype, first_order, case):
+    """The products' column-panel order (wide layers, where a weight outgrows the cache) gives the
+    row-block order's results bit for bit (the same blocks, each output summed in the same order),
+    and the reference's: forced on every product here at odd sizes (row and column edges)."""
+    loss = "cross_entropy" if case == "cross_entropy" else "mse"
+    params, batch = make((3, 37, 29, 5), 11, 7, 10, loss, dtype)
+    lr = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params] if case == "rates" else 0.1
+    acts = ["leaky_relu", "tanh", None]
+    panel_bytes(-1)
+    rows = _kernel(params, batch, lr, 3, acts, loss, first_order)
+    panel_bytes(0)
+    panels = _kernel(params, batch, lr, 3, acts, loss, first_order)
+    for a, b in zip(panels, rows):
+        assert torch.equal(a, b)
+    r = both(params, batch, lr, 3, acts, loss, first_order, slope=0.1)
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[dtype], "meta-grad")
+
+
+def test_column_panel_order_by_size(panel_bytes):
+    """Under the default threshold (4 MB) a layer whose weight for one group of tasks exceeds it
+    takes the panel order: a 371 x 371 float64 weight (4.4 MB in 4 lanes, 2.2 MB in 2) against the
+    row-block order and the reference."""
+    assert panel_bytes() == 4 << 20
+    params, batch = make((2, 371, 371, 2), 3, 4, 5, "mse", torch.float64)
+    wide = _kernel(params, batch, 0.05, 2, ["tanh", "tanh", None], "mse", False)
+    panel_bytes(-1)
+    rows = _kernel(params, batch, 0.05, 2, ["tanh", "tanh", None], "mse", False)
+    for a, b in zip(wide, rows):
+        assert torch.equal(a, b)
+    r = both(params, batch, 0.05, 2, ["tanh", "tanh", None], "mse", False)
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("case", ["mse", "rates"])
+def test_one_group_shares_its_products_among_threads(panel_bytes, first_order, case):
+    """A meta-batch that fills one group of SIMD lanes runs on the calling thread, and its large
+    products (here 40 x 67 x 64 lane FMAs) share their column panels among the threads: bit for bit
+    the one-thread result (each output summed in the same order), in both loop orders, and the
+    reference's."""
+    params, batch = make((3, 64, 67, 2), 3, 40, 41, "mse", torch.float64)
+    lr = [torch.empty_like(p).uniform_(0.01, 0.05).requires_grad_() for p in params] if case == "rates" else 0.02
+    acts = ["tanh", "relu", None]
+    threads = torch.get_num_threads()
+    try:
+        for order in (-1, 0):
+            panel_bytes(order)
+            torch.set_num_threads(1)
+            one = _kernel(params, batch, lr, 2, acts, "mse", first_order)
+            torch.set_num_threads(2)
+            two = _kernel(params, batch, lr, 2, acts, "mse", first_order)
+            for a, b in zip(two, one):
+                assert torch.equal(a, b)
+    finally:
+        torch.set_num_threads(threads)
+    r = both(params, batch, lr, 2, acts, "mse", first_order, slope=0.1)
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
+
+
 def test_zero_steps_and_single_layer():
     params, batch = make((4, 3), 2, 5, 5, "cross_entropy", torch.float64)
     for steps in (0, 2):

@@ -1,0 +1,101 @@
+"""The fused CPU MLP kernel on wide MLPs (classification, 32 -> h -> h -> 5, cross-entropy, S=5
+inner steps), three tables, each timed in one process with its alternatives interleaved in rounds:
+
+- `panels`: the products' loop order, row blocks outermost against column panels outermost
+  above 4 MB of B operand (fastmeta._C._mlp_panel_bytes), T=16 (two groups of SIMD lanes, one
+  a thread);
+- `split`: a meta-batch of one group (T=8 with 8 float lanes) on one thread against two, whose
+  large products then share their column panels;
+- `backends`: value_and_grad on the cpp backend (the fused kernel) against the torch backend
+  (batched per-task matrix products, oneDNN / MKL on every core).
+
+    python benchmarks/wide_mlp.py [--tables panels,split,backends] [--rounds 3]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+import fastmeta
+
+
+def step(widths, T, K, S, first_order, backend):
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    model = nn.Sequential(*layers[:-1])
+    xs, xq = torch.randn(T, K, widths[0]), torch.randn(T, K, widths[0])
+    ys, yq = torch.randint(0, widths[-1], (T, K)), torch.randint(0, widths[-1], (T, K))
+    meta = fastmeta.BatchedMAML(model, 0.1, S, first_order=first_order, loss="cross_entropy", backend=backend)
+    return lambda: meta.value_and_grad(xs, ys, xq, yq)
+
+
+def interleaved(variants, rounds):
+    """{name: median ms} of the callables in variants ({name: (setup, call)}), timed in rounds."""
+    for setup, f in variants.values():
+        setup()
+        f()
+    setup, f = next(iter(variants.values()))
+    setup()
+    t0 = time.perf_counter()
+    f()
+    n = max(1, min(20, int(0.5 / (time.perf_counter() - t0))))
+    times = {k: [] for k in variants}
+    for _ in range(rounds):
+        for k, (setup, f) in variants.items():
+            setup()
+            for _ in range(n):
+                t = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tables", default="panels,split,backends")
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    from fastmeta import _C
+    threads = torch.get_num_threads()
+    default = _C._mlp_panel_bytes()
+    order = lambda b: (lambda: _C._mlp_panel_bytes(b))  # noqa: E731
+    nothing = lambda: None  # noqa: E731
+    tables = args.tables.split(",")
+    print(f"torch {torch.__version__}, {threads} threads")
+    if "panels" in tables:
+        print("\n| widths | T | K=Q | order | row blocks ms | panels above 4 MB ms | speed-up |\n|---|---|---|---|---|---|---|")
+        for h in (256, 384, 512, 768):
+            for K in (10, 25):
+                for fo in (False, True):
+                    f = step((32, h, h, 5), 16, K, 5, fo, "cpp")
+                    r = interleaved({"rows": (order(-1), f), "panels": (order(default), f)}, args.rounds)
+                    _C._mlp_panel_bytes(default)
+                    print(f"| 32-{h}-{h}-5 | 16 | {K} | {'first' if fo else 'second'} | {r['rows']:.2f} | "
+                          f"{r['panels']:.2f} | {r['rows'] / r['panels']:.2f}x |", flush=True)
+    if "split" in tables and threads > 1:
+        print("\n| widths | T | K=Q | order | 1 thread ms | 2 threads ms | speed-up |\n|---|---|---|---|---|---|---|")
+        for h, K in ((40, 10), (64, 25), (96, 15), (128, 10), (256, 10), (512, 25)):
+            for fo in (False, True):
+                f = step((32, h, h, 5), 8, K, 5, fo, "cpp")
+                r = interleaved({1: (lambda: torch.set_num_threads(1), f), 2: (lambda: torch.set_num_threads(2), f)},
+                                args.rounds)
+                torch.set_num_threads(threads)
+                print(f"| 32-{h}-{h}-5 | 8 | {K} | {'first' if fo else 'second'} | {r[1]:.2f} | {r[2]:.2f} | "
+                      f"{r[1] / r[2]:.2f}x |", flush=True)
+    if "backends" in tables:
+        print("\n| widths | T | K=Q | order | cpp ms | torch ms | cpp speed-up |\n|---|---|---|---|---|---|---|")
+        for h, T, K in ((128, 8, 10), (256, 4, 25), (256, 8, 10), (512, 4, 25), (512, 8, 25), (512, 16, 25),
+                        (768, 16, 10)):
+            for fo in (False, True):
+                r = interleaved({"cpp": (nothing, step((32, h, h, 5), T, K, 5, fo, "cpp")),
+                                 "torch": (nothing, step((32, h, h, 5), T, K, 5, fo, "torch"))}, args.rounds)
+                print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {r['cpp']:.2f} | "
+                      f"{r['torch']:.2f} | {r['torch'] / r['cpp']:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
