@@ -415,8 +415,10 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
 // At 2 MB (a 256 x 256 weight, 8 float lanes) the row-block order was still as fast or faster on
 // a 32 MB L3, at 4.7 MB (384 x 384) the panel order 1.4-1.8x faster (benchmarks/RESULTS.md).
 // Lane FMAs of one product from which a product of a lone group is shared among the threads
-// (gemm_kind): a 10 x 128 x 128 product and larger; an at::parallel_for costs a few microseconds.
-constexpr int64_t kSplitFmas = int64_t(1) << 17;
+// (gemm_kind): from 2^18 (about 50 us of one core) the split paid in the runs of
+// benchmarks/wide_mlp.py (a 15 x 96 x 96 pair of products 1.47x); at 2^17 it cost more than it saved
+// (a 10 x 128 x 128 product 0.78x: the pool's threads wake for each product).
+constexpr int64_t kSplitFmas = int64_t(1) << 18;
 
 std::atomic<int64_t> g_panel_bytes{[] {
   const char* env = std::getenv("FASTMETA_MLP_PANEL_BYTES");

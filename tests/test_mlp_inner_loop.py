@@ -122,10 +122,10 @@ def test_column_panel_order_by_size(panel_bytes):
 @pytest.mark.parametrize("case", ["mse", "rates"])
 def test_one_group_shares_its_products_among_threads(panel_bytes, first_order, case):
     """A meta-batch that fills one group of SIMD lanes runs on the calling thread, and its large
-    products (here 40 x 67 x 64 lane FMAs) share their column panels among the threads: bit for bit
+    products (here 40 x 131 x 64 lane FMAs) share their column panels among the threads: bit for bit
     the one-thread result (each output summed in the same order), in both loop orders, and the
     reference's."""
-    params, batch = make((3, 64, 67, 2), 3, 40, 41, "mse", torch.float64)
+    params, batch = make((3, 64, 131, 2), 3, 40, 41, "mse", torch.float64)
     lr = [torch.empty_like(p).uniform_(0.01, 0.05).requires_grad_() for p in params] if case == "rates" else 0.02
     acts = ["tanh", "relu", None]
     threads = torch.get_num_threads()
