@@ -148,12 +148,17 @@ def _chunk(name, chunk):
 
 
 def _flag(name, value) -> bool:
-    """A True / False setting (numpy's bool and 0 / 1 too); anything else raises, naming it."""
-    if isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1)):
-        return bool(value)
-    if type(value).__name__ == "bool_":  # numpy.bool_
+    """A True / False setting (numpy's bool too); anything else raises, naming it."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":  # (numpy.bool_)
         return bool(value)
     raise TypeError(f"{name}: expected True or False, got {value!r}")
+
+
+def _flag01(name, value) -> bool:
+    """_flag, also taking 0 and 1 (first_order and check_finite took any value's truth before)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value in (0, 1):
+        return bool(value)
+    return _flag(name, value)
 
 
 class BatchedMAML(nn.Module):
@@ -248,12 +253,12 @@ class BatchedMAML(nn.Module):
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
     # reaches a kernel
     inner_steps = _Setting(_steps)
-    first_order = _Setting(_flag)
+    first_order = _Setting(_flag01)
     loss = _Setting(_loss)
     task_chunk = _Setting(_chunk)
     recompute = _Setting(_flag)
     checkpoint_steps = _Setting(_flag)
-    check_finite = _Setting(_flag)
+    check_finite = _Setting(_flag01)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -379,6 +384,11 @@ class BatchedMAML(nn.Module):
             return ops.mse(pred, target)
         if self.loss == "cross_entropy":
             T, C = pred.shape[0], pred.shape[-1]
+            squeezed = [tuple(d for d in t.shape[1:] if d != 1) for t in (target, pred[..., 0])]
+            if squeezed[0] != squeezed[1]:
+                raise ValueError(f"BatchedMAML: cross_entropy labels {tuple(target.shape)} do not match the "
+                                 f"model's output {tuple(pred.shape)}: expected {tuple(pred.shape[:-1])}, "
+                                 "one class index an output position (the classes are its last dim)")
             pending = getattr(_pending, "labels", None)
             if pending:
                 _checks.labels_in_range(pending, C, "BatchedMAML")
