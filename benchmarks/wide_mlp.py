@@ -10,6 +10,7 @@ inner steps), three tables, each timed in one process with its alternatives inte
   (batched per-task matrix products, oneDNN / MKL on every core).
 
     python benchmarks/wide_mlp.py [--tables panels,split,backends] [--rounds 3]
+                                  [--small]   (tiny widths: the script's own check)
 """
 import argparse
 import statistics
@@ -54,11 +55,14 @@ def interleaved(variants, rounds):
     return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tables", default="panels,split,backends")
     ap.add_argument("--rounds", type=int, default=3)
-    args = ap.parse_args()
+    ap.add_argument("--small", action="store_true", help="tiny widths, one round")
+    args = ap.parse_args(argv)
+    if args.small:
+        args.rounds = 1
     from fastmeta import _C
     threads = torch.get_num_threads()
     default = _C._mlp_panel_bytes()
@@ -67,8 +71,9 @@ def main():
     tables = args.tables.split(",")
     print(f"torch {torch.__version__}, {threads} threads")
     if "panels" in tables:
-        print("\n| widths | T | K=Q | order | row blocks ms | panels above 4 MB ms | speed-up |\n|---|---|---|---|---|---|---|")
-        for h in (256, 384, 512, 768):
+        print("\n| widths | T | K=Q | order | row blocks ms | panels above 4 MB ms | speed-up |")
+        print("|---|---|---|---|---|---|---|")
+        for h in (16,) if args.small else (256, 384, 512, 768):
             for K in (10, 25):
                 for fo in (False, True):
                     f = step((32, h, h, 5), 16, K, 5, fo, "cpp")
@@ -78,7 +83,7 @@ def main():
                           f"{r['panels']:.2f} | {r['rows'] / r['panels']:.2f}x |", flush=True)
     if "split" in tables and threads > 1:
         print("\n| widths | T | K=Q | order | 1 thread ms | 2 threads ms | speed-up |\n|---|---|---|---|---|---|---|")
-        for h, K in ((40, 10), (64, 25), (96, 15), (128, 10), (256, 10), (512, 25)):
+        for h, K in ((16, 10),) if args.small else ((40, 10), (64, 25), (96, 15), (128, 10), (256, 10), (512, 25)):
             for fo in (False, True):
                 f = step((32, h, h, 5), 8, K, 5, fo, "cpp")
                 r = interleaved({1: (lambda: torch.set_num_threads(1), f), 2: (lambda: torch.set_num_threads(2), f)},
@@ -87,14 +92,17 @@ def main():
                 print(f"| 32-{h}-{h}-5 | 8 | {K} | {'first' if fo else 'second'} | {r[1]:.2f} | {r[2]:.2f} | "
                       f"{r[1] / r[2]:.2f}x |", flush=True)
     if "backends" in tables:
-        print("\n| widths | T | K=Q | order | cpp ms | torch ms | cpp speed-up |\n|---|---|---|---|---|---|---|")
-        for h, T, K in ((128, 8, 10), (256, 4, 25), (256, 8, 10), (512, 4, 25), (512, 8, 25), (512, 16, 25),
-                        (768, 16, 10)):
+        print("\n| widths | T | K=Q | order | cpp ms | torch ms | cpp speed-up | meta-grad rel diff |")
+        print("|---|---|---|---|---|---|---|---|")
+        shapes = ((16, 4, 10),) if args.small else ((128, 8, 10), (256, 4, 25), (256, 8, 10), (512, 4, 25),
+                                                    (512, 8, 25), (512, 16, 25), (768, 16, 10))
+        for h, T, K in shapes:
             for fo in (False, True):
-                r = interleaved({"cpp": (nothing, step((32, h, h, 5), T, K, 5, fo, "cpp")),
-                                 "torch": (nothing, step((32, h, h, 5), T, K, 5, fo, "torch"))}, args.rounds)
+                fc, ft = step((32, h, h, 5), T, K, 5, fo, "cpp"), step((32, h, h, 5), T, K, 5, fo, "torch")
+                r = interleaved({"cpp": (nothing, fc), "torch": (nothing, ft)}, args.rounds)
+                diff = max(float((a - b).norm() / b.norm()) for a, b in zip(fc()[1], ft()[1]))
                 print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {r['cpp']:.2f} | "
-                      f"{r['torch']:.2f} | {r['torch'] / r['cpp']:.2f}x |", flush=True)
+                      f"{r['torch']:.2f} | {r['torch'] / r['cpp']:.2f}x | {diff:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

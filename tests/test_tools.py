@@ -348,6 +348,26 @@ def test_conv_probe_script_on_cpu(capsys):
     assert all(float(r[9]) < 1e-5 for r in rows), out
 
 
+def test_wide_mlp_script_on_small_widths(capsys):
+    """benchmarks/wide_mlp.py (RESULTS.md's wide-MLP tables) at tiny widths: each table's rows, the
+    cpp and torch backends' meta-gradients agreeing, and the kernel's settings restored after."""
+    import os
+    import sys
+    from fastmeta import _C
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    threads, panel = torch.get_num_threads(), _C._mlp_panel_bytes()
+    try:
+        import wide_mlp
+        wide_mlp.main(["--small"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
+    assert (torch.get_num_threads(), _C._mlp_panel_bytes()) == (threads, panel)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 32-16")]
+    assert len(rows) == 4 + (2 if threads > 1 else 0) + 2, rows
+    assert all(float(r[7]) < 1e-4 for r in rows if len(r) == 8), rows
+
+
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
     """benchmarks/targets.py (run at the end of gpu_check.sh): each target's ratio from rows of the
     same JSON file only; a fastmeta row beyond the 1e-4 meta-gradient bound is not counted; the
