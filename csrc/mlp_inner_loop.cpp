@@ -410,19 +410,24 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
     }
 }
 
-// B's size (all lanes) above which gemm_kind sweeps column panels outermost (see there): 4 MB, or
-// FASTMETA_MLP_PANEL_BYTES at load, or fastmeta._C._mlp_panel_bytes(n) (0: always; -1: never).
-// At 2 MB (a 256 x 256 weight, 8 float lanes) the row-block order was still as fast or faster on
-// a 32 MB L3, at 4.7 MB (384 x 384) the panel order 1.4-1.8x faster (benchmarks/RESULTS.md).
 // Lane FMAs of one product from which a product of a lone group is shared among the threads
 // (gemm_kind): from 2^18 (about 50 us of one core) the split paid in the runs of
-// benchmarks/wide_mlp.py (a 15 x 96 x 96 pair of products 1.47x); at 2^17 it cost more than it saved
-// (a 10 x 128 x 128 product 0.78x: the pool's threads wake for each product).
+// benchmarks/wide_mlp.py (a 15 x 96 x 96 pair of products 1.25-1.47x); at 2^17 it cost more than it
+// saved (an MLP of 10 x 128 x 128 first-order products 0.78x).
 constexpr int64_t kSplitFmas = int64_t(1) << 18;
 
+// B's size (all lanes) above which gemm_kind sweeps column panels outermost (see there): 4 MB, or
+// FASTMETA_MLP_PANEL_BYTES at load (an integer; anything else keeps 4 MB), or
+// fastmeta._C._mlp_panel_bytes(n) (0: always; -1: never). At 2 MB (a 256 x 256 weight, 8 float
+// lanes) the row-block order was as fast (0.94-1.04x) on a 32 MB L3; at 4.7 MB (384 x 384) the
+// panel order 1.26-1.44x faster in second order, 0.96-1.00x in first (benchmarks/RESULTS.md).
 std::atomic<int64_t> g_panel_bytes{[] {
+  const int64_t fallback = int64_t(4) << 20;
   const char* env = std::getenv("FASTMETA_MLP_PANEL_BYTES");
-  return env != nullptr ? std::atoll(env) : int64_t(4) << 20;
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return *end == '\0' && v >= -1 ? static_cast<int64_t>(v) : fallback;
 }()};
 
 // Columns [p0, p1) of C (p0 a multiple of PB; p1 = Pn or a multiple of PB).

@@ -266,13 +266,10 @@ class BatchedMAML(nn.Module):
             state[key] = None
         return state
 
-    _SETTINGS = ("inner_steps", "first_order", "loss", "task_chunk", "recompute", "checkpoint_steps",
-                 "check_finite")
-
     def __setstate__(self, state):
-        for name in self._SETTINGS:  # (a module pickled when they were plain attributes)
-            if name in state:
-                state["_" + name] = state.pop(name)
+        for name, attr in vars(BatchedMAML).items():  # (a module pickled when they were plain attributes)
+            if isinstance(attr, _Setting) and name in state:
+                state[attr.key] = state.pop(name)
         super().__setstate__(state)
         self.program = plan.lower(self.model, strict=self.strict)
         self._stamp_structure()
@@ -384,8 +381,8 @@ class BatchedMAML(nn.Module):
             return ops.mse(pred, target)
         if self.loss == "cross_entropy":
             T, C = pred.shape[0], pred.shape[-1]
-            squeezed = [tuple(d for d in t.shape[1:] if d != 1) for t in (target, pred[..., 0])]
-            if squeezed[0] != squeezed[1]:
+            labels, positions = target.shape[1:], pred.shape[1:-1]
+            if labels != positions and [d for d in labels if d != 1] != [d for d in positions if d != 1]:
                 raise ValueError(f"BatchedMAML: cross_entropy labels {tuple(target.shape)} do not match the "
                                  f"model's output {tuple(pred.shape)}: expected {tuple(pred.shape[:-1])}, "
                                  "one class index an output position (the classes are its last dim)")

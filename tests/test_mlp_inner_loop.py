@@ -105,8 +105,8 @@ def test_column_panel_order(panel_bytes, dtype, first_order, case):
 
 def test_column_panel_order_by_size(panel_bytes):
     """Under the default threshold (4 MB) a layer whose weight for one group of tasks exceeds it
-    takes the panel order: a 371 x 371 float64 weight (4.4 MB in 4 lanes, 2.2 MB in 2) against the
-    row-block order and the reference."""
+    takes the panel order: a 371 x 371 float64 weight (4.4 MB in AVX2's 4 lanes, 8.8 MB in AVX-512's
+    8) against the row-block order and the reference."""
     assert panel_bytes() == 4 << 20
     params, batch = make((2, 371, 371, 2), 3, 4, 5, "mse", torch.float64)
     wide = _kernel(params, batch, 0.05, 2, ["tanh", "tanh", None], "mse", False)
@@ -116,6 +116,20 @@ def test_column_panel_order_by_size(panel_bytes):
         assert torch.equal(a, b)
     r = both(params, batch, 0.05, 2, ["tanh", "tanh", None], "mse", False)
     assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
+
+
+def test_panel_threshold_from_the_environment():
+    """FASTMETA_MLP_PANEL_BYTES sets the threshold at load; a value that is not an integer >= -1
+    keeps the default (4 MB) instead of becoming 0 (every product in panel order)."""
+    import os
+    import subprocess
+    import sys
+    read = "import fastmeta._C as C; print(C._mlp_panel_bytes())"
+    for value, want in [("123456", 123456), ("-1", -1), ("12MB", 4 << 20), ("-7", 4 << 20)]:
+        env = dict(os.environ, FASTMETA_MLP_PANEL_BYTES=value)
+        out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout) == want, value
 
 
 @pytest.mark.parametrize("first_order", [False, True])
