@@ -7,9 +7,12 @@ inner steps), three tables, each timed in one process with its alternatives inte
 - `split`: a meta-batch of one group (T=8 with 8 float lanes) on one thread against two, whose
   large products then share their column panels;
 - `backends`: value_and_grad on the cpp backend (the fused kernel) against the torch backend
-  (batched per-task matrix products, oneDNN / MKL on every core).
+  (batched per-task matrix products, oneDNN / MKL on every core);
+- `auto`: the auto request beside both, where a meta-batch fills few of the kernel's lanes (the
+  auto choice then takes the batched ops where they are expected 1.5x faster) and where it fills
+  them.
 
-    python benchmarks/wide_mlp.py [--tables panels,split,backends] [--rounds 3]
+    python benchmarks/wide_mlp.py [--tables panels,split,backends,auto] [--rounds 3]
                                   [--small]   (tiny widths: the script's own check)
 """
 import argparse
@@ -57,7 +60,7 @@ def interleaved(variants, rounds):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tables", default="panels,split,backends")
+    ap.add_argument("--tables", default="panels,split,backends,auto")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="tiny widths, one round")
     args = ap.parse_args(argv)
@@ -103,6 +106,21 @@ def main(argv=None):
                 diff = max(float((a - b).norm() / b.norm()) for a, b in zip(fc()[1], ft()[1]))
                 print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {r['cpp']:.2f} | "
                       f"{r['torch']:.2f} | {r['torch'] / r['cpp']:.2f}x | {diff:.1e} |", flush=True)
+    if "auto" in tables:
+        from fastmeta.ops.mlp_inner_loop import cpu_kernel_slower, cpu_lanes
+        print(f"\n{cpu_lanes(torch.float32)} float32 lanes a group")
+        print("| widths | T | K=Q | order | auto takes | auto ms | cpp ms | torch ms | auto vs cpp |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        shapes = ((16, 1, 10),) if args.small else ((40, 1, 10), (64, 1, 25), (128, 1, 25), (192, 2, 25), (256, 1, 10),
+                                                    (256, 4, 25), (384, 1, 10), (384, 4, 25), (512, 2, 10),
+                                                    (512, 4, 25), (512, 8, 25), (768, 1, 5), (512, 16, 25))
+        for h, T, K in shapes:
+            for fo in (False, True):
+                fs = {b: step((32, h, h, 5), T, K, 5, fo, b) for b in ("auto", "cpp", "torch")}
+                r = interleaved({b: (nothing, f) for b, f in fs.items()}, args.rounds)
+                takes = "torch" if cpu_kernel_slower(T, K, K, (32, h, h, 5), 5, fo, torch.float32) else "cpp"
+                print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {takes} | {r['auto']:.2f} | "
+                      f"{r['cpp']:.2f} | {r['torch']:.2f} | {r['cpp'] / r['auto']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

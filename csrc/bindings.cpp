@@ -70,6 +70,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_mlp_panel_bytes", &fastmeta::mlp_panel_bytes, py::arg("bytes") = -2,
         "the fused MLP kernel's threshold on a product's B operand above which it sweeps column panels "
         "outermost: sets it to bytes (0: always, -1: never) and returns the previous value; no argument: reads it");
+  m.def("_mlp_lanes", &fastmeta::mlp_lanes, py::arg("itemsize"),
+        "the fused CPU MLP kernel's tasks a group (one a SIMD lane) for float32 (itemsize 4) or float64 (8)");
   m.def("_conv_autotune_choices", &fastmeta::conv_autotune_choices,
         "the convolution ops' autotune choices so far: 'op shapes | grouped ms | per task ms | choice' a shape");
   m.def("_conv_autotune_clear", &fastmeta::conv_autotune_clear, "forgets the convolution ops' autotune choices");

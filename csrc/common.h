@@ -91,6 +91,8 @@ int64_t workspace_bytes();
 // The fused MLP kernel's panel-order threshold (csrc/mlp_inner_loop.cpp): set to bytes (>= -1),
 // returning the previous value; bytes < -1 only reads it.
 int64_t mlp_panel_bytes(int64_t bytes);
+// The fused CPU MLP kernel's tasks a group (SIMD lanes) for elements of itemsize bytes (4 or 8).
+int64_t mlp_lanes(int64_t itemsize);
 
 // fastmeta::mlp_inner_loop's arguments against each other (the CPU and CUDA kernels check each
 // call with it): params [W_1 [d_1, d_0], b_1 [d_1], ...] of xs's dtype, rates (if any) shaped

@@ -1143,6 +1143,12 @@ int64_t mlp_panel_bytes(int64_t bytes) {
   return bytes < -1 ? g_panel_bytes.load() : g_panel_bytes.exchange(bytes);
 }
 
+int64_t mlp_lanes(int64_t itemsize) {
+  TORCH_CHECK(itemsize == 4 || itemsize == 8, "_mlp_lanes: itemsize must be 4 (float32) or 8 (float64), got ",
+              itemsize);
+  return kVecBytes / itemsize;
+}
+
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,

@@ -24,7 +24,8 @@ from torch.utils.hooks import RemovableHandle
 
 from . import _checks, ops, plan
 from ._phases import phase
-from .backend import _request, get_backend, select, use_backend
+from .backend import _request, get_backend, requested, select, use_backend
+from .ops.mlp_inner_loop import cpu_kernel_slower
 
 _LOSSES = ("mse", "cross_entropy")
 
@@ -505,7 +506,10 @@ class BatchedMAML(nn.Module):
         P.update(zip(names, adapted))
         return P
 
-    def _fused_mlp_ok(self) -> bool:
+    def _fused_mlp_ok(self, xs=None, xq=None) -> bool:
+        """Whether the fused MLP op runs this model; with xs and xq, for that batch: under the auto
+        request on a CPU it leaves to the batched torch ops a meta-batch of few tasks of a wide MLP,
+        which fills a small part of the kernel's SIMD lanes (ops.mlp_inner_loop.cpu_kernel_slower)."""
         spec = self.program.mlp
         if spec is None or self.loss not in _LOSSES or self.check_finite or spec.dropping():
             return False
@@ -517,7 +521,18 @@ class BatchedMAML(nn.Module):
         if p.dtype not in _checks.KERNEL_DTYPES:  # bfloat16, float16: the batched ops
             return False
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
-        return select("mlp_inner_loop", p.device.type) != "torch"
+        be = select("mlp_inner_loop", p.device.type)
+        if be == "torch":
+            return False
+        if xs is None:
+            return True
+        if xs.dim() != 3 or xq.dim() != 3:
+            return False
+        if be == "cpp" and requested("mlp_inner_loop") == "auto":
+            widths = [xs.shape[-1]] + [self.model.get_parameter(n).shape[0] for n in spec.param_names[::2]]
+            return not cpu_kernel_slower(xs.shape[0], xs.shape[1], xq.shape[1], widths, self.inner_steps,
+                                         self.first_order, p.dtype)
+        return True
 
     def _signature(self, xs, ys, xq, yq, p=None):
         """What the argument checks and the fused-path choice depend on: shapes, dtypes and devices
@@ -553,7 +568,7 @@ class BatchedMAML(nn.Module):
         # the fused MLP kernel differentiates the meta-parameters (and rates) only: a batch that
         # requires grad (a gradient for the data itself) takes the differentiable ops
         data_grad = xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad
-        fused = self._fused_mlp_ok() and xs.dim() == 3 and xq.dim() == 3 and not data_grad
+        fused = not data_grad and self._fused_mlp_ok(xs, xq)
         if fused:  # the fused op's own checks, before calls of this signature skip them
             params, lr, spec = self._fused_args()
             ops.check_mlp_args(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations, self.loss)

@@ -632,7 +632,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
 
 def explain(model: nn.Module) -> str:
     """A human-readable account of how fastmeta runs ``model``: each module's path and why."""
-    from .backend import BackendUnavailable, select
+    from .backend import BackendUnavailable, requested, select
 
     try:
         prog = lower(model)
@@ -695,10 +695,18 @@ def explain(model: nn.Module) -> str:
     if prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
         lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")
     elif prog.mlp is not None:
-        lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {backend_of('mlp_inner_loop')}) for "
+        be = backend_of("mlp_inner_loop")
+        few = ""
+        if be == "cpp" and requested("mlp_inner_loop") == "auto":
+            from .ops.mlp_inner_loop import cpu_lanes
+            p = next(model.parameters())
+            few = (f"; a meta-batch that fills a small part of its {cpu_lanes(p.dtype)} SIMD lanes (tasks) "
+                   "and whose weights are large, where the batched ops are expected 1.5x faster, takes them "
+                   "instead (BatchedMAML(backend='cpp') keeps the kernel)")
+        lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {be}) for "
                      "loss 'mse' or 'cross_entropy'"
                      + ("; while a Dropout drops (training mode, p > 0), step by step on the batched ops"
-                        if prog.mlp.dropouts else ""))
+                        if prog.mlp.dropouts else "") + few)
     else:
         lines.append(f"  whole inner loop: step by step ({prog.mlp_reason})")
         lines.append("  memory: BatchedMAML keeps every task's autograd graph until the backward; "

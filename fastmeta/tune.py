@@ -109,6 +109,10 @@ class _Trials:
         meta, device = self.meta, self.device
         with use_backend(request):
             key = _choices(self.used, device)
+            if "mlp_inner_loop" in self.used and not meta._fused_mlp_ok(self.batch[0], self.batch[2]):
+                # (the step runs the batched ops instead: for a meta-batch that fills few of the
+                # CPU kernel's lanes, auto's choice is the torch ops' kernels)
+                key = tuple("torch" if op == "mlp_inner_loop" else b for op, b in zip(self.used, key))
             if key in self.seen:
                 self.rows.append((label, None, f"runs the same kernels as {self.seen[key]!r}"))
                 return None
@@ -266,7 +270,7 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
         meta.backend = trials.requests[best][0]
         if memory_mb is not None:
             with use_backend(meta.backend):
-                fused = meta._fused_mlp_ok()  # (the fused MLP kernel keeps no graph: nothing to choose)
+                fused = meta._fused_mlp_ok(xs, xq)  # (the fused MLP kernel keeps no graph: nothing to choose)
             if not fused:
                 best = _tune_memory(trials, float(memory_mb))
         return Tuning(trials.rows, best, device)

@@ -1032,3 +1032,48 @@ def test_a_fully_frozen_model(kw):
     value, grads = meta.value_and_grad(xs, ys, xq, yq)
     torch.testing.assert_close(value, want)
     assert grads == [None] * 4
+
+
+@requires_cpp
+@pytest.mark.parametrize("first_order", [False, True])
+def test_few_tasks_of_a_wide_mlp_take_the_batched_ops_on_auto(first_order):
+    """On the CPU the fused kernel pays for a whole group of SIMD lanes (tasks): one task of a
+    384-wide MLP with 25 rows a pass runs the batched torch ops under auto (several times faster
+    there, benchmarks/RESULTS.md), the kernel where cpp is asked for, both with the loop's
+    meta-gradient. A small MLP, or a full group of tasks, keeps the kernel; fastmeta.tune times
+    the kernel as cpp and finds torch the same kernels as auto."""
+    from fastmeta.ops.mlp_inner_loop import cpu_kernel_slower, cpu_lanes
+    lanes = cpu_lanes(torch.float32)
+    assert lanes in (8, 16) and cpu_lanes(torch.float64) == lanes // 2
+    wide = (32, 384, 384, 5)
+    assert cpu_kernel_slower(1, 25, 25, wide, 5, first_order, torch.float32)
+    assert cpu_kernel_slower(1, 25, 25, wide, 5, first_order, torch.float64)
+    assert not cpu_kernel_slower(lanes, 25, 25, wide, 5, first_order, torch.float32)  # a full group
+    assert not cpu_kernel_slower(lanes + 1, 25, 25, wide, 5, first_order, torch.float32)
+    assert not cpu_kernel_slower(1, 10, 10, (1, 40, 40, 1), 5, first_order, torch.float32)  # the sine MLP
+    assert not cpu_kernel_slower(1, 25, 25, (32, 64, 64, 5), 5, first_order, torch.float32)
+
+    torch.manual_seed(0)
+    model = mlp(wide, nn.ReLU, torch.float32)
+    batch = classification_batch(1, 25, 25, 32, 5, torch.float32)
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order, loss="cross_entropy")
+    assert "fills a small part of its" in fastmeta.explain(model)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 2, "cross_entropy", first_order)
+    for backend, fused in (("auto", False), ("cpp", True), ("torch", False)):
+        with fastmeta.use_backend(backend):
+            _, got = meta.value_and_grad(*batch)
+        assert meta._last_fused is fused, backend
+        assert_rel_close(got, list(want), RTOL[torch.float32], backend)
+    meta.backend = "cpp"  # a module's own request keeps the kernel too
+    meta(*batch)
+    assert meta._last_fused is True
+    meta.backend = None
+    small = fastmeta.BatchedMAML(mlp((32, 64, 64, 5), nn.ReLU, torch.float32), 0.1, 2, first_order=first_order,
+                                 loss="cross_entropy")
+    small.value_and_grad(*batch)
+    assert small._last_fused is True
+
+    result = fastmeta.tune(meta, *batch, backends=["auto", "cpp", "torch"], reps=1, warmup=0, per_op=False)
+    notes = {name: (ms, note) for name, ms, note in result.rows}
+    assert notes["auto"][1] == "torch ops only" and notes["cpp"][0] is not None
+    assert notes["torch"][1] == "runs the same kernels as 'auto'"

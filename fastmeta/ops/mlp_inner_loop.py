@@ -41,6 +41,46 @@ _ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
 
 
+# Where BatchedMAML's auto choice leaves the fused CPU kernel for the batched torch ops. The kernel
+# runs tasks in SIMD lanes, one group of `lanes` tasks at a time (16 float32 lanes with AVX-512, 8
+# with AVX2), so a meta-batch that fills few of one group's lanes pays for all of them, while the
+# batched torch ops (per-task matrix products on every core) pay per task. Per pass over N rows of
+# a task (S support steps of K rows, then the query's Q), with w = sum_l d_{l-1} d_l the weights:
+#   fused kernel  ~ lanes * N * w * FUSED        (one group: every lane's products)
+#   torch ops     ~ T * w * (1 + ROWS * N) + PASS
+# (weight-sized ops per task, their products, and the ops' fixed cost per pass), in units of one
+# weight-sized torch op of one task, by order (second, first): fitted to value_and_grad on 32-h-h-5
+# MLPs (h 64 to 512, K = Q = 10 and 25, T 1 to 16) on a 2-core Xeon with AVX-512; the AVX2 machine's
+# timings give the same ratio of kernel to ops per lane (benchmarks/RESULTS.md, "Few tasks of a
+# wide MLP"). The torch ops are taken where they are expected MARGIN times faster, and never for
+# more than one group of tasks: with its lanes full the kernel was the faster in every shape
+# measured but one (0.87x, 512 wide with 75 rows).
+_COST = {False: (0.03, 0.0065, 1.6e5), True: (0.03, 0.012, 2.75e5)}  # first_order -> FUSED, ROWS, PASS
+_TORCH_MARGIN = 1.5
+
+
+def cpu_lanes(dtype) -> int:
+    """The fused CPU kernel's tasks a group (one a SIMD lane) for dtype (float32 or float64)."""
+    from .. import _C
+    return int(_C._mlp_lanes(torch.empty((), dtype=dtype).element_size()))
+
+
+def cpu_kernel_slower(T: int, K: int, Q: int, widths, steps: int, first_order: bool, dtype) -> bool:
+    """Whether the fused CPU kernel is expected to be clearly slower (1.5x) than the batched torch
+    ops for T tasks of K support and Q query rows, an MLP of these widths (d_0, ..., d_L), ``steps``
+    inner steps of this order: a meta-batch that fills a small part of one group of SIMD lanes, of
+    an MLP whose weights are large (the cost model above)."""
+    lanes = cpu_lanes(dtype)
+    if T > lanes:
+        return False
+    fused_c, rows_c, pass_c = _COST[bool(first_order)]
+    w = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    rows = [K] * steps + [Q]
+    fused = sum(lanes * n * w * fused_c for n in rows)
+    ops = sum(T * w * (1 + rows_c * n) + pass_c for n in rows)
+    return fused > _TORCH_MARGIN * ops
+
+
 def _mlp(x, params, activations, negative_slope):
     for l, act in enumerate(activations):
         x = batched_linear_ref(x, params[2 * l], params[2 * l + 1], act, negative_slope)
