@@ -350,7 +350,8 @@ def test_conv_probe_script_on_cpu(capsys):
 
 def test_wide_mlp_script_on_small_widths(capsys):
     """benchmarks/wide_mlp.py (RESULTS.md's wide-MLP tables) at tiny widths: each table's rows, the
-    cpp and torch backends' meta-gradients agreeing, and the kernel's settings restored after."""
+    cpp and torch backends' meta-gradients agreeing, auto's choice, and the kernel's settings
+    restored after."""
     import os
     import sys
     from fastmeta import _C
@@ -364,8 +365,10 @@ def test_wide_mlp_script_on_small_widths(capsys):
         sys.path.remove(os.path.join(root, "benchmarks"))
     assert (torch.get_num_threads(), _C._mlp_panel_bytes()) == (threads, panel)
     rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 32-16")]
-    assert len(rows) == 4 + (2 if threads > 1 else 0) + 2, rows
+    assert len(rows) == 4 + (2 if threads > 1 else 0) + 2 + 2, rows
     assert all(float(r[7]) < 1e-4 for r in rows if len(r) == 8), rows
+    auto = [r for r in rows if len(r) == 9]  # (a tiny MLP: auto keeps the kernel)
+    assert len(auto) == 2 and all(r[4].strip() == "cpp" for r in auto), rows
 
 
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
