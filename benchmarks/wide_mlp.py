@@ -10,9 +10,12 @@ inner steps), three tables, each timed in one process with its alternatives inte
   (batched per-task matrix products, oneDNN / MKL on every core);
 - `auto`: the auto request beside both, where a meta-batch fills few of the kernel's lanes (the
   auto choice then takes the batched ops where they are expected 1.5x faster) and where it fills
-  them.
+  them;
+- `gpu` (with --device cuda): the CUDA kernel (one thread block a task) against the batched torch
+  ops (cuBLAS) from 128 to 1024 wide, few tasks and many.
 
     python benchmarks/wide_mlp.py [--tables panels,split,backends,auto] [--rounds 3]
+    python benchmarks/wide_mlp.py --device cuda          (the gpu table)
                                   [--small]   (tiny widths: the script's own check)
 """
 import argparse
@@ -25,16 +28,24 @@ from torch import nn
 import fastmeta
 
 
-def step(widths, T, K, S, first_order, backend):
+def step(widths, T, K, S, first_order, backend, device="cpu"):
     torch.manual_seed(0)
     layers = []
     for a, b in zip(widths[:-1], widths[1:]):
         layers += [nn.Linear(a, b), nn.ReLU()]
-    model = nn.Sequential(*layers[:-1])
-    xs, xq = torch.randn(T, K, widths[0]), torch.randn(T, K, widths[0])
-    ys, yq = torch.randint(0, widths[-1], (T, K)), torch.randint(0, widths[-1], (T, K))
+    model = nn.Sequential(*layers[:-1]).to(device)
+    xs, xq = torch.randn(T, K, widths[0], device=device), torch.randn(T, K, widths[0], device=device)
+    ys = torch.randint(0, widths[-1], (T, K), device=device)
+    yq = torch.randint(0, widths[-1], (T, K), device=device)
     meta = fastmeta.BatchedMAML(model, 0.1, S, first_order=first_order, loss="cross_entropy", backend=backend)
-    return lambda: meta.value_and_grad(xs, ys, xq, yq)
+    if device == "cpu":
+        return lambda: meta.value_and_grad(xs, ys, xq, yq)
+
+    def synced():  # (on the GPU a call's time is its work's: wait for it)
+        out = meta.value_and_grad(xs, ys, xq, yq)
+        torch.cuda.synchronize()
+        return out
+    return synced
 
 
 def interleaved(variants, rounds):
@@ -63,7 +74,10 @@ def main(argv=None):
     ap.add_argument("--tables", default="panels,split,backends,auto")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="tiny widths, one round")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     args = ap.parse_args(argv)
+    if args.device == "cuda":
+        return gpu_table(args.rounds)
     if args.small:
         args.rounds = 1
     from fastmeta import _C
@@ -122,6 +136,31 @@ def main(argv=None):
                 print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {takes} | {r['auto']:.2f} | "
                       f"{r['cpp']:.2f} | {r['torch']:.2f} | {r['cpp'] / r['auto']:.2f}x |", flush=True)
 
+
+def gpu_table(rounds, device="cuda", kernel="cuda", shapes=None):
+    """The CUDA kernel against the batched torch ops on the GPU (TF32 off, as the bench runs).
+    (device="cpu", kernel="cpp" and tiny shapes: the same table on the CPU, the script's own check.)"""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    nothing = lambda: None  # noqa: E731
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+    print(f"| widths | T | K=Q | order | {kernel} ms | torch ms | {kernel} speed-up | meta-grad rel diff |")
+    print("|---|---|---|---|---|---|---|---|")
+    shapes = shapes or ((128, 4, 25), (256, 4, 25), (256, 32, 25), (512, 4, 25), (512, 32, 25), (512, 256, 10),
+                        (1024, 32, 10))
+    for h, T, K in shapes:
+        for fo in (False, True):
+            try:
+                fk = step((32, h, h, 5), T, K, 5, fo, kernel, device)
+                ft = step((32, h, h, 5), T, K, 5, fo, "torch", device)
+                r = interleaved({kernel: (nothing, fk), "torch": (nothing, ft)}, rounds)
+                diff = max(float((a - b).norm() / b.norm()) for a, b in zip(fk()[1], ft()[1]))
+                print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {r[kernel]:.2f} | "
+                      f"{r['torch']:.2f} | {r['torch'] / r[kernel]:.2f}x | {diff:.1e} |", flush=True)
+            except Exception as e:  # (a shape the kernel refuses, or out of memory: said, and on)
+                print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | failed: "
+                      f"{type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
 
 if __name__ == "__main__":
     main()

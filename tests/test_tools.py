@@ -369,6 +369,9 @@ def test_wide_mlp_script_on_small_widths(capsys):
     assert all(float(r[7]) < 1e-4 for r in rows if len(r) == 8), rows
     auto = [r for r in rows if len(r) == 9]  # (a tiny MLP: auto keeps the kernel)
     assert len(auto) == 2 and all(r[4].strip() == "cpp" for r in auto), rows
+    wide_mlp.gpu_table(1, device="cpu", kernel="cpp", shapes=((16, 2, 10),))  # (gpu_check's table, on the CPU)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| 32-16")]
+    assert len(rows) == 2 and all(len(r) == 8 and float(r[7]) < 1e-4 for r in rows), rows
 
 
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
