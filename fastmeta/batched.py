@@ -539,13 +539,14 @@ class BatchedMAML(nn.Module):
         of the batch and of the parameters, the requested backend, inner_lr, loss, check_finite,
         whether the batch requires grad. A call with the signature of the last checked call skips
         the checks (they would pass again); the label range check of cross-entropy still runs.
+        (inner_steps and first_order: the auto choice between the CPU kernel and the batched ops.)
         With a Dropout in the fused MLP, whether it drops (train() / eval(), p) is part of it."""
         p = self._first_param if p is None else p
         spec = self.program.mlp
         dropping = spec is not None and bool(spec.dropouts) and spec.dropping()
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
-                id(self.loss), self.check_finite, dropping,
+                id(self.loss), self.check_finite, dropping, self.inner_steps, self.first_order,
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
     def _prepare(self, xs, ys, xq, yq, params=None):
