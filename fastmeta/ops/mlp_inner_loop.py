@@ -50,7 +50,8 @@ _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
 #   torch ops     ~ T * w * (1 + ROWS * N) + PASS
 # (weight-sized ops per task, their products, and the ops' fixed cost per pass), in units of one
 # weight-sized torch op of one task, by order (second, first): fitted to value_and_grad on 32-h-h-5
-# MLPs (h 64 to 512, K = Q = 10 and 25, T 1 to 16) on a 2-core Xeon with AVX-512; the AVX2 machine's
+# MLPs (h 64 to 512, K = Q = 10 and 25, T 1 to 16) on a 2-core Xeon with AVX-512 at two threads (at
+# one, every torch choice was right too; more cores are not measured); the AVX2 machine's
 # timings give the same ratio of kernel to ops per lane (benchmarks/RESULTS.md, "Few tasks of a
 # wide MLP"). The torch ops are taken where they are expected MARGIN times faster, and never for
 # more than one group of tasks: with its lanes full the kernel was the faster in every shape
