@@ -38,14 +38,13 @@ def step(widths, T, K, S, first_order, backend, device="cpu"):
     ys = torch.randint(0, widths[-1], (T, K), device=device)
     yq = torch.randint(0, widths[-1], (T, K), device=device)
     meta = fastmeta.BatchedMAML(model, 0.1, S, first_order=first_order, loss="cross_entropy", backend=backend)
-    if device == "cpu":
-        return lambda: meta.value_and_grad(xs, ys, xq, yq)
-
-    def synced():  # (on the GPU a call's time is its work's: wait for it)
+    def call():  # (on the GPU a call's time is its work's: wait for it)
         out = meta.value_and_grad(xs, ys, xq, yq)
-        torch.cuda.synchronize()
+        if device != "cpu":
+            torch.cuda.synchronize()
         return out
-    return synced
+    call.meta = meta  # (whether its last call ran the fused op: call.meta._last_fused)
+    return call
 
 
 def interleaved(variants, rounds):
@@ -109,19 +108,10 @@ def main(argv=None):
                 print(f"| 32-{h}-{h}-5 | 8 | {K} | {'first' if fo else 'second'} | {r[1]:.2f} | {r[2]:.2f} | "
                       f"{r[1] / r[2]:.2f}x |", flush=True)
     if "backends" in tables:
-        print("\n| widths | T | K=Q | order | cpp ms | torch ms | cpp speed-up | meta-grad rel diff |")
-        print("|---|---|---|---|---|---|---|---|")
-        shapes = ((16, 4, 10),) if args.small else ((128, 8, 10), (256, 4, 25), (256, 8, 10), (512, 4, 25),
-                                                    (512, 8, 25), (512, 16, 25), (768, 16, 10))
-        for h, T, K in shapes:
-            for fo in (False, True):
-                fc, ft = step((32, h, h, 5), T, K, 5, fo, "cpp"), step((32, h, h, 5), T, K, 5, fo, "torch")
-                r = interleaved({"cpp": (nothing, fc), "torch": (nothing, ft)}, args.rounds)
-                diff = max(float((a - b).norm() / b.norm()) for a, b in zip(fc()[1], ft()[1]))
-                print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {r['cpp']:.2f} | "
-                      f"{r['torch']:.2f} | {r['torch'] / r['cpp']:.2f}x | {diff:.1e} |", flush=True)
+        kernel_vs_ops(args.rounds, ((16, 4, 10),) if args.small else (
+            (128, 8, 10), (256, 4, 25), (256, 8, 10), (512, 4, 25), (512, 8, 25), (512, 16, 25), (768, 16, 10)))
     if "auto" in tables:
-        from fastmeta.ops.mlp_inner_loop import cpu_kernel_slower, cpu_lanes
+        from fastmeta.ops.mlp_inner_loop import cpu_lanes
         print(f"\n{cpu_lanes(torch.float32)} float32 lanes a group")
         print("| widths | T | K=Q | order | auto takes | auto ms | cpp ms | torch ms | auto vs cpp |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -132,23 +122,17 @@ def main(argv=None):
             for fo in (False, True):
                 fs = {b: step((32, h, h, 5), T, K, 5, fo, b) for b in ("auto", "cpp", "torch")}
                 r = interleaved({b: (nothing, f) for b, f in fs.items()}, args.rounds)
-                takes = "torch" if cpu_kernel_slower(T, K, K, (32, h, h, 5), 5, fo, torch.float32) else "cpp"
+                takes = "cpp" if fs["auto"].meta._last_fused else "torch"  # (what the auto step ran)
                 print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | {takes} | {r['auto']:.2f} | "
                       f"{r['cpp']:.2f} | {r['torch']:.2f} | {r['cpp'] / r['auto']:.2f}x |", flush=True)
 
 
-def gpu_table(rounds, device="cuda", kernel="cuda", shapes=None):
-    """The CUDA kernel against the batched torch ops on the GPU (TF32 off, as the bench runs).
-    (device="cpu", kernel="cpp" and tiny shapes: the same table on the CPU, the script's own check.)"""
-    if device == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+def kernel_vs_ops(rounds, shapes, kernel="cpp", device="cpu"):
+    """A table row a shape (h, T, K) and order: the fused kernel's value_and_grad against the batched
+    torch ops', interleaved, and the two meta-gradients' relative difference."""
     nothing = lambda: None  # noqa: E731
-    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
-    print(f"| widths | T | K=Q | order | {kernel} ms | torch ms | {kernel} speed-up | meta-grad rel diff |")
+    print(f"\n| widths | T | K=Q | order | {kernel} ms | torch ms | {kernel} speed-up | meta-grad rel diff |")
     print("|---|---|---|---|---|---|---|---|")
-    shapes = shapes or ((128, 4, 25), (256, 4, 25), (256, 32, 25), (512, 4, 25), (512, 32, 25), (512, 256, 10),
-                        (1024, 32, 10))
     for h, T, K in shapes:
         for fo in (False, True):
             try:
@@ -161,6 +145,18 @@ def gpu_table(rounds, device="cuda", kernel="cuda", shapes=None):
             except Exception as e:  # (a shape the kernel refuses, or out of memory: said, and on)
                 print(f"| 32-{h}-{h}-5 | {T} | {K} | {'first' if fo else 'second'} | failed: "
                       f"{type(e).__name__}: {str(e).splitlines()[0][:150]} |", flush=True)
+
+
+def gpu_table(rounds, device="cuda", kernel="cuda", shapes=None):
+    """The CUDA kernel against the batched torch ops on the GPU (TF32 off, as the bench runs).
+    (device="cpu", kernel="cpp" and tiny shapes: the same table on the CPU, the script's own check.)"""
+    if device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    print(f"torch {torch.__version__}, {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+    kernel_vs_ops(rounds, shapes or ((128, 4, 25), (256, 4, 25), (256, 32, 25), (512, 4, 25), (512, 32, 25),
+                                     (512, 256, 10), (1024, 32, 10)), kernel, device)
+
 
 if __name__ == "__main__":
     main()

@@ -110,8 +110,8 @@ class _Trials:
         with use_backend(request):
             key = _choices(self.used, device)
             if "mlp_inner_loop" in self.used and not meta._fused_mlp_ok(self.batch[0], self.batch[2]):
-                # (the step runs the batched ops instead: for a meta-batch that fills few of the
-                # CPU kernel's lanes, auto's choice is the torch ops' kernels)
+                # (the step runs the batched ops instead, e.g. auto's choice on a CPU for a
+                # meta-batch that fills few of the kernel's lanes: the torch ops' kernels)
                 key = tuple("torch" if op == "mlp_inner_loop" else b for op, b in zip(self.used, key))
             if key in self.seen:
                 self.rows.append((label, None, f"runs the same kernels as {self.seen[key]!r}"))

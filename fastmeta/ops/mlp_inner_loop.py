@@ -63,7 +63,7 @@ _TORCH_MARGIN = 1.5
 def cpu_lanes(dtype) -> int:
     """The fused CPU kernel's tasks a group (one a SIMD lane) for dtype (float32 or float64)."""
     from .. import _C
-    return int(_C._mlp_lanes(torch.empty((), dtype=dtype).element_size()))
+    return int(_C._mlp_lanes(dtype.itemsize))
 
 
 def cpu_kernel_slower(T: int, K: int, Q: int, widths, steps: int, first_order: bool, dtype) -> bool:
