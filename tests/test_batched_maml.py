@@ -1073,6 +1073,19 @@ def test_few_tasks_of_a_wide_mlp_take_the_batched_ops_on_auto(first_order):
     small.value_and_grad(*batch)
     assert small._last_fused is True
 
+    # a setting assigned between two calls on one batch reaches the choice: a T where the orders'
+    # choices differ (the ops' fixed cost per pass weighs more in first order)
+    mid = (32, 256, 256, 5)
+    T = next(t for t in range(1, lanes + 1) if cpu_kernel_slower(t, 25, 25, mid, 2, False, torch.float32)
+             != cpu_kernel_slower(t, 25, 25, mid, 2, True, torch.float32))
+    other = fastmeta.BatchedMAML(mlp(mid, nn.ReLU, torch.float32), 0.1, 2, first_order=first_order,
+                                 loss="cross_entropy")
+    pair = classification_batch(T, 25, 25, 32, 5, torch.float32)
+    for fo in (first_order, not first_order):
+        other.first_order = fo
+        other.value_and_grad(*pair)
+        assert other._last_fused is not cpu_kernel_slower(T, 25, 25, mid, 2, fo, torch.float32), (T, fo)
+
     result = fastmeta.tune(meta, *batch, backends=["auto", "cpp", "torch"], reps=1, warmup=0, per_op=False)
     notes = {name: (ms, note) for name, ms, note in result.rows}
     assert notes["auto"][1] == "torch ops only" and notes["cpp"][0] is not None
