@@ -142,6 +142,60 @@ def _loss(name, loss):
     return loss
 
 
+def _inner_params(model: nn.Module, inner_params):
+    """BatchedMAML's inner_params as kept: None (every parameter), ('names', prefixes) or
+    ('callable', f); checked against the model's parameter names now."""
+    if inner_params is None:
+        return None
+    names = [n for n, _ in model.named_parameters()]
+    if callable(inner_params) and not isinstance(inner_params, nn.Module):
+        try:
+            chosen = [n for n in names if inner_params(n)]
+        except Exception as e:
+            raise TypeError(f"inner_params: the callable must take a parameter name (str) and return True or "
+                            f"False; on {names[0]!r} it raised {type(e).__name__}: {e}") from e
+        if not chosen:
+            raise ValueError(f"inner_params: the callable selects none of the model's parameters {names}")
+        return ("callable", inner_params)
+    items = [inner_params] if isinstance(inner_params, (str, nn.Module)) else inner_params
+    try:
+        items = list(items)
+    except TypeError:
+        raise TypeError(f"inner_params: expected None, a parameter or module name, a module of the model, a "
+                        f"list of those, or a callable name -> bool, got {type(inner_params).__name__}") from None
+    if not items:
+        raise ValueError("inner_params: an empty list selects no parameter (None adapts every parameter)")
+    paths = {}
+    for path, m in model.named_modules():
+        paths.setdefault(id(m), path)
+    canon = {id(p): n for n, p in model.named_parameters()}
+    prefixes = []
+    for it in items:
+        if isinstance(it, nn.Module):
+            if id(it) not in paths:
+                raise ValueError(f"inner_params: a {type(it).__name__} that is not a module of the model")
+            path = paths[id(it)]
+            prefixes.append(path)
+            # a parameter it shares with an earlier module goes by that module's name
+            prefixes.extend(canon[id(p)] for p in it.parameters() if not _under(canon[id(p)], path))
+            if not any(True for _ in it.parameters()):
+                raise ValueError(f"inner_params: module {path or '<model>'!r} ({type(it).__name__}) has no parameters")
+        elif isinstance(it, str):
+            if not any(_under(n, it) for n in names):
+                raise ValueError(f"inner_params: {it!r} names no parameter or module of the model; its parameters "
+                                 f"are {names}")
+            prefixes.append(it)
+        else:
+            raise TypeError(f"inner_params: expected parameter or module names (str) or modules, got "
+                            f"{type(it).__name__}")
+    return ("names", tuple(dict.fromkeys(prefixes)))
+
+
+def _under(name: str, prefix: str) -> bool:
+    """Whether parameter ``name`` is ``prefix`` itself or in the module of that path ('' is the model)."""
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
 def _chunk(name, chunk):
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ValueError(f"{name}: expected None or an int >= 1, got {chunk!r}")
@@ -170,9 +224,10 @@ class BatchedMAML(nn.Module):
             forward and backward hooks, global module hooks, parametrizations) is read into the
             program that every call runs, and read again at the next call where it changed (a
             module replaced, a hook or a parametrization added or removed). The inner loop
-            adapts the parameters that require grad at each call (the others stay the
-            meta-parameters). BatchNorm modules that track running statistics have them updated
-            as the per-task loop would (see fastmeta.plan).
+            adapts the parameters that require grad at each call (and that inner_params selects);
+            one that does not require grad is neither adapted nor meta-learned. BatchNorm modules
+            that track running statistics have them updated as the per-task loop would (see
+            fastmeta.plan).
         inner_lr: inner-loop learning rate (a number, or a tensor, e.g. a learnable scalar).
         inner_steps: number of inner SGD steps (>= 0).
         first_order: drop the second-order terms (FO-MAML).
@@ -202,6 +257,16 @@ class BatchedMAML(nn.Module):
             statistics and pooling indices recomputed in the backward: one more forward of those
             blocks on the query). Same result, to any order of derivative. Where the block's ops
             have no fused kernels here, it runs as usual.
+        inner_params: which parameters the inner loop adapts (None: all). A parameter or module
+            name (a module's path in ``model.named_parameters()``'s names, e.g. ``'4'`` or
+            ``'head'``), a module of the model, a list of those, or a callable name -> bool. The
+            others are shared by all tasks in the inner loop and still meta-learned: their
+            meta-gradient includes, in second order, their effect on the inner steps (ANIL, Raghu
+            et al. 2020: ``inner_params=model.head``; BOIL, Oh et al. 2021: the body). The leading
+            layers that read no adapted parameter (a body before an adapted head) run once a call
+            on the support set instead of once an inner step, as an ANIL loop computes the
+            features once (their BatchNorm running statistics, where tracked, are still updated
+            as the loop's passes would, once a step).
         checkpoint_steps: memory for time, second order. The inner loop keeps no autograd graph:
             each step's gradient is taken as in first order and the step's parameters kept (a few
             parameter-sized tensors a step); the outer backward then recomputes one step at a time,
@@ -215,12 +280,13 @@ class BatchedMAML(nn.Module):
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
                  check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None,
-                 recompute: bool = False, checkpoint_steps: bool = False):
+                 recompute: bool = False, checkpoint_steps: bool = False, inner_params=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         model = plan.uncompiled(model)  # torch.compile(model): the module it wraps (same parameters)
         _check_inner_lr(inner_lr)
+        self._inner = _inner_params(model, inner_params)
         self.backend = backend
         self.model = model
         # (each setting's property checks its value, here and at any later assignment)
@@ -329,10 +395,20 @@ class BatchedMAML(nn.Module):
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
 
+    def _selected(self, name: str) -> bool:
+        """Whether inner_params selects the parameter of this (canonical) name."""
+        if self._inner is None:
+            return True
+        kind, rule = self._inner
+        if kind == "callable":
+            return bool(rule(name))
+        return any(_under(name, prefix) for prefix in rule)
+
     def _trainable_names(self) -> list:
-        """The program's parameter names whose parameters require grad: those the inner loop adapts."""
+        """The program's parameter names whose parameters require grad and that inner_params selects:
+        those the inner loop adapts."""
         named = dict(self.model.named_parameters())
-        return [n for n in self.program.names if named[n].requires_grad]
+        return [n for n in self.program.names if named[n].requires_grad and self._selected(n)]
 
     def _sync_trainable(self, model_params=None):
         """The adapted parameters are those that require grad: read again where that changed since
@@ -445,24 +521,36 @@ class BatchedMAML(nn.Module):
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool):
         if self.inner_steps > 0 and not self._adapt_names:
+            if self._inner is not None:
+                raise ValueError(
+                    f"BatchedMAML: none of the parameters inner_params selects requires grad, so its "
+                    f"inner_steps={self.inner_steps} have nothing to adapt (the inner loop adapts the selected "
+                    "parameters that require grad; for evaluation use torch.no_grad(), which still adapts)")
             raise ValueError(
                 f"BatchedMAML: no parameter of the model requires grad, so its inner_steps={self.inner_steps} "
                 "have nothing to adapt (the inner loop adapts the parameters that require grad: freeze a part "
-                "of the model, such as ANIL's body, not all of it; for evaluation use torch.no_grad(), which "
-                "still adapts)")
+                "of the model, not all of it, or choose the adapted ones with inner_params; for evaluation use "
+                "torch.no_grad(), which still adapts)")
         if self.checkpoint_steps and create_graph and not first_order and self.inner_steps > 0:
             return self._adapt_checkpointed(xs, ys)
         T = xs.shape[0]
         P = self._broadcast(T)
         lr = self._lr_list()
         names = self._adapt_names
+        # the leading steps that read no adapted parameter give the same output at every step:
+        # made once (with a graph only where the steps' gradients are differentiated)
+        start = self.program.invariant_prefix(set(names)) if self.inner_steps > 0 else 0
+        if start:
+            with phase("inner_forward"), torch.set_grad_enabled(create_graph and not first_order):
+                xs = self.program(P, xs, self.recompute, stop=start)
+            plan.repeat_last_pass(self.inner_steps - 1)  # BatchNorm running statistics: one pass a step
         for step in range(self.inner_steps):
             if first_order or not create_graph:  # each step's gradient at detached parameters
                 probe = dict(P)
                 probe.update({n: P[n].detach().requires_grad_() for n in names})
-                grads = self._support_grads(probe, xs, ys, create_graph=False, step=step)
+                grads = self._support_grads(probe, xs, ys, create_graph=False, step=step, start=start)
             else:
-                grads = self._support_grads(P, xs, ys, create_graph=True, step=step)
+                grads = self._support_grads(P, xs, ys, create_graph=True, step=step, start=start)
             with phase("update"):
                 new = ops.inner_update([P[n] for n in names], grads, lr)
                 P.update(zip(names, new))
@@ -481,12 +569,13 @@ class BatchedMAML(nn.Module):
                 raise ValueError(f"BatchedMAML: non-finite support loss at inner step {step} for "
                                  f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
 
-    def _support_grads(self, P: dict, xs, ys, create_graph: bool, step: int) -> list:
+    def _support_grads(self, P: dict, xs, ys, create_graph: bool, step: int, start: int = 0) -> list:
         """The support loss's gradient with respect to the adapted parameters P[n] (n in
-        _adapt_names, leaves of the caller's), zeros for those it does not reach."""
+        _adapt_names, leaves of the caller's), zeros for those it does not reach. start: xs is
+        the output of the program's first ``start`` steps (program.invariant_prefix)."""
         names = self._adapt_names
         with phase("inner_forward"):
-            losses = self._task_loss(self.program(P, xs, self.recompute), ys)
+            losses = self._task_loss(self.program(P, xs, self.recompute, start=start), ys)
         self._check_support_losses(losses, step)
         with phase("inner_backward"):
             grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=create_graph,
@@ -501,7 +590,12 @@ class BatchedMAML(nn.Module):
         lr = self._lr_list()
         lrs = lr if isinstance(lr, list) else ([lr] if isinstance(lr, torch.Tensor) else [])
         names = self._adapt_names
-        adapted = _CheckpointedSteps.apply(self, xs, ys, len(names), *[meta[n] for n in names], *lrs)
+        # the meta-parameters the steps read but do not adapt (inner_params): their gradient through
+        # the steps comes from the recomputation too
+        adapted_set = set(names)
+        shared = [n for n in self.program.names if n not in adapted_set and meta[n].requires_grad]
+        adapted = _CheckpointedSteps.apply(self, xs, ys, len(names), len(lrs), shared,
+                                           *[meta[n] for n in names], *lrs, *[meta[n] for n in shared])
         P = self._broadcast(T)
         P.update(zip(names, adapted))
         return P
@@ -742,6 +836,8 @@ class BatchedMAML(nn.Module):
                 f"loss={self.loss if isinstance(self.loss, str) else 'callable'}"
                 + (f", backend={self.backend!r}" if self.backend is not None else "")
                 + (", recompute=True" if self.recompute else "")
+                + (f", inner_params={list(self._inner[1]) if self._inner[0] == 'names' else 'callable'}"
+                   if self._inner is not None else "")
                 + (", checkpoint_steps=True" if self.checkpoint_steps else ""))
 
 
@@ -782,13 +878,14 @@ class _CheckpointedSteps(torch.autograd.Function):
     (each gradient as in first order) and keeps each step's parameters theta_s; backward, given v =
     dL/dtheta_S, recomputes step s's graph at theta_s for s = S-1 .. 0 (the support loss and its
     differentiable gradient, then the update) and backpropagates v through it, one step's graph
-    alive at a time. Inputs: the module, xs, ys, the number n of adapted parameters, the n
-    meta-parameters, then the rate tensors (Meta-SGD's, or a tensor inner_lr) if any. Returns the n
-    adapted parameters [T, ...]."""
+    alive at a time. Inputs: the module, xs, ys, the number n of adapted parameters, the number m
+    of rate tensors, the names of the shared parameters (read by the steps, not adapted), then
+    the n meta-parameters, the m rate tensors (Meta-SGD's, or a tensor inner_lr) and the shared
+    parameters. Returns the n adapted parameters [T, ...]."""
 
     @staticmethod
-    def forward(ctx, meta, xs, ys, n, *tensors):
-        params, rate_tensors = tensors[:n], tensors[n:]
+    def forward(ctx, meta, xs, ys, n, m, shared_names, *tensors):
+        params, rate_tensors, shared = tensors[:n], tensors[n:n + m], tensors[n + m:]
         T = xs.shape[0]
         names = meta._adapt_names
         fixed = meta._broadcast(T, detach=True)
@@ -805,11 +902,11 @@ class _CheckpointedSteps(torch.autograd.Function):
                 grads = meta._support_grads(P, xs, ys, create_graph=False, step=step)
             with phase("update"):
                 theta = ops.inner_update(theta, [g.detach() for g in grads], lr)
-        ctx.meta, ctx.history, ctx.rng, ctx.n = meta, history, rng, n
+        ctx.meta, ctx.history, ctx.rng, ctx.n, ctx.m, ctx.shared_names = meta, history, rng, n, m, shared_names
         ctx.backend = get_backend()  # the recomputation runs the kernels this forward ran
         # theta_0 (and the parameters the steps do not adapt) are read again by the backward
         ctx.versions = {name: p._version for name, p in meta._meta_params().items()}
-        ctx.save_for_backward(xs, ys, *rate_tensors)
+        ctx.save_for_backward(xs, ys, *rate_tensors, *shared)
         return tuple(theta)
 
     @staticmethod
@@ -818,38 +915,49 @@ class _CheckpointedSteps(torch.autograd.Function):
             raise RuntimeError("BatchedMAML(checkpoint_steps=True): the meta-loss is differentiable once (its "
                                "backward recomputes the inner steps); for higher derivatives of it use "
                                "checkpoint_steps=False")
-        meta, history, n = ctx.meta, ctx.history, ctx.n
+        meta, history, n, m = ctx.meta, ctx.history, ctx.n, ctx.m
         changed = [name for name, p in meta._meta_params().items() if ctx.versions.get(name) != p._version]
         if changed:
             raise RuntimeError(f"BatchedMAML(checkpoint_steps=True): parameter(s) {changed} were modified in place "
                                "between the forward and its backward, which recomputes the inner steps from "
                                "them; take the backward (or value_and_grad) before changing them")
-        xs, ys, *rate_tensors = ctx.saved_tensors
+        xs, ys, *saved = ctx.saved_tensors
+        rate_tensors, shared = saved[:m], saved[m:]
         T = xs.shape[0]
         names = meta._adapt_names
         fixed = meta._broadcast(T, detach=True)
+        # the shared parameters as leaves of the recomputed steps (broadcast over the tasks in each)
+        shared_leaves = [p.detach().requires_grad_() for p in shared]
         v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, history[-1])]
-        wanted = [i for i, r in enumerate(rate_tensors) if ctx.needs_input_grad[4 + n + i]]
+        wanted = [i for i, r in enumerate(rate_tensors) if ctx.needs_input_grad[6 + n + i]]
         rate_grads = [None] * len(rate_tensors)
+        wanted_shared = [j for j in range(len(shared)) if ctx.needs_input_grad[6 + n + m + j]]
+        shared_grads = [None] * len(shared)
         for step in reversed(range(meta.inner_steps)):
             theta = history[step]
             with torch.enable_grad(), use_backend(ctx.backend), _restored_rng(ctx.rng[step], xs.device):
                 leaves = [t.detach().requires_grad_() for t in theta]
                 P = dict(fixed)
+                P.update((name, leaf.unsqueeze(0).expand(T, *leaf.shape))
+                         for name, leaf in zip(ctx.shared_names, shared_leaves))
                 P.update(zip(names, leaves))
                 grads = meta._support_grads(P, xs, ys, create_graph=True, step=step)
                 with phase("update"):
                     new = ops.inner_update(leaves, grads, _CheckpointedSteps._rate(meta, rate_tensors))
                 with phase("outer_backward"):
-                    out = torch.autograd.grad(new, leaves + [rate_tensors[i] for i in wanted], grad_outputs=v,
-                                              allow_unused=True)
+                    out = torch.autograd.grad(new, leaves + [rate_tensors[i] for i in wanted]
+                                              + [shared_leaves[j] for j in wanted_shared],
+                                              grad_outputs=v, allow_unused=True)
             v = [torch.zeros_like(t) if g is None else g for g, t in zip(out[:n], theta)]
-            for i, g in zip(wanted, out[n:]):
+            for i, g in zip(wanted, out[n:n + len(wanted)]):
                 if g is not None:
                     rate_grads[i] = g if rate_grads[i] is None else rate_grads[i] + g
+            for j, g in zip(wanted_shared, out[n + len(wanted):]):
+                if g is not None:
+                    shared_grads[j] = g if shared_grads[j] is None else shared_grads[j] + g
             history[step] = None  # this step's parameters are no longer needed
         grads = [g.sum(0) for g in v]  # theta_0 is each meta-parameter broadcast over the T tasks
-        return (None, None, None, None, *grads, *rate_grads)
+        return (None, None, None, None, None, None, *grads, *rate_grads, *shared_grads)
 
     @staticmethod
     def _rate(meta, rate_tensors):

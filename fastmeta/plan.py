@@ -125,6 +125,14 @@ def _record_input(bn, x):
         _record(bn, mean, var * (count / max(count - 1, 1)))
 
 
+def repeat_last_pass(times: int):
+    """Where passes are recorded (running_stats): the last one recorded ``times`` more times, for a
+    pass whose output stood for that many of the loop's passes (the support set's pass through
+    BatchedMAML's invariant prefix, made once for all the inner steps)."""
+    if times > 0 and _recording() and _stats.passes:
+        _stats.passes.extend([_stats.passes[-1]] * times)
+
+
 @contextlib.contextmanager
 def running_stats(program):
     """Within it, the program's BatchNorm modules that track running statistics (training mode)
@@ -215,6 +223,7 @@ class Step:
     run: Callable                # (x, P) -> x
     fallback: str | None = None  # reason when this step is a vmap fallback
     spec: dict | None = None     # conv / bn_relu_pool steps: their parameter names and settings
+    params: frozenset = frozenset()  # the canonical names of the parameters it reads
 
 
 @dataclasses.dataclass
@@ -238,36 +247,41 @@ class Program:
     mlp_reason: str              # why the fused MLP path does or does not apply
     batch_norms: list = dataclasses.field(default_factory=list)  # every BatchNorm module run by it
 
-    def __call__(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False) -> torch.Tensor:
+    def __call__(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False,
+                 start: int = 0, stop: int | None = None) -> torch.Tensor:
         """The model on x [T, ...] with the parameters P. recompute: a conv block on input that
         needs no gradient (the first one) runs as ops.conv_bn_relu_pool, its convolution's output
         recomputed in the backward passes instead of kept (BatchedMAML(recompute=True)).
         later_blocks (with recompute): each later conv block (input that needs a gradient) keeps
         only its input; its convolution's output, BatchNorm statistics and pooling indices are
-        recomputed from it in the backward (torch.utils.checkpoint, correct to any order)."""
+        recomputed from it in the backward (torch.utils.checkpoint, correct to any order).
+        start, stop: only steps[start:stop] (x is then steps[start - 1]'s output)."""
         if _recording():
             _stats.passes.append([])  # this pass's BatchNorm statistics (running_stats)
         chunk = self.task_chunk(x)
         if chunk is None or chunk >= x.shape[0]:
-            return self._run(P, x, recompute, later_blocks)
+            return self._run(P, x, recompute, later_blocks, start, stop)
         T = x.shape[0]
         # split, not slices: the backward of a split is one node that joins the chunks' gradients
         # into one [T, ...] tensor, where each slice's backward allocates a zero [T, ...] of its own
         parts = {n: torch.split(v, chunk) for n, v in P.items() if v.dim() and v.shape[0] == T}
-        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk, recompute, later_blocks)
+        outs = [self._run({n: (parts[n][k] if n in parts else v) for n, v in P.items()}, xk, recompute, later_blocks,
+                          start, stop)
                 for k, xk in enumerate(torch.split(x, chunk))]
         return torch.cat(outs)
 
-    def _run(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False) -> torch.Tensor:
+    def _run(self, P: dict, x: torch.Tensor, recompute: bool = False, later_blocks: bool = False,
+             start: int = 0, stop: int | None = None) -> torch.Tensor:
         if _recording():
             _stats.passes[-1].append({})  # a chunk of tasks, in task order
+        end = len(self.steps) if stop is None else stop
         if not recompute:
-            for step in self.steps:
+            for step in self.steps[start:end]:
                 x = step.run(x, P)
             return x
-        steps, i = self.steps, 0
-        while i < len(steps):
-            if not x.requires_grad and self.recomputable(i):
+        steps, i = self.steps, start
+        while i < end:
+            if i + 1 < end and not x.requires_grad and self.recomputable(i):
                 conv, bn = steps[i].spec, steps[i + 1].spec
                 if _recording() and _tracks(bn["module"]):  # its input is not kept: made once more for the statistics
                     with torch.no_grad():
@@ -276,7 +290,7 @@ class Program:
                 x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
                                           conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
                 i += 2
-            elif later_blocks and x.requires_grad and torch.is_grad_enabled() and self.recomputable(i):
+            elif i + 1 < end and later_blocks and x.requires_grad and torch.is_grad_enabled() and self.recomputable(i):
                 # the recomputation in the backward runs on the backends this forward ran (the
                 # backward may come after a use_backend block or a module's backend has ended)
                 def block(x, conv=steps[i], tail=steps[i + 1], backend=get_backend()):
@@ -304,6 +318,15 @@ class Program:
         if x.device.type != "cpu" or not self.has_conv:
             return None
         return max(1, int(os.environ.get("FASTMETA_CPU_TASK_CHUNK", "1")))
+
+    def invariant_prefix(self, adapted) -> int:
+        """How many leading steps give the same output at every inner step: those that read no
+        adapted parameter (names in ``adapted``) and draw no random numbers (no Dropout, no vmap
+        fallback, which may hold one). Their output on the support set can be made once a call."""
+        for i, s in enumerate(self.steps):
+            if s.fallback or s.kind == "dropout" or s.params & adapted:
+                return i
+        return len(self.steps)
 
     @property
     def has_conv(self):
@@ -623,6 +646,9 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
         else:
             leaves.append(model)
         steps.append(step)
+    for s in steps:
+        module = model.get_submodule(s.path) if s.path else model
+        s.params = frozenset(canon[id(p)] for p in module.parameters())
     mlp, why = _mlp_spec(model, leaves, steps, canon)
     norms = list({id(m): m for m in model.modules() if isinstance(m, _BATCH_NORMS)}.values())
     prog = Program(steps, list(canon.values()), mlp, why, norms)
@@ -631,9 +657,17 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
 
 
 def explain(model: nn.Module) -> str:
-    """A human-readable account of how fastmeta runs ``model``: each module's path and why."""
+    """A human-readable account of how fastmeta runs ``model`` (or a BatchedMAML's model, with what
+    its inner loop adapts): each module's path and why."""
     from .backend import BackendUnavailable, requested, select
+    from .batched import BatchedMAML
 
+    adapted = None
+    if isinstance(model, BatchedMAML):
+        meta, model = model, model.model
+        meta._check_structure()
+        meta._sync_trainable()
+        adapted = list(meta._adapt_names)
     try:
         prog = lower(model)
     except UnsupportedModule as e:  # backward hooks: no plan runs the model as a loop would
@@ -692,7 +726,26 @@ def explain(model: nn.Module) -> str:
         lines.append("  BatchedMAML(recompute=True): the first block as one op (conv_bn_relu_pool) whose "
                      "convolution output is recomputed in each backward instead of kept; where the inner "
                      "steps' graphs are not kept, the query's later blocks keep only their inputs too")
-    if prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
+    partial = adapted is not None and len(adapted) != len(prog.names)
+    if adapted is not None:
+        shared = [n for n, p in model.named_parameters() if p.requires_grad and n not in adapted]
+        frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+        lines.append(f"  inner loop adapts: {', '.join(adapted) or 'nothing'}"
+                     + (" (inner_params)" if meta._inner is not None else ""))
+        if shared:
+            lines.append(f"  shared by the tasks, meta-learned: {', '.join(shared)} (their effect on the inner "
+                         "steps is in the second-order meta-gradient)")
+        if frozen:
+            lines.append(f"  frozen (requires_grad=False), neither adapted nor meta-learned: {', '.join(frozen)}")
+        k = prog.invariant_prefix(set(adapted))
+        if 0 < k and meta.inner_steps > 0 and not (partial is False and prog.mlp is not None):
+            paths = ", ".join(s.path or "<model>" for s in prog.steps[:k])
+            lines.append(f"  {paths}: read no adapted parameter, run once a call on the support set (not once "
+                         "an inner step)" + ("; in second order under checkpoint_steps, once a step" if meta.checkpoint_steps else ""))
+    if prog.mlp is not None and partial:
+        lines.append("  whole inner loop: step by step on the batched ops (the fused mlp_inner_loop op adapts every "
+                     "parameter; here some are not adapted)")
+    elif prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
         lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")
     elif prog.mlp is not None:
         be = backend_of("mlp_inner_loop")

@@ -72,15 +72,17 @@ def task_loss(kind, pred, target):
     return kind(pred, target)
 
 
-def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=False, lrs=None):
+def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=False, lrs=None, adapted=None):
     """The oracle: a naive per-task loop with autograd.grad(create_graph=True).
 
     lr: a number (or tensor), or lrs: dict name -> per-parameter rate (Meta-SGD).
-    Returns (meta-loss, grads of model params, grads of lrs or None)."""
+    adapted: the names of the parameters the inner steps adapt (default: all that require grad).
+    Returns (meta-loss, grads of the model params that require grad, grads of lrs or None)."""
     from fastmeta.plan import call_with, slot_names
 
     named = dict(model.named_parameters())
-    adapt = [n for n, p in named.items() if p.requires_grad]
+    learned = [n for n, p in named.items() if p.requires_grad]
+    adapt = learned if adapted is None else [n for n in learned if n in adapted]
     slots = slot_names(model)  # functional_call over each module attribute once (tied modules)
     T = xs.shape[0]
     total = 0.0
@@ -97,10 +99,10 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
                 p[n] = p[n] - rate * gi
         total = total + task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
     meta = total / T
-    inputs = [named[n] for n in adapt] + (list(lrs.values()) if lrs is not None else [])
+    inputs = [named[n] for n in learned] + (list(lrs.values()) if lrs is not None else [])
     g = torch.autograd.grad(meta, inputs, allow_unused=True)
     g = [torch.zeros_like(i) if gi is None else gi for i, gi in zip(inputs, g)]
-    return meta.detach(), g[: len(adapt)], (g[len(adapt):] if lrs is not None else None)
+    return meta.detach(), g[: len(learned)], (g[len(learned):] if lrs is not None else None)
 
 
 def has_cpp():

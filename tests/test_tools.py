@@ -374,6 +374,27 @@ def test_wide_mlp_script_on_small_widths(capsys):
     assert len(rows) == 2 and all(len(r) == 8 and float(r[7]) < 1e-4 for r in rows), rows
 
 
+def test_anil_script_on_a_small_net(capsys):
+    """benchmarks/anil.py (RESULTS.md's ANIL table) on a tiny conv4: every row timed, the fastmeta
+    rows' meta-gradients equal to learn2learn's ANIL recipe's."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import anil
+        out = anil.main(["--small", "--seconds", "0.05", "--steps", "2"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
+    for order in ("second", "first"):
+        timed, errs = out[order]
+        assert all(timed[k][0] is not None for k in timed), timed
+        assert set(errs) == {"loop_anil", "loop_full", "fastmeta_anil", "fastmeta_anil_everystep"}
+        assert all(e < 1e-4 for e in errs.values()), errs
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fastmeta_anil |")]
+    assert len(rows) == 2, rows
+
+
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
     """benchmarks/targets.py (run at the end of gpu_check.sh): each target's ratio from rows of the
     same JSON file only; a fastmeta row beyond the 1e-4 meta-gradient bound is not counted; the
