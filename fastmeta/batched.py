@@ -148,6 +148,8 @@ def _inner_params(model: nn.Module, inner_params):
     if inner_params is None:
         return None
     names = [n for n, _ in model.named_parameters()]
+    if not names:
+        raise ValueError(f"inner_params: the model ({type(model).__name__}) has no parameters to select from")
     if callable(inner_params) and not isinstance(inner_params, nn.Module):
         try:
             chosen = [n for n in names if inner_params(n)]

@@ -214,3 +214,5 @@ def test_bad_selections_name_the_argument():
     for value, kind, match in cases:
         with pytest.raises(kind, match=f"inner_params: {match}"):
             fastmeta.BatchedMAML(model, 0.3, 2, inner_params=value)
+    with pytest.raises(ValueError, match="inner_params: the model \\(Sequential\\) has no parameters"):
+        fastmeta.BatchedMAML(nn.Sequential(nn.Tanh()), 0.3, 0, inner_params=lambda n: True)
