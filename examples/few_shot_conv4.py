@@ -12,7 +12,8 @@ shapes ([T, ways * shots, C, H, W] images, [T, ways * shots] labels) to train on
 Each iteration: one meta-step over `tasks` tasks (second order unless --first-order), Adam on the
 meta-parameters. --tune times the step on each available backend first and keeps the fastest
 (fastmeta.tune); --graphed (CUDA) captures the step in one CUDA graph (fastmeta.graphed);
---task-chunk N holds N tasks' graphs at a time. Prints one JSON line every --log-every iterations:
+--task-chunk N holds N tasks' graphs at a time; --anil adapts only the head in the inner loop
+(ANIL). Prints one JSON line every --log-every iterations:
 the mean query loss, the query accuracy after adaptation, and the step time.
 """
 import argparse
@@ -61,6 +62,8 @@ def main(argv=None):
                          "--first-order, the query's later blocks') in the backward instead of keeping it")
     ap.add_argument("--checkpoint-steps", action="store_true",
                     help="keep no graph across inner steps; the outer backward recomputes each step's")
+    ap.add_argument("--anil", action="store_true",
+                    help="ANIL: the inner loop adapts the linear head only (the body is still meta-learned)")
     ap.add_argument("--tune", action="store_true", help="fastmeta.tune before training")
     ap.add_argument("--graphed", action="store_true", help="capture the step in a CUDA graph (CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +79,8 @@ def main(argv=None):
     model = conv4(1, args.channels, args.ways, 28).to(args.device)
     meta = fastmeta.BatchedMAML(model, args.inner_lr, args.steps, first_order=args.first_order,
                                 loss="cross_entropy", task_chunk=args.task_chunk, recompute=args.recompute,
-                                checkpoint_steps=args.checkpoint_steps)
+                                checkpoint_steps=args.checkpoint_steps,
+                                inner_params=model[-1] if args.anil else None)
     opt = torch.optim.Adam(meta.parameters(), lr=args.lr)
 
     def batch():
