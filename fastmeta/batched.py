@@ -159,12 +159,14 @@ def _inner_params(model: nn.Module, inner_params):
         if not chosen:
             raise ValueError(f"inner_params: the callable selects none of the model's parameters {names}")
         return ("callable", inner_params)
-    items = [inner_params] if isinstance(inner_params, (str, nn.Module)) else inner_params
+    single = isinstance(inner_params, (str, nn.Module, torch.Tensor))
+    items = [inner_params] if single else inner_params
     try:
         items = list(items)
     except TypeError:
-        raise TypeError(f"inner_params: expected None, a parameter or module name, a module of the model, a "
-                        f"list of those, or a callable name -> bool, got {type(inner_params).__name__}") from None
+        raise TypeError(f"inner_params: expected None, a parameter or module name, a module or parameter of the "
+                        f"model, a list of those (e.g. model.head.parameters()), or a callable name -> bool, got "
+                        f"{type(inner_params).__name__}") from None
     if not items:
         raise ValueError("inner_params: an empty list selects no parameter (None adapts every parameter)")
     paths = {}
@@ -182,13 +184,17 @@ def _inner_params(model: nn.Module, inner_params):
             prefixes.extend(canon[id(p)] for p in it.parameters() if not _under(canon[id(p)], path))
             if not any(True for _ in it.parameters()):
                 raise ValueError(f"inner_params: module {path or '<model>'!r} ({type(it).__name__}) has no parameters")
+        elif isinstance(it, torch.Tensor):
+            if id(it) not in canon:
+                raise ValueError(f"inner_params: a tensor {tuple(it.shape)} that is not a parameter of the model")
+            prefixes.append(canon[id(it)])
         elif isinstance(it, str):
             if not any(_under(n, it) for n in names):
                 raise ValueError(f"inner_params: {it!r} names no parameter or module of the model; its parameters "
                                  f"are {names}")
             prefixes.append(it)
         else:
-            raise TypeError(f"inner_params: expected parameter or module names (str) or modules, got "
+            raise TypeError(f"inner_params: expected parameter or module names (str), modules or parameters, got "
                             f"{type(it).__name__}")
     return ("names", tuple(dict.fromkeys(prefixes)))
 
@@ -261,7 +267,8 @@ class BatchedMAML(nn.Module):
             have no fused kernels here, it runs as usual.
         inner_params: which parameters the inner loop adapts (None: all). A parameter or module
             name (a module's path in ``model.named_parameters()``'s names, e.g. ``'4'`` or
-            ``'head'``), a module of the model, a list of those, or a callable name -> bool. The
+            ``'head'``), a module or parameter of the model, a list or iterable of those (e.g.
+            ``model.head.parameters()``), or a callable name -> bool. The
             others are shared by all tasks in the inner loop and still meta-learned: their
             meta-gradient includes, in second order, their effect on the inner steps (ANIL, Raghu
             et al. 2020: ``inner_params=model.head``; BOIL, Oh et al. 2021: the body). The leading

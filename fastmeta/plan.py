@@ -738,10 +738,11 @@ def explain(model: nn.Module) -> str:
         if frozen:
             lines.append(f"  frozen (requires_grad=False), neither adapted nor meta-learned: {', '.join(frozen)}")
         k = prog.invariant_prefix(set(adapted))
-        if 0 < k and meta.inner_steps > 0 and not (partial is False and prog.mlp is not None):
+        if 0 < k and meta.inner_steps > 0 and (partial or prog.mlp is None):  # (else the fused kernel runs)
             paths = ", ".join(s.path or "<model>" for s in prog.steps[:k])
             lines.append(f"  {paths}: read no adapted parameter, run once a call on the support set (not once "
-                         "an inner step)" + ("; in second order under checkpoint_steps, once a step" if meta.checkpoint_steps else ""))
+                         "an inner step)"
+                         + ("; in second order under checkpoint_steps, once a step" if meta.checkpoint_steps else ""))
     if prog.mlp is not None and partial:
         lines.append("  whole inner loop: step by step on the batched ops (the fused mlp_inner_loop op adapts every "
                      "parameter; here some are not adapted)")

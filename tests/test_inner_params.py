@@ -78,6 +78,8 @@ def test_mlp_head_body_and_middle(backend, first_order):
     _check(model, batch, lambda n: not n.startswith("4."), ["0.weight", "0.bias", "2.weight", "2.bias"],
            first_order, backend, steps=3)  # BOIL
     _check(model, batch, ["2.weight", "0"], ["0.weight", "0.bias", "2.weight"], first_order, backend)
+    _check(model, batch, model[4].parameters(), ["4.weight", "4.bias"], first_order, backend)
+    _check(model, batch, model[0].bias, ["0.bias"], first_order, backend)
     _check(model, batch, "2", ["2.weight", "2.bias"], first_order, backend, checkpoint_steps=True)
 
 
@@ -207,7 +209,8 @@ def test_bad_selections_name_the_argument():
         (nn.Linear(2, 2), ValueError, "a Linear that is not a module of the model"),
         (model[1], ValueError, "module '1' \\(Tanh\\) has no parameters"),
         (3, TypeError, "expected None, a parameter or module name"),
-        ([3], TypeError, "expected parameter or module names \\(str\\) or modules, got int"),
+        ([3], TypeError, "expected parameter or module names \\(str\\), modules or parameters, got int"),
+        (nn.Parameter(torch.zeros(2)), ValueError, "a tensor \\(2,\\) that is not a parameter of the model"),
         (lambda n: False, ValueError, "the callable selects none of the model's parameters"),
         (lambda n, m: True, TypeError, "the callable must take a parameter name"),
     ]
