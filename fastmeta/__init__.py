@@ -4,6 +4,7 @@
   one fused op call.
 - ``BatchedMAML``: a whole meta-batch of tasks (leading dim T) in one call, with exact
   (second-order) meta-gradients.
+- ``step_loss_schedule(...)``: MAML++'s annealed weights for BatchedMAML's multi-step loss.
 - ``explain(model)``: how a model is lowered; ``set_backend`` / ``use_backend``: backend choice.
 - ``graphed(meta, xs, ys, xq, yq)``: a BatchedMAML meta-step captured in one CUDA graph.
 - ``profile(...)``: per-phase times, op and launch counts, memory and a trace of meta-iterations.
@@ -14,7 +15,7 @@
   in float32 ('ieee') or as three TF32 tensor-core products ('tf32x3').
 """
 from .backend import BackendUnavailable, get_backend, set_backend, use_backend
-from .batched import BatchedMAML
+from .batched import BatchedMAML, step_loss_schedule
 from .graphs import GraphedStep, graphed
 from .maml import MAML, MetaSGD, clone_module
 from .plan import UnsupportedModule, explain
@@ -30,5 +31,5 @@ __all__ = [
     "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "clone_module", "set_backend", "get_backend",
     "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "tune", "Tuning",
     "conv_autotune_choices", "clear_conv_autotune", "get_conv_precision", "set_conv_precision",
-    "use_conv_precision", "__version__",
+    "use_conv_precision", "step_loss_schedule", "__version__",
 ]

@@ -8,13 +8,16 @@
 The loss is the mean over tasks of each task's query loss after ``inner_steps`` SGD steps on its
 support set, every step starting from the meta-parameters (MAML, Finn et al. 2017). Second order
 unless ``first_order``. ``learn_inner_lr=True`` learns one inner learning rate per parameter entry
-(Meta-SGD, Li et al. 2017), registered as parameters of this module.
+(Meta-SGD, Li et al. 2017), registered as parameters of this module; ``'per_layer'`` one a
+parameter tensor, ``'per_layer_step'`` one a parameter tensor and inner step (MAML++, Antoniou et
+al. 2019), whose multi-step loss ``step_loss_weights`` gives too.
 """
 from __future__ import annotations
 
 import collections
 import contextlib
 import functools
+import math
 import numbers
 import threading
 
@@ -204,6 +207,43 @@ def _under(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
+_LR_KINDS = ("per_element", "per_layer", "per_layer_step")
+
+
+def _lr_kind(learn_inner_lr):
+    """learn_inner_lr as kept: None (a fixed inner_lr), 'per_element' (True, Meta-SGD), 'per_layer'
+    or 'per_layer_step'."""
+    if learn_inner_lr is None or (isinstance(learn_inner_lr, bool) and not learn_inner_lr):
+        return None
+    if learn_inner_lr is True:
+        return "per_element"
+    if isinstance(learn_inner_lr, str) and learn_inner_lr in _LR_KINDS:
+        return learn_inner_lr
+    raise ValueError(f"learn_inner_lr: expected False, True (one rate a parameter entry, Meta-SGD), "
+                     f"'per_layer' or 'per_layer_step', got {learn_inner_lr!r}")
+
+
+def _step_weights(name, weights):
+    """step_loss_weights as kept: None, or a tuple of finite floats (one a step, at least one)."""
+    if weights is None:
+        return None
+    if isinstance(weights, torch.Tensor):
+        if weights.dim() != 1 or weights.is_complex():
+            raise ValueError(f"{name}: expected a 1-d tensor or a sequence of numbers, one a step, got a tensor "
+                             f"of shape {tuple(weights.shape)}")
+        weights = weights.detach().cpu().tolist()
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__iter__"):
+        raise TypeError(f"{name}: expected None or a sequence of numbers, one a step, got {type(weights).__name__}")
+    out = []
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise ValueError(f"{name}: entry {i} must be a finite number, got {w!r}")
+        out.append(float(w))
+    if not out:
+        raise ValueError(f"{name}: empty; give one weight a step (or None for the last step's query loss alone)")
+    return tuple(out)
+
+
 def _chunk(name, chunk):
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
         raise ValueError(f"{name}: expected None or an int >= 1, got {chunk!r}")
@@ -242,7 +282,17 @@ class BatchedMAML(nn.Module):
         loss: 'mse', 'cross_entropy', or a callable loss(pred, target) for one task's batch.
             cross_entropy's classes are the output's last dim, its labels the class indices of
             the other dims ([T, N], or [T, N, L] for outputs [T, N, L, C]: N * L samples a task).
-        learn_inner_lr: Meta-SGD: per-parameter learned inner rates, initialised to inner_lr.
+        learn_inner_lr: learned inner rates, registered as this module's parameters (``lrs``) and
+            initialised to inner_lr: True, one a parameter entry (Meta-SGD, Li et al. 2017);
+            'per_layer', one a parameter tensor; 'per_layer_step', one a parameter tensor and
+            inner step (MAML++'s LSLR, Antoniou et al. 2019: shape [inner_steps] each; a later
+            inner_steps may be smaller, not larger). Only the adapted parameters have rates.
+        step_loss_weights: None (the query loss after the last inner step), or one weight a step:
+            each task's loss is then sum_s w_s * its query loss after step s (MAML++'s multi-step
+            loss; ``fastmeta.step_loss_schedule`` gives its annealed weights). A step of weight 0
+            is not evaluated. May be set before any call (e.g. each epoch); its length must be
+            inner_steps. The layers that read no adapted parameter run once on the query set for
+            all the steps' losses.
         strict: raise if a module of ``model`` has no batched lowering instead of using vmap.
         check_finite: raise if a support loss becomes non-finite during adaptation (syncs).
         task_chunk: memory for time. forward / value_and_grad then take the meta-batch this many
@@ -289,12 +339,14 @@ class BatchedMAML(nn.Module):
     def __init__(self, model: nn.Module, inner_lr, inner_steps: int = 1, first_order: bool = False,
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
                  check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None,
-                 recompute: bool = False, checkpoint_steps: bool = False, inner_params=None):
+                 recompute: bool = False, checkpoint_steps: bool = False, inner_params=None,
+                 step_loss_weights=None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         model = plan.uncompiled(model)  # torch.compile(model): the module it wraps (same parameters)
         _check_inner_lr(inner_lr)
+        kind = _lr_kind(learn_inner_lr)
         self._inner = _inner_params(model, inner_params)
         self.backend = backend
         self.model = model
@@ -303,6 +355,7 @@ class BatchedMAML(nn.Module):
         self.task_chunk, self.recompute, self.checkpoint_steps = task_chunk, recompute, checkpoint_steps
         self.strict = bool(strict)
         self.check_finite = check_finite
+        self.step_loss_weights = step_loss_weights
         self.program = plan.lower(model, strict=self.strict)
         self._stamp_structure()
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
@@ -310,11 +363,16 @@ class BatchedMAML(nn.Module):
         params = dict(model.named_parameters())
         self._adapt_names = self._trainable_names()
         self._trainable = None  # requires_grad of the model's parameters when _adapt_names was read
-        if learn_inner_lr:
+        self._lr_kind = kind
+        if kind is not None:
             lr0 = float(inner_lr) if not isinstance(inner_lr, torch.Tensor) else float(inner_lr.detach())
+
+            def rate(p):  # a parameter's learned rate(s): per entry, one, or one an inner step
+                shape = {"per_element": p.shape, "per_layer": (), "per_layer_step": (self.inner_steps,)}[kind]
+                return nn.Parameter(torch.full(shape, lr0, dtype=p.dtype, device=p.device))
             # in the model's parameter order (a plain dict would be sorted by name)
             self.lrs = nn.ParameterDict(collections.OrderedDict(
-                (self._lr_key(n), nn.Parameter(torch.full_like(params[n].detach(), lr0))) for n in self._adapt_names))
+                (self._lr_key(n), rate(params[n].detach())) for n in self._adapt_names))
             self.inner_lr = None
         else:
             self.lrs = None
@@ -335,6 +393,7 @@ class BatchedMAML(nn.Module):
     recompute = _Setting(_flag)
     checkpoint_steps = _Setting(_flag)
     check_finite = _Setting(_flag01)
+    step_loss_weights = _Setting(_step_weights)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -346,6 +405,9 @@ class BatchedMAML(nn.Module):
         for name, attr in vars(BatchedMAML).items():  # (a module pickled when they were plain attributes)
             if isinstance(attr, _Setting) and name in state:
                 state[attr.key] = state.pop(name)
+        # (a module pickled before these settings existed)
+        state.setdefault("_step_loss_weights", None)
+        state.setdefault("_lr_kind", "per_element" if state.get("_modules", {}).get("lrs") is not None else None)
         super().__setstate__(state)
         self.program = plan.lower(self.model, strict=self.strict)
         self._stamp_structure()
@@ -403,6 +465,29 @@ class BatchedMAML(nn.Module):
         if self.lrs is not None:
             return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
+
+    def _step_lr(self, lr, step: int):
+        """The rate of inner step ``step`` from _lr_list()'s (learn_inner_lr='per_layer_step': each
+        parameter's entry for that step)."""
+        if self._lr_kind == "per_layer_step":
+            return [r[step] for r in lr]
+        return lr
+
+    def _check_steps(self):
+        """inner_steps against what the settings were made for: the learned rates of 'per_layer_step'
+        (one an inner step, made for the inner_steps at construction) and step_loss_weights."""
+        S = self.inner_steps
+        if self._lr_kind == "per_layer_step":
+            have = min(r.shape[0] for r in self.lrs.values()) if len(self.lrs) else S
+            if S > have:
+                raise ValueError(f"BatchedMAML(learn_inner_lr='per_layer_step'): inner_steps={S} but the learned "
+                                 f"rates have {have} steps ({self._lr_key(self._adapt_names[0])} "
+                                 f"{tuple(self.lrs[self._lr_key(self._adapt_names[0])].shape)}); set inner_steps "
+                                 f"<= {have} or build a BatchedMAML with {S} steps")
+        w = self.step_loss_weights
+        if w is not None and len(w) != S:
+            raise ValueError(f"BatchedMAML: step_loss_weights has {len(w)} weights but inner_steps={S}: one weight "
+                             "a step (the query loss after each step), or None for the last step's alone")
 
     def _selected(self, name: str) -> bool:
         """Whether inner_params selects the parameter of this (canonical) name."""
@@ -528,7 +613,11 @@ class BatchedMAML(nn.Module):
         return T
 
     # -- the inner loop -------------------------------------------------------------------------
-    def _adapt(self, xs, ys, first_order: bool, create_graph: bool):
+    def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None):
+        """The adapted parameters, name -> [T, ...]. after_step(step, P), where given, is called with
+        the parameters after each inner step but the last (step = 0 .. inner_steps - 2: P holds
+        theta_{step + 1}), in the order of the loop's passes (step_loss_weights' query losses)."""
+        self._check_steps()
         if self.inner_steps > 0 and not self._adapt_names:
             if self._inner is not None:
                 raise ValueError(
@@ -541,7 +630,7 @@ class BatchedMAML(nn.Module):
                 "of the model, not all of it, or choose the adapted ones with inner_params; for evaluation use "
                 "torch.no_grad(), which still adapts)")
         if self.checkpoint_steps and create_graph and not first_order and self.inner_steps > 0:
-            return self._adapt_checkpointed(xs, ys)
+            return self._adapt_checkpointed(xs, ys, after_step)
         T = xs.shape[0]
         P = self._broadcast(T)
         lr = self._lr_list()
@@ -552,8 +641,10 @@ class BatchedMAML(nn.Module):
         if start:
             with phase("inner_forward"), torch.set_grad_enabled(create_graph and not first_order):
                 xs = self.program(P, xs, self.recompute, stop=start)
-            plan.repeat_last_pass(self.inner_steps - 1)  # BatchNorm running statistics: one pass a step
+            prefix_pass = plan.last_pass()
         for step in range(self.inner_steps):
+            if start and step:
+                plan.repeat_pass(prefix_pass)  # BatchNorm running statistics: the loop's pass of this step
             if first_order or not create_graph:  # each step's gradient at detached parameters
                 probe = dict(P)
                 probe.update({n: P[n].detach().requires_grad_() for n in names})
@@ -561,8 +652,10 @@ class BatchedMAML(nn.Module):
             else:
                 grads = self._support_grads(P, xs, ys, create_graph=True, step=step, start=start)
             with phase("update"):
-                new = ops.inner_update([P[n] for n in names], grads, lr)
+                new = ops.inner_update([P[n] for n in names], grads, self._step_lr(lr, step))
                 P.update(zip(names, new))
+            if after_step is not None and step + 1 < self.inner_steps:
+                after_step(step, P)
         return P
 
     def _broadcast(self, T: int, detach: bool = False) -> dict:
@@ -591,9 +684,10 @@ class BatchedMAML(nn.Module):
                                         allow_unused=True)
         return [torch.zeros_like(P[n]) if g is None else g for n, g in zip(names, grads)]
 
-    def _adapt_checkpointed(self, xs, ys) -> dict:
+    def _adapt_checkpointed(self, xs, ys, after_step=None) -> dict:
         """_adapt's result for checkpoint_steps (second order): the adapted parameters as outputs
-        of _CheckpointedSteps, whose backward recomputes the steps one at a time."""
+        of _CheckpointedSteps, whose backward recomputes the steps one at a time. With after_step,
+        the parameters after the steps it is called for are outputs too (_StepQueries.steps)."""
         T = xs.shape[0]
         meta = self._meta_params()
         lr = self._lr_list()
@@ -603,10 +697,30 @@ class BatchedMAML(nn.Module):
         # the steps comes from the recomputation too
         adapted_set = set(names)
         shared = [n for n in self.program.names if n not in adapted_set and meta[n].requires_grad]
-        adapted = _CheckpointedSteps.apply(self, xs, ys, len(names), len(lrs), shared,
-                                           *[meta[n] for n in names], *lrs, *[meta[n] for n in shared])
+        S, n = self.inner_steps, len(names)
+        kept = [] if after_step is None else after_step.steps(S)  # steps whose parameters are outputs too
+        start = plan.mark()
+        out = _CheckpointedSteps.apply(self, xs, ys, n, len(lrs), shared, tuple(kept),
+                                       *[meta[n] for n in names], *lrs, *[meta[n] for n in shared])
+        support = None if start is None else plan.mark() - start
+        after = []  # the passes of each after_step call (BatchNorm running statistics)
+        for k, step in enumerate(kept):
+            P = self._broadcast(T)
+            P.update(zip(names, out[n * (k + 1):n * (k + 2)]))
+            before = plan.mark()
+            after_step(step, P)
+            after.append(None if before is None else range(before - start, plan.mark() - start))
+        if support is not None and kept:
+            # the steps' support passes all came first; the loop's order has the query pass after
+            # step s between the support passes of steps s and s + 1
+            queries = dict(zip(kept, after))
+            order = []
+            for step in range(support):
+                order.append(step)
+                order.extend(queries.get(step, ()))
+            plan.reorder(start, order)
         P = self._broadcast(T)
-        P.update(zip(names, adapted))
+        P.update(zip(names, out[:n]))
         return P
 
     def _fused_mlp_ok(self, xs=None, xq=None) -> bool:
@@ -617,6 +731,9 @@ class BatchedMAML(nn.Module):
         if spec is None or self.loss not in _LOSSES or self.check_finite or spec.dropping():
             return False
         if isinstance(self.inner_lr, torch.Tensor):
+            return False
+        # the kernel's rates are the same at every step, and it makes the last step's query loss only
+        if self._lr_kind == "per_layer_step" or self.step_loss_weights is not None:
             return False
         if len(self._adapt_names) != len(self.program.names):  # frozen parameters are not adapted
             return False
@@ -650,6 +767,7 @@ class BatchedMAML(nn.Module):
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
                 id(self.loss), self.check_finite, dropping, self.inner_steps, self.first_order,
+                self.step_loss_weights is None,
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
     def _prepare(self, xs, ys, xq, yq, params=None):
@@ -689,6 +807,8 @@ class BatchedMAML(nn.Module):
         spec = self.program.mlp
         params = self._meta_params()
         lr = self._lr_list()
+        if self._lr_kind == "per_layer":  # one rate a parameter tensor: the kernel's per-entry rates
+            lr = [r.expand(params[n].shape).contiguous() for r, n in zip(lr, self._adapt_names)]
         lr = lr if isinstance(lr, list) else float(lr)
         return [params[n] for n in spec.param_names], lr, spec
 
@@ -707,12 +827,16 @@ class BatchedMAML(nn.Module):
                                                 spec.negative_slope, self.loss, self.first_order, _checked=checked)
                 return losses if grad_on else losses.detach()
             with plan.running_stats(self.program):  # BatchNorm's, where tracked, as the loop updates them
-                P = self._adapt(xs, ys, self.first_order, create_graph=grad_on and not self.first_order)
-                if not grad_on:  # (evaluation: the adapted parameters as values)
-                    P = {n: t.detach() for n, t in P.items()}
                 # where the steps' graphs are not kept (first order, checkpoint_steps) the query's is
                 # the largest: under recompute its later blocks keep only their inputs too
                 later = self.recompute and (self.first_order or self.checkpoint_steps)
+                queries = None if self.step_loss_weights is None else _StepQueries(self, xq, yq, grad_on, later)
+                P = self._adapt(xs, ys, self.first_order, create_graph=grad_on and not self.first_order,
+                                after_step=queries)
+                if queries is not None:
+                    return queries.total(P)
+                if not grad_on:  # (evaluation: the adapted parameters as values)
+                    P = {n: t.detach() for n, t in P.items()}
                 with phase("query_forward"), torch.set_grad_enabled(grad_on):
                     return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
 
@@ -770,8 +894,8 @@ class BatchedMAML(nn.Module):
                                                   spec.negative_slope, self.loss, self.first_order,
                                                   _checked=checked)
             by_id = dict(zip(map(id, fparams), g))
-            if glr is not None:
-                by_id.update(zip(map(id, lr), glr))
+            if glr is not None:  # (per_layer's rates were expanded to their parameters' shapes)
+                by_id.update((id(r), gr.sum_to_size(r.shape)) for r, gr in zip(self._lr_list(), glr))
             if all(id(p) in by_id for p in wanted):
                 return value, [by_id.get(id(p)) if p.requires_grad else None for p in params]
         if not fused and self._chunked(xs):
@@ -840,14 +964,90 @@ class BatchedMAML(nn.Module):
             return self.program(params, x)
 
     def extra_repr(self) -> str:
-        lr = "learned" if self.lrs is not None else self.inner_lr
+        lr = (("learned" if self._lr_kind == "per_element" else f"learned {self._lr_kind}")
+              if self.lrs is not None else self.inner_lr)
         return (f"inner_lr={lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
                 f"loss={self.loss if isinstance(self.loss, str) else 'callable'}"
                 + (f", backend={self.backend!r}" if self.backend is not None else "")
                 + (", recompute=True" if self.recompute else "")
                 + (f", inner_params={list(self._inner[1]) if self._inner[0] == 'names' else 'callable'}"
                    if self._inner is not None else "")
-                + (", checkpoint_steps=True" if self.checkpoint_steps else ""))
+                + (", checkpoint_steps=True" if self.checkpoint_steps else "")
+                + (f", step_loss_weights={list(self.step_loss_weights)}" if self.step_loss_weights is not None
+                   else ""))
+
+
+class _StepQueries:
+    """step_loss_weights' per-task loss (the multi-step loss of MAML++, Antoniou et al. 2019):
+    sum over the inner steps s of w_s times the query loss after step s, the query loss after a
+    step whose weight is 0 left out (the last step's always made). Called by _adapt after each
+    step but the last; total(P) adds the last step's. The leading steps of the model that read
+    no adapted parameter (program.invariant_prefix) run once on the query set for all of them."""
+
+    def __init__(self, meta, xq, yq, grad_on: bool, later: bool):
+        self.meta, self.xq, self.yq, self.grad_on, self.later = meta, xq, yq, grad_on, later
+        self.weights = meta.step_loss_weights
+        adapted = set(meta._adapt_names)
+        self.start = meta.program.invariant_prefix(adapted) if meta.inner_steps > 0 and adapted else 0
+        self.features, self.recorded, self.sum = None, None, None
+
+    def steps(self, S: int) -> list:
+        """The steps after which a query loss is made by __call__ (weight not 0, not the last)."""
+        return [s for s in range(S - 1) if self.weights[s] != 0]
+
+    def losses(self, P: dict) -> torch.Tensor:
+        """The per-task query losses [T] at the parameters P."""
+        meta = self.meta
+        if not self.grad_on:  # (evaluation: the adapted parameters as values)
+            P = {n: t.detach() for n, t in P.items()}
+        with phase("query_forward"), torch.set_grad_enabled(self.grad_on):
+            x, start = self.xq, 0
+            if self.start:
+                if self.features is None:
+                    self.features = meta.program(P, self.xq, meta.recompute, later_blocks=self.later,
+                                                 stop=self.start)
+                    self.recorded = plan.last_pass()
+                else:
+                    plan.repeat_pass(self.recorded)  # BatchNorm running statistics: the loop's pass
+                x, start = self.features, self.start
+            return meta._task_loss(meta.program(P, x, meta.recompute, later_blocks=self.later, start=start),
+                                   self.yq)
+
+    def __call__(self, step: int, P: dict):
+        w = self.weights[step]
+        if w != 0:
+            part = self.losses(P) * w
+            self.sum = part if self.sum is None else self.sum + part
+
+    def total(self, P: dict) -> torch.Tensor:
+        """The weighted sum, with the query losses at P (the last step's parameters)."""
+        last = self.losses(P) * self.weights[-1]
+        return last if self.sum is None else self.sum + last
+
+
+def step_loss_schedule(inner_steps: int, epoch: float, anneal_epochs: float, floor: float = 0.03) -> list:
+    """MAML++'s annealed multi-step loss weights (Antoniou et al. 2019) for BatchedMAML's
+    step_loss_weights: at epoch 0 every step's query loss weighs 1 / S; each epoch moves
+    1 / (S * anneal_epochs) of weight from every step but the last to the last, until the others
+    reach floor / S (after ``anneal_epochs`` epochs), so that training ends on the last step's loss.
+    The weights always sum to 1.
+
+        meta.step_loss_weights = fastmeta.step_loss_schedule(meta.inner_steps, epoch, 10)
+    """
+    S = _steps("inner_steps", inner_steps)
+    if S < 1:
+        raise ValueError(f"step_loss_schedule: inner_steps must be >= 1, got {S}")
+    for name, v in (("epoch", epoch), ("anneal_epochs", anneal_epochs), ("floor", floor)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"step_loss_schedule: {name} must be a finite number >= 0, got {v!r}")
+    if anneal_epochs == 0:
+        raise ValueError("step_loss_schedule: anneal_epochs must be > 0 (the epochs over which the weight moves "
+                         "to the last step)")
+    if floor > 1:
+        raise ValueError(f"step_loss_schedule: floor must be at most 1 (a share of 1 / inner_steps), got {floor!r}")
+    moved = min(float(epoch) / (S * float(anneal_epochs)), (1.0 - floor) / S)  # taken from each earlier step
+    early = 1.0 / S - moved
+    return [early] * (S - 1) + [1.0 - (S - 1) * early]
 
 
 def chunk_slices(T: int, chunk: int | None) -> list:
@@ -888,19 +1088,21 @@ class _CheckpointedSteps(torch.autograd.Function):
     dL/dtheta_S, recomputes step s's graph at theta_s for s = S-1 .. 0 (the support loss and its
     differentiable gradient, then the update) and backpropagates v through it, one step's graph
     alive at a time. Inputs: the module, xs, ys, the number n of adapted parameters, the number m
-    of rate tensors, the names of the shared parameters (read by the steps, not adapted), then
+    of rate tensors, the names of the shared parameters (read by the steps, not adapted), the
+    steps k whose parameters theta_{k+1} are outputs too (step_loss_weights' query losses), then
     the n meta-parameters, the m rate tensors (Meta-SGD's, or a tensor inner_lr) and the shared
-    parameters. Returns the n adapted parameters [T, ...]."""
+    parameters. Returns the n adapted parameters [T, ...] after the last step, then n after each
+    of those steps; the backward adds the gradient given for theta_{k+1} to v where it gets there."""
 
     @staticmethod
-    def forward(ctx, meta, xs, ys, n, m, shared_names, *tensors):
+    def forward(ctx, meta, xs, ys, n, m, shared_names, kept, *tensors):
         params, rate_tensors, shared = tensors[:n], tensors[n:n + m], tensors[n + m:]
         T = xs.shape[0]
         names = meta._adapt_names
         fixed = meta._broadcast(T, detach=True)
         theta = [fixed[name] for name in names]
         lr = _CheckpointedSteps._rate(meta, [t.detach() for t in rate_tensors])
-        history, rng = [], []
+        history, rng, outs = [], [], {}
         keep_rng = meta.program.random  # (a Dropout, a vmap fallback)
         for step in range(meta.inner_steps):
             history.append(theta)
@@ -910,13 +1112,16 @@ class _CheckpointedSteps(torch.autograd.Function):
                 P.update((name, t.detach().requires_grad_()) for name, t in zip(names, theta))
                 grads = meta._support_grads(P, xs, ys, create_graph=False, step=step)
             with phase("update"):
-                theta = ops.inner_update(theta, [g.detach() for g in grads], lr)
+                theta = ops.inner_update(theta, [g.detach() for g in grads], meta._step_lr(lr, step))
+            if step in kept:
+                outs[step] = theta
         ctx.meta, ctx.history, ctx.rng, ctx.n, ctx.m, ctx.shared_names = meta, history, rng, n, m, shared_names
+        ctx.kept = kept
         ctx.backend = get_backend()  # the recomputation runs the kernels this forward ran
         # theta_0 (and the parameters the steps do not adapt) are read again by the backward
         ctx.versions = {name: p._version for name, p in meta._meta_params().items()}
         ctx.save_for_backward(xs, ys, *rate_tensors, *shared)
-        return tuple(theta)
+        return tuple(theta) + tuple(t for step in kept for t in outs[step])
 
     @staticmethod
     def backward(ctx, *v):
@@ -937,13 +1142,21 @@ class _CheckpointedSteps(torch.autograd.Function):
         fixed = meta._broadcast(T, detach=True)
         # the shared parameters as leaves of the recomputed steps (broadcast over the tasks in each)
         shared_leaves = [p.detach().requires_grad_() for p in shared]
-        v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, history[-1])]
-        wanted = [i for i, r in enumerate(rate_tensors) if ctx.needs_input_grad[6 + n + i]]
+        given = {step: v[n * (k + 1):n * (k + 2)] for k, step in enumerate(ctx.kept)}  # dL/dtheta_{step+1}
+
+        def add(v, extra):
+            return [a if b is None else (b if a is None else a + b) for a, b in zip(v, extra)]
+        v = list(v[:n])
+        first = 7 + n  # needs_input_grad's index of the first rate tensor
+        wanted = [i for i, r in enumerate(rate_tensors) if ctx.needs_input_grad[first + i]]
         rate_grads = [None] * len(rate_tensors)
-        wanted_shared = [j for j in range(len(shared)) if ctx.needs_input_grad[6 + n + m + j]]
+        wanted_shared = [j for j in range(len(shared)) if ctx.needs_input_grad[first + m + j]]
         shared_grads = [None] * len(shared)
         for step in reversed(range(meta.inner_steps)):
             theta = history[step]
+            if step in given:
+                v = add(v, given[step])
+            v = [torch.zeros_like(t) if g is None else g for g, t in zip(v, theta)]
             with torch.enable_grad(), use_backend(ctx.backend), _restored_rng(ctx.rng[step], xs.device):
                 leaves = [t.detach().requires_grad_() for t in theta]
                 P = dict(fixed)
@@ -952,12 +1165,13 @@ class _CheckpointedSteps(torch.autograd.Function):
                 P.update(zip(names, leaves))
                 grads = meta._support_grads(P, xs, ys, create_graph=True, step=step)
                 with phase("update"):
-                    new = ops.inner_update(leaves, grads, _CheckpointedSteps._rate(meta, rate_tensors))
+                    rate = meta._step_lr(_CheckpointedSteps._rate(meta, rate_tensors), step)
+                    new = ops.inner_update(leaves, grads, rate)
                 with phase("outer_backward"):
                     out = torch.autograd.grad(new, leaves + [rate_tensors[i] for i in wanted]
                                               + [shared_leaves[j] for j in wanted_shared],
                                               grad_outputs=v, allow_unused=True)
-            v = [torch.zeros_like(t) if g is None else g for g, t in zip(out[:n], theta)]
+            v = list(out[:n])
             for i, g in zip(wanted, out[n:n + len(wanted)]):
                 if g is not None:
                     rate_grads[i] = g if rate_grads[i] is None else rate_grads[i] + g
@@ -965,13 +1179,14 @@ class _CheckpointedSteps(torch.autograd.Function):
                 if g is not None:
                     shared_grads[j] = g if shared_grads[j] is None else shared_grads[j] + g
             history[step] = None  # this step's parameters are no longer needed
-        grads = [g.sum(0) for g in v]  # theta_0 is each meta-parameter broadcast over the T tasks
-        return (None, None, None, None, None, None, *grads, *rate_grads, *shared_grads)
+        # theta_0 is each meta-parameter broadcast over the T tasks
+        grads = [None if g is None else g.sum(0) for g in v]
+        return (None, None, None, None, None, None, None, *grads, *rate_grads, *shared_grads)
 
     @staticmethod
     def _rate(meta, rate_tensors):
         """The inner_update rate from the rate tensors given to apply: Meta-SGD's list, a tensor
-        inner_lr, or the module's number."""
+        inner_lr, or the module's number (for a step: meta._step_lr)."""
         if meta.lrs is not None:
             return list(rate_tensors)
         return rate_tensors[0] if rate_tensors else meta.inner_lr

@@ -15,7 +15,8 @@ What a graph fixes at capture, and what breaks it:
 - the batch's shapes, dtypes and device: another batch shape raises (capture another step for it);
 - the parameters' storage: optimizers update in place, which the next replay reads; a parameter
   replaced by another tensor (``module.weight = nn.Parameter(...)``, ``load_state_dict(assign=True)``)
-  raises, as does a change of inner_lr, inner_steps, first_order, the backend or a module's
+  raises, as does a change of inner_lr, inner_steps, first_order, step_loss_weights (the multi-step
+  loss's weights are constants of the graph: capture a step for each), the backend or a module's
   training mode (``model.train()`` / ``model.eval()``: BatchNorm's statistics, Dropout);
 - the outputs: ``loss`` and ``grads`` are the graph's own buffers, overwritten by the next replay
   (clone them to keep them); parameters that do not require grad have None.
@@ -98,7 +99,8 @@ class GraphedStep:
     def _current_config(self):
         m = self.meta
         return (m.inner_lr if not isinstance(m.inner_lr, torch.Tensor) else id(m.inner_lr), m.inner_steps,
-                m.first_order, get_backend(), m.backend, tuple(p.requires_grad for p in m.parameters()),
+                m.first_order, m.step_loss_weights, get_backend(), m.backend,
+                tuple(p.requires_grad for p in m.parameters()),
                 tuple(mod.training for mod in m.model.modules()))
 
     def _check_labels(self, batch):
@@ -126,8 +128,8 @@ class GraphedStep:
             raise RuntimeError("graphed step: the module's parameters were replaced since the capture (the "
                                "graph reads the captured tensors); update them in place or capture again")
         if self._current_config() != self._config:
-            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order, the backend, which "
-                               "parameters require grad or a module's training mode (train() / eval(): "
+            raise RuntimeError("graphed step: inner_lr, inner_steps, first_order, step_loss_weights, the backend, "
+                               "which parameters require grad or a module's training mode (train() / eval(): "
                                "BatchNorm's statistics, Dropout) changed since the capture; capture again "
                                "(a step for each mode)")
         self._check_labels(batch)

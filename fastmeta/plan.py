@@ -125,12 +125,34 @@ def _record_input(bn, x):
         _record(bn, mean, var * (count / max(count - 1, 1)))
 
 
-def repeat_last_pass(times: int):
-    """Where passes are recorded (running_stats): the last one recorded ``times`` more times, for a
-    pass whose output stood for that many of the loop's passes (the support set's pass through
-    BatchedMAML's invariant prefix, made once for all the inner steps)."""
-    if times > 0 and _recording() and _stats.passes:
-        _stats.passes.extend([_stats.passes[-1]] * times)
+def last_pass():
+    """Where passes are recorded (running_stats): the pass recorded last, else None."""
+    return _stats.passes[-1] if _recording() and _stats.passes else None
+
+
+def repeat_pass(recorded):
+    """Where passes are recorded: ``recorded`` (last_pass()'s) recorded once more, now, for a pass
+    whose output was made once and stands for another of the loop's passes here (BatchedMAML's
+    invariant prefix on the support set at each inner step after the first, on the query set
+    at each query loss after the first)."""
+    if recorded is not None and _recording():
+        _stats.passes.append(recorded)
+
+
+def mark() -> int | None:
+    """Where passes are recorded: how many are so far (for reorder), else None."""
+    return len(_stats.passes) if _recording() else None
+
+
+def reorder(start: int | None, order: list):
+    """Where passes are recorded: the passes recorded since mark() gave ``start`` put in ``order``
+    (their indices counted from start): passes made in another order than the loop's."""
+    if start is None or not _recording():
+        return
+    recorded = _stats.passes[start:]
+    if sorted(order) != list(range(len(recorded))):
+        raise AssertionError(f"reorder: {order} is not an order of the {len(recorded)} passes recorded")
+    _stats.passes[start:] = [recorded[i] for i in order]
 
 
 @contextlib.contextmanager
@@ -737,15 +759,33 @@ def explain(model: nn.Module) -> str:
                          "steps is in the second-order meta-gradient)")
         if frozen:
             lines.append(f"  frozen (requires_grad=False), neither adapted nor meta-learned: {', '.join(frozen)}")
+        kind = meta._lr_kind
+        if kind is not None:
+            lines.append("  inner rates: learned, " + {
+                "per_element": "one a parameter entry (Meta-SGD)",
+                "per_layer": "one a parameter tensor (learn_inner_lr='per_layer')",
+                "per_layer_step": "one a parameter tensor and inner step (learn_inner_lr='per_layer_step')"}[kind])
+        weights = meta.step_loss_weights
+        if weights is not None:
+            lines.append(f"  meta-loss: the query losses after each inner step weighted by step_loss_weights "
+                         f"{list(weights)} (a step of weight 0 is not evaluated)")
+        # (the fused kernel adapts every parameter with the same rates at every step and makes the
+        # last step's query loss only)
+        unfused = ("here some are not adapted" if partial else
+                   "its rates are the same at every step" if kind == "per_layer_step" else
+                   "it makes the last step's query loss only" if weights is not None else None)
         k = prog.invariant_prefix(set(adapted))
-        if 0 < k and meta.inner_steps > 0 and (partial or prog.mlp is None):  # (else the fused kernel runs)
+        if 0 < k and meta.inner_steps > 0 and (unfused or prog.mlp is None):  # (else the fused kernel runs)
             paths = ", ".join(s.path or "<model>" for s in prog.steps[:k])
             lines.append(f"  {paths}: read no adapted parameter, run once a call on the support set (not once "
                          "an inner step)"
-                         + ("; in second order under checkpoint_steps, once a step" if meta.checkpoint_steps else ""))
-    if prog.mlp is not None and partial:
-        lines.append("  whole inner loop: step by step on the batched ops (the fused mlp_inner_loop op adapts every "
-                     "parameter; here some are not adapted)")
+                         + ("; in second order under checkpoint_steps, once a step" if meta.checkpoint_steps else "")
+                         + ("; once on the query set for all the step losses" if weights is not None else ""))
+    else:
+        unfused = None
+    if prog.mlp is not None and unfused:
+        lines.append(f"  whole inner loop: step by step on the batched ops (the fused mlp_inner_loop op adapts every "
+                     f"parameter with the same rates at every step and makes the last step's query loss; {unfused})")
     elif prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
         lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")
     elif prog.mlp is not None:

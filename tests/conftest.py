@@ -72,11 +72,15 @@ def task_loss(kind, pred, target):
     return kind(pred, target)
 
 
-def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=False, lrs=None, adapted=None):
+def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=False, lrs=None, adapted=None,
+                    per_step=False, step_weights=None):
     """The oracle: a naive per-task loop with autograd.grad(create_graph=True).
 
-    lr: a number (or tensor), or lrs: dict name -> per-parameter rate (Meta-SGD).
+    lr: a number (or tensor), or lrs: dict name -> per-parameter rate (Meta-SGD), or one rate a
+    step (per_step: lrs[name][step]).
     adapted: the names of the parameters the inner steps adapt (default: all that require grad).
+    step_weights: a task's loss is sum_s w_s * its query loss after step s (computed right after the
+    step's update where w_s != 0, and after the last step), as MAML++'s multi-step loss.
     Returns (meta-loss, grads of the model params that require grad, grads of lrs or None)."""
     from fastmeta.plan import call_with, slot_names
 
@@ -88,16 +92,19 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
     total = 0.0
     for t in range(T):
         p = dict(named)
-        for _ in range(steps):
+        for step in range(steps):
             l = task_loss(loss, call_with(model, p, (xs[t],), names=slots), ys[t])
             g = torch.autograd.grad(l, [p[n] for n in adapt], create_graph=not first_order,
                                     retain_graph=True, allow_unused=True)
             for n, gi in zip(adapt, g):
                 if gi is None:
                     continue
-                rate = lrs[n] if lrs is not None else lr
+                rate = (lrs[n][step] if per_step else lrs[n]) if lrs is not None else lr
                 p[n] = p[n] - rate * gi
-        total = total + task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
+            if step_weights is not None and step + 1 < steps and step_weights[step] != 0:
+                total = total + step_weights[step] * task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
+        last = task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
+        total = total + (last if step_weights is None else step_weights[-1] * last)
     meta = total / T
     inputs = [named[n] for n in learned] + (list(lrs.values()) if lrs is not None else [])
     g = torch.autograd.grad(meta, inputs, allow_unused=True)

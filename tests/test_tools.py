@@ -395,6 +395,27 @@ def test_anil_script_on_a_small_net(capsys):
     assert len(rows) == 2, rows
 
 
+def test_maml_plus_plus_script_on_a_small_net(capsys):
+    """benchmarks/maml_plus_plus.py (RESULTS.md's MAML++ table) on a tiny conv4: every row timed,
+    BatchedMAML's meta-gradient (parameters and per-step rates) equal to the per-task loop's."""
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import maml_plus_plus
+        out = maml_plus_plus.main(["--small", "--seconds", "0.05", "--steps", "3"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
+    for order in ("second", "first"):
+        timed, errs = out[order]
+        assert set(timed) == {"loop_mamlpp", "fastmeta_mamlpp", "fastmeta_maml"}
+        assert all(timed[k][0] is not None for k in timed), timed
+        assert errs["fastmeta_mamlpp"] < 1e-4, errs
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fastmeta_mamlpp |")]
+    assert len(rows) == 2, rows
+
+
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
     """benchmarks/targets.py (run at the end of gpu_check.sh): each target's ratio from rows of the
     same JSON file only; a fastmeta row beyond the 1e-4 meta-gradient bound is not counted; the

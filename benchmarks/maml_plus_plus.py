@@ -1,0 +1,113 @@
+"""MAML++'s inner loop (Antoniou et al. 2019) on the conv4 few-shot workloads: learned rates per
+parameter tensor and inner step (LSLR) and the multi-step loss (the query loss after every inner
+step, weighted), BatchedMAML(learn_inner_lr='per_layer_step', step_loss_weights=w) against the
+per-task loop that computes the same meta-gradient, timed in one process with the rows interleaved
+in rounds (fastmeta.harness.time_interleaved), medians of whole meta-iterations.
+
+Rows:
+- `loop_mamlpp`: task by task, as MAML++'s reference training loop runs a task: at each inner
+  step the support loss, its (differentiable) gradient, the update with that step's rates, then
+  the query loss at the new parameters, weighted; backward to the meta-parameters and the rates;
+- `fastmeta_mamlpp`: BatchedMAML(learn_inner_lr='per_layer_step', step_loss_weights=w)
+  .value_and_grad, all tasks at once;
+- `fastmeta_maml`: BatchedMAML with a fixed rate and the last step's loss (MAML), for scale.
+
+The weights are step_loss_schedule(S, epoch=1, anneal_epochs=10): every step's query loss counts.
+
+    python benchmarks/maml_plus_plus.py [--workload omniglot|miniimagenet] [--tasks T] [--steps S]
+                                        [--order second|first] [--device cpu|cuda] [--seconds 2]
+                                        [--small]   (a tiny net: the script's own check)
+"""
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fastmeta  # noqa: E402
+from fastmeta import harness as H  # noqa: E402
+from anil import workload  # noqa: E402  (the same workloads as the ANIL bench)
+
+
+def loop_mamlpp(model, batch, rates, weights, first_order):
+    """The per-task loop; rates: name -> [S] learned rates. Returns the meta-gradient of every
+    parameter and rate."""
+    named = dict(model.named_parameters())
+    inputs = list(named.values()) + list(rates.values())
+    xs, ys, xq, yq = batch
+    S = len(weights)
+
+    def step():
+        total = 0.0
+        for t in range(xs.shape[0]):
+            p = dict(named)
+            for s in range(S):
+                loss = F.cross_entropy(functional_call(model, p, (xs[t],)), ys[t])
+                g = torch.autograd.grad(loss, list(p.values()), create_graph=not first_order)
+                p = {n: v - rates[n][s] * d for (n, v), d in zip(p.items(), g)}
+                if weights[s] != 0:
+                    total = total + weights[s] * F.cross_entropy(functional_call(model, p, (xq[t],)), yq[t])
+        return torch.autograd.grad(total / xs.shape[0], inputs)
+    return step
+
+
+def run(name, tasks, steps, order, device, seconds, small=False):
+    model, batch, lr, S = workload(name, tasks, steps, device, small)
+    fo = order == "first"
+    weights = fastmeta.step_loss_schedule(S, 1, 10)
+    pp = fastmeta.BatchedMAML(model, lr, S, first_order=fo, loss="cross_entropy", learn_inner_lr="per_layer_step",
+                              step_loss_weights=weights)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # rates that differ by layer and step, as after some meta-training
+        for r in pp.lrs.values():
+            r.mul_(0.5 + torch.rand(r.shape, generator=g).to(r))
+    maml = fastmeta.BatchedMAML(model, lr, S, first_order=fo, loss="cross_entropy")
+    rates = {n: pp.lrs[pp._lr_key(n)] for n in pp._adapt_names}
+    rows = {
+        "loop_mamlpp": loop_mamlpp(model, batch, rates, weights, fo),
+        "fastmeta_mamlpp": lambda: pp.value_and_grad(*batch)[1],
+        "fastmeta_maml": lambda: maml.value_and_grad(*batch)[1],
+    }
+    want = rows["loop_mamlpp"]()
+    errs = {"fastmeta_mamlpp": H.max_rel_err(rows["fastmeta_mamlpp"](), want)}
+    timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
+    base = timed["loop_mamlpp"][0]
+    print(f"\n{name}{' (small)' if small else ''}, T={tasks}, S={S}, {order} order, {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, step_loss_weights "
+          f"{[round(w, 3) for w in weights]}")
+    print("| provider | median ms | x vs loop_mamlpp | calls | max rel err vs loop_mamlpp |")
+    print("|---|---|---|---|---|")
+    for k, (med, times, err) in timed.items():
+        if med is None:
+            print(f"| {k} | failed: {err} | | | |")
+            continue
+        e = f"{errs[k]:.1e}" if k in errs else ("-" if k == "loop_mamlpp" else "- (MAML)")
+        print(f"| {k} | {med:.2f} | {base / med:.2f} | {len(times)} | {e} |")
+    return timed, errs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workload", default="omniglot", choices=["omniglot", "miniimagenet"])
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--order", default="second,first")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--small", action="store_true")
+    args = ap.parse_args(argv)
+    tasks = args.tasks or (3 if args.small else (8 if args.device == "cpu" else 32))
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    out = {}
+    for order in args.order.split(","):
+        out[order] = run(args.workload, tasks, args.steps, order, args.device, args.seconds, args.small)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,300 @@
+"""MAML++'s inner-loop settings in BatchedMAML (Antoniou et al. 2019): learned rates per parameter
+tensor (learn_inner_lr='per_layer') and per parameter tensor and inner step ('per_layer_step',
+LSLR), and the multi-step loss (step_loss_weights: the query losses after every inner step,
+weighted). Checked against a per-task loop (float64, 1e-10) on every path: the batched ops on each
+backend, the fused MLP kernel where it runs, checkpoint_steps, task_chunk, recompute, inner_params;
+the BatchNorm running statistics as the loop's passes update them; the errors."""
+import copy
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import plan
+from conftest import has_cpp, loop_meta_grads
+
+BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
+KINDS = [False, True, "per_layer", "per_layer_step"]
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 7), nn.Tanh(), nn.Linear(7, 5), nn.ReLU(), nn.Linear(5, 2)).double()
+
+
+def _mlp_batch(T=3):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(T, 4, 3, generator=g, dtype=torch.float64), torch.randn(T, 4, 2, generator=g, dtype=torch.float64),
+            torch.randn(T, 5, 3, generator=g, dtype=torch.float64), torch.randn(T, 5, 2, generator=g, dtype=torch.float64))
+
+
+def _conv(track=False):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16, 3)).double()
+
+
+def _conv_batch(T=3):
+    g = torch.Generator().manual_seed(1)
+    return (torch.randn(T, 5, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (T, 5), generator=g),
+            torch.randn(T, 6, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (T, 6), generator=g))
+
+
+def _spread_rates(meta):
+    """Learned rates that differ from entry to entry and step to step (0.02 .. 0.2)."""
+    if meta.lrs is not None:
+        g = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            for r in meta.lrs.values():
+                r.copy_(0.02 + 0.18 * torch.rand(r.shape, generator=g, dtype=r.dtype))
+
+
+def _assert_grads(got, want):
+    scale = max(w.abs().max().item() for w in want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a is not None and a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-10 * scale
+
+
+def _check(model, batch, loss, steps, kind, weights, first_order, backend, inner_params=None, **settings):
+    meta = fastmeta.BatchedMAML(model, 0.1, steps, first_order=first_order, loss=loss, learn_inner_lr=kind,
+                                step_loss_weights=weights, inner_params=inner_params, **settings)
+    _spread_rates(meta)
+    with fastmeta.use_backend(backend):
+        value, grads = meta.value_and_grad(*batch)
+        again = meta(*batch)
+        grads2 = torch.autograd.grad(again, list(meta.parameters()))
+    names = meta._adapt_names
+    lrs = {n: meta.lrs[meta._lr_key(n)] for n in names} if meta.lrs is not None else None
+    want_loss, want, want_lr = loop_meta_grads(model, *batch, 0.1, steps, loss=loss, first_order=first_order,
+                                               lrs=lrs, adapted=set(names), per_step=kind == "per_layer_step",
+                                               step_weights=weights)
+    want = list(want) + (list(want_lr) if lrs is not None else [])
+    torch.testing.assert_close(value, want_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(again.detach(), want_loss, rtol=1e-12, atol=1e-12)
+    _assert_grads(grads, want)
+    _assert_grads(grads2, want)
+    return meta
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("kind", KINDS, ids=str)
+@pytest.mark.parametrize("settings", [{}, {"checkpoint_steps": True}, {"task_chunk": 2}],
+                         ids=["plain", "checkpoint_steps", "task_chunk"])
+def test_mlp_rates_and_step_losses_against_the_loop(backend, first_order, kind, settings):
+    model, batch = _mlp(), _mlp_batch()
+    for weights in (None, [0.2, 0.0, 0.8], (0.1, 0.3, 0.6)):
+        meta = _check(model, batch, "mse", 3, kind, weights, first_order, backend, **settings)
+        # the fused kernel (which keeps no graph: task_chunk is not needed there): same rates at
+        # every step, the last step's query loss only
+        fused = backend == "cpp" and weights is None and kind != "per_layer_step"
+        assert meta._last_fused == fused
+    # a step of weight 0 is not evaluated; weights (0, .., 0, 1) are MAML's loss
+    _check(model, batch, "mse", 3, kind, [0.0, 0.0, 1.0], first_order, backend, **settings)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("settings", [{}, {"recompute": True}, {"checkpoint_steps": True}, {"task_chunk": 2}],
+                         ids=["plain", "recompute", "checkpoint_steps", "task_chunk"])
+def test_conv_maml_plus_plus_against_the_loop(backend, first_order, settings):
+    """The conv4 shape of MAML++: per-layer per-step rates and the multi-step loss, all parameters
+    adapted, or the head only (its body once a call on each set)."""
+    model, batch = _conv(), _conv_batch()
+    _check(model, batch, "cross_entropy", 3, "per_layer_step", [0.2, 0.3, 0.5], first_order, backend, **settings)
+    _check(model, batch, "cross_entropy", 3, "per_layer", [0.5, 0.0, 0.5], first_order, backend, inner_params="9",
+           **settings)
+    _check(model, batch, "cross_entropy", 2, True, [0.25, 0.75], first_order, backend, inner_params=["4", "9"],
+           **settings)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("settings", [{}, {"checkpoint_steps": True}, {"task_chunk": 2}],
+                         ids=["plain", "checkpoint_steps", "task_chunk"])
+@pytest.mark.parametrize("head_only", [False, True], ids=["all", "head"])
+def test_running_statistics_with_step_losses_as_the_loop_updates_them(first_order, settings, head_only):
+    """With the multi-step loss the loop's passes of a task interleave: the support set at step s,
+    the query after it, the support set at step s + 1 ... BatchNorm running statistics (momentum
+    and cumulative average) are updated in that order, also where a body is made once a call on
+    each set and where checkpoint_steps makes the support passes first."""
+    model = _conv(track=True)
+    model[5].momentum = None  # a cumulative average
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.fill_(0.3)
+                m.running_var.fill_(2.0)
+    ref = copy.deepcopy(model)
+    batch = _conv_batch()
+    weights = [0.2, 0.0, 0.3, 0.5]
+    inner = "9" if head_only else None
+    meta = fastmeta.BatchedMAML(model, 0.1, 4, first_order=first_order, loss="cross_entropy",
+                                learn_inner_lr="per_layer_step", step_loss_weights=weights, inner_params=inner,
+                                **settings)
+    loss = meta(*batch)
+    names = meta._adapt_names
+    lrs = {n: meta.lrs[meta._lr_key(n)] for n in names}
+    want, _, _ = loop_meta_grads(ref, *batch, 0.1, 4, loss="cross_entropy", first_order=first_order, lrs=lrs,
+                                 adapted=set(names), per_step=True, step_weights=weights)
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-12, atol=1e-12)
+    for (name, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_body_runs_once_on_each_set_for_all_the_step_losses():
+    """ANIL with the multi-step loss: the body before the adapted head runs once on the support set
+    and once on the query set a call, the head once a step on each."""
+    model, batch = _conv(), _conv_batch()
+    calls = {}
+    for i, step in enumerate(plan.lower(model).steps):
+        def counted(x, P, i=i, run=step.run):
+            calls[i] = calls.get(i, 0) + 1
+            return run(x, P)
+        step.run = counted
+    try:
+        meta = fastmeta.BatchedMAML(model, 0.3, 4, loss="cross_entropy", inner_params="9",
+                                    step_loss_weights=[0.1, 0.2, 0.3, 0.4])
+        with fastmeta.use_backend("torch"):
+            meta(*batch).backward()
+        chunks = 3  # on a CPU a conv program runs a task at a time
+        assert calls[0] == calls[4] == 2 * chunks
+        assert calls[5] == (4 + 4) * chunks  # 4 support steps, 4 query losses
+    finally:
+        plan._cache.pop(model, None)  # (the program with the counting steps)
+
+
+@pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_per_layer_rates_run_on_the_fused_kernel(first_order):
+    """One rate a parameter tensor goes to the fused MLP kernel as its per-entry rates; the rates'
+    gradients come back summed to their own shape (value_and_grad straight from the kernel)."""
+    model, batch = _mlp(), _mlp_batch()
+    meta = _check(model, batch, "mse", 3, "per_layer", None, first_order, "cpp")
+    assert meta._last_fused
+    assert all(r.shape == () for r in meta.lrs.values())
+    assert "one a parameter tensor" in fastmeta.explain(meta)
+
+
+def test_step_weights_can_change_between_calls():
+    """step_loss_weights may be set at any call (MAML++ anneals them): the loss follows, and None
+    gives back the fused kernel where it runs."""
+    model, batch = _mlp(), _mlp_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 3)
+    plain = meta(*batch).detach()
+    for epoch in (0, 3, 10):
+        meta.step_loss_weights = fastmeta.step_loss_schedule(3, epoch, 10)
+        want, _, _ = loop_meta_grads(model, *batch, 0.1, 3, step_weights=meta.step_loss_weights)
+        torch.testing.assert_close(meta(*batch).detach(), want, rtol=1e-12, atol=1e-12)
+        assert not meta._last_fused
+    meta.step_loss_weights = torch.tensor([0.0, 0.0, 1.0])
+    assert meta.step_loss_weights == (0.0, 0.0, 1.0)
+    torch.testing.assert_close(meta(*batch).detach(), plain, rtol=1e-12, atol=1e-12)
+    meta.step_loss_weights = None
+    torch.testing.assert_close(meta(*batch).detach(), plain, rtol=0, atol=0)
+    assert meta._last_fused == has_cpp()
+
+
+def test_evaluation_and_adapt_with_step_rates():
+    """Under no_grad / inference_mode the weighted loss comes back detached, equal to grad mode's;
+    adapt() takes each step's learned rates."""
+    model, batch = _mlp(), _mlp_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr="per_layer_step", step_loss_weights=[0.4, 0.6])
+    _spread_rates(meta)
+    want = meta(*batch).detach()
+    with torch.no_grad():
+        got = meta(*batch)
+    assert not got.requires_grad
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    with torch.inference_mode():
+        torch.testing.assert_close(meta(*batch), want, rtol=1e-12, atol=1e-12)
+    xs, ys = batch[:2]
+    P = meta.adapt(xs, ys)
+    named = dict(model.named_parameters())
+    theta = {n: p.unsqueeze(0).expand(xs.shape[0], *p.shape) for n, p in named.items()}
+    for step in range(2):
+        loss = torch.nn.functional.mse_loss(torch.func.vmap(
+            lambda p, x: torch.func.functional_call(model, p, (x,)))(theta, xs), ys, reduction="none")
+        g = torch.autograd.grad(loss.mean((1, 2)).sum(), list(theta.values()), create_graph=True)
+        theta = {n: t - meta.lrs[meta._lr_key(n)][step] * d for (n, t), d in zip(theta.items(), g)}
+    for n in named:
+        torch.testing.assert_close(P[n], theta[n], rtol=1e-12, atol=1e-12)
+
+
+def test_copies_pickles_repr_and_explain():
+    model, batch = _conv(), _conv_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy", learn_inner_lr="per_layer_step",
+                                step_loss_weights=[0.3, 0.7], inner_params="9")
+    _spread_rates(meta)
+    want = meta(*batch).detach()
+    for other in (copy.deepcopy(meta), pickle.loads(pickle.dumps(meta))):
+        assert other.step_loss_weights == (0.3, 0.7) and other._lr_kind == "per_layer_step"
+        torch.testing.assert_close(other(*batch).detach(), want, rtol=0, atol=0)
+    text = repr(meta)
+    assert "learned per_layer_step" in text and "step_loss_weights=[0.3, 0.7]" in text
+    text = fastmeta.explain(meta)
+    assert "one a parameter tensor and inner step" in text
+    assert "weighted by step_loss_weights [0.3, 0.7]" in text
+    assert "once on the query set for all the step losses" in text
+    mlp = fastmeta.BatchedMAML(_mlp(), 0.1, 2, learn_inner_lr="per_layer_step")
+    assert "its rates are the same at every step" in fastmeta.explain(mlp)
+    mlp = fastmeta.BatchedMAML(_mlp(), 0.1, 2, step_loss_weights=[0.5, 0.5])
+    assert "makes the last step's query loss" in fastmeta.explain(mlp)
+    # the rate shapes: per entry, one, one a step
+    shapes = {k: fastmeta.BatchedMAML(_mlp(), 0.1, 4, learn_inner_lr=k).lrs["0__weight"].shape
+              for k in (True, "per_layer", "per_layer_step")}
+    assert shapes == {True: (7, 3), "per_layer": (), "per_layer_step": (4,)}
+
+
+def test_step_loss_schedule():
+    S = 5
+    assert fastmeta.step_loss_schedule(S, 0, 10) == pytest.approx([0.2] * 5)
+    w = fastmeta.step_loss_schedule(S, 5, 10)
+    assert w == pytest.approx([0.1] * 4 + [0.6])
+    for epoch in (0, 1, 2.5, 10, 50):
+        w = fastmeta.step_loss_schedule(S, epoch, 10)
+        assert sum(w) == pytest.approx(1.0) and min(w) >= 0.03 / S - 1e-15
+    assert fastmeta.step_loss_schedule(S, 50, 10) == pytest.approx([0.006] * 4 + [0.976])
+    assert fastmeta.step_loss_schedule(1, 3, 10) == [1.0]
+    for bad in (dict(inner_steps=0), dict(epoch=-1), dict(anneal_epochs=0), dict(floor=2.0), dict(epoch=float("nan"))):
+        args = dict(inner_steps=S, epoch=1, anneal_epochs=10) | bad
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            fastmeta.step_loss_schedule(**args)
+
+
+def test_bad_settings_name_the_argument():
+    model, batch = _mlp(), _mlp_batch()
+    for bad in ("per_step", 2, "True"):
+        with pytest.raises(ValueError, match="learn_inner_lr"):
+            fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=bad)
+    for bad, err in (("abc", TypeError), (3, TypeError), ([], ValueError), ([0.5, float("nan")], ValueError),
+                     ([0.5, True], ValueError), (torch.ones(2, 2), ValueError)):
+        with pytest.raises(err, match="step_loss_weights"):
+            fastmeta.BatchedMAML(model, 0.1, 2, step_loss_weights=bad)
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, step_loss_weights=[0.5, 0.5])
+    with pytest.raises(TypeError, match="step_loss_weights"):
+        meta.step_loss_weights = "x"
+    assert meta.step_loss_weights == (0.5, 0.5)  # a rejected value leaves the setting as it was
+    meta.inner_steps = 3
+    with pytest.raises(ValueError, match=r"step_loss_weights has 2 weights but inner_steps=3"):
+        meta(*batch)
+    with pytest.raises(ValueError, match=r"step_loss_weights has 2 weights but inner_steps=3"):
+        meta.value_and_grad(*batch)
+    meta.step_loss_weights = None
+    meta(*batch)
+    # per_layer_step: rates for the steps it was built with; fewer steps take the first ones
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr="per_layer_step")
+    meta.inner_steps = 3
+    with pytest.raises(ValueError, match=r"inner_steps=3 but the learned rates have 2 steps"):
+        meta(*batch)
+    with pytest.raises(ValueError, match=r"inner_steps=3 but the learned rates have 2 steps"):
+        meta.adapt(*batch[:2])
+    meta.inner_steps = 1
+    want, _, _ = loop_meta_grads(model, *batch, 0.1, 1, lrs={n: meta.lrs[meta._lr_key(n)] for n in meta._adapt_names},
+                                 per_step=True)
+    torch.testing.assert_close(meta(*batch).detach(), want, rtol=1e-12, atol=1e-12)
