@@ -13,12 +13,15 @@ Rows:
 - `fastmeta_maml`: BatchedMAML with a fixed rate and the last step's loss (MAML), for scale.
 
 The weights are step_loss_schedule(S, epoch=1, anneal_epochs=10): every step's query loss counts.
+Meta-gradient errors (parameters and rates) against the float32 loop and against the same loop in
+float64, for which the float32 loop's own error is the floor.
 
     python benchmarks/maml_plus_plus.py [--workload omniglot|miniimagenet] [--tasks T] [--steps S]
                                         [--order second|first] [--device cpu|cuda] [--seconds 2]
                                         [--small]   (a tiny net: the script's own check)
 """
 import argparse
+import copy
 import os
 import sys
 
@@ -73,21 +76,29 @@ def run(name, tasks, steps, order, device, seconds, small=False):
         "fastmeta_maml": lambda: maml.value_and_grad(*batch)[1],
     }
     want = rows["loop_mamlpp"]()
-    errs = {"fastmeta_mamlpp": H.max_rel_err(rows["fastmeta_mamlpp"](), want)}
+    got = rows["fastmeta_mamlpp"]()
+    errs = {"fastmeta_mamlpp": H.max_rel_err(got, want)}
+    # the float64 loop's answer: how far float32's rounding alone takes the loop itself
+    m64 = copy.deepcopy(model).double()
+    b64 = tuple(t.double() if t.is_floating_point() else t for t in batch)
+    r64 = {n: r.detach().double().requires_grad_() for n, r in rates.items()}
+    exact = loop_mamlpp(m64, b64, r64, weights, fo)()
+    errs64 = {"loop_mamlpp": H.max_rel_err(want, exact), "fastmeta_mamlpp": H.max_rel_err(got, exact)}
     timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
     base = timed["loop_mamlpp"][0]
     print(f"\n{name}{' (small)' if small else ''}, T={tasks}, S={S}, {order} order, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, step_loss_weights "
           f"{[round(w, 3) for w in weights]}")
-    print("| provider | median ms | x vs loop_mamlpp | calls | max rel err vs loop_mamlpp |")
-    print("|---|---|---|---|---|")
+    print("| provider | median ms | x vs loop_mamlpp | calls | max rel err vs loop_mamlpp | vs the float64 loop |")
+    print("|---|---|---|---|---|---|")
     for k, (med, times, err) in timed.items():
         if med is None:
-            print(f"| {k} | failed: {err} | | | |")
+            print(f"| {k} | failed: {err} | | | | |")
             continue
         e = f"{errs[k]:.1e}" if k in errs else ("-" if k == "loop_mamlpp" else "- (MAML)")
-        print(f"| {k} | {med:.2f} | {base / med:.2f} | {len(times)} | {e} |")
-    return timed, errs
+        e64 = f"{errs64[k]:.1e}" if k in errs64 else "-"
+        print(f"| {k} | {med:.2f} | {base / med:.2f} | {len(times)} | {e} | {e64} |")
+    return timed, errs, errs64
 
 
 def main(argv=None):

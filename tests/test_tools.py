@@ -408,10 +408,11 @@ def test_maml_plus_plus_script_on_a_small_net(capsys):
     finally:
         sys.path.remove(os.path.join(root, "benchmarks"))
     for order in ("second", "first"):
-        timed, errs = out[order]
+        timed, errs, errs64 = out[order]
         assert set(timed) == {"loop_mamlpp", "fastmeta_mamlpp", "fastmeta_maml"}
         assert all(timed[k][0] is not None for k in timed), timed
         assert errs["fastmeta_mamlpp"] < 1e-4, errs
+        assert set(errs64) == {"loop_mamlpp", "fastmeta_mamlpp"} and max(errs64.values()) < 1e-4, errs64
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fastmeta_mamlpp |")]
     assert len(rows) == 2, rows
 
