@@ -13,7 +13,9 @@ Each iteration: one meta-step over `tasks` tasks (second order unless --first-or
 meta-parameters. --tune times the step on each available backend first and keeps the fastest
 (fastmeta.tune); --graphed (CUDA) captures the step in one CUDA graph (fastmeta.graphed);
 --task-chunk N holds N tasks' graphs at a time; --anil adapts only the head in the inner loop
-(ANIL). Prints one JSON line every --log-every iterations:
+(ANIL); --maml-plus-plus learns a rate per layer and inner step and trains on the weighted query
+losses of every step, the weights annealed towards the last step over --anneal iterations
+(MAML++). Prints one JSON line every --log-every iterations:
 the mean query loss, the query accuracy after adaptation, and the step time.
 """
 import argparse
@@ -64,6 +66,11 @@ def main(argv=None):
                     help="keep no graph across inner steps; the outer backward recomputes each step's")
     ap.add_argument("--anil", action="store_true",
                     help="ANIL: the inner loop adapts the linear head only (the body is still meta-learned)")
+    ap.add_argument("--maml-plus-plus", action="store_true",
+                    help="MAML++: learned rates per layer and inner step, the multi-step loss")
+    ap.add_argument("--anneal", type=int, default=None,
+                    help="--maml-plus-plus: iterations over which the step losses' weight moves to the last "
+                         "step (default: half the iterations)")
     ap.add_argument("--tune", action="store_true", help="fastmeta.tune before training")
     ap.add_argument("--graphed", action="store_true", help="capture the step in a CUDA graph (CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -72,6 +79,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.graphed and args.device != "cuda":
         ap.error("--graphed needs --device cuda")
+    if args.graphed and args.maml_plus_plus:
+        ap.error("--maml-plus-plus changes the step losses' weights each iteration, which a captured graph "
+                 "fixes: leave out --graphed")
+    anneal = args.anneal or max(1, args.iterations // 2)
 
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -80,7 +91,8 @@ def main(argv=None):
     meta = fastmeta.BatchedMAML(model, args.inner_lr, args.steps, first_order=args.first_order,
                                 loss="cross_entropy", task_chunk=args.task_chunk, recompute=args.recompute,
                                 checkpoint_steps=args.checkpoint_steps,
-                                inner_params=model[-1] if args.anil else None)
+                                inner_params=model[-1] if args.anil else None,
+                                learn_inner_lr="per_layer_step" if args.maml_plus_plus else False)
     opt = torch.optim.Adam(meta.parameters(), lr=args.lr)
 
     def batch():
@@ -92,6 +104,8 @@ def main(argv=None):
     step = fastmeta.graphed(meta, *batch()) if args.graphed else meta.value_and_grad
     for it in range(1, args.iterations + 1):
         xs, ys, xq, yq = batch()
+        if args.maml_plus_plus:
+            meta.step_loss_weights = fastmeta.step_loss_schedule(args.steps, it - 1, anneal)
         if args.device == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
