@@ -141,8 +141,11 @@ def run(name, tasks, steps, order, device, seconds, small=False):
     return timed, errs
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def cli(doc, run, argv=None):
+    """The conv workload scripts' command line (this one's and benchmarks/maml_plus_plus.py's):
+    parses argv, then run(workload, tasks, steps, order, device, seconds, small) for each order;
+    returns order -> run's result."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--workload", default="omniglot", choices=["omniglot", "miniimagenet"])
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
@@ -158,6 +161,10 @@ def main(argv=None):
     for order in args.order.split(","):
         out[order] = run(args.workload, tasks, args.steps, order, args.device, args.seconds, args.small)
     return out
+
+
+def main(argv=None):
+    return cli(__doc__, run, argv)
 
 
 if __name__ == "__main__":

@@ -20,20 +20,15 @@ float64, for which the float32 loop's own error is the floor.
                                         [--order second|first] [--device cpu|cuda] [--seconds 2]
                                         [--small]   (a tiny net: the script's own check)
 """
-import argparse
 import copy
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import fastmeta  # noqa: E402
-from fastmeta import harness as H  # noqa: E402
-from anil import workload  # noqa: E402  (the same workloads as the ANIL bench)
+import fastmeta
+from fastmeta import harness as H
+from anil import cli, workload  # (the ANIL bench's workloads and command line; this script's directory)
 
 
 def loop_mamlpp(model, batch, rates, weights, first_order):
@@ -102,22 +97,7 @@ def run(name, tasks, steps, order, device, seconds, small=False):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", default="omniglot", choices=["omniglot", "miniimagenet"])
-    ap.add_argument("--tasks", type=int, default=None)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--order", default="second,first")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--small", action="store_true")
-    args = ap.parse_args(argv)
-    tasks = args.tasks or (3 if args.small else (8 if args.device == "cpu" else 32))
-    if args.device == "cuda":
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    out = {}
-    for order in args.order.split(","):
-        out[order] = run(args.workload, tasks, args.steps, order, args.device, args.seconds, args.small)
-    return out
+    return cli(__doc__, run, argv)
 
 
 if __name__ == "__main__":

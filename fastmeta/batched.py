@@ -473,9 +473,9 @@ class BatchedMAML(nn.Module):
             return [r[step] for r in lr]
         return lr
 
-    def _check_steps(self):
-        """inner_steps against what the settings were made for: the learned rates of 'per_layer_step'
-        (one an inner step, made for the inner_steps at construction) and step_loss_weights."""
+    def _check_rates(self):
+        """inner_steps against the learned rates of 'per_layer_step' (one an inner step, made for the
+        inner_steps at construction)."""
         S = self.inner_steps
         if self._lr_kind == "per_layer_step":
             have = min(r.shape[0] for r in self.lrs.values()) if len(self.lrs) else S
@@ -484,10 +484,6 @@ class BatchedMAML(nn.Module):
                                  f"rates have {have} steps ({self._lr_key(self._adapt_names[0])} "
                                  f"{tuple(self.lrs[self._lr_key(self._adapt_names[0])].shape)}); set inner_steps "
                                  f"<= {have} or build a BatchedMAML with {S} steps")
-        w = self.step_loss_weights
-        if w is not None and len(w) != S:
-            raise ValueError(f"BatchedMAML: step_loss_weights has {len(w)} weights but inner_steps={S}: one weight "
-                             "a step (the query loss after each step), or None for the last step's alone")
 
     def _selected(self, name: str) -> bool:
         """Whether inner_params selects the parameter of this (canonical) name."""
@@ -617,7 +613,7 @@ class BatchedMAML(nn.Module):
         """The adapted parameters, name -> [T, ...]. after_step(step, P), where given, is called with
         the parameters after each inner step but the last (step = 0 .. inner_steps - 2: P holds
         theta_{step + 1}), in the order of the loop's passes (step_loss_weights' query losses)."""
-        self._check_steps()
+        self._check_rates()
         if self.inner_steps > 0 and not self._adapt_names:
             if self._inner is not None:
                 raise ValueError(
@@ -987,6 +983,10 @@ class _StepQueries:
     def __init__(self, meta, xq, yq, grad_on: bool, later: bool):
         self.meta, self.xq, self.yq, self.grad_on, self.later = meta, xq, yq, grad_on, later
         self.weights = meta.step_loss_weights
+        if len(self.weights) != meta.inner_steps:
+            raise ValueError(f"BatchedMAML: step_loss_weights has {len(self.weights)} weights but inner_steps="
+                             f"{meta.inner_steps}: one weight a step (the query loss after each step), or None "
+                             "for the last step's alone")
         adapted = set(meta._adapt_names)
         self.start = meta.program.invariant_prefix(adapted) if meta.inner_steps > 0 and adapted else 0
         self.features, self.recorded, self.sum = None, None, None

@@ -1,4 +1,5 @@
 """Shared fixtures: seeding, tolerances, the naive per-task oracle, comparison with a report."""
+import contextlib
 import glob
 import os
 
@@ -131,3 +132,31 @@ def small_conv_net(dtype, in_channels: int, blocks: int, head_in: int):
                    nn.MaxPool2d(2)]
         c = 4
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(head_in, 5)).to(dtype)
+
+
+@contextlib.contextmanager
+def counted_steps(model):
+    """Within it, the calls of each step of model's (cached) program are counted: yields the dict
+    step index -> calls. The counting program is dropped from the cache on leaving."""
+    from fastmeta import plan
+    calls = {}
+    for i, step in enumerate(plan.lower(model).steps):
+        def counted(x, P, i=i, run=step.run):
+            calls[i] = calls.get(i, 0) + 1
+            return run(x, P)
+        step.run = counted
+    try:
+        yield calls
+    finally:
+        plan._cache.pop(model, None)
+
+
+def conv2_net(track=False):
+    """Two conv blocks (1 -> 4 -> 4 channels, BatchNorm with or without running statistics) and a
+    linear head of 16 features to 3 classes (8 x 8 images), float64: ANIL's and MAML++'s tests."""
+    from torch import nn
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16, 3)).double()

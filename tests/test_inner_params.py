@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 import fastmeta
 from fastmeta import plan
-from conftest import has_cpp, loop_meta_grads
+from conftest import conv2_net, counted_steps, has_cpp, loop_meta_grads
 
 BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
 
@@ -25,12 +25,7 @@ def _mlp():
     return nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3)).double()
 
 
-def _conv(track=False):
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(16, 3)).double()
+_conv = conv2_net
 
 
 def _batch(image: bool, T=3):
@@ -99,13 +94,7 @@ def test_the_invariant_prefix_runs_once_a_call():
     """The body before the first adapted layer runs once on the support set and once on the query
     (not once an inner step); the layers from there on once a step, then on the query."""
     model, batch = _conv(), _batch(True)
-    calls = {}
-    for i, step in enumerate(plan.lower(model).steps):
-        def counted(x, P, i=i, run=step.run):
-            calls[i] = calls.get(i, 0) + 1
-            return run(x, P)
-        step.run = counted
-    try:
+    with counted_steps(model) as calls:
         meta = fastmeta.BatchedMAML(model, 0.3, 4, loss="cross_entropy", inner_params="9")
         # (steps: conv, bn_relu_pool, conv, bn_relu_pool, flatten, linear)
         assert plan.lower(model).invariant_prefix(set(meta._adapt_names)) == 5
@@ -119,8 +108,6 @@ def test_the_invariant_prefix_runs_once_a_call():
         with fastmeta.use_backend("torch"):
             full(*batch)
         assert calls[0] == calls[5] == 5 * chunks
-    finally:
-        plan._cache.pop(model, None)  # (the program with the counting steps)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

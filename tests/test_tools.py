@@ -374,18 +374,23 @@ def test_wide_mlp_script_on_small_widths(capsys):
     assert len(rows) == 2 and all(len(r) == 8 and float(r[7]) < 1e-4 for r in rows), rows
 
 
+def _bench_script(name, argv):
+    """main(argv) of benchmarks/<name>.py, imported with benchmarks/ on the path (as running it does)."""
+    import importlib
+    import os
+    import sys
+    where = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, where)
+    try:
+        return importlib.import_module(name).main(argv)
+    finally:
+        sys.path.remove(where)
+
+
 def test_anil_script_on_a_small_net(capsys):
     """benchmarks/anil.py (RESULTS.md's ANIL table) on a tiny conv4: every row timed, the fastmeta
     rows' meta-gradients equal to learn2learn's ANIL recipe's."""
-    import os
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    try:
-        import anil
-        out = anil.main(["--small", "--seconds", "0.05", "--steps", "2"])
-    finally:
-        sys.path.remove(os.path.join(root, "benchmarks"))
+    out = _bench_script("anil", ["--small", "--seconds", "0.05", "--steps", "2"])
     for order in ("second", "first"):
         timed, errs = out[order]
         assert all(timed[k][0] is not None for k in timed), timed
@@ -398,15 +403,7 @@ def test_anil_script_on_a_small_net(capsys):
 def test_maml_plus_plus_script_on_a_small_net(capsys):
     """benchmarks/maml_plus_plus.py (RESULTS.md's MAML++ table) on a tiny conv4: every row timed,
     BatchedMAML's meta-gradient (parameters and per-step rates) equal to the per-task loop's."""
-    import os
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    try:
-        import maml_plus_plus
-        out = maml_plus_plus.main(["--small", "--seconds", "0.05", "--steps", "3"])
-    finally:
-        sys.path.remove(os.path.join(root, "benchmarks"))
+    out = _bench_script("maml_plus_plus", ["--small", "--seconds", "0.05", "--steps", "3"])
     for order in ("second", "first"):
         timed, errs, errs64 = out[order]
         assert set(timed) == {"loop_mamlpp", "fastmeta_mamlpp", "fastmeta_maml"}
