@@ -285,3 +285,19 @@ def test_bad_settings_name_the_argument():
     want, _, _ = loop_meta_grads(model, *batch, 0.1, 1, lrs={n: meta.lrs[meta._lr_key(n)] for n in meta._adapt_names},
                                  per_step=True)
     torch.testing.assert_close(meta(*batch).detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def test_derivative_order_annealing_switches_between_calls():
+    """MAML++'s derivative-order annealing: first_order set between calls, each call exact to its
+    order's loop (per-step rates and the multi-step loss on)."""
+    model, batch = _conv(), _conv_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=True, loss="cross_entropy",
+                                learn_inner_lr="per_layer_step", step_loss_weights=[0.4, 0.6])
+    _spread_rates(meta)
+    lrs = {n: meta.lrs[meta._lr_key(n)] for n in meta._adapt_names}
+    for first_order in (True, False, True):
+        meta.first_order = first_order
+        _, grads = meta.value_and_grad(*batch)
+        _, want, want_lr = loop_meta_grads(model, *batch, 0.1, 2, loss="cross_entropy", first_order=first_order,
+                                           lrs=lrs, per_step=True, step_weights=[0.4, 0.6])
+        _assert_grads(grads, list(want) + list(want_lr))
