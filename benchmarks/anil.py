@@ -97,7 +97,7 @@ def loop_full(model, batch, lr, S, first_order):
 def no_prefix(meta):
     """The invariant prefix off for this module's program (the body then runs at every step)."""
     prog = meta.program
-    prog.invariant_prefix = lambda adapted: 0
+    prog.invariant_prefix = lambda adapted, **settings: 0
     try:
         yield
     finally:

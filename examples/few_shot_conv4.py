@@ -13,9 +13,9 @@ Each iteration: one meta-step over `tasks` tasks (second order unless --first-or
 meta-parameters. --tune times the step on each available backend first and keeps the fastest
 (fastmeta.tune); --graphed (CUDA) captures the step in one CUDA graph (fastmeta.graphed);
 --task-chunk N holds N tasks' graphs at a time; --anil adapts only the head in the inner loop
-(ANIL); --maml-plus-plus learns a rate per layer and inner step and trains on the weighted query
-losses of every step, the weights annealed towards the last step over --anneal iterations
-(MAML++). Prints one JSON line every --log-every iterations:
+(ANIL); --maml-plus-plus learns a rate per layer and inner step and BatchNorm weights per inner
+step, and trains on the weighted query losses of every step, the weights annealed towards the
+last step over --anneal iterations (MAML++). Prints one JSON line every --log-every iterations:
 the mean query loss, the query accuracy after adaptation, and the step time.
 """
 import argparse
@@ -67,7 +67,7 @@ def main(argv=None):
     ap.add_argument("--anil", action="store_true",
                     help="ANIL: the inner loop adapts the linear head only (the body is still meta-learned)")
     ap.add_argument("--maml-plus-plus", action="store_true",
-                    help="MAML++: learned rates per layer and inner step, the multi-step loss")
+                    help="MAML++: learned rates per layer and inner step, per-step BatchNorm, the multi-step loss")
     ap.add_argument("--anneal", type=int, default=None,
                     help="--maml-plus-plus: iterations over which the step losses' weight moves to the last "
                          "step (default: half the iterations)")
@@ -92,7 +92,8 @@ def main(argv=None):
                                 loss="cross_entropy", task_chunk=args.task_chunk, recompute=args.recompute,
                                 checkpoint_steps=args.checkpoint_steps,
                                 inner_params=model[-1] if args.anil else None,
-                                learn_inner_lr="per_layer_step" if args.maml_plus_plus else False)
+                                learn_inner_lr="per_layer_step" if args.maml_plus_plus else False,
+                                per_step_bn=args.maml_plus_plus)
     opt = torch.optim.Adam(meta.parameters(), lr=args.lr)
 
     def batch():

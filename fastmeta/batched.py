@@ -10,7 +10,8 @@ support set, every step starting from the meta-parameters (MAML, Finn et al. 201
 unless ``first_order``. ``learn_inner_lr=True`` learns one inner learning rate per parameter entry
 (Meta-SGD, Li et al. 2017), registered as parameters of this module; ``'per_layer'`` one a
 parameter tensor, ``'per_layer_step'`` one a parameter tensor and inner step (MAML++, Antoniou et
-al. 2019), whose multi-step loss ``step_loss_weights`` gives too.
+al. 2019), whose multi-step loss ``step_loss_weights`` and per-step BatchNorm ``per_step_bn``
+give too.
 """
 from __future__ import annotations
 
@@ -207,6 +208,55 @@ def _under(name: str, prefix: str) -> bool:
     return prefix == "" or name == prefix or name.startswith(prefix + ".")
 
 
+class _StepBatchNorms(nn.Module):
+    """BatchedMAML(per_step_bn=True)'s tables: for each BatchNorm module its program runs (key: the
+    module's path), a weight and a bias [S, C] where the module has them (meta-learned, not adapted)
+    and running statistics [S, C], [S, C], [S] where it tracks them, one row an inner step, made
+    from the module's own."""
+
+    def __init__(self, model: nn.Module, program, steps: int):
+        super().__init__()
+        self.steps = steps
+        self.weight, self.bias = nn.ParameterDict(), nn.ParameterDict()
+        params = dict(model.named_parameters())
+        for key, bn, w, b in self._modules_of(program):
+            if key in self.weight or key in self.bias or hasattr(self, f"mean__{key}"):
+                continue  # (a module run at several places: one table)
+            for table, name in ((self.weight, w), (self.bias, b)):
+                if name is not None:  # (a frozen weight or bias: a frozen table)
+                    p = params[name]
+                    table[key] = nn.Parameter(p.detach().unsqueeze(0).repeat(steps, *([1] * p.dim())),
+                                              requires_grad=p.requires_grad)
+            if bn.track_running_stats and bn.running_mean is not None:
+                for part, buf in (("mean", bn.running_mean), ("var", bn.running_var), ("count", bn.num_batches_tracked)):
+                    self.register_buffer(f"{part}__{key}", buf.detach().unsqueeze(0).repeat(steps, *([1] * buf.dim())))
+
+    @staticmethod
+    def _modules_of(program):
+        """(key, module, weight name, bias name) of each BatchNorm step of the program."""
+        for step in program.steps:
+            if step.kind in ("batched_batch_norm", "bn_relu_pool"):
+                spec = step.spec
+                yield step.path.replace(".", "__"), spec["module"], spec["w"], spec["b"]
+
+    def at_step(self, program, P: dict, step: int, tables: dict | None = None):
+        """(P with each module's weight and bias of that step, the step_statistics context)."""
+        P = dict(P)
+        stats = {}
+        for key, bn, w, b in self._modules_of(program):
+            for table, name, kind in ((self.weight, w, "weight"), (self.bias, b, "bias")):
+                if name is not None and key in table:
+                    t = tables.get(f"step_bn.{kind}.{key}", table[key]) if tables else table[key]
+                    P[name] = t[step].unsqueeze(0).expand(P[name].shape[0], *t.shape[1:])
+            if hasattr(self, f"mean__{key}"):
+                stats[id(bn)] = plan.StepStatistics(bn, getattr(self, f"mean__{key}"), getattr(self, f"var__{key}"),
+                                                    getattr(self, f"count__{key}"))
+        return P, plan.step_statistics(stats, step)
+
+    def extra_repr(self) -> str:
+        return f"steps={self.steps}"
+
+
 _LR_KINDS = ("per_element", "per_layer", "per_layer_step")
 
 
@@ -293,6 +343,11 @@ class BatchedMAML(nn.Module):
             is not evaluated. May be set before any call (e.g. each epoch); its length must be
             inner_steps. The layers that read no adapted parameter run once on the query set for
             all the steps' losses.
+        per_step_bn: MAML++'s per-step BatchNorm: each BatchNorm module gets a weight, a bias and
+            running statistics for each inner step ([inner_steps, C] in ``step_bn``, made from the
+            module's own), meta-learned and not adapted; the support pass of step s and the query
+            loss after it run with row s, the last query (and predict) with the last row. The
+            modules' own weights and biases are then not read (their meta-gradient is zero).
         strict: raise if a module of ``model`` has no batched lowering instead of using vmap.
         check_finite: raise if a support loss becomes non-finite during adaptation (syncs).
         task_chunk: memory for time. forward / value_and_grad then take the meta-batch this many
@@ -340,7 +395,7 @@ class BatchedMAML(nn.Module):
                  loss="mse", learn_inner_lr: bool = False, strict: bool = False,
                  check_finite: bool = False, task_chunk: int | None = None, backend: str | None = None,
                  recompute: bool = False, checkpoint_steps: bool = False, inner_params=None,
-                 step_loss_weights=None):
+                 step_loss_weights=None, per_step_bn: bool = False):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
@@ -358,6 +413,7 @@ class BatchedMAML(nn.Module):
         self.step_loss_weights = step_loss_weights
         self.program = plan.lower(model, strict=self.strict)
         self._stamp_structure()
+        self.step_bn = self._step_batch_norms(per_step_bn)
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
         self._classes = None  # the logits' width at the last label check (cross-entropy)
         params = dict(model.named_parameters())
@@ -407,6 +463,7 @@ class BatchedMAML(nn.Module):
                 state[attr.key] = state.pop(name)
         # (a module pickled before these settings existed)
         state.setdefault("_step_loss_weights", None)
+        state.get("_modules", {}).setdefault("step_bn", None)
         state.setdefault("_lr_kind", "per_element" if state.get("_modules", {}).get("lrs") is not None else None)
         super().__setstate__(state)
         self.program = plan.lower(self.model, strict=self.strict)
@@ -473,6 +530,30 @@ class BatchedMAML(nn.Module):
             return [r[step] for r in lr]
         return lr
 
+    def _step_batch_norms(self, per_step_bn):
+        """The per-step BatchNorm tables (per_step_bn), or None."""
+        if not _flag("per_step_bn", per_step_bn):
+            return None
+        prog = self.program
+        if not prog.batch_norms:
+            raise ValueError(f"per_step_bn: the model ({type(self.model).__name__}) has no BatchNorm module")
+        lowered = {id(m) for m in prog.lowered_batch_norms()}
+        inside = [type(m).__name__ for m in prog.batch_norms if id(m) not in lowered]
+        if inside:
+            raise ValueError(f"per_step_bn: {', '.join(inside)} run inside a torch.func fallback (see fastmeta.explain), "
+                             "where a step's own weights and statistics cannot reach them")
+        if self.inner_steps < 1:
+            raise ValueError(f"per_step_bn: needs inner_steps >= 1, got {self.inner_steps}")
+        return _StepBatchNorms(self.model, prog, self.inner_steps)
+
+    def _at_step(self, P: dict, step: int, tables: dict | None = None):
+        """(P, context) for a pass of inner step ``step`` (its query loss too): with per_step_bn,
+        each BatchNorm's weight and bias of that step in P and its running statistics of that step
+        in the context; else P as it is."""
+        if self.step_bn is None:
+            return P, contextlib.nullcontext()
+        return self.step_bn.at_step(self.program, P, min(step, self.inner_steps - 1), tables)
+
     def _check_rates(self):
         """inner_steps against the learned rates of 'per_layer_step' (one an inner step, made for the
         inner_steps at construction)."""
@@ -484,6 +565,10 @@ class BatchedMAML(nn.Module):
                                  f"rates have {have} steps ({self._lr_key(self._adapt_names[0])} "
                                  f"{tuple(self.lrs[self._lr_key(self._adapt_names[0])].shape)}); set inner_steps "
                                  f"<= {have} or build a BatchedMAML with {S} steps")
+        if self.step_bn is not None and S > self.step_bn.steps:
+            raise ValueError(f"BatchedMAML(per_step_bn=True): inner_steps={S} but the BatchNorm tables have "
+                             f"{self.step_bn.steps} steps; set inner_steps <= {self.step_bn.steps} or build a "
+                             f"BatchedMAML with {S} steps")
 
     def _selected(self, name: str) -> bool:
         """Whether inner_params selects the parameter of this (canonical) name."""
@@ -498,7 +583,10 @@ class BatchedMAML(nn.Module):
         """The program's parameter names whose parameters require grad and that inner_params selects:
         those the inner loop adapts."""
         named = dict(self.model.named_parameters())
-        return [n for n in self.program.names if named[n].requires_grad and self._selected(n)]
+        # (per_step_bn: the BatchNorm modules' own weights and biases are not read; their tables are)
+        table = getattr(self, "step_bn", None)
+        unused = set() if table is None else {n for _, _, w, b in table._modules_of(self.program) for n in (w, b) if n}
+        return [n for n in self.program.names if named[n].requires_grad and self._selected(n) and n not in unused]
 
     def _sync_trainable(self, model_params=None):
         """The adapted parameters are those that require grad: read again where that changed since
@@ -633,7 +721,8 @@ class BatchedMAML(nn.Module):
         names = self._adapt_names
         # the leading steps that read no adapted parameter give the same output at every step:
         # made once (with a graph only where the steps' gradients are differentiated)
-        start = self.program.invariant_prefix(set(names)) if self.inner_steps > 0 else 0
+        start = (self.program.invariant_prefix(set(names), batch_norm=self.step_bn is None)
+                 if self.inner_steps > 0 else 0)
         if start:
             with phase("inner_forward"), torch.set_grad_enabled(create_graph and not first_order):
                 xs = self.program(P, xs, self.recompute, stop=start)
@@ -667,13 +756,16 @@ class BatchedMAML(nn.Module):
                 raise ValueError(f"BatchedMAML: non-finite support loss at inner step {step} for "
                                  f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
 
-    def _support_grads(self, P: dict, xs, ys, create_graph: bool, step: int, start: int = 0) -> list:
+    def _support_grads(self, P: dict, xs, ys, create_graph: bool, step: int, start: int = 0,
+                       bn_tables: dict | None = None) -> list:
         """The support loss's gradient with respect to the adapted parameters P[n] (n in
         _adapt_names, leaves of the caller's), zeros for those it does not reach. start: xs is
-        the output of the program's first ``start`` steps (program.invariant_prefix)."""
+        the output of the program's first ``start`` steps (program.invariant_prefix). bn_tables:
+        per_step_bn's tables by name, where not the module's own (a recomputation's leaves)."""
         names = self._adapt_names
-        with phase("inner_forward"):
-            losses = self._task_loss(self.program(P, xs, self.recompute, start=start), ys)
+        at, statistics = self._at_step(P, step, bn_tables)
+        with phase("inner_forward"), statistics:
+            losses = self._task_loss(self.program(at, xs, self.recompute, start=start), ys)
         self._check_support_losses(losses, step)
         with phase("inner_backward"):
             grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=create_graph,
@@ -693,11 +785,14 @@ class BatchedMAML(nn.Module):
         # the steps comes from the recomputation too
         adapted_set = set(names)
         shared = [n for n in self.program.names if n not in adapted_set and meta[n].requires_grad]
+        if self.step_bn is not None:  # (per_step_bn's tables: read by the steps, meta-learned)
+            meta.update((name, p) for name, p in self.step_bn.named_parameters(prefix="step_bn") if p.requires_grad)
+            shared += [name for name, p in self.step_bn.named_parameters(prefix="step_bn") if p.requires_grad]
         S, n = self.inner_steps, len(names)
         kept = [] if after_step is None else after_step.steps(S)  # steps whose parameters are outputs too
         start = plan.mark()
         out = _CheckpointedSteps.apply(self, xs, ys, n, len(lrs), shared, tuple(kept),
-                                       *[meta[n] for n in names], *lrs, *[meta[n] for n in shared])
+                                       *[meta[name] for name in names], *lrs, *[meta[name] for name in shared])
         support = None if start is None else plan.mark() - start
         after = []  # the passes of each after_step call (BatchNorm running statistics)
         for k, step in enumerate(kept):
@@ -833,7 +928,8 @@ class BatchedMAML(nn.Module):
                     return queries.total(P)
                 if not grad_on:  # (evaluation: the adapted parameters as values)
                     P = {n: t.detach() for n, t in P.items()}
-                with phase("query_forward"), torch.set_grad_enabled(grad_on):
+                P, statistics = self._at_step(P, self.inner_steps - 1)
+                with phase("query_forward"), torch.set_grad_enabled(grad_on), statistics:
                     return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
 
     @_module_backend
@@ -956,7 +1052,8 @@ class BatchedMAML(nn.Module):
             if params[n].shape[0] != x.shape[0]:
                 raise ValueError(f"params[{n!r}] {tuple(params[n].shape)} has T={params[n].shape[0]} but "
                                  f"x {tuple(x.shape)} has T={x.shape[0]}")
-        with plan.running_stats(self.program):
+        params, statistics = self._at_step(params, self.inner_steps - 1)
+        with plan.running_stats(self.program), statistics:
             return self.program(params, x)
 
     def extra_repr(self) -> str:
@@ -970,7 +1067,8 @@ class BatchedMAML(nn.Module):
                    if self._inner is not None else "")
                 + (", checkpoint_steps=True" if self.checkpoint_steps else "")
                 + (f", step_loss_weights={list(self.step_loss_weights)}" if self.step_loss_weights is not None
-                   else ""))
+                   else "")
+                + (", per_step_bn=True" if self.step_bn is not None else ""))
 
 
 class _StepQueries:
@@ -988,19 +1086,21 @@ class _StepQueries:
                              f"{meta.inner_steps}: one weight a step (the query loss after each step), or None "
                              "for the last step's alone")
         adapted = set(meta._adapt_names)
-        self.start = meta.program.invariant_prefix(adapted) if meta.inner_steps > 0 and adapted else 0
+        self.start = (meta.program.invariant_prefix(adapted, batch_norm=meta.step_bn is None)
+                      if meta.inner_steps > 0 and adapted else 0)
         self.features, self.recorded, self.sum = None, None, None
 
     def steps(self, S: int) -> list:
         """The steps after which a query loss is made by __call__ (weight not 0, not the last)."""
         return [s for s in range(S - 1) if self.weights[s] != 0]
 
-    def losses(self, P: dict) -> torch.Tensor:
-        """The per-task query losses [T] at the parameters P."""
+    def losses(self, P: dict, step: int) -> torch.Tensor:
+        """The per-task query losses [T] at the parameters P after inner step ``step``."""
         meta = self.meta
         if not self.grad_on:  # (evaluation: the adapted parameters as values)
             P = {n: t.detach() for n, t in P.items()}
-        with phase("query_forward"), torch.set_grad_enabled(self.grad_on):
+        P, statistics = meta._at_step(P, step)
+        with phase("query_forward"), torch.set_grad_enabled(self.grad_on), statistics:
             x, start = self.xq, 0
             if self.start:
                 if self.features is None:
@@ -1016,12 +1116,12 @@ class _StepQueries:
     def __call__(self, step: int, P: dict):
         w = self.weights[step]
         if w != 0:
-            part = self.losses(P) * w
+            part = self.losses(P, step) * w
             self.sum = part if self.sum is None else self.sum + part
 
     def total(self, P: dict) -> torch.Tensor:
         """The weighted sum, with the query losses at P (the last step's parameters)."""
-        last = self.losses(P) * self.weights[-1]
+        last = self.losses(P, self.meta.inner_steps - 1) * self.weights[-1]
         return last if self.sum is None else self.sum + last
 
 
@@ -1160,10 +1260,14 @@ class _CheckpointedSteps(torch.autograd.Function):
             with torch.enable_grad(), use_backend(ctx.backend), _restored_rng(ctx.rng[step], xs.device):
                 leaves = [t.detach().requires_grad_() for t in theta]
                 P = dict(fixed)
-                P.update((name, leaf.unsqueeze(0).expand(T, *leaf.shape))
-                         for name, leaf in zip(ctx.shared_names, shared_leaves))
+                tables = {}  # (per_step_bn's, read as they are)
+                for name, leaf in zip(ctx.shared_names, shared_leaves):
+                    if name.startswith("step_bn."):
+                        tables[name] = leaf
+                    else:
+                        P[name] = leaf.unsqueeze(0).expand(T, *leaf.shape)
                 P.update(zip(names, leaves))
-                grads = meta._support_grads(P, xs, ys, create_graph=True, step=step)
+                grads = meta._support_grads(P, xs, ys, create_graph=True, step=step, bn_tables=tables or None)
                 with phase("update"):
                     rate = meta._step_lr(_CheckpointedSteps._rate(meta, rate_tensors), step)
                     new = ops.inner_update(leaves, grads, rate)

@@ -71,7 +71,8 @@ class GraphedStep:
             self.loss = torch.zeros((), dtype=xs.dtype, device=xs.device)
             self.grads = [torch.zeros_like(p) if p.requires_grad else None for p in self._params]
         self._graphs = {}
-        with plan.kept_running_stats(meta.program):  # (the warmup calls are not the user's passes)
+        # (the warmup calls are not the user's passes)
+        with plan.kept_running_stats(meta.program, meta.step_bn.buffers() if meta.step_bn is not None else ()):
             self._capture(meta, batch, chunked, T, warmup)
 
     def _capture(self, meta, batch, chunked, T, warmup):

@@ -106,10 +106,54 @@ def _recording() -> bool:
     return getattr(_stats, "passes", None) is not None and torch._C._current_graph_task_id() == -1
 
 
+class StepStatistics:
+    """A BatchNorm module's running statistics for each inner step (BatchedMAML(per_step_bn=True)):
+    buffers mean and var [S, C] and count [S]; view(s) is the module-like object (running_mean,
+    running_var, num_batches_tracked, momentum) of step s, read and updated in place."""
+
+    def __init__(self, bn, mean, var, count):
+        self.bn, self.mean, self.var, self.count = bn, mean, var, count
+
+    def view(self, step: int):
+        return _StepView(self.mean[step], self.var[step], self.count[step], self.bn.momentum)
+
+
+@dataclasses.dataclass
+class _StepView:
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+    num_batches_tracked: torch.Tensor
+    momentum: float | None
+
+
+@contextlib.contextmanager
+def step_statistics(tables: dict, step: int):
+    """Within it, the BatchNorm modules of ``tables`` (id(module) -> StepStatistics) normalize in
+    eval mode with, and record their batch statistics into, their running statistics of inner
+    step ``step``."""
+    old = getattr(_stats, "step", None)
+    _stats.step = (tables, step)
+    try:
+        yield
+    finally:
+        _stats.step = old
+
+
+def _statistics_of(bn):
+    """(key, object) of bn's running statistics now: bn's own, or within step_statistics those of
+    the step (one key a step, the view made once a recorded block)."""
+    current = getattr(_stats, "step", None)
+    if current is None or id(bn) not in current[0]:
+        return id(bn), bn
+    tables, step = current
+    return (id(bn), step), tables[id(bn)].view(step)
+
+
 def _record(bn, mean, var):
     """This pass's batch statistics of bn per task: mean and unbiased variance [T', C] (one chunk of
-    tasks; a pass's chunks come in task order)."""
-    entry = _stats.passes[-1][-1].setdefault(id(bn), [bn, [], []])
+    tasks; a pass's chunks come in task order); per step within step_statistics."""
+    key, target = _statistics_of(bn)
+    entry = _stats.passes[-1][-1].setdefault(key, [target, [], []])
     entry[1].append(mean)
     entry[2].append(var)
 
@@ -173,11 +217,13 @@ def running_stats(program):
 
 
 @contextlib.contextmanager
-def kept_running_stats(program):
-    """Within it the program's BatchNorm running statistics may change; on leaving they are as
-    before (for calls that are not the user's passes: fastmeta.tune's timings, graphed's warmup)."""
+def kept_running_stats(program, extra=()):
+    """Within it the program's BatchNorm running statistics (and the buffers ``extra``: a
+    BatchedMAML's per-step ones) may change; on leaving they are as before (for calls that are not
+    the user's passes: fastmeta.tune's timings, graphed's warmup)."""
     saved = [(b, b.detach().clone()) for bn in program.batch_norms
              for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+    saved += [(b, b.detach().clone()) for b in extra]
     try:
         yield
     finally:
@@ -341,14 +387,21 @@ class Program:
             return None
         return max(1, int(os.environ.get("FASTMETA_CPU_TASK_CHUNK", "1")))
 
-    def invariant_prefix(self, adapted) -> int:
+    def invariant_prefix(self, adapted, batch_norm: bool = True) -> int:
         """How many leading steps give the same output at every inner step: those that read no
         adapted parameter (names in ``adapted``) and draw no random numbers (no Dropout, no vmap
-        fallback, which may hold one). Their output on the support set can be made once a call."""
+        fallback, which may hold one); with batch_norm False, no BatchNorm either (per-step
+        BatchNorm: each step has its own). Their output on the support set can be made once a call."""
         for i, s in enumerate(self.steps):
             if s.fallback or s.kind == "dropout" or s.params & adapted:
                 return i
+            if not batch_norm and s.kind in ("batched_batch_norm", "bn_relu_pool"):
+                return i
         return len(self.steps)
+
+    def lowered_batch_norms(self) -> list:
+        """The BatchNorm modules that run as batched steps (not inside a vmap fallback), in order."""
+        return [s.spec["module"] for s in self.steps if s.kind in ("batched_batch_norm", "bn_relu_pool")]
 
     @property
     def has_conv(self):
@@ -487,10 +540,11 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
         def run(x, P, m=m, w=w, b=b):
             use_running = (not m.training) and m.track_running_stats and m.running_mean is not None
             _record_input(m, x)
+            stats = _statistics_of(m)[1] if use_running else None
             return ops.batched_batch_norm(x, P[w] if w else None, P[b] if b else None, m.eps,
-                                          m.running_mean if use_running else None,
-                                          m.running_var if use_running else None)
-        return Step(path, "batched_batch_norm", run), False
+                                          stats.running_mean if use_running else None,
+                                          stats.running_var if use_running else None)
+        return Step(path, "batched_batch_norm", run, spec=dict(module=m, w=w, b=b)), False
     if type(m) in _ACT_MODULES or isinstance(m, nn.Identity):
         return Step(path, type(m).__name__, lambda x, P, m=m: m(x)), False
     if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
@@ -765,6 +819,11 @@ def explain(model: nn.Module) -> str:
                 "per_element": "one a parameter entry (Meta-SGD)",
                 "per_layer": "one a parameter tensor (learn_inner_lr='per_layer')",
                 "per_layer_step": "one a parameter tensor and inner step (learn_inner_lr='per_layer_step')"}[kind])
+        if meta.step_bn is not None:
+            paths = list(dict.fromkeys(s.path for s in prog.steps if s.kind in ("batched_batch_norm", "bn_relu_pool")))
+            lines.append(f"  per-step BatchNorm (per_step_bn): {', '.join(paths)} run each inner step's passes (and "
+                         "the query loss after it) with that step's weight, bias and running statistics "
+                         "(meta-learned, not adapted; the modules' own are not read)")
         weights = meta.step_loss_weights
         if weights is not None:
             lines.append(f"  meta-loss: the query losses after each inner step weighted by step_loss_weights "

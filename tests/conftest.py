@@ -74,7 +74,7 @@ def task_loss(kind, pred, target):
 
 
 def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=False, lrs=None, adapted=None,
-                    per_step=False, step_weights=None):
+                    per_step=False, step_weights=None, at_step=None, extra=()):
     """The oracle: a naive per-task loop with autograd.grad(create_graph=True).
 
     lr: a number (or tensor), or lrs: dict name -> per-parameter rate (Meta-SGD), or one rate a
@@ -82,7 +82,11 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
     adapted: the names of the parameters the inner steps adapt (default: all that require grad).
     step_weights: a task's loss is sum_s w_s * its query loss after step s (computed right after the
     step's update where w_s != 0, and after the last step), as MAML++'s multi-step loss.
-    Returns (meta-loss, grads of the model params that require grad, grads of lrs or None)."""
+    at_step(p, s) -> (params, buffers or None): what the forward passes of step s (its support
+    pass, the query after it; the last query: s = steps - 1) run with (per-step BatchNorm); extra:
+    more tensors whose gradients are returned after the rates'.
+    Returns (meta-loss, grads of the model params that require grad, grads of lrs or None[, grads
+    of extra])."""
     from fastmeta.plan import call_with, slot_names
 
     named = dict(model.named_parameters())
@@ -91,10 +95,16 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
     slots = slot_names(model)  # functional_call over each module attribute once (tied modules)
     T = xs.shape[0]
     total = 0.0
+    def run(p, x, s):
+        if at_step is None:
+            return call_with(model, p, (x,), names=slots)
+        params, buffers = at_step(p, s)
+        return call_with(model, params, (x,), buffers=buffers, names=slots)
+
     for t in range(T):
         p = dict(named)
         for step in range(steps):
-            l = task_loss(loss, call_with(model, p, (xs[t],), names=slots), ys[t])
+            l = task_loss(loss, run(p, xs[t], step), ys[t])
             g = torch.autograd.grad(l, [p[n] for n in adapt], create_graph=not first_order,
                                     retain_graph=True, allow_unused=True)
             for n, gi in zip(adapt, g):
@@ -103,14 +113,16 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
                 rate = (lrs[n][step] if per_step else lrs[n]) if lrs is not None else lr
                 p[n] = p[n] - rate * gi
             if step_weights is not None and step + 1 < steps and step_weights[step] != 0:
-                total = total + step_weights[step] * task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
-        last = task_loss(loss, call_with(model, p, (xq[t],), names=slots), yq[t])
+                total = total + step_weights[step] * task_loss(loss, run(p, xq[t], step), yq[t])
+        last = task_loss(loss, run(p, xq[t], max(steps - 1, 0)), yq[t])
         total = total + (last if step_weights is None else step_weights[-1] * last)
     meta = total / T
-    inputs = [named[n] for n in learned] + (list(lrs.values()) if lrs is not None else [])
+    rates = list(lrs.values()) if lrs is not None else []
+    inputs = [named[n] for n in learned] + rates + list(extra)
     g = torch.autograd.grad(meta, inputs, allow_unused=True)
     g = [torch.zeros_like(i) if gi is None else gi for i, gi in zip(inputs, g)]
-    return meta.detach(), g[: len(learned)], (g[len(learned):] if lrs is not None else None)
+    out = meta.detach(), g[: len(learned)], (g[len(learned):len(learned) + len(rates)] if lrs is not None else None)
+    return out + (g[len(learned) + len(rates):],) if extra else out
 
 
 def has_cpp():
