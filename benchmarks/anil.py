@@ -127,18 +127,25 @@ def run(name, tasks, steps, order, device, seconds, small=False):
     want = rows["loop_anil"]()
     errs = {k: H.max_rel_err(rows[k](), want) for k in rows if k != "fastmeta_maml"}
     timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
-    base = timed["loop_anil"][0]
     print(f"\n{name}{' (small)' if small else ''}, T={tasks}, S={S}, {order} order, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print("| provider | median ms | x vs loop_anil | calls | max rel err vs loop_anil |")
-    print("|---|---|---|---|---|")
+    table(timed, "loop_anil", {"max rel err vs loop_anil": errs})
+    return timed, errs
+
+
+def table(timed, base, errors):
+    """Prints time_interleaved's rows as a markdown table: median, ratio to row ``base``, calls, then
+    a column for each of ``errors`` (title -> row -> error; '-' for a row without one, '- (MAML)'
+    for fastmeta_maml, which computes another meta-gradient)."""
+    print("| provider | median ms | x vs " + base + " | calls | " + " | ".join(errors) + " |")
+    print("|---|---|---|---|" + "---|" * len(errors))
     for k, (med, times, err) in timed.items():
         if med is None:
-            print(f"| {k} | failed: {err} | | | |")
+            print(f"| {k} | failed: {err} |" + " |" * (2 + len(errors)))
             continue
-        e = f"{errs[k]:.1e}" if k in errs else "- (MAML)"
-        print(f"| {k} | {med:.2f} | {base / med:.2f} | {len(times)} | {e} |")
-    return timed, errs
+        cells = [f"{col[k]:.1e}" if k in col else ("- (MAML)" if k == "fastmeta_maml" else "-")
+                 for col in errors.values()]
+        print(f"| {k} | {med:.2f} | {timed[base][0] / med:.2f} | {len(times)} | " + " | ".join(cells) + " |")
 
 
 def cli(doc, run, argv=None):

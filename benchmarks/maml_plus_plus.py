@@ -30,7 +30,7 @@ from torch.func import functional_call
 
 import fastmeta
 from fastmeta import harness as H
-from anil import cli, workload  # (the ANIL bench's workloads and command line; this script's directory)
+from anil import cli, table, workload  # (the ANIL bench's workloads and command line; this script's directory)
 
 
 def loop_mamlpp(model, batch, rates, tables, weights, first_order):
@@ -99,19 +99,10 @@ def run(name, tasks, steps, order, device, seconds, small=False):
     exact = loop_mamlpp(m64, b64, r64, t64, weights, fo)()
     errs64 = {"loop_mamlpp": H.max_rel_err(want, exact), "fastmeta_mamlpp": H.max_rel_err(got, exact)}
     timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
-    base = timed["loop_mamlpp"][0]
     print(f"\n{name}{' (small)' if small else ''}, T={tasks}, S={S}, {order} order, {device}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, step_loss_weights "
           f"{[round(w, 3) for w in weights]}")
-    print("| provider | median ms | x vs loop_mamlpp | calls | max rel err vs loop_mamlpp | vs the float64 loop |")
-    print("|---|---|---|---|---|---|")
-    for k, (med, times, err) in timed.items():
-        if med is None:
-            print(f"| {k} | failed: {err} | | | | |")
-            continue
-        e = f"{errs[k]:.1e}" if k in errs else ("-" if k == "loop_mamlpp" else "- (MAML)")
-        e64 = f"{errs64[k]:.1e}" if k in errs64 else "-"
-        print(f"| {k} | {med:.2f} | {base / med:.2f} | {len(times)} | {e} | {e64} |")
+    table(timed, "loop_mamlpp", {"max rel err vs loop_mamlpp": errs, "vs the float64 loop": errs64})
     return timed, errs, errs64
 
 

@@ -172,3 +172,12 @@ def conv2_net(track=False):
         nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, track_running_stats=track), nn.ReLU(), nn.MaxPool2d(2),
         nn.Flatten(), nn.Linear(16, 3)).double()
+
+
+def assert_grads_close(got, want, rtol=1e-10):
+    """Each of got (a meta-gradient: tensors, none None) within rtol of the largest entry of want."""
+    scale = max(w.abs().max().item() for w in want)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a is not None and a.shape == b.shape
+        assert (a - b).abs().max().item() <= rtol * scale

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fastmeta
-from conftest import conv2_net, has_cpp, loop_meta_grads
+from conftest import assert_grads_close, conv2_net, has_cpp, loop_meta_grads
 
 BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
 
@@ -81,14 +81,6 @@ def _reference(meta, model):
     return ref, at_step, tables, stats
 
 
-def _assert_close_all(got, want):
-    scale = max(w.abs().max().item() for w in want)
-    assert len(got) == len(want)
-    for a, b in zip(got, want):
-        assert a is not None and a.shape == b.shape
-        assert (a - b).abs().max().item() <= 1e-10 * scale
-
-
 def _check(model, batch, loss, steps, first_order, backend, kind=False, weights=None, **settings):
     meta = fastmeta.BatchedMAML(model, 0.1, steps, first_order=first_order, loss=loss, per_step_bn=True,
                                 learn_inner_lr=kind, step_loss_weights=weights, **settings)
@@ -110,7 +102,7 @@ def _check(model, batch, loss, steps, first_order, backend, kind=False, weights=
     by_name.update(zip([f"step_bn.{k}" for k in tables], want_tables))
     if lrs is not None:
         by_name.update(zip([f"lrs.{meta._lr_key(n)}" for n in names], want_lr))
-    _assert_close_all(grads, [by_name[n] for n in order])
+    assert_grads_close(grads, [by_name[n] for n in order])
     for name, b in meta.step_bn.named_buffers():  # each step's running statistics, as the loop's passes
         torch.testing.assert_close(b, stats[name], rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
     return meta
