@@ -148,15 +148,15 @@ def table(timed, base, errors):
         print(f"| {k} | {med:.2f} | {timed[base][0] / med:.2f} | {len(times)} | " + " | ".join(cells) + " |")
 
 
-def cli(doc, run, argv=None):
-    """The conv workload scripts' command line (this one's and benchmarks/maml_plus_plus.py's):
-    parses argv, then run(workload, tasks, steps, order, device, seconds, small) for each order;
-    returns order -> run's result."""
+def cli(doc, run, argv=None, orders="second,first"):
+    """The conv workload scripts' command line (this one's, benchmarks/maml_plus_plus.py's and
+    benchmarks/reptile.py's): parses argv, then run(workload, tasks, steps, order, device, seconds,
+    small) for each order (default ``orders``); returns order -> run's result."""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--workload", default="omniglot", choices=["omniglot", "miniimagenet"])
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--order", default="second,first")
+    ap.add_argument("--order", default=orders)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--small", action="store_true")

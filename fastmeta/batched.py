@@ -767,6 +767,9 @@ class BatchedMAML(nn.Module):
         with phase("inner_forward"), statistics:
             losses = self._task_loss(self.program(at, xs, self.recompute, start=start), ys)
         self._check_support_losses(losses, step)
+        record = self.__dict__.get("_support_record")
+        if record is not None and step == 0:  # (reptile_grad's loss: the support loss at the meta-parameters)
+            record.append(losses.detach())
         with phase("inner_backward"):
             grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=create_graph,
                                         allow_unused=True)
@@ -1018,6 +1021,48 @@ class BatchedMAML(nn.Module):
                 total, grads = torch.zeros_like(loss.detach()), [torch.zeros_like(x) for x in g]
             accumulate(total, grads, loss.detach(), g, (stop - start) / T)
         return total, grads
+
+    @_module_backend
+    def reptile_grad(self, xs, ys) -> tuple[torch.Tensor, list]:
+        """Reptile (Nichol et al. 2018) on the meta-batch: (loss, grads), grads[i] for
+        ``self.parameters()[i]``: theta - the mean over the tasks of theta after ``inner_steps`` SGD
+        steps on each task's (xs, ys) (first order; with the module's rates, learned ones included,
+        and settings), zero for a parameter the inner loop does not adapt (a rate, a parameter
+        inner_params leaves out, per_step_bn's tables), None for one that does not require grad.
+        loss: the mean support loss at the meta-parameters (the first step's). With
+        ``torch.optim.SGD(meta.parameters(), lr=eps)``, ``p.grad = g`` and ``opt.step()`` is Reptile's
+        update theta <- theta + eps (mean theta' - theta); another optimizer takes it as its gradient.
+
+            loss, grads = meta.reptile_grad(xs, ys)
+            for p, g in zip(meta.parameters(), grads):
+                p.grad = g
+            opt.step()
+        """
+        ys = self._labels(ys)
+        self._check_batch(xs=xs, ys=ys)
+        if self.inner_steps < 1:
+            raise ValueError(f"reptile_grad: needs inner_steps >= 1 (the update is the steps' mean displacement), "
+                             f"got inner_steps={self.inner_steps}")
+        self._sync_trainable()
+        self.__dict__["_support_record"] = record = []
+        try:
+            with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
+                P = self._adapt(xs, ys, True, create_graph=False)
+        finally:
+            self.__dict__["_support_record"] = None
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        adapted = set(self._adapt_names)
+        grads = []
+        with torch.no_grad():
+            for p in self._param_list():
+                name = names.get(id(p))
+                if not p.requires_grad:
+                    grads.append(None)
+                elif name in adapted:
+                    grads.append(p - P[name].mean(0))
+                else:
+                    grads.append(torch.zeros_like(p))
+        return record[0].mean(), grads
 
     @_module_backend
     def adapt(self, xs, ys, first_order: bool | None = None, create_graph: bool | None = None) -> dict:

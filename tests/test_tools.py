@@ -414,6 +414,15 @@ def test_maml_plus_plus_script_on_a_small_net(capsys):
     assert len(rows) == 2, rows
 
 
+def test_reptile_script_on_a_small_net(capsys):
+    """benchmarks/reptile.py (RESULTS.md's Reptile table) on a tiny conv4: both rows timed,
+    BatchedMAML.reptile_grad's update equal to the per-task loop's."""
+    timed, errs = _bench_script("reptile", ["--small", "--seconds", "0.05", "--steps", "2"])["first"]
+    assert set(timed) == {"loop_reptile", "fastmeta_reptile"} and all(v[0] is not None for v in timed.values())
+    assert errs["fastmeta_reptile"] < 1e-4, errs
+    assert sum(line.startswith("| fastmeta_reptile |") for line in capsys.readouterr().out.splitlines()) == 1
+
+
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):
     """benchmarks/targets.py (run at the end of gpu_check.sh): each target's ratio from rows of the
     same JSON file only; a fastmeta row beyond the 1e-4 meta-gradient bound is not counted; the

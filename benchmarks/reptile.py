@@ -1,0 +1,62 @@
+"""Reptile (Nichol et al. 2018) on the conv4 few-shot workloads: BatchedMAML.reptile_grad, all tasks
+at once, against the per-task loop that computes the same update (each task's S SGD steps on its
+support set, theta - the tasks' mean adapted theta), timed in one process with the rows interleaved
+in rounds (fastmeta.harness.time_interleaved), medians of whole meta-iterations.
+
+Rows:
+- `loop_reptile`: task by task, S steps of torch.autograd.grad on the support loss (no graph kept);
+- `fastmeta_reptile`: BatchedMAML(model, lr, S).reptile_grad(xs, ys).
+
+The query set is not used (Reptile's task data is its support set). Error: the largest per-tensor
+relative error of the update against the loop's.
+
+    python benchmarks/reptile.py [--workload omniglot|miniimagenet] [--tasks T] [--steps S]
+                                 [--device cpu|cuda] [--seconds 2] [--small]
+"""
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+import fastmeta
+from fastmeta import harness as H
+from anil import cli, table, workload  # (the ANIL bench's workloads and command line; this script's directory)
+
+
+def loop_reptile(model, batch, lr, S):
+    """The per-task loop; returns theta - the mean adapted theta for every parameter."""
+    named = dict(model.named_parameters())
+    xs, ys = batch[:2]
+
+    def step():
+        total = {n: torch.zeros_like(v) for n, v in named.items()}
+        for t in range(xs.shape[0]):
+            p = {n: v.detach().requires_grad_() for n, v in named.items()}
+            for _ in range(S):
+                loss = F.cross_entropy(functional_call(model, p, (xs[t],)), ys[t])
+                g = torch.autograd.grad(loss, list(p.values()))
+                p = {n: (v - lr * d).detach().requires_grad_() for (n, v), d in zip(p.items(), g)}
+            for n in total:
+                total[n] += p[n].detach()
+        return [named[n].detach() - total[n] / xs.shape[0] for n in named]
+    return step
+
+
+def run(name, tasks, steps, order, device, seconds, small=False):
+    model, batch, lr, S = workload(name, tasks, steps, device, small)
+    meta = fastmeta.BatchedMAML(model, lr, S, loss="cross_entropy")
+    rows = {"loop_reptile": loop_reptile(model, batch, lr, S),
+            "fastmeta_reptile": lambda: meta.reptile_grad(*batch[:2])[1]}
+    errs = {"fastmeta_reptile": H.max_rel_err(rows["fastmeta_reptile"](), rows["loop_reptile"]())}
+    timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
+    print(f"\n{name}{' (small)' if small else ''}, T={tasks}, S={S}, Reptile, {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    table(timed, "loop_reptile", {"max rel err vs loop_reptile": errs})
+    return timed, errs
+
+
+def main(argv=None):
+    return cli(__doc__, run, argv, orders="first")
+
+
+if __name__ == "__main__":
+    main()
