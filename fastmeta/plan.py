@@ -49,6 +49,9 @@ from .backend import get_backend, use_backend
 from .ops._layout import per_sample_2d
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+# On a CPU, a conv program's pass whose input has at most this many elements a task runs all tasks at
+# once (Program.task_chunk): Omniglot's 5-image support sets (3920), not its 75-image query sets
+CPU_SMALL_PASS = 16384
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
@@ -348,6 +351,9 @@ class Program:
                 x = step.run(x, P)
             return x
         steps, i = self.steps, start
+        # (the checkpointed blocks read P again in the backward: a copy, so that a caller's later
+        # change of its dict, such as the next inner step's parameters, does not reach them)
+        P = dict(P)
         while i < end:
             if i + 1 < end and not x.requires_grad and self.recomputable(i):
                 conv, bn = steps[i].spec, steps[i + 1].spec
@@ -380,12 +386,18 @@ class Program:
 
     def task_chunk(self, x: torch.Tensor):
         """Tasks per pass through the program, or None for all at once. On a CPU, conv programs run
-        a task at a time: each task's activations then stay in cache from one op to the next
-        (all tasks at once stream every activation through DRAM and run ~20% slower, see
-        benchmarks/RESULTS.md); FASTMETA_CPU_TASK_CHUNK overrides the chunk size."""
+        a task at a time where a task's input is large (a query set): each task's activations
+        then stay in cache from one op to the next (all tasks at once stream every activation
+        through DRAM and run ~20% slower); a pass whose input has at most CPU_SMALL_PASS elements a
+        task (a few-shot support set) runs all tasks at once, where one op call a task would cost
+        more than the cache saves (benchmarks/RESULTS.md). FASTMETA_CPU_TASK_CHUNK sets the
+        chunk size for every pass."""
         if x.device.type != "cpu" or not self.has_conv:
             return None
-        return max(1, int(os.environ.get("FASTMETA_CPU_TASK_CHUNK", "1")))
+        v = os.environ.get("FASTMETA_CPU_TASK_CHUNK")
+        if v:
+            return max(1, int(v))
+        return None if x[0].numel() <= CPU_SMALL_PASS else 1
 
     def invariant_prefix(self, adapted, batch_norm: bool = True) -> int:
         """How many leading steps give the same output at every inner step: those that read no
@@ -761,7 +773,9 @@ def explain(model: nn.Module) -> str:
         else:
             lines.append(f"  {where:<24} -> {s.kind}")
     if prog.has_conv:
-        lines.append("  on CPU: tasks pass through the conv program one at a time (activations stay in cache)")
+        lines.append(f"  on CPU: tasks pass through the conv program one at a time (activations stay in cache), "
+                     f"all at once where a task's input is small (at most {CPU_SMALL_PASS} elements: a few-shot "
+                     "support set)")
     def backend_of(op):  # what the op runs on for the model's device and dtype
         try:
             p = next(model.parameters())

@@ -112,7 +112,7 @@ def conv_net(ch, dtype, track=False):
 @pytest.mark.parametrize("chunk", ["1", "2", "100"])
 def test_batched_maml_uses_it_and_matches_the_loop(first_order, dtype, chunk, monkeypatch):
     """Odd sizes (9x9 images, 17 channels), T=3, through BatchedMAML (where the planner fuses the
-    three modules) against the per-task loop; a task at a time (the CPU default), two (chunks of 2
+    three modules) against the per-task loop; a task at a time (the CPU default for a large input), two (chunks of 2
     and 1) and all tasks in one pass (FASTMETA_CPU_TASK_CHUNK=100: the conv output then arrives
     task-inner, [N, T, ...])."""
     monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", chunk)

@@ -82,9 +82,10 @@ def test_conv_anil_and_partial_bodies(backend, first_order, settings):
     _check(model, batch, ["0", "1"], ["0.weight", "0.bias", "1.weight", "1.bias"], first_order, backend, **settings)
 
 
-def test_the_invariant_prefix_runs_once_a_call():
+def test_the_invariant_prefix_runs_once_a_call(monkeypatch):
     """The body before the first adapted layer runs once on the support set and once on the query
     (not once an inner step); the layers from there on once a step, then on the query."""
+    monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", "1")
     model, batch = _conv(), _batch(True)
     with counted_steps(model) as calls:
         meta = fastmeta.BatchedMAML(model, 0.3, 4, loss="cross_entropy", inner_params="9")
@@ -92,7 +93,7 @@ def test_the_invariant_prefix_runs_once_a_call():
         assert plan.lower(model).invariant_prefix(set(meta._adapt_names)) == 5
         with fastmeta.use_backend("torch"):
             meta(*batch).backward()
-        chunks = 3  # on a CPU a conv program runs a task at a time
+        chunks = 3  # (FASTMETA_CPU_TASK_CHUNK=1: a task at a time)
         assert calls[0] == calls[4] == 2 * chunks
         assert calls[5] == 5 * chunks
         calls.clear()
@@ -198,3 +199,20 @@ def test_bad_selections_name_the_argument():
             fastmeta.BatchedMAML(model, 0.3, 2, inner_params=value)
     with pytest.raises(ValueError, match="inner_params: the model \\(Sequential\\) has no parameters"):
         fastmeta.BatchedMAML(nn.Sequential(nn.Tanh()), 0.3, 0, inner_params=lambda n: True)
+
+
+def test_cpu_passes_of_small_inputs_run_all_tasks_at_once():
+    """On a CPU a conv program runs a pass of a small input per task (a few-shot support set) over
+    all tasks at once, and one of a large input (a query set) a task at a time."""
+    model = _conv()
+    T, big = 3, plan.CPU_SMALL_PASS // 64 + 1  # (8 x 8 images: 64 elements an image)
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(T, 5, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (T, 5), generator=g),
+             torch.randn(T, big, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (T, big), generator=g))
+    with counted_steps(model) as calls:
+        meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy")
+        with fastmeta.use_backend("torch"):
+            loss = meta(*batch)
+        assert calls[0] == 2 + T  # two support passes at once, the query's a task at a time
+    want, _, _ = loop_meta_grads(model, *batch, 0.3, 2, loss="cross_entropy")
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-12, atol=1e-12)

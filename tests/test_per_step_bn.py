@@ -112,7 +112,9 @@ def _check(model, batch, loss, steps, first_order, backend, kind=False, weights=
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("settings", [{}, {"checkpoint_steps": True}, {"task_chunk": 2}, {"recompute": True}],
                          ids=["plain", "checkpoint_steps", "task_chunk", "recompute"])
-def test_conv_against_the_loop(backend, first_order, settings):
+@pytest.mark.parametrize("chunk", ["", "1"], ids=["cpu_default", "a_task_at_a_time"])
+def test_conv_against_the_loop(backend, first_order, settings, chunk, monkeypatch):
+    monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", chunk)
     model = conv2_net(track=True)
     model[5].momentum = None  # (a cumulative average: num_batches_tracked a step)
     batch = _conv_batch()

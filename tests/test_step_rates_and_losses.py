@@ -89,9 +89,12 @@ def test_mlp_rates_and_step_losses_against_the_loop(backend, first_order, kind, 
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("settings", [{}, {"recompute": True}, {"checkpoint_steps": True}, {"task_chunk": 2}],
                          ids=["plain", "recompute", "checkpoint_steps", "task_chunk"])
-def test_conv_maml_plus_plus_against_the_loop(backend, first_order, settings):
+@pytest.mark.parametrize("chunk", ["", "1"], ids=["cpu_default", "a_task_at_a_time"])
+def test_conv_maml_plus_plus_against_the_loop(backend, first_order, settings, chunk, monkeypatch):
     """The conv4 shape of MAML++: per-layer per-step rates and the multi-step loss, all parameters
-    adapted, or the head only (its body once a call on each set)."""
+    adapted, or the head only (its body once a call on each set); the CPU's passes of these small
+    inputs all tasks at once, or a task at a time."""
+    monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", chunk)
     model, batch = _conv(), _conv_batch()
     _check(model, batch, "cross_entropy", 3, "per_layer_step", [0.2, 0.3, 0.5], first_order, backend, **settings)
     _check(model, batch, "cross_entropy", 3, "per_layer", [0.5, 0.0, 0.5], first_order, backend, inner_params="9",
@@ -133,16 +136,17 @@ def test_running_statistics_with_step_losses_as_the_loop_updates_them(first_orde
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
-def test_the_body_runs_once_on_each_set_for_all_the_step_losses():
+def test_the_body_runs_once_on_each_set_for_all_the_step_losses(monkeypatch):
     """ANIL with the multi-step loss: the body before the adapted head runs once on the support set
     and once on the query set a call, the head once a step on each."""
+    monkeypatch.setenv("FASTMETA_CPU_TASK_CHUNK", "1")
     model, batch = _conv(), _conv_batch()
     with counted_steps(model) as calls:
         meta = fastmeta.BatchedMAML(model, 0.3, 4, loss="cross_entropy", inner_params="9",
                                     step_loss_weights=[0.1, 0.2, 0.3, 0.4])
         with fastmeta.use_backend("torch"):
             meta(*batch).backward()
-        chunks = 3  # on a CPU a conv program runs a task at a time
+        chunks = 3  # (FASTMETA_CPU_TASK_CHUNK=1: a task at a time)
         assert calls[0] == calls[4] == 2 * chunks
         assert calls[5] == (4 + 4) * chunks  # 4 support steps, 4 query losses
 
