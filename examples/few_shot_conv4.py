@@ -15,7 +15,9 @@ meta-parameters. --tune times the step on each available backend first and keeps
 --task-chunk N holds N tasks' graphs at a time; --anil adapts only the head in the inner loop
 (ANIL); --maml-plus-plus learns a rate per layer and inner step and BatchNorm weights per inner
 step, and trains on the weighted query losses of every step, the weights annealed towards the
-last step over --anneal iterations (MAML++). Prints one JSON line every --log-every iterations:
+last step over --anneal iterations (MAML++); --reptile trains with Reptile's update instead
+(BatchedMAML.reptile_grad on the support sets; the query sets then only measure). Prints one JSON
+line every --log-every iterations:
 the mean query loss, the query accuracy after adaptation, and the step time.
 """
 import argparse
@@ -71,6 +73,8 @@ def main(argv=None):
     ap.add_argument("--anneal", type=int, default=None,
                     help="--maml-plus-plus: iterations over which the step losses' weight moves to the last "
                          "step (default: half the iterations)")
+    ap.add_argument("--reptile", action="store_true",
+                    help="Reptile: the update theta - the tasks' mean adapted theta (the query sets only measure)")
     ap.add_argument("--tune", action="store_true", help="fastmeta.tune before training")
     ap.add_argument("--graphed", action="store_true", help="capture the step in a CUDA graph (CUDA)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -82,6 +86,8 @@ def main(argv=None):
     if args.graphed and args.maml_plus_plus:
         ap.error("--maml-plus-plus changes the step losses' weights each iteration, which a captured graph "
                  "fixes: leave out --graphed")
+    if args.graphed and args.reptile:
+        ap.error("--graphed captures value_and_grad's step; --reptile runs reptile_grad: leave out --graphed")
     anneal = args.anneal or max(1, args.iterations // 2)
 
     torch.manual_seed(args.seed)
@@ -102,7 +108,11 @@ def main(argv=None):
 
     if args.tune:
         print(fastmeta.tune(meta, *batch()), file=sys.stderr)
-    step = fastmeta.graphed(meta, *batch()) if args.graphed else meta.value_and_grad
+    if args.reptile:
+        def step(xs, ys, xq, yq):
+            return meta.reptile_grad(xs, ys)
+    else:
+        step = fastmeta.graphed(meta, *batch()) if args.graphed else meta.value_and_grad
     for it in range(1, args.iterations + 1):
         xs, ys, xq, yq = batch()
         if args.maml_plus_plus:
@@ -120,6 +130,8 @@ def main(argv=None):
         ms = 1e3 * (time.perf_counter() - t0)
         if it % args.log_every == 0 or it == args.iterations:
             with torch.no_grad():
+                if args.reptile:  # (its step's loss is the support loss: the query loss after adaptation here)
+                    loss = meta(xs, ys, xq, yq)
                 params = meta.adapt(xs, ys)
                 acc = (meta.predict(params, xq).argmax(-1) == yq).float().mean()
             print(json.dumps({"iteration": it, "query_loss": round(float(loss), 4),

@@ -34,7 +34,8 @@ def test_few_shot_conv4_learns(capsys):
 
 @pytest.mark.parametrize("extra", [["--tune"], ["--task-chunk", "2"], ["--first-order", "--steps", "2"],
                                    ["--recompute", "--checkpoint-steps", "--steps", "2"], ["--anil", "--steps", "3"],
-                                   ["--maml-plus-plus", "--steps", "2", "--anneal", "2"]])
+                                   ["--maml-plus-plus", "--steps", "2", "--anneal", "2"],
+                                   ["--reptile", "--steps", "3"]])
 def test_few_shot_conv4_options(capsys, extra):
     _example().main(SMALL + ["--iterations", "2", "--log-every", "1"] + extra)
     lines = _lines(capsys)
