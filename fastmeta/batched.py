@@ -233,11 +233,14 @@ class _StepBatchNorms(nn.Module):
 
     @staticmethod
     def _modules_of(program):
-        """(key, module, weight name, bias name) of each BatchNorm step of the program."""
+        """(key, module, weight name, bias name) of each BatchNorm step of the program; a module run
+        at several places (tied) has one key, its first place's."""
+        keys = {}
         for step in program.steps:
             if step.kind in ("batched_batch_norm", "bn_relu_pool"):
                 spec = step.spec
-                yield step.path.replace(".", "__"), spec["module"], spec["w"], spec["b"]
+                key = keys.setdefault(id(spec["module"]), step.path.replace(".", "__"))
+                yield key, spec["module"], spec["w"], spec["b"]
 
     def at_step(self, program, P: dict, step: int, tables: dict | None = None):
         """(P with each module's weight and bias of that step, the step_statistics context)."""
@@ -263,12 +266,16 @@ _LR_KINDS = ("per_element", "per_layer", "per_layer_step")
 def _lr_kind(learn_inner_lr):
     """learn_inner_lr as kept: None (a fixed inner_lr), 'per_element' (True, Meta-SGD), 'per_layer'
     or 'per_layer_step'."""
-    if learn_inner_lr is None or (isinstance(learn_inner_lr, bool) and not learn_inner_lr):
+    if learn_inner_lr is None:
         return None
-    if learn_inner_lr is True:
-        return "per_element"
-    if isinstance(learn_inner_lr, str) and learn_inner_lr in _LR_KINDS:
-        return learn_inner_lr
+    if isinstance(learn_inner_lr, str):
+        if learn_inner_lr in _LR_KINDS:
+            return learn_inner_lr
+    else:
+        try:  # True / False (numpy's too), or 1 / 0
+            return "per_element" if _flag01("learn_inner_lr", learn_inner_lr) else None
+        except TypeError:
+            pass
     raise ValueError(f"learn_inner_lr: expected False, True (one rate a parameter entry, Meta-SGD), "
                      f"'per_layer' or 'per_layer_step', got {learn_inner_lr!r}")
 

@@ -185,6 +185,17 @@ def test_tables_copies_and_explain():
     assert named["step_bn.weight.1"] is None and named["step_bn.bias.1"].abs().sum() > 0
 
 
+def test_a_module_run_at_two_places_has_one_table():
+    """A BatchNorm module used twice in the Sequential (tied) keeps one table, as the loop's module
+    is one: both places read the same rows, and its meta-gradient sums both."""
+    torch.manual_seed(0)
+    bn = nn.BatchNorm1d(6, track_running_stats=False)
+    model = nn.Sequential(nn.Linear(3, 6), bn, nn.Tanh(), nn.Linear(6, 6), bn, nn.Tanh(), nn.Linear(6, 2)).double()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, per_step_bn=True)
+    assert list(meta.step_bn.weight.keys()) == ["1"]
+    _check(model, _mlp_batch(), "mse", 2, False, "torch")
+
+
 def test_bad_uses_name_the_argument():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()

@@ -251,7 +251,9 @@ def test_step_loss_schedule():
 
 def test_bad_settings_name_the_argument():
     model, batch = _mlp(), _mlp_batch()
-    for bad in ("per_step", 2, "True"):
+    assert fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=1)._lr_kind == "per_element"  # (as True)
+    assert fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=0).lrs is None
+    for bad in ("per_step", 2, "True", 0.5):
         with pytest.raises(ValueError, match="learn_inner_lr"):
             fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=bad)
     for bad, err in (("abc", TypeError), (3, TypeError), ([], ValueError), ([0.5, float("nan")], ValueError),
