@@ -196,6 +196,17 @@ def test_a_module_run_at_two_places_has_one_table():
     _check(model, _mlp_batch(), "mse", 2, False, "torch")
 
 
+def test_tune_leaves_each_steps_statistics_as_they_were():
+    """fastmeta.tune's timed calls are not the user's passes: the per-step running statistics (and
+    the model's) are as before it."""
+    model, batch = conv2_net(track=True), _conv_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, loss="cross_entropy", per_step_bn=True)
+    before = {k: b.clone() for k, b in meta.step_bn.named_buffers()}
+    fastmeta.tune(meta, *batch)
+    for k, b in meta.step_bn.named_buffers():
+        assert torch.equal(b, before[k]), k
+
+
 def test_bad_uses_name_the_argument():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
