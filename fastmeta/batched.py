@@ -237,7 +237,7 @@ class _StepBatchNorms(nn.Module):
         at several places (tied) has one key, its first place's."""
         keys = {}
         for step in program.steps:
-            if step.kind in ("batched_batch_norm", "bn_relu_pool"):
+            if step.kind in plan.BN_KINDS:
                 spec = step.spec
                 key = keys.setdefault(id(spec["module"]), step.path.replace(".", "__"))
                 yield key, spec["module"], spec["w"], spec["b"]
@@ -559,7 +559,13 @@ class BatchedMAML(nn.Module):
         in the context; else P as it is."""
         if self.step_bn is None:
             return P, contextlib.nullcontext()
-        return self.step_bn.at_step(self.program, P, min(step, self.inner_steps - 1), tables)
+        # (inner_steps set to 0 after construction: the query runs with the first step's row)
+        return self.step_bn.at_step(self.program, P, max(0, min(step, self.inner_steps - 1)), tables)
+
+    def _kept_running_stats(self):
+        """plan.kept_running_stats for this module's calls that are not the user's passes (tune's
+        timings, graphed's warmup): the model's BatchNorm statistics and per_step_bn's."""
+        return plan.kept_running_stats(self.program, self.step_bn.buffers() if self.step_bn is not None else ())
 
     def _check_rates(self):
         """inner_steps against the learned rates of 'per_layer_step' (one an inner step, made for the
@@ -568,9 +574,9 @@ class BatchedMAML(nn.Module):
         if self._lr_kind == "per_layer_step":
             have = min(r.shape[0] for r in self.lrs.values()) if len(self.lrs) else S
             if S > have:
+                key, r = next(iter(self.lrs.items()))
                 raise ValueError(f"BatchedMAML(learn_inner_lr='per_layer_step'): inner_steps={S} but the learned "
-                                 f"rates have {have} steps ({self._lr_key(self._adapt_names[0])} "
-                                 f"{tuple(self.lrs[self._lr_key(self._adapt_names[0])].shape)}); set inner_steps "
+                                 f"rates have {have} steps (lrs[{key!r}] {tuple(r.shape)}); set inner_steps "
                                  f"<= {have} or build a BatchedMAML with {S} steps")
         if self.step_bn is not None and S > self.step_bn.steps:
             raise ValueError(f"BatchedMAML(per_step_bn=True): inner_steps={S} but the BatchNorm tables have "
@@ -704,10 +710,12 @@ class BatchedMAML(nn.Module):
         return T
 
     # -- the inner loop -------------------------------------------------------------------------
-    def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None):
+    def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None, first_losses=None):
         """The adapted parameters, name -> [T, ...]. after_step(step, P), where given, is called with
         the parameters after each inner step but the last (step = 0 .. inner_steps - 2: P holds
-        theta_{step + 1}), in the order of the loop's passes (step_loss_weights' query losses)."""
+        theta_{step + 1}), in the order of the loop's passes (step_loss_weights' query losses).
+        first_losses: a list the first step's per-task support losses are appended to (not under
+        checkpoint_steps)."""
         self._check_rates()
         if self.inner_steps > 0 and not self._adapt_names:
             if self._inner is not None:
@@ -740,9 +748,11 @@ class BatchedMAML(nn.Module):
             if first_order or not create_graph:  # each step's gradient at detached parameters
                 probe = dict(P)
                 probe.update({n: P[n].detach().requires_grad_() for n in names})
-                grads = self._support_grads(probe, xs, ys, create_graph=False, step=step, start=start)
+                grads = self._support_grads(probe, xs, ys, create_graph=False, step=step, start=start,
+                                            record=first_losses if step == 0 else None)
             else:
-                grads = self._support_grads(P, xs, ys, create_graph=True, step=step, start=start)
+                grads = self._support_grads(P, xs, ys, create_graph=True, step=step, start=start,
+                                            record=first_losses if step == 0 else None)
             with phase("update"):
                 new = ops.inner_update([P[n] for n in names], grads, self._step_lr(lr, step))
                 P.update(zip(names, new))
@@ -764,18 +774,18 @@ class BatchedMAML(nn.Module):
                                  f"task(s) {bad[:10]}{'...' if len(bad) > 10 else ''}")
 
     def _support_grads(self, P: dict, xs, ys, create_graph: bool, step: int, start: int = 0,
-                       bn_tables: dict | None = None) -> list:
+                       bn_tables: dict | None = None, record: list | None = None) -> list:
         """The support loss's gradient with respect to the adapted parameters P[n] (n in
         _adapt_names, leaves of the caller's), zeros for those it does not reach. start: xs is
         the output of the program's first ``start`` steps (program.invariant_prefix). bn_tables:
-        per_step_bn's tables by name, where not the module's own (a recomputation's leaves)."""
+        per_step_bn's tables by name, where not the module's own (a recomputation's leaves).
+        record: a list the per-task support losses (detached) are appended to."""
         names = self._adapt_names
         at, statistics = self._at_step(P, step, bn_tables)
         with phase("inner_forward"), statistics:
             losses = self._task_loss(self.program(at, xs, self.recompute, start=start), ys)
         self._check_support_losses(losses, step)
-        record = self.__dict__.get("_support_record")
-        if record is not None and step == 0:  # (reptile_grad's loss: the support loss at the meta-parameters)
+        if record is not None:
             record.append(losses.detach())
         with phase("inner_backward"):
             grads = torch.autograd.grad(losses.sum(), [P[n] for n in names], create_graph=create_graph,
@@ -1051,12 +1061,9 @@ class BatchedMAML(nn.Module):
             raise ValueError(f"reptile_grad: needs inner_steps >= 1 (the update is the steps' mean displacement), "
                              f"got inner_steps={self.inner_steps}")
         self._sync_trainable()
-        self.__dict__["_support_record"] = record = []
-        try:
-            with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
-                P = self._adapt(xs, ys, True, create_graph=False)
-        finally:
-            self.__dict__["_support_record"] = None
+        record = []  # (the first step's support losses: the loss at the meta-parameters)
+        with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
+            P = self._adapt(xs, ys, True, create_graph=False, first_losses=record)
         names = {id(p): n for n, p in self.model.named_parameters()}
         adapted = set(self._adapt_names)
         grads = []

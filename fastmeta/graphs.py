@@ -34,7 +34,7 @@ import contextlib
 
 import torch
 
-from . import _checks, plan
+from . import _checks
 from .backend import get_backend
 from .batched import accumulate, chunk_slices
 
@@ -72,7 +72,7 @@ class GraphedStep:
             self.grads = [torch.zeros_like(p) if p.requires_grad else None for p in self._params]
         self._graphs = {}
         # (the warmup calls are not the user's passes)
-        with plan.kept_running_stats(meta.program, meta.step_bn.buffers() if meta.step_bn is not None else ()):
+        with meta._kept_running_stats():
             self._capture(meta, batch, chunked, T, warmup)
 
     def _capture(self, meta, batch, chunked, T, warmup):

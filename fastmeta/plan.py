@@ -52,6 +52,8 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 # On a CPU, a conv program's pass whose input has at most this many elements a task runs all tasks at
 # once (Program.task_chunk): Omniglot's 5-image support sets (3920), not its 75-image query sets
 CPU_SMALL_PASS = 16384
+# The kinds of the steps a BatchNorm module lowers to
+BN_KINDS = ("batched_batch_norm", "bn_relu_pool")
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
@@ -407,13 +409,13 @@ class Program:
         for i, s in enumerate(self.steps):
             if s.fallback or s.kind == "dropout" or s.params & adapted:
                 return i
-            if not batch_norm and s.kind in ("batched_batch_norm", "bn_relu_pool"):
+            if not batch_norm and s.kind in BN_KINDS:
                 return i
         return len(self.steps)
 
     def lowered_batch_norms(self) -> list:
         """The BatchNorm modules that run as batched steps (not inside a vmap fallback), in order."""
-        return [s.spec["module"] for s in self.steps if s.kind in ("batched_batch_norm", "bn_relu_pool")]
+        return [s.spec["module"] for s in self.steps if s.kind in BN_KINDS]
 
     @property
     def has_conv(self):
@@ -834,7 +836,7 @@ def explain(model: nn.Module) -> str:
                 "per_layer": "one a parameter tensor (learn_inner_lr='per_layer')",
                 "per_layer_step": "one a parameter tensor and inner step (learn_inner_lr='per_layer_step')"}[kind])
         if meta.step_bn is not None:
-            paths = list(dict.fromkeys(s.path for s in prog.steps if s.kind in ("batched_batch_norm", "bn_relu_pool")))
+            paths = list(dict.fromkeys(s.path for s in prog.steps if s.kind in BN_KINDS))
             lines.append(f"  per-step BatchNorm (per_step_bn): {', '.join(paths)} run each inner step's passes (and "
                          "the query loss after it) with that step's weight, bias and running statistics "
                          "(meta-learned, not adapted; the modules' own are not read)")
@@ -847,7 +849,7 @@ def explain(model: nn.Module) -> str:
         unfused = ("here some are not adapted" if partial else
                    "its rates are the same at every step" if kind == "per_layer_step" else
                    "it makes the last step's query loss only" if weights is not None else None)
-        k = prog.invariant_prefix(set(adapted))
+        k = prog.invariant_prefix(set(adapted), batch_norm=meta.step_bn is None)
         if 0 < k and meta.inner_steps > 0 and (unfused or prog.mlp is None):  # (else the fused kernel runs)
             paths = ", ".join(s.path or "<model>" for s in prog.steps[:k])
             lines.append(f"  {paths}: read no adapted parameter, run once a call on the support set (not once "

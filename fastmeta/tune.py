@@ -45,7 +45,6 @@ import time
 
 import torch
 
-from . import plan
 from .backend import BACKENDS, OPS, select, use_backend, why_unavailable
 from .harness import max_rel_err, step_peak_mb
 
@@ -242,7 +241,7 @@ def tune(meta, xs, ys, xq, yq, backends=None, reps: int = 5, warmup: int = 2, rt
         cands.remove("auto")
         cands.insert(0, "auto")
     # the timed steps are not the user's passes: BatchNorm running statistics are left as they were
-    with plan.kept_running_stats(meta.program, meta.step_bn.buffers() if meta.step_bn is not None else ()):
+    with meta._kept_running_stats():
         device = xs.device.type
         trials = _Trials(meta, (xs, ys, xq, yq), _ops_of(meta), device, reps, warmup, rtol)
         old = meta.backend

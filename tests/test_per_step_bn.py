@@ -170,9 +170,17 @@ def test_tables_copies_and_explain():
     assert "per_step_bn=True" in repr(meta)
     text = fastmeta.explain(meta)
     assert "per-step BatchNorm" in text and "1, 5" in text
-    # fewer steps take the first rows; more raise
+    # the head adapted alone: only what comes before the first (per-step) BatchNorm runs once a call
+    anil = fastmeta.BatchedMAML(conv2_net(), 0.1, 2, loss="cross_entropy", per_step_bn=True, inner_params="9")
+    assert "\n  0: read no adapted parameter, run once a call" in fastmeta.explain(anil)
+    # fewer steps take the first rows (none: the query with the first row); more raise
     meta.inner_steps = 2
     meta(*batch)
+    meta.inner_steps = 0
+    ref, at_step, _, _ = _reference(meta, model)
+    want, *_ = loop_meta_grads(ref, *batch, 0.1, 0, loss="cross_entropy", adapted=set(meta._adapt_names),
+                               at_step=at_step)
+    torch.testing.assert_close(meta(*batch).detach(), want, rtol=1e-12, atol=1e-12)
     meta.inner_steps = 5
     with pytest.raises(ValueError, match=r"inner_steps=5 but the BatchNorm tables have 4 steps"):
         meta(*batch)
