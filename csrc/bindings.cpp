@@ -9,18 +9,22 @@
 TORCH_LIBRARY(fastmeta, m) {
   m.def("inner_update_scalar(Tensor[] params, Tensor[] grads, float lr) -> Tensor[]");
   m.def("inner_update_tensor(Tensor[] params, Tensor[] grads, Tensor[] lrs) -> Tensor[]");
-  // Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] (see csrc/mlp_inner_loop.cpp).
+  // Returns [loss [T], dtheta [T, P], dlr [T or 0, the rates' entries]] (see csrc/mlp_inner_loop.cpp).
+  // lrs: none (the scalar lr), one per param shaped like it, or one per param and step ([steps,
+  // *shape]); step_weights: none (the query loss after the last step) or one a step (MAML++'s
+  // multi-step loss).
   m.def("mlp_inner_loop(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
-        "bool need_lr_grad) -> Tensor[]");
+        "bool need_lr_grad, float[] step_weights=[]) -> Tensor[]");
   // [mean query loss, the mean meta-gradient, one tensor per param (then per lr when
   // need_lr_grad)], no autograd (csrc/mlp_meta_loss.cpp).
   m.def("mlp_meta_grad(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
-        "bool need_lr_grad) -> Tensor[]");
+        "bool need_lr_grad, float[] step_weights=[]) -> Tensor[]");
   // The mean query loss with its autograd in C++ (csrc/mlp_meta_loss.cpp).
   m.def("mlp_meta_loss(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
-        "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order) -> Tensor");
+        "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
+        "float[] step_weights=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
@@ -55,7 +59,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            double slope, int64_t loss, bool first_order) {
           check_cpu("_mlp_meta_grad_cpu_direct", xs, ys, xq, yq, params);
           return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, {}, lr, steps, acts, slope, loss, first_order,
-                                             /*need_lr_grad=*/false);
+                                             /*need_lr_grad=*/false, {});
         },
         py::call_guard<py::gil_scoped_release>());
   m.def("_mlp_meta_loss_cpu_direct",

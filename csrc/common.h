@@ -99,21 +99,27 @@ int64_t mlp_lanes(int64_t itemsize);
 // like them; xs [T, K, d_0] and xq [T, Q, d_0] floating; mse targets ys [T, K, d_L] and yq
 // [T, Q, d_L] of xs's dtype, cross-entropy labels [T, K] and [T, Q] int64; every tensor on xs's
 // device; at least one support row when steps > 0 and one query row.
+// Rates may also be per inner step, each [steps, *param shape] (mlp_rates_per_step).
 void check_mlp_args(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
                     at::TensorList params, at::TensorList lrs, int64_t steps, int64_t loss);
+// Whether the rates are one set per inner step ([steps, *param shape] each).
+bool mlp_rates_per_step(at::TensorList params, at::TensorList lrs);
+// step_weights (the multi-step loss: the query loss after step s weighs step_weights[s]): empty
+// (the last step's only) or one finite weight a step.
+void check_step_weights(at::ArrayRef<double> step_weights, int64_t steps);
 
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights);
 
 // The task mean of mlp_inner_loop, reduced inside the kernel: [mean query loss (0-dim), the mean
 // meta-gradient as one tensor per parameter, shaped like it, followed when need_lr_grad by one per
-// rate].
+// rate, shaped like it].
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad);
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights);
 
 // fastmeta::mlp_meta_loss (its autograd Function, scalar lr) called without the dispatcher, for
 // the direct binding in bindings.cpp (CPU tensors).

@@ -530,10 +530,13 @@ template <typename T, int W>
 class Group {
  public:
   // Slots: first order keeps one parameter set (each step's update is written over it: the
-  // backward pass reads a layer's weights before it writes their update) and one step's
-  // activations; the per-step gradients are kept only when the learned rates need them.
-  Group(const Net& net, int64_t K, int64_t Q, int64_t S, bool first_order, bool keep_grads)
-      : net_(net), K_(K), Q_(Q), S_(S), fo_(first_order), keep_g_(keep_grads) {
+  // backward pass reads a layer's weights before it writes their update), or every step's where
+  // the query losses after earlier steps count too (all_thetas), and one step's activations; the
+  // per-step gradients are kept only when the learned rates need them, and the rates' gradient
+  // has one set a step (lr_sets) where the rates are per step.
+  Group(const Net& net, int64_t K, int64_t Q, int64_t S, bool first_order, bool keep_grads, bool all_thetas,
+        int64_t lr_sets)
+      : net_(net), K_(K), Q_(Q), S_(S), fo_(first_order), one_theta_(first_order && !all_thetas), keep_g_(keep_grads) {
     int64_t sumd = 0, sumd_z = 0;  // widths, and those of the layers that keep z apart
     for (int64_t l = 1; l <= net.L; ++l) {
       sumd += net.d[l];
@@ -543,10 +546,10 @@ class Group {
     const int64_t NQ = std::max(K, Q), P = net.P;
     dmax_ = *std::max_element(net.d.begin(), net.d.end());
     const int64_t I = net.d[0], D = net.d[net.L];
-    const int64_t n_theta = first_order ? 1 : S + 1, n_g = keep_grads ? S : 0;
+    const int64_t n_theta = one_theta_ ? 1 : S + 1, n_g = keep_grads ? S : 0;
     const int64_t n_steps = first_order ? std::min<int64_t>(S, 1) : S;
     const int64_t n = n_theta * P + n_g * P + (n_steps * K + NQ) * acts_per_row + 2 * K * sumd +
-                      2 * K * dmax_ + 3 * P + K * I + Q * I + (K + Q) * D + K * D + dmax_;
+                      2 * K * dmax_ + (2 + lr_sets) * P + K * I + Q * I + (K + Q) * D + K * D + dmax_;
     T* p = static_cast<T*>(workspace(static_cast<size_t>(n) * W * sizeof(T)));
     auto take = [&](int64_t count) { T* q = p; p += count * W; return q; };
     theta = take(n_theta * P);
@@ -557,7 +560,7 @@ class Group {
     Rz.resize(net.L); Ra.resize(net.L);
     for (int64_t l = 1; l <= net.L; ++l) { Rz[l - 1] = take(K * net.d[l]); Ra[l - 1] = take(K * net.d[l]); }
     Rda = take(K * dmax_); Rdz = take(K * dmax_);
-    v = take(P); u = take(P); dlr = take(P);
+    v = take(P); u = take(P); dlr = take(lr_sets * P);
     xs = take(K * I); xq = take(Q * I); ys = take(K * D); yq = take(Q * D); scratch = take(K * D);
     bsum = take(dmax_);
   }
@@ -566,7 +569,7 @@ class Group {
 
   T *theta, *g, *v, *u, *dlr, *xs, *xq, *ys, *yq, *scratch, *bsum;
   // Where step s keeps its parameters theta_s [P, W], gradient g_s and activations.
-  T* theta_at(int64_t s) const { return theta + (fo_ ? 0 : s) * net_.P * W; }
+  T* theta_at(int64_t s) const { return theta + (one_theta_ ? 0 : s) * net_.P * W; }
   T* g_at(int64_t s) const { return g + (keep_g_ ? s : 0) * net_.P * W; }
   Acts<T>& acts_at(int64_t s) { return steps[fo_ ? 0 : s]; }
   std::vector<Acts<T>> steps;
@@ -643,19 +646,20 @@ class Group {
 
   // Loss of a_L against targets y [N, D, W] (mse) or labels (cross-entropy, as T values in y) and
   // its gradient into A.da[L-1]; returns the per-lane loss in loss_out[W].
-  void loss_grad(Acts<T>& A, int64_t N, const T* y, int64_t loss, T* loss_out) const {
+  // The loss gradient is scaled by `scale` (a step's weight in the multi-step loss); the loss is not.
+  void loss_grad(Acts<T>& A, int64_t N, const T* y, int64_t loss, T* loss_out, T scale = T(1)) const {
     const int64_t D = net_.d[net_.L];
     const T* a = A.a[net_.L - 1];
     T* da = A.da[net_.L - 1];
     T total[W];
     FM_LANES total[l] = T(0);
     if (loss == 0) {
-      const T scale = T(2) / static_cast<T>(N * D);
+      const T factor = scale * T(2) / static_cast<T>(N * D);
       for (int64_t i = 0; i < N * D; ++i) {
         FM_LANES {
           const T diff = a[i * W + l] - y[i * W + l];
           total[l] += diff * diff;
-          da[i * W + l] = scale * diff;
+          da[i * W + l] = factor * diff;
         }
       }
       FM_LANES loss_out[l] = total[l] / static_cast<T>(N * D);
@@ -670,10 +674,10 @@ class Group {
       for (int64_t c = 1; c < D; ++c) FM_LANES m[l] = std::max(m[l], row[c * W + l]);
       for (int64_t c = 0; c < D; ++c)
         for (int l = 0; l < W; ++l) { drow[c * W + l] = std::exp(row[c * W + l] - m[l]); sum[l] += drow[c * W + l]; }
-      for (int64_t c = 0; c < D; ++c) FM_LANES drow[c * W + l] *= invN / sum[l];
+      for (int64_t c = 0; c < D; ++c) FM_LANES drow[c * W + l] *= scale * invN / sum[l];
       for (int l = 0; l < W; ++l) {
         const int64_t label = static_cast<int64_t>(y[n * W + l]);
-        drow[label * W + l] -= invN;
+        drow[label * W + l] -= scale * invN;
         total[l] += std::log(sum[l]) + m[l] - row[label * W + l];
       }
     }
@@ -858,7 +862,7 @@ class Group {
 
   const Net& net_;
   int64_t K_, Q_, S_, dmax_;
-  bool fo_, keep_g_;
+  bool fo_, one_theta_, keep_g_;
   std::vector<T*> Rz, Ra;
   T *Rda, *Rdz;
 };
@@ -926,12 +930,19 @@ void lane_sums(const T* src, int64_t n, const T* mask, T* dst) {
   }
 }
 
+// lrflat: null (the scalar lr), P rates (the same at every step) or S * P (step s's at s * P, with
+// per_step_lr). weights: null (the query loss after the last step), or S weights, w[s] that of
+// the query loss at theta_{s+1}; a weight of 0 is not evaluated.
 template <typename T, int W>
 void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
-         const at::Tensor& yq, const std::vector<at::Tensor>& params, const T* lrflat, T lr,
-         int64_t S, int64_t loss, bool first_order, bool need_lr_grad, const Out<T>& out) {
+         const at::Tensor& yq, const std::vector<at::Tensor>& params, const T* lrflat, bool per_step_lr, T lr,
+         const T* weights, int64_t S, int64_t loss, bool first_order, bool need_lr_grad, const Out<T>& out) {
   const int64_t Tn = xs.size(0), K = xs.size(1), Q = xq.size(1), I = net.d[0], D = net.d[net.L];
   const int64_t P = net.P;
+  const int64_t lr_sets = per_step_lr ? std::max<int64_t>(S, 1) : 1, Plr = lr_sets * P;
+  auto rates_at = [&](int64_t s) { return lrflat == nullptr ? nullptr : lrflat + (per_step_lr ? s * P : 0); };
+  // the weight of the query loss at theta_s (s = 1..S)
+  auto weight_at = [&](int64_t s) { return weights == nullptr ? T(s == S ? 1 : 0) : weights[s - 1]; };
   std::vector<T> theta0(P);
   for (int64_t l = 1; l <= net.L; ++l) {
     const auto& Wt = params[2 * (l - 1)];
@@ -946,7 +957,7 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
   const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
   std::atomic<int64_t> next_group{0};
   const auto body = [&](int64_t, int64_t) {
-    Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad);
+    Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad, weights != nullptr, lr_sets);
     for (int64_t grp = next_group++; grp < groups; grp = next_group++) {
       int64_t tasks[W];
       for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
@@ -960,44 +971,65 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
         gather<T, W>(yq.data_ptr<int64_t>(), Q, tasks, gp.yq);
       }
       for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
-      T lane_loss[W];
+      T lane_loss[W], step_loss[W];
       for (int64_t s = 0; s < S; ++s) {
         const T* th = gp.theta_at(s);
         T* next = gp.theta_at(s + 1);
+        const T* rates = rates_at(s);
         gp.forward(th, gp.xs, K, gp.acts_at(s));
         gp.loss_grad(gp.acts_at(s), K, gp.ys, loss, lane_loss);
         if (!need_lr_grad) {  // the backward pass writes theta_{s+1} = theta_s - alpha (.) g_s directly
-          gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{next, th, lr, lrflat});
+          gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{next, th, lr, rates});
           continue;
         }
         T* gs = gp.g_at(s);  // the learned rates' gradient needs every g_s
         gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{gs});
-        if (lrflat) {
-          for (int64_t j = 0; j < P; ++j) FM_LANES next[j * W + l] = th[j * W + l] - lrflat[j] * gs[j * W + l];
+        if (rates) {
+          for (int64_t j = 0; j < P; ++j) FM_LANES next[j * W + l] = th[j * W + l] - rates[j] * gs[j * W + l];
         } else {
 #pragma omp simd
           for (int64_t j = 0; j < P * W; ++j) next[j] = th[j] - lr * gs[j];
         }
       }
-      const T* thS = gp.theta_at(S);
-      gp.forward(thS, gp.xq, Q, gp.query);
-      gp.loss_grad(gp.query, Q, gp.yq, loss, lane_loss);
-      gp.backward(thS, gp.xq, Q, gp.query, Sink<T>{gp.v});
-      if (need_lr_grad) std::fill(gp.dlr, gp.dlr + P * W, T(0));
+      // v_S: the weighted query gradient at theta_S (0 for a weight of 0, not evaluated)
+      FM_LANES lane_loss[l] = T(0);
+      const T wS = weight_at(S);
+      if (wS != T(0)) {
+        const T* thS = gp.theta_at(S);
+        gp.forward(thS, gp.xq, Q, gp.query);
+        gp.loss_grad(gp.query, Q, gp.yq, loss, step_loss, wS);
+        gp.backward(thS, gp.xq, Q, gp.query, Sink<T>{gp.v});
+        FM_LANES lane_loss[l] = weights == nullptr ? step_loss[l] : wS * step_loss[l];
+      } else {
+        std::fill(gp.v, gp.v + P * W, T(0));
+      }
+      if (need_lr_grad) std::fill(gp.dlr, gp.dlr + Plr * W, T(0));
       for (int64_t s = S - 1; s >= 0; --s) {
+        const T* rates = rates_at(s);
         if (need_lr_grad) {
           const T* gs = gp.g_at(s);
+          T* dlr = gp.dlr + (per_step_lr ? s * P * W : 0);
 #pragma omp simd
-          for (int64_t j = 0; j < P * W; ++j) gp.dlr[j] -= gs[j] * gp.v[j];
+          for (int64_t j = 0; j < P * W; ++j) dlr[j] -= gs[j] * gp.v[j];
         }
-        if (first_order) continue;
-        // v_s = v_{s+1} - H_s (alpha (.) v_{s+1}), in place: with a scalar alpha H_s is applied to
-        // v itself and scaled by alpha as it is subtracted; Meta-SGD first forms u = alpha (.) v.
-        if (lrflat) {
-          for (int64_t j = 0; j < P; ++j) FM_LANES gp.u[j * W + l] = lrflat[j] * gp.v[j * W + l];
-          gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.u, loss, Sink<T>{gp.v, gp.v, T(1)});
-        } else {
-          gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.v, loss, Sink<T>{gp.v, gp.v, lr});
+        if (!first_order) {
+          // v_s = v_{s+1} - H_s (alpha (.) v_{s+1}), in place: with a scalar alpha H_s is applied to
+          // v itself and scaled by alpha as it is subtracted; Meta-SGD first forms u = alpha (.) v.
+          if (rates) {
+            for (int64_t j = 0; j < P; ++j) FM_LANES gp.u[j * W + l] = rates[j] * gp.v[j * W + l];
+            gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.u, loss, Sink<T>{gp.v, gp.v, T(1)});
+          } else {
+            gp.hvp(gp.theta_at(s), gp.xs, gp.acts_at(s), gp.v, loss, Sink<T>{gp.v, gp.v, lr});
+          }
+        }
+        // the query loss at theta_s (the multi-step loss): v_s += w_s grad L_query(theta_s)
+        const T ws = s > 0 ? weight_at(s) : T(0);
+        if (ws != T(0)) {
+          const T* ths = gp.theta_at(s);
+          gp.forward(ths, gp.xq, Q, gp.query);
+          gp.loss_grad(gp.query, Q, gp.yq, loss, step_loss, ws);
+          gp.backward(ths, gp.xq, Q, gp.query, Sink<T>{gp.v, gp.v, T(-1)});
+          FM_LANES lane_loss[l] += ws * step_loss[l];
         }
       }
       const int valid = static_cast<int>(std::min<int64_t>(W, Tn - grp * W));
@@ -1008,14 +1040,14 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
         for (int l = 0; l < valid; ++l) total += lane_loss[l];
         out.loss[grp] = total;
         lane_sums<T, W>(gp.v, P, mask, out.dtheta + grp * P);
-        if (need_lr_grad) lane_sums<T, W>(gp.dlr, P, mask, out.dlr + grp * P);
+        if (need_lr_grad) lane_sums<T, W>(gp.dlr, Plr, mask, out.dlr + grp * Plr);
       } else {
         for (int l = 0; l < valid; ++l) {
           const int64_t t = grp * W + l;
           out.loss[t] = lane_loss[l];
           for (int64_t j = 0; j < P; ++j) out.dtheta[t * P + j] = gp.v[j * W + l];
           if (need_lr_grad)
-            for (int64_t j = 0; j < P; ++j) out.dlr[t * P + j] = gp.dlr[j * W + l];
+            for (int64_t j = 0; j < Plr; ++j) out.dlr[t * Plr + j] = gp.dlr[j * W + l];
         }
       }
     }
@@ -1029,6 +1061,18 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 }
 
 }  // namespace
+
+bool mlp_rates_per_step(at::TensorList params, at::TensorList lrs) {
+  return !lrs.empty() && lrs[0].dim() == params[0].dim() + 1;
+}
+
+void check_step_weights(at::ArrayRef<double> step_weights, int64_t steps) {
+  TORCH_CHECK(step_weights.empty() || static_cast<int64_t>(step_weights.size()) == steps,
+              "mlp_inner_loop: step_weights must be empty or one weight a step, got ", step_weights.size(),
+              " for steps=", steps);
+  for (double w : step_weights)
+    TORCH_CHECK(std::isfinite(w), "mlp_inner_loop: step_weights must be finite, got ", step_weights);
+}
 
 void check_mlp_args(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
                     at::TensorList params, at::TensorList lrs, int64_t steps, int64_t loss) {
@@ -1054,10 +1098,14 @@ void check_mlp_args(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor
   }
   TORCH_CHECK(lrs.empty() || lrs.size() == params.size(), "mlp_inner_loop: lrs must be empty or one per param, got ",
               lrs.size(), " for ", params.size());
+  const bool per_step = mlp_rates_per_step(params, lrs);
   for (size_t i = 0; i < lrs.size(); ++i) {
-    TORCH_CHECK(lrs[i].sizes() == params[i].sizes() && lrs[i].device() == xs.device(), "mlp_inner_loop: lrs[", i,
-                "] ", lrs[i].sizes(), " on ", lrs[i].device(), " must match params[", i, "] ", params[i].sizes(),
-                " on ", params[i].device());
+    std::vector<int64_t> want(params[i].sizes().begin(), params[i].sizes().end());
+    if (per_step) want.insert(want.begin(), steps);
+    TORCH_CHECK(lrs[i].sizes() == at::IntArrayRef(want) && lrs[i].device() == xs.device(), "mlp_inner_loop: lrs[", i,
+                "] ", lrs[i].sizes(), " on ", lrs[i].device(), " must be ", at::IntArrayRef(want),
+                per_step ? " (one rate set per step for params[" : " (like params[", i, "] ", params[i].sizes(),
+                ") on ", params[i].device());
   }
   TORCH_CHECK(xq.dim() == 3 && xq.size(0) == T && xq.size(2) == xs.size(2) && xq.device() == xs.device() &&
                   xq.scalar_type() == xs.scalar_type(),
@@ -1092,12 +1140,15 @@ struct Call {
   Net net;
   std::vector<at::Tensor> params;
   at::Tensor xs, ys, xq, yq, lrflat;
+  bool per_step_lr = false;
+  std::vector<double> weights;
 };
 
 Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
              at::TensorList params, at::TensorList lrs, int64_t steps, at::IntArrayRef acts,
-             double negative_slope, int64_t loss) {
+             double negative_slope, int64_t loss, at::ArrayRef<double> step_weights) {
   check_mlp_args(xs, ys, xq, yq, params, lrs, steps, loss);
+  check_step_weights(step_weights, steps);
   const int64_t L = static_cast<int64_t>(params.size() / 2);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
   Call c;
@@ -1121,9 +1172,17 @@ Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, c
     std::vector<at::Tensor> flat;
     for (const auto& t : lrs)  // (no .to() for a rate of the right dtype: an op must not return its input)
       flat.push_back((t.scalar_type() == xs.scalar_type() ? t : t.to(xs.scalar_type())).contiguous().reshape({-1}));
-    c.lrflat = at::cat(flat);
-    TORCH_CHECK(c.lrflat.numel() == net.P, "mlp_inner_loop: lrs must match the params' shapes");
+    c.per_step_lr = mlp_rates_per_step(params, lrs);
+    if (c.per_step_lr) {  // [S, P]: step s's rates of every parameter, in the parameters' order
+      for (auto& f : flat) f = f.view({steps, -1});
+      c.lrflat = at::cat(flat, 1).reshape({-1});
+    } else {
+      c.lrflat = at::cat(flat);
+    }
+    TORCH_CHECK(c.lrflat.numel() == (c.per_step_lr ? steps : 1) * net.P,
+                "mlp_inner_loop: lrs must match the params' shapes");
   }
+  c.weights.assign(step_weights.begin(), step_weights.end());
   return c;
 }
 
@@ -1131,9 +1190,14 @@ template <typename T>
 void dispatch_run(const Call& c, double lr, int64_t steps, int64_t loss, bool first_order, bool need_lr_grad,
                   const Out<T>& out) {
   constexpr int W = kVecBytes / static_cast<int>(sizeof(T));
+  std::vector<T> weights(c.weights.begin(), c.weights.end());
   run<T, W>(c.net, c.xs, c.ys, c.xq, c.yq, c.params, c.lrflat.defined() ? c.lrflat.data_ptr<T>() : nullptr,
-            static_cast<T>(lr), steps, loss, first_order, need_lr_grad, out);
+            c.per_step_lr, static_cast<T>(lr), weights.empty() ? nullptr : weights.data(), steps, loss, first_order,
+            need_lr_grad, out);
 }
+
+// The rates' entries (P, or S * P per step): the width of the rate gradient's rows.
+int64_t rate_entries(const Call& c, int64_t steps) { return (c.per_step_lr ? steps : 1) * c.net.P; }
 
 }  // namespace
 
@@ -1152,39 +1216,52 @@ int64_t mlp_lanes(int64_t itemsize) {
 std::vector<at::Tensor> mlp_inner_loop_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
-  const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss);
-  const int64_t Tn = c.xs.size(0), P = c.net.P;
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
+  const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss, step_weights);
+  const int64_t Tn = c.xs.size(0), P = c.net.P, Plr = rate_entries(c, steps);
   auto opts = c.xs.options();
   at::Tensor loss_out = new_output({Tn}, opts);
   at::Tensor dtheta = new_output({Tn, P}, opts);
-  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, P}, opts);
+  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, Plr}, opts);
   AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_inner_loop_cpu", [&] {
     dispatch_run<scalar_t>(c, lr, steps, loss, first_order, need_lr_grad,
                            Out<scalar_t>{false, loss_out.data_ptr<scalar_t>(), dtheta.data_ptr<scalar_t>(),
                                          need_lr_grad ? dlr.data_ptr<scalar_t>() : nullptr});
   });
+  if (c.per_step_lr && need_lr_grad) {
+    // the kernel's rows are [S, P] (step-major); the op's are the rates' own order, each [S, n_i]
+    const at::Tensor by_step = dlr.view({Tn, steps, P});
+    std::vector<at::Tensor> parts;
+    int64_t off = 0;
+    for (const auto& p : params) {
+      parts.push_back(by_step.narrow(2, off, p.numel()).reshape({Tn, -1}));
+      off += p.numel();
+    }
+    dlr = at::cat(parts, 1);
+  }
   return {loss_out, dtheta, dlr};
 }
 
 std::vector<at::Tensor> mlp_meta_grad_cpu(
     const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
-  const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss);
-  const int64_t Tn = c.xs.size(0), P = c.net.P;
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
+  const Call c = prepare(xs, ys, xq, yq, params, lrs, steps, acts, negative_slope, loss, step_weights);
+  const int64_t Tn = c.xs.size(0), P = c.net.P, Plr = rate_entries(c, steps);
+  const int64_t sets = c.per_step_lr ? steps : 1;  // a rate tensor's step rows
   TORCH_CHECK(Tn > 0, "mlp_meta_loss: needs at least one task, got xs ", xs.sizes());
   const int copies = need_lr_grad ? 2 : 1;
   auto opts = c.xs.options();
-  // [loss, one tensor per parameter (then per rate) shaped like it]
+  // [loss, one tensor per parameter shaped like it, then one per rate shaped like it]
   std::vector<at::Tensor> result{at::empty({}, opts)};
-  for (int k = 0; k < copies; ++k)
-    for (const auto& p : params) result.push_back(at::empty(p.sizes(), opts));
+  for (const auto& p : params) result.push_back(at::empty(p.sizes(), opts));
+  if (need_lr_grad)
+    for (const auto& r : lrs) result.push_back(at::empty(r.sizes(), opts));
   AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_meta_grad_cpu", [&] {
     constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
     const int64_t G = (Tn + W - 1) / W;
     // per-group sums, then their sum in group order (the result does not depend on threads)
-    std::vector<scalar_t> part((1 + copies * P) * G);
+    std::vector<scalar_t> part((1 + P + (need_lr_grad ? Plr : 0)) * G);
     scalar_t* pl = part.data();
     scalar_t* pg = pl + G;
     scalar_t* pd = need_lr_grad ? pg + G * P : nullptr;
@@ -1193,12 +1270,12 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
     scalar_t total = 0;
     for (int64_t g = 0; g < G; ++g) total += pl[g];
     *result[0].data_ptr<scalar_t>() = total * inv_t;
-    // entries [j0, j0 + n) of copy k (gradient or rate gradient) into dst
-    auto reduce = [&](int k, int64_t j0, int64_t n, scalar_t* dst) {
-      const scalar_t* src = (k == 0 ? pg : pd) + j0;
+    // entries [j0, j0 + n) of groups' rows of `width` at src into dst
+    auto reduce = [&](const scalar_t* src, int64_t width, int64_t j0, int64_t n, scalar_t* dst) {
+      src += j0;
       std::copy(src, src + n, dst);
       for (int64_t g = 1; g < G; ++g) {
-        for (int64_t j = 0; j < n; ++j) dst[j] += src[g * P + j];
+        for (int64_t j = 0; j < n; ++j) dst[j] += src[g * width + j];
       }
       for (int64_t j = 0; j < n; ++j) dst[j] *= inv_t;
     };
@@ -1206,7 +1283,12 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
     for (int k = 0; k < copies; ++k) {
       int64_t j0 = 0;
       for (const auto& p : params) {
-        reduce(k, j0, p.numel(), result[i++].data_ptr<scalar_t>());
+        scalar_t* dst = result[i++].data_ptr<scalar_t>();
+        if (k == 0) {
+          reduce(pg, P, j0, p.numel(), dst);
+        } else {  // the rate rows are [sets, P]: step s of this rate at s * P + j0
+          for (int64_t s = 0; s < sets; ++s) reduce(pd, Plr, s * P + j0, p.numel(), dst + s * p.numel());
+        }
         j0 += p.numel();
       }
     }

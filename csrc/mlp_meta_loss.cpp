@@ -33,11 +33,13 @@ using torch::autograd::variable_list;
 std::vector<at::Tensor> meta_grad_from_rows(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                             const at::Tensor& yq, at::TensorList params, at::TensorList lrs,
                                             double lr, int64_t steps, at::IntArrayRef acts, double slope,
-                                            int64_t loss, bool first_order, bool need_lr_grad) {
+                                            int64_t loss, bool first_order, bool need_lr_grad,
+                                            at::ArrayRef<double> step_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmeta::mlp_inner_loop", "")
                        .typed<decltype(mlp_inner_loop_cpu)>();  // (the schema's signature, any device)
-  const auto rows = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+  const auto rows = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
+                            step_weights);
   const at::Tensor grads = need_lr_grad ? at::cat({rows[1], rows[2]}, 1) : rows[1];
   return {rows[0].mean(), grads.mean(0)};
 }
@@ -49,17 +51,14 @@ bool from_rows(const at::Tensor& xs) {
   return !xs.is_cpu() || (rows_env != nullptr && rows_env[0] == '1');
 }
 
-// The flat gradient g split into one tensor per parameter (views), shaped as recorded in `shapes`
-// (for each parameter its number of dimensions, then its sizes), `copies` times over.
-variable_list split_flat(const at::Tensor& g, const std::vector<int64_t>& shapes, int copies) {
+// The flat gradient g split into one tensor per parameter, then per rate (views), shaped like them.
+variable_list split_flat(const at::Tensor& g, at::TensorList params, at::TensorList rates) {
   variable_list out;
   int64_t off = 0;
-  for (int k = 0; k < copies; ++k) {
-    for (size_t i = 0; i < shapes.size(); i += 1 + shapes[i]) {
-      const at::IntArrayRef sizes(shapes.data() + i + 1, static_cast<size_t>(shapes[i]));
-      const int64_t n = c10::multiply_integers(sizes);
-      out.push_back(g.narrow(0, off, n).view(sizes));
-      off += n;
+  for (at::TensorList list : {params, rates}) {
+    for (const auto& t : list) {
+      out.push_back(g.narrow(0, off, t.numel()).view(t.sizes()));
+      off += t.numel();
     }
   }
   return out;
@@ -70,18 +69,14 @@ variable_list split_flat(const at::Tensor& g, const std::vector<int64_t>& shapes
 std::vector<at::Tensor> mlp_meta_grad(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                       const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
                                       int64_t steps, at::IntArrayRef acts, double slope, int64_t loss,
-                                      bool first_order, bool need_lr_grad) {
+                                      bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
   if (!from_rows(xs))  // the kernel's reduction writes one tensor per parameter
-    return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+    return mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
+                             step_weights);
   auto outs = meta_grad_from_rows(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
-                                  need_lr_grad);
-  std::vector<int64_t> shapes;
-  for (const auto& p : params) {
-    shapes.push_back(p.dim());
-    shapes.insert(shapes.end(), p.sizes().begin(), p.sizes().end());
-  }
+                                  need_lr_grad, step_weights);
   std::vector<at::Tensor> result{outs[0]};
-  for (auto& g : split_flat(outs[1], shapes, need_lr_grad ? 2 : 1)) result.push_back(std::move(g));
+  for (auto& g : split_flat(outs[1], params, need_lr_grad ? lrs : at::TensorList())) result.push_back(std::move(g));
   return result;
 }
 
@@ -90,12 +85,13 @@ std::vector<at::Tensor> mlp_meta_grad(const at::Tensor& xs, const at::Tensor& ys
 std::vector<at::Tensor> mlp_meta_grad_no_autograd(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                                   const at::Tensor& yq, at::TensorList params, at::TensorList lrs,
                                                   double lr, int64_t steps, at::IntArrayRef acts, double slope,
-                                                  int64_t loss, bool first_order, bool need_lr_grad) {
+                                                  int64_t loss, bool first_order, bool need_lr_grad,
+                                                  at::ArrayRef<double> step_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("fastmeta::mlp_meta_grad", "")
                        .typed<decltype(mlp_meta_grad)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+  return op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad, step_weights);
 }
 
 class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
@@ -105,7 +101,8 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
   // parameter, then one per rate) are kept for backward.
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                             const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
-                            int64_t steps, at::IntArrayRef acts, double slope, int64_t loss, bool first_order) {
+                            int64_t steps, at::IntArrayRef acts, double slope, int64_t loss, bool first_order,
+                            at::ArrayRef<double> step_weights) {
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("fastmeta::mlp_meta_grad", "")
                          .typed<decltype(mlp_meta_grad)>();
@@ -114,7 +111,8 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     std::vector<at::Tensor> outs;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      outs = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad);
+      outs = op.call(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
+                     step_weights);
     }
     ctx->save_for_backward(std::vector<at::Tensor>(outs.begin() + 1, outs.end()));
     ctx->saved_data["n_lrs"] = static_cast<int64_t>(lrs.size());
@@ -122,7 +120,7 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     return outs[0];
   }
 
-  // One gradient per forward input: 4 data tensors (none), the params, the lrs, 6 non-tensors. The
+  // One gradient per forward input: 4 data tensors (none), the params, the lrs, 7 non-tensors. The
   // saved meta-gradient is scaled by the incoming gradient (not for a CPU 1, the usual
   // loss.backward(); a traced one, torch.compile's, is always multiplied).
   static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
@@ -141,14 +139,14 @@ class MLPMetaLoss : public torch::autograd::Function<MLPMetaLoss> {
     } else {  // one launch on CUDA for all of them
       for (auto& g : at::_foreach_mul(saved, go)) grads.push_back(std::move(g));
     }
-    grads.resize(grads.size() + (lr_grads ? 0 : n_lrs) + 6);
+    grads.resize(grads.size() + (lr_grads ? 0 : n_lrs) + 7);
     return grads;
   }
 };
 
 at::Tensor mlp_meta_loss(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
                          at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
-                         double negative_slope, int64_t loss, bool first_order) {
+                         double negative_slope, int64_t loss, bool first_order, at::ArrayRef<double> step_weights) {
   // its backward gives the parameters' and rates' gradients only: a gradient for the data would
   // come back as none, so asking for one is refused
   TORCH_CHECK(!at::GradMode::is_enabled() ||
@@ -156,7 +154,8 @@ at::Tensor mlp_meta_loss(const at::Tensor& xs, const at::Tensor& ys, const at::T
               "fastmeta::mlp_meta_loss differentiates the parameters and rates, not the data: xs, ys, xq and yq "
               "must not require grad (fastmeta.ops.mlp_meta_loss takes the differentiable reference for such "
               "a batch)");
-  return MLPMetaLoss::apply(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order);
+  return MLPMetaLoss::apply(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order,
+                            step_weights);
 }
 
 }  // namespace
@@ -165,7 +164,7 @@ at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, 
                                     const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
                                     at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order) {
   return MLPMetaLoss::apply(xs, ys, xq, yq, params, at::TensorList(), lr, steps, acts, negative_slope, loss,
-                            first_order);
+                            first_order, at::ArrayRef<double>());
 }
 
 }  // namespace fastmeta

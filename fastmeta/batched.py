@@ -567,6 +567,15 @@ class BatchedMAML(nn.Module):
         timings, graphed's warmup): the model's BatchNorm statistics and per_step_bn's."""
         return plan.kept_running_stats(self.program, self.step_bn.buffers() if self.step_bn is not None else ())
 
+    def _step_weights(self):
+        """step_loss_weights, checked against inner_steps (one weight a step), or None."""
+        weights = self.step_loss_weights
+        if weights is not None and len(weights) != self.inner_steps:
+            raise ValueError(f"BatchedMAML: step_loss_weights has {len(weights)} weights but inner_steps="
+                             f"{self.inner_steps}: one weight a step (the query loss after each step), or None "
+                             "for the last step's alone")
+        return weights
+
     def _check_rates(self):
         """inner_steps against the learned rates of 'per_layer_step' (one an inner step, made for the
         inner_steps at construction)."""
@@ -843,9 +852,6 @@ class BatchedMAML(nn.Module):
             return False
         if isinstance(self.inner_lr, torch.Tensor):
             return False
-        # the kernel's rates are the same at every step, and it makes the last step's query loss only
-        if self._lr_kind == "per_layer_step" or self.step_loss_weights is not None:
-            return False
         if len(self._adapt_names) != len(self.program.names):  # frozen parameters are not adapted
             return False
         p = next(iter(self.model.parameters()))
@@ -854,6 +860,9 @@ class BatchedMAML(nn.Module):
         # an explicitly requested backend that the op has but cannot run raises here, with the reason
         be = select("mlp_inner_loop", p.device.type)
         if be == "torch":
+            return False
+        # per-step rates and the multi-step loss: on the kernels that run them (ops.STEP_BACKENDS)
+        if (self._lr_kind == "per_layer_step" or self.step_loss_weights is not None) and be not in ops.STEP_BACKENDS:
             return False
         if xs is None:
             return True
@@ -904,10 +913,12 @@ class BatchedMAML(nn.Module):
         fused = not data_grad and self._fused_mlp_ok(xs, xq)
         if fused:  # the fused op's own checks, before calls of this signature skip them
             params, lr, spec = self._fused_args()
-            ops.check_mlp_args(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations, self.loss)
+            ops.check_mlp_args(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations, self.loss,
+                               self._step_weights())
         self._last_sig, self._last_fused = sig, fused
         self._direct = self._direct_grad = None
-        if fused and self.program.mlp.param_names == self.program.names and self.lrs is None:
+        if (fused and self.program.mlp.param_names == self.program.names and self.lrs is None
+                and self.step_loss_weights is None):
             # the one C++ op with its C++ autograd (cpp / cuda backends): a call with this
             # signature goes straight to it (forward's and value_and_grad's fast paths)
             self._direct = ops.mlp_meta_loss_direct(self.program.mlp, self.loss, xs.device.type)
@@ -915,13 +926,34 @@ class BatchedMAML(nn.Module):
         return fused, False
 
     def _fused_args(self):
+        """(params, lr, spec): the fused op's parameters (in its order), rates and MLP spec; the rates
+        of learn_inner_lr='per_layer' (one a tensor) and 'per_layer_step' (one a tensor and step)
+        expanded to the op's per-entry rates ([inner_steps, *shape] for the latter)."""
         spec = self.program.mlp
         params = self._meta_params()
         lr = self._lr_list()
         if self._lr_kind == "per_layer":  # one rate a parameter tensor: the kernel's per-entry rates
             lr = [r.expand(params[n].shape).contiguous() for r, n in zip(lr, self._adapt_names)]
+        elif self._lr_kind == "per_layer_step":  # [S0] made at construction, the first inner_steps used
+            self._check_rates()
+            S = self.inner_steps
+            lr = [r[:S].view(S, *(1,) * params[n].dim()).expand(S, *params[n].shape).contiguous()
+                  for r, n in zip(lr, self._adapt_names)]
         lr = lr if isinstance(lr, list) else float(lr)
         return [params[n] for n in spec.param_names], lr, spec
+
+    def _fused_rate_grads(self, glr) -> dict:
+        """{id(rate): its gradient} from the fused op's rate gradients (shaped as _fused_args' rates):
+        summed back over the entries (and, per step, into the steps the call ran) of learned rates
+        that were expanded."""
+        out = {}
+        for r, g in zip(self._lr_list(), glr):
+            if self._lr_kind == "per_layer_step":
+                g = g.flatten(1).sum(1)
+                if g.shape[0] < r.shape[0]:  # (inner_steps below the steps the rates were made for)
+                    g = torch.cat([g, g.new_zeros(r.shape[0] - g.shape[0])])
+            out[id(r)] = g.sum_to_size(r.shape)
+        return out
 
     @_module_backend
     def task_losses(self, xs, ys, xq, yq) -> torch.Tensor:
@@ -935,7 +967,8 @@ class BatchedMAML(nn.Module):
                 params, lr, spec = self._fused_args()
                 with phase("fused_inner_loop"):
                     losses = ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
-                                                spec.negative_slope, self.loss, self.first_order, _checked=checked)
+                                                spec.negative_slope, self.loss, self.first_order,
+                                                self._step_weights(), _checked=checked)
                 return losses if grad_on else losses.detach()
             with plan.running_stats(self.program):  # BatchNorm's, where tracked, as the loop updates them
                 # where the steps' graphs are not kept (first order, checkpoint_steps) the query's is
@@ -974,7 +1007,8 @@ class BatchedMAML(nn.Module):
         params, lr, spec = self._fused_args()
         with torch.enable_grad(), phase("fused_inner_loop"):
             loss = ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
-                                     spec.negative_slope, self.loss, self.first_order, _checked=checked)
+                                     spec.negative_slope, self.loss, self.first_order, self._step_weights(),
+                                     _checked=checked)
         return loss if grad_on else loss.detach()
 
     @_module_backend
@@ -1004,10 +1038,10 @@ class BatchedMAML(nn.Module):
             with phase("fused_inner_loop"):
                 value, g, glr = ops.mlp_meta_grad(xs, ys, xq, yq, fparams, lr, self.inner_steps, spec.activations,
                                                   spec.negative_slope, self.loss, self.first_order,
-                                                  _checked=checked)
+                                                  self._step_weights(), _checked=checked)
             by_id = dict(zip(map(id, fparams), g))
-            if glr is not None:  # (per_layer's rates were expanded to their parameters' shapes)
-                by_id.update((id(r), gr.sum_to_size(r.shape)) for r, gr in zip(self._lr_list(), glr))
+            if glr is not None:  # (per_layer's and per_layer_step's rates were expanded)
+                by_id.update(self._fused_rate_grads(glr))
             if all(id(p) in by_id for p in wanted):
                 return value, [by_id.get(id(p)) if p.requires_grad else None for p in params]
         if not fused and self._chunked(xs):
@@ -1139,11 +1173,7 @@ class _StepQueries:
 
     def __init__(self, meta, xq, yq, grad_on: bool, later: bool):
         self.meta, self.xq, self.yq, self.grad_on, self.later = meta, xq, yq, grad_on, later
-        self.weights = meta.step_loss_weights
-        if len(self.weights) != meta.inner_steps:
-            raise ValueError(f"BatchedMAML: step_loss_weights has {len(self.weights)} weights but inner_steps="
-                             f"{meta.inner_steps}: one weight a step (the query loss after each step), or None "
-                             "for the last step's alone")
+        self.weights = meta._step_weights()
         adapted = set(meta._adapt_names)
         self.start = (meta.program.invariant_prefix(adapted, batch_norm=meta.step_bn is None)
                       if meta.inner_steps > 0 and adapted else 0)

@@ -752,7 +752,7 @@ def explain(model: nn.Module) -> str:
     from .backend import BackendUnavailable, requested, select
     from .batched import BatchedMAML
 
-    adapted = None
+    adapted = meta = None
     if isinstance(model, BatchedMAML):
         meta, model = model, model.model
         meta._check_structure()
@@ -844,11 +844,15 @@ def explain(model: nn.Module) -> str:
         if weights is not None:
             lines.append(f"  meta-loss: the query losses after each inner step weighted by step_loss_weights "
                          f"{list(weights)} (a step of weight 0 is not evaluated)")
-        # (the fused kernel adapts every parameter with the same rates at every step and makes the
-        # last step's query loss only)
+        # (the fused kernel adapts every parameter; per-step rates and the multi-step loss run on
+        # its STEP_BACKENDS kernels only)
+        from .ops.mlp_inner_loop import STEP_BACKENDS
+        be = backend_of("mlp_inner_loop")
+        on_steps = be in STEP_BACKENDS
         unfused = ("here some are not adapted" if partial else
-                   "its rates are the same at every step" if kind == "per_layer_step" else
-                   "it makes the last step's query loss only" if weights is not None else None)
+                   f"its {be} kernel has the same rates at every step" if kind == "per_layer_step" and not on_steps
+                   else f"its {be} kernel makes the last step's query loss only" if weights is not None
+                   and not on_steps else None)
         k = prog.invariant_prefix(set(adapted), batch_norm=meta.step_bn is None)
         if 0 < k and meta.inner_steps > 0 and (unfused or prog.mlp is None):  # (else the fused kernel runs)
             paths = ", ".join(s.path or "<model>" for s in prog.steps[:k])
@@ -860,9 +864,12 @@ def explain(model: nn.Module) -> str:
         unfused = None
     if prog.mlp is not None and unfused:
         lines.append(f"  whole inner loop: step by step on the batched ops (the fused mlp_inner_loop op adapts every "
-                     f"parameter with the same rates at every step and makes the last step's query loss; {unfused})")
+                     f"parameter; per-step rates and the multi-step loss run on its {' and '.join(STEP_BACKENDS)} "
+                     f"backends; {unfused})")
     elif prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
         lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")
+    elif prog.mlp is not None and backend_of("mlp_inner_loop") == "torch":  # (the op's reference is the same)
+        lines.append("  whole inner loop: step by step on the batched ops (backend torch)")
     elif prog.mlp is not None:
         be = backend_of("mlp_inner_loop")
         few = ""
@@ -874,6 +881,8 @@ def explain(model: nn.Module) -> str:
                    "instead (BatchedMAML(backend='cpp') keeps the kernel)")
         lines.append(f"  whole inner loop: fused mlp_inner_loop op (backend {be}) for "
                      "loss 'mse' or 'cross_entropy'"
+                     + (", with each step's rates" if meta is not None and meta._lr_kind == "per_layer_step" else "")
+                     + (", the multi-step loss" if meta is not None and meta.step_loss_weights is not None else "")
                      + ("; while a Dropout drops (training mode, p > 0), step by step on the batched ops"
                         if prog.mlp.dropouts else "") + few)
     else:

@@ -5,6 +5,7 @@ weighted). Checked against a per-task loop (float64, 1e-10) on every path: the b
 backend, the fused MLP kernel where it runs, checkpoint_steps, task_chunk, recompute, inner_params;
 the BatchNorm running statistics as the loop's passes update them; the errors."""
 import copy
+import importlib
 import pickle
 
 import pytest
@@ -77,10 +78,9 @@ def test_mlp_rates_and_step_losses_against_the_loop(backend, first_order, kind, 
     model, batch = _mlp(), _mlp_batch()
     for weights in (None, [0.2, 0.0, 0.8], (0.1, 0.3, 0.6)):
         meta = _check(model, batch, "mse", 3, kind, weights, first_order, backend, **settings)
-        # the fused kernel (which keeps no graph: task_chunk is not needed there): same rates at
-        # every step, the last step's query loss only
-        fused = backend == "cpp" and weights is None and kind != "per_layer_step"
-        assert meta._last_fused == fused
+        # the fused kernel (which keeps no graph: task_chunk is not needed there) runs every kind of
+        # rate and the multi-step loss on the cpp backend
+        assert meta._last_fused == (backend == "cpp")
     # a step of weight 0 is not evaluated; weights (0, .., 0, 1) are MAML's loss
     _check(model, batch, "mse", 3, kind, [0.0, 0.0, 1.0], first_order, backend, **settings)
 
@@ -164,8 +164,8 @@ def test_per_layer_rates_run_on_the_fused_kernel(first_order):
 
 
 def test_step_weights_can_change_between_calls():
-    """step_loss_weights may be set at any call (MAML++ anneals them): the loss follows, and None
-    gives back the fused kernel where it runs."""
+    """step_loss_weights may be set at any call (MAML++ anneals them): the loss follows, on the
+    fused kernel where it runs, and None gives back MAML's loss."""
     model, batch = _mlp(), _mlp_batch()
     meta = fastmeta.BatchedMAML(model, 0.1, 3)
     plain = meta(*batch).detach()
@@ -173,7 +173,7 @@ def test_step_weights_can_change_between_calls():
         meta.step_loss_weights = fastmeta.step_loss_schedule(3, epoch, 10)
         want, _, _ = loop_meta_grads(model, *batch, 0.1, 3, step_weights=meta.step_loss_weights)
         torch.testing.assert_close(meta(*batch).detach(), want, rtol=1e-12, atol=1e-12)
-        assert not meta._last_fused
+        assert meta._last_fused == has_cpp()
     meta.step_loss_weights = torch.tensor([0.0, 0.0, 1.0])
     assert meta.step_loss_weights == (0.0, 0.0, 1.0)
     torch.testing.assert_close(meta(*batch).detach(), plain, rtol=1e-12, atol=1e-12)
@@ -223,10 +223,12 @@ def test_copies_pickles_repr_and_explain():
     assert "one a parameter tensor and inner step" in text
     assert "weighted by step_loss_weights [0.3, 0.7]" in text
     assert "once on the query set for all the step losses" in text
-    mlp = fastmeta.BatchedMAML(_mlp(), 0.1, 2, learn_inner_lr="per_layer_step")
-    assert "its rates are the same at every step" in fastmeta.explain(mlp)
-    mlp = fastmeta.BatchedMAML(_mlp(), 0.1, 2, step_loss_weights=[0.5, 0.5])
-    assert "makes the last step's query loss" in fastmeta.explain(mlp)
+    mlp = fastmeta.BatchedMAML(_mlp(), 0.1, 2, learn_inner_lr="per_layer_step", step_loss_weights=[0.3, 0.7])
+    if has_cpp():
+        assert "fused mlp_inner_loop op (backend cpp)" in fastmeta.explain(mlp)
+        assert "with each step's rates, the multi-step loss" in fastmeta.explain(mlp)
+    with fastmeta.use_backend({"mlp_inner_loop": "torch"}):
+        assert "step by step on the batched ops (backend torch)" in fastmeta.explain(mlp)
     # the rate shapes: per entry, one, one a step
     shapes = {k: fastmeta.BatchedMAML(_mlp(), 0.1, 4, learn_inner_lr=k).lrs["0__weight"].shape
               for k in (True, "per_layer", "per_layer_step")}
@@ -280,9 +282,31 @@ def test_bad_settings_name_the_argument():
     with pytest.raises(ValueError, match=r"inner_steps=3 but the learned rates have 2 steps"):
         meta.adapt(*batch[:2])
     meta.inner_steps = 1
-    want, _, _ = loop_meta_grads(model, *batch, 0.1, 1, lrs={n: meta.lrs[meta._lr_key(n)] for n in meta._adapt_names},
-                                 per_step=True)
+    lrs = {n: meta.lrs[meta._lr_key(n)] for n in meta._adapt_names}
+    want, want_g, want_lr = loop_meta_grads(model, *batch, 0.1, 1, lrs=lrs, per_step=True)
     torch.testing.assert_close(meta(*batch).detach(), want, rtol=1e-12, atol=1e-12)
+    value, grads = meta.value_and_grad(*batch)  # (the second step's rates get a zero gradient)
+    torch.testing.assert_close(value, want, rtol=1e-12, atol=1e-12)
+    assert all(g.shape == (2,) and g[1] == 0 for g in grads[len(want_g):])
+    assert_grads_close(grads, list(want_g) + list(want_lr))
+
+
+@pytest.mark.skipif(not has_cpp(), reason="needs fastmeta._C (the cpp backend)")
+def test_a_kernel_without_step_settings_leaves_them_to_the_batched_ops(monkeypatch):
+    """Where the fused op's backend does not run per-step rates or the multi-step loss (ops.STEP_BACKENDS;
+    on a GPU its cuda and triton kernels), BatchedMAML takes the batched ops, exact all the same, and
+    explain says why."""
+    mod = importlib.import_module("fastmeta.ops.mlp_inner_loop")
+    monkeypatch.setattr(mod, "STEP_BACKENDS", ("torch",))
+    monkeypatch.setattr(fastmeta.ops, "STEP_BACKENDS", ("torch",))
+    model, batch = _mlp(), _mlp_batch()
+    for kind, weights, why in ((False, [0.5, 0.5], "its cpp kernel makes the last step's query loss only"),
+                               ("per_layer_step", None, "its cpp kernel has the same rates at every step")):
+        meta = _check(model, batch, "mse", 2, kind, weights, False, "cpp")
+        assert not meta._last_fused
+        assert why in fastmeta.explain(meta)
+    meta = _check(model, batch, "mse", 2, "per_layer", None, False, "cpp")  # (the kernel runs these)
+    assert meta._last_fused
 
 
 def test_derivative_order_annealing_switches_between_calls():

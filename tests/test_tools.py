@@ -414,6 +414,20 @@ def test_maml_plus_plus_script_on_a_small_net(capsys):
     assert len(rows) == 2, rows
 
 
+def test_mlp_maml_plus_plus_script_on_a_small_net(capsys):
+    """benchmarks/mlp_maml_plus_plus.py (RESULTS.md's MLP MAML++ table) on a small MLP: every row
+    timed, both BatchedMAML rows' meta-gradients (parameters and per-step rates) equal to the float64
+    loop's within float32's."""
+    out = _bench_script("mlp_maml_plus_plus", ["--tasks", "3", "--steps", "3", "--width", "8", "--seconds", "0.05"])
+    for order in ("second", "first"):
+        timed, errs = out[order]
+        assert set(timed) == {"loop_mamlpp", "fastmeta_mamlpp", "fastmeta_mamlpp_ops", "fastmeta_maml"}
+        assert all(timed[k][0] is not None for k in timed), timed
+        assert max(errs.values()) < 1e-4, errs
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| fastmeta_mamlpp |")]
+    assert len(rows) == 2, rows
+
+
 def test_reptile_script_on_a_small_net(capsys):
     """benchmarks/reptile.py (RESULTS.md's Reptile table) on a tiny conv4: both rows timed,
     BatchedMAML.reptile_grad's update equal to the per-task loop's."""

@@ -362,8 +362,12 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
 std::vector<at::Tensor> mlp_inner_loop_cuda(
     const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_, const at::Tensor& yq_,
     at::TensorList params_, at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad) {
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
   check_mlp_args(xs_, ys_, xq_, yq_, params_, lrs_, steps, loss);
+  check_step_weights(step_weights, steps);
+  // (fastmeta/ops/mlp_inner_loop.py routes such calls to the cpp or torch backend)
+  TORCH_CHECK(step_weights.empty() && !mlp_rates_per_step(params_, lrs_), "mlp_inner_loop (cuda): per-step rates "
+              "and step_weights (the multi-step loss) are not on the CUDA kernel; use the cpp or torch backend");
   const int64_t L = static_cast<int64_t>(params_.size() / 2);
   TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_inner_loop (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");

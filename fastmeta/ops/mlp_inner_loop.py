@@ -5,12 +5,18 @@
 
 xs [T, K, I], xq [T, Q, I]; ys, yq [T, K, O] float (loss='mse') or [T, K] integer labels
 (loss='cross_entropy'); params = [W_1 [d_1, d_0], b_1 [d_1], ..., W_L, b_L] (the meta-parameters,
-shared by all tasks); lr a real number or one tensor per parameter of its shape (Meta-SGD);
+shared by all tasks); lr a real number, one tensor per parameter of its shape (Meta-SGD), or one
+per parameter and step, [S, *shape] (step s's rates in row s: MAML++'s per-step rates);
 activations[l] in (None, 'relu', 'leaky_relu', 'tanh', 'sigmoid') after layer l.
 
-For each task: S steps theta <- theta - lr * grad L_support(theta) from the meta-parameters, then
-the query loss L_query(theta_S), returned per task. Backward gives the exact meta-gradient
-d L_query / d theta_0 (second order, or first order) and d L_query / d lr.
+For each task: S steps theta_{s+1} = theta_s - lr_s * grad L_support(theta_s) from the
+meta-parameters, then the query loss L_query(theta_S), returned per task; with step_weights
+(w_1..w_S, MAML++'s multi-step loss) the task's loss is sum_s w_s L_query(theta_s) instead (a step
+of weight 0 is not evaluated). Backward gives the exact meta-gradient d loss / d theta_0 (second
+order, or first order) and d loss / d lr.
+
+Per-step rates and step_weights run on the ``cpp`` backend and the reference; on a CUDA tensor
+the auto choice takes the reference for them (a ``cuda`` or ``triton`` request raises).
 
 The ``cpp`` backend (csrc/mlp_inner_loop.cpp), the ``cuda`` backend (csrc/cuda/mlp_inner_loop.cu,
 one thread block per task) and the ``triton`` backend (kernels/mlp_inner_loop.py, one program per task) return the meta-gradient directly from one call (reverse pass over the steps
@@ -28,7 +34,7 @@ import os
 import torch
 
 from .. import _checks
-from ..backend import register_op, select
+from ..backend import register_op, requested, select
 from .batched_linear import ACTIVATIONS, batched_linear_ref
 from .task_loss import cross_entropy_ref, mse_ref
 
@@ -37,6 +43,8 @@ IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 # (H100, benchmarks/RESULTS.md; measured with the CUDA kernel before its shared-memory rewrite)
 AUTO = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
+# the backends that run per-step rates and step_weights (MAML++)
+STEP_BACKENDS = ("torch", "cpp")
 _ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
 
@@ -89,9 +97,12 @@ def _mlp(x, params, activations, negative_slope):
 
 
 def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
-                       loss="mse", first_order=False):
-    """Pure-PyTorch reference: the inner loop unrolled under autograd. Returns the query losses [T]."""
+                       loss="mse", first_order=False, step_weights=None):
+    """Pure-PyTorch reference: the inner loop unrolled under autograd. Returns the query losses [T]
+    (with step_weights, sum_s w_s L_query(theta_s))."""
     loss_fn = mse_ref if loss == "mse" else cross_entropy_ref
+    per_step = rates_per_step(params, lr)
+    total_loss = None
     T = xs.shape[0]
     grad_on = torch.is_grad_enabled()
     with torch.enable_grad():
@@ -102,7 +113,7 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
             theta = [t.detach() for t in theta]
         if not first_order:  # the steps differentiate theta even where the caller's params do not need it
             theta = [t if t.requires_grad else t.detach().requires_grad_() for t in theta]
-        for _ in range(steps):
+        for s in range(steps):
             if first_order:
                 probe = [t.detach().requires_grad_() for t in theta]
                 total = loss_fn(_mlp(xs, probe, activations, negative_slope), ys).sum()
@@ -111,11 +122,26 @@ def mlp_inner_loop_ref(xs, ys, xq, yq, params, lr, steps, activations, negative_
                 total = loss_fn(_mlp(xs, theta, activations, negative_slope), ys).sum()
                 grads = torch.autograd.grad(total, theta, create_graph=True)
             if isinstance(lr, (list, tuple)):
-                theta = [t - l * g for t, l, g in zip(theta, lr, grads)]
+                theta = [t - (l[s] if per_step else l) * g for t, l, g in zip(theta, lr, grads)]
             else:
                 theta = [t - lr * g for t, g in zip(theta, grads)]
-        out = loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
-    return out if grad_on else out.detach()
+            w = step_weights[s] if step_weights is not None and s < steps - 1 else 0.0
+            if w != 0.0:  # the multi-step loss: the query loss after step s + 1
+                term = w * loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
+                total_loss = term if total_loss is None else total_loss + term
+        w = 1.0 if step_weights is None else step_weights[-1]
+        if w != 0.0:
+            out = loss_fn(_mlp(xq, theta, activations, negative_slope), yq)
+            out = out if step_weights is None else w * out
+            total_loss = out if total_loss is None else total_loss + out
+        if total_loss is None:  # every weight 0: a zero loss (zero gradients)
+            total_loss = xq.new_zeros(xq.shape[0]) + 0 * sum(t.sum() for t in theta)
+    return total_loss if grad_on else total_loss.detach()
+
+
+def rates_per_step(params, lr) -> bool:
+    """Whether lr is one rate tensor per parameter and step ([S, *shape] each)."""
+    return isinstance(lr, (list, tuple)) and len(lr) > 0 and lr[0].dim() == params[0].dim() + 1
 
 
 def check_labels(ys, yq, C):
@@ -126,14 +152,17 @@ def check_labels(ys, yq, C):
 @functools.cache
 def _register_cpp():
     @torch.library.register_fake("fastmeta::mlp_inner_loop")
-    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
+    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad,
+          step_weights=()):
         T, P = xs.shape[0], sum(p.numel() for p in params)
-        return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
+        Plr = sum(r.numel() for r in lrs) if lrs else P
+        return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, Plr)]
 
 
     @torch.library.register_fake("fastmeta::mlp_meta_grad")
-    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
-        like = list(params) * (2 if need_lr_grad else 1)
+    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad,
+          step_weights=()):
+        like = list(params) + (list(lrs) if need_lr_grad else [])
         if xs.device.type == "cpu" and os.environ.get("FASTMETA_META_GRAD_ROWS") != "1":
             # the CPU kernel's reduction writes one tensor per parameter
             return [xs.new_empty(())] + [xs.new_empty(p.shape) for p in like]
@@ -175,10 +204,13 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernel, xs, ys, xq, yq, lr, steps, acts, slope, loss, first_order, n, need_lr_grad,
-                *tensors):
+                step_weights, *tensors):
         params, lrs = list(tensors[:n]), list(tensors[n:])
-        outs = kernel(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad)
+        extra = (step_weights,) if step_weights else ()  # (the Triton op has no step_weights)
+        outs = kernel(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
+                      *extra)
         ctx.shapes = [p.shape for p in params]
+        ctx.lr_shapes = [r.shape for r in lrs]
         ctx.n_lrs, ctx.need_lr_grad = len(lrs), need_lr_grad
         ctx.save_for_backward(outs[1], outs[2])
         return outs[0]
@@ -192,18 +224,18 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
         dtheta, dlr = ctx.saved_tensors
         go = go.to(dtheta.dtype)
 
-        def split(flat):  # sum_t go[t] * d[t], then one view per parameter
+        def split(flat, shapes):  # sum_t go[t] * d[t], then one view per tensor
             total = torch.mv(flat.t(), go)
-            return list(torch.split(total, [math.prod(s) for s in ctx.shapes]))
-        grads = [g.view(s) for g, s in zip(split(dtheta), ctx.shapes)]
+            return [g.view(s) for g, s in zip(torch.split(total, [math.prod(s) for s in shapes]), shapes)]
+        grads = split(dtheta, ctx.shapes)
         if ctx.need_lr_grad:
-            grads += [g.view(s) for g, s in zip(split(dlr), ctx.shapes)]
+            grads += split(dlr, ctx.lr_shapes)
         else:
             grads += [None] * ctx.n_lrs
-        return (None,) * 13 + tuple(grads)
+        return (None,) * 14 + tuple(grads)
 
 
-def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss):
+def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weights=None):
     """The checks of mlp_inner_loop's arguments (each error names the argument and its shape)."""
     for name, t in (("xs", xs), ("xq", xq)):
         _checks.tensor(name, t, dim=3)
@@ -251,11 +283,23 @@ def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss):
                 raise ValueError(f"mlp_inner_loop: {name} {tuple(y.shape)} ({y.dtype}) must be integer "
                                  f"labels [T, {x.shape[1]}] for cross_entropy")
     if isinstance(lr, (list, tuple)):
-        if len(lr) != len(params) or any(tuple(l.shape) != tuple(p.shape) for l, p in zip(lr, params)):
-            raise ValueError(f"mlp_inner_loop: per-parameter lr shapes {_checks.shapes(lr)} must equal "
-                             f"the params' {_checks.shapes(params)}")
+        if not all(isinstance(l, torch.Tensor) for l in lr):
+            raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got a list of "
+                            f"{sorted({type(l).__name__ for l in lr})}")
+        lead = (steps,) if rates_per_step(params, lr) else ()
+        if len(lr) != len(params) or any(tuple(l.shape) != lead + tuple(p.shape) for l, p in zip(lr, params)):
+            raise ValueError(f"mlp_inner_loop: per-parameter lr shapes {_checks.shapes(lr)} must equal the params' "
+                             f"{_checks.shapes(params)}, or be [steps={steps}, *shape] each (one rate set a step)")
     elif not isinstance(lr, numbers.Real) or isinstance(lr, bool):
         raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got {type(lr).__name__}")
+    if step_weights is not None:
+        if (not isinstance(step_weights, (list, tuple))
+                or not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in step_weights)):
+            raise TypeError(f"mlp_inner_loop: step_weights must be None or a list of real numbers, got "
+                            f"{step_weights!r}")
+        if len(step_weights) != steps or not all(math.isfinite(w) for w in step_weights):
+            raise ValueError(f"mlp_inner_loop: step_weights must be one finite weight a step (steps={steps}), got "
+                             f"{list(step_weights)}")
 
 
 def _data_grad(xs, ys, xq, yq) -> bool:
@@ -271,45 +315,63 @@ def _reference_only(xs, ys, xq, yq) -> bool:
     return xs.dtype not in _checks.KERNEL_DTYPES or _data_grad(xs, ys, xq, yq)
 
 
+def _weights(step_weights):
+    """step_weights as the kernels take them: a list of floats (empty: the last step's loss only)."""
+    return [] if step_weights is None else [float(w) for w in step_weights]
+
+
+def _backend(xs, params, lr, step_weights) -> str:
+    """The backend of a call: per-step rates and step_weights run on STEP_BACKENDS only (under the
+    auto request the reference takes them elsewhere; another explicit request raises)."""
+    backend = select("mlp_inner_loop", xs.device.type)
+    if backend in STEP_BACKENDS or (step_weights is None and not rates_per_step(params, lr)):
+        return backend
+    if requested("mlp_inner_loop") == "auto":
+        return "torch"
+    raise ValueError(f"mlp_inner_loop: per-step rates (lr [steps, *shape]) and step_weights run on the backends "
+                     f"{STEP_BACKENDS}, not on the requested {backend!r}")
+
+
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,
-                   loss="mse", first_order=False, _checked=False):
+                   loss="mse", first_order=False, step_weights=None, _checked=False):
     """Query losses [T] after the inner loop; backward is the exact meta-gradient (see module doc).
 
     _checked: the caller has checked arguments of these very shapes, dtypes and devices before."""
     if not _checked:
-        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
+        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weights)
     if loss == "cross_entropy":
         check_labels(ys, yq, params[-2].shape[0])
-    backend = select("mlp_inner_loop", xs.device.type)
+    backend = _backend(xs, params, lr, step_weights)
     if backend == "torch" or _reference_only(xs, ys, xq, yq):
         return mlp_inner_loop_ref(xs, ys, xq, yq, list(params), lr, steps, activations,
-                                  negative_slope, loss, first_order)
+                                  negative_slope, loss, first_order, step_weights)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     need_lr_grad = any(l.requires_grad for l in lrs) and torch.is_grad_enabled()
     y_cast = (lambda y: y.long()) if loss == "cross_entropy" else (lambda y: y)
     return _FusedMLPInnerLoop.apply(
         _kernel(backend), xs, y_cast(ys), xq, y_cast(yq), float(lr) if not lrs else 0.0, steps,
         [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order),
-        len(params), need_lr_grad, *params, *lrs)
+        len(params), need_lr_grad, _weights(step_weights), *params, *lrs)
 
 
 def mlp_meta_loss(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01, loss="mse",
-                  first_order=False, _checked=False):
+                  first_order=False, step_weights=None, _checked=False):
     """The mean over tasks of mlp_inner_loop's query losses (a scalar). On the cpp / cuda backends
     one C++ op, fastmeta::mlp_meta_loss, whose autograd is in C++ too (no Python on the backward
     path); elsewhere mlp_inner_loop(...).mean()."""
     if not _checked:
-        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
-    backend = select("mlp_inner_loop", xs.device.type)
+        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weights)
+    backend = _backend(xs, params, lr, step_weights)
     if backend not in ("cpp", "cuda") or _reference_only(xs, ys, xq, yq):
         return mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss,
-                              first_order, _checked=True).mean()
+                              first_order, step_weights, _checked=True).mean()
     return torch.ops.fastmeta.mlp_meta_loss(*_op_args(xs, ys, xq, yq, params, lr, steps, activations,
-                                                      negative_slope, loss, first_order))
+                                                      negative_slope, loss, first_order),
+                                            _weights(step_weights))
 
 
 def _op_args(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, loss, first_order):
-    """The arguments of fastmeta::mlp_meta_loss (and the first 12 of ::mlp_meta_grad): labels
+    """The first 12 arguments of fastmeta::mlp_meta_loss and ::mlp_meta_grad: labels
     range-checked and int64 for cross-entropy, a scalar lr or the list of rates."""
     if loss == "cross_entropy":
         check_labels(ys, yq, params[-2].shape[0])
@@ -348,24 +410,25 @@ def mlp_meta_loss_direct(spec, loss, device_type):
 
 
 def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01, loss="mse",
-                  first_order=False, _checked=False):
+                  first_order=False, step_weights=None, _checked=False):
     """(loss, grads, lr_grads): mlp_meta_loss's value (detached) and its gradient with respect to
     each of params (and, with a list lr, each of the rates; else lr_grads is None), whether they
     require grad or not, as values. On the cpp / cuda backends fastmeta::mlp_meta_grad returns them
     from the kernel (no autograd graph); elsewhere torch.autograd.grad of mlp_meta_loss."""
     if not _checked:
-        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss)
+        check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weights)
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     n = len(params)
-    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in _checks.KERNEL_DTYPES:
+    if _backend(xs, params, lr, step_weights) not in ("cpp", "cuda") or xs.dtype not in _checks.KERNEL_DTYPES:
         wrt = [t.detach().requires_grad_() for t in list(params) + lrs]  # every tensor, as the kernel
         with torch.enable_grad():
             value = mlp_meta_loss(xs, ys, xq, yq, wrt[:n], wrt[n:] if lrs else lr, steps, activations,
-                                  negative_slope, loss, first_order, _checked=True)
+                                  negative_slope, loss, first_order, step_weights, _checked=True)
             grads = torch.autograd.grad(value, wrt, allow_unused=True, materialize_grads=True)
         return value.detach(), list(grads[:n]), (list(grads[n:]) if lrs else None)
     out = torch.ops.fastmeta.mlp_meta_grad(*_op_args(xs, ys, xq, yq, params, lr, steps, activations,
-                                                     negative_slope, loss, first_order), bool(lrs))
+                                                     negative_slope, loss, first_order), bool(lrs),
+                                           _weights(step_weights))
     return out[0], out[1:1 + n], (out[1 + n:] if lrs else None)
 
 
