@@ -861,8 +861,8 @@ class BatchedMAML(nn.Module):
         be = select("mlp_inner_loop", p.device.type)
         if be == "torch":
             return False
-        # per-step rates and the multi-step loss: on the kernels that run them (ops.STEP_BACKENDS)
-        if (self._lr_kind == "per_layer_step" or self.step_loss_weights is not None) and be not in ops.STEP_BACKENDS:
+        # per-step rates and the multi-step loss: on the kernels that run them (ops.runs_step_settings)
+        if not ops.runs_step_settings(be, self.inner_steps, self._lr_kind == "per_layer_step", self.step_loss_weights):
             return False
         if xs is None:
             return True

@@ -845,14 +845,17 @@ def explain(model: nn.Module) -> str:
             lines.append(f"  meta-loss: the query losses after each inner step weighted by step_loss_weights "
                          f"{list(weights)} (a step of weight 0 is not evaluated)")
         # (the fused kernel adapts every parameter; per-step rates and the multi-step loss run on
-        # its STEP_BACKENDS kernels only)
-        from .ops.mlp_inner_loop import STEP_BACKENDS
+        # some of its kernels: ops.runs_step_settings)
+        from .ops.mlp_inner_loop import CUDA_MAX_WEIGHTED_STEPS, STEP_BACKENDS, runs_step_settings
         be = backend_of("mlp_inner_loop")
-        on_steps = be in STEP_BACKENDS
-        unfused = ("here some are not adapted" if partial else
-                   f"its {be} kernel has the same rates at every step" if kind == "per_layer_step" and not on_steps
-                   else f"its {be} kernel makes the last step's query loss only" if weights is not None
-                   and not on_steps else None)
+        on_steps = (not be.isidentifier()  # (a reason: the batched ops run it whatever the settings)
+                    or runs_step_settings(be, meta.inner_steps, kind == "per_layer_step", weights))
+        unfused = ("here some are not adapted" if partial else None if on_steps else
+                   f"its {be} kernel has the same rates at every step" if be not in STEP_BACKENDS and
+                   kind == "per_layer_step" else
+                   f"its {be} kernel makes the last step's query loss only" if be not in STEP_BACKENDS else
+                   f"its {be} kernel holds the step weights of at most {CUDA_MAX_WEIGHTED_STEPS} steps, here "
+                   f"{meta.inner_steps}")
         k = prog.invariant_prefix(set(adapted), batch_norm=meta.step_bn is None)
         if 0 < k and meta.inner_steps > 0 and (unfused or prog.mlp is None):  # (else the fused kernel runs)
             paths = ", ".join(s.path or "<model>" for s in prog.steps[:k])
@@ -864,7 +867,7 @@ def explain(model: nn.Module) -> str:
         unfused = None
     if prog.mlp is not None and unfused:
         lines.append(f"  whole inner loop: step by step on the batched ops (the fused mlp_inner_loop op adapts every "
-                     f"parameter; per-step rates and the multi-step loss run on its {' and '.join(STEP_BACKENDS)} "
+                     f"parameter; per-step rates and the multi-step loss run on its {', '.join(STEP_BACKENDS)} "
                      f"backends; {unfused})")
     elif prog.mlp is not None and backend_of("mlp_inner_loop").startswith("torch:"):
         lines.append(f"  whole inner loop: step by step on the batched ops ({backend_of('mlp_inner_loop')[7:]})")

@@ -43,19 +43,23 @@ def ptr(t):
 
 
 def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128,
-            lr_grad=True):
-    """Runs the CUDA kernel in the emulator (with lrs, their gradient too unless lr_grad is False);
-    returns the placement it ran with and its outputs."""
+            lr_grad=True, step_weights=None):
+    """Runs the CUDA kernel in the emulator (with lrs, their gradient too unless lr_grad is False;
+    rates [steps, *shape] are per step); returns the placement it ran with and its outputs (the rate
+    gradients of per-step rates in the op's order: each rate's [steps, n] in turn)."""
     xs, ys, xq, yq = (t.contiguous() for t in batch)
     dt = xs.dtype
     T, K, Q = xs.shape[0], xs.shape[1], xq.shape[1]
     dims = [params[0].shape[1]] + [params[2 * i].shape[0] for i in range(len(params) // 2)]
     theta0 = torch.cat([p.detach().reshape(-1) for p in params])
     lrflat = torch.cat([r.detach().to(dt).reshape(-1) for r in lrs]) if lrs else None
+    per_step = bool(lrs) and lrs[0].dim() == params[0].dim() + 1
     P = theta0.numel()
+    sets = steps if per_step else 1
     loss_out = torch.full((T,), float("nan"), dtype=dt)
     dtheta = torch.full((T, P), float("nan"), dtype=dt)
-    dlr = torch.full((T, P), float("nan"), dtype=dt) if lrs and lr_grad else None
+    dlr = torch.full((T, sets * P), float("nan"), dtype=dt) if lrs and lr_grad else None
+    weights = list(step_weights or [])
     h.fm_emu_set_order(order, 7)
     fn = h.fm_emu_mlp_f64 if dt == torch.float64 else h.fm_emu_mlp_f32
     L = len(dims) - 1
@@ -63,28 +67,36 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
             ctypes.c_int64(T), ctypes.c_int64(K), ctypes.c_int64(Q), ctypes.c_int64(steps), ptr(xs), ptr(ys),
             ptr(xq), ptr(yq), ptr(theta0), ptr(lrflat), ctypes.c_double(lr), ctypes.c_double(slope),
             ctypes.c_int(0 if loss == "mse" else 1), ctypes.c_int(int(first_order)), ctypes.c_int(placement),
-            ctypes.c_int(threads), ptr(loss_out), ptr(dtheta), ptr(dlr))
+            ctypes.c_int(threads), ptr(loss_out), ptr(dtheta), ptr(dlr), ctypes.c_int(int(per_step)),
+            ctypes.c_int(len(weights)), (ctypes.c_double * max(1, len(weights)))(*weights))
     assert rc >= 0, h.fm_emu_error().decode()
+    if per_step and dlr is not None:  # the kernel's rows are [steps, P]; the op's each rate's [steps, n]
+        by_step = dlr.view(T, steps, P)
+        dlr = torch.cat([part.reshape(T, -1) for part in by_step.split([p.numel() for p in params], dim=2)], 1)
     return rc, (loss_out, dtheta, dlr)
 
 
-def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad=True):
+def cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad=True, step_weights=None):
     want_lr = bool(lrs) and lr_grad
     with torch.no_grad():
         out = torch.ops.fastmeta.mlp_inner_loop(*batch, [p.detach() for p in params],
                                                 [r.detach() for r in lrs], lr, steps, [ACT[a] for a in acts],
-                                                slope, 0 if loss == "mse" else 1, first_order, want_lr)
+                                                slope, 0 if loss == "mse" else 1, first_order, want_lr,
+                                                list(step_weights or []))
     return out[0], out[1], out[2] if want_lr else None
 
 
 def check(h, widths, T, K, Q, steps, acts, loss, first_order, dtype, placement, metasgd=False, slope=0.01, lr=0.05,
-          threads=128, lr_grad=True):
+          threads=128, lr_grad=True, per_step=False, step_weights=None):
     """The emulated kernel (placement forced where it fits, -1: its own choice) against the CPU
-    kernel, in every thread order; returns the placement it ran with."""
+    kernel, in every thread order; returns the placement it ran with. metasgd: learned rates, one
+    set a step with per_step; step_weights: the multi-step loss."""
     params, batch = make_mlp_batch(widths, T, K, Q, loss, dtype, "cpu")
-    lrs = [torch.full_like(p, lr) * (1 + 0.5 * torch.rand_like(p)) for p in params] if metasgd else []
-    want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad)
-    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, lr_grad)
+    lead = (steps,) if per_step else ()
+    lrs = [lr * (1 + 0.5 * torch.rand(*lead, *p.shape, dtype=p.dtype)) for p in params] if metasgd else []
+    want = cpu_op(params, batch, lrs, lr, steps, acts, slope, loss, first_order, lr_grad, step_weights)
+    runs = [emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, o, threads, lr_grad,
+                    step_weights)
             for o in ORDERS]
     assert all(r[0] == runs[0][0] for r in runs)
     got = runs[0][1]
@@ -190,6 +202,36 @@ def test_occupancy_build(emu, first_order):
             emu_mlp(emu, params, batch, [], 0.1, 1, ["relu", None], 0.01, "mse", False, 0, 0, threads=256)
     finally:
         emu.fm_emu_set_mlp_occupancy(0)
+
+
+STEP_WEIGHTS = [[0.2, 0.0, 0.8], [0.5, 0.3, 0.0], [0.0, 0.0, 0.0]]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS.values(), ids=PLACEMENTS.keys())
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
+def test_step_weights_and_per_step_rates(emu, rates, first_order, placement):
+    """MAML++'s settings: the multi-step loss (the reverse pass adds each weighted query gradient;
+    first order then keeps each step's parameters) with a scalar rate, per-entry and per-step rates
+    (one rate gradient set a step), against the CPU kernel in every thread order and placement."""
+    for weights in STEP_WEIGHTS + ([None] if rates == "per_step" else []):
+        check(emu, (2, 9, 7, 3), 2, 5, 6, 3, ["tanh", "relu", None], "mse", first_order, torch.float64, placement,
+              metasgd=rates != "scalar", per_step=rates == "per_step", step_weights=weights)
+
+
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+def test_step_weights_cross_entropy_float32(emu, first_order):
+    check(emu, (3, 17, 5), 3, 5, 7, 2, ["sigmoid", None], "cross_entropy", first_order, torch.float32, 1,
+          metasgd=True, per_step=True, step_weights=[0.4, 0.6], lr=0.1)
+    check(emu, (1, 40, 40, 1), 2, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1,
+          metasgd=True, per_step=True, step_weights=[0.1, 0.1, 0.2, 0.2, 0.4], lr_grad=False)
+
+
+def test_too_many_weighted_steps_are_refused(emu):
+    params, batch = make_mlp_batch((1, 4, 1), 1, 3, 3, "mse", torch.float64, "cpu")
+    emu_mlp(emu, params, batch, [], 0.1, 64, ["relu", None], 0.01, "mse", False, 0, 0, step_weights=[1 / 64] * 64)
+    with pytest.raises(AssertionError, match="kMaxWeightedSteps"):
+        emu_mlp(emu, params, batch, [], 0.1, 65, ["relu", None], 0.01, "mse", False, 0, 0, step_weights=[1 / 65] * 65)
 
 
 def test_automatic_placement(emu):

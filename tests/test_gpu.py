@@ -81,14 +81,16 @@ def test_inner_update_on_gpu():
             torch.testing.assert_close(o, w, rtol=1e-6, atol=1e-6)  # FMA contraction: not bit-exact
 
 
-def _fused_vs_reference(backend, params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01):
+def _fused_vs_reference(backend, params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01,
+                        step_weights=None):
     """The backend's mlp_inner_loop against the torch reference on the GPU: per-task losses, and
     the meta-gradient (and learned-lr gradient) of a weighted sum of them."""
     lr_list = lr if isinstance(lr, list) else []
     out = {}
     for b in ("torch", backend):
         with fastmeta.use_backend(b):
-            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order)
+            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order,
+                                        step_weights=step_weights)
         w = torch.linspace(0.5, 1.5, losses.shape[0], dtype=losses.dtype, device=losses.device)
         out[b] = (losses.detach(), list(torch.autograd.grad((losses * w).sum(), params + lr_list)))
     assert_rel_close([out[backend][0]], [out["torch"][0]], rtol, f"{backend} losses")
@@ -158,6 +160,27 @@ def test_mlp_kernels_cross_entropy_and_meta_sgd_on_gpu(backend, first_order):
         params, batch = make_mlp_batch((2, 37, 3), 3, 6, 5, "mse", dtype, "cuda")
         lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
         _fused_vs_reference(backend, params, batch, lrs, 4, ["tanh", None], "mse", first_order, RTOL[dtype])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
+def test_cuda_kernel_per_step_rates_and_step_losses(rates, first_order):
+    """MAML++'s settings on the CUDA kernel: the multi-step loss (a weight of 0 included) with a
+    scalar rate, per-entry and per-step rates, MSE and cross-entropy, several tasks a block count."""
+    for dtype, T in ((torch.float64, 3), (torch.float32, 40)):
+        params, batch = make_mlp_batch((1, 40, 37, 1), T, 10, 10, "mse", dtype, "cuda")
+        lead = (4,) if rates == "per_step" else ()
+        lr = (0.01 if rates == "scalar" else
+              [torch.empty(*lead, *p.shape, dtype=dtype, device="cuda").uniform_(0.005, 0.02).requires_grad_()
+               for p in params])
+        for weights in ([0.1, 0.2, 0.0, 0.7], [0.5, 0.5, 0.0, 0.0], None if rates == "per_step" else [0.25] * 4):
+            _fused_vs_reference("cuda", params, batch, lr, 4, ["relu", "tanh", None], "mse", first_order, RTOL[dtype],
+                                step_weights=weights)
+    params, batch = make_mlp_batch((3, 37, 11, 5), 3, 7, 9, "cross_entropy", torch.float64, "cuda")
+    lr = [torch.empty(3, *p.shape, dtype=torch.float64, device="cuda").uniform_(0.05, 0.2).requires_grad_()
+          for p in params] if rates == "per_step" else 0.1
+    _fused_vs_reference("cuda", params, batch, lr, 3, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy",
+                        first_order, RTOL[torch.float64], slope=0.2, step_weights=[0.3, 0.3, 0.4])
 
 
 @pytest.mark.parametrize("lr_kind", ["scalar", "learned"])

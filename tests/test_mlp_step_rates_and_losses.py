@@ -196,6 +196,33 @@ def test_backends_without_them(monkeypatch):
     assert not called
 
 
+def test_cuda_takes_at_most_its_weighted_steps(monkeypatch):
+    """The CUDA kernel holds the step weights of at most CUDA_MAX_WEIGHTED_STEPS steps: more go to the
+    reference under the auto request, and an explicit cuda request raises, naming the count."""
+    most = mlp_mod.CUDA_MAX_WEIGHTED_STEPS
+    assert ops.runs_step_settings("cuda", most, True, [1.0] * most)
+    assert not ops.runs_step_settings("cuda", most + 1, False, [1.0] * (most + 1))
+    assert ops.runs_step_settings("cuda", most + 1, True, None)  # (per-step rates alone: any count)
+    assert ops.runs_step_settings("cpp", 1000, True, [1.0] * 1000)
+    assert not ops.runs_step_settings("triton", 2, True, None) and ops.runs_step_settings("triton", 2, False, None)
+    torch.manual_seed(0)
+    params, batch = make_mlp_batch((2, 3, 1), 2, 3, 3, "mse", torch.float64)
+    S = most + 1
+    weights = [1.0 / S] * S
+    with fastmeta.use_backend("torch"):
+        want = ops.mlp_inner_loop(*batch, params, 0.01, S, ["tanh", None], step_weights=weights)
+    called = []
+    monkeypatch.setattr(mlp_mod, "select", lambda op, device_type: "cuda")
+    monkeypatch.setattr(mlp_mod, "_kernel", lambda backend: called.append(backend))
+    monkeypatch.setattr(mlp_mod, "requested", lambda op: "auto")
+    got = ops.mlp_inner_loop(*batch, params, 0.01, S, ["tanh", None], step_weights=weights)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert not called
+    monkeypatch.setattr(mlp_mod, "requested", lambda op: "cuda")
+    with pytest.raises(ValueError, match=f"'cuda' for {S} steps"):
+        ops.mlp_inner_loop(*batch, params, 0.01, S, ["tanh", None], step_weights=weights)
+
+
 def test_bad_rates_and_weights_are_named():
     params, batch, lrs = _case(3, "mse")
     with pytest.raises(ValueError, match=r"lr shapes .*steps=2"):

@@ -293,12 +293,11 @@ def test_bad_settings_name_the_argument():
 
 @pytest.mark.skipif(not has_cpp(), reason="needs fastmeta._C (the cpp backend)")
 def test_a_kernel_without_step_settings_leaves_them_to_the_batched_ops(monkeypatch):
-    """Where the fused op's backend does not run per-step rates or the multi-step loss (ops.STEP_BACKENDS;
-    on a GPU its cuda and triton kernels), BatchedMAML takes the batched ops, exact all the same, and
-    explain says why."""
+    """Where the fused op's backend does not run per-step rates or the multi-step loss
+    (ops.runs_step_settings; on a GPU its triton kernel), BatchedMAML takes the batched ops, exact all
+    the same, and explain says why (here the cpp kernel stands for such a one)."""
     mod = importlib.import_module("fastmeta.ops.mlp_inner_loop")
     monkeypatch.setattr(mod, "STEP_BACKENDS", ("torch",))
-    monkeypatch.setattr(fastmeta.ops, "STEP_BACKENDS", ("torch",))
     model, batch = _mlp(), _mlp_batch()
     for kind, weights, why in ((False, [0.5, 0.5], "its cpp kernel makes the last step's query loss only"),
                                ("per_layer_step", None, "its cpp kernel has the same rates at every step")):

@@ -244,7 +244,7 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
   const bool tune = mlp_autotune_on();  // (read first: a bad value raises whatever the shape)
   if (a.num_tasks <= d.sms || !tune) return def;
   std::vector<int64_t> key{device, static_cast<int64_t>(sizeof(T)), a.L, a.K, a.Q, a.steps, a.num_tasks,
-                           a.first_order, a.lr_grad, a.loss, a.slope >= T(0)};
+                           a.first_order, a.lr_grad, a.loss, a.slope >= T(0), a.lr_per_step, a.weighted_steps};
   for (int l = 0; l < a.L; ++l) {
     key.push_back(a.dims[l + 1]);
     key.push_back(a.acts[l]);
@@ -313,8 +313,8 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
 template <typename T>
 void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
               const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
-              at::IntArrayRef acts, double slope, int64_t loss, bool first_order, at::Tensor& loss_out,
-              at::Tensor& dtheta, at::Tensor& dlr, int64_t P) {
+              at::IntArrayRef acts, double slope, int64_t loss, bool first_order, at::ArrayRef<double> step_weights,
+              at::Tensor& loss_out, at::Tensor& dtheta, at::Tensor& dlr, int64_t P) {
   cuda::MLPArgs<T> a{};
   const int L = static_cast<int>(params.size() / 2);
   a.L = L;
@@ -328,6 +328,9 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.num_tasks = xs.size(0); a.K = xs.size(1); a.Q = xq.size(1); a.steps = steps;
   a.loss = static_cast<int>(loss); a.first_order = first_order;
   a.lr_grad = dlr.numel() > 0;
+  a.lr_per_step = mlp_rates_per_step(params, lrs);
+  a.weighted_steps = static_cast<int>(step_weights.size());  // (checked: at most kMaxWeightedSteps)
+  for (size_t s = 0; s < step_weights.size(); ++s) a.step_w[s] = static_cast<T>(step_weights[s]);
   a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
   cuda::mlp_sizes(a);
   TORCH_CHECK(a.work + a.hist < (int64_t{1} << 31), "mlp_inner_loop (cuda): one task's workspace (", a.work,
@@ -365,9 +368,8 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
   check_mlp_args(xs_, ys_, xq_, yq_, params_, lrs_, steps, loss);
   check_step_weights(step_weights, steps);
-  // (fastmeta/ops/mlp_inner_loop.py routes such calls to the cpp or torch backend)
-  TORCH_CHECK(step_weights.empty() && !mlp_rates_per_step(params_, lrs_), "mlp_inner_loop (cuda): per-step rates "
-              "and step_weights (the multi-step loss) are not on the CUDA kernel; use the cpp or torch backend");
+  TORCH_CHECK(static_cast<int64_t>(step_weights.size()) <= cuda::kMaxWeightedSteps, "mlp_inner_loop (cuda): "
+              "step_weights for at most ", cuda::kMaxWeightedSteps, " steps, got ", step_weights.size());
   const int64_t L = static_cast<int64_t>(params_.size() / 2);
   TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_inner_loop (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
@@ -386,11 +388,24 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   auto opts = xs.options();
   at::Tensor loss_out = new_output({Tn}, opts);
   at::Tensor dtheta = new_output({Tn, P}, opts);
-  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, P}, opts);
+  const bool per_step = mlp_rates_per_step(params_, lrs_);
+  const int64_t sets = per_step ? steps : 1;
+  at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, sets * P}, opts);
   AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_inner_loop_cuda", [&] {
-    mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order,
+    mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, step_weights,
                        loss_out, dtheta, dlr, P);
   });
+  if (per_step && need_lr_grad) {
+    // the kernel's rows are [S, P] (step-major); the op's are the rates' own order, each [S, n_i]
+    const at::Tensor by_step = dlr.view({Tn, steps, P});
+    std::vector<at::Tensor> parts;
+    int64_t off = 0;
+    for (const at::Tensor& p : params) {
+      parts.push_back(by_step.narrow(2, off, p.numel()).reshape({Tn, -1}));
+      off += p.numel();
+    }
+    dlr = at::cat(parts, 1);
+  }
   return {loss_out, dtheta, dlr};
 }
 

@@ -60,6 +60,8 @@ namespace cuda {
 // task's parameter-sized vectors use a padded layout: W's rows at stride ldw[l] (dims[l] made odd,
 // so that the rows a warp reads at once fall in different shared-memory banks) from pw[l], b at pb[l].
 constexpr int kMaxLayers = 8;
+// The most inner steps of a call with step weights (MLPArgs::step_w, held in the arguments).
+constexpr int kMaxWeightedSteps = 64;
 
 // Where a task's slots live (MLPArgs::placement). The working set is what every phase touches
 // (current parameters, gradient, the reverse pass's vector, one pass's activations); the history
@@ -77,15 +79,19 @@ struct MLPArgs {
   const T* xq; const T* yq_f; const int64_t* yq_l;   // [T, Q, I]; [T, Q, D] or [T, Q]
   const T* theta0_w[kMaxLayers];                      // meta-parameters: W_l [d_{l+1}, d_l], row-major
   const T* theta0_b[kMaxLayers];                      //   and b_l [d_{l+1}], one tensor each
-  const T* lr_w[kMaxLayers];                          // per-parameter rates in the same shapes, or
-  const T* lr_b[kMaxLayers];                          //   lr_w[0] == nullptr (the scalar lr)
+  const T* lr_w[kMaxLayers];                          // per-parameter rates in the same shapes (with
+  const T* lr_b[kMaxLayers];                          //   lr_per_step, [steps, *shape]: step s's at s *
+                                                      //   the layer's numel), or lr_w[0] == nullptr
+  bool lr_per_step;                                   //   (the scalar lr)
   T lr;                                               // scalar rate when lrs == nullptr
+  int weighted_steps;                                 // 0 (the query loss at theta_S only), or steps:
+  T step_w[kMaxWeightedSteps];                        //   the task's loss is sum_s step_w[s-1] L_query(theta_s)
   T slope;                                            // leaky relu slope
   T* scratch;                                         // [T, scratch_per_task]
   int64_t scratch_per_task;
   T* loss_out;                                        // [T]
   T* dtheta;                                          // [T, P]
-  T* dlr;                                             // [T, P] or nullptr
+  T* dlr;                                             // [T, P] ([T, steps, P] with lr_per_step) or nullptr
   int64_t num_tasks, K, Q, steps, P;
   int L, loss;                                        // loss: 0 mse, 1 cross-entropy
   bool first_order;
@@ -130,8 +136,16 @@ inline void mlp_layout(MLPArgs<T>& a) {
 // from global memory each read waits its latency on the phase's critical path.
 constexpr int64_t kMaxStagedInputs = 1024;
 
+// Whether the kernel keeps each step's parameters (and activations, gradients) for a reverse pass:
+// second order, and first order where query losses after earlier steps count (weighted_steps).
+template <typename T>
+__host__ __device__ inline bool mlp_keeps_history(const MLPArgs<T>& a) {
+  return !a.first_order || a.weighted_steps > 0;
+}
 // a.act_sections, a.inputs, a.work and a.hist from the layout, acts, slope, loss, K, Q, steps,
-// first_order and lr_grad. The working set holds three parameter-sized vectors (two in first
+// first_order, weighted_steps and lr_grad (first order with weighted steps sized as second order,
+// with the query gradients of the steps before the last in the history too). The working set
+// holds three parameter-sized vectors (two in first
 // order: theta_s and theta_{s+1} in turn, the query gradient going straight to the output), one
 // pass's activations (max(K, Q) rows), in second order the R-operator's buffers, and last the
 // task's inputs and MSE targets where they are small (kMaxStagedInputs); second order's history
@@ -153,9 +167,11 @@ inline void mlp_sizes(MLPArgs<T>& a) {
   const int64_t NQ = a.K > a.Q ? a.K : a.Q;
   const int64_t in = (a.K + a.Q) * (a.dims[0] + (a.loss == 0 ? a.dims[a.L] : 0));
   a.inputs = in <= kMaxStagedInputs ? in : 0;
-  a.work = (a.first_order ? 2 : 3) * a.Pp + a.act_sections * NQ * sumd +
-           (a.first_order ? 0 : 2 * a.K * sumd + 2 * a.K * dmax) + a.inputs;
-  a.hist = a.first_order ? 0 : a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + a.act_sections * a.K * sumd);
+  const bool hist = mlp_keeps_history(a);
+  a.work = (hist ? 3 : 2) * a.Pp + a.act_sections * NQ * sumd + (hist ? 2 * a.K * sumd + 2 * a.K * dmax : 0) +
+           a.inputs;
+  a.hist = hist ? a.steps * ((a.lr_grad ? 2 : 1) * a.Pp + a.act_sections * a.K * sumd) : 0;
+  if (a.weighted_steps > 0 && a.steps > 1) a.hist += (a.steps - 1) * a.Pp;  // the step losses' gradients
 }
 
 // Dynamic shared memory of one block for a placement: a reduction buffer of one element a thread,

@@ -2,7 +2,9 @@
 // meta-gradient. Same math and contract as csrc/mlp_inner_loop.cpp (see its header): S steps
 // theta_{s+1} = theta_s - lr (.) g_s, the query loss at theta_S, and the reverse pass
 // v_s = v_{s+1} - H_s (lr (.) v_{s+1}) with Hessian-vector products in closed form (R-operator
-// forward-over-reverse on the stored activations of step s).
+// forward-over-reverse on the stored activations of step s). Rates may be per step, and with
+// step weights the task's loss is sum_s w_s L_query(theta_s): the reverse pass adds
+// w_s grad L_query(theta_s) to v at each step (first order then keeps each step's parameters too).
 //
 // Every small product of a phase is one call of `gemm`: each thread computes a 2 x 2 tile of outputs,
 // the threads of a warp consecutive columns (so B's loads are consecutive or odd-strided in shared
@@ -228,7 +230,13 @@ struct Ctx {
   __device__ Op<T> Wcols(const T* th, int l) const {  // W^T(i, o): columns of W
     return {th + A.pw[l], 1, A.ldw[l]};
   }
-  __device__ T rate(const Param& p) const { return A.lr_w[0] != nullptr ? layer_elem(A.lr_w, A.lr_b, p) : A.lr; }
+  // The rate of parameter element p at step s.
+  __device__ T rate(const Param& p, int s) const {
+    if (A.lr_w[0] == nullptr) return A.lr;
+    if (!A.lr_per_step) return layer_elem(A.lr_w, A.lr_b, p);
+    const int n = p.bias ? A.dims[p.l + 1] : A.dims[p.l + 1] * A.dims[p.l];
+    return (p.bias ? A.lr_b[p.l] : A.lr_w[p.l])[static_cast<int64_t>(s) * n + p.k];
+  }
   // One scalar rate and no rate gradient: the reverse pass's v_{s+1} - H_s (lr v_{s+1}) is
   // v_{s+1} - lr H_s v_{s+1}, the R-operator reading v itself (see the kernel's reverse pass).
   __device__ bool fold_lr() const { return A.lr_w[0] == nullptr && A.dlr == nullptr; }
@@ -236,10 +244,12 @@ struct Ctx {
   // z_l = a_{l-1} W_l^T + b_l, a_l = act(z_l) for the rows x [N, d_0], one phase a layer; then the
   // loss of a_L against the targets, its gradient da_L and dz_L, and with loss_out the task's loss.
   // MSE's loss is part of the last layer's phase (its epilogue has each element of a_L), cross-entropy
-  // (a softmax over each row) a phase of its own. during(l) runs in layer l's phase.
+  // (a softmax over each row) a phase of its own. during(l) runs in layer l's phase. The loss and
+  // its gradient are scaled by weight (a step's in the multi-step loss); with add, the weighted
+  // loss is added to *loss_out (thread 0 writes it, whichever call).
   template <typename During>
   __device__ void forward_loss(const T* th, const T* x, int N, const Acts<T>& S, const T* yf, const int64_t* yl,
-                               T* loss_out, T* red, During during) const {
+                               T* loss_out, T* red, During during, T weight = T(1), bool add = false) const {
     const bool mse = A.loss == 0;
     T part = 0;
     for (int l = 0; l < A.L; ++l) {
@@ -251,7 +261,7 @@ struct Ctx {
       if (mse && l == A.L - 1) {
         T* da = S.at(A, 2, l);
         T* dz = S.at(A, 3, l);
-        const T scale = T(2) / static_cast<T>(N * dout);
+        const T scale = weight * T(2) / static_cast<T>(N * dout);
         gemm(0, N, dout, Op<T>{ain, din, 1}, Wrows(th, l), din, [&](int n, int o, T c) {
           const int e = n * dout + o;
           c += b[o];
@@ -276,28 +286,30 @@ struct Ctx {
       __syncthreads();
     }
     if (!mse) {
-      loss_grad(S, N, yl, loss_out, red);
+      loss_grad(S, N, yl, loss_out, red, weight, add);
     } else if (loss_out != nullptr && threadIdx.x == 0) {  // red is not written again before it is read
       T total = 0;
       for (unsigned i = 0; i < blockDim.x; ++i) total += red[i];
-      *loss_out = total;
+      *loss_out = add ? *loss_out + weight * total : weight * total;
     }
   }
 
-  // Cross-entropy of a_L against the labels: da_L, dz_L; with loss_out, the task's loss. One phase.
-  __device__ void loss_grad(const Acts<T>& S, int N, const int64_t* yl, T* loss_out, T* red) const {
+  // Cross-entropy of a_L against the labels: da_L, dz_L; with loss_out, the task's loss (weighted and
+  // added as forward_loss says). One phase.
+  __device__ void loss_grad(const Acts<T>& S, int N, const int64_t* yl, T* loss_out, T* red, T weight,
+                            bool add) const {
     const int D = A.dims[A.L], act = A.acts[A.L - 1];
     const T *z = S.at(A, 0, A.L - 1), *a = S.at(A, 1, A.L - 1);
     T* da = S.at(A, 2, A.L - 1);
     T* dz = S.at(A, 3, A.L - 1);
     T part = 0;
-    const T invN = T(1) / static_cast<T>(N);
+    const T invN = T(1) / static_cast<T>(N), ginvN = weight * invN;
     for (int n = threadIdx.x; n < N; n += blockDim.x) {
       const Softmax<T> sm(a + n * D, D);
       const int y = static_cast<int>(yl[n]);
       for (int c = 0; c < D; ++c) {
         const int i = n * D + c;
-        da[i] = (sm.p(c) - (c == y ? T(1) : T(0))) * invN;
+        da[i] = (sm.p(c) - (c == y ? T(1) : T(0))) * ginvN;
         dz[i] = act_d1(act, z[i], a[i], slope) * da[i];
       }
       part += (log(sm.sum) + sm.m - sm.row[y]) * invN;
@@ -308,7 +320,7 @@ struct Ctx {
       if (threadIdx.x == 0) {
         T total = 0;
         for (unsigned i = 0; i < blockDim.x; ++i) total += red[i];
-        *loss_out = total;
+        *loss_out = add ? *loss_out + weight * total : weight * total;
       }
     }
     __syncthreads();
@@ -471,7 +483,12 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
   for (int l = 0; l < A.L; ++l) sumd += A.dims[l + 1];
   for (int l = 0; l <= A.L; ++l) dmax = max(dmax, A.dims[l]);
   const int NQ = max(K, Q);
-  const bool fo = A.first_order, keep_g = A.dlr != nullptr;
+  // fo: first order's layout (no history; theta_s and theta_{s+1} in turn), where only the last
+  // step's query loss counts; with step weights first order keeps the history and runs the reverse
+  // pass without its Hessian terms
+  const bool fo = !mlp_keeps_history(A), keep_g = A.dlr != nullptr;
+  const bool weighted = A.weighted_steps > 0;
+  const int lr_sets = A.lr_per_step ? max(S, 1) : 1;
   T* shared = red + blockDim.x;
   T* scratch = A.scratch + static_cast<int64_t>(t) * A.scratch_per_task;
   // working set: th and gv, which hold theta_s and theta_{s+1} in turn (a step's backward pass
@@ -492,6 +509,7 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
   T* h = A.placement == kAllShared ? w : (A.placement == kAllGlobal ? w : scratch);
   T* h_th = h; h += fo ? 0 : S * Pp;
   T* h_g = h; h += fo || !keep_g ? 0 : S * Pp;
+  T* h_q = h; h += weighted ? (S - 1) * Pp : 0;  // w_s grad L_query(theta_s), s = 1..S-1, at (s - 1) Pp
   T* h_acts = h;
   // placement 1 computes a step's parameters and activations in shared memory and copies them to
   // their history slots as they are finished (each slab during the phase after the one that made
@@ -532,7 +550,8 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
     x = inputs;
     xq = x + K * I;
   }
-  T* dlr = keep_g ? A.dlr + static_cast<int64_t>(t) * P : nullptr;
+  T* dlr = keep_g ? A.dlr + static_cast<int64_t>(t) * lr_sets * P : nullptr;
+  auto dlr_at = [&](int s) { return dlr + (A.lr_per_step ? s * P : 0); };  // step s's rate gradients
   T* dth = A.dtheta + static_cast<int64_t>(t) * P;
   {
     T* th0 = theta_at(0);
@@ -540,8 +559,10 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
       const T val = layer_elem(A.theta0_w, A.theta0_b, p);
       th0[p.j] = val;
       if (mirror && S > 0) h_th[p.j] = val;
-      if (keep_g) dlr[p.jf] = T(0);
+      if (keep_g)
+        for (int k = 0; k < lr_sets; ++k) dlr[k * P + p.jf] = T(0);
     });
+    if (weighted && threadIdx.x == 0) A.loss_out[t] = T(0);  // the step losses are added to it
   }
   __syncthreads();
   for (int s = 0; s < S; ++s) {
@@ -558,13 +579,13 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
     // element in every step: its product's tile)
     C.backward(cur, x, K, st,
                [&](const Param& p, T g) {
-                 const T val = cur[p.j] - C.rate(p) * g;
+                 const T val = cur[p.j] - C.rate(p, s) * g;
                  nxt[p.j] = val;
                  if (!fo) {
                    if (keep_g) hg[p.j] = g;
                    if (hnext != nullptr) hnext[p.j] = val;
                  } else if (keep_g) {
-                   dlr[p.jf] += g;
+                   dlr_at(s)[p.jf] += g;
                  }
                },
                [&](int l) {
@@ -572,27 +593,48 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
                  if (l == A.L - 1) mirror_slab(s, l, true);
                  mirror_slab(s, l, false);
                });
+    // the multi-step loss: w grad L_query(theta_{s+1}) kept for the reverse pass (the last step's
+    // is made below), w L_query(theta_{s+1}) added to the task's loss
+    const T w = weighted && s + 1 < S ? A.step_w[s] : T(0);
+    if (w != T(0)) {
+      T* hq = h_q + s * Pp;
+      C.forward_loss(nxt, xq, Q, Acts<T>{work.base, Q, sumd, sec}, yqf, yql, A.loss_out + t, red, [](int) {}, w,
+                     /*add=*/true);
+      C.backward(nxt, xq, Q, Acts<T>{work.base, Q, sumd, sec}, [&](const Param& p, T c) { hq[p.j] = c; },
+                 [](int) {});
+    }
   }
   const Acts<T> query{work.base, Q, sumd, sec};
   auto none = [](int) {};
-  C.forward_loss(th, xq, Q, query, yqf, yql, A.loss_out + t, red, none);
-  // the query gradient v_S: first order (v_s = v_S for every s), or no steps, d theta_0 = v_S and
-  // d lr = -sum_s g_s (.) v_S; else v, the first reverse step's u = lr (.) v_S and its lr term
+  // the query gradient v_S (weighted): first order (v_s = v_S for every s), or no steps,
+  // d theta_0 = v_S and d lr_s = -g_s (.) v_S; else v, the first reverse step's u = lr (.) v_S and
+  // its lr term. (With step weights, never the former: first order keeps the history then.)
   const bool last = fo || S == 0;
   const bool fold_lr = C.fold_lr();  // (see the reverse pass)
   const T* hg_last = h_g + (S - 1) * Pp;
-  C.backward(th, xq, Q, query,
-             [&](const Param& p, T c) {
-               if (last) {
-                 dth[p.jf] = c;
-                 if (keep_g && fo) dlr[p.jf] = -dlr[p.jf] * c;
-               } else {
-                 v[p.j] = c;
-                 if (!fold_lr) gv[p.j] = C.rate(p) * c;
-                 if (keep_g) dlr[p.jf] -= hg_last[p.j] * c;
-               }
-             },
-             none);
+  const T wS = weighted ? A.step_w[S - 1] : T(1);
+  if (wS != T(0)) {
+    C.forward_loss(th, xq, Q, query, yqf, yql, A.loss_out + t, red, none, wS, /*add=*/weighted);
+    C.backward(th, xq, Q, query,
+               [&](const Param& p, T c) {
+                 if (last) {
+                   dth[p.jf] = c;
+                   if (keep_g && fo)
+                     for (int k = 0; k < lr_sets; ++k) dlr[k * P + p.jf] = -dlr[k * P + p.jf] * c;
+                 } else {
+                   v[p.j] = c;
+                   if (!fold_lr) gv[p.j] = C.rate(p, S - 1) * c;
+                   if (keep_g) dlr_at(S - 1)[p.jf] -= hg_last[p.j] * c;
+                 }
+               },
+               none);
+  } else {  // a weight of 0: the query loss at theta_S is not evaluated (v_S = 0; only with weights, not last)
+    for_params(A, [&](const Param& p) {
+      v[p.j] = T(0);
+      if (!fold_lr) gv[p.j] = T(0);
+    });
+    __syncthreads();
+  }
   if (last) return;
   // v_s = v_{s+1} - H_s (lr (.) v_{s+1}). With one scalar rate (and no rate gradient) that is
   // v_{s+1} - lr H_s v_{s+1}: the R-operator reads v itself, and the new v goes to the other
@@ -611,14 +653,22 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
     const bool rates = !fold_lr && s < S - 1;
     if (rates) {
       for_params(A, [&](const Param& p) {
-        if (keep_g) dlr[p.jf] -= hg[p.j] * v[p.j];
-        gv[p.j] = C.rate(p) * v[p.j];
+        if (keep_g) dlr_at(s)[p.jf] -= hg[p.j] * v[p.j];
+        gv[p.j] = C.rate(p, s) * v[p.j];
       });
     }
     if (stage || rates) __syncthreads();
-    C.hvp(ths, x, acts_at(s), fold_lr ? vin : gv, vin, vdelta, R, Rdz0, Rdz1);
-    vin += vdelta;
-    vdelta = -vdelta;
+    if (!A.first_order) {
+      C.hvp(ths, x, acts_at(s), fold_lr ? vin : gv, vin, vdelta, R, Rdz0, Rdz1);
+      vin += vdelta;
+      vdelta = -vdelta;
+    }
+    // the multi-step loss: v_s += w_s grad L_query(theta_s), made by the forward pass
+    if (weighted && s > 0 && A.step_w[s - 1] != T(0)) {
+      const T* hq = h_q + (s - 1) * Pp;
+      for_params(A, [&](const Param& p) { vin[p.j] += hq[p.j]; });
+      __syncthreads();
+    }
   }
   for_params(A, [&](const Param& p) { dth[p.jf] = vin[p.j]; });  // v_0 is d theta_0
 }

@@ -15,8 +15,9 @@ meta-parameters, then the query loss L_query(theta_S), returned per task; with s
 of weight 0 is not evaluated). Backward gives the exact meta-gradient d loss / d theta_0 (second
 order, or first order) and d loss / d lr.
 
-Per-step rates and step_weights run on the ``cpp`` backend and the reference; on a CUDA tensor
-the auto choice takes the reference for them (a ``cuda`` or ``triton`` request raises).
+Per-step rates and step_weights run on the ``cpp`` and ``cuda`` backends (the latter for at most
+CUDA_MAX_WEIGHTED_STEPS steps with step_weights) and the reference; where the selected backend
+does not run them (``triton``), the auto choice takes the reference and an explicit request raises.
 
 The ``cpp`` backend (csrc/mlp_inner_loop.cpp), the ``cuda`` backend (csrc/cuda/mlp_inner_loop.cu,
 one thread block per task) and the ``triton`` backend (kernels/mlp_inner_loop.py, one program per task) return the meta-gradient directly from one call (reverse pass over the steps
@@ -43,8 +44,19 @@ IMPLEMENTED = ("torch", "cpp", "cuda", "triton")
 # (H100, benchmarks/RESULTS.md; measured with the CUDA kernel before its shared-memory rewrite)
 AUTO = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
-# the backends that run per-step rates and step_weights (MAML++)
-STEP_BACKENDS = ("torch", "cpp")
+# the backends that run per-step rates and step_weights (MAML++); the CUDA kernel holds the weights
+# of at most CUDA_MAX_WEIGHTED_STEPS steps in its arguments (csrc/cuda/kernels.cuh kMaxWeightedSteps)
+STEP_BACKENDS = ("torch", "cpp", "cuda")
+CUDA_MAX_WEIGHTED_STEPS = 64
+
+
+def runs_step_settings(backend: str, steps: int, per_step_rates: bool, step_weights) -> bool:
+    """Whether the backend's kernel runs a call with these per-step rates / step weights."""
+    if not per_step_rates and step_weights is None:
+        return True
+    if backend not in STEP_BACKENDS:
+        return False
+    return not (backend == "cuda" and step_weights is not None and steps > CUDA_MAX_WEIGHTED_STEPS)
 _ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
 
@@ -324,12 +336,14 @@ def _backend(xs, params, lr, step_weights) -> str:
     """The backend of a call: per-step rates and step_weights run on STEP_BACKENDS only (under the
     auto request the reference takes them elsewhere; another explicit request raises)."""
     backend = select("mlp_inner_loop", xs.device.type)
-    if backend in STEP_BACKENDS or (step_weights is None and not rates_per_step(params, lr)):
+    steps = len(step_weights) if step_weights is not None else 0
+    if runs_step_settings(backend, steps, rates_per_step(params, lr), step_weights):
         return backend
     if requested("mlp_inner_loop") == "auto":
         return "torch"
     raise ValueError(f"mlp_inner_loop: per-step rates (lr [steps, *shape]) and step_weights run on the backends "
-                     f"{STEP_BACKENDS}, not on the requested {backend!r}")
+                     f"{STEP_BACKENDS} (cuda: step_weights of at most {CUDA_MAX_WEIGHTED_STEPS} steps), not on the "
+                     f"requested {backend!r}" + (f" for {steps} steps" if backend in STEP_BACKENDS else ""))
 
 
 def mlp_inner_loop(xs, ys, xq, yq, params, lr, steps, activations, negative_slope=0.01,

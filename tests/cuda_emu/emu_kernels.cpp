@@ -19,12 +19,14 @@ constexpr int64_t kSmemPerSM = 228 * 1024, kSMs = 132, kThreadsPerSM = 2048;
 // MLPArgs::occupancy for the next run_mlp calls (fm_emu_set_mlp_occupancy).
 int g_mlp_occupancy = 0;
 
-// Returns the placement the launch ran with, or -1 (fm_emu_error says why).
+// Returns the placement the launch ran with, or -1 (fm_emu_error says why). lrs: the rate tensors
+// flattened one after another (each [steps, *shape] with lr_per_step); weights: n_weights step
+// weights (0: none); dlr [tasks, P] ([tasks, steps, P] with lr_per_step).
 template <typename T>
 int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,
             const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr,
             double slope, int loss, int first_order, int placement, int threads, T* loss_out, T* dtheta,
-            T* dlr) {
+            T* dlr, int lr_per_step, int n_weights, const double* weights) {
   using namespace fastmeta::cuda;
   MLPArgs<T> a{};
   a.L = L;
@@ -34,6 +36,13 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   a.num_tasks = tasks; a.K = K; a.Q = Q; a.steps = steps;
   a.loss = loss; a.first_order = first_order != 0;
   a.lr_grad = dlr != nullptr;
+  a.lr_per_step = lr_per_step != 0;
+  if (n_weights > kMaxWeightedSteps) {
+    fm_emu::state().error = "more step weights than kMaxWeightedSteps";
+    return -1;
+  }
+  a.weighted_steps = n_weights;
+  for (int s = 0; s < n_weights; ++s) a.step_w[s] = static_cast<T>(weights[s]);
   a.threads = threads;
   a.occupancy = g_mlp_occupancy;
   a.slope = static_cast<T>(slope);  // (mlp_sizes reads it)
@@ -45,8 +54,9 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   for (int l = 0; l < L; ++l) {  // per-layer views of the flat vectors, as the binding passes tensors
     a.theta0_w[l] = theta0 + a.off_w[l];
     a.theta0_b[l] = theta0 + a.off_b[l];
-    a.lr_w[l] = lrs ? lrs + a.off_w[l] : nullptr;
-    a.lr_b[l] = lrs ? lrs + a.off_b[l] : nullptr;
+    const int64_t sets = lr_per_step ? steps : 1;
+    a.lr_w[l] = lrs ? lrs + sets * a.off_w[l] : nullptr;
+    a.lr_b[l] = lrs ? lrs + sets * a.off_b[l] : nullptr;
   }
   a.placement = mlp_choose_placement(a, placement, static_cast<int64_t>(fm_emu::kMaxSmemOptin), kSmemPerSM, kSMs,
                                      kThreadsPerSM);
@@ -156,9 +166,10 @@ uint64_t fm_emu_barriers() { return fm_emu::state().barriers; }
   int NAME(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,     \
            const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr, \
            double slope, int loss, int first_order, int placement, int threads, T* loss_out,                 \
-           T* dtheta, T* dlr) {                                                                              \
+           T* dtheta, T* dlr, int lr_per_step, int n_weights, const double* weights) {                       \
     return run_mlp<T>(L, dims, acts, tasks, K, Q, steps, xs, ys, xq, yq, theta0, lrs, lr, slope, loss,      \
-                      first_order, placement, threads, loss_out, dtheta, dlr);                               \
+                      first_order, placement, threads, loss_out, dtheta, dlr, lr_per_step, n_weights,       \
+                      weights);                                                                              \
   }
 FM_EMU_MLP(fm_emu_mlp_f32, float)
 FM_EMU_MLP(fm_emu_mlp_f64, double)
