@@ -9,7 +9,12 @@ Layout: every layer is padded to one square tile, W_l [DP, DP] and b_l [DP] (DP 
 at least the widest layer), and a batch of rows to BK (>= 16). Padding is masked to zero after every
 activation, so padded rows and columns never reach a gradient. Each task owns a slice of a global
 scratch buffer: in second order the parameters, gradients and activations of every step; in first
-order two parameter sets, one step's activations and one gradient (scratch_slots).
+order two parameter sets, one step's activations and one gradient (scratch_slots), or every step's
+as second order where the query losses after earlier steps count (WEIGHTED).
+
+Rates may be per step (LR_PER_STEP: step s's at s PP), and with step weights (WEIGHTED, MAML++'s
+multi-step loss) the task's loss is sum_s w_s L_query(theta_s): the reverse pass adds
+w_s grad L_query(theta_s) to v at each step s >= 1 (first order without the Hessian terms).
 
     x  [BK, DP]  --W_l [DP, DP], b_l-->  z_l = a_{l-1} W_l^T + b_l,   a_l = act_l(z_l)
     backward:   dz_l = act'(z_l) da_l,   gW_l = dz_l^T a_{l-1},   da_{l-1} = dz_l W_l
@@ -210,14 +215,15 @@ def _hvp(th_ptr, u_ptr, h_ptr, x, act_ptr, r_ptr, rows, cols, dims_ptr, n_rows, 
 @triton.jit(do_not_specialize=["K", "Q", "S"])  # runtime values: a new K, Q or S needs no new compile
 def _mlp_inner_loop_kernel(
     xs_ptr, ys_ptr, xq_ptr, yq_ptr,   # [T, K, I], [T, K, D] or [T, K], [T, Q, I], [T, Q, D] or [T, Q]
-    theta0_ptr, lr_ptr, hyper_ptr,    # padded meta-parameters [PP]; padded rates [PP]; [lr, slope]
+    theta0_ptr, lr_ptr, hyper_ptr,    # padded meta-parameters [PP]; padded rates [PP] ([S, PP]); [lr, slope]
+    w_ptr,                            # step weights [S] (WEIGHTED: w_s of L_query(theta_s) at s - 1)
     dims_ptr,                         # int32 [2 (L + 1) + L]: widths, (unused), activation codes
     scratch_ptr,                      # [T, SCRATCH] per-task workspace
-    loss_ptr, dtheta_ptr, dlr_ptr,    # [T], [T, PP], [T, PP]
+    loss_ptr, dtheta_ptr, dlr_ptr,    # [T], [T, PP], [T, PP] ([T, S, PP] with LR_PER_STEP)
     K, Q, S, SCRATCH,                 # rows, inner steps, workspace elements per task
     L: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, LOSS: tl.constexpr,
     PER_PARAM_LR: tl.constexpr, FIRST_ORDER: tl.constexpr, NEED_LR_GRAD: tl.constexpr,
-    PP: tl.constexpr, BLOCK_P: tl.constexpr,
+    PP: tl.constexpr, BLOCK_P: tl.constexpr, LR_PER_STEP: tl.constexpr, WEIGHTED: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
     lr_scalar = tl.load(hyper_ptr)   # in the data's dtype (a float argument would be float32)
@@ -229,7 +235,9 @@ def _mlp_inner_loop_kernel(
     # slots (scratch_slots): second order keeps every step's parameters, gradients and activations
     # for the reverse pass; first order two parameter sets (ping-pong), one step's activations and
     # one gradient (every step's only for the learned rates' gradient), then the query's
-    n_theta, n_grads, n_acts = scratch_slots(S, FIRST_ORDER, NEED_LR_GRAD)
+    n_theta, n_grads, n_acts = scratch_slots(S, FIRST_ORDER and not WEIGHTED, NEED_LR_GRAD)
+    n_sets = S if LR_PER_STEP else 1   # rate (gradient) sets
+    dlr_t = dlr_ptr + t * n_sets * PP
     ws = scratch_ptr + t * SCRATCH
     theta = ws                                  # [n_theta, PP]
     grads = theta + n_theta * PP                # [n_grads, PP]
@@ -265,7 +273,7 @@ def _mlp_inner_loop_kernel(
             m = p0 + offs < PP
             g = tl.load(gs + p0 + offs, mask=m, other=0.0)
             if PER_PARAM_LR:
-                rate = tl.load(lr_ptr + p0 + offs, mask=m, other=0.0)
+                rate = tl.load(lr_ptr + (s * PP if LR_PER_STEP else 0) + p0 + offs, mask=m, other=0.0)
             else:
                 rate = lr_scalar
             tl.store(nxt + p0 + offs, tl.load(th + p0 + offs, mask=m) - rate * g, mask=m)
@@ -275,27 +283,43 @@ def _mlp_inner_loop_kernel(
     qact = acts + (n_acts - 1) * 4 * L * BK * DP
     xqmask = (rows[:, None] < Q) & (cols[None, :] < din)
     xq = tl.load(xq_ptr + t * Q * din + rows[:, None] * din + cols[None, :], mask=xqmask, other=0.0)
-    aL = _forward(thS, xq, qact, rows, cols, dims_ptr, Q, slope, L, DP, BK)
-    tl.debug_barrier()
-    lq, da = _loss_grad(aL, y_q, rows, cols, Q, dout, LOSS, DP)
-    tl.store(loss_ptr + t, tl.sum(lq, axis=0))
-    _backward(thS, xq, qact, vbuf, da, rows, cols, dims_ptr, Q, slope, L, DP, BK)
-    tl.debug_barrier()
-    if NEED_LR_GRAD:
+    wS = 1.0
+    if WEIGHTED:
+        wS = tl.load(w_ptr + S - 1)
+    if wS != 0.0:
+        aL = _forward(thS, xq, qact, rows, cols, dims_ptr, Q, slope, L, DP, BK)
+        tl.debug_barrier()
+        lq, da = _loss_grad(aL, y_q, rows, cols, Q, dout, LOSS, DP)
+        if WEIGHTED:
+            lq = lq * wS
+            da = da * wS
+        tl.store(loss_ptr + t, tl.sum(lq, axis=0))
+        _backward(thS, xq, qact, vbuf, da, rows, cols, dims_ptr, Q, slope, L, DP, BK)
+    else:  # a weight of 0: the query loss at theta_S is not evaluated (v_S = 0)
+        tl.store(loss_ptr + t, tl.sum(tl.zeros((BLOCK_P,), dtype=x.dtype), axis=0))
         for p0 in range(0, PP, BLOCK_P):
             m = p0 + offs < PP
-            tl.store(dlr_ptr + t * PP + p0 + offs, tl.zeros((BLOCK_P,), dtype=x.dtype), mask=m)
+            tl.store(vbuf + p0 + offs, tl.zeros((BLOCK_P,), dtype=x.dtype), mask=m)
+    tl.debug_barrier()
+    if NEED_LR_GRAD:
+        k = 0
+        while k < n_sets:
+            for p0 in range(0, PP, BLOCK_P):
+                m = p0 + offs < PP
+                tl.store(dlr_t + k * PP + p0 + offs, tl.zeros((BLOCK_P,), dtype=x.dtype), mask=m)
+            k += 1
     s = S - 1
     while s >= 0:
         for p0 in range(0, PP, BLOCK_P):
             m = p0 + offs < PP
             v = tl.load(vbuf + p0 + offs, mask=m, other=0.0)
+            dlr_s = dlr_t + (s * PP if LR_PER_STEP else 0)
             if NEED_LR_GRAD:
                 g = tl.load(grads + (s % n_grads) * PP + p0 + offs, mask=m, other=0.0)
-                acc = tl.load(dlr_ptr + t * PP + p0 + offs, mask=m, other=0.0)
-                tl.store(dlr_ptr + t * PP + p0 + offs, acc - g * v, mask=m)
+                acc = tl.load(dlr_s + p0 + offs, mask=m, other=0.0)
+                tl.store(dlr_s + p0 + offs, acc - g * v, mask=m)
             if PER_PARAM_LR:
-                rate = tl.load(lr_ptr + p0 + offs, mask=m, other=0.0)
+                rate = tl.load(lr_ptr + (s * PP if LR_PER_STEP else 0) + p0 + offs, mask=m, other=0.0)
             else:
                 rate = lr_scalar
             tl.store(ubuf + p0 + offs, rate * v, mask=m)
@@ -310,6 +334,21 @@ def _mlp_inner_loop_kernel(
                 h = tl.load(hbuf + p0 + offs, mask=m, other=0.0)
                 tl.store(vbuf + p0 + offs, v - h, mask=m)
             tl.debug_barrier()
+        if WEIGHTED:  # the multi-step loss: v_s += w_s grad L_query(theta_s), its loss added
+            w_step = tl.where(s > 0, tl.load(w_ptr + tl.maximum(s - 1, 0)), 0.0)
+            if w_step != 0.0:
+                aL = _forward(theta + s * PP, xq, qact, rows, cols, dims_ptr, Q, slope, L, DP, BK)
+                tl.debug_barrier()
+                lq, da = _loss_grad(aL, y_q, rows, cols, Q, dout, LOSS, DP)
+                tl.store(loss_ptr + t, tl.load(loss_ptr + t) + tl.sum(lq * w_step, axis=0))
+                _backward(theta + s * PP, xq, qact, hbuf, da * w_step, rows, cols, dims_ptr, Q, slope, L, DP, BK)
+                tl.debug_barrier()
+                for p0 in range(0, PP, BLOCK_P):
+                    m = p0 + offs < PP
+                    v = tl.load(vbuf + p0 + offs, mask=m, other=0.0)
+                    h = tl.load(hbuf + p0 + offs, mask=m, other=0.0)
+                    tl.store(vbuf + p0 + offs, v + h, mask=m)
+                tl.debug_barrier()
         s -= 1
     for p0 in range(0, PP, BLOCK_P):
         m = p0 + offs < PP
@@ -342,8 +381,9 @@ def _warps(dtype):
 
 
 def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order,
-                       need_lr_grad):
-    """Host launcher with the C++ op's contract: returns [loss [T], dtheta [T, P], dlr [T or 0, P]]."""
+                       need_lr_grad, step_weights=None):
+    """Host launcher with the C++ op's contract: returns [loss [T], dtheta [T, P], dlr [T or 0, the
+    rates' entries]] (rates [steps, *shape] are per step; step_weights: the multi-step loss)."""
     import torch
 
     T, K, I = xs.shape
@@ -365,28 +405,43 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
             out[l, DP * DP: DP * DP + o] = b
         return out.reshape(-1)
 
-    def unpad(buf):  # [T, PP] -> [T, P] in the C++ op's flat order
-        buf = buf.view(T, L, LS)
+    def unpad(buf):  # [n, PP] -> [n, P] in the C++ op's flat order
+        n = buf.shape[0]
+        buf = buf.view(n, L, LS)
         parts = []
         for l in range(L):
             o, i = params[2 * l].shape
-            parts.append(buf[:, l, : DP * DP].reshape(T, DP, DP)[:, :o, :i].reshape(T, -1))
+            parts.append(buf[:, l, : DP * DP].reshape(n, DP, DP)[:, :o, :i].reshape(n, -1))
             parts.append(buf[:, l, DP * DP: DP * DP + o])
         return torch.cat(parts, dim=1)
 
+    per_step = bool(lrs) and lrs[0].dim() == params[0].dim() + 1
+    sets = steps if per_step else 1
+    weighted = bool(step_weights)
     theta0 = pad([p.detach() for p in params])
-    lr_buf = pad([l.detach() for l in lrs]) if lrs else theta0  # unused unless PER_PARAM_LR
+    if per_step:  # [S, PP]: step s's rates padded
+        lr_buf = torch.stack([pad([l.detach()[s] for l in lrs]) for s in range(steps)]).reshape(-1)
+    else:
+        lr_buf = pad([l.detach() for l in lrs]) if lrs else theta0  # unused unless PER_PARAM_LR
     hyper = device_constant((float(lr), float(negative_slope)), dt, str(dev))
+    weights = device_constant(tuple(float(w) for w in step_weights), dt, str(dev)) if weighted else hyper
     dims = device_constant(tuple(int(v) for v in widths + [0] * (L + 1) + list(acts)), torch.int32, str(dev))
-    scratch_per_task = scratch_elems(steps, bool(first_order), bool(need_lr_grad), PP, L, BK, DP)
+    scratch_per_task = scratch_elems(steps, bool(first_order) and not weighted, bool(need_lr_grad), PP, L, BK, DP)
     scratch = torch.empty(T, scratch_per_task, device=dev, dtype=dt)
     loss_out = torch.empty(T, device=dev, dtype=dt)
     dtheta = torch.empty(T, PP, device=dev, dtype=dt)
-    dlr = torch.empty(T if need_lr_grad else 1, PP, device=dev, dtype=dt)
+    dlr = torch.empty(T * sets if need_lr_grad else 1, PP, device=dev, dtype=dt)
     _mlp_inner_loop_kernel[(T,)](
-        xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), theta0, lr_buf, hyper, dims,
+        xs.contiguous(), ys.contiguous(), xq.contiguous(), yq.contiguous(), theta0, lr_buf, hyper, weights, dims,
         scratch, loss_out, dtheta, dlr, K, Q, steps, scratch_per_task,
         L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=bool(lrs), FIRST_ORDER=bool(first_order),
-        NEED_LR_GRAD=bool(need_lr_grad), PP=PP, BLOCK_P=1024, num_warps=_warps(dt))
-    dlr_out = unpad(dlr) if need_lr_grad else dtheta.new_empty(0, sum(p.numel() for p in params))
+        NEED_LR_GRAD=bool(need_lr_grad), PP=PP, BLOCK_P=1024, LR_PER_STEP=per_step, WEIGHTED=weighted,
+        num_warps=_warps(dt))
+    if not need_lr_grad:
+        dlr_out = dtheta.new_empty(0, sum(r.numel() for r in lrs) if lrs else sum(p.numel() for p in params))
+    elif per_step:  # [T, S, PP] -> each rate's [S, n] in turn (the op's order)
+        by_step = unpad(dlr).view(T, steps, -1)  # (rows t * S + s)
+        dlr_out = torch.cat([part.reshape(T, -1) for part in by_step.split([p.numel() for p in params], dim=2)], 1)
+    else:
+        dlr_out = unpad(dlr)
     return [loss_out, unpad(dtheta), dlr_out]

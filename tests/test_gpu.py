@@ -162,10 +162,11 @@ def test_mlp_kernels_cross_entropy_and_meta_sgd_on_gpu(backend, first_order):
         _fused_vs_reference(backend, params, batch, lrs, 4, ["tanh", None], "mse", first_order, RTOL[dtype])
 
 
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
-def test_cuda_kernel_per_step_rates_and_step_losses(rates, first_order):
-    """MAML++'s settings on the CUDA kernel: the multi-step loss (a weight of 0 included) with a
+def test_mlp_kernels_per_step_rates_and_step_losses(rates, first_order, backend):
+    """MAML++'s settings on the GPU kernels: the multi-step loss (a weight of 0 included) with a
     scalar rate, per-entry and per-step rates, MSE and cross-entropy, several tasks a block count."""
     for dtype, T in ((torch.float64, 3), (torch.float32, 40)):
         params, batch = make_mlp_batch((1, 40, 37, 1), T, 10, 10, "mse", dtype, "cuda")
@@ -174,12 +175,12 @@ def test_cuda_kernel_per_step_rates_and_step_losses(rates, first_order):
               [torch.empty(*lead, *p.shape, dtype=dtype, device="cuda").uniform_(0.005, 0.02).requires_grad_()
                for p in params])
         for weights in ([0.1, 0.2, 0.0, 0.7], [0.5, 0.5, 0.0, 0.0], None if rates == "per_step" else [0.25] * 4):
-            _fused_vs_reference("cuda", params, batch, lr, 4, ["relu", "tanh", None], "mse", first_order, RTOL[dtype],
-                                step_weights=weights)
+            _fused_vs_reference(backend, params, batch, lr, 4, ["relu", "tanh", None], "mse", first_order,
+                                RTOL[dtype], step_weights=weights)
     params, batch = make_mlp_batch((3, 37, 11, 5), 3, 7, 9, "cross_entropy", torch.float64, "cuda")
     lr = [torch.empty(3, *p.shape, dtype=torch.float64, device="cuda").uniform_(0.05, 0.2).requires_grad_()
           for p in params] if rates == "per_step" else 0.1
-    _fused_vs_reference("cuda", params, batch, lr, 3, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy",
+    _fused_vs_reference(backend, params, batch, lr, 3, ["sigmoid", "leaky_relu", "tanh"], "cross_entropy",
                         first_order, RTOL[torch.float64], slope=0.2, step_weights=[0.3, 0.3, 0.4])
 
 

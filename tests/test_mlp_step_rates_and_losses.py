@@ -174,12 +174,14 @@ def test_in_a_compiled_graph():
 
 
 def test_backends_without_them(monkeypatch):
-    """Backends whose kernels do not run per-step rates or step weights: under the auto request the
-    reference takes such a call; an explicit request raises, naming the backend."""
+    """A backend whose kernel does not run per-step rates or step weights (here triton taken out of
+    STEP_BACKENDS): under the auto request the reference takes such a call; an explicit request
+    raises, naming the backend."""
     params, batch, lrs = _case(3, "mse")
     with fastmeta.use_backend("torch"):
         want = ops.mlp_inner_loop(*batch, params, lrs, 3, ACTS, step_weights=[0.2, 0.3, 0.5])
     called = []
+    monkeypatch.setattr(mlp_mod, "STEP_BACKENDS", ("torch", "cpp", "cuda"))
     monkeypatch.setattr(mlp_mod, "select", lambda op, device_type: "triton")
     monkeypatch.setattr(mlp_mod, "_kernel", lambda backend: called.append(backend))
     monkeypatch.setattr(mlp_mod, "requested", lambda op: "auto")
@@ -204,7 +206,7 @@ def test_cuda_takes_at_most_its_weighted_steps(monkeypatch):
     assert not ops.runs_step_settings("cuda", most + 1, False, [1.0] * (most + 1))
     assert ops.runs_step_settings("cuda", most + 1, True, None)  # (per-step rates alone: any count)
     assert ops.runs_step_settings("cpp", 1000, True, [1.0] * 1000)
-    assert not ops.runs_step_settings("triton", 2, True, None) and ops.runs_step_settings("triton", 2, False, None)
+    assert ops.runs_step_settings("triton", 100, True, [0.01] * 100)
     torch.manual_seed(0)
     params, batch = make_mlp_batch((2, 3, 1), 2, 3, 3, "mse", torch.float64)
     S = most + 1

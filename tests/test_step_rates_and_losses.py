@@ -294,8 +294,8 @@ def test_bad_settings_name_the_argument():
 @pytest.mark.skipif(not has_cpp(), reason="needs fastmeta._C (the cpp backend)")
 def test_a_kernel_without_step_settings_leaves_them_to_the_batched_ops(monkeypatch):
     """Where the fused op's backend does not run per-step rates or the multi-step loss
-    (ops.runs_step_settings; on a GPU its triton kernel), BatchedMAML takes the batched ops, exact all
-    the same, and explain says why (here the cpp kernel stands for such a one)."""
+    (ops.runs_step_settings: the cuda kernel for more than 64 weighted steps), BatchedMAML takes the
+    batched ops, exact all the same, and explain says why (here the cpp kernel stands for such a one)."""
     mod = importlib.import_module("fastmeta.ops.mlp_inner_loop")
     monkeypatch.setattr(mod, "STEP_BACKENDS", ("torch",))
     model, batch = _mlp(), _mlp_batch()

@@ -20,12 +20,13 @@ def make(widths, T, K, Q, loss, dtype):
     return make_mlp_batch(widths, T, K, Q, loss, dtype, DEVICE)
 
 
-def compare(params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01):
+def compare(params, batch, lr, steps, acts, loss, first_order, rtol, slope=0.01, step_weights=None):
     lr_list = lr if isinstance(lr, list) else []
     out = {}
     for backend in ("torch", "triton"):
         with fastmeta.use_backend(backend):
-            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order)
+            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order,
+                                        step_weights=step_weights)
         w = torch.linspace(0.5, 1.5, losses.shape[0], dtype=losses.dtype, device=losses.device)
         out[backend] = (losses.detach(), list(torch.autograd.grad((losses * w).sum(), params + lr_list)))
     assert_rel_close([out["triton"][0]], [out["torch"][0]], rtol, "losses")
@@ -69,6 +70,23 @@ def test_mlp_inner_loop_meta_sgd(first_order):
     params, batch = make((2, 37, 3), 3, 6, 5, "mse", torch.float64)
     lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
     compare(params, batch, lrs, 3, ["tanh", None], "mse", first_order, RTOL[torch.float64])
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
+def test_mlp_inner_loop_step_rates_and_losses(rates, first_order):
+    """MAML++'s settings: per-step rates (one rate gradient set a step) and the multi-step loss
+    (weights with zeros: a step of weight 0, the last one too, is not evaluated), MSE and
+    cross-entropy, one task and three."""
+    for T, loss, dtype in ((3, "mse", torch.float64), (1, "cross_entropy", torch.float32)):
+        params, batch = make((3, 9, 5, 2), T, 4, 5, loss, dtype)
+        lead = (3,) if rates == "per_step" else ()
+        lr = (0.1 if rates == "scalar" else
+              [torch.empty(*lead, *p.shape, dtype=dtype, device=DEVICE).uniform_(0.05, 0.2).requires_grad_()
+               for p in params])
+        for weights in ([0.2, 0.0, 0.8], [0.5, 0.5, 0.0]) + ((None,) if rates == "per_step" else ()):
+            compare(params, batch, lr, 3, ["tanh", "relu", None], loss, first_order, RTOL[dtype],
+                    step_weights=weights)
 
 
 def test_batched_maml_picks_triton_when_asked():

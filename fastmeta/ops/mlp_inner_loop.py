@@ -15,9 +15,8 @@ meta-parameters, then the query loss L_query(theta_S), returned per task; with s
 of weight 0 is not evaluated). Backward gives the exact meta-gradient d loss / d theta_0 (second
 order, or first order) and d loss / d lr.
 
-Per-step rates and step_weights run on the ``cpp`` and ``cuda`` backends (the latter for at most
-CUDA_MAX_WEIGHTED_STEPS steps with step_weights) and the reference; where the selected backend
-does not run them (``triton``), the auto choice takes the reference and an explicit request raises.
+Per-step rates and step_weights run on every backend (``cuda`` for at most CUDA_MAX_WEIGHTED_STEPS
+steps with step_weights: beyond, the auto choice takes the reference and a ``cuda`` request raises).
 
 The ``cpp`` backend (csrc/mlp_inner_loop.cpp), the ``cuda`` backend (csrc/cuda/mlp_inner_loop.cu,
 one thread block per task) and the ``triton`` backend (kernels/mlp_inner_loop.py, one program per task) return the meta-gradient directly from one call (reverse pass over the steps
@@ -46,7 +45,7 @@ AUTO = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 register_op("mlp_inner_loop", IMPLEMENTED, AUTO)
 # the backends that run per-step rates and step_weights (MAML++); the CUDA kernel holds the weights
 # of at most CUDA_MAX_WEIGHTED_STEPS steps in its arguments (csrc/cuda/kernels.cuh kMaxWeightedSteps)
-STEP_BACKENDS = ("torch", "cpp", "cuda")
+STEP_BACKENDS = ("torch", "cpp", "cuda", "triton")
 CUDA_MAX_WEIGHTED_STEPS = 64
 
 
@@ -191,14 +190,16 @@ def _register_triton():
     @torch.library.custom_op("fastmeta::mlp_inner_loop_triton", mutates_args=())
     def _op(xs: torch.Tensor, ys: torch.Tensor, xq: torch.Tensor, yq: torch.Tensor, params: list[torch.Tensor],
             lrs: list[torch.Tensor], lr: float, steps: int, acts: list[int], negative_slope: float, loss: int,
-            first_order: bool, need_lr_grad: bool) -> list[torch.Tensor]:
+            first_order: bool, need_lr_grad: bool, step_weights: list[float] | None = None) -> list[torch.Tensor]:
         return mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss,
-                                  first_order, need_lr_grad)
+                                  first_order, need_lr_grad, step_weights)
 
     @_op.register_fake
-    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad):
+    def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad,
+          step_weights=None):
         T, P = xs.shape[0], sum(p.numel() for p in params)
-        return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, P)]
+        Plr = sum(r.numel() for r in lrs) if lrs else P
+        return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, Plr)]
 
 
 def _kernel(backend):
@@ -218,7 +219,7 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
     def forward(ctx, kernel, xs, ys, xq, yq, lr, steps, acts, slope, loss, first_order, n, need_lr_grad,
                 step_weights, *tensors):
         params, lrs = list(tensors[:n]), list(tensors[n:])
-        extra = (step_weights,) if step_weights else ()  # (the Triton op has no step_weights)
+        extra = (step_weights,) if step_weights else ()
         outs = kernel(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order, need_lr_grad,
                       *extra)
         ctx.shapes = [p.shape for p in params]
