@@ -104,6 +104,9 @@ void check_mlp_args(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor
                     at::TensorList params, at::TensorList lrs, int64_t steps, int64_t loss);
 // Whether the rates are one set per inner step ([steps, *param shape] each).
 bool mlp_rates_per_step(at::TensorList params, at::TensorList lrs);
+// Per-step rate gradients as the kernels make them, rows [T, steps * P] step-major ([steps, P]), in
+// the op's order: each rate's [steps, numel] in turn.
+at::Tensor rate_rows_in_op_order(const at::Tensor& rows, at::TensorList params, int64_t steps);
 // step_weights (the multi-step loss: the query loss after step s weighs step_weights[s]): empty
 // (the last step's only) or one finite weight a step.
 void check_step_weights(at::ArrayRef<double> step_weights, int64_t steps);

@@ -1062,6 +1062,18 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 
 }  // namespace
 
+at::Tensor rate_rows_in_op_order(const at::Tensor& rows, at::TensorList params, int64_t steps) {
+  const int64_t T = rows.size(0);
+  const at::Tensor by_step = rows.view({T, steps, -1});
+  std::vector<at::Tensor> parts;
+  int64_t off = 0;
+  for (const auto& p : params) {
+    parts.push_back(by_step.narrow(2, off, p.numel()).reshape({T, -1}));
+    off += p.numel();
+  }
+  return at::cat(parts, 1);
+}
+
 bool mlp_rates_per_step(at::TensorList params, at::TensorList lrs) {
   return !lrs.empty() && lrs[0].dim() == params[0].dim() + 1;
 }
@@ -1228,17 +1240,7 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
                            Out<scalar_t>{false, loss_out.data_ptr<scalar_t>(), dtheta.data_ptr<scalar_t>(),
                                          need_lr_grad ? dlr.data_ptr<scalar_t>() : nullptr});
   });
-  if (c.per_step_lr && need_lr_grad) {
-    // the kernel's rows are [S, P] (step-major); the op's are the rates' own order, each [S, n_i]
-    const at::Tensor by_step = dlr.view({Tn, steps, P});
-    std::vector<at::Tensor> parts;
-    int64_t off = 0;
-    for (const auto& p : params) {
-      parts.push_back(by_step.narrow(2, off, p.numel()).reshape({Tn, -1}));
-      off += p.numel();
-    }
-    dlr = at::cat(parts, 1);
-  }
+  if (c.per_step_lr && need_lr_grad) dlr = rate_rows_in_op_order(dlr, params, steps);
   return {loss_out, dtheta, dlr};
 }
 

@@ -395,17 +395,7 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
     mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, step_weights,
                        loss_out, dtheta, dlr, P);
   });
-  if (per_step && need_lr_grad) {
-    // the kernel's rows are [S, P] (step-major); the op's are the rates' own order, each [S, n_i]
-    const at::Tensor by_step = dlr.view({Tn, steps, P});
-    std::vector<at::Tensor> parts;
-    int64_t off = 0;
-    for (const at::Tensor& p : params) {
-      parts.push_back(by_step.narrow(2, off, p.numel()).reshape({Tn, -1}));
-      off += p.numel();
-    }
-    dlr = at::cat(parts, 1);
-  }
+  if (per_step && need_lr_grad) dlr = rate_rows_in_op_order(dlr, params, steps);
   return {loss_out, dtheta, dlr};
 }
 
