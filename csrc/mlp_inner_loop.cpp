@@ -939,7 +939,7 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
          const T* weights, int64_t S, int64_t loss, bool first_order, bool need_lr_grad, const Out<T>& out) {
   const int64_t Tn = xs.size(0), K = xs.size(1), Q = xq.size(1), I = net.d[0], D = net.d[net.L];
   const int64_t P = net.P;
-  const int64_t lr_sets = per_step_lr ? std::max<int64_t>(S, 1) : 1, Plr = lr_sets * P;
+  const int64_t lr_sets = per_step_lr ? S : 1, Plr = lr_sets * P;
   auto rates_at = [&](int64_t s) { return lrflat == nullptr ? nullptr : lrflat + (per_step_lr ? s * P : 0); };
   // the weight of the query loss at theta_s (s = 1..S)
   auto weight_at = [&](int64_t s) { return weights == nullptr ? T(s == S ? 1 : 0) : weights[s - 1]; };
@@ -1064,11 +1064,13 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
 
 at::Tensor rate_rows_in_op_order(const at::Tensor& rows, at::TensorList params, int64_t steps) {
   const int64_t T = rows.size(0);
-  const at::Tensor by_step = rows.view({T, steps, -1});
+  int64_t P = 0;
+  for (const auto& p : params) P += p.numel();
+  const at::Tensor by_step = rows.view({T, steps, P});
   std::vector<at::Tensor> parts;
   int64_t off = 0;
   for (const auto& p : params) {
-    parts.push_back(by_step.narrow(2, off, p.numel()).reshape({T, -1}));
+    parts.push_back(by_step.narrow(2, off, p.numel()).reshape({T, steps * p.numel()}));
     off += p.numel();
   }
   return at::cat(parts, 1);
@@ -1186,7 +1188,7 @@ Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, c
       flat.push_back((t.scalar_type() == xs.scalar_type() ? t : t.to(xs.scalar_type())).contiguous().reshape({-1}));
     c.per_step_lr = mlp_rates_per_step(params, lrs);
     if (c.per_step_lr) {  // [S, P]: step s's rates of every parameter, in the parameters' order
-      for (auto& f : flat) f = f.view({steps, -1});
+      for (auto& f : flat) f = f.view({steps, f.numel() / std::max<int64_t>(steps, 1)});
       c.lrflat = at::cat(flat, 1).reshape({-1});
     } else {
       c.lrflat = at::cat(flat);

@@ -411,7 +411,7 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
         parts = []
         for l in range(L):
             o, i = params[2 * l].shape
-            parts.append(buf[:, l, : DP * DP].reshape(n, DP, DP)[:, :o, :i].reshape(n, -1))
+            parts.append(buf[:, l, : DP * DP].reshape(n, DP, DP)[:, :o, :i].reshape(n, o * i))
             parts.append(buf[:, l, DP * DP: DP * DP + o])
         return torch.cat(parts, dim=1)
 
@@ -419,8 +419,10 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
     sets = steps if per_step else 1
     weighted = bool(step_weights)
     theta0 = pad([p.detach() for p in params])
-    if per_step:  # [S, PP]: step s's rates padded
+    if per_step and steps > 0:  # [S, PP]: step s's rates padded
         lr_buf = torch.stack([pad([l.detach()[s] for l in lrs]) for s in range(steps)]).reshape(-1)
+    elif per_step:  # (no steps: no rate is read)
+        lr_buf = theta0
     else:
         lr_buf = pad([l.detach() for l in lrs]) if lrs else theta0  # unused unless PER_PARAM_LR
     hyper = device_constant((float(lr), float(negative_slope)), dt, str(dev))
@@ -440,8 +442,9 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
     if not need_lr_grad:
         dlr_out = dtheta.new_empty(0, sum(r.numel() for r in lrs) if lrs else sum(p.numel() for p in params))
     elif per_step:  # [T, S, PP] -> each rate's [S, n] in turn (the op's order)
-        by_step = unpad(dlr).view(T, steps, -1)  # (rows t * S + s)
-        dlr_out = torch.cat([part.reshape(T, -1) for part in by_step.split([p.numel() for p in params], dim=2)], 1)
+        by_step = unpad(dlr).view(T, steps, sum(p.numel() for p in params))  # (rows t * S + s)
+        dlr_out = torch.cat([part.reshape(T, steps * p.numel())
+                             for part, p in zip(by_step.split([p.numel() for p in params], dim=2), params)], 1)
     else:
         dlr_out = unpad(dlr)
     return [loss_out, unpad(dtheta), dlr_out]

@@ -71,7 +71,7 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
             ctypes.c_int(len(weights)), (ctypes.c_double * max(1, len(weights)))(*weights))
     assert rc >= 0, h.fm_emu_error().decode()
     if per_step and dlr is not None:  # the kernel's rows are [steps, P]; the op's each rate's [steps, n]
-        by_step = dlr.view(T, steps, P)
+        by_step = dlr.view(T, steps, P)  # (steps may be 0)
         dlr = torch.cat([part.reshape(T, -1) for part in by_step.split([p.numel() for p in params], dim=2)], 1)
     return rc, (loss_out, dtheta, dlr)
 
@@ -225,6 +225,10 @@ def test_step_weights_cross_entropy_float32(emu, first_order):
           metasgd=True, per_step=True, step_weights=[0.4, 0.6], lr=0.1)
     check(emu, (1, 40, 40, 1), 2, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1,
           metasgd=True, per_step=True, step_weights=[0.1, 0.1, 0.2, 0.2, 0.4], lr_grad=False)
+
+
+def test_per_step_rates_for_no_steps(emu):
+    check(emu, (2, 9, 3), 2, 5, 6, 0, ["tanh", None], "mse", False, torch.float64, 1, metasgd=True, per_step=True)
 
 
 def test_too_many_weighted_steps_are_refused(emu):

@@ -59,7 +59,8 @@ def _loop(params, batch, lrs, S, loss, first_order, weights):
 
 def _grads(losses, wrt):
     w = torch.linspace(0.5, 1.5, losses.shape[0], dtype=losses.dtype)
-    return [g.detach() for g in torch.autograd.grad((losses * w).sum(), wrt, retain_graph=True)]
+    return [g.detach() for g in torch.autograd.grad((losses * w).sum(), wrt, retain_graph=True, allow_unused=True,
+                                                    materialize_grads=True)]
 
 
 def _close(got, want, rtol):
@@ -105,6 +106,26 @@ def test_cpp_kernel_equals_the_reference(per_step, loss, first_order, T):
             torch.testing.assert_close(value, ref.mean().detach(), rtol=1e-12, atol=1e-12)
             assert [tuple(r.shape) for r in glr] == [tuple(r.shape) for r in lrs]
             _close(list(g) + list(glr), want_mean, 1e-10)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp", "triton"])
+def test_per_step_rates_for_no_steps(backend):
+    """Per-step rates of zero steps ([0, *shape]): the query loss at the meta-parameters, their
+    gradient, and empty rate gradients, on every backend this machine has."""
+    from fastmeta.backend import why_unavailable
+    if why_unavailable(backend, "cpu") is not None:
+        pytest.skip(f"{backend}: {why_unavailable(backend, 'cpu')}")
+    params, batch, lrs = _case(3, "mse", per_step=True, S=0)
+    with fastmeta.use_backend("torch"):
+        want = _grads(ops.mlp_inner_loop(*batch, params, 0.1, 0, ACTS), params)
+    with fastmeta.use_backend(backend):
+        losses = ops.mlp_inner_loop(*batch, params, lrs, 0, ACTS)
+        got = _grads(losses, params + lrs)
+        value, g, glr = ops.mlp_meta_grad(*batch, params, lrs, 0, ACTS)
+    _close(got[:len(params)], want, 1e-12)
+    assert [tuple(r.shape) for r in got[len(params):]] == [tuple(r.shape) for r in lrs]
+    assert [tuple(r.shape) for r in glr] == [tuple(r.shape) for r in lrs]
+    torch.testing.assert_close(value, losses.mean().detach(), rtol=1e-12, atol=1e-12)
 
 
 @requires_cpp

@@ -488,7 +488,7 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
   // pass without its Hessian terms
   const bool fo = !mlp_keeps_history(A), keep_g = A.dlr != nullptr;
   const bool weighted = A.weighted_steps > 0;
-  const int lr_sets = A.lr_per_step ? max(S, 1) : 1;
+  const int lr_sets = A.lr_per_step ? S : 1;
   T* shared = red + blockDim.x;
   T* scratch = A.scratch + static_cast<int64_t>(t) * A.scratch_per_task;
   // working set: th and gv, which hold theta_s and theta_{s+1} in turn (a step's backward pass
