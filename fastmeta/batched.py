@@ -444,7 +444,8 @@ class BatchedMAML(nn.Module):
     # the program (closures over the model's modules) and what was derived from it are not state:
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
-    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable")
+    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable",
+                "_rate_index_cache")
 
     # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
@@ -925,22 +926,44 @@ class BatchedMAML(nn.Module):
             self._direct_grad = ops.mlp_meta_grad_direct(self.program.mlp, self.loss, xs.device.type)
         return fused, False
 
-    def _fused_args(self):
+    def _fused_args(self, values: bool = False):
         """(params, lr, spec): the fused op's parameters (in its order), rates and MLP spec; the rates
         of learn_inner_lr='per_layer' (one a tensor) and 'per_layer_step' (one a tensor and step)
-        expanded to the op's per-entry rates ([inner_steps, *shape] for the latter)."""
+        expanded to the op's per-entry rates ([inner_steps, *shape] for the latter). values: the
+        expanded rates are wanted as values only (value_and_grad, which sums their gradients back
+        itself): made by one gather from the rates' stack instead of a differentiable copy each."""
         spec = self.program.mlp
         params = self._meta_params()
         lr = self._lr_list()
-        if self._lr_kind == "per_layer":  # one rate a parameter tensor: the kernel's per-entry rates
-            lr = [r.expand(params[n].shape).contiguous() for r, n in zip(lr, self._adapt_names)]
-        elif self._lr_kind == "per_layer_step":  # [S0] made at construction, the first inner_steps used
-            self._check_rates()
+        if self._lr_kind in ("per_layer", "per_layer_step"):
+            per_step = self._lr_kind == "per_layer_step"
+            if per_step:  # [S0] made at construction, the first inner_steps used
+                self._check_rates()
             S = self.inner_steps
-            lr = [r[:S].view(S, *(1,) * params[n].dim()).expand(S, *params[n].shape).contiguous()
-                  for r, n in zip(lr, self._adapt_names)]
+            shapes = [params[n].shape for n in self._adapt_names]
+            if values:
+                # [S, n] (or [n]) rates -> [S, P] entries, each parameter's a column block: views of it
+                stacked = torch.stack([r.detach()[:S] if per_step else r.detach() for r in lr], -1)
+                flat = stacked.index_select(-1, self._rate_index(shapes, stacked.device))
+                blocks = flat.split([math.prod(s) for s in shapes], -1)
+                lr = [b.view(*((S,) if per_step else ()), *s) for b, s in zip(blocks, shapes)]
+            elif per_step:
+                lr = [r[:S].view(S, *(1,) * len(s)).expand(S, *s).contiguous() for r, s in zip(lr, shapes)]
+            else:
+                lr = [r.expand(s).contiguous() for r, s in zip(lr, shapes)]
         lr = lr if isinstance(lr, list) else float(lr)
         return [params[n] for n in spec.param_names], lr, spec
+
+    def _rate_index(self, shapes, device) -> torch.Tensor:
+        """For each parameter entry (the parameters of these shapes in turn), its parameter's index:
+        the gather that expands one rate a parameter to the entries (cached by shapes and device)."""
+        key = (tuple(shapes), device)
+        cached = self.__dict__.get("_rate_index_cache")
+        if cached is None or cached[0] != key:
+            sizes = torch.tensor([math.prod(s) for s in shapes])
+            index = torch.repeat_interleave(torch.arange(len(shapes)), sizes).to(device)
+            cached = self.__dict__["_rate_index_cache"] = (key, index)
+        return cached[1]
 
     def _fused_rate_grads(self, glr) -> dict:
         """{id(rate): its gradient} from the fused op's rate gradients (shaped as _fused_args' rates):
@@ -1034,7 +1057,7 @@ class BatchedMAML(nn.Module):
                                          self.first_order)
         wanted = [p for p in params if p.requires_grad]
         if fused:
-            fparams, lr, spec = self._fused_args()
+            fparams, lr, spec = self._fused_args(values=True)
             with phase("fused_inner_loop"):
                 value, g, glr = ops.mlp_meta_grad(xs, ys, xq, yq, fparams, lr, self.inner_steps, spec.activations,
                                                   spec.negative_slope, self.loss, self.first_order,
