@@ -148,12 +148,13 @@ def table(timed, base, errors):
         print(f"| {k} | {med:.2f} | {timed[base][0] / med:.2f} | {len(times)} | " + " | ".join(cells) + " |")
 
 
-def cli(doc, run, argv=None, orders="second,first"):
+def cli(doc, run, argv=None, orders="second,first", workloads=("omniglot", "miniimagenet")):
     """The conv workload scripts' command line (this one's, benchmarks/maml_plus_plus.py's and
     benchmarks/reptile.py's): parses argv, then run(workload, tasks, steps, order, device, seconds,
-    small) for each order (default ``orders``); returns order -> run's result."""
+    small) for each order (default ``orders``); returns order -> run's result. (sine, where a
+    script takes it: 25 tasks by default.)"""
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
-    ap.add_argument("--workload", default="omniglot", choices=["omniglot", "miniimagenet"])
+    ap.add_argument("--workload", default="omniglot", choices=list(workloads))
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--order", default=orders)
@@ -161,7 +162,7 @@ def cli(doc, run, argv=None, orders="second,first"):
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--small", action="store_true")
     args = ap.parse_args(argv)
-    tasks = args.tasks or (3 if args.small else (8 if args.device == "cpu" else 32))
+    tasks = args.tasks or (3 if args.small else 25 if args.workload == "sine" else (8 if args.device == "cpu" else 32))
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     out = {}

@@ -21,6 +21,10 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("mlp_meta_grad(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
         "bool need_lr_grad, float[] step_weights=[]) -> Tensor[]");
+  // The inner loop alone, values (no autograd): [theta_S [T, P], the support loss at theta_0 [T]]
+  // (csrc/mlp_inner_loop.cpp; CPU).
+  m.def("mlp_adapt(Tensor xs, Tensor ys, Tensor[] params, Tensor[] lrs, float lr, int steps, int[] acts, "
+        "float negative_slope, int loss) -> Tensor[]");
   // The mean query loss with its autograd in C++ (csrc/mlp_meta_loss.cpp).
   m.def("mlp_meta_loss(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
@@ -31,6 +35,7 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
   m.impl("inner_update_scalar", &fastmeta::inner_update_scalar_cpu);
   m.impl("inner_update_tensor", &fastmeta::inner_update_tensor_cpu);
   m.impl("mlp_inner_loop", &fastmeta::mlp_inner_loop_cpu);
+  m.impl("mlp_adapt", &fastmeta::mlp_adapt_cpu);
 }
 
 namespace {

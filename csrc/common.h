@@ -116,6 +116,12 @@ std::vector<at::Tensor> mlp_inner_loop_cpu(
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights);
 
+// The inner loop alone: [theta_S [T, P] (each task's flat parameters after `steps` steps), the
+// support loss at the meta-parameters [T]]; values, no autograd (fastmeta::mlp_adapt).
+std::vector<at::Tensor> mlp_adapt_cpu(const at::Tensor& xs, const at::Tensor& ys, at::TensorList params,
+                                     at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
+                                     double negative_slope, int64_t loss);
+
 // The task mean of mlp_inner_loop, reduced inside the kernel: [mean query loss (0-dim), the mean
 // meta-gradient as one tensor per parameter, shaped like it, followed when need_lr_grad by one per
 // rate, shaped like it].

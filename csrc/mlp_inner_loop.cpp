@@ -1060,6 +1060,59 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
     at::parallel_for(0, workers, 1, body);
 }
 
+// The inner loop alone (no query, no meta-gradient): for each task theta_S after S steps from the
+// meta-parameters and the support loss at theta_0 (Reptile's update and loss; adapt's values).
+// Outputs theta_out [T, P] (each row a task's flat parameters) and loss_out [T].
+template <typename T, int W>
+void adapt_run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const std::vector<at::Tensor>& params,
+               const T* lrflat, bool per_step_lr, T lr, int64_t S, int64_t loss, T* theta_out, T* loss_out) {
+  const int64_t Tn = xs.size(0), K = xs.size(1), I = net.d[0], D = net.d[net.L], P = net.P;
+  std::vector<T> theta0(P);
+  for (int64_t l = 1; l <= net.L; ++l) {
+    const auto& Wt = params[2 * (l - 1)];
+    const auto& b = params[2 * (l - 1) + 1];
+    std::copy(Wt.data_ptr<T>(), Wt.data_ptr<T>() + Wt.numel(), theta0.begin() + net.offW[l - 1]);
+    std::copy(b.data_ptr<T>(), b.data_ptr<T>() + b.numel(), theta0.begin() + net.offb[l - 1]);
+  }
+  const int64_t groups = (Tn + W - 1) / W;
+  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
+  std::atomic<int64_t> next_group{0};  // (claimed one at a time, as in run)
+  const auto body = [&](int64_t, int64_t) {
+    // one parameter set, updated in place by each step's backward pass (first order's slots)
+    Group<T, W> gp(net, K, /*Q=*/0, std::max<int64_t>(S, 1), /*first_order=*/true, /*keep_grads=*/false,
+                   /*all_thetas=*/false, 1);
+    for (int64_t grp = next_group++; grp < groups; grp = next_group++) {
+      int64_t tasks[W];
+      for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
+      gather<T, W>(xs.data_ptr<T>(), K * I, tasks, gp.xs);
+      if (loss == 0)
+        gather<T, W>(ys.data_ptr<T>(), K * D, tasks, gp.ys);
+      else
+        gather<T, W>(ys.data_ptr<int64_t>(), K, tasks, gp.ys);
+      for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
+      T first_loss[W], lane_loss[W];
+      for (int64_t s = 0; s < std::max<int64_t>(S, 1); ++s) {
+        T* th = gp.theta_at(0);
+        gp.forward(th, gp.xs, K, gp.acts_at(0));
+        gp.loss_grad(gp.acts_at(0), K, gp.ys, loss, s == 0 ? first_loss : lane_loss);
+        if (S == 0) break;  // (the loss at theta_0 only)
+        const T* rates = lrflat == nullptr ? nullptr : lrflat + (per_step_lr ? s * P : 0);
+        gp.backward(th, gp.xs, K, gp.acts_at(0), Sink<T>{th, th, lr, rates});
+      }
+      const int valid = static_cast<int>(std::min<int64_t>(W, Tn - grp * W));
+      for (int l = 0; l < valid; ++l) {
+        const int64_t t = grp * W + l;
+        loss_out[t] = first_loss[l];
+        for (int64_t j = 0; j < P; ++j) theta_out[t * P + j] = gp.theta[j * W + l];
+      }
+    }
+  };
+  if (workers <= 1)
+    body(0, 1);
+  else
+    at::parallel_for(0, workers, 1, body);
+}
+
 }  // namespace
 
 at::Tensor rate_rows_in_op_order(const at::Tensor& rows, at::TensorList params, int64_t steps) {
@@ -1298,6 +1351,24 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
     }
   });
   return result;
+}
+
+std::vector<at::Tensor> mlp_adapt_cpu(const at::Tensor& xs, const at::Tensor& ys, at::TensorList params,
+                                     at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
+                                     double negative_slope, int64_t loss) {
+  // (the support set stands in for the query set in the shared checks)
+  const Call c = prepare(xs, ys, xs, ys, params, lrs, steps, acts, negative_slope, loss, {});
+  const int64_t Tn = c.xs.size(0), P = c.net.P;
+  auto opts = c.xs.options();
+  at::Tensor theta = new_output({Tn, P}, opts);
+  at::Tensor loss_out = new_output({Tn}, opts);
+  AT_DISPATCH_FLOATING_TYPES(c.xs.scalar_type(), "mlp_adapt_cpu", [&] {
+    constexpr int W = kVecBytes / static_cast<int>(sizeof(scalar_t));
+    adapt_run<scalar_t, W>(c.net, c.xs, c.ys, c.params, c.lrflat.defined() ? c.lrflat.data_ptr<scalar_t>() : nullptr,
+                           c.per_step_lr, static_cast<scalar_t>(lr), steps, loss, theta.data_ptr<scalar_t>(),
+                           loss_out.data_ptr<scalar_t>());
+  });
+  return {theta, loss_out};
 }
 
 }  // namespace fastmeta

@@ -445,7 +445,7 @@ class BatchedMAML(nn.Module):
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
     _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable",
-                "_rate_index_cache")
+                "_rate_index_cache", "_adapt_sig")
 
     # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
@@ -1119,8 +1119,17 @@ class BatchedMAML(nn.Module):
                              f"got inner_steps={self.inner_steps}")
         self._sync_trainable()
         record = []  # (the first step's support losses: the loss at the meta-parameters)
-        with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
-            P = self._adapt(xs, ys, True, create_graph=False, first_losses=record)
+        fused = self._fused_adapt(xs, ys, flat=True)
+        if fused is not None:  # theta - the tasks' mean theta_S, from the flat [T, P] parameters
+            (theta, first), params = fused, self._fused_args(values=True)[0]
+            with torch.no_grad():
+                step = (torch.cat([p.reshape(-1) for p in params]) - theta.mean(0)).split([p.numel() for p in params])
+            by_id = {id(p): d.view(p.shape) for p, d in zip(params, step)}
+            return first.mean(), [None if not p.requires_grad else by_id[id(p)] if id(p) in by_id
+                                  else torch.zeros_like(p) for p in self._param_list()]
+        else:
+            with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
+                P = self._adapt(xs, ys, True, create_graph=False, first_losses=record)
         names = {id(p): n for n, p in self.model.named_parameters()}
         adapted = set(self._adapt_names)
         grads = []
@@ -1149,11 +1158,36 @@ class BatchedMAML(nn.Module):
         if create_graph is None:
             create_graph = (not fo) and torch.is_grad_enabled()
         grad_on = torch.is_grad_enabled()
+        if not grad_on:  # values: the fused inner loop where it runs
+            fused = self._fused_adapt(xs, ys)
+            if fused is not None:
+                return fused[0]
         with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
             P = self._adapt(xs, ys, fo, create_graph)
         if not grad_on:
             P = {n: t.detach() for n, t in P.items()}
         return P
+
+    def _fused_adapt(self, xs, ys, flat: bool = False):
+        """(P, losses): the adapted parameters (values, name -> [T, *shape]; flat: one [T, P] tensor,
+        the fused op's parameters in turn) and the support losses at the meta-parameters [T] from
+        the fused inner loop (ops.mlp_adapt) where the fused MLP kernel runs this model on the cpp
+        backend; else None. The choice and the argument checks are made once a batch signature."""
+        try:
+            sig = self._signature(xs, ys, xs, ys)
+        except AttributeError:  # (not tensors: the batch checks raise)
+            return None
+        known = self.__dict__.get("_adapt_sig")
+        if known is None or known[0] != sig:
+            ok = xs.device.type == "cpu" and self._fused_mlp_ok(xs, xs) and select("mlp_inner_loop", "cpu") == "cpp"
+            known = self.__dict__["_adapt_sig"] = (sig, ok, False)
+        if not known[1]:
+            return None
+        params, lr, spec = self._fused_args(values=True)
+        theta, losses = ops.mlp_adapt(xs, ys, params, lr, self.inner_steps, spec.activations, spec.negative_slope,
+                                      self.loss, flat=flat, _checked=known[2])
+        self.__dict__["_adapt_sig"] = (sig, True, True)  # (its arguments passed the op's checks)
+        return (theta if flat else dict(zip(spec.param_names, theta))), losses
 
     @_module_backend
     def predict(self, params: dict, x: torch.Tensor) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import fastmeta
 from fastmeta import ops
-from conftest import make_mlp_batch, requires_cpp
+from conftest import has_cpp, make_mlp_batch, requires_cpp
 
 mlp_mod = importlib.import_module("fastmeta.ops.mlp_inner_loop")  # (the module, not the function)
 ACTS = ["tanh", "relu", None]
@@ -244,6 +244,68 @@ def test_cuda_takes_at_most_its_weighted_steps(monkeypatch):
     monkeypatch.setattr(mlp_mod, "requested", lambda op: "cuda")
     with pytest.raises(ValueError, match=f"'cuda' for {S} steps"):
         ops.mlp_inner_loop(*batch, params, 0.01, S, ["tanh", None], step_weights=weights)
+
+
+def _adapt_loop(params, batch, lrs, S, loss):
+    """Each task's parameters after S first-order SGD steps and its support loss at the start, by
+    a plain per-task loop (rates: None for 0.1, else [S, *shape] per parameter or *shape)."""
+    xs, ys = batch[:2]
+    fn = F.mse_loss if loss == "mse" else F.cross_entropy
+
+    def net(theta, x):
+        for l, act in enumerate(ACTS):
+            x = F.linear(x, theta[2 * l], theta[2 * l + 1])
+            x = {"tanh": torch.tanh, "relu": torch.relu, None: lambda v: v}[act](x)
+        return x
+    finals, first = [], []
+    for t in range(xs.shape[0]):
+        theta = [p.detach() for p in params]
+        first.append(fn(net(theta, xs[t]), ys[t]).detach())
+        for s in range(S):
+            probe = [p.requires_grad_() for p in theta]
+            grads = torch.autograd.grad(fn(net(probe, xs[t]), ys[t]), probe)
+            rates = [0.1] * len(params) if lrs is None else [r.detach()[s] if r.dim() > p.dim() else r.detach()
+                                                             for r, p in zip(lrs, params)]
+            theta = [(p - r * g).detach() for p, r, g in zip(theta, rates, grads)]
+        finals.append(theta)
+    return [torch.stack(ts) for ts in zip(*finals)], torch.stack(first)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+@pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_mlp_adapt_equals_a_per_task_loop(loss, rates, backend):
+    """ops.mlp_adapt (the inner loop alone: Reptile's and adapt's values) against a per-task loop:
+    every kind of rate, no steps and three, one task and more than one group of SIMD lanes, flat
+    output; float32 on the kernel against float64."""
+    if backend == "cpp" and not has_cpp():
+        pytest.skip("no cpp backend")
+    for T, S in ((1, 3), (19, 3), (3, 0)):
+        params, batch, lrs = _case(T, loss, per_step=rates == "per_step", S=S)
+        lr = 0.1 if rates == "scalar" else lrs
+        want, want_loss = _adapt_loop(params, batch, None if rates == "scalar" else lrs, S, loss)
+        with fastmeta.use_backend(backend):
+            got, got_loss = ops.mlp_adapt(batch[0], batch[1], params, lr, S, ACTS, loss=loss)
+            flat, _ = ops.mlp_adapt(batch[0], batch[1], params, lr, S, ACTS, loss=loss, flat=True)
+        torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=1e-12)
+        _close(got, want, 1e-12)
+        assert not any(g.requires_grad for g in got)
+        torch.testing.assert_close(flat, torch.cat([g.reshape(T, -1) for g in got], 1), rtol=0, atol=0)
+    params, batch, lrs = _case(19, loss, per_step=True, dtype=torch.float32)
+    with fastmeta.use_backend(backend):
+        got, _ = ops.mlp_adapt(batch[0], batch[1], params, lrs, 3, ACTS, loss=loss)
+    want, _ = _adapt_loop([p.double() for p in params], [t.double() if t.is_floating_point() else t for t in batch],
+                          [r.double() for r in lrs], 3, loss)
+    _close(got, [w.float() for w in want], 1e-5)
+
+
+@requires_cpp
+def test_mlp_adapt_op_schema_and_fake():
+    params, batch, lrs = _case(3, "mse", dtype=torch.float32)
+    ops.mlp_adapt(batch[0], batch[1], params, 0.1, 3, ACTS)  # registers the fake
+    torch.library.opcheck(torch.ops.fastmeta.mlp_adapt.default,
+                          (batch[0], batch[1], [p.detach() for p in params], [r.detach() for r in lrs], 0.0, 3,
+                           [3, 1, 0], 0.01, 0), test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_rates_and_weights_are_named():

@@ -73,6 +73,50 @@ def test_mlp_against_the_loop(backend):
         assert inner is None or all(g.abs().max() == 0 for g in grads[:4])  # (the body: not adapted)
 
 
+@pytest.mark.skipif(not has_cpp(), reason="needs fastmeta._C (the cpp backend)")
+@pytest.mark.parametrize("kind", [False, True, "per_layer", "per_layer_step"], ids=str)
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_mlp_on_the_fused_inner_loop(kind, loss, monkeypatch):
+    """An MLP's Reptile on the cpp backend runs the fused inner loop (ops.mlp_adapt), with every kind
+    of rate (the learned rates get zero), MSE and cross-entropy, meta-batches of part of and more
+    than one group of SIMD lanes; adapt() under no_grad takes it too, with the same values."""
+    calls = []
+    real = fastmeta.ops.mlp_adapt
+    monkeypatch.setattr(fastmeta.ops, "mlp_adapt", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = _mlp()
+    for T in (3, 19):
+        g = torch.Generator().manual_seed(T)
+        xs = torch.randn(T, 6, 3, generator=g, dtype=torch.float64)
+        ys = (torch.randn(T, 6, 2, generator=g, dtype=torch.float64) if loss == "mse"
+              else torch.randint(0, 2, (T, 6), generator=g))
+        meta = fastmeta.BatchedMAML(model, 0.1, 3, loss=loss, learn_inner_lr=kind)
+        if meta.lrs is not None:
+            with torch.no_grad():
+                for r in meta.lrs.values():
+                    r.mul_(0.5 + torch.rand(r.shape, generator=g, dtype=r.dtype))
+        rates = None if meta.lrs is None else {n: meta.lrs[meta._lr_key(n)] for n in meta._adapt_names}
+
+        def rate(n, s):
+            r = rates[n].detach()
+            return r[s] if kind == "per_layer_step" else r
+        n_calls = len(calls)
+        with fastmeta.use_backend("cpp"):
+            value, grads = meta.reptile_grad(xs, ys)
+            with torch.no_grad():
+                P = meta.adapt(xs, ys)
+        assert len(calls) == n_calls + 2, "the fused inner loop did not run"
+        want_loss, want = loop_reptile(model, xs, ys, 0.1, 3, loss, set(meta._adapt_names),
+                                       rate if rates is not None else None)
+        want += [torch.zeros_like(r) for r in rates.values()] if rates is not None else []
+        torch.testing.assert_close(value, want_loss, rtol=1e-12, atol=1e-12)
+        assert_grads_close(grads, want)
+        with fastmeta.use_backend("torch"), torch.no_grad():
+            P0 = meta.adapt(xs, ys)
+        for n in P0:
+            torch.testing.assert_close(P[n], P0[n], rtol=1e-12, atol=1e-12)
+        assert len(calls) == n_calls + 2  # (the torch backend: the batched ops)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_conv_with_running_statistics_and_learned_rates(backend):
     """conv4-like, BatchNorm tracking running statistics (updated as the loop's S support passes

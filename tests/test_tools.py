@@ -435,6 +435,11 @@ def test_reptile_script_on_a_small_net(capsys):
     assert set(timed) == {"loop_reptile", "fastmeta_reptile"} and all(v[0] is not None for v in timed.values())
     assert errs["fastmeta_reptile"] < 1e-4, errs
     assert sum(line.startswith("| fastmeta_reptile |") for line in capsys.readouterr().out.splitlines()) == 1
+    # the sine MLP: the fused inner loop and the batched ops, both equal to the loop's update
+    timed, errs = _bench_script("reptile", ["--workload", "sine", "--tasks", "3", "--steps", "2",
+                                            "--seconds", "0.05"])["first"]
+    assert set(timed) == {"loop_reptile", "fastmeta_reptile", "fastmeta_reptile_ops"}
+    assert all(v[0] is not None for v in timed.values()) and max(errs.values()) < 1e-3, errs
 
 
 def test_targets_script_reads_one_run_at_a_time(tmp_path, capsys):

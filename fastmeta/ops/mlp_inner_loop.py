@@ -170,6 +170,11 @@ def _register_cpp():
         return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, Plr)]
 
 
+    @torch.library.register_fake("fastmeta::mlp_adapt")
+    def _(xs, ys, params, lrs, lr, steps, acts, negative_slope, loss):
+        return [xs.new_empty(xs.shape[0], sum(p.numel() for p in params)), xs.new_empty(xs.shape[0])]
+
+
     @torch.library.register_fake("fastmeta::mlp_meta_grad")
     def _(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad,
           step_weights=()):
@@ -395,6 +400,55 @@ def _op_args(xs, ys, xq, yq, params, lr, steps, activations, negative_slope, los
     lrs = list(lr) if isinstance(lr, (list, tuple)) else []
     return (xs, ys, xq, yq, list(params), lrs, float(lr) if not lrs else 0.0, steps,
             [_ACT_CODE[a] for a in activations], float(negative_slope), _LOSS_CODE[loss], bool(first_order))
+
+
+def mlp_adapt_ref(xs, ys, params, lr, steps, activations, negative_slope=0.01, loss="mse"):
+    """Pure-PyTorch reference of mlp_adapt: the first-order steps unrolled under autograd, values."""
+    loss_fn = mse_ref if loss == "mse" else cross_entropy_ref
+    per_step = rates_per_step(params, lr)
+    T = xs.shape[0]
+    theta = [p.detach().unsqueeze(0).expand(T, *p.shape) for p in params]
+    first = None
+    with torch.enable_grad():
+        for s in range(max(steps, 1)):
+            probe = [t.detach().requires_grad_() for t in theta]
+            losses = loss_fn(_mlp(xs, probe, activations, negative_slope), ys)
+            if first is None:
+                first = losses.detach()
+            if steps == 0:
+                break
+            grads = torch.autograd.grad(losses.sum(), probe)
+            if isinstance(lr, (list, tuple)):
+                theta = [t - (l[s] if per_step else l).detach() * g for t, l, g in zip(theta, lr, grads)]
+            else:
+                theta = [t - lr * g for t, g in zip(theta, grads)]
+    return [t.detach() for t in theta], first
+
+
+def mlp_adapt(xs, ys, params, lr, steps, activations, negative_slope=0.01, loss="mse", flat=False, _checked=False):
+    """The inner loop alone, as values: (theta_S, losses) with theta_S one [T, *shape] tensor a
+    parameter (each task's parameters after ``steps`` SGD steps on its (xs, ys) from the
+    meta-parameters, with lr as mlp_inner_loop takes it) and losses [T] the support losses at the
+    meta-parameters. Reptile's update, and adapted parameters for evaluation. The cpp backend runs
+    it in one call (fastmeta::mlp_adapt); elsewhere the reference (no gradient flows either way).
+    flat: theta_S as one [T, P] tensor (the parameters flattened in turn) instead."""
+    if not _checked:
+        check_args(xs, ys, xs, ys, params, lr, steps, activations, loss)
+    if loss == "cross_entropy":
+        check_labels(ys, ys, params[-2].shape[0])
+    T = xs.shape[0]
+    if select("mlp_inner_loop", xs.device.type) != "cpp" or xs.dtype not in _checks.KERNEL_DTYPES:
+        thetas, losses = mlp_adapt_ref(xs, ys, list(params), lr, steps, activations, negative_slope, loss)
+        return (torch.cat([t.reshape(T, -1) for t in thetas], 1) if flat else thetas), losses
+    _register_cpp()
+    lrs = [r.detach() for r in lr] if isinstance(lr, (list, tuple)) else []
+    theta, losses = torch.ops.fastmeta.mlp_adapt(
+        xs.detach(), (ys.long() if loss == "cross_entropy" else ys).detach(), [p.detach() for p in params], lrs,
+        float(lr) if not lrs else 0.0, steps, [_ACT_CODE[a] for a in activations], float(negative_slope),
+        _LOSS_CODE[loss])
+    if flat:
+        return theta, losses
+    return [t.view(T, *p.shape) for t, p in zip(theta.split([p.numel() for p in params], 1), params)], losses
 
 
 def _direct_op(name, spec, loss, device_type):
