@@ -509,6 +509,7 @@ class BatchedMAML(nn.Module):
             for key in ("_walk", "_walk_model"):
                 self.__dict__.pop(key, None)
             self._last_sig = self._direct = self._direct_grad = self._trainable = None
+            self.__dict__.pop("_adapt_sig", None)
         self._stamp_structure()
 
     @property
@@ -628,6 +629,7 @@ class BatchedMAML(nn.Module):
                                  "not when this module was built, so they have no learned rate; build a new "
                                  "BatchedMAML")
         self._adapt_names, self._trainable, self._last_sig = names, flags, None
+        self.__dict__.pop("_adapt_sig", None)
 
     def _param_list(self, model_only: bool = False) -> list:
         """list(self.parameters()) (with model_only, list(self.model.parameters())) by a walk over

@@ -115,6 +115,23 @@ def test_mlp_on_the_fused_inner_loop(kind, loss, monkeypatch):
         for n in P0:
             torch.testing.assert_close(P[n], P0[n], rtol=1e-12, atol=1e-12)
         assert len(calls) == n_calls + 2  # (the torch backend: the batched ops)
+    # a parameter frozen after a fused call: the next call adapts the others only (the batched ops)
+    with fastmeta.use_backend("cpp"):
+        meta.reptile_grad(xs, ys)
+    assert len(calls) == n_calls + 3
+    model[0].bias.requires_grad_(False)
+    try:
+        with fastmeta.use_backend("cpp"):
+            value, grads = meta.reptile_grad(xs, ys)
+        assert len(calls) == n_calls + 3
+        want_loss, want = loop_reptile(model, xs, ys, 0.1, 3, loss, set(meta._adapt_names),
+                                       rate if rates is not None else None)
+        want += [torch.zeros_like(r) for r in rates.values()] if rates is not None else []
+        assert grads[1] is None and "0.bias" not in meta._adapt_names
+        assert_grads_close([g for g in grads if g is not None], want)
+        torch.testing.assert_close(value, want_loss, rtol=1e-12, atol=1e-12)
+    finally:
+        model[0].bias.requires_grad_(True)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
