@@ -43,7 +43,7 @@ def ptr(t):
 
 
 def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, placement, order, threads=128,
-            lr_grad=True, step_weights=None):
+            lr_grad=True, step_weights=None, adapt_out=None):
     """Runs the CUDA kernel in the emulator (with lrs, their gradient too unless lr_grad is False;
     rates [steps, *shape] are per step); returns the placement it ran with and its outputs (the rate
     gradients of per-step rates in the op's order: each rate's [steps, n] in turn)."""
@@ -68,7 +68,7 @@ def emu_mlp(h, params, batch, lrs, lr, steps, acts, slope, loss, first_order, pl
             ptr(xq), ptr(yq), ptr(theta0), ptr(lrflat), ctypes.c_double(lr), ctypes.c_double(slope),
             ctypes.c_int(0 if loss == "mse" else 1), ctypes.c_int(int(first_order)), ctypes.c_int(placement),
             ctypes.c_int(threads), ptr(loss_out), ptr(dtheta), ptr(dlr), ctypes.c_int(int(per_step)),
-            ctypes.c_int(len(weights)), (ctypes.c_double * max(1, len(weights)))(*weights))
+            ctypes.c_int(len(weights)), (ctypes.c_double * max(1, len(weights)))(*weights), ptr(adapt_out))
     assert rc >= 0, h.fm_emu_error().decode()
     if per_step and dlr is not None:  # the kernel's rows are [steps, P]; the op's each rate's [steps, n]
         by_step = dlr.view(T, steps, P)  # (steps may be 0)
@@ -225,6 +225,32 @@ def test_step_weights_cross_entropy_float32(emu, first_order):
           metasgd=True, per_step=True, step_weights=[0.4, 0.6], lr=0.1)
     check(emu, (1, 40, 40, 1), 2, 10, 10, 5, ["relu", "relu", None], "mse", first_order, torch.float32, -1,
           metasgd=True, per_step=True, step_weights=[0.1, 0.1, 0.2, 0.2, 0.4], lr_grad=False)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS.values(), ids=PLACEMENTS.keys())
+@pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
+def test_adapt_alone(emu, rates, placement):
+    """MLPArgs::adapt_out (fastmeta::mlp_adapt on CUDA): the inner loop alone, theta_S of each task and
+    the support loss at theta_0, against the CPU kernel's mlp_adapt in every thread order."""
+    for loss, dtype in (("mse", torch.float64), ("cross_entropy", torch.float32)):
+        params, batch = make_mlp_batch((3, 9, 7, 3), 3, 5, 5, loss, dtype, "cpu")
+        S = 3
+        lead = (S,) if rates == "per_step" else ()
+        lrs = [] if rates == "scalar" else [0.05 * (1 + torch.rand(*lead, *p.shape, dtype=dtype)) for p in params]
+        with torch.no_grad():
+            want = torch.ops.fastmeta.mlp_adapt(batch[0], batch[1], [p.detach() for p in params], lrs, 0.05, S,
+                                                [ACT[a] for a in ("tanh", "relu", None)], 0.01,
+                                                0 if loss == "mse" else 1)
+        outs = []
+        for order in ORDERS:
+            theta = torch.full((3, want[0].shape[1]), float("nan"), dtype=dtype)
+            _, (losses, _, _) = emu_mlp(emu, params, batch, lrs, 0.05, S, ["tanh", "relu", None], 0.01, loss, True,
+                                        placement, order, lr_grad=False, adapt_out=theta)
+            outs.append((theta, losses))
+        for theta, losses in outs[1:]:  # bit-identical in every thread order: no races
+            assert torch.equal(theta, outs[0][0]) and torch.equal(losses, outs[0][1])
+        assert_rel_close([outs[0][0]], [want[0]], RTOL[dtype], "theta_S")
+        assert_rel_close([outs[0][1]], [want[1]], RTOL[dtype], "loss at theta_0")
 
 
 def test_per_step_rates_for_no_steps(emu):

@@ -184,6 +184,30 @@ def test_mlp_kernels_per_step_rates_and_step_losses(rates, first_order, backend)
                         first_order, RTOL[torch.float64], slope=0.2, step_weights=[0.3, 0.3, 0.4])
 
 
+@pytest.mark.parametrize("rates", ["scalar", "per_step"])
+def test_cuda_adapt_and_reptile(rates):
+    """fastmeta::mlp_adapt on CUDA (the kernel's inner loop alone) against the reference, no steps
+    and five; BatchedMAML.reptile_grad on it against the batched ops."""
+    for dtype, T in ((torch.float64, 3), (torch.float32, 40)):
+        params, batch = make_mlp_batch((1, 40, 37, 1), T, 10, 10, "mse", dtype, "cuda")
+        for S in (0, 5):
+            lr = (0.01 if rates == "scalar" else
+                  [torch.empty(S, *p.shape, dtype=dtype, device="cuda").uniform_(0.005, 0.02) for p in params])
+            with fastmeta.use_backend("cuda"):
+                got, got_loss = ops.mlp_adapt(batch[0], batch[1], params, lr, S, ["relu", "tanh", None])
+            want, want_loss = ops.mlp_adapt_ref(batch[0], batch[1], params, lr, S, ["relu", "tanh", None])
+            assert_rel_close(got, want, RTOL[dtype], "theta_S")
+            assert_rel_close([got_loss], [want_loss], RTOL[dtype], "loss at theta_0")
+    model = torch.nn.Sequential(torch.nn.Linear(1, 40), torch.nn.ReLU(), torch.nn.Linear(40, 1)).cuda()
+    xs, ys = torch.randn(25, 10, 1, device="cuda"), torch.randn(25, 10, 1, device="cuda")
+    meta = fastmeta.BatchedMAML(model, 0.01, 5, learn_inner_lr="per_layer_step" if rates == "per_step" else False)
+    value, grads = meta.reptile_grad(xs, ys)
+    with fastmeta.use_backend({"mlp_inner_loop": "torch"}):
+        want_value, want = meta.reptile_grad(xs, ys)
+    assert_rel_close([value], [want_value], RTOL[torch.float32], "Reptile loss")
+    assert_rel_close(grads, want, 1e-3, "Reptile update (a difference of float32 parameters)")
+
+
 @pytest.mark.parametrize("lr_kind", ["scalar", "learned"])
 def test_meta_loss_op_on_gpu(lr_kind):
     """fastmeta::mlp_meta_loss on CUDA (per-task rows of the cuda kernel summed in C++) against the

@@ -244,7 +244,8 @@ MLPConfig mlp_config(const cuda::MLPArgs<T>& a, const at::TensorOptions& opts, c
   const bool tune = mlp_autotune_on();  // (read first: a bad value raises whatever the shape)
   if (a.num_tasks <= d.sms || !tune) return def;
   std::vector<int64_t> key{device, static_cast<int64_t>(sizeof(T)), a.L, a.K, a.Q, a.steps, a.num_tasks,
-                           a.first_order, a.lr_grad, a.loss, a.slope >= T(0), a.lr_per_step, a.weighted_steps};
+                           a.first_order, a.lr_grad, a.loss, a.slope >= T(0), a.lr_per_step, a.weighted_steps,
+                           a.adapt_out != nullptr};
   for (int l = 0; l < a.L; ++l) {
     key.push_back(a.dims[l + 1]);
     key.push_back(a.acts[l]);
@@ -314,7 +315,7 @@ template <typename T>
 void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
               const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
               at::IntArrayRef acts, double slope, int64_t loss, bool first_order, at::ArrayRef<double> step_weights,
-              at::Tensor& loss_out, at::Tensor& dtheta, at::Tensor& dlr, int64_t P) {
+              at::Tensor& loss_out, at::Tensor& dtheta, at::Tensor& dlr, int64_t P, at::Tensor* adapt_out = nullptr) {
   cuda::MLPArgs<T> a{};
   const int L = static_cast<int>(params.size() / 2);
   a.L = L;
@@ -349,6 +350,7 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   a.loss_out = loss_out.data_ptr<T>();
   a.dtheta = dtheta.data_ptr<T>();
   a.dlr = a.lr_grad ? dlr.data_ptr<T>() : nullptr;
+  a.adapt_out = adapt_out != nullptr ? adapt_out->data_ptr<T>() : nullptr;
   const int device = xs.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   if (mlp_config_forced()) {
@@ -397,6 +399,44 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   });
   if (per_step && need_lr_grad) dlr = rate_rows_in_op_order(dlr, params, steps);
   return {loss_out, dtheta, dlr};
+}
+
+// fastmeta::mlp_adapt: the kernel's inner loop alone (first order, its query and reverse pass not
+// run), theta_S of each task and the support loss at theta_0. With no steps, that loss is the
+// kernel's query loss with the support set as the query set, and theta_S the meta-parameters.
+std::vector<at::Tensor> mlp_adapt_cuda(const at::Tensor& xs_, const at::Tensor& ys_, at::TensorList params_,
+                                       at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
+                                       double negative_slope, int64_t loss) {
+  if (steps == 0) {
+    auto out = mlp_inner_loop_cuda(xs_, ys_, xs_, ys_, params_, lrs_, lr, 0, acts, negative_slope, loss, true, false,
+                                   at::ArrayRef<double>());
+    std::vector<at::Tensor> flat;
+    for (const at::Tensor& p : params_) flat.push_back(p.reshape({-1}));
+    return {at::cat(flat).unsqueeze(0).expand({xs_.size(0), -1}).contiguous(), out[0]};
+  }
+  check_mlp_args(xs_, ys_, xs_, ys_, params_, lrs_, steps, loss);
+  const int64_t L = static_cast<int64_t>(params_.size() / 2);
+  TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_adapt (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
+  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_adapt: one activation per layer");
+  const c10::cuda::CUDAGuard guard(xs_.device());
+  std::vector<at::Tensor> params, lrs;
+  int64_t P = 0;
+  for (const at::Tensor& p : params_) {
+    params.push_back(p.contiguous());
+    P += p.numel();
+  }
+  for (const at::Tensor& r : lrs_) lrs.push_back(r.to(xs_.scalar_type()).contiguous());
+  const at::Tensor xs = xs_.contiguous(), ys = ys_.contiguous();
+  const int64_t Tn = xs.size(0);
+  auto opts = xs.options();
+  at::Tensor loss_out = new_output({Tn}, opts);
+  at::Tensor theta = new_output({Tn, P}, opts);
+  at::Tensor dtheta = at::empty({0}, opts), dlr = at::empty({0, P}, opts);  // (not written)
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_adapt_cuda", [&] {
+    mlp_cuda<scalar_t>(xs, ys, xs, ys, params, lrs, lr, steps, acts, negative_slope, loss, /*first_order=*/true,
+                       at::ArrayRef<double>(), loss_out, dtheta, dlr, P, &theta);
+  });
+  return {theta, loss_out};
 }
 
 // fastmeta::bn_relu_pool, its backward and double backward (csrc/cuda/bn_relu_pool.cu; the checks
@@ -502,6 +542,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_pool_double_backward_cuda
 
 TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("mlp_inner_loop", &fastmeta::mlp_inner_loop_cuda);
+  m.impl("mlp_adapt", &fastmeta::mlp_adapt_cuda);
   m.impl("inner_update_scalar", &fastmeta::inner_update_scalar_cuda);
   m.impl("inner_update_tensor", &fastmeta::inner_update_tensor_cuda);
   m.impl("bn_relu_pool", &fastmeta::bn_relu_pool_cuda);

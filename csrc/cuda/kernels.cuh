@@ -92,6 +92,9 @@ struct MLPArgs {
   T* loss_out;                                        // [T]
   T* dtheta;                                          // [T, P]
   T* dlr;                                             // [T, P] ([T, steps, P] with lr_per_step) or nullptr
+  T* adapt_out;                                       // [T, P] or nullptr: the inner loop alone (first
+                                                      //   order, no rate gradient, no step weights):
+                                                      //   theta_S here, loss_out the loss at theta_0
   int64_t num_tasks, K, Q, steps, P;
   int L, loss;                                        // loss: 0 mse, 1 cross-entropy
   bool first_order;

@@ -571,9 +571,10 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
     T* nxt = theta_at(s + 1);
     T* hg = h_g + s * Pp;
     T* hnext = s + 1 < S && mirror ? h_th + (s + 1) * Pp : nullptr;
-    C.forward_loss(cur, x, K, st, ysf, ysl, nullptr, red, [&](int l) {
-      if (mirror && l > 0) mirror_slab(s, l - 1, true);
-    });
+    C.forward_loss(cur, x, K, st, ysf, ysl, A.adapt_out != nullptr && s == 0 ? A.loss_out + t : nullptr, red,
+                   [&](int l) {
+                     if (mirror && l > 0) mirror_slab(s, l - 1, true);
+                   });
     // theta_{s+1} = theta_s - lr (.) g_s, element by element; second order keeps g_s (learned
     // rates), first order with learned rates sums the gradients in dlr (the same thread updates an
     // element in every step: its product's tile)
@@ -603,6 +604,12 @@ __global__ void __launch_bounds__(kMinBlocks > 1 ? 128 : (sizeof(T) == 8 ? 256 :
       C.backward(nxt, xq, Q, Acts<T>{work.base, Q, sumd, sec}, [&](const Param& p, T c) { hq[p.j] = c; },
                  [](int) {});
     }
+  }
+  if (A.adapt_out != nullptr) {  // the inner loop alone: theta_S out (steps >= 1: the binding's)
+    T* out = A.adapt_out + static_cast<int64_t>(t) * P;
+    const T* thS = theta_at(S);
+    for_params(A, [&](const Param& p) { out[p.jf] = thS[p.j]; });
+    return;
   }
   const Acts<T> query{work.base, Q, sumd, sec};
   auto none = [](int) {};

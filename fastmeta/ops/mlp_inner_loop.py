@@ -429,15 +429,16 @@ def mlp_adapt(xs, ys, params, lr, steps, activations, negative_slope=0.01, loss=
     """The inner loop alone, as values: (theta_S, losses) with theta_S one [T, *shape] tensor a
     parameter (each task's parameters after ``steps`` SGD steps on its (xs, ys) from the
     meta-parameters, with lr as mlp_inner_loop takes it) and losses [T] the support losses at the
-    meta-parameters. Reptile's update, and adapted parameters for evaluation. The cpp backend runs
-    it in one call (fastmeta::mlp_adapt); elsewhere the reference (no gradient flows either way).
+    meta-parameters. Reptile's update, and adapted parameters for evaluation. The cpp and cuda
+    backends run it in one call (fastmeta::mlp_adapt); elsewhere the reference (no gradient flows
+    either way).
     flat: theta_S as one [T, P] tensor (the parameters flattened in turn) instead."""
     if not _checked:
         check_args(xs, ys, xs, ys, params, lr, steps, activations, loss)
     if loss == "cross_entropy":
         check_labels(ys, ys, params[-2].shape[0])
     T = xs.shape[0]
-    if select("mlp_inner_loop", xs.device.type) != "cpp" or xs.dtype not in _checks.KERNEL_DTYPES:
+    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in _checks.KERNEL_DTYPES:
         thetas, losses = mlp_adapt_ref(xs, ys, list(params), lr, steps, activations, negative_slope, loss)
         return (torch.cat([t.reshape(T, -1) for t in thetas], 1) if flat else thetas), losses
     _register_cpp()

@@ -26,7 +26,7 @@ template <typename T>
 int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,
             const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr,
             double slope, int loss, int first_order, int placement, int threads, T* loss_out, T* dtheta,
-            T* dlr, int lr_per_step, int n_weights, const double* weights) {
+            T* dlr, int lr_per_step, int n_weights, const double* weights, T* adapt_out) {
   using namespace fastmeta::cuda;
   MLPArgs<T> a{};
   a.L = L;
@@ -64,7 +64,7 @@ int run_mlp(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, i
   // the workspace starts as NaN: a value read before the kernel wrote it shows in the results
   std::vector<T> scratch(tasks * a.scratch_per_task, std::numeric_limits<T>::quiet_NaN());
   a.scratch = scratch.data();
-  a.loss_out = loss_out; a.dtheta = dtheta; a.dlr = dlr;
+  a.loss_out = loss_out; a.dtheta = dtheta; a.dlr = dlr; a.adapt_out = adapt_out;
   fm_emu::state().error.clear();
   if (mlp_allow_smem<T>(static_cast<int>(fm_emu::kMaxSmemOptin)) != cudaSuccess) return -1;
   if (launch_mlp_inner_loop<T>(a, nullptr) != cudaSuccess) return -1;
@@ -166,10 +166,10 @@ uint64_t fm_emu_barriers() { return fm_emu::state().barriers; }
   int NAME(int L, const int* dims, const int* acts, int64_t tasks, int64_t K, int64_t Q, int64_t steps,     \
            const T* xs, const void* ys, const T* xq, const void* yq, const T* theta0, const T* lrs, double lr, \
            double slope, int loss, int first_order, int placement, int threads, T* loss_out,                 \
-           T* dtheta, T* dlr, int lr_per_step, int n_weights, const double* weights) {                       \
+           T* dtheta, T* dlr, int lr_per_step, int n_weights, const double* weights, T* adapt_out) {         \
     return run_mlp<T>(L, dims, acts, tasks, K, Q, steps, xs, ys, xq, yq, theta0, lrs, lr, slope, loss,      \
                       first_order, placement, threads, loss_out, dtheta, dlr, lr_per_step, n_weights,       \
-                      weights);                                                                              \
+                      weights, adapt_out);                                                                   \
   }
 FM_EMU_MLP(fm_emu_mlp_f32, float)
 FM_EMU_MLP(fm_emu_mlp_f64, double)
