@@ -930,6 +930,48 @@ void lane_sums(const T* src, int64_t n, const T* mask, T* dst) {
   }
 }
 
+// The meta-parameters [W_1, b_1, ...] as one flat vector in the net's layout.
+template <typename T>
+std::vector<T> flat_params(const Net& net, const std::vector<at::Tensor>& params) {
+  std::vector<T> theta0(net.P);
+  for (int64_t l = 1; l <= net.L; ++l) {
+    const auto& Wt = params[2 * (l - 1)];
+    const auto& b = params[2 * (l - 1) + 1];
+    std::copy(Wt.data_ptr<T>(), Wt.data_ptr<T>() + Wt.numel(), theta0.begin() + net.offW[l - 1]);
+    std::copy(b.data_ptr<T>(), b.data_ptr<T>() + b.numel(), theta0.begin() + net.offb[l - 1]);
+  }
+  return theta0;
+}
+
+// A set's rows (inputs x [T, N, I]; targets y [T, N, D] for mse, labels [T, N] for cross-entropy)
+// of the group's tasks into the group's lane buffers.
+template <typename T, int W>
+void gather_set(const at::Tensor& x, const at::Tensor& y, int64_t N, int64_t I, int64_t D, int64_t loss,
+                const int64_t* tasks, T* xdst, T* ydst) {
+  gather<T, W>(x.data_ptr<T>(), N * I, tasks, xdst);
+  if (loss == 0)
+    gather<T, W>(y.data_ptr<T>(), N * D, tasks, ydst);
+  else
+    gather<T, W>(y.data_ptr<int64_t>(), N, tasks, ydst);
+}
+
+// work(claim) on up to the pool's threads (each with its own workspace), claim() giving the next
+// group of tasks to run (>= groups: none left). Threads claim groups one at a time (each writes
+// only its groups' outputs, so the result does not depend on which thread ran which): a thread
+// that starts late, or is descheduled on a shared machine, leaves its groups to the others
+// instead of holding up the call. A lone group runs here, outside a parallel region, so that its
+// large products can share the threads (gemm_kind).
+template <typename Work>
+void over_groups(int64_t groups, const Work& work) {
+  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
+  std::atomic<int64_t> next_group{0};
+  const auto body = [&](int64_t, int64_t) { work([&] { return next_group++; }); };
+  if (workers <= 1)
+    body(0, 1);
+  else
+    at::parallel_for(0, workers, 1, body);
+}
+
 // lrflat: null (the scalar lr), P rates (the same at every step) or S * P (step s's at s * P, with
 // per_step_lr). weights: null (the query loss after the last step), or S weights, w[s] that of
 // the query loss at theta_{s+1}; a weight of 0 is not evaluated.
@@ -943,33 +985,15 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
   auto rates_at = [&](int64_t s) { return lrflat == nullptr ? nullptr : lrflat + (per_step_lr ? s * P : 0); };
   // the weight of the query loss at theta_s (s = 1..S)
   auto weight_at = [&](int64_t s) { return weights == nullptr ? T(s == S ? 1 : 0) : weights[s - 1]; };
-  std::vector<T> theta0(P);
-  for (int64_t l = 1; l <= net.L; ++l) {
-    const auto& Wt = params[2 * (l - 1)];
-    const auto& b = params[2 * (l - 1) + 1];
-    std::copy(Wt.data_ptr<T>(), Wt.data_ptr<T>() + Wt.numel(), theta0.begin() + net.offW[l - 1]);
-    std::copy(b.data_ptr<T>(), b.data_ptr<T>() + b.numel(), theta0.begin() + net.offb[l - 1]);
-  }
+  const std::vector<T> theta0 = flat_params<T>(net, params);
   const int64_t groups = (Tn + W - 1) / W;
-  // Threads claim groups one at a time (each writes only its groups' outputs, so the result does
-  // not depend on which thread ran which): a thread that starts late, or is descheduled on a
-  // shared machine, leaves its groups to the others instead of holding up the call.
-  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
-  std::atomic<int64_t> next_group{0};
-  const auto body = [&](int64_t, int64_t) {
+  over_groups(groups, [&](const auto& claim) {
     Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad, weights != nullptr, lr_sets);
-    for (int64_t grp = next_group++; grp < groups; grp = next_group++) {
+    for (int64_t grp = claim(); grp < groups; grp = claim()) {
       int64_t tasks[W];
       for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
-      gather<T, W>(xs.data_ptr<T>(), K * I, tasks, gp.xs);
-      gather<T, W>(xq.data_ptr<T>(), Q * I, tasks, gp.xq);
-      if (loss == 0) {
-        gather<T, W>(ys.data_ptr<T>(), K * D, tasks, gp.ys);
-        gather<T, W>(yq.data_ptr<T>(), Q * D, tasks, gp.yq);
-      } else {
-        gather<T, W>(ys.data_ptr<int64_t>(), K, tasks, gp.ys);
-        gather<T, W>(yq.data_ptr<int64_t>(), Q, tasks, gp.yq);
-      }
+      gather_set<T, W>(xs, ys, K, I, D, loss, tasks, gp.xs, gp.ys);
+      gather_set<T, W>(xq, yq, Q, I, D, loss, tasks, gp.xq, gp.yq);
       for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
       T lane_loss[W], step_loss[W];
       for (int64_t s = 0; s < S; ++s) {
@@ -1051,13 +1075,7 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
         }
       }
     }
-  };
-  // A lone group runs here, outside a parallel region, so that its large products can share the
-  // threads (gemm_kind).
-  if (workers <= 1)
-    body(0, 1);
-  else
-    at::parallel_for(0, workers, 1, body);
+  });
 }
 
 // The inner loop alone (no query, no meta-gradient): for each task theta_S after S steps from the
@@ -1067,28 +1085,16 @@ template <typename T, int W>
 void adapt_run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const std::vector<at::Tensor>& params,
                const T* lrflat, bool per_step_lr, T lr, int64_t S, int64_t loss, T* theta_out, T* loss_out) {
   const int64_t Tn = xs.size(0), K = xs.size(1), I = net.d[0], D = net.d[net.L], P = net.P;
-  std::vector<T> theta0(P);
-  for (int64_t l = 1; l <= net.L; ++l) {
-    const auto& Wt = params[2 * (l - 1)];
-    const auto& b = params[2 * (l - 1) + 1];
-    std::copy(Wt.data_ptr<T>(), Wt.data_ptr<T>() + Wt.numel(), theta0.begin() + net.offW[l - 1]);
-    std::copy(b.data_ptr<T>(), b.data_ptr<T>() + b.numel(), theta0.begin() + net.offb[l - 1]);
-  }
+  const std::vector<T> theta0 = flat_params<T>(net, params);
   const int64_t groups = (Tn + W - 1) / W;
-  const int64_t workers = std::min<int64_t>(groups, at::get_num_threads());
-  std::atomic<int64_t> next_group{0};  // (claimed one at a time, as in run)
-  const auto body = [&](int64_t, int64_t) {
+  over_groups(groups, [&](const auto& claim) {
     // one parameter set, updated in place by each step's backward pass (first order's slots)
     Group<T, W> gp(net, K, /*Q=*/0, std::max<int64_t>(S, 1), /*first_order=*/true, /*keep_grads=*/false,
                    /*all_thetas=*/false, 1);
-    for (int64_t grp = next_group++; grp < groups; grp = next_group++) {
+    for (int64_t grp = claim(); grp < groups; grp = claim()) {
       int64_t tasks[W];
       for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
-      gather<T, W>(xs.data_ptr<T>(), K * I, tasks, gp.xs);
-      if (loss == 0)
-        gather<T, W>(ys.data_ptr<T>(), K * D, tasks, gp.ys);
-      else
-        gather<T, W>(ys.data_ptr<int64_t>(), K, tasks, gp.ys);
+      gather_set<T, W>(xs, ys, K, I, D, loss, tasks, gp.xs, gp.ys);
       for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
       T first_loss[W], lane_loss[W];
       for (int64_t s = 0; s < std::max<int64_t>(S, 1); ++s) {
@@ -1106,11 +1112,7 @@ void adapt_run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const
         for (int64_t j = 0; j < P; ++j) theta_out[t * P + j] = gp.theta[j * W + l];
       }
     }
-  };
-  if (workers <= 1)
-    body(0, 1);
-  else
-    at::parallel_for(0, workers, 1, body);
+  });
 }
 
 }  // namespace

@@ -1123,7 +1123,7 @@ class BatchedMAML(nn.Module):
         record = []  # (the first step's support losses: the loss at the meta-parameters)
         fused = self._fused_adapt(xs, ys, flat=True)
         if fused is not None:  # theta - the tasks' mean theta_S, from the flat [T, P] parameters
-            (theta, first), params = fused, self._fused_args(values=True)[0]
+            theta, first, params = fused
             with torch.no_grad():
                 step = (torch.cat([p.reshape(-1) for p in params]) - theta.mean(0)).split([p.numel() for p in params])
             by_id = {id(p): d.view(p.shape) for p, d in zip(params, step)}
@@ -1171,8 +1171,9 @@ class BatchedMAML(nn.Module):
         return P
 
     def _fused_adapt(self, xs, ys, flat: bool = False):
-        """(P, losses): the adapted parameters (values, name -> [T, *shape]; flat: one [T, P] tensor,
-        the fused op's parameters in turn) and the support losses at the meta-parameters [T] from
+        """(P, losses, params): the adapted parameters (values, name -> [T, *shape]; flat: one [T, P]
+        tensor, the fused op's parameters in turn), the support losses at the meta-parameters [T] and
+        the fused op's meta-parameters (in its order) from
         the fused inner loop (ops.mlp_adapt) where the fused MLP kernel runs this model on the cpp or
         cuda backend; else None. The choice and the argument checks are made once a batch signature."""
         try:
@@ -1189,7 +1190,7 @@ class BatchedMAML(nn.Module):
         theta, losses = ops.mlp_adapt(xs, ys, params, lr, self.inner_steps, spec.activations, spec.negative_slope,
                                       self.loss, flat=flat, _checked=known[2])
         self.__dict__["_adapt_sig"] = (sig, True, True)  # (its arguments passed the op's checks)
-        return (theta if flat else dict(zip(spec.param_names, theta))), losses
+        return (theta if flat else dict(zip(spec.param_names, theta))), losses, params
 
     @_module_backend
     def predict(self, params: dict, x: torch.Tensor) -> torch.Tensor:

@@ -30,29 +30,32 @@ def _case(T, loss, dtype=torch.float64, per_step=True, S=3, seed=0):
     return params, batch, lrs
 
 
+def _net(theta, x):
+    """The MLP of ACTS at parameters theta [W_1, b_1, ...] (plain torch)."""
+    for l, act in enumerate(ACTS):
+        x = F.linear(x, theta[2 * l], theta[2 * l + 1])
+        x = {"tanh": torch.tanh, "relu": torch.relu, None: lambda v: v}[act](x)
+    return x
+
+
 def _loop(params, batch, lrs, S, loss, first_order, weights):
     """A per-task loop with its own SGD steps and losses (no fastmeta op): per-task losses [T]."""
     xs, ys, xq, yq = batch
     fn = F.mse_loss if loss == "mse" else F.cross_entropy
 
-    def net(theta, x):
-        for l, act in enumerate(ACTS):
-            x = F.linear(x, theta[2 * l], theta[2 * l + 1])
-            x = {"tanh": torch.tanh, "relu": torch.relu, None: lambda v: v}[act](x)
-        return x
     out = []
     for t in range(xs.shape[0]):
         theta, total = list(params), 0.0
         for s in range(S):
             if first_order:
                 probe = [p.detach().requires_grad_() for p in theta]
-                grads = torch.autograd.grad(fn(net(probe, xs[t]), ys[t]), probe)
+                grads = torch.autograd.grad(fn(_net(probe, xs[t]), ys[t]), probe)
             else:
-                grads = torch.autograd.grad(fn(net(theta, xs[t]), ys[t]), theta, create_graph=True)
+                grads = torch.autograd.grad(fn(_net(theta, xs[t]), ys[t]), theta, create_graph=True)
             theta = [p - r[s] * g for p, r, g in zip(theta, lrs, grads)]
             w = (1.0 if s == S - 1 else 0.0) if weights is None else weights[s]
             if w != 0.0:
-                total = total + w * fn(net(theta, xq[t]), yq[t])
+                total = total + w * fn(_net(theta, xq[t]), yq[t])
         out.append(total if torch.is_tensor(total) else sum(p.sum() for p in theta) * 0)
     return torch.stack(out)
 
@@ -252,18 +255,13 @@ def _adapt_loop(params, batch, lrs, S, loss):
     xs, ys = batch[:2]
     fn = F.mse_loss if loss == "mse" else F.cross_entropy
 
-    def net(theta, x):
-        for l, act in enumerate(ACTS):
-            x = F.linear(x, theta[2 * l], theta[2 * l + 1])
-            x = {"tanh": torch.tanh, "relu": torch.relu, None: lambda v: v}[act](x)
-        return x
     finals, first = [], []
     for t in range(xs.shape[0]):
         theta = [p.detach() for p in params]
-        first.append(fn(net(theta, xs[t]), ys[t]).detach())
+        first.append(fn(_net(theta, xs[t]), ys[t]).detach())
         for s in range(S):
             probe = [p.requires_grad_() for p in theta]
-            grads = torch.autograd.grad(fn(net(probe, xs[t]), ys[t]), probe)
+            grads = torch.autograd.grad(fn(_net(probe, xs[t]), ys[t]), probe)
             rates = [0.1] * len(params) if lrs is None else [r.detach()[s] if r.dim() > p.dim() else r.detach()
                                                              for r, p in zip(lrs, params)]
             theta = [(p - r * g).detach() for p, r, g in zip(theta, rates, grads)]
@@ -306,6 +304,22 @@ def test_mlp_adapt_op_schema_and_fake():
     torch.library.opcheck(torch.ops.fastmeta.mlp_adapt.default,
                           (batch[0], batch[1], [p.detach() for p in params], [r.detach() for r in lrs], 0.0, 3,
                            [3, 1, 0], 0.01, 0), test_utils=("test_schema", "test_faketensor"))
+
+
+def test_mlp_adapt_bad_input_is_named():
+    """ops.mlp_adapt's errors name the op and the argument (its support set checked as a query set
+    too, the errors still name xs and ys)."""
+    params, batch, lrs = _case(3, "mse")
+    xs, ys = batch[:2]
+    with pytest.raises(ValueError, match=r"mlp_adapt: ys \(3, 4, 1\) must be \[T, 4, 2\]"):
+        ops.mlp_adapt(xs, ys[..., :1], params, 0.1, 3, ACTS)
+    with pytest.raises(ValueError, match=r"mlp_adapt: per-parameter lr shapes .*steps=2"):
+        ops.mlp_adapt(xs, ys, params, lrs, 2, ACTS)
+    with pytest.raises(ValueError, match="xs: expected 3 dims"):
+        ops.mlp_adapt(xs[0], ys, params, 0.1, 3, ACTS)
+    _, c_batch, _ = _case(3, "cross_entropy")
+    with pytest.raises(ValueError, match=r"mlp_adapt: ys .* has labels outside \[0, 2\)"):
+        ops.mlp_adapt(c_batch[0], c_batch[1] + 2, params, 0.1, 3, ACTS, loss="cross_entropy")
 
 
 def test_bad_rates_and_weights_are_named():

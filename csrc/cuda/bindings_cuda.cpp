@@ -364,17 +364,22 @@ void mlp_cuda(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, 
   C10_CUDA_CHECK(mlp_launch<T>(a, xs.options(), stream));
 }
 
-std::vector<at::Tensor> mlp_inner_loop_cuda(
-    const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_, const at::Tensor& yq_,
-    at::TensorList params_, at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
-    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
+// The checks, tensors and launch of fastmeta::mlp_inner_loop (adapt false: [loss, dtheta, dlr]) and
+// of fastmeta::mlp_adapt with steps >= 1 (adapt true: the kernel's inner loop alone, first order,
+// no rate gradient: [theta_S [T, P], the support loss at theta_0], xq / yq then the support set).
+std::vector<at::Tensor> mlp_run_cuda(const at::Tensor& xs_, const at::Tensor& ys_, const at::Tensor& xq_,
+                                     const at::Tensor& yq_, at::TensorList params_, at::TensorList lrs_, double lr,
+                                     int64_t steps, at::IntArrayRef acts, double negative_slope, int64_t loss,
+                                     bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights,
+                                     bool adapt) {
+  const char* op = adapt ? "mlp_adapt" : "mlp_inner_loop";
   check_mlp_args(xs_, ys_, xq_, yq_, params_, lrs_, steps, loss);
   check_step_weights(step_weights, steps);
-  TORCH_CHECK(static_cast<int64_t>(step_weights.size()) <= cuda::kMaxWeightedSteps, "mlp_inner_loop (cuda): "
+  TORCH_CHECK(static_cast<int64_t>(step_weights.size()) <= cuda::kMaxWeightedSteps, op, " (cuda): "
               "step_weights for at most ", cuda::kMaxWeightedSteps, " steps, got ", step_weights.size());
   const int64_t L = static_cast<int64_t>(params_.size() / 2);
-  TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_inner_loop (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
-  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
+  TORCH_CHECK(L <= cuda::kMaxLayers, op, " (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
+  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, op, ": one activation per layer");
   const c10::cuda::CUDAGuard guard(xs_.device());
   // the kernel reads each parameter (and rate) tensor where it is: no concatenation (shapes,
   // dtypes and devices checked above)
@@ -389,54 +394,43 @@ std::vector<at::Tensor> mlp_inner_loop_cuda(
   const int64_t Tn = xs.size(0);
   auto opts = xs.options();
   at::Tensor loss_out = new_output({Tn}, opts);
-  at::Tensor dtheta = new_output({Tn, P}, opts);
+  at::Tensor theta = adapt ? new_output({Tn, P}, opts) : at::Tensor();
+  at::Tensor dtheta = adapt ? at::empty({0}, opts) : new_output({Tn, P}, opts);  // (adapt: not written)
   const bool per_step = mlp_rates_per_step(params_, lrs_);
   const int64_t sets = per_step ? steps : 1;
   at::Tensor dlr = new_output({need_lr_grad ? Tn : 0, sets * P}, opts);
-  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_inner_loop_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_run_cuda", [&] {
     mlp_cuda<scalar_t>(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, step_weights,
-                       loss_out, dtheta, dlr, P);
+                       loss_out, dtheta, dlr, P, adapt ? &theta : nullptr);
   });
+  if (adapt) return {theta, loss_out};
   if (per_step && need_lr_grad) dlr = rate_rows_in_op_order(dlr, params, steps);
   return {loss_out, dtheta, dlr};
+}
+
+std::vector<at::Tensor> mlp_inner_loop_cuda(
+    const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
+    at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
+    double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights) {
+  return mlp_run_cuda(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order, need_lr_grad,
+                      step_weights, /*adapt=*/false);
 }
 
 // fastmeta::mlp_adapt: the kernel's inner loop alone (first order, its query and reverse pass not
 // run), theta_S of each task and the support loss at theta_0. With no steps, that loss is the
 // kernel's query loss with the support set as the query set, and theta_S the meta-parameters.
-std::vector<at::Tensor> mlp_adapt_cuda(const at::Tensor& xs_, const at::Tensor& ys_, at::TensorList params_,
-                                       at::TensorList lrs_, double lr, int64_t steps, at::IntArrayRef acts,
+std::vector<at::Tensor> mlp_adapt_cuda(const at::Tensor& xs, const at::Tensor& ys, at::TensorList params,
+                                       at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
                                        double negative_slope, int64_t loss) {
   if (steps == 0) {
-    auto out = mlp_inner_loop_cuda(xs_, ys_, xs_, ys_, params_, lrs_, lr, 0, acts, negative_slope, loss, true, false,
-                                   at::ArrayRef<double>());
+    auto out = mlp_run_cuda(xs, ys, xs, ys, params, lrs, lr, 0, acts, negative_slope, loss, true, false,
+                            at::ArrayRef<double>(), /*adapt=*/false);
     std::vector<at::Tensor> flat;
-    for (const at::Tensor& p : params_) flat.push_back(p.reshape({-1}));
-    return {at::cat(flat).unsqueeze(0).expand({xs_.size(0), -1}).contiguous(), out[0]};
+    for (const at::Tensor& p : params) flat.push_back(p.reshape({-1}));
+    return {at::cat(flat).unsqueeze(0).expand({xs.size(0), -1}).contiguous(), out[0]};
   }
-  check_mlp_args(xs_, ys_, xs_, ys_, params_, lrs_, steps, loss);
-  const int64_t L = static_cast<int64_t>(params_.size() / 2);
-  TORCH_CHECK(L <= cuda::kMaxLayers, "mlp_adapt (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
-  TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_adapt: one activation per layer");
-  const c10::cuda::CUDAGuard guard(xs_.device());
-  std::vector<at::Tensor> params, lrs;
-  int64_t P = 0;
-  for (const at::Tensor& p : params_) {
-    params.push_back(p.contiguous());
-    P += p.numel();
-  }
-  for (const at::Tensor& r : lrs_) lrs.push_back(r.to(xs_.scalar_type()).contiguous());
-  const at::Tensor xs = xs_.contiguous(), ys = ys_.contiguous();
-  const int64_t Tn = xs.size(0);
-  auto opts = xs.options();
-  at::Tensor loss_out = new_output({Tn}, opts);
-  at::Tensor theta = new_output({Tn, P}, opts);
-  at::Tensor dtheta = at::empty({0}, opts), dlr = at::empty({0, P}, opts);  // (not written)
-  AT_DISPATCH_FLOATING_TYPES(xs.scalar_type(), "mlp_adapt_cuda", [&] {
-    mlp_cuda<scalar_t>(xs, ys, xs, ys, params, lrs, lr, steps, acts, negative_slope, loss, /*first_order=*/true,
-                       at::ArrayRef<double>(), loss_out, dtheta, dlr, P, &theta);
-  });
-  return {theta, loss_out};
+  return mlp_run_cuda(xs, ys, xs, ys, params, lrs, lr, steps, acts, negative_slope, loss, /*first_order=*/true,
+                      /*need_lr_grad=*/false, at::ArrayRef<double>(), /*adapt=*/true);
 }
 
 // fastmeta::bn_relu_pool, its backward and double backward (csrc/cuda/bn_relu_pool.cu; the checks

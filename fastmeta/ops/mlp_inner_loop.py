@@ -155,9 +155,10 @@ def rates_per_step(params, lr) -> bool:
     return isinstance(lr, (list, tuple)) and len(lr) > 0 and lr[0].dim() == params[0].dim() + 1
 
 
-def check_labels(ys, yq, C):
-    """Cross-entropy labels must lie in [0, C): checked on the values (one device sync)."""
-    _checks.labels_in_range([("ys", ys), ("yq", yq)], C, "mlp_inner_loop")
+def check_labels(ys, yq, C, op="mlp_inner_loop"):
+    """Cross-entropy labels must lie in [0, C): checked on the values (one device sync); yq None:
+    the support set's only."""
+    _checks.labels_in_range([("ys", ys)] + ([("yq", yq)] if yq is not None else []), C, op)
 
 
 @functools.cache
@@ -253,70 +254,70 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
         return (None,) * 14 + tuple(grads)
 
 
-def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weights=None):
-    """The checks of mlp_inner_loop's arguments (each error names the argument and its shape)."""
+def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weights=None, op="mlp_inner_loop"):
+    """The checks of mlp_inner_loop's arguments (each error names the op, the argument and its shape)."""
     for name, t in (("xs", xs), ("xq", xq)):
         _checks.tensor(name, t, dim=3)
         _checks.floating(name, t)
     if loss not in _LOSS_CODE:
-        raise ValueError(f"mlp_inner_loop: loss must be 'mse' or 'cross_entropy', got {loss!r}")
+        raise ValueError(f"{op}: loss must be 'mse' or 'cross_entropy', got {loss!r}")
     T = xs.shape[0]
     for name, t in (("ys", ys), ("xq", xq), ("yq", yq)):
         _checks.tensor(name, t)
         if t.shape[0] != T:
-            raise ValueError(f"mlp_inner_loop: {name} {tuple(t.shape)} has T={t.shape[0]} but xs "
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} has T={t.shape[0]} but xs "
                              f"{tuple(xs.shape)} has T={T}")
     if not isinstance(params, (list, tuple)) or len(params) == 0 or len(params) % 2:
-        raise ValueError("mlp_inner_loop: params must be a list [W_1, b_1, ..., W_L, b_L]")
+        raise ValueError(f"{op}: params must be a list [W_1, b_1, ..., W_L, b_L]")
     if len(activations) != len(params) // 2:
-        raise ValueError(f"mlp_inner_loop: {len(activations)} activations for {len(params) // 2} layers")
+        raise ValueError(f"{op}: {len(activations)} activations for {len(params) // 2} layers")
     for a in activations:
         if a not in ACTIVATIONS:
-            raise ValueError(f"mlp_inner_loop: activation {a!r} not in {ACTIVATIONS}")
+            raise ValueError(f"{op}: activation {a!r} not in {ACTIVATIONS}")
     if xq.shape[2] != xs.shape[2]:
-        raise ValueError(f"mlp_inner_loop: xq {tuple(xq.shape)} and xs {tuple(xs.shape)} differ in features "
+        raise ValueError(f"{op}: xq {tuple(xq.shape)} and xs {tuple(xs.shape)} differ in features "
                          f"per sample")
     if not isinstance(steps, int) or steps < 0:
-        raise ValueError(f"mlp_inner_loop: steps must be an int >= 0, got {steps!r}")
+        raise ValueError(f"{op}: steps must be an int >= 0, got {steps!r}")
     if steps > 0 and xs.shape[1] == 0:
-        raise ValueError(f"mlp_inner_loop: xs {tuple(xs.shape)} has no support samples for {steps} steps")
+        raise ValueError(f"{op}: xs {tuple(xs.shape)} has no support samples for {steps} steps")
     if xq.shape[1] == 0:
-        raise ValueError(f"mlp_inner_loop: xq {tuple(xq.shape)} has no query samples")
+        raise ValueError(f"{op}: xq {tuple(xq.shape)} has no query samples")
     width = xs.shape[2]
     for l in range(len(params) // 2):
         W, b = params[2 * l], params[2 * l + 1]
         if W.dim() != 2 or W.shape[1] != width or b.shape != (W.shape[0],):
-            raise ValueError(f"mlp_inner_loop: layer {l} has W {tuple(W.shape)}, b {tuple(b.shape)}; "
+            raise ValueError(f"{op}: layer {l} has W {tuple(W.shape)}, b {tuple(b.shape)}; "
                              f"expected W [O, {width}], b [O]")
         _checks.same_device_dtype([("xs", xs), (f"params[{2 * l}]", W), (f"params[{2 * l + 1}]", b)])
         width = W.shape[0]
     if loss == "mse":
         for name, y, x in (("ys", ys, xs), ("yq", yq, xq)):
             if tuple(y.shape) != (x.shape[0], x.shape[1], width):
-                raise ValueError(f"mlp_inner_loop: {name} {tuple(y.shape)} must be "
+                raise ValueError(f"{op}: {name} {tuple(y.shape)} must be "
                                  f"[T, {x.shape[1]}, {width}] for mse")
     else:
         for name, y, x in (("ys", ys, xs), ("yq", yq, xq)):
             if y.is_floating_point() or tuple(y.shape) != tuple(x.shape[:2]):
-                raise ValueError(f"mlp_inner_loop: {name} {tuple(y.shape)} ({y.dtype}) must be integer "
+                raise ValueError(f"{op}: {name} {tuple(y.shape)} ({y.dtype}) must be integer "
                                  f"labels [T, {x.shape[1]}] for cross_entropy")
     if isinstance(lr, (list, tuple)):
         if not all(isinstance(l, torch.Tensor) for l in lr):
-            raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got a list of "
+            raise TypeError(f"{op}: lr must be a real number or a list of tensors, got a list of "
                             f"{sorted({type(l).__name__ for l in lr})}")
         lead = (steps,) if rates_per_step(params, lr) else ()
         if len(lr) != len(params) or any(tuple(l.shape) != lead + tuple(p.shape) for l, p in zip(lr, params)):
-            raise ValueError(f"mlp_inner_loop: per-parameter lr shapes {_checks.shapes(lr)} must equal the params' "
+            raise ValueError(f"{op}: per-parameter lr shapes {_checks.shapes(lr)} must equal the params' "
                              f"{_checks.shapes(params)}, or be [steps={steps}, *shape] each (one rate set a step)")
     elif not isinstance(lr, numbers.Real) or isinstance(lr, bool):
-        raise TypeError(f"mlp_inner_loop: lr must be a real number or a list of tensors, got {type(lr).__name__}")
+        raise TypeError(f"{op}: lr must be a real number or a list of tensors, got {type(lr).__name__}")
     if step_weights is not None:
         if (not isinstance(step_weights, (list, tuple))
                 or not all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in step_weights)):
-            raise TypeError(f"mlp_inner_loop: step_weights must be None or a list of real numbers, got "
+            raise TypeError(f"{op}: step_weights must be None or a list of real numbers, got "
                             f"{step_weights!r}")
         if len(step_weights) != steps or not all(math.isfinite(w) for w in step_weights):
-            raise ValueError(f"mlp_inner_loop: step_weights must be one finite weight a step (steps={steps}), got "
+            raise ValueError(f"{op}: step_weights must be one finite weight a step (steps={steps}), got "
                              f"{list(step_weights)}")
 
 
@@ -433,10 +434,10 @@ def mlp_adapt(xs, ys, params, lr, steps, activations, negative_slope=0.01, loss=
     backends run it in one call (fastmeta::mlp_adapt); elsewhere the reference (no gradient flows
     either way).
     flat: theta_S as one [T, P] tensor (the parameters flattened in turn) instead."""
-    if not _checked:
-        check_args(xs, ys, xs, ys, params, lr, steps, activations, loss)
+    if not _checked:  # (the support set stands in for the query set: its errors name xs and ys)
+        check_args(xs, ys, xs, ys, params, lr, steps, activations, loss, op="mlp_adapt")
     if loss == "cross_entropy":
-        check_labels(ys, ys, params[-2].shape[0])
+        check_labels(ys, None, params[-2].shape[0], "mlp_adapt")
     T = xs.shape[0]
     if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in _checks.KERNEL_DTYPES:
         thetas, losses = mlp_adapt_ref(xs, ys, list(params), lr, steps, activations, negative_slope, loss)
