@@ -41,38 +41,40 @@ TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
 namespace {
 // The direct bindings' arguments: strided CPU tensors (the kernels read their data on the host).
 void check_cpu(const char* fn, const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-               const std::vector<at::Tensor>& params) {
+               const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs) {
   auto cpu = [&](const at::Tensor& t, const char* what) {
     TORCH_CHECK(t.defined() && t.device().is_cpu() && t.layout() == at::kStrided, fn, ": ", what,
                 " must be a strided CPU tensor");
   };
   cpu(xs, "xs"); cpu(ys, "ys"); cpu(xq, "xq"); cpu(yq, "yq");
   for (const auto& p : params) cpu(p, "every param");
+  for (const auto& r : lrs) cpu(r, "every rate");
 }
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("workspace_bytes", &fastmeta::workspace_bytes,
         "bytes held by the per-thread workspaces of the fused CPU kernels");
-  // fastmeta::mlp_meta_grad's CPU kernel and fastmeta::mlp_meta_loss (scalar lr) without the
+  // fastmeta::mlp_meta_grad's CPU kernel and fastmeta::mlp_meta_loss (a scalar lr, or one rate a
+  // parameter entry: lrs, whose gradients then follow the parameters') without the
   // dispatcher, for the repeated calls of BatchedMAML.value_and_grad / forward on plain CPU tensors
   // (fastmeta/ops/mlp_inner_loop.py decides when): a boxed op call costs about as much again as
   // one of these bindings. The GIL is released while they run, as for a torch op.
   m.def("_mlp_meta_grad_cpu_direct",
         [](const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-           const std::vector<at::Tensor>& params, double lr, int64_t steps, const std::vector<int64_t>& acts,
-           double slope, int64_t loss, bool first_order) {
-          check_cpu("_mlp_meta_grad_cpu_direct", xs, ys, xq, yq, params);
-          return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, {}, lr, steps, acts, slope, loss, first_order,
-                                             /*need_lr_grad=*/false, {});
+           const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
+           const std::vector<int64_t>& acts, double slope, int64_t loss, bool first_order) {
+          check_cpu("_mlp_meta_grad_cpu_direct", xs, ys, xq, yq, params, lrs);
+          return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
+                                             /*need_lr_grad=*/!lrs.empty(), {});
         },
         py::call_guard<py::gil_scoped_release>());
   m.def("_mlp_meta_loss_cpu_direct",
         [](const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
-           const std::vector<at::Tensor>& params, double lr, int64_t steps, const std::vector<int64_t>& acts,
-           double slope, int64_t loss, bool first_order) {
-          check_cpu("_mlp_meta_loss_cpu_direct", xs, ys, xq, yq, params);
-          return fastmeta::mlp_meta_loss_cpu_direct(xs, ys, xq, yq, params, lr, steps, acts, slope, loss,
+           const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
+           const std::vector<int64_t>& acts, double slope, int64_t loss, bool first_order) {
+          check_cpu("_mlp_meta_loss_cpu_direct", xs, ys, xq, yq, params, lrs);
+          return fastmeta::mlp_meta_loss_cpu_direct(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss,
                                                     first_order);
         },
         py::call_guard<py::gil_scoped_release>());

@@ -130,11 +130,12 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights);
 
-// fastmeta::mlp_meta_loss (its autograd Function, scalar lr) called without the dispatcher, for
-// the direct binding in bindings.cpp (CPU tensors).
+// fastmeta::mlp_meta_loss (its autograd Function; a scalar lr, or lrs one rate a parameter entry)
+// called without the dispatcher, for the direct binding in bindings.cpp (CPU tensors).
 at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
-                                    const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
-                                    at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order);
+                                    const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
+                                    int64_t steps, at::IntArrayRef acts, double negative_slope, int64_t loss,
+                                    bool first_order);
 
 // bn_relu_pool's sizes, layout and argument checks (csrc/bn_relu_pool.cpp), shared by its CPU and
 // CUDA kernels: x [T, N, C, H, W], weight / bias [T, C]; the pooled output [T, N, C, H/2, W/2].

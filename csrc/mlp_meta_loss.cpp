@@ -161,9 +161,10 @@ at::Tensor mlp_meta_loss(const at::Tensor& xs, const at::Tensor& ys, const at::T
 }  // namespace
 
 at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
-                                    const at::Tensor& yq, at::TensorList params, double lr, int64_t steps,
-                                    at::IntArrayRef acts, double negative_slope, int64_t loss, bool first_order) {
-  return MLPMetaLoss::apply(xs, ys, xq, yq, params, at::TensorList(), lr, steps, acts, negative_slope, loss,
+                                    const at::Tensor& yq, at::TensorList params, at::TensorList lrs, double lr,
+                                    int64_t steps, at::IntArrayRef acts, double negative_slope, int64_t loss,
+                                    bool first_order) {
+  return MLPMetaLoss::apply(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss,
                             first_order, at::ArrayRef<double>());
 }
 

@@ -444,8 +444,8 @@ class BatchedMAML(nn.Module):
     # the program (closures over the model's modules) and what was derived from it are not state:
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
-    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_stamp", "_trainable",
-                "_rate_index_cache", "_adapt_sig")
+    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_walk_named", "_stamp",
+                "_trainable", "_rate_index_cache", "_adapt_sig")
 
     # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
@@ -506,7 +506,7 @@ class BatchedMAML(nn.Module):
         program = plan.lower(self.model, strict=self.strict)  # (the same object where nothing changed)
         if program is not self.program:
             self.program = program
-            for key in ("_walk", "_walk_model"):
+            for key in ("_walk", "_walk_model", "_walk_named"):
                 self.__dict__.pop(key, None)
             self._last_sig = self._direct = self._direct_grad = self._trainable = None
             self.__dict__.pop("_adapt_sig", None)
@@ -528,8 +528,11 @@ class BatchedMAML(nn.Module):
         return name.replace(".", "__")
 
     def _lr_list(self):
+        """The learned rates in the adapted parameters' order, or the scalar inner_lr."""
         if self.lrs is not None:
-            return [self.lrs[self._lr_key(n)] for n in self._adapt_names]
+            # (ParameterDict's own lookup goes through Module.__getattr__, a cost per rate and call)
+            rates = self.lrs._parameters
+            return [rates[self._lr_key(n)] for n in self._adapt_names]
         return self.inner_lr
 
     def _step_lr(self, lr, step: int):
@@ -650,7 +653,20 @@ class BatchedMAML(nn.Module):
         return out
 
     def _meta_params(self) -> dict:
-        return dict(self.model.named_parameters())
+        """dict(self.model.named_parameters()), by a walk over the modules listed at the first call
+        (as _param_list's): a parameter replaced or added on one of them is seen, a parameter held
+        by two of them is named once, by its first name."""
+        mods = self.__dict__.get("_walk_named")
+        if mods is None:
+            mods = self.__dict__["_walk_named"] = [(prefix + "." if prefix else "", m._parameters)
+                                                   for prefix, m in self.model.named_modules()]
+        seen, out = set(), {}
+        for prefix, d in mods:
+            for k, p in d.items():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out[prefix + k] = p
+        return out
 
     @property
     def _first_param(self):
@@ -920,13 +936,26 @@ class BatchedMAML(nn.Module):
                                self._step_weights())
         self._last_sig, self._last_fused = sig, fused
         self._direct = self._direct_grad = None
-        if (fused and self.program.mlp.param_names == self.program.names and self.lrs is None
-                and self.step_loss_weights is None):
+        if (fused and self.program.mlp.param_names == self.program.names and self.step_loss_weights is None
+                and (self.lrs is None or self._rates_follow_params())):
             # the one C++ op with its C++ autograd (cpp / cuda backends): a call with this
-            # signature goes straight to it (forward's and value_and_grad's fast paths)
+            # signature goes straight to it (forward's and value_and_grad's fast paths), with the
+            # scalar inner_lr or Meta-SGD's rates as they are
             self._direct = ops.mlp_meta_loss_direct(self.program.mlp, self.loss, xs.device.type)
             self._direct_grad = ops.mlp_meta_grad_direct(self.program.mlp, self.loss, xs.device.type)
         return fused, False
+
+    def _rates_follow_params(self) -> bool:
+        """Whether the learned rates are the fused op's as they stand: one a parameter entry
+        (learn_inner_lr=True), in the parameters' order, one a parameter, each of its shape; then
+        self.parameters() lists the model's parameters and then their rates, the op's order."""
+        if self._lr_kind != "per_element" or self._adapt_names != self.program.names:
+            return False
+        rates = self.lrs._parameters
+        params = self._param_list(model_only=True)
+        keys = [self._lr_key(n) for n in self._adapt_names]
+        return (list(rates) == keys and len(params) == len(keys)
+                and all(rates[k] is not None and rates[k].shape == p.shape for k, p in zip(keys, params)))
 
     def _fused_args(self, values: bool = False):
         """(params, lr, spec): the fused op's parameters (in its order), rates and MLP spec; the rates
@@ -977,7 +1006,7 @@ class BatchedMAML(nn.Module):
                 g = g.flatten(1).sum(1)
                 if g.shape[0] < r.shape[0]:  # (inner_steps below the steps the rates were made for)
                     g = torch.cat([g, g.new_zeros(r.shape[0] - g.shape[0])])
-            out[id(r)] = g.sum_to_size(r.shape)
+            out[id(r)] = g if g.shape == r.shape else g.sum_to_size(r.shape)
         return out
 
     @_module_backend
@@ -1020,9 +1049,10 @@ class BatchedMAML(nn.Module):
         # no_grad its loss comes back detached, as the other paths' does
         grad_on = torch.is_grad_enabled()
         if checked and self._direct is not None:
+            rates = self._lr_list() if self.lrs is not None else []
             with torch.enable_grad(), phase("fused_inner_loop"):
-                loss = self._direct(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
-                                    self.first_order)
+                loss = self._direct(xs, ys, xq, yq, params, rates, 0.0 if rates else float(self.inner_lr),
+                                    self.inner_steps, self.first_order)
             return loss if grad_on else loss.detach()
         if not fused:
             if self._chunked(xs):
@@ -1055,8 +1085,13 @@ class BatchedMAML(nn.Module):
         fused, checked = self._prepare(xs, ys, xq, yq, params)
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
-                return self._direct_grad(xs, ys, xq, yq, params, float(self.inner_lr), self.inner_steps,
-                                         self.first_order)
+                if self.lrs is None:
+                    return self._direct_grad(xs, ys, xq, yq, params, [], float(self.inner_lr), self.inner_steps,
+                                             self.first_order)
+                n = len(self.program.names)  # (the model's parameters, then their rates)
+                if len(params) == 2 * n:
+                    return self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
+                                             self.first_order)
         wanted = [p for p in params if p.requires_grad]
         if fused:
             fparams, lr, spec = self._fused_args(values=True)

@@ -343,6 +343,47 @@ def test_value_and_grad_follows_replaced_parameters():
     assert_rel_close(grads, want, RTOL[torch.float32], "meta-grad vs the loop")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_meta_sgd_repeated_calls_take_the_op_directly(backend, first_order):
+    """Meta-SGD's rates (one a parameter entry) go to the fused op as they are: after the first
+    call of a signature, forward and value_and_grad call it directly (cpp) with the rates in the
+    parameters' order, and the loss, meta-gradients and rate gradients stay the per-task loop's
+    when the rates are changed in place or replaced, and when a parameter is replaced."""
+    model = mlp((2, 13, 7, 3), act=nn.Tanh, dtype=torch.float64)
+    batch = regression_batch(5, 6, 4, 2, 3, torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, 0.05, 2, first_order=first_order, learn_inner_lr=True)
+        with torch.no_grad():  # distinct rates, so that a rate given to the wrong parameter shows
+            for r in meta.lrs.values():
+                r.uniform_(0.01, 0.1, generator=gen)
+
+        def check(what):
+            rates = {n: meta.lrs[meta._lr_key(n)] for n, _ in model.named_parameters()}
+            want_loss, want, want_lr = loop_meta_grads(model, *batch, None, 2, "mse", first_order, lrs=rates)
+            loss, grads = meta.value_and_grad(*batch)
+            n = len(want)
+            assert_rel_close([loss], [want_loss], RTOL[torch.float64], f"loss {what}")
+            assert_rel_close(grads[:n], want, RTOL[torch.float64], f"meta-grad {what}")
+            assert_rel_close(grads[n:], want_lr, RTOL[torch.float64], f"rate grads {what}")
+            fwd = meta(*batch)
+            got = torch.autograd.grad(fwd, list(meta.parameters()))
+            assert_rel_close(list(got), want + want_lr, RTOL[torch.float64], f"forward's gradients {what}")
+
+        check("first call")
+        check("second call")
+        assert (meta._direct_grad is not None) == (backend == "cpp")
+        assert (meta._direct is not None) == (backend == "cpp")
+        with torch.no_grad():
+            meta.lrs[meta._lr_key("0.weight")].mul_(2.0)
+        check("after a rate changed in place")
+        meta.lrs[meta._lr_key("2.bias")] = nn.Parameter(torch.full((7,), 0.02, dtype=torch.float64))
+        check("after a rate was replaced")
+        model[4].weight = nn.Parameter(model[4].weight.detach() * 0.5)
+        check("after a parameter was replaced")
+
+
 @requires_cpp
 def test_cpu_bindings_and_when_they_are_not_taken():
     """On plain CPU tensors the repeated calls of value_and_grad and forward go to direct bindings
@@ -403,7 +444,10 @@ def test_cpu_bindings_and_when_they_are_not_taken():
     meta_xs = torch.empty(batch[0].shape, device="meta")
     for binding in (fastmeta._C._mlp_meta_grad_cpu_direct, fastmeta._C._mlp_meta_loss_cpu_direct):
         with pytest.raises(RuntimeError, match="xs must be a strided CPU tensor"):
-            binding(meta_xs, *batch[1:], params, 0.05, 2, [1, 0], 0.01, 0, True)
+            binding(meta_xs, *batch[1:], params, [], 0.05, 2, [1, 0], 0.01, 0, True)
+        with pytest.raises(RuntimeError, match="every rate must be a strided CPU tensor"):
+            binding(*batch, params, [torch.empty(p.shape, device="meta") for p in params], 0.0, 2, [1, 0], 0.01,
+                    0, True)
 
 
 def test_graphed_needs_a_batched_maml_and_cuda_tensors():

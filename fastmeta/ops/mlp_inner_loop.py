@@ -466,17 +466,18 @@ def _direct_op(name, spec, loss, device_type):
 def mlp_meta_loss_direct(spec, loss, device_type):
     """fastmeta::mlp_meta_loss bound to an MLP spec and a loss, for arguments already checked
     (BatchedMAML's repeated calls), or None where that does not apply (see _direct_op).
-    The returned f(xs, ys, xq, yq, params, lr, steps, first_order) takes a scalar lr."""
+    The returned f(xs, ys, xq, yq, params, lrs, lr, steps, first_order) takes a scalar lr (lrs
+    empty) or one rate a parameter entry (lrs, one a parameter; lr unused)."""
     bound = _direct_op("mlp_meta_loss", spec, loss, device_type)
     if bound is None:
         return None
     op, acts, slope, code = bound
     fast = _cpu_binding("_mlp_meta_loss_cpu_direct") if device_type == "cpu" else None
 
-    def call(xs, ys, xq, yq, params, lr, steps, first_order):
-        if fast is not None and _plain_call(xs, ys, xq, yq, params):
-            return fast(xs, ys, xq, yq, params, lr, steps, acts, slope, code, first_order)
-        return op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order)
+    def call(xs, ys, xq, yq, params, lrs, lr, steps, first_order):
+        if fast is not None and _plain_call(xs, ys, xq, yq, params, lrs):
+            return fast(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, code, first_order)
+        return op(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, code, first_order)
     return call
 
 
@@ -505,19 +506,20 @@ def mlp_meta_grad(xs, ys, xq, yq, params, lr, steps, activations, negative_slope
 
 def mlp_meta_grad_direct(spec, loss, device_type):
     """mlp_meta_grad bound to an MLP spec and a loss for arguments already checked, on the cpp /
-    cuda backends with a scalar lr and mse (as mlp_meta_loss_direct), else None. The returned
-    f(xs, ys, xq, yq, params, lr, steps, first_order) gives (loss, grads)."""
+    cuda backends with mse (as mlp_meta_loss_direct), else None. The returned
+    f(xs, ys, xq, yq, params, lrs, lr, steps, first_order) gives (loss, grads): one gradient a
+    parameter, then (with lrs) one a rate."""
     bound = _direct_op("mlp_meta_grad", spec, loss, device_type)
     if bound is None:
         return None
     op, acts, slope, code = bound
     fast = _cpu_binding("_mlp_meta_grad_cpu_direct") if device_type == "cpu" else None
 
-    def call(xs, ys, xq, yq, params, lr, steps, first_order):
-        if fast is not None and _plain_call(xs, ys, xq, yq, params):
-            out = fast(xs, ys, xq, yq, params, lr, steps, acts, slope, code, first_order)
+    def call(xs, ys, xq, yq, params, lrs, lr, steps, first_order):
+        if fast is not None and _plain_call(xs, ys, xq, yq, params, lrs):
+            out = fast(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, code, first_order)
         else:
-            out = op(xs, ys, xq, yq, params, [], lr, steps, acts, slope, code, first_order, False)
+            out = op(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, code, first_order, bool(lrs))
         return out[0], out[1:]
     return call
 
@@ -529,7 +531,7 @@ def _cpu_binding(name):
     return getattr(_C, name, None)
 
 
-def _plain_call(xs, ys, xq, yq, params) -> bool:
+def _plain_call(xs, ys, xq, yq, params, lrs=()) -> bool:
     """Whether a call may skip the dispatcher: nothing that the dispatcher would route elsewhere is
     in effect (a torch function or dispatch mode, a functorch transform, compilation) and the
     tensors are plain (a subclass keeps its __torch_function__ through the op)."""
@@ -538,4 +540,5 @@ def _plain_call(xs, ys, xq, yq, params) -> bool:
         return False
     plain = (torch.Tensor, torch.nn.Parameter)
     return (type(xs) is torch.Tensor and type(ys) is torch.Tensor and type(xq) is torch.Tensor
-            and type(yq) is torch.Tensor and all(type(p) in plain for p in params))
+            and type(yq) is torch.Tensor and all(type(p) in plain for p in params)
+            and all(type(r) in plain for r in lrs))
