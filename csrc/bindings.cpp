@@ -2,6 +2,7 @@
 // autograd are registered from Python (fastmeta/ops/*.py) so second order composes there.
 #include <torch/csrc/utils/pybind.h>  // (pybind11 with torch's casters; not torch/python.h or torch/extension.h)
 
+#include <ATen/ATen.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -50,6 +51,62 @@ void check_cpu(const char* fn, const at::Tensor& xs, const at::Tensor& ys, const
   for (const auto& p : params) cpu(p, "every param");
   for (const auto& r : lrs) cpu(r, "every rate");
 }
+// fastmeta::mlp_meta_grad with rates of one value a parameter tensor (rates[i] []) or, per_step, a
+// tensor and inner step (rates[i] [S0], S0 >= steps, the first steps used): each expanded to the op's rates
+// (params[i]'s shape, or [steps, *shape]) for the call, and each rate's gradient summed back over
+// its entries (and, per step, padded with zeros to S0). Values only, as the op's.
+std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                              const at::Tensor& yq, const std::vector<at::Tensor>& params,
+                                              const std::vector<at::Tensor>& rates, bool per_step, int64_t steps,
+                                              const std::vector<int64_t>& acts, double slope, int64_t loss,
+                                              bool first_order, const std::vector<double>& step_weights) {
+  const char* fn = "_mlp_meta_grad_layer_rates";
+  TORCH_CHECK(rates.size() == params.size(), fn, ": ", rates.size(), " rates for ", params.size(), " params");
+  std::vector<at::Tensor> lrs;
+  lrs.reserve(rates.size());
+  for (size_t i = 0; i < rates.size(); ++i) {
+    const auto& r = rates[i];
+    const auto& p = params[i];
+    TORCH_CHECK(r.defined() && p.defined(), fn, ": rates[", i, "] and params[", i, "] must be tensors");
+    if (per_step) {
+      TORCH_CHECK(r.dim() == 1 && r.size(0) >= steps, fn, ": rates[", i, "] ", r.sizes(),
+                  " must be [S] with S >= steps=", steps, " (one rate a tensor and inner step)");
+    } else {
+      TORCH_CHECK(r.dim() == 0, fn, ": rates[", i, "] ", r.sizes(), " must be [] (one rate a tensor)");
+    }
+    at::Tensor v = r.detach();
+    if (v.dim() == 0) {
+      lrs.push_back(v.expand(p.sizes()).contiguous());
+    } else {
+      std::vector<int64_t> one(p.dim() + 1, 1), full{steps};
+      one[0] = steps;
+      full.insert(full.end(), p.sizes().begin(), p.sizes().end());
+      lrs.push_back(v.narrow(0, 0, steps).view(one).expand(full).contiguous());
+    }
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastmeta::mlp_meta_grad", "")
+                       .typed<std::vector<at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                      const at::Tensor&, at::TensorList, at::TensorList, double,
+                                                      int64_t, at::IntArrayRef, double, int64_t, bool, bool,
+                                                      at::ArrayRef<double>)>();
+  auto out = op.call(xs, ys, xq, yq, params, lrs, 0.0, steps, acts, slope, loss, first_order,
+                     /*need_lr_grad=*/true, step_weights);
+  const size_t n = params.size();
+  TORCH_CHECK(out.size() == 1 + 2 * n, fn, ": fastmeta::mlp_meta_grad returned ", out.size(), " tensors for ", n,
+              " params and rates");
+  for (size_t i = 0; i < n; ++i) {
+    at::Tensor& g = out[1 + n + i];
+    if (rates[i].dim() == 0) {
+      g = g.sum();
+    } else {
+      g = g.flatten(1).sum(1);
+      const int64_t S0 = rates[i].size(0);
+      if (S0 > steps) g = at::cat({g, g.new_zeros({S0 - steps})});
+    }
+  }
+  return out;
+}
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -78,6 +135,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                                                     first_order);
         },
         py::call_guard<py::gil_scoped_release>());
+  // value_and_grad's call with learn_inner_lr='per_layer' / 'per_layer_step' (any device: the op is
+  // called through the dispatcher): the rates' expansion and their gradients' sums without a
+  // Python-level op each.
+  m.def("_mlp_meta_grad_layer_rates", &meta_grad_layer_rates, py::call_guard<py::gil_scoped_release>());
   m.def("_mlp_panel_bytes", &fastmeta::mlp_panel_bytes, py::arg("bytes") = -2,
         "the fused MLP kernel's threshold on a product's B operand above which it sweeps column panels "
         "outermost: sets it to bytes (0: always, -1: never) and returns the previous value; no argument: reads it");

@@ -422,6 +422,7 @@ class BatchedMAML(nn.Module):
         self._stamp_structure()
         self.step_bn = self._step_batch_norms(per_step_bn)
         self._last_sig, self._last_fused, self._direct, self._direct_grad = None, False, None, None
+        self._direct_layer = None
         self._classes = None  # the logits' width at the last label check (cross-entropy)
         params = dict(model.named_parameters())
         self._adapt_names = self._trainable_names()
@@ -444,8 +445,8 @@ class BatchedMAML(nn.Module):
     # the program (closures over the model's modules) and what was derived from it are not state:
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
-    _DERIVED = ("program", "_direct", "_direct_grad", "_last_sig", "_walk", "_walk_model", "_walk_named", "_stamp",
-                "_trainable", "_rate_index_cache", "_adapt_sig")
+    _DERIVED = ("program", "_direct", "_direct_grad", "_direct_layer", "_last_sig", "_walk", "_walk_model",
+                "_walk_named", "_stamp", "_trainable", "_rate_index_cache", "_adapt_sig")
 
     # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
@@ -471,6 +472,7 @@ class BatchedMAML(nn.Module):
                 state[attr.key] = state.pop(name)
         # (a module pickled before these settings existed)
         state.setdefault("_step_loss_weights", None)
+        state.setdefault("_direct_layer", None)
         state.get("_modules", {}).setdefault("step_bn", None)
         state.setdefault("_lr_kind", "per_element" if state.get("_modules", {}).get("lrs") is not None else None)
         super().__setstate__(state)
@@ -508,7 +510,7 @@ class BatchedMAML(nn.Module):
             self.program = program
             for key in ("_walk", "_walk_model", "_walk_named"):
                 self.__dict__.pop(key, None)
-            self._last_sig = self._direct = self._direct_grad = self._trainable = None
+            self._last_sig = self._direct = self._direct_grad = self._direct_layer = self._trainable = None
             self.__dict__.pop("_adapt_sig", None)
         self._stamp_structure()
 
@@ -935,9 +937,12 @@ class BatchedMAML(nn.Module):
             ops.check_mlp_args(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations, self.loss,
                                self._step_weights())
         self._last_sig, self._last_fused = sig, fused
-        self._direct = self._direct_grad = None
+        self._direct = self._direct_grad = self._direct_layer = None
+        if (fused and self._lr_kind in ("per_layer", "per_layer_step") and self._rates_follow_params()):
+            # value_and_grad: the rates' expansion and their gradients' sums in one C++ call with the op
+            self._direct_layer = ops.mlp_meta_grad_layer_rates_direct(self.program.mlp, self.loss, xs.device.type)
         if (fused and self.program.mlp.param_names == self.program.names and self.step_loss_weights is None
-                and (self.lrs is None or self._rates_follow_params())):
+                and (self.lrs is None or (self._lr_kind == "per_element" and self._rates_follow_params()))):
             # the one C++ op with its C++ autograd (cpp / cuda backends): a call with this
             # signature goes straight to it (forward's and value_and_grad's fast paths), with the
             # scalar inner_lr or Meta-SGD's rates as they are
@@ -946,16 +951,21 @@ class BatchedMAML(nn.Module):
         return fused, False
 
     def _rates_follow_params(self) -> bool:
-        """Whether the learned rates are the fused op's as they stand: one a parameter entry
-        (learn_inner_lr=True), in the parameters' order, one a parameter, each of its shape; then
-        self.parameters() lists the model's parameters and then their rates, the op's order."""
-        if self._lr_kind != "per_element" or self._adapt_names != self.program.names:
+        """Whether the learned rates follow the fused op's parameters: one a parameter, in their
+        order (then self.parameters() lists the model's parameters and then their rates), each of
+        its kind's shape: the parameter's (learn_inner_lr=True, the op's own form), [] ('per_layer')
+        or [S0] ('per_layer_step')."""
+        if (self.lrs is None or self._adapt_names != self.program.names
+                or self.program.mlp.param_names != self.program.names):
             return False
         rates = self.lrs._parameters
         params = self._param_list(model_only=True)
         keys = [self._lr_key(n) for n in self._adapt_names]
-        return (list(rates) == keys and len(params) == len(keys)
-                and all(rates[k] is not None and rates[k].shape == p.shape for k, p in zip(keys, params)))
+        if list(rates) != keys or len(params) != len(keys) or any(rates[k] is None for k in keys):
+            return False
+        kind = self._lr_kind
+        return all(rates[k].shape == p.shape if kind == "per_element" else
+                   rates[k].dim() == (1 if kind == "per_layer_step" else 0) for k, p in zip(keys, params))
 
     def _fused_args(self, values: bool = False):
         """(params, lr, spec): the fused op's parameters (in its order), rates and MLP spec; the rates
@@ -1048,6 +1058,15 @@ class BatchedMAML(nn.Module):
         # the fused op runs in grad mode (its torch form takes the inner steps' gradients); under
         # no_grad its loss comes back detached, as the other paths' does
         grad_on = torch.is_grad_enabled()
+        if checked and self._direct_layer is not None and grad_on:
+            every = self._param_list()  # (the model's parameters, then their rates)
+            n = len(self.program.names)
+            if len(every) == 2 * n:
+                with phase("fused_inner_loop"):
+                    out = self._direct_layer(xs, ys, xq, yq, every[:n], every[n:], self._lr_kind == "per_layer_step",
+                                             self.inner_steps, self.first_order, self._step_weights())
+                if out is not None:
+                    return _MetaLossWithGrads.apply(out, *every)
         if checked and self._direct is not None:
             rates = self._lr_list() if self.lrs is not None else []
             with torch.enable_grad(), phase("fused_inner_loop"):
@@ -1083,6 +1102,13 @@ class BatchedMAML(nn.Module):
         params = self._param_list()
         ys, yq = self._labels(ys), self._labels(yq)
         fused, checked = self._prepare(xs, ys, xq, yq, params)
+        if checked and self._direct_layer is not None and len(params) == 2 * len(self.program.names):
+            n = len(self.program.names)  # (the model's parameters, then their rates)
+            with phase("fused_inner_loop"):
+                out = self._direct_layer(xs, ys, xq, yq, params[:n], params[n:], self._lr_kind == "per_layer_step",
+                                         self.inner_steps, self.first_order, self._step_weights())
+            if out is not None:
+                return out[0], [g if p.requires_grad else None for p, g in zip(params, out[1])]
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
                 if self.lrs is None:
@@ -1090,8 +1116,9 @@ class BatchedMAML(nn.Module):
                                              self.first_order)
                 n = len(self.program.names)  # (the model's parameters, then their rates)
                 if len(params) == 2 * n:
-                    return self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
-                                             self.first_order)
+                    value, grads = self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
+                                                     self.first_order)
+                    return value, [g if p.requires_grad else None for p, g in zip(params, grads)]
         wanted = [p for p in params if p.requires_grad]
         if fused:
             fparams, lr, spec = self._fused_args(values=True)
@@ -1348,6 +1375,30 @@ def accumulate(loss_out, grads_out, loss, grads, weight: float):
     pairs = [(o, g) for o, g in zip(grads_out, grads) if o is not None]
     if pairs:
         torch._foreach_add_([o for o, _ in pairs], [g for _, g in pairs], alpha=weight)
+
+
+class _MetaLossWithGrads(torch.autograd.Function):
+    """The meta-loss of the fused op's call with layer rates (BatchedMAML's direct call: the loss
+    and its gradients w.r.t. the parameters and the rates, as values) as a node of the autograd
+    graph: backward hands out those gradients, scaled by the incoming one. As fastmeta::mlp_meta_loss,
+    differentiable once only."""
+
+    @staticmethod
+    def forward(ctx, out, *inputs):
+        value, grads = out
+        ctx.grads = grads
+        return value
+
+    @staticmethod
+    def backward(ctx, go):
+        if torch.is_grad_enabled():  # create_graph=True: a derivative of the meta-gradient is wanted
+            raise RuntimeError("fastmeta::mlp_meta_loss returns the meta-gradient directly and is differentiable "
+                               "once only; use fastmeta.use_backend('torch') for higher-order derivatives of the "
+                               "meta-loss")
+        grads = ctx.grads
+        if not (go.device.type == "cpu" and go.item() == 1.0):  # (loss.backward()'s seed: as they are)
+            grads = [g * go for g in grads]
+        return (None, *grads)
 
 
 class _ChunkedMetaLoss(torch.autograd.Function):

@@ -56,6 +56,7 @@ def _check(model, batch, loss, steps, kind, weights, first_order, backend, inner
         value, grads = meta.value_and_grad(*batch)
         again = meta(*batch)
         grads2 = torch.autograd.grad(again, list(meta.parameters()))
+        value3, grads3 = meta.value_and_grad(*batch)  # (a checked signature: the direct calls)
     names = meta._adapt_names
     lrs = {n: meta.lrs[meta._lr_key(n)] for n in names} if meta.lrs is not None else None
     want_loss, want, want_lr = loop_meta_grads(model, *batch, 0.1, steps, loss=loss, first_order=first_order,
@@ -64,8 +65,10 @@ def _check(model, batch, loss, steps, kind, weights, first_order, backend, inner
     want = list(want) + (list(want_lr) if lrs is not None else [])
     torch.testing.assert_close(value, want_loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(again.detach(), want_loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(value3, want_loss, rtol=1e-12, atol=1e-12)
     assert_grads_close(grads, want)
     assert_grads_close(grads2, want)
+    assert_grads_close(grads3, want)
     return meta
 
 
@@ -159,8 +162,71 @@ def test_per_layer_rates_run_on_the_fused_kernel(first_order):
     model, batch = _mlp(), _mlp_batch()
     meta = _check(model, batch, "mse", 3, "per_layer", None, first_order, "cpp")
     assert meta._last_fused
+    assert meta._direct_layer is not None  # (the rates expanded and summed back in fastmeta._C)
     assert all(r.shape == () for r in meta.lrs.values())
     assert "one a parameter tensor" in fastmeta.explain(meta)
+
+
+@pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")
+@pytest.mark.parametrize("kind, shape", [("per_layer", (1,)), ("per_layer_step", ()), ("per_layer_step", (1,))],
+                         ids=["per_layer-[1]", "per_layer_step-[]", "per_layer_step-[1]"])
+def test_a_rate_replaced_by_one_of_another_shape_raises(kind, shape):
+    """value_and_grad's direct call (the rates expanded in fastmeta._C) checks each rate's shape
+    against its kind on every call: a rate replaced after a checked call raises, naming it."""
+    model, batch = _mlp(), _mlp_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=kind)
+    with fastmeta.use_backend("cpp"):
+        meta.value_and_grad(*batch)
+        meta.value_and_grad(*batch)
+        assert meta._direct_layer is not None
+        meta.lrs[meta._lr_key("2.weight")] = nn.Parameter(torch.full(shape, 0.1, dtype=torch.float64))
+        want = r"rates\[2\] \[1\] must be \[\] \(one rate a tensor\)" if kind == "per_layer" else \
+            rf"rates\[2\] \[{shape[0] if shape else ''}\] must be \[S\] with S >= steps=2"
+        with pytest.raises(RuntimeError, match=want):
+            meta.value_and_grad(*batch)
+
+
+@pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")
+@pytest.mark.parametrize("kind", ["per_layer", "per_layer_step", True], ids=str)
+@pytest.mark.parametrize("weights", [None, [0.3, 0.7]], ids=["last", "weighted"])
+def test_direct_calls_with_rates_as_autograd_and_value_and_grad_see_them(kind, weights):
+    """The checked calls with learned rates (fastmeta._C's direct calls): forward's loss scales its
+    gradients by the incoming one, refuses a second derivative as the fused op does, comes back
+    detached under no_grad; a rate frozen after the first calls gets no gradient from
+    value_and_grad (None) and the others stay the loop's."""
+    model, batch = _mlp(), _mlp_batch()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=kind, step_loss_weights=weights)
+    _spread_rates(meta)
+    names = meta._adapt_names
+    with fastmeta.use_backend("cpp"):
+        meta.value_and_grad(*batch)
+        meta.value_and_grad(*batch)
+        assert (meta._direct_layer is not None) == (kind != True)  # noqa: E712
+        assert (meta._direct_grad is not None) == (kind == True and weights is None)  # noqa: E712
+        lrs = {n: meta.lrs[meta._lr_key(n)] for n in names}
+        want_loss, want, want_lr = loop_meta_grads(model, *batch, 0.1, 2, lrs=lrs, per_step=kind == "per_layer_step",
+                                                   step_weights=weights)
+        params = list(meta.parameters())
+        loss = meta(*batch)
+        torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-12, atol=1e-12)
+        assert_grads_close(torch.autograd.grad(3.0 * loss, params), [3.0 * g for g in list(want) + list(want_lr)])
+        with pytest.raises(RuntimeError, match="differentiable once only"):
+            g = torch.autograd.grad(meta(*batch), params, create_graph=True)
+            torch.autograd.grad(sum(x.sum() for x in g), params)
+        with torch.no_grad():
+            quiet = meta(*batch)
+        assert not quiet.requires_grad
+        torch.testing.assert_close(quiet, want_loss, rtol=1e-12, atol=1e-12)
+        frozen = meta.lrs[meta._lr_key(names[1])]
+        frozen.requires_grad_(False)
+        value, grads = meta.value_and_grad(*batch)
+        assert [g is None for g in grads] == [p is frozen for p in params]
+        every = list(want) + list(want_lr)
+        assert_grads_close([g for g in grads if g is not None], [w for p, w in zip(params, every) if p is not frozen])
+        meta(*batch).backward()
+        assert frozen.grad is None
+        assert_grads_close([p.grad for p in params if p is not frozen], [w for p, w in zip(params, every)
+                                                                          if p is not frozen])
 
 
 def test_step_weights_can_change_between_calls():
