@@ -208,6 +208,38 @@ def test_cuda_adapt_and_reptile(rates):
     assert_rel_close(grads, want, 1e-3, "Reptile update (a difference of float32 parameters)")
 
 
+@pytest.mark.parametrize("kind", [True, "per_layer", "per_layer_step"], ids=str)
+@pytest.mark.parametrize("weights", [None, [0.3, 0.3, 0.4]], ids=["last", "weighted"])
+def test_learned_rates_direct_calls_on_gpu(kind, weights):
+    """BatchedMAML with learned rates on CUDA (float64): the checked calls (Meta-SGD's rates to the
+    op as they are; layer rates expanded and summed back in fastmeta._C around the cuda op) give
+    the per-task loop's loss and meta-gradients, from value_and_grad and from forward."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 37), torch.nn.Tanh(), torch.nn.Linear(37, 3)).cuda().double()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    batch = [torch.randn(5, n, d, device="cuda", dtype=torch.float64, generator=g) for n, d in
+             ((6, 2), (6, 3), (7, 2), (7, 3))]
+    meta = fastmeta.BatchedMAML(model, 0.1, 3, learn_inner_lr=kind, step_loss_weights=weights)
+    with torch.no_grad():
+        for r in meta.lrs.values():
+            r.uniform_(0.02, 0.2, generator=g)
+    names = meta._adapt_names
+    lrs = {n: meta.lrs[meta._lr_key(n)] for n in names}
+    want_loss, want, want_lr = loop_meta_grads(model, *batch, 0.1, 3, lrs=lrs, per_step=kind == "per_layer_step",
+                                               step_weights=weights)
+    want = list(want) + list(want_lr)
+    params = list(meta.parameters())
+    with fastmeta.use_backend("cuda"):
+        for _ in range(2):  # the second: a checked signature, the direct calls
+            value, grads = meta.value_and_grad(*batch)
+            assert_rel_close([value], [want_loss], 1e-10, f"value_and_grad loss {kind}")
+            assert_rel_close(grads, want, 1e-10, f"value_and_grad {kind}")
+            loss = meta(*batch)
+            assert_rel_close(list(torch.autograd.grad(2.0 * loss, params)), [2.0 * w for w in want], 1e-10,
+                             f"forward's gradients {kind}")
+        assert (meta._direct_layer is not None) == (kind != True)  # noqa: E712
+
+
 @pytest.mark.parametrize("lr_kind", ["scalar", "learned"])
 def test_meta_loss_op_on_gpu(lr_kind):
     """fastmeta::mlp_meta_loss on CUDA (per-task rows of the cuda kernel summed in C++) against the
