@@ -14,7 +14,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine cpu_auto"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead cpu_auto"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -83,6 +83,7 @@ step_widemlp() { TAIL=18 run_step widemlp 80 wide_mlp.txt python benchmarks/wide
 step_anil() { TAIL=18 run_step anil 90 anil.txt python benchmarks/anil.py --device cuda --tasks 32 --seconds 1; }
 step_mamlpp() { TAIL=18 run_step mamlpp 120 mamlpp.txt python benchmarks/maml_plus_plus.py --device cuda --tasks 32 --seconds 1; }
 step_mlpmamlpp() { TAIL=14 run_step mlpmamlpp 60 mlpmamlpp.txt python benchmarks/mlp_maml_plus_plus.py --device cuda --seconds 1; }
+step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python benchmarks/call_overhead.py --device cuda --seconds 0.3; }
 step_reptilesine() { TAIL=8 run_step reptilesine 60 reptilesine.txt python benchmarks/reptile.py --workload sine --device cuda --seconds 1; }
 step_reptile() { TAIL=8 run_step reptile 60 reptile.txt python benchmarks/reptile.py --device cuda --tasks 32 --seconds 1; }
 # the GPU machine's CPU (16 cores): auto's CPU choice between the fused kernel and the batched torch

@@ -510,3 +510,27 @@ def test_cpu_peak_counts_what_lives_inside_an_op_or_a_backward():
     assert H.cpu_peak_mb(backward_step) >= 16.0
     op_step()
     assert H.cpu_peak_mb(op_step) >= 16.0
+
+
+def test_call_overhead_script_runs(tmp_path, capsys):
+    """benchmarks/call_overhead.py (a gpu_check step) on the CPU at one tiny shape: a row per rate
+    kind with both timings, and an unknown kind named."""
+    import json
+    import os
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import call_overhead
+        out = tmp_path / "rows.json"
+        call_overhead.main(["--shapes", "1x1", "--order", "first", "--rates", "scalar,per_layer_step",
+                            "--seconds", "0.02", "--json", str(out)])
+        rows = json.loads(out.read_text())
+        assert [(r["T"], r["S"], r["order"], r["rates"]) for r in rows] == [(1, 1, "first", "scalar"),
+                                                                           (1, 1, "first", "per_layer_step")]
+        assert all(r["value_and_grad_us"] > 0 and r["forward_grad_us"] > 0 for r in rows)
+        assert "| 1 | 1 | first | per_layer_step |" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="unknown kind 'lslr'"):
+            call_overhead.main(["--rates", "lslr"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
