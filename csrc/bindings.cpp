@@ -61,6 +61,7 @@ std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Te
                                               const std::vector<int64_t>& acts, double slope, int64_t loss,
                                               bool first_order, const std::vector<double>& step_weights) {
   const char* fn = "_mlp_meta_grad_layer_rates";
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // values only (as the op's Autograd kernel)
   TORCH_CHECK(rates.size() == params.size(), fn, ": ", rates.size(), " rates for ", params.size(), " params");
   std::vector<at::Tensor> lrs;
   lrs.reserve(rates.size());
@@ -122,6 +123,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& lrs, double lr, int64_t steps,
            const std::vector<int64_t>& acts, double slope, int64_t loss, bool first_order) {
           check_cpu("_mlp_meta_grad_cpu_direct", xs, ys, xq, yq, params, lrs);
+          // values (as the op's Autograd kernel): the wrapper's ATen calls on parameters that
+          // require grad skip the autograd layer
+          at::AutoDispatchBelowADInplaceOrView below_autograd;
           return fastmeta::mlp_meta_grad_cpu(xs, ys, xq, yq, params, lrs, lr, steps, acts, slope, loss, first_order,
                                              /*need_lr_grad=*/!lrs.empty(), {});
         },
