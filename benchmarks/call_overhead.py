@@ -1,6 +1,6 @@
 """What a BatchedMAML call costs besides its kernel, per kind of inner rate: the sine MLP
-(1-40-40-1, K = Q = 10) on the fused MLP op, value_and_grad and forward + torch.autograd.grad,
-timed back to back (medians of single calls, the rows interleaved in rounds:
+(1-40-40-1, K = Q = 10) on the fused MLP op, value_and_grad, forward + torch.autograd.grad and
+forward under torch.no_grad (evaluation: the loss alone), timed back to back (medians of single calls, the rows interleaved in rounds:
 fastmeta.harness.time_interleaved).
 
 At T=1, S=1 the kernel's own work is a few microseconds, so a row is mostly the call's fixed cost:
@@ -70,8 +70,8 @@ def main(argv=None):
             raise SystemExit(f"--rates: unknown kind {k!r} (one of {', '.join(KINDS)})")
     print(f"# fastmeta {fastmeta.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, device {device}")
-    print("| T | S | order | rates | value_and_grad us | forward + autograd.grad us |")
-    print("|---|---|---|---|---|---|")
+    print("| T | S | order | rates | value_and_grad us | forward + autograd.grad us | no_grad forward us |")
+    print("|---|---|---|---|---|---|---|")
     rows = []
     for shape in args.shapes.split(","):
         T, S = (int(v) for v in shape.lower().split("x"))
@@ -87,16 +87,21 @@ def main(argv=None):
 
                 def fg(meta=meta, params=params):
                     torch.autograd.grad(meta(*data), params)
-                fns[f"{kind}/vg"], fns[f"{kind}/fg"] = vg, fg
+
+                def ev(meta=meta):
+                    with torch.no_grad():
+                        meta(*data)
+                fns[f"{kind}/vg"], fns[f"{kind}/fg"], fns[f"{kind}/ev"] = vg, fg, ev
             for f in fns.values():  # (the first calls check the batch and choose the path)
                 for _ in range(20):
                     f()
             timed = H.time_interleaved(fns, device=device.type, seconds=args.seconds, max_calls=100000)
             for kind in kinds:
-                vg_ms, fg_ms = timed[f"{kind}/vg"][0], timed[f"{kind}/fg"][0]
+                vg_ms, fg_ms, ev_ms = (timed[f"{kind}/{k}"][0] for k in ("vg", "fg", "ev"))
                 rows.append(dict(T=T, S=S, order=order, rates=kind, value_and_grad_us=vg_ms * 1e3,
-                                 forward_grad_us=fg_ms * 1e3))
-                print(f"| {T} | {S} | {order} | {kind} | {vg_ms * 1e3:.1f} | {fg_ms * 1e3:.1f} |", flush=True)
+                                 forward_grad_us=fg_ms * 1e3, no_grad_forward_us=ev_ms * 1e3))
+                print(f"| {T} | {S} | {order} | {kind} | {vg_ms * 1e3:.1f} | {fg_ms * 1e3:.1f} | {ev_ms * 1e3:.1f} |",
+                      flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

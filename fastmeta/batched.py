@@ -1030,8 +1030,9 @@ class BatchedMAML(nn.Module):
             if fused:
                 params, lr, spec = self._fused_args()
                 with phase("fused_inner_loop"):
+                    # (under no_grad the losses alone: first order's reverse pass, the same losses, is cheaper)
                     losses = ops.mlp_inner_loop(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
-                                                spec.negative_slope, self.loss, self.first_order,
+                                                spec.negative_slope, self.loss, self.first_order or not grad_on,
                                                 self._step_weights(), _checked=checked)
                 return losses if grad_on else losses.detach()
             with plan.running_stats(self.program):  # BatchNorm's, where tracked, as the loop updates them
@@ -1069,20 +1070,23 @@ class BatchedMAML(nn.Module):
                     return _MetaLossWithGrads.apply(out, *every)
         if checked and self._direct is not None:
             rates = self._lr_list() if self.lrs is not None else []
-            with torch.enable_grad(), phase("fused_inner_loop"):
-                loss = self._direct(xs, ys, xq, yq, params, rates, 0.0 if rates else float(self.inner_lr),
-                                    self.inner_steps, self.first_order)
-            return loss if grad_on else loss.detach()
+            lr = 0.0 if rates else float(self.inner_lr)
+            if not grad_on:  # (the loss alone, as values: first order's pass makes the same loss)
+                with phase("fused_inner_loop"):
+                    return self._direct_grad(xs, ys, xq, yq, params, rates, lr, self.inner_steps, True)[0]
+            with phase("fused_inner_loop"):
+                return self._direct(xs, ys, xq, yq, params, rates, lr, self.inner_steps, self.first_order)
         if not fused:
             if self._chunked(xs):
                 wanted = [p for p in self._param_list() if p.requires_grad]
                 return _ChunkedMetaLoss.apply(self, xs, ys, xq, yq, *wanted)
             return self.task_losses(xs, ys, xq, yq).mean()
         params, lr, spec = self._fused_args()
+        # (under no_grad the loss alone is wanted: first order's reverse pass, the same loss, is cheaper)
         with torch.enable_grad(), phase("fused_inner_loop"):
             loss = ops.mlp_meta_loss(xs, ys, xq, yq, params, lr, self.inner_steps, spec.activations,
-                                     spec.negative_slope, self.loss, self.first_order, self._step_weights(),
-                                     _checked=checked)
+                                     spec.negative_slope, self.loss, self.first_order or not grad_on,
+                                     self._step_weights(), _checked=checked)
         return loss if grad_on else loss.detach()
 
     @_module_backend

@@ -385,6 +385,41 @@ def test_meta_sgd_repeated_calls_take_the_op_directly(backend, first_order):
 
 
 @requires_cpp
+@pytest.mark.parametrize("kind", [False, True, "per_layer_step"], ids=str)
+def test_evaluation_runs_first_orders_pass(monkeypatch, kind):
+    """Under no_grad a second-order module's fused calls want the loss alone: forward and
+    task_losses run first order's pass (the same inner loop and query losses, no Hessian-vector
+    products), giving grad mode's losses bit for bit on the CPU, detached."""
+    model = mlp((2, 13, 3), act=nn.Tanh, dtype=torch.float32)
+    batch = regression_batch(19, 5, 4, 2, 3, torch.float32)
+    meta = fastmeta.BatchedMAML(model, 0.05, 3, learn_inner_lr=kind)
+    seen = []
+    for name in ("mlp_meta_loss", "mlp_inner_loop"):
+        def spy(*a, _real=getattr(fastmeta.ops, name), _name=name, **k):
+            seen.append((_name, a[10]))  # (first_order)
+            return _real(*a, **k)
+        monkeypatch.setattr(fastmeta.ops, name, spy)
+    with fastmeta.use_backend("cpp"):
+        want = meta(*batch).detach()
+        want_tasks = meta.task_losses(*batch).detach()
+        assert meta._last_fused and not meta.first_order
+        if meta._direct_grad is not None:
+            real = meta._direct_grad
+
+            def direct(*a):
+                seen.append(("direct", a[-1]))
+                return real(*a)
+            meta._direct_grad = direct
+        seen.clear()
+        with torch.no_grad():
+            got = meta(*batch)
+            got_tasks = meta.task_losses(*batch)
+    assert seen and all(fo is True for _, fo in seen), seen
+    assert not got.requires_grad and not got_tasks.requires_grad
+    assert torch.equal(got, want) and torch.equal(got_tasks, want_tasks)
+
+
+@requires_cpp
 def test_cpu_bindings_and_when_they_are_not_taken():
     """On plain CPU tensors the repeated calls of value_and_grad and forward go to direct bindings
     of the kernel (no dispatcher), with the ops' results; under a dispatch mode or with a tensor

@@ -528,7 +528,8 @@ def test_call_overhead_script_runs(tmp_path, capsys):
         rows = json.loads(out.read_text())
         assert [(r["T"], r["S"], r["order"], r["rates"]) for r in rows] == [(1, 1, "first", "scalar"),
                                                                            (1, 1, "first", "per_layer_step")]
-        assert all(r["value_and_grad_us"] > 0 and r["forward_grad_us"] > 0 for r in rows)
+        assert all(r["value_and_grad_us"] > 0 and r["forward_grad_us"] > 0 and r["no_grad_forward_us"] > 0
+                   for r in rows)
         assert "| 1 | 1 | first | per_layer_step |" in capsys.readouterr().out
         with pytest.raises(SystemExit, match="unknown kind 'lslr'"):
             call_overhead.main(["--rates", "lslr"])
