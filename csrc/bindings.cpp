@@ -54,12 +54,14 @@ void check_cpu(const char* fn, const at::Tensor& xs, const at::Tensor& ys, const
 // fastmeta::mlp_meta_grad with rates of one value a parameter tensor (rates[i] []) or, per_step, a
 // tensor and inner step (rates[i] [S0], S0 >= steps, the first steps used): each expanded to the op's rates
 // (params[i]'s shape, or [steps, *shape]) for the call, and each rate's gradient summed back over
-// its entries (and, per step, padded with zeros to S0). Values only, as the op's.
+// its entries (and, per step, padded with zeros to S0; without need_lr_grad the rates' gradients
+// are neither made nor returned). Values only, as the op's.
 std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
                                               const at::Tensor& yq, const std::vector<at::Tensor>& params,
                                               const std::vector<at::Tensor>& rates, bool per_step, int64_t steps,
                                               const std::vector<int64_t>& acts, double slope, int64_t loss,
-                                              bool first_order, const std::vector<double>& step_weights) {
+                                              bool first_order, const std::vector<double>& step_weights,
+                                              bool need_lr_grad) {
   const char* fn = "_mlp_meta_grad_layer_rates";
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // values only (as the op's Autograd kernel)
   TORCH_CHECK(rates.size() == params.size(), fn, ": ", rates.size(), " rates for ", params.size(), " params");
@@ -91,12 +93,12 @@ std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Te
                                                       const at::Tensor&, at::TensorList, at::TensorList, double,
                                                       int64_t, at::IntArrayRef, double, int64_t, bool, bool,
                                                       at::ArrayRef<double>)>();
-  auto out = op.call(xs, ys, xq, yq, params, lrs, 0.0, steps, acts, slope, loss, first_order,
-                     /*need_lr_grad=*/true, step_weights);
+  auto out = op.call(xs, ys, xq, yq, params, lrs, 0.0, steps, acts, slope, loss, first_order, need_lr_grad,
+                     step_weights);
   const size_t n = params.size();
-  TORCH_CHECK(out.size() == 1 + 2 * n, fn, ": fastmeta::mlp_meta_grad returned ", out.size(), " tensors for ", n,
-              " params and rates");
-  for (size_t i = 0; i < n; ++i) {
+  TORCH_CHECK(out.size() == 1 + (need_lr_grad ? 2 : 1) * n, fn, ": fastmeta::mlp_meta_grad returned ", out.size(),
+              " tensors for ", n, " params", need_lr_grad ? " and rates" : "");
+  for (size_t i = 0; need_lr_grad && i < n; ++i) {
     at::Tensor& g = out[1 + n + i];
     if (rates[i].dim() == 0) {
       g = g.sum();

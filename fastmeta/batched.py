@@ -1059,15 +1059,17 @@ class BatchedMAML(nn.Module):
         # the fused op runs in grad mode (its torch form takes the inner steps' gradients); under
         # no_grad its loss comes back detached, as the other paths' does
         grad_on = torch.is_grad_enabled()
-        if checked and self._direct_layer is not None and grad_on:
+        if checked and self._direct_layer is not None:
             every = self._param_list()  # (the model's parameters, then their rates)
             n = len(self.program.names)
             if len(every) == 2 * n:
+                # (under no_grad the loss alone: first order's pass, no rate gradients)
                 with phase("fused_inner_loop"):
                     out = self._direct_layer(xs, ys, xq, yq, every[:n], every[n:], self._lr_kind == "per_layer_step",
-                                             self.inner_steps, self.first_order, self._step_weights())
+                                             self.inner_steps, self.first_order or not grad_on, self._step_weights(),
+                                             rate_grads=grad_on)
                 if out is not None:
-                    return _MetaLossWithGrads.apply(out, *every)
+                    return _MetaLossWithGrads.apply(out, *every) if grad_on else out[0]
         if checked and self._direct is not None:
             rates = self._lr_list() if self.lrs is not None else []
             lr = 0.0 if rates else float(self.inner_lr)

@@ -410,6 +410,13 @@ def test_evaluation_runs_first_orders_pass(monkeypatch, kind):
                 seen.append(("direct", a[-1]))
                 return real(*a)
             meta._direct_grad = direct
+        if meta._direct_layer is not None:  # (the layer rates' call: no rate gradients either)
+            real_layer = meta._direct_layer
+
+            def layer(*a, rate_grads=True):
+                seen.append(("layer", a[8] is True and rate_grads is False))
+                return real_layer(*a, rate_grads=rate_grads)
+            meta._direct_layer = layer
         seen.clear()
         with torch.no_grad():
             got = meta(*batch)

@@ -528,8 +528,9 @@ def mlp_meta_grad_layer_rates_direct(spec, loss, device_type):
     """mlp_meta_grad bound as mlp_meta_grad_direct, for rates of one value a parameter tensor
     (rates[i] []) or a tensor and inner step (rates[i] [S0], S0 >= steps): fastmeta._C expands them
     to the op's rates and sums their gradients back (learn_inner_lr='per_layer' / 'per_layer_step').
-    The returned f(xs, ys, xq, yq, params, rates, per_step, steps, first_order, step_weights) gives
-    (loss, grads): one gradient a parameter, then one a rate, shaped as it, or None where a
+    The returned f(xs, ys, xq, yq, params, rates, per_step, steps, first_order, step_weights,
+    rate_grads=True) gives (loss, grads): one gradient a parameter, then (rate_grads) one a rate,
+    shaped as it, or None where a
     dispatcher-level feature is in effect (_plain_call); the function is None where the direct
     calls do not apply (see _direct_op) or the build lacks the binding."""
     bound = _direct_op("mlp_meta_grad", spec, loss, device_type)
@@ -538,11 +539,11 @@ def mlp_meta_grad_layer_rates_direct(spec, loss, device_type):
         return None
     _, acts, slope, code = bound
 
-    def call(xs, ys, xq, yq, params, rates, per_step, steps, first_order, step_weights):
+    def call(xs, ys, xq, yq, params, rates, per_step, steps, first_order, step_weights, rate_grads=True):
         if not _plain_call(xs, ys, xq, yq, params, rates):
             return None
         out = fast(xs, ys, xq, yq, params, rates, per_step, steps, acts, slope, code, first_order,
-                   _weights(step_weights))
+                   _weights(step_weights), rate_grads)
         return out[0], out[1:]
     return call
 
