@@ -126,6 +126,8 @@ struct Prod {
 //   C = base - rate * acc with base (laid out like C): an SGD step written by the kernel that
 //   computes the gradient, rate the scalar alpha or, with rates, the per-entry (not per-lane)
 //   rates[m * scm + p * scp].
+//   With base and keep (laid out like C, not C itself), the same step, and the gradient acc kept:
+//   keep = acc, or keep += acc with keep_add (the learned rates' gradients read every step's).
 //   C = s'(gate) * acc with gate (laid out like C) the pre-activations z of a ReLU (leaky when
 //   slope != 0) layer: a backward product written straight as that layer's dz.
 //   With init and activate, a forward layer's output through a ReLU (leaky when slope != 0):
@@ -140,6 +142,8 @@ struct Epi {
   T slope = T(0);
   bool activate = false;
   T* act_out = nullptr;
+  T* keep = nullptr;
+  bool keep_add = false;
 };
 
 // One SIMD register of lanes, where the lanes fill an AVX-512 register (the product loop below is
@@ -253,11 +257,11 @@ constexpr bool kHaveVec = false;
 // The kinds of epilogue (see Epi), a template parameter of the register blocks: each block then
 // holds one epilogue only, small enough for the compiler to keep its accumulators in registers
 // (with all of them behind run-time tests it spilled them to the stack on every k).
-enum class Ep { kStore, kInit, kAct, kActOut, kGate, kSgd, kSgdRates };
+enum class Ep { kStore, kInit, kAct, kActOut, kGate, kSgd, kSgdRates, kSgdKeep };
 
 template <typename T>
 Ep epilogue_kind(const Epi<T>& e) {
-  if (e.base != nullptr) return e.rates != nullptr ? Ep::kSgdRates : Ep::kSgd;
+  if (e.base != nullptr) return e.keep != nullptr ? Ep::kSgdKeep : e.rates != nullptr ? Ep::kSgdRates : Ep::kSgd;
   if (e.gate != nullptr) return Ep::kGate;
   if (e.activate) return e.act_out != nullptr ? Ep::kActOut : Ep::kAct;
   return e.init != nullptr ? Ep::kInit : Ep::kStore;
@@ -270,7 +274,12 @@ inline void put(const Epi<T>& e, typename Vec<T>::R alpha, T* C, int64_t at, int
   using V = Vec<T>;
   using R = typename V::R;
   T* c = C + at * W;
-  if constexpr (K == Ep::kSgdRates) {
+  if constexpr (K == Ep::kSgdKeep) {
+    const R rate = e.rates != nullptr ? V::set1(e.rates[at]) : alpha;
+    V::store(c, V::fnma(rate, acc, V::load(e.base + at * W)));
+    T* k = e.keep + at * W;
+    V::store(k, e.keep_add ? V::add(V::load(k), acc) : acc);
+  } else if constexpr (K == Ep::kSgdRates) {
     V::store(c, V::fnma(V::set1(e.rates[at]), acc, V::load(e.base + at * W)));
   } else if constexpr (K == Ep::kSgd) {
     V::store(c, V::fnma(alpha, acc, V::load(e.base + at * W)));
@@ -389,10 +398,18 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
       const int64_t at = (m + i) * scm + (p + j) * scp;
       T* c = C + at * W;
       const T* ac = acc[i][j];
-      if constexpr (K == Ep::kSgd || K == Ep::kSgdRates) {
-        const T rate = K == Ep::kSgdRates ? e.rates[at] : e.alpha;
+      if constexpr (K == Ep::kSgd || K == Ep::kSgdRates || K == Ep::kSgdKeep) {
+        const T rate = e.rates != nullptr ? e.rates[at] : e.alpha;
         const T* bs = e.base + at * W;
         FM_LANES c[l] = bs[l] - rate * ac[l];
+        if constexpr (K == Ep::kSgdKeep) {
+          T* k = e.keep + at * W;
+          if (e.keep_add) {
+            FM_LANES k[l] += ac[l];
+          } else {
+            FM_LANES k[l] = ac[l];
+          }
+        }
       } else if constexpr (K == Ep::kGate) {
         const T* g = e.gate + at * W;
         FM_LANES c[l] = gate(g[l], ac[l]);
@@ -501,6 +518,7 @@ void gemm_two(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, 
     case Ep::kGate: return gemm_kind<T, W, MB, PB, Ep::kGate, Two>(M, Pn, x, x2, C, scm, scp, e);
     case Ep::kSgd: return gemm_kind<T, W, MB, PB, Ep::kSgd, Two>(M, Pn, x, x2, C, scm, scp, e);
     case Ep::kSgdRates: return gemm_kind<T, W, MB, PB, Ep::kSgdRates, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kSgdKeep: return gemm_kind<T, W, MB, PB, Ep::kSgdKeep, Two>(M, Pn, x, x2, C, scm, scp, e);
   }
 }
 
@@ -517,13 +535,16 @@ void gemm(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, int6
 
 // Where a backward pass writes a parameter-shaped result r [P, W] (a gradient or a Hessian-vector
 // product): out = r, or with base out = base - rate (.) r (rate the scalar alpha or rates[P]);
-// out may be base itself (in place).
+// out may be base itself (in place). With base and keep, r is also written to keep (added to it
+// with keep_add), the gradient a learned rate's gradient needs.
 template <typename T>
 struct Sink {
   T* out;
   const T* base = nullptr;
   T alpha = T(0);
   const T* rates = nullptr;
+  T* keep = nullptr;
+  bool keep_add = false;
 };
 
 template <typename T, int W>
@@ -730,6 +751,8 @@ class Group {
     e.base = sink.base != nullptr ? sink.base + oW * W : nullptr;
     e.alpha = sink.alpha;
     e.rates = sink.rates != nullptr ? sink.rates + oW : nullptr;
+    e.keep = sink.keep != nullptr && sink.base != nullptr ? sink.keep + oW * W : nullptr;
+    e.keep_add = sink.keep_add;
     if (x2 != nullptr)
       gemm<T, W>(dout, din, x, x2, sink.out + oW * W, din, 1, e);
     else
@@ -745,6 +768,14 @@ class Group {
         const T r = sink.rates != nullptr ? sink.rates[ob + o] : sink.alpha;
         const T* bs = sink.base + (ob + o) * W;
         FM_LANES out[l] = bs[l] - r * accb[l];
+        if (sink.keep != nullptr) {
+          T* k = sink.keep + (ob + o) * W;
+          if (sink.keep_add) {
+            FM_LANES k[l] += accb[l];
+          } else {
+            FM_LANES k[l] = accb[l];
+          }
+        }
       } else {
         FM_LANES out[l] = accb[l];
       }
@@ -987,8 +1018,13 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
   auto weight_at = [&](int64_t s) { return weights == nullptr ? T(s == S ? 1 : 0) : weights[s - 1]; };
   const std::vector<T> theta0 = flat_params<T>(net, params);
   const int64_t groups = (Tn + W - 1) / W;
+  // First order with the query loss after the last step alone: every step's rate gradient is
+  // -g_s (.) v with the same v (the query gradient at theta_S), so the steps' gradients go straight
+  // into the rates' gradient buffer (their sum, or with per-step rates one slot a step), scaled by
+  // -v at the end, and no gradient is kept apart.
+  const bool grads_in_dlr = need_lr_grad && first_order && weights == nullptr;
   over_groups(groups, [&](const auto& claim) {
-    Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad, weights != nullptr, lr_sets);
+    Group<T, W> gp(net, K, Q, S, first_order, need_lr_grad && !grads_in_dlr, weights != nullptr, lr_sets);
     for (int64_t grp = claim(); grp < groups; grp = claim()) {
       int64_t tasks[W];
       for (int l = 0; l < W; ++l) tasks[l] = std::min(grp * W + l, Tn - 1);  // pad with the last task
@@ -996,24 +1032,23 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
       gather_set<T, W>(xq, yq, Q, I, D, loss, tasks, gp.xq, gp.yq);
       for (int64_t j = 0; j < P; ++j) FM_LANES gp.theta[j * W + l] = theta0[j];
       T lane_loss[W], step_loss[W];
+      if (need_lr_grad) std::fill(gp.dlr, gp.dlr + Plr * W, T(0));
       for (int64_t s = 0; s < S; ++s) {
         const T* th = gp.theta_at(s);
         T* next = gp.theta_at(s + 1);
         const T* rates = rates_at(s);
         gp.forward(th, gp.xs, K, gp.acts_at(s));
         gp.loss_grad(gp.acts_at(s), K, gp.ys, loss, lane_loss);
-        if (!need_lr_grad) {  // the backward pass writes theta_{s+1} = theta_s - alpha (.) g_s directly
-          gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{next, th, lr, rates});
-          continue;
+        // the backward pass writes theta_{s+1} = theta_s - alpha (.) g_s directly; the learned
+        // rates' gradient needs every g_s too: kept (in the rates' buffer where it suffices)
+        Sink<T> step{next, th, lr, rates};
+        if (grads_in_dlr) {
+          step.keep = gp.dlr + (per_step_lr ? s * P * W : 0);
+          step.keep_add = !per_step_lr;
+        } else if (need_lr_grad) {
+          step.keep = gp.g_at(s);
         }
-        T* gs = gp.g_at(s);  // the learned rates' gradient needs every g_s
-        gp.backward(th, gp.xs, K, gp.acts_at(s), Sink<T>{gs});
-        if (rates) {
-          for (int64_t j = 0; j < P; ++j) FM_LANES next[j * W + l] = th[j * W + l] - rates[j] * gs[j * W + l];
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < P * W; ++j) next[j] = th[j] - lr * gs[j];
-        }
+        gp.backward(th, gp.xs, K, gp.acts_at(s), step);
       }
       // v_S: the weighted query gradient at theta_S (0 for a weight of 0, not evaluated)
       FM_LANES lane_loss[l] = T(0);
@@ -1027,10 +1062,16 @@ void run(const Net& net, const at::Tensor& xs, const at::Tensor& ys, const at::T
       } else {
         std::fill(gp.v, gp.v + P * W, T(0));
       }
-      if (need_lr_grad) std::fill(gp.dlr, gp.dlr + Plr * W, T(0));
+      if (grads_in_dlr) {  // dlr = -(sum of the g_s) (.) v, or per step -g_s (.) v
+        for (int64_t s = 0; s < lr_sets; ++s) {
+          T* dlr = gp.dlr + s * P * W;
+#pragma omp simd
+          for (int64_t j = 0; j < P * W; ++j) dlr[j] = -dlr[j] * gp.v[j];
+        }
+      }
       for (int64_t s = S - 1; s >= 0; --s) {
         const T* rates = rates_at(s);
-        if (need_lr_grad) {
+        if (need_lr_grad && !grads_in_dlr) {
           const T* gs = gp.g_at(s);
           T* dlr = gp.dlr + (per_step_lr ? s * P * W : 0);
 #pragma omp simd

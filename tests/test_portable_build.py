@@ -1,7 +1,8 @@
 """fastmeta._C built without -march=native (FASTMETA_NATIVE=0, no AVX-512): the fused MLP kernel
 then takes its portable register-tile code, which a build on an AVX-512 machine never runs. The
 extension is built into a temporary copy of the package and checked against the torch reference
-in a subprocess (second and first order, Meta-SGD, float32 and float64, the meta-loss op; and
+in a subprocess (second and first order, Meta-SGD's and per-step rates, the multi-step loss,
+float32 and float64, the meta-loss op; and
 bn_relu_pool, whose pooling windows also have an AVX-512 and a generic form).
 
 The copy is linked by a compiler that links libstdc++ statically, as some toolchains' g++ does, with
@@ -35,27 +36,32 @@ errs = {}
 torch.manual_seed(0)
 for dtype in (torch.float32, torch.float64):
     for fo in (False, True):
-        for meta_sgd in (False, True):
+        for rates, weights in (("scalar", None), ("entry", None), ("per_step", None), ("entry", [0.2, 0.3, 0.5]),
+                               ("per_step", [0.2, 0.0, 0.8])):
             widths = (2, 37, 11, 3)
             params = []
             for i in range(3):
                 params += [(torch.randn(widths[i + 1], widths[i], dtype=dtype) / widths[i] ** 0.5).requires_grad_(),
                            (0.1 * torch.randn(widths[i + 1], dtype=dtype)).requires_grad_()]
-            lr = [torch.full_like(p, 0.05).requires_grad_() for p in params] if meta_sgd else 0.05
-            extra = lr if meta_sgd else []
+            shape = (lambda p: (3,) + p.shape) if rates == "per_step" else (lambda p: p.shape)
+            lr = ([torch.empty(shape(p), dtype=dtype).uniform_(0.02, 0.08).requires_grad_() for p in params]
+                  if rates != "scalar" else 0.05)
+            extra = lr if rates != "scalar" else []
             T = 19
             batch = (torch.randn(T, 7, 2, dtype=dtype), torch.randn(T, 7, 3, dtype=dtype),
                      torch.randn(T, 5, 2, dtype=dtype), torch.randn(T, 5, 3, dtype=dtype))
             out = {}
             for backend in ("cpp", "torch"):
                 with fastmeta.use_backend(backend):
-                    losses = ops.mlp_inner_loop(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo)
-                    meta = ops.mlp_meta_loss(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo)
+                    losses = ops.mlp_inner_loop(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo,
+                                                step_weights=weights)
+                    meta = ops.mlp_meta_loss(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo,
+                                             step_weights=weights)
                 w = torch.linspace(0.5, 1.5, T, dtype=dtype)
                 g = torch.autograd.grad((losses * w).sum(), params + extra)
                 gm = torch.autograd.grad(meta, params + extra)
                 out[backend] = [losses.detach(), meta.detach().reshape(1)] + list(g) + list(gm)
-            errs[f"{dtype} fo={fo} meta_sgd={meta_sgd}"] = rel(out["cpp"], out["torch"])
+            errs[f"{dtype} fo={fo} rates={rates} weights={weights}"] = rel(out["cpp"], out["torch"])
     # bn_relu_pool's generic window code (the AVX-512 build runs its intrinsics), integer-valued
     # inputs so that windows hold ties
     x = torch.randint(-3, 4, (2, 5, 3, 9, 7)).to(dtype).requires_grad_()
