@@ -410,6 +410,25 @@ def test_graphed_step_matches_value_and_grad():
         step(w.xs, w.ys, w.xq, w.yq)
 
 
+@pytest.mark.parametrize("kind, weights", [(True, None), ("per_layer", None), ("per_layer_step", None),
+                                           ("per_layer_step", [0.2, 0.2, 0.2, 0.2, 0.2])],
+                         ids=["meta_sgd", "per_layer", "per_layer_step", "lslr_msl"])
+def test_graphed_step_with_learned_rates(kind, weights):
+    """fastmeta.graphed with learned rates on the fused sine MLP (value_and_grad's direct calls
+    captured: Meta-SGD's rates as they are, layer rates expanded and summed in fastmeta._C): each
+    replay equals value_and_grad after in-place optimizer steps on the parameters and the rates."""
+    w = H.make_workload("sine", tasks=25, device="cuda")
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, learn_inner_lr=kind, step_loss_weights=weights)
+    step = fastmeta.graphed(meta, w.xs, w.ys, w.xq, w.yq)
+    opt = torch.optim.SGD(meta.parameters(), lr=1e-2)
+    for i in range(3):
+        grads = _check_replay(step, meta, w, i, 1e-6, 1e-5)
+        assert len(grads) == 2 * len(list(w.model.parameters()))
+        for p, g in zip(meta.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+
+
 @pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
 def test_graphed_conv_step_matches_value_and_grad(backend):
     """fastmeta.graphed on the conv path (Omniglot shape, T=2, second order): the replay equals
