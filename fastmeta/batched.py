@@ -29,7 +29,7 @@ from torch.utils.hooks import RemovableHandle
 from . import _checks, ops, plan
 from ._phases import phase
 from .backend import _request, get_backend, requested, select, use_backend
-from .ops.mlp_inner_loop import cpu_kernel_slower
+from .ops.mlp_inner_loop import cpu_kernel_slower, refuse_second_derivative
 
 _LOSSES = ("mse", "cross_entropy")
 
@@ -1397,10 +1397,7 @@ class _MetaLossWithGrads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        if torch.is_grad_enabled():  # create_graph=True: a derivative of the meta-gradient is wanted
-            raise RuntimeError("fastmeta::mlp_meta_loss returns the meta-gradient directly and is differentiable "
-                               "once only; use fastmeta.use_backend('torch') for higher-order derivatives of the "
-                               "meta-loss")
+        refuse_second_derivative("fastmeta::mlp_meta_loss")
         grads = ctx.grads
         if not (go.device.type == "cpu" and go.item() == 1.0):  # (loss.backward()'s seed: as they are)
             grads = [g * go for g in grads]

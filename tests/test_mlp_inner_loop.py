@@ -459,3 +459,17 @@ def test_ops_under_no_grad(first_order, lr_kind):
                     got = fn(*batch, params, lr, 2, ["relu", "tanh", None], 0.0, "mse", first_order)
             assert not got.requires_grad, (fn.__name__, backend)
             torch.testing.assert_close(got, want.detach(), rtol=1e-12, atol=0, msg=f"{fn.__name__} on {backend}")
+
+
+@requires_cpp
+@pytest.mark.parametrize("op", ["mlp_inner_loop", "mlp_meta_loss"])
+def test_fused_ops_refuse_a_second_derivative(op):
+    """The fused ops' backward hands out the kernel's meta-gradient, a value: asked for its
+    derivative (create_graph=True) they raise, naming the op and the torch backend's way out,
+    instead of a derivative that would be zero."""
+    params, batch = make_mlp_batch((2, 9, 3), 3, 4, 5, "mse", torch.float64, "cpu")
+    with fastmeta.use_backend("cpp"):
+        out = getattr(ops, op)(*batch, params, 0.1, 2, ["tanh", None])
+    with pytest.raises(RuntimeError, match=rf"fastmeta::{op} returns the meta-gradient directly and is "
+                                           r"differentiable once only; use fastmeta.use_backend\('torch'\)"):
+        torch.autograd.grad(out.sum(), params, create_graph=True)

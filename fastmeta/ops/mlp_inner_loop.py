@@ -216,6 +216,14 @@ def _kernel(backend):
     return torch.ops.fastmeta.mlp_inner_loop_triton
 
 
+def refuse_second_derivative(op: str):
+    """In a fused op's backward: under create_graph=True (grad mode on) a derivative of the
+    meta-gradient is wanted, which the kernels' closed-form meta-gradient cannot give."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"{op} returns the meta-gradient directly and is differentiable once only; use "
+                           "fastmeta.use_backend('torch') for higher-order derivatives of the meta-loss")
+
+
 class _FusedMLPInnerLoop(torch.autograd.Function):
     """Autograd of the fused ops (fastmeta::mlp_inner_loop, ::mlp_inner_loop_triton): they return the
     per-task meta-gradients with the losses, so backward is a weighted sum over tasks; it is
@@ -236,10 +244,7 @@ class _FusedMLPInnerLoop(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, go):
-        if torch.is_grad_enabled():  # create_graph=True: a derivative of the meta-gradient is wanted
-            raise RuntimeError("fastmeta::mlp_inner_loop returns the meta-gradient directly and is "
-                               "differentiable once only; use fastmeta.use_backend('torch') for "
-                               "higher-order derivatives of the meta-loss")
+        refuse_second_derivative("fastmeta::mlp_inner_loop")
         dtheta, dlr = ctx.saved_tensors
         go = go.to(dtheta.dtype)
 
