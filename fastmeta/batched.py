@@ -1242,15 +1242,15 @@ class BatchedMAML(nn.Module):
         """(P, losses, params): the adapted parameters (values, name -> [T, *shape]; flat: one [T, P]
         tensor, the fused op's parameters in turn), the support losses at the meta-parameters [T] and
         the fused op's meta-parameters (in its order) from
-        the fused inner loop (ops.mlp_adapt) where the fused MLP kernel runs this model on the cpp or
-        cuda backend; else None. The choice and the argument checks are made once a batch signature."""
+        the fused inner loop (ops.mlp_adapt) where the fused MLP kernel runs this model on the cpp,
+        cuda or triton backend; else None. The choice and the argument checks are made once a batch signature."""
         try:
             sig = self._signature(xs, ys, xs, ys)
         except AttributeError:  # (not tensors: the batch checks raise)
             return None
         known = self.__dict__.get("_adapt_sig")
         if known is None or known[0] != sig:
-            ok = self._fused_mlp_ok(xs, xs) and select("mlp_inner_loop", xs.device.type) in ("cpp", "cuda")
+            ok = self._fused_mlp_ok(xs, xs) and select("mlp_inner_loop", xs.device.type) in ("cpp", "cuda", "triton")
             known = self.__dict__["_adapt_sig"] = (sig, ok, False)
         if not known[1]:
             return None

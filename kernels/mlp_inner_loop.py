@@ -220,10 +220,12 @@ def _mlp_inner_loop_kernel(
     dims_ptr,                         # int32 [2 (L + 1) + L]: widths, (unused), activation codes
     scratch_ptr,                      # [T, SCRATCH] per-task workspace
     loss_ptr, dtheta_ptr, dlr_ptr,    # [T], [T, PP], [T, PP] ([T, S, PP] with LR_PER_STEP)
+                                      # (ADAPT: support losses at theta_0 [T], theta_S [T, PP])
     K, Q, S, SCRATCH,                 # rows, inner steps, workspace elements per task
     L: tl.constexpr, DP: tl.constexpr, BK: tl.constexpr, LOSS: tl.constexpr,
     PER_PARAM_LR: tl.constexpr, FIRST_ORDER: tl.constexpr, NEED_LR_GRAD: tl.constexpr,
     PP: tl.constexpr, BLOCK_P: tl.constexpr, LR_PER_STEP: tl.constexpr, WEIGHTED: tl.constexpr,
+    ADAPT: tl.constexpr = False,
 ):
     t = tl.program_id(0).to(tl.int64)
     lr_scalar = tl.load(hyper_ptr)   # in the data's dtype (a float argument would be float32)
@@ -266,7 +268,10 @@ def _mlp_inner_loop_kernel(
         gs = grads + (s % n_grads) * PP
         aL = _forward(th, x, act, rows, cols, dims_ptr, K, slope, L, DP, BK)
         tl.debug_barrier()
-        _, da = _loss_grad(aL, y_s, rows, cols, K, dout, LOSS, DP)
+        ls, da = _loss_grad(aL, y_s, rows, cols, K, dout, LOSS, DP)
+        if ADAPT:  # (the inner loop alone: the support loss at theta_0 is one of its results)
+            if s == 0:
+                tl.store(loss_ptr + t, tl.sum(ls, axis=0))
         _backward(th, x, act, gs, da, rows, cols, dims_ptr, K, slope, L, DP, BK)
         tl.debug_barrier()
         for p0 in range(0, PP, BLOCK_P):
@@ -280,6 +285,16 @@ def _mlp_inner_loop_kernel(
         tl.debug_barrier()
         s += 1
     thS = theta + (S % n_theta) * PP
+    if ADAPT:  # theta_S, and (no steps) the support loss at theta_0 = theta_S
+        if S == 0:
+            aL = _forward(thS, x, acts, rows, cols, dims_ptr, K, slope, L, DP, BK)
+            tl.debug_barrier()
+            ls, _ = _loss_grad(aL, y_s, rows, cols, K, dout, LOSS, DP)
+            tl.store(loss_ptr + t, tl.sum(ls, axis=0))
+        for p0 in range(0, PP, BLOCK_P):
+            m = p0 + offs < PP
+            tl.store(dtheta_ptr + t * PP + p0 + offs, tl.load(thS + p0 + offs, mask=m, other=0.0), mask=m)
+        return
     qact = acts + (n_acts - 1) * 4 * L * BK * DP
     xqmask = (rows[:, None] < Q) & (cols[None, :] < din)
     xq = tl.load(xq_ptr + t * Q * din + rows[:, None] * din + cols[None, :], mask=xqmask, other=0.0)
@@ -380,10 +395,19 @@ def _warps(dtype):
     return 8 if dtype == torch.float32 else 4
 
 
+def mlp_adapt_fwd(xs, ys, params, lrs, lr, steps, acts, negative_slope, loss):
+    """Host launcher of the inner loop alone, with fastmeta::mlp_adapt's contract: returns
+    [theta_S [T, P] (each task's parameters after the steps, flattened in turn), the support losses
+    at the meta-parameters [T]]."""
+    return mlp_inner_loop_fwd(xs, ys, xs, ys, params, lrs, lr, steps, acts, negative_slope, loss, True, False,
+                              adapt=True)
+
+
 def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_slope, loss, first_order,
-                       need_lr_grad, step_weights=None):
+                       need_lr_grad, step_weights=None, adapt=False):
     """Host launcher with the C++ op's contract: returns [loss [T], dtheta [T, P], dlr [T or 0, the
-    rates' entries]] (rates [steps, *shape] are per step; step_weights: the multi-step loss)."""
+    rates' entries]] (rates [steps, *shape] are per step; step_weights: the multi-step loss); with
+    adapt (mlp_adapt_fwd) the inner loop alone."""
     import torch
 
     T, K, I = xs.shape
@@ -438,7 +462,9 @@ def mlp_inner_loop_fwd(xs, ys, xq, yq, params, lrs, lr, steps, acts, negative_sl
         scratch, loss_out, dtheta, dlr, K, Q, steps, scratch_per_task,
         L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=bool(lrs), FIRST_ORDER=bool(first_order),
         NEED_LR_GRAD=bool(need_lr_grad), PP=PP, BLOCK_P=1024, LR_PER_STEP=per_step, WEIGHTED=weighted,
-        num_warps=_warps(dt))
+        ADAPT=bool(adapt), num_warps=_warps(dt))
+    if adapt:
+        return [unpad(dtheta), loss_out]
     if not need_lr_grad:
         dlr_out = dtheta.new_empty(0, sum(r.numel() for r in lrs) if lrs else sum(p.numel() for p in params))
     elif per_step:  # [T, S, PP] -> each rate's [S, n] in turn (the op's order)

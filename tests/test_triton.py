@@ -89,6 +89,41 @@ def test_mlp_inner_loop_step_rates_and_losses(rates, first_order):
                     step_weights=weights)
 
 
+@pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
+def test_mlp_adapt(rates):
+    """fastmeta::mlp_adapt_triton (the kernel's inner loop alone: theta_S and the support loss at
+    theta_0) against the reference: every kind of rate, MSE and cross-entropy, no steps and three, one
+    task and three; BatchedMAML.reptile_grad on it against the batched ops."""
+    for T, loss, dtype in ((3, "mse", torch.float64), (1, "cross_entropy", torch.float32)):
+        params, batch = make((3, 9, 5, 2), T, 4, 5, loss, dtype)
+        for S in (0, 3):  # (3: theta_S in the other slot of first order's two parameter sets)
+            lead = (S,) if rates == "per_step" else ()
+            lr = (0.1 if rates == "scalar" else
+                  [torch.empty(*lead, *p.shape, dtype=dtype, device=DEVICE).uniform_(0.05, 0.2) for p in params])
+            with fastmeta.use_backend("triton"):
+                got, got_loss = ops.mlp_adapt(batch[0], batch[1], params, lr, S, ["tanh", "relu", None], loss=loss)
+            want, want_loss = ops.mlp_adapt_ref(batch[0], batch[1], params, lr, S, ["tanh", "relu", None], loss=loss)
+            assert_rel_close(got, want, RTOL[dtype], f"theta_S, {loss}, S={S}")
+            assert_rel_close([got_loss], [want_loss], RTOL[dtype], f"support loss at theta_0, {loss}, S={S}")
+    from fastmeta.ops.mlp_inner_loop import _ACT_CODE, _LOSS_CODE
+    lrs = [] if rates == "scalar" else [r[:2] if rates == "per_step" else r for r in lr]
+    ys = batch[1].long() if loss == "cross_entropy" else batch[1]
+    torch.library.opcheck(torch.ops.fastmeta.mlp_adapt_triton.default,
+                          (batch[0], ys, [p.detach() for p in params], lrs, 0.1, 2,
+                           [_ACT_CODE[a] for a in ("tanh", "relu", None)], 0.01, _LOSS_CODE[loss]))
+    model = nn.Sequential(nn.Linear(1, 9), nn.Tanh(), nn.Linear(9, 1)).double().to(DEVICE)
+    xs = torch.rand(3, 4, 1, dtype=torch.float64, device=DEVICE)
+    meta = fastmeta.BatchedMAML(model, 0.1, 3, learn_inner_lr={"scalar": False, "per_entry": True,
+                                                               "per_step": "per_layer_step"}[rates])
+    with fastmeta.use_backend("triton"):
+        value, grads = meta.reptile_grad(xs, torch.sin(xs))
+    assert meta.__dict__["_adapt_sig"][1]  # (the fused inner loop ran)
+    with fastmeta.use_backend("torch"):
+        want_value, want = meta.reptile_grad(xs, torch.sin(xs))
+    assert_rel_close([value], [want_value], RTOL[torch.float64], "Reptile loss")
+    assert_rel_close(grads, want, 1e-9, "Reptile update")
+
+
 def test_batched_maml_picks_triton_when_asked():
     model = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1))
     model = model.double().to(DEVICE)

@@ -24,7 +24,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from fastmeta.kernels import mlp_inner_loop as K
 dtype, loss, meta_sgd, first_order = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1"
-per_step, weighted = sys.argv[5] == "1", sys.argv[6] == "1"
+per_step, weighted, adapt = sys.argv[5] == "1", sys.argv[6] == "1", sys.argv[7] == "1"
 ptrs = ["xs_ptr", "ys_ptr", "xq_ptr", "yq_ptr", "theta0_ptr", "lr_ptr", "hyper_ptr", "w_ptr", "scratch_ptr",
         "loss_ptr", "dtheta_ptr", "dlr_ptr"]
 assert set(ptrs) | {"dims_ptr", "K", "Q", "S", "SCRATCH"} == {
@@ -36,7 +36,7 @@ if loss == 1:
 sig.update(dims_ptr="*i32", K="i32", Q="i32", S="i32", SCRATCH="i32")
 DP, BK, L = 64, 16, 3
 const = dict(L=L, DP=DP, BK=BK, LOSS=loss, PER_PARAM_LR=meta_sgd, FIRST_ORDER=first_order, NEED_LR_GRAD=meta_sgd,
-             PP=L * (DP * DP + DP), BLOCK_P=1024, LR_PER_STEP=per_step, WEIGHTED=weighted)
+             PP=L * (DP * DP + DP), BLOCK_P=1024, LR_PER_STEP=per_step, WEIGHTED=weighted, ADAPT=adapt)
 assert set(const) | set(sig) == set(K._mlp_inner_loop_kernel.arg_names), K._mlp_inner_loop_kernel.arg_names
 sig.update({n: "constexpr" for n in const})
 k = triton.compile(triton.compiler.ASTSource(fn=K._mlp_inner_loop_kernel, signature=sig, constexprs=const),
@@ -46,15 +46,16 @@ print(json.dumps({"cubin": len(k.asm.get("cubin", b"")), "shared": k.metadata.sh
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("dtype,loss,meta_sgd,first_order,per_step,weighted", [
-    ("fp32", 0, False, False, False, False), ("fp32", 1, True, False, False, False),
-    ("fp32", 0, True, True, False, False), ("fp32", 1, False, True, False, False),
-    ("fp32", 0, True, False, True, True), ("fp32", 1, True, True, True, True)])
-def test_mlp_inner_loop_compiles_for_sm90(dtype, loss, meta_sgd, first_order, per_step, weighted):
+@pytest.mark.parametrize("dtype,loss,meta_sgd,first_order,per_step,weighted,adapt", [
+    ("fp32", 0, False, False, False, False, False), ("fp32", 1, True, False, False, False, False),
+    ("fp32", 0, True, True, False, False, False), ("fp32", 1, False, True, False, False, False),
+    ("fp32", 0, True, False, True, True, False), ("fp32", 1, True, True, True, True, False),
+    ("fp32", 0, True, True, True, False, True)])
+def test_mlp_inner_loop_compiles_for_sm90(dtype, loss, meta_sgd, first_order, per_step, weighted, adapt):
     """Every kind of rate (scalar, per entry, per step) and loss (MAML's, the multi-step loss) in
-    both orders."""
+    both orders; the inner loop alone (ADAPT, fastmeta::mlp_adapt_triton)."""
     info = compile_in_subprocess(SCRIPT, dtype, str(loss), *("1" if f else "0" for f in
-                                                          (meta_sgd, first_order, per_step, weighted)))
+                                                          (meta_sgd, first_order, per_step, weighted, adapt)))
     assert info["cubin"] > 0
     assert info["shared"] <= 227 * 1024, f"needs {info['shared']} bytes of shared memory"
 

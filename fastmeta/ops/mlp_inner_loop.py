@@ -208,6 +208,23 @@ def _register_triton():
         return [xs.new_empty(T), xs.new_empty(T, P), xs.new_empty(T if need_lr_grad else 0, Plr)]
 
 
+@functools.cache
+def _register_triton_adapt():
+    """fastmeta::mlp_adapt_triton: the Triton kernel's inner loop alone (mlp_adapt) as a custom op."""
+    from ..kernels.mlp_inner_loop import mlp_adapt_fwd
+
+    @torch.library.custom_op("fastmeta::mlp_adapt_triton", mutates_args=())
+    def _op(xs: torch.Tensor, ys: torch.Tensor, params: list[torch.Tensor], lrs: list[torch.Tensor], lr: float,
+            steps: int, acts: list[int], negative_slope: float, loss: int) -> list[torch.Tensor]:
+        return mlp_adapt_fwd(xs, ys, params, lrs, lr, steps, acts, negative_slope, loss)
+
+    @_op.register_fake
+    def _(xs, ys, params, lrs, lr, steps, acts, negative_slope, loss):
+        T = xs.shape[0]
+        return [xs.new_empty(T, sum(p.numel() for p in params)), xs.new_empty(T)]
+    return torch.ops.fastmeta.mlp_adapt_triton
+
+
 def _kernel(backend):
     if backend in ("cpp", "cuda"):  # fastmeta::mlp_inner_loop has a CPU and a CUDA kernel
         _register_cpp()
@@ -436,20 +453,25 @@ def mlp_adapt(xs, ys, params, lr, steps, activations, negative_slope=0.01, loss=
     parameter (each task's parameters after ``steps`` SGD steps on its (xs, ys) from the
     meta-parameters, with lr as mlp_inner_loop takes it) and losses [T] the support losses at the
     meta-parameters. Reptile's update, and adapted parameters for evaluation. The cpp and cuda
-    backends run it in one call (fastmeta::mlp_adapt); elsewhere the reference (no gradient flows
-    either way).
+    backends run it in one call (fastmeta::mlp_adapt), the triton backend in one launch
+    (fastmeta::mlp_adapt_triton); elsewhere the reference (no gradient flows either way).
     flat: theta_S as one [T, P] tensor (the parameters flattened in turn) instead."""
     if not _checked:  # (the support set stands in for the query set: its errors name xs and ys)
         check_args(xs, ys, xs, ys, params, lr, steps, activations, loss, op="mlp_adapt")
     if loss == "cross_entropy":
         check_labels(ys, None, params[-2].shape[0], "mlp_adapt")
     T = xs.shape[0]
-    if select("mlp_inner_loop", xs.device.type) not in ("cpp", "cuda") or xs.dtype not in _checks.KERNEL_DTYPES:
+    backend = select("mlp_inner_loop", xs.device.type)
+    if backend not in ("cpp", "cuda", "triton") or xs.dtype not in _checks.KERNEL_DTYPES:
         thetas, losses = mlp_adapt_ref(xs, ys, list(params), lr, steps, activations, negative_slope, loss)
         return (torch.cat([t.reshape(T, -1) for t in thetas], 1) if flat else thetas), losses
-    _register_cpp()
+    if backend == "triton":
+        op = _register_triton_adapt()
+    else:
+        _register_cpp()
+        op = torch.ops.fastmeta.mlp_adapt
     lrs = [r.detach() for r in lr] if isinstance(lr, (list, tuple)) else []
-    theta, losses = torch.ops.fastmeta.mlp_adapt(
+    theta, losses = op(
         xs.detach(), (ys.long() if loss == "cross_entropy" else ys).detach(), [p.detach() for p in params], lrs,
         float(lr) if not lrs else 0.0, steps, [_ACT_CODE[a] for a in activations], float(negative_slope),
         _LOSS_CODE[loss])
