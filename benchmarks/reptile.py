@@ -8,7 +8,8 @@ Rows:
 - `loop_reptile`: task by task, S steps of torch.autograd.grad on the support loss (no graph kept);
 - `fastmeta_reptile`: BatchedMAML(model, lr, S).reptile_grad(xs, ys) (on the sine MLP the fused inner
   loop, ops.mlp_adapt, where the cpp backend runs);
-- `fastmeta_reptile_ops` (sine): the same with the fused op's backend set to torch, the batched ops.
+- `fastmeta_reptile_ops` (sine): the same with the fused op's backend set to torch, the batched ops;
+- `fastmeta_reptile_triton` (sine, on a GPU): the same on the Triton MLP kernel's inner loop.
 
 The query set is not used (Reptile's task data is its support set). Error: the largest per-tensor
 relative error of the update against the loop's.
@@ -59,6 +60,11 @@ def run(name, tasks, steps, order, device, seconds, small=False):
             with fastmeta.use_backend({"mlp_inner_loop": "torch"}):
                 return meta.reptile_grad(*batch[:2])[1]
         rows["fastmeta_reptile_ops"] = on_ops
+        if device != "cpu":  # the Triton MLP kernel's inner loop alone beside the CUDA one (auto)
+            def on_triton():
+                with fastmeta.use_backend({"mlp_inner_loop": "triton"}):
+                    return meta.reptile_grad(*batch[:2])[1]
+            rows["fastmeta_reptile_triton"] = on_triton
     want = rows["loop_reptile"]()
     errs = {n: H.max_rel_err(rows[n](), want) for n in rows if n != "loop_reptile"}
     timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
