@@ -1,7 +1,7 @@
 """What a BatchedMAML call costs besides its kernel, per kind of inner rate: the sine MLP
 (1-40-40-1, K = Q = 10) on the fused MLP op, value_and_grad, forward + torch.autograd.grad and
-forward under torch.no_grad (evaluation: the loss alone), timed back to back (medians of single calls, the rows interleaved in rounds:
-fastmeta.harness.time_interleaved).
+forward under torch.no_grad (evaluation: the loss alone), timed back to back (medians of single
+calls, the rows interleaved in rounds: fastmeta.harness.time_interleaved).
 
 At T=1, S=1 the kernel's own work is a few microseconds, so a row is mostly the call's fixed cost:
 argument handling, the rates' expansion (per_layer, per_layer_step) and the summing of their
@@ -68,8 +68,9 @@ def main(argv=None):
     for k in kinds:
         if k not in KINDS:
             raise SystemExit(f"--rates: unknown kind {k!r} (one of {', '.join(KINDS)})")
-    print(f"# fastmeta {fastmeta.__version__}, torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, device {device}")
+    cpu = platform.processor() or platform.machine()
+    print(f"# fastmeta {fastmeta.__version__}, torch {torch.__version__}, {cpu}, {torch.get_num_threads()} threads, "
+          f"device {device}")
     print("| T | S | order | rates | value_and_grad us | forward + autograd.grad us | no_grad forward us |")
     print("|---|---|---|---|---|---|---|")
     rows = []

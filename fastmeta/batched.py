@@ -1114,7 +1114,7 @@ class BatchedMAML(nn.Module):
                 out = self._direct_layer(xs, ys, xq, yq, params[:n], params[n:], self._lr_kind == "per_layer_step",
                                          self.inner_steps, self.first_order, self._step_weights())
             if out is not None:
-                return out[0], [g if p.requires_grad else None for p, g in zip(params, out[1])]
+                return out[0], _wanted_only(params, out[1])
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
                 if self.lrs is None:
@@ -1124,7 +1124,7 @@ class BatchedMAML(nn.Module):
                 if len(params) == 2 * n:
                     value, grads = self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
                                                      self.first_order)
-                    return value, [g if p.requires_grad else None for p, g in zip(params, grads)]
+                    return value, _wanted_only(params, grads)
         wanted = [p for p in params if p.requires_grad]
         if fused:
             fparams, lr, spec = self._fused_args(values=True)
@@ -1197,9 +1197,8 @@ class BatchedMAML(nn.Module):
             by_id = {id(p): d.view(p.shape) for p, d in zip(params, step)}
             return first.mean(), [None if not p.requires_grad else by_id[id(p)] if id(p) in by_id
                                   else torch.zeros_like(p) for p in self._param_list()]
-        else:
-            with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
-                P = self._adapt(xs, ys, True, create_graph=False, first_losses=record)
+        with torch.enable_grad(), _labels_to_check(self, [("ys", ys)]), plan.running_stats(self.program):
+            P = self._adapt(xs, ys, True, create_graph=False, first_losses=record)
         names = {id(p): n for n, p in self.model.named_parameters()}
         adapted = set(self._adapt_names)
         grads = []
@@ -1241,16 +1240,17 @@ class BatchedMAML(nn.Module):
     def _fused_adapt(self, xs, ys, flat: bool = False):
         """(P, losses, params): the adapted parameters (values, name -> [T, *shape]; flat: one [T, P]
         tensor, the fused op's parameters in turn), the support losses at the meta-parameters [T] and
-        the fused op's meta-parameters (in its order) from
-        the fused inner loop (ops.mlp_adapt) where the fused MLP kernel runs this model on the cpp,
-        cuda or triton backend; else None. The choice and the argument checks are made once a batch signature."""
+        the fused op's meta-parameters (in its order) from the fused inner loop (ops.mlp_adapt) where
+        the fused MLP kernel runs this model on the cpp, cuda or triton backend; else None. The choice
+        and the argument checks are made once a batch signature."""
         try:
             sig = self._signature(xs, ys, xs, ys)
         except AttributeError:  # (not tensors: the batch checks raise)
             return None
         known = self.__dict__.get("_adapt_sig")
         if known is None or known[0] != sig:
-            ok = self._fused_mlp_ok(xs, xs) and select("mlp_inner_loop", xs.device.type) in ("cpp", "cuda", "triton")
+            backend = select("mlp_inner_loop", xs.device.type)
+            ok = self._fused_mlp_ok(xs, xs) and backend in ("cpp", "cuda", "triton")
             known = self.__dict__["_adapt_sig"] = (sig, ok, False)
         if not known[1]:
             return None
@@ -1381,6 +1381,12 @@ def accumulate(loss_out, grads_out, loss, grads, weight: float):
     pairs = [(o, g) for o, g in zip(grads_out, grads) if o is not None]
     if pairs:
         torch._foreach_add_([o for o, _ in pairs], [g for _, g in pairs], alpha=weight)
+
+
+def _wanted_only(params, grads) -> list:
+    """value_and_grad's gradients as it returns them: None for a parameter that does not require grad
+    (the direct calls make one for every parameter and rate)."""
+    return [g if p.requires_grad else None for p, g in zip(params, grads)]
 
 
 class _MetaLossWithGrads(torch.autograd.Function):
