@@ -12,6 +12,10 @@ mean over tasks of each task's query-loss gradient). Providers:
   l2l, higher           learn2learn / higher loops, when installed
   vmap                  torch.func vmap over tasks of grad-based inner loops
   compile               torch.compile(vmap(grad)) of the same function
+  vmap_exact, compile_exact
+                        the same with each BatchNorm's batch statistics written out in elementwise
+                        ops and reductions: torch.func's batching of batch_norm's backward gives a
+                        wrong second-order meta-gradient under vmap (see _batch_stats_written_out)
   vmap_graph            the vmap meta-step captured in a CUDA graph (CUDA only)
   fastmeta_tuned        BatchedMAML after fastmeta.tune (value_and_grad on the backends it chose)
   fastmeta_vg_rc, fastmeta_graph_rc
@@ -22,6 +26,7 @@ mean over tasks of each task's query-loss gradient). Providers:
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import dataclasses
 import importlib.util
@@ -298,13 +303,60 @@ def _higher(w: Workload, first_order: bool):
     return step
 
 
-def _vmap_meta_grad_fn(w: Workload, first_order: bool):
-    """A pure function params -> meta-gradient, built from torch.func transforms."""
+class _BatchStatsNorm(nn.Module):
+    """A BatchNorm that normalizes with its input's own statistics (training mode, or no running
+    statistics kept), written out as a mean, a mean of squared deviations and elementwise ops. It
+    holds the BatchNorm's weight and bias (the same Parameters) and keeps no running statistics."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
+        super().__init__()
+        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
+
+    def forward(self, x):
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        centered = x - mean
+        y = centered * torch.rsqrt((centered * centered).mean(dims, keepdim=True) + self.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        return y
+
+
+def _batch_stats_written_out(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s module tree (sharing its parameters, so named_parameters() is unchanged)
+    whose BatchNorms that normalize with batch statistics are _BatchStatsNorm.
+
+    Why: inside ``vmap`` a ``torch.func.grad`` of a ``grad`` through F.batch_norm in training mode
+    returns a wrong second-order meta-gradient (torch 2.13: Omniglot's conv4, T=2, float64, 2.5e-2
+    from the per-task loop, whose answer finite differences confirm; first order is right, and so
+    is grad(grad) without vmap): the batching rule of batch_norm's backward (pytorch/functorch#534).
+    Written out in elementwise ops and reductions, the statistics' derivatives are batched
+    correctly. A BatchNorm that would update running statistics cannot run under vmap either way
+    and is left as it is."""
+    bn_types = nn.modules.batchnorm._BatchNorm
+
+    def copy_of(m):
+        if isinstance(m, bn_types) and not m.track_running_stats:
+            return _BatchStatsNorm(m)
+        if not m._modules:
+            return m
+        clone = copy.copy(m)
+        clone._modules = {k: (None if c is None else copy_of(c)) for k, c in m._modules.items()}
+        return clone
+    return copy_of(model)
+
+
+def _vmap_meta_grad_fn(w: Workload, first_order: bool, batch_stats_written_out: bool = False):
+    """A pure function params -> meta-gradient, built from torch.func transforms (with
+    batch_stats_written_out, on _batch_stats_written_out's copy of the model)."""
     from torch.func import grad, vmap
 
     from .plan import call_with, slot_names
 
-    model = w.model
+    model = _batch_stats_written_out(w.model) if batch_stats_written_out else w.model
     buffers = dict(model.named_buffers())
     slots = slot_names(model)
 
@@ -335,12 +387,12 @@ def _functional_step(w: Workload, fn):
     return step
 
 
-def _vmap(w: Workload, first_order: bool):
-    return _functional_step(w, _vmap_meta_grad_fn(w, first_order))
+def _vmap(w: Workload, first_order: bool, batch_stats_written_out: bool = False):
+    return _functional_step(w, _vmap_meta_grad_fn(w, first_order, batch_stats_written_out))
 
 
-def _compile(w: Workload, first_order: bool):
-    return _functional_step(w, torch.compile(_vmap_meta_grad_fn(w, first_order)))
+def _compile(w: Workload, first_order: bool, batch_stats_written_out: bool = False):
+    return _functional_step(w, torch.compile(_vmap_meta_grad_fn(w, first_order, batch_stats_written_out)))
 
 
 def _vmap_graph(w: Workload, first_order: bool):
@@ -370,6 +422,8 @@ PROVIDERS: dict[str, Callable] = {
     "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph, "fastmeta_tuned": _fastmeta_tuned,
+    "vmap_exact": functools.partial(_vmap, batch_stats_written_out=True),
+    "compile_exact": functools.partial(_compile, batch_stats_written_out=True),
     # BatchedMAML(recompute=True): the first conv block recomputes its convolution's output
     "fastmeta_vg_rc": functools.partial(_fastmeta_vg, recompute=True),
     "fastmeta_graph_rc": functools.partial(_fastmeta_graph, recompute=True),
@@ -383,16 +437,20 @@ PROVIDERS: dict[str, Callable] = {
 
 def default_providers(workload: str, device: str) -> list:
     """Providers compared by default (see default_skip for rows that a CPU leaves out)."""
+    # (the conv workloads' BatchNorms: vmap's second-order meta-gradient is wrong there, see
+    # _batch_stats_written_out, so vmap_exact's row gives that recipe's time with the right answer)
+    exact = [] if workload == "sine" else ["vmap_exact"]
     if device == "cuda":
         vg = ["fastmeta_vg"] if workload == "sine" else []  # elsewhere it is autograd.grad of forward
         return ["fastmeta"] + vg + ["fastmeta_graph", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda",
-                                    "fastmeta_tuned", "maml", "loop", "vmap", "vmap_graph", "compile", "l2l", "higher"]
+                                    "fastmeta_tuned", "maml", "loop", "vmap"] + exact + [
+                                    "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
         return ["fastmeta", "fastmeta_vg", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap",
                 "compile", "l2l", "higher"]
     if workload == "miniimagenet":  # and its memory-lean setting (recompute + checkpoint_steps)
-        return ["fastmeta", "fastmeta_vg_rc_ck", "loop", "vmap", "compile"]
-    return ["fastmeta", "loop", "vmap", "compile"]
+        return ["fastmeta", "fastmeta_vg_rc_ck", "loop", "vmap"] + exact + ["compile"]
+    return ["fastmeta", "loop", "vmap"] + exact + ["compile"]
 
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
@@ -443,9 +501,9 @@ _FUSED_CPU = ("fastmeta", "fastmeta-cpp", "fastmeta_vg", "fastmeta_vg-cpp")
 
 def default_skip(provider: str, workload: str, device: str) -> str | None:
     """Why a default row is not run on this device (an explicit --providers list runs it anyway)."""
-    if device == "cpu" and workload != "sine" and provider == "compile":
+    if device == "cpu" and workload != "sine" and provider in ("compile", "compile_exact"):
         return "torch.compile of conv4 MAML takes over 10 minutes to compile on a 2-core CPU"
-    if device == "cpu" and workload == "miniimagenet" and provider == "vmap":
+    if device == "cpu" and workload == "miniimagenet" and provider in ("vmap", "vmap_exact"):
         return "torch.func vmap of mini-ImageNet MAML holds ~100x the loop's memory (112 GB at T=32 on a GPU)"
     return None
 
