@@ -14,7 +14,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile probe1000 miniimagenet convcompile_exact ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead miniimagenet_exact cpu_auto"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead cpu_auto"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -64,6 +64,12 @@ step_sine_all() { run_step sine_all 150 bench_sine_all.txt sh -c "$BENCH --tasks
 # configurations and keeps the fastest; the log line says which it took)
 step_sine1000() { FASTMETA_CUDA_MLP_AUTOTUNE_LOG=1 run_step sine1000 100 bench_sine_T1000.txt $BENCH --tasks 1000 --providers \
   fastmeta,fastmeta_vg,fastmeta_graph,vmap_graph,compile --json "$LOG/bench_sine_T1000.json"; }
+# the baselines' other form, grad of the vmapped query losses (the vmap rows before 2026-11-29; wrong
+# through BatchNorm, right for the sine MLP) beside today's, each task's grad inside the vmap, in one
+# run: targets.py counts the faster form for the sine targets
+step_sine_gv() { run_step sine_gv 150 bench_sine_gv.txt sh -c "$BENCH --tasks 25 --providers \
+  fastmeta_vg,compile,compile_gv,vmap_graph,vmap_graph_gv --json $LOG/bench_sine_gv_T25.json && $BENCH --tasks 1000 \
+  --providers fastmeta_vg,compile,compile_gv --json $LOG/bench_sine_gv_T1000.json"; }
 step_probe() { TAIL=32 run_step probe 120 probe.txt python benchmarks/gpu_probe.py; }
 # T=1000 (kernel-bound) with the occupancy build and 64-thread blocks against the default; -o8-s0:
 # the occupancy build with a task's working set in global memory (L1-cached), which no shared
@@ -99,7 +105,7 @@ step_tritonconv() { TAIL=12 run_step tritonconv 90 tests_triton_conv.log python 
 # primitive and shape in the first call, and bn_relu_pool kernels; -torch: the batched torch ops;
 # _rc: recompute=True)
 step_omniglot() { TAIL=10 run_step omniglot 110 bench_omniglot.txt $CONV --workload omniglot --providers \
-  loop,fastmeta_graph,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton,vmap,vmap_exact,fastmeta,fastmeta-triton,fastmeta_graph_rc \
+  loop,fastmeta_graph,fastmeta_graph-cuda+tf32x3,fastmeta_graph-triton,vmap,fastmeta,fastmeta-triton,fastmeta_graph_rc,vmap_gv \
   --json "$LOG/bench_omniglot.json"; }
 # the convolutions with TF32x3 products (FASTMETA_CONV_PRECISION=tf32x3: three TF32 tensor-core
 # products of each operand's high and low parts; float32 on the FMA units otherwise), on Triton (in
@@ -160,14 +166,6 @@ step_ops() { TAIL=45 run_step ops 45 bench_ops.txt python -m pytest -q -p no:cac
   --benchmark-only --benchmark-json "$LOG/bench_ops.json" --benchmark-columns=median,iqr,rounds; }
 step_convcompile() { TAIL=8 run_step convcompile 200 bench_conv_compile.txt $CONV --workload omniglot \
   --providers loop,fastmeta_graph,fastmeta_graph+tf32x3,compile --json "$LOG/bench_conv_compile.json"; }
-# the baselines with the right second-order meta-gradient: torch.func's vmap of grad(grad) through
-# BatchNorm gets it wrong (~4e-2 from the loop on Omniglot, in float64 too; RESULTS.md), and so does
-# torch.compile of it; vmap_exact / compile_exact write the batch statistics out in elementwise ops
-# and reductions (mini-ImageNet's vmap_exact may not fit: vmap alone held 112 GB)
-step_convcompile_exact() { TAIL=6 run_step convcompile_exact 150 bench_conv_compile_exact.txt $CONV --workload omniglot \
-  --providers loop,fastmeta_graph,compile_exact --json "$LOG/bench_conv_compile_exact.json"; }
-step_miniimagenet_exact() { TAIL=6 run_step miniimagenet_exact 90 bench_miniimagenet_exact.txt $CONV --workload miniimagenet \
-  --reps 3 --providers loop,fastmeta_graph_rc_ck@8,vmap_exact --json "$LOG/bench_miniimagenet_exact.json"; }
 # the float32 meta-gradients against the loop run in float64 (the exact answer): on the CPU the
 # loop's own is 1e-1 from it for mini-ImageNet (S=5) and ~1e-5 for Omniglot (RESULTS.md), so a row's
 # max rel err against the float32 loop is partly the loop's own rounding

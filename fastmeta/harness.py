@@ -10,13 +10,14 @@ mean over tasks of each task's query-loss gradient). Providers:
   maml_pertensor        the same loop with learn2learn's per-tensor Python update step
   loop                  the naive per-task loop with autograd.grad(create_graph=True)
   l2l, higher           learn2learn / higher loops, when installed
-  vmap                  torch.func vmap over tasks of grad-based inner loops
+  vmap                  torch.func vmap over tasks of grad(task's query loss after grad-based
+                        inner steps), then the mean of the per-task meta-gradients
   compile               torch.compile(vmap(grad)) of the same function
-  vmap_exact, compile_exact
-                        the same with each BatchNorm's batch statistics written out in elementwise
-                        ops and reductions: torch.func's batching of batch_norm's backward gives a
-                        wrong second-order meta-gradient under vmap (see _batch_stats_written_out)
   vmap_graph            the vmap meta-step captured in a CUDA graph (CUDA only)
+  vmap_gv, compile_gv, vmap_graph_gv
+                        the other way round, grad of the vmapped mean query loss (functorch's MAML
+                        example's order: autograd outside the vmap): through BatchNorm in training
+                        mode its second-order meta-gradient is wrong (see _vmap_meta_grad_fn)
   fastmeta_tuned        BatchedMAML after fastmeta.tune (value_and_grad on the backends it chose)
   fastmeta_vg_rc, fastmeta_graph_rc
                         value_and_grad / graphed with BatchedMAML(recompute=True)
@@ -26,7 +27,6 @@ mean over tasks of each task's query-loss gradient). Providers:
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import dataclasses
 import importlib.util
@@ -303,60 +303,22 @@ def _higher(w: Workload, first_order: bool):
     return step
 
 
-class _BatchStatsNorm(nn.Module):
-    """A BatchNorm that normalizes with its input's own statistics (training mode, or no running
-    statistics kept), written out as a mean, a mean of squared deviations and elementwise ops. It
-    holds the BatchNorm's weight and bias (the same Parameters) and keeps no running statistics."""
+def _vmap_meta_grad_fn(w: Workload, first_order: bool, grad_outside: bool = False):
+    """A pure function params -> meta-gradient, built from torch.func transforms: vmap over the
+    tasks of grad of a task's query loss (its inner steps themselves grad-based), then the mean over
+    tasks; with grad_outside, grad of the mean of the vmapped query losses instead.
 
-    def __init__(self, bn: nn.modules.batchnorm._BatchNorm):
-        super().__init__()
-        self.weight, self.bias, self.eps = bn.weight, bn.bias, bn.eps
-
-    def forward(self, x):
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims, keepdim=True)
-        centered = x - mean
-        y = centered * torch.rsqrt((centered * centered).mean(dims, keepdim=True) + self.eps)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        if self.weight is not None:
-            y = y * self.weight.view(shape)
-        if self.bias is not None:
-            y = y + self.bias.view(shape)
-        return y
-
-
-def _batch_stats_written_out(model: nn.Module) -> nn.Module:
-    """A copy of ``model``'s module tree (sharing its parameters, so named_parameters() is unchanged)
-    whose BatchNorms that normalize with batch statistics are _BatchStatsNorm.
-
-    Why: inside ``vmap`` a ``torch.func.grad`` of a ``grad`` through F.batch_norm in training mode
-    returns a wrong second-order meta-gradient (torch 2.13: Omniglot's conv4, T=2, float64, 2.5e-2
-    from the per-task loop, whose answer finite differences confirm; first order is right, and so
-    is grad(grad) without vmap): the batching rule of batch_norm's backward (pytorch/functorch#534).
-    Written out in elementwise ops and reductions, the statistics' derivatives are batched
-    correctly. A BatchNorm that would update running statistics cannot run under vmap either way
-    and is left as it is."""
-    bn_types = nn.modules.batchnorm._BatchNorm
-
-    def copy_of(m):
-        if isinstance(m, bn_types) and not m.track_running_stats:
-            return _BatchStatsNorm(m)
-        if not m._modules:
-            return m
-        clone = copy.copy(m)
-        clone._modules = {k: (None if c is None else copy_of(c)) for k, c in m._modules.items()}
-        return clone
-    return copy_of(model)
-
-
-def _vmap_meta_grad_fn(w: Workload, first_order: bool, batch_stats_written_out: bool = False):
-    """A pure function params -> meta-gradient, built from torch.func transforms (with
-    batch_stats_written_out, on _batch_stats_written_out's copy of the model)."""
+    Both give the same meta-gradient in exact arithmetic, but with grad outside the vmap a
+    second-order meta-gradient through F.batch_norm in training mode comes out wrong (torch 2.13:
+    Omniglot's conv4, T=8, float64, 3.6e-2 from the per-task loop, whose answer finite differences
+    confirm; the conv weights' gradient through BatchNorm's input; torch.compile of it as well, and
+    the same with autograd outside the vmap): the batching of batch_norm's backward
+    (pytorch/functorch#534). Per-task grads inside the vmap are right (1e-15 in float64)."""
     from torch.func import grad, vmap
 
     from .plan import call_with, slot_names
 
-    model = _batch_stats_written_out(w.model) if batch_stats_written_out else w.model
+    model = w.model
     buffers = dict(model.named_buffers())
     slots = slot_names(model)
 
@@ -370,10 +332,16 @@ def _vmap_meta_grad_fn(w: Workload, first_order: bool, batch_stats_written_out: 
             p = {n: p[n] - w.inner_lr * g[n] for n in p}
         return loss_at(p, xq, yq)
 
-    def meta_loss(p, xs, ys, xq, yq):
-        return vmap(task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(p, xs, ys, xq, yq).mean()
+    if grad_outside:
+        def meta_loss(p, xs, ys, xq, yq):
+            return vmap(task_loss, in_dims=(None, 0, 0, 0, 0), randomness="different")(p, xs, ys, xq, yq).mean()
+        return grad(meta_loss)
 
-    return grad(meta_loss)
+    per_task = vmap(grad(task_loss), in_dims=(None, 0, 0, 0, 0), randomness="different")
+
+    def meta_grad(p, xs, ys, xq, yq):
+        return {n: g.mean(0) for n, g in per_task(p, xs, ys, xq, yq).items()}
+    return meta_grad
 
 
 def _functional_step(w: Workload, fn):
@@ -387,18 +355,18 @@ def _functional_step(w: Workload, fn):
     return step
 
 
-def _vmap(w: Workload, first_order: bool, batch_stats_written_out: bool = False):
-    return _functional_step(w, _vmap_meta_grad_fn(w, first_order, batch_stats_written_out))
+def _vmap(w: Workload, first_order: bool, grad_outside: bool = False):
+    return _functional_step(w, _vmap_meta_grad_fn(w, first_order, grad_outside))
 
 
-def _compile(w: Workload, first_order: bool, batch_stats_written_out: bool = False):
-    return _functional_step(w, torch.compile(_vmap_meta_grad_fn(w, first_order, batch_stats_written_out)))
+def _compile(w: Workload, first_order: bool, grad_outside: bool = False):
+    return _functional_step(w, torch.compile(_vmap_meta_grad_fn(w, first_order, grad_outside)))
 
 
-def _vmap_graph(w: Workload, first_order: bool):
+def _vmap_graph(w: Workload, first_order: bool, grad_outside: bool = False):
     if w.xs.device.type != "cuda":
         raise RuntimeError("vmap_graph needs CUDA tensors")
-    fn = _vmap_meta_grad_fn(w, first_order)
+    fn = _vmap_meta_grad_fn(w, first_order, grad_outside)
     names = [n for n, _ in w.model.named_parameters()]
     p = {n: v.detach().clone() for n, v in w.model.named_parameters()}
     s = torch.cuda.Stream()
@@ -422,8 +390,9 @@ PROVIDERS: dict[str, Callable] = {
     "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph, "fastmeta_tuned": _fastmeta_tuned,
-    "vmap_exact": functools.partial(_vmap, batch_stats_written_out=True),
-    "compile_exact": functools.partial(_compile, batch_stats_written_out=True),
+    "vmap_gv": functools.partial(_vmap, grad_outside=True),
+    "compile_gv": functools.partial(_compile, grad_outside=True),
+    "vmap_graph_gv": functools.partial(_vmap_graph, grad_outside=True),
     # BatchedMAML(recompute=True): the first conv block recomputes its convolution's output
     "fastmeta_vg_rc": functools.partial(_fastmeta_vg, recompute=True),
     "fastmeta_graph_rc": functools.partial(_fastmeta_graph, recompute=True),
@@ -437,20 +406,16 @@ PROVIDERS: dict[str, Callable] = {
 
 def default_providers(workload: str, device: str) -> list:
     """Providers compared by default (see default_skip for rows that a CPU leaves out)."""
-    # (the conv workloads' BatchNorms: vmap's second-order meta-gradient is wrong there, see
-    # _batch_stats_written_out, so vmap_exact's row gives that recipe's time with the right answer)
-    exact = [] if workload == "sine" else ["vmap_exact"]
     if device == "cuda":
         vg = ["fastmeta_vg"] if workload == "sine" else []  # elsewhere it is autograd.grad of forward
         return ["fastmeta"] + vg + ["fastmeta_graph", "fastmeta-torch", "fastmeta-triton", "fastmeta-cuda",
-                                    "fastmeta_tuned", "maml", "loop", "vmap"] + exact + [
-                                    "vmap_graph", "compile", "l2l", "higher"]
+                                    "fastmeta_tuned", "maml", "loop", "vmap", "vmap_graph", "compile", "l2l", "higher"]
     if workload == "sine":
         return ["fastmeta", "fastmeta_vg", "fastmeta-cpp", "fastmeta-torch", "maml", "maml_pertensor", "loop", "vmap",
                 "compile", "l2l", "higher"]
     if workload == "miniimagenet":  # and its memory-lean setting (recompute + checkpoint_steps)
-        return ["fastmeta", "fastmeta_vg_rc_ck", "loop", "vmap"] + exact + ["compile"]
-    return ["fastmeta", "loop", "vmap"] + exact + ["compile"]
+        return ["fastmeta", "fastmeta_vg_rc_ck", "loop", "vmap", "compile"]
+    return ["fastmeta", "loop", "vmap", "compile"]
 
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
@@ -501,9 +466,9 @@ _FUSED_CPU = ("fastmeta", "fastmeta-cpp", "fastmeta_vg", "fastmeta_vg-cpp")
 
 def default_skip(provider: str, workload: str, device: str) -> str | None:
     """Why a default row is not run on this device (an explicit --providers list runs it anyway)."""
-    if device == "cpu" and workload != "sine" and provider in ("compile", "compile_exact"):
+    if device == "cpu" and workload != "sine" and provider in ("compile", "compile_gv"):
         return "torch.compile of conv4 MAML takes over 10 minutes to compile on a 2-core CPU"
-    if device == "cpu" and workload == "miniimagenet" and provider in ("vmap", "vmap_exact"):
+    if device == "cpu" and workload == "miniimagenet" and provider in ("vmap", "vmap_gv"):
         return "torch.func vmap of mini-ImageNet MAML holds ~100x the loop's memory (112 GB at T=32 on a GPU)"
     return None
 
@@ -520,7 +485,9 @@ def provider_available(name: str, device: str) -> str | None:
         return "learn2learn not installed"
     if base == "higher" and importlib.util.find_spec("higher") is None:
         return "higher not installed"
-    if base in ("vmap_graph", "fastmeta_graph", "fastmeta_graph_rc", "fastmeta_graph_ck", "fastmeta_graph_rc_ck") and device != "cuda":
+    graphed = ("vmap_graph", "vmap_graph_gv", "fastmeta_graph", "fastmeta_graph_rc", "fastmeta_graph_ck",
+               "fastmeta_graph_rc_ck")
+    if base in graphed and device != "cuda":
         return "CUDA graphs need a GPU"
     backend = _split(name)[2]
     if base in _FASTMETA and backend is not None:
