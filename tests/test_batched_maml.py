@@ -210,6 +210,36 @@ def test_custom_module_whole_model_fallback():
         fastmeta.BatchedMAML(model, 0.1, 3, strict=True)
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batch_norm_inside_the_vmap_fallback(first_order):
+    """A custom module holding Conv2d -> BatchNorm2d (batch statistics) runs through the vmap
+    fallback; its meta-gradient equals the loop's in both orders (torch.func's grad of a vmap gets the
+    second order through BatchNorm wrong, benchmarks/RESULTS.md: the fallback vmaps the forward
+    only and leaves the derivatives to autograd)."""
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3, track_running_stats=False)
+
+        def forward(self, x):
+            return torch.tanh(self.bn(self.conv(x)))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), nn.Flatten(), nn.Linear(3 * 5 * 5, 2)).to(torch.float64)
+    with torch.no_grad():
+        model[0].bn.weight.uniform_(0.5, 1.5)
+        model[0].bn.bias.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(1)
+    xs, xq = (torch.randn(3, n, 2, 5, 5, generator=g, dtype=torch.float64) for n in (4, 6))
+    ys, yq = (torch.randn(3, n, 2, generator=g, dtype=torch.float64) for n in (4, 6))
+    meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order)
+    assert "vmap(Block)" in fastmeta.explain(model)
+    _, got, _ = meta_grads(meta, model, (xs, ys, xq, yq))
+    _, want, _ = loop_meta_grads(model, xs, ys, xq, yq, 0.3, 2, first_order=first_order)
+    assert_rel_close(got, want, 1e-10, "meta-grad")
+
+
 def test_frozen_and_unused_parameters():
     model = mlp((2, 9, 3))
     model[0].bias.requires_grad_(False)
