@@ -132,3 +132,28 @@ def test_random_mlp_fused(seed):
         out[backend] = (losses.detach(), torch.autograd.grad((losses * weights).sum(), wrt))
     assert_rel_close([out["cpp"][0]], [out["torch"][0]], 1e-10, f"losses of {desc}")
     assert_rel_close(list(out["cpp"][1]), list(out["torch"][1]), 1e-8, f"meta-grad of {desc}")
+
+
+def test_fuzz_driver_tells_a_tie_from_a_failure(monkeypatch, capsys):
+    """tests/fuzz_models.py (the longer campaign): passes on good draws; a mismatch is a failure
+    where the reference is stable under a 1e-12 move of a parameter, and reported as a tie or kink
+    where it is not (seed 8828: a BatchNorm channel of equal entries, normalized to rounding noise
+    that decides a ReLU and a max)."""
+    import fuzz_models
+    assert fuzz_models.main(["--seeds", "16:20", "--kinds", "conv,variants,mlp"]) == 0
+    model, _, reference, _ = fuzz_models.conv_case(16)
+    assert fuzz_models.moves_under_perturbation(model, reference) is None
+    model, _, reference, _ = fuzz_models.conv_case(8828)
+    assert "the reference moves by" in fuzz_models.moves_under_perturbation(model, reference)
+    real = fastmeta.BatchedMAML.value_and_grad
+
+    def off(self, *a, **k):  # a meta-gradient 1e-6 off
+        loss, grads = real(self, *a, **k)
+        return loss, [None if g is None else g * (1 + 1e-6) for g in grads]
+    monkeypatch.setattr(fastmeta.BatchedMAML, "value_and_grad", off)
+    capsys.readouterr()
+    assert fuzz_models.main(["--seeds", "8828:8829", "--kinds", "conv"]) == 0
+    assert "tie or kink: conv seed 8828" in capsys.readouterr().out
+    assert fuzz_models.main(["--seeds", "16:17", "--kinds", "conv"]) == 1
+    out = capsys.readouterr().out
+    assert "failed: conv seed 16" in out and "the reference is stable there" in out

@@ -1,0 +1,218 @@
+"""A longer random campaign than tests/test_random_models.py's fixed seeds: random conv nets and
+MLPs, and BatchedMAML's variants on them, each against its reference, seed after seed.
+
+    python tests/fuzz_models.py [--seeds 16:2000] [--seconds 600] [--kinds conv,variants,mlp]
+
+Kinds:
+  conv      test_random_models' conv nets through BatchedMAML (backends torch and cpp) against the
+            per-task loop: loss, meta-gradient, Meta-SGD rates' gradients, autograd = value_and_grad;
+  variants  the same nets with a random choice of learned rates (Meta-SGD, per layer, per layer and
+            step), per-step BatchNorm, the multi-step loss and a head-only inner loop, on a random
+            backend with random memory switches (task_chunk, recompute, checkpoint_steps), against
+            the torch backend without switches;
+  mlp       test_random_models' MLPs on the fused kernel against its reference.
+
+A draw can sit where the meta-loss is not differentiable: a max-pooling window whose entries tie,
+a ReLU input at 0 (a BatchNorm channel whose entries are all equal normalizes to 0, its rounding
+noise amplified by 1/sqrt(eps)). There the answer depends on rounding, and two correct
+implementations differ. Each mismatch is therefore checked: if the reference's own answer moves by
+more than 1e-6 when one parameter moves by 1e-12, the draw is reported as such a point ("tie or
+kink"), not as a failure. Exit status 1 if any mismatch is not.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fastmeta  # noqa: E402
+from fastmeta import ops  # noqa: E402
+from conftest import assert_rel_close, loop_meta_grads  # noqa: E402
+import test_random_models as R  # noqa: E402
+
+
+def _rates(meta, rates):
+    if rates is not None:
+        with torch.no_grad():
+            for n, r in rates.items():
+                meta.lrs[n.replace(".", "__")].copy_(r)
+
+
+def _grads(meta, batch, backend):
+    """value_and_grad's (loss, grads) and autograd.grad of the forward, None filled with zeros."""
+    with fastmeta.use_backend(backend):
+        loss, grads = meta.value_and_grad(*batch)
+        by_autograd = torch.autograd.grad(meta(*batch), list(meta.parameters()), allow_unused=True)
+    params = list(meta.parameters())
+    fill = lambda gs: [g if g is not None else torch.zeros_like(p) for g, p in zip(gs, params)]  # noqa: E731
+    return loss.detach(), fill(grads), fill(by_autograd)
+
+
+def conv_case(seed):
+    """(check(), reference()) for a random conv net on the cpp backend (torch where it is not built)."""
+    model, batch, lr, steps, first_order, rates, desc = R.random_conv_case(seed)
+    backend = "cpp" if R.has_cpp() else "torch"
+
+    def reference():
+        lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
+        loss, grads, _ = loop_meta_grads(model, *batch, lr, steps, "cross_entropy", first_order, lrs=lrs)
+        return [loss.detach().view(1)] + [g.detach() for g in grads]
+
+    def check():
+        meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss="cross_entropy",
+                                    learn_inner_lr=rates is not None)
+        _rates(meta, rates)
+        loss, grads, by_autograd = _grads(meta, batch, backend)
+        named = dict(zip([n for n, _ in meta.named_parameters()], grads))
+        want = reference()
+        assert abs(loss.item() - want[0].item()) <= 1e-10 * abs(want[0].item()), "loss"
+        assert_rel_close([named[f"model.{n}"] for n, _ in model.named_parameters()], want[1:], 1e-8, "meta-grad")
+        assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
+    return model, check, reference, f"{desc}; backend {backend}"
+
+
+def variants_case(seed):
+    model, batch, lr, steps, first_order, _, desc = R.random_conv_case(seed)
+    rnd = random.Random(seed * 13 + 5)
+    T = batch[0].shape[0]
+    opts = {"learn_inner_lr": rnd.choice([False, True, "per_layer", "per_layer_step"])}
+    if steps > 0 and rnd.random() < 0.4 and any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        opts["per_step_bn"] = True
+    if steps > 1 and rnd.random() < 0.4:
+        opts["step_loss_weights"] = [rnd.random() for _ in range(steps)]
+    head = f"{len(model) - 1}."
+    if rnd.random() < 0.3:
+        opts["inner_params"] = lambda name: name.startswith(head)
+    switches = {}
+    if T > 1 and rnd.random() < 0.4:
+        switches["task_chunk"] = rnd.randint(1, T - 1)
+    if rnd.random() < 0.4:
+        switches["recompute"] = True
+    if not first_order and steps > 0 and rnd.random() < 0.4:
+        switches["checkpoint_steps"] = True
+    backend = rnd.choice(["torch", "cpp"] if R.has_cpp() else ["torch"])
+
+    def build(**kw):
+        meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss="cross_entropy", **opts, **kw)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():  # learned rates spread around the inner rate
+            for p in (meta.lrs.parameters() if getattr(meta, "lrs", None) is not None else ()):
+                p.mul_(0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+        return meta
+
+    def reference():
+        loss, grads, _ = _grads(build(), batch, "torch")
+        return [loss.view(1)] + grads
+
+    def check():
+        loss, grads, by_autograd = _grads(build(**switches), batch, backend)
+        want = reference()
+        assert abs(loss.item() - want[0].item()) <= 1e-9 * abs(want[0].item()), "loss"
+        assert_rel_close(grads, want[1:], 1e-7, "meta-grad")
+        assert_rel_close(by_autograd, grads, 1e-9, "autograd vs value_and_grad")
+    shown = {k: ("head" if callable(v) else v) for k, v in opts.items()}
+    return model, check, reference, f"{desc}; {shown} {switches} on {backend}"
+
+
+def mlp_case(seed):
+    if not R.has_cpp():
+        return None
+    params, batch, lr, steps, acts, slope, loss, first_order, desc = R.random_mlp_case(seed)
+
+    def run(backend):
+        wrt = params + (lr if isinstance(lr, list) else [])
+        with fastmeta.use_backend(backend):
+            losses = ops.mlp_inner_loop(*batch, params, lr, steps, acts, slope, loss, first_order)
+        w = torch.randn(losses.shape[0], dtype=losses.dtype, generator=torch.Generator().manual_seed(seed))
+        return [losses.detach()] + list(torch.autograd.grad((losses * w).sum(), wrt))
+
+    def check():
+        got, want = run("cpp"), run("torch")
+        assert_rel_close(got[:1], want[:1], 1e-10, "losses")
+        assert_rel_close(got[1:], want[1:], 1e-8, "meta-grad")
+    return _Tensors(params), check, lambda: run("torch"), desc
+
+
+class _Tensors:
+    """named_parameters() over a list of tensors, for the perturbation check."""
+
+    def __init__(self, tensors):
+        self.tensors = tensors
+
+    def named_parameters(self):
+        return [(f"p{i}", t) for i, t in enumerate(self.tensors)]
+
+
+def moves_under_perturbation(model, reference, step=1e-12, bound=1e-6) -> str | None:
+    """Whether reference()'s answer moves by more than ``bound`` (relative to each tensor's largest
+    entry and 1e-3 of the whole answer's) when one parameter entry moves by ``step``: how far, and
+    where, or None."""
+    base = [t.detach().clone() for t in reference()]
+    total = max(float(torch.cat([t.flatten() for t in base]).abs().max()), 1e-30)
+    worst = (0.0, None)
+    for name, p in model.named_parameters():
+        flat = p.detach().view(-1)
+        for k in range(min(flat.numel(), 4)):
+            for sign in (1, -1):
+                with torch.no_grad():
+                    flat[k] += sign * step
+                try:
+                    moved = reference()
+                finally:
+                    with torch.no_grad():
+                        flat[k] -= sign * step
+                for a, b in zip(moved, base):
+                    d = float((a - b).abs().max()) / max(float(b.abs().max()), 1e-3 * total)
+                    if d > worst[0]:
+                        worst = (d, f"{name}[{k}] {'+' if sign > 0 else '-'}{step:g}")
+    return f"the reference moves by {worst[0]:.1e} under {worst[1]}" if worst[0] > bound else None
+
+
+KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="16:2000", help="A:B, the seeds A to B-1")
+    ap.add_argument("--seconds", type=float, default=600.0, help="stop after this long")
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
+    args = ap.parse_args(argv)
+    lo, _, hi = args.seeds.partition(":")
+    kinds = args.kinds.split(",")
+    for k in kinds:
+        if k not in KINDS:
+            ap.error(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
+    start, counts = time.time(), {"passed": 0, "tie or kink": 0, "failed": 0}
+    last = None
+    for seed in range(int(lo), int(hi)):
+        for kind in kinds:
+            case = KINDS[kind](seed)
+            if case is None:
+                continue
+            model, check, reference, desc = case
+            try:
+                check()
+                counts["passed"] += 1
+            except AssertionError as e:
+                why = moves_under_perturbation(model, reference)
+                verdict = "tie or kink" if why else "failed"
+                counts[verdict] += 1
+                first = str(e).splitlines()[0][:300]
+                print(f"{verdict}: {kind} seed {seed}: {first}; {why or 'the reference is stable there'}; {desc}",
+                      flush=True)
+        last = seed
+        if time.time() - start > args.seconds:
+            break
+    print(f"seeds {lo}..{last}: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+          + f" ({time.time() - start:.0f} s)", flush=True)
+    return 1 if counts["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
