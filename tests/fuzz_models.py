@@ -2,6 +2,7 @@
 MLPs, and BatchedMAML's variants on them, each against its reference, seed after seed.
 
     python tests/fuzz_models.py [--seeds 16:2000] [--seconds 600] [--kinds conv,variants,mlp]
+                                [--kinds triton-conv,triton-mlp]
 
 Kinds:
   conv      test_random_models' conv nets through BatchedMAML (backends torch and cpp) against the
@@ -10,7 +11,10 @@ Kinds:
             step), per-step BatchNorm, the multi-step loss and a head-only inner loop, on a random
             backend with random memory switches (task_chunk, recompute, checkpoint_steps), against
             the torch backend without switches;
-  mlp       test_random_models' MLPs on the fused kernel against its reference.
+  mlp       test_random_models' MLPs on the fused kernel against its reference;
+  triton-conv, triton-mlp
+            conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
+            TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
 
 A draw can sit where the meta-loss is not differentiable: a max-pooling window whose entries tie,
 a ReLU input at 0 (a BatchNorm channel whose entries are all equal normalizes to 0, its rounding
@@ -22,19 +26,21 @@ kink"), not as a failure. Exit status 1 if any mismatch is not.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import random
 import sys
 import time
 
-import torch
-from torch import nn
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_rel_close, loop_meta_grads  # noqa: E402  (first: it sets TRITON_INTERPRET)
+import test_random_models as R  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
 import fastmeta  # noqa: E402
 from fastmeta import ops  # noqa: E402
-from conftest import assert_rel_close, loop_meta_grads  # noqa: E402
-import test_random_models as R  # noqa: E402
+from fastmeta.backend import why_unavailable  # noqa: E402
 
 
 def _rates(meta, rates):
@@ -54,10 +60,13 @@ def _grads(meta, batch, backend):
     return loss.detach(), fill(grads), fill(by_autograd)
 
 
-def conv_case(seed):
-    """(check(), reference()) for a random conv net on the cpp backend (torch where it is not built)."""
+def conv_case(seed, backend=None):
+    """(model, check(), reference(), description) for a random conv net on ``backend`` (default: cpp,
+    torch where it is not built), or None where that backend cannot run here."""
+    backend = backend or ("cpp" if R.has_cpp() else "torch")
+    if why_unavailable(backend, "cpu") is not None:
+        return None
     model, batch, lr, steps, first_order, rates, desc = R.random_conv_case(seed)
-    backend = "cpp" if R.has_cpp() else "torch"
 
     def reference():
         lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
@@ -120,8 +129,8 @@ def variants_case(seed):
     return model, check, reference, f"{desc}; {shown} {switches} on {backend}"
 
 
-def mlp_case(seed):
-    if not R.has_cpp():
+def mlp_case(seed, backend="cpp"):
+    if why_unavailable(backend, "cpu") is not None:
         return None
     params, batch, lr, steps, acts, slope, loss, first_order, desc = R.random_mlp_case(seed)
 
@@ -133,10 +142,10 @@ def mlp_case(seed):
         return [losses.detach()] + list(torch.autograd.grad((losses * w).sum(), wrt))
 
     def check():
-        got, want = run("cpp"), run("torch")
+        got, want = run(backend), run("torch")
         assert_rel_close(got[:1], want[:1], 1e-10, "losses")
         assert_rel_close(got[1:], want[1:], 1e-8, "meta-grad")
-    return _Tensors(params), check, lambda: run("torch"), desc
+    return _Tensors(params), check, lambda: run("torch"), f"{desc}; backend {backend}"
 
 
 class _Tensors:
@@ -174,14 +183,17 @@ def moves_under_perturbation(model, reference, step=1e-12, bound=1e-6) -> str | 
     return f"the reference moves by {worst[0]:.1e} under {worst[1]}" if worst[0] > bound else None
 
 
-KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case}
+KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case,
+         "triton-conv": functools.partial(conv_case, backend="triton"),
+         "triton-mlp": functools.partial(mlp_case, backend="triton")}
+DEFAULT_KINDS = ("conv", "variants", "mlp")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", default="16:2000", help="A:B, the seeds A to B-1")
     ap.add_argument("--seconds", type=float, default=600.0, help="stop after this long")
-    ap.add_argument("--kinds", default=",".join(KINDS), help="comma list of " + ", ".join(KINDS))
+    ap.add_argument("--kinds", default=",".join(DEFAULT_KINDS), help="comma list of " + ", ".join(KINDS))
     args = ap.parse_args(argv)
     lo, _, hi = args.seeds.partition(":")
     kinds = args.kinds.split(",")

@@ -141,6 +141,9 @@ def test_fuzz_driver_tells_a_tie_from_a_failure(monkeypatch, capsys):
     that decides a ReLU and a max)."""
     import fuzz_models
     assert fuzz_models.main(["--seeds", "16:20", "--kinds", "conv,variants,mlp"]) == 0
+    if fuzz_models.why_unavailable("triton", "cpu") is None:  # (the interpreter, as the tests run it)
+        assert fuzz_models.main(["--seeds", "1:2", "--kinds", "triton-conv,triton-mlp"]) == 0
+        assert "2 passed" in capsys.readouterr().out
     model, _, reference, _ = fuzz_models.conv_case(16)
     assert fuzz_models.moves_under_perturbation(model, reference) is None
     model, _, reference, _ = fuzz_models.conv_case(8828)
