@@ -21,7 +21,8 @@ a ReLU input at 0 (a BatchNorm channel whose entries are all equal normalizes to
 noise amplified by 1/sqrt(eps)). There the answer depends on rounding, and two correct
 implementations differ. Each mismatch is therefore checked: if the reference's own answer moves by
 more than 1e-6 when one parameter moves by 1e-12, the draw is reported as such a point ("tie or
-kink"), not as a failure. Exit status 1 if any mismatch is not.
+kink"), not as a failure; so is a draw whose reference is not finite (an inner loop that overflows
+gives inf or nan by the order of its operations: "diverged"). Exit status 1 if any other mismatch.
 """
 from __future__ import annotations
 
@@ -158,6 +159,16 @@ class _Tensors:
         return [(f"p{i}", t) for i, t in enumerate(self.tensors)]
 
 
+def verdict(model, reference) -> tuple[str, str]:
+    """What a mismatch on this draw is: ('diverged', why) where the reference's own answer is not
+    finite (its inner loop overflowed: inf and nan then differ by the order of the operations),
+    ('tie or kink', why) where it moves under a 1e-12 move of one parameter, else ('failed', ...)."""
+    if not all(bool(torch.isfinite(t).all()) for t in reference()):
+        return "diverged", "the reference is not finite (its inner loop overflowed)"
+    why = moves_under_perturbation(model, reference)
+    return ("tie or kink", why) if why else ("failed", "the reference is stable there")
+
+
 def moves_under_perturbation(model, reference, step=1e-12, bound=1e-6) -> str | None:
     """Whether reference()'s answer moves by more than ``bound`` (relative to each tensor's largest
     entry and 1e-3 of the whole answer's) when one parameter entry moves by ``step``: how far, and
@@ -200,7 +211,7 @@ def main(argv=None) -> int:
     for k in kinds:
         if k not in KINDS:
             ap.error(f"--kinds: unknown kind {k!r} (known: {', '.join(KINDS)})")
-    start, counts = time.time(), {"passed": 0, "tie or kink": 0, "failed": 0}
+    start, counts = time.time(), {"passed": 0, "tie or kink": 0, "diverged": 0, "failed": 0}
     last = None
     for seed in range(int(lo), int(hi)):
         for kind in kinds:
@@ -212,12 +223,10 @@ def main(argv=None) -> int:
                 check()
                 counts["passed"] += 1
             except AssertionError as e:
-                why = moves_under_perturbation(model, reference)
-                verdict = "tie or kink" if why else "failed"
-                counts[verdict] += 1
+                what, why = verdict(model, reference)
+                counts[what] += 1
                 first = str(e).splitlines()[0][:300]
-                print(f"{verdict}: {kind} seed {seed}: {first}; {why or 'the reference is stable there'}; {desc}",
-                      flush=True)
+                print(f"{what}: {kind} seed {seed}: {first}; {why}; {desc}", flush=True)
         last = seed
         if time.time() - start > args.seconds:
             break

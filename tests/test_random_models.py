@@ -148,6 +148,12 @@ def test_fuzz_driver_tells_a_tie_from_a_failure(monkeypatch, capsys):
     assert fuzz_models.moves_under_perturbation(model, reference) is None
     model, _, reference, _ = fuzz_models.conv_case(8828)
     assert "the reference moves by" in fuzz_models.moves_under_perturbation(model, reference)
+    assert fuzz_models.verdict(model, reference)[0] == "tie or kink"
+    model, _, reference, _ = fuzz_models.conv_case(16)
+    assert fuzz_models.verdict(model, reference)[0] == "failed"
+    if has_cpp():  # a linear MLP whose Meta-SGD inner loop overflows to inf and nan
+        model, _, reference, _ = fuzz_models.mlp_case(27339)
+        assert fuzz_models.verdict(model, reference)[0] == "diverged"
     real = fastmeta.BatchedMAML.value_and_grad
 
     def off(self, *a, **k):  # a meta-gradient 1e-6 off
