@@ -71,8 +71,8 @@ def conv_case(seed, backend=None):
 
     def reference():
         lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
-        loss, grads, _ = loop_meta_grads(model, *batch, lr, steps, "cross_entropy", first_order, lrs=lrs)
-        return [loss.detach().view(1)] + [g.detach() for g in grads]
+        loss, grads, lr_grads = loop_meta_grads(model, *batch, lr, steps, "cross_entropy", first_order, lrs=lrs)
+        return [loss.detach().view(1)] + [g.detach() for g in grads + list(lr_grads or [])]
 
     def check():
         meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss="cross_entropy",
@@ -81,8 +81,12 @@ def conv_case(seed, backend=None):
         loss, grads, by_autograd = _grads(meta, batch, backend)
         named = dict(zip([n for n, _ in meta.named_parameters()], grads))
         want = reference()
+        names = [n for n, _ in model.named_parameters()]
         assert abs(loss.item() - want[0].item()) <= 1e-10 * abs(want[0].item()), "loss"
-        assert_rel_close([named[f"model.{n}"] for n, _ in model.named_parameters()], want[1:], 1e-8, "meta-grad")
+        assert_rel_close([named[f"model.{n}"] for n in names], want[1:1 + len(names)], 1e-8, "meta-grad")
+        if rates is not None:
+            assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want[1 + len(names):], 1e-8,
+                             "rate grad")
         assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
     return model, check, reference, f"{desc}; backend {backend}"
 
