@@ -1,17 +1,18 @@
-"""A longer random campaign than tests/test_random_models.py's fixed seeds: random conv nets and
-MLPs, and BatchedMAML's variants on them, each against its reference, seed after seed.
+"""Random conv nets and MLPs, and BatchedMAML's variants on them, each against its reference, seed
+after seed: the draws and checks of tests/test_random_models.py (which runs 16 fixed seeds of the
+conv and mlp kinds in CI), as a longer campaign.
 
     python tests/fuzz_models.py [--seeds 16:2000] [--seconds 600] [--kinds conv,variants,mlp]
                                 [--kinds triton-conv,triton-mlp]
 
 Kinds:
-  conv      test_random_models' conv nets through BatchedMAML (backends torch and cpp) against the
+  conv      random conv nets through BatchedMAML (backends torch and cpp) against the
             per-task loop: loss, meta-gradient, Meta-SGD rates' gradients, autograd = value_and_grad;
   variants  the same nets with a random choice of learned rates (Meta-SGD, per layer, per layer and
             step), per-step BatchNorm, the multi-step loss and a head-only inner loop, on a random
             backend with random memory switches (task_chunk, recompute, checkpoint_steps), against
             the torch backend without switches;
-  mlp       test_random_models' MLPs on the fused kernel against its reference;
+  mlp       random MLPs on the fused kernel against its reference;
   triton-conv, triton-mlp
             conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
             TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
@@ -28,20 +29,97 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import random
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import assert_rel_close, loop_meta_grads  # noqa: E402  (first: it sets TRITON_INTERPRET)
-import test_random_models as R  # noqa: E402
+# conftest first: it sets TRITON_INTERPRET
+from conftest import assert_rel_close, has_cpp, loop_meta_grads, make_mlp_batch  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import fastmeta  # noqa: E402
 from fastmeta import ops  # noqa: E402
 from fastmeta.backend import why_unavailable  # noqa: E402
+
+
+ACTIVATIONS = [nn.ReLU, lambda: nn.LeakyReLU(0.1), nn.Tanh, nn.Sigmoid, nn.Identity]
+
+
+def _out(size, k, s, p, d):
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def random_conv_case(seed):
+    """(model, batch, inner_lr, steps, first_order, rates or None, description), float64."""
+    rnd = random.Random(seed)
+    torch.manual_seed(seed)
+    C, H = rnd.choice([1, 2, 3]), rnd.choice([5, 6, 7, 8, 9])
+    W = rnd.choice([H, H + 1, 5])
+    layers, desc, c, h, w = [], [], C, H, W
+    for _ in range(rnd.randint(1, 3)):
+        co, k, s = rnd.choice([2, 3, 4, 6]), rnd.choice([1, 2, 3]), rnd.choice([1, 1, 2])
+        p, d = rnd.choice([0, 1, 2]), rnd.choice([1, 1, 2])
+        g = rnd.choice([1, 1, math.gcd(c, co)])
+        if _out(h, k, s, p, d) < 1 or _out(w, k, s, p, d) < 1:
+            break
+        layers.append(nn.Conv2d(c, co, k, stride=s, padding=p, dilation=d, groups=g, bias=rnd.random() < 0.7))
+        desc.append(f"Conv2d({c}, {co}, {k}, stride={s}, padding={p}, dilation={d}, groups={g})")
+        c, h, w = co, _out(h, k, s, p, d), _out(w, k, s, p, d)
+        if rnd.random() < 0.6:
+            layers.append(nn.BatchNorm2d(c, affine=rnd.random() < 0.8, track_running_stats=rnd.random() < 0.5))
+            desc.append(repr(layers[-1]))
+        layers.append(rnd.choice(ACTIVATIONS)())
+        desc.append(repr(layers[-1]))
+        r = rnd.random()
+        if r < 0.4 and min(h, w) >= 2:
+            layers.append(nn.MaxPool2d(2))
+            h, w = h // 2, w // 2
+        elif r < 0.55 and min(h, w) >= 3:
+            layers.append(nn.MaxPool2d(3, stride=1, padding=1))
+        elif r < 0.7 and min(h, w) >= 2:
+            layers.append(nn.AvgPool2d(2))
+            h, w = h // 2, w // 2
+        else:
+            continue
+        desc.append(repr(layers[-1]))
+    ways = rnd.choice([2, 3, 5])
+    model = nn.Sequential(*layers, nn.Flatten(), nn.Linear(c * h * w, ways)).double()
+    # the order, the steps and Meta-SGD by the seed, so that a dozen draws cover each
+    T, K, Q = rnd.choice([1, 2, 3]), rnd.choice([2, 3, 5]), rnd.choice([2, 4, 6])
+    S, first_order, lr = (0 if seed % 8 == 5 else 1 + seed % 2), seed % 4 >= 2, rnd.choice([0.1, 0.4])
+    rates = None
+    if seed % 3 == 0:
+        rates = {n: lr * (0.5 + torch.rand_like(p)) for n, p in model.named_parameters()}
+    batch = (torch.randn(T, K, C, H, W, dtype=torch.float64), torch.randint(0, ways, (T, K)),
+             torch.randn(T, Q, C, H, W, dtype=torch.float64), torch.randint(0, ways, (T, Q)))
+    desc.append(f"input {C}x{H}x{W}, T={T} K={K} Q={Q} S={S} first_order={first_order} "
+                f"meta_sgd={rates is not None}")
+    return model, batch, lr, S, first_order, rates, "; ".join(desc)
+
+
+def random_mlp_case(seed):
+    rnd = random.Random(seed)
+    torch.manual_seed(seed)
+    L = rnd.randint(1, 4)
+    widths = [rnd.choice([1, 2, 3, 5, 8, 17, 33, 40, 65])] + [rnd.choice([1, 2, 3, 7, 9, 16, 37, 40, 63, 100])
+                                                               for _ in range(L)]
+    loss = rnd.choice(["mse", "cross_entropy"])
+    if loss == "cross_entropy" and widths[-1] < 2:
+        widths[-1] = 5
+    acts = [rnd.choice(["relu", "leaky_relu", "tanh", "sigmoid", None]) for _ in range(L)]
+    T, K, Q, S = rnd.choice([rnd.randint(1, 9), rnd.randint(17, 33)]), rnd.randint(1, 12), rnd.randint(1, 12), \
+        rnd.randint(1, 4)
+    first_order, slope, lr = rnd.random() < 0.5, rnd.choice([0.01, 0.2, -0.3, 0.0]), rnd.choice([0.01, 0.1])
+    params, batch = make_mlp_batch(widths, T, K, Q, loss, torch.float64)
+    if rnd.random() < 0.4:
+        lr = [(torch.rand_like(p) + 0.5).mul_(lr).requires_grad_() for p in params]
+    desc = f"widths={widths} acts={acts} loss={loss} T={T} K={K} Q={Q} S={S} first_order={first_order} " \
+           f"slope={slope} meta_sgd={isinstance(lr, list)}"
+    return params, batch, lr, S, acts, slope, loss, first_order, desc
 
 
 def _rates(meta, rates):
@@ -64,10 +142,10 @@ def _grads(meta, batch, backend):
 def conv_case(seed, backend=None):
     """(model, check(), reference(), description) for a random conv net on ``backend`` (default: cpp,
     torch where it is not built), or None where that backend cannot run here."""
-    backend = backend or ("cpp" if R.has_cpp() else "torch")
+    backend = backend or ("cpp" if has_cpp() else "torch")
     if why_unavailable(backend, "cpu") is not None:
         return None
-    model, batch, lr, steps, first_order, rates, desc = R.random_conv_case(seed)
+    model, batch, lr, steps, first_order, rates, desc = random_conv_case(seed)
 
     def reference():
         lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
@@ -92,7 +170,7 @@ def conv_case(seed, backend=None):
 
 
 def variants_case(seed):
-    model, batch, lr, steps, first_order, _, desc = R.random_conv_case(seed)
+    model, batch, lr, steps, first_order, _, desc = random_conv_case(seed)
     rnd = random.Random(seed * 13 + 5)
     T = batch[0].shape[0]
     opts = {"learn_inner_lr": rnd.choice([False, True, "per_layer", "per_layer_step"])}
@@ -110,7 +188,7 @@ def variants_case(seed):
         switches["recompute"] = True
     if not first_order and steps > 0 and rnd.random() < 0.4:
         switches["checkpoint_steps"] = True
-    backend = rnd.choice(["torch", "cpp"] if R.has_cpp() else ["torch"])
+    backend = rnd.choice(["torch", "cpp"] if has_cpp() else ["torch"])
 
     def build(**kw):
         meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss="cross_entropy", **opts, **kw)
@@ -137,7 +215,7 @@ def variants_case(seed):
 def mlp_case(seed, backend="cpp"):
     if why_unavailable(backend, "cpu") is not None:
         return None
-    params, batch, lr, steps, acts, slope, loss, first_order, desc = R.random_mlp_case(seed)
+    params, batch, lr, steps, acts, slope, loss, first_order, desc = random_mlp_case(seed)
 
     def run(backend):
         wrt = params + (lr if isinstance(lr, list) else [])
