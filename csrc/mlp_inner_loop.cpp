@@ -21,7 +21,8 @@
 // Shapes: xs [T,K,I], xq [T,Q,I]; ys/yq [T,K,O] float (mse) or [T,K] int64 (cross-entropy);
 // params = [W_1 [d_1,d_0], b_1 [d_1], ..., W_L, b_L] shared by all tasks; lrs empty (scalar lr) or
 // one tensor per parameter of its shape (Meta-SGD). acts[l]: 0 none, 1 relu, 2 leaky relu,
-// 3 tanh, 4 sigmoid. loss: 0 mse (mean over all elements), 1 cross-entropy (mean over rows).
+// 3 tanh, 4 sigmoid, 5 gelu, 6 gelu (tanh form), 7 silu. loss: 0 mse (mean over all elements),
+// 1 cross-entropy (mean over rows).
 // Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] with P the parameter count and each row the
 // concatenation of a task's flattened [dW_1, db_1, ..., dW_L, db_L] (dlr only when need_lr_grad).
 #include <ATen/ops/cat.h>
@@ -68,7 +69,43 @@ constexpr int kFwdMB = 5, kFwdPB = 4, kDaMB = 5, kDaPB = 3, kOuterMB = 5, kOuter
 
 #define FM_LANES _Pragma("omp simd") for (int l = 0; l < W; ++l)
 
-enum Act : int64_t { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4 };
+enum Act : int64_t { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4, kGelu = 5, kGeluTanh = 6, kSilu = 7 };
+constexpr int64_t kActs = 8;
+
+// The activations whose derivatives come from z, not from a = s(z): GELU (z Phi(z)), GELU's tanh
+// form (z (1 + tanh(u)) / 2, u = c (z + 0.044715 z^3), c = sqrt(2 / pi), as PyTorch's
+// approximate='tanh') and SiLU (z sigmoid(z)); s, s' and s'' of each.
+inline bool from_z(int64_t act) { return act >= kGelu; }
+
+template <typename T>
+struct ZAct {
+  static constexpr T kInvSqrt2 = T(0.70710678118654752440), kInvSqrt2Pi = T(0.39894228040143267794);
+  static constexpr T kC = T(0.79788456080286535588), kK = T(0.044715);
+  static T s(int64_t act, T z) {
+    if (act == kGelu) return z * T(0.5) * (T(1) + std::erf(z * kInvSqrt2));
+    if (act == kGeluTanh) return T(0.5) * z * (T(1) + std::tanh(kC * (z + kK * z * z * z)));
+    return z / (T(1) + std::exp(-z));
+  }
+  static T d1(int64_t act, T z) {
+    if (act == kGelu) return T(0.5) * (T(1) + std::erf(z * kInvSqrt2)) + z * kInvSqrt2Pi * std::exp(T(-0.5) * z * z);
+    if (act == kGeluTanh) {
+      const T t = std::tanh(kC * (z + kK * z * z * z)), du = kC * (T(1) + T(3) * kK * z * z);
+      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * du;
+    }
+    const T g = T(1) / (T(1) + std::exp(-z));
+    return g * (T(1) + z * (T(1) - g));
+  }
+  static T d2(int64_t act, T z) {
+    if (act == kGelu) return kInvSqrt2Pi * std::exp(T(-0.5) * z * z) * (T(2) - z * z);
+    if (act == kGeluTanh) {
+      const T t = std::tanh(kC * (z + kK * z * z * z)), du = kC * (T(1) + T(3) * kK * z * z);
+      const T ddu = kC * T(6) * kK * z;
+      return (T(1) - t * t) * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
+    }
+    const T g = T(1) / (T(1) + std::exp(-z));
+    return g * (T(1) - g) * (T(2) + z * (T(1) - T(2) * g));
+  }
+};
 
 struct Net {
   int64_t L = 0;
@@ -634,6 +671,9 @@ class Group {
         break;
       case kTanh: for (int64_t i = 0; i < m; ++i) a[i] = std::tanh(z[i]); break;
       case kSigmoid: for (int64_t i = 0; i < m; ++i) a[i] = T(1) / (T(1) + std::exp(-z[i])); break;
+      case kGelu: case kGeluTanh: case kSilu:
+        for (int64_t i = 0; i < m; ++i) a[i] = ZAct<T>::s(act, z[i]);
+        break;
       default: std::copy(z, z + m, a);
     }
   }
@@ -660,6 +700,9 @@ class Group {
       case kSigmoid:
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) out[i] = a[i] * (T(1) - a[i]) * in[i];
+        break;
+      case kGelu: case kGeluTanh: case kSilu:
+        for (int64_t i = 0; i < m; ++i) out[i] = ZAct<T>::d1(act, z[i]) * in[i];
         break;
       default: std::copy(in, in + m, out);
     }
@@ -709,7 +752,7 @@ class Group {
   // SGD step theta - alpha (.) gradient).
   // Below the top layer, a ReLU / leaky ReLU / linear layer's dz is written by the product that
   // gives its da (s' applied in the gemm's epilogue, one pass less over the activations); its da
-  // is then not stored (only the second derivative terms of tanh and sigmoid read it).
+  // is then not stored (only the second derivative terms of the smooth activations read it).
   void backward(const T* th, const T* x, int64_t N, Acts<T>& A, const Sink<T>& sink) const {
     for (int64_t l = net_.L; l >= 1; --l) {
       const int64_t din = net_.d[l - 1], dout = net_.d[l];
@@ -739,8 +782,9 @@ class Group {
 
   // Whether a layer keeps its pre-activations z apart from a = s(z). Only the sign of z is read
   // (ReLU and leaky ReLU derivatives) and tanh / sigmoid derivatives come from a, so z shares a's
-  // storage except under a leaky ReLU of negative slope, where a > 0 does not mean z > 0.
-  bool keeps_z(int64_t act) const { return act == kLeaky && net_.slope < 0; }
+  // storage except under a leaky ReLU of negative slope, where a > 0 does not mean z > 0, and
+  // under GELU and SiLU, whose derivatives are functions of z (from_z).
+  bool keeps_z(int64_t act) const { return (act == kLeaky && net_.slope < 0) || from_z(act); }
 
   // Layer l's part of a parameter-shaped result: W_l [dout, din] = the product x (+ x2) over the
   // N rows, b_l = sum over rows of x's A (dz [N, dout]), written to sink.
@@ -858,7 +902,10 @@ class Group {
       const T *z = A.z[l - 1], *a = A.a[l - 1], *da = A.da[l - 1], *dz = A.dz[l - 1];
       const T* rz = Rz[l - 1];
       mul_d1(act, z, a, Rda, Rdz, N * dout);
-      if (act == kTanh || act == kSigmoid) {  // + s''(z) Rz da
+      if (from_z(act)) {  // + s''(z) Rz da
+        const int64_t m = N * dout * W;
+        for (int64_t i = 0; i < m; ++i) Rdz[i] += ZAct<T>::d2(act, z[i]) * rz[i] * da[i];
+      } else if (act == kTanh || act == kSigmoid) {
         const int64_t m = N * dout * W;
         if (act == kTanh) {
 #pragma omp simd
@@ -1261,6 +1308,8 @@ Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, c
   check_step_weights(step_weights, steps);
   const int64_t L = static_cast<int64_t>(params.size() / 2);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, "mlp_inner_loop: one activation per layer");
+  for (const int64_t a : acts)
+    TORCH_CHECK(a >= 0 && a < kActs, "mlp_inner_loop: activation code ", a, " is not one of 0..", kActs - 1);
   Call c;
   Net& net = c.net;
   net.L = L;

@@ -2,10 +2,15 @@
 
 A program maps per-task parameters P (name -> [T, *shape], at step 0 broadcast views of the
 meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], using fastmeta's
-batched ops. (Nested) ``nn.Sequential``s of Linear, Conv2d, BatchNorm1d/2d, ReLU, LeakyReLU, Tanh,
-Sigmoid, MaxPool2d, AvgPool2d, Flatten, Dropout and Identity are lowered module by module; a Linear
-followed by an activation becomes one fused ``batched_linear`` (Dropout in training mode draws one
-mask over all tasks, each task's part of it an independent draw, as a loop's per-task draws are).
+batched ops. (Nested) ``nn.Sequential``s of Linear, Conv1d, Conv2d, BatchNorm1d/2d, LayerNorm,
+GroupNorm, the elementwise activations (ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU, ELU, Softplus,
+Mish, Hardswish, ...), Softmax / LogSoftmax with a dim, the max / average pools (1d, 2d, adaptive),
+Flatten, Dropout and Identity are lowered module by module; a Linear followed by ReLU, LeakyReLU,
+Tanh or Sigmoid becomes one fused ``batched_linear`` (Dropout in training mode draws one mask over
+all tasks, each task's part of it an independent draw, as a loop's per-task draws are). A Conv1d
+runs as a Conv2d of height 1; GroupNorm runs as one ``F.group_norm`` over all tasks' channels
+(each task's channels a whole number of groups, its affine weights per task), LayerNorm as
+``F.layer_norm`` and a per-task affine.
 A module is lowered only where calling it runs its class's own forward: a subclass with its own
 forward, a module with forward hooks or with parametrizations (weight norm) is not, nor is any
 module while global module hooks are registered, and neither is a Sequential with them. Module
@@ -25,8 +30,8 @@ statistics has them updated as the per-task loop's forward passes would update t
 each task's passes (inner steps, then the query) in order, with the module's momentum (or its
 cumulative average), ``num_batches_tracked`` counting every pass.
 
-An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid,
-and Identity or Dropout modules, all parameters trainable and unshared) is also recorded as an
+An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid /
+GELU / SiLU, and Identity or Dropout modules, all parameters trainable and unshared) is also recorded as an
 ``MLPSpec``, which lets BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op (with a
 Dropout, only while it drops nothing: in eval mode or at p=0).
 """
@@ -55,10 +60,17 @@ CPU_SMALL_PASS = 16384
 # The kinds of the steps a BatchNorm module lowers to
 BN_KINDS = ("batched_batch_norm", "bn_relu_pool")
 _ACT_MODULES = {nn.ReLU: "relu", nn.LeakyReLU: "leaky_relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+# Parameter-free modules that act on each element alone: run on [T, N, ...] as they are
+_ELEMENTWISE = (nn.GELU, nn.SiLU, nn.ELU, nn.CELU, nn.SELU, nn.Softplus, nn.Mish, nn.Hardswish, nn.Hardsigmoid,
+                nn.Hardtanh, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink, nn.Softshrink, nn.Hardshrink, nn.Threshold)
+# Parameter-free modules that act on each sample and channel alone ([B, C, ...] in, [B, C, ...] out)
+_PER_CHANNEL = (nn.MaxPool1d, nn.AvgPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d,
+                nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
-_LOWERED = (nn.Sequential, nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.ReLU, nn.LeakyReLU, nn.Tanh,
-            nn.Sigmoid, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten, nn.Dropout)
+_LOWERED = (nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+            nn.GroupNorm, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity,
+            nn.Flatten, nn.Dropout) + _ELEMENTWISE + _PER_CHANNEL
 
 
 def global_hooks() -> int:
@@ -559,11 +571,49 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
                                           stats.running_mean if use_running else None,
                                           stats.running_var if use_running else None)
         return Step(path, "batched_batch_norm", run, spec=dict(module=m, w=w, b=b)), False
-    if type(m) in _ACT_MODULES or isinstance(m, nn.Identity):
+    if isinstance(m, nn.Conv1d):  # as a Conv2d over [C, 1, L]
+        if m.padding_mode != "zeros":
+            return None, f"Conv1d padding_mode={m.padding_mode!r} (only 'zeros' is lowered)"
+        w, b = name(m.weight), (name(m.bias) if m.bias is not None else None)
+        pad = m.padding if isinstance(m.padding, str) else (0, m.padding[0])
+
+        def run(x, P, m=m, w=w, b=b, pad=pad):
+            if x.dim() != 4:
+                raise ValueError(f"Conv1d at {path!r}: expected input [T, N, C, L], got {tuple(x.shape)}")
+            y = ops.batched_conv2d(x.unsqueeze(-2), P[w].unsqueeze(-2), P[b] if b else None, (1, m.stride[0]),
+                                   pad, (1, m.dilation[0]), m.groups)
+            return y.squeeze(-2)
+        return Step(path, "batched_conv2d (1d)", run), False
+    if isinstance(m, nn.LayerNorm):
+        shape = tuple(m.normalized_shape)
+        w = name(m.weight) if m.weight is not None else None
+        b = name(m.bias) if m.bias is not None else None
+
+        def run(x, P, m=m, w=w, b=b, shape=shape):
+            y = torch.nn.functional.layer_norm(x, shape, None, None, m.eps)
+            return _per_task_affine(y, P[w] if w else None, P[b] if b else None, x.dim() - len(shape))
+        return Step(path, "layer_norm", run), False
+    if isinstance(m, nn.GroupNorm):
+        w = name(m.weight) if m.weight is not None else None
+        b = name(m.bias) if m.bias is not None else None
+
+        def run(x, P, m=m, w=w, b=b):
+            if x.dim() < 3 or x.shape[2] != m.num_channels:
+                raise ValueError(f"GroupNorm at {path!r}: expected input [T, N, C={m.num_channels}, ...], "
+                                 f"got {tuple(x.shape)}")
+            return _group_norm(x, m.num_groups, m.eps, P[w] if w else None, P[b] if b else None)
+        return Step(path, "group_norm", run), False
+    if type(m) in _ACT_MODULES or isinstance(m, (nn.Identity,) + _ELEMENTWISE):
         return Step(path, type(m).__name__, lambda x, P, m=m: m(x)), False
-    if isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)):
+    if isinstance(m, (nn.Softmax, nn.LogSoftmax)):
+        if m.dim is None:
+            return None, f"{type(m).__name__}(dim=None) picks its dim from the input's rank"
+        dim = m.dim + 1 if m.dim >= 0 else m.dim  # (a sample's dim d is dim d + 1 of [T, N, ...])
+        fn = torch.softmax if isinstance(m, nn.Softmax) else torch.log_softmax
+        return Step(path, type(m).__name__, lambda x, P, dim=dim, fn=fn: fn(x, dim)), False
+    if isinstance(m, _PER_CHANNEL):
         if getattr(m, "return_indices", False):
-            return None, "MaxPool2d(return_indices=True)"
+            return None, f"{type(m).__name__}(return_indices=True)"
 
         return Step(path, type(m).__name__, lambda x, P, m=m: per_sample_2d(x, m)), False
     if isinstance(m, nn.Dropout):
@@ -576,6 +626,30 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
             return None, f"Flatten(start_dim={m.start_dim}, end_dim={m.end_dim}) would mix samples"
         return Step(path, "flatten", lambda x, P, d=dims: x.flatten(*d)), False
     return None, f"{type(m).__name__} has no batched lowering"
+
+
+def _per_task_affine(y, w, b, dim):
+    """y * w + b with per-task w, b [T, *shape] over y's dims from ``dim`` on ([T, N, ...] between)."""
+    if w is None and b is None:
+        return y
+    ref = w if w is not None else b
+    view = (ref.shape[0],) + (1,) * (dim - 1) + tuple(ref.shape[1:]) + (1,) * (y.dim() - dim - ref.dim() + 1)
+    if w is not None and b is not None:
+        return torch.addcmul(b.view(view), y, w.view(view))
+    return y * w.view(view) if w is not None else y + b.view(view)
+
+
+def _group_norm(x, groups, eps, w=None, b=None):
+    """F.group_norm of x [T, N, C, ...] with per-task affine weights w, b [T, C] (or None), each
+    sample alone: run on [N, T * C, ...] with T * groups groups (each task's channels a whole number
+    of groups) and the weights as [T * C], so that PyTorch's kernel applies them. The task-inner
+    layout that the batched ops return ([N, T, C, ...] in memory) is taken without a copy and
+    returned."""
+    T, N = x.shape[:2]
+    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+    y = torch.nn.functional.group_norm(x.transpose(0, 1).reshape(N, -1, *x.shape[3:]), T * groups, flat(w), flat(b),
+                                       eps)
+    return y.view(N, T, *x.shape[2:]).transpose(0, 1)
 
 
 def _is_bn_relu_pool(mods: list) -> bool:
@@ -653,6 +727,15 @@ def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps
         i += 2 if extra else 1
 
 
+def _mlp_activation(m: nn.Module) -> str | None:
+    """The fused MLP kernel's name of activation module m, or None where it has none."""
+    if type(m) in _ACT_MODULES:
+        return _ACT_MODULES[type(m)]
+    if type(m) is nn.GELU:
+        return {"none": "gelu", "tanh": "gelu_tanh"}.get(m.approximate)
+    return "silu" if type(m) is nn.SiLU else None
+
+
 def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
     if any(s.fallback for s in steps):
         return None, "a module falls back to vmap"
@@ -663,10 +746,10 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
                 return None, "a Linear layer has no bias"
             names += [canon[id(m.weight)], canon[id(m.bias)]]
             acts.append(None)
-        elif type(m) in _ACT_MODULES:
+        elif _mlp_activation(m) is not None:
             if not acts or acts[-1] is not None:
                 return None, "an activation does not directly follow a Linear layer"
-            acts[-1] = _ACT_MODULES[type(m)]
+            acts[-1] = _mlp_activation(m)
             if isinstance(m, nn.LeakyReLU):
                 slopes.add(float(m.negative_slope))
         elif isinstance(m, nn.Identity):

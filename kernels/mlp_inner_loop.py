@@ -32,14 +32,25 @@ from ._consts import device_constant
 
 
 @triton.jit
+def _gelu_tanh_t(z):
+    """tanh(u), u = sqrt(2 / pi) (z + 0.044715 z^3): GELU's tanh form (PyTorch's approximate='tanh')."""
+    u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+
+
+@triton.jit
 def _act_fwd(z, code, slope):
-    """act(z) for code 0 none, 1 relu, 2 leaky relu, 3 tanh, 4 sigmoid."""
+    """act(z) for code 0 none, 1 relu, 2 leaky relu, 3 tanh, 4 sigmoid, 5 gelu, 6 gelu (tanh form),
+    7 silu."""
     sig = tl.sigmoid(z)
     th = 2.0 * tl.sigmoid(2.0 * z) - 1.0
     out = tl.where(code == 1, tl.where(z <= 0, 0.0, z), z)  # relu(NaN) = NaN (tl.maximum may drop it)
     out = tl.where(code == 2, tl.where(z > 0, z, slope * z), out)
     out = tl.where(code == 3, th, out)
     out = tl.where(code == 4, sig, out)
+    if code >= 5:
+        out = tl.where(code == 5, 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476)), z * sig)
+        out = tl.where(code == 6, 0.5 * z * (1.0 + _gelu_tanh_t(z)), out)
     return out
 
 
@@ -50,14 +61,29 @@ def _act_d1(z, a, code, slope):
     d = tl.where(code == 2, tl.where(z > 0, 1.0, slope), d)
     d = tl.where(code == 3, 1.0 - a * a, d)
     d = tl.where(code == 4, a * (1.0 - a), d)
+    if code >= 5:
+        sig = tl.sigmoid(z)
+        d = tl.where(code == 5, 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+                     + z * 0.3989422804014327 * tl.exp(-0.5 * z * z), sig * (1.0 + z * (1.0 - sig)))
+        t = _gelu_tanh_t(z)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        d = tl.where(code == 6, 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du, d)
     return d
 
 
 @triton.jit
-def _act_d2(a, code):
-    """act''(z), from a = act(z) (zero for the piecewise-linear activations)."""
+def _act_d2(z, a, code):
+    """act''(z), from z and a = act(z) (zero for the piecewise-linear activations)."""
     d = tl.where(code == 3, -2.0 * a * (1.0 - a * a), 0.0)
     d = tl.where(code == 4, a * (1.0 - a) * (1.0 - 2.0 * a), d)
+    if code >= 5:
+        sig = tl.sigmoid(z)
+        d = tl.where(code == 5, 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z),
+                     sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig)))
+        t = _gelu_tanh_t(z)
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        ddu = 0.7978845608028654 * 6.0 * 0.044715 * z
+        d = tl.where(code == 6, (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du)), d)
     return d
 
 
@@ -193,7 +219,7 @@ def _hvp(th_ptr, u_ptr, h_ptr, x, act_ptr, r_ptr, rows, cols, dims_ptr, n_rows, 
         dz = tl.load(act_ptr + (3 * L + l) * BK * DP + base)
         rz = tl.load(r_ptr + (0 * L + l) * BK * DP + base)
         code = tl.load(dims_ptr + 2 * (L + 1) + l)
-        rdz = _act_d2(a, code) * rz * da + _act_d1(z, a, code, slope) * rda
+        rdz = _act_d2(z, a, code) * rz * da + _act_d1(z, a, code, slope) * rda
         if l == 0:
             a_prev = x
         else:

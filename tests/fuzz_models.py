@@ -13,6 +13,9 @@ Kinds:
             backend with random memory switches (task_chunk, recompute, checkpoint_steps), against
             the torch backend without switches;
   mlp       random MLPs on the fused kernel against its reference;
+  modules, modules-variants
+            conv and variants on random nets of the other lowered modules (Conv1d, GroupNorm,
+            LayerNorm, the 1d and adaptive pools, every elementwise activation, LogSoftmax);
   triton-conv, triton-mlp
             conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
             TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
@@ -122,6 +125,87 @@ def random_mlp_case(seed):
     return params, batch, lr, S, acts, slope, loss, first_order, desc
 
 
+# the activations that are not part of the fused MLP kernel's set: elementwise, parameter-free
+MORE_ACTIVATIONS = [nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU, lambda: nn.ELU(0.7), lambda: nn.CELU(0.5),
+                    nn.SELU, lambda: nn.Softplus(beta=2.0), nn.Mish, nn.Hardswish, nn.Hardsigmoid,
+                    lambda: nn.Hardtanh(-0.5, 2.0), nn.ReLU6, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
+                    lambda: nn.Softshrink(0.1), lambda: nn.Hardshrink(0.1)]
+
+
+def random_module_case(seed):
+    """A random net of the modules lowered beyond conv4 / MLP (Conv1d, GroupNorm, LayerNorm, the
+    1d and adaptive pools, every elementwise activation, LogSoftmax) with the same tuple as
+    random_conv_case: (model, batch, inner_lr, steps, first_order, rates or None, description)."""
+    rnd = random.Random(seed * 31 + 7)
+    torch.manual_seed(seed)
+    family, first_order = rnd.choice(["conv2d", "conv1d", "mlp"]), rnd.random() < 0.4
+    # (PyTorch has no second derivative of hardsigmoid: a second-order loop through it raises)
+    acts = ACTIVATIONS + [a for a in MORE_ACTIVATIONS if first_order or a is not nn.Hardsigmoid]
+    layers, desc = [], []
+    if family == "mlp":
+        d = rnd.choice([2, 3, 5])
+        shape, c = (d,), d
+        for _ in range(rnd.randint(1, 3)):
+            o = rnd.choice([3, 8, 13])
+            layers.append(nn.Linear(c, o))
+            c = o
+            r = rnd.random()
+            if r < 0.4:
+                layers.append(nn.LayerNorm(o, elementwise_affine=rnd.random() < 0.8, bias=rnd.random() < 0.8))
+            elif r < 0.6:
+                layers.append(nn.GroupNorm(rnd.choice([g for g in (1, 2, 3) if o % g == 0]), o,
+                                           affine=rnd.random() < 0.8))
+            layers.append(rnd.choice(acts)())
+        flat = c
+    else:
+        two = family == "conv2d"
+        C, L = rnd.choice([1, 2, 3]), rnd.choice([6, 7, 9])
+        shape = (C, L, rnd.choice([L, 5])) if two else (C, rnd.choice([9, 12, 17]))
+        c, size = C, list(shape[1:])
+        for _ in range(rnd.randint(1, 2)):
+            co, k, p = rnd.choice([2, 4, 6]), rnd.choice([1, 2, 3]), rnd.choice([0, 1])
+            g = rnd.choice([1, 1, math.gcd(c, co)])
+            if any(n + 2 * p - k + 1 < 1 for n in size):
+                break
+            layers.append((nn.Conv2d if two else nn.Conv1d)(c, co, k, padding=p, groups=g, bias=rnd.random() < 0.7))
+            c, size = co, [n + 2 * p - k + 1 for n in size]
+            if rnd.random() < 0.6:
+                layers.append(nn.GroupNorm(rnd.choice([q for q in (1, 2, co) if co % q == 0]), co,
+                                           affine=rnd.random() < 0.8))
+            layers.append(rnd.choice(acts)())
+            if min(size) >= 2 and rnd.random() < 0.5:
+                layers.append(rnd.choice([nn.MaxPool2d, nn.AvgPool2d] if two else [nn.MaxPool1d, nn.AvgPool1d])(2))
+                size = [n // 2 for n in size]
+        if two:
+            out = (rnd.choice([1, 2]), rnd.choice([1, 3]))
+            layers.append(rnd.choice([nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d])(out))
+        else:
+            out = (rnd.choice([1, 2, 4]),)
+            layers.append(rnd.choice([nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d])(out[0]))
+        layers.append(nn.Flatten())
+        flat = c * math.prod(out)
+    ways = rnd.choice([2, 3, 5])
+    layers.append(nn.Linear(flat, ways))
+    if rnd.random() < 0.2:
+        layers.append(nn.LogSoftmax(dim=-1 if rnd.random() < 0.5 else 1))
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():  # norm weights away from their 1 / 0 start
+        for m in model.modules():
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+                for p in m.parameters():
+                    p.add_(0.3 * torch.randn_like(p))
+    T, K, Q = rnd.choice([1, 2, 3]), rnd.choice([2, 3, 5]), rnd.choice([2, 4, 6])
+    S, lr = rnd.choice([0, 1, 2]), rnd.choice([0.1, 0.4])
+    rates = None
+    if rnd.random() < 0.3:
+        rates = {n: lr * (0.5 + torch.rand_like(p)) for n, p in model.named_parameters()}
+    batch = (torch.randn(T, K, *shape, dtype=torch.float64), torch.randint(0, ways, (T, K)),
+             torch.randn(T, Q, *shape, dtype=torch.float64), torch.randint(0, ways, (T, Q)))
+    desc = f"{model!r}".replace("\n", " ") + (f"; input {'x'.join(map(str, shape))}, T={T} K={K} Q={Q} S={S} "
+                                               f"first_order={first_order} meta_sgd={rates is not None}")
+    return model, batch, lr, S, first_order, rates, " ".join(desc.split())
+
+
 def _rates(meta, rates):
     if rates is not None:
         with torch.no_grad():
@@ -139,13 +223,13 @@ def _grads(meta, batch, backend):
     return loss.detach(), fill(grads), fill(by_autograd)
 
 
-def conv_case(seed, backend=None):
-    """(model, check(), reference(), description) for a random conv net on ``backend`` (default: cpp,
-    torch where it is not built), or None where that backend cannot run here."""
+def conv_case(seed, backend=None, draw=random_conv_case):
+    """(model, check(), reference(), description) for a random conv net (``draw``'s) on ``backend``
+    (default: cpp, torch where it is not built), or None where that backend cannot run here."""
     backend = backend or ("cpp" if has_cpp() else "torch")
     if why_unavailable(backend, "cpu") is not None:
         return None
-    model, batch, lr, steps, first_order, rates, desc = random_conv_case(seed)
+    model, batch, lr, steps, first_order, rates, desc = draw(seed)
 
     def reference():
         lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
@@ -169,8 +253,8 @@ def conv_case(seed, backend=None):
     return model, check, reference, f"{desc}; backend {backend}"
 
 
-def variants_case(seed):
-    model, batch, lr, steps, first_order, _, desc = random_conv_case(seed)
+def variants_case(seed, draw=random_conv_case):
+    model, batch, lr, steps, first_order, _, desc = draw(seed)
     rnd = random.Random(seed * 13 + 5)
     T = batch[0].shape[0]
     opts = {"learn_inner_lr": rnd.choice([False, True, "per_layer", "per_layer_step"])}
@@ -178,7 +262,7 @@ def variants_case(seed):
         opts["per_step_bn"] = True
     if steps > 1 and rnd.random() < 0.4:
         opts["step_loss_weights"] = [rnd.random() for _ in range(steps)]
-    head = f"{len(model) - 1}."
+    head = f"{max(i for i, m in enumerate(model) if any(True for _ in m.parameters()))}."  # the last Linear
     if rnd.random() < 0.3:
         opts["inner_params"] = lambda name: name.startswith(head)
     switches = {}
@@ -277,9 +361,11 @@ def moves_under_perturbation(model, reference, step=1e-12, bound=1e-6) -> str | 
 
 
 KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case,
+         "modules": functools.partial(conv_case, draw=random_module_case),
+         "modules-variants": functools.partial(variants_case, draw=random_module_case),
          "triton-conv": functools.partial(conv_case, backend="triton"),
          "triton-mlp": functools.partial(mlp_case, backend="triton")}
-DEFAULT_KINDS = ("conv", "variants", "mlp")
+DEFAULT_KINDS = ("conv", "variants", "mlp", "modules", "modules-variants")
 
 
 def main(argv=None) -> int:

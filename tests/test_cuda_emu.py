@@ -20,7 +20,7 @@ from conftest import RTOL, assert_rel_close, make_mlp_batch, requires_cpp
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU = os.path.join(ROOT, "tests", "cuda_emu")
 CXX = shutil.which("g++") or shutil.which("c++")
-ACT = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+ACT = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7}
 ORDERS = (0, 1, 2)  # ascending, descending, shuffled thread ids in each barrier interval
 
 pytestmark = [requires_cpp, pytest.mark.skipif(CXX is None, reason="no C++ compiler")]
@@ -162,6 +162,18 @@ def test_odd_widths_metasgd_float64(emu, placement, first_order):
 @pytest.mark.parametrize("placement", [0, 1])
 def test_cross_entropy(emu, acts, first_order, placement):
     check(emu, (3, 37, 11, 5), 2, 7, 9, 2, acts, "cross_entropy", first_order, torch.float64, placement, lr=0.1)
+
+
+@pytest.mark.parametrize("acts,loss", [(["gelu", "silu", None], "mse"), (["gelu_tanh", "gelu", None], "cross_entropy"),
+                                       (["silu", "gelu_tanh"], "mse")])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("placement", [0, 1])
+def test_gelu_and_silu(emu, acts, loss, first_order, placement):
+    """GELU (both forms) and SiLU, whose derivatives the kernel computes from z, against the C++ kernel:
+    float64 and float32, Meta-SGD rates."""
+    dims = (3, 19, 7, 4)[:len(acts) + 1]
+    check(emu, dims, 3, 6, 5, 2, acts, loss, first_order, torch.float64, placement, lr=0.2, metasgd=True)
+    check(emu, dims, 3, 6, 5, 2, acts, loss, first_order, torch.float32, placement, lr=0.2)
 
 
 @pytest.mark.parametrize("steps", [0, 1])

@@ -36,7 +36,7 @@ def test_sine_shapes(dtype, first_order, T):
 
 
 @pytest.mark.parametrize("acts", [["tanh", "sigmoid", None], ["leaky_relu", "leaky_relu", "tanh"],
-                                  [None, "sigmoid", "relu"]])
+                                  [None, "sigmoid", "relu"], ["gelu", "silu", None], ["gelu_tanh", "relu", "gelu"]])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("first_order", [False, True])
 def test_activations_and_losses(acts, loss, first_order):
@@ -44,6 +44,21 @@ def test_activations_and_losses(acts, loss, first_order):
     r = both(params, batch, 0.1, 3, acts, loss, first_order, slope=0.2)
     assert_rel_close([r["cpp"][0]], [r["torch"][0]], 1e-12, "losses")
     assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_smooth_activations_meta_sgd(dtype, first_order):
+    """The smooth activations, with Meta-SGD rates at odd widths and T=25, against the reference:
+    GELU (exact and its tanh form) and SiLU, whose derivatives the kernel computes from the kept
+    pre-activations, and tanh and sigmoid; in float32 their exp, tanh and erf run on whole
+    registers of lanes (csrc/mlp_inner_loop.cpp VMath), in float64 per element."""
+    params, batch = make((1, 40, 37, 1), 25, 10, 10, "mse", dtype)
+    lrs = [torch.empty_like(p).uniform_(0.005, 0.02).requires_grad_() for p in params]
+    for acts in (["gelu", "gelu", None], ["silu", "gelu_tanh", None], ["tanh", "sigmoid", None]):
+        r = both(params, batch, lrs, 5, acts, "mse", first_order)
+        assert_rel_close([r["cpp"][0]], [r["torch"][0]], RTOL[dtype] / 10, f"losses {acts}")
+        assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[dtype], f"meta-grad {acts}")
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -1,7 +1,9 @@
 """Randomly drawn models against the per-task loop: conv nets with every Conv2d setting the planner
 lowers (kernel size, stride, padding, dilation, groups, bias), BatchNorm with and without affine
 weights or running statistics, each activation, max / average pooling, through BatchedMAML on the
-torch and cpp backends (first and second order, MAML and Meta-SGD); and MLPs of random depth,
+torch and cpp backends (first and second order, MAML and Meta-SGD); the same for random nets of
+Conv1d, GroupNorm, LayerNorm, the adaptive pools and every elementwise activation, also with
+MAML's variants and memory switches; and MLPs of random depth,
 widths, activations and loss through the fused kernel against its reference. The draws are fixed
 by their seeds, so a failure names a reproducible case. The draws and their checks are
 tests/fuzz_models.py's, which runs them over many more seeds."""
@@ -10,7 +12,7 @@ import pytest
 import fastmeta
 from conftest import has_cpp
 import fuzz_models
-from fuzz_models import conv_case, mlp_case
+from fuzz_models import conv_case, mlp_case, random_module_case, variants_case
 
 BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
 
@@ -30,6 +32,22 @@ def test_random_conv_net(seed, backend):
     """Loss, meta-gradient and Meta-SGD rates' gradients against the per-task loop (1e-8), autograd
     against value_and_grad (1e-10): fuzz_models.conv_case."""
     _run(conv_case(seed, backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("seed", range(16))
+def test_random_module_net(seed, backend):
+    """The same checks on random nets of the other lowered modules (Conv1d, GroupNorm, LayerNorm,
+    the 1d and adaptive pools, every elementwise activation, LogSoftmax):
+    fuzz_models.random_module_case."""
+    _run(conv_case(seed, backend, draw=random_module_case))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_module_variants(seed):
+    """Those nets with random learned rates, the multi-step loss, a head-only inner loop and memory
+    switches against the torch backend without switches: fuzz_models.variants_case."""
+    _run(variants_case(seed, draw=random_module_case))
 
 
 @pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")

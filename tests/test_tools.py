@@ -554,3 +554,24 @@ def test_call_overhead_script_runs(tmp_path, capsys):
             call_overhead.main(["--rates", "lslr"])
     finally:
         sys.path.remove(os.path.join(root, "benchmarks"))
+
+
+def test_more_modules_script_runs(capsys):
+    """benchmarks/more_modules.py at two tasks: each model's fallback copy takes the vmap path while
+    the model itself is lowered, every row's meta-gradient equals the loop's, and an unknown model
+    is named."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import more_modules
+        out = more_modules.main(["--models", "gelu_mlp,conv1d", "--order", "first", "--tasks", "2",
+                                 "--seconds", "0.02"])
+        for (name, order), (timed, errs) in out.items():
+            assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg-torch", "fastmeta_vg_vmapped"}
+            assert all(med is not None for med, _, _ in timed.values()), (name, timed)
+            assert max(errs.values()) < 1e-4, (name, errs)
+        assert "| fastmeta_vg_vmapped |" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="unknown model 'mlp'"):
+            more_modules.main(["--models", "mlp"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))

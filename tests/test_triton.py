@@ -65,6 +65,15 @@ def test_mlp_inner_loop_cross_entropy_smooth_activations(first_order):
             RTOL[torch.float64], slope=0.2)
 
 
+@pytest.mark.parametrize("acts,loss", [(["gelu", "silu", None], "mse"), (["gelu_tanh", "gelu"], "cross_entropy")])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_inner_loop_gelu_and_silu(acts, loss, first_order):
+    """GELU (both forms) and SiLU, whose derivatives the kernel computes from z, with Meta-SGD rates."""
+    params, batch = make((3, 19, 7, 4)[:len(acts) + 1], 3, 6, 5, loss, torch.float64)
+    lrs = [torch.empty_like(p).uniform_(0.05, 0.3).requires_grad_() for p in params]
+    compare(params, batch, lrs, 2, acts, loss, first_order, RTOL[torch.float64])
+
+
 @pytest.mark.parametrize("first_order", [False, True])
 def test_mlp_inner_loop_meta_sgd(first_order):
     params, batch = make((2, 37, 3), 3, 6, 5, "mse", torch.float64)

@@ -380,6 +380,7 @@ std::vector<at::Tensor> mlp_run_cuda(const at::Tensor& xs_, const at::Tensor& ys
   const int64_t L = static_cast<int64_t>(params_.size() / 2);
   TORCH_CHECK(L <= cuda::kMaxLayers, op, " (cuda): at most ", cuda::kMaxLayers, " layers, got ", L);
   TORCH_CHECK(static_cast<int64_t>(acts.size()) == L, op, ": one activation per layer");
+  for (const int64_t a : acts) TORCH_CHECK(a >= 0 && a <= 7, op, " (cuda): activation code ", a, " is not one of 0..7");
   const c10::cuda::CUDAGuard guard(xs_.device());
   // the kernel reads each parameter (and rate) tensor where it is: no concatenation (shapes,
   // dtypes and devices checked above)

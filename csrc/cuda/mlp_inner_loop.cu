@@ -24,7 +24,16 @@ namespace fastmeta {
 namespace cuda {
 namespace {
 
-enum : int { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4 };
+enum : int { kNone = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4, kGelu = 5, kGeluTanh = 6, kSilu = 7 };
+
+// GELU (z Phi(z)), its tanh form (z (1 + tanh(u)) / 2, u = c (z + 0.044715 z^3), c = sqrt(2 / pi):
+// PyTorch's approximate='tanh') and SiLU (z sigmoid(z)): s, s', s'' as functions of z.
+template <typename T>
+__device__ __forceinline__ T gelu_u(T z) { return T(0.79788456080286535588) * (z + T(0.044715) * z * z * z); }
+template <typename T>
+__device__ __forceinline__ T gelu_du(T z) { return T(0.79788456080286535588) * (T(1) + T(3) * T(0.044715) * z * z); }
+template <typename T>
+__device__ __forceinline__ T normal_pdf(T z) { return T(0.39894228040143267794) * exp(T(-0.5) * z * z); }
 
 template <typename T>
 __device__ __forceinline__ T act_fwd(int act, T z, T slope) {
@@ -33,6 +42,9 @@ __device__ __forceinline__ T act_fwd(int act, T z, T slope) {
     case kLeaky: return z > T(0) ? z : slope * z;
     case kTanh: return tanh(z);
     case kSigmoid: return T(1) / (T(1) + exp(-z));
+    case kGelu: return z * T(0.5) * (T(1) + erf(z * T(0.70710678118654752440)));
+    case kGeluTanh: return T(0.5) * z * (T(1) + tanh(gelu_u(z)));
+    case kSilu: return z / (T(1) + exp(-z));
     default: return z;
   }
 }
@@ -44,15 +56,38 @@ __device__ __forceinline__ T act_d1(int act, T z, T a, T slope) {
     case kLeaky: return z > T(0) ? T(1) : slope;
     case kTanh: return T(1) - a * a;
     case kSigmoid: return a * (T(1) - a);
+    case kGelu: return T(0.5) * (T(1) + erf(z * T(0.70710678118654752440))) + z * normal_pdf(z);
+    case kGeluTanh: {
+      const T t = tanh(gelu_u(z));
+      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * gelu_du(z);
+    }
+    case kSilu: {
+      const T g = T(1) / (T(1) + exp(-z));
+      return g * (T(1) + z * (T(1) - g));
+    }
     default: return T(1);
   }
 }
 
+// Whether the activation has a second derivative (all but the piecewise-linear ones).
+__device__ __forceinline__ bool has_d2(int act) { return act >= kTanh; }
+
 template <typename T>
-__device__ __forceinline__ T act_d2(int act, T a) {
-  if (act == kTanh) return T(-2) * a * (T(1) - a * a);
-  if (act == kSigmoid) return a * (T(1) - a) * (T(1) - T(2) * a);
-  return T(0);
+__device__ __forceinline__ T act_d2(int act, T z, T a) {
+  switch (act) {
+    case kTanh: return T(-2) * a * (T(1) - a * a);
+    case kSigmoid: return a * (T(1) - a) * (T(1) - T(2) * a);
+    case kGelu: return normal_pdf(z) * (T(2) - z * z);
+    case kGeluTanh: {
+      const T t = tanh(gelu_u(z)), du = gelu_du(z), ddu = T(0.79788456080286535588) * T(6) * T(0.044715) * z;
+      return (T(1) - t * t) * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
+    }
+    case kSilu: {
+      const T g = T(1) / (T(1) + exp(-z));
+      return g * (T(1) - g) * (T(2) + z * (T(1) - T(2) * g));
+    }
+    default: return T(0);
+  }
 }
 
 // The softmax of one row of D logits: p(c) = exp(row[c] - m) / sum, m the largest logit.
@@ -164,8 +199,8 @@ struct Acts {
 // The second-derivative term act''(z) R(z) da of an R-operator backward, read only for the
 // activations that have one (so never from a da that shares dz's storage).
 template <typename T>
-__device__ __forceinline__ T d2_term(int act, const T* a, const T* rz, const T* da, int e) {
-  return act == kTanh || act == kSigmoid ? act_d2(act, a[e]) * rz[e] * da[e] : T(0);
+__device__ __forceinline__ T d2_term(int act, const T* z, const T* a, const T* rz, const T* da, int e) {
+  return has_d2(act) ? act_d2(act, z[e], a[e]) * rz[e] * da[e] : T(0);
 }
 
 // One parameter element: its padded index j, its flat index jf, and where it is in the caller's
@@ -392,7 +427,7 @@ struct Ctx {
         c += ub[o];
         const T d1 = act_d1(act, z[e], a[e], slope);
         if (rloss) {
-          const T d2 = act == kTanh || act == kSigmoid ? act_d2(act, a[e]) * c * da[e] : T(0);
+          const T d2 = has_d2(act) ? act_d2(act, z[e], a[e]) * c * da[e] : T(0);
           rdz[e] = d2 + d1 * scale * (d1 * c);
         } else {
           rz[e] = c;
@@ -419,7 +454,7 @@ struct Ctx {
         for (int c = 0; c < D; ++c) {
           const int i = n * D + c;
           const T rda = sm.p(c) * (raL[i] - pr) * invN;
-          rdz[i] = d2_term(act, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * rda;
+          rdz[i] = d2_term(act, z, a, rzL, da, i) + act_d1(act, z[i], a[i], slope) * rda;
         }
       }
       __syncthreads();
@@ -446,7 +481,7 @@ struct Ctx {
         tiles = gemm(tiles, N, din, Op<T>{rdz, dout, 1}, Wcols(th, l), dout, Op<T>{dz, dout, 1}, Wcols(u, l), dout,
                      [&](int n, int i, T c) {
                        const int e = n * din + i;
-                       o_[e] = d2_term(act, ap, rzp, dap, e) + act_d1(act, zp[e], ap[e], slope) * c;
+                       o_[e] = d2_term(act, zp, ap, rzp, dap, e) + act_d1(act, zp[e], ap[e], slope) * c;
                      });
       }
       const int nt = static_cast<int>(blockDim.x);

@@ -4,9 +4,10 @@
     -> [T, N, O]
 
 A weight without the task dim is shared by all tasks (step 0 of an inner loop). act is one of
-None, 'relu', 'leaky_relu', 'tanh', 'sigmoid'. Backends: ``torch`` (autograd of the reference,
-differentiable twice) and ``triton`` (kernels/batched_linear.py: the GEMM with bias and activation
-fused in its epilogue, registered as fastmeta::batched_linear_triton; its backward uses
+None, 'relu', 'leaky_relu', 'tanh', 'sigmoid', 'gelu', 'gelu_tanh' (GELU's tanh form), 'silu'.
+Backends: ``torch`` (autograd of the reference, differentiable twice) and ``triton``
+(kernels/batched_linear.py, for the first five: the GEMM with bias and activation fused in its
+epilogue, registered as fastmeta::batched_linear_triton; its backward uses
 differentiable torch ops on the saved output, so second order composes).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ IMPLEMENTED = ("torch", "triton")
 # triton stays second on CUDA until the GPU benchmark has measured it against cuBLAS + epilogue ops
 AUTO = {"cpu": ("torch",), "cuda": ("torch", "triton")}
 register_op("batched_linear", IMPLEMENTED, AUTO)
-ACTIVATIONS = (None, "relu", "leaky_relu", "tanh", "sigmoid")
+ACTIVATIONS = (None, "relu", "leaky_relu", "tanh", "sigmoid", "gelu", "gelu_tanh", "silu")
 
 
 def apply_activation(y, activation, negative_slope=0.01):
@@ -37,6 +38,12 @@ def apply_activation(y, activation, negative_slope=0.01):
         return torch.tanh(y)
     if activation == "sigmoid":
         return torch.sigmoid(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "silu":
+        return F.silu(y)
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
 
 
@@ -130,7 +137,7 @@ def batched_linear(x, W, b=None, activation=None, negative_slope=0.01):
     """Per-task linear + activation (see module docstring)."""
     _check(x, W, b, activation)
     backend = select("batched_linear", x.device.type)
-    if (backend == "triton" and not (activation == "leaky_relu" and negative_slope <= 0)
+    if (backend == "triton" and activation in _CODES and not (activation == "leaky_relu" and negative_slope <= 0)
             and x.dtype in _checks.KERNEL_DTYPES):
         return _TritonBatchedLinear.apply(x, W, b, activation, negative_slope)
     return batched_linear_ref(x, W, b, activation, negative_slope)

@@ -7,7 +7,8 @@ xs [T, K, I], xq [T, Q, I]; ys, yq [T, K, O] float (loss='mse') or [T, K] intege
 (loss='cross_entropy'); params = [W_1 [d_1, d_0], b_1 [d_1], ..., W_L, b_L] (the meta-parameters,
 shared by all tasks); lr a real number, one tensor per parameter of its shape (Meta-SGD), or one
 per parameter and step, [S, *shape] (step s's rates in row s: MAML++'s per-step rates);
-activations[l] in (None, 'relu', 'leaky_relu', 'tanh', 'sigmoid') after layer l.
+activations[l] in (None, 'relu', 'leaky_relu', 'tanh', 'sigmoid', 'gelu', 'gelu_tanh', 'silu')
+after layer l ('gelu_tanh': GELU's tanh form, approximate='tanh').
 
 For each task: S steps theta_{s+1} = theta_s - lr_s * grad L_support(theta_s) from the
 meta-parameters, then the query loss L_query(theta_S), returned per task; with step_weights
@@ -56,7 +57,7 @@ def runs_step_settings(backend: str, steps: int, per_step_rates: bool, step_weig
     if backend not in STEP_BACKENDS:
         return False
     return not (backend == "cuda" and step_weights is not None and steps > CUDA_MAX_WEIGHTED_STEPS)
-_ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4}
+_ACT_CODE = {None: 0, "relu": 1, "leaky_relu": 2, "tanh": 3, "sigmoid": 4, "gelu": 5, "gelu_tanh": 6, "silu": 7}
 _LOSS_CODE = {"mse": 0, "cross_entropy": 1}
 
 

@@ -1,0 +1,135 @@
+"""Models built of the modules lowered beyond the conv4 / MLP set (GELU and the other elementwise
+activations, LayerNorm, GroupNorm, Conv1d, the adaptive pools): BatchedMAML.value_and_grad
+(`fastmeta_vg`: the auto backend, so a GELU MLP runs the fused MLP kernel) against the same module
+on the batched torch ops alone (`fastmeta_vg-torch`: backend='torch'), with those modules run
+through the torch.func vmap fallback (`fastmeta_vg_vmapped`: each one wrapped in a subclass whose
+forward calls its base's, which the planner does not lower) and the per-task loop, timed together
+(rows interleaved in rounds: fastmeta.harness.time_interleaved), medians of whole
+meta-iterations, each row's meta-gradient against the loop's.
+
+Models (`--models`):
+- `gelu_mlp`: the sine MLP 1-40-40-1 with GELU, T=25, K=Q=10, S=5, inner lr 0.01 (mse);
+- `layernorm_mlp`: 1-40-LayerNorm-ReLU-40-LayerNorm-ReLU-1, the same tasks;
+- `groupnorm_conv4`: conv4 on 1 x 28 x 28 images (Omniglot's shape, 32 channels) with GroupNorm(4)
+  instead of BatchNorm, 5-way 1-shot, 15 query a class, S=1, inner lr 0.4;
+- `conv1d`: two Conv1d -> GroupNorm -> SiLU -> MaxPool1d blocks (16 channels) on 3 x 64 series, an
+  AdaptiveAvgPool1d and a linear head, 5-way 1-shot, 15 query a class, S=2, inner lr 0.1.
+
+    python benchmarks/more_modules.py [--models ...] [--order second,first] [--tasks T]
+                                      [--device cpu|cuda] [--seconds 2]
+"""
+import argparse
+
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import harness as H
+
+LOWERED_HERE = (nn.GELU, nn.SiLU, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d)
+
+
+def _fallback_copy(model):
+    """A copy of model whose modules of LOWERED_HERE's classes are subclasses with their own forward
+    (the base's, called): the planner runs them through its vmap fallback."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        base = next((c for c in LOWERED_HERE if type(m) is c), None)
+        if base is not None:
+            m.__class__ = type(f"Vmapped{base.__name__}", (base,), {"forward": lambda self, x, b=base: b.forward(self, x)})
+    return twin
+
+
+def _classes(T, K, Q, ways, shape, g):
+    xs = torch.randn(T, ways * K, *shape, generator=g)
+    xq = torch.randn(T, ways * Q, *shape, generator=g)
+    ys = torch.arange(ways).repeat_interleave(K).expand(T, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(Q).expand(T, -1).contiguous()
+    return xs, ys, xq, yq
+
+
+def workload(name, tasks=None, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name in ("gelu_mlp", "layernorm_mlp"):
+        T, S, lr, loss = tasks or 25, 5, 0.01, "mse"
+        batch = H.sine_tasks(T, g)
+        if name == "gelu_mlp":
+            model = nn.Sequential(nn.Linear(1, 40), nn.GELU(), nn.Linear(40, 40), nn.GELU(), nn.Linear(40, 1))
+        else:
+            model = nn.Sequential(nn.Linear(1, 40), nn.LayerNorm(40), nn.ReLU(), nn.Linear(40, 40), nn.LayerNorm(40),
+                                  nn.ReLU(), nn.Linear(40, 1))
+    elif name == "groupnorm_conv4":
+        T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 1, 0.4, "cross_entropy"
+        batch = _classes(T, 1, 15, 5, (1, 28, 28), g)
+        blocks, c = [], 1
+        for _ in range(4):
+            blocks += [nn.Conv2d(c, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(), nn.MaxPool2d(2)]
+            c = 32
+        model = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(32, 5))
+    elif name == "conv1d":
+        T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 2, 0.1, "cross_entropy"
+        batch = _classes(T, 1, 15, 5, (3, 64), g)
+        model = nn.Sequential(nn.Conv1d(3, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.SiLU(), nn.MaxPool1d(2),
+                              nn.Conv1d(16, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.SiLU(), nn.MaxPool1d(2),
+                              nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 5))
+    else:
+        raise SystemExit(f"--models: unknown model {name!r} (one of {', '.join(MODELS)})")
+    model = model.to(device)
+    batch = tuple(t.to(device) for t in batch)
+    return H.Workload(name, model, *batch, lr, S, loss)
+
+
+MODELS = ("gelu_mlp", "layernorm_mlp", "groupnorm_conv4", "conv1d")
+
+
+def run(name, tasks, order, device, seconds):
+    w = workload(name, tasks, device)
+    fo = order == "first"
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=fo, loss=w.loss)
+    vmapped = fastmeta.BatchedMAML(_fallback_copy(w.model), w.inner_lr, w.steps, first_order=fo, loss=w.loss)
+    assert "vmap(" not in fastmeta.explain(meta) and "vmap(" in fastmeta.explain(vmapped)
+    batch = (w.xs, w.ys, w.xq, w.yq)
+    ops = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=fo, loss=w.loss, backend="torch")
+    rows = {"loop": H.make_step("loop", w, fo),
+            "fastmeta_vg": lambda: meta.value_and_grad(*batch)[1],
+            "fastmeta_vg-torch": lambda: ops.value_and_grad(*batch)[1],
+            "fastmeta_vg_vmapped": lambda: vmapped.value_and_grad(*batch)[1]}
+    want = rows["loop"]()
+    errs = {k: H.max_rel_err(list(rows[k]()), list(want)) for k in rows if k != "loop"}
+    timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
+    print(f"\n{name}, T={w.tasks}, S={w.steps}, {order} order, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| provider | median ms | x vs loop | x vs vmapped | calls | max rel err vs loop |")
+    print("|---|---|---|---|---|---|")
+    for k, (med, times, err) in timed.items():
+        if med is None:
+            print(f"| {k} | failed: {err} | | | | |")
+            continue
+        print(f"| {k} | {med:.3f} | {timed['loop'][0] / med:.2f} | {timed['fastmeta_vg_vmapped'][0] / med:.2f} | "
+              f"{len(times)} | {errs[k]:.1e} |" if k in errs else
+              f"| {k} | {med:.3f} | 1.00 | {timed['fastmeta_vg_vmapped'][0] / med:.2f} | {len(times)} | - |")
+    return timed, errs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--order", default="second,first")
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    args = ap.parse_args(argv)
+    if args.device == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    out = {}
+    for name in args.models.split(","):
+        for order in args.order.split(","):
+            out[(name, order)] = run(name, args.tasks, order, args.device, args.seconds)
+    return out
+
+
+if __name__ == "__main__":
+    main()

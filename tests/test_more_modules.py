@@ -1,0 +1,205 @@
+"""Modules lowered onto batched per-task ops beyond the conv4 / MLP set: the parameter-free
+elementwise activations (GELU, SiLU, ELU, Softplus, Mish, ...), Softmax / LogSoftmax, LayerNorm
+and GroupNorm with per-task affine weights, Conv1d (as a Conv2d of height 1), the 1d pools and the
+adaptive pools. Each model runs without a vmap fallback (strict lowering) and its loss and
+meta-gradient equal the per-task loop's (float64; both orders, MAML and Meta-SGD, torch and cpp
+backends). An MLP with GELU or SiLU runs the fused MLP kernel (cpp here)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta import plan
+from fastmeta.backend import why_unavailable
+from conftest import assert_rel_close, has_cpp, loop_meta_grads
+
+BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
+
+
+def _mlps():
+    return {
+        "gelu": lambda: nn.Sequential(nn.Linear(3, 16), nn.GELU(), nn.Linear(16, 2)),
+        "gelu_tanh_silu": lambda: nn.Sequential(nn.Linear(3, 16), nn.GELU(approximate="tanh"), nn.Linear(16, 9),
+                                                nn.SiLU(), nn.Linear(9, 2)),
+        "elu_softplus_mish": lambda: nn.Sequential(nn.Linear(3, 8), nn.ELU(0.7), nn.Linear(8, 8),
+                                                   nn.Softplus(beta=2.0), nn.Linear(8, 8), nn.Mish(),
+                                                   nn.Linear(8, 2)),
+        "hard_and_shrink": lambda: nn.Sequential(nn.Linear(3, 8), nn.Hardswish(), nn.Linear(8, 8),
+                                                 nn.CELU(0.5), nn.SELU(), nn.Softsign(), nn.Linear(8, 8),
+                                                 nn.Hardtanh(-0.5, 2.0), nn.Linear(8, 2)),
+        "layernorm": lambda: nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16), nn.ReLU(), nn.Linear(16, 2)),
+        "layernorm_plain": lambda: nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16, elementwise_affine=False),
+                                                 nn.GELU(), nn.Linear(16, 2)),
+        "layernorm_no_bias": lambda: nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16, bias=False), nn.Tanh(),
+                                                   nn.Linear(16, 2)),
+        "log_softmax": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.LogSoftmax(dim=1)),
+    }
+
+
+def _convs():
+    return {
+        "groupnorm": lambda: nn.Sequential(nn.Conv2d(2, 6, 3, padding=1), nn.GroupNorm(3, 6), nn.ReLU(),
+                                           nn.MaxPool2d(2), nn.Conv2d(6, 4, 3, padding=1),
+                                           nn.GroupNorm(1, 4, affine=False), nn.SiLU(), nn.Flatten(),
+                                           nn.Linear(4 * 3 * 3, 3)),
+        "instance_groupnorm_adaptive": lambda: nn.Sequential(nn.Conv2d(2, 5, 3), nn.GroupNorm(5, 5), nn.GELU(),
+                                                             nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                                                             nn.Linear(5, 3)),
+        "bn_adaptive_max": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                                 nn.AdaptiveMaxPool2d((2, 3)), nn.Flatten(), nn.Linear(24, 3)),
+    }
+
+
+def _conv1ds():
+    return {
+        "conv1d": lambda: nn.Sequential(nn.Conv1d(2, 6, 3, padding=1), nn.ReLU(), nn.MaxPool1d(2),
+                                        nn.Conv1d(6, 4, 3, stride=2, dilation=2, padding=2, groups=2), nn.GELU(),
+                                        nn.AvgPool1d(2), nn.Flatten(), nn.Linear(4 * 2, 3)),
+        "conv1d_same_adaptive": lambda: nn.Sequential(nn.Conv1d(2, 4, 5, padding="same", bias=False),
+                                                      nn.GroupNorm(2, 4), nn.ELU(), nn.AdaptiveMaxPool1d(3),
+                                                      nn.Flatten(), nn.Linear(12, 3)),
+        "conv1d_adaptive_avg": lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool1d(1),
+                                                     nn.Flatten(), nn.Linear(4, 3)),
+    }
+
+
+def _batch(kind, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    K, Q = 4, 5
+    if kind == "mlp":
+        shape = (3,)
+    elif kind == "conv":
+        shape = (2, 7, 7)
+    else:
+        shape = (2, 17)
+    xs = torch.randn(T, K, *shape, generator=g, dtype=torch.float64)
+    xq = torch.randn(T, Q, *shape, generator=g, dtype=torch.float64)
+    return xs, xq
+
+
+CASES = ([("mlp", n) for n in _mlps()] + [("conv", n) for n in _convs()] + [("conv1d", n) for n in _conv1ds()])
+
+
+def _model(kind, name):
+    torch.manual_seed(1)
+    table = {"mlp": _mlps, "conv": _convs, "conv1d": _conv1ds}[kind]()
+    model = table[name]().double()
+    with torch.no_grad():  # affine weights away from their 1 / 0 start, so that their gradients count
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and "weight" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+# the Triton convolution (under TRITON_INTERPRET=1 without a GPU: slow) on the Conv1d model, whose
+# height-1 convolutions it runs; the other lowerings are torch ops on every backend
+TRITON = ([pytest.param("conv1d", "conv1d", "triton", id="conv1d-conv1d-triton")]
+          if why_unavailable("triton", "cpu") is None else [])
+
+
+@pytest.mark.parametrize("kind,name,backend", [(k, n, b) for k, n in CASES for b in BACKENDS] + TRITON)
+def test_module_lowered_and_exact(kind, name, backend):
+    model = _model(kind, name)
+    plan.lower(model, strict=True)  # no vmap fallback
+    T, steps, lr = 3, 2, 0.3
+    xs, xq = _batch(kind, T)
+    g = torch.Generator().manual_seed(2)
+    if name == "log_softmax":  # class labels for the log-probabilities (cross-entropy of them: the same NLL)
+        loss = "cross_entropy"
+        ys, yq = torch.randint(0, 4, (T, 4), generator=g), torch.randint(0, 4, (T, 5), generator=g)
+    elif kind == "mlp":
+        loss = "mse"
+        ys, yq = torch.randn(T, 4, 2, generator=g, dtype=torch.float64), torch.randn(T, 5, 2, generator=g,
+                                                                                      dtype=torch.float64)
+    else:
+        loss = "cross_entropy"
+        ys, yq = torch.randint(0, 3, (T, 4), generator=g), torch.randint(0, 3, (T, 5), generator=g)
+    for first_order in (False, True):
+        for meta_sgd in (False, True):
+            rates = None
+            if meta_sgd:
+                rates = {n: lr * (0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+                         for n, p in model.named_parameters()}
+            lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
+            want_loss, want, want_lr = loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss, first_order, lrs=lrs)
+            with fastmeta.use_backend(backend):
+                meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss=loss,
+                                            learn_inner_lr=meta_sgd)
+                if rates is not None:
+                    with torch.no_grad():
+                        for n, r in rates.items():
+                            meta.lrs[n.replace(".", "__")].copy_(r)
+                got_loss, grads = meta.value_and_grad(xs, ys, xq, yq)
+                by_autograd = torch.autograd.grad(meta(xs, ys, xq, yq), list(meta.parameters()))
+            what = f"{name} first_order={first_order} meta_sgd={meta_sgd}"
+            named = dict(zip([n for n, _ in meta.named_parameters()], grads))
+            names = [n for n, _ in model.named_parameters()]
+            assert abs(got_loss.item() - want_loss.item()) <= 1e-10 * abs(want_loss.item()), what
+            assert_rel_close([named[f"model.{n}"] for n in names], want, 1e-9, f"meta-grad of {what}")
+            assert_rel_close(list(by_autograd), list(grads), 1e-10, f"autograd vs value_and_grad of {what}")
+            if rates is not None:
+                assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want_lr, 1e-9,
+                                 f"rate grad of {what}")
+
+
+def test_explain_names_the_lowerings():
+    text = fastmeta.explain(_model("conv1d", "conv1d_same_adaptive"))
+    assert "batched_conv2d (1d)" in text and "group_norm" in text and "AdaptiveMaxPool1d" in text
+    assert "vmap(" not in text
+    text = fastmeta.explain(_model("mlp", "layernorm"))
+    assert "layer_norm" in text and "vmap(" not in text
+    # GELU (either form) and SiLU are activations of the fused MLP kernel; the others are not
+    for name, fused in (("gelu", True), ("gelu_tanh_silu", True), ("elu_softplus_mish", False)):
+        model = _model("mlp", name)
+        assert (plan.lower(model).mlp is not None) == fused, name
+        assert ("fused mlp_inner_loop op" in fastmeta.explain(model)) == fused, name
+    spec = plan.lower(_model("mlp", "gelu_tanh_silu")).mlp
+    assert spec.activations == ["gelu_tanh", "silu", None]
+
+
+@pytest.mark.parametrize("layout", ["task_major", "task_inner"])
+def test_group_norm_in_both_layouts(layout):
+    """plan._group_norm on [T, N, C, H, W] stored task-major and as the batched ops return it
+    ([N, T, C, H, W] in memory), with per-task affine weights and without, equals each task's
+    F.group_norm."""
+    g = torch.Generator().manual_seed(0)
+    T, N, C, G = 3, 4, 6, 2
+    base = torch.randn(T, N, C, 5, 5, generator=g, dtype=torch.float64)
+    x = base if layout == "task_major" else base.transpose(0, 1).contiguous().transpose(0, 1)
+    assert x.transpose(0, 1).is_contiguous() == (layout == "task_inner")
+    w, b = torch.randn(T, C, generator=g, dtype=torch.float64), torch.randn(T, C, generator=g, dtype=torch.float64)
+    got = plan._group_norm(x, G, 1e-5, w, b)
+    want = torch.stack([F.group_norm(base[t], G, w[t], b[t], eps=1e-5) for t in range(T)])
+    assert_rel_close([got], [want], 1e-12, "group_norm")
+    got = plan._group_norm(x, G, 1e-5)
+    want = torch.stack([F.group_norm(base[t], G, eps=1e-5) for t in range(T)])
+    assert_rel_close([got], [want], 1e-12, "group_norm without affine weights")
+
+
+def test_softmax_without_dim_falls_back_exactly():
+    """Softmax(dim=None) picks its dim from the input's rank, which the task dim would change: it runs
+    through the vmap fallback, which sees each task's own rank."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Softmax(dim=None)).double()
+    assert "vmap(Softmax)" in fastmeta.explain(model)
+    xs, xq = _batch("mlp", 2)
+    g = torch.Generator().manual_seed(1)
+    ys, yq = torch.rand(2, 4, 4, generator=g, dtype=torch.float64), torch.rand(2, 5, 4, generator=g,
+                                                                               dtype=torch.float64)
+    want_loss, want, _ = loop_meta_grads(model, xs, ys, xq, yq, 0.5, 1, "mse")
+    loss, grads = fastmeta.BatchedMAML(model, 0.5, 1).value_and_grad(xs, ys, xq, yq)
+    assert abs(loss.item() - want_loss.item()) <= 1e-12 * abs(want_loss.item())
+    assert_rel_close(list(grads), want, 1e-10, "meta-grad")
+
+
+def test_bad_inputs_name_the_module_and_shapes():
+    model = nn.Sequential(nn.Conv1d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 3, 2)).double()
+    x = torch.randn(2, 3, 2, 5, 5, dtype=torch.float64)
+    y = torch.randint(0, 2, (2, 3))
+    with pytest.raises(ValueError, match=r"Conv1d at '0': expected input \[T, N, C, L\], got \(2, 3, 2, 5, 5\)"):
+        fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")(x, y, x, y)
+    model = nn.Sequential(nn.Linear(3, 5), nn.GroupNorm(2, 4)).double()
+    x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"GroupNorm at '1': expected input \[T, N, C=4, \.\.\.\], got \(2, 3, 5\)"):
+        fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
