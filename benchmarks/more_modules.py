@@ -15,8 +15,13 @@ Models (`--models`):
 - `conv1d`: two Conv1d -> GroupNorm -> SiLU -> MaxPool1d blocks (16 channels) on 3 x 64 series, an
   AdaptiveAvgPool1d and a linear head, 5-way 1-shot, 15 query a class, S=2, inner lr 0.1.
 
+`--activations relu,tanh,...` times instead the sine MLP 1-40-40-1 (T=25, K=Q=10, S=5) with each
+activation on the fused MLP kernel and on the batched torch ops, all rows interleaved, with each
+row's time against the fused ReLU row's.
+
     python benchmarks/more_modules.py [--models ...] [--order second,first] [--tasks T]
                                       [--device cpu|cuda] [--seconds 2]
+    python benchmarks/more_modules.py --activations relu,tanh,sigmoid,gelu,gelu_tanh,silu
 """
 import argparse
 
@@ -114,6 +119,44 @@ def run(name, tasks, order, device, seconds):
     return timed, errs
 
 
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "gelu": nn.GELU,
+               "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "silu": nn.SiLU}
+
+
+def activation_table(names, tasks, order, device, seconds):
+    """The sine MLP with each activation: value_and_grad on the auto backend (the fused kernel) and
+    on the batched torch ops, rows interleaved; returns (timed, errs) as run()."""
+    fo = order == "first"
+    rows, errs, want = {}, {}, {}
+    for name in names:
+        if name not in ACTIVATIONS:
+            raise SystemExit(f"--activations: unknown activation {name!r} (one of {', '.join(ACTIVATIONS)})")
+        w = workload("gelu_mlp", tasks, device)
+        torch.manual_seed(0)
+        act = ACTIVATIONS[name]
+        w.model = nn.Sequential(nn.Linear(1, 40), act(), nn.Linear(40, 40), act(), nn.Linear(40, 1)).to(device)
+        batch = (w.xs, w.ys, w.xq, w.yq)
+        fused = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=fo, loss=w.loss)
+        assert fused.program.mlp is not None, name
+        ops = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=fo, loss=w.loss, backend="torch")
+        rows[name] = lambda m=fused, b=batch: m.value_and_grad(*b)[1]
+        rows[name + "-torch"] = lambda m=ops, b=batch: m.value_and_grad(*b)[1]
+        want[name] = list(H.make_step("loop", w, fo)())
+        errs[name] = H.max_rel_err(list(rows[name]()), want[name])
+        errs[name + "-torch"] = H.max_rel_err(list(rows[name + "-torch"]()), want[name])
+    timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
+    base = names[0]
+    print(f"\nsine MLP 1-40-40-1 by activation, T={w.tasks}, S={w.steps}, {order} order, {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"| activation | fused ms | batched ops ms | ops / fused | fused vs {base} | max rel err vs loop (fused, ops) |")
+    print("|---|---|---|---|---|---|")
+    for name in names:
+        f, o = timed[name][0], timed[name + "-torch"][0]
+        print(f"| {name} | {f:.3f} | {o:.3f} | {o / f:.2f} | {f / timed[base][0]:.2f} | "
+              f"{errs[name]:.1e}, {errs[name + '-torch']:.1e} |")
+    return timed, errs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default=",".join(MODELS))
@@ -121,10 +164,16 @@ def main(argv=None):
     ap.add_argument("--tasks", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seconds", type=float, default=2.0)
+    ap.add_argument("--activations", default=None, help="comma list of " + ", ".join(ACTIVATIONS))
     args = ap.parse_args(argv)
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     out = {}
+    if args.activations:
+        for order in args.order.split(","):
+            out[("activations", order)] = activation_table(args.activations.split(","), args.tasks, order,
+                                                           args.device, args.seconds)
+        return out
     for name in args.models.split(","):
         for order in args.order.split(","):
             out[(name, order)] = run(name, args.tasks, order, args.device, args.seconds)

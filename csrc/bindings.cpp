@@ -115,6 +115,8 @@ std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Te
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("workspace_bytes", &fastmeta::workspace_bytes,
         "bytes held by the per-thread workspaces of the fused CPU kernels");
+  m.def("_activation_values", &fastmeta::activation_values,
+        "the fused CPU kernel's smooth activation (code, derivative order) applied to a tensor, for the tests");
   // fastmeta::mlp_meta_grad's CPU kernel and fastmeta::mlp_meta_loss (a scalar lr, or one rate a
   // parameter entry: lrs, whose gradients then follow the parameters') without the
   // dispatcher, for the repeated calls of BatchedMAML.value_and_grad / forward on plain CPU tensors

@@ -88,6 +88,9 @@ std::vector<at::Tensor> inner_update_tensor_cpu(at::TensorList params, at::Tenso
 
 // Bytes held by the per-thread workspaces of mlp_inner_loop (kept between calls).
 int64_t workspace_bytes();
+// The fused CPU kernel's smooth activations applied to z as the kernel applies them (whole SIMD
+// registers of float32 where the build has them): s (order 0; codes 3..7), s' or s'' (codes 5..7).
+at::Tensor activation_values(const at::Tensor& z, int64_t act, int64_t order);
 // The fused MLP kernel's panel-order threshold (csrc/mlp_inner_loop.cpp): set to bytes (>= -1),
 // returning the previous value; bytes < -1 only reads it.
 int64_t mlp_panel_bytes(int64_t bytes);

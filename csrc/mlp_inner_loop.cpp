@@ -26,6 +26,8 @@
 // Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] with P the parameter count and each row the
 // concatenation of a task's flattened [dW_1, db_1, ..., dW_L, db_L] (dlr only when need_lr_grad).
 #include <ATen/ops/cat.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros_like.h>
 
 #include "common.h"
 
@@ -81,16 +83,30 @@ template <typename T>
 struct ZAct {
   static constexpr T kInvSqrt2 = T(0.70710678118654752440), kInvSqrt2Pi = T(0.39894228040143267794);
   static constexpr T kC = T(0.79788456080286535588), kK = T(0.044715);
+  // For GELU's tanh form, t = tanh(u), 1 + t and 1 - t^2 from e = exp(-2|u|) without cancellation
+  // where |t| is near 1: t = sign(u) (1 - e) / (1 + e), 1 + t = 2 / (1 + e) (u >= 0) or 2 e / (1 + e),
+  // 1 - t^2 = 4 e / (1 + e)^2.
+  struct Tanh {
+    T t, one_plus_t, sech2;
+    explicit Tanh(T u) {
+      const T e = std::exp(T(-2) * std::abs(u)), inv = T(1) / (T(1) + e);
+      t = std::copysign((T(1) - e) * inv, u);
+      one_plus_t = (u >= T(0) ? T(2) : T(2) * e) * inv;
+      sech2 = T(4) * e * inv * inv;
+    }
+  };
+  static T u(T z) { return kC * (z + kK * z * z * z); }
+  static T du(T z) { return kC * (T(1) + T(3) * kK * z * z); }
   static T s(int64_t act, T z) {
     if (act == kGelu) return z * T(0.5) * (T(1) + std::erf(z * kInvSqrt2));
-    if (act == kGeluTanh) return T(0.5) * z * (T(1) + std::tanh(kC * (z + kK * z * z * z)));
+    if (act == kGeluTanh) return T(0.5) * z * Tanh(u(z)).one_plus_t;
     return z / (T(1) + std::exp(-z));
   }
   static T d1(int64_t act, T z) {
     if (act == kGelu) return T(0.5) * (T(1) + std::erf(z * kInvSqrt2)) + z * kInvSqrt2Pi * std::exp(T(-0.5) * z * z);
     if (act == kGeluTanh) {
-      const T t = std::tanh(kC * (z + kK * z * z * z)), du = kC * (T(1) + T(3) * kK * z * z);
-      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * du;
+      const Tanh h(u(z));
+      return T(0.5) * h.one_plus_t + T(0.5) * z * h.sech2 * du(z);
     }
     const T g = T(1) / (T(1) + std::exp(-z));
     return g * (T(1) + z * (T(1) - g));
@@ -98,9 +114,9 @@ struct ZAct {
   static T d2(int64_t act, T z) {
     if (act == kGelu) return kInvSqrt2Pi * std::exp(T(-0.5) * z * z) * (T(2) - z * z);
     if (act == kGeluTanh) {
-      const T t = std::tanh(kC * (z + kK * z * z * z)), du = kC * (T(1) + T(3) * kK * z * z);
-      const T ddu = kC * T(6) * kK * z;
-      return (T(1) - t * t) * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
+      const Tanh h(u(z));
+      const T d = du(z), dd = kC * T(6) * kK * z;
+      return h.sech2 * (d + T(0.5) * z * (dd - T(2) * h.t * d * d));
     }
     const T g = T(1) / (T(1) + std::exp(-z));
     return g * (T(1) - g) * (T(2) + z * (T(1) - T(2) * g));
@@ -290,6 +306,195 @@ constexpr bool kHaveVec = true;
 #else
 constexpr bool kHaveVec = false;
 #endif
+
+// float32 exp, sigmoid, tanh and erf over one register of lanes, for the smooth activations (the
+// float64 kernels and the generic build call libm per element). exp: Cephes' expf (k = round(x /
+// ln 2), a degree-6 polynomial of x - k ln 2, times 2^k), x clamped to [-87.3, 88] (2^k stays
+// normal); tanh: Cephes' tanhf (an odd polynomial for |x| < 0.625, 1 - 2 / (exp(2|x|) + 1) above,
+// with x's sign); erf: Abramowitz and Stegun 7.1.26 (absolute error below 1.5e-7), the form of
+// PyTorch's own vectorized CPU erf. NaN stays NaN (the clamps keep it: min / max return their
+// second operand where one is NaN).
+#if defined(FASTMETA_VEC_AVX512) || defined(FASTMETA_VEC_AVX2)
+struct VMath {
+#if defined(FASTMETA_VEC_AVX512)
+  using R = __m512;
+  static R set(float v) { return _mm512_set1_ps(v); }
+  static R load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
+  static R add(R a, R b) { return _mm512_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm512_div_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
+  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static R min(R a, R b) { return _mm512_min_ps(a, b); }
+  static R max(R a, R b) { return _mm512_max_ps(a, b); }
+  static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scale2(R p, R k) { return _mm512_scalef_ps(p, k); }  // p 2^k
+  static R abs(R x) { return _mm512_abs_ps(x); }
+  static R with_sign_of(R mag, R x) {  // |mag| with x's sign
+    const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+    return _mm512_castsi512_ps(_mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(mag)),
+                                               _mm512_and_si512(sign, _mm512_castps_si512(x))));
+  }
+  static R below(R x, R t, R a, R b) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, t, _CMP_LT_OQ), b, a); }
+#else
+  using R = __m256;
+  static R set(float v) { return _mm256_set1_ps(v); }
+  static R load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
+  static R add(R a, R b) { return _mm256_add_ps(a, b); }
+  static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
+  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
+  static R div(R a, R b) { return _mm256_div_ps(a, b); }
+  static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
+  static R fnma(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
+  static R min(R a, R b) { return _mm256_min_ps(a, b); }
+  static R max(R a, R b) { return _mm256_max_ps(a, b); }
+  static R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
+  static R scale2(R p, R k) {  // p 2^k for integral k in [-126, 127]
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  }
+  static R abs(R x) { return _mm256_andnot_ps(set(-0.0f), x); }
+  static R with_sign_of(R mag, R x) { return _mm256_or_ps(abs(mag), _mm256_and_ps(set(-0.0f), x)); }
+  static R below(R x, R t, R a, R b) { return _mm256_blendv_ps(b, a, _mm256_cmp_ps(x, t, _CMP_LT_OQ)); }
+#endif
+  static R exp(R x) {
+    x = max(set(-87.3f), min(set(88.0f), x));
+    const R k = round(mul(x, set(1.44269504088896341f)));
+    R r = fnma(k, set(0.693359375f), x);
+    r = fnma(k, set(-2.12194440e-4f), r);
+    R p = set(1.9875691500e-4f);
+    p = fma(p, r, set(1.3981999507e-3f));
+    p = fma(p, r, set(8.3334519073e-3f));
+    p = fma(p, r, set(4.1665795894e-2f));
+    p = fma(p, r, set(1.6666665459e-1f));
+    p = fma(p, r, set(5.0000001201e-1f));
+    p = fma(p, mul(r, r), add(r, set(1.0f)));
+    return scale2(p, k);
+  }
+  static R sigmoid(R x) { return div(set(1.0f), add(set(1.0f), exp(sub(set(0.0f), x)))); }
+  static R tanh(R x) {
+    const R ax = abs(x), x2 = mul(x, x);
+    R p = set(-5.70498872745e-3f);
+    p = fma(p, x2, set(2.06390887954e-2f));
+    p = fma(p, x2, set(-5.37397155531e-2f));
+    p = fma(p, x2, set(1.33314422036e-1f));
+    p = fma(p, x2, set(-3.33332819422e-1f));
+    const R small = fma(mul(p, x2), x, x);
+    const R large = with_sign_of(sub(set(1.0f), div(set(2.0f), add(exp(add(ax, ax)), set(1.0f)))), x);
+    return below(ax, set(0.625f), small, large);
+  }
+  static R erf(R x) {
+    const R ax = abs(x);
+    const R t = div(set(1.0f), fma(set(0.3275911f), ax, set(1.0f)));
+    R p = set(1.061405429f);
+    p = fma(p, t, set(-1.453152027f));
+    p = fma(p, t, set(1.421413741f));
+    p = fma(p, t, set(-0.284496736f));
+    p = fma(p, t, set(0.254829592f));
+    const R y = fnma(mul(p, t), exp(sub(set(0.0f), mul(ax, ax))), set(1.0f));
+    return with_sign_of(y, x);
+  }
+};
+
+// s, s' and s'' of the smooth activations on a register of float lanes (as ZAct for one element).
+struct VAct {
+  using M = VMath;
+  using R = M::R;
+  static constexpr float kInvSqrt2 = 0.70710678118654752440f, kInvSqrt2Pi = 0.39894228040143267794f;
+  static constexpr float kC = 0.79788456080286535588f, kK = 0.044715f;
+  // t = tanh(u), 1 + t, 1 - t^2 for GELU's tanh form, as ZAct::Tanh (no cancellation near |t| = 1)
+  struct Tanh {
+    R t, one_plus_t, sech2;
+    explicit Tanh(R u) {
+      const R e = M::exp(M::mul(M::set(-2.0f), M::abs(u))), inv = M::div(M::set(1.0f), M::add(M::set(1.0f), e));
+      t = M::with_sign_of(M::mul(M::sub(M::set(1.0f), e), inv), u);
+      one_plus_t = M::mul(M::below(u, M::set(0.0f), M::add(e, e), M::set(2.0f)), inv);
+      sech2 = M::mul(M::mul(M::set(4.0f), e), M::mul(inv, inv));
+    }
+  };
+  static R u(R z) { return M::mul(M::set(kC), M::fma(M::mul(M::set(kK), M::mul(z, z)), z, z)); }
+  static R du(R z) { return M::mul(M::set(kC), M::fma(M::set(3.0f * kK), M::mul(z, z), M::set(1.0f))); }
+  static R pdf(R z) { return M::mul(M::set(kInvSqrt2Pi), M::exp(M::mul(M::set(-0.5f), M::mul(z, z)))); }
+  static R cdf(R z) { return M::mul(M::set(0.5f), M::add(M::set(1.0f), M::erf(M::mul(z, M::set(kInvSqrt2))))); }
+  static R s(int64_t act, R z) {
+    switch (act) {
+      case kTanh: return M::tanh(z);
+      case kSigmoid: return M::sigmoid(z);
+      case kGelu: return M::mul(z, cdf(z));
+      case kGeluTanh: return M::mul(M::mul(M::set(0.5f), z), Tanh(u(z)).one_plus_t);
+      default: return M::mul(z, M::sigmoid(z));  // kSilu
+    }
+  }
+  static R d1(int64_t act, R z) {
+    if (act == kGelu) return M::fma(z, pdf(z), cdf(z));
+    if (act == kGeluTanh) {
+      const Tanh h(u(z));
+      const R half = M::set(0.5f);
+      return M::fma(M::mul(M::mul(half, z), h.sech2), du(z), M::mul(half, h.one_plus_t));
+    }
+    const R g = M::sigmoid(z), one = M::set(1.0f);  // kSilu
+    return M::mul(g, M::fma(z, M::sub(one, g), one));
+  }
+  static R d2(int64_t act, R z) {
+    const R one = M::set(1.0f), two = M::set(2.0f);
+    if (act == kGelu) return M::mul(pdf(z), M::fnma(z, z, two));
+    if (act == kGeluTanh) {
+      const Tanh h(u(z));
+      const R d = du(z), dd = M::mul(M::set(kC * 6.0f * kK), z);
+      const R inner = M::fnma(M::mul(two, h.t), M::mul(d, d), dd);
+      return M::mul(h.sech2, M::fma(M::mul(M::set(0.5f), z), inner, d));
+    }
+    const R g = M::sigmoid(z);  // kSilu
+    return M::mul(M::mul(g, M::sub(one, g)), M::fma(z, M::fnma(two, g, one), two));
+  }
+};
+constexpr int kVecFloats = static_cast<int>(sizeof(VMath::R) / sizeof(float));
+#endif
+
+// The smooth activations over m elements, on whole registers of float lanes where the build has
+// them (VMath), else per element: a = s(z) (tanh, sigmoid, GELU, SiLU); out = s'(z) in and
+// acc += s''(z) r d for those whose derivatives are functions of z (from_z).
+template <typename T>
+void smooth_values(int64_t act, const T* z, T* a, int64_t m) {
+  int64_t i = 0;
+#if defined(FASTMETA_VEC_AVX512) || defined(FASTMETA_VEC_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + kVecFloats <= m; i += kVecFloats) VMath::store(a + i, VAct::s(act, VMath::load(z + i)));
+#endif
+  if (act == kTanh) {
+    for (; i < m; ++i) a[i] = std::tanh(z[i]);
+  } else if (act == kSigmoid) {
+    for (; i < m; ++i) a[i] = T(1) / (T(1) + std::exp(-z[i]));
+  } else {
+    for (; i < m; ++i) a[i] = ZAct<T>::s(act, z[i]);
+  }
+}
+
+template <typename T>
+void from_z_d1(int64_t act, const T* z, const T* in, T* out, int64_t m) {
+  int64_t i = 0;
+#if defined(FASTMETA_VEC_AVX512) || defined(FASTMETA_VEC_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + kVecFloats <= m; i += kVecFloats)
+      VMath::store(out + i, VMath::mul(VAct::d1(act, VMath::load(z + i)), VMath::load(in + i)));
+#endif
+  for (; i < m; ++i) out[i] = ZAct<T>::d1(act, z[i]) * in[i];
+}
+
+template <typename T>
+void from_z_d2(int64_t act, const T* z, const T* r, const T* d, T* acc, int64_t m) {
+  int64_t i = 0;
+#if defined(FASTMETA_VEC_AVX512) || defined(FASTMETA_VEC_AVX2)
+  if constexpr (std::is_same_v<T, float>)
+    for (; i + kVecFloats <= m; i += kVecFloats)
+      VMath::store(acc + i, VMath::fma(VMath::mul(VAct::d2(act, VMath::load(z + i)), VMath::load(r + i)),
+                                       VMath::load(d + i), VMath::load(acc + i)));
+#endif
+  for (; i < m; ++i) acc[i] += ZAct<T>::d2(act, z[i]) * r[i] * d[i];
+}
 
 // The kinds of epilogue (see Epi), a template parameter of the register blocks: each block then
 // holds one epilogue only, small enough for the compiler to keep its accumulators in registers
@@ -669,11 +874,7 @@ class Group {
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) { const T v = z[i]; a[i] = v > T(0) ? v : slope * v; }
         break;
-      case kTanh: for (int64_t i = 0; i < m; ++i) a[i] = std::tanh(z[i]); break;
-      case kSigmoid: for (int64_t i = 0; i < m; ++i) a[i] = T(1) / (T(1) + std::exp(-z[i])); break;
-      case kGelu: case kGeluTanh: case kSilu:
-        for (int64_t i = 0; i < m; ++i) a[i] = ZAct<T>::s(act, z[i]);
-        break;
+      case kTanh: case kSigmoid: case kGelu: case kGeluTanh: case kSilu: smooth_values(act, z, a, m); break;
       default: std::copy(z, z + m, a);
     }
   }
@@ -701,9 +902,7 @@ class Group {
 #pragma omp simd
         for (int64_t i = 0; i < m; ++i) out[i] = a[i] * (T(1) - a[i]) * in[i];
         break;
-      case kGelu: case kGeluTanh: case kSilu:
-        for (int64_t i = 0; i < m; ++i) out[i] = ZAct<T>::d1(act, z[i]) * in[i];
-        break;
+      case kGelu: case kGeluTanh: case kSilu: from_z_d1(act, z, in, out, m); break;
       default: std::copy(in, in + m, out);
     }
   }
@@ -903,8 +1102,7 @@ class Group {
       const T* rz = Rz[l - 1];
       mul_d1(act, z, a, Rda, Rdz, N * dout);
       if (from_z(act)) {  // + s''(z) Rz da
-        const int64_t m = N * dout * W;
-        for (int64_t i = 0; i < m; ++i) Rdz[i] += ZAct<T>::d2(act, z[i]) * rz[i] * da[i];
+        from_z_d2(act, z, rz, da, Rdz, N * dout * W);
       } else if (act == kTanh || act == kSigmoid) {
         const int64_t m = N * dout * W;
         if (act == kTanh) {
@@ -1361,6 +1559,31 @@ int64_t rate_entries(const Call& c, int64_t steps) { return (c.per_step_lr ? ste
 }  // namespace
 
 int64_t workspace_bytes() { return g_workspace_bytes.load(); }
+
+at::Tensor activation_values(const at::Tensor& z, int64_t act, int64_t order) {
+  TORCH_CHECK(z.is_cpu() && (z.scalar_type() == at::kFloat || z.scalar_type() == at::kDouble),
+              "_activation_values: z must be a float32 or float64 CPU tensor, got ", z.scalar_type(), " on ",
+              z.device());
+  TORCH_CHECK(act >= kTanh && act < kActs && (order == 0 || (order <= 2 && from_z(act))), "_activation_values: "
+              "order 0 of activation codes 3..7, orders 1 and 2 of codes 5..7; got code ", act, " order ", order);
+  const at::Tensor x = z.contiguous();
+  at::Tensor out = order == 2 ? at::zeros_like(x) : at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "_activation_values", [&] {
+    const scalar_t* zp = x.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    const int64_t m = x.numel();
+    if (order == 0) {
+      smooth_values(act, zp, o, m);
+    } else {
+      const std::vector<scalar_t> ones(m, scalar_t(1));
+      if (order == 1)
+        from_z_d1(act, zp, ones.data(), o, m);
+      else
+        from_z_d2(act, zp, ones.data(), ones.data(), o, m);
+    }
+  });
+  return out;
+}
 
 int64_t mlp_panel_bytes(int64_t bytes) {
   return bytes < -1 ? g_panel_bytes.load() : g_panel_bytes.exchange(bytes);

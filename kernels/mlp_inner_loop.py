@@ -32,10 +32,15 @@ from ._consts import device_constant
 
 
 @triton.jit
-def _gelu_tanh_t(z):
-    """tanh(u), u = sqrt(2 / pi) (z + 0.044715 z^3): GELU's tanh form (PyTorch's approximate='tanh')."""
+def _gelu_tanh_parts(z):
+    """t = tanh(u), 1 + t and 1 - t^2 for u = sqrt(2 / pi) (z + 0.044715 z^3) (GELU's tanh form,
+    PyTorch's approximate='tanh'), from e = exp(-2|u|): no cancellation where |t| is near 1."""
     u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-    return 2.0 * tl.sigmoid(2.0 * u) - 1.0
+    e = tl.exp(-2.0 * tl.abs(u))
+    inv = 1.0 / (1.0 + e)
+    t = tl.where(u >= 0, (1.0 - e) * inv, (e - 1.0) * inv)
+    one_plus_t = tl.where(u >= 0, 2.0, 2.0 * e) * inv
+    return t, one_plus_t, 4.0 * e * inv * inv
 
 
 @triton.jit
@@ -50,7 +55,8 @@ def _act_fwd(z, code, slope):
     out = tl.where(code == 4, sig, out)
     if code >= 5:
         out = tl.where(code == 5, 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476)), z * sig)
-        out = tl.where(code == 6, 0.5 * z * (1.0 + _gelu_tanh_t(z)), out)
+        _, one_plus_t, _ = _gelu_tanh_parts(z)
+        out = tl.where(code == 6, 0.5 * z * one_plus_t, out)
     return out
 
 
@@ -65,9 +71,9 @@ def _act_d1(z, a, code, slope):
         sig = tl.sigmoid(z)
         d = tl.where(code == 5, 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
                      + z * 0.3989422804014327 * tl.exp(-0.5 * z * z), sig * (1.0 + z * (1.0 - sig)))
-        t = _gelu_tanh_t(z)
+        _, one_plus_t, sech2 = _gelu_tanh_parts(z)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
-        d = tl.where(code == 6, 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du, d)
+        d = tl.where(code == 6, 0.5 * one_plus_t + 0.5 * z * sech2 * du, d)
     return d
 
 
@@ -80,10 +86,10 @@ def _act_d2(z, a, code):
         sig = tl.sigmoid(z)
         d = tl.where(code == 5, 0.3989422804014327 * tl.exp(-0.5 * z * z) * (2.0 - z * z),
                      sig * (1.0 - sig) * (2.0 + z * (1.0 - 2.0 * sig)))
-        t = _gelu_tanh_t(z)
+        t, _, sech2 = _gelu_tanh_parts(z)
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
         ddu = 0.7978845608028654 * 6.0 * 0.044715 * z
-        d = tl.where(code == 6, (1.0 - t * t) * (du + 0.5 * z * (ddu - 2.0 * t * du * du)), d)
+        d = tl.where(code == 6, sech2 * (du + 0.5 * z * (ddu - 2.0 * t * du * du)), d)
     return d
 
 

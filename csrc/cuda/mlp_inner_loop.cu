@@ -34,6 +34,17 @@ template <typename T>
 __device__ __forceinline__ T gelu_du(T z) { return T(0.79788456080286535588) * (T(1) + T(3) * T(0.044715) * z * z); }
 template <typename T>
 __device__ __forceinline__ T normal_pdf(T z) { return T(0.39894228040143267794) * exp(T(-0.5) * z * z); }
+// t = tanh(u), 1 + t and 1 - t^2 from e = exp(-2|u|), without cancellation where |t| is near 1
+template <typename T>
+struct TanhParts {
+  T t, one_plus_t, sech2;
+  __device__ __forceinline__ explicit TanhParts(T u) {
+    const T e = exp(T(-2) * fabs(u)), inv = T(1) / (T(1) + e);
+    t = copysign((T(1) - e) * inv, u);
+    one_plus_t = (u >= T(0) ? T(2) : T(2) * e) * inv;
+    sech2 = T(4) * e * inv * inv;
+  }
+};
 
 template <typename T>
 __device__ __forceinline__ T act_fwd(int act, T z, T slope) {
@@ -43,7 +54,7 @@ __device__ __forceinline__ T act_fwd(int act, T z, T slope) {
     case kTanh: return tanh(z);
     case kSigmoid: return T(1) / (T(1) + exp(-z));
     case kGelu: return z * T(0.5) * (T(1) + erf(z * T(0.70710678118654752440)));
-    case kGeluTanh: return T(0.5) * z * (T(1) + tanh(gelu_u(z)));
+    case kGeluTanh: return T(0.5) * z * TanhParts<T>(gelu_u(z)).one_plus_t;
     case kSilu: return z / (T(1) + exp(-z));
     default: return z;
   }
@@ -58,8 +69,8 @@ __device__ __forceinline__ T act_d1(int act, T z, T a, T slope) {
     case kSigmoid: return a * (T(1) - a);
     case kGelu: return T(0.5) * (T(1) + erf(z * T(0.70710678118654752440))) + z * normal_pdf(z);
     case kGeluTanh: {
-      const T t = tanh(gelu_u(z));
-      return T(0.5) * (T(1) + t) + T(0.5) * z * (T(1) - t * t) * gelu_du(z);
+      const TanhParts<T> h(gelu_u(z));
+      return T(0.5) * h.one_plus_t + T(0.5) * z * h.sech2 * gelu_du(z);
     }
     case kSilu: {
       const T g = T(1) / (T(1) + exp(-z));
@@ -79,8 +90,9 @@ __device__ __forceinline__ T act_d2(int act, T z, T a) {
     case kSigmoid: return a * (T(1) - a) * (T(1) - T(2) * a);
     case kGelu: return normal_pdf(z) * (T(2) - z * z);
     case kGeluTanh: {
-      const T t = tanh(gelu_u(z)), du = gelu_du(z), ddu = T(0.79788456080286535588) * T(6) * T(0.044715) * z;
-      return (T(1) - t * t) * (du + T(0.5) * z * (ddu - T(2) * t * du * du));
+      const TanhParts<T> h(gelu_u(z));
+      const T du = gelu_du(z), ddu = T(0.79788456080286535588) * T(6) * T(0.044715) * z;
+      return h.sech2 * (du + T(0.5) * z * (ddu - T(2) * h.t * du * du));
     }
     case kSilu: {
       const T g = T(1) / (T(1) + exp(-z));
