@@ -14,7 +14,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead cpu_auto"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead activations moremodules cpu_auto"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -90,6 +90,12 @@ step_anil() { TAIL=18 run_step anil 90 anil.txt python benchmarks/anil.py --devi
 step_mamlpp() { TAIL=18 run_step mamlpp 120 mamlpp.txt python benchmarks/maml_plus_plus.py --device cuda --tasks 32 --seconds 1; }
 step_mlpmamlpp() { TAIL=14 run_step mlpmamlpp 60 mlpmamlpp.txt python benchmarks/mlp_maml_plus_plus.py --device cuda --seconds 1; }
 step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python benchmarks/call_overhead.py --device cuda --seconds 0.3; }
+# the sine MLP with each activation on the CUDA kernel and on the batched ops (GELU and SiLU: their
+# first GPU run); the models of the other lowered modules (GroupNorm conv4, Conv1d, LayerNorm)
+step_activations() { TAIL=20 run_step activations 90 activations.txt python benchmarks/more_modules.py \
+  --activations relu,tanh,sigmoid,gelu,gelu_tanh,silu --device cuda --seconds 0.5; }
+step_moremodules() { TAIL=40 run_step moremodules 120 more_modules.txt python benchmarks/more_modules.py \
+  --device cuda --seconds 0.5; }
 step_reptilesine() { TAIL=8 run_step reptilesine 60 reptilesine.txt python benchmarks/reptile.py --workload sine --device cuda --seconds 1; }
 step_reptile() { TAIL=8 run_step reptile 60 reptile.txt python benchmarks/reptile.py --device cuda --tasks 32 --seconds 1; }
 # the GPU machine's CPU (16 cores): auto's CPU choice between the fused kernel and the batched torch

@@ -164,6 +164,18 @@ def test_mlp_kernels_cross_entropy_and_meta_sgd_on_gpu(backend, first_order):
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("first_order", [False, True])
+def test_mlp_kernels_gelu_and_silu_on_gpu(backend, first_order):
+    """GELU (both forms) and SiLU on the GPU kernels, with Meta-SGD rates, float64 and float32 (T=40:
+    more tasks than one block count), against the reference."""
+    for dtype, T in ((torch.float64, 3), (torch.float32, 40)):
+        params, batch = make_mlp_batch((3, 37, 11, 5), T, 7, 9, "cross_entropy", dtype, "cuda")
+        lrs = [torch.empty_like(p).uniform_(0.05, 0.2).requires_grad_() for p in params]
+        for acts in (["gelu", "silu", None], ["gelu_tanh", "gelu", "silu"]):
+            _fused_vs_reference(backend, params, batch, lrs, 3, acts, "cross_entropy", first_order, RTOL[dtype])
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("rates", ["scalar", "per_entry", "per_step"])
 def test_mlp_kernels_per_step_rates_and_step_losses(rates, first_order, backend):
     """MAML++'s settings on the GPU kernels: the multi-step loss (a weight of 0 included) with a
