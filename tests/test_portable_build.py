@@ -1,5 +1,7 @@
 """fastmeta._C built without -march=native (FASTMETA_NATIVE=0, no AVX-512): the fused MLP kernel
-then takes its portable register-tile code, which a build on an AVX-512 machine never runs. The
+then takes its portable register-tile code, which a build on an AVX-512 machine never runs; and
+built for AVX2 without AVX-512 (-march=haswell, where this CPU runs it): its AVX2 register tiles and
+SIMD activations. Both with tanh / ReLU and GELU's tanh form / SiLU / GELU. The
 extension is built into a temporary copy of the package and checked against the torch reference
 in a subprocess (second and first order, Meta-SGD's and per-step rates, the multi-step loss,
 float32 and float64, the meta-loss op; and
@@ -50,18 +52,17 @@ for dtype in (torch.float32, torch.float64):
             T = 19
             batch = (torch.randn(T, 7, 2, dtype=dtype), torch.randn(T, 7, 3, dtype=dtype),
                      torch.randn(T, 5, 2, dtype=dtype), torch.randn(T, 5, 3, dtype=dtype))
-            out = {}
-            for backend in ("cpp", "torch"):
-                with fastmeta.use_backend(backend):
-                    losses = ops.mlp_inner_loop(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo,
-                                                step_weights=weights)
-                    meta = ops.mlp_meta_loss(*batch, params, lr, 3, ["tanh", "relu", None], first_order=fo,
-                                             step_weights=weights)
-                w = torch.linspace(0.5, 1.5, T, dtype=dtype)
-                g = torch.autograd.grad((losses * w).sum(), params + extra)
-                gm = torch.autograd.grad(meta, params + extra)
-                out[backend] = [losses.detach(), meta.detach().reshape(1)] + list(g) + list(gm)
-            errs[f"{dtype} fo={fo} rates={rates} weights={weights}"] = rel(out["cpp"], out["torch"])
+            for acts in (["tanh", "relu", None], ["gelu_tanh", "silu", "gelu"]):
+                out = {}
+                for backend in ("cpp", "torch"):
+                    with fastmeta.use_backend(backend):
+                        losses = ops.mlp_inner_loop(*batch, params, lr, 3, acts, first_order=fo, step_weights=weights)
+                        meta = ops.mlp_meta_loss(*batch, params, lr, 3, acts, first_order=fo, step_weights=weights)
+                    w = torch.linspace(0.5, 1.5, T, dtype=dtype)
+                    g = torch.autograd.grad((losses * w).sum(), params + extra)
+                    gm = torch.autograd.grad(meta, params + extra)
+                    out[backend] = [losses.detach(), meta.detach().reshape(1)] + list(g) + list(gm)
+                errs[f"{dtype} fo={fo} rates={rates} weights={weights} acts={acts}"] = rel(out["cpp"], out["torch"])
     # bn_relu_pool's generic window code (the AVX-512 build runs its intrinsics), integer-valued
     # inputs so that windows hold ties
     x = torch.randint(-3, 4, (2, 5, 3, 9, 7)).to(dtype).requires_grad_()
@@ -79,6 +80,7 @@ try:
     raise AssertionError("bn_relu_pool took a weight of the wrong shape")
 except RuntimeError as e:
     assert "must be [T=2, C=4] of x's dtype, got [2, 5]" in str(e), str(e)
+errs["lanes"] = fastmeta._C._mlp_lanes(4)
 print(json.dumps(errs))
 '''
 
@@ -97,15 +99,33 @@ def _static_libstdcxx_compiler(tmp_path):
     return str(wrapper)
 
 
+def _has_avx2():
+    try:
+        flags = open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+    return "avx2" in flags and "fma" in flags
+
+
+# generic: no -march (the portable lane code); avx2: -march=haswell, the AVX2 register tiles and
+# SIMD activations that a machine without AVX-512 builds (run here where the CPU has AVX2)
+TARGETS = [pytest.param("generic", None, 0, id="generic"),
+           pytest.param("avx2", "-march=haswell", 8, id="avx2",
+                        marks=pytest.mark.skipif(not _has_avx2(), reason="the CPU has no AVX2 and FMA"))]
+
+
 @requires_cpp
 @pytest.mark.slow
-def test_portable_kernel_matches_the_reference(tmp_path):
+@pytest.mark.parametrize("target,cflags,lanes", TARGETS)
+def test_portable_kernel_matches_the_reference(tmp_path, target, cflags, lanes):
     for name in ("setup.py", "pyproject.toml", "csrc", "fastmeta", "kernels"):
         src = os.path.join(ROOT, name)
         ignore = shutil.ignore_patterns("*.so", "__pycache__", "_build_status.json")
         (shutil.copytree(src, tmp_path / name, ignore=ignore) if os.path.isdir(src)
          else shutil.copy(src, tmp_path / name))
     env = dict(os.environ, FASTMETA_NATIVE="0", FASTMETA_BUILD_CUDA="0", PYTHONPATH=str(tmp_path))
+    if cflags:
+        env["CFLAGS"] = (env.get("CFLAGS", "") + " " + cflags).strip()
     cxx = _static_libstdcxx_compiler(tmp_path)
     if cxx is not None:
         env["CXX"] = cxx
@@ -117,6 +137,9 @@ def test_portable_kernel_matches_the_reference(tmp_path):
                          timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     errs = json.loads(run.stdout.strip().splitlines()[-1])
+    built_lanes = errs.pop("lanes")
+    if lanes:  # (the generic build's lane count is its compiler's choice)
+        assert built_lanes == lanes, f"{target} build: {built_lanes} float32 lanes, expected {lanes}"
     for case, err in errs.items():
         limit = 1e-4 if "float32" in case else 1e-9
         assert err < limit, f"portable kernel vs reference, {case}: rel err {err:.2e}"
