@@ -4,7 +4,7 @@ A program maps per-task parameters P (name -> [T, *shape], at step 0 broadcast v
 meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], using fastmeta's
 batched ops. (Nested) ``nn.Sequential``s of Linear, Conv1d, Conv2d, BatchNorm1d/2d, LayerNorm,
 GroupNorm, the elementwise activations (ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU, ELU, Softplus,
-Mish, Hardswish, ...), Softmax / LogSoftmax with a dim, the max / average pools (1d, 2d, adaptive),
+Mish, Hardswish, ..., and PReLU with its per-task slopes), Softmax / LogSoftmax with a dim, the max / average pools (1d, 2d, adaptive),
 Flatten, Dropout and Identity are lowered module by module; a Linear followed by ReLU, LeakyReLU,
 Tanh or Sigmoid becomes one fused ``batched_linear`` (Dropout in training mode draws one mask over
 all tasks, each task's part of it an independent draw, as a loop's per-task draws are). A Conv1d
@@ -69,7 +69,7 @@ _PER_CHANNEL = (nn.MaxPool1d, nn.AvgPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.Adapt
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
 _LOWERED = (nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
-            nn.GroupNorm, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity,
+            nn.GroupNorm, nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity,
             nn.Flatten, nn.Dropout) + _ELEMENTWISE + _PER_CHANNEL
 
 
@@ -603,6 +603,16 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
                                  f"got {tuple(x.shape)}")
             return _group_norm(x, m.num_groups, m.eps, P[w] if w else None, P[b] if b else None)
         return Step(path, "group_norm", run), False
+    if isinstance(m, nn.PReLU):  # x where x > 0, else a x: per-task slopes a [T, 1] or [T, C] (channel dim 1)
+        w = name(m.weight)
+
+        def run(x, P, w=w, n=m.num_parameters):
+            a = P[w]
+            if n > 1 and (x.dim() < 3 or x.shape[2] != n):
+                raise ValueError(f"PReLU at {path!r}: {n} slopes need input [T, N, C={n}, ...], got {tuple(x.shape)}")
+            view = (a.shape[0], 1, n) + (1,) * (x.dim() - 3) if n > 1 else (a.shape[0],) + (1,) * (x.dim() - 1)
+            return torch.where(x > 0, x, a.reshape(view) * x)
+        return Step(path, "prelu", run), False
     if type(m) in _ACT_MODULES or isinstance(m, (nn.Identity,) + _ELEMENTWISE):
         return Step(path, type(m).__name__, lambda x, P, m=m: m(x)), False
     if isinstance(m, (nn.Softmax, nn.LogSoftmax)):

@@ -125,11 +125,11 @@ def random_mlp_case(seed):
     return params, batch, lr, S, acts, slope, loss, first_order, desc
 
 
-# the activations that are not part of the fused MLP kernel's set: elementwise, parameter-free
+# the activations beyond ACTIVATIONS: elementwise (PReLU with its per-task slope)
 MORE_ACTIVATIONS = [nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU, lambda: nn.ELU(0.7), lambda: nn.CELU(0.5),
                     nn.SELU, lambda: nn.Softplus(beta=2.0), nn.Mish, nn.Hardswish, nn.Hardsigmoid,
                     lambda: nn.Hardtanh(-0.5, 2.0), nn.ReLU6, nn.LogSigmoid, nn.Softsign, nn.Tanhshrink,
-                    lambda: nn.Softshrink(0.1), lambda: nn.Hardshrink(0.1)]
+                    lambda: nn.Softshrink(0.1), lambda: nn.Hardshrink(0.1), lambda: nn.PReLU(init=0.2)]
 
 
 def random_module_case(seed):

@@ -1,6 +1,6 @@
 """Modules lowered onto batched per-task ops beyond the conv4 / MLP set: the parameter-free
-elementwise activations (GELU, SiLU, ELU, Softplus, Mish, ...), Softmax / LogSoftmax, LayerNorm
-and GroupNorm with per-task affine weights, Conv1d (as a Conv2d of height 1), the 1d pools and the
+elementwise activations (GELU, SiLU, ELU, Softplus, Mish, ...), PReLU with per-task slopes, Softmax /
+LogSoftmax, LayerNorm and GroupNorm with per-task affine weights, Conv1d (as a Conv2d of height 1), the 1d pools and the
 adaptive pools. Each model runs without a vmap fallback (strict lowering) and its loss and
 meta-gradient equal the per-task loop's (float64; both orders, MAML and Meta-SGD, torch and cpp
 backends). An MLP with GELU or SiLU runs the fused MLP kernel (cpp here)."""
@@ -34,6 +34,8 @@ def _mlps():
         "layernorm_no_bias": lambda: nn.Sequential(nn.Linear(3, 16), nn.LayerNorm(16, bias=False), nn.Tanh(),
                                                    nn.Linear(16, 2)),
         "log_softmax": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.LogSoftmax(dim=1)),
+        "prelu": lambda: nn.Sequential(nn.Linear(3, 8), nn.PReLU(), nn.Linear(8, 6), nn.PReLU(6, init=0.1),
+                                       nn.Linear(6, 2)),
     }
 
 
@@ -48,6 +50,8 @@ def _convs():
                                                              nn.Linear(5, 3)),
         "bn_adaptive_max": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
                                                  nn.AdaptiveMaxPool2d((2, 3)), nn.Flatten(), nn.Linear(24, 3)),
+        "prelu_channels": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.PReLU(4), nn.MaxPool2d(2),
+                                                nn.Flatten(), nn.Linear(4 * 3 * 3, 3)),
     }
 
 
@@ -61,6 +65,8 @@ def _conv1ds():
                                                       nn.Flatten(), nn.Linear(12, 3)),
         "conv1d_adaptive_avg": lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool1d(1),
                                                      nn.Flatten(), nn.Linear(4, 3)),
+        "conv1d_batchnorm": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
+                                                  nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4 * 8, 3)),
     }
 
 
@@ -199,7 +205,10 @@ def test_bad_inputs_name_the_module_and_shapes():
     y = torch.randint(0, 2, (2, 3))
     with pytest.raises(ValueError, match=r"Conv1d at '0': expected input \[T, N, C, L\], got \(2, 3, 2, 5, 5\)"):
         fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")(x, y, x, y)
-    model = nn.Sequential(nn.Linear(3, 5), nn.GroupNorm(2, 4)).double()
     x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 5), nn.PReLU(4)).double()
+    with pytest.raises(ValueError, match=r"PReLU at '1': 4 slopes need input \[T, N, C=4, \.\.\.\], got \(2, 3, 5\)"):
+        fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
+    model = nn.Sequential(nn.Linear(3, 5), nn.GroupNorm(2, 4)).double()
     with pytest.raises(ValueError, match=r"GroupNorm at '1': expected input \[T, N, C=4, \.\.\.\], got \(2, 3, 5\)"):
         fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
