@@ -315,18 +315,13 @@ constexpr bool kHaveVec = false;
 // PyTorch's own vectorized CPU erf. NaN stays NaN (the clamps keep it: min / max return their
 // second operand where one is NaN).
 #if defined(FASTMETA_VEC_AVX512) || defined(FASTMETA_VEC_AVX2)
-struct VMath {
+// Vec<float>'s register primitives (load, store, add, mul, fnma) and the rest they need.
+struct VMath : Vec<float> {
+  static R set(float v) { return set1(v); }
 #if defined(FASTMETA_VEC_AVX512)
-  using R = __m512;
-  static R set(float v) { return _mm512_set1_ps(v); }
-  static R load(const float* p) { return _mm512_loadu_ps(p); }
-  static void store(float* p, R v) { _mm512_storeu_ps(p, v); }
-  static R add(R a, R b) { return _mm512_add_ps(a, b); }
   static R sub(R a, R b) { return _mm512_sub_ps(a, b); }
-  static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R div(R a, R b) { return _mm512_div_ps(a, b); }
-  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }    // a b + c
-  static R fnma(R a, R b, R c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static R fma(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }  // a b + c
   static R min(R a, R b) { return _mm512_min_ps(a, b); }
   static R max(R a, R b) { return _mm512_max_ps(a, b); }
   static R round(R x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }
@@ -339,16 +334,9 @@ struct VMath {
   }
   static R below(R x, R t, R a, R b) { return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x, t, _CMP_LT_OQ), b, a); }
 #else
-  using R = __m256;
-  static R set(float v) { return _mm256_set1_ps(v); }
-  static R load(const float* p) { return _mm256_loadu_ps(p); }
-  static void store(float* p, R v) { _mm256_storeu_ps(p, v); }
-  static R add(R a, R b) { return _mm256_add_ps(a, b); }
   static R sub(R a, R b) { return _mm256_sub_ps(a, b); }
-  static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R div(R a, R b) { return _mm256_div_ps(a, b); }
   static R fma(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
-  static R fnma(R a, R b, R c) { return _mm256_fnmadd_ps(a, b, c); }
   static R min(R a, R b) { return _mm256_min_ps(a, b); }
   static R max(R a, R b) { return _mm256_max_ps(a, b); }
   static R round(R x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC); }

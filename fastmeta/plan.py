@@ -4,10 +4,11 @@ A program maps per-task parameters P (name -> [T, *shape], at step 0 broadcast v
 meta-parameters) and a batch x [T, N, ...] to the model's output [T, N, ...], using fastmeta's
 batched ops. (Nested) ``nn.Sequential``s of Linear, Conv1d, Conv2d, BatchNorm1d/2d, LayerNorm,
 GroupNorm, the elementwise activations (ReLU, LeakyReLU, Tanh, Sigmoid, GELU, SiLU, ELU, Softplus,
-Mish, Hardswish, ..., and PReLU with its per-task slopes), Softmax / LogSoftmax with a dim, the max / average pools (1d, 2d, adaptive),
-Flatten, Dropout and Identity are lowered module by module; a Linear followed by ReLU, LeakyReLU,
-Tanh or Sigmoid becomes one fused ``batched_linear`` (Dropout in training mode draws one mask over
-all tasks, each task's part of it an independent draw, as a loop's per-task draws are). A Conv1d
+Mish, Hardswish, ..., and PReLU with its per-task slopes), Softmax / LogSoftmax with a dim, the
+max / average pools (1d, 2d, adaptive), Flatten, Dropout and Identity are lowered module by module;
+a Linear followed by ReLU, LeakyReLU, Tanh or Sigmoid becomes one fused ``batched_linear``
+(Dropout in training mode draws one mask over all tasks, each task's part of it an independent
+draw, as a loop's per-task draws are). A Conv1d
 runs as a Conv2d of height 1; GroupNorm runs as one ``F.group_norm`` over all tasks' channels
 (each task's channels a whole number of groups, its affine weights per task), LayerNorm as
 ``F.layer_norm`` and a per-task affine.
@@ -31,8 +32,8 @@ each task's passes (inner steps, then the query) in order, with the module's mom
 cumulative average), ``num_batches_tracked`` counting every pass.
 
 An MLP (Linear layers with bias, separated by at most one of ReLU / LeakyReLU / Tanh / Sigmoid /
-GELU / SiLU, and Identity or Dropout modules, all parameters trainable and unshared) is also recorded as an
-``MLPSpec``, which lets BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op (with a
+GELU / SiLU, and Identity or Dropout modules, all parameters trainable and unshared) is also
+recorded as an ``MLPSpec``, which lets BatchedMAML run the whole inner loop as one ``mlp_inner_loop`` op (with a
 Dropout, only while it drops nothing: in eval mode or at p=0).
 """
 from __future__ import annotations
@@ -590,8 +591,11 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
         b = name(m.bias) if m.bias is not None else None
 
         def run(x, P, m=m, w=w, b=b, shape=shape):
+            if x.dim() < 2 + len(shape) or tuple(x.shape[x.dim() - len(shape):]) != shape:
+                raise ValueError(f"LayerNorm at {path!r}: expected input [T, N, ..., {', '.join(map(str, shape))}], "
+                                 f"got {tuple(x.shape)}")
             y = torch.nn.functional.layer_norm(x, shape, None, None, m.eps)
-            return _per_task_affine(y, P[w] if w else None, P[b] if b else None, x.dim() - len(shape))
+            return _per_task_affine(y, P[w] if w else None, P[b] if b else None)
         return Step(path, "layer_norm", run), False
     if isinstance(m, nn.GroupNorm):
         w = name(m.weight) if m.weight is not None else None
@@ -638,12 +642,12 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
     return None, f"{type(m).__name__} has no batched lowering"
 
 
-def _per_task_affine(y, w, b, dim):
-    """y * w + b with per-task w, b [T, *shape] over y's dims from ``dim`` on ([T, N, ...] between)."""
+def _per_task_affine(y, w, b):
+    """y * w + b with per-task w, b [T, *shape] over y's trailing dims ([T, N, ..., *shape])."""
     if w is None and b is None:
         return y
     ref = w if w is not None else b
-    view = (ref.shape[0],) + (1,) * (dim - 1) + tuple(ref.shape[1:]) + (1,) * (y.dim() - dim - ref.dim() + 1)
+    view = (ref.shape[0],) + (1,) * (y.dim() - ref.dim()) + tuple(ref.shape[1:])
     if w is not None and b is not None:
         return torch.addcmul(b.view(view), y, w.view(view))
     return y * w.view(view) if w is not None else y + b.view(view)

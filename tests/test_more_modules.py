@@ -65,6 +65,8 @@ def _conv1ds():
                                                       nn.Flatten(), nn.Linear(12, 3)),
         "conv1d_adaptive_avg": lambda: nn.Sequential(nn.Conv1d(2, 4, 3), nn.Tanh(), nn.AdaptiveAvgPool1d(1),
                                                      nn.Flatten(), nn.Linear(4, 3)),
+        "conv1d_layernorm": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.LayerNorm([4, 17]), nn.GELU(),
+                                                  nn.Flatten(), nn.Linear(4 * 17, 3)),
         "conv1d_batchnorm": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
                                                   nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4 * 8, 3)),
     }
@@ -209,6 +211,9 @@ def test_bad_inputs_name_the_module_and_shapes():
     x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
     model = nn.Sequential(nn.Linear(3, 5), nn.PReLU(4)).double()
     with pytest.raises(ValueError, match=r"PReLU at '1': 4 slopes need input \[T, N, C=4, \.\.\.\], got \(2, 3, 5\)"):
+        fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
+    model = nn.Sequential(nn.Linear(3, 5), nn.LayerNorm(4)).double()
+    with pytest.raises(ValueError, match=r"LayerNorm at '1': expected input \[T, N, \.\.\., 4\], got \(2, 3, 5\)"):
         fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
     model = nn.Sequential(nn.Linear(3, 5), nn.GroupNorm(2, 4)).double()
     with pytest.raises(ValueError, match=r"GroupNorm at '1': expected input \[T, N, C=4, \.\.\.\], got \(2, 3, 5\)"):
