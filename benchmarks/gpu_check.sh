@@ -14,7 +14,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead activations moremodules cpu_auto"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead activations moremodules tracedforward cpu_auto"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -95,6 +95,10 @@ step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python b
 step_activations() { TAIL=20 run_step activations 90 activations.txt python benchmarks/more_modules.py \
   --activations relu,tanh,sigmoid,gelu,gelu_tanh,silu --device cuda --seconds 0.5; }
 step_moremodules() { TAIL=40 run_step moremodules 120 more_modules.txt python benchmarks/more_modules.py \
+  --device cuda --seconds 0.5; }
+# custom-forward models (learn2learn's sine model, an Omniglot CNN of custom blocks): traced against
+# the whole-model vmap fallback, the same net as a Sequential and the loop
+step_tracedforward() { TAIL=24 run_step tracedforward 90 traced_forward.txt python benchmarks/traced_forward.py \
   --device cuda --seconds 0.5; }
 step_reptilesine() { TAIL=8 run_step reptilesine 60 reptilesine.txt python benchmarks/reptile.py --workload sine --device cuda --seconds 1; }
 step_reptile() { TAIL=8 run_step reptile 60 reptile.txt python benchmarks/reptile.py --device cuda --tasks 32 --seconds 1; }

@@ -2,8 +2,8 @@
 activations, LayerNorm, GroupNorm, Conv1d, the adaptive pools): BatchedMAML.value_and_grad
 (`fastmeta_vg`: the auto backend, so a GELU MLP runs the fused MLP kernel) against the same module
 on the batched torch ops alone (`fastmeta_vg-torch`: backend='torch'), with those modules run
-through the torch.func vmap fallback (`fastmeta_vg_vmapped`: each one wrapped in a subclass whose
-forward calls its base's, which the planner does not lower) and the per-task loop, timed together
+through the torch.func vmap fallback (`fastmeta_vg_vmapped`: each one given a forward pre-hook that
+does nothing, so that the planner calls it as a whole) and the per-task loop, timed together
 (rows interleaved in rounds: fastmeta.harness.time_interleaved), medians of whole
 meta-iterations, each row's meta-gradient against the loop's.
 
@@ -35,16 +35,19 @@ LOWERED_HERE = (nn.GELU, nn.SiLU, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.MaxP
 
 
 def _fallback_copy(model):
-    """A copy of model whose modules of LOWERED_HERE's classes are subclasses with their own forward
-    (the base's, called): the planner runs them through its vmap fallback."""
+    """A copy of model whose modules of LOWERED_HERE's classes have a forward pre-hook that does
+    nothing: the planner runs each as a whole through its vmap fallback (as it runs hooked modules)."""
     import copy
 
     twin = copy.deepcopy(model)
     for m in twin.modules():
-        base = next((c for c in LOWERED_HERE if type(m) is c), None)
-        if base is not None:
-            m.__class__ = type(f"Vmapped{base.__name__}", (base,), {"forward": lambda self, x, b=base: b.forward(self, x)})
+        if type(m) in LOWERED_HERE:
+            m.register_forward_pre_hook(_nothing)
     return twin
+
+
+def _nothing(module, args):
+    return None
 
 
 def _classes(T, K, Q, ways, shape, g):

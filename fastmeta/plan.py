@@ -12,13 +12,15 @@ draw, as a loop's per-task draws are). A Conv1d
 runs as a Conv2d of height 1; GroupNorm runs as one ``F.group_norm`` over all tasks' channels
 (each task's channels a whole number of groups, its affine weights per task), LayerNorm as
 ``F.layer_norm`` and a per-task affine.
-A module is lowered only where calling it runs its class's own forward: a subclass with its own
-forward, a module with forward hooks or with parametrizations (weight norm) is not, nor is any
-module while global module hooks are registered, and neither is a Sequential with them. Module
-backward hooks raise (neither the batched ops nor vmap run them). Any such or other
-module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but
-slower and heavier), as its own call would; a model that is not a Sequential runs that way as a
-whole. A module used at several places of a Sequential (tied weights) runs at each; in a vmap
+A module is lowered only where calling it runs its class's own forward: a module with forward
+hooks or with parametrizations (weight norm) is not, nor is any module while global module hooks
+are registered, and neither is a Sequential with them. A module with its own forward (the model,
+or a module in it; a subclass of a lowered class that overrides forward too) is traced with
+torch.fx into the chain of modules and code it runs (fastmeta/_forward.py), whose modules are
+lowered as a Sequential's children; where it is not such a chain or cannot be traced, it runs as
+a whole as below. Module backward hooks raise (neither the batched ops nor vmap run them). Any
+other module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact,
+but slower and heavier), as its own call would. A module used at several places of a Sequential (tied weights) runs at each; in a vmap
 fallback each module attribute that holds a parameter is given the per-task one once
 (``parameter_slots``), so tied and shared parameters run as in the loop and the model keeps its
 own. ``explain(model)`` says which path each module takes and why; ``lower(model, strict=True)``
@@ -94,11 +96,17 @@ def _not_plain(m: nn.Module) -> str | None:
     own forward, forward hooks (they change what the module returns), global module hooks (they
     run at every module's call), parametrizations (weight norm and the like compute the weight the
     module uses from other parameters)."""
-    from torch.nn.utils import parametrize
-
     base = next((c for c in _LOWERED if isinstance(m, c)), None)
     if base is not None and type(m).forward is not base.forward:
         return f"{type(m).__name__} overrides {base.__name__}.forward"
+    return hooked(m)
+
+
+def hooked(m: nn.Module) -> str | None:
+    """Why calling m runs more than its forward (forward hooks, global module hooks,
+    parametrizations), or None."""
+    from torch.nn.utils import parametrize
+
     if m._forward_hooks or m._forward_pre_hooks:
         return f"{type(m).__name__} has forward hooks"
     if global_hooks():
@@ -106,6 +114,26 @@ def _not_plain(m: nn.Module) -> str | None:
     if parametrize.is_parametrized(m):
         return f"{type(m).__name__} has parametrizations"
     return None
+
+
+def plain_sequential(m: nn.Module) -> bool:
+    """An nn.Sequential (or subclass) that runs Sequential's own forward and nothing more."""
+    return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward and hooked(m) is None
+
+
+def tracing_on() -> bool:
+    """Whether custom forwards are traced (torch.fx) into batched steps; FASTMETA_TRACE=0 runs each
+    such module through the vmap fallback instead."""
+    return os.environ.get("FASTMETA_TRACE", "1").strip() != "0"
+
+
+def traceable(m: nn.Module) -> bool:
+    """Whether m's forward is the user's own code (not one of PyTorch's modules' forwards) and
+    calling m runs just that forward, so that torch.fx's trace of it may replace the call."""
+    if not tracing_on() or hooked(m) is not None or plain_sequential(m):
+        return False
+    owner = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
+    return not owner.__module__.startswith(("torch.nn.", "torch.ao.nn."))
 
 
 # ---- BatchNorm running statistics ---------------------------------------------------------------
@@ -310,6 +338,8 @@ class Step:
     fallback: str | None = None  # reason when this step is a vmap fallback
     spec: dict | None = None     # conv / bn_relu_pool steps: their parameter names and settings
     params: frozenset = frozenset()  # the canonical names of the parameters it reads
+    synthetic: bool = False      # code of a traced forward, not a module (path names its graph nodes)
+    random: bool = False         # may draw random numbers (a traced forward's dropout and the like)
 
 
 @dataclasses.dataclass
@@ -370,7 +400,7 @@ class Program:
         # change of its dict, such as the next inner step's parameters, does not reach them)
         P = dict(P)
         while i < end:
-            if i + 1 < end and not x.requires_grad and self.recomputable(i):
+            if i + 1 < end and self.recomputable(i) and not x.requires_grad:
                 conv, bn = steps[i].spec, steps[i + 1].spec
                 if _recording() and _tracks(bn["module"]):  # its input is not kept: made once more for the statistics
                     with torch.no_grad():
@@ -379,7 +409,7 @@ class Program:
                 x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
                                           conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
                 i += 2
-            elif i + 1 < end and later_blocks and x.requires_grad and torch.is_grad_enabled() and self.recomputable(i):
+            elif i + 1 < end and later_blocks and self.recomputable(i) and x.requires_grad and torch.is_grad_enabled():
                 # the recomputation in the backward runs on the backends this forward ran (the
                 # backward may come after a use_backend block or a module's backend has ended)
                 def block(x, conv=steps[i], tail=steps[i + 1], backend=get_backend()):
@@ -420,7 +450,7 @@ class Program:
         fallback, which may hold one); with batch_norm False, no BatchNorm either (per-step
         BatchNorm: each step has its own). Their output on the support set can be made once a call."""
         for i, s in enumerate(self.steps):
-            if s.fallback or s.kind == "dropout" or s.params & adapted:
+            if s.fallback or s.random or s.kind == "dropout" or s.params & adapted:
                 return i
             if not batch_norm and s.kind in BN_KINDS:
                 return i
@@ -442,7 +472,7 @@ class Program:
     def random(self) -> bool:
         """Whether a pass may draw random numbers (a Dropout, or a vmap fallback, which may hold one):
         a pass recomputed in a backward must then draw what its first run drew."""
-        return bool(self.fallbacks) or any(s.kind == "dropout" for s in self.steps)
+        return bool(self.fallbacks) or any(s.random or s.kind == "dropout" for s in self.steps)
 
 
 def _canonical_names(model: nn.Module) -> dict:
@@ -702,12 +732,40 @@ def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
 def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps: list, leaves: list):
     # every entry, as nn.Sequential.forward runs them (named_children() lists a module used twice
     # once only, which would drop its second application)
-    mods = [(k, m) for k, m in seq._modules.items() if m is not None]
+    _lower_entries([(f"{prefix}{k}", m) for k, m in seq._modules.items() if m is not None], canon, strict, steps,
+                   leaves)
+
+
+def _lower_entries(mods: list, canon: dict, strict: bool, steps: list, leaves: list):
+    """Lowers a chain of entries (path, module) applied one after the other, as a Sequential's
+    children or a traced forward's modules (where an entry may also be a ready Step: the
+    forward's own code between modules, or a module that stands for a function such as F.relu,
+    marked by _forward.Synthetic)."""
+    from ._forward import Synthetic
+
+    def module_at(j):
+        m = mods[j][1] if j < len(mods) else None
+        return m.module if isinstance(m, Synthetic) else m if isinstance(m, nn.Module) else None
+
     i = 0
     while i < len(mods):
-        key, m = mods[i]
-        path = f"{prefix}{key}"
+        path, m = mods[i]
+        if isinstance(m, Step):
+            steps.append(m)
+            i += 1
+            continue
+        synthetic = isinstance(m, Synthetic)
+        m = module_at(i)
         why = _not_plain(m)
+        if traceable(m):  # the module's own forward: traced into the modules and code it runs
+            from ._forward import forward_entries
+            entries, reason = forward_entries(m, path + "." if path else "", canon)
+            if entries is None:
+                why = reason
+            else:
+                _lower_entries(entries, canon, strict, steps, leaves)
+                i += 1
+                continue
         if why is not None:  # run as a whole through the vmap fallback, as its own call would
             if strict:
                 raise UnsupportedModule(f"strict lowering: module {path!r} ({type(m).__name__}): {why}")
@@ -716,16 +774,17 @@ def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps
             i += 1
             continue
         if isinstance(m, nn.Sequential):
-            _lower_seq(m, path + ".", canon, strict, steps, leaves)
+            _lower_seq(m, path + "." if path else "", canon, strict, steps, leaves)
             i += 1
             continue
-        if _is_bn_relu_pool([mod for _, mod in mods[i:i + 3]]) and all(
-                _not_plain(mod) is None for _, mod in mods[i + 1:i + 3]):
-            steps.append(_bn_relu_pool_step([mod for _, mod in mods[i:i + 3]], path, canon))
-            leaves.extend(mod for _, mod in mods[i:i + 3])
+        group = [module_at(j) for j in range(i, min(i + 3, len(mods)))]
+        if (None not in group and _is_bn_relu_pool(group)
+                and all(_not_plain(mod) is None for mod in group[1:])):
+            steps.append(_bn_relu_pool_step(group, path, canon))
+            leaves.extend(group)
             i += 3
             continue
-        nxt = mods[i + 1][1] if i + 1 < len(mods) else None
+        nxt = module_at(i + 1)
         if nxt is not None and _not_plain(nxt) is not None:
             nxt = None  # (not fused into this step: it runs as its own call would)
         step, extra = _lower_leaf(m, path, canon, nxt)
@@ -734,6 +793,7 @@ def _lower_seq(seq: nn.Sequential, prefix: str, canon: dict, strict: bool, steps
                 raise UnsupportedModule(f"strict lowering: module {path!r} ({type(m).__name__}): {extra}")
             step = _vmap_step(m, path, canon, extra)
             extra = False
+        step.synthetic = synthetic
         steps.append(step)
         leaves.append(m)
         if extra:
@@ -753,6 +813,9 @@ def _mlp_activation(m: nn.Module) -> str | None:
 def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
     if any(s.fallback for s in steps):
         return None, "a module falls back to vmap"
+    code = [s for s in steps if s.synthetic and s.kind.startswith("code(")]
+    if code:
+        return None, f"its forward runs code between the modules ({code[0].kind})"
     names, acts, slopes, dropouts = [], [], set(), []
     for m in leaves:
         if isinstance(m, nn.Linear):
@@ -812,18 +875,24 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     model = uncompiled(model)
     _no_backward_hooks(model)
-    key = (strict, _structure(model))
+    key = (strict, _structure(model), tracing_on())
     hit = _cache.get(model)
-    if hit is not None and hit[0] == key:
+    if hit is not None and hit[0] == key and (hit[2] is None or hit[2] == _attributes(model)):
         return hit[1]
     canon = _canonical_names(model)
     steps, leaves = [], []
     plain = _not_plain(model)
+    entries = why = None
     if isinstance(model, nn.Sequential) and plain is None:
-        _lower_seq(model, "", canon, strict, steps, leaves)
+        entries = [(k, m) for k, m in model._modules.items() if m is not None]
+    elif traceable(model):  # the forward traced into the modules and code it runs
+        from ._forward import forward_entries
+        entries, why = forward_entries(model, "", canon)
+    if entries is not None:
+        _lower_entries(entries, canon, strict, steps, leaves)
     else:
-        step, reason = None, plain or (f"{type(model).__name__} has a custom forward (only nn.Sequential "
-                                       "containers are lowered module by module)")
+        step, reason = None, why or plain or (f"{type(model).__name__} has a custom forward (only nn.Sequential "
+                                              "containers are lowered module by module; FASTMETA_TRACE=0)")
         if not list(model.children()) and plain is None:
             step, reason = _lower_leaf(model, "", canon, None)
         if step is None:
@@ -834,13 +903,27 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
             leaves.append(model)
         steps.append(step)
     for s in steps:
-        module = model.get_submodule(s.path) if s.path else model
-        s.params = frozenset(canon[id(p)] for p in module.parameters())
+        if not s.synthetic:
+            module = model.get_submodule(s.path) if s.path else model
+            s.params = frozenset(canon[id(p)] for p in module.parameters())
     mlp, why = _mlp_spec(model, leaves, steps, canon)
     norms = list({id(m): m for m in model.modules() if isinstance(m, _BATCH_NORMS)}.values())
     prog = Program(steps, list(canon.values()), mlp, why, norms)
-    _cache[model] = (key, prog)
+    # a traced forward ran its Python code once, with the modules' attributes of now (training mode,
+    # flags it may branch on): lowered again when any changes
+    traced = any(traceable(m) for m in model.modules())
+    _cache[model] = (key, prog, _attributes(model) if traced else None)
     return prog
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _attributes(model: nn.Module) -> tuple:
+    """The plain-valued attributes (numbers, strings, flags, tuples of them) of every module of model."""
+    return tuple(tuple((k, v) for k, v in vars(m).items()
+                       if type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v)))
+                 for m in model.modules())
 
 
 def explain(model: nn.Module) -> str:

@@ -16,6 +16,11 @@ Kinds:
   modules, modules-variants
             conv and variants on random nets of the other lowered modules (Conv1d, GroupNorm,
             LayerNorm, the 1d and adaptive pools, every elementwise activation, LogSoftmax);
+  traced, traced-modules
+            conv on those nets (conv's and modules') rewritten as custom modules whose forwards call
+            them in turn, with activations as functions (F.relu, torch.tanh, x.sigmoid(), ...),
+            Flatten as x.view(x.size(0), -1) and the like, and extra code between the modules:
+            the planner traces the forwards (torch.fx);
   triton-conv, triton-mlp
             conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
             TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
@@ -206,6 +211,71 @@ def random_module_case(seed):
     return model, batch, lr, S, first_order, rates, " ".join(desc.split())
 
 
+class Chain(nn.Module):
+    """A custom forward applying its parts in turn: modules (its children) and functions."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.mods = nn.ModuleList([p for p in parts if isinstance(p, nn.Module)])
+        self.order, k = [], 0
+        for p in parts:
+            if isinstance(p, nn.Module):
+                self.order.append(k)
+                k += 1
+            else:
+                self.order.append(p)
+
+    def forward(self, x):
+        for p in self.order:
+            x = self.mods[p](x) if isinstance(p, int) else p(x)
+        return x
+
+
+def _as_function(m, rnd):
+    """A function computing what parameter-free module m does, written as model code does, or m."""
+    F = nn.functional
+    if type(m) is nn.ReLU:
+        return rnd.choice([F.relu, torch.relu, lambda x: x.relu()])
+    if type(m) is nn.Tanh:
+        return rnd.choice([torch.tanh, lambda x: x.tanh()])
+    if type(m) is nn.Sigmoid:
+        return rnd.choice([torch.sigmoid, lambda x: x.sigmoid()])
+    if type(m) is nn.LeakyReLU:
+        return lambda x, s=m.negative_slope: F.leaky_relu(x, s)
+    if type(m) is nn.GELU:
+        return lambda x, a=m.approximate: F.gelu(x, approximate=a)
+    if type(m) is nn.SiLU:
+        return F.silu
+    if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
+        return rnd.choice([lambda x: x.view(x.size(0), -1), lambda x: x.reshape(x.shape[0], -1),
+                           lambda x: torch.flatten(x, 1), lambda x: x.flatten(1)])
+    return m
+
+
+def traced(draw):
+    """``draw`` with its Sequential rewritten as Chain modules (custom forwards; a module's call kept
+    or, where parameter-free, written as its function; now and then code between the modules that
+    scales and shifts each value), the same tuple with the rates keyed by the new names."""
+    def rewritten(seed):
+        model, batch, lr, steps, first_order, rates, desc = draw(seed)
+        rnd = random.Random(seed * 17 + 3)
+        parts = []
+        for m in model:
+            parts.append(_as_function(m, rnd) if rnd.random() < 0.7 else m)
+            if rnd.random() < 0.15:
+                parts.append(lambda x, a=rnd.choice([0.5, 1.5]), b=rnd.choice([-0.25, 0.3]): x * a + b)
+        cuts = sorted(rnd.sample(range(1, len(parts)), min(len(parts) - 1, rnd.randint(0, 2)))) if len(parts) > 1 else []
+        groups = [parts[i:j] for i, j in zip([0] + cuts, cuts + [len(parts)])]
+        outer = Chain([Chain(g) if rnd.random() < 0.7 else nn.Sequential(*g) if all(
+            isinstance(p, nn.Module) for p in g) else Chain(g) for g in groups])
+        names = {id(p): n for n, p in outer.named_parameters()}
+        if rates is not None:
+            params = dict(model.named_parameters())
+            rates = {names[id(params[n])]: r for n, r in rates.items()}
+        return outer, batch, lr, steps, first_order, rates, f"traced forward of {desc}"
+    return rewritten
+
+
 def _rates(meta, rates):
     if rates is not None:
         with torch.no_grad():
@@ -363,9 +433,11 @@ def moves_under_perturbation(model, reference, step=1e-12, bound=1e-6) -> str | 
 KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case,
          "modules": functools.partial(conv_case, draw=random_module_case),
          "modules-variants": functools.partial(variants_case, draw=random_module_case),
+         "traced": functools.partial(conv_case, draw=traced(random_conv_case)),
+         "traced-modules": functools.partial(conv_case, draw=traced(random_module_case)),
          "triton-conv": functools.partial(conv_case, backend="triton"),
          "triton-mlp": functools.partial(mlp_case, backend="triton")}
-DEFAULT_KINDS = ("conv", "variants", "mlp", "modules", "modules-variants")
+DEFAULT_KINDS = ("conv", "variants", "mlp", "modules", "modules-variants", "traced", "traced-modules")
 
 
 def main(argv=None) -> int:

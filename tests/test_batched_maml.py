@@ -171,7 +171,9 @@ def test_zero_steps_is_plain_query_loss():
     assert_rel_close(got, want, 1e-12, "meta-grad")
 
 
-def test_callable_loss_and_fallback_module():
+@pytest.mark.parametrize("trace", ["1", "0"], ids=["traced", "untraced"])
+def test_callable_loss_and_fallback_module(trace, monkeypatch):
+    monkeypatch.setenv("FASTMETA_TRACE", trace)
     class Scale(nn.Module):  # no batched lowering: runs through the vmap fallback
         def __init__(self):
             super().__init__()
@@ -184,7 +186,8 @@ def test_callable_loss_and_fallback_module():
     huber = lambda p, y: torch.nn.functional.smooth_l1_loss(p, y)  # noqa: E731
     batch = regression_batch(3, 6, 5, 2, 2, torch.float64)
     meta = fastmeta.BatchedMAML(model, 0.2, 2, loss=huber)
-    assert "vmap(Scale)" in fastmeta.explain(model)
+    # (traced: its forward's code runs under vmap as a step; else the module as a whole)
+    assert ("code(mul) under vmap" if trace == "1" else "vmap(Scale)") in fastmeta.explain(model)
     _, got, _ = meta_grads(meta, model, batch)
     _, want, _ = loop_meta_grads(model, *batch, 0.2, 2, huber)
     assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
@@ -206,12 +209,13 @@ def test_custom_module_whole_model_fallback():
     _, got, _ = meta_grads(meta, model, batch)
     _, want, _ = loop_meta_grads(model, *batch, 0.1, 3)
     assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
-    with pytest.raises(fastmeta.UnsupportedModule, match="custom forward"):
+    with pytest.raises(fastmeta.UnsupportedModule, match="not a chain of modules and code .x is used again"):
         fastmeta.BatchedMAML(model, 0.1, 3, strict=True)
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_batch_norm_inside_the_vmap_fallback(first_order):
+@pytest.mark.parametrize("trace", ["1", "0"], ids=["traced", "untraced"])
+def test_batch_norm_inside_the_vmap_fallback(first_order, trace, monkeypatch):
     """A custom module holding Conv2d -> BatchNorm2d (batch statistics) runs through the vmap
     fallback; its meta-gradient equals the loop's in both orders (torch.func's grad of a vmap gets the
     second order through BatchNorm wrong, benchmarks/RESULTS.md: the fallback vmaps the forward
@@ -233,8 +237,9 @@ def test_batch_norm_inside_the_vmap_fallback(first_order):
     g = torch.Generator().manual_seed(1)
     xs, xq = (torch.randn(3, n, 2, 5, 5, generator=g, dtype=torch.float64) for n in (4, 6))
     ys, yq = (torch.randn(3, n, 2, generator=g, dtype=torch.float64) for n in (4, 6))
+    monkeypatch.setenv("FASTMETA_TRACE", trace)  # (traced: Block's modules are lowered one by one)
     meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order)
-    assert "vmap(Block)" in fastmeta.explain(model)
+    assert ("vmap(Block)" in fastmeta.explain(model)) == (trace == "0")
     _, got, _ = meta_grads(meta, model, (xs, ys, xq, yq))
     _, want, _ = loop_meta_grads(model, xs, ys, xq, yq, 0.3, 2, first_order=first_order)
     assert_rel_close(got, want, 1e-10, "meta-grad")
@@ -749,7 +754,8 @@ class _SharedWeight(nn.Module):
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("make", [_TwiceInside, _SharedWeight], ids=["module-twice", "shared-parameter"])
-def test_tied_weights_through_the_vmap_fallback(make, first_order):
+@pytest.mark.parametrize("trace", ["1", "0"], ids=["traced", "untraced"])
+def test_tied_weights_through_the_vmap_fallback(make, first_order, trace, monkeypatch):
     """Tied weights inside a model that runs through torch.func's vmap: a module registered at two
     places raised (functional_call got one value per path, two tensors under vmap), and
     functional_call given one path per parameter left a tensor of the call in the model in place of
@@ -781,8 +787,9 @@ def test_tied_weights_through_the_vmap_fallback(make, first_order):
     intact("after the loop oracle")
     assert abs(oracle[0].item() - total.item()) <= 1e-12 * abs(total.item())
     assert_rel_close(oracle[1], list(want), RTOL[torch.float64], "loop oracle")
+    monkeypatch.setenv("FASTMETA_TRACE", trace)
     meta = fastmeta.BatchedMAML(model, 0.1, 2, first_order=first_order)
-    assert meta.program.fallbacks
+    assert bool(meta.program.fallbacks) == (trace == "0")  # (traced: the modules lowered one by one)
     for call in range(2):  # the second call skips the checks
         loss = meta(xs, ys, xq, yq)
         intact(f"after call {call}")
@@ -826,12 +833,14 @@ def _weight_norm():
     (_pre_hooked, "Tanh has forward hooks"),
     (_weight_norm, "has parametrizations"),
 ], ids=["subclass", "layer-hook", "model-hook", "pre-hook", "weight-norm"])
-def test_modules_whose_call_is_not_their_class_forward(backend, case, reason):
+def test_modules_whose_call_is_not_their_class_forward(backend, case, reason, monkeypatch):
     """A subclass with its own forward, a module (or the Sequential) with forward hooks, a weight
     computed by a parametrization: lowered as the base class they ran another function than the
     model's (the hooks and the subclass's forward were ignored, a parametrized weight raised a
     KeyError); they now run through the vmap fallback, as their own calls would, and equal the
     per-task loop. explain and strict lowering say why."""
+    if reason.startswith("overrides"):  # (traced by default: tests/test_traced_forward.py)
+        monkeypatch.setenv("FASTMETA_TRACE", "0")
     torch.manual_seed(0)
     model = case()
     batch = regression_batch(3, 5, 4, 2, 1, torch.float64)

@@ -225,13 +225,13 @@ def test_bad_uses_name_the_argument():
     with pytest.raises(TypeError, match="per_step_bn"):
         fastmeta.BatchedMAML(conv2_net(), 0.1, 2, per_step_bn="yes")
 
-    class Block(nn.Module):  # (not a Sequential: runs through the vmap fallback)
+    class Block(nn.Module):  # (a branch on the input's rank, which torch.fx cannot trace: the vmap fallback)
         def __init__(self):
             super().__init__()
             self.bn = nn.BatchNorm1d(4)
 
         def forward(self, x):
-            return self.bn(x)
+            return self.bn(x) if x.dim() == 2 else x
     odd = nn.Sequential(nn.Linear(3, 4), Block(), nn.Linear(4, 2)).double()
     with pytest.raises(ValueError, match="per_step_bn: BatchNorm1d run inside a torch.func fallback"):
         fastmeta.BatchedMAML(odd, 0.1, 2, per_step_bn=True)

@@ -3,7 +3,8 @@ lowers (kernel size, stride, padding, dilation, groups, bias), BatchNorm with an
 weights or running statistics, each activation, max / average pooling, through BatchedMAML on the
 torch and cpp backends (first and second order, MAML and Meta-SGD); the same for random nets of
 Conv1d, GroupNorm, LayerNorm, the adaptive pools and every elementwise activation, also with
-MAML's variants and memory switches; and MLPs of random depth,
+MAML's variants and memory switches; those nets written as custom modules with their own forwards
+(traced); and MLPs of random depth,
 widths, activations and loss through the fused kernel against its reference. The draws are fixed
 by their seeds, so a failure names a reproducible case. The draws and their checks are
 tests/fuzz_models.py's, which runs them over many more seeds."""
@@ -12,7 +13,7 @@ import pytest
 import fastmeta
 from conftest import has_cpp
 import fuzz_models
-from fuzz_models import conv_case, mlp_case, random_module_case, variants_case
+from fuzz_models import conv_case, mlp_case, random_conv_case, random_module_case, traced, variants_case
 
 BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
 
@@ -48,6 +49,14 @@ def test_random_module_variants(seed):
     """Those nets with random learned rates, the multi-step loss, a head-only inner loop and memory
     switches against the torch backend without switches: fuzz_models.variants_case."""
     _run(variants_case(seed, draw=random_module_case))
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_random_traced_net(seed):
+    """Those nets (conv's on even seeds, the other modules' on odd ones) rewritten as custom modules
+    whose forwards call them in turn, activations and flattens written as functions, code between
+    them: traced by the planner, the same checks: fuzz_models.traced."""
+    _run(conv_case(seed, draw=traced(random_conv_case if seed % 2 == 0 else random_module_case)))
 
 
 @pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")

@@ -19,7 +19,8 @@ from conftest import requires_cpp
 
 
 class _Custom(nn.Module):
-    """Not a Sequential: runs through the vmap fallback."""
+    """Not a Sequential: its forward traced into its modules; with FASTMETA_TRACE=0 (kind
+    "custom-untraced") it runs through the vmap fallback as a whole."""
 
     def __init__(self, momentum):
         super().__init__()
@@ -88,13 +89,17 @@ CASES = [  # (model, momentum, steps, first order, backend, options)
     ("bn1d", None, 2, True, "torch", dict(task_chunk=1)),
     ("custom", 0.1, 2, False, "torch", {}),
     ("custom", None, 1, True, "torch", {}),
+    ("custom-untraced", 0.1, 2, False, "torch", {}),
+    ("custom-untraced", None, 1, True, "torch", {}),
     ("conv4", 0.1, 0, False, "torch", {}),
 ]
 
 
 @pytest.mark.parametrize("kind,momentum,steps,first_order,backend,options", CASES)
 @pytest.mark.parametrize("call", ["forward", "value_and_grad"])
-def test_running_stats_follow_the_loop(kind, momentum, steps, first_order, backend, options, call):
+def test_running_stats_follow_the_loop(kind, momentum, steps, first_order, backend, options, call, monkeypatch):
+    if kind.endswith("untraced"):
+        monkeypatch.setenv("FASTMETA_TRACE", "0")
     xs, ys, xq, yq = _batch()
     torch.manual_seed(0)
     model = _start(_net(kind, momentum))
@@ -109,9 +114,11 @@ def test_running_stats_follow_the_loop(kind, momentum, steps, first_order, backe
     _assert_same_buffers(model, reference)
 
 
-@pytest.mark.parametrize("kind", ["conv4", "custom"])
-def test_adapt_and_predict_update_as_their_passes(kind):
+@pytest.mark.parametrize("kind", ["conv4", "custom", "custom-untraced"])
+def test_adapt_and_predict_update_as_their_passes(kind, monkeypatch):
     """adapt: the inner steps' passes; predict: one pass; each call's passes task by task."""
+    if kind.endswith("untraced"):
+        monkeypatch.setenv("FASTMETA_TRACE", "0")
     xs, ys, xq, yq = _batch()
     torch.manual_seed(0)
     model = _start(_net(kind, 0.2))

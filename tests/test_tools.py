@@ -575,3 +575,23 @@ def test_more_modules_script_runs(capsys):
             more_modules.main(["--models", "mlp"])
     finally:
         sys.path.remove(os.path.join(root, "benchmarks"))
+
+
+def test_traced_forward_script_runs(capsys):
+    """benchmarks/traced_forward.py at two tasks: the custom-forward models are traced (no vmap step),
+    their hooked copies run through the vmap fallback, and every row's meta-gradient equals the
+    loop's; an unknown model is named."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import traced_forward
+        for name in traced_forward.MODELS:
+            timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
+            assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg_untraced", "fastmeta_vg_sequential"}
+            assert all(med is not None for med, _, _ in timed.values()), (name, timed)
+            assert max(errs.values()) < 1e-4, (name, errs)
+        assert "| fastmeta_vg_untraced |" in capsys.readouterr().out
+        with pytest.raises(SystemExit, match="unknown model 'mlp'"):
+            traced_forward.main(["--models", "mlp"])
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))

@@ -1,0 +1,153 @@
+"""Models written with their own forward, as meta-learning code writes them, on BatchedMAML:
+their forward traced into batched steps (`fastmeta_vg`: value_and_grad on the auto backend) against
+the same model run as a whole through the torch.func vmap fallback (`fastmeta_vg_untraced`: the
+model given a forward pre-hook that does nothing, so that the planner calls it as a whole, the
+path every custom forward took before), the same network written as an nn.Sequential
+(`fastmeta_vg_sequential`) and the per-task loop, rows interleaved in rounds
+(fastmeta.harness.time_interleaved), medians of whole meta-iterations, each row's meta-gradient
+against the loop's.
+
+Models (`--models`):
+- `sine`: learn2learn's sine example model (three Linear layers, F.relu between them, 1-40-40-1),
+  T=25, K=Q=10, S=5, inner lr 0.01 (mse): traced, it runs the fused MLP kernel;
+- `omniglot_cnn`: four conv blocks, each a custom module (Conv2d -> BatchNorm2d -> F.relu ->
+  MaxPool2d(2)), then x.view(x.size(0), -1) and a linear head; Omniglot's shape (1 x 28 x 28, 64
+  channels, 5-way 1-shot, 15 query a class, S=1, inner lr 0.4), T=8 on the CPU, 32 on a GPU.
+
+    python benchmarks/traced_forward.py [--models sine,omniglot_cnn] [--order second,first] [--tasks T]
+                                        [--device cpu|cuda] [--seconds 2]
+"""
+import argparse
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta import harness as H
+
+
+class SineModel(nn.Module):
+    def __init__(self, dim=40):
+        super().__init__()
+        self.hidden1, self.hidden2, self.hidden3 = nn.Linear(1, dim), nn.Linear(dim, dim), nn.Linear(dim, 1)
+
+    def forward(self, x):
+        x = F.relu(self.hidden1(x))
+        x = F.relu(self.hidden2(x))
+        return self.hidden3(x)
+
+    def sequential(self):
+        return nn.Sequential(self.hidden1, nn.ReLU(), self.hidden2, nn.ReLU(), self.hidden3)
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1)
+        self.normalize = nn.BatchNorm2d(cout, track_running_stats=False)
+        self.max_pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.max_pool(F.relu(self.normalize(self.conv(x))))
+
+
+class OmniglotCNN(nn.Module):
+    def __init__(self, ways=5, hidden=64):
+        super().__init__()
+        self.features = nn.Sequential(ConvBlock(1, hidden), *(ConvBlock(hidden, hidden) for _ in range(3)))
+        self.classifier = nn.Linear(hidden, ways)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
+
+    def sequential(self):
+        mods = []
+        for b in self.features:
+            mods += [b.conv, b.normalize, nn.ReLU(), b.max_pool]
+        return nn.Sequential(*mods, nn.Flatten(), self.classifier)
+
+
+def _classes(T, K, Q, ways, shape, g):
+    xs = torch.randn(T, ways * K, *shape, generator=g)
+    xq = torch.randn(T, ways * Q, *shape, generator=g)
+    ys = torch.arange(ways).repeat_interleave(K).expand(T, -1).contiguous()
+    yq = torch.arange(ways).repeat_interleave(Q).expand(T, -1).contiguous()
+    return xs, ys, xq, yq
+
+
+MODELS = ("sine", "omniglot_cnn")
+
+
+def workload(name, tasks=None, device="cpu"):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "sine":
+        T, S, lr, loss = tasks or 25, 5, 0.01, "mse"
+        batch, model = H.sine_tasks(T, g), SineModel()
+    elif name == "omniglot_cnn":
+        T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 1, 0.4, "cross_entropy"
+        batch, model = _classes(T, 1, 15, 5, (1, 28, 28), g), OmniglotCNN()
+    else:
+        raise SystemExit(f"--models: unknown model {name!r} (one of {', '.join(MODELS)})")
+    return H.Workload(name, model.to(device), *(t.to(device) for t in batch), lr, S, loss)
+
+
+def _nothing(module, args):
+    return None
+
+
+def run(name, tasks, order, device, seconds):
+    w = workload(name, tasks, device)
+    fo = order == "first"
+    batch = (w.xs, w.ys, w.xq, w.yq)
+    make = lambda model: fastmeta.BatchedMAML(model, w.inner_lr, w.steps, first_order=fo, loss=w.loss)  # noqa: E731
+    traced = make(w.model)
+    whole = copy.deepcopy(w.model)
+    whole.register_forward_pre_hook(_nothing)
+    untraced = make(whole)
+    sequential = make(w.model.sequential())  # (the same Parameters)
+    assert "vmap(" not in fastmeta.explain(traced) and "vmap(" in fastmeta.explain(untraced)
+    rows = {"loop": H.make_step("loop", w, fo),
+            "fastmeta_vg": lambda: traced.value_and_grad(*batch)[1],
+            "fastmeta_vg_untraced": lambda: untraced.value_and_grad(*batch)[1],
+            "fastmeta_vg_sequential": lambda: sequential.value_and_grad(*batch)[1]}
+    want = rows["loop"]()
+    errs = {k: H.max_rel_err(list(rows[k]()), list(want)) for k in rows if k != "loop"}
+    timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
+    print(f"\n{name}, T={w.tasks}, S={w.steps}, {order} order, {device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    print("| provider | median ms | x vs loop | x vs untraced | calls | max rel err vs loop |")
+    print("|---|---|---|---|---|---|")
+    base = timed["fastmeta_vg_untraced"][0]
+    for k, (med, times, err) in timed.items():
+        if med is None:
+            print(f"| {k} | failed: {err} | | | | |")
+            continue
+        vs = f"{base / med:.2f}" if base else "-"
+        print(f"| {k} | {med:.3f} | {timed['loop'][0] / med:.2f} | {vs} | {len(times)} | "
+              + (f"{errs[k]:.1e} |" if k in errs else "- |"))
+    return timed, errs
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default=",".join(MODELS))
+    ap.add_argument("--order", default="second,first")
+    ap.add_argument("--tasks", type=int, default=None)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seconds", type=float, default=2.0)
+    a = ap.parse_args(argv)
+    if a.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    for name in a.models.split(","):
+        for order in a.order.split(","):
+            run(name, a.tasks, order, a.device, a.seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,278 @@
+"""A module's own forward, traced (torch.fx) into the chain of modules and code it runs, so that the
+planner lowers the modules one by one as it lowers a Sequential's.
+
+A traced forward becomes entries (path, what) applied one after the other: each module call
+(PyTorch's modules and modules with hooks are called as a whole, custom modules are traced
+through); each stretch of the forward's own code between two module calls becomes one step that
+runs that code under ``torch.func.vmap`` over the task dim, so that it sees one task's tensors as
+the per-task loop's forward does; where that code is only an activation (F.relu, torch.tanh,
+x.sigmoid(), F.leaky_relu, F.gelu, F.silu) or a flatten of each sample (``x.view(x.size(0), -1)``,
+``torch.flatten(x, 1)``), it stands for the module that computes the same, so that the fused ops
+(Linear with its activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop) see it.
+
+Only chains are traced: each value is used by the next module or stretch of code alone (no skip
+connections, no second input, one returned tensor); anything else, and a forward that torch.fx
+cannot trace (control flow on tensor values), runs through the vmap fallback as before.
+The trace runs the forward's Python once: branches on the modules' attributes (training mode and
+flags) are taken as they stand, and the planner traces again when any such attribute changes.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+
+import torch
+from torch import fx, nn
+
+from . import plan
+
+F = nn.functional
+
+# function (or tensor method name) -> (module class, {keyword: default} of the arguments after the input)
+_ACTIVATIONS = {
+    F.relu: (nn.ReLU, {"inplace": False}), torch.relu: (nn.ReLU, {}), "relu": (nn.ReLU, {}),
+    torch.relu_: (nn.ReLU, {"+inplace": True}), "relu_": (nn.ReLU, {"+inplace": True}),
+    torch.tanh: (nn.Tanh, {}), F.tanh: (nn.Tanh, {}), "tanh": (nn.Tanh, {}),
+    torch.sigmoid: (nn.Sigmoid, {}), F.sigmoid: (nn.Sigmoid, {}), "sigmoid": (nn.Sigmoid, {}),
+    F.leaky_relu: (nn.LeakyReLU, {"negative_slope": 0.01, "inplace": False}),
+    F.gelu: (nn.GELU, {"approximate": "none"}),
+    F.silu: (nn.SiLU, {"inplace": False}),
+}
+# names of functions and methods that draw random numbers: a stretch of code with one is not
+# computed once for several passes (plan.Program.invariant_prefix)
+_RANDOM = ("dropout", "rand", "bernoulli", "multinomial", "normal", "uniform", "random", "exponential", "geometric",
+           "cauchy", "poisson")
+
+
+@dataclasses.dataclass
+class Synthetic:
+    """A module that stands for a function of a traced forward (F.relu -> nn.ReLU())."""
+    module: nn.Module
+
+
+class _Failed(Exception):
+    pass
+
+
+class _Tracer(fx.Tracer):
+    """Traces through Sequentials and custom modules; calls every other module as a whole. Buffers
+    are traced as values (code on them runs at each call, reading them as they are then)."""
+
+    proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return not (plan.plain_sequential(m) or plan.traceable(m))
+
+
+def _name(n: fx.Node) -> str:
+    t = n.target
+    return t if isinstance(t, str) else getattr(t, "__name__", str(t))
+
+
+def _args(n: fx.Node, cur: fx.Node, defaults: dict):
+    """n's arguments after the input cur, by keyword (with defaults), or None where its first
+    argument is not cur or it has others."""
+    if not n.args or n.args[0] is not cur or len(n.args) - 1 > len(defaults):
+        return None
+    got = dict(defaults)
+    got.update(zip(defaults, n.args[1:]))
+    if set(n.kwargs) - set(defaults):
+        return None
+    got.update(n.kwargs)
+    return got
+
+
+def _as_module(region: list, cur: fx.Node):
+    """The module that computes what the code in region does to cur, or None."""
+    if len(region) == 1:
+        n = region[0]
+        key = n.target if n.op == "call_method" else n.target if n.op == "call_function" else None
+        try:
+            hit = _ACTIVATIONS.get(key)
+        except TypeError:  # (an unhashable target)
+            hit = None
+        if hit is not None:
+            cls, defaults = hit
+            a = _args(n, cur, {k: v for k, v in defaults.items() if not k.startswith("+")})
+            if a is None or any(type(v) not in (bool, int, float, str) for v in a.values()):
+                return None
+            a.update((k[1:], v) for k, v in defaults.items() if k.startswith("+"))  # (the in-place forms)
+            if cls is nn.GELU and a["approximate"] not in ("none", "tanh"):
+                return None
+            return cls(**a)  # (in place as the function was: as the module with inplace=True runs)
+        if (n.op == "call_function" and n.target is torch.flatten) or (n.op == "call_method" and n.target == "flatten"):
+            a = _args(n, cur, {"start_dim": 0, "end_dim": -1})
+            if a is not None and all(type(v) is int for v in a.values()):
+                return _flatten(a["start_dim"], a["end_dim"])
+        return None
+    # x.view(x.size(0), -1), x.reshape(x.shape[0], -1)
+    *size, n = region
+    if n.op != "call_method" or n.target not in ("view", "reshape") or n.kwargs or len(n.args) != 3:
+        return None
+    if n.args[0] is not cur or n.args[2] != -1 or n.args[1] is not size[-1]:
+        return None
+    if len(size) == 1:
+        s = size[0]
+        ok = (s.op == "call_method" and s.target == "size" and s.args in ((cur, 0),) and not s.kwargs)
+    elif len(size) == 2:
+        g, s = size
+        ok = (g.op == "call_function" and g.target is getattr and g.args == (cur, "shape")
+              and s.op == "call_function" and s.target is operator.getitem and s.args == (g, 0))
+    else:
+        ok = False
+    return _flatten(1, -1) if ok else None
+
+
+def _flatten(start: int, end: int):
+    m = nn.Flatten(start, end)
+    return m if plan._flatten_dims(m, "") is not None else None
+
+
+def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: str, canon: dict) -> plan.Step:
+    """One step running the code of region on each task's input (torch.func.vmap over the task dim)."""
+    from torch.func import vmap
+
+    params, live = [], {}  # parameters: per-task inputs of the vmap; buffers and tensor attributes: read at each call
+    for a in dict.fromkeys(a for n in region for a in n.all_input_nodes if a.op == "get_attr"):
+        try:
+            p = root.get_parameter(a.target)
+        except AttributeError:
+            p = None
+        if p is not None:
+            params.append((a, canon[id(p)]))
+        else:
+            live[a] = lambda t=a.target: _attr(root, t)
+
+    def code(x, *values):
+        env = {cur: x}
+        env.update(zip((a for a, _ in params), values))
+        env.update((a, get()) for a, get in live.items())
+        for n in region:
+            args = fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            if n.op == "call_function":
+                env[n] = n.target(*args, **kwargs)
+            else:  # call_method
+                env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
+        return env[out]
+
+    def run(x, P):
+        return vmap(code, randomness="different")(x, *(P[c] for _, c in params))
+
+    names = list(dict.fromkeys(_name(n) for n in region))
+    random = any(_draws(n) for n in region)
+    return plan.Step(path, f"code({', '.join(names)}) under vmap", run, params=frozenset(c for _, c in params),
+                     synthetic=True, random=random)
+
+
+_DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
+
+
+def _draws(n: fx.Node) -> bool:
+    """Whether node n may draw random numbers (a dropout only while it drops: training, p > 0)."""
+    if n.op == "call_function" and n.target in _DROPOUTS and n.args:
+        a = _args(n, n.args[0], {"p": 0.5, "training": True, "inplace": False})
+        if a is not None and type(a["p"]) in (int, float) and type(a["training"]) is bool:
+            return a["training"] and a["p"] > 0
+    return any(r in _name(n).lower() for r in _RANDOM)
+
+
+def _attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def forward_entries(root: nn.Module, prefix: str, canon: dict):
+    """(entries, None) for root's forward as a chain, paths under prefix; else (None, why not)."""
+    kind = type(root).__name__
+    try:
+        sig = inspect.signature(root.forward)
+    except (TypeError, ValueError):
+        return None, f"{kind}.forward has no signature to trace"
+    if len(sig.parameters) != 1 or next(iter(sig.parameters.values())).kind not in (
+            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+        return None, f"{kind}.forward takes other arguments than one input ({', '.join(sig.parameters)})"
+    before = set(vars(root))
+    try:
+        graph = _Tracer().trace(root)
+    except Exception as e:  # (what torch.fx cannot trace: control flow on tensor values and the like)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return None, f"torch.fx cannot trace {kind}.forward ({type(e).__name__}: {msg[:160]})"
+    finally:
+        # tensors the forward captured are kept by the tracer as attributes of root: moved out of it
+        constants = {k: vars(root).pop(k) for k in set(vars(root)) - before}
+    if constants:
+        # a tensor the trace computed from other than the input, parameters and buffers (a tensor
+        # attribute's function, a global tensor): its value of now would stand for it at every call
+        return None, (f"{kind}.forward computes a tensor from other than its input, parameters and buffers "
+                      f"(torch.fx would keep its value of now: {', '.join(sorted(constants))})")
+    try:
+        return _chain(graph, root, prefix, canon), None
+    except _Failed as e:
+        return None, f"{kind}.forward is not a chain of modules and code ({e})"
+
+
+def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict) -> list:
+    nodes = list(graph.nodes)
+    (cur,) = [n for n in nodes if n.op == "placeholder"]
+    entries, region = [], []
+
+    def only_used_by(v: fx.Node, users) -> None:
+        extra = [u for u in v.users if u not in users]
+        if extra:
+            raise _Failed(f"{v.name} is used again by {extra[0].name}")
+
+    def close():
+        nonlocal cur
+        # a leading activation (or flatten) of the value stands for its module; the code after it
+        # is a step of its own
+        while len(region) > 1 and set(cur.users) == {region[0]}:
+            mod = _as_module(region[:1], cur)
+            if mod is None:
+                break
+            entries.append((f"{prefix}{region[0].name}()", Synthetic(mod)))
+            cur = region.pop(0)
+        if not region:
+            return
+        inside = set(region)
+        outer = {a for n in region for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+        if outer != {cur}:
+            raise _Failed(f"{', '.join(sorted(a.name for a in outer - {cur})) or 'nothing'} enters the code of "
+                          f"{region[0].name} besides {cur.name}" if outer - {cur} else
+                          f"the code of {region[0].name} does not use {cur.name}")
+        only_used_by(cur, inside)
+        leaving = [n for n in region if any(u not in inside for u in n.users)]
+        if len(leaving) != 1:
+            raise _Failed(f"the code of {region[0].name} passes {len(leaving)} values on")
+        out = leaving[0]
+        mod = _as_module(region, cur)
+        names = "+".join(n.name for n in region)
+        if mod is not None:
+            entries.append((f"{prefix}{names}()", Synthetic(mod)))
+        else:
+            entries.append((f"{prefix}{names}()", _code_step(list(region), cur, out, root, f"{prefix}{names}()",
+                                                             canon)))
+        region.clear()
+        cur = out
+
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr"):
+            continue
+        if n.op == "call_module":
+            close()
+            if n.args != (cur,) or n.kwargs:
+                raise _Failed(f"module {n.target} is called with other inputs than {cur.name}")
+            only_used_by(cur, {n})
+            entries.append((prefix + n.target, root.get_submodule(n.target)))
+            cur = n
+        elif n.op == "output":
+            close()
+            if n.args[0] is not cur:
+                raise _Failed("it returns other than one value of the chain")
+            only_used_by(cur, {n})
+        else:
+            region.append(n)
+    return entries

@@ -1,0 +1,358 @@
+"""Models with their own forward (as meta-learning code writes them: a sine MLP calling F.relu, a
+conv net with x.view(x.size(0), -1) before its head, blocks of custom modules): the planner traces
+the forward (torch.fx) into its modules and the code between them, lowers the modules as a
+Sequential's, and runs the code under vmap over the tasks. Each model's loss and meta-gradient
+equal the per-task loop's, which calls the model's own forward (float64; both orders, MAML and
+Meta-SGD); what is not a chain, or cannot be traced, runs through the vmap fallback as before and
+explain says why."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta import plan
+from conftest import assert_rel_close, has_cpp, loop_meta_grads
+
+BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
+
+
+class SineModel(nn.Module):  # learn2learn's sine example model
+    def __init__(self, dim=16, act=F.relu):
+        super().__init__()
+        self.hidden1, self.hidden2, self.hidden3 = nn.Linear(1, dim), nn.Linear(dim, dim), nn.Linear(dim, 1)
+        self.act = act
+
+    def forward(self, x):
+        x = self.act(self.hidden1(x))
+        x = self.act(self.hidden2(x))
+        return self.hidden3(x)
+
+
+class MethodMLP(nn.Module):  # tensor methods, torch functions and keyword arguments
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.d, self.e = nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        x = self.a(x).tanh()
+        x = F.leaky_relu(self.b(x), negative_slope=0.2)
+        x = torch.sigmoid(self.c(x))
+        x = F.gelu(self.d(x), approximate="tanh")
+        return self.e(x)
+
+
+class ConvNet(nn.Module):  # features as a Sequential, flattened by hand before the head
+    def __init__(self, channels=4):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(2, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, channels, 3, padding=1), nn.BatchNorm2d(channels), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Linear(channels, 3)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.view(x.size(0), -1)
+        return self.classifier(x)
+
+
+class Block(nn.Module):  # a conv block as custom code calling F.relu
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv, self.bn, self.pool = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(F.relu(self.bn(self.conv(x))))
+
+
+class BlockNet(nn.Module):  # custom blocks, a learned scale used by the forward's own code, mean pooling
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(Block(2, 4), Block(4, 4))
+        self.scale = nn.Parameter(torch.tensor([1.3]))
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.features(x)
+        x = x.mean(dim=[2, 3]) * self.scale
+        return self.head(x.reshape(x.shape[0], -1))
+
+
+class Reshaping(nn.Sequential):  # a Sequential subclass whose forward reshapes its input first
+    def forward(self, x):
+        return super().forward(x.view(-1, 2, 7, 7))
+
+
+def _reshaping():
+    return Reshaping(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
+
+
+MODELS = {
+    "sine_relu": ("mlp1", lambda: SineModel()),
+    "sine_tanh": ("mlp1", lambda: SineModel(act=torch.tanh)),
+    "sine_relu_inplace": ("mlp1", lambda: SineModel(act=lambda x: F.relu(x, inplace=True))),
+    "methods": ("mlp3", MethodMLP),
+    "convnet": ("conv", ConvNet),
+    "blocknet": ("conv", BlockNet),
+    "reshaping": ("flat", _reshaping),
+}
+
+
+def _model(name):
+    torch.manual_seed(1)
+    model = MODELS[name][1]().double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.dim() == 1 and "weight" in n:
+                p.add_(0.3 * torch.randn_like(p))
+    return model
+
+
+def _batch(kind, T, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = {"mlp1": (1,), "mlp3": (3,), "conv": (2, 5, 5), "flat": (2 * 7 * 7,)}[kind]
+    xs = torch.randn(T, 4, *shape, generator=g, dtype=torch.float64)
+    xq = torch.randn(T, 5, *shape, generator=g, dtype=torch.float64)
+    if kind.startswith("mlp"):
+        out = 1 if kind == "mlp1" else 2
+        ys = torch.randn(T, 4, out, generator=g, dtype=torch.float64)
+        yq = torch.randn(T, 5, out, generator=g, dtype=torch.float64)
+        return "mse", (xs, ys, xq, yq)
+    ys, yq = torch.randint(0, 3, (T, 4), generator=g), torch.randint(0, 3, (T, 5), generator=g)
+    return "cross_entropy", (xs, ys, xq, yq)
+
+
+def _check(model, loss, batch, backend, combos, lr=0.3, steps=2, **kw):
+    g = torch.Generator().manual_seed(2)
+    for first_order, meta_sgd in combos:
+        rates = None
+        if meta_sgd:
+            rates = {n: lr * (0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
+                     for n, p in model.named_parameters()}
+        lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
+        want_loss, want, want_lr = loop_meta_grads(model, *batch, lr, steps, loss, first_order, lrs=lrs)
+        with fastmeta.use_backend(backend):
+            meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss=loss,
+                                        learn_inner_lr=meta_sgd, **kw)
+            if rates is not None:
+                with torch.no_grad():
+                    for n, r in rates.items():
+                        meta.lrs[n.replace(".", "__")].copy_(r)
+            got_loss, grads = meta.value_and_grad(*batch)
+            by_autograd = torch.autograd.grad(meta(*batch), list(meta.parameters()))
+        what = f"first_order={first_order} meta_sgd={meta_sgd} backend={backend}"
+        named = dict(zip([n for n, _ in meta.named_parameters()], grads))
+        names = [n for n, _ in model.named_parameters()]
+        assert abs(got_loss.item() - want_loss.item()) <= 1e-10 * abs(want_loss.item()), what
+        assert_rel_close([named[f"model.{n}"] for n in names], want, 1e-9, f"meta-grad, {what}")
+        assert_rel_close(list(by_autograd), list(grads), 1e-10, f"autograd vs value_and_grad, {what}")
+        if rates is not None:
+            assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want_lr, 1e-9,
+                             f"rate grad, {what}")
+
+
+ALL = [(f, m) for f in (False, True) for m in (False, True)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_traced_model_exact(name, backend):
+    model = _model(name)
+    prog = plan.lower(model, strict=True)  # no vmap fallback
+    assert not prog.fallbacks
+    loss, batch = _batch(MODELS[name][0], 3)
+    _check(model, loss, batch, backend, ALL)
+
+
+def test_traced_mlps_take_the_fused_kernel():
+    """F.relu / torch.tanh / x.tanh() / F.leaky_relu / torch.sigmoid / F.gelu between Linear layers
+    stand for their modules, so the whole inner loop runs as one mlp_inner_loop op."""
+    want = {"sine_relu": ["relu", "relu", None], "sine_tanh": ["tanh", "tanh", None],
+            "sine_relu_inplace": ["relu", "relu", None],
+            "methods": ["tanh", "leaky_relu", "sigmoid", "gelu_tanh", None]}
+    for name, acts in want.items():
+        model = _model(name)
+        prog = plan.lower(model)
+        assert prog.mlp is not None, (name, prog.mlp_reason)
+        assert prog.mlp.activations == acts, name
+        assert "fused mlp_inner_loop" in fastmeta.explain(model), name
+    assert plan.lower(_model("methods")).mlp.negative_slope == 0.2
+
+
+def test_traced_conv_net_lowers_its_blocks():
+    text = fastmeta.explain(_model("convnet"))
+    assert text.count("bn_relu_pool") >= 2 and "flatten" in text and "vmap(" not in text
+    prog = plan.lower(_model("blocknet"))
+    kinds = [s.kind for s in prog.steps]
+    assert kinds[:4] == ["batched_conv2d", "bn_relu_pool", "batched_conv2d", "bn_relu_pool"], kinds
+    code = [s for s in prog.steps if s.kind.startswith("code(")]
+    assert len(code) == 1 and code[0].params == {"scale"} and not code[0].random
+    assert prog.mlp is None and "runs code between the modules" in prog.mlp_reason
+
+
+class Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.b(torch.sin(self.a(x))) + x[..., :1]
+
+
+class RankBranch(nn.Module):  # control flow on the input's rank: torch.fx cannot trace it, vmap runs it
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 1)
+
+    def forward(self, x):
+        return self.a(x) if x.dim() == 2 else self.a(x.flatten(0, -2))
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 1)
+
+    def forward(self, x, scale=1.0):
+        return self.a(x) * scale
+
+
+@pytest.mark.parametrize("make,why", [(Residual, "not a chain of modules and code (x is used again by"),
+                                      (RankBranch, "torch.fx cannot trace RankBranch.forward"),
+                                      (TwoInputs, "takes other arguments than one input")])
+def test_untraced_forward_falls_back_exactly(make, why):
+    torch.manual_seed(0)
+    model = make().double()
+    text = fastmeta.explain(model)
+    assert why in text and "vmap(" in text, text
+    with pytest.raises(fastmeta.UnsupportedModule, match="strict lowering"):
+        plan.lower(model, strict=True)
+    g = torch.Generator().manual_seed(3)
+    batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
+    _check(model, "mse", batch, "torch", [(False, False), (True, False)])
+
+
+class Switch(nn.Module):
+    """A forward that branches on a flag and on the training mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 1)
+        self.smooth = True
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.tanh(h) if self.smooth else F.relu(h)
+        if self.training:
+            h = h * 0.5
+        return self.b(h)
+
+
+def test_trace_follows_the_attributes_it_branched_on():
+    torch.manual_seed(0)
+    model = Switch().double()
+    g = torch.Generator().manual_seed(3)
+    batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
+    seen = set()
+    for smooth, training in ((True, True), (False, True), (False, False), (True, True)):
+        model.smooth = smooth
+        model.train(training)
+        prog = plan.lower(model)
+        kinds = [s.kind for s in prog.steps]
+        assert ("batched_linear+tanh" in kinds) == smooth, kinds
+        assert any(k.startswith("code(mul") for k in kinds) == training, kinds
+        seen.add(id(prog))
+        _check(model, "mse", batch, "torch", [(False, False)])
+    assert len(seen) >= 3
+
+
+class Captured(nn.Module):
+    """A forward that reads a tensor it does not hold as a parameter or buffer, a buffer, and a
+    submodule with a forward hook (called as a whole, in the vmap fallback)."""
+
+    def __init__(self, shift):
+        super().__init__()
+        self.shift = shift
+        self.a, self.b, self.c = nn.Linear(2, 6), nn.Linear(6, 6), nn.Linear(6, 1)
+        self.register_buffer("gain", torch.tensor(0.7, dtype=torch.float64))
+        self.b.register_forward_hook(lambda m, inp, out: out * 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x)) + self.shift * self.gain
+        return self.c(torch.tanh(self.b(h)))
+
+
+def test_captured_tensors_buffers_and_hooked_modules():
+    torch.manual_seed(0)
+    model = Captured(torch.linspace(-1, 1, 6, dtype=torch.float64)).double()
+    attrs = set(vars(model))
+    prog = plan.lower(model)
+    assert set(vars(model)) == attrs  # (the trace's constants are not left in the model)
+    kinds = [s.kind for s in prog.steps]
+    assert "vmap(Linear)" in kinds and any(k.startswith("code(") for k in kinds), kinds
+    g = torch.Generator().manual_seed(3)
+    batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
+    _check(model, "mse", batch, "torch", [(False, False), (False, True)])
+    with torch.no_grad():
+        model.gain.fill_(-0.2)  # read at each call, not at the trace
+    _check(model, "mse", batch, "torch", [(False, False)])
+    model.shift = torch.linspace(1, -1, 6, dtype=torch.float64)  # a new tensor attribute: read at each call too
+    _check(model, "mse", batch, "torch", [(False, False)])
+
+
+class Computed(nn.Module):
+    """A forward that computes a tensor from a tensor attribute alone: torch.fx would keep that
+    result's value of the trace, so the model is not traced."""
+
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.ones(3, dtype=torch.float64)
+        self.a = nn.Linear(2, 3)
+
+    def forward(self, x):
+        return self.a(x) + self.shift * 2
+
+
+def test_computed_constant_is_not_traced():
+    model = Computed().double()
+    attrs = set(vars(model))
+    text = fastmeta.explain(model)
+    assert "computes a tensor from other than its input" in text and "vmap(Computed)" in text, text
+    assert set(vars(model)) == attrs
+    model.shift = torch.zeros(3, dtype=torch.float64)
+    x = torch.randn(2, 4, 2, dtype=torch.float64)
+    P = {n: p.expand(2, *p.shape) for n, p in model.named_parameters()}
+    assert torch.allclose(plan.lower(model)(P, x), model(x))
+
+
+class Dropping(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.b(F.dropout(torch.tanh(self.a(x)), 0.5, self.training))
+
+
+def test_random_code_is_marked_and_drawn_per_task():
+    torch.manual_seed(0)
+    model = Dropping().double()
+    prog = plan.lower(model)
+    code = [s for s in prog.steps if s.kind.startswith("code(")]
+    assert len(code) == 1 and code[0].random and prog.random
+    assert prog.invariant_prefix(set()) == 1  # (the draw is not made once for several passes)
+    x = torch.ones(4, 3, 6, dtype=torch.float64)
+    out = code[0].run(x, {})
+    masks = (out != 0).reshape(4, -1)
+    assert len({tuple(m.tolist()) for m in masks}) > 1  # each task its own draw
+    model.eval()
+    assert not any(s.random for s in plan.lower(model).steps)
+
+
+def test_trace_switch(monkeypatch):
+    model = _model("sine_relu")
+    assert plan.lower(model).mlp is not None
+    monkeypatch.setenv("FASTMETA_TRACE", "0")
+    prog = plan.lower(model)
+    assert prog.fallbacks and "custom forward" in prog.fallbacks[0].fallback
