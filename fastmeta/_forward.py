@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
+import weakref
 
 import torch
 from torch import fx, nn
@@ -134,6 +135,7 @@ def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: 
     from torch.func import vmap
 
     params, live = [], {}  # parameters: per-task inputs of the vmap; buffers and tensor attributes: read at each call
+    owner = weakref.ref(root)  # (the planner's cache keeps the step while root lives, not root)
     for a in dict.fromkeys(a for n in region for a in n.all_input_nodes if a.op == "get_attr"):
         try:
             p = root.get_parameter(a.target)
@@ -142,7 +144,7 @@ def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: 
         if p is not None:
             params.append((a, canon[id(p)]))
         else:
-            live[a] = lambda t=a.target: _attr(root, t)
+            live[a] = lambda t=a.target: _attr(owner(), t)
 
     def code(x, *values):
         env = {cur: x}

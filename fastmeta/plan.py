@@ -877,7 +877,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
     _no_backward_hooks(model)
     key = (strict, _structure(model), tracing_on())
     hit = _cache.get(model)
-    if hit is not None and hit[0] == key and (hit[2] is None or hit[2] == _attributes(model)):
+    if hit is not None and hit[0] == key and (not hit[2] or hit[3] == _attributes(model, hit[2])):
         return hit[1]
     canon = _canonical_names(model)
     steps, leaves = [], []
@@ -909,21 +909,24 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
     mlp, why = _mlp_spec(model, leaves, steps, canon)
     norms = list({id(m): m for m in model.modules() if isinstance(m, _BATCH_NORMS)}.values())
     prog = Program(steps, list(canon.values()), mlp, why, norms)
-    # a traced forward ran its Python code once, with the modules' attributes of now (training mode,
-    # flags it may branch on): lowered again when any changes
-    traced = any(traceable(m) for m in model.modules())
-    _cache[model] = (key, prog, _attributes(model) if traced else None)
+    # a traced forward ran its Python code once, with the attributes of now (training mode, flags
+    # it may branch on): lowered again when any changes
+    # (weak references: the cache's value must not hold its key, the model, alive)
+    traced = [weakref.ref(m) for m in model.modules() if traceable(m)]
+    _cache[model] = (key, prog, traced, _attributes(model, traced) if traced else None)
     return prog
 
 
 _PLAIN = (bool, int, float, str, type(None))
 
 
-def _attributes(model: nn.Module) -> tuple:
-    """The plain-valued attributes (numbers, strings, flags, tuples of them) of every module of model."""
-    return tuple(tuple((k, v) for k, v in vars(m).items()
-                       if type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v)))
-                 for m in model.modules())
+def _attributes(model: nn.Module, traced: list) -> tuple:
+    """The plain-valued attributes (numbers, strings, flags, tuples of them) of the modules whose
+    forward was traced, and every module's training mode."""
+    return (tuple(tuple((k, v) for k, v in vars(m).items()
+                        if type(v) in _PLAIN or (type(v) is tuple and all(type(e) in _PLAIN for e in v)))
+                  for m in (r() for r in traced) if m is not None),
+            tuple(m.training for m in model.modules()))
 
 
 def explain(model: nn.Module) -> str:

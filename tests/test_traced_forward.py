@@ -356,3 +356,17 @@ def test_trace_switch(monkeypatch):
     monkeypatch.setenv("FASTMETA_TRACE", "0")
     prog = plan.lower(model)
     assert prog.fallbacks and "custom forward" in prog.fallbacks[0].fallback
+
+
+def test_traced_programs_do_not_keep_their_models():
+    """The planner's cache holds a program while its model lives: a traced model (its code reading
+    a buffer and a tensor attribute) is freed when its last reference goes."""
+    import gc
+    import weakref
+
+    model = Captured(torch.ones(6, dtype=torch.float64)).double()
+    plan.lower(model)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
