@@ -10,9 +10,14 @@ x.sigmoid(), F.leaky_relu, F.gelu, F.silu) or a flatten of each sample (``x.view
 ``torch.flatten(x, 1)``), it stands for the module that computes the same, so that the fused ops
 (Linear with its activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop) see it.
 
-Only chains are traced: each value is used by the next module or stretch of code alone (no skip
-connections, no second input, one returned tensor); anything else, and a forward that torch.fx
-cannot trace (control flow on tensor values), runs through the vmap fallback as before.
+A chain (each value used by the next module or stretch of code alone) becomes entries the planner
+lowers one by one, as a Sequential's; a forward that is not a chain (skip connections, a value
+used twice) becomes one graph step that runs its runs of modules (lowered as chains) and its
+stretches of code (under vmap, with as many inputs and outputs as they have) in the forward's
+order. A forward with several inputs or outputs, one that torch.fx cannot trace (control flow on
+tensor values or shapes), one that computes a tensor from other than its input, parameters and
+buffers (torch.fx would keep its value of the trace) and one that carries a size across a module
+call (vmap returns tensors only) runs through the vmap fallback as before.
 The trace runs the forward's Python once: branches on the modules' attributes (training mode and
 flags) are taken as they stand, and the planner traces again when any such attribute changes.
 """
@@ -165,7 +170,7 @@ def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: 
     names = list(dict.fromkeys(_name(n) for n in region))
     random = any(_draws(n) for n in region)
     return plan.Step(path, f"code({', '.join(names)}) under vmap", run, params=frozenset(c for _, c in params),
-                     synthetic=True, random=random)
+                     synthetic=True, random=random, spec=dict(params=params, live=live))
 
 
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
@@ -187,8 +192,9 @@ def _attr(root: nn.Module, target: str):
     return obj
 
 
-def forward_entries(root: nn.Module, prefix: str, canon: dict):
-    """(entries, None) for root's forward as a chain, paths under prefix; else (None, why not)."""
+def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = False):
+    """(entries, None) for root's forward as a chain, paths under prefix (or one graph step where it
+    is not a chain); else (None, why not)."""
     kind = type(root).__name__
     try:
         sig = inspect.signature(root.forward)
@@ -214,7 +220,12 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict):
     try:
         return _chain(graph, root, prefix, canon), None
     except _Failed as e:
-        return None, f"{kind}.forward is not a chain of modules and code ({e})"
+        not_chain = str(e)
+    try:
+        step = _graph_step(graph, root, prefix, canon, strict)
+    except _Failed as e:
+        return None, f"{kind}.forward is not a chain of modules and code ({not_chain}), nor a graph of them ({e})"
+    return [(step.path, step)], None
 
 
 def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict) -> list:
@@ -278,3 +289,144 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict) -> list:
         else:
             region.append(n)
     return entries
+
+
+# nodes whose value is a number or shape, not a tensor (vmap returns tensors only)
+_SHAPES = ("size", "dim", "numel", "shape", "ndim", "ndimension")
+
+
+def _is_shape(n: fx.Node) -> bool:
+    if n.op == "call_method" and n.target in _SHAPES:
+        return True
+    if n.op == "call_function" and n.target is getattr and len(n.args) > 1 and n.args[1] in _SHAPES:
+        return True
+    return (n.op == "call_function" and n.target is operator.getitem and isinstance(n.args[0], fx.Node)
+            and _is_shape(n.args[0]))
+
+
+def _graph_step(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: bool) -> plan.Step:
+    """One step for a forward that is a graph, not a chain (skip connections, values used twice):
+    each run of modules one after the other (each value used by the next alone) is lowered as a
+    chain, each stretch of the code between module calls runs under vmap over the tasks (its
+    inputs and outputs as many as it has), in the forward's order."""
+    from torch.func import vmap
+
+    nodes = list(graph.nodes)
+    (ph,) = [n for n in nodes if n.op == "placeholder"]
+    (out,) = [n for n in nodes if n.op == "output"]
+    if not isinstance(out.args[0], fx.Node):
+        raise _Failed("it returns other than one value")
+    units, run, region = [], None, []  # units: ("run", input, entries, last) / ("code", nodes)
+
+    def close_run():
+        nonlocal run
+        if run is not None:
+            units.append(("run",) + tuple(run))
+            run = None
+
+    def close_region():
+        if region:
+            units.append(("code", list(region)))
+            region.clear()
+
+    for n in nodes:
+        if n.op in ("placeholder", "get_attr", "output"):
+            continue
+        mod, inp = None, None
+        if n.op == "call_module":
+            if n.kwargs or len(n.args) != 1 or not isinstance(n.args[0], fx.Node):
+                raise _Failed(f"module {n.target} is called with other than one input")
+            mod, inp = root.get_submodule(n.target), n.args[0]
+            path = prefix + n.target
+        elif n.args and isinstance(n.args[0], fx.Node):
+            mod, inp = _as_module([n], n.args[0]), n.args[0]
+            mod = None if mod is None else Synthetic(mod)
+            path = f"{prefix}{n.name}()"
+        if mod is None:
+            close_run()
+            region.append(n)
+            continue
+        close_region()
+        if run is not None and run[2] is inp and set(inp.users) == {n}:
+            run[1].append((path, mod))
+            run[2] = n
+        else:
+            close_run()
+            run = [inp, [(path, mod)], n]
+    close_run()
+    close_region()
+
+    schedule, params_all, random, kinds = [], set(), False, []
+    for unit in units:
+        if unit[0] == "run":
+            _, inp, entries, last = unit
+            steps = []
+            plan._lower_entries(entries, canon, strict, steps, [])
+            for st in steps:
+                if not st.synthetic:
+                    st.params = frozenset(canon[id(p)] for p in root.get_submodule(st.path[len(prefix):]).parameters())
+                params_all |= st.params
+                random = random or st.random or st.fallback is not None or st.kind == "dropout"
+                kinds.append(st.kind)
+            schedule.append(("run", inp, steps, last))
+        else:
+            region = unit[1]
+            inside = set(region)
+            inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes
+                                        if a not in inside and a.op != "get_attr"))
+            outputs = [n for n in region if any(u not in inside for u in n.users)]
+            shapes = [n.name for n in outputs if _is_shape(n)]
+            if shapes:
+                raise _Failed(f"{shapes[0]}, a size, is used across a module call")
+            if not inputs or not outputs:
+                raise _Failed(f"the code of {region[0].name} uses no value of the forward or passes none on")
+            st = _region_step(region, inputs, outputs, root, canon)
+            params_all |= st.params
+            random = random or st.random
+            kinds.append(st.kind)
+            schedule.append(("code", inputs, st, outputs))
+
+    def run(x, P):
+        env = {ph: x}
+        for unit in schedule:
+            if unit[0] == "run":
+                _, inp, steps, last = unit
+                v = env[inp]
+                for st in steps:
+                    v = st.run(v, P)
+                env[last] = v
+            else:
+                _, inputs, st, outputs = unit
+                env.update(zip(outputs, st.run(tuple(env[a] for a in inputs), P)))
+        return env[out.args[0]]
+
+    counts = {}
+    for k in kinds:
+        counts[k] = counts.get(k, 0) + 1
+    summary = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
+    return plan.Step(f"{prefix}forward()", f"graph({summary})", run, params=frozenset(params_all),
+                     synthetic=True, random=random, spec=dict(has_conv="batched_conv2d" in counts))
+
+
+def _region_step(region: list, inputs: list, outputs: list, root: nn.Module, canon: dict) -> plan.Step:
+    """_code_step's step for code with several inputs and outputs: run(values, P) -> outputs."""
+    from torch.func import vmap
+
+    inner = _code_step(region, inputs[0], outputs[0], root, "", canon)
+    params, live = inner.spec["params"], inner.spec["live"]
+
+    def code(values, *pvalues):
+        env = dict(zip(inputs, values))
+        env.update(zip((a for a, _ in params), pvalues))
+        env.update((a, get()) for a, get in live.items())
+        for n in region:
+            args = fx.node.map_arg(n.args, env.__getitem__)
+            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
+            env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(
+                *args[1:], **kwargs)
+        return tuple(env[o] for o in outputs)
+
+    def run(values, P):
+        return vmap(code, randomness="different")(values, *(P[c] for _, c in params))
+
+    return plan.Step("", inner.kind, run, params=inner.params, synthetic=True, random=inner.random)

@@ -554,8 +554,9 @@ class BatchedMAML(nn.Module):
         lowered = {id(m) for m in prog.lowered_batch_norms()}
         inside = [type(m).__name__ for m in prog.batch_norms if id(m) not in lowered]
         if inside:
-            raise ValueError(f"per_step_bn: {', '.join(inside)} run inside a torch.func fallback (see fastmeta.explain), "
-                             "where a step's own weights and statistics cannot reach them")
+            raise ValueError(f"per_step_bn: {', '.join(inside)} run inside a torch.func fallback or a traced forward's "
+                             "graph step (see fastmeta.explain), where a step's own weights and statistics cannot reach "
+                             "them")
         if self.inner_steps < 1:
             raise ValueError(f"per_step_bn: needs inner_steps >= 1, got {self.inner_steps}")
         return _StepBatchNorms(self.model, prog, self.inner_steps)

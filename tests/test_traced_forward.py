@@ -84,6 +84,43 @@ class Reshaping(nn.Sequential):  # a Sequential subclass whose forward reshapes 
         return super().forward(x.view(-1, 2, 7, 7))
 
 
+class ResBlock(nn.Module):  # a ResNet block: two convolutions, a 1x1 shortcut, the sum, then pooling
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout)
+        self.conv2, self.bn2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)
+        self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
+        out = self.bn2(self.conv2(out))
+        out += self.short(x)
+        return self.pool(F.relu(out))
+
+
+class ResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer1, self.layer2 = ResBlock(2, 4), ResBlock(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(x))
+        return self.head(x.mean(dim=(2, 3)))
+
+
+class SkipMLP(nn.Module):  # a value used twice: the input's skip connection, a gate of two branches
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.c, self.d = nn.Linear(3, 8), nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        g = torch.sigmoid(self.c(h)) * self.b(h) + h
+        return self.d(torch.cat([g[..., :4], F.silu(g[..., 4:])], dim=-1)) + x[..., :1]
+
+
 def _reshaping():
     return Reshaping(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 5 * 5, 3))
 
@@ -96,6 +133,8 @@ MODELS = {
     "convnet": ("conv", ConvNet),
     "blocknet": ("conv", BlockNet),
     "reshaping": ("flat", _reshaping),
+    "resnet": ("conv", ResNet),
+    "skip_mlp": ("mlp3", SkipMLP),
 }
 
 
@@ -180,6 +219,21 @@ def test_traced_mlps_take_the_fused_kernel():
     assert plan.lower(_model("methods")).mlp.negative_slope == 0.2
 
 
+def test_graph_forward_lowers_its_modules():
+    """A forward that is not a chain (ResNet blocks, skip connections) is one graph step: its runs of
+    modules lowered as chains (conv, the fused BatchNorm -> ReLU -> MaxPool2d where a run ends so),
+    its code between them under vmap."""
+    prog = plan.lower(_model("resnet"))
+    assert [s.kind.split("(")[0] for s in prog.steps] == ["graph"], prog.steps
+    kind = prog.steps[0].kind
+    assert ("batched_conv2d x6" in kind and "batched_batch_norm x6" in kind and "code(add) under vmap x2" in kind
+            and "batched_linear" in kind and "vmap(" not in kind.replace("under vmap", "")), kind
+    assert not prog.steps[0].random and len(prog.steps[0].params) == 22
+    assert prog.mlp is None
+    with pytest.raises(ValueError, match="per_step_bn: BatchNorm2d, .* graph step"):
+        fastmeta.BatchedMAML(_model("resnet"), 0.1, 2, per_step_bn=True)
+
+
 def test_traced_conv_net_lowers_its_blocks():
     text = fastmeta.explain(_model("convnet"))
     assert text.count("bn_relu_pool") >= 2 and "flatten" in text and "vmap(" not in text
@@ -191,13 +245,14 @@ def test_traced_conv_net_lowers_its_blocks():
     assert prog.mlp is None and "runs code between the modules" in prog.mlp_reason
 
 
-class Residual(nn.Module):
+class SizeAcross(nn.Module):  # a size taken before a module call and used after it
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 1)
+        self.a = nn.Linear(2, 1)
 
     def forward(self, x):
-        return self.b(torch.sin(self.a(x))) + x[..., :1]
+        n = x.size(0)
+        return self.a(x).view(n, -1)
 
 
 class RankBranch(nn.Module):  # control flow on the input's rank: torch.fx cannot trace it, vmap runs it
@@ -218,7 +273,7 @@ class TwoInputs(nn.Module):
         return self.a(x) * scale
 
 
-@pytest.mark.parametrize("make,why", [(Residual, "not a chain of modules and code (x is used again by"),
+@pytest.mark.parametrize("make,why", [(SizeAcross, "nor a graph of them (size, a size, is used across a module call)"),
                                       (RankBranch, "torch.fx cannot trace RankBranch.forward"),
                                       (TwoInputs, "takes other arguments than one input")])
 def test_untraced_forward_falls_back_exactly(make, why):

@@ -41,8 +41,11 @@ def batched_batch_norm_ref(x, weight=None, bias=None, eps=1e-5, running_mean=Non
     return y
 
 
-def batched_batch_norm(x, weight=None, bias=None, eps=1e-5, running_mean=None, running_var=None):
-    """Per-task BatchNorm (see module docstring)."""
+def batched_batch_norm(x, weight=None, bias=None, eps=1e-5, running_mean=None, running_var=None, *,
+                       batch_stats=None):
+    """Per-task BatchNorm (see module docstring). batch_stats: None, or a pair (mean, var) of
+    tensors [T * C] of x's dtype that receive each task's batch mean and unbiased variance per
+    channel (batch statistics only), made by the same kernel (for running statistics)."""
     _checks.tensor("x", x, min_dim=3)
     T, C = x.shape[0], x.shape[2]
     for name, p in (("weight", weight), ("bias", bias)):
@@ -51,11 +54,16 @@ def batched_batch_norm(x, weight=None, bias=None, eps=1e-5, running_mean=None, r
                              f"[C={C}] for x {tuple(x.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("batched_batch_norm: give both running_mean and running_var, or neither")
+    if batch_stats is not None:
+        if running_mean is not None or len(batch_stats) != 2 or any(
+                not isinstance(b, torch.Tensor) or b.shape != (T * C,) or b.dtype != x.dtype for b in batch_stats):
+            raise ValueError(f"batched_batch_norm: batch_stats must be two {x.dtype} tensors [T * C = {T * C}] and "
+                             "needs batch statistics (no running_mean / running_var)")
     select("batched_batch_norm", x.device.type)
-    return _torch_impl(x, weight, bias, eps, running_mean, running_var)
+    return _torch_impl(x, weight, bias, eps, running_mean, running_var, batch_stats)
 
 
-def _torch_impl(x, weight, bias, eps, running_mean, running_var):
+def _torch_impl(x, weight, bias, eps, running_mean, running_var, batch_stats=None):
     T, N, C = x.shape[:3]
     spatial = x.shape[3:]
     xf = x.transpose(0, 1).reshape(N, T * C, *spatial)  # a view when x is task-inner already
@@ -63,5 +71,9 @@ def _torch_impl(x, weight, bias, eps, running_mean, running_var):
         return None if p is None else (p if p.dim() == 2 else p.expand(T, C)).reshape(T * C)
     rm = None if running_mean is None else running_mean.repeat(T)
     rv = None if running_var is None else running_var.repeat(T)
-    y = F.batch_norm(xf, rm, rv, fold(weight), fold(bias), training=running_mean is None, eps=eps)
+    momentum = 0.1
+    if batch_stats is not None:  # a training-mode update with momentum 1 leaves the batch's own statistics
+        rm, rv = batch_stats
+        momentum = 1.0
+    y = F.batch_norm(xf, rm, rv, fold(weight), fold(bias), training=running_mean is None, momentum=momentum, eps=eps)
     return y.view(N, T, C, *spatial).transpose(0, 1)
