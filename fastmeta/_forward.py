@@ -10,11 +10,12 @@ x.sigmoid(), F.leaky_relu, F.gelu, F.silu) or a flatten of each sample (``x.view
 ``torch.flatten(x, 1)``), it stands for the module that computes the same, so that the fused ops
 (Linear with its activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop) see it.
 
-A chain (each value used by the next module or stretch of code alone) becomes entries the planner
-lowers one by one, as a Sequential's; a forward that is not a chain (skip connections, a value
-used twice) becomes one graph step that runs its runs of modules (lowered as chains) and its
-stretches of code (under vmap, with as many inputs and outputs as they have) in the forward's
-order. A forward with several inputs or outputs, one that torch.fx cannot trace (control flow on
+The forward is cut where it is one value (the only value later nodes use, as between two
+modules of a chain) into entries the planner lowers one by one, as a Sequential's: a module call,
+the code between module calls, and, for a stretch between two cuts that holds modules but is not
+one module call (skip connections, a value used twice, as a ResNet block up to its sum), one
+graph step that runs its runs of modules (lowered as chains) and its stretches of code (under
+vmap, with as many inputs and outputs as they have) in the forward's order. A forward with several inputs or outputs, one that torch.fx cannot trace (control flow on
 tensor values or shapes), one that computes a tensor from other than its input, parameters and
 buffers (torch.fx would keep its value of the trace) and one that carries a size across a module
 call (vmap returns tensors only) runs through the vmap fallback as before.
@@ -218,19 +219,42 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = Fa
         return None, (f"{kind}.forward computes a tensor from other than its input, parameters and buffers "
                       f"(torch.fx would keep its value of now: {', '.join(sorted(constants))})")
     try:
-        return _chain(graph, root, prefix, canon), None
+        return _chain(graph, root, prefix, canon, strict), None
     except _Failed as e:
-        not_chain = str(e)
-    try:
-        step = _graph_step(graph, root, prefix, canon, strict)
-    except _Failed as e:
-        return None, f"{kind}.forward is not a chain of modules and code ({not_chain}), nor a graph of them ({e})"
-    return [(step.path, step)], None
+        return None, f"{kind}.forward cannot run as batched steps ({e})"
 
 
-def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict) -> list:
+def _cuts(ph: fx.Node, order: list) -> list:
+    """The positions i of order (the forward's nodes in order) after which order[i] is the only value
+    a later node uses: where the forward is one value, as between two modules of a chain."""
+    end = len(order)
+    pos = {n: i for i, n in enumerate(order)}
+    last = {n: max((end if u.op == "output" else pos.get(u, -1) for u in n.users), default=-1) for n in [ph] + order}
+    live, cuts = {ph} if last[ph] >= 0 else set(), []
+    for i, n in enumerate(order):
+        live.add(n)
+        live = {m for m in live if last[m] > i}
+        if live == {n}:
+            cuts.append(i)
+    return cuts
+
+
+def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: bool) -> list:
+    """The forward as entries one after the other, cut where it is one value: a module call alone,
+    the code between module calls (one step; an activation or flatten its module), or, where a
+    stretch between two cuts holds modules that are not one chain (skip connections), one graph
+    step for that stretch."""
     nodes = list(graph.nodes)
     (cur,) = [n for n in nodes if n.op == "placeholder"]
+    (output,) = [n for n in nodes if n.op == "output"]
+    order = [n for n in nodes if n.op not in ("placeholder", "get_attr", "output")]
+    result = output.args[0]
+    if not isinstance(result, fx.Node):
+        raise _Failed("it returns other than one value")
+    if not order and result is cur:
+        return []
+    if not order or order[-1] is not result:
+        raise _Failed(f"it returns {result.name}, not the value it computes last")
     entries, region = [], []
 
     def only_used_by(v: fx.Node, users) -> None:
@@ -271,23 +295,24 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict) -> list:
         region.clear()
         cur = out
 
-    for n in nodes:
-        if n.op in ("placeholder", "get_attr"):
+    start = 0
+    for c in _cuts(cur, order):
+        seg, out = order[start:c + 1], order[c]
+        start = c + 1
+        if all(n.op != "call_module" for n in seg):
+            region.extend(seg)  # code: one step with the code before it
             continue
-        if n.op == "call_module":
-            close()
-            if n.args != (cur,) or n.kwargs:
-                raise _Failed(f"module {n.target} is called with other inputs than {cur.name}")
-            only_used_by(cur, {n})
+        close()
+        n = seg[0]
+        if len(seg) == 1 and n.args == (cur,) and not n.kwargs:
             entries.append((prefix + n.target, root.get_submodule(n.target)))
-            cur = n
-        elif n.op == "output":
-            close()
-            if n.args[0] is not cur:
-                raise _Failed("it returns other than one value of the chain")
-            only_used_by(cur, {n})
         else:
-            region.append(n)
+            if len(seg) == 1:
+                raise _Failed(f"module {n.target} is called with other inputs than {cur.name}")
+            step = _graph_step(seg, cur, out, root, prefix, canon, strict)
+            entries.append((step.path, step))
+        cur = out
+    close()
     return entries
 
 
@@ -304,18 +329,14 @@ def _is_shape(n: fx.Node) -> bool:
             and _is_shape(n.args[0]))
 
 
-def _graph_step(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: bool) -> plan.Step:
+def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, prefix: str, canon: dict,
+                strict: bool) -> plan.Step:
     """One step for a forward that is a graph, not a chain (skip connections, values used twice):
     each run of modules one after the other (each value used by the next alone) is lowered as a
     chain, each stretch of the code between module calls runs under vmap over the tasks (its
     inputs and outputs as many as it has), in the forward's order."""
     from torch.func import vmap
 
-    nodes = list(graph.nodes)
-    (ph,) = [n for n in nodes if n.op == "placeholder"]
-    (out,) = [n for n in nodes if n.op == "output"]
-    if not isinstance(out.args[0], fx.Node):
-        raise _Failed("it returns other than one value")
     units, run, region = [], None, []  # units: ("run", input, entries, last) / ("code", nodes)
 
     def close_run():
@@ -330,8 +351,6 @@ def _graph_step(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, stri
             region.clear()
 
     for n in nodes:
-        if n.op in ("placeholder", "get_attr", "output"):
-            continue
         mod, inp = None, None
         if n.op == "call_module":
             if n.kwargs or len(n.args) != 1 or not isinstance(n.args[0], fx.Node):
@@ -398,13 +417,13 @@ def _graph_step(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, stri
             else:
                 _, inputs, st, outputs = unit
                 env.update(zip(outputs, st.run(tuple(env[a] for a in inputs), P)))
-        return env[out.args[0]]
+        return env[result]
 
     counts = {}
     for k in kinds:
         counts[k] = counts.get(k, 0) + 1
     summary = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
-    return plan.Step(f"{prefix}forward()", f"graph({summary})", run, params=frozenset(params_all),
+    return plan.Step(f"{prefix}{nodes[0].name}..{nodes[-1].name}()", f"graph({summary})", run, params=frozenset(params_all),
                      synthetic=True, random=random, spec=dict(has_conv="batched_conv2d" in counts))
 
 

@@ -220,15 +220,20 @@ def test_traced_mlps_take_the_fused_kernel():
 
 
 def test_graph_forward_lowers_its_modules():
-    """A forward that is not a chain (ResNet blocks, skip connections) is one graph step: its runs of
-    modules lowered as chains (conv, the fused BatchNorm -> ReLU -> MaxPool2d where a run ends so),
-    its code between them under vmap."""
+    """A forward that is not a chain (ResNet blocks, skip connections) is cut where it is one value
+    (between the blocks); each stretch that is not a chain is one graph step: its runs of modules
+    lowered as chains, its code between them under vmap."""
     prog = plan.lower(_model("resnet"))
-    assert [s.kind.split("(")[0] for s in prog.steps] == ["graph"], prog.steps
-    kind = prog.steps[0].kind
-    assert ("batched_conv2d x6" in kind and "batched_batch_norm x6" in kind and "code(add) under vmap x2" in kind
-            and "batched_linear" in kind and "vmap(" not in kind.replace("under vmap", "")), kind
-    assert not prog.steps[0].random and len(prog.steps[0].params) == 22
+    kinds = [s.kind.split("(")[0] for s in prog.steps]
+    assert kinds == ["graph", "ReLU", "MaxPool2d", "graph", "ReLU", "MaxPool2d", "code", "batched_linear"], kinds
+    assert [s.path for s in prog.steps][::3] == ["layer1_conv1..add()", "layer2_conv1..add_1()", "mean()"]
+    for step in prog.steps[::3][:2]:
+        kind = step.kind
+        assert ("batched_conv2d x3" in kind and "batched_batch_norm x3" in kind and "code(add) under vmap" in kind
+                and "vmap(" not in kind.replace("under vmap", "")), kind
+        assert not step.random and len(step.params) == 10
+    # (ANIL: the blocks read no adapted parameter, so they run once on the support set)
+    assert prog.invariant_prefix({"head.weight", "head.bias"}) == 7
     assert prog.mlp is None
     with pytest.raises(ValueError, match="per_step_bn: BatchNorm2d, .* graph step"):
         fastmeta.BatchedMAML(_model("resnet"), 0.1, 2, per_step_bn=True)
@@ -273,7 +278,7 @@ class TwoInputs(nn.Module):
         return self.a(x) * scale
 
 
-@pytest.mark.parametrize("make,why", [(SizeAcross, "nor a graph of them (size, a size, is used across a module call)"),
+@pytest.mark.parametrize("make,why", [(SizeAcross, "cannot run as batched steps (size, a size, is used across a module"),
                                       (RankBranch, "torch.fx cannot trace RankBranch.forward"),
                                       (TwoInputs, "takes other arguments than one input")])
 def test_untraced_forward_falls_back_exactly(make, why):
@@ -425,3 +430,34 @@ def test_traced_programs_do_not_keep_their_models():
     del model
     gc.collect()
     assert ref() is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_graph_model_head_only_inner_loop(backend):
+    """ANIL on the ResNet: only the head adapts, so the blocks (graph steps) run once on the support
+    set; the meta-gradient of every parameter (the blocks' through the second-order terms) equals
+    the loop's."""
+    model = _model("resnet")
+    loss, batch = _batch("conv", 3)
+    head = {"head.weight", "head.bias"}
+    for first_order in (False, True):
+        want_loss, want, _ = loop_meta_grads(model, *batch, 0.3, 2, loss, first_order, adapted=head)
+        with fastmeta.use_backend(backend):
+            meta = fastmeta.BatchedMAML(model, 0.3, 2, first_order=first_order, loss=loss,
+                                        inner_params=lambda n: n in head)
+            got_loss, grads = meta.value_and_grad(*batch)
+        assert abs(got_loss.item() - want_loss.item()) <= 1e-10 * abs(want_loss.item())
+        assert_rel_close(list(grads), want, 1e-9, f"meta-grad, first_order={first_order}")
+
+
+def test_graph_step_keeps_a_hooked_module_whole():
+    """A module with a forward hook inside a stretch that is not a chain runs as its own call
+    (the vmap fallback); strict lowering names it."""
+    model = _model("resnet")
+    model.layer1.bn2.register_forward_hook(lambda m, inp, out: out * 0.5)
+    prog = plan.lower(model)
+    assert "vmap(BatchNorm2d)" in prog.steps[0].kind
+    with pytest.raises(fastmeta.UnsupportedModule, match="layer1.bn2.*forward hooks"):
+        plan.lower(model, strict=True)
+    loss, batch = _batch("conv", 2)
+    _check(model, loss, batch, "torch", [(False, False)])
