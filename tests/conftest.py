@@ -181,3 +181,32 @@ def assert_grads_close(got, want, rtol=1e-10):
     for a, b in zip(got, want):
         assert a is not None and a.shape == b.shape
         assert (a - b).abs().max().item() <= rtol * scale
+
+
+def assert_meta_sgd_case_matches_loop(model, batch, lr, steps, loss, backend, first_order, meta_sgd, g, what, **kw):
+    """BatchedMAML(model) on ``backend`` against the per-task loop (float64): the loss (1e-10), the
+    meta-gradient and, with Meta-SGD (rates drawn from ``g`` around lr), the rates' gradients
+    (1e-9), and autograd.grad of the forward against value_and_grad (1e-10)."""
+    import fastmeta
+
+    rates = None
+    if meta_sgd:
+        rates = {n: lr * (0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype)) for n, p in model.named_parameters()}
+    lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
+    want_loss, want, want_lr = loop_meta_grads(model, *batch, lr, steps, loss, first_order, lrs=lrs)
+    with fastmeta.use_backend(backend):
+        meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss=loss, learn_inner_lr=meta_sgd,
+                                    **kw)
+        if rates is not None:
+            with torch.no_grad():
+                for n, r in rates.items():
+                    meta.lrs[n.replace(".", "__")].copy_(r)
+        got_loss, grads = meta.value_and_grad(*batch)
+        by_autograd = torch.autograd.grad(meta(*batch), list(meta.parameters()))
+    named = dict(zip([n for n, _ in meta.named_parameters()], grads))
+    names = [n for n, _ in model.named_parameters()]
+    assert abs(got_loss.item() - want_loss.item()) <= 1e-10 * abs(want_loss.item()), what
+    assert_rel_close([named[f"model.{n}"] for n in names], want, 1e-9, f"meta-grad of {what}")
+    assert_rel_close(list(by_autograd), list(grads), 1e-10, f"autograd vs value_and_grad of {what}")
+    if rates is not None:
+        assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want_lr, 1e-9, f"rate grad of {what}")

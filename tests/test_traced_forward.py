@@ -12,7 +12,7 @@ from torch import nn
 
 import fastmeta
 from fastmeta import plan
-from conftest import assert_rel_close, has_cpp, loop_meta_grads
+from conftest import assert_meta_sgd_case_matches_loop, assert_rel_close, has_cpp, loop_meta_grads
 
 BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
 
@@ -165,30 +165,8 @@ def _batch(kind, T, seed=0):
 def _check(model, loss, batch, backend, combos, lr=0.3, steps=2, **kw):
     g = torch.Generator().manual_seed(2)
     for first_order, meta_sgd in combos:
-        rates = None
-        if meta_sgd:
-            rates = {n: lr * (0.5 + torch.rand(p.shape, generator=g, dtype=p.dtype))
-                     for n, p in model.named_parameters()}
-        lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
-        want_loss, want, want_lr = loop_meta_grads(model, *batch, lr, steps, loss, first_order, lrs=lrs)
-        with fastmeta.use_backend(backend):
-            meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss=loss,
-                                        learn_inner_lr=meta_sgd, **kw)
-            if rates is not None:
-                with torch.no_grad():
-                    for n, r in rates.items():
-                        meta.lrs[n.replace(".", "__")].copy_(r)
-            got_loss, grads = meta.value_and_grad(*batch)
-            by_autograd = torch.autograd.grad(meta(*batch), list(meta.parameters()))
-        what = f"first_order={first_order} meta_sgd={meta_sgd} backend={backend}"
-        named = dict(zip([n for n, _ in meta.named_parameters()], grads))
-        names = [n for n, _ in model.named_parameters()]
-        assert abs(got_loss.item() - want_loss.item()) <= 1e-10 * abs(want_loss.item()), what
-        assert_rel_close([named[f"model.{n}"] for n in names], want, 1e-9, f"meta-grad, {what}")
-        assert_rel_close(list(by_autograd), list(grads), 1e-10, f"autograd vs value_and_grad, {what}")
-        if rates is not None:
-            assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want_lr, 1e-9,
-                             f"rate grad, {what}")
+        assert_meta_sgd_case_matches_loop(model, batch, lr, steps, loss, backend, first_order, meta_sgd, g,
+                                          f"first_order={first_order} meta_sgd={meta_sgd} backend={backend}", **kw)
 
 
 ALL = [(f, m) for f in (False, True) for m in (False, True)]
