@@ -1,26 +1,27 @@
-"""A module's own forward, traced (torch.fx) into the chain of modules and code it runs, so that the
-planner lowers the modules one by one as it lowers a Sequential's.
+"""A module's own forward, traced (torch.fx) into the modules and code it runs, so that the planner
+lowers the modules one by one as it lowers a Sequential's.
 
-A traced forward becomes entries (path, what) applied one after the other: each module call
-(PyTorch's modules and modules with hooks are called as a whole, custom modules are traced
-through); each stretch of the forward's own code between two module calls becomes one step that
-runs that code under ``torch.func.vmap`` over the task dim, so that it sees one task's tensors as
-the per-task loop's forward does; where that code is only an activation (F.relu, torch.tanh,
-x.sigmoid(), F.leaky_relu, F.gelu, F.silu) or a flatten of each sample (``x.view(x.size(0), -1)``,
-``torch.flatten(x, 1)``), it stands for the module that computes the same, so that the fused ops
-(Linear with its activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop) see it.
+The trace calls PyTorch's modules and modules with hooks as a whole and traces through custom
+modules. The forward is then cut where it is one value (the only value later nodes use, as
+between two modules of a chain) into entries (path, what) applied one after the other:
+- a module call;
+- the forward's own code between module calls: one step that runs it under ``torch.func.vmap``
+  over the task dim, so that it sees one task's tensors as the per-task loop's forward does;
+  where that code is only an activation (F.relu, torch.tanh, x.sigmoid(), F.leaky_relu, F.gelu,
+  F.silu) or a flatten of each sample (``x.view(x.size(0), -1)``, ``torch.flatten(x, 1)``), it
+  stands for the module that computes the same, so that the fused ops (Linear with its
+  activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop) see it;
+- a stretch between two cuts that holds modules but is not one module call (skip connections, a
+  value used twice, as a ResNet block up to its sum): one graph step that runs its runs of modules
+  (lowered as chains) and its stretches of code (under vmap, with as many inputs and outputs as
+  they have) in the forward's order.
 
-The forward is cut where it is one value (the only value later nodes use, as between two
-modules of a chain) into entries the planner lowers one by one, as a Sequential's: a module call,
-the code between module calls, and, for a stretch between two cuts that holds modules but is not
-one module call (skip connections, a value used twice, as a ResNet block up to its sum), one
-graph step that runs its runs of modules (lowered as chains) and its stretches of code (under
-vmap, with as many inputs and outputs as they have) in the forward's order. A forward with several inputs or outputs, one that torch.fx cannot trace (control flow on
-tensor values or shapes), one that computes a tensor from other than its input, parameters and
-buffers (torch.fx would keep its value of the trace) and one that carries a size across a module
-call (vmap returns tensors only) runs through the vmap fallback as before.
-The trace runs the forward's Python once: branches on the modules' attributes (training mode and
-flags) are taken as they stand, and the planner traces again when any such attribute changes.
+A forward with several inputs or outputs, one that torch.fx cannot trace (control flow on tensor
+values or shapes), one that computes a tensor from other than its input, parameters and buffers
+(torch.fx would keep its value of the trace) and one that carries a size across a module call
+(vmap returns tensors only) runs through the vmap fallback as before. The trace runs the
+forward's Python once: branches on the modules' attributes (training mode and flags) are taken as
+they stand, and the planner traces again when any such attribute changes.
 """
 from __future__ import annotations
 
@@ -136,8 +137,11 @@ def _flatten(start: int, end: int):
     return m if plan._flatten_dims(m, "") is not None else None
 
 
-def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: str, canon: dict) -> plan.Step:
-    """One step running the code of region on each task's input (torch.func.vmap over the task dim)."""
+def _code_step(region: list, inputs: list, outputs: list, root: nn.Module, path: str, canon: dict,
+               packed: bool = False) -> plan.Step:
+    """One step running the code of region on each task's values (torch.func.vmap over the task dim):
+    run(x, P) -> its output (one input, one output), or with packed, run(tuple of the inputs' values,
+    P) -> tuple of the outputs' values."""
     from torch.func import vmap
 
     params, live = [], {}  # parameters: per-task inputs of the vmap; buffers and tensor attributes: read at each call
@@ -152,9 +156,9 @@ def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: 
         else:
             live[a] = lambda t=a.target: _attr(owner(), t)
 
-    def code(x, *values):
-        env = {cur: x}
-        env.update(zip((a for a, _ in params), values))
+    def code(values, *pvalues):
+        env = dict(zip(inputs, values))
+        env.update(zip((a for a, _ in params), pvalues))
         env.update((a, get()) for a, get in live.items())
         for n in region:
             args = fx.node.map_arg(n.args, env.__getitem__)
@@ -163,15 +167,20 @@ def _code_step(region: list, cur: fx.Node, out: fx.Node, root: nn.Module, path: 
                 env[n] = n.target(*args, **kwargs)
             else:  # call_method
                 env[n] = getattr(args[0], n.target)(*args[1:], **kwargs)
-        return env[out]
+        return tuple(env[o] for o in outputs)
+
+    one = not packed
+    if one and (len(inputs) != 1 or len(outputs) != 1):
+        raise ValueError(f"_code_step: {len(inputs)} inputs and {len(outputs)} outputs need packed=True")
 
     def run(x, P):
-        return vmap(code, randomness="different")(x, *(P[c] for _, c in params))
+        got = vmap(code, randomness="different")((x,) if one else x, *(P[c] for _, c in params))
+        return got[0] if one else got
 
     names = list(dict.fromkeys(_name(n) for n in region))
     random = any(_draws(n) for n in region)
     return plan.Step(path, f"code({', '.join(names)}) under vmap", run, params=frozenset(c for _, c in params),
-                     synthetic=True, random=random, spec=dict(params=params, live=live))
+                     synthetic=True, random=random)
 
 
 _DROPOUTS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
@@ -290,7 +299,7 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: b
         if mod is not None:
             entries.append((f"{prefix}{names}()", Synthetic(mod)))
         else:
-            entries.append((f"{prefix}{names}()", _code_step(list(region), cur, out, root, f"{prefix}{names}()",
+            entries.append((f"{prefix}{names}()", _code_step(list(region), [cur], [out], root, f"{prefix}{names}()",
                                                              canon)))
         region.clear()
         cur = out
@@ -335,8 +344,6 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
     each run of modules one after the other (each value used by the next alone) is lowered as a
     chain, each stretch of the code between module calls runs under vmap over the tasks (its
     inputs and outputs as many as it has), in the forward's order."""
-    from torch.func import vmap
-
     units, run, region = [], None, []  # units: ("run", input, entries, last) / ("code", nodes)
 
     def close_run():
@@ -399,7 +406,7 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
                 raise _Failed(f"{shapes[0]}, a size, is used across a module call")
             if not inputs or not outputs:
                 raise _Failed(f"the code of {region[0].name} uses no value of the forward or passes none on")
-            st = _region_step(region, inputs, outputs, root, canon)
+            st = _code_step(region, inputs, outputs, root, "", canon, packed=True)
             params_all |= st.params
             random = random or st.random
             kinds.append(st.kind)
@@ -423,29 +430,7 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
     for k in kinds:
         counts[k] = counts.get(k, 0) + 1
     summary = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
-    return plan.Step(f"{prefix}{nodes[0].name}..{nodes[-1].name}()", f"graph({summary})", run, params=frozenset(params_all),
-                     synthetic=True, random=random, spec=dict(has_conv="batched_conv2d" in counts))
+    return plan.Step(f"{prefix}{nodes[0].name}..{nodes[-1].name}()", f"graph({summary})", run,
+                     params=frozenset(params_all), synthetic=True, random=random,
+                     spec=dict(has_conv="batched_conv2d" in counts))
 
-
-def _region_step(region: list, inputs: list, outputs: list, root: nn.Module, canon: dict) -> plan.Step:
-    """_code_step's step for code with several inputs and outputs: run(values, P) -> outputs."""
-    from torch.func import vmap
-
-    inner = _code_step(region, inputs[0], outputs[0], root, "", canon)
-    params, live = inner.spec["params"], inner.spec["live"]
-
-    def code(values, *pvalues):
-        env = dict(zip(inputs, values))
-        env.update(zip((a for a, _ in params), pvalues))
-        env.update((a, get()) for a, get in live.items())
-        for n in region:
-            args = fx.node.map_arg(n.args, env.__getitem__)
-            kwargs = fx.node.map_arg(n.kwargs, env.__getitem__)
-            env[n] = n.target(*args, **kwargs) if n.op == "call_function" else getattr(args[0], n.target)(
-                *args[1:], **kwargs)
-        return tuple(env[o] for o in outputs)
-
-    def run(values, P):
-        return vmap(code, randomness="different")(values, *(P[c] for _, c in params))
-
-    return plan.Step("", inner.kind, run, params=inner.params, synthetic=True, random=inner.random)

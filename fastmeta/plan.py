@@ -16,15 +16,16 @@ A module is lowered only where calling it runs its class's own forward: a module
 hooks or with parametrizations (weight norm) is not, nor is any module while global module hooks
 are registered, and neither is a Sequential with them. A module with its own forward (the model,
 or a module in it; a subclass of a lowered class that overrides forward too) is traced with
-torch.fx into the chain of modules and code it runs (fastmeta/_forward.py), whose modules are
-lowered as a Sequential's children (a forward that is not a chain: one graph step of such runs of
-modules and the code between them); where it cannot be traced, it runs as a whole as below. Module backward hooks raise (neither the batched ops nor vmap run them). Any
-other module runs through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact,
-but slower and heavier), as its own call would. A module used at several places of a Sequential (tied weights) runs at each; in a vmap
-fallback each module attribute that holds a parameter is given the per-task one once
-(``parameter_slots``), so tied and shared parameters run as in the loop and the model keeps its
-own. ``explain(model)`` says which path each module takes and why; ``lower(model, strict=True)``
-raises instead of falling back.
+torch.fx into the modules and code it runs (fastmeta/_forward.py), whose modules are lowered as
+a Sequential's children (a stretch of it that is not a chain: one graph step of its runs of
+modules and the code between them); where it cannot be traced, it runs as a whole as below.
+Module backward hooks raise (neither the batched ops nor vmap run them). Any other module runs
+through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but slower and
+heavier), as its own call would. A module used at several places of a Sequential (tied weights)
+runs at each; in a vmap fallback each module attribute that holds a parameter is given the
+per-task one once (``parameter_slots``), so tied and shared parameters run as in the loop and
+the model keeps its own. ``explain(model)`` says which path each module takes and why;
+``lower(model, strict=True)`` raises instead of falling back.
 
 BatchNorm uses per-task (transductive) batch statistics when the module is in training mode or
 keeps no running statistics, as MAML does; in eval mode with running statistics it uses those.
@@ -598,15 +599,12 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
         def run(x, P, m=m, w=w, b=b):
             use_running = (not m.training) and m.track_running_stats and m.running_mean is not None
             stats = _statistics_of(m)[1] if use_running else None
-            made = None
-            if not use_running and _recording() and _tracks(m):  # this pass's statistics, from the same kernel
-                T, C = x.shape[0], x.shape[2]
-                made = (x.new_zeros(T * C), x.new_ones(T * C))
+            made = [] if not use_running and _recording() and _tracks(m) else None  # (from the same kernel)
             y = ops.batched_batch_norm(x, P[w] if w else None, P[b] if b else None, m.eps,
                                        stats.running_mean if use_running else None,
                                        stats.running_var if use_running else None, batch_stats=made)
-            if made is not None:
-                _record(m, made[0].view(T, C), made[1].view(T, C))
+            if made:
+                _record(m, *made[0])
             return y
         return Step(path, "batched_batch_norm", run, spec=dict(module=m, w=w, b=b)), False
     if isinstance(m, nn.Conv1d):  # as a Conv2d over [C, 1, L]
@@ -731,8 +729,11 @@ def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
             for part in parts:
                 x = part.run(x, P)
             return x
-        _record_input(bn, x)
-        return ops.bn_relu_pool(x, P[w] if w else None, P[b] if b else None, bn.eps)
+        made = [] if _recording() and _tracks(bn) else None  # this pass's statistics, from the kernel's
+        y = ops.bn_relu_pool(x, P[w] if w else None, P[b] if b else None, bn.eps, batch_stats=made)
+        if made:
+            _record(bn, *made[0])
+        return y
     return Step(path, "bn_relu_pool", run, spec=dict(w=w, b=b, eps=bn.eps, batch_stats=batch_stats, module=bn))
 
 

@@ -281,7 +281,8 @@ def traced(draw):
             if rnd.random() < 0.15:
                 parts.append(lambda x, a=rnd.choice([0.5, 1.5]), b=rnd.choice([-0.25, 0.3]): x * a + b)
             x = y
-        cuts = sorted(rnd.sample(range(1, len(parts)), min(len(parts) - 1, rnd.randint(0, 2)))) if len(parts) > 1 else []
+        cuts = (sorted(rnd.sample(range(1, len(parts)), min(len(parts) - 1, rnd.randint(0, 2))))
+                if len(parts) > 1 else [])
         groups = [parts[i:j] for i, j in zip([0] + cuts, cuts + [len(parts)])]
         outer = Chain([Chain(g) if rnd.random() < 0.7 else nn.Sequential(*g) if all(
             isinstance(p, nn.Module) for p in g) else Chain(g) for g in groups])

@@ -297,3 +297,25 @@ def test_double_backward_fake_kernel_and_errors():
             op(None, ggw, ggb, *bwd_args)
     with pytest.raises(RuntimeError, match=r"gy \[2, 2, 4, 3, 3\].*must be \[T, N, C, H/2, W/2\]"):
         torch.ops.fastmeta.bn_relu_pool_backward(gy[:, :2], x, w, idx, y, mean, invstd)
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=requires_cpp)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_stats_are_the_normalizing_statistics(backend, dtype):
+    """batch_stats receives each task's batch mean and unbiased variance (the planner records
+    tracked running statistics from them), in both layouts; the output is unchanged."""
+    T, N, C, H, W = 3, 4, 5, 6, 4
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(N, T, C, H, W, generator=g, dtype=torch.float64).mul(2).add(1).to(dtype)
+    w, b = torch.rand(T, C, generator=g, dtype=torch.float64).to(dtype), torch.randn(T, C, dtype=dtype)
+    for x in (base.transpose(0, 1), base.transpose(0, 1).contiguous()):
+        var, mean = torch.var_mean(x.double(), dim=(1, 3, 4), correction=1)
+        made = []
+        with fastmeta.use_backend(backend):
+            y = ops.bn_relu_pool(x, w, b, batch_stats=made)
+            assert torch.equal(y, ops.bn_relu_pool(x, w, b))
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        assert len(made) == 1 and made[0][0].dtype == dtype
+        assert_rel_close([made[0][0].double(), made[0][1].double()], [mean, var], tol, "batch statistics")
+    with pytest.raises(ValueError, match="batch_stats must be a list, got dict"):
+        ops.bn_relu_pool(base.transpose(0, 1), w, b, batch_stats={})

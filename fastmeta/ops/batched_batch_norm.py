@@ -43,9 +43,9 @@ def batched_batch_norm_ref(x, weight=None, bias=None, eps=1e-5, running_mean=Non
 
 def batched_batch_norm(x, weight=None, bias=None, eps=1e-5, running_mean=None, running_var=None, *,
                        batch_stats=None):
-    """Per-task BatchNorm (see module docstring). batch_stats: None, or a pair (mean, var) of
-    tensors [T * C] of x's dtype that receive each task's batch mean and unbiased variance per
-    channel (batch statistics only), made by the same kernel (for running statistics)."""
+    """Per-task BatchNorm (see module docstring). batch_stats: None, or a list to which the call
+    appends (mean, var) [T, C], each task's batch mean and unbiased variance per channel, made by
+    the same kernel (for running statistics; batch statistics only)."""
     _checks.tensor("x", x, min_dim=3)
     T, C = x.shape[0], x.shape[2]
     for name, p in (("weight", weight), ("bias", bias)):
@@ -54,11 +54,9 @@ def batched_batch_norm(x, weight=None, bias=None, eps=1e-5, running_mean=None, r
                              f"[C={C}] for x {tuple(x.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("batched_batch_norm: give both running_mean and running_var, or neither")
-    if batch_stats is not None:
-        if running_mean is not None or len(batch_stats) != 2 or any(
-                not isinstance(b, torch.Tensor) or b.shape != (T * C,) or b.dtype != x.dtype for b in batch_stats):
-            raise ValueError(f"batched_batch_norm: batch_stats must be two {x.dtype} tensors [T * C = {T * C}] and "
-                             "needs batch statistics (no running_mean / running_var)")
+    if batch_stats is not None and (not isinstance(batch_stats, list) or running_mean is not None):
+        raise ValueError(f"batched_batch_norm: batch_stats must be a list (got {type(batch_stats).__name__}) and "
+                         "needs batch statistics (no running_mean / running_var)")
     select("batched_batch_norm", x.device.type)
     return _torch_impl(x, weight, bias, eps, running_mean, running_var, batch_stats)
 
@@ -72,8 +70,13 @@ def _torch_impl(x, weight, bias, eps, running_mean, running_var, batch_stats=Non
     rm = None if running_mean is None else running_mean.repeat(T)
     rv = None if running_var is None else running_var.repeat(T)
     momentum = 0.1
-    if batch_stats is not None:  # a training-mode update with momentum 1 leaves the batch's own statistics
-        rm, rv = batch_stats
+    if running_mean is None:
+        # a training-mode update with momentum 1 leaves the batch's own statistics in rm, rv (for
+        # batch_stats; made on every call, so that a recomputation that does not ask for them, as
+        # a checkpointed pass in the backward, saves the same tensors as the first run)
+        rm, rv = x.new_zeros(T * C), x.new_ones(T * C)
         momentum = 1.0
     y = F.batch_norm(xf, rm, rv, fold(weight), fold(bias), training=running_mean is None, momentum=momentum, eps=eps)
+    if batch_stats is not None:
+        batch_stats.append((rm.view(T, C), rv.view(T, C)))
     return y.view(N, T, C, *spatial).transpose(0, 1)

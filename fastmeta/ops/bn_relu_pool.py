@@ -37,9 +37,10 @@ AUTO = {"cpu": ("cpp", "torch"), "cuda": ("cuda", "triton", "torch")}
 register_op("bn_relu_pool", IMPLEMENTED, AUTO)
 
 
-def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5):
+def bn_relu_pool_ref(x, weight=None, bias=None, eps=1e-5, batch_stats=None):
     """The reference: batched_batch_norm (batch statistics), relu, max_pool2d(2) per sample."""
-    return per_sample_2d(F.relu(batched_batch_norm(x, weight, bias, eps)), lambda b: F.max_pool2d(b, 2))
+    return per_sample_2d(F.relu(batched_batch_norm(x, weight, bias, eps, batch_stats=batch_stats)),
+                         lambda b: F.max_pool2d(b, 2))
 
 
 def _pool_at(r, idx):
@@ -150,9 +151,12 @@ def _reference_backward_fn(gy, x, weight, bias, idx, eps):
 
 class _BNReLUPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, backend):
+    def forward(ctx, x, weight, bias, eps, backend, stats=None):
         fwd, ctx.bwd, ctx.dbwd = _kernels(backend)
         y, idx, mean, invstd = fwd(x, weight, bias, eps)
+        if stats is not None:  # unbiased variance from invstd = 1 / sqrt(var + eps)
+            n = x.shape[1] * x.shape[3] * x.shape[4]
+            stats.append((mean.detach().clone(), (invstd.detach().pow(-2) - eps) * (n / max(n - 1, 1))))
         ctx.save_for_backward(x, weight, bias, idx, y, mean, invstd)
         ctx.eps = eps
         return y
@@ -165,7 +169,7 @@ class _BNReLUPool(torch.autograd.Function):
             grads = _BNReLUPoolBackward.apply(gy, x, weight, bias, idx, y, mean, invstd, ctx.eps, ctx.bwd, ctx.dbwd)
         else:
             grads = ctx.bwd(gy, x, weight, idx, y, mean, invstd)
-        return tuple(g if n else None for g, n in zip(grads, need)) + (None, None)
+        return tuple(g if n else None for g, n in zip(grads, need)) + (None, None, None)
 
 
 class _BNReLUPoolBackward(torch.autograd.Function):
@@ -202,15 +206,20 @@ class _BNReLUPoolBackward(torch.autograd.Function):
         return (g_gy if need[0] else None, g_x if need[1] else None, g_w if need[2] else None) + none
 
 
-def bn_relu_pool(x, weight=None, bias=None, eps=1e-5):
-    """Per-task BatchNorm -> ReLU -> MaxPool2d(2) (see module docstring)."""
+def bn_relu_pool(x, weight=None, bias=None, eps=1e-5, *, batch_stats=None):
+    """Per-task BatchNorm -> ReLU -> MaxPool2d(2) (see module docstring). batch_stats: None, or a
+    list to which the call appends (mean, var) [T, C], each task's batch mean and unbiased variance
+    per channel, from the statistics the kernel normalized with (for running statistics)."""
     _checks.tensor("x", x, dim=5)
     T, N, C, H, W = x.shape
     check_affine(x, tuple(x.shape), weight, bias)
+    if batch_stats is not None and not isinstance(batch_stats, list):
+        raise ValueError(f"bn_relu_pool: batch_stats must be a list, got {type(batch_stats).__name__}")
     backend = fused_backend(x)
     if backend is None:
-        return bn_relu_pool_ref(x, weight, bias, eps)
-    return _BNReLUPool.apply(x, per_task(x, weight, 1.0, T, C), per_task(x, bias, 0.0, T, C), float(eps), backend)
+        return bn_relu_pool_ref(x, weight, bias, eps, batch_stats)
+    return _BNReLUPool.apply(x, per_task(x, weight, 1.0, T, C), per_task(x, bias, 0.0, T, C), float(eps), backend,
+                             batch_stats)
 
 
 def check_affine(like, shape, weight, bias, op="bn_relu_pool", what="x"):
