@@ -598,3 +598,16 @@ def test_traced_forward_script_runs(capsys):
             traced_forward.main(["--models", "mlp"])
     finally:
         sys.path.remove(os.path.join(root, "benchmarks"))
+
+
+def test_bn_running_stats_script_runs(capsys):
+    """benchmarks/bn_running_stats.py at one task: both rows run and are printed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    sys.path.insert(0, os.path.join(root, "benchmarks"))
+    try:
+        import bn_running_stats
+        out = bn_running_stats.main(["--tasks", "1", "--order", "first", "--seconds", "0.02"])
+        assert all(med is not None for med, _, _ in out["first"].values())
+        assert "| track_running_stats=True |" in capsys.readouterr().out
+    finally:
+        sys.path.remove(os.path.join(root, "benchmarks"))
