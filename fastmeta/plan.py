@@ -21,10 +21,11 @@ a Sequential's children (a stretch of it that is not a chain: one graph step of 
 modules and the code between them); where it cannot be traced, it runs as a whole as below.
 Module backward hooks raise (neither the batched ops nor vmap run them). Any other module runs
 through a ``torch.func`` vmap of ``functional_call`` over the task dim (exact, but slower and
-heavier), as its own call would. A module used at several places of a Sequential (tied weights)
-runs at each; in a vmap fallback each module attribute that holds a parameter is given the
-per-task one once (``parameter_slots``), so tied and shared parameters run as in the loop and
-the model keeps its own. ``explain(model)`` says which path each module takes and why;
+heavier), as its own call would; where vmap has no batching rule for one of its ops (an LSTM's),
+task by task, as the per-task loop calls it. A module used at several places of a Sequential
+(tied weights) runs at each; in a vmap fallback each module attribute that holds a parameter is
+given the per-task one once (``parameter_slots``), so tied and shared parameters run as in the
+loop and the model keeps its own. ``explain(model)`` says which path each module takes and why;
 ``lower(model, strict=True)`` raises instead of falling back.
 
 BatchNorm uses per-task (transductive) batch statistics when the module is in training mode or
@@ -521,14 +522,26 @@ def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
     # each attribute holding a parameter once (see parameter_slots), keyed for functional_call
     rel = {n: canon[id(p)] for n, p in parameter_slots(module).items()}
     norms = [(n + "." if n else "", m) for n, m in module.named_modules() if isinstance(m, _BATCH_NORMS)]
+    unbatched = []  # the reason once vmap has no batching rule for an op of the module
+
+    def call(params, xt):
+        return functional_call(module, params, (xt,), tie_weights=False)
 
     def run(x, P):
         sub = {n: P[c] for n, c in rel.items()}
         live = [(pre, bn) for pre, bn in norms if _tracks(bn)]
         if not live:
-            def one(params, xt):
-                return functional_call(module, params, (xt,), tie_weights=False)
-            return vmap(one, randomness="different")(sub, x)
+            if not unbatched:
+                try:
+                    return vmap(call, randomness="different")(sub, x)
+                except RuntimeError as e:
+                    if "Batching rule not implemented" not in str(e):
+                        raise
+                    unbatched.append(str(e).splitlines()[0])
+            # an op vmap cannot batch (aten::lstm and the like): the module task by task, as the
+            # per-task loop calls it, the outputs stacked
+            outs = [call({n: v[t] for n, v in sub.items()}, _task(x, t)) for t in range(_tasks(x))]
+            return torch.utils._pytree.tree_map(lambda *ts: torch.stack(ts), *outs)
         # BatchNorm in training mode with running statistics: each task updates a copy of them
         # (a batched buffer, which vmap allows), from which this pass's statistics are read back
         T = x.shape[0]
@@ -558,6 +571,16 @@ def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
         return out
 
     return Step(path, f"vmap({type(module).__name__})", run, fallback=reason)
+
+
+def _tasks(x) -> int:
+    """The task count of a value [T, ...] (or a tuple or list of them, as a module may return)."""
+    return torch.utils._pytree.tree_leaves(x)[0].shape[0]
+
+
+def _task(x, t: int):
+    """Task t's part of a value [T, ...] (or of each tensor of a tuple or list of them)."""
+    return torch.utils._pytree.tree_map(lambda v: v[t], x)
 
 
 def _flatten_dims(m: nn.Flatten, path: str):

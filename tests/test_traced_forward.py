@@ -439,3 +439,29 @@ def test_graph_step_keeps_a_hooked_module_whole():
         plan.lower(model, strict=True)
     loss, batch = _batch("conv", 2)
     _check(model, loss, batch, "torch", [(False, False)])
+
+
+class Recurrent(nn.Module):
+    """An LSTM, which torch.func's vmap cannot batch (no batching rule for aten::lstm), then code on
+    its output tuple and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm, self.fc = nn.LSTM(3, 8, batch_first=True), nn.Linear(8, 2)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.fc(torch.tanh(out[:, -1]))
+
+
+def test_module_vmap_cannot_batch_runs_task_by_task():
+    """The LSTM's fallback step runs it task by task (as the loop calls it) once vmap reports an op
+    without a batching rule; the rest is lowered as usual; loss and meta-gradient equal the loop's."""
+    torch.manual_seed(0)
+    model = Recurrent().double()
+    kinds = [s.kind for s in plan.lower(model).steps]
+    assert kinds[0] == "vmap(LSTM)" and kinds[-1] == "batched_linear", kinds
+    g = torch.Generator().manual_seed(3)
+    batch = tuple(torch.randn(3, n, *d, generator=g, dtype=torch.float64)
+                  for n, d in ((4, (5, 3)), (4, (2,)), (6, (5, 3)), (6, (2,))))
+    _check(model, "mse", batch, "torch", [(False, False), (True, True)])
