@@ -8,15 +8,18 @@ between two modules of a chain) into entries (path, what) applied one after the 
 - the forward's own code between module calls: one step that runs it under ``torch.func.vmap``
   over the task dim, so that it sees one task's tensors as the per-task loop's forward does;
   where that code is only an activation (F.relu, torch.tanh, x.sigmoid(), F.leaky_relu, F.gelu,
-  F.silu) or a flatten of each sample (``x.view(x.size(0), -1)``, ``torch.flatten(x, 1)``), it
-  stands for the module that computes the same, so that the fused ops (Linear with its
-  activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop) see it;
+  F.silu), a pool (F.max_pool2d, F.avg_pool2d), a flatten of each sample (``x.view(x.size(0),
+  -1)``, ``torch.flatten(x, 1)``) or F.linear / F.conv2d on the model's own Parameters, it stands
+  for the module that computes the same (holding those Parameters), so that the batched and fused
+  ops (Linear with its activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop)
+  see it;
 - a stretch between two cuts that holds modules but is not one module call (skip connections, a
   value used twice, as a ResNet block up to its sum): one graph step that runs its runs of modules
   (lowered as chains) and its stretches of code (under vmap, with as many inputs and outputs as
   they have) in the forward's order.
 
-A forward with several inputs or outputs, one that torch.fx cannot trace (control flow on tensor
+Arguments after the input that have a plain default (``forward(x, vars=None)``) are traced at it,
+as ``model(x)`` runs. A forward with other inputs or several outputs, one that torch.fx cannot trace (control flow on tensor
 values or shapes), one that computes a tensor from other than its input, parameters and buffers
 (torch.fx would keep its value of the trace) and one that carries a size across a module call
 (vmap returns tensors only) runs through the vmap fallback as before. The trace runs the
@@ -91,10 +94,75 @@ def _args(n: fx.Node, cur: fx.Node, defaults: dict):
     return got
 
 
-def _as_module(region: list, cur: fx.Node):
+def _parameter(root: nn.Module, a):
+    """The Parameter of root that get_attr node a reads, or None (a buffer, another value)."""
+    if not isinstance(a, fx.Node) or a.op != "get_attr":
+        return None
+    try:
+        return root.get_parameter(a.target)
+    except AttributeError:
+        return None
+
+
+def _layer(n: fx.Node, cur: fx.Node, root: nn.Module):
+    """For F.linear / F.conv2d of cur with weights that are parameters of root: a Linear / Conv2d
+    holding those same Parameters (so the planner lowers it as it lowers that module), else None."""
+    if n.op != "call_function" or n.target not in (F.linear, F.conv2d):
+        return None
+    spec = {"weight": None, "bias": None} if n.target is F.linear else {
+        "weight": None, "bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
+    a = _args(n, cur, spec)
+    if a is None:
+        return None
+    w, b = _parameter(root, a["weight"]), _parameter(root, a["bias"])
+    if w is None or (a["bias"] is not None and b is None):
+        return None
+    if n.target is F.linear:
+        if w.dim() != 2:
+            return None
+        m = nn.Linear(1, 1, bias=b is not None, device="meta")
+        m.in_features, m.out_features = w.shape[1], w.shape[0]
+    else:
+        geom = {k: a[k] for k in ("stride", "padding", "dilation", "groups")}
+        plain = lambda v: type(v) in (int, str) or (type(v) in (tuple, list) and all(type(e) is int for e in v))  # noqa
+        if w.dim() != 4 or not all(plain(v) for v in geom.values()):
+            return None
+        geom = {k: tuple(v) if type(v) is list else v for k, v in geom.items()}
+        try:
+            m = nn.Conv2d(w.shape[1] * geom["groups"], w.shape[0], tuple(w.shape[2:]), bias=b is not None,
+                          device="meta", **geom)
+        except (ValueError, TypeError):
+            return None
+    m.weight = w  # (the model's own Parameters: their canonical names are the planner's)
+    if b is not None:
+        m.bias = b
+    return m
+
+
+_LAYERS = (nn.Linear, nn.Conv2d)
+_POOLS = {F.max_pool2d: (nn.MaxPool2d, {"kernel_size": None, "stride": None, "padding": 0, "dilation": 1,
+                                         "ceil_mode": False, "return_indices": False}),
+          F.avg_pool2d: (nn.AvgPool2d, {"kernel_size": None, "stride": None, "padding": 0, "ceil_mode": False,
+                                         "count_include_pad": True, "divisor_override": None})}
+
+
+def _as_module(region: list, cur: fx.Node, root: nn.Module | None = None):
     """The module that computes what the code in region does to cur, or None."""
     if len(region) == 1:
         n = region[0]
+        if root is not None:
+            layer = _layer(n, cur, root)
+            if layer is not None:
+                return layer
+        if n.op == "call_function" and n.target in _POOLS:
+            cls, defaults = _POOLS[n.target]
+            a = _args(n, cur, defaults)
+            plain = lambda v: type(v) in (int, bool, type(None)) or (  # noqa: E731
+                type(v) in (tuple, list) and all(type(e) is int for e in v))
+            if a is not None and a["kernel_size"] is not None and all(plain(v) for v in a.values()) \
+                    and not a.get("return_indices"):
+                return cls(**{k: tuple(v) if type(v) is list else v for k, v in a.items()})
+            return None
         key = n.target if n.op == "call_method" else n.target if n.op == "call_function" else None
         try:
             hit = _ACTIVATIONS.get(key)
@@ -210,12 +278,17 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = Fa
         sig = inspect.signature(root.forward)
     except (TypeError, ValueError):
         return None, f"{kind}.forward has no signature to trace"
-    if len(sig.parameters) != 1 or next(iter(sig.parameters.values())).kind not in (
-            inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+    args = list(sig.parameters.values())
+    # one input; other arguments only with a default (None, a flag, a number: model(x) takes it)
+    if not args or args[0].kind not in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) \
+            or args[0].default is not inspect.Parameter.empty or any(
+                a.kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+                or a.default is inspect.Parameter.empty or type(a.default) not in plan._PLAIN for a in args[1:]):
         return None, f"{kind}.forward takes other arguments than one input ({', '.join(sig.parameters)})"
+    concrete = {a.name: a.default for a in args[1:]}
     before = set(vars(root))
     try:
-        graph = _Tracer().trace(root)
+        graph = _Tracer().trace(root, concrete_args=concrete or None)
     except Exception as e:  # (what torch.fx cannot trace: control flow on tensor values and the like)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         return None, f"torch.fx cannot trace {kind}.forward ({type(e).__name__}: {msg[:160]})"
@@ -228,9 +301,27 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = Fa
         return None, (f"{kind}.forward computes a tensor from other than its input, parameters and buffers "
                       f"(torch.fx would keep its value of now: {', '.join(sorted(constants))})")
     try:
+        _drop_defaults(graph)
         return _chain(graph, root, prefix, canon, strict), None
     except _Failed as e:
         return None, f"{kind}.forward cannot run as batched steps ({e})"
+
+
+def _drop_defaults(graph: fx.Graph) -> None:
+    """Removes the placeholders of the arguments traced at their defaults (concrete_args) and the
+    checks torch.fx adds on them; an argument the forward uses otherwise fails the trace."""
+    asserts = (torch.fx._symbolic_trace._assert_is_none, torch._assert, operator.eq)
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        seen, todo = [], list(ph.users)
+        while todo:
+            u = todo.pop()
+            if u.op != "call_function" or u.target not in asserts:
+                raise _Failed(f"it uses its argument {ph.target} (traced at its default) in {u.name}")
+            seen.append(u)
+            todo.extend(u.users)
+        for u in sorted(set(seen), key=lambda n: -list(graph.nodes).index(n)):
+            graph.erase_node(u)
+        graph.erase_node(ph)
 
 
 def _cuts(ph: fx.Node, order: list) -> list:
@@ -276,7 +367,7 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: b
         # a leading activation (or flatten) of the value stands for its module; the code after it
         # is a step of its own
         while len(region) > 1 and set(cur.users) == {region[0]}:
-            mod = _as_module(region[:1], cur)
+            mod = _as_module(region[:1], cur, root)
             if mod is None:
                 break
             entries.append((f"{prefix}{region[0].name}()", Synthetic(mod)))
@@ -294,7 +385,7 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: b
         if len(leaving) != 1:
             raise _Failed(f"the code of {region[0].name} passes {len(leaving)} values on")
         out = leaving[0]
-        mod = _as_module(region, cur)
+        mod = _as_module(region, cur, root)
         names = "+".join(n.name for n in region)
         if mod is not None:
             entries.append((f"{prefix}{names}()", Synthetic(mod)))
@@ -304,16 +395,24 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: b
         region.clear()
         cur = out
 
-    start = 0
+    start, prev = 0, cur  # prev: the value the segment starts from (cur: the pending region's input)
     for c in _cuts(cur, order):
         seg, out = order[start:c + 1], order[c]
         start = c + 1
-        if all(n.op != "call_module" for n in seg):
+        alone = _as_module(seg, prev, root) if len(seg) == 1 and seg[0].op != "call_module" else None
+        prev = out
+        if alone is not None and not region:  # a function standing for a module, as F.linear, F.relu
+            entries.append((f"{prefix}{seg[0].name}()", Synthetic(alone)))
+            cur = out
+            continue
+        if all(n.op != "call_module" for n in seg) and (alone is None or not isinstance(alone, _LAYERS)):
             region.extend(seg)  # code: one step with the code before it
             continue
         close()
         n = seg[0]
-        if len(seg) == 1 and n.args == (cur,) and not n.kwargs:
+        if alone is not None:
+            entries.append((f"{prefix}{n.name}()", Synthetic(alone)))
+        elif len(seg) == 1 and n.args == (cur,) and not n.kwargs:
             entries.append((prefix + n.target, root.get_submodule(n.target)))
         else:
             if len(seg) == 1:
@@ -365,7 +464,7 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
             mod, inp = root.get_submodule(n.target), n.args[0]
             path = prefix + n.target
         elif n.args and isinstance(n.args[0], fx.Node):
-            mod, inp = _as_module([n], n.args[0]), n.args[0]
+            mod, inp = _as_module([n], n.args[0], root), n.args[0]
             mod = None if mod is None else Synthetic(mod)
             path = f"{prefix}{n.name}()"
         if mod is None:

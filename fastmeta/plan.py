@@ -825,6 +825,9 @@ def _lower_entries(mods: list, canon: dict, strict: bool, steps: list, leaves: l
             step = _vmap_step(m, path, canon, extra)
             extra = False
         step.synthetic = synthetic
+        if synthetic:  # (a module standing for F.linear and the like: the model's Parameters it holds)
+            step.params = frozenset(canon[id(p)] for mod in (m, nxt if extra else None) if mod is not None
+                                    for p in mod.parameters())
         steps.append(step)
         leaves.append(m)
         if extra:

@@ -212,18 +212,20 @@ def random_module_case(seed):
 
 
 class Chain(nn.Module):
-    """A custom forward applying its parts in turn: modules (its children) and functions."""
+    """A custom forward applying its parts in turn: modules (its children), functions, and functions
+    of a module's Parameters (a (function, module) pair: the module is held, not called)."""
 
     def __init__(self, parts):
         super().__init__()
         self.mods = nn.ModuleList([p for p in parts if isinstance(p, nn.Module)])
+        self.held = nn.ModuleList([p[1] for p in parts if isinstance(p, tuple)])
         self.order, k = [], 0
         for p in parts:
             if isinstance(p, nn.Module):
                 self.order.append(k)
                 k += 1
             else:
-                self.order.append(p)
+                self.order.append(p[0] if isinstance(p, tuple) else p)
 
     def forward(self, x):
         for p in self.order:
@@ -257,6 +259,12 @@ def _as_function(m, rnd):
         return lambda x, a=m.approximate: F.gelu(x, approximate=a)
     if type(m) is nn.SiLU:
         return F.silu
+    if type(m) is nn.Linear:  # functional code on the module's Parameters
+        return (lambda x, m=m: F.linear(x, m.weight, m.bias)), m
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros":
+        return (lambda x, m=m: F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)), m
+    if type(m) is nn.MaxPool2d:
+        return lambda x, m=m: F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:
         return rnd.choice([lambda x: x.view(x.size(0), -1), lambda x: x.reshape(x.shape[0], -1),
                            lambda x: torch.flatten(x, 1), lambda x: x.flatten(1)])
@@ -277,7 +285,7 @@ def traced(draw):
             if isinstance(m, nn.Module) and any(True for _ in m.parameters()) and y.shape == x.shape and (
                     rnd.random() < 0.3):
                 m = Residual(m)  # (a skip connection around it)
-            parts.append(_as_function(m, rnd) if rnd.random() < 0.7 else m)
+            parts.append(_as_function(m, rnd) if rnd.random() < 0.6 else m)
             if rnd.random() < 0.15:
                 parts.append(lambda x, a=rnd.choice([0.5, 1.5]), b=rnd.choice([-0.25, 0.3]): x * a + b)
             x = y
@@ -287,9 +295,10 @@ def traced(draw):
         outer = Chain([Chain(g) if rnd.random() < 0.7 else nn.Sequential(*g) if all(
             isinstance(p, nn.Module) for p in g) else Chain(g) for g in groups])
         names = {id(p): n for n, p in outer.named_parameters()}
-        if rates is not None:
+        if rates is not None:  # (keyed by the new names, in the new model's parameter order)
             params = dict(model.named_parameters())
-            rates = {names[id(params[n])]: r for n, r in rates.items()}
+            by_id = {id(params[n]): r for n, r in rates.items()}
+            rates = {n: by_id[id(p)] for n, p in outer.named_parameters()}
         return outer, batch, lr, steps, first_order, rates, f"traced forward of {desc}"
     return rewritten
 

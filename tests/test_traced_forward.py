@@ -134,6 +134,8 @@ MODELS = {
     "blocknet": ("conv", BlockNet),
     "reshaping": ("flat", _reshaping),
     "resnet": ("conv", ResNet),
+    "functional_conv": ("conv", lambda: Learner()),
+    "functional_mlp": ("mlp1", lambda: FunctionalMLP()),
     "skip_mlp": ("mlp3", SkipMLP),
 }
 
@@ -252,13 +254,12 @@ class TwoInputs(nn.Module):
         super().__init__()
         self.a = nn.Linear(2, 1)
 
-    def forward(self, x, scale=1.0):
+    def forward(self, x, scale):
         return self.a(x) * scale
 
 
 @pytest.mark.parametrize("make,why", [(SizeAcross, "cannot run as batched steps (size, a size, is used across"),
-                                      (RankBranch, "torch.fx cannot trace RankBranch.forward"),
-                                      (TwoInputs, "takes other arguments than one input")])
+                                      (RankBranch, "torch.fx cannot trace RankBranch.forward")])
 def test_untraced_forward_falls_back_exactly(make, why):
     torch.manual_seed(0)
     model = make().double()
@@ -269,6 +270,51 @@ def test_untraced_forward_falls_back_exactly(make, why):
     g = torch.Generator().manual_seed(3)
     batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
     _check(model, "mse", batch, "torch", [(False, False), (True, False)])
+
+
+def test_second_input_without_default_is_not_traced():
+    text = fastmeta.explain(TwoInputs())
+    assert "TwoInputs.forward takes other arguments than one input (x, scale)" in text and "vmap(TwoInputs)" in text
+
+
+class Learner(nn.Module):
+    """Functional code as MAML reference implementations write it: a list of Parameters, F.conv2d /
+    F.linear on them, a forward(x, vars=None, bn_training=True) called as model(x)."""
+
+    def __init__(self):
+        super().__init__()
+        self.vars = nn.ParameterList([nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3), nn.Parameter(torch.zeros(4)),
+                                      nn.Parameter(torch.randn(3, 4) * 0.3), nn.Parameter(torch.zeros(3))])
+
+    def forward(self, x, vars=None, bn_training=True):
+        if vars is None:
+            vars = self.vars
+        x = F.conv2d(x, vars[0], vars[1], stride=1, padding=1)
+        x = F.max_pool2d(F.relu(x), 2)
+        return F.linear(x.mean(dim=(2, 3)), vars[2], vars[3])
+
+
+class FunctionalMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w1, self.b1 = nn.Parameter(torch.randn(16, 1)), nn.Parameter(torch.zeros(16))
+        self.w2, self.b2 = nn.Parameter(torch.randn(1, 16) * 0.3), nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, params=None):
+        return F.linear(torch.tanh(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+
+
+def test_functional_layers_are_lowered():
+    """F.linear / F.conv2d on the model's Parameters stand for Linear / Conv2d holding them (batched
+    ops; a functional MLP runs the fused kernel), F.max_pool2d for MaxPool2d; arguments with
+    defaults are traced at them, as model(x) runs."""
+    kinds = [s.kind for s in plan.lower(Learner()).steps]
+    assert kinds == ["batched_conv2d", "ReLU", "MaxPool2d", "code(mean) under vmap", "batched_linear"], kinds
+    prog = plan.lower(FunctionalMLP())
+    assert [s.kind for s in prog.steps] == ["batched_linear+tanh", "batched_linear"]
+    assert prog.mlp is not None and prog.mlp.param_names == ["w1", "b1", "w2", "b2"]
+    # (a step's parameters are the model's: a head-only inner loop keeps the first layer invariant)
+    assert prog.steps[0].params == {"w1", "b1"} and prog.invariant_prefix({"w2", "b2"}) == 1
 
 
 class Switch(nn.Module):
