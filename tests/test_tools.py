@@ -577,37 +577,39 @@ def test_more_modules_script_runs(capsys):
         sys.path.remove(os.path.join(root, "benchmarks"))
 
 
+def _benchmark_script(name):
+    """The module of benchmarks/<name>.py, imported with the benchmarks folder on the path (its
+    scripts import each other), which is left as it was."""
+    import importlib
+
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(folder)
+
+
 def test_traced_forward_script_runs(capsys):
     """benchmarks/traced_forward.py at two tasks: the custom-forward models are traced (no vmap step),
     their hooked copies run through the vmap fallback, and every row's meta-gradient equals the
     loop's; an unknown model is named."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    try:
-        import traced_forward
-        for name in traced_forward.MODELS:
-            timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
-            assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg_untraced"} | (
-                set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
-            assert all(med is not None for med, _, _ in timed.values()), (name, timed)
-            # (float32 against the float32 loop: the ResNet's rounding alone reaches ~1e-3 on every path)
-            assert max(errs.values()) < 1e-2 and errs["fastmeta_vg"] <= 2 * errs["fastmeta_vg_untraced"] + 1e-4, (
-                name, errs)
-        assert "| fastmeta_vg_untraced |" in capsys.readouterr().out
-        with pytest.raises(SystemExit, match="unknown model 'mlp'"):
-            traced_forward.main(["--models", "mlp"])
-    finally:
-        sys.path.remove(os.path.join(root, "benchmarks"))
+    traced_forward = _benchmark_script("traced_forward")
+    for name in traced_forward.MODELS:
+        timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
+        assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg_untraced"} | (
+            set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
+        assert all(med is not None for med, _, _ in timed.values()), (name, timed)
+        # (float32 against the float32 loop: the ResNet's rounding alone reaches ~1e-3 on every path)
+        assert max(errs.values()) < 1e-2 and errs["fastmeta_vg"] <= 2 * errs["fastmeta_vg_untraced"] + 1e-4, (
+            name, errs)
+    assert "| fastmeta_vg_untraced |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="unknown model 'mlp'"):
+        traced_forward.main(["--models", "mlp"])
 
 
 def test_bn_running_stats_script_runs(capsys):
     """benchmarks/bn_running_stats.py at one task: both rows run and are printed."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    sys.path.insert(0, os.path.join(root, "benchmarks"))
-    try:
-        import bn_running_stats
-        out = bn_running_stats.main(["--tasks", "1", "--order", "first", "--seconds", "0.02"])
-        assert all(med is not None for med, _, _ in out["first"].values())
-        assert "| track_running_stats=True |" in capsys.readouterr().out
-    finally:
-        sys.path.remove(os.path.join(root, "benchmarks"))
+    out = _benchmark_script("bn_running_stats").main(["--tasks", "1", "--order", "first", "--seconds", "0.02"])
+    assert all(med is not None for med, _, _ in out["first"].values())
+    assert "| track_running_stats=True |" in capsys.readouterr().out
