@@ -511,3 +511,27 @@ def test_module_vmap_cannot_batch_runs_task_by_task():
     batch = tuple(torch.randn(3, n, *d, generator=g, dtype=torch.float64)
                   for n, d in ((4, (5, 3)), (4, (2,)), (6, (5, 3)), (6, (2,))))
     _check(model, "mse", batch, "torch", [(False, False), (True, True)])
+
+
+def test_copies_and_pickles_of_a_traced_model():
+    """deepcopy and torch.save / torch.load of a BatchedMAML over a traced model (a ResNet: graph
+    steps, code steps): the copy traces its own model and computes the same loss; a change to the
+    copy's Parameters reaches the copy only."""
+    import copy
+    import io
+
+    model = _model("resnet")
+    loss, batch = _batch("conv", 2)
+    meta = fastmeta.BatchedMAML(model, 0.1, 1, loss=loss)
+    want = meta(*batch).item()
+    twin = copy.deepcopy(meta)
+    buf = io.BytesIO()
+    torch.save(meta, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for other in (twin, loaded):
+        assert other(*batch).item() == pytest.approx(want, rel=1e-12, abs=0)
+        with torch.no_grad():
+            other.model.head.weight.mul_(2.0)
+        assert other(*batch).item() != pytest.approx(want, rel=1e-6, abs=0)
+    assert meta(*batch).item() == pytest.approx(want, rel=1e-12, abs=0)
