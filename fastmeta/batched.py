@@ -993,8 +993,22 @@ class BatchedMAML(nn.Module):
                 lr = [r[:S].view(S, *(1,) * len(s)).expand(S, *s).contiguous() for r, s in zip(lr, shapes)]
             else:
                 lr = [r.expand(s).contiguous() for r, s in zip(lr, shapes)]
-        lr = lr if isinstance(lr, list) else float(lr)
+        if isinstance(lr, list):  # the adapted parameters' order -> the op's (its layers' order)
+            lr = [lr[i] for i in self._spec_order()]
+        else:
+            lr = float(lr)
         return [params[n] for n in spec.param_names], lr, spec
+
+    def _spec_order(self) -> list:
+        """For each of the fused op's parameters (spec.param_names: the order its layers run in), its
+        index among the adapted parameters (the model's order): the same where a Sequential
+        registers its layers in the order it calls them, a permutation where a traced forward calls
+        them in another."""
+        names, op = self._adapt_names, self.program.mlp.param_names
+        if names == op:
+            return list(range(len(op)))
+        index = {n: i for i, n in enumerate(names)}
+        return [index[n] for n in op]
 
     def _rate_index(self, shapes, device) -> torch.Tensor:
         """For each parameter entry (the parameters of these shapes in turn), its parameter's index:
@@ -1012,7 +1026,8 @@ class BatchedMAML(nn.Module):
         summed back over the entries (and, per step, into the steps the call ran) of learned rates
         that were expanded."""
         out = {}
-        for r, g in zip(self._lr_list(), glr):
+        rates = self._lr_list()
+        for r, g in zip([rates[i] for i in self._spec_order()], glr):
             if self._lr_kind == "per_layer_step":
                 g = g.flatten(1).sum(1)
                 if g.shape[0] < r.shape[0]:  # (inner_steps below the steps the rates were made for)

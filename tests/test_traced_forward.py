@@ -535,3 +535,44 @@ def test_copies_and_pickles_of_a_traced_model():
             other.model.head.weight.mul_(2.0)
         assert other(*batch).item() != pytest.approx(want, rel=1e-6, abs=0)
     assert meta(*batch).item() == pytest.approx(want, rel=1e-12, abs=0)
+
+
+class Reordered(nn.Module):
+    """An MLP whose layers are registered in another order than its forward calls them, two of them
+    of one shape: the fused kernel takes its parameters in call order, the learned rates follow."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.b, self.a, self.d = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.d(torch.tanh(self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_learned_rates_follow_layers_called_in_another_order(backend):
+    torch.manual_seed(0)
+    model = Reordered().double()
+    prog = plan.lower(model)
+    assert prog.mlp.param_names[:2] == ["a.weight", "a.bias"] and prog.names[:2] == ["c.weight", "c.bias"]
+    g = torch.Generator().manual_seed(1)
+    batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 6), (4, 1), (5, 6), (5, 1)))
+    assert_meta_sgd_case_matches_loop(model, batch, 0.1, 2, "mse", backend, False, True, g, "Meta-SGD")
+    # the other rate kinds, adapt and reptile_grad: the fused kernel (cpp) against the batched ops (torch)
+    for kind in ("per_layer", "per_layer_step"):
+        got = {}
+        for be in ("torch", backend):
+            torch.manual_seed(2)
+            meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=kind)
+            with torch.no_grad():
+                for i, r in enumerate(meta.lrs.parameters()):
+                    r.mul_(0.5 + 0.1 * i)  # (a different rate each layer)
+            with fastmeta.use_backend(be):
+                got[be] = [meta.value_and_grad(*batch)[1], meta.adapt(batch[0], batch[1]),
+                           meta.reptile_grad(batch[0], batch[1])[1]]
+        want, have = got["torch"], got[backend]
+        assert_rel_close(have[0], want[0], 1e-9, f"{kind} meta-grad")
+        assert_rel_close([have[1][n].detach() for n in prog.names], [want[1][n].detach() for n in prog.names], 1e-10,
+                         f"{kind} adapt")
+        assert_rel_close([t for t in have[2] if t is not None], [t for t in want[2] if t is not None], 1e-10,
+                         f"{kind} reptile")
