@@ -494,6 +494,10 @@ def main(argv=None) -> int:
                 counts[what] += 1
                 first = str(e).splitlines()[0][:300]
                 print(f"{what}: {kind} seed {seed}: {first}; {why}; {desc}", flush=True)
+            except Exception as e:  # an error where the reference runs: a failure, and the campaign goes on
+                counts["failed"] += 1
+                first = str(e).splitlines()[0][:300] if str(e) else ""
+                print(f"failed: {kind} seed {seed}: raised {type(e).__name__}: {first}; {desc}", flush=True)
         last = seed
         if time.time() - start > args.seconds:
             break

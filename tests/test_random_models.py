@@ -98,3 +98,11 @@ def test_fuzz_driver_tells_a_tie_from_a_failure(monkeypatch, capsys):
     assert fuzz_models.main(["--seeds", "16:17", "--kinds", "conv"]) == 1
     out = capsys.readouterr().out
     assert "failed: conv seed 16" in out and "the reference is stable there" in out
+
+    def broken(self, *a, **k):  # an error: a failure too, and the campaign goes on to the next draw
+        raise ValueError("broken")
+    monkeypatch.setattr(fastmeta.BatchedMAML, "value_and_grad", broken)
+    assert fuzz_models.main(["--seeds", "16:18", "--kinds", "conv"]) == 1
+    out = capsys.readouterr().out
+    assert "failed: conv seed 16: raised ValueError: broken" in out and "failed: conv seed 17" in out
+    assert "seeds 16..17: 0 passed, 0 tie or kink, 0 diverged, 2 failed" in out
