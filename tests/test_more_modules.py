@@ -36,6 +36,8 @@ def _mlps():
         "log_softmax": lambda: nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 4), nn.LogSoftmax(dim=1)),
         "prelu": lambda: nn.Sequential(nn.Linear(3, 8), nn.PReLU(), nn.Linear(8, 6), nn.PReLU(6, init=0.1),
                                        nn.Linear(6, 2)),
+        "inplace": lambda: nn.Sequential(nn.Linear(3, 8), nn.ReLU6(inplace=True), nn.LayerNorm(8),
+                                         nn.SiLU(inplace=True), nn.Linear(8, 2)),
     }
 
 
@@ -52,6 +54,12 @@ def _convs():
                                                  nn.AdaptiveMaxPool2d((2, 3)), nn.Flatten(), nn.Linear(24, 3)),
         "prelu_channels": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.PReLU(4), nn.MaxPool2d(2),
                                                 nn.Flatten(), nn.Linear(4 * 3 * 3, 3)),
+        # in-place activations on a convolution's output and on its flattened view (the cpp
+        # convolution's output is a strided view of its kernel's: it must accept them)
+        "inplace": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True),
+                                         nn.Conv2d(4, 4, 3, padding=1), nn.ELU(inplace=True), nn.MaxPool2d(2),
+                                         nn.Conv2d(4, 4, 3), nn.Flatten(), nn.LeakyReLU(0.2, inplace=True),
+                                         nn.Linear(4, 3)),
     }
 
 
@@ -69,6 +77,8 @@ def _conv1ds():
                                                   nn.Flatten(), nn.Linear(4 * 17, 3)),
         "conv1d_batchnorm": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
                                                   nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4 * 8, 3)),
+        "conv1d_inplace": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Hardtanh(-0.5, 0.5, inplace=True),
+                                                nn.Flatten(), nn.SiLU(inplace=True), nn.Linear(4 * 17, 3)),
     }
 
 

@@ -188,7 +188,10 @@ class _Conv(torch.autograd.Function):
     def forward(ctx, x, w, b, prims):
         ctx.save_for_backward(x, w)
         ctx.prims = prims
-        return prims.conv(x, w, b)
+        # (the cpp/cuda kernels return a [T, N, O, H, W] view of their [N, T*O, H, W] output: as a
+        # view made inside a Function it could not be changed in place, as ReLU(inplace=True) does;
+        # detached, it is the same memory without the view's record)
+        return prims.conv(x, w, b).detach()
 
     @staticmethod
     def backward(ctx, gy):
