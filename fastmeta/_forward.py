@@ -9,8 +9,10 @@ between two modules of a chain) into entries (path, what) applied one after the 
   over the task dim, so that it sees one task's tensors as the per-task loop's forward does;
   where that code is only an activation (F.relu, torch.tanh, x.sigmoid(), F.leaky_relu, F.gelu,
   F.silu), a pool (F.max_pool2d, F.avg_pool2d), a flatten of each sample (``x.view(x.size(0),
-  -1)``, ``torch.flatten(x, 1)``) or F.linear / F.conv2d on the model's own Parameters, it stands
-  for the module that computes the same (holding those Parameters), so that the batched and fused
+  -1)``, ``torch.flatten(x, 1)``), F.linear / F.conv2d on the model's own Parameters or
+  F.batch_norm on its own weight, bias and running statistics (Parameters that do not require grad,
+  or buffers: updated as the loop's passes update them), it stands for the module that computes
+  the same (holding those tensors), so that the batched and fused
   ops (Linear with its activation, BatchNorm -> ReLU -> MaxPool2d(2), the whole-MLP inner loop)
   see it;
 - a stretch between two cuts that holds modules but is not one module call (skip connections, a
@@ -104,9 +106,62 @@ def _parameter(root: nn.Module, a):
         return None
 
 
+class _BatchNorm(nn.BatchNorm2d):
+    """F.batch_norm of a traced forward as a module: per-channel BatchNorm over dim 1 of an input of
+    any rank (the planner's BatchNorm2d steps, and its fused BatchNorm -> ReLU -> MaxPool2d where
+    the input is 4-D), holding the forward's own weight, bias and running statistics."""
+
+    def _check_input_dim(self, input):
+        if input.dim() < 2:
+            raise ValueError(f"F.batch_norm: expected an input of at least 2 dims, got {tuple(input.shape)}")
+
+
+def _batch_norm(n: fx.Node, cur: fx.Node, root: nn.Module):
+    """For F.batch_norm of cur with weight, bias and running statistics that are root's own (or
+    None) and plain settings: a BatchNorm module holding those same tensors, else None."""
+    a = _args(n, cur, {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
+                       "momentum": 0.1, "eps": 1e-5})
+    if a is None or type(a["training"]) is not bool or type(a["momentum"]) not in (int, float) \
+            or type(a["eps"]) not in (int, float):
+        return None
+    w, b = _parameter(root, a["weight"]), _parameter(root, a["bias"])
+    if (a["weight"] is not None and w is None) or (a["bias"] is not None and b is None):
+        return None
+    stats = []
+    for key in ("running_mean", "running_var"):
+        v = a[key]
+        if v is None:
+            stats.append(None)
+            continue
+        if not isinstance(v, fx.Node) or v.op != "get_attr":
+            return None
+        t = _attr(root, v.target)
+        # (statistics that require grad: the loop's in-place update of them fails)
+        if not isinstance(t, torch.Tensor) or t.requires_grad or t.dim() != 1:
+            return None
+        stats.append(t)
+    if (stats[0] is None) != (stats[1] is None) or (stats[0] is None and not a["training"]):
+        return None
+    sizes = {t.shape[0] for t in (w, b, *stats) if t is not None and t.dim() == 1}
+    if len(sizes) != 1 or any(t is not None and t.dim() != 1 for t in (w, b)):
+        return None
+    m = _BatchNorm(sizes.pop(), eps=float(a["eps"]), momentum=float(a["momentum"]), affine=False,
+                   track_running_stats=False, device="meta")
+    m.weight, m.bias = w, b  # (the model's own Parameters, or None)
+    if stats[0] is not None:  # (the model's own tensors: the planner updates them in place, as the loop)
+        m.track_running_stats = True
+        m.register_buffer("running_mean", stats[0])
+        m.register_buffer("running_var", stats[1])
+        m.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=stats[0].device))
+    return m.train(a["training"])
+
+
 def _layer(n: fx.Node, cur: fx.Node, root: nn.Module):
     """For F.linear / F.conv2d of cur with weights that are parameters of root: a Linear / Conv2d
-    holding those same Parameters (so the planner lowers it as it lowers that module), else None."""
+    holding those same Parameters (so the planner lowers it as it lowers that module); for
+    F.batch_norm, a BatchNorm (_batch_norm); else None."""
+    if n.op == "call_function" and n.target is F.batch_norm:
+        return _batch_norm(n, cur, root)
     if n.op != "call_function" or n.target not in (F.linear, F.conv2d):
         return None
     spec = {"weight": None, "bias": None} if n.target is F.linear else {
@@ -139,7 +194,7 @@ def _layer(n: fx.Node, cur: fx.Node, root: nn.Module):
     return m
 
 
-_LAYERS = (nn.Linear, nn.Conv2d)
+_LAYERS = (nn.Linear, nn.Conv2d, _BatchNorm)
 _POOLS = {F.max_pool2d: (nn.MaxPool2d, {"kernel_size": None, "stride": None, "padding": 0, "dilation": 1,
                                          "ceil_mode": False, "return_indices": False}),
           F.avg_pool2d: (nn.AvgPool2d, {"kernel_size": None, "stride": None, "padding": 0, "ceil_mode": False,
@@ -212,6 +267,12 @@ def _code_step(region: list, inputs: list, outputs: list, root: nn.Module, path:
     P) -> tuple of the outputs' values."""
     from torch.func import vmap
 
+    for n in region:  # (vmap would update a copy of them, or raise)
+        if n.op == "call_function" and n.target is F.batch_norm:
+            a = _args(n, n.args[0], {"running_mean": None, "running_var": None, "weight": None, "bias": None,
+                                     "training": False, "momentum": 0.1, "eps": 1e-5}) if n.args else None
+            if a is None or (a["training"] is not False and a["running_mean"] is not None):
+                raise _Failed(f"{n.name} updates running statistics in code that does not stand for one BatchNorm")
     params, live = [], {}  # parameters: per-task inputs of the vmap; buffers and tensor attributes: read at each call
     owner = weakref.ref(root)  # (the planner's cache keeps the step while root lives, not root)
     for a in dict.fromkeys(a for n in region for a in n.all_input_nodes if a.op == "get_attr"):
@@ -481,12 +542,12 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
     close_run()
     close_region()
 
-    schedule, params_all, random, kinds = [], set(), False, []
+    schedule, params_all, random, kinds, leaves = [], set(), False, [], []
     for unit in units:
         if unit[0] == "run":
             _, inp, entries, last = unit
             steps = []
-            plan._lower_entries(entries, canon, strict, steps, [])
+            plan._lower_entries(entries, canon, strict, steps, leaves)
             for st in steps:
                 if not st.synthetic:
                     st.params = frozenset(canon[id(p)] for p in root.get_submodule(st.path[len(prefix):]).parameters())
@@ -531,5 +592,6 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
     summary = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in counts.items())
     return plan.Step(f"{prefix}{nodes[0].name}..{nodes[-1].name}()", f"graph({summary})", run,
                      params=frozenset(params_all), synthetic=True, random=random,
-                     spec=dict(has_conv="batched_conv2d" in counts))
+                     spec=dict(has_conv="batched_conv2d" in counts,
+                               batch_norms=[m for m in leaves if isinstance(m, plan._BATCH_NORMS)]))
 

@@ -1479,7 +1479,10 @@ class _CheckpointedSteps(torch.autograd.Function):
         ctx.kept = kept
         ctx.backend = get_backend()  # the recomputation runs the kernels this forward ran
         # theta_0 (and the parameters the steps do not adapt) are read again by the backward
-        ctx.versions = {name: p._version for name, p in meta._meta_params().items()}
+        # (but for running statistics held as Parameters, as a traced F.batch_norm may: updated after
+        # the forward, and read by no training-mode pass)
+        stats = {id(t) for bn in meta.program.batch_norms if plan._tracks(bn) for t in (bn.running_mean, bn.running_var)}
+        ctx.versions = {name: p._version for name, p in meta._meta_params().items() if id(p) not in stats}
         ctx.save_for_backward(xs, ys, *rate_tensors, *shared)
         return tuple(theta) + tuple(t for step in kept for t in outs[step])
 
@@ -1490,7 +1493,8 @@ class _CheckpointedSteps(torch.autograd.Function):
                                "backward recomputes the inner steps); for higher derivatives of it use "
                                "checkpoint_steps=False")
         meta, history, n, m = ctx.meta, ctx.history, ctx.n, ctx.m
-        changed = [name for name, p in meta._meta_params().items() if ctx.versions.get(name) != p._version]
+        changed = [name for name, p in meta._meta_params().items()
+                   if name in ctx.versions and ctx.versions[name] != p._version]
         if changed:
             raise RuntimeError(f"BatchedMAML(checkpoint_steps=True): parameter(s) {changed} were modified in place "
                                "between the forward and its backward, which recomputes the inner steps from "

@@ -516,6 +516,12 @@ def slot_names(module: nn.Module) -> dict:
     return {slot: canon[id(p)] for slot, p in parameter_slots(module).items()}
 
 
+def _as_held(v: torch.Tensor, p: torch.Tensor) -> bool:
+    """Whether per-task value v [T, ...] is parameter p itself for every task (p expanded)."""
+    return v.dim() > 0 and v.stride(0) == 0 and v.data_ptr() == p.data_ptr() and v.shape[1:] == p.shape \
+        and v.stride()[1:] == p.stride()
+
+
 def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
     from torch.func import functional_call, vmap
 
@@ -527,8 +533,13 @@ def _vmap_step(module: nn.Module, path: str, canon: dict, reason: str) -> Step:
     def call(params, xt):
         return functional_call(module, params, (xt,), tie_weights=False)
 
+    slots = parameter_slots(module)
+
     def run(x, P):
-        sub = {n: P[c] for n, c in rel.items()}
+        # a frozen parameter that every task holds as it is (not a per-step table's) is left to the
+        # module: changed in place by the forward (statistics that F.batch_norm updates), vmap
+        # raises instead of updating a per-task copy that is then dropped
+        sub = {n: P[c] for n, c in rel.items() if slots[n].requires_grad or not _as_held(P[c], slots[n])}
         live = [(pre, bn) for pre, bn in norms if _tracks(bn)]
         if not live:
             if not unbatched:
@@ -811,7 +822,11 @@ def _lower_entries(mods: list, canon: dict, strict: bool, steps: list, leaves: l
         group = [module_at(j) for j in range(i, min(i + 3, len(mods)))]
         if (None not in group and _is_bn_relu_pool(group)
                 and all(_not_plain(mod) is None for mod in group[1:])):
-            steps.append(_bn_relu_pool_step(group, path, canon))
+            step = _bn_relu_pool_step(group, path, canon)
+            if synthetic:  # (F.batch_norm's module: the model's Parameters it holds)
+                step.synthetic = True
+                step.params = frozenset(canon[id(p)] for p in m.parameters())
+            steps.append(step)
             leaves.extend(group)
             i += 3
             continue
@@ -896,10 +911,11 @@ def uncompiled(model):
 def _structure(model: nn.Module) -> tuple:
     """What a program depends on: each module's class (a parametrization changes it), hooks (its
     own forward and backward ones, and how many global ones there are) and entries (a module at
-    several places counted at each), and the parameters."""
+    several places counted at each), and the parameters and buffers (tensors a traced forward's
+    F.batch_norm is lowered with)."""
     return (tuple((id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
                    tuple(m._backward_pre_hooks), tuple(map(id, m._modules.values()))) for m in model.modules()),
-            tuple(id(p) for p in model.parameters()), global_hooks())
+            tuple(id(p) for p in model.parameters()), tuple(id(b) for b in model.buffers()), global_hooks())
 
 
 def lower(model: nn.Module, strict: bool = False) -> Program:
@@ -941,7 +957,10 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
             module = model.get_submodule(s.path) if s.path else model
             s.params = frozenset(canon[id(p)] for p in module.parameters())
     mlp, why = _mlp_spec(model, leaves, steps, canon)
-    norms = list({id(m): m for m in model.modules() if isinstance(m, _BATCH_NORMS)}.values())
+    # (with the modules that stand for a traced forward's F.batch_norm, holding its tensors)
+    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)] + [m for m in leaves if isinstance(m, _BATCH_NORMS)]
+    norms += [m for s in steps if s.spec and "batch_norms" in s.spec for m in s.spec["batch_norms"]]
+    norms = list({id(m): m for m in norms}.values())
     prog = Program(steps, list(canon.values()), mlp, why, norms)
     # a traced forward ran its Python code once, with the attributes of now (training mode, flags
     # it may branch on): lowered again when any changes

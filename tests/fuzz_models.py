@@ -19,8 +19,9 @@ Kinds:
   traced, traced-modules
             conv on those nets (conv's and modules') rewritten as custom modules whose forwards call
             them in turn, with activations as functions (F.relu, torch.tanh, x.sigmoid(), ...),
-            Flatten as x.view(x.size(0), -1) and the like, extra code between the modules and skip
-            connections (x + f(x)) around some: the planner traces the forwards (torch.fx);
+            Flatten as x.view(x.size(0), -1) and the like, BatchNorm as F.batch_norm on its tensors,
+            extra code between the modules and skip connections (x + f(x)) around some: the
+            planner traces the forwards (torch.fx);
   triton-conv, triton-mlp
             conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
             TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
@@ -263,6 +264,9 @@ def _as_function(m, rnd):
         return (lambda x, m=m: F.linear(x, m.weight, m.bias)), m
     if type(m) is nn.Conv2d and m.padding_mode == "zeros":
         return (lambda x, m=m: F.conv2d(x, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups)), m
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d) and m.momentum is not None:  # on the module's tensors
+        return (lambda x, m=m: F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
+                                            m.training or m.running_mean is None, m.momentum, m.eps)), m
     if type(m) is nn.MaxPool2d:
         return lambda x, m=m: F.max_pool2d(x, m.kernel_size, m.stride, m.padding, m.dilation, m.ceil_mode)
     if type(m) is nn.Flatten and m.start_dim == 1 and m.end_dim == -1:

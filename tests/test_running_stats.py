@@ -2,7 +2,7 @@
 them updated as the per-task loop's forward passes update them (task by task, each task's inner
 steps then its query), on every path: the fused bn_relu_pool, the plain batched BatchNorm, the
 recomputed first block, the checkpointed steps, task chunks, and the vmap fallback; with a momentum
-or the cumulative average. Before, they were left as they were, so that a model switched to eval()
+or the cumulative average; F.batch_norm in a traced forward, on its own tensors, too. Before, they were left as they were, so that a model switched to eval()
 after meta-training normalized with its initial statistics."""
 import copy
 import itertools
@@ -32,7 +32,40 @@ class _Custom(nn.Module):
         return self.o(torch.relu(self.bn(self.c(x))).flatten(1))
 
 
+class _Functional(nn.Module):
+    """BatchNorm as MAML reference code writes it: F.batch_norm on running statistics held as
+    Parameters that do not require grad (kind "functional") or as buffers ("functional-buffers",
+    normalizing with them in eval mode), F.conv2d / F.linear on a ParameterList, an in-place
+    F.relu; traced, it runs the fused bn_relu_pool."""
+
+    def __init__(self, momentum, buffers=False):
+        super().__init__()
+        self.vars = nn.ParameterList([nn.Parameter(torch.randn(4, 1, 3, 3) * 0.5), nn.Parameter(torch.zeros(4)),
+                                      nn.Parameter(1 + 0.3 * torch.randn(4)), nn.Parameter(0.1 * torch.randn(4)),
+                                      nn.Parameter(torch.randn(3, 16) * 0.3), nn.Parameter(torch.zeros(3))])
+        stats = [torch.zeros(4), torch.ones(4)]
+        if buffers:
+            self.register_buffer("mean", stats[0])
+            self.register_buffer("var", stats[1])
+        else:
+            self.vars_bn = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in stats])
+        self.momentum, self.in_buffers = momentum, buffers
+
+    def statistics(self):
+        return (self.mean, self.var) if self.in_buffers else tuple(self.vars_bn)
+
+    def forward(self, x, vars=None, bn_training=True):
+        v = self.vars if vars is None else vars
+        x = F.conv2d(x, v[0], v[1], padding=1)
+        x = F.batch_norm(x, *self.statistics(), v[2], v[3], training=self.training if self.in_buffers else bn_training,
+                         momentum=self.momentum)
+        x = F.max_pool2d(F.relu(x, inplace=True), 2)
+        return F.linear(x.view(x.size(0), -1), v[4], v[5])
+
+
 def _net(kind, momentum):
+    if kind.startswith("functional"):
+        return _Functional(momentum, buffers=kind == "functional-buffers").double()
     if kind == "conv4":  # bn_relu_pool
         return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
                              nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4, momentum=momentum),
@@ -58,12 +91,16 @@ def _start(model):
                 m.running_mean.fill_(0.3)
                 m.running_var.fill_(2.0)
                 m.num_batches_tracked.fill_(4)
+            if isinstance(m, _Functional):
+                m.statistics()[0].fill_(0.3)
+                m.statistics()[1].fill_(2.0)
     return model
 
 
 def _loop(model, xs, ys, xq, yq, steps, first_order, query=True):
-    """The per-task loop: its forward passes update the model's running statistics."""
-    P = dict(model.named_parameters())
+    """The per-task loop: its forward passes update the model's running statistics (a functional
+    model's frozen Parameters too, which it leaves to the model)."""
+    P = {n: p for n, p in model.named_parameters() if p.requires_grad}
     for t in range(xs.shape[0]):
         p = P
         for _ in range(steps):
@@ -75,7 +112,11 @@ def _loop(model, xs, ys, xq, yq, steps, first_order, query=True):
 
 
 def _assert_same_buffers(got, want):
-    for (name, a), (_, b) in zip(got.named_buffers(), want.named_buffers()):
+    """The buffers, and the Parameters that hold running statistics (a functional model's)."""
+    state = lambda m: [(n, t) for n, t in m.state_dict(keep_vars=True).items()  # noqa: E731
+                       if not isinstance(t, nn.Parameter) or not t.requires_grad]
+    assert [n for n, _ in state(got)] == [n for n, _ in state(want)]
+    for (name, a), (_, b) in zip(state(got), state(want)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
@@ -92,6 +133,10 @@ CASES = [  # (model, momentum, steps, first order, backend, options)
     ("custom-untraced", 0.1, 2, False, "torch", {}),
     ("custom-untraced", None, 1, True, "torch", {}),
     ("conv4", 0.1, 0, False, "torch", {}),
+    ("functional", 0.1, 2, False, "torch", {}),
+    ("functional-buffers", 0.3, 1, True, "torch", dict(task_chunk=2)),
+    pytest.param("functional", 0.2, 2, False, "cpp", dict(checkpoint_steps=True), marks=requires_cpp),
+    pytest.param("functional-buffers", 0.1, 2, False, "cpp", dict(recompute=True), marks=requires_cpp),
 ]
 
 
@@ -114,7 +159,7 @@ def test_running_stats_follow_the_loop(kind, momentum, steps, first_order, backe
     _assert_same_buffers(model, reference)
 
 
-@pytest.mark.parametrize("kind", ["conv4", "custom", "custom-untraced"])
+@pytest.mark.parametrize("kind", ["conv4", "custom", "custom-untraced", "functional"])
 def test_adapt_and_predict_update_as_their_passes(kind, monkeypatch):
     """adapt: the inner steps' passes; predict: one pass; each call's passes task by task."""
     if kind.endswith("untraced"):
@@ -129,8 +174,9 @@ def test_adapt_and_predict_update_as_their_passes(kind, monkeypatch):
     _assert_same_buffers(model, reference)
     with torch.no_grad():  # the loop's passes update under no_grad too
         meta.predict(params, xq)
+    learned = {n for n, p in reference.named_parameters() if p.requires_grad}  # (not the statistics held as ones)
     for t in range(xq.shape[0]):
-        functional_call(reference, {n: p[t] for n, p in params.items()}, (xq[t],))
+        functional_call(reference, {n: p[t] for n, p in params.items() if n in learned}, (xq[t],))
     _assert_same_buffers(model, reference)
 
 

@@ -136,6 +136,8 @@ MODELS = {
     "resnet": ("conv", ResNet),
     "functional_conv": ("conv", lambda: Learner()),
     "functional_mlp": ("mlp1", lambda: FunctionalMLP()),
+    "functional_bn": ("conv", lambda: FunctionalBN()),
+    "functional_bn_pool": ("conv", lambda: FunctionalBN(pool=True)),
     "skip_mlp": ("mlp3", SkipMLP),
 }
 
@@ -294,6 +296,38 @@ class Learner(nn.Module):
         return F.linear(x.mean(dim=(2, 3)), vars[2], vars[3])
 
 
+class FunctionalBN(nn.Module):
+    """BatchNorm as MAML reference code writes it (conv -> in-place ReLU -> BatchNorm, or BatchNorm
+    -> ReLU -> max pool): F.batch_norm with running statistics held as Parameters that do not
+    require grad, weights in a ParameterList; each F.batch_norm stands for a BatchNorm2d."""
+
+    def __init__(self, pool=False):
+        super().__init__()
+        self.pool = pool
+        self.vars = nn.ParameterList([nn.Parameter(torch.randn(4, 2, 3, 3) * 0.3), nn.Parameter(torch.zeros(4)),
+                                      nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4)),
+                                      nn.Parameter(torch.randn(4, 4, 3, 3) * 0.3), nn.Parameter(torch.zeros(4)),
+                                      nn.Parameter(torch.ones(4)), nn.Parameter(torch.zeros(4)),
+                                      nn.Parameter(torch.randn(3, 4 if pool else 16) * 0.3),
+                                      nn.Parameter(torch.zeros(3))])
+        self.vars_bn = nn.ParameterList([nn.Parameter(t, requires_grad=False)
+                                         for _ in range(2) for t in (torch.zeros(4), torch.ones(4))])
+
+    def forward(self, x, vars=None, bn_training=True):
+        v = self.vars if vars is None else vars
+        for i, (stride, pad) in enumerate([(1, 1), (1, 1) if self.pool else (2, 0)]):
+            x = F.conv2d(x, v[4 * i], v[4 * i + 1], stride=stride, padding=pad)
+            if self.pool:
+                x = F.batch_norm(x, self.vars_bn[2 * i], self.vars_bn[2 * i + 1], weight=v[4 * i + 2],
+                                 bias=v[4 * i + 3], training=bn_training)
+                x = F.max_pool2d(F.relu(x, inplace=True), 2, 2, 0)
+            else:
+                x = F.relu(x, inplace=True)
+                x = F.batch_norm(x, self.vars_bn[2 * i], self.vars_bn[2 * i + 1], weight=v[4 * i + 2],
+                                 bias=v[4 * i + 3], training=bn_training)
+        return F.linear(x.view(x.size(0), -1), v[8], v[9])
+
+
 class FunctionalMLP(nn.Module):
     def __init__(self):
         super().__init__()
@@ -315,6 +349,87 @@ def test_functional_layers_are_lowered():
     assert prog.mlp is not None and prog.mlp.param_names == ["w1", "b1", "w2", "b2"]
     # (a step's parameters are the model's: a head-only inner loop keeps the first layer invariant)
     assert prog.steps[0].params == {"w1", "b1"} and prog.invariant_prefix({"w2", "b2"}) == 1
+
+
+def test_functional_batch_norm_is_lowered():
+    """F.batch_norm on the model's own weight, bias and running statistics stands for a BatchNorm2d
+    holding them: the fused bn_relu_pool where ReLU and a 2x2 max pool follow, the batched BatchNorm
+    elsewhere; the planner updates those very tensors (test_running_stats checks the values)."""
+    model = _model("functional_bn_pool")
+    prog = plan.lower(model, strict=True)
+    kinds = [s.kind for s in prog.steps]
+    assert kinds == ["batched_conv2d", "bn_relu_pool", "batched_conv2d", "bn_relu_pool", "flatten",
+                     "batched_linear"], kinds
+    held = {id(t) for bn in prog.batch_norms for t in (bn.running_mean, bn.running_var)}
+    assert held == {id(t) for t in model.vars_bn}
+    assert "running statistics (2 module(s)" in fastmeta.explain(model)
+    kinds = [s.kind for s in plan.lower(_model("functional_bn"), strict=True).steps]
+    assert kinds.count("batched_batch_norm") == 2 and kinds.count("ReLU") == 2, kinds
+
+
+class EvalBN(nn.Module):
+    """F.batch_norm on buffers with training=self.training: in eval mode it normalizes with them."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+        self.w, self.b = nn.Parameter(1 + 0.3 * torch.randn(4)), nn.Parameter(0.1 * torch.randn(4))
+        self.register_buffer("mean", 0.1 * torch.randn(4))
+        self.register_buffer("var", 1 + torch.rand(4))
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, self.w, self.b, training=self.training, eps=1e-3)
+        return self.head(F.relu(x).mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_batch_norm_in_eval_mode(backend):
+    model = EvalBN().double().eval()
+    prog = plan.lower(model, strict=True)
+    (bn,) = prog.batch_norms
+    assert not bn.training and bn.eps == 1e-3 and bn.running_mean is model.mean
+    before = model.mean.clone()
+    loss, batch = _batch("conv", 3)
+    _check(model, loss, batch, backend, [(False, False), (True, True)])
+    assert torch.equal(model.mean, before)  # (eval mode: no update)
+    model.train()
+    assert plan.lower(model).batch_norms[0].training  # (traced again at the new mode)
+    _check(model, loss, batch, backend, [(False, True)])
+
+
+class ScaledBN(nn.Module):
+    """F.batch_norm with a weight computed in the forward: code, not a BatchNorm, that updates
+    running statistics, which vmap cannot carry back to the model."""
+
+    def __init__(self, held_as_parameters):
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+        self.w = nn.Parameter(torch.ones(4))
+        if held_as_parameters:
+            self.mean, self.var = nn.Parameter(torch.zeros(4), requires_grad=False), nn.Parameter(
+                torch.ones(4), requires_grad=False)
+        else:
+            self.register_buffer("mean", torch.zeros(4))
+            self.register_buffer("var", torch.ones(4))
+
+    def forward(self, x):
+        x = F.batch_norm(self.conv(x), self.mean, self.var, self.w * 2, None, training=True)
+        return self.head(x.mean(dim=(2, 3)))
+
+
+@pytest.mark.parametrize("held_as_parameters", [False, True])
+@pytest.mark.parametrize("trace", ["1", "0"])
+def test_batch_norm_statistics_vmap_cannot_update_raise(held_as_parameters, trace, monkeypatch):
+    """Not traced into a BatchNorm, such a forward runs through the vmap fallback, which raises on
+    the in-place update of the model's statistics (held as buffers, or as frozen Parameters, which
+    the fallback leaves to the model for that reason) rather than updating a copy and dropping it."""
+    monkeypatch.setenv("FASTMETA_TRACE", trace)
+    model = ScaledBN(held_as_parameters).double()
+    if trace == "1":
+        assert "updates running statistics in code" in fastmeta.explain(model)
+    loss, batch = _batch("conv", 2)
+    with pytest.raises(RuntimeError, match="running_mean"):
+        fastmeta.BatchedMAML(model, 0.1, 1, loss=loss)(*batch)
 
 
 class Switch(nn.Module):
@@ -576,3 +691,47 @@ def test_learned_rates_follow_layers_called_in_another_order(backend):
                          f"{kind} adapt")
         assert_rel_close([t for t in have[2] if t is not None], [t for t in want[2] if t is not None], 1e-10,
                          f"{kind} reptile")
+
+
+def _as_modules(functional):
+    """FunctionalBN(pool=True)'s network as modules, with copies of its weights and statistics."""
+    v, s = functional.vars, functional.vars_bn
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
+                        nn.Flatten(), nn.Linear(4, 3)).double()
+    with torch.no_grad():
+        for i, (conv, bn) in enumerate([(net[0], net[1]), (net[4], net[5])]):
+            for dst, src in ((conv.weight, v[4 * i]), (conv.bias, v[4 * i + 1]), (bn.weight, v[4 * i + 2]),
+                             (bn.bias, v[4 * i + 3]), (bn.running_mean, s[2 * i]), (bn.running_var, s[2 * i + 1])):
+                dst.copy_(src)
+        net[9].weight.copy_(v[8])
+        net[9].bias.copy_(v[9])
+    return net
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_functional_batch_norm_with_per_step_tables(backend):
+    """MAML++'s per-step BatchNorm (per_step_bn) on F.batch_norm: the same loss, meta-gradient and
+    step statistics as the same network of modules (test_per_step_bn checks that against the loop)."""
+    functional = _model("functional_bn_pool")
+    modules = _as_modules(functional)
+    loss, batch = _batch("conv", 3)
+    got, want = [], []
+    unread = {"model.vars.2", "model.vars.3", "model.vars.6", "model.vars.7", "model.1.weight", "model.1.bias",
+              "model.5.weight", "model.5.bias"}  # (the BatchNorms' own weights: the tables stand for them)
+    for model, out in ((functional, got), (modules, want)):
+        meta = fastmeta.BatchedMAML(model, 0.2, 2, loss=loss, per_step_bn=True, learn_inner_lr="per_layer_step",
+                                    backend=backend)
+        with torch.no_grad():
+            for p in meta.step_bn.parameters():
+                p.add_(0.1 * torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape).cos())
+        value, grads = meta.value_and_grad(*batch)
+        names = [n for n, _ in meta.named_parameters()]
+        out += [value, [g for n, g in zip(names, grads) if g is not None and n not in unread],
+                list(meta.step_bn.buffers())]
+    assert abs(got[0].item() - want[0].item()) <= 1e-12
+    assert len(got[1]) == len(want[1]) == 6 + 4 + 6  # (weights and biases, tables, rates)
+    assert_rel_close(got[1], want[1], 1e-10, "meta-gradient")
+    assert len(got[2]) == len(want[2]) == 6
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
