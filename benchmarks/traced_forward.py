@@ -16,6 +16,10 @@ Models (`--models`):
 - `resnet_omniglot`: three ResNet blocks (two 3x3 convolutions with BatchNorm, a 1x1 shortcut with
   BatchNorm, their sum, ReLU, MaxPool2d(2); 32, 64, 64 channels), mean pooling and a linear head on
   the same tasks: not a chain, so one graph step (no Sequential row).
+- `functional_omniglot`: MAML reference code's functional conv net (a ParameterList, F.conv2d with
+  stride 2 -> F.relu(inplace=True) -> F.batch_norm on running statistics held as Parameters, 64
+  channels, x.view, F.linear) on the same tasks; no untraced row (the vmap fallback raises on
+  F.batch_norm's update of the statistics).
 
     python benchmarks/traced_forward.py [--models sine,omniglot_cnn] [--order second,first] [--tasks T]
                                         [--device cpu|cuda] [--seconds 2]
@@ -106,7 +110,52 @@ class ResNetSmall(nn.Module):
         return None
 
 
-MODELS = ("sine", "omniglot_cnn", "resnet_omniglot")
+class Learner(nn.Module):
+    """The functional form of MAML reference code: a ParameterList of weights, running statistics as
+    Parameters that do not require grad, F.conv2d -> F.relu(inplace=True) -> F.batch_norm blocks
+    (stride-2 convolutions, Omniglot's configuration), x.view(x.size(0), -1), F.linear."""
+
+    def __init__(self, ways=5, hidden=64):
+        super().__init__()
+        self.config = [(1, 3, 2), (hidden, 3, 2), (hidden, 3, 2), (hidden, 2, 1)]  # (in channels, kernel, stride)
+        self.vars, self.vars_bn = nn.ParameterList(), nn.ParameterList()
+        for cin, k, _ in self.config:
+            w = nn.Parameter(torch.empty(hidden, cin, k, k))
+            nn.init.kaiming_normal_(w)
+            self.vars.extend([w, nn.Parameter(torch.zeros(hidden)), nn.Parameter(torch.ones(hidden)),
+                              nn.Parameter(torch.zeros(hidden))])
+            self.vars_bn.extend([nn.Parameter(torch.zeros(hidden), requires_grad=False),
+                                 nn.Parameter(torch.ones(hidden), requires_grad=False)])
+        w = nn.Parameter(torch.empty(ways, hidden))
+        nn.init.kaiming_normal_(w)
+        self.vars.extend([w, nn.Parameter(torch.zeros(ways))])
+
+    def forward(self, x, vars=None, bn_training=True):
+        v = self.vars if vars is None else vars
+        for i, (_, _, stride) in enumerate(self.config):
+            x = F.conv2d(x, v[4 * i], v[4 * i + 1], stride=stride, padding=0)
+            x = F.relu(x, inplace=True)
+            x = F.batch_norm(x, self.vars_bn[2 * i], self.vars_bn[2 * i + 1], weight=v[4 * i + 2],
+                             bias=v[4 * i + 3], training=bn_training)
+        x = x.view(x.size(0), -1)
+        return F.linear(x, v[-2], v[-1])
+
+    def sequential(self):
+        """The same network of modules, holding the same tensors."""
+        mods = []
+        for i, (cin, k, stride) in enumerate(self.config):
+            conv, bn = nn.Conv2d(cin, 1, k, stride=stride), nn.BatchNorm2d(1)
+            conv.weight, conv.bias = self.vars[4 * i], self.vars[4 * i + 1]
+            conv.out_channels = bn.num_features = self.vars[4 * i].shape[0]
+            bn.weight, bn.bias = self.vars[4 * i + 2], self.vars[4 * i + 3]
+            bn._buffers.update(running_mean=self.vars_bn[2 * i], running_var=self.vars_bn[2 * i + 1])
+            mods += [conv, nn.ReLU(inplace=True), bn]
+        head = nn.Linear(1, 1)
+        head.weight, head.bias = self.vars[-2], self.vars[-1]
+        return nn.Sequential(*mods, nn.Flatten(), head)
+
+
+MODELS = ("sine", "omniglot_cnn", "resnet_omniglot", "functional_omniglot")
 
 
 def workload(name, tasks=None, device="cpu"):
@@ -115,10 +164,10 @@ def workload(name, tasks=None, device="cpu"):
     if name == "sine":
         T, S, lr, loss = tasks or 25, 5, 0.01, "mse"
         batch, model = H.sine_tasks(T, g), SineModel()
-    elif name in ("omniglot_cnn", "resnet_omniglot"):
+    elif name in ("omniglot_cnn", "resnet_omniglot", "functional_omniglot"):
         T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 1, 0.4, "cross_entropy"
         batch = _classes(T, 1, 15, 5, (1, 28, 28), g)
-        model = OmniglotCNN() if name == "omniglot_cnn" else ResNetSmall()
+        model = {"omniglot_cnn": OmniglotCNN, "resnet_omniglot": ResNetSmall, "functional_omniglot": Learner}[name]()
     else:
         raise SystemExit(f"--models: unknown model {name!r} (one of {', '.join(MODELS)})")
     return H.Workload(name, model.to(device), *(t.to(device) for t in batch), lr, S, loss)
@@ -129,26 +178,31 @@ def run(name, tasks, order, device, seconds):
     fo = order == "first"
     batch = (w.xs, w.ys, w.xq, w.yq)
     make = lambda model: fastmeta.BatchedMAML(model, w.inner_lr, w.steps, first_order=fo, loss=w.loss)  # noqa: E731
+
+    def learned(grads):  # (the loop's: of the parameters that require grad)
+        return [g for g in grads if g is not None]
     traced = make(w.model)
-    whole = copy.deepcopy(w.model)
-    whole.register_forward_pre_hook(_nothing)
-    untraced = make(whole)
+    assert "vmap(" not in fastmeta.explain(traced).replace("under vmap", "")
+    rows = {"loop": H.make_step("loop", w, fo), "fastmeta_vg": lambda: traced.value_and_grad(*batch)[1]}
+    # (F.batch_norm updating statistics: vmap raises on it, so the functional model has no such row)
+    if name != "functional_omniglot":
+        whole = copy.deepcopy(w.model)
+        whole.register_forward_pre_hook(_nothing)
+        untraced = make(whole)
+        assert "vmap(" in fastmeta.explain(untraced)
+        rows["fastmeta_vg_untraced"] = lambda: untraced.value_and_grad(*batch)[1]
     seq = w.model.sequential()  # (the same Parameters)
-    assert "vmap(" not in fastmeta.explain(traced).replace("under vmap", "") and "vmap(" in fastmeta.explain(untraced)
-    rows = {"loop": H.make_step("loop", w, fo),
-            "fastmeta_vg": lambda: traced.value_and_grad(*batch)[1],
-            "fastmeta_vg_untraced": lambda: untraced.value_and_grad(*batch)[1]}
     if seq is not None:
         sequential = make(seq)
         rows["fastmeta_vg_sequential"] = lambda: sequential.value_and_grad(*batch)[1]
     want = rows["loop"]()
-    errs = {k: H.max_rel_err(list(rows[k]()), list(want)) for k in rows if k != "loop"}
+    errs = {k: H.max_rel_err(learned(rows[k]()), list(want)) for k in rows if k != "loop"}
     timed = H.time_interleaved(rows, device, seconds=seconds, min_calls=3, max_seconds=4 * seconds)
     print(f"\n{name}, T={w.tasks}, S={w.steps}, {order} order, {device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
     print("| provider | median ms | x vs loop | x vs untraced | calls | max rel err vs loop |")
     print("|---|---|---|---|---|---|")
-    base = timed["fastmeta_vg_untraced"][0]
+    base = timed["fastmeta_vg_untraced"][0] if "fastmeta_vg_untraced" in timed else None
     for k, (med, times, err) in timed.items():
         if med is None:
             print(f"| {k} | failed: {err} | | | | |")

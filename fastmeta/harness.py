@@ -127,7 +127,13 @@ def make_workload(name: str, tasks: int | None = None, steps: int | None = None,
 # Providers
 # ---------------------------------------------------------------------------------------------
 def _params(w: Workload):
-    return [p for p in w.model.parameters()]
+    """The meta-parameters: the model's parameters that require grad (not, say, running statistics
+    held as Parameters), whose meta-gradients every provider returns in this order."""
+    return [p for p in w.model.parameters() if p.requires_grad]
+
+
+def _names(w: Workload):
+    return [n for n, p in w.model.named_parameters() if p.requires_grad]
 
 
 def _fastmeta(w: Workload, first_order: bool, backend: str | None = None, task_chunk: int | None = None):
@@ -154,9 +160,12 @@ def _fastmeta_vg(w: Workload, first_order: bool, backend: str | None = None, tas
     meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss=w.loss,
                                 task_chunk=task_chunk, recompute=recompute, checkpoint_steps=checkpoint_steps)
 
+    learned = [p.requires_grad for p in meta.parameters()]
+
     def step():
         with fastmeta.use_backend(backend):
-            return meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)[1]
+            grads = meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)[1]
+        return [g for g, keep in zip(grads, learned) if keep]
     return step
 
 
@@ -207,9 +216,10 @@ def _loop(w: Workload, first_order: bool):
     one task's graph at a time."""
     from .plan import call_with, slot_names
 
-    names = [n for n, _ in w.model.named_parameters()]
+    names = _names(w)
     params = _params(w)
-    slots = slot_names(w.model)  # (a module at two places of the model: its parameters replaced once)
+    # (a module at two places of the model: its parameters replaced once; the frozen ones left to it)
+    slots = {slot: n for slot, n in slot_names(w.model).items() if n in set(names)}
 
     def step():
         total = None
@@ -346,7 +356,7 @@ def _vmap_meta_grad_fn(w: Workload, first_order: bool, grad_outside: bool = Fals
 
 def _functional_step(w: Workload, fn):
     """step() calling fn(params, batch) -> {name: meta-gradient} on detached meta-parameters."""
-    names = [n for n, _ in w.model.named_parameters()]
+    names = _names(w)
     p = {n: v.detach() for n, v in w.model.named_parameters()}
 
     def step():
@@ -367,7 +377,7 @@ def _vmap_graph(w: Workload, first_order: bool, grad_outside: bool = False):
     if w.xs.device.type != "cuda":
         raise RuntimeError("vmap_graph needs CUDA tensors")
     fn = _vmap_meta_grad_fn(w, first_order, grad_outside)
-    names = [n for n, _ in w.model.named_parameters()]
+    names = _names(w)
     p = {n: v.detach().clone() for n, v in w.model.named_parameters()}
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())

@@ -592,16 +592,16 @@ def _benchmark_script(name):
 
 def test_traced_forward_script_runs(capsys):
     """benchmarks/traced_forward.py at two tasks: the custom-forward models are traced (no vmap step),
-    their hooked copies run through the vmap fallback, and every row's meta-gradient equals the
-    loop's; an unknown model is named."""
+    their hooked copies run through the vmap fallback (not the functional BatchNorm model's, on
+    which it raises), and every row's meta-gradient equals the loop's; an unknown model is named."""
     traced_forward = _benchmark_script("traced_forward")
     for name in traced_forward.MODELS:
         timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
-        assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg_untraced"} | (
-            set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
+        want = {"loop", "fastmeta_vg"} | (set() if name == "functional_omniglot" else {"fastmeta_vg_untraced"})
+        assert set(timed) == want | (set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
         assert all(med is not None for med, _, _ in timed.values()), (name, timed)
         # (float32 against the float32 loop: the ResNet's rounding alone reaches ~1e-3 on every path)
-        assert max(errs.values()) < 1e-2 and errs["fastmeta_vg"] <= 2 * errs["fastmeta_vg_untraced"] + 1e-4, (
+        assert max(errs.values()) < 1e-2 and errs["fastmeta_vg"] <= 2 * errs.get("fastmeta_vg_untraced", 0) + 1e-4, (
             name, errs)
     assert "| fastmeta_vg_untraced |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="unknown model 'mlp'"):
