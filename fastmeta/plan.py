@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import threading
 import weakref
@@ -204,17 +203,6 @@ def _record(bn, mean, var):
     entry = _stats.passes[-1][-1].setdefault(key, [target, [], []])
     entry[1].append(mean)
     entry[2].append(var)
-
-
-def _record_input(bn, x):
-    """Records bn's batch statistics of its input x [T, N, C, *spatial] where a pass is recorded."""
-    if not (_recording() and _tracks(bn)):
-        return
-    dims = (1,) + tuple(range(3, x.dim()))
-    count = x.shape[1] * math.prod(x.shape[3:])
-    with torch.no_grad():
-        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-        _record(bn, mean, var * (count / max(count - 1, 1)))
 
 
 def last_pass():
@@ -404,12 +392,13 @@ class Program:
         while i < end:
             if i + 1 < end and self.recomputable(i) and not x.requires_grad:
                 conv, bn = steps[i].spec, steps[i + 1].spec
-                if _recording() and _tracks(bn["module"]):  # its input is not kept: made once more for the statistics
-                    with torch.no_grad():
-                        _record_input(bn["module"], steps[i].run(x, P))
+                made = [] if _recording() and _tracks(bn["module"]) else None  # (from the same kernel)
                 get = lambda name: P[name] if name else None  # noqa: E731
                 x = ops.conv_bn_relu_pool(x, P[conv["w"]], get(conv["b"]), conv["stride"], conv["padding"],
-                                          conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"])
+                                          conv["dilation"], conv["groups"], get(bn["w"]), get(bn["b"]), bn["eps"],
+                                          batch_stats=made)
+                if made:
+                    _record(bn["module"], *made[0])
                 i += 2
             elif i + 1 < end and later_blocks and self.recomputable(i) and x.requires_grad and torch.is_grad_enabled():
                 # the recomputation in the backward runs on the backends this forward ran (the

@@ -64,6 +64,30 @@ def test_matches_the_two_ops_to_second_order(case, dtype, backend):
             assert_rel_close(g, h, 1e-9, name + " (reference)")
 
 
+@pytest.mark.parametrize("backend", ["torch", pytest.param("cpp", marks=requires_cpp), "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batch_stats_are_the_normalizing_statistics(backend, dtype):
+    """batch_stats receives each task's batch mean and unbiased variance of the convolution's
+    output (BatchedMAML(recompute=True) records tracked running statistics from them, without a
+    second convolution); the output is unchanged."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    for case in CASES:
+        x, w, b, gamma, beta = _case(*case, dtype)
+        pad = case[6]
+        z = ops.batched_conv2d_ref(x.double(), w.double(), None if b is None else b.double(), 1, pad, 1, 1)
+        var, mean = torch.var_mean(z, dim=(1, 3, 4), correction=1)
+        made = []
+        with fastmeta.use_backend(backend):
+            y = ops.conv_bn_relu_pool(x, w, b, 1, pad, 1, 1, gamma, beta, batch_stats=made)
+            assert torch.equal(y, ops.conv_bn_relu_pool(x, w, b, 1, pad, 1, 1, gamma, beta))
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        assert len(made) == 1 and made[0][0].dtype == dtype, case
+        assert_rel_close([made[0][0].double(), made[0][1].double()], [mean, var], tol, f"batch statistics {case}")
+    with pytest.raises(ValueError, match="batch_stats must be a list, got tuple"):
+        ops.conv_bn_relu_pool(x, w, b, 1, pad, 1, 1, gamma, beta, batch_stats=())
+
+
 @requires_cpp
 def test_keeps_the_images_not_the_convolution_output():
     """The graph of a create_graph=True backward through the block holds no tensor of the

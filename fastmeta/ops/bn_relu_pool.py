@@ -149,14 +149,20 @@ def _reference_backward_fn(gy, x, weight, bias, idx, eps):
     return vjp(gy)
 
 
+def append_stats(stats: list, shape, mean, invstd, eps: float) -> None:
+    """Appends (mean, unbiased variance) [T, C] to stats, from the kernel's mean and invstd =
+    1 / sqrt(var + eps) of its input of shape [T, N, C, H, W]."""
+    n = shape[1] * shape[3] * shape[4]
+    stats.append((mean.detach().clone(), (invstd.detach().pow(-2) - eps) * (n / max(n - 1, 1))))
+
+
 class _BNReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, backend, stats=None):
         fwd, ctx.bwd, ctx.dbwd = _kernels(backend)
         y, idx, mean, invstd = fwd(x, weight, bias, eps)
-        if stats is not None:  # unbiased variance from invstd = 1 / sqrt(var + eps)
-            n = x.shape[1] * x.shape[3] * x.shape[4]
-            stats.append((mean.detach().clone(), (invstd.detach().pow(-2) - eps) * (n / max(n - 1, 1))))
+        if stats is not None:
+            append_stats(stats, x.shape, mean, invstd, eps)
         ctx.save_for_backward(x, weight, bias, idx, y, mean, invstd)
         ctx.eps = eps
         return y

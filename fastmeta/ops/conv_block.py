@@ -26,15 +26,20 @@ import torch.nn.functional as F
 
 from .batched_batch_norm import batched_batch_norm
 from .batched_conv2d import batched_conv2d, batched_conv2d_ref, check_args, fused_prims, output_size
-from .bn_relu_pool import _kernels, _pool_at, bn_relu_pool, bn_relu_pool_ref, check_affine, fused_backend, per_task
+from .bn_relu_pool import (_kernels, _pool_at, append_stats, bn_relu_pool, bn_relu_pool_ref, check_affine, fused_backend,
+                           per_task)
 
 
 class _Block(torch.autograd.Function):
     """y = bn_relu_pool(conv(x, w, b), g, beta) keeping x, w, b and the pooling's outputs, not z."""
 
     @staticmethod
-    def forward(ctx, x, w, b, g, beta, eps, geom, prims, kernels):
-        y, idx, mean, invstd = kernels[0](prims.conv(x, w, b), g, beta, eps)
+    def forward(ctx, x, w, b, g, beta, eps, geom, prims, kernels, stats):
+        z = prims.conv(x, w, b)
+        y, idx, mean, invstd = kernels[0](z, g, beta, eps)
+        if stats is not None:
+            append_stats(stats, z.shape, mean, invstd, eps)
+        del z
         ctx.save_for_backward(x, w, b, g, beta, idx, y, mean, invstd)
         ctx.eps, ctx.geom, ctx.prims, ctx.kernels = eps, geom, prims, kernels
         return y
@@ -49,7 +54,7 @@ class _Block(torch.autograd.Function):
         else:
             gw, gb, gg, gbeta = _block_backward(gy, x, w, b, g, idx, y, mean, invstd, ctx.prims, ctx.kernels)
         return (None, gw if need[1] else None, gb if need[2] else None, gg if need[3] else None,
-                gbeta if need[4] else None, None, None, None, None)
+                gbeta if need[4] else None, None, None, None, None, None)
 
 
 def _block_backward(gy, x, w, b, g, idx, y, mean, invstd, prims, kernels):
@@ -128,9 +133,14 @@ def conv_bn_relu_pool_ref(x, weight, bias, stride, padding, dilation, groups, bn
                             bn_weight, bn_bias, eps)
 
 
-def conv_bn_relu_pool(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5):
+def conv_bn_relu_pool(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5, *,
+                      batch_stats=None):
     """batched_conv2d then bn_relu_pool, the convolution's output recomputed in the backward passes
-    instead of kept (see the module docstring)."""
+    instead of kept (see the module docstring). batch_stats: None, or a list to which the call
+    appends (mean, var) [T, O], each task's batch mean and unbiased variance of the convolution's
+    output per channel, from the statistics the kernel normalized with (as bn_relu_pool's)."""
+    if batch_stats is not None and not isinstance(batch_stats, list):
+        raise ValueError(f"conv_bn_relu_pool: batch_stats must be a list, got {type(batch_stats).__name__}")
     T, O = check_args(x, weight, bias, groups, op="conv_bn_relu_pool")
     if not isinstance(padding, str):
         check_affine(x, (T, x.shape[1], O) + output_size(x, weight, stride, padding, dilation), bn_weight, bn_bias,
@@ -139,8 +149,8 @@ def conv_bn_relu_pool(x, weight, bias, stride, padding, dilation, groups, bn_wei
     backend = fused_backend(x)
     if fused is None or backend is None:
         return bn_relu_pool(batched_conv2d(x, weight, bias, stride, padding, dilation, groups), bn_weight, bn_bias,
-                            eps)
+                            eps, batch_stats=batch_stats)
     prims, w = fused
     b = None if bias is None else (bias if bias.dim() == 2 else bias.unsqueeze(0).expand(T, O))
     return _Block.apply(x, w, b, per_task(x, bn_weight, 1.0, T, O), per_task(x, bn_bias, 0.0, T, O),
-                        float(eps), (stride, padding, dilation, groups), prims, _kernels(backend))
+                        float(eps), (stride, padding, dilation, groups), prims, _kernels(backend), batch_stats)
