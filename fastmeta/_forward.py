@@ -21,7 +21,9 @@ between two modules of a chain) into entries (path, what) applied one after the 
   they have) in the forward's order.
 
 Arguments after the input that have a plain default (``forward(x, vars=None)``) are traced at it,
-as ``model(x)`` runs. A forward with other inputs or several outputs, one that torch.fx cannot trace (control flow on tensor
+as ``model(x)`` runs, and a module called with its forward's defaults (``module(x, params=None)``)
+counts as ``module(x)``. A custom module inside the forward whose own forward torch.fx cannot
+trace is called whole (the planner runs it through the vmap fallback) and the rest is traced. A forward with other inputs or several outputs, one that torch.fx cannot trace (control flow on tensor
 values or shapes), one that computes a tensor from other than its input, parameters and buffers
 (torch.fx would keep its value of the trace) and one that carries a size across a module call
 (vmap returns tensors only) runs through the vmap fallback as before. The trace runs the
@@ -69,13 +71,57 @@ class _Failed(Exception):
 
 
 class _Tracer(fx.Tracer):
-    """Traces through Sequentials and custom modules; calls every other module as a whole. Buffers
-    are traced as values (code on them runs at each call, reading them as they are then)."""
+    """Traces through Sequentials and custom modules; calls every other module as a whole, and so
+    a custom module whose own forward it cannot trace (its nodes of the attempt removed), so that
+    the rest of the forward is still traced (the planner runs that module through the vmap
+    fallback and says why). Buffers are traced as values (code on them runs at each call,
+    reading them as they are then)."""
 
     proxy_buffer_attributes = True
 
+    def __init__(self):
+        super().__init__()
+        self._whole, self._proxies = set(), None
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return not (plan.plain_sequential(m) or plan.traceable(m))
+        return id(m) in self._whole or not (plan.plain_sequential(m) or plan.traceable(m))
+
+    def getattr(self, attr, attr_val, parameter_proxy_cache):
+        self._proxies = parameter_proxy_cache  # (the trace's cache of proxies of parameters and buffers)
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
+
+    def call_module(self, m, forward, args, kwargs):
+        if self.is_leaf_module(m, ""):
+            return super().call_module(m, forward, args, kwargs)
+        graph = self.graph
+        mark, stack, calls, stowed = graph._root.prev, self.module_stack.copy(), dict(self.num_calls), dict(
+            self.tensor_attrs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # undone: the attempt's nodes (last first), the proxies cached for them, the module
+            # stack and call counts, the constants it stowed on the root
+            made = []
+            n = mark.next
+            while n is not graph._root:
+                made.append(n)
+                n = n.next
+            for n in reversed(made):
+                graph.erase_node(n)
+            made = set(made)
+            if self._proxies is not None:
+                for k in [k for k, v in self._proxies.items() if v.node in made]:
+                    del self._proxies[k]
+            self.module_stack.clear()
+            self.module_stack.update(stack)
+            self.num_calls = calls
+            for t, name in list(self.tensor_attrs.items()):
+                if t not in stowed:
+                    del self.tensor_attrs[t]
+                    if hasattr(self.root, name):
+                        delattr(self.root, name)
+            self._whole.add(id(m))
+            return super().call_module(m, forward, args, kwargs)
 
 
 def _name(n: fx.Node) -> str:
@@ -237,11 +283,12 @@ def _as_module(region: list, cur: fx.Node, root: nn.Module | None = None):
             if a is not None and all(type(v) is int for v in a.values()):
                 return _flatten(a["start_dim"], a["end_dim"])
         return None
-    # x.view(x.size(0), -1), x.reshape(x.shape[0], -1)
+    # x.view(x.size(0), -1), x.reshape(x.shape[0], -1), x.view((x.size(0), -1))
     *size, n = region
-    if n.op != "call_method" or n.target not in ("view", "reshape") or n.kwargs or len(n.args) != 3:
+    if n.op != "call_method" or n.target not in ("view", "reshape") or n.kwargs or not size:
         return None
-    if n.args[0] is not cur or n.args[2] != -1 or n.args[1] is not size[-1]:
+    dims = n.args[1] if len(n.args) == 2 and type(n.args[1]) in (tuple, list) else n.args[1:]
+    if n.args[0] is not cur or len(dims) != 2 or dims[1] != -1 or dims[0] is not size[-1]:
         return None
     if len(size) == 1:
         s = size[0]
@@ -473,7 +520,7 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: b
         n = seg[0]
         if alone is not None:
             entries.append((f"{prefix}{n.name}()", Synthetic(alone)))
-        elif len(seg) == 1 and n.args == (cur,) and not n.kwargs:
+        elif len(seg) == 1 and n.args[:1] == (cur,) and _as_called(n, root):
             entries.append((prefix + n.target, root.get_submodule(n.target)))
         else:
             if len(seg) == 1:
@@ -483,6 +530,22 @@ def _chain(graph: fx.Graph, root: nn.Module, prefix: str, canon: dict, strict: b
         cur = out
     close()
     return entries
+
+
+def _as_called(n: fx.Node, root: nn.Module) -> bool:
+    """Whether call_module node n calls its module as module(x) would: its arguments after the
+    input, if any, are the defaults of its forward's parameters (module(x, params=None))."""
+    extra = list(n.args[1:]) + list(n.kwargs.items())
+    if not extra:
+        return True
+    try:
+        params = list(inspect.signature(root.get_submodule(n.target).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return False
+    by_name = {p.name: p for p in params}
+    got = list(zip(params, n.args[1:])) + [(by_name.get(k), v) for k, v in n.kwargs.items()]
+    return all(p is not None and p.default is not inspect.Parameter.empty and type(v) in plan._PLAIN
+               and type(p.default) is type(v) and p.default == v for p, v in got)
 
 
 # nodes whose value is a number or shape, not a tensor (vmap returns tensors only)
@@ -520,7 +583,7 @@ def _graph_step(nodes: list, ph: fx.Node, result: fx.Node, root: nn.Module, pref
     for n in nodes:
         mod, inp = None, None
         if n.op == "call_module":
-            if n.kwargs or len(n.args) != 1 or not isinstance(n.args[0], fx.Node):
+            if not n.args or not isinstance(n.args[0], fx.Node) or not _as_called(n, root):
                 raise _Failed(f"module {n.target} is called with other than one input")
             mod, inp = root.get_submodule(n.target), n.args[0]
             path = prefix + n.target

@@ -5,6 +5,8 @@ Sequential's, and runs the code under vmap over the tasks. Each model's loss and
 equal the per-task loop's, which calls the model's own forward (float64; both orders, MAML and
 Meta-SGD); what is not a chain, or cannot be traced, runs through the vmap fallback as before and
 explain says why."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -735,3 +737,95 @@ def test_functional_batch_norm_with_per_step_tables(backend):
     assert len(got[2]) == len(want[2]) == 6
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+class ParamsModule(nn.Module):
+    """Modules in the style of MetaModule libraries: forward(input, params=None), parameters taken
+    from params where given, else from named_parameters()."""
+
+    def sub(self, params, key):
+        return None if params is None else {k[len(key) + 1:]: v for k, v in params.items() if k.startswith(key + ".")}
+
+
+class ParamsSequential(nn.Sequential, ParamsModule):
+    def forward(self, x, params=None):
+        for name, m in self._modules.items():
+            x = m(x, params=self.sub(params, name)) if isinstance(m, ParamsModule) else m(x)
+        return x
+
+
+class ParamsConv2d(nn.Conv2d, ParamsModule):
+    def forward(self, x, params=None):
+        params = dict(self.named_parameters()) if params is None else params
+        return self._conv_forward(x, params["weight"], params.get("bias"))
+
+
+class ParamsLinear(nn.Linear, ParamsModule):
+    def forward(self, x, params=None):
+        params = dict(self.named_parameters()) if params is None else params
+        return F.linear(x, params["weight"], params.get("bias"))
+
+
+class ParamsBatchNorm2d(nn.BatchNorm2d, ParamsModule):
+    """Checks its input's rank and counts its batches in the forward: torch.fx cannot trace it."""
+
+    def forward(self, x, params=None):
+        self._check_input_dim(x)
+        params = dict(self.named_parameters()) if params is None else params
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked += 1
+        return F.batch_norm(x, self.running_mean, self.running_var, params.get("weight"), params.get("bias"),
+                            self.training or not self.track_running_stats, self.momentum, self.eps)
+
+
+class ParamsConvNet(ParamsModule):
+    def __init__(self, track):
+        super().__init__()
+        blocks = [ParamsSequential(ParamsConv2d(c, 4, 3, padding=1), ParamsBatchNorm2d(4, track_running_stats=track),
+                                   nn.ReLU(), nn.MaxPool2d(2)) for c in (2, 4)]
+        self.features, self.classifier = ParamsSequential(*blocks), ParamsLinear(4, 3)
+
+    def forward(self, x, params=None):
+        x = self.features(x, params=self.sub(params, "features"))
+        x = x.view((x.size(0), -1))
+        return self.classifier(x, params=self.sub(params, "classifier"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("track", [False, True])
+def test_a_module_fx_cannot_trace_runs_whole_inside_a_traced_forward(track, backend):
+    """A custom module that torch.fx cannot trace (a rank check, an in-place count) no longer sends
+    the whole model to the vmap fallback: it runs there alone (explain says why), and the rest is
+    traced and lowered: modules called as module(x, params=None) (their forward's defaults) as
+    module(x), x.view((x.size(0), -1)) as a flatten. Exact against the loop, running statistics
+    too (the loop's forward updates them)."""
+    torch.manual_seed(0)
+    model = ParamsConvNet(track).double()
+    prog = plan.lower(model)
+    kinds = [s.kind for s in prog.steps]
+    assert kinds == ["batched_conv2d", "vmap(ParamsBatchNorm2d)", "ReLU", "MaxPool2d"] * 2 + [
+        "flatten", "batched_linear"], kinds
+    assert "torch.fx cannot trace ParamsBatchNorm2d.forward" in fastmeta.explain(model)
+    loss, batch = _batch("conv", 3)
+    reference = copy.deepcopy(model)
+    _check(model, loss, batch, backend, ALL)
+    model = copy.deepcopy(reference)
+    with fastmeta.use_backend(backend):
+        fastmeta.BatchedMAML(model, 0.3, 2, loss=loss)(*batch)
+    loop_meta_grads(reference, *batch, 0.3, 2, loss)  # (its passes update the statistics as the model's)
+    for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+
+
+class CalledWithParams(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = ParamsBatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(x, params={"weight": self.bn.weight * 2, "bias": self.bn.bias}).mean(dim=(2, 3))
+
+
+def test_a_module_called_with_other_arguments_than_its_defaults_is_not_traced():
+    text = fastmeta.explain(CalledWithParams())
+    assert "module bn is called with other than one input" in text and "vmap(CalledWithParams)" in text, text
