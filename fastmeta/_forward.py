@@ -28,7 +28,9 @@ values or shapes), one that computes a tensor from other than its input, paramet
 (torch.fx would keep its value of the trace) and one that carries a size across a module call
 (vmap returns tensors only) runs through the vmap fallback as before. The trace runs the
 forward's Python once: branches on the modules' attributes (training mode and flags) are taken as
-they stand, and the planner traces again when any such attribute changes.
+they stand, and the planner traces again when any such attribute changes; a forward that changes
+module attributes as it runs (a counter, a kept activation) is not traced, the trace's changes
+undone.
 """
 from __future__ import annotations
 
@@ -395,14 +397,27 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = Fa
         return None, f"{kind}.forward takes other arguments than one input ({', '.join(sig.parameters)})"
     concrete = {a.name: a.default for a in args[1:]}
     before = set(vars(root))
+    state = [(m, dict(vars(m))) for m in root.modules()]
+    tracer = _Tracer()
     try:
-        graph = _Tracer().trace(root, concrete_args=concrete or None)
+        graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as e:  # (what torch.fx cannot trace: control flow on tensor values and the like)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        return None, f"torch.fx cannot trace {kind}.forward ({type(e).__name__}: {msg[:160]})"
+        graph, failed = None, f"torch.fx cannot trace {kind}.forward ({type(e).__name__}: {msg[:160]})"
     finally:
         # tensors the forward captured are kept by the tracer as attributes of root: moved out of it
-        constants = {k: vars(root).pop(k) for k in set(vars(root)) - before}
+        stowed = set(tracer.tensor_attrs.values()) if hasattr(tracer, "tensor_attrs") else set()
+        constants = {k: vars(root).pop(k) for k in set(vars(root)) - before if k in stowed}
+        # what the forward's own code assigned to the modules' attributes as it ran (a counter, a
+        # kept activation, a cache): put back as it was, and the forward not traced, since traced
+        # it would run once (and the planner would trace it again at every call, its attributes
+        # having changed)
+        written = _undo_writes(state)
+    if written:
+        return None, (f"{kind}.forward changes module attributes as it runs ({', '.join(written[:4])}"
+                      f"{', ...' if len(written) > 4 else ''}): traced, that code would run once")
+    if graph is None:
+        return None, failed
     if constants:
         # a tensor the trace computed from other than the input, parameters and buffers (a tensor
         # attribute's function, a global tensor): its value of now would stand for it at every call
@@ -413,6 +428,25 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = Fa
         return _chain(graph, root, prefix, canon, strict), None
     except _Failed as e:
         return None, f"{kind}.forward cannot run as batched steps ({e})"
+
+
+def _same(a, b) -> bool:
+    return a is b or (type(a) is type(b) and type(a) in plan._PLAIN and a == b)
+
+
+def _undo_writes(state: list) -> list:
+    """For (module, its vars before) pairs: the names of the attributes changed, added or removed
+    since (module.attr), each put back as it was."""
+    written = []
+    for m, old in state:
+        now = vars(m)
+        for k in [k for k in set(now) | set(old) if k not in old or k not in now or not _same(now[k], old[k])]:
+            written.append(f"{type(m).__name__}.{k}")
+            if k in old:
+                now[k] = old[k]
+            else:
+                del now[k]
+    return sorted(written)
 
 
 def _drop_defaults(graph: fx.Graph) -> None:

@@ -954,7 +954,8 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
     # a traced forward ran its Python code once, with the attributes of now (training mode, flags
     # it may branch on): lowered again when any changes
     # (weak references: the cache's value must not hold its key, the model, alive)
-    traced = [weakref.ref(m) for m in model.modules() if traceable(m)]
+    # (none where the model runs whole through the vmap fallback: its forward runs at every call)
+    traced = [weakref.ref(m) for m in model.modules() if traceable(m)] if entries is not None else []
     _cache[model] = (key, prog, traced, _attributes(model, traced) if traced else None)
     return prog
 

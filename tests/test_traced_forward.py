@@ -829,3 +829,35 @@ class CalledWithParams(nn.Module):
 def test_a_module_called_with_other_arguments_than_its_defaults_is_not_traced():
     text = fastmeta.explain(CalledWithParams())
     assert "module bn is called with other than one input" in text and "vmap(CalledWithParams)" in text, text
+
+
+class Keeping(nn.Module):
+    """A forward that counts its calls and keeps its hidden activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 8), nn.Linear(8, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        self.hidden = torch.tanh(self.a(x))
+        return self.b(self.hidden)
+
+
+def test_a_forward_that_changes_module_attributes_is_not_traced():
+    """Traced, its Python would run once (and the changed attributes made the planner trace it again
+    at every call, 140x a traced call's time). It is not traced (explain says why), the trace's own
+    writes are undone (no torch.fx value is left on the module), and it runs exactly through the
+    vmap fallback, its program cached."""
+    torch.manual_seed(0)
+    model = Keeping().double()
+    prog = plan.lower(model)
+    assert model.calls == 0 and not hasattr(model, "hidden")
+    assert [s.kind for s in prog.steps] == ["vmap(Keeping)"]
+    assert "Keeping.forward changes module attributes as it runs (Keeping.calls, Keeping.hidden)" in (
+        fastmeta.explain(model))
+    g = torch.Generator().manual_seed(3)
+    batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
+    _check(model, "mse", batch, "torch", [(False, False), (True, True)])
+    assert model.calls > 0 and plan.lower(model) is prog  # (the forward's own changes are not traced again)
