@@ -159,6 +159,8 @@ class _BatchNorm(nn.BatchNorm2d):
     any rank (the planner's BatchNorm2d steps, and its fused BatchNorm -> ReLU -> MaxPool2d where
     the input is 4-D), holding the forward's own weight, bias and running statistics."""
 
+    any_rank = True  # (the planner's input check: F.batch_norm takes any rank from 2)
+
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"F.batch_norm: expected an input of at least 2 dims, got {tuple(input.shape)}")

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import threading
 import weakref
@@ -620,6 +621,7 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
         b = name(m.bias) if m.bias is not None else None
 
         def run(x, P, m=m, w=w, b=b):
+            _check_bn_input(m, x, path)
             use_running = (not m.training) and m.track_running_stats and m.running_mean is not None
             stats = _statistics_of(m)[1] if use_running else None
             made = [] if not use_running and _recording() and _tracks(m) else None  # (from the same kernel)
@@ -724,6 +726,27 @@ def _group_norm(x, groups, eps, w=None, b=None):
     return y.view(N, T, *x.shape[2:]).transpose(0, 1)
 
 
+def _check_bn_input(bn, x, path: str) -> None:
+    """A BatchNorm step's input [T, N, C, ...] against what the module takes (BatchNorm1d a task's
+    [N, C] or [N, C, L], BatchNorm2d [N, C, H, W], F.batch_norm's any rank from 2) and, with batch
+    statistics, more than one value a channel: as the module's own forward checks, with its path."""
+    rank = x.dim() - 1
+    kind = type(bn).__name__
+    if getattr(bn, "any_rank", False):
+        ok, want = rank >= 2, "[T, N, C, ...]"
+    elif isinstance(bn, nn.BatchNorm2d):
+        ok, want = rank == 4, "[T, N, C, H, W]"
+    else:
+        ok, want = rank in (2, 3), "[T, N, C] or [T, N, C, L]"
+    if not ok:
+        raise ValueError(f"{kind} at {path!r}: expected input {want} (a task's {rank}-D batch is not what {kind} "
+                         f"takes), got {tuple(x.shape)}")
+    if (bn.training or not bn.track_running_stats or bn.running_mean is None) and x.shape[1] * math.prod(
+            x.shape[3:]) == 1:
+        raise ValueError(f"{kind} at {path!r}: expected more than 1 value per channel with batch statistics, got "
+                         f"input {tuple(x.shape)} (one sample of size 1 a task)")
+
+
 def _is_bn_relu_pool(mods: list) -> bool:
     """BatchNorm2d -> ReLU -> MaxPool2d(2) (stride 2, no padding), the tail of a conv4 block."""
     if len(mods) < 3:
@@ -748,6 +771,7 @@ def _bn_relu_pool_step(mods: list, path: str, canon: dict) -> Step:
         return bn.training or not bn.track_running_stats or bn.running_mean is None
 
     def run(x, P):
+        _check_bn_input(bn, x, path)
         if not batch_stats():
             for part in parts:
                 x = part.run(x, P)

@@ -206,3 +206,29 @@ def test_bad_inputs_name_the_module_and_shapes():
     model = nn.Sequential(nn.Linear(3, 5), nn.GroupNorm(2, 4)).double()
     with pytest.raises(ValueError, match=r"GroupNorm at '1': expected input \[T, N, C=4, \.\.\.\], got \(2, 3, 5\)"):
         fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
+
+
+def test_batch_norm_inputs_are_checked_as_the_module_checks_them():
+    """A BatchNorm2d given a task's 2-D batch, a BatchNorm1d a 4-D one, and batch statistics of one
+    value a channel raise, as the modules' own forwards do (the loop), with the path and shapes;
+    the batched BatchNorm used to normalize over whatever dims it was given."""
+    x, y = torch.randn(2, 3, 3, dtype=torch.float64), torch.randn(2, 3, 2, dtype=torch.float64)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm2d(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match=r"BatchNorm2d at '1': expected input \[T, N, C, H, W\] .*got \(2, 3, 4\)"):
+        fastmeta.BatchedMAML(model, 0.1, 1)(x, y, x, y)
+    images = torch.randn(2, 3, 1, 6, 6, dtype=torch.float64)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm1d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(16, 2)).double()
+    with pytest.raises(ValueError, match=r"BatchNorm1d at '1': expected input \[T, N, C\] or \[T, N, C, L\]"):
+        fastmeta.BatchedMAML(model, 0.1, 1)(images, y, images, y)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    with pytest.raises(ValueError, match=r"BatchNorm1d at '1': expected more than 1 value per channel"):
+        fastmeta.BatchedMAML(model, 0.1, 1)(x[:, :1], y[:, :1], x, y)
+    model.eval()  # (running statistics: one sample is fine, as for the module)
+    fastmeta.BatchedMAML(model, 0.1, 1)(x[:, :1], y[:, :1], x, y)
+    fused = nn.Sequential(nn.Conv1d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(6, 2)).double()  # (the fused bn_relu_pool step checks too)
+    assert [s.kind for s in plan.lower(fused).steps][1] == "bn_relu_pool"
+    signal = torch.randn(2, 3, 1, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"BatchNorm2d at '1': expected input \[T, N, C, H, W\] .*\(2, 3, 4, 6\)"):
+        fastmeta.BatchedMAML(fused, 0.1, 1)(signal, y, signal, y)
