@@ -23,10 +23,11 @@ between two modules of a chain) into entries (path, what) applied one after the 
 Arguments after the input that have a plain default (``forward(x, vars=None)``) are traced at it,
 as ``model(x)`` runs, and a module called with its forward's defaults (``module(x, params=None)``)
 counts as ``module(x)``. A custom module inside the forward whose own forward torch.fx cannot
-trace is called whole (the planner runs it through the vmap fallback) and the rest is traced. A forward with other inputs or several outputs, one that torch.fx cannot trace (control flow on tensor
-values or shapes), one that computes a tensor from other than its input, parameters and buffers
-(torch.fx would keep its value of the trace) and one that carries a size across a module call
-(vmap returns tensors only) runs through the vmap fallback as before. The trace runs the
+trace is called whole (the planner runs it through the vmap fallback) and the rest is traced. A
+forward with other inputs or several outputs, one that torch.fx cannot trace (control flow on
+tensor values or shapes), one that computes a tensor from other than its input, parameters and
+buffers (torch.fx would keep its value of the trace) and one that carries a size across a module
+call (vmap returns tensors only) runs through the vmap fallback as before. The trace runs the
 forward's Python once: branches on the modules' attributes (training mode and flags) are taken as
 they stand, and the planner traces again when any such attribute changes; a forward that changes
 module attributes as it runs (a counter, a kept activation) is not traced, the trace's changes

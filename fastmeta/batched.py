@@ -1481,7 +1481,8 @@ class _CheckpointedSteps(torch.autograd.Function):
         # theta_0 (and the parameters the steps do not adapt) are read again by the backward
         # (but for running statistics held as Parameters, as a traced F.batch_norm may: updated after
         # the forward, and read by no training-mode pass)
-        stats = {id(t) for bn in meta.program.batch_norms if plan._tracks(bn) for t in (bn.running_mean, bn.running_var)}
+        stats = {id(t) for bn in meta.program.batch_norms if plan._tracks(bn)
+                 for t in (bn.running_mean, bn.running_var)}
         ctx.versions = {name: p._version for name, p in meta._meta_params().items() if id(p) not in stats}
         ctx.save_for_backward(xs, ys, *rate_tensors, *shared)
         return tuple(theta) + tuple(t for step in kept for t in outs[step])

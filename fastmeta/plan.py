@@ -971,7 +971,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
             s.params = frozenset(canon[id(p)] for p in module.parameters())
     mlp, why = _mlp_spec(model, leaves, steps, canon)
     # (with the modules that stand for a traced forward's F.batch_norm, holding its tensors)
-    norms = [m for m in model.modules() if isinstance(m, _BATCH_NORMS)] + [m for m in leaves if isinstance(m, _BATCH_NORMS)]
+    norms = [m for m in list(model.modules()) + leaves if isinstance(m, _BATCH_NORMS)]
     norms += [m for s in steps if s.spec and "batch_norms" in s.spec for m in s.spec["batch_norms"]]
     norms = list({id(m): m for m in norms}.values())
     prog = Program(steps, list(canon.values()), mlp, why, norms)

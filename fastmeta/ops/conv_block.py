@@ -26,8 +26,8 @@ import torch.nn.functional as F
 
 from .batched_batch_norm import batched_batch_norm
 from .batched_conv2d import batched_conv2d, batched_conv2d_ref, check_args, fused_prims, output_size
-from .bn_relu_pool import (_kernels, _pool_at, append_stats, bn_relu_pool, bn_relu_pool_ref, check_affine, fused_backend,
-                           per_task)
+from .bn_relu_pool import (_kernels, _pool_at, append_stats, bn_relu_pool, bn_relu_pool_ref, check_affine,
+                           fused_backend, per_task)
 
 
 class _Block(torch.autograd.Function):
