@@ -20,8 +20,9 @@ Kinds:
             conv on those nets (conv's and modules') rewritten as custom modules whose forwards call
             them in turn, with activations as functions (F.relu, torch.tanh, x.sigmoid(), ...),
             Flatten as x.view(x.size(0), -1) and the like, BatchNorm as F.batch_norm on its tensors,
-            extra code between the modules and skip connections (x + f(x)) around some: the
-            planner traces the forwards (torch.fx);
+            extra code between the modules and skip connections (x + f(x)) around some, some
+            modules called as module(x, params=None) or behind a rank check torch.fx cannot
+            trace (called whole): the planner traces the forwards (torch.fx);
   triton-conv, triton-mlp
             conv and mlp on the Triton kernels (backend triton; without a GPU in the interpreter,
             TRITON_INTERPRET=1 as the tests set it: slow, so not in the default kinds).
@@ -230,8 +231,38 @@ class Chain(nn.Module):
 
     def forward(self, x):
         for p in self.order:
-            x = self.mods[p](x) if isinstance(p, int) else p(x)
+            if not isinstance(p, int):
+                x = p(x)
+            elif isinstance(self.mods[p], WithParams):
+                x = self.mods[p](x, params=None)
+            else:
+                x = self.mods[p](x)
         return x
+
+
+class WithParams(nn.Module):
+    """f called as MetaModule libraries call their modules: forward(x, params=None)."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x, params=None):
+        return self.f(x) if params is None else torch.func.functional_call(self.f, params, (x,))
+
+
+class Checked(nn.Module):
+    """f behind a check of its input's rank: control flow that torch.fx cannot trace, so the
+    planner calls this module whole (through the vmap fallback) and traces the rest."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, x):
+        if x.dim() < 1:
+            raise ValueError(f"expected a batch, got {tuple(x.shape)}")
+        return self.f(x)
 
 
 class Residual(nn.Module):
@@ -289,7 +320,10 @@ def traced(draw):
             if isinstance(m, nn.Module) and any(True for _ in m.parameters()) and y.shape == x.shape and (
                     rnd.random() < 0.3):
                 m = Residual(m)  # (a skip connection around it)
-            parts.append(_as_function(m, rnd) if rnd.random() < 0.6 else m)
+            part = _as_function(m, rnd) if rnd.random() < 0.6 else m
+            if isinstance(part, nn.Module) and rnd.random() < 0.25:
+                part = rnd.choice([WithParams, Checked])(part)
+            parts.append(part)
             if rnd.random() < 0.15:
                 parts.append(lambda x, a=rnd.choice([0.5, 1.5]), b=rnd.choice([-0.25, 0.3]): x * a + b)
             x = y
