@@ -162,6 +162,23 @@ class _BatchNorm(nn.BatchNorm2d):
 
     any_rank = True  # (the planner's input check: F.batch_norm takes any rank from 2)
 
+    # the running statistics are the root's tensors, read by name at each use: a conversion of the
+    # model (.double(), .to(device)) replaces its buffers, and the module must not keep the old ones
+    @property
+    def running_mean(self):
+        return self._statistic(0)
+
+    @property
+    def running_var(self):
+        return self._statistic(1)
+
+    def _statistic(self, i: int):
+        held = self.__dict__.get("_held")
+        if held is None:  # (in BatchNorm's __init__, before they are set: none)
+            raise AttributeError("running statistics not set")
+        root, names = held
+        return None if names is None else _attr(root(), names[i])
+
     def _check_input_dim(self, input):
         if input.dim() < 2:
             raise ValueError(f"F.batch_norm: expected an input of at least 2 dims, got {tuple(input.shape)}")
@@ -178,7 +195,7 @@ def _batch_norm(n: fx.Node, cur: fx.Node, root: nn.Module):
     w, b = _parameter(root, a["weight"]), _parameter(root, a["bias"])
     if (a["weight"] is not None and w is None) or (a["bias"] is not None and b is None):
         return None
-    stats = []
+    stats, names = [], []
     for key in ("running_mean", "running_var"):
         v = a[key]
         if v is None:
@@ -191,6 +208,7 @@ def _batch_norm(n: fx.Node, cur: fx.Node, root: nn.Module):
         if not isinstance(t, torch.Tensor) or t.requires_grad or t.dim() != 1:
             return None
         stats.append(t)
+        names.append(v.target)
     if (stats[0] is None) != (stats[1] is None) or (stats[0] is None and not a["training"]):
         return None
     sizes = {t.shape[0] for t in (w, b, *stats) if t is not None and t.dim() == 1}
@@ -199,10 +217,10 @@ def _batch_norm(n: fx.Node, cur: fx.Node, root: nn.Module):
     m = _BatchNorm(sizes.pop(), eps=float(a["eps"]), momentum=float(a["momentum"]), affine=False,
                    track_running_stats=False, device="meta")
     m.weight, m.bias = w, b  # (the model's own Parameters, or None)
-    if stats[0] is not None:  # (the model's own tensors: the planner updates them in place, as the loop)
+    # (the model's own tensors, by name: the planner updates them in place, as the loop's passes)
+    m.__dict__["_held"] = (weakref.ref(root), names if stats[0] is not None else None)
+    if stats[0] is not None:
         m.track_running_stats = True
-        m.register_buffer("running_mean", stats[0])
-        m.register_buffer("running_var", stats[1])
         m.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=stats[0].device))
     return m.train(a["training"])
 

@@ -924,11 +924,10 @@ def uncompiled(model):
 def _structure(model: nn.Module) -> tuple:
     """What a program depends on: each module's class (a parametrization changes it), hooks (its
     own forward and backward ones, and how many global ones there are) and entries (a module at
-    several places counted at each), and the parameters and buffers (tensors a traced forward's
-    F.batch_norm is lowered with)."""
+    several places counted at each), and the parameters."""
     return (tuple((id(m), type(m), tuple(m._forward_hooks), tuple(m._forward_pre_hooks), tuple(m._backward_hooks),
                    tuple(m._backward_pre_hooks), tuple(map(id, m._modules.values()))) for m in model.modules()),
-            tuple(id(p) for p in model.parameters()), tuple(id(b) for b in model.buffers()), global_hooks())
+            tuple(id(p) for p in model.parameters()), global_hooks())
 
 
 def lower(model: nn.Module, strict: bool = False) -> Program:

@@ -270,3 +270,24 @@ def test_a_batch_norm_used_twice(backend):
     meta(xs, ys, xq, yq)
     _assert_same_buffers(model, reference)
     assert int(bn.num_batches_tracked) == 4 + 3 * 3 * 2
+
+
+@pytest.mark.parametrize("kind", ["functional", "functional-buffers"])
+def test_functional_statistics_follow_a_conversion_of_the_model(kind):
+    """model.double() (as .to(device)) replaces a model's buffers: a traced F.batch_norm reads its
+    statistics from the model at each use, so the next call updates the new ones, as the loop's."""
+    xs, ys, xq, yq = _batch()
+    torch.manual_seed(0)
+    model = _start(_net(kind, 0.2)).float()
+    reference = copy.deepcopy(model)
+    meta = fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")
+    single = [t.float() if t.is_floating_point() else t for t in (xs, ys, xq, yq)]
+    meta(*single)
+    _loop(reference, *single, 1, False)
+    model.double()
+    reference.double()
+    meta(xs, ys, xq, yq)
+    _loop(reference, xs, ys, xq, yq, 1, False)
+    assert model.statistics()[0].dtype == torch.float64
+    for a, b in zip(model.statistics(), reference.statistics()):  # (float32's rounding of the first call)
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
