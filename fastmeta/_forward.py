@@ -31,7 +31,8 @@ call (vmap returns tensors only) runs through the vmap fallback as before. The t
 forward's Python once: branches on the modules' attributes (training mode and flags) are taken as
 they stand, and the planner traces again when any such attribute changes; a forward that changes
 module attributes as it runs (a counter, a kept activation) is not traced, the trace's changes
-undone.
+undone, and code under torch.no_grad (whose grad mode torch.fx does not record) is not traced: a
+submodule with such a forward is called whole.
 """
 from __future__ import annotations
 
@@ -73,6 +74,10 @@ class _Failed(Exception):
     pass
 
 
+class _GradMode(Exception):
+    pass
+
+
 class _Tracer(fx.Tracer):
     """Traces through Sequentials and custom modules; calls every other module as a whole, and so
     a custom module whose own forward it cannot trace (its nodes of the attempt removed), so that
@@ -88,6 +93,15 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return id(m) in self._whole or not (plan.plain_sequential(m) or plan.traceable(m))
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **kw):
+        # torch.fx records no grad mode: code under torch.no_grad (inference_mode, set_grad_enabled)
+        # would be traced as differentiable. Such a module is called whole (the vmap fallback runs
+        # its forward as it is), such a forward not traced.
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            raise _GradMode("it turns gradients off (torch.no_grad or the like) for part of its code, which a "
+                            "trace would not keep")
+        return super().create_proxy(kind, target, args, kwargs, *rest, **kw)
 
     def getattr(self, attr, attr_val, parameter_proxy_cache):
         self._proxies = parameter_proxy_cache  # (the trace's cache of proxies of parameters and buffers)
@@ -421,7 +435,8 @@ def forward_entries(root: nn.Module, prefix: str, canon: dict, strict: bool = Fa
     state = [(m, dict(vars(m))) for m in root.modules()]
     tracer = _Tracer()
     try:
-        graph = tracer.trace(root, concrete_args=concrete or None)
+        with torch.inference_mode(False), torch.enable_grad():  # (see _Tracer.create_proxy)
+            graph = tracer.trace(root, concrete_args=concrete or None)
     except Exception as e:  # (what torch.fx cannot trace: control flow on tensor values and the like)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
         graph, failed = None, f"torch.fx cannot trace {kind}.forward ({type(e).__name__}: {msg[:160]})"

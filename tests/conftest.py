@@ -204,7 +204,9 @@ def assert_meta_sgd_case_matches_loop(model, batch, lr, steps, loss, backend, fi
                     meta.lrs[n.replace(".", "__")].copy_(r)
         got_loss, grads = meta.value_and_grad(*batch)
         learned = [p.requires_grad for p in meta.parameters()]
-        by_autograd = torch.autograd.grad(meta(*batch), [p for p in meta.parameters() if p.requires_grad])
+        learned_params = [p for p in meta.parameters() if p.requires_grad]
+        by_autograd = torch.autograd.grad(meta(*batch), learned_params, allow_unused=True)  # (under no_grad: none)
+        by_autograd = [torch.zeros_like(p) if g is None else g for g, p in zip(by_autograd, learned_params)]
     named = dict(zip([n for n, _ in meta.named_parameters()], grads))
     names = [n for n, p in model.named_parameters() if p.requires_grad]  # (not statistics held as Parameters)
     assert abs(got_loss.item() - want_loss.item()) <= 1e-10 * abs(want_loss.item()), what

@@ -861,3 +861,51 @@ def test_a_forward_that_changes_module_attributes_is_not_traced():
     batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
     _check(model, "mse", batch, "torch", [(False, False), (True, True)])
     assert model.calls > 0 and plan.lower(model) is prog  # (the forward's own changes are not traced again)
+
+
+class NoGradRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(2, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        with torch.no_grad():
+            h = torch.tanh(self.a(x))
+        return self.b(h)
+
+
+class FrozenFeatures(nn.Module):  # a feature extractor run without gradients
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(2, 6)
+
+    def forward(self, x):
+        with torch.no_grad():
+            return torch.tanh(self.a(x))
+
+
+class NoGradInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features, self.head = FrozenFeatures(), nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.features(x)))
+
+
+def test_code_without_gradients_is_not_traced():
+    """torch.fx records no grad mode: traced, code under torch.no_grad would be differentiated (a
+    silent wrong meta-gradient: the fused MLP kernel ran through the frozen layer). Such a forward
+    is not traced, and a submodule whose forward has it runs whole through the vmap fallback, the
+    rest traced; both exact against the loop (its no_grad block gets no gradient)."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    batch = tuple(torch.randn(3, n, d, generator=g, dtype=torch.float64) for n, d in ((4, 2), (4, 1), (5, 2), (5, 1)))
+    root = NoGradRoot().double()
+    assert "it turns gradients off (torch.no_grad or the like)" in fastmeta.explain(root)
+    assert [s.kind for s in plan.lower(root).steps] == ["vmap(NoGradRoot)"]
+    _check(root, "mse", batch, "torch", [(False, False), (True, False)])
+    inside = NoGradInside().double()
+    assert [s.kind for s in plan.lower(inside).steps] == ["vmap(FrozenFeatures)", "ReLU", "batched_linear"]
+    for backend in BACKENDS:
+        _check(inside, "mse", batch, backend, [(False, False), (True, True)])
