@@ -73,7 +73,8 @@ _PER_CHANNEL = (nn.MaxPool1d, nn.AvgPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.Adapt
                 nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
-_LOWERED = (nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm,
+_LOWERED = (nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d,
+            nn.InstanceNorm2d, nn.LayerNorm,
             nn.GroupNorm, nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity,
             nn.Flatten, nn.Dropout) + _ELEMENTWISE + _PER_CHANNEL
 
@@ -657,6 +658,24 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
             y = torch.nn.functional.layer_norm(x, shape, None, None, m.eps)
             return _per_task_affine(y, P[w] if w else None, P[b] if b else None)
         return Step(path, "layer_norm", run), False
+    if isinstance(m, (nn.InstanceNorm1d, nn.InstanceNorm2d)):  # GroupNorm with a group a channel
+        if m.track_running_stats:
+            return None, f"{type(m).__name__}(track_running_stats=True) (running statistics) is not lowered"
+        w = name(m.weight) if m.weight is not None else None
+        b = name(m.bias) if m.bias is not None else None
+        rank = 3 if isinstance(m, nn.InstanceNorm1d) else 4
+
+        def run(x, P, m=m, w=w, b=b, rank=rank):
+            kind, C = type(m).__name__, x.shape[2] if x.dim() > 2 else None
+            want = "[T, N, C, L]" if rank == 3 else "[T, N, C, H, W]"
+            if x.dim() - 1 != rank or (m.affine and C != m.num_features):
+                raise ValueError(f"{kind} at {path!r}: expected input {want}"
+                                 f"{f' with C={m.num_features}' if m.affine else ''}, got {tuple(x.shape)}")
+            if math.prod(x.shape[3:]) == 1:
+                raise ValueError(f"{kind} at {path!r}: expected more than 1 spatial element, got input "
+                                 f"{tuple(x.shape)}")
+            return _group_norm(x, C, m.eps, P[w] if w else None, P[b] if b else None)
+        return Step(path, "instance_norm", run), False
     if isinstance(m, nn.GroupNorm):
         w = name(m.weight) if m.weight is not None else None
         b = name(m.bias) if m.bias is not None else None

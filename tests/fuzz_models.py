@@ -15,7 +15,8 @@ Kinds:
   mlp       random MLPs on the fused kernel against its reference;
   modules, modules-variants
             conv and variants on random nets of the other lowered modules (Conv1d, GroupNorm,
-            LayerNorm, the 1d and adaptive pools, every elementwise activation, LogSoftmax);
+            InstanceNorm, LayerNorm, the 1d and adaptive pools, every elementwise activation,
+            LogSoftmax);
   traced, traced-modules
             conv on those nets (conv's and modules') rewritten as custom modules whose forwards call
             them in turn, with activations as functions (F.relu, torch.tanh, x.sigmoid(), ...),
@@ -140,8 +141,8 @@ MORE_ACTIVATIONS = [nn.GELU, lambda: nn.GELU(approximate="tanh"), nn.SiLU, lambd
 
 
 def random_module_case(seed):
-    """A random net of the modules lowered beyond conv4 / MLP (Conv1d, GroupNorm, LayerNorm, the
-    1d and adaptive pools, every elementwise activation, LogSoftmax) with the same tuple as
+    """A random net of the modules lowered beyond conv4 / MLP (Conv1d, GroupNorm, InstanceNorm, LayerNorm,
+    the 1d and adaptive pools, every elementwise activation, LogSoftmax) with the same tuple as
     random_conv_case: (model, batch, inner_lr, steps, first_order, rates or None, description)."""
     rnd = random.Random(seed * 31 + 7)
     torch.manual_seed(seed)
@@ -176,9 +177,12 @@ def random_module_case(seed):
                 break
             layers.append((nn.Conv2d if two else nn.Conv1d)(c, co, k, padding=p, groups=g, bias=rnd.random() < 0.7))
             c, size = co, [n + 2 * p - k + 1 for n in size]
-            if rnd.random() < 0.6:
+            r = rnd.random()
+            if r < 0.45:
                 layers.append(nn.GroupNorm(rnd.choice([q for q in (1, 2, co) if co % q == 0]), co,
                                            affine=rnd.random() < 0.8))
+            elif r < 0.6 and math.prod(size) > 1:
+                layers.append((nn.InstanceNorm2d if two else nn.InstanceNorm1d)(co, affine=rnd.random() < 0.8))
             layers.append(rnd.choice(acts)())
             if min(size) >= 2 and rnd.random() < 0.5:
                 layers.append(rnd.choice([nn.MaxPool2d, nn.AvgPool2d] if two else [nn.MaxPool1d, nn.AvgPool1d])(2))
@@ -198,7 +202,7 @@ def random_module_case(seed):
     model = nn.Sequential(*layers).double()
     with torch.no_grad():  # norm weights away from their 1 / 0 start
         for m in model.modules():
-            if isinstance(m, (nn.GroupNorm, nn.LayerNorm)):
+            if isinstance(m, (nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm1d, nn.InstanceNorm2d)):
                 for p in m.parameters():
                     p.add_(0.3 * torch.randn_like(p))
     T, K, Q = rnd.choice([1, 2, 3]), rnd.choice([2, 3, 5]), rnd.choice([2, 4, 6])

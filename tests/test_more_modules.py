@@ -1,6 +1,7 @@
 """Modules lowered onto batched per-task ops beyond the conv4 / MLP set: the parameter-free
 elementwise activations (GELU, SiLU, ELU, Softplus, Mish, ...), PReLU with per-task slopes, Softmax /
-LogSoftmax, LayerNorm and GroupNorm with per-task affine weights, Conv1d (as a Conv2d of height 1), the 1d pools and the
+LogSoftmax, LayerNorm, GroupNorm and InstanceNorm (without running statistics) with per-task affine
+weights, Conv1d (as a Conv2d of height 1), the 1d pools and the
 adaptive pools. Each model runs without a vmap fallback (strict lowering) and its loss and
 meta-gradient equal the per-task loop's (float64; both orders, MAML and Meta-SGD, torch and cpp
 backends). An MLP with GELU or SiLU runs the fused MLP kernel (cpp here)."""
@@ -54,6 +55,9 @@ def _convs():
                                                  nn.AdaptiveMaxPool2d((2, 3)), nn.Flatten(), nn.Linear(24, 3)),
         "prelu_channels": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.PReLU(4), nn.MaxPool2d(2),
                                                 nn.Flatten(), nn.Linear(4 * 3 * 3, 3)),
+        "instancenorm": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.InstanceNorm2d(4, affine=True),
+                                              nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 4, 3, padding=1),
+                                              nn.InstanceNorm2d(4), nn.GELU(), nn.Flatten(), nn.Linear(36, 3)),
         # in-place activations on a convolution's output and on its flattened view (the cpp
         # convolution's output is a strided view of its kernel's: it must accept them)
         "inplace": lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=True),
@@ -77,6 +81,8 @@ def _conv1ds():
                                                   nn.Flatten(), nn.Linear(4 * 17, 3)),
         "conv1d_batchnorm": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.BatchNorm1d(4), nn.ReLU(),
                                                   nn.MaxPool1d(2), nn.Flatten(), nn.Linear(4 * 8, 3)),
+        "conv1d_instancenorm": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.InstanceNorm1d(4, affine=True),
+                                                     nn.ELU(), nn.Flatten(), nn.Linear(4 * 17, 3)),
         "conv1d_inplace": lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Hardtanh(-0.5, 0.5, inplace=True),
                                                 nn.Flatten(), nn.SiLU(inplace=True), nn.Linear(4 * 17, 3)),
     }
@@ -232,3 +238,20 @@ def test_batch_norm_inputs_are_checked_as_the_module_checks_them():
     signal = torch.randn(2, 3, 1, 8, dtype=torch.float64)
     with pytest.raises(ValueError, match=r"BatchNorm2d at '1': expected input \[T, N, C, H, W\] .*\(2, 3, 4, 6\)"):
         fastmeta.BatchedMAML(fused, 0.1, 1)(signal, y, signal, y)
+
+
+def test_instance_norm_inputs_and_running_statistics():
+    """InstanceNorm checks its input as the module does (rank, channels where affine, more than one
+    spatial element); with running statistics it is not lowered (the vmap fallback runs it)."""
+    y = torch.randint(0, 2, (2, 3))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, affine=True), nn.Flatten(), nn.Linear(4, 2)).double()
+    x = torch.randn(2, 3, 1, 3, 3, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"InstanceNorm2d at '1': expected more than 1 spatial element"):
+        fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")(x, y, x, y)
+    model = nn.Sequential(nn.Conv1d(1, 4, 3), nn.InstanceNorm2d(4), nn.Flatten(), nn.Linear(12, 2)).double()
+    x = torch.randn(2, 3, 1, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"InstanceNorm2d at '1': expected input \[T, N, C, H, W\], got \(2, 3, 4, 3\)"):
+        fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")(x, y, x, y)
+    tracked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(),
+                            nn.Linear(16, 2)).double()
+    assert "InstanceNorm2d(track_running_stats=True) (running statistics) is not lowered" in fastmeta.explain(tracked)
