@@ -74,7 +74,7 @@ _PER_CHANNEL = (nn.MaxPool1d, nn.AvgPool1d, nn.MaxPool2d, nn.AvgPool2d, nn.Adapt
 # The classes lowered module by module: a subclass is lowered as its base only where it keeps the
 # base's forward
 _LOWERED = (nn.Sequential, nn.Linear, nn.Conv1d, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.InstanceNorm1d,
-            nn.InstanceNorm2d, nn.LayerNorm,
+            nn.InstanceNorm2d, nn.LayerNorm, nn.Embedding,
             nn.GroupNorm, nn.PReLU, nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Softmax, nn.LogSoftmax, nn.Identity,
             nn.Flatten, nn.Dropout) + _ELEMENTWISE + _PER_CHANNEL
 
@@ -686,6 +686,26 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
                                  f"got {tuple(x.shape)}")
             return _group_norm(x, m.num_groups, m.eps, P[w] if w else None, P[b] if b else None)
         return Step(path, "group_norm", run), False
+    if isinstance(m, nn.Embedding):  # each task's rows of its own table: W[t][x[t]]
+        if m.max_norm is not None or m.scale_grad_by_freq or m.sparse:
+            return None, "Embedding with max_norm, scale_grad_by_freq or sparse is not lowered"
+        w = name(m.weight)
+
+        def run(x, P, m=m, w=w):
+            if x.dtype not in (torch.int32, torch.int64) or x.dim() < 2:
+                raise ValueError(f"Embedding at {path!r}: expected integer indices [T, N, ...], got {tuple(x.shape)} "
+                                 f"of {x.dtype}")
+            table = P[w]
+            # (checked on a CPU only: on CUDA, as F.embedding, without the device sync it costs)
+            if x.device.type == "cpu" and x.numel() and (int(x.min()) < 0 or int(x.max()) >= m.num_embeddings):
+                raise IndexError(f"Embedding at {path!r}: indices must be in [0, {m.num_embeddings}), got "
+                                 f"[{int(x.min())}, {int(x.max())}]")
+            T = x.shape[0]
+            rows = table[torch.arange(T, device=x.device).view(T, *(1,) * (x.dim() - 1)), x]
+            if m.padding_idx is not None:  # (its row read as it is, with no gradient, as F.embedding's)
+                rows = torch.where((x == m.padding_idx).unsqueeze(-1), rows.detach(), rows)
+            return rows
+        return Step(path, "embedding", run), False
     if isinstance(m, nn.PReLU):  # x where x > 0, else a x: per-task slopes a [T, 1] or [T, C] (channel dim 1)
         w = name(m.weight)
 

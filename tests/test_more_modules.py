@@ -1,7 +1,7 @@
 """Modules lowered onto batched per-task ops beyond the conv4 / MLP set: the parameter-free
 elementwise activations (GELU, SiLU, ELU, Softplus, Mish, ...), PReLU with per-task slopes, Softmax /
 LogSoftmax, LayerNorm, GroupNorm and InstanceNorm (without running statistics) with per-task affine
-weights, Conv1d (as a Conv2d of height 1), the 1d pools and the
+weights, Embedding (token inputs), Conv1d (as a Conv2d of height 1), the 1d pools and the
 adaptive pools. Each model runs without a vmap fallback (strict lowering) and its loss and
 meta-gradient equal the per-task loop's (float64; both orders, MAML and Meta-SGD, torch and cpp
 backends). An MLP with GELU or SiLU runs the fused MLP kernel (cpp here)."""
@@ -255,3 +255,38 @@ def test_instance_norm_inputs_and_running_statistics():
     tracked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.InstanceNorm2d(4, track_running_stats=True), nn.Flatten(),
                             nn.Linear(16, 2)).double()
     assert "InstanceNorm2d(track_running_stats=True) (running statistics) is not lowered" in fastmeta.explain(tracked)
+
+
+def _text(padding_idx=None):
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Embedding(20, 6, padding_idx=padding_idx), nn.Flatten(), nn.Linear(5 * 6, 8), nn.Tanh(),
+                         nn.Linear(8, 3)).double()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("padding_idx", [None, 0])
+def test_embedding_lowered_and_exact(backend, padding_idx):
+    """nn.Embedding: each task's rows of its own table (a padding row read with no gradient, as
+    F.embedding's), against the loop; token sequences of 5 as inputs."""
+    model = _text(padding_idx)
+    plan.lower(model, strict=True)
+    assert [s.kind for s in plan.lower(model).steps][0] == "embedding"
+    g = torch.Generator().manual_seed(2)
+    xs, xq = torch.randint(0, 20, (3, 4, 5), generator=g), torch.randint(0, 20, (3, 6, 5), generator=g)
+    xs[:, 0, :2] = 0  # (the padding index, where there is one)
+    ys, yq = torch.randint(0, 3, (3, 4), generator=g), torch.randint(0, 3, (3, 6), generator=g)
+    for first_order, meta_sgd in [(False, False), (False, True), (True, False)]:
+        assert_meta_sgd_case_matches_loop(model, (xs, ys, xq, yq), 0.3, 2, "cross_entropy", backend, first_order,
+                                          meta_sgd, g, f"embedding first_order={first_order} meta_sgd={meta_sgd}")
+
+
+def test_embedding_inputs_are_checked():
+    model = _text()
+    y = torch.randint(0, 3, (2, 4))
+    with pytest.raises(IndexError, match=r"Embedding at '0': indices must be in \[0, 20\), got \[0, 20\]"):
+        x = torch.arange(40).view(2, 4, 5) % 21
+        fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")(x, y, x, y)
+    x = torch.randn(2, 4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"Embedding at '0': expected integer indices"):
+        fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")(x, y, x, y)
+    assert "Embedding with max_norm" in fastmeta.explain(nn.Sequential(nn.Embedding(5, 2, max_norm=1.0)))
