@@ -94,7 +94,7 @@ step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python b
 # first GPU run); the models of the other lowered modules (GroupNorm conv4, Conv1d, LayerNorm)
 step_activations() { TAIL=20 run_step activations 90 activations.txt python benchmarks/more_modules.py \
   --activations relu,tanh,sigmoid,gelu,gelu_tanh,silu --device cuda --seconds 0.5; }
-step_moremodules() { TAIL=40 run_step moremodules 120 more_modules.txt python benchmarks/more_modules.py \
+step_moremodules() { TAIL=60 run_step moremodules 150 more_modules.txt python benchmarks/more_modules.py \
   --device cuda --seconds 0.5; }
 # custom-forward models (learn2learn's sine model, an Omniglot CNN of custom blocks, a ResNet, MAML
 # reference code's functional conv net with F.batch_norm): traced against

@@ -1,5 +1,5 @@
 """Models built of the modules lowered beyond the conv4 / MLP set (GELU and the other elementwise
-activations, LayerNorm, GroupNorm, Conv1d, the adaptive pools): BatchedMAML.value_and_grad
+activations, LayerNorm, GroupNorm, InstanceNorm, Conv1d, the adaptive pools, Embedding): BatchedMAML.value_and_grad
 (`fastmeta_vg`: the auto backend, so a GELU MLP runs the fused MLP kernel) against the same module
 on the batched torch ops alone (`fastmeta_vg-torch`: backend='torch'), with those modules run
 through the torch.func vmap fallback (`fastmeta_vg_vmapped`: each one given a forward pre-hook that
@@ -13,7 +13,10 @@ Models (`--models`):
 - `groupnorm_conv4`: conv4 on 1 x 28 x 28 images (Omniglot's shape, 32 channels) with GroupNorm(4)
   instead of BatchNorm, 5-way 1-shot, 15 query a class, S=1, inner lr 0.4;
 - `conv1d`: two Conv1d -> GroupNorm -> SiLU -> MaxPool1d blocks (16 channels) on 3 x 64 series, an
-  AdaptiveAvgPool1d and a linear head, 5-way 1-shot, 15 query a class, S=2, inner lr 0.1.
+  AdaptiveAvgPool1d and a linear head, 5-way 1-shot, 15 query a class, S=2, inner lr 0.1;
+- `instancenorm_conv4`: groupnorm_conv4 with InstanceNorm2d(32, affine=True) in place of GroupNorm;
+- `text`: an Embedding(1000, 32) of 20-token sequences, flattened, Linear(640, 64) -> ReLU ->
+  Linear(64, 5), 5-way 5-shot, 15 query a class, S=5, inner lr 0.1.
 
 `--activations relu,tanh,...` times instead the sine MLP 1-40-40-1 (T=25, K=Q=10, S=5) with each
 activation on the fused MLP kernel and on the batched torch ops, all rows interleaved, with each
@@ -31,7 +34,8 @@ from torch import nn
 import fastmeta
 from fastmeta import harness as H
 
-LOWERED_HERE = (nn.GELU, nn.SiLU, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d)
+LOWERED_HERE = (nn.GELU, nn.SiLU, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d,
+                nn.InstanceNorm2d, nn.Embedding)
 
 
 def _fallback_copy(model):
@@ -69,12 +73,13 @@ def workload(name, tasks=None, device="cpu"):
         else:
             model = nn.Sequential(nn.Linear(1, 40), nn.LayerNorm(40), nn.ReLU(), nn.Linear(40, 40), nn.LayerNorm(40),
                                   nn.ReLU(), nn.Linear(40, 1))
-    elif name == "groupnorm_conv4":
+    elif name in ("groupnorm_conv4", "instancenorm_conv4"):
         T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 1, 0.4, "cross_entropy"
         batch = _classes(T, 1, 15, 5, (1, 28, 28), g)
         blocks, c = [], 1
         for _ in range(4):
-            blocks += [nn.Conv2d(c, 32, 3, padding=1), nn.GroupNorm(4, 32), nn.ReLU(), nn.MaxPool2d(2)]
+            norm = nn.GroupNorm(4, 32) if name == "groupnorm_conv4" else nn.InstanceNorm2d(32, affine=True)
+            blocks += [nn.Conv2d(c, 32, 3, padding=1), norm, nn.ReLU(), nn.MaxPool2d(2)]
             c = 32
         model = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(32, 5))
     elif name == "conv1d":
@@ -83,6 +88,12 @@ def workload(name, tasks=None, device="cpu"):
         model = nn.Sequential(nn.Conv1d(3, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.SiLU(), nn.MaxPool1d(2),
                               nn.Conv1d(16, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.SiLU(), nn.MaxPool1d(2),
                               nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 5))
+    elif name == "text":
+        T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 5, 0.1, "cross_entropy"
+        xs, ys, xq, yq = _classes(T, 5, 15, 5, (20,), g)
+        xs, xq = (torch.randint(0, 1000, x.shape, generator=g) for x in (xs, xq))  # (token ids)
+        batch = (xs, ys, xq, yq)
+        model = nn.Sequential(nn.Embedding(1000, 32), nn.Flatten(), nn.Linear(20 * 32, 64), nn.ReLU(), nn.Linear(64, 5))
     else:
         raise SystemExit(f"--models: unknown model {name!r} (one of {', '.join(MODELS)})")
     model = model.to(device)
@@ -90,7 +101,7 @@ def workload(name, tasks=None, device="cpu"):
     return H.Workload(name, model, *batch, lr, S, loss)
 
 
-MODELS = ("gelu_mlp", "layernorm_mlp", "groupnorm_conv4", "conv1d")
+MODELS = ("gelu_mlp", "layernorm_mlp", "groupnorm_conv4", "conv1d", "instancenorm_conv4", "text")
 
 
 def run(name, tasks, order, device, seconds):

@@ -700,8 +700,10 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
             if x.device.type == "cpu" and x.numel() and (int(x.min()) < 0 or int(x.max()) >= m.num_embeddings):
                 raise IndexError(f"Embedding at {path!r}: indices must be in [0, {m.num_embeddings}), got "
                                  f"[{int(x.min())}, {int(x.max())}]")
-            T = x.shape[0]
-            rows = table[torch.arange(T, device=x.device).view(T, *(1,) * (x.dim() - 1)), x]
+            # F.embedding of the tasks' tables as one [T * V, D] table, each task's ids offset to its own
+            T, V = x.shape[0], m.num_embeddings
+            offset = torch.arange(0, T * V, V, device=x.device, dtype=x.dtype).view(T, *(1,) * (x.dim() - 1))
+            rows = torch.nn.functional.embedding(x + offset, table.reshape(T * V, -1))
             if m.padding_idx is not None:  # (its row read as it is, with no gradient, as F.embedding's)
                 rows = torch.where((x == m.padding_idx).unsqueeze(-1), rows.detach(), rows)
             return rows

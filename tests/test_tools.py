@@ -564,7 +564,7 @@ def test_more_modules_script_runs(capsys):
     sys.path.insert(0, os.path.join(root, "benchmarks"))
     try:
         import more_modules
-        out = more_modules.main(["--models", "gelu_mlp,conv1d", "--order", "first", "--tasks", "2",
+        out = more_modules.main(["--models", "gelu_mlp,conv1d,text", "--order", "first", "--tasks", "2",
                                  "--seconds", "0.02"])
         for (name, order), (timed, errs) in out.items():
             assert set(timed) == {"loop", "fastmeta_vg", "fastmeta_vg-torch", "fastmeta_vg_vmapped"}
