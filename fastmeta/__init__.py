@@ -18,7 +18,7 @@ from .backend import BackendUnavailable, get_backend, set_backend, use_backend
 from .batched import BatchedMAML, step_loss_schedule
 from .graphs import GraphedStep, graphed
 from .maml import MAML, MetaSGD, clone_module
-from .plan import UnsupportedModule, explain
+from .plan import UnsupportedModule, explain, lower_as
 from .tune import Tuning, tune
 from .ops.batched_conv2d import autotune_choices as conv_autotune_choices
 from .ops.batched_conv2d import clear_autotune_choices as clear_conv_autotune
@@ -28,7 +28,8 @@ from . import profile  # noqa: E402  (a callable module: fastmeta.profile(...) i
 __version__ = "0.1.0"
 
 __all__ = [
-    "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "clone_module", "set_backend", "get_backend",
+    "MAML", "MetaSGD", "BatchedMAML", "graphed", "GraphedStep", "explain", "lower_as", "clone_module", "set_backend",
+    "get_backend",
     "use_backend", "BackendUnavailable", "UnsupportedModule", "profile", "tune", "Tuning",
     "conv_autotune_choices", "clear_conv_autotune", "get_conv_precision", "set_conv_precision",
     "use_conv_precision", "step_loss_schedule", "__version__",

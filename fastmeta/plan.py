@@ -94,13 +94,40 @@ def hook_count(m: nn.Module) -> int:
     return len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
 
 
+# classes declared (lower_as) to compute what a lowered base class computes: class -> base
+_AS_BASE: dict = {}
+
+
+def lower_as(cls: type, base: type) -> None:
+    """Declares that modules of class ``cls``, a subclass of ``base`` (one of the modules fastmeta
+    lowers: nn.BatchNorm2d, nn.Conv2d, nn.Linear, ...) with a forward of its own, compute what
+    ``base``'s forward computes, called as ``module(x)`` or with their forward's defaults
+    (``module(x, params=None)``), and change the module's state as it does (BatchNorm's running
+    statistics): the planner then lowers them as ``base`` (MetaModule libraries' MetaBatchNorm2d,
+    whose forward torch.fx cannot trace, onto the fused BatchNorm -> ReLU -> MaxPool2d op). fastmeta
+    cannot check the declaration: a class that computes otherwise gets base's answers. Declare it
+    before building a BatchedMAML of such a model; ``lower_as(cls, None)`` withdraws it."""
+    if not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        raise TypeError(f"lower_as: cls must be an nn.Module class, got {cls!r}")
+    if base is None:
+        _AS_BASE.pop(cls, None)
+        return
+    lowered = [c for c in _LOWERED if c is not nn.Sequential]
+    if base not in lowered:
+        raise ValueError(f"lower_as: base must be one of the classes fastmeta lowers "
+                         f"({', '.join(c.__name__ for c in lowered)}), got {getattr(base, '__name__', base)!r}")
+    if not issubclass(cls, base):
+        raise ValueError(f"lower_as: {cls.__name__} is not a subclass of {base.__name__}")
+    _AS_BASE[cls] = base
+
+
 def _not_plain(m: nn.Module) -> str | None:
     """None if calling m runs exactly its lowered class's forward, else why not: a subclass with its
     own forward, forward hooks (they change what the module returns), global module hooks (they
     run at every module's call), parametrizations (weight norm and the like compute the weight the
     module uses from other parameters)."""
-    base = next((c for c in _LOWERED if isinstance(m, c)), None)
-    if base is not None and type(m).forward is not base.forward:
+    base = _AS_BASE.get(type(m)) or next((c for c in _LOWERED if isinstance(m, c)), None)
+    if base is not None and type(m).forward is not base.forward and _AS_BASE.get(type(m)) is not base:
         return f"{type(m).__name__} overrides {base.__name__}.forward"
     return hooked(m)
 
@@ -133,7 +160,7 @@ def tracing_on() -> bool:
 def traceable(m: nn.Module) -> bool:
     """Whether m's forward is the user's own code (not one of PyTorch's modules' forwards) and
     calling m runs just that forward, so that torch.fx's trace of it may replace the call."""
-    if not tracing_on() or hooked(m) is not None or plain_sequential(m):
+    if not tracing_on() or hooked(m) is not None or plain_sequential(m) or type(m) in _AS_BASE:
         return False
     owner = next(c for c in type(m).__mro__ if "forward" in c.__dict__)
     return not owner.__module__.startswith(("torch.nn.", "torch.ao.nn."))
@@ -978,7 +1005,7 @@ def lower(model: nn.Module, strict: bool = False) -> Program:
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     model = uncompiled(model)
     _no_backward_hooks(model)
-    key = (strict, _structure(model), tracing_on())
+    key = (strict, _structure(model), tracing_on(), tuple(_AS_BASE.items()))
     hit = _cache.get(model)
     if hit is not None and hit[0] == key and (not hit[2] or hit[3] == _attributes(model, hit[2])):
         return hit[1]

@@ -598,12 +598,14 @@ def test_traced_forward_script_runs(capsys):
     for name in traced_forward.MODELS:
         timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
         want = {"loop", "fastmeta_vg"} | (set() if name == "functional_omniglot" else {"fastmeta_vg_untraced"})
+        want |= {"fastmeta_vg_lower_as"} if name == "metamodule_omniglot" else set()
         assert set(timed) == want | (set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
         assert all(med is not None for med, _, _ in timed.values()), (name, timed)
         # (float32 against the float32 loop: the ResNet's rounding alone reaches ~1e-3 on every path)
         assert max(errs.values()) < 1e-2 and errs["fastmeta_vg"] <= 2 * errs.get("fastmeta_vg_untraced", 0) + 1e-4, (
             name, errs)
     assert "| fastmeta_vg_untraced |" in capsys.readouterr().out
+    assert not fastmeta.plan._AS_BASE  # (the benchmark's declaration withdrawn)
     with pytest.raises(SystemExit, match="unknown model 'mlp'"):
         traced_forward.main(["--models", "mlp"])
 

@@ -909,3 +909,34 @@ def test_code_without_gradients_is_not_traced():
     assert [s.kind for s in plan.lower(inside).steps] == ["vmap(FrozenFeatures)", "ReLU", "batched_linear"]
     for backend in BACKENDS:
         _check(inside, "mse", batch, backend, [(False, False), (True, True)])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lower_as_declares_a_module_class_its_base(backend):
+    """fastmeta.lower_as(ParamsBatchNorm2d, nn.BatchNorm2d): a MetaModule-style BatchNorm, which
+    torch.fx cannot trace and which otherwise runs alone through the vmap fallback, is lowered as a
+    BatchNorm2d (the fused bn_relu_pool with the ReLU and pool after it): exact against the loop,
+    running statistics too; withdrawn, the vmap fallback again. Bad declarations raise."""
+    torch.manual_seed(0)
+    model = ParamsConvNet(track=True).double()
+    reference = copy.deepcopy(model)
+    fastmeta.lower_as(ParamsBatchNorm2d, nn.BatchNorm2d)
+    try:
+        kinds = [s.kind for s in plan.lower(model, strict=True).steps]
+        assert kinds == ["batched_conv2d", "bn_relu_pool"] * 2 + ["flatten", "batched_linear"], kinds
+        loss, batch = _batch("conv", 3)
+        _check(copy.deepcopy(model), loss, batch, backend, ALL)
+        with fastmeta.use_backend(backend):
+            fastmeta.BatchedMAML(model, 0.3, 2, loss=loss)(*batch)
+        loop_meta_grads(reference, *batch, 0.3, 2, loss)
+        for (name, a), b in zip(model.named_buffers(), reference.buffers()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    finally:
+        fastmeta.lower_as(ParamsBatchNorm2d, None)
+    assert "vmap(ParamsBatchNorm2d)" in [s.kind for s in plan.lower(model).steps]
+    with pytest.raises(ValueError, match="ParamsLinear is not a subclass of Conv2d"):
+        fastmeta.lower_as(ParamsLinear, nn.Conv2d)
+    with pytest.raises(ValueError, match="base must be one of the classes fastmeta lowers"):
+        fastmeta.lower_as(ParamsLinear, nn.Module)
+    with pytest.raises(TypeError, match="cls must be an nn.Module class"):
+        fastmeta.lower_as(ParamsLinear(2, 2), nn.Linear)
