@@ -97,9 +97,9 @@ step_activations() { TAIL=20 run_step activations 90 activations.txt python benc
 step_moremodules() { TAIL=60 run_step moremodules 150 more_modules.txt python benchmarks/more_modules.py \
   --device cuda --seconds 0.5; }
 # custom-forward models (learn2learn's sine model, an Omniglot CNN of custom blocks, a ResNet, MAML
-# reference code's functional conv net with F.batch_norm): traced against
+# reference code's functional conv net with F.batch_norm, a MetaModule-style BatchNorm): traced against
 # the whole-model vmap fallback, the same net as a Sequential and the loop
-step_tracedforward() { TAIL=40 run_step tracedforward 120 traced_forward.txt python benchmarks/traced_forward.py \
+step_tracedforward() { TAIL=60 run_step tracedforward 180 traced_forward.txt python benchmarks/traced_forward.py \
   --device cuda --seconds 0.5; }
 step_reptilesine() { TAIL=8 run_step reptilesine 60 reptilesine.txt python benchmarks/reptile.py --workload sine --device cuda --seconds 1; }
 step_reptile() { TAIL=8 run_step reptile 60 reptile.txt python benchmarks/reptile.py --device cuda --tasks 32 --seconds 1; }
