@@ -14,6 +14,10 @@ Models (`--models`):
   instead of BatchNorm, 5-way 1-shot, 15 query a class, S=1, inner lr 0.4;
 - `conv1d`: two Conv1d -> GroupNorm -> SiLU -> MaxPool1d blocks (16 channels) on 3 x 64 series, an
   AdaptiveAvgPool1d and a linear head, 5-way 1-shot, 15 query a class, S=2, inner lr 0.1;
+- `image_mlp`: Flatten -> Linear(784, 64) -> GELU -> Linear(64, 64) -> GELU -> Linear(64, 5) on
+  Omniglot's 1 x 28 x 28 tasks (5-way 1-shot, 15 query a class), S=5, inner lr 0.4: the fused MLP
+  kernel takes the inputs flattened (`fastmeta_vg-torch`: the batched ops, where the Flatten used
+  to send it);
 - `instancenorm_conv4`: groupnorm_conv4 with InstanceNorm2d(32, affine=True) in place of GroupNorm;
 - `text`: an Embedding(1000, 32) of 20-token sequences, flattened, Linear(640, 64) -> ReLU ->
   Linear(64, 5), 5-way 5-shot, 15 query a class, S=5, inner lr 0.1.
@@ -88,6 +92,11 @@ def workload(name, tasks=None, device="cpu"):
         model = nn.Sequential(nn.Conv1d(3, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.SiLU(), nn.MaxPool1d(2),
                               nn.Conv1d(16, 16, 5, padding=2), nn.GroupNorm(4, 16), nn.SiLU(), nn.MaxPool1d(2),
                               nn.AdaptiveAvgPool1d(1), nn.Flatten(), nn.Linear(16, 5))
+    elif name == "image_mlp":
+        T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 5, 0.4, "cross_entropy"
+        batch = _classes(T, 1, 15, 5, (1, 28, 28), g)
+        model = nn.Sequential(nn.Flatten(), nn.Linear(784, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(),
+                              nn.Linear(64, 5))
     elif name == "text":
         T, S, lr, loss = tasks or (8 if device == "cpu" else 32), 5, 0.1, "cross_entropy"
         xs, ys, xq, yq = _classes(T, 5, 15, 5, (20,), g)
@@ -101,7 +110,7 @@ def workload(name, tasks=None, device="cpu"):
     return H.Workload(name, model, *batch, lr, S, loss)
 
 
-MODELS = ("gelu_mlp", "layernorm_mlp", "groupnorm_conv4", "conv1d", "instancenorm_conv4", "text")
+MODELS = ("gelu_mlp", "layernorm_mlp", "groupnorm_conv4", "conv1d", "instancenorm_conv4", "text", "image_mlp")
 
 
 def run(name, tasks, order, device, seconds):

@@ -912,6 +912,14 @@ class BatchedMAML(nn.Module):
                 self.step_loss_weights is None,
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
+    def _flat(self, x):
+        """x [T, N, ...] as [T, N, D] where the fused MLP path's program flattens each sample first (the
+        program's own Flatten then leaves it as it is, on every path), else x."""
+        spec = self.program.mlp
+        if spec is not None and spec.flatten_input and isinstance(x, torch.Tensor) and x.dim() > 3:
+            return x.flatten(2)
+        return x
+
     def _prepare(self, xs, ys, xq, yq, params=None):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
         checked before (the checks then are skipped). params: _param_list()'s (the model's first,
@@ -1040,6 +1048,7 @@ class BatchedMAML(nn.Module):
         """Per-task query losses [T] after adaptation (differentiable w.r.t. the meta-parameters;
         under torch.no_grad the inner steps keep no graph and the losses come back detached)."""
         ys, yq = self._labels(ys), self._labels(yq)
+        xs, xq = self._flat(xs), self._flat(xq)
         fused, checked = self._prepare(xs, ys, xq, yq)
         grad_on = torch.is_grad_enabled()
         with torch.enable_grad(), _labels_to_check(self, [("ys", ys), ("yq", yq)]):
@@ -1071,6 +1080,7 @@ class BatchedMAML(nn.Module):
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
         params = self._param_list(model_only=True)
         ys, yq = self._labels(ys), self._labels(yq)
+        xs, xq = self._flat(xs), self._flat(xq)
         fused, checked = self._prepare(xs, ys, xq, yq, params)
         # the fused op runs in grad mode (its torch form takes the inner steps' gradients); under
         # no_grad its loss comes back detached, as the other paths' does
@@ -1123,6 +1133,7 @@ class BatchedMAML(nn.Module):
         """
         params = self._param_list()
         ys, yq = self._labels(ys), self._labels(yq)
+        xs, xq = self._flat(xs), self._flat(xq)
         fused, checked = self._prepare(xs, ys, xq, yq, params)
         if checked and self._direct_layer is not None and len(params) == 2 * len(self.program.names):
             n = len(self.program.names)  # (the model's parameters, then their rates)
@@ -1259,6 +1270,7 @@ class BatchedMAML(nn.Module):
         the fused op's meta-parameters (in its order) from the fused inner loop (ops.mlp_adapt) where
         the fused MLP kernel runs this model on the cpp, cuda or triton backend; else None. The choice
         and the argument checks are made once a batch signature."""
+        xs = self._flat(xs)
         try:
             sig = self._signature(xs, ys, xs, ys)
         except AttributeError:  # (not tensors: the batch checks raise)

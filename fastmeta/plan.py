@@ -367,6 +367,7 @@ class MLPSpec:
     activations: list            # per layer
     negative_slope: float
     dropouts: tuple = ()         # its nn.Dropout modules: the fused op runs only while none drops
+    flatten_input: bool = False  # a Flatten of each sample first: the fused op takes the inputs flattened
 
     def dropping(self) -> bool:
         """Whether a Dropout of the MLP draws masks now (training mode and p > 0): the fused op,
@@ -947,7 +948,8 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
     if code:
         return None, f"its forward runs code between the modules ({code[0].kind})"
     names, acts, slopes, dropouts = [], [], set(), []
-    for m in leaves:
+    flatten_input = bool(leaves) and isinstance(leaves[0], nn.Flatten) and _flatten_dims(leaves[0], "") == (2, -1)
+    for m in leaves[1:] if flatten_input else leaves:
         if isinstance(m, nn.Linear):
             if m.bias is None:
                 return None, "a Linear layer has no bias"
@@ -974,7 +976,8 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
         return None, "some parameters do not require grad"
     if len(slopes) > 1:
         return None, "LeakyReLU layers use different negative slopes"
-    return MLPSpec(names, acts, slopes.pop() if slopes else 0.01, tuple(dropouts)), "MLP of Linear layers"
+    return (MLPSpec(names, acts, slopes.pop() if slopes else 0.01, tuple(dropouts), flatten_input),
+            "MLP of Linear layers" + (" after a Flatten of each sample" if flatten_input else ""))
 
 
 _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

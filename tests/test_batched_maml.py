@@ -7,7 +7,7 @@ from torch import nn
 import torch.nn.functional as F
 
 import fastmeta
-from conftest import RTOL, assert_rel_close, has_cpp, loop_meta_grads, requires_cpp
+from conftest import RTOL, assert_grads_close, assert_rel_close, has_cpp, loop_meta_grads, requires_cpp
 
 BACKENDS = ["torch", pytest.param("cpp", marks=requires_cpp)]
 
@@ -1223,3 +1223,48 @@ def test_few_tasks_of_a_wide_mlp_take_the_batched_ops_on_auto(first_order):
     notes = {name: (ms, note) for name, ms, note in result.rows}
     assert notes["auto"][1] == "torch ops only" and notes["cpp"][0] is not None
     assert notes["torch"][1] == "runs the same kernels as 'auto'"
+
+
+@pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if has_cpp() else []))
+def test_mlp_after_a_flatten_runs_the_fused_kernel(backend):
+    """An MLP on images (nn.Flatten first, or x.view(x.size(0), -1) in a forward) takes the fused MLP
+    kernel, its inputs flattened before it (the program's Flatten is then the identity): before,
+    'Flatten is not part of an MLP' sent it to the batched ops. forward, value_and_grad,
+    task_losses, adapt / predict and reptile_grad against the loop and the batched ops, Meta-SGD
+    too."""
+    from fastmeta import plan
+
+    class Viewed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(16, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.view(x.size(0), -1))))
+
+    g = torch.Generator().manual_seed(0)
+    batch = (torch.randn(3, 4, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 4), generator=g),
+             torch.randn(3, 5, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 5), generator=g))
+    torch.manual_seed(0)
+    for model in (nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double(),
+                  Viewed().double()):
+        assert plan.lower(model).mlp is not None and plan.lower(model).mlp.flatten_input
+        for meta_sgd in (False, True):
+            meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy", learn_inner_lr=meta_sgd, backend=backend)
+            ops = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy", learn_inner_lr=meta_sgd, backend="torch")
+            ops.load_state_dict(meta.state_dict())
+            loss, grads = meta.value_and_grad(*batch)
+            assert meta._last_fused == (backend == "cpp")  # (the fused kernel ran)
+            want_loss, want = ops.value_and_grad(*batch)
+            assert abs(loss.item() - want_loss.item()) < 1e-12
+            assert_grads_close(grads, want)
+            torch.testing.assert_close(meta.task_losses(*batch), ops.task_losses(*batch), rtol=1e-12, atol=1e-12)
+            assert_grads_close(torch.autograd.grad(meta(*batch), list(meta.parameters())), want)
+            P, Q = meta.adapt(*batch[:2]), ops.adapt(*batch[:2])
+            torch.testing.assert_close(meta.predict(P, batch[2]), ops.predict(Q, batch[2]), rtol=1e-12, atol=1e-12)
+            assert_grads_close(meta.reptile_grad(*batch[:2])[1], ops.reptile_grad(*batch[:2])[1])
+        want_loss, want, _ = loop_meta_grads(model, *batch, 0.3, 2, "cross_entropy")
+        meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy", backend=backend)
+        loss, grads = meta.value_and_grad(*batch)
+        assert abs(loss.item() - want_loss.item()) < 1e-12
+        assert_grads_close(grads, want)
