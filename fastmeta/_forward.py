@@ -319,6 +319,11 @@ def _as_module(region: list, cur: fx.Node, root: nn.Module | None = None):
             a = _args(n, cur, {"start_dim": 0, "end_dim": -1})
             if a is not None and all(type(v) is int for v in a.values()):
                 return _flatten(a["start_dim"], a["end_dim"])
+        # x.view(-1, D), x.reshape(-1, D) with D a number: each task's rows of D (plan.RowsOf)
+        if n.op == "call_method" and n.target in ("view", "reshape") and not n.kwargs and n.args[:1] == (cur,):
+            dims = n.args[1] if len(n.args) == 2 and type(n.args[1]) in (tuple, list) else n.args[1:]
+            if len(dims) == 2 and type(dims[0]) is int and dims[0] == -1 and type(dims[1]) is int and dims[1] > 0:
+                return plan.RowsOf(dims[1])
         return None
     # x.view(x.size(0), -1), x.reshape(x.shape[0], -1), x.view((x.size(0), -1))
     *size, n = region

@@ -913,12 +913,15 @@ class BatchedMAML(nn.Module):
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
     def _flat(self, x):
-        """x [T, N, ...] as [T, N, D] where the fused MLP path's program flattens each sample first (the
-        program's own Flatten then leaves it as it is, on every path), else x."""
+        """x [T, N, ...] as [T, N, D] where the fused MLP path's program flattens each sample first
+        (or views each task's input as rows of D), so that the program's own step then leaves it as it
+        is, on every path; else x."""
         spec = self.program.mlp
-        if spec is not None and spec.flatten_input and isinstance(x, torch.Tensor) and x.dim() > 3:
-            return x.flatten(2)
-        return x
+        if spec is None or not spec.flatten_input or not isinstance(x, torch.Tensor) or x.dim() < 3:
+            return x
+        if spec.flatten_input > 0:  # (x.view(-1, D) in the forward: each task's rows of D)
+            return x.reshape(x.shape[0], -1, spec.flatten_input)
+        return x.flatten(2) if x.dim() > 3 else x
 
     def _prepare(self, xs, ys, xq, yq, params=None):
         """(fused, checked): whether the fused MLP op runs, and whether this batch's signature was
@@ -1209,7 +1212,7 @@ class BatchedMAML(nn.Module):
                 p.grad = g
             opt.step()
         """
-        ys = self._labels(ys)
+        ys, xs = self._labels(ys), self._flat(xs)
         self._check_batch(xs=xs, ys=ys)
         if self.inner_steps < 1:
             raise ValueError(f"reptile_grad: needs inner_steps >= 1 (the update is the steps' mean displacement), "
@@ -1247,7 +1250,7 @@ class BatchedMAML(nn.Module):
         create_graph (default: not first_order and grad mode on) keeps the graph so that a loss
         on the result can be backpropagated to the meta-parameters.
         """
-        ys = self._labels(ys)
+        ys, xs = self._labels(ys), self._flat(xs)
         self._check_batch(xs=xs, ys=ys)
         self._sync_trainable()
         fo = self.first_order if first_order is None else bool(first_order)
@@ -1270,7 +1273,6 @@ class BatchedMAML(nn.Module):
         the fused op's meta-parameters (in its order) from the fused inner loop (ops.mlp_adapt) where
         the fused MLP kernel runs this model on the cpp, cuda or triton backend; else None. The choice
         and the argument checks are made once a batch signature."""
-        xs = self._flat(xs)
         try:
             sig = self._signature(xs, ys, xs, ys)
         except AttributeError:  # (not tensors: the batch checks raise)

@@ -121,6 +121,16 @@ def lower_as(cls: type, base: type) -> None:
     _AS_BASE[cls] = base
 
 
+class RowsOf(nn.Flatten):
+    """A traced forward's ``x.view(-1, D)`` (``x.reshape(-1, D)``): each task's input as rows of D,
+    a flatten of each sample where a sample holds D values (an MLP on images), else rows of several
+    samples (a sequence's tokens), as the view makes them."""
+
+    def __init__(self, width: int):
+        super().__init__(1, -1)
+        self.width = width
+
+
 def _not_plain(m: nn.Module) -> str | None:
     """None if calling m runs exactly its lowered class's forward, else why not: a subclass with its
     own forward, forward hooks (they change what the module returns), global module hooks (they
@@ -367,7 +377,9 @@ class MLPSpec:
     activations: list            # per layer
     negative_slope: float
     dropouts: tuple = ()         # its nn.Dropout modules: the fused op runs only while none drops
-    flatten_input: bool = False  # a Flatten of each sample first: the fused op takes the inputs flattened
+    # a Flatten of each sample first (-1), or a traced x.view(-1, D) (D): the fused op takes the
+    # inputs flattened, or as each task's rows of D; 0: none
+    flatten_input: int = 0
 
     def dropping(self) -> bool:
         """Whether a Dropout of the MLP draws masks now (training mode and p > 0): the fused op,
@@ -763,6 +775,8 @@ def _lower_leaf(m: nn.Module, path: str, canon: dict, nxt: nn.Module | None):
         # elementwise, so one draw over [T, N, ...] is each task's own draw over [N, ...]; never in
         # place (the input may be an activation a backward reads)
         return Step(path, "dropout", lambda x, P, m=m: torch.nn.functional.dropout(x, m.p, m.training)), False
+    if isinstance(m, RowsOf):  # each task's x.view(-1, D): its rows of D, as one reshape of [T, ...]
+        return Step(path, "flatten", lambda x, P, d=m.width: x.reshape(x.shape[0], -1, d)), False
     if isinstance(m, nn.Flatten):
         dims = _flatten_dims(m, path)
         if dims is None:
@@ -948,7 +962,9 @@ def _mlp_spec(model: nn.Module, leaves: list, steps: list, canon: dict):
     if code:
         return None, f"its forward runs code between the modules ({code[0].kind})"
     names, acts, slopes, dropouts = [], [], set(), []
-    flatten_input = bool(leaves) and isinstance(leaves[0], nn.Flatten) and _flatten_dims(leaves[0], "") == (2, -1)
+    first = leaves[0] if leaves else None
+    flatten_input = (first.width if isinstance(first, RowsOf) else
+                     -1 if isinstance(first, nn.Flatten) and _flatten_dims(first, "") == (2, -1) else 0)
     for m in leaves[1:] if flatten_input else leaves:
         if isinstance(m, nn.Linear):
             if m.bias is None:

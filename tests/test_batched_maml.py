@@ -1227,9 +1227,10 @@ def test_few_tasks_of_a_wide_mlp_take_the_batched_ops_on_auto(first_order):
 
 @pytest.mark.parametrize("backend", ["torch"] + (["cpp"] if has_cpp() else []))
 def test_mlp_after_a_flatten_runs_the_fused_kernel(backend):
-    """An MLP on images (nn.Flatten first, or x.view(x.size(0), -1) in a forward) takes the fused MLP
-    kernel, its inputs flattened before it (the program's Flatten is then the identity): before,
-    'Flatten is not part of an MLP' sent it to the batched ops. forward, value_and_grad,
+    """An MLP on images (nn.Flatten first, or x.view(x.size(0), -1) or x.view(-1, D) in a forward)
+    takes the fused MLP kernel, its inputs flattened before it (the program's Flatten is then the
+    identity): before, 'Flatten is not part of an MLP' sent it to the batched ops, and x.view(-1,
+    D) ran as code. x.view(-1, D) of a sequence's tokens (a task's [N, L, D] as N * L rows) too. forward, value_and_grad,
     task_losses, adapt / predict and reptile_grad against the loop and the batched ops, Meta-SGD
     too."""
     from fastmeta import plan
@@ -1242,12 +1243,22 @@ def test_mlp_after_a_flatten_runs_the_fused_kernel(backend):
         def forward(self, x):
             return self.b(torch.tanh(self.a(x.view(x.size(0), -1))))
 
+    class Rows(nn.Module):  # x.view(-1, D): a sample's values (an image), or a sequence's tokens
+        def __init__(self, width):
+            super().__init__()
+            self.width, self.a, self.b = width, nn.Linear(width, 12), nn.Linear(12, 3)
+
+        def forward(self, x):
+            return self.b(F.relu(self.a(x.view(-1, self.width))))
+
     g = torch.Generator().manual_seed(0)
-    batch = (torch.randn(3, 4, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 4), generator=g),
-             torch.randn(3, 5, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 5), generator=g))
+    images = (torch.randn(3, 4, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 4), generator=g),
+              torch.randn(3, 5, 1, 4, 4, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 5), generator=g))
+    tokens = (torch.randn(3, 4, 2, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 8), generator=g),
+              torch.randn(3, 5, 2, 8, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 10), generator=g))
     torch.manual_seed(0)
-    for model in (nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double(),
-                  Viewed().double()):
+    for model, batch in ((nn.Sequential(nn.Flatten(), nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 3)).double(), images),
+                         (Viewed().double(), images), (Rows(16).double(), images), (Rows(8).double(), tokens)):
         assert plan.lower(model).mlp is not None and plan.lower(model).mlp.flatten_input
         for meta_sgd in (False, True):
             meta = fastmeta.BatchedMAML(model, 0.3, 2, loss="cross_entropy", learn_inner_lr=meta_sgd, backend=backend)
