@@ -591,12 +591,12 @@ def _benchmark_script(name):
 
 
 def test_traced_forward_script_runs(capsys):
-    """benchmarks/traced_forward.py at two tasks: the custom-forward models are traced (no vmap step),
+    """benchmarks/traced_forward.py at one task: the custom-forward models are traced (no vmap step),
     their hooked copies run through the vmap fallback (not the functional BatchNorm model's, on
     which it raises), and every row's meta-gradient equals the loop's; an unknown model is named."""
     traced_forward = _benchmark_script("traced_forward")
     for name in traced_forward.MODELS:
-        timed, errs = traced_forward.run(name, 2, "first", "cpu", 0.02)
+        timed, errs = traced_forward.run(name, 1, "first", "cpu", 0.02)
         want = {"loop", "fastmeta_vg"} | (set() if name == "functional_omniglot" else {"fastmeta_vg_untraced"})
         want |= {"fastmeta_vg_lower_as"} if name == "metamodule_omniglot" else set()
         assert set(timed) == want | (set() if name == "resnet_omniglot" else {"fastmeta_vg_sequential"})
