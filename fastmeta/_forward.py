@@ -198,11 +198,15 @@ class _BatchNorm(nn.BatchNorm2d):
             raise ValueError(f"F.batch_norm: expected an input of at least 2 dims, got {tuple(input.shape)}")
 
 
+# F.batch_norm's arguments after the input, with their defaults
+_BATCH_NORM_ARGS = {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
+                    "momentum": 0.1, "eps": 1e-5}
+
+
 def _batch_norm(n: fx.Node, cur: fx.Node, root: nn.Module):
     """For F.batch_norm of cur with weight, bias and running statistics that are root's own (or
     None) and plain settings: a BatchNorm module holding those same tensors, else None."""
-    a = _args(n, cur, {"running_mean": None, "running_var": None, "weight": None, "bias": None, "training": False,
-                       "momentum": 0.1, "eps": 1e-5})
+    a = _args(n, cur, _BATCH_NORM_ARGS)
     if a is None or type(a["training"]) is not bool or type(a["momentum"]) not in (int, float) \
             or type(a["eps"]) not in (int, float):
         return None
@@ -321,7 +325,7 @@ def _as_module(region: list, cur: fx.Node, root: nn.Module | None = None):
                 return _flatten(a["start_dim"], a["end_dim"])
         # x.view(-1, D), x.reshape(-1, D) with D a number: each task's rows of D (plan.RowsOf)
         if n.op == "call_method" and n.target in ("view", "reshape") and not n.kwargs and n.args[:1] == (cur,):
-            dims = n.args[1] if len(n.args) == 2 and type(n.args[1]) in (tuple, list) else n.args[1:]
+            dims = _view_dims(n)
             if len(dims) == 2 and type(dims[0]) is int and dims[0] == -1 and type(dims[1]) is int and dims[1] > 0:
                 return plan.RowsOf(dims[1])
         return None
@@ -329,7 +333,7 @@ def _as_module(region: list, cur: fx.Node, root: nn.Module | None = None):
     *size, n = region
     if n.op != "call_method" or n.target not in ("view", "reshape") or n.kwargs or not size:
         return None
-    dims = n.args[1] if len(n.args) == 2 and type(n.args[1]) in (tuple, list) else n.args[1:]
+    dims = _view_dims(n)
     if n.args[0] is not cur or len(dims) != 2 or dims[1] != -1 or dims[0] is not size[-1]:
         return None
     if len(size) == 1:
@@ -342,6 +346,11 @@ def _as_module(region: list, cur: fx.Node, root: nn.Module | None = None):
     else:
         ok = False
     return _flatten(1, -1) if ok else None
+
+
+def _view_dims(n: fx.Node) -> tuple:
+    """The sizes a view / reshape node asks for, given as x.view(a, b) or x.view((a, b))."""
+    return tuple(n.args[1]) if len(n.args) == 2 and type(n.args[1]) in (tuple, list) else tuple(n.args[1:])
 
 
 def _flatten(start: int, end: int):
@@ -358,8 +367,7 @@ def _code_step(region: list, inputs: list, outputs: list, root: nn.Module, path:
 
     for n in region:  # (vmap would update a copy of them, or raise)
         if n.op == "call_function" and n.target is F.batch_norm:
-            a = _args(n, n.args[0], {"running_mean": None, "running_var": None, "weight": None, "bias": None,
-                                     "training": False, "momentum": 0.1, "eps": 1e-5}) if n.args else None
+            a = _args(n, n.args[0], _BATCH_NORM_ARGS) if n.args else None
             if a is None or (a["training"] is not False and a["running_mean"] is not None):
                 raise _Failed(f"{n.name} updates running statistics in code that does not stand for one BatchNorm")
     params, live = [], {}  # parameters: per-task inputs of the vmap; buffers and tensor attributes: read at each call

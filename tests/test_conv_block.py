@@ -84,6 +84,10 @@ def test_batch_stats_are_the_normalizing_statistics(backend, dtype):
         tol = 1e-12 if dtype == torch.float64 else 2e-6
         assert len(made) == 1 and made[0][0].dtype == dtype, case
         assert_rel_close([made[0][0].double(), made[0][1].double()], [mean, var], tol, f"batch statistics {case}")
+        ref = []  # (the pure-PyTorch reference gives the same)
+        ops.conv_bn_relu_pool_ref(*(t if t is None else t.double() for t in (x, w, b)), 1, pad, 1, 1,
+                                  *(t if t is None else t.double() for t in (gamma, beta)), batch_stats=ref)
+        assert_rel_close(list(ref[0]), [mean, var], 1e-12, f"reference's batch statistics {case}")
     with pytest.raises(ValueError, match="batch_stats must be a list, got tuple"):
         ops.conv_bn_relu_pool(x, w, b, 1, pad, 1, 1, gamma, beta, batch_stats=())
 

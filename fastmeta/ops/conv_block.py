@@ -127,10 +127,11 @@ def _reference_block_vjp(gy, x, w, b, g, beta, idx, eps, geom, cots):
     return g_gy, None, g_w, g_b[0] if g_b else None, g_g
 
 
-def conv_bn_relu_pool_ref(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5):
-    """The reference: batched_conv2d_ref, then bn_relu_pool_ref."""
+def conv_bn_relu_pool_ref(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5,
+                          batch_stats=None):
+    """The reference: batched_conv2d_ref, then bn_relu_pool_ref (batch_stats as there)."""
     return bn_relu_pool_ref(batched_conv2d_ref(x, weight, bias, stride, padding, dilation, groups),
-                            bn_weight, bn_bias, eps)
+                            bn_weight, bn_bias, eps, batch_stats)
 
 
 def conv_bn_relu_pool(x, weight, bias, stride, padding, dilation, groups, bn_weight, bn_bias, eps=1e-5, *,
