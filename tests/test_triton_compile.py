@@ -140,6 +140,7 @@ def build(fn, sig, cfg, taps, x3=False):
         f.write(k.asm["ptx"])
     log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
                          capture_output=True, text=True).stderr
+    os.unlink(f.name)
     spills = sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log))
     return len(k.asm.get("cubin", b"")), k.metadata.shared, spills
 
@@ -194,6 +195,7 @@ for k in (a, b, c):
         f.write(k.asm["ptx"])
     log = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
                          capture_output=True, text=True).stderr
+    os.unlink(f.name)
     spills.append(sum(int(v) for v in re.findall(r"(\d+) bytes spill stores", log)))
 print(json.dumps({"cubin": min(len(k.asm.get("cubin", b"")) for k in (a, b, c)), "spills": spills}))
 '''
