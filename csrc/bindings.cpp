@@ -1,8 +1,13 @@
-// Registration of fastmeta's C++ ops under the `fastmeta` namespace. Fake (meta) kernels and
-// autograd are registered from Python (fastmeta/ops/*.py) so second order composes there.
+// Registration of fastmeta's C++ ops under the `fastmeta` namespace. Fake (meta) kernels are
+// registered from Python (fastmeta/ops/*.py). Autograd: inner_update_* and mlp_meta_loss have their
+// own in C++ (csrc/inner_update.cpp, csrc/mlp_meta_loss.cpp), mlp_meta_grad returns values; the
+// kernels below are differentiated by fastmeta.ops' functions (autograd Functions over them, with
+// their closed-form double backward), so a raw call's result refuses a backward rather than
+// giving no gradient.
 #include <torch/csrc/utils/pybind.h>  // (pybind11 with torch's casters; not torch/python.h or torch/extension.h)
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include "common.h"
@@ -30,6 +35,14 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def("mlp_meta_loss(Tensor xs, Tensor ys, Tensor xq, Tensor yq, Tensor[] params, Tensor[] lrs, "
         "float lr, int steps, int[] acts, float negative_slope, int loss, bool first_order, "
         "float[] step_weights=[]) -> Tensor");
+}
+
+// Differentiated through fastmeta.ops (see above): backward through a raw call raises, naming the op.
+TORCH_LIBRARY_IMPL(fastmeta, Autograd, m) {
+  for (const char* op : {"mlp_inner_loop", "mlp_adapt", "batched_conv2d", "batched_conv2d_input_grad",
+                         "batched_conv2d_weight_grad", "batched_conv2d_backward", "bn_relu_pool",
+                         "bn_relu_pool_backward", "bn_relu_pool_double_backward"})
+    m.impl(op, torch::autograd::autogradNotImplementedFallback());
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {

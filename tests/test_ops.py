@@ -66,6 +66,58 @@ def test_inner_update_matches_reference_and_gradchecks(backend, lr_kind):
         torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
 
 
+@requires_cpp
+@pytest.mark.parametrize("lr_kind", ["float", "shared_tensor", "per_param"])
+def test_raw_inner_update_ops_differentiate_to_second_order(lr_kind):
+    """torch.ops.fastmeta.inner_update_scalar / _tensor called directly (not through ops.inner_update):
+    their autograd is registered in C++, so gradcheck and gradgradcheck hold on the raw ops; a
+    meta-parameter broadcast over the tasks and one rate tensor given for every parameter included."""
+    from fastmeta.ops.inner_update import _register_cpp
+    _register_cpp()
+    T = 3
+    p0 = rnd(5, 7)
+    params = [p0, rnd(T, 37), rnd(T, 2, 3, 1)]
+    grads = [rnd(T, 5, 7), rnd(T, 37), rnd(T, 2, 3, 1)]
+    lrs = {"float": [], "shared_tensor": [torch.tensor(0.3, **f64, requires_grad=True)],
+           "per_param": [rnd(5, 7), rnd(37), rnd(2, 3, 1)]}[lr_kind]
+    n = len(params)
+
+    def f(*args):
+        ps, gs, ls = list(args[:n]), list(args[n:2 * n]), list(args[2 * n:])
+        if lr_kind == "float":
+            return tuple(torch.ops.fastmeta.inner_update_scalar(ps, gs, 0.3))
+        return tuple(torch.ops.fastmeta.inner_update_tensor(ps, gs, ls * n if len(ls) == 1 else ls))
+    inputs = params + grads + lrs
+    assert all(o.requires_grad for o in f(*inputs))
+    assert gradcheck(f, inputs)
+    assert gradgradcheck(f, inputs)
+
+
+@requires_cpp
+def test_raw_kernel_ops_refuse_a_backward():
+    """fastmeta._C's convolution, bn_relu_pool and fused-MLP ops are differentiated through
+    fastmeta.ops; a backward through a raw call raises naming the op instead of giving no gradient."""
+    from fastmeta.ops.batched_conv2d import _register_aten
+    from fastmeta.ops.bn_relu_pool import _register_cpp as register_bn
+    _register_aten()
+    register_bn()
+    x = torch.randn(2, 3, 2, 6, 6, requires_grad=True)
+    w = torch.randn(2, 4, 2, 3, 3, requires_grad=True)
+    y = torch.ops.fastmeta.batched_conv2d(x, w, None, [1, 1], [1, 1], [1, 1], 1)
+    with pytest.raises(RuntimeError, match="fastmeta::batched_conv2d is not implemented"):
+        torch.autograd.grad(y.sum(), [x, w])
+    wb, bb = torch.rand(2, 4, requires_grad=True), torch.randn(2, 4)
+    z = torch.ops.fastmeta.bn_relu_pool(y.detach(), wb, bb, 1e-5)[0]
+    with pytest.raises(RuntimeError, match="fastmeta::bn_relu_pool is not implemented"):
+        torch.autograd.grad(z.sum(), [wb])
+    with torch.no_grad():  # values only: no graph, no error
+        assert not torch.ops.fastmeta.bn_relu_pool(y, wb, bb, 1e-5)[0].requires_grad
+    # through fastmeta.ops the same kernels differentiate
+    with fastmeta.use_backend("cpp"):
+        gx, gw = torch.autograd.grad(ops.batched_conv2d(x, w, None, padding=1).sum(), [x, w])
+    assert gx.shape == x.shape and gw.shape == w.shape
+
+
 def test_inner_update_empty_and_single_call_for_all_tensors():
     assert ops.inner_update([], [], 0.1) == []
 

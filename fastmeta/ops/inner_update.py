@@ -11,7 +11,8 @@ Backward (differentiable again, so second-order MAML composes):
 
 Backends: ``torch`` (torch._foreach ops, autograd-native), ``cpp`` / ``cuda`` (fastmeta._C, one call
 and on CUDA one launch for all tensors) and ``triton`` (kernels/inner_update.py, one launch for all
-tensors); these three get autograd from a Function whose backward uses differentiable torch ops.
+tensors); fastmeta._C's ops carry their autograd in C++, the Triton op gets it from a Function, each
+backward in differentiable ops.
 """
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def _torch_impl(params, grads, lr):
     return list(torch._foreach_sub(params, torch._foreach_mul(grads, lr)))
 
 
-# ---- C++ op: fake kernels for torch.compile, autograd as a Function (cheap per call) ------------
+# ---- C++ op: fake kernels for torch.compile (its autograd is in C++) -----------------------------
 @functools.cache
 def _register_cpp():
     @torch.library.register_fake("fastmeta::inner_update_scalar")
@@ -115,23 +116,17 @@ def _register_triton():
         return [torch.empty_like(g, memory_format=torch.contiguous_format) for g in grads]
 
 
-class _CppInnerUpdate(torch.autograd.Function):
-    """theta' = theta - lr * g by fastmeta::inner_update_* (or ::inner_update_triton); backward with
-    differentiable torch ops: d_theta = d_out (summed to theta's shape), d_g = -lr * d_out,
-    d_lr = -sum(g * d_out)."""
+class _TritonInnerUpdate(torch.autograd.Function):
+    """theta' = theta - lr * g by fastmeta::inner_update_triton; the backward of fastmeta._C's ops
+    (csrc/inner_update.cpp) in differentiable torch ops: d_theta = d_out (summed to theta's shape),
+    d_g = -lr * d_out, d_lr = -sum(g * d_out)."""
 
     @staticmethod
-    def forward(ctx, n, lr, triton_kernel, *tensors):
+    def forward(ctx, n, lr, *tensors):
         params, grads, lrs = list(tensors[:n]), list(tensors[n:2 * n]), list(tensors[2 * n:])
-        if triton_kernel:
-            outs = torch.ops.fastmeta.inner_update_triton(params, grads, lrs, lr)
-            if lrs:
-                ctx.save_for_backward(*grads, *lrs)
-        elif lrs:
-            outs = torch.ops.fastmeta.inner_update_tensor(params, grads, lrs)
+        outs = torch.ops.fastmeta.inner_update_triton(params, grads, lrs, lr)
+        if lrs:
             ctx.save_for_backward(*grads, *lrs)
-        else:
-            outs = torch.ops.fastmeta.inner_update_scalar(params, grads, lr)
         ctx.n, ctx.lr, ctx.has_lrs = n, lr, bool(lrs)
         ctx.shapes = [p.shape for p in params]
         return tuple(outs)
@@ -142,15 +137,17 @@ class _CppInnerUpdate(torch.autograd.Function):
         dp = [None if go is None else go.sum_to_size(s) for go, s in zip(grad_outs, ctx.shapes)]
         if not ctx.has_lrs:
             dg = [None if go is None else go * (-ctx.lr) for go in grad_outs]
-            return (None, None, None, *dp, *dg)
+            return (None, None, *dp, *dg)
         saved = ctx.saved_tensors
         grads, lrs = saved[:n], saved[n:]
         dg = [None if go is None else -(l * go) for go, l in zip(grad_outs, lrs)]
         dl = [None if go is None else -(g * go).sum_to_size(l.shape) for go, g, l in zip(grad_outs, grads, lrs)]
-        return (None, None, None, *dp, *dg, *dl)
+        return (None, None, *dp, *dg, *dl)
 
 
 def _cpp_impl(params, grads, lr, triton_kernel=False):
+    """fastmeta._C's ops, which carry their autograd in C++ (csrc/inner_update.cpp), or the Triton
+    op under _TritonInnerUpdate."""
     if triton_kernel:
         _register_triton()
     else:
@@ -159,10 +156,15 @@ def _cpp_impl(params, grads, lr, triton_kernel=False):
     if isinstance(lr, (list, tuple)):
         lrs = [l if isinstance(l, torch.Tensor) else torch.tensor(float(l), dtype=g.dtype, device=g.device)
                for l, g in zip(lr, grads)]
-        return list(_CppInnerUpdate.apply(n, 0.0, triton_kernel, *params, *grads, *lrs))
-    if isinstance(lr, torch.Tensor):
-        return list(_CppInnerUpdate.apply(n, 0.0, triton_kernel, *params, *grads, *([lr.reshape(())] * n)))
-    return list(_CppInnerUpdate.apply(n, float(lr), triton_kernel, *params, *grads))
+    elif isinstance(lr, torch.Tensor):
+        lrs = [lr.reshape(())] * n
+    elif triton_kernel:
+        return list(_TritonInnerUpdate.apply(n, float(lr), *params, *grads))
+    else:
+        return torch.ops.fastmeta.inner_update_scalar(list(params), list(grads), float(lr))
+    if triton_kernel:
+        return list(_TritonInnerUpdate.apply(n, 0.0, *params, *grads, *lrs))
+    return torch.ops.fastmeta.inner_update_tensor(list(params), list(grads), lrs)
 
 
 def _fast_check(params, grads, lr) -> bool:
