@@ -590,6 +590,18 @@ def _benchmark_script(name):
         sys.path.remove(folder)
 
 
+@requires_cpp
+def test_inner_update_autograd_script_runs():
+    """benchmarks/inner_update_autograd.py: both forms give the same update (checked in the script)
+    and the table has its rows."""
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "..", "benchmarks",
+                                                       "inner_update_autograd.py"), "--tasks", "2", "--seconds", "0.02"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [l for l in out.stdout.splitlines() if l.startswith("| 2 |")]
+    assert len(rows) == 2 and all(l.endswith("x |") for l in rows), out.stdout
+
+
 def test_traced_forward_script_runs(capsys):
     """benchmarks/traced_forward.py at one task: the custom-forward models are traced (no vmap step),
     their hooked copies run through the vmap fallback (not the functional BatchNorm model's, on
