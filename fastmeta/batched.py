@@ -738,7 +738,25 @@ class BatchedMAML(nn.Module):
                     raise TypeError(f"{k} has dtype {v.dtype} but the model's parameters are {p.dtype}")
             elif not is_target and v.is_floating_point() and p is not None and v.dtype != p.dtype:
                 raise TypeError(f"{k} has dtype {v.dtype} but the model's parameters are {p.dtype}")
+        self._check_input_width(xs=named.get("xs"), xq=named.get("xq"))
         return T
+
+    def _check_input_width(self, **inputs):
+        """Where the model starts with a Linear layer: its input width against the inputs', so that
+        the error names them (the layer's own check names its weight)."""
+        steps = self.program.steps
+        if not steps or not steps[0].kind.startswith("batched_linear"):
+            return
+        params = dict(self.model.named_parameters())
+        weights = [params[n] for n in steps[0].params if n in params and params[n].dim() == 2]
+        if len(weights) != 1:
+            return
+        w = weights[0]
+        bad = [(k, v) for k, v in inputs.items() if v is not None and v.shape[-1] != w.shape[1]]
+        if bad:
+            desc = " and ".join(f"{k} {tuple(v.shape)}" for k, v in bad)
+            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {steps[0].path!r} (weight "
+                             f"{tuple(w.shape)}) takes {w.shape[1]} features a sample, got {bad[0][1].shape[-1]}")
 
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None, first_losses=None):
@@ -1303,6 +1321,7 @@ class BatchedMAML(nn.Module):
             if params[n].shape[0] != x.shape[0]:
                 raise ValueError(f"params[{n!r}] {tuple(params[n].shape)} has T={params[n].shape[0]} but "
                                  f"x {tuple(x.shape)} has T={x.shape[0]}")
+        self._check_input_width(x=x)
         params, statistics = self._at_step(params, self.inner_steps - 1)
         with plan.running_stats(self.program), statistics:
             return self.program(params, x)

@@ -222,6 +222,34 @@ def test_query_features_must_match_the_support(backend, call):
         fn(xs, ys, xq, yq)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_inputs_of_another_width_than_the_first_layer(backend):
+    """Inputs whose samples have another width than the model's first Linear layer takes (here 2):
+    the error names the inputs, their shapes and the layer (before, the fused op's check said the
+    layer's weight was wrong, and the batched ops named only their own W and x); a [T, K] input
+    given for [T, K, 1] too, and predict's x."""
+    model, meta, xs, ys, xq, yq = setup()
+    with fastmeta.use_backend(backend):
+        for bad_xs, bad_xq, named in ((torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64),
+                                       r"xs \(4, 5, 3\) and xq \(4, 6, 3\): the model's first layer '0' \(weight "
+                                       r"\(8, 2\)\) takes 2 features a sample, got 3"),
+                                      (xs[..., 0], xq[..., 0], r"xs \(4, 5\) and xq \(4, 6\): .* takes 2 features a "
+                                                              r"sample, got 5")):
+            for fn in (meta, meta.value_and_grad):
+                with pytest.raises(ValueError, match=named):
+                    fn(bad_xs, ys, bad_xq, yq)
+        params = meta.adapt(xs, ys)
+        with pytest.raises(ValueError, match=r"x \(4, 6, 3\): the model's first layer '0' .* got 3"):
+            meta.predict(params, torch.randn(4, 6, 3, dtype=torch.float64))
+        assert meta.predict(params, xq).shape == (4, 6, 3)
+    # the fused op's own check (ops.mlp_inner_loop called directly) names the inputs too
+    W = [p.detach() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"xs \(4, 5, 3\) and xq \(4, 6, 3\) have 3 features a sample, but the "
+                                         r"first layer's W \(8, 2\) takes 2"):
+        ops.mlp_inner_loop(torch.randn(4, 5, 3, dtype=torch.float64), ys, torch.randn(4, 6, 3, dtype=torch.float64), yq,
+                           W, 0.1, 1, ["relu", None])
+
+
 def test_empty_support_or_query():
     _, meta, xs, ys, xq, yq = setup()
     with pytest.raises(ValueError, match=r"xs \(4, 0, 2\) has no support samples for inner_steps=2"):

@@ -307,6 +307,10 @@ def check_args(xs, ys, xq, yq, params, lr, steps, activations, loss, step_weight
     if xq.shape[1] == 0:
         raise ValueError(f"{op}: xq {tuple(xq.shape)} has no query samples")
     width = xs.shape[2]
+    W0 = params[0] if params else None
+    if isinstance(W0, torch.Tensor) and W0.dim() == 2 and W0.shape[1] != width:
+        raise ValueError(f"{op}: xs {tuple(xs.shape)} and xq {tuple(xq.shape)} have {width} features a sample, "
+                         f"but the first layer's W {tuple(W0.shape)} takes {W0.shape[1]}")
     for l in range(len(params) // 2):
         W, b = params[2 * l], params[2 * l + 1]
         if W.dim() != 2 or W.shape[1] != width or b.shape != (W.shape[0],):
