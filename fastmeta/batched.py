@@ -742,21 +742,31 @@ class BatchedMAML(nn.Module):
         return T
 
     def _check_input_width(self, **inputs):
-        """Where the model starts with a Linear layer: its input width against the inputs', so that
-        the error names them (the layer's own check names its weight)."""
+        """Where the model starts with a Linear or a Conv2d layer: the inputs' samples against what
+        it takes (a Linear's width, a Conv2d's [C, H, W] with its channels), so that the error names
+        them (the layer's own check names its weight)."""
         steps = self.program.steps
-        if not steps or not steps[0].kind.startswith("batched_linear"):
+        if not steps:
             return
-        params = dict(self.model.named_parameters())
-        weights = [params[n] for n in steps[0].params if n in params and params[n].dim() == 2]
-        if len(weights) != 1:
+        first, params = steps[0], dict(self.model.named_parameters())
+        if first.kind.startswith("batched_linear"):
+            weights = [params[n] for n in first.params if n in params and params[n].dim() == 2]
+            if len(weights) != 1:
+                return
+            w = weights[0]
+            bad = [(k, v) for k, v in inputs.items() if v is not None and v.shape[-1] != w.shape[1]]
+            takes = f"takes {w.shape[1]} features a sample, got {bad[0][1].shape[-1]}" if bad else ""
+        elif first.kind == "batched_conv2d" and first.spec and first.spec.get("w") in params:
+            w = params[first.spec["w"]]
+            channels = w.shape[1] * first.spec.get("groups", 1)
+            bad = [(k, v) for k, v in inputs.items() if v is not None and (v.dim() != 5 or v.shape[2] != channels)]
+            takes = f"takes [T, N, {channels}, H, W] inputs" if bad else ""
+        else:
             return
-        w = weights[0]
-        bad = [(k, v) for k, v in inputs.items() if v is not None and v.shape[-1] != w.shape[1]]
         if bad:
             desc = " and ".join(f"{k} {tuple(v.shape)}" for k, v in bad)
-            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {steps[0].path!r} (weight "
-                             f"{tuple(w.shape)}) takes {w.shape[1]} features a sample, got {bad[0][1].shape[-1]}")
+            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {first.path!r} (weight "
+                             f"{tuple(w.shape)}) {takes}")
 
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None, first_losses=None):

@@ -250,6 +250,23 @@ def test_inputs_of_another_width_than_the_first_layer(backend):
                            W, 0.1, 1, ["relu", None])
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_images_of_other_channels_than_the_first_conv(backend):
+    """A conv net's inputs with other channels than its first Conv2d takes (here 1), or without
+    the channel dim: the error names the inputs and the layer."""
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
+                          nn.Linear(4 * 3 * 3, 5)).double()
+    meta = fastmeta.BatchedMAML(model, 0.1, 1, loss="cross_entropy")
+    ys, yq = torch.randint(0, 5, (3, 5)), torch.randint(0, 5, (3, 7))
+    with fastmeta.use_backend(backend):
+        meta(torch.randn(3, 5, 1, 6, 6, dtype=torch.float64), ys, torch.randn(3, 7, 1, 6, 6, dtype=torch.float64), yq)
+        for shape in ((3, 6, 6), (6, 6)):
+            xs, xq = (torch.randn(3, n, *shape, dtype=torch.float64) for n in (5, 7))
+            with pytest.raises(ValueError, match=rf"xs \(3, 5, {', '.join(map(str, shape))}\) and xq .*: the model's "
+                                                 r"first layer '0' \(weight \(4, 1, 3, 3\)\) takes \[T, N, 1, H, W\]"):
+                meta(xs, ys, xq, yq)
+
+
 def test_empty_support_or_query():
     _, meta, xs, ys, xq, yq = setup()
     with pytest.raises(ValueError, match=r"xs \(4, 0, 2\) has no support samples for inner_steps=2"):
