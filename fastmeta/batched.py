@@ -446,7 +446,7 @@ class BatchedMAML(nn.Module):
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
     _DERIVED = ("program", "_direct", "_direct_grad", "_direct_layer", "_last_sig", "_walk", "_walk_model",
-                "_walk_named", "_stamp", "_trainable", "_rate_index_cache", "_adapt_sig")
+                "_walk_named", "_stamp", "_trainable", "_rate_index_cache", "_adapt_sig", "_input_rule")
 
     # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
@@ -744,29 +744,44 @@ class BatchedMAML(nn.Module):
     def _check_input_width(self, **inputs):
         """Where the model starts with a Linear or a Conv2d layer: the inputs' samples against what
         it takes (a Linear's width, a Conv2d's [C, H, W] with its channels), so that the error names
-        them (the layer's own check names its weight)."""
-        steps = self.program.steps
-        if not steps:
+        them (the layer's own check names its weight). What the layer takes is read once a program
+        and weight (adapt, predict and reptile_grad check every call)."""
+        rule = self.__dict__.get("_input_rule")
+        if rule is None or rule[0] is not self.program or (rule[1] is not None and
+                                                           rule[1][4].get(rule[1][5]) is not rule[1][6]):
+            rule = self.__dict__["_input_rule"] = (self.program, self._first_layer_takes())
+        if rule[1] is None:
             return
-        first, params = steps[0], dict(self.model.named_parameters())
-        if first.kind.startswith("batched_linear"):
-            weights = [params[n] for n in first.params if n in params and params[n].dim() == 2]
-            if len(weights) != 1:
-                return
-            w = weights[0]
-            bad = [(k, v) for k, v in inputs.items() if v is not None and v.shape[-1] != w.shape[1]]
-            takes = f"takes {w.shape[1]} features a sample, got {bad[0][1].shape[-1]}" if bad else ""
-        elif first.kind == "batched_conv2d" and first.spec and first.spec.get("w") in params:
-            w = params[first.spec["w"]]
-            channels = w.shape[1] * first.spec.get("groups", 1)
-            bad = [(k, v) for k, v in inputs.items() if v is not None and (v.dim() != 5 or v.shape[2] != channels)]
-            takes = f"takes [T, N, {channels}, H, W] inputs" if bad else ""
-        else:
-            return
+        path, shape, conv, n = rule[1][:4]
+        bad = [(k, v) for k, v in inputs.items()
+               if v is not None and ((v.dim() != 5 or v.shape[2] != n) if conv else v.shape[-1] != n)]
         if bad:
             desc = " and ".join(f"{k} {tuple(v.shape)}" for k, v in bad)
-            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {first.path!r} (weight "
-                             f"{tuple(w.shape)}) {takes}")
+            want = (f"[T, N, {n}, H, W] inputs" if conv else
+                    f"{n} features a sample, got {bad[0][1].shape[-1]}")
+            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {path!r} (weight {shape}) takes {want}")
+
+    def _first_layer_takes(self):
+        """(path, weight shape, is a Conv2d, input features or channels, the _parameters dict that
+        holds the weight, its key there, the weight) of the program's first step where it is a Linear
+        or a Conv2d layer, else None."""
+        steps = self.program.steps
+        if not steps:
+            return None
+        first, params = steps[0], self._meta_params()
+        if first.kind.startswith("batched_linear"):
+            names = [n for n in first.params if n in params and params[n].dim() == 2]
+            if len(names) != 1:
+                return None
+            name, conv = names[0], False
+        elif first.kind == "batched_conv2d" and first.spec and first.spec.get("w") in params:
+            name, conv = first.spec["w"], True
+        else:
+            return None
+        w = params[name]
+        holder, _, key = name.rpartition(".")
+        n = w.shape[1] * first.spec.get("groups", 1) if conv else w.shape[1]
+        return first.path, tuple(w.shape), conv, n, self.model.get_submodule(holder)._parameters, key, w
 
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None, first_losses=None):

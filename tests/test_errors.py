@@ -242,6 +242,17 @@ def test_inputs_of_another_width_than_the_first_layer(backend):
         with pytest.raises(ValueError, match=r"x \(4, 6, 3\): the model's first layer '0' .* got 3"):
             meta.predict(params, torch.randn(4, 6, 3, dtype=torch.float64))
         assert meta.predict(params, xq).shape == (4, 6, 3)
+    # what the layer takes is read once, and again where its weight is replaced; a module that has
+    # checked a batch still pickles (the reading is not part of its state)
+    import pickle
+    pickle.loads(pickle.dumps(meta))
+    model[0].weight = nn.Parameter(torch.randn(8, 3, dtype=torch.float64))
+    x3s, x3q = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+    with fastmeta.use_backend(backend):
+        assert meta.adapt(x3s, ys)["0.weight"].shape == (4, 8, 3)
+        with pytest.raises(ValueError, match=r"xs \(4, 5, 2\) and xq \(4, 6, 2\): .* takes 3 features"):
+            meta(xs, ys, xq, yq)
+    model[0].weight = nn.Parameter(torch.randn(8, 2, dtype=torch.float64))
     # the fused op's own check (ops.mlp_inner_loop called directly) names the inputs too
     W = [p.detach() for p in model.parameters()]
     with pytest.raises(ValueError, match=r"xs \(4, 5, 3\) and xq \(4, 6, 3\) have 3 features a sample, but the "
