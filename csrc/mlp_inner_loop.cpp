@@ -487,12 +487,12 @@ void from_z_d2(int64_t act, const T* z, const T* r, const T* d, T* acc, int64_t 
 // The kinds of epilogue (see Epi), a template parameter of the register blocks: each block then
 // holds one epilogue only, small enough for the compiler to keep its accumulators in registers
 // (with all of them behind run-time tests it spilled them to the stack on every k).
-enum class Ep { kStore, kInit, kAct, kActOut, kGate, kSgd, kSgdRates, kSgdKeep };
+enum class Ep { kStore, kInit, kAct, kActOut, kGate, kSgd, kSgdRates, kSgdKeep, kInitGate };
 
 template <typename T>
 Ep epilogue_kind(const Epi<T>& e) {
   if (e.base != nullptr) return e.keep != nullptr ? Ep::kSgdKeep : e.rates != nullptr ? Ep::kSgdRates : Ep::kSgd;
-  if (e.gate != nullptr) return Ep::kGate;
+  if (e.gate != nullptr) return e.init != nullptr ? Ep::kInitGate : Ep::kGate;
   if (e.activate) return e.act_out != nullptr ? Ep::kActOut : Ep::kAct;
   return e.init != nullptr ? Ep::kInit : Ep::kStore;
 }
@@ -517,6 +517,8 @@ inline void put(const Epi<T>& e, typename Vec<T>::R alpha, T* C, int64_t at, int
     V::store(c, V::gate(V::load(e.gate + at * W), acc, e.slope));
   } else if constexpr (K == Ep::kStore) {
     V::store(c, acc);
+  } else if constexpr (K == Ep::kInitGate) {
+    V::store(c, V::gate(V::load(e.gate + at * W), V::add(V::load(e.init + p * W), acc), e.slope));
   } else {
     const R z = V::add(V::load(e.init + p * W), acc);
     if constexpr (K == Ep::kInit) {
@@ -645,6 +647,10 @@ inline void gemm_block(const Prod<T>& x, const Prod<T>* x2, int64_t m, int64_t p
         FM_LANES c[l] = gate(g[l], ac[l]);
       } else if constexpr (K == Ep::kStore) {
         FM_LANES c[l] = ac[l];
+      } else if constexpr (K == Ep::kInitGate) {
+        const T* g = e.gate + at * W;
+        const T* in = e.init + (p + j) * W;
+        FM_LANES c[l] = gate(g[l], in[l] + ac[l]);
       } else {
         const T* in = e.init + (p + j) * W;
         T* a = K == Ep::kActOut ? e.act_out + at * W : c;
@@ -749,6 +755,7 @@ void gemm_two(int64_t M, int64_t Pn, const Prod<T>& x, const Prod<T>* x2, T* C, 
     case Ep::kSgd: return gemm_kind<T, W, MB, PB, Ep::kSgd, Two>(M, Pn, x, x2, C, scm, scp, e);
     case Ep::kSgdRates: return gemm_kind<T, W, MB, PB, Ep::kSgdRates, Two>(M, Pn, x, x2, C, scm, scp, e);
     case Ep::kSgdKeep: return gemm_kind<T, W, MB, PB, Ep::kSgdKeep, Two>(M, Pn, x, x2, C, scm, scp, e);
+    case Ep::kInitGate: return gemm_kind<T, W, MB, PB, Ep::kInitGate, Two>(M, Pn, x, x2, C, scm, scp, e);
   }
 }
 
@@ -1052,12 +1059,22 @@ class Group {
       const T* db = du + net_.offb[l - 1] * W;
       const T* ain = l == 1 ? x : A.a[l - 2];
       const T* rain = l == 1 ? nullptr : Ra[l - 2];
-      T* rz = Rz[l - 1];
+      const int64_t act = net_.acts[l - 1];
       Epi<T> e;
       e.init = db;
+      // a ReLU / leaky ReLU / linear layer's Ra = s'(z) Rz is written by the product's epilogue
+      // (its Rz is not stored: only the smooth activations' second-derivative terms read it)
+      T* out = Rz[l - 1];
+      if (piecewise_linear(act)) {
+        out = Ra[l - 1];
+        if (act != kNone) {
+          e.gate = A.z[l - 1];
+          e.slope = act == kLeaky ? static_cast<T>(net_.slope) : T(0);
+        }
+      }
       const Prod<T> x2{rain, din, 1, Wl, 1, din, din};
-      gemm<T, W>(N, dout, Prod<T>{ain, din, 1, dW, 1, din, din}, rain != nullptr ? &x2 : nullptr, rz, dout, 1, e);
-      mul_d1(net_.acts[l - 1], A.z[l - 1], A.a[l - 1], rz, Ra[l - 1], N * dout);
+      gemm<T, W>(N, dout, Prod<T>{ain, din, 1, dW, 1, din, din}, rain != nullptr ? &x2 : nullptr, out, dout, 1, e);
+      if (!piecewise_linear(act)) mul_d1(act, A.z[l - 1], A.a[l - 1], out, Ra[l - 1], N * dout);
     }
     const int64_t D = net_.d[L];
     const T* raL = Ra[L - 1];
@@ -1081,6 +1098,10 @@ class Group {
           FM_LANES Rda[(n * D + c) * W + l] = scratch[c * W + l] * (raL[(n * D + c) * W + l] - pr[l]) * invN;
       }
     }
+    // Rda_l and Rdz_l in two buffers whose roles swap where the product of layer l + 1 writes
+    // Rdz_l itself (gated: a ReLU / leaky ReLU / linear layer below it, as in backward)
+    T *rda = Rda, *rdz = Rdz;
+    bool gated = false;
     for (int64_t l = L; l >= 1; --l) {  // R-backward
       const int64_t din = net_.d[l - 1], dout = net_.d[l], act = net_.acts[l - 1];
       const T* Wl = th + net_.offW[l - 1] * W;
@@ -1088,26 +1109,36 @@ class Group {
       const T* ain = l == 1 ? x : A.a[l - 2];
       const T *z = A.z[l - 1], *a = A.a[l - 1], *da = A.da[l - 1], *dz = A.dz[l - 1];
       const T* rz = Rz[l - 1];
-      mul_d1(act, z, a, Rda, Rdz, N * dout);
-      if (from_z(act)) {  // + s''(z) Rz da
-        from_z_d2(act, z, rz, da, Rdz, N * dout * W);
-      } else if (act == kTanh || act == kSigmoid) {
-        const int64_t m = N * dout * W;
-        if (act == kTanh) {
+      if (!gated) {  // (gated: written by layer l + 1's product; piecewise linear, no s'' terms)
+        mul_d1(act, z, a, rda, rdz, N * dout);
+        if (from_z(act)) {  // + s''(z) Rz da
+          from_z_d2(act, z, rz, da, rdz, N * dout * W);
+        } else if (act == kTanh || act == kSigmoid) {
+          const int64_t m = N * dout * W;
+          if (act == kTanh) {
 #pragma omp simd
-          for (int64_t i = 0; i < m; ++i) Rdz[i] += T(-2) * a[i] * (T(1) - a[i] * a[i]) * rz[i] * da[i];
-        } else {
+            for (int64_t i = 0; i < m; ++i) rdz[i] += T(-2) * a[i] * (T(1) - a[i] * a[i]) * rz[i] * da[i];
+          } else {
 #pragma omp simd
-          for (int64_t i = 0; i < m; ++i) Rdz[i] += a[i] * (T(1) - a[i]) * (T(1) - T(2) * a[i]) * rz[i] * da[i];
+            for (int64_t i = 0; i < m; ++i) rdz[i] += a[i] * (T(1) - a[i]) * (T(1) - T(2) * a[i]) * rz[i] * da[i];
+          }
         }
       }
       if (l > 1) {  // Rda_{l-1} = Rdz W_l + dz dW_l, before the sink may overwrite dW_l
+        const int64_t below = net_.acts[l - 2];
+        Epi<T> e;
+        gated = piecewise_linear(below);
+        if (gated && below != kNone) {  // written as Rdz_{l-1} = s'(z_{l-1}) Rda_{l-1}
+          e.gate = A.z[l - 2];
+          e.slope = below == kLeaky ? static_cast<T>(net_.slope) : T(0);
+        }
         const Prod<T> x2{dz, dout, 1, dW, din, 1, dout};
-        gemm<T, W>(N, din, Prod<T>{Rdz, dout, 1, Wl, din, 1, dout}, &x2, Rda, din, 1);
+        gemm<T, W>(N, din, Prod<T>{rdz, dout, 1, Wl, din, 1, dout}, &x2, rda, din, 1, e);
         const Prod<T> h2{dz, 1, dout, Ra[l - 2], din, 1, N};
-        outer(Prod<T>{Rdz, 1, dout, ain, din, 1, N}, &h2, l, sink);
+        outer(Prod<T>{rdz, 1, dout, ain, din, 1, N}, &h2, l, sink);
+        if (gated) std::swap(rda, rdz);  // (rda's buffer now holds Rdz_{l-1})
       } else {
-        outer(Prod<T>{Rdz, 1, dout, ain, din, 1, N}, nullptr, l, sink);
+        outer(Prod<T>{rdz, 1, dout, ain, din, 1, N}, nullptr, l, sink);
       }
     }
   }
