@@ -538,10 +538,13 @@ inline void put(const Epi<T>& e, typename Vec<T>::R alpha, T* C, int64_t at, int
 // one multiply and its epilogue, instead of register blocks that each reload their inputs for one
 // FMA per accumulator.
 template <typename T, int W, Ep K>
-void rank1(int64_t M, int64_t Pn, const Prod<T>& x, T* C, int64_t scm, int64_t scp, const Epi<T>& e) {
+void rank1(int64_t M, int64_t Pn, const Prod<T>& x, T* C, int64_t scm, int64_t scp, const Epi<T>& e_in) {
   using V = Vec<T>;
   using R = typename V::R;
   constexpr int PB = 8;
+  // (a local copy: C's stores cannot alias it, so the epilogue's pointers and slope stay in
+  // registers instead of being read again after every store)
+  const Epi<T> e = e_in;
   const R alpha = V::set1(e.alpha);
   int64_t p = 0;
   for (; p + PB <= Pn; p += PB) {
