@@ -81,6 +81,19 @@ def test_meta_sgd_rates(dtype, first_order):
     assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[dtype], "meta-grad and lr-grad")
 
 
+@pytest.mark.parametrize("acts", [["relu", "leaky_relu", None], [None, "relu", "tanh"], ["leaky_relu", "gelu", "relu"]])
+@pytest.mark.parametrize("slope", [-0.3, 0.2])
+def test_meta_sgd_rates_piecewise_layers(acts, slope):
+    """Second order with Meta-SGD rates through stacks where a ReLU / leaky ReLU / linear layer's
+    derivative is applied in the Hessian-vector product's product epilogues, next to layers whose
+    second-derivative terms keep their own passes (float64, against the reference)."""
+    params, batch = make((2, 37, 11, 3), 3, 6, 5, "mse", torch.float64)
+    lrs = [torch.empty_like(p).uniform_(0.01, 0.1).requires_grad_() for p in params]
+    r = both(params, batch, lrs, 3, acts, "mse", False, slope=slope)
+    assert_rel_close([r["cpp"][0]], [r["torch"][0]], 1e-12, "losses")
+    assert_rel_close(r["cpp"][1], r["torch"][1], RTOL[torch.float64], "meta-grad and lr-grad")
+
+
 @pytest.fixture
 def panel_bytes():
     """fastmeta._C._mlp_panel_bytes, restored afterwards."""
