@@ -949,10 +949,11 @@ class BatchedMAML(nn.Module):
         p = self._first_param if p is None else p
         spec = self.program.mlp
         dropping = spec is not None and bool(spec.dropouts) and spec.dropping()
+        d = self.__dict__  # (the settings' values, read past their descriptors: this runs every call)
         return (xs.shape, xs.dtype, xs.device, ys.shape, ys.dtype, xq.shape, xq.dtype, xq.device, yq.shape,
                 yq.dtype, ys.device, yq.device, p.dtype, p.device, get_backend(), id(self.inner_lr),
-                id(self.loss), self.check_finite, dropping, self.inner_steps, self.first_order,
-                self.step_loss_weights is None,
+                id(d["_loss"]), d["_check_finite"], dropping, d["_inner_steps"], d["_first_order"],
+                d["_step_loss_weights"] is None,
                 xs.requires_grad or ys.requires_grad or xq.requires_grad or yq.requires_grad)
 
     def _flat(self, x):

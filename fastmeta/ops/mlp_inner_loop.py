@@ -595,7 +595,11 @@ def _plain_call(xs, ys, xq, yq, params, lrs=()) -> bool:
     if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
         return False
-    plain = (torch.Tensor, torch.nn.Parameter)
-    return (type(xs) is torch.Tensor and type(ys) is torch.Tensor and type(xq) is torch.Tensor
-            and type(yq) is torch.Tensor and all(type(p) in plain for p in params)
-            and all(type(r) in plain for r in lrs))
+    if type(xs) is not torch.Tensor or type(ys) is not torch.Tensor or type(xq) is not torch.Tensor or \
+            type(yq) is not torch.Tensor:
+        return False
+    for group in (params, lrs):  # (loops: a generator per call costs more than the checks)
+        for t in group:
+            if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter:
+                return False
+    return True
