@@ -21,6 +21,7 @@ import functools
 import math
 import numbers
 import threading
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -113,6 +114,18 @@ def _check_inner_lr(lr):
     if isinstance(lr, torch.Tensor) and lr.numel() != 1:
         raise ValueError(f"inner_lr: a tensor inner_lr must have one element, got shape "
                          f"{tuple(lr.shape)} (use learn_inner_lr=True for per-parameter rates)")
+
+
+class _FirstLayer(NamedTuple):
+    """What a model's first Linear / Conv2d layer takes (BatchedMAML._check_input_width): its path,
+    whether it is a Conv2d, the input width or channels it takes, its weight, and the _parameters
+    dict and key that hold the weight (a weight replaced there is read again)."""
+    path: str
+    conv: bool
+    takes: int
+    weight: torch.Tensor
+    holder: dict
+    key: str
 
 
 class _Setting:
@@ -746,25 +759,24 @@ class BatchedMAML(nn.Module):
         it takes (a Linear's width, a Conv2d's [C, H, W] with its channels), so that the error names
         them (the layer's own check names its weight). What the layer takes is read once a program
         and weight (adapt, predict and reptile_grad check every call)."""
-        rule = self.__dict__.get("_input_rule")
-        if rule is None or rule[0] is not self.program or (rule[1] is not None and
-                                                           rule[1][4].get(rule[1][5]) is not rule[1][6]):
-            rule = self.__dict__["_input_rule"] = (self.program, self._first_layer_takes())
-        if rule[1] is None:
+        program, first = self.__dict__.get("_input_rule") or (None, None)
+        if program is not self.program or (first is not None and first.holder.get(first.key) is not first.weight):
+            first = self._first_layer_takes()
+            self.__dict__["_input_rule"] = (self.program, first)
+        if first is None:
             return
-        path, shape, conv, n = rule[1][:4]
+        n = first.takes
         bad = [(k, v) for k, v in inputs.items()
-               if v is not None and ((v.dim() != 5 or v.shape[2] != n) if conv else v.shape[-1] != n)]
+               if v is not None and ((v.dim() != 5 or v.shape[2] != n) if first.conv else v.shape[-1] != n)]
         if bad:
             desc = " and ".join(f"{k} {tuple(v.shape)}" for k, v in bad)
-            want = (f"[T, N, {n}, H, W] inputs" if conv else
+            want = (f"[T, N, {n}, H, W] inputs" if first.conv else
                     f"{n} features a sample, got {bad[0][1].shape[-1]}")
-            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {path!r} (weight {shape}) takes {want}")
+            raise ValueError(f"BatchedMAML: {desc}: the model's first layer {first.path!r} (weight "
+                             f"{tuple(first.weight.shape)}) takes {want}")
 
     def _first_layer_takes(self):
-        """(path, weight shape, is a Conv2d, input features or channels, the _parameters dict that
-        holds the weight, its key there, the weight) of the program's first step where it is a Linear
-        or a Conv2d layer, else None."""
+        """_FirstLayer of the program's first step where it is a Linear or a Conv2d layer, else None."""
         steps = self.program.steps
         if not steps:
             return None
@@ -780,8 +792,8 @@ class BatchedMAML(nn.Module):
             return None
         w = params[name]
         holder, _, key = name.rpartition(".")
-        n = w.shape[1] * first.spec.get("groups", 1) if conv else w.shape[1]
-        return first.path, tuple(w.shape), conv, n, self.model.get_submodule(holder)._parameters, key, w
+        takes = w.shape[1] * first.spec.get("groups", 1) if conv else w.shape[1]
+        return _FirstLayer(first.path, conv, takes, w, self.model.get_submodule(holder)._parameters, key)
 
     # -- the inner loop -------------------------------------------------------------------------
     def _adapt(self, xs, ys, first_order: bool, create_graph: bool, after_step=None, first_losses=None):
