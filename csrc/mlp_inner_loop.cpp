@@ -964,10 +964,7 @@ class Group {
         T* out = A.da[l - 2];
         if (piecewise_linear(below)) {
           out = A.dz[l - 2];
-          if (below != kNone) {
-            e.gate = A.z[l - 2];
-            e.slope = below == kLeaky ? static_cast<T>(net_.slope) : T(0);
-          }
+          gate_by(e, below, A.z[l - 2]);
         }
         gemm<T, W, kDaMB, kDaPB>(N, din, Prod<T>{dz, dout, 1, Wl, din, 1, dout}, nullptr, out, din, 1, e);
       }
@@ -976,6 +973,14 @@ class Group {
   }
 
   static bool piecewise_linear(int64_t act) { return act == kNone || act == kRelu || act == kLeaky; }
+
+  // e's epilogue multiplies by s'(z) of a piecewise-linear act (ReLU / leaky ReLU: gated by z's
+  // sign; linear: nothing to apply), as mul_d1 would in a pass of its own.
+  void gate_by(Epi<T>& e, int64_t act, const T* z) const {
+    if (act == kNone) return;
+    e.gate = z;
+    e.slope = act == kLeaky ? static_cast<T>(net_.slope) : T(0);
+  }
 
   // Whether a layer keeps its pre-activations z apart from a = s(z). Only the sign of z is read
   // (ReLU and leaky ReLU derivatives) and tanh / sigmoid derivatives come from a, so z shares a's
@@ -1070,10 +1075,7 @@ class Group {
       T* out = Rz[l - 1];
       if (piecewise_linear(act)) {
         out = Ra[l - 1];
-        if (act != kNone) {
-          e.gate = A.z[l - 1];
-          e.slope = act == kLeaky ? static_cast<T>(net_.slope) : T(0);
-        }
+        gate_by(e, act, A.z[l - 1]);
       }
       const Prod<T> x2{rain, din, 1, Wl, 1, din, din};
       gemm<T, W>(N, dout, Prod<T>{ain, din, 1, dW, 1, din, din}, rain != nullptr ? &x2 : nullptr, out, dout, 1, e);
@@ -1131,10 +1133,7 @@ class Group {
         const int64_t below = net_.acts[l - 2];
         Epi<T> e;
         gated = piecewise_linear(below);
-        if (gated && below != kNone) {  // written as Rdz_{l-1} = s'(z_{l-1}) Rda_{l-1}
-          e.gate = A.z[l - 2];
-          e.slope = below == kLeaky ? static_cast<T>(net_.slope) : T(0);
-        }
+        if (gated) gate_by(e, below, A.z[l - 2]);  // written as Rdz_{l-1} = s'(z_{l-1}) Rda_{l-1}
         const Prod<T> x2{dz, dout, 1, dW, din, 1, dout};
         gemm<T, W>(N, din, Prod<T>{rdz, dout, 1, Wl, din, 1, dout}, &x2, rda, din, 1, e);
         const Prod<T> h2{dz, 1, dout, Ra[l - 2], din, 1, N};
