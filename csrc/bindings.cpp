@@ -125,6 +125,10 @@ std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Te
 }
 }  // namespace
 
+namespace fastmeta {
+void bind_bound_calls(py::module& m);  // csrc/bound_call.cpp
+}  // namespace fastmeta
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("workspace_bytes", &fastmeta::workspace_bytes,
         "bytes held by the per-thread workspaces of the fused CPU kernels");
@@ -160,6 +164,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // called through the dispatcher): the rates' expansion and their gradients' sums without a
   // Python-level op each.
   m.def("_mlp_meta_grad_layer_rates", &meta_grad_layer_rates, py::call_guard<py::gil_scoped_release>());
+  // value_and_grad's call bound to what its last checked call saw (csrc/bound_call.cpp)
+  fastmeta::bind_bound_calls(m);
   m.def("_mlp_panel_bytes", &fastmeta::mlp_panel_bytes, py::arg("bytes") = -2,
         "the fused MLP kernel's threshold on a product's B operand above which it sweeps column panels "
         "outermost: sets it to bytes (0: always, -1: never) and returns the previous value; no argument: reads it");

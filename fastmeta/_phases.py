@@ -26,6 +26,11 @@ def _range(name: str):
             yield
 
 
+def ranges_on() -> bool:
+    """Whether phase() opens ranges now: a profiler runs, or NVTX ranges are asked for."""
+    return _profiling() or _nvtx["on"]
+
+
 def phase(name: str):
     """A context manager marking phase ``name`` (a no-op unless a profiler runs)."""
     if _profiling() or _nvtx["on"]:

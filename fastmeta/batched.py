@@ -28,7 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from . import _checks, ops, plan
-from ._phases import phase
+from ._phases import phase, ranges_on
 from .backend import _request, get_backend, requested, select, use_backend
 from .ops.mlp_inner_loop import cpu_kernel_slower, refuse_second_derivative
 
@@ -66,6 +66,8 @@ def _plain(t):
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
+# where BatchedMAML keeps value_and_grad's binding in its __dict__ (_bind_value_and_grad)
+_BOUND_KEY = "_bound_value_and_grad"
 # one call per BatchedMAML call (~0.2 us; the public per-device test is ~0.4 us a device)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES))
@@ -459,7 +461,7 @@ class BatchedMAML(nn.Module):
     # a copy or an unpickled module lowers its own model again, whose modules it must read (their
     # training flags, BatchNorm buffers), not the original's
     _DERIVED = ("program", "_direct", "_direct_grad", "_direct_layer", "_last_sig", "_walk", "_walk_model",
-                "_walk_named", "_stamp", "_trainable", "_rate_index_cache", "_adapt_sig", "_input_rule")
+                "_walk_named", "_stamp", "_trainable", "_rate_index_cache", "_adapt_sig", "_input_rule", _BOUND_KEY)
 
     # settings: checked where they are set, in the constructor or later (meta.inner_steps = 10
     # for a longer adaptation at meta-test time, say), so that a bad value raises there and never
@@ -1176,7 +1178,6 @@ class BatchedMAML(nn.Module):
                                      self._step_weights(), _checked=checked)
         return loss if grad_on else loss.detach()
 
-    @_module_backend
     def value_and_grad(self, xs, ys, xq, yq) -> tuple[torch.Tensor, list]:
         """(loss, grads): forward's loss (detached) and its gradient with respect to each of
         ``self.parameters()`` in that order (None for one that does not require grad): the values
@@ -1189,7 +1190,23 @@ class BatchedMAML(nn.Module):
             for p, g in zip(meta.parameters(), grads):
                 p.grad = g
             opt.step()
+
+        On the CPU kernel with a scalar inner_lr, a call whose batch has the shapes of the last
+        checked call, on a module, model and parameters that nothing was changed or swapped in since,
+        goes straight to the kernel (a binding made by that call compares them; _bind_value_and_grad).
         """
+        d = self.__dict__
+        bound = d.get(_BOUND_KEY)
+        if bound is not None and get_backend() == bound[2] and not (
+                torch.compiler.is_compiling() or _any_autocast() or ranges_on()):
+            out = bound[0](d, xs, ys, xq, yq)
+            if out is not None:
+                return out
+        return self._value_and_grad(xs, ys, xq, yq)
+
+    @_module_backend
+    def _value_and_grad(self, xs, ys, xq, yq) -> tuple[torch.Tensor, list]:
+        batch = (xs, ys, xq, yq)
         params = self._param_list()
         ys, yq = self._labels(ys), self._labels(yq)
         xs, xq = self._flat(xs), self._flat(xq)
@@ -1204,8 +1221,11 @@ class BatchedMAML(nn.Module):
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
                 if self.lrs is None:
-                    return self._direct_grad(xs, ys, xq, yq, params, [], float(self.inner_lr), self.inner_steps,
-                                             self.first_order)
+                    out = self._direct_grad(xs, ys, xq, yq, params, [], float(self.inner_lr), self.inner_steps,
+                                            self.first_order)
+                    if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
+                        self._bind_value_and_grad(batch, params)
+                    return out
                 n = len(self.program.names)  # (the model's parameters, then their rates)
                 if len(params) == 2 * n:
                     value, grads = self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
@@ -1232,6 +1252,27 @@ class BatchedMAML(nn.Module):
             grads = torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True) if wanted else ()
             grads = iter(grads)
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
+
+    def _bind_value_and_grad(self, batch, params):
+        """After a checked call of value_and_grad that ran the direct CPU kernel call with the scalar
+        inner_lr: binds that call to what it saw (ops.mlp_meta_grad_bound: this module's __dict__,
+        every module's children and parameters, the parameters' and the batch's shapes), for the
+        next calls to go straight to it. Not where a per-module backend, hooks, a tensor inner_lr or
+        Dropout are in effect (each read on the checked path in ways the binding does not compare)."""
+        d = self.__dict__
+        backend = get_backend()
+        containers, leaves, hooked, n_global = d["_stamp"]
+        spec = self.program.mlp
+        if (d["_backend"] is not None or not isinstance(backend, str) or hooked or n_global or spec.dropouts
+                or type(self.inner_lr) not in (float, int) or torch.is_inference_mode_enabled()):
+            return
+        mods = list(self.modules())
+        dicts = [m._modules for m in mods] + [m._parameters for m in mods]
+        d.pop(_BOUND_KEY, None)  # (left out of its own snapshot either way)
+        made = ops.mlp_meta_grad_bound(spec, self.loss, d, _BOUND_KEY, dicts, params, batch, self.inner_lr,
+                                       self.inner_steps, self.first_order)
+        if made is not None:
+            d[_BOUND_KEY] = (made[0], made[1], backend)
 
     def _chunked(self, xs) -> bool:
         return self.task_chunk is not None and xs.shape[0] > self.task_chunk
