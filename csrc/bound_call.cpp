@@ -1,6 +1,7 @@
-// fastmeta._C._BoundMetaGrad: BatchedMAML.value_and_grad's call of the CPU MLP kernel bound to what
-// the module's last checked call saw, so that a call that sees the same again runs the kernel after
-// a few pointer and shape comparisons instead of the Python checks (~10 us a call on a small MLP,
+// fastmeta._C._BoundMetaGrad: BatchedMAML.value_and_grad's call of the CPU MLP kernel (or forward's
+// call of fastmeta::mlp_meta_loss's direct binding, the loss with its C++ autograd) bound to what the
+// module's last checked call saw, so that a call that sees the same again runs the kernel after a
+// few pointer and shape comparisons instead of the Python checks (~10 us a call on a small MLP,
 // where the kernel itself takes ~100 us).
 //
 // What the checked path reads and the binding compares (any difference: the call returns None and
@@ -15,11 +16,13 @@
 //   - the batch: plain torch.Tensor objects (no subclass) of the same shapes and dtypes, strided,
 //     on the CPU, not requiring grad;
 //   - what routes a call elsewhere in the dispatcher: inference mode, a torch function or dispatch
-//     mode, a functorch transform. (Compilation, autocast, a profiler and the global backend
-//     request are read in Python before the call.)
+//     mode, a functorch transform; for the loss, grad mode (on: forward without it takes another
+//     path). (Compilation, autocast, a profiler and the global backend request are read in Python
+//     before the call.)
 #include <torch/csrc/utils/pybind.h>  // (pybind11 with torch's casters)
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <c10/core/InferenceMode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
@@ -109,13 +112,16 @@ struct TensorSig {
 
 class BoundMetaGrad {
  public:
-  // own: the BatchedMAML instance's __dict__ (own_key, where it keeps this binding, left out);
-  // dicts: its modules' _modules and _parameters dicts; handles: RemovableHandle; keep: a list
-  // that receives every object the binding points to, for the caller to hold with it.
+  // own: the BatchedMAML instance's __dict__ (own_key, where it keeps its bindings, left out);
+  // dicts: its modules' _modules and _parameters dicts; handles: RemovableHandle; as_loss: the
+  // loss with its autograd (forward) instead of (loss, grads); keep: a list that receives every
+  // object the binding points to, for the caller to hold with it.
   BoundMetaGrad(py::dict own, py::str own_key, const std::vector<py::dict>& dicts, py::object handles,
                 std::vector<at::Tensor> params, const std::vector<at::Tensor>& batch, double lr, int64_t steps,
-                std::vector<int64_t> acts, double slope, int64_t loss, bool first_order, py::list keep)
-      : handles_(std::move(handles)),
+                std::vector<int64_t> acts, double slope, int64_t loss, bool first_order, bool as_loss,
+                py::list keep)
+      : as_loss_(as_loss),
+        handles_(std::move(handles)),
         params_(std::move(params)),
         lr_(lr),
         steps_(steps),
@@ -141,10 +147,12 @@ class BoundMetaGrad {
     }
   }
 
-  // (loss, [one gradient a parameter]) as value_and_grad returns them, or None where anything
-  // differs from what the binding saw. own: the instance's __dict__ now.
+  // (loss, [one gradient a parameter]) as value_and_grad returns them (as_loss: the loss, as forward
+  // does), or None where anything differs from what the binding saw. own: the instance's __dict__ now.
   py::object call(py::handle own, py::handle xs, py::handle ys, py::handle xq, py::handle yq) const {
-    if (!plain_dispatch_state() || next_hook_id() != hook_id_ || !own_[0].same(own.ptr())) return py::none();
+    if (!plain_dispatch_state() || (as_loss_ && !at::GradMode::is_enabled()) || next_hook_id() != hook_id_ ||
+        !own_[0].same(own.ptr()))
+      return py::none();
     PyObject* args[4] = {xs.ptr(), ys.ptr(), xq.ptr(), yq.ptr()};
     for (int i = 0; i < 4; ++i) {
       if (!THPVariable_CheckExact(args[i]) || !batch_sigs_[i].matches(THPVariable_Unpack(args[i])))
@@ -160,6 +168,15 @@ class BoundMetaGrad {
     const at::Tensor& tys = THPVariable_Unpack(args[1]);
     const at::Tensor& txq = THPVariable_Unpack(args[2]);
     const at::Tensor& tyq = THPVariable_Unpack(args[3]);
+    if (as_loss_) {
+      at::Tensor value;
+      {
+        py::gil_scoped_release no_gil;
+        value = mlp_meta_loss_cpu_direct(txs, tys, txq, tyq, params_, {}, lr_, steps_, acts_, slope_, loss_,
+                                         first_order_);
+      }
+      return py::cast(std::move(value));
+    }
     std::vector<at::Tensor> out;
     {
       py::gil_scoped_release no_gil;
@@ -186,6 +203,7 @@ class BoundMetaGrad {
     return id;
   }
 
+  bool as_loss_;
   py::object handles_;
   std::vector<DictSnapshot> own_, snapshots_;
   int64_t hook_id_ = -1;
@@ -203,15 +221,15 @@ class BoundMetaGrad {
 
 void bind_bound_calls(py::module& m) {
   py::class_<BoundMetaGrad>(m, "_BoundMetaGrad",
-                            "BatchedMAML.value_and_grad's CPU MLP kernel call bound to what its last checked call "
-                            "saw (csrc/bound_call.cpp); calling it gives (loss, grads), or None where anything "
-                            "differs")
+                            "BatchedMAML.value_and_grad's (or forward's) CPU MLP kernel call bound to what its last "
+                            "checked call saw (csrc/bound_call.cpp); calling it gives (loss, grads) (or the loss), "
+                            "or None where anything differs")
       .def(py::init<py::dict, py::str, const std::vector<py::dict>&, py::object, std::vector<at::Tensor>,
                     const std::vector<at::Tensor>&, double, int64_t, std::vector<int64_t>, double, int64_t, bool,
-                    py::list>(),
+                    bool, py::list>(),
            py::arg("own"), py::arg("own_key"), py::arg("dicts"), py::arg("handles"), py::arg("params"),
            py::arg("batch"), py::arg("lr"), py::arg("steps"), py::arg("acts"), py::arg("slope"), py::arg("loss"),
-           py::arg("first_order"), py::arg("keep"))
+           py::arg("first_order"), py::arg("as_loss"), py::arg("keep"))
       .def("__call__", &BoundMetaGrad::call, py::arg("own"), py::arg("xs"), py::arg("ys"), py::arg("xq"),
            py::arg("yq"));
 }

@@ -66,8 +66,11 @@ def _plain(t):
 
 
 _AUTOCAST_DEVICES = ("cpu", "cuda")
-# where BatchedMAML keeps value_and_grad's binding in its __dict__ (_bind_value_and_grad)
-_BOUND_KEY = "_bound_value_and_grad"
+_NO_BINDINGS: dict = {}  # (read-only: value_and_grad and forward look a method up in it)
+# where BatchedMAML keeps its bindings of the kernel's calls (_bind_direct_call) in its __dict__: a
+# dict {"value_and_grad": ..., "forward": ...}, changed in place (its entry is left out of the
+# bindings' own snapshots of the __dict__)
+_BOUND_KEY = "_bound_calls"
 # one call per BatchedMAML call (~0.2 us; the public per-device test is ~0.4 us a device)
 _any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None) or (
     lambda: any(torch.is_autocast_enabled(d) for d in _AUTOCAST_DEVICES))
@@ -1136,9 +1139,21 @@ class BatchedMAML(nn.Module):
                 with phase("query_forward"), torch.set_grad_enabled(grad_on), statistics:
                     return self._task_loss(self.program(P, xq, self.recompute, later_blocks=later), yq)
 
-    @_module_backend
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
-        """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient."""
+        """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient.
+        (Repeated calls on the CPU kernel go straight to it as value_and_grad's do.)"""
+        d = self.__dict__
+        bound = (d.get(_BOUND_KEY) or _NO_BINDINGS).get("forward")
+        if bound is not None and get_backend() == bound[2] and not (
+                torch.compiler.is_compiling() or _any_autocast() or ranges_on()):
+            out = bound[0](d, xs, ys, xq, yq)
+            if out is not None:
+                return out
+        return self._forward(xs, ys, xq, yq)
+
+    @_module_backend
+    def _forward(self, xs, ys, xq, yq) -> torch.Tensor:
+        batch = (xs, ys, xq, yq)
         params = self._param_list(model_only=True)
         ys, yq = self._labels(ys), self._labels(yq)
         xs, xq = self._flat(xs), self._flat(xq)
@@ -1164,7 +1179,10 @@ class BatchedMAML(nn.Module):
                 with phase("fused_inner_loop"):
                     return self._direct_grad(xs, ys, xq, yq, params, rates, lr, self.inner_steps, True)[0]
             with phase("fused_inner_loop"):
-                return self._direct(xs, ys, xq, yq, params, rates, lr, self.inner_steps, self.first_order)
+                loss = self._direct(xs, ys, xq, yq, params, rates, lr, self.inner_steps, self.first_order)
+            if not rates and all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
+                self._bind_direct_call("forward", batch, params)
+            return loss
         if not fused:
             if self._chunked(xs):
                 wanted = [p for p in self._param_list() if p.requires_grad]
@@ -1193,10 +1211,10 @@ class BatchedMAML(nn.Module):
 
         On the CPU kernel with a scalar inner_lr, a call whose batch has the shapes of the last
         checked call, on a module, model and parameters that nothing was changed or swapped in since,
-        goes straight to the kernel (a binding made by that call compares them; _bind_value_and_grad).
+        goes straight to the kernel (a binding made by that call compares them; _bind_direct_call).
         """
         d = self.__dict__
-        bound = d.get(_BOUND_KEY)
+        bound = (d.get(_BOUND_KEY) or _NO_BINDINGS).get("value_and_grad")
         if bound is not None and get_backend() == bound[2] and not (
                 torch.compiler.is_compiling() or _any_autocast() or ranges_on()):
             out = bound[0](d, xs, ys, xq, yq)
@@ -1224,7 +1242,7 @@ class BatchedMAML(nn.Module):
                     out = self._direct_grad(xs, ys, xq, yq, params, [], float(self.inner_lr), self.inner_steps,
                                             self.first_order)
                     if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
-                        self._bind_value_and_grad(batch, params)
+                        self._bind_direct_call("value_and_grad", batch, params)
                     return out
                 n = len(self.program.names)  # (the model's parameters, then their rates)
                 if len(params) == 2 * n:
@@ -1253,12 +1271,13 @@ class BatchedMAML(nn.Module):
             grads = iter(grads)
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
 
-    def _bind_value_and_grad(self, batch, params):
-        """After a checked call of value_and_grad that ran the direct CPU kernel call with the scalar
-        inner_lr: binds that call to what it saw (ops.mlp_meta_grad_bound: this module's __dict__,
-        every module's children and parameters, the parameters' and the batch's shapes), for the
-        next calls to go straight to it. Not where a per-module backend, hooks, a tensor inner_lr or
-        Dropout are in effect (each read on the checked path in ways the binding does not compare)."""
+    def _bind_direct_call(self, method, batch, params):
+        """After a checked call of value_and_grad or forward (method) that ran the direct CPU kernel
+        call with the scalar inner_lr: binds that call to what it saw (ops.mlp_meta_grad_bound: this
+        module's __dict__, every module's children and parameters, the parameters' and the batch's
+        shapes), for the next calls to go straight to it. Not where a per-module backend, hooks, a
+        tensor inner_lr or Dropout are in effect (each read on the checked path in ways the binding
+        does not compare)."""
         d = self.__dict__
         backend = get_backend()
         containers, leaves, hooked, n_global = d["_stamp"]
@@ -1266,13 +1285,16 @@ class BatchedMAML(nn.Module):
         if (d["_backend"] is not None or not isinstance(backend, str) or hooked or n_global or spec.dropouts
                 or type(self.inner_lr) not in (float, int) or torch.is_inference_mode_enabled()):
             return
+        bindings = d.get(_BOUND_KEY)
+        if bindings is None:
+            bindings = d[_BOUND_KEY] = {}
+        bindings.pop(method, None)
         mods = list(self.modules())
         dicts = [m._modules for m in mods] + [m._parameters for m in mods]
-        d.pop(_BOUND_KEY, None)  # (left out of its own snapshot either way)
         made = ops.mlp_meta_grad_bound(spec, self.loss, d, _BOUND_KEY, dicts, params, batch, self.inner_lr,
-                                       self.inner_steps, self.first_order)
+                                       self.inner_steps, self.first_order, as_loss=method == "forward")
         if made is not None:
-            d[_BOUND_KEY] = (made[0], made[1], backend)
+            bindings[method] = (made[0], made[1], backend)
 
     def _chunked(self, xs) -> bool:
         return self.task_chunk is not None and xs.shape[0] > self.task_chunk

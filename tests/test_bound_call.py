@@ -1,7 +1,7 @@
-"""BatchedMAML.value_and_grad's binding of the CPU kernel call (csrc/bound_call.cpp): made by a
-checked call, taken by the next calls that see the same module, model, parameters and batch
-shapes, and refused (the checked path runs and binds again) after any change of them, or where a
-mode, a transform, a profiler or another backend is in effect."""
+"""The bindings of BatchedMAML.value_and_grad's and forward's CPU kernel calls
+(csrc/bound_call.cpp): made by a checked call, taken by the next calls that see the same module,
+model, parameters and batch shapes, and refused (the checked path runs and binds again) after any
+change of them, or where a mode, a transform, a profiler or another backend is in effect."""
 import copy
 import gc
 import io
@@ -33,21 +33,40 @@ def batch_of(T=5, K=4, Q=3, din=2, dout=3):
             torch.randn(T, Q, din, dtype=torch.float64), torch.randn(T, Q, dout, dtype=torch.float64))
 
 
+METHODS = ["value_and_grad", "forward"]
+
+
 @pytest.fixture
 def checked_calls(monkeypatch):
-    """The number of value_and_grad calls that took the checked path (the binding refused or absent)."""
-    count = [0]
-    inner = BatchedMAML._value_and_grad
-
-    def counted(self, *args):
-        count[0] += 1
-        return inner(self, *args)
-    monkeypatch.setattr(BatchedMAML, "_value_and_grad", counted)
+    """The number of value_and_grad and forward calls that took the checked path (the binding
+    refused or absent)."""
+    count, depth = [0], [0]
+    for name in ("_value_and_grad", "_forward"):
+        def counted(self, *args, _inner=getattr(BatchedMAML, name)):
+            count[0] += depth[0] == 0  # (value_and_grad's generic path calls forward: one call)
+            depth[0] += 1
+            try:
+                return _inner(self, *args)
+            finally:
+                depth[0] -= 1
+        monkeypatch.setattr(BatchedMAML, name, counted)
     return count
 
 
-def assert_matches_loop(meta, model, batch, what):
-    loss, grads = meta.value_and_grad(*batch)
+def step(meta, batch, method="value_and_grad"):
+    """(loss, grads) by value_and_grad, or by forward and torch.autograd.grad (None where a
+    parameter does not require grad)."""
+    if method == "value_and_grad":
+        return meta.value_and_grad(*batch)
+    loss = meta(*batch)
+    params = list(meta.parameters())
+    wanted = [p for p in params if p.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wanted))
+    return loss.detach(), [next(grads) if p.requires_grad else None for p in params]
+
+
+def assert_matches_loop(meta, model, batch, what, method="value_and_grad"):
+    loss, grads = step(meta, batch, method)
     want_loss, want, _ = loop_meta_grads(model, *batch, meta.inner_lr, meta.inner_steps, "mse", meta.first_order)
     got = [g for g, p in zip(grads, model.parameters()) if p.requires_grad]
     assert all(g is None for g, p in zip(grads, model.parameters()) if not p.requires_grad), what
@@ -56,21 +75,26 @@ def assert_matches_loop(meta, model, batch, what):
     return loss, grads
 
 
-def bound_module(batch, model=None, **kw):
+def bound_module(batch, model=None, method="value_and_grad", **kw):
     model = mlp() if model is None else model
     meta = fastmeta.BatchedMAML(model, 0.1, 2, **kw)
     for _ in range(2):  # the first call checks, the second is checked and binds
-        meta.value_and_grad(*batch)
-    assert meta.__dict__.get(_BOUND_KEY) is not None, "a checked CPU kernel call makes a binding"
+        step(meta, batch, method)
+    assert method in meta.__dict__.get(_BOUND_KEY, {}), "a checked CPU kernel call makes a binding"
     return meta, model
 
 
-def test_binding_is_taken_with_the_kernels_results(checked_calls):
+def binding(meta, method="value_and_grad"):
+    return meta.__dict__[_BOUND_KEY][method][0]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_binding_is_taken_with_the_kernels_results(method, checked_calls):
     batch = batch_of()
-    meta, model = bound_module(batch)
+    meta, model = bound_module(batch, method=method)
     before = checked_calls[0]
-    loss, grads = assert_matches_loop(meta, model, batch, "bound call")
-    loss2, grads2 = meta.value_and_grad(*batch)
+    loss, grads = assert_matches_loop(meta, model, batch, "bound call", method)
+    loss2, grads2 = step(meta, batch, method)
     assert checked_calls[0] == before, "the bound calls skip the checked path"
     assert isinstance(grads, list) and len(grads) == len(list(meta.parameters()))
     assert loss.dim() == 0 and not loss.requires_grad and not any(g.requires_grad for g in grads)
@@ -78,11 +102,31 @@ def test_binding_is_taken_with_the_kernels_results(checked_calls):
     want = torch.ops.fastmeta.mlp_meta_grad.default(*batch, [p.detach() for p in model.parameters()], [], 0.1, 2,
                                                     [1, 0], 0.01, 0, False, False)
     assert torch.equal(loss, want[0]) and all(torch.equal(g, w) for g, w in zip(grads, want[1:]))
+    if method == "forward":  # the loss with its C++ autograd node; a second backward through it refuses
+        out = meta(*batch)
+        assert out.requires_grad and out.grad_fn is not None
+        with pytest.raises(RuntimeError, match="differentiable once only"):
+            torch.autograd.grad(out, list(meta.parameters()), create_graph=True)
+        assert checked_calls[0] == before
     other = batch_of()  # new tensors of the same shapes: still bound
-    assert_matches_loop(meta, model, other, "another batch of the same shapes")
+    assert_matches_loop(meta, model, other, "another batch of the same shapes", method)
     strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in other]  # (not contiguous)
     assert not strided[0].is_contiguous()
-    assert_matches_loop(meta, model, strided, "the same shapes, other strides")
+    assert_matches_loop(meta, model, strided, "the same shapes, other strides", method)
+    assert checked_calls[0] == before
+
+
+def test_both_bindings_together(checked_calls):
+    """value_and_grad and forward alternating on one module each keep their binding."""
+    batch = batch_of()
+    meta, model = bound_module(batch)
+    for _ in range(2):  # (forward's first calls add its parameter walk to the module: value_and_grad binds again)
+        for method in ("forward", "forward", "value_and_grad"):
+            step(meta, batch, method)
+    before = checked_calls[0]
+    for i in range(3):
+        for method in METHODS:
+            assert_matches_loop(meta, model, batch, f"{method} {i}", method)
     assert checked_calls[0] == before
 
 
@@ -112,43 +156,51 @@ CHANGES = {
 }
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("change", list(CHANGES))
-def test_binding_follows_changes(change, checked_calls):
+def test_binding_follows_changes(change, method, checked_calls):
     """After each change the checked path runs (the binding refuses) with the right results, and
     where the fused kernel still applies a new binding is made and taken."""
     batch = list(batch_of())
-    meta, model = bound_module(batch)
+    meta, model = bound_module(batch, method=method)
     CHANGES[change](meta, model, batch)
     before = checked_calls[0]
-    assert_matches_loop(meta, model, batch, f"after {change}")
+    assert_matches_loop(meta, model, batch, f"after {change}", method)
     assert checked_calls[0] == before + 1, "the binding refuses the changed call"
-    assert_matches_loop(meta, model, batch, f"after {change}, call 2")  # (checked: binds)
+    assert_matches_loop(meta, model, batch, f"after {change}, call 2", method)  # (checked: binds)
     before = checked_calls[0]
-    assert_matches_loop(meta, model, batch, f"after {change}, call 3")
+    assert_matches_loop(meta, model, batch, f"after {change}, call 3", method)
     # (a hook takes the model off the fused kernel; a frozen parameter off its direct call)
     if change not in ("forward hook", "requires_grad off"):
         assert checked_calls[0] == before, "bound again"
 
 
-def test_binding_is_not_taken_under_another_backend_or_a_profiler(checked_calls):
+@pytest.mark.parametrize("method", METHODS)
+def test_binding_is_not_taken_under_another_backend_or_a_profiler(method, checked_calls):
     batch = batch_of()
-    meta, model = bound_module(batch)
+    meta, model = bound_module(batch, method=method)
     before = checked_calls[0]
     with fastmeta.use_backend("torch"):
-        assert_matches_loop(meta, model, batch, "torch backend")
+        assert_matches_loop(meta, model, batch, "torch backend", method)
     assert checked_calls[0] == before + 1
     with torch.profiler.profile() as prof:
-        meta.value_and_grad(*batch)
+        step(meta, batch, method)
     assert any("fastmeta.fused_inner_loop" in e.name for e in prof.events()), "the phase is recorded"
     assert checked_calls[0] == before + 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert_matches_loop(meta, model, batch, "under autocast (off for the call)")
+        assert_matches_loop(meta, model, batch, "under autocast (off for the call)", method)
     assert checked_calls[0] == before + 3
     with torch.inference_mode():
-        loss, _ = meta.value_and_grad(*batch)
-    assert not loss.is_inference()
-    meta.value_and_grad(*batch)
+        loss = meta.value_and_grad(*batch)[0] if method == "value_and_grad" else meta(*batch)
+    assert not loss.is_inference() and not loss.requires_grad
+    step(meta, batch, method)
     assert checked_calls[0] == before + 4, "taken again once nothing is in effect"
+    if method == "forward":  # without grad mode: the loss alone (first order's pass), no binding taken
+        with torch.no_grad():
+            loss = meta(*batch)
+        assert loss.grad_fn is None and checked_calls[0] == before + 5
+        assert torch.allclose(loss, step(meta, batch, method)[0], rtol=1e-12)
+        assert checked_calls[0] == before + 5
 
 
 def test_binding_refuses_modes_transforms_and_other_tensors():
@@ -168,7 +220,7 @@ def test_binding_refuses_modes_transforms_and_other_tensors():
     batch = batch_of()
     meta, _ = bound_module(batch)
     d = meta.__dict__
-    call = d[_BOUND_KEY][0]
+    call = binding(meta)
     assert call(d, *batch) is not None
     with Mode():
         assert call(d, *batch) is None
@@ -193,11 +245,21 @@ def test_binding_refuses_modes_transforms_and_other_tensors():
             assert call(d, *args) is None
     assert call({}, xs, ys, xq.detach(), yq) is None, "another module's dict"
     assert call(d, xs, ys, xq.detach(), yq) is not None
+    for _ in range(2):
+        meta(xs, ys, xq.detach(), yq)
+    loss_call = binding(meta, "forward")
+    assert loss_call(d, xs, ys, xq.detach(), yq).grad_fn is not None
+    with torch.no_grad():
+        assert loss_call(d, xs, ys, xq.detach(), yq) is None, "forward without grad mode takes another path"
 
 
 def test_bound_module_copies_pickles_and_is_freed():
     batch = batch_of()
     meta, model = bound_module(batch)
+    bound_module(batch, model=None)  # (another module)
+    for _ in range(2):
+        meta(*batch)
+    assert set(meta.__dict__[_BOUND_KEY]) == {"value_and_grad", "forward"}
     want = meta.value_and_grad(*batch)
     twin = copy.deepcopy(meta)
     assert twin.__dict__.get(_BOUND_KEY) is None
