@@ -13,6 +13,10 @@ Kinds:
             backend with random memory switches (task_chunk, recompute, checkpoint_steps), against
             the torch backend without switches;
   mlp       random MLPs on the fused kernel against its reference;
+  mlp-modules
+            those MLPs as nn.Sequential models through BatchedMAML on the cpp backend (value_and_grad
+            and forward called three times: checked, then bound to the kernel) against the
+            per-task loop;
   modules, modules-variants
             conv and variants on random nets of the other lowered modules (Conv1d, GroupNorm,
             InstanceNorm, LayerNorm, the 1d and adaptive pools, every elementwise activation,
@@ -460,6 +464,50 @@ def mlp_case(seed, backend="cpp"):
     return _Tensors(params), check, lambda: run("torch"), f"{desc}; backend {backend}"
 
 
+_ACT_MODULES = {"relu": lambda slope: nn.ReLU(), "leaky_relu": nn.LeakyReLU, "tanh": lambda slope: nn.Tanh(),
+                "sigmoid": lambda slope: nn.Sigmoid()}
+
+
+def mlp_module_case(seed, backend="cpp"):
+    """mlp's draw as an nn.Sequential through BatchedMAML (its rates, where the draw has them, as
+    learned Meta-SGD rates) against the per-task loop on that model."""
+    if why_unavailable(backend, "cpu") is not None:
+        return None
+    params, batch, lr, steps, acts, slope, loss, first_order, desc = random_mlp_case(seed)
+    layers = []
+    for l, act in enumerate(acts):
+        W, b = params[2 * l].detach(), params[2 * l + 1].detach()
+        lin = nn.Linear(W.shape[1], W.shape[0]).double()
+        with torch.no_grad():
+            lin.weight.copy_(W)
+            lin.bias.copy_(b)
+        layers += [lin] + ([_ACT_MODULES[act](slope)] if act is not None else [])
+    model = nn.Sequential(*layers)
+    names = [n for n, _ in model.named_parameters()]
+    rates = dict(zip(names, (r.detach() for r in lr))) if isinstance(lr, list) else None
+    lr0 = 0.05 if rates is not None else lr
+
+    def reference():
+        lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
+        out_loss, grads, lr_grads = loop_meta_grads(model, *batch, lr0, steps, loss, first_order, lrs=lrs)
+        return [out_loss.detach().view(1)] + [g.detach() for g in grads + list(lr_grads or [])]
+
+    def check():
+        meta = fastmeta.BatchedMAML(model, lr0, steps, first_order=first_order, loss=loss,
+                                    learn_inner_lr=rates is not None)
+        _rates(meta, rates)
+        got_loss, grads, by_autograd = _grads(meta, batch, backend)
+        named = dict(zip([n for n, _ in meta.named_parameters()], grads))
+        want = reference()
+        assert abs(got_loss.item() - want[0].item()) <= 1e-10 * abs(want[0].item()), "loss"
+        assert_rel_close([named[f"model.{n}"] for n in names], want[1:1 + len(names)], 1e-8, "meta-grad")
+        if rates is not None:
+            assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want[1 + len(names):], 1e-8,
+                             "rate grad")
+        assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
+    return model, check, reference, f"{desc}; as modules; backend {backend}"
+
+
 class _Tensors:
     """named_parameters() over a list of tensors, for the perturbation check."""
 
@@ -505,7 +553,7 @@ def moves_under_perturbation(model, reference, step=1e-12, bound=1e-6) -> str | 
     return f"the reference moves by {worst[0]:.1e} under {worst[1]}" if worst[0] > bound else None
 
 
-KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case,
+KINDS = {"conv": conv_case, "variants": variants_case, "mlp": mlp_case, "mlp-modules": mlp_module_case,
          "modules": functools.partial(conv_case, draw=random_module_case),
          "modules-variants": functools.partial(variants_case, draw=random_module_case),
          "traced": functools.partial(conv_case, draw=traced(random_conv_case)),

@@ -5,7 +5,8 @@ torch and cpp backends (first and second order, MAML and Meta-SGD); the same for
 Conv1d, GroupNorm, LayerNorm, the adaptive pools and every elementwise activation, also with
 MAML's variants and memory switches; those nets written as custom modules with their own forwards
 (traced); and MLPs of random depth,
-widths, activations and loss through the fused kernel against its reference. The draws are fixed
+widths, activations and loss through the fused kernel against its reference, and as modules
+through BatchedMAML against the loop. The draws are fixed
 by their seeds, so a failure names a reproducible case. The draws and their checks are
 tests/fuzz_models.py's, which runs them over many more seeds."""
 import pytest
@@ -13,7 +14,8 @@ import pytest
 import fastmeta
 from conftest import has_cpp
 import fuzz_models
-from fuzz_models import conv_case, mlp_case, random_conv_case, random_module_case, traced, variants_case
+from fuzz_models import (conv_case, mlp_case, mlp_module_case, random_conv_case, random_module_case, traced,
+                         variants_case)
 
 BACKENDS = ["torch"] + (["cpp"] if has_cpp() else [])
 
@@ -65,6 +67,15 @@ def test_random_mlp_fused(seed):
     """The fused kernel's losses (1e-10) and meta-gradient (1e-8) against its reference:
     fuzz_models.mlp_case."""
     _run(mlp_case(seed))
+
+
+@pytest.mark.skipif(not has_cpp(), reason="fastmeta._C not built")
+@pytest.mark.parametrize("seed", range(16))
+def test_random_mlp_modules(seed):
+    """Those MLPs as nn.Sequential models through BatchedMAML (value_and_grad and forward three
+    times each: checked, then bound to the kernel where mse and a fixed rate allow) against the
+    per-task loop: fuzz_models.mlp_module_case."""
+    _run(mlp_module_case(seed))
 
 
 def test_fuzz_driver_tells_a_tie_from_a_failure(monkeypatch, capsys):
