@@ -122,6 +122,7 @@ class BoundMetaGrad {
                 py::list keep)
       : as_loss_(as_loss),
         handles_(std::move(handles)),
+        own_(own.ptr(), own_key.ptr(), keep, /*own=*/true),
         params_(std::move(params)),
         lr_(lr),
         steps_(steps),
@@ -131,7 +132,6 @@ class BoundMetaGrad {
         first_order_(first_order) {
     TORCH_CHECK(batch.size() == 4, "_BoundMetaGrad: batch must be [xs, ys, xq, yq], got ", batch.size(), " tensors");
     keep.append(own_key);
-    own_.emplace_back(own.ptr(), own_key.ptr(), keep, /*own=*/true);
     for (const auto& d : dicts) snapshots_.emplace_back(d.ptr(), nullptr, keep);
     hook_id_ = next_hook_id();
     TORCH_CHECK(hook_id_ >= 0, "_BoundMetaGrad: handles.next_id must be an int >= 0");
@@ -151,7 +151,7 @@ class BoundMetaGrad {
   // does), or None where anything differs from what the binding saw. own: the instance's __dict__ now.
   py::object call(py::handle own, py::handle xs, py::handle ys, py::handle xq, py::handle yq) const {
     if (!plain_dispatch_state() || (as_loss_ && !at::GradMode::is_enabled()) || next_hook_id() != hook_id_ ||
-        !own_[0].same(own.ptr()))
+        !own_.same(own.ptr()))
       return py::none();
     PyObject* args[4] = {xs.ptr(), ys.ptr(), xq.ptr(), yq.ptr()};
     for (int i = 0; i < 4; ++i) {
@@ -205,7 +205,8 @@ class BoundMetaGrad {
 
   bool as_loss_;
   py::object handles_;
-  std::vector<DictSnapshot> own_, snapshots_;
+  DictSnapshot own_;
+  std::vector<DictSnapshot> snapshots_;
   int64_t hook_id_ = -1;
   std::vector<at::Tensor> params_;
   std::vector<TensorSig> param_sigs_, batch_sigs_;

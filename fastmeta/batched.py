@@ -1280,7 +1280,7 @@ class BatchedMAML(nn.Module):
         does not compare)."""
         d = self.__dict__
         backend = get_backend()
-        containers, leaves, hooked, n_global = d["_stamp"]
+        _, _, hooked, n_global = d["_stamp"]
         spec = self.program.mlp
         if (d["_backend"] is not None or not isinstance(backend, str) or hooked or n_global or spec.dropouts
                 or type(self.inner_lr) not in (float, int) or torch.is_inference_mode_enabled()):
