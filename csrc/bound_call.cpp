@@ -12,7 +12,8 @@
 //     address is reused);
 //   - each module's _modules and _parameters dicts, the same way (a module or parameter swapped
 //     in or out), and PyTorch's count of hook handles made (a hook or a parametrization added);
-//   - each parameter's requires_grad, dtype, shape and device (a parameter's data replaced);
+//   - each parameter's (and learned rate's) requires_grad, dtype, shape and device (its data
+//     replaced);
 //   - the batch: plain torch.Tensor objects (no subclass) of the same shapes and dtypes, strided,
 //     on the CPU, not requiring grad;
 //   - what routes a call elsewhere in the dispatcher: inference mode, a torch function or dispatch
@@ -113,17 +114,20 @@ struct TensorSig {
 class BoundMetaGrad {
  public:
   // own: the BatchedMAML instance's __dict__ (own_key, where it keeps its bindings, left out);
-  // dicts: its modules' _modules and _parameters dicts; handles: RemovableHandle; as_loss: the
-  // loss with its autograd (forward) instead of (loss, grads); keep: a list that receives every
-  // object the binding points to, for the caller to hold with it.
+  // dicts: its modules' _modules and _parameters dicts; handles: RemovableHandle; lrs: none (the
+  // scalar lr) or one learned rate a parameter, shaped like it (Meta-SGD); as_loss: the loss with
+  // its autograd (forward) instead of (loss, grads); keep: a list that receives every object the
+  // binding points to, for the caller to hold with it.
   BoundMetaGrad(py::dict own, py::str own_key, const std::vector<py::dict>& dicts, py::object handles,
-                std::vector<at::Tensor> params, const std::vector<at::Tensor>& batch, double lr, int64_t steps,
+                std::vector<at::Tensor> params, std::vector<at::Tensor> lrs, const std::vector<at::Tensor>& batch,
+                double lr, int64_t steps,
                 std::vector<int64_t> acts, double slope, int64_t loss, bool first_order, bool as_loss,
                 py::list keep)
       : as_loss_(as_loss),
         handles_(std::move(handles)),
         own_(own.ptr(), own_key.ptr(), keep, /*own=*/true),
         params_(std::move(params)),
+        lrs_(std::move(lrs)),
         lr_(lr),
         steps_(steps),
         acts_(std::move(acts)),
@@ -135,10 +139,14 @@ class BoundMetaGrad {
     for (const auto& d : dicts) snapshots_.emplace_back(d.ptr(), nullptr, keep);
     hook_id_ = next_hook_id();
     TORCH_CHECK(hook_id_ >= 0, "_BoundMetaGrad: handles.next_id must be an int >= 0");
-    for (const auto& p : params_) {
-      TORCH_CHECK(p.defined() && p.is_cpu() && p.layout() == at::kStrided,
-                  "_BoundMetaGrad: every param must be a strided CPU tensor");
-      param_sigs_.emplace_back(p);
+    TORCH_CHECK(lrs_.empty() || lrs_.size() == params_.size(), "_BoundMetaGrad: ", lrs_.size(), " lrs for ",
+                params_.size(), " params");
+    for (const auto* list : {&params_, &lrs_}) {
+      for (const auto& p : *list) {
+        TORCH_CHECK(p.defined() && p.is_cpu() && p.layout() == at::kStrided,
+                    "_BoundMetaGrad: every param and rate must be a strided CPU tensor");
+        param_sigs_.emplace_back(p);
+      }
     }
     for (const auto& t : batch) {
       TORCH_CHECK(t.defined() && t.is_cpu() && t.layout() == at::kStrided && !t.requires_grad(),
@@ -161,6 +169,9 @@ class BoundMetaGrad {
     for (size_t i = 0; i < params_.size(); ++i) {
       if (!param_sigs_[i].matches(params_[i])) return py::none();
     }
+    for (size_t i = 0; i < lrs_.size(); ++i) {
+      if (!param_sigs_[params_.size() + i].matches(lrs_[i])) return py::none();
+    }
     for (const auto& s : snapshots_) {
       if (!s.same()) return py::none();
     }
@@ -172,7 +183,7 @@ class BoundMetaGrad {
       at::Tensor value;
       {
         py::gil_scoped_release no_gil;
-        value = mlp_meta_loss_cpu_direct(txs, tys, txq, tyq, params_, {}, lr_, steps_, acts_, slope_, loss_,
+        value = mlp_meta_loss_cpu_direct(txs, tys, txq, tyq, params_, lrs_, lr_, steps_, acts_, slope_, loss_,
                                          first_order_);
       }
       return py::cast(std::move(value));
@@ -181,8 +192,8 @@ class BoundMetaGrad {
     {
       py::gil_scoped_release no_gil;
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // values, as the op's Autograd kernel
-      out = mlp_meta_grad_cpu(txs, tys, txq, tyq, params_, {}, lr_, steps_, acts_, slope_, loss_, first_order_,
-                              /*need_lr_grad=*/false, {});
+      out = mlp_meta_grad_cpu(txs, tys, txq, tyq, params_, lrs_, lr_, steps_, acts_, slope_, loss_, first_order_,
+                              /*need_lr_grad=*/!lrs_.empty(), {});
     }
     py::list grads(out.size() - 1);
     for (size_t i = 1; i < out.size(); ++i) grads[i - 1] = py::cast(std::move(out[i]));
@@ -208,8 +219,8 @@ class BoundMetaGrad {
   DictSnapshot own_;
   std::vector<DictSnapshot> snapshots_;
   int64_t hook_id_ = -1;
-  std::vector<at::Tensor> params_;
-  std::vector<TensorSig> param_sigs_, batch_sigs_;
+  std::vector<at::Tensor> params_, lrs_;
+  std::vector<TensorSig> param_sigs_, batch_sigs_;  // (param_sigs_: the params', then the rates')
   double lr_;
   int64_t steps_;
   std::vector<int64_t> acts_;
@@ -226,11 +237,11 @@ void bind_bound_calls(py::module& m) {
                             "checked call saw (csrc/bound_call.cpp); calling it gives (loss, grads) (or the loss), "
                             "or None where anything differs")
       .def(py::init<py::dict, py::str, const std::vector<py::dict>&, py::object, std::vector<at::Tensor>,
-                    const std::vector<at::Tensor>&, double, int64_t, std::vector<int64_t>, double, int64_t, bool,
-                    bool, py::list>(),
+                    std::vector<at::Tensor>, const std::vector<at::Tensor>&, double, int64_t, std::vector<int64_t>,
+                    double, int64_t, bool, bool, py::list>(),
            py::arg("own"), py::arg("own_key"), py::arg("dicts"), py::arg("handles"), py::arg("params"),
-           py::arg("batch"), py::arg("lr"), py::arg("steps"), py::arg("acts"), py::arg("slope"), py::arg("loss"),
-           py::arg("first_order"), py::arg("as_loss"), py::arg("keep"))
+           py::arg("lrs"), py::arg("batch"), py::arg("lr"), py::arg("steps"), py::arg("acts"), py::arg("slope"),
+           py::arg("loss"), py::arg("first_order"), py::arg("as_loss"), py::arg("keep"))
       .def("__call__", &BoundMetaGrad::call, py::arg("own"), py::arg("xs"), py::arg("ys"), py::arg("xq"),
            py::arg("yq"));
 }

@@ -1180,8 +1180,8 @@ class BatchedMAML(nn.Module):
                     return self._direct_grad(xs, ys, xq, yq, params, rates, lr, self.inner_steps, True)[0]
             with phase("fused_inner_loop"):
                 loss = self._direct(xs, ys, xq, yq, params, rates, lr, self.inner_steps, self.first_order)
-            if not rates and all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
-                self._bind_direct_call("forward", batch, params)
+            if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
+                self._bind_direct_call("forward", batch, params, rates)
             return loss
         if not fused:
             if self._chunked(xs):
@@ -1242,12 +1242,15 @@ class BatchedMAML(nn.Module):
                     out = self._direct_grad(xs, ys, xq, yq, params, [], float(self.inner_lr), self.inner_steps,
                                             self.first_order)
                     if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
-                        self._bind_direct_call("value_and_grad", batch, params)
+                        self._bind_direct_call("value_and_grad", batch, params, [])
                     return out
                 n = len(self.program.names)  # (the model's parameters, then their rates)
                 if len(params) == 2 * n:
                     value, grads = self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
                                                      self.first_order)
+                    if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))) and all(p.requires_grad for p in params):
+                        # (the binding returns every gradient: the ones _wanted_only keeps)
+                        self._bind_direct_call("value_and_grad", batch, params[:n], params[n:])
                     return value, _wanted_only(params, grads)
         wanted = [p for p in params if p.requires_grad]
         if fused:
@@ -1271,19 +1274,19 @@ class BatchedMAML(nn.Module):
             grads = iter(grads)
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
 
-    def _bind_direct_call(self, method, batch, params):
+    def _bind_direct_call(self, method, batch, params, rates):
         """After a checked call of value_and_grad or forward (method) that ran the direct CPU kernel
-        call with the scalar inner_lr: binds that call to what it saw (ops.mlp_meta_grad_bound: this
-        module's __dict__, every module's children and parameters, the parameters' and the batch's
-        shapes), for the next calls to go straight to it. Not where a per-module backend, hooks, a
-        tensor inner_lr or Dropout are in effect (each read on the checked path in ways the binding
-        does not compare)."""
+        call with the scalar inner_lr (rates empty) or Meta-SGD's rates: binds that call to what it
+        saw (ops.mlp_meta_grad_bound: this module's __dict__, every module's children and
+        parameters, the parameters', rates' and batch's shapes), for the next calls to go straight
+        to it. Not where a per-module backend, hooks, a tensor inner_lr or Dropout are in effect
+        (each read on the checked path in ways the binding does not compare)."""
         d = self.__dict__
         backend = get_backend()
         _, _, hooked, n_global = d["_stamp"]
         spec = self.program.mlp
         if (d["_backend"] is not None or not isinstance(backend, str) or hooked or n_global or spec.dropouts
-                or type(self.inner_lr) not in (float, int) or torch.is_inference_mode_enabled()):
+                or (not rates and type(self.inner_lr) not in (float, int)) or torch.is_inference_mode_enabled()):
             return
         bindings = d.get(_BOUND_KEY)
         if bindings is None:
@@ -1291,8 +1294,9 @@ class BatchedMAML(nn.Module):
         bindings.pop(method, None)
         mods = list(self.modules())
         dicts = [m._modules for m in mods] + [m._parameters for m in mods]
-        made = ops.mlp_meta_grad_bound(spec, self.loss, d, _BOUND_KEY, dicts, params, batch, self.inner_lr,
-                                       self.inner_steps, self.first_order, as_loss=method == "forward")
+        made = ops.mlp_meta_grad_bound(spec, self.loss, d, _BOUND_KEY, dicts, params, rates, batch,
+                                       0.0 if rates else self.inner_lr, self.inner_steps, self.first_order,
+                                       as_loss=method == "forward")
         if made is not None:
             bindings[method] = (made[0], made[1], backend)
 

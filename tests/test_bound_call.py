@@ -280,3 +280,49 @@ def test_bound_module_copies_pickles_and_is_freed():
             "the binding makes no reference cycle: the module and its model are freed at once"
     finally:
         gc.enable()
+
+
+def assert_meta_sgd_matches_loop(meta, model, batch, what, method):
+    """(loss, grads) of meta (learn_inner_lr=True) against the loop with its rates: the model's
+    parameters' and the rates' gradients (None for one that does not require grad)."""
+    loss, grads = step(meta, batch, method)
+    names = [n for n, _ in model.named_parameters()]
+    rates = {n: meta.lrs[n.replace(".", "__")].detach().clone().requires_grad_() for n in names}
+    want_loss, want, want_lr = loop_meta_grads(model, *batch, None, meta.inner_steps, "mse", meta.first_order,
+                                               lrs=rates)
+    params = list(meta.parameters())
+    assert len(grads) == len(params) == 2 * len(names)
+    got = [g for g, p in zip(grads, params) if p.requires_grad]
+    wanted = [w for w, p in zip(list(want) + list(want_lr), params) if p.requires_grad]
+    assert all(g is None for g, p in zip(grads, params) if not p.requires_grad), what
+    assert_rel_close([loss], [want_loss], RTOL, f"{what}: meta-loss")
+    assert_rel_close(got, wanted, RTOL, f"{what}: meta-gradient and rate gradients")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_meta_sgd_binding(method, checked_calls):
+    """Meta-SGD's rates (learn_inner_lr=True) bound with the parameters: rates changed in place
+    are read, a rate swapped or frozen refuses the binding."""
+    batch = batch_of()
+    model = mlp()
+    meta = fastmeta.BatchedMAML(model, 0.1, 2, learn_inner_lr=True)
+    for _ in range(2):
+        step(meta, batch, method)
+    assert method in meta.__dict__.get(_BOUND_KEY, {})
+    before = checked_calls[0]
+    assert_meta_sgd_matches_loop(meta, model, batch, "bound", method)
+    with torch.no_grad():  # (an optimizer's step: in place)
+        meta.lrs["0__weight"].mul_(1.5)
+        model[0].weight.add_(0.1)
+    assert_meta_sgd_matches_loop(meta, model, batch, "rates and weights changed in place", method)
+    assert checked_calls[0] == before
+    meta.lrs["2__bias"] = nn.Parameter(torch.full_like(model[2].bias, 0.3))
+    assert_meta_sgd_matches_loop(meta, model, batch, "a rate swapped", method)
+    assert checked_calls[0] == before + 1
+    assert_meta_sgd_matches_loop(meta, model, batch, "a rate swapped, call 2", method)
+    before = checked_calls[0]
+    assert_meta_sgd_matches_loop(meta, model, batch, "a rate swapped, call 3", method)
+    assert checked_calls[0] == before, "bound again"
+    meta.lrs["0__bias"].requires_grad_(False)
+    assert_meta_sgd_matches_loop(meta, model, batch, "a rate frozen", method)
+    assert checked_calls[0] == before + 1

@@ -556,26 +556,27 @@ def mlp_meta_grad_direct(spec, loss, device_type):
     return call
 
 
-def mlp_meta_grad_bound(spec, loss, own, own_key, dicts, params, batch, lr, steps, first_order, as_loss=False):
+def mlp_meta_grad_bound(spec, loss, own, own_key, dicts, params, lrs, batch, lr, steps, first_order, as_loss=False):
     """mlp_meta_grad_direct's CPU call (as_loss: mlp_meta_loss_direct's) for this batch's shapes,
     bound to what a module's checked call saw (fastmeta._C._BoundMetaGrad, csrc/bound_call.cpp):
     own, the module's __dict__ (own_key, where the module keeps its bindings, left out); dicts, its
-    modules' _modules and _parameters dicts; the parameters (a scalar lr, no rates) and the batch
-    [xs, ys, xq, yq]. Returns (binding, keep) or None where no binding applies (not the CPU kernel,
-    a build without it, tensors that are not plain ones). binding(own, xs, ys, xq, yq) gives
-    (loss, grads) (as_loss: the loss with its autograd), or None where the module, its modules,
-    parameters, the batch's shapes or the dispatcher's state (as_loss: grad mode too) differ from
-    then; keep holds the objects the binding points to and is to be kept with it."""
+    modules' _modules and _parameters dicts; the parameters, with the scalar lr (lrs empty) or one
+    rate a parameter (lrs, Meta-SGD's; lr unused), and the batch [xs, ys, xq, yq]. Returns
+    (binding, keep) or None where no binding applies (not the CPU kernel, a build without it,
+    tensors that are not plain ones). binding(own, xs, ys, xq, yq) gives (loss, grads: the
+    parameters', then the rates') (as_loss: the loss with its autograd), or None where the module,
+    its modules, parameters, rates, the batch's shapes or the dispatcher's state (as_loss: grad mode
+    too) differ from then; keep holds the objects the binding points to and is to be kept with it."""
     make = _cpu_binding("_BoundMetaGrad")
     bound = _direct_op("mlp_meta_loss" if as_loss else "mlp_meta_grad", spec, loss, "cpu")
     if make is None or bound is None or any(t.device.type != "cpu" for t in batch) or \
-            not _plain_call(*batch, params):
+            not _plain_call(*batch, params, lrs):
         return None
     from torch.utils.hooks import RemovableHandle
     _, acts, slope, code = bound
     keep = []
-    return make(own, own_key, dicts, RemovableHandle, list(params), list(batch), float(lr), steps, acts, slope, code,
-                bool(first_order), bool(as_loss), keep), keep
+    return make(own, own_key, dicts, RemovableHandle, list(params), list(lrs), list(batch), float(lr), steps, acts,
+                slope, code, bool(first_order), bool(as_loss), keep), keep
 
 
 def mlp_meta_grad_layer_rates_direct(spec, loss, device_type):
