@@ -64,6 +64,9 @@ void check_cpu(const char* fn, const at::Tensor& xs, const at::Tensor& ys, const
   for (const auto& p : params) cpu(p, "every param");
   for (const auto& r : lrs) cpu(r, "every rate");
 }
+}  // namespace
+
+namespace fastmeta {
 // fastmeta::mlp_meta_grad with rates of one value a parameter tensor (rates[i] []) or, per_step, a
 // tensor and inner step (rates[i] [S0], S0 >= steps, the first steps used): each expanded to the op's rates
 // (params[i]'s shape, or [steps, *shape]) for the call, and each rate's gradient summed back over
@@ -123,9 +126,7 @@ std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Te
   }
   return out;
 }
-}  // namespace
 
-namespace fastmeta {
 void bind_bound_calls(py::module& m);  // csrc/bound_call.cpp
 }  // namespace fastmeta
 
@@ -163,7 +164,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // value_and_grad's call with learn_inner_lr='per_layer' / 'per_layer_step' (any device: the op is
   // called through the dispatcher): the rates' expansion and their gradients' sums without a
   // Python-level op each.
-  m.def("_mlp_meta_grad_layer_rates", &meta_grad_layer_rates, py::call_guard<py::gil_scoped_release>());
+  m.def("_mlp_meta_grad_layer_rates", &fastmeta::meta_grad_layer_rates, py::call_guard<py::gil_scoped_release>());
   // value_and_grad's call bound to what its last checked call saw (csrc/bound_call.cpp)
   fastmeta::bind_bound_calls(m);
   m.def("_mlp_panel_bytes", &fastmeta::mlp_panel_bytes, py::arg("bytes") = -2,

@@ -115,15 +115,18 @@ class BoundMetaGrad {
  public:
   // own: the BatchedMAML instance's __dict__ (own_key, where it keeps its bindings, left out);
   // dicts: its modules' _modules and _parameters dicts; handles: RemovableHandle; lrs: none (the
-  // scalar lr) or one learned rate a parameter, shaped like it (Meta-SGD); as_loss: the loss with
-  // its autograd (forward) instead of (loss, grads); keep: a list that receives every object the
-  // binding points to, for the caller to hold with it.
+  // scalar lr), one learned rate a parameter, shaped like it (Meta-SGD), or with layer_rates one a
+  // parameter tensor ([]) or a tensor and step ([S0], per_step) with step_weights (MAML++'s,
+  // meta_grad_layer_rates); as_loss: the loss with its autograd (forward) instead of (loss, grads);
+  // keep: a list that receives every object the binding points to, for the caller to hold with it.
   BoundMetaGrad(py::dict own, py::str own_key, const std::vector<py::dict>& dicts, py::object handles,
                 std::vector<at::Tensor> params, std::vector<at::Tensor> lrs, const std::vector<at::Tensor>& batch,
-                double lr, int64_t steps,
-                std::vector<int64_t> acts, double slope, int64_t loss, bool first_order, bool as_loss,
-                py::list keep)
+                double lr, int64_t steps, std::vector<int64_t> acts, double slope, int64_t loss, bool first_order,
+                bool as_loss, bool layer_rates, bool per_step, std::vector<double> step_weights, py::list keep)
       : as_loss_(as_loss),
+        layer_rates_(layer_rates),
+        per_step_(per_step),
+        step_weights_(std::move(step_weights)),
         handles_(std::move(handles)),
         own_(own.ptr(), own_key.ptr(), keep, /*own=*/true),
         params_(std::move(params)),
@@ -141,6 +144,10 @@ class BoundMetaGrad {
     TORCH_CHECK(hook_id_ >= 0, "_BoundMetaGrad: handles.next_id must be an int >= 0");
     TORCH_CHECK(lrs_.empty() || lrs_.size() == params_.size(), "_BoundMetaGrad: ", lrs_.size(), " lrs for ",
                 params_.size(), " params");
+    TORCH_CHECK(!layer_rates_ || (!lrs_.empty() && !as_loss_), "_BoundMetaGrad: layer_rates needs lrs and "
+                "value_and_grad's call (as_loss false)");
+    TORCH_CHECK(layer_rates_ || (!per_step_ && step_weights_.empty()), "_BoundMetaGrad: per_step and step_weights "
+                "go with layer_rates");
     for (const auto* list : {&params_, &lrs_}) {
       for (const auto& p : *list) {
         TORCH_CHECK(p.defined() && p.is_cpu() && p.layout() == at::kStrided,
@@ -189,7 +196,11 @@ class BoundMetaGrad {
       return py::cast(std::move(value));
     }
     std::vector<at::Tensor> out;
-    {
+    if (layer_rates_) {
+      py::gil_scoped_release no_gil;
+      out = meta_grad_layer_rates(txs, tys, txq, tyq, params_, lrs_, per_step_, steps_, acts_, slope_, loss_,
+                                  first_order_, step_weights_, /*need_lr_grad=*/true);
+    } else {
       py::gil_scoped_release no_gil;
       at::AutoDispatchBelowADInplaceOrView below_autograd;  // values, as the op's Autograd kernel
       out = mlp_meta_grad_cpu(txs, tys, txq, tyq, params_, lrs_, lr_, steps_, acts_, slope_, loss_, first_order_,
@@ -214,7 +225,8 @@ class BoundMetaGrad {
     return id;
   }
 
-  bool as_loss_;
+  bool as_loss_, layer_rates_, per_step_;
+  std::vector<double> step_weights_;
   py::object handles_;
   DictSnapshot own_;
   std::vector<DictSnapshot> snapshots_;
@@ -238,10 +250,11 @@ void bind_bound_calls(py::module& m) {
                             "or None where anything differs")
       .def(py::init<py::dict, py::str, const std::vector<py::dict>&, py::object, std::vector<at::Tensor>,
                     std::vector<at::Tensor>, const std::vector<at::Tensor>&, double, int64_t, std::vector<int64_t>,
-                    double, int64_t, bool, bool, py::list>(),
+                    double, int64_t, bool, bool, bool, bool, std::vector<double>, py::list>(),
            py::arg("own"), py::arg("own_key"), py::arg("dicts"), py::arg("handles"), py::arg("params"),
            py::arg("lrs"), py::arg("batch"), py::arg("lr"), py::arg("steps"), py::arg("acts"), py::arg("slope"),
-           py::arg("loss"), py::arg("first_order"), py::arg("as_loss"), py::arg("keep"))
+           py::arg("loss"), py::arg("first_order"), py::arg("as_loss"), py::arg("layer_rates"), py::arg("per_step"),
+           py::arg("step_weights"), py::arg("keep"))
       .def("__call__", &BoundMetaGrad::call, py::arg("own"), py::arg("xs"), py::arg("ys"), py::arg("xq"),
            py::arg("yq"));
 }

@@ -133,6 +133,15 @@ std::vector<at::Tensor> mlp_meta_grad_cpu(
     at::TensorList params, at::TensorList lrs, double lr, int64_t steps, at::IntArrayRef acts,
     double negative_slope, int64_t loss, bool first_order, bool need_lr_grad, at::ArrayRef<double> step_weights);
 
+// fastmeta::mlp_meta_grad with rates of one value a parameter tensor ([]) or a tensor and inner
+// step ([S0], per_step), expanded to the op's rates, their gradients summed back (csrc/bindings.cpp).
+std::vector<at::Tensor> meta_grad_layer_rates(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,
+                                              const at::Tensor& yq, const std::vector<at::Tensor>& params,
+                                              const std::vector<at::Tensor>& rates, bool per_step, int64_t steps,
+                                              const std::vector<int64_t>& acts, double slope, int64_t loss,
+                                              bool first_order, const std::vector<double>& step_weights,
+                                              bool need_lr_grad);
+
 // fastmeta::mlp_meta_loss (its autograd Function; a scalar lr, or lrs one rate a parameter entry)
 // called without the dispatcher, for the direct binding in bindings.cpp (CPU tensors).
 at::Tensor mlp_meta_loss_cpu_direct(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq,

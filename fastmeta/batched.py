@@ -1235,6 +1235,8 @@ class BatchedMAML(nn.Module):
                 out = self._direct_layer(xs, ys, xq, yq, params[:n], params[n:], self._lr_kind == "per_layer_step",
                                          self.inner_steps, self.first_order, self._step_weights())
             if out is not None:
+                if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))) and all(p.requires_grad for p in params):
+                    self._bind_direct_call("value_and_grad", batch, params[:n], params[n:], layer_rates=True)
                 return out[0], _wanted_only(params, out[1])
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
@@ -1274,10 +1276,11 @@ class BatchedMAML(nn.Module):
             grads = iter(grads)
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
 
-    def _bind_direct_call(self, method, batch, params, rates):
+    def _bind_direct_call(self, method, batch, params, rates, layer_rates=False):
         """After a checked call of value_and_grad or forward (method) that ran the direct CPU kernel
-        call with the scalar inner_lr (rates empty) or Meta-SGD's rates: binds that call to what it
-        saw (ops.mlp_meta_grad_bound: this module's __dict__, every module's children and
+        call with the scalar inner_lr (rates empty), Meta-SGD's rates or (layer_rates,
+        value_and_grad) the rates of learn_inner_lr='per_layer' / 'per_layer_step': binds that call
+        to what it saw (ops.mlp_meta_grad_bound: this module's __dict__, every module's children and
         parameters, the parameters', rates' and batch's shapes), for the next calls to go straight
         to it. Not where a per-module backend, hooks, a tensor inner_lr or Dropout are in effect
         (each read on the checked path in ways the binding does not compare)."""
@@ -1296,7 +1299,9 @@ class BatchedMAML(nn.Module):
         dicts = [m._modules for m in mods] + [m._parameters for m in mods]
         made = ops.mlp_meta_grad_bound(spec, self.loss, d, _BOUND_KEY, dicts, params, rates, batch,
                                        0.0 if rates else self.inner_lr, self.inner_steps, self.first_order,
-                                       as_loss=method == "forward")
+                                       as_loss=method == "forward", layer_rates=layer_rates,
+                                       per_step=layer_rates and self._lr_kind == "per_layer_step",
+                                       step_weights=self._step_weights() if layer_rates else None)
         if made is not None:
             bindings[method] = (made[0], made[1], backend)
 

@@ -283,13 +283,15 @@ def test_bound_module_copies_pickles_and_is_freed():
 
 
 def assert_meta_sgd_matches_loop(meta, model, batch, what, method):
-    """(loss, grads) of meta (learn_inner_lr=True) against the loop with its rates: the model's
-    parameters' and the rates' gradients (None for one that does not require grad)."""
+    """(loss, grads) of meta (learned rates: learn_inner_lr=True, 'per_layer' or 'per_layer_step',
+    step_loss_weights) against the loop with its rates: the model's parameters' and the rates'
+    gradients (None for one that does not require grad)."""
     loss, grads = step(meta, batch, method)
     names = [n for n, _ in model.named_parameters()]
     rates = {n: meta.lrs[n.replace(".", "__")].detach().clone().requires_grad_() for n in names}
     want_loss, want, want_lr = loop_meta_grads(model, *batch, None, meta.inner_steps, "mse", meta.first_order,
-                                               lrs=rates)
+                                               lrs=rates, per_step=meta._lr_kind == "per_layer_step",
+                                               step_weights=meta.step_loss_weights)
     params = list(meta.parameters())
     assert len(grads) == len(params) == 2 * len(names)
     got = [g for g, p in zip(grads, params) if p.requires_grad]
@@ -326,3 +328,28 @@ def test_meta_sgd_binding(method, checked_calls):
     meta.lrs["0__bias"].requires_grad_(False)
     assert_meta_sgd_matches_loop(meta, model, batch, "a rate frozen", method)
     assert checked_calls[0] == before + 1
+
+
+@pytest.mark.parametrize("kind, weights", [("per_layer", None), ("per_layer_step", None),
+                                           ("per_layer_step", (0.2, 0.3, 0.5))])
+def test_layer_rates_binding(kind, weights, checked_calls):
+    """value_and_grad with MAML++'s rates (one a layer tensor, or a tensor and step, with the
+    multi-step loss) bound: rates changed in place are read; a setting or a frozen rate refuses."""
+    batch = batch_of()
+    model = mlp()
+    meta = fastmeta.BatchedMAML(model, 0.1, 3, learn_inner_lr=kind, step_loss_weights=weights)
+    for _ in range(2):
+        step(meta, batch)
+    assert "value_and_grad" in meta.__dict__.get(_BOUND_KEY, {})
+    before = checked_calls[0]
+    assert_meta_sgd_matches_loop(meta, model, batch, "bound", "value_and_grad")
+    with torch.no_grad():
+        meta.lrs["2__weight"].mul_(0.5)
+    assert_meta_sgd_matches_loop(meta, model, batch, "a rate changed in place", "value_and_grad")
+    assert checked_calls[0] == before
+    meta.first_order = True
+    assert_meta_sgd_matches_loop(meta, model, batch, "first order", "value_and_grad")
+    assert checked_calls[0] == before + 1
+    meta.lrs["0__weight"].requires_grad_(False)
+    assert_meta_sgd_matches_loop(meta, model, batch, "a rate frozen", "value_and_grad")
+    assert checked_calls[0] == before + 2

@@ -556,12 +556,15 @@ def mlp_meta_grad_direct(spec, loss, device_type):
     return call
 
 
-def mlp_meta_grad_bound(spec, loss, own, own_key, dicts, params, lrs, batch, lr, steps, first_order, as_loss=False):
+def mlp_meta_grad_bound(spec, loss, own, own_key, dicts, params, lrs, batch, lr, steps, first_order, as_loss=False,
+                        layer_rates=False, per_step=False, step_weights=None):
     """mlp_meta_grad_direct's CPU call (as_loss: mlp_meta_loss_direct's) for this batch's shapes,
     bound to what a module's checked call saw (fastmeta._C._BoundMetaGrad, csrc/bound_call.cpp):
     own, the module's __dict__ (own_key, where the module keeps its bindings, left out); dicts, its
-    modules' _modules and _parameters dicts; the parameters, with the scalar lr (lrs empty) or one
-    rate a parameter (lrs, Meta-SGD's; lr unused), and the batch [xs, ys, xq, yq]. Returns
+    modules' _modules and _parameters dicts; the parameters, with the scalar lr (lrs empty), one
+    rate a parameter (lrs, Meta-SGD's; lr unused) or, with layer_rates, mlp_meta_grad_layer_rates_direct's
+    rates (one a tensor, or a tensor and step with per_step; step_weights), and the batch [xs, ys,
+    xq, yq]. Returns
     (binding, keep) or None where no binding applies (not the CPU kernel, a build without it,
     tensors that are not plain ones). binding(own, xs, ys, xq, yq) gives (loss, grads: the
     parameters', then the rates') (as_loss: the loss with its autograd), or None where the module,
@@ -576,7 +579,8 @@ def mlp_meta_grad_bound(spec, loss, own, own_key, dicts, params, lrs, batch, lr,
     _, acts, slope, code = bound
     keep = []
     return make(own, own_key, dicts, RemovableHandle, list(params), list(lrs), list(batch), float(lr), steps, acts,
-                slope, code, bool(first_order), bool(as_loss), keep), keep
+                slope, code, bool(first_order), bool(as_loss), bool(layer_rates), bool(per_step),
+                _weights(step_weights), keep), keep
 
 
 def mlp_meta_grad_layer_rates_direct(spec, loss, device_type):
