@@ -15,8 +15,9 @@ Kinds:
   mlp       random MLPs on the fused kernel against its reference;
   mlp-modules
             those MLPs as nn.Sequential models through BatchedMAML on the cpp backend (value_and_grad
-            and forward called three times: checked, then bound to the kernel) against the
-            per-task loop;
+            and forward called three times: checked, then bound to the kernel), with a fixed rate,
+            Meta-SGD's, or MAML++'s per layer or per layer and step (with the multi-step loss),
+            against the per-task loop;
   modules, modules-variants
             conv and variants on random nets of the other lowered modules (Conv1d, GroupNorm,
             InstanceNorm, LayerNorm, the 1d and adaptive pools, every elementwise activation,
@@ -484,17 +485,30 @@ def mlp_module_case(seed, backend="cpp"):
         layers += [lin] + ([_ACT_MODULES[act](slope)] if act is not None else [])
     model = nn.Sequential(*layers)
     names = [n for n, _ in model.named_parameters()]
-    rates = dict(zip(names, (r.detach() for r in lr))) if isinstance(lr, list) else None
+    # learned rates where the draw has them: Meta-SGD's (its per-entry rates), or by the seed one a
+    # parameter tensor or one a tensor and step (MAML++'s, with its multi-step loss on odd seeds)
+    kind = ("per_element", "per_layer", "per_layer_step")[seed % 3] if isinstance(lr, list) else None
+    rates, weights = None, None
+    if kind == "per_element":
+        rates = dict(zip(names, (r.detach() for r in lr)))
+    elif kind == "per_layer":
+        rates = {n: r.detach().mean() for n, r in zip(names, lr)}
+    elif kind == "per_layer_step":
+        rates = {n: r.detach().flatten()[:1].repeat(steps) * torch.linspace(1.2, 0.8, steps, dtype=r.dtype)
+                 for n, r in zip(names, lr)}
+        weights = [0.5 + 0.1 * s for s in range(steps)] if seed % 2 else None
     lr0 = 0.05 if rates is not None else lr
 
     def reference():
         lrs = None if rates is None else {n: r.clone().requires_grad_() for n, r in rates.items()}
-        out_loss, grads, lr_grads = loop_meta_grads(model, *batch, lr0, steps, loss, first_order, lrs=lrs)
+        out_loss, grads, lr_grads = loop_meta_grads(model, *batch, lr0, steps, loss, first_order, lrs=lrs,
+                                                    per_step=kind == "per_layer_step", step_weights=weights)
         return [out_loss.detach().view(1)] + [g.detach() for g in grads + list(lr_grads or [])]
 
     def check():
         meta = fastmeta.BatchedMAML(model, lr0, steps, first_order=first_order, loss=loss,
-                                    learn_inner_lr=rates is not None)
+                                    learn_inner_lr={None: False, "per_element": True}.get(kind, kind),
+                                    step_loss_weights=weights)
         _rates(meta, rates)
         got_loss, grads, by_autograd = _grads(meta, batch, backend)
         named = dict(zip([n for n, _ in meta.named_parameters()], grads))
@@ -505,7 +519,7 @@ def mlp_module_case(seed, backend="cpp"):
             assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want[1 + len(names):], 1e-8,
                              "rate grad")
         assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
-    return model, check, reference, f"{desc}; as modules; backend {backend}"
+    return model, check, reference, f"{desc}; as modules, rates {kind}, step weights {weights}; backend {backend}"
 
 
 class _Tensors:
