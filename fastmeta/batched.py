@@ -1142,14 +1142,8 @@ class BatchedMAML(nn.Module):
     def forward(self, xs, ys, xq, yq) -> torch.Tensor:
         """Mean query loss over the T tasks after adaptation; backward gives the meta-gradient.
         (Repeated calls on the CPU kernel go straight to it as value_and_grad's do.)"""
-        d = self.__dict__
-        bound = (d.get(_BOUND_KEY) or _NO_BINDINGS).get("forward")
-        if bound is not None and get_backend() == bound[2] and not (
-                torch.compiler.is_compiling() or _any_autocast() or ranges_on()):
-            out = bound[0](d, xs, ys, xq, yq)
-            if out is not None:
-                return out
-        return self._forward(xs, ys, xq, yq)
+        out = self._bound_call("forward", xs, ys, xq, yq)
+        return out if out is not None else self._forward(xs, ys, xq, yq)
 
     @_module_backend
     def _forward(self, xs, ys, xq, yq) -> torch.Tensor:
@@ -1213,14 +1207,8 @@ class BatchedMAML(nn.Module):
         checked call, on a module, model and parameters that nothing was changed or swapped in since,
         goes straight to the kernel (a binding made by that call compares them; _bind_direct_call).
         """
-        d = self.__dict__
-        bound = (d.get(_BOUND_KEY) or _NO_BINDINGS).get("value_and_grad")
-        if bound is not None and get_backend() == bound[2] and not (
-                torch.compiler.is_compiling() or _any_autocast() or ranges_on()):
-            out = bound[0](d, xs, ys, xq, yq)
-            if out is not None:
-                return out
-        return self._value_and_grad(xs, ys, xq, yq)
+        out = self._bound_call("value_and_grad", xs, ys, xq, yq)
+        return out if out is not None else self._value_and_grad(xs, ys, xq, yq)
 
     @_module_backend
     def _value_and_grad(self, xs, ys, xq, yq) -> tuple[torch.Tensor, list]:
@@ -1275,6 +1263,17 @@ class BatchedMAML(nn.Module):
             grads = torch.autograd.grad(value, wanted, allow_unused=True, materialize_grads=True) if wanted else ()
             grads = iter(grads)
         return value.detach(), [next(grads) if p.requires_grad else None for p in params]
+
+    def _bound_call(self, method, xs, ys, xq, yq):
+        """The result of ``method``'s binding (_bind_direct_call) for this call, or None where there
+        is none, where compilation, autocast, a profiler or another backend request is in effect, or
+        where the binding refuses (then the checked path runs)."""
+        d = self.__dict__
+        bound = (d.get(_BOUND_KEY) or _NO_BINDINGS).get(method)
+        if bound is None or get_backend() != bound[2] or torch.compiler.is_compiling() or _any_autocast() or \
+                ranges_on():
+            return None
+        return bound[0](d, xs, ys, xq, yq)
 
     def _bind_direct_call(self, method, batch, params, rates, layer_rates=False):
         """After a checked call of value_and_grad or forward (method) that ran the direct CPU kernel

@@ -373,6 +373,23 @@ def _grads(meta, batch, backend):
     return loss.detach(), fill(grads), fill(by_autograd)
 
 
+def _check_against_loop(meta, model, batch, backend, rates, reference):
+    """meta's (rates, where learned, set to ``rates``) loss (1e-10), meta-gradient and rates'
+    gradients (1e-8) against reference()'s [loss, the model's gradients, the rates'], and
+    autograd.grad of its forward against its value_and_grad (1e-10)."""
+    _rates(meta, rates)
+    loss, grads, by_autograd = _grads(meta, batch, backend)
+    named = dict(zip([n for n, _ in meta.named_parameters()], grads))
+    want = reference()
+    names = [n for n, _ in model.named_parameters()]
+    assert abs(loss.item() - want[0].item()) <= 1e-10 * abs(want[0].item()), "loss"
+    assert_rel_close([named[f"model.{n}"] for n in names], want[1:1 + len(names)], 1e-8, "meta-grad")
+    if rates is not None:
+        assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want[1 + len(names):], 1e-8,
+                         "rate grad")
+    assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
+
+
 def conv_case(seed, backend=None, draw=random_conv_case):
     """(model, check(), reference(), description) for a random conv net (``draw``'s) on ``backend``
     (default: cpp, torch where it is not built), or None where that backend cannot run here."""
@@ -389,17 +406,7 @@ def conv_case(seed, backend=None, draw=random_conv_case):
     def check():
         meta = fastmeta.BatchedMAML(model, lr, steps, first_order=first_order, loss="cross_entropy",
                                     learn_inner_lr=rates is not None)
-        _rates(meta, rates)
-        loss, grads, by_autograd = _grads(meta, batch, backend)
-        named = dict(zip([n for n, _ in meta.named_parameters()], grads))
-        want = reference()
-        names = [n for n, _ in model.named_parameters()]
-        assert abs(loss.item() - want[0].item()) <= 1e-10 * abs(want[0].item()), "loss"
-        assert_rel_close([named[f"model.{n}"] for n in names], want[1:1 + len(names)], 1e-8, "meta-grad")
-        if rates is not None:
-            assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want[1 + len(names):], 1e-8,
-                             "rate grad")
-        assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
+        _check_against_loop(meta, model, batch, backend, rates, reference)
     return model, check, reference, f"{desc}; backend {backend}"
 
 
@@ -509,16 +516,7 @@ def mlp_module_case(seed, backend="cpp"):
         meta = fastmeta.BatchedMAML(model, lr0, steps, first_order=first_order, loss=loss,
                                     learn_inner_lr={None: False, "per_element": True}.get(kind, kind),
                                     step_loss_weights=weights)
-        _rates(meta, rates)
-        got_loss, grads, by_autograd = _grads(meta, batch, backend)
-        named = dict(zip([n for n, _ in meta.named_parameters()], grads))
-        want = reference()
-        assert abs(got_loss.item() - want[0].item()) <= 1e-10 * abs(want[0].item()), "loss"
-        assert_rel_close([named[f"model.{n}"] for n in names], want[1:1 + len(names)], 1e-8, "meta-grad")
-        if rates is not None:
-            assert_rel_close([named[f"lrs.{n.replace('.', '__')}"] for n in names], want[1 + len(names):], 1e-8,
-                             "rate grad")
-        assert_rel_close(by_autograd, grads, 1e-10, "autograd vs value_and_grad")
+        _check_against_loop(meta, model, batch, backend, rates, reference)
     return model, check, reference, f"{desc}; as modules, rates {kind}, step weights {weights}; backend {backend}"
 
 
