@@ -33,6 +33,6 @@ def ranges_on() -> bool:
 
 def phase(name: str):
     """A context manager marking phase ``name`` (a no-op unless a profiler runs)."""
-    if _profiling() or _nvtx["on"]:
+    if ranges_on():
         return _range(name)
     return contextlib.nullcontext()

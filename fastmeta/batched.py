@@ -1174,8 +1174,7 @@ class BatchedMAML(nn.Module):
                     return self._direct_grad(xs, ys, xq, yq, params, rates, lr, self.inner_steps, True)[0]
             with phase("fused_inner_loop"):
                 loss = self._direct(xs, ys, xq, yq, params, rates, lr, self.inner_steps, self.first_order)
-            if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
-                self._bind_direct_call("forward", batch, params, rates)
+            self._bind_direct_call("forward", batch, (xs, ys, xq, yq), params, rates)
             return loss
         if not fused:
             if self._chunked(xs):
@@ -1223,24 +1222,21 @@ class BatchedMAML(nn.Module):
                 out = self._direct_layer(xs, ys, xq, yq, params[:n], params[n:], self._lr_kind == "per_layer_step",
                                          self.inner_steps, self.first_order, self._step_weights())
             if out is not None:
-                if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))) and all(p.requires_grad for p in params):
-                    self._bind_direct_call("value_and_grad", batch, params[:n], params[n:], layer_rates=True)
+                self._bind_direct_call("value_and_grad", batch, (xs, ys, xq, yq), params[:n], params[n:],
+                                       layer_rates=True)
                 return out[0], _wanted_only(params, out[1])
         if checked and self._direct_grad is not None:
             with phase("fused_inner_loop"):
                 if self.lrs is None:
                     out = self._direct_grad(xs, ys, xq, yq, params, [], float(self.inner_lr), self.inner_steps,
                                             self.first_order)
-                    if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))):  # (taken as they came)
-                        self._bind_direct_call("value_and_grad", batch, params, [])
+                    self._bind_direct_call("value_and_grad", batch, (xs, ys, xq, yq), params, [])
                     return out
                 n = len(self.program.names)  # (the model's parameters, then their rates)
                 if len(params) == 2 * n:
                     value, grads = self._direct_grad(xs, ys, xq, yq, params[:n], params[n:], 0.0, self.inner_steps,
                                                      self.first_order)
-                    if all(a is b for a, b in zip(batch, (xs, ys, xq, yq))) and all(p.requires_grad for p in params):
-                        # (the binding returns every gradient: the ones _wanted_only keeps)
-                        self._bind_direct_call("value_and_grad", batch, params[:n], params[n:])
+                    self._bind_direct_call("value_and_grad", batch, (xs, ys, xq, yq), params[:n], params[n:])
                     return value, _wanted_only(params, grads)
         wanted = [p for p in params if p.requires_grad]
         if fused:
@@ -1275,20 +1271,25 @@ class BatchedMAML(nn.Module):
             return None
         return bound[0](d, xs, ys, xq, yq)
 
-    def _bind_direct_call(self, method, batch, params, rates, layer_rates=False):
+    def _bind_direct_call(self, method, batch, given, params, rates, layer_rates=False):
         """After a checked call of value_and_grad or forward (method) that ran the direct CPU kernel
         call with the scalar inner_lr (rates empty), Meta-SGD's rates or (layer_rates,
         value_and_grad) the rates of learn_inner_lr='per_layer' / 'per_layer_step': binds that call
         to what it saw (ops.mlp_meta_grad_bound: this module's __dict__, every module's children and
         parameters, the parameters', rates' and batch's shapes), for the next calls to go straight
-        to it. Not where a per-module backend, hooks, a tensor inner_lr or Dropout are in effect
-        (each read on the checked path in ways the binding does not compare)."""
+        to it. batch: the call's arguments; given: what the kernel was given (the binding passes the
+        arguments on, so they must be the same objects). Not where a per-module backend, hooks, a
+        tensor inner_lr or Dropout are in effect (each read on the checked path in ways the binding
+        does not compare), nor for value_and_grad where a parameter or rate does not require grad
+        (the binding returns every gradient, the checked path None for that one)."""
         d = self.__dict__
         backend = get_backend()
         _, _, hooked, n_global = d["_stamp"]
         spec = self.program.mlp
-        if (d["_backend"] is not None or not isinstance(backend, str) or hooked or n_global or spec.dropouts
-                or (not rates and type(self.inner_lr) not in (float, int)) or torch.is_inference_mode_enabled()):
+        if (any(a is not b for a, b in zip(batch, given)) or d["_backend"] is not None
+                or not isinstance(backend, str) or hooked or n_global or spec.dropouts
+                or (not rates and type(self.inner_lr) not in (float, int)) or torch.is_inference_mode_enabled()
+                or (method == "value_and_grad" and not all(t.requires_grad for t in (*params, *rates)))):
             return
         bindings = d.get(_BOUND_KEY)
         if bindings is None:

@@ -235,6 +235,13 @@ def test_binding_refuses_modes_transforms_and_other_tensors():
         return xs.sum()
     torch.func.vmap(probe)(torch.stack([batch[0], batch[0]]))
     assert seen == [None]
+    leaked = []  # a transform's wrapper kept past it: no transform in effect, a wrapper tensor still
+
+    def leak(xs):
+        leaked.append(xs)
+        return xs.sum()
+    torch.func.vmap(leak)(torch.stack([batch[0], batch[0]]))
+    assert call(d, leaked[0], *batch[1:]) is None
     xs, ys, xq, yq = batch
     for args in ([xs.as_subclass(Sub), ys, xq, yq], [xs, ys, xq.requires_grad_(True), yq],
                  [xs.float(), ys, xq.detach(), yq], [xs[:, :2], ys[:, :2], xq.detach(), yq], [xs, ys, xq.detach()]):

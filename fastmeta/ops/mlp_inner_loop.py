@@ -562,11 +562,10 @@ def mlp_meta_grad_bound(spec, loss, own, own_key, dicts, params, lrs, batch, lr,
     bound to what a module's checked call saw (fastmeta._C._BoundMetaGrad, csrc/bound_call.cpp):
     own, the module's __dict__ (own_key, where the module keeps its bindings, left out); dicts, its
     modules' _modules and _parameters dicts; the parameters, with the scalar lr (lrs empty), one
-    rate a parameter (lrs, Meta-SGD's; lr unused) or, with layer_rates, mlp_meta_grad_layer_rates_direct's
-    rates (one a tensor, or a tensor and step with per_step; step_weights), and the batch [xs, ys,
-    xq, yq]. Returns
-    (binding, keep) or None where no binding applies (not the CPU kernel, a build without it,
-    tensors that are not plain ones). binding(own, xs, ys, xq, yq) gives (loss, grads: the
+    rate a parameter (lrs, Meta-SGD's; lr unused) or, with layer_rates,
+    mlp_meta_grad_layer_rates_direct's rates (one a tensor, or a tensor and step with per_step;
+    step_weights), and the batch [xs, ys, xq, yq]. Returns (binding, keep) or None where no binding
+    applies (not the CPU kernel, a build without it, tensors that are not plain ones). binding(own, xs, ys, xq, yq) gives (loss, grads: the
     parameters', then the rates') (as_loss: the loss with its autograd), or None where the module,
     its modules, parameters, rates, the batch's shapes or the dispatcher's state (as_loss: grad mode
     too) differ from then; keep holds the objects the binding points to and is to be kept with it."""
