@@ -71,6 +71,26 @@ def test_omniglot_on_gpu(first_order, backend, monkeypatch):
         assert err_fm <= 2 * err_loop, (f"{e}; vs float64: fastmeta {err_fm:.2e}, float32 loop {err_loop:.2e}")
 
 
+@pytest.mark.parametrize("backend", ["auto", "cuda", "torch", "triton"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_omniglot_on_gpu_float64(first_order, backend):
+    """The conv path on the GPU in float64 against the per-task loop in float64, to 1e-9: the
+    algorithm's agreement without float32's rounding, which moves with the convolution algorithm
+    and, where a max-pooling window's two largest entries are within that rounding of each other,
+    sends the window's gradient to the other entry (benchmarks/RESULTS.md, "Omniglot first order,
+    T=8"). Both meta-gradient forms: loss + autograd.grad and value_and_grad."""
+    w = H.make_workload("omniglot", tasks=3, device="cuda", dtype=torch.float64)
+    meta = fastmeta.BatchedMAML(w.model, w.inner_lr, w.steps, first_order=first_order, loss="cross_entropy")
+    params = list(w.model.parameters())
+    with fastmeta.use_backend(backend):
+        got = list(torch.autograd.grad(meta(w.xs, w.ys, w.xq, w.yq), params))
+        _, vg = meta.value_and_grad(w.xs, w.ys, w.xq, w.yq)
+    _, want, _ = loop_meta_grads(w.model, w.xs, w.ys, w.xq, w.yq, w.inner_lr, w.steps, "cross_entropy",
+                                 first_order)
+    assert_rel_close(got, list(want), 1e-9, "meta-grad vs the float64 loop")
+    assert_rel_close(list(vg), list(want), 1e-9, "value_and_grad vs the float64 loop")
+
+
 def test_inner_update_on_gpu():
     p = [torch.randn(3, 37, device="cuda"), torch.randn(5, device="cuda").expand(4, 5)]
     g = [torch.randn(3, 37, device="cuda"), torch.randn(4, 5, device="cuda")]
