@@ -25,12 +25,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.func import functional_call
 
 import fastmeta
 from fastmeta import harness as H
-from fastmeta import plan
 
 
 def workload(name, tasks, steps, device, small=False):

@@ -11,7 +11,6 @@ measured against 1e-2 of the whole gradient's norm, as fastmeta.harness.max_rel_
 off. Prints one table a workload and order: a row a parameter, a column a provider.
 """
 import argparse
-import copy
 
 import torch
 

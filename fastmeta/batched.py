@@ -1599,7 +1599,7 @@ class _CheckpointedSteps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, xs, ys, n, m, shared_names, kept, *tensors):
-        params, rate_tensors, shared = tensors[:n], tensors[n:n + m], tensors[n + m:]
+        rate_tensors, shared = tensors[n:n + m], tensors[n + m:]
         T = xs.shape[0]
         names = meta._adapt_names
         fixed = meta._broadcast(T, detach=True)

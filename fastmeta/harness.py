@@ -646,7 +646,6 @@ def max_rel_err(got, want) -> float:
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silences file descriptor 2 (where the profiler library logs its start and stop)."""
-    import os
     import sys
     sys.stderr.flush()
     saved = os.dup(2)

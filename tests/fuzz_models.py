@@ -341,7 +341,6 @@ def traced(draw):
         groups = [parts[i:j] for i, j in zip([0] + cuts, cuts + [len(parts)])]
         outer = Chain([Chain(g) if rnd.random() < 0.7 else nn.Sequential(*g) if all(
             isinstance(p, nn.Module) for p in g) else Chain(g) for g in groups])
-        names = {id(p): n for n, p in outer.named_parameters()}
         if rates is not None:  # (keyed by the new names, in the new model's parameter order)
             params = dict(model.named_parameters())
             by_id = {id(params[n]): r for n, r in rates.items()}

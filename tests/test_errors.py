@@ -250,6 +250,7 @@ def test_inputs_of_another_width_than_the_first_layer(backend):
     x3s, x3q = torch.randn(4, 5, 3, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
     with fastmeta.use_backend(backend):
         assert meta.adapt(x3s, ys)["0.weight"].shape == (4, 8, 3)
+        assert meta(x3s, ys, x3q, yq).shape == ()
         with pytest.raises(ValueError, match=r"xs \(4, 5, 2\) and xq \(4, 6, 2\): .* takes 3 features"):
             meta(xs, ys, xq, yq)
     model[0].weight = nn.Parameter(torch.randn(8, 2, dtype=torch.float64))
