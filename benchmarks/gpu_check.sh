@@ -14,7 +14,7 @@ LOG=${GPU_CHECK_LOGS:-/tmp/fastmeta_gpu_logs}
 mkdir -p "$OUT" "$LOG"
 export FASTMETA_CUDA_ARCH=${FASTMETA_CUDA_ARCH:-90} PYTHONUNBUFFERED=1
 TOTAL=${GPU_CHECK_SECONDS:-470}
-STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead activations moremodules tracedforward cpu_auto"}
+STEPS=${GPU_CHECK_STEPS:-"install info gputests sine25 sine1000 omniglot convcompile sine_gv probe1000 miniimagenet ncu widemlp omniglot_x3 miniimagenet_x3 convprobe conv_pertask miniprof convprof precision sine_all probe gputests_triton tritonconv miniimagenet_all omniglot_cudnnbench tritontests ops ref64 anil mamlpp reptile mlpmamlpp reptilesine calloverhead dropin activations moremodules tracedforward cpu_auto"}
 start=$(date +%s)
 SUMMARY="$OUT/summary.txt"
 pack() { cp "$SUMMARY" "$LOG/" 2>/dev/null; tar czf "$OUT/logs.tgz" -C "$LOG" . 2>/dev/null; }
@@ -89,6 +89,11 @@ step_widemlp() { TAIL=18 run_step widemlp 80 wide_mlp.txt python benchmarks/wide
 step_anil() { TAIL=18 run_step anil 90 anil.txt python benchmarks/anil.py --device cuda --tasks 32 --seconds 1; }
 step_mamlpp() { TAIL=18 run_step mamlpp 120 mamlpp.txt python benchmarks/maml_plus_plus.py --device cuda --tasks 32 --seconds 1; }
 step_mlpmamlpp() { TAIL=14 run_step mlpmamlpp 60 mlpmamlpp.txt python benchmarks/mlp_maml_plus_plus.py --device cuda --seconds 1; }
+# the drop-in learner (fastmeta.MAML) on the sine MLP: its forward on ops.mlp_forward (the C++ op with
+# its backward and second-order product in one node each) against the module's own layers, the
+# learn2learn-style loop and the naive loop, timed together
+step_dropin() { TAIL=14 run_step dropin 60 dropin.txt $BENCH --tasks 25 --providers loop,maml,maml-torch,maml_pertensor \
+  --json "$LOG/bench_dropin.json"; }
 step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python benchmarks/call_overhead.py --device cuda --seconds 0.3; }
 # the sine MLP with each activation on the CUDA kernel and on the batched ops (GELU and SiLU: their
 # first GPU run); the models of the other lowered modules (GroupNorm conv4, Conv1d, LayerNorm)

@@ -6,8 +6,10 @@ tasks, query losses, meta-gradient), returning the meta-gradient of the model's 
 mean over tasks of each task's query-loss gradient). Providers:
 
   fastmeta[-<backend>]  BatchedMAML (backend auto or forced)
-  maml                  fastmeta.MAML driven like learn2learn (clone/adapt per task)
-  maml_pertensor        the same loop with learn2learn's per-tensor Python update step
+  maml[-<backend>]      fastmeta.MAML driven like learn2learn (clone/adapt per task); an MLP's
+                        forward is ops.mlp_forward (maml-torch: the module's layers as torch ops)
+  maml_pertensor        the same loop with learn2learn's per-tensor Python update step and the
+                        module's own call as the forward
   loop                  the naive per-task loop with autograd.grad(create_graph=True)
   l2l, higher           learn2learn / higher loops, when installed
   vmap                  torch.func vmap over tasks of grad(task's query loss after grad-based
@@ -240,20 +242,31 @@ def _loop(w: Workload, first_order: bool):
     return step
 
 
-def _maml(w: Workload, first_order: bool):
+def _maml(w: Workload, first_order: bool, backend: str | None = None):
     import fastmeta
 
     maml = fastmeta.MAML(w.model, lr=w.inner_lr, first_order=first_order)
-    return _clone_adapt_loop(w, maml)
+    step = _clone_adapt_loop(w, maml)
+    if backend is None:
+        return step
+
+    def on_backend():
+        with fastmeta.use_backend(backend):
+            return step()
+    return on_backend
 
 
 def _maml_pertensor(w: Workload, first_order: bool):
     """fastmeta.MAML's clone/adapt loop with learn2learn 0.2.0's update step instead of the fused
-    op: one Python-level ``p + (-lr * g)`` per parameter tensor (what l2l's maml_update does)."""
+    op: one Python-level ``p + (-lr * g)`` per parameter tensor (what l2l's maml_update does), and
+    the module's own call as the forward (not ops.mlp_forward)."""
     import fastmeta
     from fastmeta import maml as fm
 
     class PerTensorMAML(fastmeta.MAML):
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
         def adapt(self, loss, first_order=None, allow_unused=None, allow_nograd=None):
             fo = self.first_order if first_order is None else first_order
             params = list(self.module.parameters())
@@ -500,7 +513,7 @@ def provider_available(name: str, device: str) -> str | None:
     if base in graphed and device != "cuda":
         return "CUDA graphs need a GPU"
     backend = _split(name)[2]
-    if base in _FASTMETA and backend is not None:
+    if (base in _FASTMETA or base == "maml") and backend is not None:
         from .backend import why_unavailable
         return why_unavailable(backend, device)
     return None
@@ -508,6 +521,8 @@ def provider_available(name: str, device: str) -> str | None:
 
 def make_step(name: str, w: Workload, first_order: bool):
     base, chunk, backend = _split(name)
+    if base == "maml":
+        return PROVIDERS[base](w, first_order, backend)
     if base not in _FASTMETA:
         return PROVIDERS[base](w, first_order)
     precision = _split_precision(name)[1]

@@ -16,6 +16,15 @@ takes the gradient of ``loss`` w.r.t. all parameters (only those requiring grad 
 ``p - lr * g``, for all of them in one call of the ``inner_update`` op. Parameters whose gradient is
 None are left as they are. Attributes not found on the wrapper are looked up on the wrapped module.
 
+A learner whose module is an MLP (an nn.Sequential of nn.Linear layers with biases, each followed
+by at most one ReLU, LeakyReLU, Tanh or Sigmoid, no module hooks) runs its forward as one op,
+ops.mlp_forward (C++, csrc/mlp_forward.cpp, where fastmeta._C is built and the backend request is not
+'torch'): its backward is one node that gives every parameter's gradient, and that node's own
+derivative (second-order MAML's outer backward) is computed in closed form, where autograd would
+record each layer's ops and their backward formulas one by one. The values and derivatives are
+the module's (to rounding; to any order). Any other module, or such a module called with anything
+but one plain float32 / float64 tensor of its dtype, device and width, is called as it is.
+
 torch.compile: compile the meta-training step (clone, adapt, the query loss), not the model. Inside
 it a second-order learner's forward runs outside the compiled graph (a graph break), since a graph
 that torch.compile compiles is differentiable once only. A model given as ``torch.compile(model)``
@@ -27,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import _checks, ops
+from . import _checks, ops, plan
 from ._phases import phase
 from .plan import uncompiled
 
@@ -50,7 +59,69 @@ class BaseLearner(nn.Module):
             # inside torch.compile: a second-order learner's forward runs outside the compiled graph,
             # whose backward is differentiable once only, so that adapt() can differentiate it twice
             return torch.compiler.disable(self.module)(*args, **kwargs)
+        if len(args) == 1 and not kwargs and torch.is_grad_enabled():
+            layers = _mlp_layers(self.__dict__["_modules"]["module"], args[0])
+            if layers is not None:
+                return ops.mlp_forward(args[0], *layers)
         return self.module(*args, **kwargs)
+
+
+_MLP_ACTS = {nn.ReLU: 1, nn.LeakyReLU: 2, nn.Tanh: 3, nn.Sigmoid: 4}
+
+
+def _mlp_layers(module, x):
+    """(params, activation codes, negative slope) where calling ``module`` on ``x`` is an MLP that
+    ops.mlp_forward computes (the drop-in learners' forward): an nn.Sequential of nn.Linear layers
+    with biases, each followed by at most one ReLU, LeakyReLU (one slope for all), Tanh or Sigmoid
+    (these classes exactly: a subclass or a parametrized module has its own forward), no module
+    hooks, and x a plain float32 / float64 tensor of the first layer's dtype, device and width,
+    outside autocast, torch function / dispatch modes, functorch transforms and compilation; else
+    None (the module is called). Read at every call (~5 us for the sine MLP): hooks, children and
+    parameters may change between calls."""
+    if (type(module) is not nn.Sequential or _hooks(module) or plan.global_hooks()
+            or type(x) is not torch.Tensor or x.dtype not in _FLOATS or not x.dim()
+            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
+            or _autocast_on(x.device.type)):
+        return None
+    params, acts, slope = [], [], None
+    width = x.shape[-1]
+    for m in module._modules.values():
+        kind = type(m)
+        if kind is nn.Linear:
+            p = m._parameters
+            w, b = p["weight"], p["bias"]
+            if (b is None or _hooks(m) or type(w) not in _PLAIN or type(b) not in _PLAIN or w.dtype != x.dtype
+                    or w.device != x.device or w.dim() != 2 or w.shape[1] != width):
+                return None
+            params += (w, b)
+            acts.append(0)
+            width = w.shape[0]
+        elif kind in _MLP_ACTS:
+            if not acts or acts[-1] or _hooks(m):
+                return None
+            if kind is nn.LeakyReLU:
+                if slope is not None and slope != m.negative_slope:
+                    return None
+                slope = m.negative_slope
+            acts[-1] = _MLP_ACTS[kind]
+        else:
+            return None
+    if not acts:
+        return None
+    return params, acts, 0.01 if slope is None else float(slope)
+
+
+def _hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
+_FLOATS = (torch.float32, torch.float64)
+_PLAIN = (torch.Tensor, nn.Parameter)
+
+
+def _autocast_on(device_type: str) -> bool:
+    return torch.is_autocast_enabled(device_type) if device_type in ("cpu", "cuda") else True
 
 
 def clone_module(module, memo: dict | None = None):

@@ -91,6 +91,44 @@ def test_omniglot_on_gpu_float64(first_order, backend):
     assert_rel_close(list(vg), list(want), 1e-9, "value_and_grad vs the float64 loop")
 
 
+@pytest.mark.parametrize("acts", [[1, 1, 0], [3, 4, 2]])
+def test_mlp_forward_on_gpu(acts):
+    """ops.mlp_forward (the drop-in learners' MLP forward, ATen calls in C++) on CUDA against its
+    reference: values, gradients, the closed-form second-order product and a third-order one
+    (float64); and fastmeta.MAML's meta-gradient through it against the per-task loop."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    widths = [3, 17, 9, 2]
+    x = torch.randn(6, 3, device="cuda", dtype=torch.float64, generator=g)
+    params = []
+    for i in range(3):
+        params += [torch.randn(widths[i + 1], widths[i], device="cuda", dtype=torch.float64, generator=g)
+                   .requires_grad_(), torch.randn(widths[i + 1], device="cuda", dtype=torch.float64, generator=g)
+                   .requires_grad_()]
+    out = {}
+    for backend in ("cuda", "torch"):
+        with fastmeta.use_backend(backend):
+            y = ops.mlp_forward(x, params, acts, 0.2)
+        g1 = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+        g2 = torch.autograd.grad(sum((t * t).sum() for t in g1), params, create_graph=True)
+        g3 = torch.autograd.grad(sum(t.sum() for t in g2), params)
+        out[backend] = [y, *g1, *g2, *g3]
+    assert "MLPForward" in torch.ops.fastmeta.mlp_forward(x, params, acts, 0.2).grad_fn.name()
+    assert_rel_close(out["cuda"], out["torch"], 1e-11, "mlp_forward on cuda")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 17), torch.nn.Tanh(), torch.nn.Linear(17, 2)).cuda().double()
+    xs, ys, xq, yq = (torch.randn(3, n, d, device="cuda", dtype=torch.float64, generator=g)
+                      for n, d in ((6, 3), (6, 2), (5, 3), (5, 2)))
+    maml = fastmeta.MAML(model, lr=0.1)
+    total = 0.0
+    for t in range(3):
+        learner = maml.clone()
+        for _ in range(2):
+            learner.adapt(torch.nn.functional.mse_loss(learner(xs[t]), ys[t]))
+        total = total + torch.nn.functional.mse_loss(learner(xq[t]), yq[t])
+    got = torch.autograd.grad(total / 3, list(model.parameters()))
+    _, want, _ = loop_meta_grads(model, xs, ys, xq, yq, 0.1, 2, "mse", False)
+    assert_rel_close(list(got), want, 1e-10, "MAML meta-gradient on cuda")
+
+
 def test_inner_update_on_gpu():
     p = [torch.randn(3, 37, device="cuda"), torch.randn(5, device="cuda").expand(4, 5)]
     g = [torch.randn(3, 37, device="cuda"), torch.randn(4, 5, device="cuda")]

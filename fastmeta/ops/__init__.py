@@ -8,6 +8,7 @@ from .batched_conv2d import batched_conv2d, batched_conv2d_ref
 from .batched_batch_norm import batched_batch_norm, batched_batch_norm_ref
 from .bn_relu_pool import bn_relu_pool, bn_relu_pool_ref
 from .conv_block import conv_bn_relu_pool, conv_bn_relu_pool_ref
+from .mlp_forward import mlp_forward, mlp_forward_ref
 from .mlp_inner_loop import (STEP_BACKENDS, runs_step_settings, check_args as check_mlp_args, mlp_adapt,
                              mlp_adapt_ref, mlp_inner_loop, mlp_inner_loop_ref, mlp_meta_grad, mlp_meta_grad_bound,
                              mlp_meta_grad_direct, mlp_meta_grad_layer_rates_direct, mlp_meta_loss,
@@ -17,7 +18,7 @@ __all__ = [
     "inner_update", "inner_update_ref", "batched_linear", "batched_linear_ref", "mse", "mse_ref",
     "cross_entropy", "cross_entropy_ref", "batched_conv2d", "batched_conv2d_ref",
     "batched_batch_norm", "batched_batch_norm_ref", "bn_relu_pool", "bn_relu_pool_ref", "conv_bn_relu_pool", "conv_bn_relu_pool_ref",
-    "mlp_inner_loop", "mlp_inner_loop_ref", "mlp_meta_grad", "mlp_meta_loss", "mlp_adapt", "mlp_adapt_ref",
+    "mlp_forward", "mlp_forward_ref", "mlp_inner_loop", "mlp_inner_loop_ref", "mlp_meta_grad", "mlp_meta_loss", "mlp_adapt", "mlp_adapt_ref",
 ]
 
 

@@ -1,0 +1,337 @@
+// fastmeta::mlp_forward: one MLP (Linear layers, each followed by an activation or none) on x [N,
+// d_0], for the drop-in learners (fastmeta.MAML / MetaSGD), with its autograd in C++:
+//
+//   forward:          z_l = a_{l-1} W_l^T + b_l,  a_l = s_l(z_l)  (a_0 = x), returns a_L; one node
+//   backward (MLPBackward, itself an op with a derivative): from G = dL/da_L,
+//                     dz_l = s_l'(z_l) (.) da_l,  dW_l = dz_l^T a_{l-1},  db_l = sum_n dz_l,
+//                     da_{l-1} = dz_l W_l  (dx = da_0 where x requires grad)
+//   its derivative:   for cotangents (ux, UW_l, ub_l) of (dx, dW_l, db_l), Pearlmutter's R-operator
+//                     on the stored activations, in the direction (x, W, b) -> (ux, UW, ub):
+//                     Rz_l = Ra_{l-1} W_l^T + a_{l-1} UW_l^T + ub_l,  Ra_l = s_l'(z_l) (.) Rz_l,
+//                     d/dG = Ra_L;  Rdz_l = s_l''(z_l) (.) Rz_l (.) da_l + s_l'(z_l) (.) Rda_l,
+//                     d/dW_l = Rdz_l^T a_{l-1} + dz_l^T Ra_{l-1},  d/db_l = sum_n Rdz_l,
+//                     Rda_{l-1} = Rdz_l W_l + dz_l UW_l  (d/dx = Rda_0),  Rda_L = 0.
+//
+// A per-task loop of second-order MAML then records one node per forward, one per inner-step
+// gradient and computes each second-order product in one node, where autograd records each
+// layer's linear, activation and their backward formulas as nodes of their own. A derivative of
+// the derivative (third order: MLPBackward's backward taken with a graph) recomputes the
+// backward from its inputs with recorded ATen ops and differentiates that, in its inputs' partial
+// derivatives (exact to any order).
+// Activation codes as fastmeta::mlp_inner_loop's: 0 none, 1 relu, 2 leaky relu, 3 tanh,
+// 4 sigmoid. Any device: the formulas are ATen calls.
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/linear.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/leaky_relu.h>
+#include <ATen/ops/sigmoid.h>
+#include <ATen/ops/tanh.h>
+#include <ATen/ops/leaky_relu_backward.h>
+#include <ATen/ops/sigmoid_backward.h>
+#include <ATen/ops/tanh_backward.h>
+#include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros_like.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace fastmeta {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+enum : int64_t { kIdentity = 0, kRelu = 1, kLeaky = 2, kTanh = 3, kSigmoid = 4 };
+
+at::Tensor act(int64_t code, const at::Tensor& z, double slope) {
+  switch (code) {
+    case kRelu: return at::relu(z);
+    case kLeaky: return at::leaky_relu(z, slope);
+    case kTanh: return at::tanh(z);
+    case kSigmoid: return at::sigmoid(z);
+    default: return z;
+  }
+}
+
+// g (.) s'(z), by PyTorch's own backward kernel of the activation (one op; relu: 0 where a <= 0,
+// so that a NaN passes as in threshold_backward; leaky relu: g where z > 0, else slope g).
+at::Tensor times_d1(int64_t code, const at::Tensor& g, const at::Tensor& z, const at::Tensor& a, double slope) {
+  switch (code) {
+    case kRelu: return at::threshold_backward(g, a, 0);
+    case kLeaky: return at::leaky_relu_backward(g, z, slope, false);
+    case kTanh: return at::tanh_backward(g, a);
+    case kSigmoid: return at::sigmoid_backward(g, a);
+    default: return g;
+  }
+}
+
+// g (.) s''(z) where s'' is not 0 (tanh: -2 a s'(z), sigmoid: s'(z) (1 - 2 a)), else undefined.
+at::Tensor times_d2(int64_t code, const at::Tensor& g, const at::Tensor& a) {
+  if (code == kTanh) return at::tanh_backward(g, a) * a * -2;
+  if (code == kSigmoid) return at::sigmoid_backward(g, a) * (1 - 2 * a);
+  return at::Tensor();
+}
+
+at::Tensor add_or(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.defined()) return b;
+  if (!b.defined()) return a;
+  return a + b;
+}
+
+// The forward's activations: z_l and a_l (l = 1..L at l - 1); z_l is a_l where the layer has no
+// activation.
+struct Forward {
+  std::vector<at::Tensor> z, a;
+};
+
+Forward run_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
+  Forward f;
+  at::Tensor a = x;
+  for (size_t l = 0; l < acts.size(); ++l) {
+    at::Tensor z = at::linear(a, params[2 * l], params[2 * l + 1]);
+    a = act(acts[l], z, slope);
+    f.z.push_back(z);
+    f.a.push_back(a);
+  }
+  return f;
+}
+
+// The backward pass's quantities: dx (undefined unless need_dx), the gradients [dW_1, db_1, ...],
+// and per layer da_l (the gradient w.r.t. a_l) and dz_l.
+struct Backward {
+  at::Tensor dx;
+  std::vector<at::Tensor> grads, da, dz;
+};
+
+Backward run_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
+                      double slope, const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& a,
+                      bool need_dx) {
+  const size_t L = acts.size();
+  Backward b;
+  b.grads.resize(2 * L);
+  b.da.resize(L);
+  b.dz.resize(L);
+  at::Tensor da = G;
+  for (size_t i = L; i-- > 0;) {
+    const at::Tensor& in = i == 0 ? x : a[i - 1];
+    at::Tensor dz = times_d1(acts[i], da, z[i], a[i], slope);
+    b.da[i] = da;
+    b.dz[i] = dz;
+    b.grads[2 * i] = dz.t().mm(in);
+    b.grads[2 * i + 1] = dz.sum(0);
+    if (i > 0 || need_dx) da = dz.mm(params[2 * i]);
+  }
+  if (need_dx) b.dx = da;
+  return b;
+}
+
+// The backward recomputed from (G, x, params) with every ATen call recorded (a derivative of it
+// taken with a graph: third order and up).
+Backward recorded_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
+                           double slope, bool need_dx) {
+  Forward f = run_forward(x, params, acts, slope);
+  return run_backward(G, x, params, acts, slope, f.z, f.a, need_dx);
+}
+
+class MLPBackward : public torch::autograd::Function<MLPBackward> {
+ public:
+  // Returns [dx (an empty tensor where x needs no gradient), dW_1, db_1, ..., dW_L, db_L]. saved:
+  // the forward's z_1..z_L, a_1..a_L (values; not differentiated).
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& G, const at::Tensor& x, at::TensorList params,
+                               at::TensorList saved, at::IntArrayRef acts, double slope, bool need_dx) {
+    const size_t L = acts.size();
+    std::vector<at::Tensor> z(saved.begin(), saved.begin() + L), a(saved.begin() + L, saved.end());
+    Backward b = run_backward(G, x, params, acts, slope, z, a, need_dx);
+    std::vector<at::Tensor> keep{G, x};
+    keep.insert(keep.end(), params.begin(), params.end());
+    for (size_t l = 0; l < L; ++l) {
+      keep.push_back(z[l]);
+      keep.push_back(a[l]);
+      keep.push_back(b.da[l]);
+      keep.push_back(b.dz[l]);
+    }
+    ctx->save_for_backward(keep);
+    ctx->saved_data["acts"] = acts.vec();
+    ctx->saved_data["slope"] = slope;
+    ctx->saved_data["need_dx"] = need_dx;
+    variable_list out{need_dx ? b.dx : at::empty({0}, x.options())};
+    out.insert(out.end(), b.grads.begin(), b.grads.end());
+    return out;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list u) {
+    const std::vector<int64_t> acts = ctx->saved_data["acts"].toIntVector();
+    const double slope = ctx->saved_data["slope"].toDouble();
+    const bool need_dx = ctx->saved_data["need_dx"].toBool();
+    const size_t L = acts.size();
+    variable_list s = ctx->get_saved_variables();
+    const at::Tensor &G = s[0], &x = s[1];
+    std::vector<at::Tensor> params(s.begin() + 2, s.begin() + 2 + 2 * L);
+    const bool want_x = ctx->needs_input_grad(1);
+    const at::Tensor ux = need_dx ? u[0] : at::Tensor();
+    variable_list grads;  // G, x, the params, then the saved activations and the 3 non-tensors
+    if (at::GradMode::is_enabled()) {
+      // a derivative of this one will be taken: the backward recomputed from its inputs with a
+      // graph, and differentiated with one (every path from the inputs recorded)
+      // The inputs enter the recomputation as aliases (a view of each), so that the gradients
+      // w.r.t. them are the partial derivatives: G itself depends on the parameters in a loss's
+      // graph, and a gradient w.r.t. the parameters would otherwise also follow that path.
+      std::vector<at::Tensor> ins{G.view_as(G), x.view_as(x)};
+      for (const auto& p : params) ins.push_back(p.view_as(p));
+      Backward b = recorded_backward(ins[0], ins[1], at::TensorList(ins).slice(2), acts, slope, need_dx);
+      std::vector<at::Tensor> outs, cots;
+      auto take = [&](const at::Tensor& out, const at::Tensor& cot) {
+        if (cot.defined() && out.requires_grad()) {
+          outs.push_back(out);
+          cots.push_back(cot);
+        }
+      };
+      if (need_dx) take(b.dx, ux);
+      for (size_t k = 0; k < 2 * L; ++k) take(b.grads[k], u[1 + k]);
+      std::vector<at::Tensor> wrt;
+      std::vector<size_t> at_input;
+      for (size_t i = 0; i < ins.size(); ++i)
+        if (ctx->needs_input_grad(i) && ins[i].requires_grad()) {
+          wrt.push_back(ins[i]);
+          at_input.push_back(i);
+        }
+      variable_list grads(ins.size());
+      if (!outs.empty() && !wrt.empty()) {
+        variable_list got = torch::autograd::grad(outs, wrt, cots, /*retain_graph=*/true, /*create_graph=*/true,
+                                                  /*allow_unused=*/true);
+        for (size_t k = 0; k < got.size(); ++k) grads[at_input[k]] = got[k];
+      }
+      grads.resize(ins.size() + 2 * L + 3);  // the saved activations (z, a) and the 3 non-tensors: none
+      return grads;
+    }
+    std::vector<at::Tensor> z(L), a(L), da(L), dz(L);
+    for (size_t l = 0; l < L; ++l) {
+      z[l] = s[2 + 2 * L + 4 * l];
+      a[l] = s[2 + 2 * L + 4 * l + 1];
+      da[l] = s[2 + 2 * L + 4 * l + 2];
+      dz[l] = s[2 + 2 * L + 4 * l + 3];
+    }
+    // R-forward
+    std::vector<at::Tensor> Rz(L), Ra(L + 1);  // Ra[l]: R of layer l's input (Ra[0] = ux)
+    Ra[0] = ux;
+    for (size_t l = 0; l < L; ++l) {
+      const at::Tensor& in = l == 0 ? x : a[l - 1];
+      const at::Tensor &UW = u[1 + 2 * l], &ub = u[2 + 2 * l];
+      at::Tensor r;
+      if (Ra[l].defined()) r = Ra[l].mm(params[2 * l].t());
+      if (UW.defined()) r = add_or(r, in.mm(UW.t()));
+      if (ub.defined()) r = r.defined() ? r + ub : ub.expand({in.size(0), ub.size(0)});
+      Rz[l] = r;
+      Ra[l + 1] = r.defined() ? times_d1(acts[l], r, z[l], a[l], slope) : r;
+    }
+    grads.push_back(Ra[L].defined() ? Ra[L] : at::zeros_like(G));
+    // R-backward (R of G is 0)
+    std::vector<at::Tensor> gp(2 * L);
+    at::Tensor Rda;
+    for (size_t i = L; i-- > 0;) {
+      const at::Tensor& in = i == 0 ? x : a[i - 1];
+      at::Tensor Rdz;
+      if (Rda.defined()) Rdz = times_d1(acts[i], Rda, z[i], a[i], slope);
+      if (Rz[i].defined() && (acts[i] == kTanh || acts[i] == kSigmoid))
+        Rdz = add_or(Rdz, times_d2(acts[i], Rz[i] * da[i], a[i]));
+      at::Tensor gW;
+      if (Rdz.defined()) gW = Rdz.t().mm(in);
+      if (Ra[i].defined()) gW = add_or(gW, dz[i].t().mm(Ra[i]));
+      gp[2 * i] = gW.defined() ? gW : at::zeros_like(params[2 * i]);
+      gp[2 * i + 1] = Rdz.defined() ? Rdz.sum(0) : at::zeros_like(params[2 * i + 1]);
+      if (i > 0 || want_x) {
+        at::Tensor r;
+        if (Rdz.defined()) r = Rdz.mm(params[2 * i]);
+        const at::Tensor& UW = u[1 + 2 * i];
+        if (UW.defined()) r = add_or(r, dz[i].mm(UW));
+        Rda = r;
+      }
+    }
+    grads.push_back(want_x ? (Rda.defined() ? Rda : at::zeros_like(x)) : at::Tensor());
+    grads.insert(grads.end(), gp.begin(), gp.end());
+    grads.resize(grads.size() + 2 * L + 3);
+    return grads;
+  }
+
+};
+
+class MLPForward : public torch::autograd::Function<MLPForward> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
+                            double slope) {
+    Forward f = run_forward(x, params, acts, slope);
+    std::vector<at::Tensor> keep{x};
+    keep.insert(keep.end(), params.begin(), params.end());
+    keep.insert(keep.end(), f.z.begin(), f.z.end());
+    keep.insert(keep.end(), f.a.begin(), f.a.end());
+    ctx->save_for_backward(keep);
+    ctx->saved_data["acts"] = acts.vec();
+    ctx->saved_data["slope"] = slope;
+    return f.a.back();
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grad_out) {
+    const std::vector<int64_t> acts = ctx->saved_data["acts"].toIntVector();
+    const double slope = ctx->saved_data["slope"].toDouble();
+    const size_t L = acts.size();
+    variable_list s = ctx->get_saved_variables();
+    const at::Tensor& x = s[0];
+    std::vector<at::Tensor> params(s.begin() + 1, s.begin() + 1 + 2 * L);
+    std::vector<at::Tensor> z(s.begin() + 1 + 2 * L, s.begin() + 1 + 3 * L), a(s.begin() + 1 + 3 * L, s.end());
+    const bool need_dx = ctx->needs_input_grad(0);
+    const at::Tensor& G = grad_out[0];
+    variable_list grads;
+    if (at::GradMode::is_enabled()) {  // create_graph: the backward as a differentiable op
+      std::vector<at::Tensor> saved(z);
+      saved.insert(saved.end(), a.begin(), a.end());
+      variable_list out =
+          MLPBackward::apply(G, x, at::TensorList(params), at::TensorList(saved), at::IntArrayRef(acts), slope, need_dx);
+      grads.push_back(need_dx ? out[0] : at::Tensor());
+      grads.insert(grads.end(), out.begin() + 1, out.end());
+    } else {
+      Backward b = run_backward(G, x, params, acts, slope, z, a, need_dx);
+      grads.push_back(b.dx);
+      grads.insert(grads.end(), b.grads.begin(), b.grads.end());
+    }
+    grads.resize(grads.size() + 2);  // acts, slope
+    return grads;
+  }
+};
+
+}  // namespace
+
+at::Tensor mlp_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
+  TORCH_CHECK(x.dim() == 2, "fastmeta::mlp_forward: x must be [N, d_0], got ", x.sizes());
+  TORCH_CHECK(params.size() == 2 * acts.size() && !acts.empty(),
+              "fastmeta::mlp_forward: params must be [W_1, b_1, ..., W_L, b_L] for the ", acts.size(),
+              " activation codes, got ", params.size(), " tensors");
+  int64_t width = x.size(1);
+  for (size_t l = 0; l < acts.size(); ++l) {
+    const at::Tensor &W = params[2 * l], &b = params[2 * l + 1];
+    TORCH_CHECK(acts[l] >= kIdentity && acts[l] <= kSigmoid, "fastmeta::mlp_forward: activation code ", acts[l],
+                " of layer ", l + 1, " (0 none, 1 relu, 2 leaky relu, 3 tanh, 4 sigmoid)");
+    TORCH_CHECK(W.dim() == 2 && W.size(1) == width && b.dim() == 1 && b.size(0) == W.size(0),
+                "fastmeta::mlp_forward: layer ", l + 1, " takes ", width, " features: W must be [out, ", width,
+                "] and b [out], got W ", W.sizes(), " and b ", b.sizes());
+    TORCH_CHECK(W.scalar_type() == x.scalar_type() && b.scalar_type() == x.scalar_type() &&
+                    W.device() == x.device() && b.device() == x.device(),
+                "fastmeta::mlp_forward: layer ", l + 1, "'s W and b must have x's dtype and device");
+    width = W.size(0);
+  }
+  return MLPForward::apply(x, params, acts, slope);
+}
+
+}  // namespace fastmeta
+
+TORCH_LIBRARY_FRAGMENT(fastmeta, m) {
+  // One MLP on x [N, d_0] with its autograd in C++ (csrc/mlp_forward.cpp): the drop-in learners'
+  // forward.
+  m.def("mlp_forward(Tensor x, Tensor[] params, int[] acts, float negative_slope) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastmeta, CompositeImplicitAutograd, m) {
+  m.impl("mlp_forward", &fastmeta::mlp_forward);
+}

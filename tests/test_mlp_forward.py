@@ -1,0 +1,195 @@
+"""ops.mlp_forward (fastmeta::mlp_forward, csrc/mlp_forward.cpp): one MLP with its autograd in C++,
+the drop-in learners' forward for such a model. Against the reference (the layers as torch ops):
+values, first and second derivatives (closed form), third and fourth (recomputed with a graph), and
+the learners' meta-gradients; what the learners call it for and what they leave to the module."""
+import pytest
+import torch
+from torch import nn
+
+import fastmeta
+from fastmeta import maml as M, ops
+from conftest import assert_rel_close, loop_meta_grads
+
+pytestmark = pytest.mark.skipif(fastmeta.backend.why_unavailable("cpp", "cpu") is not None,
+                                reason="fastmeta._C not built")
+
+# (activation codes, widths): every activation, a last layer with and without one, odd widths
+CASES = [([1, 0], [3, 7, 2]), ([3, 4, 0], [2, 5, 4, 3]), ([2, 3], [4, 6, 1]), ([4], [3, 2]),
+         ([0, 1, 1], [3, 4, 4, 2])]
+
+
+def make(widths, dtype=torch.float64, x_grad=False, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, widths[0], dtype=dtype, generator=g).requires_grad_(x_grad)
+    params = []
+    for i in range(len(widths) - 1):
+        params += [torch.randn(widths[i + 1], widths[i], dtype=dtype, generator=g).requires_grad_(),
+                   torch.randn(widths[i + 1], dtype=dtype, generator=g).requires_grad_()]
+    return x, params
+
+
+def fused(x, params, acts, slope):
+    return torch.ops.fastmeta.mlp_forward(x, params, acts, slope)
+
+
+@pytest.mark.parametrize("acts, widths", CASES)
+@pytest.mark.parametrize("x_grad", [False, True])
+def test_forward_and_derivatives_against_reference(acts, widths, x_grad):
+    x, params = make(widths, x_grad=x_grad)
+    slope = 0.2
+    ins = ([x] if x_grad else []) + params
+
+    def f(impl):
+        def call(*a):
+            return impl(a[0], list(a[1:]), acts, slope) if x_grad else impl(x, list(a), acts, slope)
+        return call
+
+    got, ref = f(fused), f(ops.mlp_forward_ref)
+    assert "MLPForward" in got(*ins).grad_fn.name()
+    torch.testing.assert_close(got(*ins), ref(*ins), rtol=1e-13, atol=1e-13)
+    assert torch.autograd.gradcheck(got, ins)
+    assert torch.autograd.gradgradcheck(got, ins)
+
+    # each order's derivatives against the reference's, to the fourth: the second in closed form,
+    # the third and fourth recomputed with a graph (partial derivatives: G depends on the params)
+    # (each order's scalar a fixed random weighting of the last order's derivatives)
+    gen = torch.Generator().manual_seed(1)
+    weights = [[torch.randn(t.shape, dtype=t.dtype, generator=gen) for t in ins] for _ in range(3)]
+
+    def orders(fn):
+        y = fn(*ins)
+        gs = [torch.autograd.grad((y ** 2).sum() + y.sin().sum(), ins, create_graph=True)]
+        for k, w in enumerate(weights):
+            last = k == len(weights) - 1
+            gs.append(torch.autograd.grad(sum((g * v).sum() for g, v in zip(gs[-1], w)), ins, create_graph=not last,
+                                          allow_unused=True, materialize_grads=True))
+        return gs
+
+    for k, (a, b) in enumerate(zip(orders(got), orders(ref)), 1):
+        assert_rel_close(list(a), list(b), 1e-11, f"order {k}")
+
+
+def test_grads_of_a_subset_and_unit_cotangents():
+    """Cotangents for only some of the backward's outputs (the others none), and a backward whose
+    input needs no gradient: the closed form takes each term where it is given."""
+    x, params = make([3, 6, 2])
+    acts = [3, 0]
+    for impl in (fused, ops.mlp_forward_ref):
+        y = impl(x, params, acts, 0.01)
+        g = torch.autograd.grad(y.pow(2).sum(), params, create_graph=True)
+        out = torch.autograd.grad(g[0].sum() + g[3].pow(2).sum(), params)
+        if impl is fused:
+            got = out
+        else:
+            want = out
+    assert_rel_close(list(got), list(want), 1e-12, "partial cotangents")
+
+
+def test_leading_dims_and_dtypes():
+    x, params = make([3, 5, 2], dtype=torch.float32)
+    x3 = torch.randn(2, 4, 3)
+    for t in (x3, x3[0, 0]):
+        got = ops.mlp_forward(t, params, [1, 0])
+        want = ops.mlp_forward_ref(t, params, [1, 0])
+        assert got.shape == want.shape == (*t.shape[:-1], 2)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        ga = torch.autograd.grad(got.sum(), params)
+        gb = torch.autograd.grad(want.sum(), params)
+        assert_rel_close(list(ga), list(gb), 1e-5, "float32 gradients")
+
+
+def test_bad_arguments_are_named():
+    x, params = make([3, 5, 2])
+    with pytest.raises(RuntimeError, match=r"layer 2 takes 5 features: W must be \[out, 5\] and b \[out\], got W "
+                                           r"\[2, 4\]"):
+        fused(x, [params[0], params[1], torch.randn(2, 4, dtype=torch.float64), params[3]], [1, 0], 0.01)
+    with pytest.raises(RuntimeError, match=r"activation code 7 of layer 1"):
+        fused(x, params, [7, 0], 0.01)
+    with pytest.raises(RuntimeError, match=r"params must be \[W_1, b_1, ..., W_L, b_L\] for the 2 activation codes, "
+                                           r"got 3 tensors"):
+        fused(x, params[:3], [1, 0], 0.01)
+    with pytest.raises(RuntimeError, match=r"x must be \[N, d_0\]"):
+        fused(x[0], params, [1, 0], 0.01)
+    with pytest.raises(RuntimeError, match=r"layer 1's W and b must have x's dtype and device"):
+        fused(x.float(), params, [1, 0], 0.01)
+
+
+def _mlp(kind=nn.Tanh, dtype=torch.float64):
+    return nn.Sequential(nn.Linear(3, 17), kind(), nn.Linear(17, 9), nn.ReLU(), nn.Linear(9, 2)).to(dtype)
+
+
+def _drive(learner_cls, model, steps, first_order, dtype=torch.float64, **kw):
+    g = torch.Generator().manual_seed(1)
+    xs, ys, xq, yq = (torch.randn(3, n, d, dtype=dtype, generator=g) for n, d in ((6, 3), (6, 2), (5, 3), (5, 2)))
+    maml = learner_cls(model, lr=0.1, first_order=first_order, **kw)
+    mse = nn.functional.mse_loss
+    total = 0.0
+    for t in range(3):
+        learner = maml.clone()
+        for _ in range(steps):
+            learner.adapt(mse(learner(xs[t]), ys[t]))
+        total = total + mse(learner(xq[t]), yq[t])
+    extra = list(maml.lrs) if learner_cls is fastmeta.MetaSGD else []
+    return torch.autograd.grad(total / 3, list(model.parameters()) + extra), (xs, ys, xq, yq)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("kind", [nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.3), nn.ReLU])
+def test_learners_take_it_and_match_the_loop(first_order, kind):
+    model = _mlp(kind)
+    assert M._mlp_layers(model, torch.zeros(1, 3, dtype=torch.float64)) is not None
+    learner = fastmeta.MAML(model, lr=0.1).clone()
+    assert "MLPForward" in learner(torch.zeros(4, 3, dtype=torch.float64)).grad_fn.name()
+    got, batch = _drive(fastmeta.MAML, model, 3, first_order)
+    _, want, _ = loop_meta_grads(model, *batch, 0.1, 3, "mse", first_order)
+    assert_rel_close(list(got), want, 1e-10, "MAML meta-gradient")
+    with fastmeta.use_backend("torch"):  # the module's own call
+        ref, _ = _drive(fastmeta.MetaSGD, model, 2, first_order)
+    got, _ = _drive(fastmeta.MetaSGD, model, 2, first_order)
+    assert_rel_close(list(got), list(ref), 1e-10, "MetaSGD meta-gradient and rates' gradient")
+
+
+def test_what_the_learners_leave_to_the_module():
+    x = torch.zeros(4, 3, dtype=torch.float64)
+
+    class MyLinear(nn.Linear):
+        pass
+
+    hooked = _mlp()
+    hooked[2].register_forward_hook(lambda m, i, o: o * 2)
+    backward_hooked = _mlp()
+    backward_hooked[0].register_full_backward_hook(lambda m, gi, go: None)
+    pre_hooked = _mlp()
+    pre_hooked.register_forward_pre_hook(lambda m, i: None)
+    no_bias = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 2)).double()
+    slopes = nn.Sequential(nn.Linear(3, 4), nn.LeakyReLU(0.1), nn.Linear(4, 4), nn.LeakyReLU(0.2),
+                           nn.Linear(4, 2)).double()
+    two_acts = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Tanh(), nn.Linear(4, 2)).double()
+    others = [nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Linear(4, 2)).double(),
+              nn.Sequential(MyLinear(3, 4), nn.ReLU(), nn.Linear(4, 2)).double(),
+              nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2)).double(),
+              nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(3, 4)), nn.Linear(4, 2)).double(),
+              nn.Sequential(nn.ReLU(), nn.Linear(3, 2)).double()]
+    for model in [hooked, backward_hooked, pre_hooked, no_bias, slopes, two_acts] + others:
+        assert M._mlp_layers(model, x) is None, model
+        out = fastmeta.MAML(model, lr=0.1).clone()(x)
+        assert "MLPForward" not in out.grad_fn.name()
+    model = _mlp()
+    assert M._mlp_layers(model, x.float()) is None  # dtype of the input
+    assert M._mlp_layers(model, torch.zeros(4, 5, dtype=torch.float64)) is None  # its width
+    assert M._mlp_layers(model, torch.zeros(4, 3, dtype=torch.float16)) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert M._mlp_layers(model, x) is None
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert M._mlp_layers(model, x) is None
+    finally:
+        handle.remove()
+    with fastmeta.use_backend("torch"):
+        assert "MLPForward" not in fastmeta.MAML(model, lr=0.1).clone()(x).grad_fn.name()
+    # a hook on the model's output sees the module's result: a forward hook that changes it is run
+    got = fastmeta.MAML(hooked, lr=0.1).clone()(x)
+    torch.testing.assert_close(got, hooked(x))
+    # the module's own error for a batch of another width
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        fastmeta.MAML(model, lr=0.1).clone()(torch.zeros(4, 5, dtype=torch.float64))
