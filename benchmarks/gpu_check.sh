@@ -89,11 +89,13 @@ step_widemlp() { TAIL=18 run_step widemlp 80 wide_mlp.txt python benchmarks/wide
 step_anil() { TAIL=18 run_step anil 90 anil.txt python benchmarks/anil.py --device cuda --tasks 32 --seconds 1; }
 step_mamlpp() { TAIL=18 run_step mamlpp 120 mamlpp.txt python benchmarks/maml_plus_plus.py --device cuda --tasks 32 --seconds 1; }
 step_mlpmamlpp() { TAIL=14 run_step mlpmamlpp 60 mlpmamlpp.txt python benchmarks/mlp_maml_plus_plus.py --device cuda --seconds 1; }
-# the drop-in learner (fastmeta.MAML) on the sine MLP: its forward on ops.mlp_forward (the C++ op with
+# the drop-in learner (fastmeta.MAML): on the sine MLP its forward on ops.mlp_forward (the C++ op with
 # its backward and second-order product in one node each) against the module's own layers, the
-# learn2learn-style loop and the naive loop, timed together
-step_dropin() { TAIL=14 run_step dropin 60 dropin.txt $BENCH --tasks 25 --providers loop,maml,maml-torch,maml_pertensor \
-  --json "$LOG/bench_dropin.json"; }
+# learn2learn-style loop and the naive loop, timed together; on Omniglot (T=32) its forward on
+# BatchedMAML's program of one task against the module's call
+step_dropin() { TAIL=24 run_step dropin 120 dropin.txt sh -c "$BENCH --tasks 25 --providers \
+  loop,maml,maml-torch,maml_pertensor --json $LOG/bench_dropin.json && $CONV --workload omniglot --reps 3 \
+  --providers loop,maml,maml-torch --json $LOG/bench_dropin_omniglot.json"; }
 step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python benchmarks/call_overhead.py --device cuda --seconds 0.3; }
 # the sine MLP with each activation on the CUDA kernel and on the batched ops (GELU and SiLU: their
 # first GPU run); the models of the other lowered modules (GroupNorm conv4, Conv1d, LayerNorm)

@@ -7,7 +7,8 @@ mean over tasks of each task's query-loss gradient). Providers:
 
   fastmeta[-<backend>]  BatchedMAML (backend auto or forced)
   maml[-<backend>]      fastmeta.MAML driven like learn2learn (clone/adapt per task); an MLP's
-                        forward is ops.mlp_forward (maml-torch: the module's layers as torch ops)
+                        forward is ops.mlp_forward, a conv net's the BatchedMAML program on one task
+                        (maml-torch: the layers as torch ops / the module's call)
   maml_pertensor        the same loop with learn2learn's per-tensor Python update step and the
                         module's own call as the forward
   loop                  the naive per-task loop with autograd.grad(create_graph=True)

@@ -22,8 +22,14 @@ ops.mlp_forward (C++, csrc/mlp_forward.cpp, where fastmeta._C is built and the b
 'torch'): its backward is one node that gives every parameter's gradient, and that node's own
 derivative (second-order MAML's outer backward) is computed in closed form, where autograd would
 record each layer's ops and their backward formulas one by one. The values and derivatives are
-the module's (to rounding; to any order). Any other module, or such a module called with anything
-but one plain float32 / float64 tensor of its dtype, device and width, is called as it is.
+the module's (to rounding; to any order). A conv net that BatchedMAML lowers without a vmap
+fallback (Conv2d first; BatchNorm -> ReLU -> MaxPool2d(2) blocks, Linear heads and the like; no
+Dropout) runs its forward on a batch of images as BatchedMAML's program of the original model on one
+task: the blocks as the fused op whose second-order derivative is closed-form, BatchNorm's running
+statistics updated as the module's call updates them. Any other module, or such a module called
+with anything but one plain float32 / float64 tensor of its dtype and device (and, for an MLP, its
+width; for a conv net, a batch [N, C, H, W]), or whose clone differs from the original in its
+modules, modes or settings, is called as it is.
 
 torch.compile: compile the meta-training step (clone, adapt, the query loss), not the model. Inside
 it a second-order learner's forward runs outside the compiled graph (a graph break), since a graph
@@ -38,6 +44,7 @@ from torch import nn
 
 from . import _checks, ops, plan
 from ._phases import phase
+from .backend import get_backend
 from .plan import uncompiled
 
 
@@ -60,9 +67,15 @@ class BaseLearner(nn.Module):
             # whose backward is differentiable once only, so that adapt() can differentiate it twice
             return torch.compiler.disable(self.module)(*args, **kwargs)
         if len(args) == 1 and not kwargs and torch.is_grad_enabled():
-            layers = _mlp_layers(self.__dict__["_modules"]["module"], args[0])
+            module = self.__dict__["_modules"]["module"]
+            layers = _mlp_layers(module, args[0])
             if layers is not None:
                 return ops.mlp_forward(args[0], *layers)
+            program = _conv_program(self, module, args[0])
+            if program is not None:
+                params = dict(module.named_parameters())
+                with plan.running_stats(program):
+                    return program({n: params[n].unsqueeze(0) for n in program.names}, args[0].unsqueeze(0))[0]
         return self.module(*args, **kwargs)
 
 
@@ -118,6 +131,53 @@ def _hooks(m: nn.Module) -> bool:
 
 _FLOATS = (torch.float32, torch.float64)
 _PLAIN = (torch.Tensor, nn.Parameter)
+_VALUES = (bool, int, float, str, type(None))
+
+
+def _conv_program(learner, module, x):
+    """BatchedMAML's program of the learner's original model (plan.lower, cached there) where
+    calling ``module`` (that model or a clone of it) on the batch of images ``x`` [N, C, H, W] may
+    run as that program on one task: a model whose lowering starts with a Conv2d (of x's dtype and
+    device) and holds no vmap fallback and no random draw (Dropout), no module hooks and no buffer
+    that requires grad, whose
+    modules, their classes, training modes and plain attributes, parameter names and buffers are
+    the original's, outside modes, transforms, compilation, autocast and a 'torch' backend request;
+    else None (the module is called). Its BatchNorm -> ReLU -> MaxPool2d(2) blocks then run as the
+    fused op whose second-order derivative is closed-form, and BatchNorm's running statistics (the
+    original's buffers, which clones share) are updated as the module's call updates them."""
+    root = learner.__dict__.get("_root")
+    if (root is None or type(x) is not torch.Tensor or x.dim() != 4 or x.dtype not in _FLOATS
+            or plan.global_hooks() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
+            or torch.compiler.is_compiling() or _autocast_on(x.device.type) or get_backend() == "torch"):
+        return None
+    key = _layout(module)
+    if key is None or (root is not module and key != _layout(root)):
+        return None
+    try:
+        program = plan.lower(root)
+    except Exception:  # (whatever the planner refuses is the module's to run)
+        return None
+    if (program.fallbacks or program.random or not program.steps or program.steps[0].kind != "batched_conv2d"
+            or any(b.requires_grad for b in root.buffers())):
+        return None
+    path, _, name = program.steps[0].spec["w"].rpartition(".")  # (the module's call raises on another dtype)
+    w = module.get_submodule(path)._parameters.get(name)
+    if type(w) not in _PLAIN or w.dtype != x.dtype or w.device != x.device:
+        return None
+    return program
+
+
+def _layout(module):
+    """Each module's class, children, parameter names, buffers (by identity) and plain attributes
+    (training mode, settings), or None where a module has hooks."""
+    key = []
+    for m in module.modules():
+        if _hooks(m):
+            return None
+        key.append((type(m), tuple(m._modules), tuple(m._parameters), tuple((k, id(b)) for k, b in m._buffers.items()),
+                    tuple((k, v) for k, v in m.__dict__.items() if type(v) in _VALUES)))
+    return tuple(key)
 
 
 def _autocast_on(device_type: str) -> bool:
@@ -228,6 +288,7 @@ class MAML(BaseLearner):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         model = uncompiled(model)  # torch.compile(model): the module it wraps, whose clones take new parameters
         super().__init__(model)
+        self.__dict__["_root"] = model  # (not a submodule: the model whose lowering clones share)
         _checks.lr_value("lr", lr)
         self.lr = lr
         self.first_order = first_order
@@ -249,10 +310,12 @@ class MAML(BaseLearner):
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
         """A MAML learner around a differentiable copy of the module (see clone_module)."""
-        return MAML(clone_module(self.module), lr=self.lr,
-                    first_order=self.first_order if first_order is None else first_order,
-                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+        new = MAML(clone_module(self.module), lr=self.lr,
+                   first_order=self.first_order if first_order is None else first_order,
+                   allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                   allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+        new.__dict__["_root"] = self.__dict__.get("_root")
+        return new
 
 
 class MetaSGD(BaseLearner):
@@ -270,6 +333,7 @@ class MetaSGD(BaseLearner):
             raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
         model = uncompiled(model)  # torch.compile(model): the module it wraps, whose clones take new parameters
         super().__init__(model)
+        self.__dict__["_root"] = model  # (not a submodule: the model whose lowering clones share)
         _checks.lr_value("lr", lr)
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError(f"lr: the initial value of every rate, a number or a one-element tensor, got shape "
@@ -293,8 +357,10 @@ class MetaSGD(BaseLearner):
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None):
         """A MetaSGD learner around a differentiable copy of the module and of the rates."""
-        return MetaSGD(clone_module(self.module), lrs=[l.clone() for l in self.lrs],
-                       first_order=self.first_order if first_order is None else first_order)
+        new = MetaSGD(clone_module(self.module), lrs=[l.clone() for l in self.lrs],
+                      first_order=self.first_order if first_order is None else first_order)
+        new.__dict__["_root"] = self.__dict__.get("_root")
+        return new
 
     def adapt(self, loss, first_order=None, allow_unused=None, allow_nograd=None):
         """One inner step theta <- theta - lrs * grad(loss), in place on this learner's module."""

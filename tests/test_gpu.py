@@ -129,6 +129,38 @@ def test_mlp_forward_on_gpu(acts):
     assert_rel_close(list(got), want, 1e-10, "MAML meta-gradient on cuda")
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_dropin_conv_learner_on_gpu(first_order):
+    """fastmeta.MAML on a conv net on CUDA: the learner's forward on BatchedMAML's program of one
+    task (the cuda convolution and bn_relu_pool ops) against the per-task loop (float64), and the
+    BatchNorm running statistics against the module's own calls."""
+    from fastmeta import maml as M
+    nets = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        nets.append(torch.nn.Sequential(
+            torch.nn.Conv2d(1, 3, 3, padding=1), torch.nn.BatchNorm2d(3), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.BatchNorm2d(5), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+            torch.nn.Flatten(), torch.nn.Linear(5, 4)).cuda().double())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    xs, xq = (torch.randn(2, n, 1, 7, 7, device="cuda", dtype=torch.float64, generator=g) for n in (6, 5))
+    ys, yq = (torch.randint(0, 4, (2, n), device="cuda", generator=g) for n in (6, 5))
+    out = []
+    for net, backend in zip(nets, ("auto", "torch")):
+        with fastmeta.use_backend(backend):
+            maml = fastmeta.MAML(net, lr=0.1, first_order=first_order)
+            total = 0.0
+            for t in range(2):
+                learner = maml.clone()
+                assert (M._conv_program(learner, learner.module, xs[t]) is not None) == (backend == "auto")
+                learner.adapt(torch.nn.functional.cross_entropy(learner(xs[t]), ys[t]))
+                total = total + torch.nn.functional.cross_entropy(learner(xq[t]), yq[t])
+            out.append(torch.autograd.grad(total / 2, list(net.parameters())))
+    assert_rel_close(list(out[0]), list(out[1]), 1e-10, "conv learner's meta-gradient on cuda")
+    for a, b in zip(nets[0].buffers(), nets[1].buffers()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_inner_update_on_gpu():
     p = [torch.randn(3, 37, device="cuda"), torch.randn(5, device="cuda").expand(4, 5)]
     g = [torch.randn(3, 37, device="cuda"), torch.randn(4, 5, device="cuda")]
