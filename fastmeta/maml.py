@@ -87,15 +87,10 @@ def _mlp_layers(module, x):
     ops.mlp_forward computes (the drop-in learners' forward): an nn.Sequential of nn.Linear layers
     with biases, each followed by at most one ReLU, LeakyReLU (one slope for all), Tanh or Sigmoid
     (these classes exactly: a subclass or a parametrized module has its own forward), no module
-    hooks, and x a plain float32 / float64 tensor of the first layer's dtype, device and width,
-    outside autocast, torch function / dispatch modes, functorch transforms and compilation; else
-    None (the module is called). Read at every call (~5 us for the sine MLP): hooks, children and
+    hooks, and x a plain float32 / float64 tensor of the first layer's dtype, device and width in a
+    plain call (_plain_call); else None (the module is called). Read at every call (~5 us for the sine MLP): hooks, children and
     parameters may change between calls."""
-    if (type(module) is not nn.Sequential or _hooks(module) or plan.global_hooks()
-            or type(x) is not torch.Tensor or x.dtype not in _FLOATS or not x.dim()
-            or torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()
-            or _autocast_on(x.device.type)):
+    if type(module) is not nn.Sequential or _hooks(module) or not _plain_call(x) or not x.dim():
         return None
     params, acts, slope = [], [], None
     width = x.shape[-1]
@@ -125,6 +120,16 @@ def _mlp_layers(module, x):
     return params, acts, 0.01 if slope is None else float(slope)
 
 
+def _plain_call(x) -> bool:
+    """Whether x is a plain float32 / float64 tensor and nothing that changes what a module call
+    does is in effect: global module hooks, torch function or dispatch modes, functorch transforms,
+    compilation, autocast."""
+    return (type(x) is torch.Tensor and x.dtype in _FLOATS and not plan.global_hooks()
+            and not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack()
+            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+            and not _autocast_on(x.device.type))
+
+
 def _hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
 
@@ -139,17 +144,13 @@ def _conv_program(learner, module, x):
     calling ``module`` (that model or a clone of it) on the batch of images ``x`` [N, C, H, W] may
     run as that program on one task: a model whose lowering starts with a Conv2d (of x's dtype and
     device) and holds no vmap fallback and no random draw (Dropout), no module hooks and no buffer
-    that requires grad, whose
-    modules, their classes, training modes and plain attributes, parameter names and buffers are
-    the original's, outside modes, transforms, compilation, autocast and a 'torch' backend request;
-    else None (the module is called). Its BatchNorm -> ReLU -> MaxPool2d(2) blocks then run as the
+    that requires grad, whose modules, their classes, training modes and plain attributes,
+    parameter names and buffers are the original's, in a plain call (_plain_call) without a 'torch'
+    backend request; else None (the module is called). Its BatchNorm -> ReLU -> MaxPool2d(2) blocks then run as the
     fused op whose second-order derivative is closed-form, and BatchNorm's running statistics (the
     original's buffers, which clones share) are updated as the module's call updates them."""
     root = learner.__dict__.get("_root")
-    if (root is None or type(x) is not torch.Tensor or x.dim() != 4 or x.dtype not in _FLOATS
-            or plan.global_hooks() or torch._C._is_torch_function_mode_enabled()
-            or torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active()
-            or torch.compiler.is_compiling() or _autocast_on(x.device.type) or get_backend() == "torch"):
+    if root is None or not _plain_call(x) or x.dim() != 4 or get_backend() == "torch":
         return None
     key = _layout(module)
     if key is None or (root is not module and key != _layout(root)):
