@@ -439,7 +439,7 @@ def default_providers(workload: str, device: str) -> list:
                 "compile", "l2l", "higher"]
     if workload == "miniimagenet":  # and its memory-lean setting (recompute + checkpoint_steps)
         return ["fastmeta", "fastmeta_vg_rc_ck", "loop", "vmap", "compile"]
-    return ["fastmeta", "loop", "vmap", "compile"]
+    return ["fastmeta", "maml", "loop", "vmap", "compile"]  # (maml: the drop-in learner, its program of one task)
 
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
