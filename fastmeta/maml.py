@@ -39,6 +39,8 @@ compiled wrapper cannot take.
 """
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -153,20 +155,35 @@ def _conv_program(learner, module, x):
     if root is None or not _plain_call(x) or x.dim() != 4 or get_backend() == "torch":
         return None
     key = _layout(module)
-    if key is None or (root is not module and key != _layout(root)):
+    root_key = key if root is module else _layout(root)
+    if key is None or key != root_key:
         return None
-    try:
-        program = plan.lower(root)
-    except Exception:  # (whatever the planner refuses is the module's to run)
-        return None
-    if (program.fallbacks or program.random or not program.steps or program.steps[0].kind != "batched_conv2d"
-            or any(b.requires_grad for b in root.buffers())):
+    known = _PROGRAMS.get(root)
+    lowering = (key, tuple(plan._AS_BASE.items()), plan.tracing_on())  # (what plan.lower's result depends on)
+    if known is not None and known[0] == lowering:  # (the root as it was lowered: its program, or None)
+        program = known[1]
+    else:
+        try:
+            program = plan.lower(root)
+        except Exception:  # (whatever the planner refuses is the module's to run)
+            program = None
+        if program is not None and (program.fallbacks or program.random or not program.steps
+                                    or program.steps[0].kind != "batched_conv2d"
+                                    or any(b.requires_grad for b in root.buffers())):
+            program = None
+        _PROGRAMS[root] = (lowering, program)
+    if program is None:
         return None
     path, _, name = program.steps[0].spec["w"].rpartition(".")  # (the module's call raises on another dtype)
     w = module.get_submodule(path)._parameters.get(name)
     if type(w) not in _PLAIN or w.dtype != x.dtype or w.device != x.device:
         return None
     return program
+
+
+# original model -> ((its _layout, lower_as declarations, tracing) when lowered, its program or None
+# where the learners call it): plan.lower's own check of a model's structure costs ~70 us a call
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _layout(module):
