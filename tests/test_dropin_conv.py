@@ -128,3 +128,19 @@ def test_learners_still_copy_and_pickle():
         assert M._conv_program(learner, learner.module, b[0][0]) is not None
         learner.adapt(nn.functional.cross_entropy(learner(b[0][0]), b[1][0]))
         assert learner.__dict__["_root"] is other.module
+
+
+def test_a_batch_that_requires_grad():
+    """An input that requires grad (an adversarial or learned support set): its gradient through
+    the inner step and the query, as the module's calls give it."""
+    xs, ys = batch()[:2]
+    out = []
+    for backend in ("auto", "torch"):
+        x = xs[0].clone().requires_grad_()
+        model = conv_net()
+        with fastmeta.use_backend(backend):
+            learner = fastmeta.MAML(model, lr=0.1).clone()
+            learner.adapt(nn.functional.cross_entropy(learner(x), ys[0]))
+            query = nn.functional.cross_entropy(learner(x), ys[0])
+        out.append(torch.autograd.grad(query, [x] + list(model.parameters())))
+    assert_rel_close(list(out[0]), list(out[1]), 1e-10, "gradients with a batch that requires grad")
