@@ -186,6 +186,30 @@ def _conv_program(learner, module, x):
 _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+def describe_forward(model: nn.Module) -> str:
+    """How a learner of ``model`` (fastmeta.MAML / MetaSGD) runs its forward on a plain batch of the
+    model's dtype (fastmeta.explain)."""
+    from .backend import select
+
+    model = uncompiled(model)
+    first = next((m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    p = next(model.parameters(), None)
+    if first is None or p is None or p.dtype not in _FLOATS:
+        return "the module's call"
+    if isinstance(first, nn.Linear) and _mlp_layers(model, torch.empty(1, first.in_features, dtype=p.dtype,
+                                                                       device=p.device)) is not None:
+        be = select("mlp_forward", p.device.type)
+        if be == "torch":
+            return "the layers as torch ops (ops.mlp_forward, backend torch)"
+        return (f"ops.mlp_forward (backend {be}): one op, its backward one node giving every gradient, its "
+                "second-order product in closed form")
+    if isinstance(first, nn.Conv2d):
+        x = torch.empty(1, first.in_channels, 1, 1, dtype=p.dtype, device=p.device)
+        if _conv_program(MAML(model, lr=0.0), model, x) is not None:
+            return "on a batch of images [N, C, H, W], BatchedMAML's program of the model on one task (the steps above)"
+    return "the module's call"
+
+
 def _layout(module):
     """Each module's class, children, parameter names, buffers (by identity) and plain attributes
     (training mode, settings), or None where a module has hooks."""

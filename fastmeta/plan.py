@@ -1229,6 +1229,9 @@ def explain(model: nn.Module) -> str:
         lines.append("  memory: BatchedMAML keeps every task's autograd graph until the backward; "
                      "BatchedMAML(task_chunk=N) keeps N tasks' at a time, BatchedMAML(checkpoint_steps=True) "
                      "one inner step's graph at a time, recomputed in the backward (same result)")
+    if meta is None:
+        from .maml import describe_forward
+        lines.append(f"  fastmeta.MAML / MetaSGD learners' forward: {describe_forward(model)}")
     lines.append("  backends: the auto choice above; fastmeta.tune(meta, xs, ys, xq, yq) times them (and per-op "
                  "mixes) on this device and keeps the fastest for that BatchedMAML")
     return "\n".join(lines)

@@ -144,3 +144,16 @@ def test_a_batch_that_requires_grad():
             query = nn.functional.cross_entropy(learner(x), ys[0])
         out.append(torch.autograd.grad(query, [x] + list(model.parameters())))
     assert_rel_close(list(out[0]), list(out[1]), 1e-10, "gradients with a batch that requires grad")
+
+
+def test_explain_says_how_a_learner_runs_its_forward():
+    said = fastmeta.explain(conv_net())
+    assert "fastmeta.MAML / MetaSGD learners' forward: on a batch of images [N, C, H, W], BatchedMAML's program" in said
+    with fastmeta.use_backend("torch"):
+        assert "learners' forward: the module's call" in fastmeta.explain(conv_net())
+    dropout = nn.Sequential(nn.Conv2d(1, 3, 3), nn.Dropout(0.5), nn.Flatten(), nn.Linear(75, 2)).double()
+    assert "learners' forward: the module's call" in fastmeta.explain(dropout)
+    mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    assert "learners' forward: ops.mlp_forward (backend cpp)" in fastmeta.explain(mlp)
+    gelu = nn.Sequential(nn.Linear(3, 5), nn.GELU(), nn.Linear(5, 2)).double()
+    assert "learners' forward: the module's call" in fastmeta.explain(gelu)
