@@ -255,7 +255,6 @@ class MLPBackward : public torch::autograd::Function<MLPBackward> {
     grads.resize(grads.size() + 2 * L + 3);
     return grads;
   }
-
 };
 
 class MLPForward : public torch::autograd::Function<MLPForward> {

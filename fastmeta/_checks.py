@@ -82,3 +82,11 @@ def labels_in_range(named, C: int, who: str) -> None:
             raise ValueError(f"{who}: {name} {tuple(y.shape)} has labels outside [0, {C}) (min {lo}, max {hi}); "
                              f"cross_entropy takes class indices 0..{C - 1} for {C} logits (no ignore_index "
                              "such as -100)")
+
+
+def dispatch_plain() -> bool:
+    """Whether nothing that the dispatcher would route elsewhere is in effect: no torch function or
+    dispatch mode, no functorch transform, no compilation (a direct kernel call, or a module call
+    replaced by fastmeta's ops, then computes what the ops would)."""
+    return not (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+                or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling())

@@ -73,7 +73,7 @@ class BaseLearner(nn.Module):
             layers = _mlp_layers(module, args[0])
             if layers is not None:
                 return ops.mlp_forward(args[0], *layers)
-            program = _conv_program(self, module, args[0])
+            program = _conv_program(self.__dict__.get("_root"), module, args[0])
             if program is not None:
                 params = dict(module.named_parameters())
                 with plan.running_stats(program):
@@ -90,8 +90,8 @@ def _mlp_layers(module, x):
     with biases, each followed by at most one ReLU, LeakyReLU (one slope for all), Tanh or Sigmoid
     (these classes exactly: a subclass or a parametrized module has its own forward), no module
     hooks, and x a plain float32 / float64 tensor of the first layer's dtype, device and width in a
-    plain call (_plain_call); else None (the module is called). Read at every call (~5 us for the sine MLP): hooks, children and
-    parameters may change between calls."""
+    plain call (_plain_call); else None (the module is called). Read at every call (~4-8 us for
+    the sine MLP): hooks, children and parameters may change between calls."""
     if type(module) is not nn.Sequential or _hooks(module) or not _plain_call(x) or not x.dim():
         return None
     params, acts, slope = [], [], None
@@ -126,9 +126,7 @@ def _plain_call(x) -> bool:
     """Whether x is a plain float32 / float64 tensor and nothing that changes what a module call
     does is in effect: global module hooks, torch function or dispatch modes, functorch transforms,
     compilation, autocast."""
-    return (type(x) is torch.Tensor and x.dtype in _FLOATS and not plan.global_hooks()
-            and not torch._C._is_torch_function_mode_enabled() and not torch._C._len_torch_dispatch_stack()
-            and not torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling()
+    return (type(x) is torch.Tensor and x.dtype in _FLOATS and not plan.global_hooks() and _checks.dispatch_plain()
             and not _autocast_on(x.device.type))
 
 
@@ -141,26 +139,25 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 _VALUES = (bool, int, float, str, type(None))
 
 
-def _conv_program(learner, module, x):
-    """BatchedMAML's program of the learner's original model (plan.lower, cached there) where
-    calling ``module`` (that model or a clone of it) on the batch of images ``x`` [N, C, H, W] may
-    run as that program on one task: a model whose lowering starts with a Conv2d (of x's dtype and
-    device) and holds no vmap fallback and no random draw (Dropout), no module hooks and no buffer
-    that requires grad, whose modules, their classes, training modes and plain attributes,
-    parameter names and buffers are the original's, in a plain call (_plain_call) without a 'torch'
-    backend request; else None (the module is called). Its BatchNorm -> ReLU -> MaxPool2d(2) blocks then run as the
-    fused op whose second-order derivative is closed-form, and BatchNorm's running statistics (the
-    original's buffers, which clones share) are updated as the module's call updates them."""
-    root = learner.__dict__.get("_root")
+def _conv_program(root, module, x):
+    """BatchedMAML's program of the learners' original model ``root`` (plan.lower, cached in
+    _PROGRAMS) where calling ``module`` (root or a clone of it) on the batch of images ``x`` [N, C,
+    H, W] may run as that program on one task: a model whose lowering starts with a Conv2d (of x's
+    dtype and device) and holds no vmap fallback and no random draw (Dropout), no module hooks and
+    no buffer that requires grad, whose modules, their classes, training modes and plain
+    attributes, parameter names and buffers are root's, in a plain call (_plain_call) without a
+    'torch' backend request; else None (the module is called). Its BatchNorm -> ReLU -> MaxPool2d(2)
+    blocks then run as the fused op whose second-order derivative is closed-form, and BatchNorm's
+    running statistics (root's buffers, which clones share) are updated as the module's call
+    updates them."""
     if root is None or not _plain_call(x) or x.dim() != 4 or get_backend() == "torch":
         return None
-    key = _layout(module)
-    root_key = key if root is module else _layout(root)
-    if key is None or key != root_key:
+    root_key = _layout(root)
+    if root_key is None:
         return None
     known = _PROGRAMS.get(root)
-    lowering = (key, tuple(plan._AS_BASE.items()), plan.tracing_on())  # (what plan.lower's result depends on)
-    if known is not None and known[0] == lowering:  # (the root as it was lowered: its program, or None)
+    lowering = (root_key, tuple(plan._AS_BASE.items()), plan.tracing_on())  # (what plan.lower's result depends on)
+    if known is not None and known[0] == lowering:  # (root as it was lowered: its program, or None)
         program = known[1]
     else:
         try:
@@ -172,7 +169,7 @@ def _conv_program(learner, module, x):
                                     or any(b.requires_grad for b in root.buffers())):
             program = None
         _PROGRAMS[root] = (lowering, program)
-    if program is None:
+    if program is None or (module is not root and _layout(module) != root_key):
         return None
     path, _, name = program.steps[0].spec["w"].rpartition(".")  # (the module's call raises on another dtype)
     w = module.get_submodule(path)._parameters.get(name)
@@ -205,7 +202,7 @@ def describe_forward(model: nn.Module) -> str:
                 "second-order product in closed form")
     if isinstance(first, nn.Conv2d):
         x = torch.empty(1, first.in_channels, 1, 1, dtype=p.dtype, device=p.device)
-        if _conv_program(MAML(model, lr=0.0), model, x) is not None:
+        if _conv_program(model, model, x) is not None:
             return "on a batch of images [N, C, H, W], BatchedMAML's program of the model on one task (the steps above)"
     return "the module's call"
 

@@ -36,7 +36,7 @@ def drive(cls, model, b, steps, first_order, backend="auto"):
         total = 0.0
         for t in range(xs.shape[0]):
             learner = maml.clone()
-            assert (M._conv_program(learner, learner.module, xs[t]) is not None) == (backend != "torch")
+            assert (M._conv_program(learner._root, learner.module, xs[t]) is not None) == (backend != "torch")
             for _ in range(steps):
                 learner.adapt(ce(learner(xs[t]), ys[t]))
             total = total + ce(learner(xq[t]), yq[t])
@@ -76,15 +76,15 @@ def test_eval_mode_and_a_changed_model():
     maml = fastmeta.MAML(model, lr=0.1)
     model.eval()
     learner = maml.clone()
-    assert M._conv_program(learner, learner.module, x) is not None
+    assert M._conv_program(learner._root, learner.module, x) is not None
     torch.testing.assert_close(learner(x), learner.module(x), rtol=1e-12, atol=1e-12)
     model.train()
     learner = maml.clone()
     learner.module[1].eval()  # the clone's BatchNorm only
-    assert M._conv_program(learner, learner.module, x) is None
+    assert M._conv_program(learner._root, learner.module, x) is None
     model[2] = nn.Tanh()  # the original changed: lowered again, and run
     learner = maml.clone()
-    program = M._conv_program(learner, learner.module, x)
+    program = M._conv_program(learner._root, learner.module, x)
     assert program is not None and any(s.kind != "bn_relu_pool" for s in program.steps[:3])
     with fastmeta.use_backend("torch"):
         want = maml.clone()(x)
@@ -101,19 +101,19 @@ def test_what_is_left_to_the_module():
     grad_buffer[1].running_mean.requires_grad_()
     for model in (hooked, dropout, grad_buffer):
         learner = fastmeta.MAML(model, lr=0.1).clone()
-        assert M._conv_program(learner, learner.module, x) is None
+        assert M._conv_program(learner._root, learner.module, x) is None
     learner = fastmeta.MAML(hooked, lr=0.1).clone()
     torch.testing.assert_close(learner(x), hooked(x))  # the hook ran
     learner = fastmeta.MAML(conv_net(), lr=0.1).clone()
-    assert M._conv_program(learner, learner.module, x[0]) is None  # one unbatched image
-    assert M._conv_program(learner, learner.module, x.float()) is None
+    assert M._conv_program(learner._root, learner.module, x[0]) is None  # one unbatched image
+    assert M._conv_program(learner._root, learner.module, x.float()) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert M._conv_program(learner, learner.module, x) is None
+        assert M._conv_program(learner._root, learner.module, x) is None
     with fastmeta.use_backend("torch"):
-        assert M._conv_program(learner, learner.module, x) is None
+        assert M._conv_program(learner._root, learner.module, x) is None
     handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
     try:
-        assert M._conv_program(learner, learner.module, x) is None
+        assert M._conv_program(learner._root, learner.module, x) is None
     finally:
         handle.remove()
     with torch.no_grad():  # evaluation: the module's call
@@ -125,7 +125,7 @@ def test_learners_still_copy_and_pickle():
     maml = fastmeta.MAML(conv_net(), lr=0.1)
     for other in (copy.deepcopy(maml), pickle.loads(pickle.dumps(maml))):
         learner = other.clone()
-        assert M._conv_program(learner, learner.module, b[0][0]) is not None
+        assert M._conv_program(learner._root, learner.module, b[0][0]) is not None
         learner.adapt(nn.functional.cross_entropy(learner(b[0][0]), b[1][0]))
         assert learner.__dict__["_root"] is other.module
 

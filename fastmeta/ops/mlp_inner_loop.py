@@ -618,8 +618,7 @@ def _plain_call(xs, ys, xq, yq, params, lrs=()) -> bool:
     """Whether a call may skip the dispatcher: nothing that the dispatcher would route elsewhere is
     in effect (a torch function or dispatch mode, a functorch transform, compilation) and the
     tensors are plain (a subclass keeps its __torch_function__ through the op)."""
-    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch.compiler.is_compiling()):
+    if not _checks.dispatch_plain():
         return False
     if type(xs) is not torch.Tensor or type(ys) is not torch.Tensor or type(xq) is not torch.Tensor or \
             type(yq) is not torch.Tensor:
