@@ -170,6 +170,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_mlp_panel_bytes", &fastmeta::mlp_panel_bytes, py::arg("bytes") = -2,
         "the fused MLP kernel's threshold on a product's B operand above which it sweeps column panels "
         "outermost: sets it to bytes (0: always, -1: never) and returns the previous value; no argument: reads it");
+  m.def("_mlp_forward_small_macs", &fastmeta::mlp_forward_small_macs, py::arg("macs") = -2,
+        "fastmeta::mlp_forward's threshold on N * sum_l d_l d_(l-1) up to which a CPU MLP runs as plain "
+        "loops instead of ATen's calls: sets it to macs (-1: never) and returns the previous value; no "
+        "argument: reads it");
   m.def("_mlp_lanes", &fastmeta::mlp_lanes, py::arg("itemsize"),
         "the fused CPU MLP kernel's tasks a group (one a SIMD lane) for float32 (itemsize 4) or float64 (8)");
   m.def("_conv_autotune_choices", &fastmeta::conv_autotune_choices,

@@ -19,7 +19,8 @@
 // backward from its inputs with recorded ATen ops and differentiates that, in its inputs' partial
 // derivatives (exact to any order).
 // Activation codes as fastmeta::mlp_inner_loop's: 0 none, 1 relu, 2 leaky relu, 3 tanh,
-// 4 sigmoid. Any device: the formulas are ATen calls.
+// 4 sigmoid. Any device: the formulas are ATen calls, except for a small MLP on the CPU, where the
+// forward, its backward and that backward's derivative are plain loops (small_cpu below).
 #include <ATen/TensorOperators.h>
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
@@ -31,12 +32,17 @@
 #include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include "common.h"
+
+#include <atomic>
+#include <cmath>
+#include <cstdlib>
 
 namespace fastmeta {
 namespace {
@@ -81,13 +87,145 @@ at::Tensor add_or(const at::Tensor& a, const at::Tensor& b) {
   return a + b;
 }
 
+// Small MLPs on the CPU (a learner's few rows through layers of tens of units: the sine MLP's 10 x
+// (1, 40, 40, 1) is 17k multiply-adds) as plain loops over the contiguous operands, one pass a
+// layer: there ATen's calls (a linear, an activation, and in the backward three products and a sum
+// a layer) cost more in dispatch and BLAS set-up (~2-4 us each) than their arithmetic. Used outside
+// a recording (grad mode off: the custom functions' own forward and backward) for float32 / float64
+// CPU tensors with N * sum_l d_l d_{l-1} <= the threshold (fastmeta._C._mlp_forward_small_macs:
+// 2^16, or FASTMETA_MLP_SMALL_MACS at load); larger ones, other devices and the recorded
+// recomputation use ATen. The values are the ATen path's up to the order of summation.
+std::atomic<int64_t> g_small_macs{[] {
+  const int64_t fallback = int64_t(1) << 16;
+  const char* env = std::getenv("FASTMETA_MLP_SMALL_MACS");
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return *end == '\0' && v >= -1 ? static_cast<int64_t>(v) : fallback;
+}()};
+
+bool small_cpu(const at::Tensor& x, at::TensorList params) {
+  if (at::GradMode::is_enabled() || !x.device().is_cpu() || x.layout() != at::kStrided ||
+      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
+    return false;
+  int64_t macs = 0;
+  for (size_t l = 0; l < params.size(); ++l) {
+    if (params[l].layout() != at::kStrided) return false;
+    if (l % 2 == 0) macs += params[l].numel();
+  }
+  return x.size(0) * macs <= g_small_macs.load(std::memory_order_relaxed);
+}
+
+// s(z) per element, as ATen's: relu(NaN) = NaN (0 only where z <= 0 fails for NaN: NaN passes).
+template <typename T>
+inline T act_value(int64_t code, T z, T slope) {
+  switch (code) {
+    case kRelu: return z > T(0) || z != z ? z : T(0);
+    case kLeaky: return z > T(0) ? z : z * slope;
+    case kTanh: return std::tanh(z);
+    case kSigmoid: return T(1) / (T(1) + std::exp(-z));
+    default: return z;
+  }
+}
+
+// g s'(z) per element, as ATen's backward kernels: relu (threshold_backward on a): 0 where a <= 0,
+// else g (a NaN a passes g); leaky relu: g where z > 0, else slope g; tanh: g (1 - a^2); sigmoid: g a (1 - a).
+template <typename T>
+inline T times_d1_value(int64_t code, T g, T z, T a, T slope) {
+  switch (code) {
+    case kRelu: return a <= T(0) ? T(0) : g;
+    case kLeaky: return z > T(0) ? g : g * slope;
+    case kTanh: return g * (T(1) - a * a);
+    case kSigmoid: return g * (T(1) - a) * a;
+    default: return g;
+  }
+}
+
 // The forward's activations: z_l and a_l (l = 1..L at l - 1); z_l is a_l where the layer has no
 // activation.
 struct Forward {
   std::vector<at::Tensor> z, a;
 };
 
+// The small path's products on contiguous row-major operands, each added into C:
+//   nt: C [N, O] += A [N, I] B [O, I]^T  (a dot product of two rows an entry)
+//   tn: C [O, I] += A [N, O]^T B [N, I]  (a row of B scaled into a row of C per (n, o))
+//   nn: C [N, I] += A [N, O] B [O, I]    (the same with B's rows)
+template <typename T>
+void add_nt(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* an = A + n * I;
+    for (int64_t o = 0; o < O; ++o) {
+      const T* bo = B + o * I;
+      T acc = T(0);
+      _Pragma("omp simd reduction(+ : acc)") for (int64_t i = 0; i < I; ++i) acc += an[i] * bo[i];
+      C[n * O + o] += acc;
+    }
+  }
+}
+
+template <typename T>
+void add_tn(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* bn = B + n * I;
+    for (int64_t o = 0; o < O; ++o) {
+      const T c = A[n * O + o];
+      T* row = C + o * I;
+      _Pragma("omp simd") for (int64_t i = 0; i < I; ++i) row[i] += c * bn[i];
+    }
+  }
+}
+
+template <typename T>
+void add_nn(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
+  for (int64_t n = 0; n < N; ++n) {
+    T* row = C + n * I;
+    for (int64_t o = 0; o < O; ++o) {
+      const T c = A[n * O + o];
+      const T* bo = B + o * I;
+      _Pragma("omp simd") for (int64_t i = 0; i < I; ++i) row[i] += c * bo[i];
+    }
+  }
+}
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return t.data_ptr<T>();
+}
+
+Forward small_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
+  Forward f;
+  const int64_t N = x.size(0);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward", [&] {
+    using T = scalar_t;
+    const T sl = static_cast<T>(slope);
+    at::Tensor in = x.contiguous();
+    for (size_t l = 0; l < acts.size(); ++l) {
+      const at::Tensor W = params[2 * l].contiguous(), b = params[2 * l + 1].contiguous();
+      const int64_t O = W.size(0), I = W.size(1);
+      at::Tensor z = new_output({N, O}, x.options());
+      T* Z = z.data_ptr<T>();
+      const T* bp = ptr<T>(b);
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t o = 0; o < O; ++o) Z[n * O + o] = bp[o];
+      add_nt(ptr<T>(in), ptr<T>(W), Z, N, O, I);
+      at::Tensor a = z;
+      if (acts[l] != kIdentity) {
+        a = new_output({N, O}, x.options());
+        T* Ap = a.data_ptr<T>();
+        const int64_t code = acts[l];
+        for (int64_t k = 0; k < N * O; ++k) Ap[k] = act_value<T>(code, Z[k], sl);
+      }
+      f.z.push_back(z);
+      f.a.push_back(a);
+      in = a;
+    }
+  });
+  return f;
+}
+
 Forward run_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
+  if (small_cpu(x, params)) return small_forward(x, params, acts, slope);
   Forward f;
   at::Tensor a = x;
   for (size_t l = 0; l < acts.size(); ++l) {
@@ -106,9 +244,154 @@ struct Backward {
   std::vector<at::Tensor> grads, da, dz;
 };
 
+Backward small_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
+                        double slope, const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& a,
+                        bool need_dx) {
+  const size_t L = acts.size();
+  const int64_t N = x.size(0);
+  Backward b;
+  b.grads.resize(2 * L);
+  b.da.resize(L);
+  b.dz.resize(L);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward_backward", [&] {
+    using T = scalar_t;
+    const T sl = static_cast<T>(slope);
+    at::Tensor da = G.contiguous();
+    for (size_t i = L; i-- > 0;) {
+      const at::Tensor in = (i == 0 ? x : a[i - 1]).contiguous();
+      const at::Tensor W = params[2 * i].contiguous();
+      const int64_t O = W.size(0), I = W.size(1);
+      at::Tensor dz = da;
+      if (acts[i] != kIdentity) {
+        dz = new_output({N, O}, x.options());
+        const at::Tensor zc = z[i].contiguous(), ac = a[i].contiguous();
+        const T *D = ptr<T>(da), *Zp = ptr<T>(zc), *Ap = ptr<T>(ac);
+        T* out = dz.data_ptr<T>();
+        const int64_t code = acts[i];
+        for (int64_t k = 0; k < N * O; ++k) out[k] = times_d1_value<T>(code, D[k], Zp[k], Ap[k], sl);
+      }
+      b.da[i] = da;
+      b.dz[i] = dz;
+      const T* Dz = ptr<T>(dz);
+      at::Tensor dW = at::zeros({O, I}, x.options()), db = at::zeros({O}, x.options());
+      add_tn(Dz, ptr<T>(in), dW.data_ptr<T>(), N, O, I);
+      T* gb = db.data_ptr<T>();
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t o = 0; o < O; ++o) gb[o] += Dz[n * O + o];
+      b.grads[2 * i] = dW;
+      b.grads[2 * i + 1] = db;
+      if (i > 0 || need_dx) {
+        at::Tensor next = at::zeros({N, I}, x.options());
+        add_nn(Dz, ptr<T>(W), next.data_ptr<T>(), N, O, I);
+        da = next;
+      }
+    }
+    if (need_dx) b.dx = da;
+  });
+  return b;
+}
+
+// MLPBackward's derivative (the R-operator above) on the small path, from the cotangents u (ux
+// read only with need_dx; any of them may be undefined: a zero) and the saved z, a, da, dz:
+// [d/dG, d/dx (undefined unless want_x), d/dW_1, d/db_1, ...]. Undefined R quantities are skipped
+// as in the ATen formulas.
+std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, const std::vector<at::Tensor>& params,
+                                  const std::vector<int64_t>& acts, double slope, const std::vector<at::Tensor>& z,
+                                  const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& da,
+                                  const std::vector<at::Tensor>& dz, bool need_dx, bool want_x) {
+  const size_t L = acts.size();
+  const int64_t N = x.size(0);
+  std::vector<at::Tensor> out(2 + 2 * L);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward_double_backward", [&] {
+    using T = scalar_t;
+    const T sl = static_cast<T>(slope);
+    std::vector<int64_t> d{x.size(1)};
+    std::vector<at::Tensor> W(L), in(L), zc(L), ac(L), dac(L), dzc(L), UW(L), ub(L);
+    for (size_t l = 0; l < L; ++l) {
+      W[l] = params[2 * l].contiguous();
+      d.push_back(W[l].size(0));
+      in[l] = (l == 0 ? x : a[l - 1]).contiguous();
+      zc[l] = z[l].contiguous();
+      ac[l] = a[l].contiguous();
+      dac[l] = da[l].contiguous();
+      dzc[l] = dz[l].contiguous();
+      if (u[1 + 2 * l].defined()) UW[l] = u[1 + 2 * l].contiguous();
+      if (u[2 + 2 * l].defined()) ub[l] = u[2 + 2 * l].contiguous();
+    }
+    auto d1 = [&](size_t l, const std::vector<T>& g) {  // g (.) s_l'(z_l)
+      std::vector<T> r(g.size());
+      const T *Zp = ptr<T>(zc[l]), *Ap = ptr<T>(ac[l]);
+      for (size_t k = 0; k < g.size(); ++k) r[k] = times_d1_value<T>(acts[l], g[k], Zp[k], Ap[k], sl);
+      return r;
+    };
+    // R-forward: Ra[l] the R of layer l's input (empty: undefined), Rz[l] of its pre-activation
+    std::vector<std::vector<T>> Rz(L), Ra(L + 1);
+    if (need_dx && u[0].defined()) {
+      const at::Tensor ux = u[0].contiguous();
+      Ra[0].assign(ptr<T>(ux), ptr<T>(ux) + ux.numel());
+    }
+    for (size_t l = 0; l < L; ++l) {
+      const int64_t I = d[l], O = d[l + 1];
+      if (Ra[l].empty() && !UW[l].defined() && !ub[l].defined()) continue;
+      std::vector<T> r(N * O, T(0));
+      if (ub[l].defined()) {
+        const T* bp = ptr<T>(ub[l]);
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t o = 0; o < O; ++o) r[n * O + o] = bp[o];
+      }
+      if (!Ra[l].empty()) add_nt(Ra[l].data(), ptr<T>(W[l]), r.data(), N, O, I);
+      if (UW[l].defined()) add_nt(ptr<T>(in[l]), ptr<T>(UW[l]), r.data(), N, O, I);
+      Ra[l + 1] = d1(l, r);
+      Rz[l] = std::move(r);
+    }
+    at::Tensor dG = at::zeros({N, d[L]}, x.options());
+    if (!Ra[L].empty()) std::copy(Ra[L].begin(), Ra[L].end(), dG.data_ptr<T>());
+    out[0] = dG;
+    // R-backward (R of G is 0)
+    std::vector<T> Rda;
+    for (size_t i = L; i-- > 0;) {
+      const int64_t I = d[i], O = d[i + 1];
+      std::vector<T> Rdz;
+      if (!Rda.empty()) Rdz = d1(i, Rda);
+      if (!Rz[i].empty() && (acts[i] == kTanh || acts[i] == kSigmoid)) {
+        if (Rdz.empty()) Rdz.assign(N * O, T(0));
+        const T *Ap = ptr<T>(ac[i]), *Dp = ptr<T>(dac[i]);
+        for (int64_t k = 0; k < N * O; ++k) {
+          const T av = Ap[k], g = Rz[i][k] * Dp[k];
+          Rdz[k] += acts[i] == kTanh ? g * (T(1) - av * av) * av * T(-2) : g * (T(1) - av) * av * (T(1) - T(2) * av);
+        }
+      }
+      at::Tensor gW = at::zeros({O, I}, x.options()), gb = at::zeros({O}, x.options());
+      if (!Rdz.empty()) {
+        add_tn(Rdz.data(), ptr<T>(in[i]), gW.data_ptr<T>(), N, O, I);
+        T* bp = gb.data_ptr<T>();
+        for (int64_t n = 0; n < N; ++n)
+          for (int64_t o = 0; o < O; ++o) bp[o] += Rdz[n * O + o];
+      }
+      if (!Ra[i].empty()) add_tn(ptr<T>(dzc[i]), Ra[i].data(), gW.data_ptr<T>(), N, O, I);
+      out[2 + 2 * i] = gW;
+      out[3 + 2 * i] = gb;
+      if (i > 0 || want_x) {
+        std::vector<T> r;
+        if (!Rdz.empty() || UW[i].defined()) r.assign(N * I, T(0));
+        if (!Rdz.empty()) add_nn(Rdz.data(), ptr<T>(W[i]), r.data(), N, O, I);
+        if (UW[i].defined()) add_nn(ptr<T>(dzc[i]), ptr<T>(UW[i]), r.data(), N, O, I);
+        Rda = std::move(r);
+      }
+    }
+    if (want_x) {
+      at::Tensor dx = at::zeros({N, d[0]}, x.options());
+      if (!Rda.empty()) std::copy(Rda.begin(), Rda.end(), dx.data_ptr<T>());
+      out[1] = dx;
+    }
+  });
+  return out;
+}
+
 Backward run_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
                       double slope, const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& a,
                       bool need_dx) {
+  if (small_cpu(x, params)) return small_backward(G, x, params, acts, slope, z, a, need_dx);
   const size_t L = acts.size();
   Backward b;
   b.grads.resize(2 * L);
@@ -214,6 +497,11 @@ class MLPBackward : public torch::autograd::Function<MLPBackward> {
       da[l] = s[2 + 2 * L + 4 * l + 2];
       dz[l] = s[2 + 2 * L + 4 * l + 3];
     }
+    if (small_cpu(x, params)) {
+      grads = small_rop(u, x, params, acts, slope, z, a, da, dz, need_dx, want_x);
+      grads.resize(grads.size() + 2 * L + 3);
+      return grads;
+    }
     // R-forward
     std::vector<at::Tensor> Rz(L), Ra(L + 1);  // Ra[l]: R of layer l's input (Ra[0] = ux)
     Ra[0] = ux;
@@ -301,6 +589,10 @@ class MLPForward : public torch::autograd::Function<MLPForward> {
 };
 
 }  // namespace
+
+int64_t mlp_forward_small_macs(int64_t macs) {
+  return macs < -1 ? g_small_macs.load() : g_small_macs.exchange(macs);
+}
 
 at::Tensor mlp_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
   TORCH_CHECK(x.dim() == 2, "fastmeta::mlp_forward: x must be [N, d_0], got ", x.sizes());

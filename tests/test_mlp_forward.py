@@ -1,7 +1,8 @@
 """ops.mlp_forward (fastmeta::mlp_forward, csrc/mlp_forward.cpp): one MLP with its autograd in C++,
 the drop-in learners' forward for such a model. Against the reference (the layers as torch ops):
 values, first and second derivatives (closed form), third and fourth (recomputed with a graph), and
-the learners' meta-gradients; what the learners call it for and what they leave to the module."""
+the learners' meta-gradients; what the learners call it for and what they leave to the module.
+Each on both CPU paths (the `path` fixture): the small-MLP loops and ATen's calls."""
 import pytest
 import torch
 from torch import nn
@@ -16,6 +17,17 @@ pytestmark = pytest.mark.skipif(fastmeta.backend.why_unavailable("cpp", "cpu") i
 # (activation codes, widths): every activation, a last layer with and without one, odd widths
 CASES = [([1, 0], [3, 7, 2]), ([3, 4, 0], [2, 5, 4, 3]), ([2, 3], [4, 6, 1]), ([4], [3, 2]),
          ([0, 1, 1], [3, 4, 4, 2])]
+
+
+@pytest.fixture(params=["loops", "aten"])
+def path(request):
+    """The op's CPU path for the test: its small-MLP loops (threshold above any test's size) or
+    ATen's calls (threshold -1), the threshold restored afterwards."""
+    from fastmeta import _C
+
+    before = _C._mlp_forward_small_macs(1 << 40 if request.param == "loops" else -1)
+    yield request.param
+    _C._mlp_forward_small_macs(before)
 
 
 def make(widths, dtype=torch.float64, x_grad=False, n=5, seed=0):
@@ -34,7 +46,7 @@ def fused(x, params, acts, slope):
 
 @pytest.mark.parametrize("acts, widths", CASES)
 @pytest.mark.parametrize("x_grad", [False, True])
-def test_forward_and_derivatives_against_reference(acts, widths, x_grad):
+def test_forward_and_derivatives_against_reference(acts, widths, x_grad, path):
     x, params = make(widths, x_grad=x_grad)
     slope = 0.2
     ins = ([x] if x_grad else []) + params
@@ -69,7 +81,7 @@ def test_forward_and_derivatives_against_reference(acts, widths, x_grad):
         assert_rel_close(list(a), list(b), 1e-11, f"order {k}")
 
 
-def test_grads_of_a_subset_and_unit_cotangents():
+def test_grads_of_a_subset_and_unit_cotangents(path):
     """Cotangents for only some of the backward's outputs (the others none), and a backward whose
     input needs no gradient: the closed form takes each term where it is given."""
     x, params = make([3, 6, 2])
@@ -85,7 +97,7 @@ def test_grads_of_a_subset_and_unit_cotangents():
     assert_rel_close(list(got), list(want), 1e-12, "partial cotangents")
 
 
-def test_leading_dims_and_dtypes():
+def test_leading_dims_and_dtypes(path):
     x, params = make([3, 5, 2], dtype=torch.float32)
     x3 = torch.randn(2, 4, 3)
     for t in (x3, x3[0, 0]):
@@ -96,6 +108,65 @@ def test_leading_dims_and_dtypes():
         ga = torch.autograd.grad(got.sum(), params)
         gb = torch.autograd.grad(want.sum(), params)
         assert_rel_close(list(ga), list(gb), 1e-5, "float32 gradients")
+
+
+def test_small_path_threshold():
+    """The loops take an MLP up to the threshold on N * sum_l d_l d_(l-1), ATen's calls above it (and
+    with -1 always); both give the reference's values and gradients."""
+    from fastmeta import _C
+
+    assert _C._mlp_forward_small_macs() == 1 << 16  # the default
+    x, params = make([3, 7, 2], n=5)  # 5 * (21 + 14) = 175 multiply-adds
+    want = ops.mlp_forward_ref(x, params, [1, 0], 0.01)
+    want_g = torch.autograd.grad(want.pow(2).sum(), params)
+    before = _C._mlp_forward_small_macs(175)
+    try:
+        for limit in (175, 174, -1):
+            _C._mlp_forward_small_macs(limit)
+            got = fused(x, params, [1, 0], 0.01)
+            torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+            assert_rel_close(list(torch.autograd.grad(got.pow(2).sum(), params)), list(want_g), 1e-12, str(limit))
+        assert _C._mlp_forward_small_macs() == -1
+    finally:
+        _C._mlp_forward_small_macs(before)
+
+
+def test_strided_operands(path):
+    """Operands that are strided views (a transposed x, a column slice of W, a column-major W): the
+    reference's values and first and second derivatives."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(4, 6, dtype=torch.float64, generator=g).t()  # [6, 4]
+    params = [torch.randn(5, 8, dtype=torch.float64, generator=g)[:, ::2].requires_grad_(),
+              torch.randn(5, dtype=torch.float64, generator=g).requires_grad_(),
+              torch.randn(5, 3, dtype=torch.float64, generator=g).t().requires_grad_(),
+              torch.randn(3, dtype=torch.float64, generator=g).requires_grad_()]
+    assert not x.is_contiguous() and not params[0].is_contiguous() and not params[2].is_contiguous()
+    for acts in ([1, 0], [2, 4], [3, 1]):
+        got, want = fused(x, params, acts, 0.1), ops.mlp_forward_ref(x, params, acts, 0.1)
+        torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
+        ga = torch.autograd.grad(got.pow(2).sum(), params, create_graph=True)
+        gb = torch.autograd.grad(want.pow(2).sum(), params, create_graph=True)
+        assert_rel_close(list(ga), list(gb), 1e-12, f"gradients {acts}")
+        ha = torch.autograd.grad(sum((t * t).sum() for t in ga), params)
+        hb = torch.autograd.grad(sum((t * t).sum() for t in gb), params)
+        assert_rel_close(list(ha), list(hb), 1e-11, f"second order {acts}")
+
+
+@pytest.mark.parametrize("act", [1, 2])
+def test_nan_passes_as_in_aten(act, path):
+    """relu(NaN) = NaN with derivative 1 there (threshold_backward passes g where a is NaN), leaky
+    relu's NaN * slope: the bias gradient (finite) tells a NaN row's derivative apart."""
+    x, params = make([3, 4])
+    x = x.detach().clone()
+    x[1, 0] = float("nan")
+    got, want = fused(x, params, [act], 0.2), ops.mlp_forward_ref(x, params, [act], 0.2)
+    torch.testing.assert_close(got, want, equal_nan=True)
+    assert got[1].isnan().all()
+    ga = torch.autograd.grad(got.sum(), params)
+    gb = torch.autograd.grad(want.sum(), params)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-13, equal_nan=True)
+    assert ga[1].isfinite().all()
 
 
 def test_bad_arguments_are_named():
@@ -135,7 +206,7 @@ def _drive(learner_cls, model, steps, first_order, dtype=torch.float64, **kw):
 
 @pytest.mark.parametrize("first_order", [False, True])
 @pytest.mark.parametrize("kind", [nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.3), nn.ReLU])
-def test_learners_take_it_and_match_the_loop(first_order, kind):
+def test_learners_take_it_and_match_the_loop(first_order, kind, path):
     model = _mlp(kind)
     assert M._mlp_layers(model, torch.zeros(1, 3, dtype=torch.float64)) is not None
     learner = fastmeta.MAML(model, lr=0.1).clone()
