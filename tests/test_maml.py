@@ -95,6 +95,39 @@ def test_buffers_are_carried():
     assert learner.module[1].running_mean is model[1].running_mean
 
 
+class _RecurrentNet(nn.Module):
+    def __init__(self, cell):
+        super().__init__()
+        self.rnn = cell(3, 5, batch_first=True)
+        self.head = nn.Linear(5, 2)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf")  # (nn.Module._apply's)
+@pytest.mark.parametrize("cell", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_recurrent_module_meta_gradient(cell, first_order):
+    """An RNN (whose clone and update re-register their flat weights, as learn2learn's do through
+    flatten_parameters): the clone's weights are the differentiable copies, and the meta-gradient is
+    the functional loop's."""
+    from fastmeta import maml as M
+
+    torch.manual_seed(0)
+    model = _RecurrentNet(cell).double()
+    assert M._flattens(model.rnn) and not M._flattens(model.head) and not M._flattens(model)
+    learner = fastmeta.MAML(model, lr=0.1).clone()
+    assert all(a is b for a, b in zip(learner.module.rnn._flat_weights, learner.module.rnn.parameters()))
+    assert learner.module.rnn.weight_ih_l0 is not model.rnn.weight_ih_l0
+    xs, xq = torch.randn(2, 4, 6, 3, dtype=torch.float64), torch.randn(2, 3, 6, 3, dtype=torch.float64)
+    ys, yq = torch.randn(2, 4, 2, dtype=torch.float64), torch.randn(2, 3, 2, dtype=torch.float64)
+    got = drive(fastmeta.MAML(model, lr=0.1, first_order=first_order), model, xs, ys, xq, yq, steps=2)
+    _, want, _ = loop_meta_grads(model, xs, ys, xq, yq, 0.1, 2, "mse", first_order)
+    assert_rel_close(list(got), want, 1e-10, "meta-grad")
+
+
 def test_shared_submodule_stays_shared():
     shared = nn.Linear(4, 4)
     model = nn.Sequential(nn.Linear(2, 4), shared, nn.Tanh(), shared, nn.Linear(4, 1)).double()
