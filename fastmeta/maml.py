@@ -22,9 +22,10 @@ ops.mlp_forward (C++, csrc/mlp_forward.cpp, where fastmeta._C is built and the b
 'torch'): its backward is one node that gives every parameter's gradient, and that node's own
 derivative (second-order MAML's outer backward) is computed in closed form, where autograd would
 record each layer's ops and their backward formulas one by one. The values and derivatives are
-the module's (to rounding; to any order). A conv net that BatchedMAML lowers without a vmap
-fallback (Conv2d first; BatchNorm -> ReLU -> MaxPool2d(2) blocks, Linear heads and the like; no
-Dropout) runs its forward on a batch of images as BatchedMAML's program of the original model on one
+the module's (to rounding; to any order); under no_grad or inference_mode (an evaluation) the op
+runs without its graph. A conv net that BatchedMAML lowers without a vmap fallback (Conv2d first;
+BatchNorm -> ReLU -> MaxPool2d(2) blocks, Linear heads and the like; no Dropout) runs its forward,
+where grad mode is on, on a batch of images as BatchedMAML's program of the original model on one
 task: the blocks as the fused op whose second-order derivative is closed-form, BatchNorm's running
 statistics updated as the module's call updates them. Any other module, or such a module called
 with anything but one plain float32 / float64 tensor of its dtype and device (and, for an MLP, its
@@ -68,12 +69,12 @@ class BaseLearner(nn.Module):
             # inside torch.compile: a second-order learner's forward runs outside the compiled graph,
             # whose backward is differentiable once only, so that adapt() can differentiate it twice
             return torch.compiler.disable(self.module)(*args, **kwargs)
-        if len(args) == 1 and not kwargs and torch.is_grad_enabled():
+        if len(args) == 1 and not kwargs:
             module = self.__dict__["_modules"]["module"]
             layers = _mlp_layers(module, args[0])
-            if layers is not None:
+            if layers is not None:  # (also under no_grad / inference_mode: an evaluation's forward)
                 return ops.mlp_forward(args[0], *layers)
-            program = _conv_program(self.__dict__.get("_root"), module, args[0])
+            program = _conv_program(self.__dict__.get("_root"), module, args[0]) if torch.is_grad_enabled() else None
             if program is not None:
                 params = dict(module.named_parameters())
                 with plan.running_stats(program):

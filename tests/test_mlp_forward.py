@@ -220,6 +220,26 @@ def test_learners_take_it_and_match_the_loop(first_order, kind, path):
     assert_rel_close(list(got), list(ref), 1e-10, "MetaSGD meta-gradient and rates' gradient")
 
 
+def test_evaluation_forward_without_a_graph(monkeypatch, path):
+    """Under no_grad and inference_mode (an evaluation after adapt) the learner's forward is still the
+    op, without a graph: the module's values."""
+    model = _mlp()
+    learner = fastmeta.MAML(model, lr=0.1).clone()
+    x = torch.randn(4, 3, dtype=torch.float64)
+    learner.adapt(learner(x).pow(2).mean())
+    calls, real = [], ops.mlp_forward
+    monkeypatch.setattr(ops, "mlp_forward", lambda *a: calls.append(1) or real(*a))
+    want = learner.module(x)
+    with torch.no_grad():
+        got = learner(x)
+    assert calls == [1] and got.grad_fn is None and not got.requires_grad
+    torch.testing.assert_close(got, want.detach(), rtol=1e-13, atol=1e-13)
+    with torch.inference_mode():
+        got = learner(x)
+    assert calls == [1, 1] and got.is_inference()
+    torch.testing.assert_close(got, want.detach(), rtol=1e-13, atol=1e-13)
+
+
 def test_what_the_learners_leave_to_the_module():
     x = torch.zeros(4, 3, dtype=torch.float64)
 
