@@ -169,6 +169,28 @@ def test_nan_passes_as_in_aten(act, path):
     assert ga[1].isfinite().all()
 
 
+@pytest.mark.parametrize("seed", range(12))
+def test_random_mlps_on_both_sides_of_the_threshold(seed):
+    """Random depths, widths (1 to 70), row counts (1 to 40), activations and slopes, at the default
+    threshold (so that some run as loops and some through ATen): values, gradients and the
+    second-order product against the reference (float64)."""
+    g = torch.Generator().manual_seed(100 + seed)
+    depth = int(torch.randint(1, 5, (), generator=g))
+    widths = [int(v) for v in torch.randint(1, 71, (depth + 1,), generator=g)]
+    acts = [int(v) for v in torch.randint(0, 5, (depth,), generator=g)]
+    n = int(torch.randint(1, 41, (), generator=g))
+    slope = float(torch.rand((), generator=g))
+    x, params = make(widths, n=n, seed=seed, x_grad=bool(seed % 2))
+    ins = ([x] if x.requires_grad else []) + params
+    results = []
+    for impl in (fused, ops.mlp_forward_ref):
+        y = impl(x, params, acts, slope)
+        grads = torch.autograd.grad((y * y.detach().cos()).sum(), ins, create_graph=True)
+        second = torch.autograd.grad(sum((t * t).sum() for t in grads), ins, allow_unused=True, materialize_grads=True)
+        results.append([y] + list(grads) + list(second))
+    assert_rel_close(results[0], results[1], 1e-10, f"widths {widths} acts {acts} n {n}")
+
+
 def test_bad_arguments_are_named():
     x, params = make([3, 5, 2])
     with pytest.raises(RuntimeError, match=r"layer 2 takes 5 features: W must be \[out, 5\] and b \[out\], got W "
