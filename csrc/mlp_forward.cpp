@@ -40,6 +40,7 @@
 
 #include "common.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdlib>
@@ -104,13 +105,23 @@ std::atomic<int64_t> g_small_macs{[] {
   return *end == '\0' && v >= -1 ? static_cast<int64_t>(v) : fallback;
 }()};
 
+// Whether t is a plain dense CPU tensor whose data the loops may read: its dispatch keys only CPU's,
+// autograd's and ADInplaceOrView (not a FakeTensor or other Python subclass, a functionalization or
+// functorch wrapper, a negated or conjugated view, a sparse or quantized tensor).
+bool plain_cpu(const at::Tensor& t) {
+  static const c10::DispatchKeySet allowed = c10::DispatchKeySet(c10::DispatchKey::CPU) |
+                                             c10::DispatchKeySet(c10::DispatchKey::AutogradCPU) |
+                                             c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
+  const c10::DispatchKeySet keys = t.key_set();
+  return (keys & allowed) == keys && t.layout() == at::kStrided;
+}
+
 bool small_cpu(const at::Tensor& x, at::TensorList params) {
-  if (at::GradMode::is_enabled() || !x.device().is_cpu() || x.layout() != at::kStrided ||
-      (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
+  if (at::GradMode::is_enabled() || !plain_cpu(x) || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
     return false;
   int64_t macs = 0;
   for (size_t l = 0; l < params.size(); ++l) {
-    if (params[l].layout() != at::kStrided) return false;
+    if (!plain_cpu(params[l])) return false;
     if (l % 2 == 0) macs += params[l].numel();
   }
   return x.size(0) * macs <= g_small_macs.load(std::memory_order_relaxed);
@@ -391,7 +402,7 @@ std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, c
 Backward run_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
                       double slope, const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& a,
                       bool need_dx) {
-  if (small_cpu(x, params)) return small_backward(G, x, params, acts, slope, z, a, need_dx);
+  if (small_cpu(x, params) && plain_cpu(G)) return small_backward(G, x, params, acts, slope, z, a, need_dx);
   const size_t L = acts.size();
   Backward b;
   b.grads.resize(2 * L);
@@ -497,7 +508,10 @@ class MLPBackward : public torch::autograd::Function<MLPBackward> {
       da[l] = s[2 + 2 * L + 4 * l + 2];
       dz[l] = s[2 + 2 * L + 4 * l + 3];
     }
-    if (small_cpu(x, params)) {
+    const auto plain = [](const std::vector<at::Tensor>& ts) {
+      return std::all_of(ts.begin(), ts.end(), [](const at::Tensor& t) { return !t.defined() || plain_cpu(t); });
+    };
+    if (small_cpu(x, params) && plain(u) && plain(z) && plain(a) && plain(da) && plain(dz)) {
       grads = small_rop(u, x, params, acts, slope, z, a, da, dz, need_dx, want_x);
       grads.resize(grads.size() + 2 * L + 3);
       return grads;

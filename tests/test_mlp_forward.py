@@ -152,6 +152,26 @@ def test_strided_operands(path):
         assert_rel_close(list(ha), list(hb), 1e-11, f"second order {acts}")
 
 
+def test_tensors_the_loops_do_not_read(path):
+    """A negated view (its data is the value's negation), FakeTensors (no data) and functorch's
+    transforms: the op gives the reference's values or its own error, never a read of their data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, params = make([3, 4, 2])
+    neg = torch._neg_view(x.detach())
+    assert neg.is_neg()
+    torch.testing.assert_close(fused(neg, params, [1, 0], 0.01), ops.mlp_forward_ref(neg, params, [1, 0], 0.01),
+                               rtol=1e-13, atol=1e-13)
+    negp = [torch._neg_view(p.detach()) for p in params]
+    torch.testing.assert_close(fused(x, negp, [3, 0], 0.01), ops.mlp_forward_ref(x, negp, [3, 0], 0.01),
+                               rtol=1e-13, atol=1e-13)
+    with FakeTensorMode() as mode:
+        out = fused(mode.from_tensor(x), [mode.from_tensor(p) for p in params], [1, 0], 0.01)
+    assert out.shape == (5, 2)
+    with pytest.raises(RuntimeError, match="Batching rule not implemented for fastmeta::mlp_forward"):
+        torch.vmap(lambda t: fused(t, params, [1, 0], 0.01))(x.detach().unsqueeze(0))
+
+
 @pytest.mark.parametrize("act", [1, 2])
 def test_nan_passes_as_in_aten(act, path):
     """relu(NaN) = NaN with derivative 1 there (threshold_backward passes g where a is NaN), leaky
