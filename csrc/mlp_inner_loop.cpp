@@ -26,6 +26,8 @@
 // Returns [loss [T], dtheta [T, P], dlr [T or 0, P]] with P the parameter count and each row the
 // concatenation of a task's flattened [dW_1, db_1, ..., dW_L, db_L] (dlr only when need_lr_grad).
 #include <ATen/ops/cat.h>
+#include <ATen/ops/resolve_conj.h>
+#include <ATen/ops/resolve_neg.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 
@@ -1520,6 +1522,13 @@ struct Call {
   std::vector<double> weights;
 };
 
+// t's values as a contiguous tensor whose data the kernel can read: a negated or conjugated view
+// materialized (what the dispatcher's fallbacks do before a kernel; the direct calls, from Python's
+// bindings and csrc/bound_call.cpp, do not pass through them).
+at::Tensor readable(const at::Tensor& t) {
+  return (t.is_neg() || t.is_conj() ? t.resolve_conj().resolve_neg() : t).contiguous();
+}
+
 Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, const at::Tensor& yq,
              at::TensorList params, at::TensorList lrs, int64_t steps, at::IntArrayRef acts,
              double negative_slope, int64_t loss, at::ArrayRef<double> step_weights) {
@@ -1537,19 +1546,19 @@ Call prepare(const at::Tensor& xs, const at::Tensor& ys, const at::Tensor& xq, c
   net.d.push_back(params[0].size(1));
   int64_t off = 0;
   for (int64_t l = 0; l < L; ++l) {
-    const at::Tensor W = params[2 * l].contiguous(), b = params[2 * l + 1].contiguous();  // (checked above)
+    const at::Tensor W = readable(params[2 * l]), b = readable(params[2 * l + 1]);  // (checked above)
     net.d.push_back(W.size(0));
     net.offW.push_back(off); off += W.numel();
     net.offb.push_back(off); off += b.numel();
     c.params.push_back(W); c.params.push_back(b);
   }
   net.P = off;
-  c.xs = xs.contiguous(); c.xq = xq.contiguous();
-  c.ys = ys.contiguous(); c.yq = yq.contiguous();
+  c.xs = readable(xs); c.xq = readable(xq);
+  c.ys = readable(ys); c.yq = readable(yq);
   if (!lrs.empty()) {
     std::vector<at::Tensor> flat;
     for (const auto& t : lrs)  // (no .to() for a rate of the right dtype: an op must not return its input)
-      flat.push_back((t.scalar_type() == xs.scalar_type() ? t : t.to(xs.scalar_type())).contiguous().reshape({-1}));
+      flat.push_back(readable(t.scalar_type() == xs.scalar_type() ? t : t.to(xs.scalar_type())).reshape({-1}));
     c.per_step_lr = mlp_rates_per_step(params, lrs);
     if (c.per_step_lr) {  // [S, P]: step s's rates of every parameter, in the parameters' order
       for (auto& f : flat) f = f.view({steps, f.numel() / std::max<int64_t>(steps, 1)});

@@ -535,6 +535,37 @@ def test_cpu_bindings_and_when_they_are_not_taken():
                     0, True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["mlp", "meta_sgd", "per_layer_step", "conv"])
+def test_negated_views_are_their_values(backend, kind):
+    """A batch of negated views (torch._neg_view: data -v, value v; a bit the dispatcher's fallback
+    materializes before a kernel) gives the materialized batch's loss and meta-gradient, on every
+    call: the checked first, the direct bindings and bound calls after it."""
+    torch.manual_seed(0)
+    if kind == "conv":
+        model = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.MaxPool2d(2),
+                              nn.Flatten(), nn.Linear(12, 2)).double()
+        batch = (torch.randn(2, 3, 1, 4, 4, dtype=torch.float64), torch.randn(2, 3, 2, dtype=torch.float64),
+                 torch.randn(2, 4, 1, 4, 4, dtype=torch.float64), torch.randn(2, 4, 2, dtype=torch.float64))
+    else:
+        model = mlp((2, 13, 3), act=nn.ReLU)
+        batch = regression_batch(5, 6, 4, 2, 3, torch.float64)
+    rates = {"meta_sgd": True, "per_layer_step": "per_layer_step"}.get(kind, False)
+    meta = fastmeta.BatchedMAML(model, 0.05, 2, learn_inner_lr=rates)
+    params = list(meta.parameters())
+    neg = [torch._neg_view(-t) for t in batch]
+    assert all(n.is_neg() and torch.equal(n, t) for n, t in zip(neg, batch))
+    with fastmeta.use_backend(backend):
+        want_loss, want = meta.value_and_grad(*batch)
+        for _ in range(3):
+            loss, grads = meta.value_and_grad(*neg)
+            assert_rel_close([loss] + list(grads), [want_loss] + list(want), 1e-12, "value_and_grad")
+        for _ in range(3):
+            loss = meta(*neg)
+            got = torch.autograd.grad(loss, params)
+            assert_rel_close([loss.detach()] + list(got), [want_loss] + list(want), 1e-12, "forward")
+
+
 def test_graphed_needs_a_batched_maml_and_cuda_tensors():
     model = mlp((2, 9, 3))
     batch = regression_batch(2, 5, 5, 2, 3, torch.float64)
