@@ -26,6 +26,16 @@ struct Periodic {
   int64_t period;    // out[j] reads base[j % period]
 };
 
+// A size threshold read from the environment variable `name` at load: an integer >= -1 (-1: the
+// kernels' "never"), or `fallback` where it is unset, empty or anything else.
+inline int64_t env_threshold(const char* name, int64_t fallback) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || *env == '\0') return fallback;
+  char* end = nullptr;
+  const long long v = std::strtoll(env, &end, 10);
+  return *end == '\0' && v >= -1 ? static_cast<int64_t>(v) : fallback;
+}
+
 // FASTMETA_POISON=1 (tests): outputs are filled with NaN before a kernel writes them, so an
 // element the kernel forgets to write fails the comparison with the reference.
 inline bool poison_outputs() {

@@ -96,14 +96,7 @@ at::Tensor add_or(const at::Tensor& a, const at::Tensor& b) {
 // CPU tensors with N * sum_l d_l d_{l-1} <= the threshold (fastmeta._C._mlp_forward_small_macs:
 // 2^16, or FASTMETA_MLP_SMALL_MACS at load); larger ones, other devices and the recorded
 // recomputation use ATen. The values are the ATen path's up to the order of summation.
-std::atomic<int64_t> g_small_macs{[] {
-  const int64_t fallback = int64_t(1) << 16;
-  const char* env = std::getenv("FASTMETA_MLP_SMALL_MACS");
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long long v = std::strtoll(env, &end, 10);
-  return *end == '\0' && v >= -1 ? static_cast<int64_t>(v) : fallback;
-}()};
+std::atomic<int64_t> g_small_macs{env_threshold("FASTMETA_MLP_SMALL_MACS", int64_t(1) << 16)};
 
 // Whether t is a plain dense CPU tensor whose data the loops may read: its dispatch keys only CPU's,
 // autograd's and ADInplaceOrView (not a FakeTensor or other Python subclass, a functionalization or

@@ -679,14 +679,7 @@ constexpr int64_t kSplitFmas = int64_t(1) << 18;
 // fastmeta._C._mlp_panel_bytes(n) (0: always; -1: never). At 2 MB (a 256 x 256 weight, 8 float
 // lanes) the row-block order was as fast (0.94-1.04x) on a 32 MB L3; at 4.7 MB (384 x 384) the
 // panel order 1.26-1.44x faster in second order, 0.96-1.00x in first (benchmarks/RESULTS.md).
-std::atomic<int64_t> g_panel_bytes{[] {
-  const int64_t fallback = int64_t(4) << 20;
-  const char* env = std::getenv("FASTMETA_MLP_PANEL_BYTES");
-  if (env == nullptr || *env == '\0') return fallback;
-  char* end = nullptr;
-  const long long v = std::strtoll(env, &end, 10);
-  return *end == '\0' && v >= -1 ? static_cast<int64_t>(v) : fallback;
-}()};
+std::atomic<int64_t> g_panel_bytes{env_threshold("FASTMETA_MLP_PANEL_BYTES", int64_t(4) << 20)};
 
 // Columns [p0, p1) of C (p0 a multiple of PB; p1 = Pn or a multiple of PB).
 template <typename T, int W, int MB, int PB, Ep K, bool Two>

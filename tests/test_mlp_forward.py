@@ -131,6 +131,20 @@ def test_small_path_threshold():
         _C._mlp_forward_small_macs(before)
 
 
+def test_small_path_threshold_from_the_environment():
+    """FASTMETA_MLP_SMALL_MACS sets the loops' threshold at load; a value that is not an integer >= -1
+    keeps the default (2^16)."""
+    import os
+    import subprocess
+    import sys
+    read = "import fastmeta._C as C; print(C._mlp_forward_small_macs())"
+    for value, want in [("4096", 4096), ("-1", -1), ("64k", 1 << 16), ("-2", 1 << 16), ("", 1 << 16)]:
+        env = dict(os.environ, FASTMETA_MLP_SMALL_MACS=value)
+        out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert int(out.stdout) == want, value
+
+
 def test_strided_operands(path):
     """Operands that are strided views (a transposed x, a column slice of W, a column-major W): the
     reference's values and first and second derivatives."""
