@@ -174,6 +174,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "fastmeta::mlp_forward's threshold on N * sum_l d_l d_(l-1) up to which a CPU MLP runs as plain "
         "loops instead of ATen's calls: sets it to macs (-1: never) and returns the previous value; no "
         "argument: reads it");
+  m.def("_mlp_forward_small_calls", &fastmeta::mlp_forward_small_calls,
+        "how many calls of fastmeta::mlp_forward's small-MLP CPU loops this process made (its forward, "
+        "backward and the backward's derivative count one each)");
   m.def("_mlp_lanes", &fastmeta::mlp_lanes, py::arg("itemsize"),
         "the fused CPU MLP kernel's tasks a group (one a SIMD lane) for float32 (itemsize 4) or float64 (8)");
   m.def("_conv_autotune_choices", &fastmeta::conv_autotune_choices,

@@ -107,6 +107,8 @@ int64_t mlp_panel_bytes(int64_t bytes);
 // fastmeta::mlp_forward's small-MLP CPU loops: their threshold on N * sum_l d_l d_{l-1} (sets it to
 // macs, -1: never, and returns the previous value; below -1: reads it)
 int64_t mlp_forward_small_macs(int64_t macs);
+// the calls of those loops so far (forward, backward and its derivative each count one)
+int64_t mlp_forward_small_calls();
 // The fused CPU MLP kernel's tasks a group (SIMD lanes) for elements of itemsize bytes (4 or 8).
 int64_t mlp_lanes(int64_t itemsize);
 

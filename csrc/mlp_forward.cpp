@@ -98,16 +98,27 @@ at::Tensor add_or(const at::Tensor& a, const at::Tensor& b) {
 // recomputation use ATen. The values are the ATen path's up to the order of summation.
 std::atomic<int64_t> g_small_macs{env_threshold("FASTMETA_MLP_SMALL_MACS", int64_t(1) << 16)};
 
-// Whether t is a plain dense CPU tensor whose data the loops may read: its dispatch keys only CPU's,
-// autograd's and ADInplaceOrView (not a FakeTensor or other Python subclass, a functionalization or
-// functorch wrapper, a negated or conjugated view, a sparse or quantized tensor).
+// Whether t is a plain dense CPU tensor whose data the loops may read: its dispatch keys among those
+// of a tensor made by at::empty on the CPU (CPU, ADInplaceOrView, AutogradCPU, AutocastCPU; not a
+// FakeTensor or other Python subclass, a functionalization or functorch wrapper, a negated or
+// conjugated view, a sparse or quantized tensor).
 bool plain_cpu(const at::Tensor& t) {
-  static const c10::DispatchKeySet allowed = c10::DispatchKeySet(c10::DispatchKey::CPU) |
-                                             c10::DispatchKeySet(c10::DispatchKey::AutogradCPU) |
-                                             c10::DispatchKeySet(c10::DispatchKey::ADInplaceOrView);
+  static const c10::DispatchKeySet allowed = at::empty({0}, at::kFloat).key_set();
   const c10::DispatchKeySet keys = t.key_set();
   return (keys & allowed) == keys && t.layout() == at::kStrided;
 }
+
+}  // namespace
+
+// How many calls of the loops (forward, backward, the backward's derivative) this process made
+// (fastmeta._C._mlp_forward_small_calls: tests tell the paths apart by it).
+std::atomic<int64_t> g_small_calls{0};
+
+int64_t mlp_forward_small_calls() {
+  return g_small_calls.load();
+}
+
+namespace {
 
 bool small_cpu(const at::Tensor& x, at::TensorList params) {
   if (at::GradMode::is_enabled() || !plain_cpu(x) || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
@@ -198,6 +209,7 @@ const T* ptr(const at::Tensor& t) {
 }
 
 Forward small_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
+  g_small_calls.fetch_add(1, std::memory_order_relaxed);
   Forward f;
   const int64_t N = x.size(0);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "mlp_forward", [&] {
@@ -251,6 +263,7 @@ struct Backward {
 Backward small_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList params, at::IntArrayRef acts,
                         double slope, const std::vector<at::Tensor>& z, const std::vector<at::Tensor>& a,
                         bool need_dx) {
+  g_small_calls.fetch_add(1, std::memory_order_relaxed);
   const size_t L = acts.size();
   const int64_t N = x.size(0);
   Backward b;
@@ -303,6 +316,7 @@ std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, c
                                   const std::vector<int64_t>& acts, double slope, const std::vector<at::Tensor>& z,
                                   const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& da,
                                   const std::vector<at::Tensor>& dz, bool need_dx, bool want_x) {
+  g_small_calls.fetch_add(1, std::memory_order_relaxed);
   const size_t L = acts.size();
   const int64_t N = x.size(0);
   std::vector<at::Tensor> out(2 + 2 * L);

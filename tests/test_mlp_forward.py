@@ -26,8 +26,11 @@ def path(request):
     from fastmeta import _C
 
     before = _C._mlp_forward_small_macs(1 << 40 if request.param == "loops" else -1)
+    calls = _C._mlp_forward_small_calls()
     yield request.param
     _C._mlp_forward_small_macs(before)
+    ran = _C._mlp_forward_small_calls() - calls
+    assert (ran > 0) == (request.param == "loops"), f"{ran} calls of the loops on the {request.param} path"
 
 
 def make(widths, dtype=torch.float64, x_grad=False, n=5, seed=0):
@@ -123,9 +126,11 @@ def test_small_path_threshold():
     try:
         for limit in (175, 174, -1):
             _C._mlp_forward_small_macs(limit)
+            calls = _C._mlp_forward_small_calls()
             got = fused(x, params, [1, 0], 0.01)
             torch.testing.assert_close(got, want, rtol=1e-13, atol=1e-13)
             assert_rel_close(list(torch.autograd.grad(got.pow(2).sum(), params)), list(want_g), 1e-12, str(limit))
+            assert _C._mlp_forward_small_calls() - calls == (2 if limit == 175 else 0), limit  # forward, backward
         assert _C._mlp_forward_small_macs() == -1
     finally:
         _C._mlp_forward_small_macs(before)
@@ -171,11 +176,16 @@ def test_tensors_the_loops_do_not_read(path):
     transforms: the op gives the reference's values or its own error, never a read of their data."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastmeta import _C
+
     x, params = make([3, 4, 2])
     neg = torch._neg_view(x.detach())
     assert neg.is_neg()
+    calls = _C._mlp_forward_small_calls()
     torch.testing.assert_close(fused(neg, params, [1, 0], 0.01), ops.mlp_forward_ref(neg, params, [1, 0], 0.01),
                                rtol=1e-13, atol=1e-13)
+    assert _C._mlp_forward_small_calls() == calls  # (ATen's calls read the view's value)
+    fused(x, params, [1, 0], 0.01)  # (the plain operands: the path's own)
     negp = [torch._neg_view(p.detach()) for p in params]
     torch.testing.assert_close(fused(x, negp, [3, 0], 0.01), ops.mlp_forward_ref(x, negp, [3, 0], 0.01),
                                rtol=1e-13, atol=1e-13)
