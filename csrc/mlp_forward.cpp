@@ -103,7 +103,10 @@ std::atomic<int64_t> g_small_macs{env_threshold("FASTMETA_MLP_SMALL_MACS", int64
 // FakeTensor or other Python subclass, a functionalization or functorch wrapper, a negated or
 // conjugated view, a sparse or quantized tensor).
 bool plain_cpu(const at::Tensor& t) {
-  static const c10::DispatchKeySet allowed = at::empty({0}, at::kFloat).key_set();
+  static const c10::DispatchKeySet allowed = [] {
+    c10::InferenceMode normal(false);  // (a tensor made under inference mode has no autograd keys)
+    return at::empty({0}, at::kFloat).key_set();
+  }();
   const c10::DispatchKeySet keys = t.key_set();
   return (keys & allowed) == keys && t.layout() == at::kStrided;
 }

@@ -150,6 +150,26 @@ def test_small_path_threshold_from_the_environment():
         assert int(out.stdout) == want, value
 
 
+def test_loops_after_a_first_call_under_inference_mode():
+    """The loops' test of plain tensors is made once, at the first call: made under inference_mode
+    (an evaluation first), it still takes the loops for tensors of grad mode afterwards."""
+    import subprocess
+    import sys
+    code = """
+import torch, fastmeta._C as C
+x = torch.randn(4, 3)
+ps = [torch.randn(5, 3, requires_grad=True), torch.randn(5, requires_grad=True)]
+with torch.inference_mode():
+    torch.ops.fastmeta.mlp_forward(torch.randn(4, 3), [p.detach().clone() for p in ps], [1], 0.01)
+first = C._mlp_forward_small_calls()
+torch.autograd.grad(torch.ops.fastmeta.mlp_forward(x, ps, [1], 0.01).sum(), ps)
+print(first, C._mlp_forward_small_calls() - first)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "2"], out.stdout
+
+
 def test_strided_operands(path):
     """Operands that are strided views (a transposed x, a column slice of W, a column-major W): the
     reference's values and first and second derivatives."""
