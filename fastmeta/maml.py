@@ -199,8 +199,15 @@ def describe_forward(model: nn.Module) -> str:
         be = select("mlp_forward", p.device.type)
         if be == "torch":
             return "the layers as torch ops (ops.mlp_forward, backend torch)"
-        return (f"ops.mlp_forward (backend {be}): one op, its backward one node giving every gradient, its "
+        said = (f"ops.mlp_forward (backend {be}): one op, its backward one node giving every gradient, its "
                 "second-order product in closed form")
+        if be == "cpp" and p.device.type == "cpu":  # (the op's small-MLP loops: csrc/mlp_forward.cpp)
+            from . import _C
+            macs = sum(m.weight.numel() for m in model if isinstance(m, nn.Linear))
+            rows = max(_C._mlp_forward_small_macs(), 0) // macs
+            said += (f"; as plain loops on batches of up to {rows} rows, through ATen's calls above" if rows else
+                     "; through ATen's calls")
+        return said
     if isinstance(first, nn.Conv2d):
         x = torch.empty(1, first.in_channels, 1, 1, dtype=p.dtype, device=p.device)
         if _conv_program(model, model, x) is not None:
