@@ -94,9 +94,9 @@ at::Tensor add_or(const at::Tensor& a, const at::Tensor& b) {
 // a layer) cost more in dispatch and BLAS set-up (~2-4 us each) than their arithmetic. Used outside
 // a recording (grad mode off: the custom functions' own forward and backward) for float32 / float64
 // CPU tensors with N * sum_l d_l d_{l-1} <= the threshold (fastmeta._C._mlp_forward_small_macs:
-// 2^16, or FASTMETA_MLP_SMALL_MACS at load); larger ones, other devices and the recorded
+// 2^17, or FASTMETA_MLP_SMALL_MACS at load); larger ones, other devices and the recorded
 // recomputation use ATen. The values are the ATen path's up to the order of summation.
-std::atomic<int64_t> g_small_macs{env_threshold("FASTMETA_MLP_SMALL_MACS", int64_t(1) << 16)};
+std::atomic<int64_t> g_small_macs{env_threshold("FASTMETA_MLP_SMALL_MACS", int64_t(1) << 17)};
 
 // Whether t is a plain dense CPU tensor whose data the loops may read: its dispatch keys among those
 // of a tensor made by at::empty on the CPU (CPU, ADInplaceOrView, AutogradCPU, AutocastCPU; not a
@@ -166,12 +166,45 @@ struct Forward {
 };
 
 // The small path's products on contiguous row-major operands, each added into C:
-//   nt: C [N, O] += A [N, I] B [O, I]^T  (a dot product of two rows an entry)
-//   tn: C [O, I] += A [N, O]^T B [N, I]  (a row of B scaled into a row of C per (n, o))
+//   nt: C [N, O] += A [N, I] B [O, I]^T  (dot products of rows: 2 rows of A by 4 of B at a time, so
+//       that each loaded element serves 2 or 4 multiply-adds)
+//   tn: C [O, I] += A [N, O]^T B [N, I]  (rows of B scaled into a row of C, 4 at a time)
 //   nn: C [N, I] += A [N, O] B [O, I]    (the same with B's rows)
 template <typename T>
 void add_nt(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
-  for (int64_t n = 0; n < N; ++n) {
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2) {
+    const T *a0 = A + n * I, *a1 = a0 + I;
+    int64_t o = 0;
+    for (; o + 4 <= O; o += 4) {
+      const T *b0 = B + o * I, *b1 = b0 + I, *b2 = b1 + I, *b3 = b2 + I;
+      T s00 = 0, s01 = 0, s02 = 0, s03 = 0, s10 = 0, s11 = 0, s12 = 0, s13 = 0;
+      _Pragma("omp simd reduction(+ : s00, s01, s02, s03, s10, s11, s12, s13)") for (int64_t i = 0; i < I; ++i) {
+        s00 += a0[i] * b0[i];
+        s01 += a0[i] * b1[i];
+        s02 += a0[i] * b2[i];
+        s03 += a0[i] * b3[i];
+        s10 += a1[i] * b0[i];
+        s11 += a1[i] * b1[i];
+        s12 += a1[i] * b2[i];
+        s13 += a1[i] * b3[i];
+      }
+      T *c0 = C + n * O + o, *c1 = c0 + O;
+      c0[0] += s00, c0[1] += s01, c0[2] += s02, c0[3] += s03;
+      c1[0] += s10, c1[1] += s11, c1[2] += s12, c1[3] += s13;
+    }
+    for (; o < O; ++o) {
+      const T* bo = B + o * I;
+      T s0 = 0, s1 = 0;
+      _Pragma("omp simd reduction(+ : s0, s1)") for (int64_t i = 0; i < I; ++i) {
+        s0 += a0[i] * bo[i];
+        s1 += a1[i] * bo[i];
+      }
+      C[n * O + o] += s0;
+      C[(n + 1) * O + o] += s1;
+    }
+  }
+  for (; n < N; ++n) {
     const T* an = A + n * I;
     for (int64_t o = 0; o < O; ++o) {
       const T* bo = B + o * I;
@@ -182,28 +215,30 @@ void add_nt(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
   }
 }
 
+// row [I] += sum_k c[k * cs] rows[k] [I] over K rows of B starting at b (rows I apart), 4 at a time.
 template <typename T>
-void add_tn(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
-  for (int64_t n = 0; n < N; ++n) {
-    const T* bn = B + n * I;
-    for (int64_t o = 0; o < O; ++o) {
-      const T c = A[n * O + o];
-      T* row = C + o * I;
-      _Pragma("omp simd") for (int64_t i = 0; i < I; ++i) row[i] += c * bn[i];
-    }
+inline void add_rows(T* row, const T* c, int64_t cs, const T* b, int64_t K, int64_t I) {
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    const T c0 = c[k * cs], c1 = c[(k + 1) * cs], c2 = c[(k + 2) * cs], c3 = c[(k + 3) * cs];
+    const T *b0 = b + k * I, *b1 = b0 + I, *b2 = b1 + I, *b3 = b2 + I;
+    _Pragma("omp simd") for (int64_t i = 0; i < I; ++i) row[i] += c0 * b0[i] + c1 * b1[i] + c2 * b2[i] + c3 * b3[i];
+  }
+  for (; k < K; ++k) {
+    const T ck = c[k * cs];
+    const T* bk = b + k * I;
+    _Pragma("omp simd") for (int64_t i = 0; i < I; ++i) row[i] += ck * bk[i];
   }
 }
 
 template <typename T>
+void add_tn(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
+  for (int64_t o = 0; o < O; ++o) add_rows(C + o * I, A + o, O, B, N, I);  // row o: sum_n A[n, o] B[n]
+}
+
+template <typename T>
 void add_nn(const T* A, const T* B, T* C, int64_t N, int64_t O, int64_t I) {
-  for (int64_t n = 0; n < N; ++n) {
-    T* row = C + n * I;
-    for (int64_t o = 0; o < O; ++o) {
-      const T c = A[n * O + o];
-      const T* bo = B + o * I;
-      _Pragma("omp simd") for (int64_t i = 0; i < I; ++i) row[i] += c * bo[i];
-    }
-  }
+  for (int64_t n = 0; n < N; ++n) add_rows(C + n * I, A + n * O, 1, B, O, I);  // row n: sum_o A[n, o] B[o]
 }
 
 template <typename T>

@@ -155,8 +155,8 @@ def test_explain_says_how_a_learner_runs_its_forward():
     assert "learners' forward: the module's call" in fastmeta.explain(dropout)
     mlp = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
     assert "learners' forward: ops.mlp_forward (backend cpp)" in fastmeta.explain(mlp)
-    # (3 * 5 + 5 * 2 = 25 multiply-adds a row: the loops up to 2^16 // 25 rows)
-    assert "as plain loops on batches of up to 2621 rows, through ATen's calls above" in fastmeta.explain(mlp)
+    # (3 * 5 + 5 * 2 = 25 multiply-adds a row: the loops up to 2^17 // 25 rows)
+    assert "as plain loops on batches of up to 5242 rows, through ATen's calls above" in fastmeta.explain(mlp)
     from fastmeta import _C
     before = _C._mlp_forward_small_macs(-1)
     try:

@@ -118,7 +118,7 @@ def test_small_path_threshold():
     with -1 always); both give the reference's values and gradients."""
     from fastmeta import _C
 
-    assert _C._mlp_forward_small_macs() == 1 << 16  # the default
+    assert _C._mlp_forward_small_macs() == 1 << 17  # the default
     x, params = make([3, 7, 2], n=5)  # 5 * (21 + 14) = 175 multiply-adds
     want = ops.mlp_forward_ref(x, params, [1, 0], 0.01)
     want_g = torch.autograd.grad(want.pow(2).sum(), params)
@@ -138,12 +138,12 @@ def test_small_path_threshold():
 
 def test_small_path_threshold_from_the_environment():
     """FASTMETA_MLP_SMALL_MACS sets the loops' threshold at load; a value that is not an integer >= -1
-    keeps the default (2^16)."""
+    keeps the default (2^17)."""
     import os
     import subprocess
     import sys
     read = "import fastmeta._C as C; print(C._mlp_forward_small_macs())"
-    for value, want in [("4096", 4096), ("-1", -1), ("64k", 1 << 16), ("-2", 1 << 16), ("", 1 << 16)]:
+    for value, want in [("4096", 4096), ("-1", -1), ("64k", 1 << 17), ("-2", 1 << 17), ("", 1 << 17)]:
         env = dict(os.environ, FASTMETA_MLP_SMALL_MACS=value)
         out = subprocess.run([sys.executable, "-c", read], env=env, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr

@@ -10,7 +10,7 @@ one op, itself differentiable), and that backward's derivative in closed form (P
 R-operator on the kept activations: second-order MAML's outer backward); a derivative of higher order
 recomputes through recorded ATen ops. A per-task loop of second-order MAML records a few nodes a
 step instead of one per layer, activation and backward formula. On the CPU a small MLP (N * sum_l
-d_l d_(l-1) up to 2^16 multiply-adds; fastmeta._C._mlp_forward_small_macs) runs those three as
+d_l d_(l-1) up to 2^17 multiply-adds; fastmeta._C._mlp_forward_small_macs) runs those three as
 plain loops, without ATen's per-call dispatch: the sine MLP's forward with its first and second
 derivatives 1.2-1.3x faster than through ATen's calls. The reference, ``mlp_forward_ref``, is the
 layers as torch ops (what the module's own call computes).
