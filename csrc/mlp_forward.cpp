@@ -246,6 +246,14 @@ const T* ptr(const at::Tensor& t) {
   return t.data_ptr<T>();
 }
 
+// A new contiguous tensor of zeros, filled here (at::zeros is two dispatched calls).
+template <typename T>
+at::Tensor zeros(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(shape, opts);
+  std::fill_n(t.data_ptr<T>(), t.numel(), T(0));
+  return t;
+}
+
 Forward small_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {
   g_small_calls.fetch_add(1, std::memory_order_relaxed);
   Forward f;
@@ -328,7 +336,7 @@ Backward small_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList
       b.da[i] = da;
       b.dz[i] = dz;
       const T* Dz = ptr<T>(dz);
-      at::Tensor dW = at::zeros({O, I}, x.options()), db = at::zeros({O}, x.options());
+      at::Tensor dW = zeros<T>({O, I}, x.options()), db = zeros<T>({O}, x.options());
       add_tn(Dz, ptr<T>(in), dW.data_ptr<T>(), N, O, I);
       T* gb = db.data_ptr<T>();
       for (int64_t n = 0; n < N; ++n)
@@ -336,7 +344,7 @@ Backward small_backward(const at::Tensor& G, const at::Tensor& x, at::TensorList
       b.grads[2 * i] = dW;
       b.grads[2 * i + 1] = db;
       if (i > 0 || need_dx) {
-        at::Tensor next = at::zeros({N, I}, x.options());
+        at::Tensor next = zeros<T>({N, I}, x.options());
         add_nn(Dz, ptr<T>(W), next.data_ptr<T>(), N, O, I);
         da = next;
       }
@@ -400,7 +408,7 @@ std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, c
       Ra[l + 1] = d1(l, r);
       Rz[l] = std::move(r);
     }
-    at::Tensor dG = at::zeros({N, d[L]}, x.options());
+    at::Tensor dG = zeros<T>({N, d[L]}, x.options());
     if (!Ra[L].empty()) std::copy(Ra[L].begin(), Ra[L].end(), dG.data_ptr<T>());
     out[0] = dG;
     // R-backward (R of G is 0)
@@ -417,7 +425,7 @@ std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, c
           Rdz[k] += acts[i] == kTanh ? g * (T(1) - av * av) * av * T(-2) : g * (T(1) - av) * av * (T(1) - T(2) * av);
         }
       }
-      at::Tensor gW = at::zeros({O, I}, x.options()), gb = at::zeros({O}, x.options());
+      at::Tensor gW = zeros<T>({O, I}, x.options()), gb = zeros<T>({O}, x.options());
       if (!Rdz.empty()) {
         add_tn(Rdz.data(), ptr<T>(in[i]), gW.data_ptr<T>(), N, O, I);
         T* bp = gb.data_ptr<T>();
@@ -436,7 +444,7 @@ std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, c
       }
     }
     if (want_x) {
-      at::Tensor dx = at::zeros({N, d[0]}, x.options());
+      at::Tensor dx = zeros<T>({N, d[0]}, x.options());
       if (!Rda.empty()) std::copy(Rda.begin(), Rda.end(), dx.data_ptr<T>());
       out[1] = dx;
     }
