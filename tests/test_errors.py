@@ -122,6 +122,10 @@ def test_op_argument_errors():
         ops.inner_update([torch.ones(2)], [torch.ones(2)], "x")
     with pytest.raises(ValueError, match=r"lr\[0\] \(3,\) does not broadcast to grads\[0\] \(2,\)"):
         ops.inner_update([torch.ones(2)], [torch.ones(2)], [torch.ones(3)])
+    with pytest.raises(TypeError, match=r"lr\[1\]: expected a floating-point tensor, got dtype torch.int64"):
+        ops.inner_update([torch.ones(2)] * 2, [torch.ones(2)] * 2, [torch.ones(2), torch.ones(2, dtype=torch.long)])
+    with pytest.raises(ValueError, match=r"lr has 1 tensors but params has 2"):
+        ops.inner_update([torch.ones(2)] * 2, [torch.ones(2)] * 2, [torch.ones(2)])
     with pytest.raises(ValueError, match=r"W \(3, 4\) does not match x \(2, 5, 3\)"):
         ops.batched_linear(torch.ones(2, 5, 3), torch.ones(3, 4))
     with pytest.raises(TypeError, match="labels must be integer"):

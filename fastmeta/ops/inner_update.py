@@ -181,8 +181,13 @@ def _fast_check(params, grads, lr) -> bool:
             return False
     if isinstance(lr, float):
         return math.isfinite(lr)
-    if isinstance(lr, (list, tuple)):
-        return False  # per-parameter rates: the full check
+    if isinstance(lr, (list, tuple)):  # per-parameter rates (Meta-SGD): each of its gradient's shape or one value
+        if len(lr) != len(grads):
+            return False
+        for l, g in zip(lr, grads):
+            if not isinstance(l, torch.Tensor) or not l.is_floating_point() or (l.shape != g.shape and l.dim()):
+                return False
+        return True
     return isinstance(lr, torch.Tensor) and lr.numel() == 1 and lr.is_floating_point()
 
 
