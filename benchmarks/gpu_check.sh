@@ -94,7 +94,7 @@ step_mlpmamlpp() { TAIL=14 run_step mlpmamlpp 60 mlpmamlpp.txt python benchmarks
 # learn2learn-style loop and the naive loop, timed together; on Omniglot (T=32) its forward on
 # BatchedMAML's program of one task against the module's call
 step_dropin() { TAIL=24 run_step dropin 120 dropin.txt sh -c "$BENCH --tasks 25 --providers \
-  loop,maml,maml-torch,maml_pertensor --json $LOG/bench_dropin.json && $CONV --workload omniglot --reps 3 \
+  loop,maml,maml-torch,maml_pertensor,metasgd --json $LOG/bench_dropin.json && $CONV --workload omniglot --reps 3 \
   --providers loop,maml,maml-torch --json $LOG/bench_dropin_omniglot.json"; }
 step_calloverhead() { TAIL=24 run_step calloverhead 60 calloverhead.txt python benchmarks/call_overhead.py --device cuda --seconds 0.3; }
 # the sine MLP with each activation on the CUDA kernel and on the batched ops (GELU and SiLU: their

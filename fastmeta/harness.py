@@ -11,6 +11,8 @@ mean over tasks of each task's query-loss gradient). Providers:
                         (maml-torch: the layers as torch ops / the module's call)
   maml_pertensor        the same loop with learn2learn's per-tensor Python update step and the
                         module's own call as the forward
+  metasgd[-<backend>]   fastmeta.MetaSGD in the same loop (every rate starts at the inner lr, so
+                        its meta-gradient of the model's parameters is the loop's)
   loop                  the naive per-task loop with autograd.grad(create_graph=True)
   l2l, higher           learn2learn / higher loops, when installed
   vmap                  torch.func vmap over tasks of grad(task's query loss after grad-based
@@ -243,10 +245,11 @@ def _loop(w: Workload, first_order: bool):
     return step
 
 
-def _maml(w: Workload, first_order: bool, backend: str | None = None):
+def _maml(w: Workload, first_order: bool, backend: str | None = None, meta_sgd: bool = False):
     import fastmeta
 
-    maml = fastmeta.MAML(w.model, lr=w.inner_lr, first_order=first_order)
+    learner = fastmeta.MetaSGD if meta_sgd else fastmeta.MAML
+    maml = learner(w.model, lr=w.inner_lr, first_order=first_order)
     step = _clone_adapt_loop(w, maml)
     if backend is None:
         return step
@@ -411,7 +414,8 @@ def _vmap_graph(w: Workload, first_order: bool, grad_outside: bool = False):
 
 PROVIDERS: dict[str, Callable] = {
     "fastmeta": _fastmeta, "fastmeta_vg": _fastmeta_vg, "fastmeta_graph": _fastmeta_graph, "maml": _maml,
-    "maml_pertensor": _maml_pertensor, "loop": _loop, "l2l": _l2l,
+    "maml_pertensor": _maml_pertensor, "metasgd": functools.partial(_maml, meta_sgd=True), "loop": _loop,
+    "l2l": _l2l,
     "higher": _higher,
     "vmap": _vmap, "compile": _compile, "vmap_graph": _vmap_graph, "fastmeta_tuned": _fastmeta_tuned,
     "vmap_gv": functools.partial(_vmap, grad_outside=True),
@@ -444,6 +448,7 @@ def default_providers(workload: str, device: str) -> list:
 
 # fastmeta's own providers: each takes an "@N" suffix (BatchedMAML's task_chunk=N) and a "-BACKEND"
 # suffix, in that order (e.g. fastmeta_vg@4-cuda)
+_LEARNERS = ("maml", "metasgd")  # the drop-in learners' providers (a backend suffix, no @N)
 _FASTMETA = ("fastmeta", "fastmeta_vg", "fastmeta_graph", "fastmeta_tuned", "fastmeta_vg_rc", "fastmeta_graph_rc",
              "fastmeta_vg_ck", "fastmeta_graph_ck", "fastmeta_vg_rc_ck", "fastmeta_graph_rc_ck")
 
@@ -514,7 +519,7 @@ def provider_available(name: str, device: str) -> str | None:
     if base in graphed and device != "cuda":
         return "CUDA graphs need a GPU"
     backend = _split(name)[2]
-    if (base in _FASTMETA or base == "maml") and backend is not None:
+    if (base in _FASTMETA or base in _LEARNERS) and backend is not None:
         from .backend import why_unavailable
         return why_unavailable(backend, device)
     return None
@@ -522,7 +527,7 @@ def provider_available(name: str, device: str) -> str | None:
 
 def make_step(name: str, w: Workload, first_order: bool):
     base, chunk, backend = _split(name)
-    if base == "maml":
+    if base in _LEARNERS:
         return PROVIDERS[base](w, first_order, backend)
     if base not in _FASTMETA:
         return PROVIDERS[base](w, first_order)

@@ -23,7 +23,7 @@ def test_providers_agree_on_the_meta_gradient(workload, tasks, steps, first_orde
     """Every CPU provider's meta-gradient equals the loop's (float64); Omniglot at its own S=1 (the
     conv path's several steps are tests/test_batched_maml.py's)."""
     w = H.make_workload(workload, tasks=tasks, steps=steps, dtype=torch.float64)
-    names = ["loop", "fastmeta", "fastmeta-torch", "maml", "vmap", "vmap_gv"]
+    names = ["loop", "fastmeta", "fastmeta-torch", "maml", "metasgd", "maml_pertensor", "vmap", "vmap_gv"]
     if workload == "sine" and H.provider_available("fastmeta-cpp", "cpu") is None:
         names.append("fastmeta-cpp")
     ref = None
