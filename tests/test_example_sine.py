@@ -1,4 +1,4 @@
-"""examples/maml_sine.py: learn2learn's sine example with fastmeta.MAML / MetaSGD meta-learns (the
+"""examples/maml_sine.py: sine regression in learn2learn's style with fastmeta.MAML / MetaSGD meta-learns (the
 held-out query loss after adaptation falls, and ends below the loss before adaptation)."""
 import importlib.util
 import os
