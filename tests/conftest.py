@@ -125,6 +125,16 @@ def loop_meta_grads(model, xs, ys, xq, yq, lr, steps, loss="mse", first_order=Fa
     return out + (g[len(learned) + len(rates):],) if extra else out
 
 
+def load_example(name: str):
+    """examples/<name>.py as a module (the examples are scripts, not a package)."""
+    import importlib.util
+    path = os.path.join(os.path.dirname(__file__), "..", "examples", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def has_cpp():
     from fastmeta.backend import why_unavailable
     return why_unavailable("cpp", "cpu") is None

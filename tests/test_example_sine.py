@@ -1,21 +1,10 @@
 """examples/maml_sine.py: sine regression in learn2learn's style with fastmeta.MAML / MetaSGD meta-learns (the
 held-out query loss after adaptation falls, and ends below the loss before adaptation)."""
-import importlib.util
-import os
-
 import pytest
 import torch
 
 import fastmeta
-
-_PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "maml_sine.py")
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("maml_sine", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_example
 
 
 SMALL = ["--tasks", "8", "--iterations", "80", "--log-every", "20", "--eval-tasks", "20", "--device", "cpu"]
@@ -24,7 +13,7 @@ SMALL = ["--tasks", "8", "--iterations", "80", "--log-every", "20", "--eval-task
 @pytest.mark.parametrize("extra", [["--outer-lr", "0.005"], ["--outer-lr", "0.005", "--first-order"],
                                    ["--outer-lr", "0.001", "--metasgd"]])
 def test_maml_sine_learns(extra, capsys):
-    maml, log = _example().main(SMALL + extra)
+    maml, log = load_example("maml_sine").main(SMALL + extra)
     assert [r["iteration"] for r in log] == [20, 40, 60, 80]
     assert capsys.readouterr().out.count("eval_after_adapt") == 4  # one JSON line a report
     first, last = log[0], log[-1]

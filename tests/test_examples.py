@@ -1,19 +1,14 @@
 """examples/few_shot_conv4.py: it meta-learns (query accuracy after adaptation rises above chance
 on its synthetic tasks) and its --tune / --task-chunk / --first-order paths run."""
-import importlib.util
 import json
-import os
 
 import pytest
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "examples", "few_shot_conv4.py")
+from conftest import load_example
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("few_shot_conv4", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_example("few_shot_conv4")
 
 
 def _lines(capsys):
