@@ -32,7 +32,6 @@
 #include <ATen/ops/sigmoid_backward.h>
 #include <ATen/ops/tanh_backward.h>
 #include <ATen/ops/threshold_backward.h>
-#include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -111,17 +110,9 @@ bool plain_cpu(const at::Tensor& t) {
   return (keys & allowed) == keys && t.layout() == at::kStrided;
 }
 
-}  // namespace
-
 // How many calls of the loops (forward, backward, the backward's derivative) this process made
 // (fastmeta._C._mlp_forward_small_calls: tests tell the paths apart by it).
 std::atomic<int64_t> g_small_calls{0};
-
-int64_t mlp_forward_small_calls() {
-  return g_small_calls.load();
-}
-
-namespace {
 
 bool small_cpu(const at::Tensor& x, at::TensorList params) {
   if (at::GradMode::is_enabled() || !plain_cpu(x) || (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble))
@@ -157,6 +148,15 @@ inline T times_d1_value(int64_t code, T g, T z, T a, T slope) {
     case kSigmoid: return g * (T(1) - a) * a;
     default: return g;
   }
+}
+
+// g s''(z) per element where s'' is not 0 (times_d2's formulas: tanh -2 a s'(z), sigmoid s'(z) (1 - 2 a)),
+// else 0.
+template <typename T>
+inline T times_d2_value(int64_t code, T g, T a) {
+  if (code == kTanh) return g * (T(1) - a * a) * a * T(-2);
+  if (code == kSigmoid) return g * (T(1) - a) * a * (T(1) - T(2) * a);
+  return T(0);
 }
 
 // The forward's activations: z_l and a_l (l = 1..L at l - 1); z_l is a_l where the layer has no
@@ -420,10 +420,7 @@ std::vector<at::Tensor> small_rop(const variable_list& u, const at::Tensor& x, c
       if (!Rz[i].empty() && (acts[i] == kTanh || acts[i] == kSigmoid)) {
         if (Rdz.empty()) Rdz.assign(N * O, T(0));
         const T *Ap = ptr<T>(ac[i]), *Dp = ptr<T>(dac[i]);
-        for (int64_t k = 0; k < N * O; ++k) {
-          const T av = Ap[k], g = Rz[i][k] * Dp[k];
-          Rdz[k] += acts[i] == kTanh ? g * (T(1) - av * av) * av * T(-2) : g * (T(1) - av) * av * (T(1) - T(2) * av);
-        }
+        for (int64_t k = 0; k < N * O; ++k) Rdz[k] += times_d2_value<T>(acts[i], Rz[i][k] * Dp[k], Ap[k]);
       }
       at::Tensor gW = zeros<T>({O, I}, x.options()), gb = zeros<T>({O}, x.options());
       if (!Rdz.empty()) {
@@ -641,8 +638,8 @@ class MLPForward : public torch::autograd::Function<MLPForward> {
     if (at::GradMode::is_enabled()) {  // create_graph: the backward as a differentiable op
       std::vector<at::Tensor> saved(z);
       saved.insert(saved.end(), a.begin(), a.end());
-      variable_list out =
-          MLPBackward::apply(G, x, at::TensorList(params), at::TensorList(saved), at::IntArrayRef(acts), slope, need_dx);
+      variable_list out = MLPBackward::apply(G, x, at::TensorList(params), at::TensorList(saved),
+                                             at::IntArrayRef(acts), slope, need_dx);
       grads.push_back(need_dx ? out[0] : at::Tensor());
       grads.insert(grads.end(), out.begin() + 1, out.end());
     } else {
@@ -659,6 +656,10 @@ class MLPForward : public torch::autograd::Function<MLPForward> {
 
 int64_t mlp_forward_small_macs(int64_t macs) {
   return macs < -1 ? g_small_macs.load() : g_small_macs.exchange(macs);
+}
+
+int64_t mlp_forward_small_calls() {
+  return g_small_calls.load();
 }
 
 at::Tensor mlp_forward(const at::Tensor& x, at::TensorList params, at::IntArrayRef acts, double slope) {

@@ -18,7 +18,8 @@ __all__ = [
     "inner_update", "inner_update_ref", "batched_linear", "batched_linear_ref", "mse", "mse_ref",
     "cross_entropy", "cross_entropy_ref", "batched_conv2d", "batched_conv2d_ref",
     "batched_batch_norm", "batched_batch_norm_ref", "bn_relu_pool", "bn_relu_pool_ref", "conv_bn_relu_pool", "conv_bn_relu_pool_ref",
-    "mlp_forward", "mlp_forward_ref", "mlp_inner_loop", "mlp_inner_loop_ref", "mlp_meta_grad", "mlp_meta_loss", "mlp_adapt", "mlp_adapt_ref",
+    "mlp_forward", "mlp_forward_ref", "mlp_inner_loop", "mlp_inner_loop_ref", "mlp_meta_grad", "mlp_meta_loss",
+    "mlp_adapt", "mlp_adapt_ref",
 ]
 
 
