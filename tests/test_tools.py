@@ -387,6 +387,21 @@ def _bench_script(name, argv):
         sys.path.remove(where)
 
 
+def test_dropin_calls_script_runs(capsys):
+    """benchmarks/dropin_calls.py (RESULTS.md's tables of the drop-in learners' per-call costs): a
+    row per size and per piece, and the loops' threshold restored afterwards."""
+    from fastmeta import _C
+    if fastmeta.backend.why_unavailable("cpp", "cpu") is not None:
+        pytest.skip("fastmeta._C not built")
+    before = _C._mlp_forward_small_macs()
+    _bench_script("dropin_calls", ["--calls", "3"])
+    assert _C._mlp_forward_small_macs() == before
+    out = capsys.readouterr().out
+    assert sum(line.startswith("| 10 x 40 |") or line.startswith("| 100 x 128 |") for line in out.splitlines()) == 2
+    for piece in ("clone", "forward under no_grad", "clone and one adapt"):
+        assert f"| {piece} |" in out, out
+
+
 def test_anil_script_on_a_small_net(capsys):
     """benchmarks/anil.py (RESULTS.md's ANIL table) on a tiny conv4: every row timed, the fastmeta
     rows' meta-gradients equal to learn2learn's ANIL recipe's."""
